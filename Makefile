@@ -1,0 +1,46 @@
+# Two entry points: `make run` (the main job) and `make test`. Both bootstrap .venv first;
+# a stamp file makes a second bootstrap a no-op until pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+P1_EPOCHS ?= 20
+P2_EPOCHS ?= 60
+EPOCHS ?= 80
+PRESET ?= paper
+
+.PHONY: venv run train test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Main job: SmartMixed and a fixed-ReLU baseline on the embedded MNIST subset, then a comparison.
+run: train
+
+train: $(STAMP)
+	$(BIN)/smartmixed-train --data mnist --preset $(PRESET) --mode smartmixed \
+		--p1-epochs $(P1_EPOCHS) --p2-epochs $(P2_EPOCHS) --out $(RUNS)/mnist-smartmixed --overwrite
+	$(BIN)/smartmixed-train --data mnist --preset $(PRESET) --mode fixed:relu \
+		--epochs $(EPOCHS) --out $(RUNS)/mnist-relu --overwrite
+	$(BIN)/smartmixed-train --compare $(RUNS)/mnist-smartmixed $(RUNS)/mnist-relu
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/smartmixed-bench train-cost --out bench-out
+
+clean:
+	rm -rf $(VENV) build *.egg-info

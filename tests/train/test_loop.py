@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smartmixed.train import artifacts
+from smartmixed.train.data import Dataset
+from smartmixed.train.loop import TrainConfig, TrainError, train_run
+from smartmixed.train.model import MixedMLP
+
+ARCH = [64, 48, 32, 10]
+
+
+def _config(**overrides) -> TrainConfig:
+    base = {"arch": ARCH, "p1_epochs": 4, "p2_epochs": 6, "epochs": 8, "lr": 3e-3, "seed": 7}
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_short_digits_run_reaches_90_percent(digits: Dataset, tmp_path: Path) -> None:
+    spec = train_run(config=_config(p1_epochs=10, p2_epochs=25), dataset=digits,
+                     out=tmp_path / "run", progress=False)  # fmt: skip
+    assert spec.metrics["test_accuracy"] >= 0.90
+    assert spec.metrics["phase1"]["test_accuracy"] > 0.5
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"model.safetensors", "model.json", "history.jsonl", "report.md",
+            "curves.png", "activations.png", "selection.png"} <= names  # fmt: skip
+    assert "checkpoint.safetensors" not in names
+    assert not [n for n in names if n.endswith(".tmp")]
+    history = artifacts.read_history(tmp_path / "run")
+    assert [r["phase"] for r in history] == ["selective"] * 10 + ["mixed"] * 25
+    counts = history[0]["activation_counts"]
+    assert [sum(c.values()) for c in counts] == [48, 32]
+    # the frozen assignment is phase 1's argmax at its best-validation epoch
+    assert spec.activation_counts() == spec.metrics["phase1"]["activation_counts"]
+
+
+def test_fixed_baseline_and_fresh_phase2(digits: Dataset, tmp_path: Path) -> None:
+    fixed = train_run(config=_config(mode="fixed:tanh"), dataset=digits, out=tmp_path / "f",
+                      progress=False)  # fmt: skip
+    assert fixed.pool == ["tanh"] and fixed.activation_counts() == [{"tanh": 48}, {"tanh": 32}]
+    assert "phase1" not in fixed.metrics
+    fresh = train_run(config=_config(phase2_init="fresh"), dataset=digits, out=tmp_path / "m",
+                      progress=False)  # fmt: skip
+    assert fresh.training["phase2_init"] == "fresh"
+
+
+def test_save_load_round_trip_is_bit_exact(digits: Dataset, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_run(config=_config(p2_epochs=2), dataset=digits, out=out, progress=False)
+    spec, model = artifacts.load_model(out)
+    weights = artifacts.load_tensors(out / "model.safetensors")
+    for name, tensor in model.canonical_state_dict().items():
+        assert torch.equal(tensor, weights[name])
+    again = MixedMLP.from_spec(artifacts.load_spec(out))
+    again.load_canonical_state_dict(weights)
+    x = torch.from_numpy(digits.x_test)
+    with torch.no_grad():
+        assert torch.equal(model(x), again.eval()(x))
+        accuracy = (model(x).argmax(1).numpy() == digits.y_test).mean()
+    assert accuracy == pytest.approx(spec.metrics["test_accuracy"])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [2, 4, 7])  # inside phase 1, at its end, inside phase 2
+def test_resume_reproduces_an_uninterrupted_run_exactly(
+    digits: Dataset, tmp_path: Path, stop_after: int
+) -> None:
+    config = _config()
+    reference = train_run(config=config, dataset=digits, out=tmp_path / "ref", progress=False)
+
+    def interrupt(record: dict) -> None:
+        if record["epoch"] + 1 == stop_after:
+            raise _Interrupt
+
+    out = tmp_path / "killed"
+    with pytest.raises(_Interrupt):
+        train_run(config=config, dataset=digits, out=out, progress=False, after_epoch=interrupt)
+    assert not (out / "model.json").exists()
+    assert len(artifacts.read_history(out)) == stop_after
+    with pytest.raises(TrainError, match="unfinished run"):
+        train_run(config=config, dataset=digits, out=out, progress=False)
+    resumed = train_run(config=config, dataset=digits, out=out, resume=True, progress=False)
+    assert resumed.assignment == reference.assignment
+    assert resumed.metrics["test_accuracy"] == reference.metrics["test_accuracy"]
+    a = artifacts.load_tensors(tmp_path / "ref" / "model.safetensors")
+    b = artifacts.load_tensors(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(artifacts.read_history(out)) == strip(artifacts.read_history(tmp_path / "ref"))
+
+
+def test_resume_refuses_changed_options_and_finished_runs(digits: Dataset, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def stop(record: dict) -> None:
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_run(config=_config(), dataset=digits, out=out, progress=False, after_epoch=stop)
+    with pytest.raises(TrainError, match="options differ from the checkpoint in lr"):
+        train_run(config=_config(lr=1e-2), dataset=digits, out=out, resume=True, progress=False)
+    train_run(config=_config(), dataset=digits, out=out, resume=True, progress=False)
+    with pytest.raises(TrainError, match="holds a finished run; nothing to resume"):
+        train_run(config=_config(), dataset=digits, out=out, resume=True, progress=False)
+    with pytest.raises(TrainError, match="already holds a finished run; pass --overwrite"):
+        train_run(config=_config(), dataset=digits, out=out, progress=False)
+
+
+def test_resume_after_sigkill(tmp_path: Path) -> None:
+    """A real process, killed with SIGKILL mid-run, then resumed from the command line."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "smartmixed.train", "--data", "digits", "--arch", "64,32,10",
+           "--p1-epochs", "3", "--p2-epochs", "400", "--lr", "3e-3", "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        history = out / "history.jsonl"
+        if history.exists() and len(history.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.json").exists(), "the run finished before it could be killed"
+    done = len(artifacts.read_history(out))
+    assert done >= 6
+    result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["metrics"]["epochs"] == 403
+    assert [r["epoch"] for r in artifacts.read_history(out)] == list(range(403))
+
+
+def test_bad_requests(digits: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="expected 64 inputs and 10 classes"):
+        train_run(config=_config(arch=[784, 8, 10]), dataset=digits, out=tmp_path, progress=False)
+    with pytest.raises(TrainError, match="expected smartmixed or fixed:ACTIVATION"):
+        _config(mode="mixed")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        _config(mode="fixed:swish")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="--device cuda was asked for"):
+            train_run(config=_config(), dataset=digits, out=tmp_path / "c", device="cuda",
+                      progress=False)  # fmt: skip

@@ -1,0 +1,118 @@
+"""smartmixed-train: a thin command line over ``load_dataset`` and ``train_run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from smartmixed.train.artifacts import ArtifactError, compare_runs
+from smartmixed.train.data import DataError, load_dataset
+from smartmixed.train.loop import TrainConfig, TrainError, train_run
+from smartmixed.train.model import PRESETS, SpecError, parse_arch, resolve_preset
+from smartmixed.train.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
+
+EPILOG = f"""\
+pool: default {",".join(DEFAULT_POOL)}; extras {",".join(EXTRA_ACTIVATIONS)}
+presets: paper (= table1-11) and table1-1 ... table1-18 (the paper's Table 1 rows);
+  --list-presets prints them.
+examples:
+  smartmixed-train --data mnist --preset paper --mode smartmixed --out runs/mixed
+  smartmixed-train --data digits --arch 64,128,10 --mode fixed:relu --epochs 30 --out runs/relu
+  smartmixed-train --compare runs/mixed runs/relu
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smartmixed-train",
+        description="Train a SmartMixed network (phase 1 selective -> phase 2 mixed) or a "
+        "fixed-activation baseline, and write its artifacts to --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", help="mnist | digits | fashion-mnist | csv:PATH | npz:PATH")
+    p.add_argument("--data-dir", type=Path, help="folder with MNIST / Fashion-MNIST IDX files")
+    p.add_argument("--label-column", default="label", help="CSV label column (default: label)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--arch", help="layer widths, e.g. 784,256,128,10")
+    arch.add_argument("--preset", help="a named architecture (see --list-presets)")
+    p.add_argument("--mode", default="smartmixed", help="smartmixed (default) or fixed:ACTIVATION")
+    p.add_argument("--pool", help="comma-separated candidate activations (smartmixed)")
+    p.add_argument("--p1-epochs", type=int, default=50, help="phase-1 epochs (default 50)")
+    p.add_argument("--p2-epochs", type=int, default=350, help="phase-2 epochs (default 350)")
+    p.add_argument("--epochs", type=int, default=400, help="epochs of a fixed run (default 400)")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--tau", type=float, default=0.3, help="Gumbel-Softmax temperature")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default 1)")
+    p.add_argument(
+        "--phase2-init", choices=["continue", "fresh"], default="continue",
+        help="phase 2 keeps the phase-1 weights (continue) or re-initialises them (fresh)",
+    )  # fmt: skip
+    p.add_argument("--logit-init-std", type=float, default=0.0,
+                   help="std of the initial activation logits (default 0: all equal)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="run folder, e.g. runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
+                   help="print a comparison of finished runs and exit")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list_presets:
+            for name, widths in PRESETS.items():
+                print(f"{name:<10} {list(widths)}")
+            return 0
+        if args.compare:
+            print(compare_runs(args.compare))
+            return 0
+        for flag in ("data", "out"):
+            if getattr(args, flag) is None:
+                parser.error(f"--{flag} is required")
+        if args.arch is None and args.preset is None:
+            parser.error("one of --arch or --preset is required")
+        arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
+        config = TrainConfig(
+            arch=arch, mode=args.mode, pool=args.pool, p1_epochs=args.p1_epochs,
+            p2_epochs=args.p2_epochs, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, tau=args.tau, seed=args.seed, grad_clip=args.grad_clip,
+            phase2_init=args.phase2_init, logit_init_std=args.logit_init_std,
+        )  # fmt: skip
+        dataset = load_dataset(
+            args.data, data_dir=args.data_dir, seed=args.seed, label_column=args.label_column
+        )
+        print(f"data: {dataset.summary()}")
+        print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
+        spec = train_run(
+            config=config, dataset=dataset, out=args.out, resume=args.resume,
+            overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        )  # fmt: skip
+    except (DataError, SpecError, PoolError, TrainError, ArtifactError) as e:
+        print(f"smartmixed-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nsmartmixed-train: interrupted; continue with the same command plus --resume",
+            file=sys.stderr,
+        )
+        return 130
+    m = spec.metrics
+    print(
+        f"done: test accuracy {m['test_accuracy']:.4f}, validation {m['val_accuracy']:.4f} "
+        f"(best epoch {m['best_epoch']}); artifacts in {args.out}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

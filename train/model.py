@@ -1,0 +1,442 @@
+"""SmartMixed networks: the phase-1 selective MLP, the phase-2 mixed MLP, and the model spec.
+
+Phase 1 (``SelectiveMLP``): hidden neuron j of layer l keeps logits a_lj over the pool P. Every
+training forward draws Gumbel noise g = -log(-log(u + eps) + eps), takes s = softmax((a + g)/tau)
+and the straight-through hard sample y = onehot(argmax s) - sg(s) + s. The neuron's output is
+sum_k y_k f_k(z) = f_c(z) with c = argmax s: exactly one activation in the forward, while the
+backward reaches the logits through s. Evaluation uses c = argmax a.
+
+Phase 2 (``MixedMLP``): c_lj = argmax_k a_ljk is frozen; neurons with the same activation form a
+group; a layer is one affine map followed by each group's activation on its slice. Fixed
+baselines are the special case of a single group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smartmixed.train.pool import (
+    Activation,
+    PoolError,
+    batch_sum_basis,
+    get_activation,
+    parse_pool,
+)
+
+GUMBEL_EPS = 1e-10
+SPEC_FORMAT = "smartmixed.model/1"
+
+# Paper Table 1, in its row order. "paper" is row 11, the architecture of the paper's Table 3.
+TABLE1: tuple[tuple[int, ...], ...] = (
+    (784, 512, 10),
+    (784, 512, 256, 128, 10),
+    (784, 512, 256, 128, 64, 10),
+    (784, 512, 256, 256, 128, 10),
+    (784, 256, 128, 10),
+    (784, 768, 10),
+    (784, 768, 512, 10),
+    (784, 768, 512, 512, 10),
+    (784, 768, 512, 512, 256, 10),
+    (784, 768, 512, 512, 256, 256, 10),
+    (784, 768, 512, 512, 256, 256, 128, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 16, 10),
+)
+PRESETS: dict[str, tuple[int, ...]] = {f"table1-{i}": arch for i, arch in enumerate(TABLE1, 1)}
+PRESETS["paper"] = TABLE1[10]
+
+
+class SpecError(ValueError):
+    """A model spec, architecture or checkpoint that does not fit together."""
+
+
+def parse_arch(text: str | Sequence[int]) -> list[int]:
+    """'784,256,10' -> [784, 256, 10]; at least one hidden layer, every width >= 1."""
+    try:
+        arch = (
+            [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
+        )
+    except ValueError:
+        raise SpecError(
+            f"architecture {text!r} is not a comma-separated list of integers"
+        ) from None
+    if len(arch) < 3:
+        raise SpecError(
+            f"architecture {arch} needs an input width, at least one hidden layer and an output "
+            f"width (got {len(arch)} numbers, expected >= 3)"
+        )
+    if any(w < 1 for w in arch):
+        raise SpecError(f"architecture {arch} has a width < 1")
+    if arch[-1] < 2:
+        raise SpecError(f"architecture {arch} must end in >= 2 classes")
+    return arch
+
+
+def resolve_preset(name: str) -> list[int]:
+    try:
+        return list(PRESETS[name])
+    except KeyError:
+        raise SpecError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained network from its weights (model.json).
+
+    ``assignment[l][j]`` is the activation name of neuron j (in neuron order) of hidden layer l.
+    Preprocessing maps raw features x to (x - offset) * scale; offset and scale are scalars or
+    one value per feature.
+    """
+
+    arch: list[int]
+    pool: list[str]
+    mode: str
+    assignment: list[list[str]]
+    preprocessing: dict[str, Any]
+    input_shape: list[int]
+    labels: list[str]
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    format: str = SPEC_FORMAT
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def hidden_widths(self) -> list[int]:
+        return self.arch[1:-1]
+
+    def activation_counts(self) -> list[dict[str, int]]:
+        """Per hidden layer: {activation: neuron count} for every pool entry (zeros included)."""
+        return [{name: layer.count(name) for name in self.pool} for layer in self.assignment]
+
+    def validate(self) -> None:
+        if self.format != SPEC_FORMAT:
+            raise SpecError(f"spec field 'format': expected {SPEC_FORMAT!r}, got {self.format!r}")
+        self.arch = parse_arch(self.arch)
+        try:
+            self.pool = list(parse_pool(self.pool))
+        except PoolError as e:
+            raise SpecError(f"spec field 'pool': {e}") from None
+        hidden = self.hidden_widths
+        if len(self.assignment) != len(hidden):
+            raise SpecError(
+                f"spec field 'assignment': expected {len(hidden)} hidden layers, "
+                f"got {len(self.assignment)}"
+            )
+        for layer, (names, width) in enumerate(zip(self.assignment, hidden, strict=True)):
+            if len(names) != width:
+                raise SpecError(
+                    f"spec field 'assignment[{layer}]': expected {width} neurons, got {len(names)}"
+                )
+            unknown = sorted(set(names) - set(self.pool))
+            if unknown:
+                raise SpecError(
+                    f"spec field 'assignment[{layer}]': activation(s) {', '.join(unknown)} "
+                    f"not in the pool {self.pool}"
+                )
+        if len(self.labels) != self.arch[-1]:
+            raise SpecError(
+                f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
+            )
+        for key in ("offset", "scale"):
+            value = self.preprocessing.get(key)
+            ok = isinstance(value, int | float) or (
+                isinstance(value, list) and len(value) == self.arch[0]
+            )
+            if not ok:
+                raise SpecError(
+                    f"spec field 'preprocessing.{key}': expected a number or a list of "
+                    f"{self.arch[0]} numbers, got {type(value).__name__}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"model spec: expected a JSON object, got {type(data).__name__}")
+        required = [f.name for f in fields(cls) if f.default is f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise SpecError(f"model spec: missing field(s) {', '.join(missing)}")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# Activations applied group by group
+#
+# Inside the networks, activations are neuron-major: h^T of shape (n, B). A layer is
+# z^T = W h^T + b (one addmm, same cost as the usual h W^T + b), and a group of neurons is then a
+# block of whole rows, so gathering, slicing and concatenating groups moves contiguous memory.
+
+
+def linear_t(linear: nn.Linear, h_t: Tensor) -> Tensor:
+    """z^T = W h^T + b for neuron-major h_t (n_in, B) -> (n_out, B)."""
+    return torch.addmm(linear.bias.unsqueeze(1), linear.weight, h_t)
+
+
+def apply_contiguous(z: Tensor, sizes: Sequence[int], acts: Sequence[Activation]) -> Tensor:
+    """Activation k on the k-th block of rows of z (n, B): split (views), apply, concat."""
+    parts = [act.fn(c) for act, c, size in zip(acts, z.split(list(sizes)), sizes) if size]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _scatter_rows(grouped: Tensor, perm: Tensor) -> Tensor:
+    """out[perm[i]] = grouped[i]: back from grouped order to neuron order."""
+    return torch.empty_like(grouped).index_copy_(0, perm, grouped)
+
+
+class _SelectActivation(torch.autograd.Function):
+    """Straight-through mixture sum_k y_k f_k(z) for a hard one-hot y, without the (n, B, K) stack.
+
+    z^T: (n, B) neuron-major; soft s^T: (K, n); perm orders the neurons by their choice c, and
+    sizes[k] neurons chose activation k.
+    Forward: out = f_c(z), exactly one activation per neuron.
+    Backward, with y = onehot(c) - sg(s) + s:
+        dL/dz_jb = f_c'(z_jb) g_jb                (y is one-hot in value)
+        dL/ds_jk = dL/dy_jk = sum_b g_jb f_k(z_jb)
+    Only z (in grouped order) is saved; the candidates f_k(z) are recomputed one at a time in
+    backward. Work is done on the grouped copy so that each group is a contiguous block.
+    """
+
+    @staticmethod
+    def forward(ctx, z, soft, perm, sizes, acts, basis):
+        z_grouped = z.index_select(0, perm)  # (n, B)
+        ctx.save_for_backward(z_grouped, perm)
+        ctx.sizes, ctx.acts, ctx.basis = sizes, acts, basis
+        return _scatter_rows(apply_contiguous(z_grouped, sizes, acts), perm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, perm = ctx.saved_tensors  # z in grouped order
+        g = grad_out.index_select(0, perm)  # (n, B) grouped
+        grad_z = grad_soft = None
+        if ctx.needs_input_grad[0]:
+            blocks = zip(ctx.acts, z.split(ctx.sizes), g.split(ctx.sizes), ctx.sizes, strict=True)
+            parts = [act.vjp(gc, zc) for act, zc, gc, size in blocks if size]
+            grad_z = _scatter_rows(parts[0] if len(parts) == 1 else torch.cat(parts), perm)
+        if ctx.needs_input_grad[1]:
+            # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums over the basis)
+            basis, mix = ctx.basis
+            sums = torch.stack([(g * z if b.name == "identity" else b.fn(z).mul_(g)).sum(1)
+                                for b in basis])  # fmt: skip
+            rows = mix.to(sums) @ sums
+            grad_soft = torch.empty_like(rows).index_copy_(1, perm, rows)
+        return grad_z, grad_soft, None, None, None, None
+
+
+def gumbel_softmax_sample(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """Straight-through hard Gumbel-Softmax draw for logits a (N, K).
+
+    Returns the soft sample s = softmax((a + g) / tau) transposed to (K, N) and the hard choice
+    argmax_k s (N,). g = -log(-log(u + eps) + eps), u ~ U[0, 1), fresh on every call. The
+    softmax runs over the leading dimension of a (K, N) copy: on CPU a softmax over a trailing
+    dimension of size K ~ 6 costs ten times more.
+    """
+    gumbel = torch.rand_like(logits).add_(GUMBEL_EPS).log_().neg_().add_(GUMBEL_EPS).log_().neg_()
+    perturbed = (logits + gumbel) / tau  # (N, K)
+    choice = perturbed.detach().argmax(dim=-1)  # argmax of the softmax = argmax of its input
+    return F.softmax(perturbed.t().contiguous(), dim=0), choice
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+
+
+def _preprocessing_tensor(value: float | list[float]) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+class SelectiveMLP(nn.Module):
+    """Phase 1: per-neuron activation logits, straight-through hard Gumbel-Softmax selection.
+
+    The logits of all hidden layers live in one (sum n_l, K) parameter, so that one Gumbel
+    sample and one grouping (argsort, bincount) per step serve every layer.
+    """
+
+    def __init__(
+        self,
+        arch: Sequence[int],
+        pool: Sequence[str],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        tau: float = 0.3,
+        logit_init_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.arch, self.pool, self.tau = list(arch), list(pool), tau
+        self.acts = tuple(get_activation(n) for n in pool)
+        self.basis = batch_sum_basis(pool)
+        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
+        self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
+        self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
+        widths = self.arch[1:-1]
+        self.selection_logits = nn.Parameter(torch.randn(sum(widths), len(pool)) * logit_init_std)
+        # layer index of every hidden neuron, for grouping all layers with one argsort
+        layer_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        self.register_buffer("layer_of_neuron", layer_of, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
+        logits = self.selection_logits
+        if self.training:
+            soft, choice = gumbel_softmax_sample(logits, self.tau)  # (K, N), (N,)
+        else:  # evaluation: argmax of the logits, no noise
+            soft, choice = logits.detach().t(), logits.detach().argmax(dim=-1)
+        n_acts, widths = len(self.acts), self.arch[1:-1]
+        key = self.layer_of_neuron * n_acts + choice  # sorts by layer, then by activation
+        order = torch.argsort(key, stable=True)
+        sizes = torch.bincount(key, minlength=len(widths) * n_acts).tolist()
+        h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
+        start = 0
+        for layer, (linear, width) in enumerate(zip(self.layers[:-1], widths, strict=True)):
+            perm = order[start : start + width] - start  # (n_l,) grouped position -> neuron
+            h = _SelectActivation.apply(
+                linear_t(linear, h), soft[:, start : start + width], perm,
+                sizes[layer * n_acts : (layer + 1) * n_acts], self.acts, self.basis,
+            )  # fmt: skip
+            start += width
+        return linear_t(self.layers[-1], h).t()
+
+    def choices(self) -> list[Tensor]:
+        """argmax of the logits per hidden layer, (n_l,) int64 each."""
+        return list(self.selection_logits.detach().argmax(dim=-1).split(self.arch[1:-1]))
+
+    def assignment(self) -> list[list[str]]:
+        return [[self.pool[k] for k in c.tolist()] for c in self.choices()]
+
+    def activation_counts(self) -> list[dict[str, int]]:
+        return [
+            dict(zip(self.pool, torch.bincount(c, minlength=len(self.pool)).tolist(), strict=True))
+            for c in self.choices()
+        ]
+
+
+class MixedMLP(nn.Module):
+    """Phase 2 (and fixed baselines): frozen per-neuron activations, grouped by activation.
+
+    Internally each hidden layer's neurons are stored group by group (pool order, stable within a
+    group): rows of W_l and b_l are permuted by P_l and the columns of W_{l+1} by the same P_l.
+    Since W_{l+1} P_l^T f(P_l (W_l x + b_l)) = W_{l+1} f(W_l x + b_l) for an elementwise f that is
+    permuted along with its neurons, the network computes the same function, while each group is
+    a contiguous block of rows: one addmm, a split (views), one activation per group, a concat.
+    ``canonical_state_dict`` / ``load_canonical_state_dict`` speak neuron order, which is what
+    artifacts store.
+    """
+
+    def __init__(
+        self,
+        arch: Sequence[int],
+        pool: Sequence[str],
+        assignment: Sequence[Sequence[str]],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.arch, self.pool = list(arch), list(pool)
+        self.assignment = [list(layer) for layer in assignment]
+        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
+        self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
+        self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
+        self.perms: list[Tensor] = []  # per hidden layer: internal position -> neuron index
+        self.groups: list[list[tuple[Activation, int]]] = []  # per hidden layer: (act, size)
+        for names in self.assignment:
+            index = torch.tensor([self.pool.index(n) for n in names], dtype=torch.int64)
+            self.perms.append(torch.argsort(index, stable=True))
+            counts = torch.bincount(index, minlength=len(self.pool)).tolist()
+            self.groups.append(
+                [(get_activation(n), c) for n, c in zip(self.pool, counts, strict=True) if c]
+            )
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> MixedMLP:
+        return cls(spec.arch, spec.pool, spec.assignment, preprocessing=spec.preprocessing)
+
+    @classmethod
+    def from_selective(cls, selective: SelectiveMLP, *, preprocessing: dict[str, Any]) -> MixedMLP:
+        """Freeze c_lj = argmax_k a_ljk and carry the phase-1 weights over."""
+        mixed = cls(
+            selective.arch, selective.pool, selective.assignment(), preprocessing=preprocessing
+        )
+        mixed.load_canonical_state_dict(
+            {k: v for k, v in selective.state_dict().items() if k.startswith("layers.")}
+        )
+        return mixed.to(selective.offset.device)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
+        h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
+        for linear, groups in zip(self.layers[:-1], self.groups, strict=True):
+            z = linear_t(linear, h)  # (n_l, B), neurons grouped
+            h = apply_contiguous(z, [size for _, size in groups], [act for act, _ in groups])
+        return linear_t(self.layers[-1], h).t()
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """Weights in neuron order: layers.{i}.weight (out, in) and layers.{i}.bias (out,)."""
+        state = {}
+        for i, linear in enumerate(self.layers):
+            w, b = linear.weight.detach(), linear.bias.detach()
+            if i < len(self.perms):  # undo the row permutation: row perm[p] = internal row p
+                inv = torch.argsort(self.perms[i].to(w.device))
+                w, b = w[inv], b[inv]
+            if i > 0:
+                inv = torch.argsort(self.perms[i - 1].to(w.device))
+                w = w[:, inv]
+            state[f"layers.{i}.weight"] = w.contiguous().clone()
+            state[f"layers.{i}.bias"] = b.contiguous().clone()
+        return state
+
+    def load_canonical_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = {}
+        for i, (a, b) in enumerate(zip(self.arch[:-1], self.arch[1:])):
+            expected[f"layers.{i}.weight"] = (b, a)
+            expected[f"layers.{i}.bias"] = (b,)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise SpecError(
+                "weights do not match the architecture: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing tensor(s) {', '.join(missing)}" if missing else "",
+                        f"unexpected tensor(s) {', '.join(unexpected)}" if unexpected else "",
+                    )
+                    if part
+                )
+            )
+        for name, shape in expected.items():
+            if tuple(state[name].shape) != shape:
+                raise SpecError(
+                    f"tensor {name}: expected shape {list(shape)}, got {list(state[name].shape)}"
+                )
+        with torch.no_grad():
+            for i, linear in enumerate(self.layers):
+                w = state[f"layers.{i}.weight"].to(linear.weight)
+                b = state[f"layers.{i}.bias"].to(linear.bias)
+                if i < len(self.perms):
+                    w, b = w[self.perms[i]], b[self.perms[i]]
+                if i > 0:
+                    w = w[:, self.perms[i - 1]]
+                linear.weight.copy_(w)
+                linear.bias.copy_(b)

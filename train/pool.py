@@ -1,0 +1,149 @@
+"""The pool of candidate activations: one name per activation, used everywhere.
+
+Each entry pairs the activation f(z) with its vector-Jacobian product g * f'(z), written with the
+fused backward kernels that autograd itself uses. They let the phase-1 layer (model.py) run its
+backward pass from the saved pre-activation z alone, without keeping a (batch x neurons x |pool|)
+tensor alive (issue A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LEAKY_RELU_SLOPE = 0.01
+ELU_ALPHA = 1.0
+# SELU constants (Klambauer et al. 2017), the ones torch.nn.functional.selu uses.
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(z) = z above it
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    vjp: Callable[[Tensor, Tensor], Tensor]  # (grad_out, z) -> grad_out * f'(z), elementwise
+    description: str
+    # f as a linear combination of other pool activations, f = sum_b c_b f_b, when one exists:
+    # sums of g * f(z) over a batch then follow from those of the basis (model.py, phase-1
+    # backward), and the slow f itself need not be evaluated there.
+    combination: dict[str, float] | None = None
+
+
+aten = torch.ops.aten  # fused backward kernels: one op per vjp, as autograd itself uses
+
+
+def _softsign_vjp(g: Tensor, z: Tensor) -> Tensor:
+    d = 1 + z.abs()
+    return g / (d * d)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("relu", F.relu, lambda g, z: aten.threshold_backward(g, z, 0.0), "max(0, z)"),
+        Activation(
+            "sigmoid",
+            torch.sigmoid,
+            lambda g, z: aten.sigmoid_backward(g, torch.sigmoid(z)),
+            "1 / (1 + exp(-z))",
+        ),
+        Activation(
+            "tanh", torch.tanh, lambda g, z: aten.tanh_backward(g, torch.tanh(z)), "tanh(z)"
+        ),
+        Activation(
+            "leaky_relu",
+            lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
+            lambda g, z: aten.leaky_relu_backward(g, z, LEAKY_RELU_SLOPE, False),
+            f"z if z > 0 else {LEAKY_RELU_SLOPE} z",
+            # leaky_relu(z) = (1 - slope) relu(z) + slope z
+            {"relu": 1 - LEAKY_RELU_SLOPE, "identity": LEAKY_RELU_SLOPE},
+        ),
+        Activation(
+            "elu",
+            lambda z: F.elu(z, ELU_ALPHA),
+            lambda g, z: aten.elu_backward(g, ELU_ALPHA, 1.0, 1.0, False, z),
+            f"z if z > 0 else {ELU_ALPHA} (exp(z) - 1)",
+        ),
+        Activation(
+            "selu",
+            F.selu,
+            lambda g, z: aten.elu_backward(g, SELU_ALPHA, SELU_SCALE, 1.0, False, z),
+            "scale * (z if z > 0 else alpha (exp(z) - 1))",
+            # selu(z) = scale (alpha elu_1(z) + (1 - alpha) relu(z)), elu_1 = elu with alpha 1
+            {"elu": SELU_SCALE * SELU_ALPHA, "relu": SELU_SCALE * (1 - SELU_ALPHA)}
+            if ELU_ALPHA == 1.0
+            else None,
+        ),
+        # Extras, selectable with --pool.
+        Activation(
+            "gelu", F.gelu, lambda g, z: aten.gelu_backward(g, z), "z * Phi(z) (exact, erf)"
+        ),
+        Activation("silu", F.silu, lambda g, z: aten.silu_backward(g, z), "z * sigmoid(z)"),
+        Activation(
+            "softplus",
+            F.softplus,
+            lambda g, z: aten.softplus_backward(g, z, 1.0, SOFTPLUS_THRESHOLD),
+            "log(1 + exp(z))",
+        ),
+        Activation("mish", F.mish, lambda g, z: aten.mish_backward(g, z), "z * tanh(softplus(z))"),
+        Activation("softsign", F.softsign, _softsign_vjp, "z / (1 + |z|)"),
+        Activation("identity", lambda z: z, lambda g, z: g, "z"),
+    )
+}
+
+# The paper's pool, in the paper's order (the order fixes the logit index of each activation).
+DEFAULT_POOL: tuple[str, ...] = ("relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu")
+EXTRA_ACTIVATIONS: tuple[str, ...] = tuple(n for n in ACTIVATIONS if n not in DEFAULT_POOL)
+
+
+class PoolError(ValueError):
+    """An activation name or pool that is not valid."""
+
+
+def get_activation(name: str) -> Activation:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise PoolError(
+            f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}"
+        ) from None
+
+
+def parse_pool(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Parse a pool given as 'relu,tanh,...' (or a sequence of names); None gives the default."""
+    if text is None:
+        return DEFAULT_POOL
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if not names:
+        raise PoolError("the activation pool is empty")
+    for name in names:
+        get_activation(name)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PoolError(f"activation pool lists {', '.join(duplicates)} more than once")
+    return tuple(names)
+
+
+def batch_sum_basis(pool: Sequence[str]) -> tuple[tuple[Activation, ...], Tensor]:
+    """Activations B and a (|pool|, |B|) matrix C with f_k = sum_b C[k, b] f_b for every k.
+
+    Used for the phase-1 logit gradient sum_b g f_k(z): computing it for B only and mixing with C
+    evaluates fewer (and cheaper) functions than the pool itself.
+    """
+    names: list[str] = []
+    for name in pool:
+        for part in get_activation(name).combination or {name: 1.0}:
+            if part not in names:
+                names.append(part)
+    matrix = torch.zeros(len(pool), len(names), dtype=torch.float64)
+    for k, name in enumerate(pool):
+        for part, coefficient in (get_activation(name).combination or {name: 1.0}).items():
+            matrix[k, names.index(part)] = coefficient
+    return tuple(get_activation(n) for n in names), matrix
