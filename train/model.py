@@ -201,47 +201,47 @@ def apply_contiguous(z: Tensor, sizes: Sequence[int], acts: Sequence[Activation]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _scatter_rows(grouped: Tensor, perm: Tensor) -> Tensor:
-    """out[perm[i]] = grouped[i]: back from grouped order to neuron order."""
-    return torch.empty_like(grouped).index_copy_(0, perm, grouped)
-
-
 class _SelectActivation(torch.autograd.Function):
     """Straight-through mixture sum_k y_k f_k(z) for a hard one-hot y, without the (n, B, K) stack.
 
     z^T: (n, B) neuron-major; soft s^T: (K, n); perm orders the neurons by their choice c, and
     sizes[k] neurons chose activation k.
-    Forward: out = f_c(z), exactly one activation per neuron.
+    Forward: out = f_c(z), exactly one activation per neuron, computed group by group on a
+    grouped copy of z (each group a contiguous block of rows).
     Backward, with y = onehot(c) - sg(s) + s:
         dL/dz_jb = f_c'(z_jb) g_jb                (y is one-hot in value)
         dL/ds_jk = dL/dy_jk = sum_b g_jb f_k(z_jb)
-    Only z (in grouped order) is saved; the candidates f_k(z) are recomputed one at a time in
-    backward. Work is done on the grouped copy so that each group is a contiguous block.
+    Saved: z and f_c'(z), both (n, B) in neuron order (the derivative is taken in the forward,
+    while each group is at hand), so backward needs no gather or scatter: one product for dz,
+    and the candidates f_k(z), recomputed one at a time, for ds.
     """
 
     @staticmethod
     def forward(ctx, z, soft, perm, sizes, acts, basis):
         z_grouped = z.index_select(0, perm)  # (n, B)
-        ctx.save_for_backward(z_grouped, perm)
-        ctx.sizes, ctx.acts, ctx.basis = sizes, acts, basis
-        return _scatter_rows(apply_contiguous(z_grouped, sizes, acts), perm)
+        one = z.new_ones(())
+        out, derivative = torch.empty_like(z), torch.empty_like(z)
+        for act, zc, idx in zip(acts, z_grouped.split(sizes), perm.split(sizes), strict=True):
+            if len(idx):
+                out.index_copy_(0, idx, act.fn(zc))
+                derivative.index_copy_(0, idx, act.vjp(one.expand_as(zc), zc))
+        ctx.save_for_backward(z, derivative)
+        ctx.basis = basis
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, perm = ctx.saved_tensors  # z in grouped order
-        g = grad_out.index_select(0, perm)  # (n, B) grouped
-        grad_z = grad_soft = None
-        if ctx.needs_input_grad[0]:
-            blocks = zip(ctx.acts, z.split(ctx.sizes), g.split(ctx.sizes), ctx.sizes, strict=True)
-            parts = [act.vjp(gc, zc) for act, zc, gc, size in blocks if size]
-            grad_z = _scatter_rows(parts[0] if len(parts) == 1 else torch.cat(parts), perm)
+        z, derivative = ctx.saved_tensors  # (n, B) neuron order
+        grad_z = grad_out * derivative if ctx.needs_input_grad[0] else None
+        grad_soft = None
         if ctx.needs_input_grad[1]:
             # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums over the basis)
             basis, mix = ctx.basis
-            sums = torch.stack([(g * z if b.name == "identity" else b.fn(z).mul_(g)).sum(1)
-                                for b in basis])  # fmt: skip
-            rows = mix.to(sums) @ sums
-            grad_soft = torch.empty_like(rows).index_copy_(1, perm, rows)
+            sums = torch.stack(
+                [(grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
+                 for b in basis]
+            )  # fmt: skip
+            grad_soft = mix.to(sums) @ sums
         return grad_z, grad_soft, None, None, None, None
 
 
@@ -255,7 +255,7 @@ def gumbel_softmax_sample(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """
     gumbel = torch.rand_like(logits).add_(GUMBEL_EPS).log_().neg_().add_(GUMBEL_EPS).log_().neg_()
     perturbed = (logits + gumbel) / tau  # (N, K)
-    choice = perturbed.detach().argmax(dim=-1)  # argmax of the softmax = argmax of its input
+    choice = perturbed.detach().max(dim=-1).indices  # = argmax of the softmax; max is faster
     return F.softmax(perturbed.t().contiguous(), dim=0), choice
 
 
