@@ -50,6 +50,9 @@ class Dataset:
     labels: list[str]
     input_shape: list[int]
     preprocessing: dict[str, Any] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
+    # the load_dataset arguments that rebuild exactly these splits (recorded in model.json, so
+    # that export can verify on the run's held-out test set)
+    request: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
@@ -72,6 +75,24 @@ def load_dataset(
     label_column: str = "label",
 ) -> Dataset:
     """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified)."""
+    request = {
+        "source": source, "data_dir": None if data_dir is None else str(data_dir), "seed": seed,
+        "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "label_column": label_column,
+    }  # fmt: skip
+    dataset = _load(source, data_dir, seed, val_fraction, test_fraction, label_column)
+    dataset.request = request
+    return dataset
+
+
+def _load(
+    source: str,
+    data_dir: Path | str | None,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    label_column: str,
+) -> Dataset:
     data_dir = Path(data_dir) if data_dir is not None else None
     split = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     if source == "mnist":

@@ -217,7 +217,10 @@ def train_run(
     x_train, y_train = (torch.from_numpy(a).to(dev) for a in (dataset.x_train, dataset.y_train))
     x_val, y_val = (torch.from_numpy(a).to(dev) for a in (dataset.x_val, dataset.y_val))
     x_test, y_test = (torch.from_numpy(a).to(dev) for a in (dataset.x_test, dataset.y_test))
-    record_config = {**asdict(config), "data": dataset.name, "data_summary": dataset.summary()}
+    record_config = {
+        **asdict(config), "data": dataset.name, "data_summary": dataset.summary(),
+        "data_request": dataset.request,
+    }  # fmt: skip
 
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed)

@@ -1,0 +1,1 @@
+"""smartmixed.export: lower frozen mixed networks to ONNX, verify them, write a model repository."""

@@ -1,0 +1,7 @@
+"""python -m smartmixed.export == smartmixed-export."""
+
+import sys
+
+from smartmixed.export.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""smartmixed-export: a thin command line over ``export_run`` and ``verify_entry``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
+from smartmixed.export.repository import ExportError, export_run, verify_entry
+from smartmixed.export.runtime import ProviderError
+from smartmixed.export.verify import VerificationError, summarize
+from smartmixed.train.artifacts import ArtifactError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smartmixed-export",
+        description="Lower a trained run to ONNX, verify ONNX Runtime against PyTorch, and write "
+        "a Triton-compatible model repository entry (models/NAME/VERSION/model.onnx).",
+    )
+    p.add_argument("run", nargs="?", type=Path, help="the run folder, e.g. runs/NAME")
+    p.add_argument("--repository", type=Path, default=Path("models"), help="default: models")
+    p.add_argument("--name", help="entry name (default: the run folder's name)")
+    p.add_argument("--lowering", default="auto", choices=["auto", *LOWERINGS],
+                   help="auto (default) times every verified candidate and keeps the fastest")  # fmt: skip
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}")
+    p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="execution provider that auto times the candidates on")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--verify-only", type=Path, metavar="ENTRY",
+                   help="re-verify an existing entry (models/NAME) and exit")  # fmt: skip
+    p.add_argument("--against", type=Path, metavar="RUN",
+                   help="with --verify-only: the run to verify against (default: the recorded one)")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verify_only is not None:
+            report = verify_entry(args.verify_only, run_dir=args.against)
+            print(f"{args.verify_only}: verified\n{summarize(report)}")
+            return 0
+        if args.run is None:
+            parser.error("the run folder is required (or --verify-only ENTRY)")
+        result = export_run(
+            run_dir=args.run, repository=args.repository, name=args.name,
+            lowering=args.lowering, opset=args.opset, version=args.version,
+            device=args.device, overwrite=args.overwrite,
+        )  # fmt: skip
+    except VerificationError as e:
+        print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
+        return 1
+    except (ExportError, LoweringError, ArtifactError, ProviderError) as e:
+        print(f"smartmixed-export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
+          f"(lowering {result.lowering})")  # fmt: skip
+    if result.report["selection"]:
+        for name, score in result.report["selection"]["score_ms"].items():
+            print(f"  {name:<9} {score:.3f} ms (geometric mean over batch 1 and 256)")
+    print(f"verified against PyTorch ({result.report['test_data']}):")
+    print(summarize(result.report["verification"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Export a trained run into a Triton-compatible model repository entry, verified first.
+
+    models/NAME/config.pbtxt        platform onnxruntime_onnx, dynamic batch, input/output specs
+    models/NAME/VERSION/model.onnx  metadata_props: spec, lowering, verification, versions
+    models/NAME/VERSION/export.json the verification report (and, for auto, the timings)
+
+Everything is built in a temporary folder next to the entry and renamed into place, so a failed
+export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from smartmixed.export.lower import (
+    DEFAULT_OPSET,
+    INPUT,
+    LOGITS,
+    LOWERINGS,
+    PROBABILITIES,
+    get_metadata,
+    lower,
+    set_metadata,
+)
+from smartmixed.export.select import pick_lowering, time_lowerings
+from smartmixed.export.verify import input_sets, verify_against_torch
+from smartmixed.train.artifacts import atomic_write_text, load_model
+from smartmixed.train.data import DataError, load_dataset
+from smartmixed.train.model import ModelSpec
+
+MAX_BATCH_SIZE = 1024  # Triton: the largest batch a request (or a dynamic batch) may hold
+MODEL_FILE, REPORT_FILE, CONFIG_FILE = "model.onnx", "export.json", "config.pbtxt"
+
+
+class ExportError(ValueError):
+    """An export request that cannot be carried out (bad names, existing entry, missing data)."""
+
+
+@dataclass
+class ExportResult:
+    entry: Path
+    version: int
+    lowering: str
+    report: dict[str, Any]
+
+
+def triton_config(name: str, spec: ModelSpec, *, lowering: str) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig); dims exclude the batch."""
+    outputs = ",\n".join(
+        f'  {{\n    name: "{out}"\n    data_type: TYPE_FP32\n    dims: [ {spec.arch[-1]} ]\n  }}'
+        for out in (LOGITS, PROBABILITIES)
+    )
+    return (
+        f'name: "{name}"\n'
+        'platform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {MAX_BATCH_SIZE}\n"
+        f'input [\n  {{\n    name: "{INPUT}"\n    data_type: TYPE_FP32\n'
+        f"    dims: [ {spec.arch[0]} ]\n  }}\n]\n"
+        f"output [\n{outputs}\n]\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+        "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
+        f'parameters {{ key: "smartmixed_lowering" value: {{ string_value: "{lowering}" }} }}\n'
+        f'parameters {{ key: "smartmixed_mode" value: {{ string_value: "{spec.mode}" }} }}\n'
+    )
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("smartmixed", "torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def _test_inputs(spec: ModelSpec, run_dir: Path) -> tuple[np.ndarray | None, str]:
+    """The run's held-out test samples, rebuilt from the data request recorded at training."""
+    request = dict(spec.training.get("data_request") or {})
+    if not request:
+        return None, "the run records no data request; verified on random and edge inputs only"
+    source = request.pop("source")
+    try:
+        dataset = load_dataset(source, **request)
+    except DataError as e:
+        raise ExportError(
+            f"{run_dir}: cannot reload the run's test data to verify on it ({e})"
+        ) from None
+    if dataset.n_features != spec.arch[0]:
+        raise ExportError(
+            f"{run_dir}: the reloaded data has {dataset.n_features} features, the model "
+            f"{spec.arch[0]}"
+        )
+    return dataset.x_test, dataset.summary()
+
+
+def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float]:
+    if test_x is not None:
+        return float(test_x.min()), float(test_x.max())
+    # no data: the range that preprocessing maps onto [-1, 1] (or [0, 1] for images)
+    offset = np.asarray(spec.preprocessing["offset"], np.float64)
+    scale = np.abs(np.asarray(spec.preprocessing["scale"], np.float64))
+    return float((offset - 1 / scale).min()), float((offset + 1 / scale).max())
+
+
+def export_run(
+    *,
+    run_dir: Path | str,
+    repository: Path | str,
+    name: str | None = None,
+    lowering: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    version: int = 1,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> ExportResult:
+    """Lower, verify (every candidate), choose, and write one repository entry atomically."""
+    run_dir, repository = Path(run_dir), Path(repository)
+    name = name or run_dir.name
+    if not name or "/" in name or name.startswith("."):
+        raise ExportError(f"--name {name!r}: expected a plain folder name")
+    if lowering not in (*LOWERINGS, "auto"):
+        raise ExportError(f"--lowering {lowering!r}: expected auto, {', '.join(LOWERINGS)}")
+    if version < 1:
+        raise ExportError(f"--version {version}: expected an integer >= 1")
+    entry = repository / name
+    if (entry / str(version)).exists() and not overwrite:
+        raise ExportError(f"{entry / str(version)} already exists; pass --overwrite to replace it")
+
+    spec, torch_model = load_model(run_dir)
+    state = {k: v.numpy() for k, v in torch_model.canonical_state_dict().items()}
+    test_x, test_source = _test_inputs(spec, run_dir)
+    low, high = _raw_range(spec, test_x)
+    inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
+
+    candidates = LOWERINGS if lowering == "auto" else (lowering,)
+    models, reports = {}, {}
+    for candidate in candidates:  # every candidate is verified before it may be chosen
+        models[candidate] = lower(spec, state, lowering=candidate, opset=opset, name=name)
+        reports[candidate] = verify_against_torch(
+            models[candidate], torch_model, inputs, n_classes=spec.arch[-1]
+        )
+    selection = None
+    chosen = lowering
+    if lowering == "auto":
+        timings = time_lowerings(
+            {c: m.SerializeToString() for c, m in models.items()}, spec.arch[0], device=device
+        )
+        chosen, selection = pick_lowering(timings)
+        selection["device"] = device
+
+    model = models[chosen]
+    report = {
+        "run": str(run_dir), "lowering": chosen, "requested_lowering": lowering, "opset": opset,
+        "verification": reports[chosen], "test_data": test_source,
+        "raw_input_range": [low, high], "selection": selection, "versions": _versions(),
+    }  # fmt: skip
+    set_metadata(
+        model,
+        {
+            "smartmixed.spec": spec.to_dict(),
+            "smartmixed.lowering": chosen,
+            "smartmixed.verification": reports[chosen],
+            "smartmixed.selection": selection,
+            "smartmixed.run": str(run_dir),
+            "smartmixed.versions": report["versions"],
+        },
+    )
+    _write_entry(entry, version, model, report, triton_config(name, spec, lowering=chosen))
+    return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
+
+
+def _write_entry(
+    entry: Path, version: int, model: onnx.ModelProto, report: dict, config: str
+) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+    try:
+        version_dir = staging / str(version)
+        version_dir.mkdir()
+        (version_dir / MODEL_FILE).write_bytes(model.SerializeToString())
+        (version_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        if not entry.exists():
+            (staging / CONFIG_FILE).write_text(config)
+            staging.rename(entry)
+            return
+        target = entry / str(version)
+        if target.exists():  # --overwrite: move the old version aside, then swap
+            old = staging / "replaced"
+            target.rename(old)
+        version_dir.rename(target)
+        atomic_write_text(entry / CONFIG_FILE, config)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def latest_version(entry: Path) -> Path:
+    versions = sorted((int(p.name), p) for p in entry.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise ExportError(f"{entry}: no numbered version folder")
+    return versions[-1][1]
+
+
+def verify_entry(entry: Path | str, *, run_dir: Path | str | None = None) -> dict[str, Any]:
+    """Re-verify an existing entry's latest version against its run (or ``run_dir``)."""
+    entry = Path(entry)
+    if not entry.is_dir():
+        raise ExportError(f"{entry}: no such repository entry")
+    path = latest_version(entry) / MODEL_FILE
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError) as e:
+        raise ExportError(f"{path}: not a readable ONNX model ({e})") from None
+    meta = get_metadata(model)
+    run_dir = Path(run_dir) if run_dir is not None else Path(meta.get("smartmixed.run", ""))
+    if "smartmixed.spec" not in meta:
+        raise ExportError(f"{path}: no smartmixed metadata (smartmixed.spec)")
+    spec, torch_model = load_model(run_dir)
+    if spec.to_dict()["assignment"] != json.loads(meta["smartmixed.spec"])["assignment"]:
+        raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
+    test_x, _ = _test_inputs(spec, run_dir)
+    low, high = _raw_range(spec, test_x)
+    inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
+    return verify_against_torch(model, torch_model, inputs, n_classes=spec.arch[-1])

@@ -1,0 +1,54 @@
+"""`--lowering auto`: time the candidate lowerings on the target execution provider, keep the fastest."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import numpy as np
+
+from smartmixed.export.runtime import make_session, time_session
+
+AUTO_BATCHES = (1, 256)  # a small and a large batch
+
+
+def time_lowerings(
+    candidates: dict[str, bytes],
+    n_features: int,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    batches: tuple[int, ...] = AUTO_BATCHES,
+    rounds: int = 5,
+    repeats: int = 20,
+    seed: int = 0,
+) -> dict[str, dict[int, float]]:
+    """Median latency (ms) per candidate and batch size; rounds interleave the candidates."""
+    sessions = {
+        name: make_session(model, device=device, threads=threads)
+        for name, model in candidates.items()
+    }
+    rng = np.random.default_rng(seed)
+    inputs = {b: rng.uniform(0, 1, (b, n_features)).astype(np.float32) for b in batches}
+    samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in sessions}
+    for _ in range(rounds):
+        for batch, x in inputs.items():
+            for name, session in sessions.items():
+                samples[name][batch] += time_session(session, x, repeats=repeats, warmup=2)
+    return {n: {b: statistics.median(t) for b, t in per.items()} for n, per in samples.items()}
+
+
+def pick_lowering(timings: dict[str, dict[int, float]]) -> tuple[str, dict[str, Any]]:
+    """The candidate with the smallest geometric mean latency over the timed batch sizes."""
+
+    def score(name: str) -> float:
+        values = list(timings[name].values())
+        return float(np.exp(np.mean(np.log(values))))
+
+    best = min(timings, key=score)
+    return best, {
+        "chosen": best,
+        "criterion": "geometric mean of the median latency over batch sizes",
+        "median_ms": {n: {str(b): t for b, t in per.items()} for n, per in timings.items()},
+        "score_ms": {n: score(n) for n in timings},
+    }

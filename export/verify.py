@@ -1,0 +1,169 @@
+"""Prove that an ONNX graph computes what the PyTorch model computes, before anything is written.
+
+Checks, in order: the ONNX checker (full check) and strict shape inference; output names; then
+for ONNX Runtime (CPU) at ORT_ENABLE_BASIC and ORT_ENABLE_ALL, on every input set, output shapes
+and numbers against the PyTorch model in eval mode. An element passes when
+|onnx - torch| <= atol + rtol * |torch| (numpy's allclose rule; atol 1e-5, rtol 1e-4 on float32
+logits and probabilities); the held-out test set must also agree on every argmax. All mismatches
+are collected and raised as one VerificationError that lists the max differences per input set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from smartmixed.export.lower import LOGITS, PROBABILITIES
+from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
+
+ATOL, RTOL = 1e-5, 1e-4
+MAX_TEST_SAMPLES = 10_000
+RANDOM_SAMPLES = 512
+
+
+class VerificationError(Exception):
+    """ONNX Runtime and PyTorch disagree (or the graph is invalid); carries the full report."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class SetResult:
+    input_set: str
+    optimization: str
+    samples: int
+    max_abs_diff: float
+    max_rel_diff: float
+    argmax_agreement: float
+    passed: bool
+
+
+def input_sets(
+    n_features: int,
+    *,
+    test_x: np.ndarray | None,
+    low: float,
+    high: float,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """(a) held-out test samples, (b) seeded uniform inputs over [low, high], (c) edge inputs."""
+    rng = np.random.default_rng(seed)
+    sets = {}
+    if test_x is not None and len(test_x):
+        sets["test"] = np.ascontiguousarray(test_x[:MAX_TEST_SAMPLES], np.float32)
+    sets["random"] = rng.uniform(low, high, (RANDOM_SAMPLES, n_features)).astype(np.float32)
+    span = max(abs(low), abs(high), 1.0)
+    edge = [
+        np.zeros(n_features),
+        np.full(n_features, low),
+        np.full(n_features, high),
+        np.where(np.arange(n_features) % 2, low, high),  # alternating extremes
+        np.full(n_features, 100 * span),  # large magnitude
+        np.full(n_features, -100 * span),
+        rng.normal(0, 1000 * span, n_features),
+    ]
+    sets["edge"] = np.stack(edge).astype(np.float32)
+    return sets
+
+
+def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float, bool]:
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / (np.abs(want) + ATOL)).max()) if diff.size else 0.0
+    passed = bool(np.all(diff <= ATOL + RTOL * np.abs(want))) and bool(np.isfinite(got).all())
+    return max_abs, max_rel, passed
+
+
+def verify_against_torch(
+    model: onnx.ModelProto,
+    reference: nn.Module,
+    inputs: dict[str, np.ndarray],
+    *,
+    n_classes: int,
+) -> dict[str, Any]:
+    """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
+    problems: list[str] = []
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise VerificationError(
+            f"ONNX checker: {e}", {"passed": False, "checker": str(e)}
+        ) from None
+    outputs = [o.name for o in model.graph.output]
+    if outputs != [LOGITS, PROBABILITIES]:
+        problems.append(f"outputs are {outputs}, expected {[LOGITS, PROBABILITIES]}")
+
+    reference = reference.eval()
+    expected = {}
+    with torch.no_grad():
+        for name, x in inputs.items():
+            logits = reference(torch.from_numpy(x))
+            expected[name] = (logits.numpy(), torch.softmax(logits, 1).numpy())
+
+    results: list[SetResult] = []
+    data = model.SerializeToString()
+    for level in OPTIMIZATION_LEVELS:
+        session = make_session(data, device="cpu", optimization=level)
+        for name, x in inputs.items():
+            got_logits, got_probs = session.run([LOGITS, PROBABILITIES], {"input": x})
+            want_logits, want_probs = expected[name]
+            if got_logits.shape != (len(x), n_classes) or got_probs.shape != got_logits.shape:
+                problems.append(
+                    f"{name} ({level}): output shapes {got_logits.shape} and {got_probs.shape}, "
+                    f"expected {(len(x), n_classes)}"
+                )
+                continue
+            abs_l, rel_l, ok_l = _compare(got_logits, want_logits)
+            abs_p, rel_p, ok_p = _compare(got_probs, want_probs)
+            agreement = float((got_logits.argmax(1) == want_logits.argmax(1)).mean())
+            passed = ok_l and ok_p and (name != "test" or agreement == 1.0)
+            results.append(
+                SetResult(
+                    name, level, len(x), max(abs_l, abs_p), max(rel_l, rel_p), agreement, passed
+                )
+            )
+            if not passed:
+                problems.append(
+                    f"{name} ({level}, {len(x)} samples): max abs diff {max(abs_l, abs_p):.3g}, "
+                    f"max rel diff {max(rel_l, rel_p):.3g}, argmax agreement {agreement:.4f}"
+                )
+    report = {
+        "passed": not problems,
+        "tolerance": {
+            "atol": ATOL,
+            "rtol": RTOL,
+            "rule": "|onnx - torch| <= atol + rtol * |torch|",
+        },
+        "checker": "onnx.checker full_check and strict shape inference passed",
+        "results": [asdict(r) for r in results],
+    }
+    if problems:
+        raise VerificationError(
+            "ONNX Runtime does not match PyTorch: " + "; ".join(problems), report
+        )
+    return report
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """One line per input set: the worst numbers over the optimization levels."""
+    lines = []
+    by_set: dict[str, list[dict[str, Any]]] = {}
+    for r in report["results"]:
+        by_set.setdefault(r["input_set"], []).append(r)
+    for name, rows in by_set.items():
+        lines.append(
+            f"  {name:<7} {rows[0]['samples']:>6} samples  max abs diff "
+            f"{max(r['max_abs_diff'] for r in rows):.2e}  max rel diff "
+            f"{max(r['max_rel_diff'] for r in rows):.2e}  argmax agreement "
+            f"{min(r['argmax_agreement'] for r in rows):.4f}  "
+            f"({', '.join(r['optimization'] for r in rows)})"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from smartmixed.export import repository
+from smartmixed.export.cli import main
+from smartmixed.export.lower import get_metadata
+from smartmixed.train import artifacts
+from smartmixed.train.data import Dataset
+from smartmixed.train.loop import TrainConfig, train_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "digits-mixed"
+    config = TrainConfig(arch=[64, 40, 24, 10], p1_epochs=3, p2_epochs=4, lr=3e-3)
+    train_run(config=config, dataset=digits, out=out, progress=False)
+    return out
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_auto_export_writes_a_verified_triton_entry(run_dir: Path, tmp_path: Path, capsys) -> None:
+    models = tmp_path / "models"
+    assert main([str(run_dir), "--repository", str(models)]) == 0
+    printed = capsys.readouterr().out
+    assert "test       360 samples" in printed and "argmax agreement 1.0000" in printed
+    entry = models / "digits-mixed"
+    assert sorted(p.name for p in entry.iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (entry / "1").iterdir()) == ["export.json", "model.onnx"]
+    assert not [p for p in models.iterdir() if p.name.startswith(".")]
+
+    config = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "digits-mixed", "onnxruntime_onnx", repository.MAX_BATCH_SIZE)  # fmt: skip
+    assert [(i.name, list(i.dims), i.data_type) for i in config.input] == [
+        ("input", [64], model_config_pb2.TYPE_FP32)]  # fmt: skip
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("logits", [10]),
+        ("probabilities", [10]),
+    ]
+
+    report = json.loads((entry / "1" / "export.json").read_text())
+    assert report["verification"]["passed"] and report["requested_lowering"] == "auto"
+    assert report["lowering"] in ("scatter", "permuted", "grouped")
+    assert set(report["selection"]["score_ms"]) == {"scatter", "permuted", "grouped"}
+    sets = {r["input_set"]: r for r in report["verification"]["results"]}
+    assert sets["test"]["samples"] == 360 and sets["test"]["argmax_agreement"] == 1.0
+    assert config.parameters["smartmixed_lowering"].string_value == report["lowering"]
+
+    model = onnx.load(str(entry / "1" / "model.onnx"))
+    meta = get_metadata(model)
+    assert json.loads(meta["smartmixed.spec"]) == artifacts.load_spec(run_dir).to_dict()
+    assert meta["smartmixed.lowering"] == report["lowering"]
+    assert json.loads(meta["smartmixed.verification"])["passed"] is True
+    assert "onnxruntime" in json.loads(meta["smartmixed.versions"])
+
+
+def test_versions_overwrite_and_verify_only(run_dir: Path, tmp_path: Path, capsys) -> None:
+    models = str(tmp_path / "models")
+    assert main([str(run_dir), "--repository", models, "--lowering", "scatter"]) == 0
+    assert main([str(run_dir), "--repository", models, "--lowering", "grouped"]) == 2
+    assert "1 already exists; pass --overwrite" in capsys.readouterr().err
+    assert (
+        main([str(run_dir), "--repository", models, "--lowering", "grouped", "--version", "2"]) == 0
+    )
+    assert (
+        main([str(run_dir), "--repository", models, "--lowering", "permuted", "--overwrite"]) == 0
+    )
+    entry = Path(models) / "digits-mixed"
+    assert sorted(p.name for p in entry.iterdir()) == ["1", "2", "config.pbtxt"]
+    assert json.loads((entry / "1" / "export.json").read_text())["lowering"] == "permuted"
+    capsys.readouterr()
+    assert main(["--verify-only", str(entry)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+    # tamper with the latest version's weights: re-verification must fail
+    path = entry / "2" / "model.onnx"
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if t.name.endswith("/b"))
+    values = onnx.numpy_helper.to_array(weight) + np.float32(0.01)
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(path))
+    assert main(["--verify-only", str(entry)]) == 1
+    assert "verification failed: ONNX Runtime does not match PyTorch" in capsys.readouterr().err
+
+
+def test_failed_verification_writes_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    real_lower = repository.lower
+
+    def wrong_lower(spec, state, **kwargs):
+        state = {**state, "layers.0.bias": state["layers.0.bias"] + np.float32(0.05)}
+        return real_lower(spec, state, **kwargs)
+
+    monkeypatch.setattr(repository, "lower", wrong_lower)
+    models = tmp_path / "models"
+    assert main([str(run_dir), "--repository", str(models), "--lowering", "permuted"]) == 1
+    err = capsys.readouterr().err
+    assert "max abs diff" in err and "test (basic, 360 samples)" in err
+    assert not models.exists() or not any(models.iterdir())
+
+
+def test_corrupt_or_mismatched_runs_give_clear_errors(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    models = str(tmp_path / "models")
+
+    def export(run: Path) -> str:
+        assert main([str(run), "--repository", models]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("smartmixed-export: error: ") and "Traceback" not in err
+        return err
+
+    run = _copy_run(run_dir, tmp_path / "a")
+    weights = artifacts.load_tensors(run / "model.safetensors")
+    artifacts.save_tensors(
+        run / "model.safetensors", {**weights, "layers.1.weight": torch.zeros(24, 39)}
+    )
+    assert "tensor layers.1.weight: expected shape [24, 40], got [24, 39]" in export(run)
+
+    run = _copy_run(run_dir, tmp_path / "b")
+    artifacts.save_tensors(
+        run / "model.safetensors", {k: v for k, v in weights.items() if k != "layers.2.bias"}
+    )
+    assert "missing tensor(s) layers.2.bias" in export(run)
+
+    run = _copy_run(run_dir, tmp_path / "c")
+    spec = json.loads((run / "model.json").read_text())
+    spec["assignment"][0][3] = "swish"
+    (run / "model.json").write_text(json.dumps(spec))
+    assert "activation(s) swish not in the pool" in export(run)
+
+    run = _copy_run(run_dir, tmp_path / "d")
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "model.safetensors: not a readable safetensors file" in export(run)
+
+    assert "run folder not found" in export(tmp_path / "nowhere")
+    assert main([str(run_dir), "--repository", models, "--opset", "12"]) == 2
+    assert "opset 12 lacks ops" in capsys.readouterr().err
+    assert not Path(models).exists() or not any(Path(models).iterdir())
