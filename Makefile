@@ -9,8 +9,9 @@ P1_EPOCHS ?= 20
 P2_EPOCHS ?= 60
 EPOCHS ?= 80
 PRESET ?= paper
+MODELS ?= models
 
-.PHONY: venv run train test lint bench clean
+.PHONY: venv run train export test lint bench clean
 
 venv: $(STAMP)
 
@@ -21,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Main job: SmartMixed and a fixed-ReLU baseline on the embedded MNIST subset, then a comparison.
-run: train
+# Main job: SmartMixed and a fixed-ReLU baseline on the embedded MNIST subset, a comparison,
+# then both exported to a verified ONNX model repository.
+run: train export
 
 train: $(STAMP)
 	$(BIN)/smartmixed-train --data mnist --preset $(PRESET) --mode smartmixed \
@@ -30,6 +32,10 @@ train: $(STAMP)
 	$(BIN)/smartmixed-train --data mnist --preset $(PRESET) --mode fixed:relu \
 		--epochs $(EPOCHS) --out $(RUNS)/mnist-relu --overwrite
 	$(BIN)/smartmixed-train --compare $(RUNS)/mnist-smartmixed $(RUNS)/mnist-relu
+
+export: $(STAMP)
+	$(BIN)/smartmixed-export $(RUNS)/mnist-smartmixed --repository $(MODELS) --overwrite
+	$(BIN)/smartmixed-export $(RUNS)/mnist-relu --repository $(MODELS) --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

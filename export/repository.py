@@ -127,6 +127,7 @@ def export_run(
 ) -> ExportResult:
     """Lower, verify (every candidate), choose, and write one repository entry atomically."""
     run_dir, repository = Path(run_dir), Path(repository)
+    requested = lowering
     name = name or run_dir.name
     if not name or "/" in name or name.startswith("."):
         raise ExportError(f"--name {name!r}: expected a plain folder name")
@@ -144,6 +145,10 @@ def export_run(
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
 
+    single_group = all(len(set(layer)) == 1 for layer in spec.assignment)
+    if lowering == "auto" and single_group:
+        # every layer has one activation: all lowerings give the same Gemm + activation graph
+        lowering = "permuted"
     candidates = LOWERINGS if lowering == "auto" else (lowering,)
     models, reports = {}, {}
     for candidate in candidates:  # every candidate is verified before it may be chosen
@@ -162,7 +167,8 @@ def export_run(
 
     model = models[chosen]
     report = {
-        "run": str(run_dir), "lowering": chosen, "requested_lowering": lowering, "opset": opset,
+        "run": str(run_dir), "lowering": chosen, "opset": opset,
+        "requested_lowering": requested,
         "verification": reports[chosen], "test_data": test_source,
         "raw_input_range": [low, high], "selection": selection, "versions": _versions(),
     }  # fmt: skip

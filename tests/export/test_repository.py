@@ -153,3 +153,13 @@ def test_corrupt_or_mismatched_runs_give_clear_errors(
     assert main([str(run_dir), "--repository", models, "--opset", "12"]) == 2
     assert "opset 12 lacks ops" in capsys.readouterr().err
     assert not Path(models).exists() or not any(Path(models).iterdir())
+
+
+def test_auto_on_a_fixed_model_exports_its_one_graph(digits: Dataset, tmp_path: Path) -> None:
+    run = tmp_path / "relu"
+    config = TrainConfig(arch=[64, 16, 10], mode="fixed:relu", epochs=2, lr=3e-3)
+    train_run(config=config, dataset=digits, out=run, progress=False)
+    result = repository.export_run(run_dir=run, repository=tmp_path / "models")
+    assert result.lowering == "permuted" and result.report["selection"] is None
+    ops = [n.op_type for n in onnx.load(str(result.entry / "1" / "model.onnx")).graph.node]
+    assert ops == ["Mul", "Gemm", "Relu", "Gemm", "Softmax"]
