@@ -1,0 +1,1 @@
+"""smartmixed.serve: Open Inference Protocol (KServe V2) over ONNX Runtime."""

@@ -1,0 +1,87 @@
+"""smartmixed-serve: serve a model repository over HTTP (flags override SMARTMIXED_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from smartmixed.serve.runtime import LoadError
+from smartmixed.serve.settings import ServeSettings
+
+GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: stop accepting, let in-flight requests finish
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smartmixed-serve",
+        description="Serve every model of a repository (NAME/VERSION/model.onnx) with the Open "
+        "Inference Protocol (KServe V2) over ONNX Runtime. Each flag can also be set as an "
+        "environment variable SMARTMIXED_<NAME> (e.g. SMARTMIXED_MAX_BATCH_SIZE).",
+    )
+    p.add_argument("--repository", type=Path)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--intra-op-threads", type=int)
+    p.add_argument(
+        "--max-batch-size", type=int, help="dynamic batching: most rows per run (0: off)"
+    )
+    p.add_argument(
+        "--max-batch-delay-ms", type=float, help="dynamic batching: longest wait (0: off)"
+    )
+    p.add_argument("--max-request-rows", type=int)
+    p.add_argument("--max-request-bytes", type=int)
+    p.add_argument(
+        "--api-key", help="require this key (prefer SMARTMIXED_API_KEY: flags show in ps)"
+    )
+    p.add_argument("--skip-bad-models", action="store_true", default=None,
+                   help="serve what loads; list the rest as not ready")  # fmt: skip
+    p.add_argument("--inference-threads", type=int)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = ServeSettings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        print(f"smartmixed-serve: error: {problems}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    import uvicorn
+
+    from smartmixed.serve.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        access_log=False,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except LoadError as e:
+        print(f"smartmixed-serve: error: {e}", file=sys.stderr)
+        return 2
+    if not server.started:
+        # uvicorn logs a failed lifespan startup and returns; the reason is in the log above
+        print(
+            "smartmixed-serve: error: the server did not start (see the log above)", file=sys.stderr
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

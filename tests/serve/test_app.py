@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from smartmixed.serve.app import create_app
+from smartmixed.serve.runtime import LoadError
+from smartmixed.serve.settings import ServeSettings
+
+
+def _client(repository: Path, **settings) -> TestClient:
+    return TestClient(create_app(ServeSettings(repository=repository, **settings)))
+
+
+def _tensor(x: np.ndarray, **extra) -> dict:
+    return {
+        "name": "input",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.tolist(),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def client(repository: Path):
+    with _client(repository) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def rows(digits) -> np.ndarray:
+    return digits.x_test[:5]
+
+
+def test_health_and_server_metadata(client: TestClient) -> None:
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    body = client.get("/v2").json()
+    assert body["name"] == "smartmixed" and body["extensions"] == ["binary_tensor_data"]
+
+
+def test_model_metadata_config_and_readiness(client: TestClient) -> None:
+    meta = client.get("/v2/models/mixed").json()
+    assert meta["name"] == "mixed" and meta["versions"] == ["1"]
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities"]
+    extra = meta["smartmixed"]
+    assert extra["architecture"] == [64, 32, 16, 10] and extra["lowering"] == "permuted"
+    assert sum(extra["activation_mix"][0].values()) == 32 and extra["verification"]["passed"]
+    assert extra["execution_providers"] == ["CPUExecutionProvider"]
+    assert client.get("/v2/models/mixed/versions/1").json()["versions"] == ["1"]
+    assert client.get("/v2/models/mixed/ready").json() == {"name": "mixed", "ready": True}
+    assert client.get("/v2/models/relu/versions/1/ready").status_code == 200
+    config = client.get("/v2/models/relu/config").json()
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert client.get("/v2/models/relu/versions/1/config").json()["name"] == "relu"
+
+
+def test_infer_nested_flat_and_output_selection(client: TestClient, rows: np.ndarray) -> None:
+    nested = client.post("/v2/models/mixed/infer", json={"id": "req-1", "inputs": [_tensor(rows)]})
+    assert nested.status_code == 200
+    body = nested.json()
+    assert body["id"] == "req-1" and body["model_name"] == "mixed" and body["model_version"] == "1"
+    assert [(o["name"], o["shape"]) for o in body["outputs"]] == [
+        ("logits", [5, 10]),
+        ("probabilities", [5, 10]),
+    ]
+    flat = {**_tensor(rows), "data": rows.ravel().tolist()}
+    again = client.post("/v2/models/mixed/versions/1/infer",
+                        json={"inputs": [flat], "outputs": [{"name": "probabilities"}]}).json()  # fmt: skip
+    assert [o["name"] for o in again["outputs"]] == ["probabilities"]
+    np.testing.assert_allclose(again["outputs"][0]["data"], body["outputs"][1]["data"], rtol=1e-6)
+    probabilities = np.array(again["outputs"][0]["data"]).reshape(5, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
+    as_int = {**_tensor(rows.astype(np.int64)), "datatype": "INT64"}
+    ints = client.post("/v2/models/mixed/infer", json={"inputs": [as_int]}).json()
+    np.testing.assert_allclose(ints["outputs"][0]["data"], body["outputs"][0]["data"], rtol=1e-5)
+
+
+def test_binary_tensor_extension(client: TestClient, rows: np.ndarray) -> None:
+    header = orjson.dumps({
+        "inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32",
+                    "parameters": {"binary_data_size": rows.nbytes}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    })  # fmt: skip
+    response = client.post(
+        "/v2/models/mixed/infer", content=header + rows.astype("<f4").tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)),
+                 "Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    assert response.status_code == 200
+    length = int(response.headers["inference-header-content-length"])
+    meta = json.loads(response.content[:length])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 5 * 10 * 4
+    logits = np.frombuffer(response.content[length:], "<f4").reshape(5, 10)
+    plain = client.post("/v2/models/mixed/infer", json={"inputs": [_tensor(rows)]}).json()
+    np.testing.assert_allclose(logits.ravel(), plain["outputs"][0]["data"], rtol=1e-6)
+
+
+def test_friendly_predict(client: TestClient, rows: np.ndarray, digits) -> None:
+    body = client.post("/v1/models/relu:predict", json={"instances": rows.tolist()}).json()
+    assert len(body["predictions"]) == 5
+    first = body["predictions"][0]
+    assert first["label"] in digits.labels and len(first["probabilities"]) == 10
+    assert first["label"] == digits.labels[int(np.argmax(first["probabilities"]))]
+
+
+BAD_INFER = [
+    ({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [0.0] * 127}]}, 400,
+     "holds 127 values; shape [2, 64] needs 128"),
+    ({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]}, 400,
+     "input has 63 features per row; model 'mixed' expects 64"),
+    ({"inputs": [{"name": "input", "shape": [64], "datatype": "FP32", "data": [0.0] * 64}]}, 400,
+     "input shape [64]: expected [N, 64]"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["a"] * 64}]}, 400,
+     "datatype 'BYTES' is not supported"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["x"] * 64}]}, 400,
+     "must hold numbers only"),
+    ({"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]}, 400,
+     "empty batch"),
+    ({"inputs": [{"name": "input", "shape": [2000, 64], "datatype": "FP32", "data": [0] * 128000}]}, 400,
+     "batch of 2000 rows is over the limit of 1024"),
+    ({"inputs": [{"name": "images", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, 400,
+     "unknown input 'images'"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
+      "outputs": [{"name": "scores"}]}, 400, "unknown output(s) ['scores']"),
+    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32"}]}, 400, "input needs 'data'"),
+    ({"inputs": "nope"}, 400, "'inputs' list"),
+    ([1, 2], 400, "'inputs' list"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_INFER, ids=[m for _, _, m in BAD_INFER])
+def test_bad_infer_requests(client: TestClient, body, status: int, message: str) -> None:
+    response = client.post("/v2/models/mixed/infer", json=body)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_bad_requests_outside_the_body(client: TestClient, repository: Path) -> None:
+    ok = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
+    response = client.post("/v2/models/nope/infer", json=ok)
+    assert (response.status_code, response.json()) == (404, {"error": "unknown model 'nope'"})
+    response = client.post("/v2/models/mixed/versions/7/infer", json=ok)
+    assert response.status_code == 404 and "has no version '7'" in response.json()["error"]
+    response = client.post(
+        "/v2/models/mixed/infer", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    response = client.post(
+        "/v2/models/mixed/infer", content=b"a,b", headers={"content-type": "text/csv"}
+    )
+    assert response.status_code == 415 and "'text/csv' is not supported" in response.json()["error"]
+    nan = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                    "parameters": {"binary_data_size": 256}}]})  # fmt: skip
+    data = np.full(64, np.nan, np.float32).tobytes()
+    response = client.post("/v2/models/mixed/infer", content=nan + data,
+                           headers={"Inference-Header-Content-Length": str(len(nan))})  # fmt: skip
+    assert response.status_code == 400 and "NaN or infinite" in response.json()["error"]
+    response = client.post("/v1/models/relu:predict", json={"instances": [[1, 2], [3]]})
+    assert response.status_code == 400 and "same number of features" in response.json()["error"]
+    assert client.get("/v2/nothing").status_code == 404
+    assert client.get("/v2/nothing").json() == {"error": "Not Found"}
+    with _client(repository, max_request_bytes=2048) as small:
+        response = small.post("/v2/models/mixed/infer", json={**ok, "pad": "x" * 4000})
+        assert response.status_code == 413 and "over the limit of 2048" in response.json()["error"]
+
+
+def test_api_key(repository: Path) -> None:
+    with _client(repository, api_key="s3cret") as c:
+        ok = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
+        assert c.get("/v2/health/ready").status_code == 200
+        assert c.get("/v2/health/live").status_code == 200
+        assert c.post("/v2/models/mixed/infer", json=ok).status_code == 401
+        wrong = c.post("/v2/models/mixed/infer", json=ok, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]
+        assert (
+            c.post(
+                "/v2/models/mixed/infer", json=ok, headers={"Authorization": "Bearer s3cret"}
+            ).status_code
+            == 200
+        )
+        assert c.get("/v2/models/mixed", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_bad_repository_entries(repository: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(repository, models)
+    (models / "broken" / "1").mkdir(parents=True)
+    (models / "broken" / "1" / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(LoadError, match="broken/1: cannot read"), _client(models):
+        pass
+    with _client(models, skip_bad_models=True) as c:
+        assert c.get("/v2/models/mixed/ready").status_code == 200
+        broken = c.get("/v2/models/broken/ready")
+        assert broken.status_code == 503 and broken.json()["ready"] is False
+        ok = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
+        response = c.post("/v2/models/broken/infer", json=ok)
+        assert response.status_code == 503 and "not ready" in response.json()["error"]
+
+
+def test_devices(repository: Path, caplog) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA; the CPU-only paths are not testable here")
+    with (
+        pytest.raises(LoadError, match="CUDAExecutionProvider is not in this onnxruntime build"),
+        _client(repository, device="cuda"),
+    ):
+        pass
+    with _client(repository, device="auto") as c:
+        assert c.get("/v2/models/mixed").json()["smartmixed"]["execution_providers"] == [
+            "CPUExecutionProvider"
+        ]
+
+
+def test_metrics(client: TestClient) -> None:
+    client.post(
+        "/v2/models/relu/infer",
+        json={
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]
+        },
+    )
+    client.post("/v2/models/relu/infer", json={"inputs": []})
+    text = client.get("/metrics").text
+    assert 'smartmixed_requests_total{endpoint="infer",model="relu",status="200"}' in text
+    assert 'smartmixed_requests_total{endpoint="infer",model="relu",status="400"}' in text
+    for name in ("smartmixed_request_seconds_bucket", "smartmixed_inference_seconds_bucket",
+                 "smartmixed_batch_rows_bucket", "smartmixed_queue_wait_seconds"):  # fmt: skip
+        assert name in text
+
+
+def test_openapi_docs(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "/v2/models/{model_name}/infer" in schema["paths"]
+    assert client.get("/docs").status_code == 200
