@@ -27,11 +27,67 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
     tc.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     tc.add_argument("--quiet", action="store_true")
+
+    lat = sub.add_parser(
+        "latency",
+        help="ONNX Runtime CPU inference latency: fixed activations vs a mixed network's lowerings",
+        description="Time ONNX Runtime CPU inference of the six fixed-activation networks and one "
+        "mixed network in every lowering (scatter, permuted, grouped, and the one --lowering auto "
+        "picks) across batch sizes and thread counts, with PyTorch eager beside it; writes "
+        "DIR/latency.{json,md,png}.",
+    )
+    lat.add_argument("--out", type=Path, required=True, help="output folder")
+    lat.add_argument("--arch", default=None, help="layer widths (default: the paper's)")
+    source = lat.add_mutually_exclusive_group()
+    source.add_argument(
+        "--run", type=Path, default=None,
+        help="runs/NAME: time that trained network (its arch, assignment and weights)",
+    )  # fmt: skip
+    source.add_argument(
+        "--mix", default=None,
+        help="random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
+        "(default: uniform over the six default activations)",
+    )  # fmt: skip
+    lat.add_argument("--batches", default="1,32,256", help="batch sizes (default 1,32,256)")
+    lat.add_argument("--threads", default="1,2", help="ORT intra-op / torch threads (default 1,2)")
+    lat.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
+    lat.add_argument("--repeats", type=int, default=30,
+                     help="timed runs per model per round (default 30)")  # fmt: skip
+    lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
+    lat.add_argument("--quiet", action="store_true")
     return p
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from smartmixed.bench.latency import (
+        LatencyError,
+        measure_latency,
+        render_markdown,
+        write_outputs,
+    )
+    from smartmixed.train.artifacts import ArtifactError
+
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise LatencyError(f"--out {args.out} exists and is not a folder")
+        result = measure_latency(
+            arch=args.arch, run=args.run, mix=args.mix, batches=args.batches,
+            threads=args.threads, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except (LatencyError, SpecError, ArtifactError) as e:  # bad options: no traceback
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, args.out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "latency":
+        return _latency(args)
     if args.command == "train-cost":
         import torch
 

@@ -209,12 +209,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict[str, Any], out: Path, name: str = "train-cost") -> list[Path]:
+def write_outputs(
+    result: dict[str, Any],
+    out: Path,
+    name: str = "train-cost",
+    *,
+    render: Callable[[dict[str, Any]], str] | None = None,
+    draw: Callable[[dict[str, Any], Path], None] | None = None,
+) -> list[Path]:
+    """DIR/NAME.json, .md, .png, each written to a temporary name and renamed into place.
+
+    ``render`` and ``draw`` default to this bench's; other benches pass their own.
+    """
+    render, draw = render or render_markdown, draw or plot
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
     atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
-    atomic_write_text(paths[1], render_markdown(result))
+    atomic_write_text(paths[1], render(result))
     tmp = out / f".{name}.tmp.png"
-    plot(result, tmp)
+    draw(result, tmp)
     tmp.replace(paths[2])
     return paths

@@ -1,0 +1,556 @@
+"""ONNX Runtime CPU inference latency of a mixed network against fixed-activation networks.
+
+One run builds, for one architecture, the fixed-activation networks (the six default activations,
+plus any other activation the mixed model uses) and one mixed network: a trained run's assignment
+and weights, or a random assignment with given activation shares. The mixed network is exported
+in every lowering (scatter, permuted, grouped, see ``smartmixed.export.lower``); a fixed network
+lowers to the same graph in every form and is exported once. ``--lowering auto``'s choice is
+reproduced with the export's own ``time_lowerings`` / ``pick_lowering`` and recorded; records
+with lowering "auto" repeat the numbers of the lowering it picked. PyTorch eager latency of the
+mixed and the fixed-ReLU network is timed beside ONNX Runtime.
+
+Method. A cell is one (runtime, model, lowering, batch, threads); every ONNX Runtime cell has its
+own session with that many intra-op threads. All cells first run a few untimed warm-ups (arena
+allocation, first-run caches). Then, in each of ``rounds`` rounds, every cell is timed in turn
+for ``repeats`` runs after 2 untimed runs (switching cells leaves the previous cell's pool
+threads spinning and its weights in cache for a run or two). The rounds interleave the cells, and
+the order inside a round rotates, so that drift and neighbours on a shared machine hit every
+model alike instead of whichever happened to be timed during a noisy spell. Percentiles are taken
+over all timed runs of a cell (rounds x repeats); the input is the same seeded batch of random
+raw pixels (integers in [0, 255], float32) for every model.
+
+Ratios. ``ratio_vs_relu`` = p50 / p50 of the fixed-ReLU network at the same batch, threads and
+runtime. The ideal mix is what a perfect lowering of the mixed network would cost: the p50
+latencies of the fixed networks weighted by the mixed network's share of each activation over
+all hidden neurons, ideal = sum_a share_a * p50(fixed_a). ``ratio_vs_ideal`` = p50 / ideal, for
+the mixed network on ONNX Runtime only; it isolates the cost of the grouping itself (splits,
+gathers, concats, smaller GEMMs) from the cost of the activations the mix contains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from smartmixed.bench import train_cost
+from smartmixed.bench.train_cost import machine_info
+from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
+from smartmixed.export.runtime import make_session, percentiles, time_session
+from smartmixed.export.select import AUTO_BATCHES, pick_lowering, time_lowerings
+from smartmixed.train.artifacts import load_model
+from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, parse_arch
+from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
+
+PAPER_ARCH = list(PRESETS["paper"])
+DEFAULT_BATCHES = (1, 32, 256)
+DEFAULT_THREADS = (1, 2)
+# 40 x 30 = 1200 timed runs per cell: enough for a stable p99, and about 2-3 minutes for the
+# paper architecture on a 2-core machine. Many short rounds interleave more finely than few long.
+DEFAULT_ROUNDS = 40
+DEFAULT_REPEATS = 30
+WARMUP_FIRST = 5
+WARMUP_PER_ROUND = 2
+ORDER = (
+    "interleaved rounds; in each round, per (batch, threads), every cell in turn, the order "
+    "rotated by one cell per round"
+)
+FIXED_LOWERING = "permuted"  # a single-group network lowers to the same graph in every form
+MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
+# auto vs ideal mix (p50), 1 intra-op thread: key -> (batch, threads, max ratio)
+TARGET_CELLS: dict[str, tuple[int, int, float]] = {
+    "auto_vs_ideal_batch1_threads1": (1, 1, 1.25),
+    "auto_vs_ideal_batch32_threads1": (32, 1, 1.10),
+    "auto_vs_ideal_batch256_threads1": (256, 1, 1.10),
+}
+TARGETS = {key: limit for key, (_, _, limit) in TARGET_CELLS.items()}
+RECORD_KEYS = (
+    "model", "runtime", "lowering", "batch", "threads", "p50_ms", "p95_ms", "p99_ms",
+    "samples_per_s", "ratio_vs_relu", "ratio_vs_ideal",
+)  # fmt: skip
+ORT, TORCH = "onnxruntime", "torch"
+FIXED, EAGER, AUTO, MIXED = "fixed", "eager", "auto", "mixed"
+FIXED_RELU = "relu"
+
+
+class LatencyError(ValueError):
+    """Options the latency bench cannot run with (bad mix, batches, thread counts, arch)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def parse_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
+    """'relu=0.4,selu=0.3,elu=0.3' (or a mapping) -> shares normalised to sum to exactly 1."""
+    if isinstance(mix, str):
+        shares: dict[str, float] = {}
+        for part in (p.strip() for p in mix.split(",")):
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep:
+                raise LatencyError(f"mix entry {part!r} is not NAME=SHARE (e.g. relu=0.5)")
+            if name in shares:
+                raise LatencyError(f"mix lists {name!r} more than once")
+            try:
+                shares[name] = float(value)
+            except ValueError:
+                raise LatencyError(
+                    f"mix entry {part!r}: {value.strip()!r} is not a number"
+                ) from None
+    else:
+        shares = {str(k): float(v) for k, v in mix.items()}
+    if not shares:
+        raise LatencyError("the mix is empty; expected e.g. relu=0.4,selu=0.3,elu=0.3")
+    unknown = [n for n in shares if n not in ACTIVATIONS]
+    if unknown:
+        raise LatencyError(
+            f"mix: unknown activation(s) {', '.join(map(repr, unknown))}; expected names from: "
+            f"{', '.join(ACTIVATIONS)}"
+        )
+    bad = [f"{n}={v}" for n, v in shares.items() if not math.isfinite(v) or v < 0]
+    if bad:
+        raise LatencyError(f"mix: shares must be finite and >= 0 (got {', '.join(bad)})")
+    total = sum(shares.values())
+    if abs(total - 1) > MIX_TOLERANCE:
+        raise LatencyError(f"mix: shares sum to {total:.4g}, expected 1 (within {MIX_TOLERANCE})")
+    return {n: v / total for n, v in shares.items() if v > 0}
+
+
+def parse_positive_ints(text: str | Iterable[int], what: str) -> list[int]:
+    """'1,32,256' (or integers) -> sorted unique list of integers >= 1."""
+    try:
+        values = (
+            [int(v) for v in text.split(",") if v.strip()]
+            if isinstance(text, str)
+            else [int(v) for v in text]
+        )
+    except ValueError:
+        raise LatencyError(f"{what} {text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise LatencyError(f"{what} must be one or more integers >= 1 (got {text!r})")
+    return sorted(set(values))
+
+
+def layer_counts(width: int, mix: Mapping[str, float]) -> dict[str, int]:
+    """Neurons per activation in a layer of ``width``: shares rounded so the counts sum to width.
+
+    Largest remainder: floor(share * width) each, then one more neuron for the largest
+    remainders (ties in mix order), so every layer holds the requested shares as closely as its
+    width allows.
+    """
+    exact = {n: s * width for n, s in mix.items()}
+    counts = {n: math.floor(v) for n, v in exact.items()}
+    by_remainder = sorted(exact, key=lambda n: counts[n] - exact[n])  # stable: mix order on ties
+    for name in by_remainder[: width - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def random_assignment(
+    hidden: Sequence[int], mix: Mapping[str, float], *, seed: int
+) -> list[list[str]]:
+    """Per hidden layer: exactly ``layer_counts`` neurons of each activation, positions shuffled."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for width in hidden:
+        names = [n for n, c in layer_counts(width, mix).items() for _ in range(c)]
+        layers.append([names[i] for i in rng.permutation(width)])
+    return layers
+
+
+def activation_shares(assignment: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Share of each activation over all hidden neurons (registry order, nonzero only)."""
+    flat = [name for layer in assignment for name in layer]
+    return {n: flat.count(n) / len(flat) for n in ACTIVATIONS if n in flat}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def _spec(
+    template: ModelSpec | None, arch: list[int], pool: list[str], assignment: list[list[str]]
+) -> ModelSpec:
+    mode = f"fixed:{pool[0]}" if len(pool) == 1 else "smartmixed"
+    if template is None:
+        return ModelSpec(
+            arch=arch, pool=pool, mode=mode, assignment=assignment,
+            preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[arch[0]],
+            labels=[str(i) for i in range(arch[-1])],
+        )  # fmt: skip
+    # fixed networks of a trained run share its preprocessing, input shape and labels
+    return ModelSpec(
+        arch=arch, pool=pool, mode=mode, assignment=assignment,
+        preprocessing=template.preprocessing, input_shape=template.input_shape,
+        labels=template.labels,
+    )  # fmt: skip
+
+
+def _mixed_network(
+    arch: str | Sequence[int] | None,
+    run: Path | str | None,
+    mix: str | Mapping[str, float] | None,
+    seed: int,
+) -> tuple[ModelSpec | None, ModelSpec, MixedMLP, dict[str, float] | None]:
+    """(run spec or None, mixed spec, torch model, requested mix or None); validates options."""
+    if run is not None:
+        if mix is not None:
+            raise LatencyError("give either a trained run or a mix, not both")
+        spec, model = load_model(run)  # ArtifactError for a missing or broken run folder
+        if arch is not None and parse_arch(arch) != spec.arch:
+            raise LatencyError(
+                f"architecture {parse_arch(arch)} does not match the run's {spec.arch}; "
+                "leave the architecture out to use the run's"
+            )
+        return spec, spec, model, None
+    arch = parse_arch(arch) if arch is not None else list(PAPER_ARCH)
+    requested = (
+        parse_mix(mix) if mix is not None else {n: 1 / len(DEFAULT_POOL) for n in DEFAULT_POOL}
+    )
+    pool = list(DEFAULT_POOL) + [n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL]
+    spec = _spec(None, arch, pool, random_assignment(arch[1:-1], requested, seed=seed))
+    return None, spec, MixedMLP.from_spec(spec).eval(), requested
+
+
+def _numpy_state(model: MixedMLP) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in model.canonical_state_dict().items()}
+
+
+def _time_torch(
+    model: MixedMLP, x: torch.Tensor, *, threads: int, repeats: int, warmup: int
+) -> list[float]:
+    """Eager forward latency in ms; torch's thread count is set for the call and restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return times
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+
+Cell = tuple[str, str, str, int, int]  # runtime, model, lowering, batch, threads
+
+
+def measure_latency(
+    *,
+    arch: str | Sequence[int] | None = None,
+    run: Path | str | None = None,
+    mix: str | Mapping[str, float] | None = None,
+    batches: str | Sequence[int] = DEFAULT_BATCHES,
+    threads: str | Sequence[int] = DEFAULT_THREADS,
+    rounds: int = DEFAULT_ROUNDS,
+    repeats: int = DEFAULT_REPEATS,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time every model x lowering x batch x threads; returns the latency.json record.
+
+    Options are validated before anything is timed: LatencyError (bad mix, batches, threads,
+    rounds, repeats, or an arch that contradicts the run), SpecError (bad arch) or
+    ArtifactError (missing or broken run folder).
+    """
+    batches = parse_positive_ints(batches, "batch sizes")
+    threads = parse_positive_ints(threads, "thread counts")
+    if rounds < 1 or repeats < 1 or rounds * repeats < 2:
+        raise LatencyError(f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
+                           f"percentiles (got {rounds} x {repeats})")  # fmt: skip
+    # Seeded random weights, without touching the caller's torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        run_spec, mixed_spec, mixed_model, requested = _mixed_network(arch, run, mix, seed)
+        arch = list(mixed_spec.arch)
+        shares = activation_shares(mixed_spec.assignment)
+        # The ideal mix needs a fixed network for every activation the mixed one uses.
+        fixed_acts = list(DEFAULT_POOL) + [n for n in shares if n not in DEFAULT_POOL]
+        fixed_specs = {
+            a: _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]]) for a in fixed_acts
+        }
+        fixed_models = {a: MixedMLP.from_spec(s).eval() for a, s in fixed_specs.items()}
+
+    graphs: dict[tuple[str, str], bytes] = {}  # (model, lowering) -> ONNX bytes
+    for a, model in fixed_models.items():
+        proto = lower(fixed_specs[a], _numpy_state(model), lowering=FIXED_LOWERING)
+        graphs[(a, FIXED)] = proto.SerializeToString()
+    mixed_state = _numpy_state(mixed_model)
+    for lowering in LOWERINGS:
+        proto = lower(mixed_spec, mixed_state, lowering=lowering)
+        graphs[(MIXED, lowering)] = proto.SerializeToString()
+
+    # What `smartmixed-export --lowering auto` would pick (its own timing, ORT's default threads).
+    timings = time_lowerings({lw: graphs[(MIXED, lw)] for lw in LOWERINGS}, arch[0], seed=seed)
+    chosen, auto_info = pick_lowering(timings)
+
+    rng = np.random.default_rng(seed)
+    inputs = {b: rng.integers(0, 256, (b, arch[0])).astype(np.float32) for b in batches}
+    torch_inputs = {b: torch.from_numpy(x) for b, x in inputs.items()}
+    torch_models = {FIXED_RELU: fixed_models["relu"], MIXED: mixed_model}
+    sessions = {
+        (model, lowering, t): make_session(data, threads=t)
+        for (model, lowering), data in graphs.items()
+        for t in threads
+    }
+
+    # Cells grouped by (batch, threads): a group's cells are timed within seconds of each other.
+    groups: list[list[Cell]] = [
+        [(ORT, model, lowering, b, t) for model, lowering in graphs]
+        + [(TORCH, model, EAGER, b, t) for model in (FIXED_RELU, MIXED)]
+        for b in batches
+        for t in threads
+    ]
+
+    def time_cell(cell: Cell, n: int, warmup: int) -> list[float]:
+        runtime, model, lowering, b, t = cell
+        if runtime == ORT:
+            return time_session(sessions[(model, lowering, t)], inputs[b], repeats=n, warmup=warmup)
+        return _time_torch(
+            torch_models[model], torch_inputs[b], threads=t, repeats=n, warmup=warmup
+        )
+
+    samples: dict[Cell, list[float]] = {cell: [] for group in groups for cell in group}
+    for cell in samples:
+        time_cell(cell, 0, WARMUP_FIRST)
+    with tqdm(
+        total=rounds * len(samples), desc="latency", unit="cell", disable=not progress
+    ) as bar:
+        for r in range(rounds):
+            for group in groups:
+                # rotate the order so that no model is always timed right after the same other one
+                k = r % len(group)
+                for cell in group[k:] + group[:k]:
+                    samples[cell] += time_cell(cell, repeats, WARMUP_PER_ROUND)
+                    bar.update()
+
+    stats = {cell: percentiles(times) for cell, times in samples.items()}
+    records = _records(stats, batches, threads, fixed_acts, shares, chosen)
+    measured = {
+        key: _find(records, MIXED, ORT, AUTO, b, t)["ratio_vs_ideal"]
+        for key, (b, t, _) in TARGET_CELLS.items()
+        if b in batches and t in threads
+    }
+    return {
+        "config": {
+            "arch": arch,
+            "mixed": "trained run" if run is not None else "random assignment",
+            "run": None if run is None else str(run),
+            "mix_requested": requested,
+            "pool": mixed_spec.pool,
+            "fixed_models": fixed_acts,
+            "batches": batches,
+            "threads": threads,
+            "rounds": rounds,
+            "repeats": repeats,
+            "warmup_first": WARMUP_FIRST,
+            "warmup_per_round": WARMUP_PER_ROUND,
+            "timed_runs_per_cell": rounds * repeats,
+            "seed": seed,
+            "device": "cpu",
+            "opset": DEFAULT_OPSET,
+            "fixed_lowering": FIXED_LOWERING,
+            "input": "seeded random raw pixels, integers in [0, 255] as float32",
+            "order": ORDER,
+        },
+        "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        "mix": shares,
+        "auto": {**auto_info, "threads": None, "batches": list(AUTO_BATCHES)},
+        "records": records,
+        "targets": {k: TARGETS[k] for k in TARGET_CELLS},
+        "target_ratios": measured,
+        "meets_targets": {k: v <= TARGETS[k] for k, v in measured.items()},
+    }
+
+
+def _find(
+    records: Sequence[dict[str, Any]],
+    model: str,
+    runtime: str,
+    lowering: str,
+    batch: int,
+    threads: int,
+) -> dict[str, Any]:
+    for r in records:
+        if (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"]) == (
+            model, runtime, lowering, batch, threads,
+        ):  # fmt: skip
+            return r
+    raise KeyError((model, runtime, lowering, batch, threads))
+
+
+def _records(
+    stats: Mapping[Cell, dict[str, float]],
+    batches: Sequence[int],
+    threads: Sequence[int],
+    fixed_acts: Sequence[str],
+    shares: Mapping[str, float],
+    chosen: str,
+) -> list[dict[str, Any]]:
+    records = []
+    for b in batches:
+        for t in threads:
+            ort_relu = stats[(ORT, FIXED_RELU, FIXED, b, t)]["p50_ms"]
+            torch_relu = stats[(TORCH, FIXED_RELU, EAGER, b, t)]["p50_ms"]
+            ideal = sum(s * stats[(ORT, a, FIXED, b, t)]["p50_ms"] for a, s in shares.items())
+            rows = [(a, ORT, FIXED, stats[(ORT, a, FIXED, b, t)]) for a in fixed_acts]
+            rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in LOWERINGS]
+            rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen, b, t)]))
+            rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
+            for model, runtime, lowering, s in rows:
+                relu = ort_relu if runtime == ORT else torch_relu
+                records.append({
+                    "model": model, "runtime": runtime, "lowering": lowering, "batch": b,
+                    "threads": t, "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"],
+                    "p99_ms": s["p99_ms"], "samples_per_s": b * 1e3 / s["p50_ms"],
+                    "ratio_vs_relu": s["p50_ms"] / relu,
+                    "ratio_vs_ideal": s["p50_ms"] / ideal
+                    if model == MIXED and runtime == ORT else None,
+                })  # fmt: skip
+    return records
+
+
+def ideal_p50(result: Mapping[str, Any], batch: int, threads: int) -> float:
+    """The ideal mix's latency: fixed networks' ORT p50 weighted by the mixed activation shares."""
+    return sum(
+        share * _find(result["records"], act, ORT, FIXED, batch, threads)["p50_ms"]
+        for act, share in result["mix"].items()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    c, m, auto = result["config"], result["machine"], result["auto"]
+    cols = [(b, t) for b in c["batches"] for t in c["threads"]]
+    recs = result["records"]
+
+    def cell(model: str, runtime: str, lowering: str, b: int, t: int) -> str:
+        r = _find(recs, model, runtime, lowering, b, t)
+        text = f"{r['p50_ms']:.3f} ({r['ratio_vs_relu']:.2f}x"
+        return text + (")" if r["ratio_vs_ideal"] is None else f", {r['ratio_vs_ideal']:.2f}x)")
+
+    def row(label: str, cells: Iterable[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    source = f"run {c['run']}" if c["run"] else f"random assignment (seed {c['seed']})"
+    mix = ", ".join(f"{a} {s:.1%}" for a, s in result["mix"].items())
+    scores = ", ".join(f"{lw} {v:.3f}" for lw, v in auto["score_ms"].items())
+    lines = [
+        "# Inference latency: mixed vs fixed activations (ONNX Runtime, CPU)",
+        "",
+        f"Architecture {c['arch']}; mixed network: {source}; hidden-neuron shares: {mix}.",
+        f"{c['rounds']} interleaved rounds x {c['repeats']} timed runs per cell (warm-up "
+        f"excluded); onnxruntime {m['onnxruntime']}, torch {m['torch']}; {m['processor']}, "
+        f"{m['cpu_count']} cores.",
+        f"`auto` picks **{auto['chosen']}** (geometric mean over batch "
+        f"{', '.join(map(str, auto['batches']))} of the median ms, ORT default threads: {scores}).",
+        "",
+        "Cells: p50 ms (x fixed-ReLU of the same runtime, x ideal mix). "
+        "Ideal mix = fixed networks' p50 weighted by the shares above.",
+        "",
+        row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for lw in (*LOWERINGS, AUTO):
+        label = f"mixed {lw}" + (f" (= {auto['chosen']})" if lw == AUTO else "")
+        lines.append(row(label, (cell(MIXED, ORT, lw, b, t) for b, t in cols)))
+    lines.append(row("ideal mix", (
+        f"{ideal_p50(result, b, t):.3f} "
+        f"({ideal_p50(result, b, t) / _find(recs, FIXED_RELU, ORT, FIXED, b, t)['p50_ms']:.2f}x)"
+        for b, t in cols
+    )))  # fmt: skip
+    for act in c["fixed_models"]:
+        lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
+    for model in (MIXED, FIXED_RELU):
+        label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
+        lines.append(row(label, (cell(model, TORCH, EAGER, b, t) for b, t in cols)))
+
+    def fastest(b: int, t: int) -> str:
+        return min(LOWERINGS, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
+
+    lines.append(row("fastest lowering", (fastest(b, t) for b, t in cols)))
+    lines += ["", "Targets (auto vs ideal mix, p50; reported, not enforced):"]
+    for key, limit in result["targets"].items():
+        if key in result["target_ratios"]:
+            ratio = result["target_ratios"][key]
+            verdict = "met" if result["meets_targets"][key] else "NOT met"
+            lines.append(f"- {key}: {ratio:.2f}x (<= {limit}x) {verdict}")
+        else:
+            lines.append(f"- {key}: <= {limit}x, not measured (batch or threads not timed)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    c, recs = result["config"], result["records"]
+    batches, threads = c["batches"], c["threads"]
+    fig, axes = plt.subplots(
+        1, len(threads), figsize=(5 * len(threads), 4), squeeze=False, sharey=True
+    )
+    for ax, t in zip(axes[0], threads, strict=True):
+        lines: list[tuple[str, list[float], dict[str, Any]]] = [
+            (
+                lw + (" (auto)" if lw == result["auto"]["chosen"] else ""),
+                [_find(recs, MIXED, ORT, lw, b, t)["p50_ms"] for b in batches],
+                {"color": f"C{i}"},
+            )
+            for i, lw in enumerate(LOWERINGS)
+        ]
+        lines.append((
+            "fixed relu", [_find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"] for b in batches],
+            {"color": "grey", "linestyle": "--"},
+        ))  # fmt: skip
+        lines.append((
+            "ideal mix", [ideal_p50(result, b, t) for b in batches],
+            {"color": "black", "linestyle": ":"},
+        ))  # fmt: skip
+        for label, values, style in lines:
+            ax.plot(batches, values, marker="o", label=label, **style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # plain numbers: ticks at the measured batch sizes, 1-2-5 steps for the latency
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("batch size")
+        ax.set_title(f"{t} intra-op thread{'s' if t > 1 else ''}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("p50 latency (ms), ONNX Runtime CPU")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"mixed vs fixed inference latency, {c['arch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """DIR/latency.json, .md, .png, atomically (train-cost's writer with this bench's report)."""
+    return train_cost.write_outputs(result, out, "latency", render=render_markdown, draw=plot)

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from smartmixed.bench.cli import main
+from smartmixed.bench.latency import (
+    RECORD_KEYS,
+    LatencyError,
+    layer_counts,
+    measure_latency,
+    parse_mix,
+    random_assignment,
+)
+from smartmixed.export.lower import LOWERINGS
+from smartmixed.train.artifacts import save_model
+from smartmixed.train.model import MixedMLP, ModelSpec
+from smartmixed.train.pool import DEFAULT_POOL
+
+ARCH = "64,48,32,10"
+# exact on both hidden layers (48 -> 24/12/12, 32 -> 16/8/8), so the shares are known by hand
+MIX = {"relu": 0.5, "tanh": 0.25, "selu": 0.25}
+BATCHES, THREADS = (1, 8), (1,)
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("latency")
+    mix = ",".join(f"{k}={v}" for k, v in MIX.items())
+    args = ["latency", "--out", str(out), "--arch", ARCH, "--mix", mix, "--batches", "1,8",
+            "--threads", "1", "--rounds", "2", "--repeats", "4", "--quiet"]  # fmt: skip
+    # capsys is per test; the bench runs once per module and its stdout is captured here
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args) == 0
+    return out, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def result(bench_out: tuple[Path, str]) -> dict[str, Any]:
+    return json.loads((bench_out[0] / "latency.json").read_text())
+
+
+def find(result: dict[str, Any], model: str, runtime: str, lowering: str, batch: int) -> dict:
+    (record,) = [
+        r for r in result["records"]
+        if (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"])
+        == (model, runtime, lowering, batch, 1)
+    ]  # fmt: skip
+    return record
+
+
+def test_json_has_the_documented_keys(result: dict[str, Any]) -> None:
+    assert {"config", "machine", "mix", "auto", "records", "targets", "meets_targets"} <= set(
+        result
+    )
+    assert result["config"]["arch"] == [64, 48, 32, 10]
+    assert result["config"]["batches"] == list(BATCHES)
+    assert result["config"]["timed_runs_per_cell"] == 8
+    assert "onnxruntime" in result["machine"]
+    assert result["auto"]["chosen"] in LOWERINGS
+    assert set(result["auto"]["median_ms"]) == set(LOWERINGS)
+    for record in result["records"]:
+        assert tuple(record) == RECORD_KEYS
+
+
+def test_one_record_per_model_lowering_batch_threads(result: dict[str, Any]) -> None:
+    keys = [
+        (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"])
+        for r in result["records"]
+    ]
+    assert len(keys) == len(set(keys))
+    expected = (
+        {(a, "onnxruntime", "fixed") for a in DEFAULT_POOL}
+        | {("mixed", "onnxruntime", lw) for lw in (*LOWERINGS, "auto")}
+        | {("relu", "torch", "eager"), ("mixed", "torch", "eager")}
+    )
+    assert {(m, rt, lw, b, t) for m, rt, lw in expected for b in BATCHES for t in THREADS} == set(
+        keys
+    )
+
+
+def test_ratios(result: dict[str, Any]) -> None:
+    for r in result["records"]:
+        assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["samples_per_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
+        assert r["ratio_vs_relu"] > 0
+        mixed_ort = r["model"] == "mixed" and r["runtime"] == "onnxruntime"
+        assert (r["ratio_vs_ideal"] is not None) == mixed_ort
+        if mixed_ort:
+            assert r["ratio_vs_ideal"] > 0
+    for b in BATCHES:
+        assert find(result, "relu", "onnxruntime", "fixed", b)["ratio_vs_relu"] == 1.0
+        assert find(result, "relu", "torch", "eager", b)["ratio_vs_relu"] == 1.0
+        torch_mixed = find(result, "mixed", "torch", "eager", b)
+        torch_relu = find(result, "relu", "torch", "eager", b)
+        assert torch_mixed["ratio_vs_relu"] == pytest.approx(
+            torch_mixed["p50_ms"] / torch_relu["p50_ms"]
+        )
+
+
+def test_ideal_mix_is_the_share_weighted_fixed_latency(result: dict[str, Any]) -> None:
+    assert result["mix"] == pytest.approx(MIX)
+    for b in BATCHES:
+        ideal = sum(
+            share * find(result, act, "onnxruntime", "fixed", b)["p50_ms"]
+            for act, share in MIX.items()
+        )
+        for lw in (*LOWERINGS, "auto"):
+            r = find(result, "mixed", "onnxruntime", lw, b)
+            assert r["ratio_vs_ideal"] == pytest.approx(r["p50_ms"] / ideal)
+
+
+def test_auto_records_copy_the_chosen_lowering(result: dict[str, Any]) -> None:
+    chosen = result["auto"]["chosen"]
+    for b in BATCHES:
+        auto = find(result, "mixed", "onnxruntime", "auto", b)
+        assert {**auto, "lowering": chosen} == find(result, "mixed", "onnxruntime", chosen, b)
+
+
+def test_targets_are_reported_for_measured_cells_only(result: dict[str, Any]) -> None:
+    # batch 32 and 256 were not timed: only the batch-1 target is evaluated
+    assert set(result["meets_targets"]) == {"auto_vs_ideal_batch1_threads1"}
+    assert isinstance(result["meets_targets"]["auto_vs_ideal_batch1_threads1"], bool)
+    assert set(result["targets"]) == {
+        "auto_vs_ideal_batch1_threads1",
+        "auto_vs_ideal_batch32_threads1",
+        "auto_vs_ideal_batch256_threads1",
+    }
+
+
+def test_md_png_written_and_table_printed(bench_out: tuple[Path, str]) -> None:
+    out, stdout = bench_out
+    md = (out / "latency.md").read_text()
+    for row in ("| mixed scatter |", "| mixed permuted |", "| mixed grouped |", "| ideal mix |",
+                "| fixed relu |", "| fixed selu |", "| torch eager mixed |"):  # fmt: skip
+        assert row in md
+    assert "| model / lowering | b=1 t=1 | b=8 t=1 |" in md
+    assert md in stdout
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_assignment_holds_the_rounded_shares() -> None:
+    mix = parse_mix("relu=0.4,selu=0.3,elu=0.3")
+    layers = random_assignment([10, 7, 48], mix, seed=3)
+    assert [Counter(layer) for layer in layers] == [
+        {"relu": 4, "selu": 3, "elu": 3},
+        {"relu": 3, "selu": 2, "elu": 2},  # 2.8, 2.1, 2.1: the largest remainder gets the rest
+        {"relu": 19, "selu": 15, "elu": 14},  # 19.2, 14.4, 14.4: tie goes to the first listed
+    ]
+    assert layers == random_assignment([10, 7, 48], mix, seed=3)
+    assert layers != random_assignment([10, 7, 48], mix, seed=4)
+    uniform = {a: 1 / 6 for a in DEFAULT_POOL}
+    assert sum(layer_counts(7, uniform).values()) == 7
+    assert set(layer_counts(48, uniform).values()) == {8}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("foo=1", "unknown activation"),
+        ("relu=0.5,tanh=0.2", "sum to 0.7"),
+        ("relu=1.5,tanh=-0.5", ">= 0"),
+        ("relu", "NAME=SHARE"),
+        ("relu=x", "not a number"),
+        ("relu=0.5,relu=0.5", "more than once"),
+    ],
+)
+def test_bad_mix_is_rejected(text: str, message: str) -> None:
+    with pytest.raises(LatencyError, match=message):
+        parse_mix(text)
+
+
+def test_mix_shares_are_normalised() -> None:
+    assert parse_mix("relu=0.333,tanh=0.333,elu=0.333") == pytest.approx(
+        {"relu": 1 / 3, "tanh": 1 / 3, "elu": 1 / 3}
+    )
+    assert parse_mix({"relu": 1.0, "tanh": 0.0}) == {"relu": 1.0}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mix", "relu=0.5,bogus=0.5"],
+        ["--mix", "relu=0.5,tanh=0.3"],
+        ["--arch", "1,2"],
+        ["--arch", "64,x,10"],
+        ["--run", "runs/definitely-not-here"],
+        ["--batches", "1,0"],
+        ["--threads", "two"],
+    ],
+)
+def test_bad_options_exit_2_without_traceback(tmp_path: Path, capsys, args: list[str]) -> None:
+    assert main(["latency", "--out", str(tmp_path / "out"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smartmixed-bench: error: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # failed before anything was measured or written
+
+
+def test_run_and_mix_are_exclusive(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["latency", "--out", str(tmp_path), "--run", "runs/x", "--mix", "relu=1"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> None:
+    arch, hidden = [16, 12, 6, 3], [12, 6]
+    assignment = [["relu"] * 9 + ["gelu"] * 3, ["tanh"] * 6]  # gelu: not a default activation
+    spec = ModelSpec(
+        arch=arch, pool=["relu", "tanh", "gelu"], mode="smartmixed", assignment=assignment,
+        preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[16],
+        labels=["a", "b", "c"],
+    )  # fmt: skip
+    assert [len(layer) for layer in assignment] == hidden
+    save_model(tmp_path / "run", spec, MixedMLP.from_spec(spec).canonical_state_dict())
+    state = torch.random.get_rng_state()
+    result = measure_latency(
+        run=tmp_path / "run", batches=(2,), threads=(1,), rounds=1, repeats=2, progress=False
+    )
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
+    assert result["config"]["arch"] == arch
+    assert result["mix"] == pytest.approx({"relu": 0.5, "tanh": 1 / 3, "gelu": 1 / 6})
+    # a fixed gelu network joins the six, since the ideal mix needs it
+    assert result["config"]["fixed_models"] == [*DEFAULT_POOL, "gelu"]
+    assert len(result["records"]) == 7 + 4 + 2
+    assert result["meets_targets"] == {}
