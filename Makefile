@@ -11,7 +11,9 @@ EPOCHS ?= 80
 PRESET ?= paper
 MODELS ?= models
 
-.PHONY: venv run train export test lint bench clean
+PORT ?= 8000
+
+.PHONY: venv run pipeline train export latency serve test lint bench clean
 
 venv: $(STAMP)
 
@@ -23,8 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Main job: SmartMixed and a fixed-ReLU baseline on the embedded MNIST subset, a comparison,
-# then both exported to a verified ONNX model repository.
-run: train export
+# both exported to a verified ONNX model repository, a short latency table, then serving them
+# (foreground, Ctrl-C to stop). `make pipeline` does everything but serve.
+run: pipeline serve
+
+pipeline: train export latency
 
 train: $(STAMP)
 	$(BIN)/smartmixed-train --data mnist --preset $(PRESET) --mode smartmixed \
@@ -36,6 +41,17 @@ train: $(STAMP)
 export: $(STAMP)
 	$(BIN)/smartmixed-export $(RUNS)/mnist-smartmixed --repository $(MODELS) --overwrite
 	$(BIN)/smartmixed-export $(RUNS)/mnist-relu --repository $(MODELS) --overwrite
+
+latency: $(STAMP)
+	$(BIN)/smartmixed-bench latency --run $(RUNS)/mnist-smartmixed --out bench-out \
+		--rounds 8 --repeats 20 --threads 1 --quiet
+
+serve: $(STAMP)
+	@echo "serving $(MODELS)/ on http://127.0.0.1:$(PORT) (Ctrl-C to stop). Try, from another shell:"
+	@echo "  curl -s -X POST localhost:$(PORT)/v1/models/mnist-smartmixed:predict -H 'Content-Type: application/json' -d @examples/predict-digit.json"
+	@echo "  curl -s -X POST localhost:$(PORT)/v2/models/mnist-smartmixed/infer -H 'Content-Type: application/json' -d @examples/infer-digit.json"
+	@echo "  curl -s localhost:$(PORT)/v2/models/mnist-smartmixed"
+	$(BIN)/smartmixed-serve --repository $(MODELS) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
