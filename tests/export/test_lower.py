@@ -130,3 +130,17 @@ def test_a_wrong_graph_fails_verification_with_the_differences() -> None:
         verify_against_torch(lower(spec, bad, lowering="permuted"), model, inputs, n_classes=3)
     assert info.value.report["passed"] is False
     assert {r["input_set"] for r in info.value.report["results"]} == {"test", "random", "edge"}
+
+
+@pytest.mark.parametrize("opset", [13, 17, 20, 21])
+def test_every_activation_at_every_supported_opset(opset: int) -> None:
+    spec = ModelSpec(
+        arch=[8, len(ALL) * 2, 3], pool=ALL, mode="smartmixed", assignment=[ALL + ALL],
+        preprocessing={"offset": 0.0, "scale": 1.0}, input_shape=[8], labels=["a", "b", "c"],
+    )  # fmt: skip
+    model, state = build(spec, opset)
+    for lowering in LOWERINGS:
+        onnx_model = lower(spec, state, lowering=lowering, opset=opset)
+        assert onnx_model.opset_import[0].version == opset
+        inputs = input_sets(8, test_x=None, low=-30.0, high=30.0, seed=opset)
+        assert verify_against_torch(onnx_model, model, inputs, n_classes=3)["passed"]
