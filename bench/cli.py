@@ -55,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="timed runs per model per round (default 30)")  # fmt: skip
     lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
     lat.add_argument("--quiet", action="store_true")
+
+    web = sub.add_parser(
+        "http",
+        help="HTTP serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load",
+        description="Start smartmixed-serve on 127.0.0.1 (or target --url), drive it with wrk "
+        "(one thread; a Python generator when wrk is missing) at several concurrency levels for "
+        "fixed and mixed models, batching on and off; writes DIR/http.{json,md,png}.",
+    )
+    web.add_argument("--out", type=Path, required=True, help="output folder")
+    web.add_argument("--arch", default=None,
+                     help="layer widths of the built models (default: the paper's)")  # fmt: skip
+    web.add_argument("--repository", type=Path, default=None,
+                     help="bench these exported models instead of building two")  # fmt: skip
+    web.add_argument("--models", default=None,
+                     help="model names (default: mixed,fixed-relu, or all in --repository)")  # fmt: skip
+    web.add_argument("--url", default=None,
+                     help="http://127.0.0.1:PORT of a running server (none is started)")  # fmt: skip
+    web.add_argument("--concurrency", default="1,8,64", help="connections (default 1,8,64)")
+    web.add_argument("--duration", type=int, default=5, help="seconds per point (default 5)")
+    web.add_argument("--warmup", type=int, default=1,
+                     help="unrecorded seconds per server and model first (default 1)")  # fmt: skip
+    web.add_argument("--batching", default=None, help="on,off (default both; not with --url)")
+    web.add_argument("--load-generator", default="auto", choices=["auto", "wrk", "python"],
+                     help="auto: wrk when installed, else Python (asyncio + httpx)")  # fmt: skip
+    web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
+    web.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -84,8 +110,31 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http(args: argparse.Namespace) -> int:
+    from smartmixed.bench.http import HttpBenchError, measure_http, render_markdown, write_outputs
+
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise HttpBenchError(f"--out {args.out} exists and is not a folder")
+        result = measure_http(
+            arch=args.arch, repository=args.repository, models=args.models, url=args.url,
+            concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
+            batching=args.batching, load_generator=args.load_generator, seed=args.seed,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except HttpBenchError as e:  # bad options, or a server / wrk that failed: no traceback
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, args.out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "http":
+        return _http(args)
     if args.command == "latency":
         return _latency(args)
     if args.command == "train-cost":

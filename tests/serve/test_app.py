@@ -243,3 +243,11 @@ def test_openapi_docs(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in schema["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_not_ready_until_the_lifespan_has_loaded_the_models(repository: Path) -> None:
+    c = _client(repository)  # no `with`: the lifespan has not run, nothing is loaded
+    assert c.get("/v2/health/live").status_code == 200
+    assert c.get("/v2/health/ready").status_code == 503
+    response = c.post("/v2/models/mixed/infer", json={"inputs": []})
+    assert (response.status_code, response.json()) == (503, {"error": "server is not ready"})
