@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from smartmixed.train.artifacts import ArtifactError, compare_runs
 from smartmixed.train.data import DataError, load_dataset
@@ -91,12 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = load_dataset(
             args.data, data_dir=args.data_dir, seed=args.seed, label_column=args.label_column
         )
-        print(f"data: {dataset.summary()}")
-        print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
+        main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
+        if main_rank:
+            print(f"data: {dataset.summary()}")
+            print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
         spec = train_run(
             config=config, dataset=dataset, out=args.out, resume=args.resume,
             overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         )  # fmt: skip
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if not main_rank:
+            return 0
     except (DataError, SpecError, PoolError, TrainError, ArtifactError) as e:
         print(f"smartmixed-train: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ so ``resume=True`` continues a killed run from its last completed epoch with ide
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from smartmixed.train import artifacts
@@ -95,6 +98,49 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str) -> tuple[Ranks, torch.device]:
+    """Join the torchrun job described by RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), resolve_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(rank, world), dev
+
+
+def check_ranks_agree(model: nn.Module, ranks: Ranks) -> None:
+    """Every rank must hold bit-identical weights and logits after an epoch."""
+    if not ranks.distributed:
+        return
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise TrainError(f"rank {ranks.rank}: the ranks' parameters diverged")
+
+
 # --------------------------------------------------------------------------------------------
 # One epoch
 
@@ -108,22 +154,36 @@ def train_epoch(
     batch_size: int,
     grad_clip: float,
     generator: torch.Generator,
+    ranks: Ranks = Ranks(),
 ) -> tuple[float, float]:
-    """One pass over shuffled mini-batches; returns (mean loss, accuracy) of the training forwards."""
+    """One pass over shuffled mini-batches; returns (mean loss, accuracy) of the training forwards.
+
+    Under torchrun every rank draws the same permutation (same seed) and takes its strided shard
+    of each global batch of ``batch_size`` rows; DDP averages the gradients, so every rank makes
+    the same update that one process would make on the whole batch (up to shards differing by
+    one row). The Gumbel draw is identical on every rank for the same reason.
+    """
     model.train()
     order = torch.randperm(len(y), generator=generator).to(y.device)
-    total_loss, correct = 0.0, 0
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
+        if len(idx) < ranks.world:  # a tail too short to give every rank a row
+            continue
+        idx = idx[ranks.rank :: ranks.world]
         logits = model(x[idx])  # (B, C)
         loss = F.cross_entropy(logits, y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += int((logits.argmax(1) == y[idx]).sum())
-    return total_loss / len(y), correct / len(y)
+        totals += torch.tensor(
+            [loss.item() * len(idx), int((logits.argmax(1) == y[idx]).sum()), len(idx)],
+            dtype=torch.float64,
+        )
+    if ranks.distributed:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
 @torch.no_grad()
@@ -169,7 +229,7 @@ def _build(
     return MixedMLP(config.arch, config.pool, assignment, preprocessing=pre)
 
 
-def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> None:
     has_model = (out / artifacts.MODEL_SPEC).exists()
     has_checkpoint = (out / artifacts.CHECKPOINT).exists()
     if resume:
@@ -180,7 +240,7 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     if (has_model or has_checkpoint) and not overwrite:
         what = "a finished run" if has_model else "an unfinished run (resume it with --resume)"
         raise TrainError(f"{out} already holds {what}; pass --overwrite to replace it")
-    if overwrite:
+    if overwrite and clear:
         for name in (
             artifacts.MODEL_SPEC, artifacts.MODEL_WEIGHTS, artifacts.HISTORY,
             artifacts.CHECKPOINT, artifacts.REPORT, *artifacts.PLOTS.values(),
@@ -204,22 +264,25 @@ def train_run(
     ``after_epoch`` is called with each epoch's history record once its checkpoint is on disk.
     """
     out = Path(out)
-    dev = resolve_device(device)
+    ranks, dev = init_distributed(device)
     if config.arch[0] != dataset.n_features or config.arch[-1] != len(dataset.labels):
         raise TrainError(
             f"architecture {config.arch} does not fit the data: expected "
             f"{dataset.n_features} inputs and {len(dataset.labels)} classes "
             f"(e.g. --arch {dataset.n_features},256,128,{len(dataset.labels)})"
         )
-    _check_out_dir(out, resume=resume, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out, resume=resume, overwrite=overwrite, clear=ranks.main)
+    if ranks.main:  # only rank 0 writes; the others read its checkpoint when resuming
+        out.mkdir(parents=True, exist_ok=True)
+    if ranks.distributed:
+        dist.barrier()
 
     x_train, y_train = (torch.from_numpy(a).to(dev) for a in (dataset.x_train, dataset.y_train))
     x_val, y_val = (torch.from_numpy(a).to(dev) for a in (dataset.x_val, dataset.y_val))
     x_test, y_test = (torch.from_numpy(a).to(dev) for a in (dataset.x_test, dataset.y_test))
     record_config = {
         **asdict(config), "data": dataset.name, "data_summary": dataset.summary(),
-        "data_request": dataset.request,
+        "data_request": dataset.request, "world_size": ranks.world,
     }  # fmt: skip
 
     torch.manual_seed(config.seed)
@@ -250,7 +313,8 @@ def train_run(
         data_gen.set_state(tensors["rng.data"])
         if dev.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
-        print(f"resuming {out} at phase {phases[run.phase_index][0]}, epoch {run.phase_epoch}")
+        if ranks.main:
+            print(f"resuming {out} at phase {phases[run.phase_index][0]}, epoch {run.phase_epoch}")
 
     while True:
         phase, n_epochs = phases[run.phase_index]
@@ -281,15 +345,21 @@ def train_run(
 
         bar = tqdm(
             total=n_epochs, initial=run.phase_epoch, desc=f"{phase:>9}", unit="epoch",
-            disable=not progress, leave=True, dynamic_ncols=True,
+            disable=not progress or not ranks.main, leave=True, dynamic_ncols=True,
         )  # fmt: skip
+        net = model
+        if ranks.distributed:
+            net = DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
         with bar:
             while run.phase_epoch < n_epochs:
                 started = time.perf_counter()
                 train_loss, train_acc = train_epoch(
-                    model, optimizer, x_train, y_train, batch_size=config.batch_size,
-                    grad_clip=config.grad_clip, generator=data_gen,
+                    net, optimizer, x_train, y_train, batch_size=config.batch_size,
+                    grad_clip=config.grad_clip, generator=data_gen, ranks=ranks,
                 )  # fmt: skip
+                check_ranks_agree(model, ranks)
                 val_loss, val_acc = evaluate(model, x_val, y_val)
                 seconds = time.perf_counter() - started
                 run.train_seconds += seconds
@@ -308,12 +378,15 @@ def train_run(
                     "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
                     "activation_counts": counts,
                 }  # fmt: skip
+                if ranks.distributed:
+                    record["ranks"], record["ranks_agree"] = ranks.world, True
                 run.history.append(record)
                 run.phase_epoch += 1
-                _save_checkpoint(
-                    out, model, optimizer, best_state, data_gen, dev, run, record_config
-                )
-                artifacts.write_history(out, run.history)
+                if ranks.main:
+                    _save_checkpoint(
+                        out, model, optimizer, best_state, data_gen, dev, run, record_config
+                    )
+                    artifacts.write_history(out, run.history)
                 bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
                                 val_acc=f"{val_acc:.4f}")  # fmt: skip
                 bar.update(1)
@@ -339,12 +412,15 @@ def train_run(
         labels=dataset.labels, training=record_config, metrics=metrics,
         versions=package_versions(),
     )  # fmt: skip
-    artifacts.save_model(out, spec, model.canonical_state_dict())
-    artifacts.plot_curves(run.history, out / artifacts.PLOTS["curves"])
-    artifacts.plot_activation_distribution(spec, out / artifacts.PLOTS["activations"])
-    artifacts.plot_selection(run.history, config.pool, out / artifacts.PLOTS["selection"])
-    artifacts.write_report(out, spec, run.history)
-    artifacts.remove_checkpoint(out)
+    if ranks.main:
+        artifacts.save_model(out, spec, model.canonical_state_dict())
+        artifacts.plot_curves(run.history, out / artifacts.PLOTS["curves"])
+        artifacts.plot_activation_distribution(spec, out / artifacts.PLOTS["activations"])
+        artifacts.plot_selection(run.history, config.pool, out / artifacts.PLOTS["selection"])
+        artifacts.write_report(out, spec, run.history)
+        artifacts.remove_checkpoint(out)
+    if ranks.distributed:
+        dist.barrier()
     return spec
 
 
