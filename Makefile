@@ -13,7 +13,7 @@ MODELS ?= models
 
 PORT ?= 8000
 
-.PHONY: venv run pipeline train export latency serve test lint bench clean
+.PHONY: venv run pipeline train export latency serve test system-deps lint bench clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
 	touch $(STAMP)
 
 # Main job: SmartMixed and a fixed-ReLU baseline on the embedded MNIST subset, a comparison,
@@ -56,6 +56,18 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Debian tools some tests and benches use: docker-compose (validates docker-compose.yml), nginx
+# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator). Tests that need
+# one skip, saying which, when it is missing; .ci/run installs them first.
+SYSTEM_TOOLS := docker-compose nginx wrk
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+		PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
