@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smartmixed.bench import BenchError
 from smartmixed.train.model import SpecError, parse_arch
 
 
@@ -101,7 +102,7 @@ def _latency(args: argparse.Namespace) -> int:
             threads=args.threads, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
             progress=not args.quiet,
         )  # fmt: skip
-    except (LatencyError, SpecError, ArtifactError) as e:  # bad options: no traceback
+    except (BenchError, SpecError, ArtifactError) as e:  # bad options: no traceback
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(result, args.out)
@@ -122,7 +123,7 @@ def _http(args: argparse.Namespace) -> int:
             batching=args.batching, load_generator=args.load_generator, seed=args.seed,
             progress=not args.quiet,
         )  # fmt: skip
-    except HttpBenchError as e:  # bad options, or a server / wrk that failed: no traceback
+    except BenchError as e:  # bad options, or a server / wrk that failed: no traceback
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(result, args.out)

@@ -58,6 +58,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from smartmixed.bench import BenchError, parse_positive_ints
 from smartmixed.bench.train_cost import machine_info
 from smartmixed.train.model import PRESETS, SpecError, parse_arch
 
@@ -94,29 +95,12 @@ TARGETS: dict[str, dict[str, Any]] = {
 LOOPBACK_NAMES = ("localhost",)
 
 
-class HttpBenchError(ValueError):
+class HttpBenchError(BenchError):
     """Options the HTTP bench cannot run with, or a server / load generator that failed."""
 
 
 # --------------------------------------------------------------------------------------------
 # Options
-
-
-def parse_concurrency(text: str | Sequence[int]) -> list[int]:
-    """'1,8,64' (or integers) -> sorted unique list of integers >= 1."""
-    try:
-        values = (
-            [int(v) for v in text.split(",") if v.strip()]
-            if isinstance(text, str)
-            else [int(v) for v in text]
-        )
-    except ValueError:
-        raise HttpBenchError(
-            f"concurrency {text!r} is not a comma-separated list of integers"
-        ) from None
-    if not values or any(v < 1 for v in values):
-        raise HttpBenchError(f"concurrency must be one or more integers >= 1 (got {text!r})")
-    return sorted(set(values))
 
 
 def parse_batching(text: str | Sequence[str]) -> list[str]:
@@ -689,7 +673,7 @@ def measure_http(
     server or load generator that fails (not for failed requests: those are counted as errors).
     """
     started = time.perf_counter()
-    levels = parse_concurrency(concurrency)
+    levels = parse_positive_ints(concurrency, "concurrency")
     if type(duration) is not int or duration < 1:
         raise HttpBenchError(f"duration must be a whole number of seconds >= 1 (got {duration!r})")
     if type(warmup) is not int or warmup < 0:

@@ -41,7 +41,7 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from smartmixed.bench import train_cost
+from smartmixed.bench import BenchError, parse_positive_ints, train_cost
 from smartmixed.bench.train_cost import machine_info
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
 from smartmixed.export.runtime import make_session, percentiles, time_session
@@ -81,7 +81,7 @@ FIXED, EAGER, AUTO, MIXED = "fixed", "eager", "auto", "mixed"
 FIXED_RELU = "relu"
 
 
-class LatencyError(ValueError):
+class LatencyError(BenchError):
     """Options the latency bench cannot run with (bad mix, batches, thread counts, arch)."""
 
 
@@ -125,21 +125,6 @@ def parse_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
     if abs(total - 1) > MIX_TOLERANCE:
         raise LatencyError(f"mix: shares sum to {total:.4g}, expected 1 (within {MIX_TOLERANCE})")
     return {n: v / total for n, v in shares.items() if v > 0}
-
-
-def parse_positive_ints(text: str | Iterable[int], what: str) -> list[int]:
-    """'1,32,256' (or integers) -> sorted unique list of integers >= 1."""
-    try:
-        values = (
-            [int(v) for v in text.split(",") if v.strip()]
-            if isinstance(text, str)
-            else [int(v) for v in text]
-        )
-    except ValueError:
-        raise LatencyError(f"{what} {text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 1 for v in values):
-        raise LatencyError(f"{what} must be one or more integers >= 1 (got {text!r})")
-    return sorted(set(values))
 
 
 def layer_counts(width: int, mix: Mapping[str, float]) -> dict[str, int]:
