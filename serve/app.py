@@ -36,7 +36,6 @@ from smartmixed.serve.runtime import (
     AdaptiveBatcher,
     BadRequest,
     ModelVersion,
-    NotFound,
     NotReady,
     Repository,
     ServeError,
@@ -596,6 +595,3 @@ def _version() -> str:
         return metadata.version("smartmixed")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-__all__ = ["NotFound", "create_app"]

@@ -26,7 +26,6 @@ log = logging.getLogger("smartmixed.serve")
 
 MODEL_FILE = "model.onnx"
 INPUT = "input"
-ONNX_TO_V2 = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64"}
 
 
 class ServeError(Exception):
