@@ -130,15 +130,18 @@ def init_distributed(device: str) -> tuple[Ranks, torch.device]:
 
 
 def check_ranks_agree(model: nn.Module, ranks: Ranks) -> None:
-    """Every rank must hold bit-identical weights and logits after an epoch."""
+    """Every rank must hold bit-identical weights and logits (checked after every step).
+
+    One all-reduce (MAX) of [f, -f] for a per-tensor fingerprint f gives both max and min.
+    """
     if not ranks.distributed:
         return
     fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-    low, high = fingerprint.clone(), fingerprint.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    extremes = torch.cat([fingerprint, -fingerprint])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    high, low = extremes[: len(fingerprint)], -extremes[len(fingerprint) :]
     if not torch.equal(low, high):
-        raise TrainError(f"rank {ranks.rank}: the ranks' parameters diverged")
+        raise TrainError(f"rank {ranks.rank}: the ranks' weights or logits diverged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +164,8 @@ def train_epoch(
     Under torchrun every rank draws the same permutation (same seed) and takes its strided shard
     of each global batch of ``batch_size`` rows; DDP averages the gradients, so every rank makes
     the same update that one process would make on the whole batch (up to shards differing by
-    one row). The Gumbel draw is identical on every rank for the same reason.
+    one row). The Gumbel draw is identical on every rank for the same reason; after every step
+    the ranks check that their weights and logits are still identical.
     """
     model.train()
     order = torch.randperm(len(y), generator=generator).to(y.device)
@@ -177,6 +181,7 @@ def train_epoch(
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        check_ranks_agree(model, ranks)
         totals += torch.tensor(
             [loss.item() * len(idx), int((logits.argmax(1) == y[idx]).sum()), len(idx)],
             dtype=torch.float64,
@@ -359,7 +364,6 @@ def train_run(
                     net, optimizer, x_train, y_train, batch_size=config.batch_size,
                     grad_clip=config.grad_clip, generator=data_gen, ranks=ranks,
                 )  # fmt: skip
-                check_ranks_agree(model, ranks)
                 val_loss, val_acc = evaluate(model, x_val, y_val)
                 seconds = time.perf_counter() - started
                 run.train_seconds += seconds

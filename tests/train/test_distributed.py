@@ -28,3 +28,36 @@ def test_torchrun_two_ranks_on_digits(tmp_path: Path) -> None:
     assert not (out / "checkpoint.safetensors").exists()
     _, model = artifacts.load_model(out)  # a normal run folder: loads like any other
     assert sum(p.numel() for p in model.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def _agree_worker(rank: int, init_file: str, results, perturb: bool) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from smartmixed.train.loop import Ranks, TrainError, check_ranks_agree
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    if perturb and rank == 1:
+        with torch.no_grad():
+            model.bias[0] += 1e-6
+    try:
+        check_ranks_agree(model, Ranks(rank, 2))
+        results[rank] = "agree"
+    except TrainError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_rank_check_catches_a_one_ulp_divergence(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    for perturb, expected in ((False, "agree"), (True, "diverged")):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            init_file = str(tmp_path / f"init-{perturb}")
+            mp.spawn(_agree_worker, args=(init_file, results, perturb), nprocs=2, join=True)
+            assert all(expected in results[r] for r in (0, 1)), dict(results)
