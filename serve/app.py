@@ -262,13 +262,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
-        executor = ThreadPoolExecutor(
-            settings.inference_threads, thread_name_prefix="smartmixed-infer"
-        )
         repo = load_repository(
             settings.repository, device=settings.device, threads=settings.intra_op_threads,
             skip_bad_models=settings.skip_bad_models,
         )  # fmt: skip
+        # created once the models load, so a failed start leaves no thread pool behind
+        executor = ThreadPoolExecutor(
+            settings.inference_threads, thread_name_prefix="smartmixed-infer"
+        )
         batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
         if settings.batching:
             for name, versions in repo.models.items():

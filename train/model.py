@@ -220,11 +220,15 @@ class _SelectActivation(torch.autograd.Function):
     def forward(ctx, z, soft, perm, sizes, acts, basis):
         z_grouped = z.index_select(0, perm)  # (n, B)
         one = z.new_ones(())
-        out, derivative = torch.empty_like(z), torch.empty_like(z)
+        # z computed under no_grad (evaluation) does not require grad: no derivative needed then
+        keep = z.requires_grad
+        out = torch.empty_like(z)
+        derivative = torch.empty_like(z) if keep else None
         for act, zc, idx in zip(acts, z_grouped.split(sizes), perm.split(sizes), strict=True):
             if len(idx):
                 out.index_copy_(0, idx, act.fn(zc))
-                derivative.index_copy_(0, idx, act.vjp(one.expand_as(zc), zc))
+                if keep:
+                    derivative.index_copy_(0, idx, act.vjp(one.expand_as(zc), zc))
         ctx.save_for_backward(z, derivative)
         ctx.basis = basis
         return out
