@@ -58,12 +58,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Debian tools some tests and benches use: docker-compose (validates docker-compose.yml), nginx
-# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator). Tests that need
-# one skip, saying which, when it is missing; .ci/run installs them first.
+# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator); and Debian data:
+# dataset-fashion-mnist (the full Fashion-MNIST that `--data fashion-mnist` reads without
+# --data-dir). Tests that need one skip, saying which, when it is missing; .ci/run installs them
+# first.
 SYSTEM_TOOLS := docker-compose nginx wrk
+# package=folder it installs
+SYSTEM_DATA := dataset-fashion-mnist=/usr/share/datasets/fashion-mnist
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
 		PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for entry in $(SYSTEM_DATA); do \
+		[ -d "$${entry#*=}" ] || missing="$$missing $${entry%%=*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from smartmixed.bench import BenchError
+from smartmixed.bench.study import (
+    DEFAULT_ARCHS,
+    DEFAULT_MODELS,
+    DEFAULT_SEEDS,
+    render_markdown,
+    run_study,
+)
 from smartmixed.train.model import SpecError, parse_arch
 
 
@@ -82,6 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: wrk when installed, else Python (asyncio + httpx)")  # fmt: skip
     web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
     web.add_argument("--quiet", action="store_true")
+
+    st = sub.add_parser(
+        "study",
+        help="seeded grid of training runs (architectures x models x seeds), ranks and MRR",
+        description="Train every cell (architecture, model, seed) as its own smartmixed-train "
+        "run in DIR/runs/ARCH/MODEL/seedK (complete cells are skipped, killed ones resumed) and "
+        "aggregate them: mean, std and 95% interval of the test accuracy, ranks per "
+        "architecture, the paper's Mean Reciprocal Rank, paired wins/ties/losses against each "
+        "fixed activation; writes DIR/study.{json,md,png} after every finished cell. Flags after "
+        "a literal -- go to every cell's smartmixed-train command.",
+        usage="%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]",
+    )
+    st.add_argument("--out", type=Path, required=True, help="study folder")
+    st.add_argument("--data", default="mnist", help="smartmixed-train --data (default mnist)")
+    st.add_argument("--data-dir", type=Path, default=None, help="smartmixed-train --data-dir")
+    st.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="activations (fixed baselines) and smartmixed (default: all seven)")  # fmt: skip
+    st.add_argument("--variant", action="append", default=[], metavar="LABEL='FLAGS'",
+                    help="an extra model LABEL whose cells get FLAGS, e.g. "
+                    "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
+                    "set it); repeatable")  # fmt: skip
+    st.add_argument("--archs", default=DEFAULT_ARCHS,
+                    help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
+                    "'paper;table1-5;64,32,10' (default paper)")  # fmt: skip
+    st.add_argument("--seeds", default=str(DEFAULT_SEEDS),
+                    help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)")  # fmt: skip
+    st.add_argument("--jobs", type=int, default=1,
+                    help="cells trained in parallel, CPU threads split between them")  # fmt: skip
+    mode = st.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true",
+                      help="print every cell's command (for a scheduler) and train nothing")  # fmt: skip
+    mode.add_argument("--collect", action="store_true",
+                      help="aggregate the complete cells and train nothing")  # fmt: skip
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -132,8 +174,48 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace, train_args: list[str]) -> int:
+    try:
+        outcome = run_study(
+            out=args.out, data=args.data, data_dir=args.data_dir, models=args.models,
+            variants=args.variant, archs=args.archs, seeds=args.seeds, jobs=args.jobs,
+            train_args=train_args, plan=args.plan, collect=args.collect,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except BenchError as e:
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsmartmixed-bench: interrupted; the same command continues the study (complete "
+              "cells are skipped, killed ones resumed)", file=sys.stderr)  # fmt: skip
+        return 130
+    if args.plan:
+        print("\n".join(shlex.join(command) for command in outcome["commands"]))
+        return 0
+    if outcome["study"] is not None:
+        print(render_markdown(outcome["study"]))
+        print("wrote " + ", ".join(str(p) for p in outcome["paths"]))
+    print(f"trained {outcome['trained']} cell(s), {outcome['skipped']} already complete, "
+          f"{len(outcome['failed'])} failed")  # fmt: skip
+    for failure in outcome["failed"]:
+        print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
+    if outcome["study"] is None:
+        print(f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",
+              file=sys.stderr)  # fmt: skip
+    return 1 if outcome["failed"] or outcome["study"] is None else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `study ... -- TRAIN FLAGS`: everything after the first literal -- goes to every cell
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, train_args = argv[:split], argv[split + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "study":
+        return _study(args, train_args)
+    if train_args:
+        parser.error(f"{args.command} takes no flags after --")
     if args.command == "http":
         return _http(args)
     if args.command == "latency":

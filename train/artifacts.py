@@ -27,7 +27,10 @@ MODEL_SPEC = "model.json"
 HISTORY = "history.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 REPORT = "report.md"
-PLOTS = {"curves": "curves.png", "activations": "activations.png", "selection": "selection.png"}
+PLOTS = {
+    "curves": "curves.png", "activations": "activations.png", "selection": "selection.png",
+    "logit_gradients": "logit-gradients.png",
+}  # fmt: skip
 
 
 class ArtifactError(ValueError):
@@ -290,6 +293,44 @@ def plot_selection(history: Sequence[dict[str, Any]], pool: Sequence[str], path:
     return True
 
 
+def plot_logit_gradients(
+    history: Sequence[dict[str, Any]], pool: Sequence[str], path: Path
+) -> bool:
+    """Per phase-1 epoch, each candidate's mean logit push -dL/da_k (issue E's instrument):
+    a candidate with a larger push gains logit mass whatever its merit."""
+    rows = [r for r in history if r["phase"] == "selective" and "logit_grad" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _activation_colors(pool)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    epochs = [r["epoch"] for r in rows]
+    for name in pool:
+        ax.plot(epochs, [-r["logit_grad"][name] for r in rows], label=name, color=colors[name])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("phase-1 epoch")
+    ax.set_ylabel("mean logit push  -dL/da_k")
+    ax.set_title("what the straight-through gradient rewards, per candidate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    _savefig(fig, path)
+    return True
+
+
+def write_plots_and_report(
+    run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any]]
+) -> None:
+    plot_curves(history, run_dir / PLOTS["curves"])
+    plot_activation_distribution(spec, run_dir / PLOTS["activations"])
+    plot_selection(history, spec.pool, run_dir / PLOTS["selection"])
+    plot_logit_gradients(history, spec.pool, run_dir / PLOTS["logit_gradients"])
+    write_report(run_dir, spec, history)
+
+
 def format_counts(counts: dict[str, int]) -> str:
     total = sum(counts.values()) or 1
     return ", ".join(
@@ -309,9 +350,16 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
     ]
     if "phase1" in m:
         p1 = m["phase1"]
+        t = spec.training
         lines.append(
-            f"- after phase 1 (selective, best epoch {p1['best_epoch']}): validation "
-            f"{p1['val_accuracy']:.4f}, test {p1['test_accuracy']:.4f}"
+            f"- after phase 1 (selective, kept epoch {p1['best_epoch']} by "
+            f"{p1.get('select', 'val-loss')}): validation {p1['val_accuracy']:.4f}, "
+            f"test {p1['test_accuracy']:.4f}"
+        )
+        lines.append(
+            f"- selection: protocol `{t.get('protocol')}`, candidates "
+            f"`{t.get('candidate_norm')}`, logit lr {t.get('logit_lr') or t.get('lr')}, "
+            f"tau {t.get('tau')} -> {t.get('tau_end') or t.get('tau')}"
         )
     lines += [
         f"- training time {m['train_seconds']:.1f} s over {len(history)} epochs",

@@ -12,8 +12,23 @@ import torch
 
 from smartmixed.train.artifacts import ArtifactError, compare_runs
 from smartmixed.train.data import DataError, load_dataset
-from smartmixed.train.loop import TrainConfig, TrainError, train_run
-from smartmixed.train.model import PRESETS, SpecError, parse_arch, resolve_preset
+from smartmixed.train.distributed import DistributedError
+from smartmixed.train.loop import (
+    DEFAULT_PROTOCOL,
+    PHASE2_INITS,
+    PROTOCOLS,
+    SELECT_RULES,
+    TrainConfig,
+    TrainError,
+    train_run,
+)
+from smartmixed.train.model import (
+    CANDIDATE_NORMS,
+    PRESETS,
+    SpecError,
+    parse_arch,
+    resolve_preset,
+)
 from smartmixed.train.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
 
 EPILOG = f"""\
@@ -25,6 +40,13 @@ examples:
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:relu --epochs 30 --out runs/relu
   smartmixed-train --compare runs/mixed runs/relu
 """
+
+
+# options whose default comes from --protocol (None on the command line: the protocol's value)
+PROTOCOL_OPTIONS = (
+    "p1_epochs", "p2_epochs", "epochs", "lr", "logit_lr", "batch_size", "tau", "tau_end",
+    "select", "candidate_norm", "grad_clip", "phase2_init",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,17 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--preset", help="a named architecture (see --list-presets)")
     p.add_argument("--mode", default="smartmixed", help="smartmixed (default) or fixed:ACTIVATION")
     p.add_argument("--pool", help="comma-separated candidate activations (smartmixed)")
-    p.add_argument("--p1-epochs", type=int, default=50, help="phase-1 epochs (default 50)")
-    p.add_argument("--p2-epochs", type=int, default=350, help="phase-2 epochs (default 350)")
-    p.add_argument("--epochs", type=int, default=400, help="epochs of a fixed run (default 400)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--tau", type=float, default=0.3, help="Gumbel-Softmax temperature")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
+                   help="a named set of defaults that the options below override: smartmixed "
+                   "(default; the study's choice), paper (exactly the paper's protocol), "
+                   "reference-code (paper plus the reference code's quirks)")  # fmt: skip
+    d = PROTOCOLS[DEFAULT_PROTOCOL]
+    p.add_argument("--p1-epochs", type=int, help=f"phase-1 epochs (default {d['p1_epochs']})")
+    p.add_argument("--p2-epochs", type=int, help=f"phase-2 epochs (default {d['p2_epochs']})")
+    p.add_argument("--epochs", type=int, help=f"epochs of a fixed run (default {d['epochs']})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d['lr']})")
+    p.add_argument("--logit-lr", type=float,
+                   help=f"learning rate of the activation logits (default {d['logit_lr']}; "
+                   "paper: the same as --lr)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
+    p.add_argument("--tau", type=float, help=f"Gumbel-Softmax temperature (default {d['tau']})")
+    p.add_argument("--tau-end", type=float,
+                   help="phase-1 temperature at the last epoch, annealed exponentially from "
+                   "--tau (default: constant)")  # fmt: skip
+    p.add_argument("--select", choices=SELECT_RULES,
+                   help="which phase-1 epoch's argmax is frozen: best validation loss, best "
+                   f"validation accuracy, or the last (default {d['select']})")  # fmt: skip
+    p.add_argument("--candidate-norm", choices=CANDIDATE_NORMS,
+                   help="standard: each candidate scaled to zero mean, unit variance under "
+                   "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
+                   "smartmixed; none for fixed baselines and the paper protocols)")  # fmt: skip
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default 1)")
+    p.add_argument("--grad-clip", type=float,
+                   help=f"gradient-norm clip (default {d['grad_clip']})")  # fmt: skip
     p.add_argument(
-        "--phase2-init", choices=["continue", "fresh"], default="continue",
-        help="phase 2 keeps the phase-1 weights (continue) or re-initialises them (fresh)",
+        "--phase2-init", choices=PHASE2_INITS,
+        help="phase 2 keeps the phase-1 weights (continue, default) or re-initialises them "
+        "(fresh, as the reference code does)",
     )  # fmt: skip
     p.add_argument("--logit-init-std", type=float, default=0.0,
                    help="std of the initial activation logits (default 0: all equal)")  # fmt: skip
@@ -85,11 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.arch is None and args.preset is None:
             parser.error("one of --arch or --preset is required")
         arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
-        config = TrainConfig(
-            arch=arch, mode=args.mode, pool=args.pool, p1_epochs=args.p1_epochs,
-            p2_epochs=args.p2_epochs, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, tau=args.tau, seed=args.seed, grad_clip=args.grad_clip,
-            phase2_init=args.phase2_init, logit_init_std=args.logit_init_std,
+        config = TrainConfig.from_protocol(
+            args.protocol, arch=arch, mode=args.mode, pool=args.pool, seed=args.seed,
+            logit_init_std=args.logit_init_std,
+            **{name: getattr(args, name) for name in PROTOCOL_OPTIONS},
         )  # fmt: skip
         dataset = load_dataset(
             args.data, data_dir=args.data_dir, seed=args.seed, label_column=args.label_column
@@ -106,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
         if not main_rank:
             return 0
-    except (DataError, SpecError, PoolError, TrainError, ArtifactError) as e:
+    except (DataError, SpecError, PoolError, TrainError, ArtifactError, DistributedError) as e:
         print(f"smartmixed-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

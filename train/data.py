@@ -25,6 +25,9 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# Where Debian's package dataset-fashion-mnist puts the four IDX files (gzip-compressed); read
+# when --data fashion-mnist comes without --data-dir.
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -101,7 +104,7 @@ def _load(
         return _idx_dataset("mnist", data_dir, [str(d) for d in range(10)], **split)
     if source == "fashion-mnist":
         if data_dir is None:
-            raise DataError("fashion-mnist needs --data-dir DIR holding its four IDX files")
+            data_dir = _debian_fashion_mnist_dir()
         return _idx_dataset("fashion-mnist", data_dir, FASHION_LABELS, **split)
     if source == "digits":
         from sklearn.datasets import load_digits
@@ -134,6 +137,22 @@ def _embedded_mnist(**split: Any) -> Dataset:
         y.astype(np.int64), [str(d) for d in range(10)], [28, 28],
         {"offset": 0.0, "scale": 1 / 255}, **split,
     )  # fmt: skip
+
+
+def _debian_fashion_mnist_dir() -> Path:
+    """FASHION_MNIST_DEBIAN_DIR when it holds all four IDX files, else a DataError saying how."""
+    folder = FASHION_MNIST_DEBIAN_DIR
+    missing = [
+        stem for stem in IDX_FILES.values()
+        if not ((folder / stem).is_file() or (folder / f"{stem}.gz").is_file())
+    ]  # fmt: skip
+    if missing:
+        raise DataError(
+            f"fashion-mnist: {folder} lacks {', '.join(missing)}; install Debian's package "
+            f"(apt-get install dataset-fashion-mnist, or make system-deps) or pass --data-dir DIR "
+            f"holding the four IDX files ({', '.join(IDX_FILES.values())}, optionally .gz)"
+        )
+    return folder
 
 
 def _find_idx(data_dir: Path, stem: str) -> Path:

@@ -1,15 +1,24 @@
 """The training protocol: phase 1 (selective) -> phase 2 (mixed), or one fixed-activation phase.
 
-Protocol defaults follow the paper's reference code (PAPER.md): Adam, lr 1e-4, batch 128,
-50 + 350 epochs, gradient-norm clip 1.0, seed 42; the best-validation-loss checkpoint of each
-phase is kept, and the phase-2 assignment is the argmax of the logits at phase 1's best epoch.
-A checkpoint (model, optimizer, best-so-far, RNG states, history) is written after every epoch,
-so ``resume=True`` continues a killed run from its last completed epoch with identical results.
+A run is a list of phases, each started explicitly (``_start_phase``: model, optimizer groups,
+temperature schedule) and ended explicitly (``_end_phase``: which epoch's state is kept). A
+checkpoint (model, optimizer, kept state, RNG states, history) is written after every epoch, so
+``resume=True`` continues a killed run from its last completed epoch with identical results.
+
+Protocols (``--protocol``) are named sets of defaults; explicit options override them:
+- ``paper``: exactly the paper's protocol (PAPER.md): Adam lr 1e-4 for weights and logits,
+  batch 128, 50 + 350 epochs (400 fixed), tau 0.3 fixed, clip 1.0, plain candidates, the
+  argmax at phase 1's best-validation-loss epoch is frozen.
+- ``reference-code``: ``paper`` plus the reference code's quirks: softmax before the
+  cross-entropy, Gumbel noise at evaluation, phase-1 candidates clamped to [-10, 10], phase-2
+  weights re-initialised.
+- ``smartmixed`` (default): ``paper`` with the selection fixes the study chose (README, "Why
+  the mix was worse than ReLU"): standardised candidates, a separate logit learning rate, and
+  the argmax at phase 1's last epoch frozen.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -19,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -27,11 +35,45 @@ from tqdm.auto import tqdm
 
 from smartmixed.train import artifacts
 from smartmixed.train.data import Dataset
-from smartmixed.train.model import MixedMLP, ModelSpec, SelectiveMLP, parse_arch
+from smartmixed.train.distributed import (
+    Ranks,
+    all_reduce_sum,
+    barrier,
+    check_ranks_agree,
+    init_distributed,
+)
+from smartmixed.train.model import (
+    CANDIDATE_NORMS,
+    MixedMLP,
+    ModelSpec,
+    SelectiveMLP,
+    parse_arch,
+)
 from smartmixed.train.pool import get_activation, parse_pool
 
 EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")
+SELECT_RULES = ("val-loss", "val-accuracy", "last")
+REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
+
+PAPER_PROTOCOL: dict[str, Any] = {
+    "p1_epochs": 50, "p2_epochs": 350, "epochs": 400, "lr": 1e-4, "logit_lr": None,
+    "batch_size": 128, "tau": 0.3, "tau_end": None, "grad_clip": 1.0, "select": "val-loss",
+    "candidate_norm": "none", "phase2_init": "continue", "double_softmax": False,
+    "eval_noise": False, "clamp": None,
+}  # fmt: skip
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": PAPER_PROTOCOL,
+    "reference-code": {
+        **PAPER_PROTOCOL, "phase2_init": "fresh", "double_softmax": True, "eval_noise": True,
+        "clamp": REFERENCE_CLAMP,
+    },
+    # Chosen by the selection study on validation accuracy (README Results); see the docstring.
+    "smartmixed": {
+        **PAPER_PROTOCOL, "candidate_norm": None, "logit_lr": 1e-2, "select": "last",
+    },
+}
+DEFAULT_PROTOCOL = "smartmixed"
 
 
 class TrainError(ValueError):
@@ -40,44 +82,90 @@ class TrainError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run; stored in model.json under 'training'."""
+    """Hyper-parameters of one run; stored in model.json under 'training'.
+
+    Defaults are the ``smartmixed`` protocol's; ``TrainConfig.from_protocol`` starts from another.
+    """
 
     arch: list[int]
     mode: str = "smartmixed"  # "smartmixed" or "fixed:<activation>"
     pool: list[str] = field(default_factory=lambda: list(parse_pool(None)))
-    p1_epochs: int = 50
-    p2_epochs: int = 350
-    epochs: int = 400  # fixed mode
-    lr: float = 1e-4
-    batch_size: int = 128
-    tau: float = 0.3
+    protocol: str = DEFAULT_PROTOCOL
+    p1_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["p1_epochs"]
+    p2_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["p2_epochs"]
+    epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["epochs"]  # fixed mode
+    lr: float = PROTOCOLS[DEFAULT_PROTOCOL]["lr"]
+    logit_lr: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["logit_lr"]  # None: same as lr
+    batch_size: int = PROTOCOLS[DEFAULT_PROTOCOL]["batch_size"]
+    tau: float = PROTOCOLS[DEFAULT_PROTOCOL]["tau"]
+    tau_end: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["tau_end"]  # None: constant tau
     seed: int = 42
-    grad_clip: float = 1.0
-    phase2_init: str = "continue"
+    grad_clip: float = PROTOCOLS[DEFAULT_PROTOCOL]["grad_clip"]
+    select: str = PROTOCOLS[DEFAULT_PROTOCOL]["select"]
+    # None: "standard" for smartmixed, "none" for a fixed baseline
+    candidate_norm: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["candidate_norm"]
+    phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
     logit_init_std: float = 0.0
+    double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
+    eval_noise: bool = PROTOCOLS[DEFAULT_PROTOCOL]["eval_noise"]
+    clamp: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["clamp"]
+
+    @classmethod
+    def from_protocol(cls, protocol: str, **options: Any) -> TrainConfig:
+        """The protocol's settings, then ``options`` (those not None) on top."""
+        if protocol not in PROTOCOLS:
+            raise TrainError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        given = {k: v for k, v in options.items() if v is not None}
+        return cls(**{**PROTOCOLS[protocol], "protocol": protocol, **given})
 
     def __post_init__(self) -> None:
         self.arch = parse_arch(self.arch)
         if self.mode.startswith("fixed:"):
             self.pool = [get_activation(self.mode.removeprefix("fixed:")).name]
+            # auto: a fixed baseline is the plain network people deploy; the norm is there so
+            # that candidates compete on shape, which a single activation does not need
+            if self.candidate_norm is None:
+                self.candidate_norm = "none"
         elif self.mode == "smartmixed":
             self.pool = list(parse_pool(self.pool))
+            if self.candidate_norm is None:
+                self.candidate_norm = "standard"
         else:
             raise TrainError(f"--mode {self.mode!r}: expected smartmixed or fixed:ACTIVATION")
-        if self.phase2_init not in PHASE2_INITS:
-            raise TrainError(f"--phase2-init {self.phase2_init!r}: expected one of {PHASE2_INITS}")
+        choices = {
+            "phase2_init": PHASE2_INITS, "select": SELECT_RULES,
+            "candidate_norm": CANDIDATE_NORMS, "protocol": tuple(PROTOCOLS),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
+                    f"{', '.join(allowed)}"
+                )
         for name in ("p1_epochs", "p2_epochs", "epochs"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.phases() and all(n == 0 for _, n in self.phases()):
+        if all(n == 0 for _, n in self.phases()):
             raise TrainError("the run has no epochs to train")
-        if self.batch_size < 1 or self.lr <= 0 or self.tau <= 0 or self.grad_clip <= 0:
-            raise TrainError("--batch-size, --lr, --tau and the gradient clip must be > 0")
+        positive = {
+            "batch_size": self.batch_size, "lr": self.lr, "tau": self.tau,
+            "grad_clip": self.grad_clip, "logit_lr": self.logit_lr, "tau_end": self.tau_end,
+            "clamp": self.clamp,
+        }  # fmt: skip
+        for name, value in positive.items():
+            if value is not None and not value > 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
     def phases(self) -> list[tuple[str, int]]:
         if self.mode == "smartmixed":
             return [("selective", self.p1_epochs), ("mixed", self.p2_epochs)]
         return [("fixed", self.epochs)]
+
+    def tau_at(self, epoch: int) -> float:
+        """Phase-1 temperature at ``epoch`` (0-based): tau * (tau_end / tau)^(e / (E - 1))."""
+        if self.tau_end is None or self.p1_epochs <= 1:
+            return self.tau
+        return self.tau * (self.tau_end / self.tau) ** (epoch / (self.p1_epochs - 1))
 
 
 def package_versions() -> dict[str, str]:
@@ -90,62 +178,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise TrainError(f"--device {device!r}: expected cpu or cuda")
-    return torch.device(device)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process stands in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device: str) -> tuple[Ranks, torch.device]:
-    """Join the torchrun job described by RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks(), resolve_device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Ranks(rank, world), dev
-
-
-def check_ranks_agree(model: nn.Module, ranks: Ranks) -> None:
-    """Every rank must hold bit-identical weights and logits (checked after every step).
-
-    One all-reduce (MAX) of [f, -f] for a per-tensor fingerprint f gives both max and min.
-    """
-    if not ranks.distributed:
-        return
-    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-    extremes = torch.cat([fingerprint, -fingerprint])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    high, low = extremes[: len(fingerprint)], -extremes[len(fingerprint) :]
-    if not torch.equal(low, high):
-        raise TrainError(f"rank {ranks.rank}: the ranks' weights or logits diverged")
-
-
 # --------------------------------------------------------------------------------------------
 # One epoch
+
+
+def loss_fn(logits: Tensor, y: Tensor, *, double_softmax: bool, reduction: str = "mean") -> Tensor:
+    """Cross-entropy on the logits; ``double_softmax`` reproduces the reference code's bug of a
+    softmax layer before CrossEntropyLoss (the loss then sees probabilities as logits)."""
+    return F.cross_entropy(F.softmax(logits, 1) if double_softmax else logits, y,
+                           reduction=reduction)  # fmt: skip
 
 
 def train_epoch(
@@ -157,9 +198,15 @@ def train_epoch(
     batch_size: int,
     grad_clip: float,
     generator: torch.Generator,
-    ranks: Ranks = Ranks(),
-) -> tuple[float, float]:
-    """One pass over shuffled mini-batches; returns (mean loss, accuracy) of the training forwards.
+    double_softmax: bool = False,
+    ranks: Ranks | None = None,
+) -> dict[str, Any]:
+    """One pass over shuffled mini-batches.
+
+    Returns the training forwards' mean loss and accuracy and, for a selective network,
+    ``logit_grad``: the mean over steps and neurons of dL/da_k per candidate k, before clipping
+    (negative: gradient descent raises that candidate's logits). It is the instrument behind the
+    issue-E finding that plain candidates favour selu.
 
     Under torchrun every rank draws the same permutation (same seed) and takes its strided shard
     of each global batch of ``batch_size`` rows; DDP averages the gradients, so every rank makes
@@ -167,39 +214,57 @@ def train_epoch(
     one row). The Gumbel draw is identical on every rank for the same reason; after every step
     the ranks check that their weights and logits are still identical.
     """
+    ranks = ranks or Ranks()
     model.train()
+    inner = getattr(model, "module", model)  # DDP wraps the network
+    logits_param = getattr(inner, "selection_logits", None)
+    logit_grad = None if logits_param is None else torch.zeros(logits_param.shape[1])
     order = torch.randperm(len(y), generator=generator).to(y.device)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
+    steps = 0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
         if len(idx) < ranks.world:  # a tail too short to give every rank a row
             continue
         idx = idx[ranks.rank :: ranks.world]
         logits = model(x[idx])  # (B, C)
-        loss = F.cross_entropy(logits, y[idx])
+        loss = loss_fn(logits, y[idx], double_softmax=double_softmax)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if logit_grad is not None and logits_param.grad is not None:
+            logit_grad += logits_param.grad.detach().mean(0).cpu()  # (K,)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         check_ranks_agree(model, ranks)
+        steps += 1
         totals += torch.tensor(
             [loss.item() * len(idx), int((logits.argmax(1) == y[idx]).sum()), len(idx)],
             dtype=torch.float64,
         )
-    if ranks.distributed:
-        dist.all_reduce(totals)
-    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+    all_reduce_sum(totals, ranks)
+    result: dict[str, Any] = {
+        "train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
+    }  # fmt: skip
+    if logit_grad is not None:
+        result["logit_grad"] = dict(
+            zip(inner.pool, (logit_grad / max(steps, 1)).tolist(), strict=True)
+        )
+    return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode (phase 1: argmax activations)."""
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, *, double_softmax: bool = False
+) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode (phase 1: argmax activations, unless eval noise)."""
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(y), EVAL_BATCH):
         logits = model(x[start : start + EVAL_BATCH])
-        total_loss += F.cross_entropy(logits, y[start : start + EVAL_BATCH], reduction="sum").item()
-        correct += int((logits.argmax(1) == y[start : start + EVAL_BATCH]).sum())
+        batch_y = y[start : start + EVAL_BATCH]
+        total_loss += loss_fn(logits, batch_y, double_softmax=double_softmax,
+                              reduction="sum").item()  # fmt: skip
+        correct += int((logits.argmax(1) == batch_y).sum())
     return total_loss / len(y), correct / len(y)
 
 
@@ -214,11 +279,24 @@ class _RunState:
     phase_index: int = 0
     phase_epoch: int = 0  # completed epochs of the current phase
     best_val_loss: float = float("inf")
-    best_epoch: int = -1
+    best_val_accuracy: float = -1.0
+    best_epoch: int = -1  # the kept epoch of the current phase (global epoch number)
     assignment: list[list[str]] | None = None  # frozen phase-2 assignment
     phase1: dict[str, Any] | None = None  # phase-1 metrics, once phase 1 is over
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+
+
+@dataclass
+class _Phase:
+    """The live objects of the current phase."""
+
+    name: str
+    epochs: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    kept: dict[str, Tensor]  # state of the epoch the phase's rule keeps so far
+    rule: str  # which epoch is kept: val-loss | val-accuracy | last
 
 
 def _build(
@@ -227,11 +305,75 @@ def _build(
     pre = dataset.preprocessing
     if phase == "selective":
         return SelectiveMLP(
-            config.arch, config.pool, preprocessing=pre, tau=config.tau,
-            logit_init_std=config.logit_init_std,
+            config.arch, config.pool, preprocessing=pre, tau=config.tau_at(0),
+            logit_init_std=config.logit_init_std, candidate_norm=config.candidate_norm,
+            clamp=config.clamp, eval_noise=config.eval_noise,
         )  # fmt: skip
     assert assignment is not None, "mixed and fixed phases need an assignment"
-    return MixedMLP(config.arch, config.pool, assignment, preprocessing=pre)
+    return MixedMLP(
+        config.arch, config.pool, assignment, preprocessing=pre,
+        candidate_norm=config.candidate_norm,
+    )  # fmt: skip
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam; the selection logits form their own group at ``logit_lr`` (None: ``lr``)."""
+    logits = [p for n, p in model.named_parameters() if n == "selection_logits"]
+    weights = [p for n, p in model.named_parameters() if n != "selection_logits"]
+    groups: list[dict[str, Any]] = [{"params": weights, "lr": config.lr}]
+    if logits:
+        groups.append({"params": logits, "lr": config.logit_lr or config.lr})
+    return torch.optim.Adam(groups)
+
+
+def _start_phase(
+    config: TrainConfig, index: int, dataset: Dataset, run: _RunState,
+    previous: nn.Module | None, dev: torch.device,
+) -> _Phase:  # fmt: skip
+    """A phase's model, optimizer and selection rule. Entering phase 2 freezes the assignment
+    of the state phase 1 kept (``previous``) and carries its weights over unless ``fresh``."""
+    name, epochs = config.phases()[index]
+    if name == "fixed":
+        run.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
+    if name == "mixed" and previous is not None:
+        assert isinstance(previous, SelectiveMLP)
+        run.assignment = previous.assignment()
+        if config.phase2_init == "continue":
+            model = MixedMLP.from_selective(previous, preprocessing=dataset.preprocessing)
+        else:  # "fresh": re-initialise the weights, as the reference code does
+            torch.manual_seed(config.seed + 1)
+            model = _build(config, name, dataset, run.assignment)
+    else:
+        model = _build(config, name, dataset, run.assignment)
+    model = model.to(dev)
+    rule = config.select if name == "selective" else "val-loss"
+    return _Phase(name, epochs, model, _optimizer(config, model), _clone_state(model), rule)
+
+
+def _keeps(rule: str, record: dict[str, Any], run: _RunState) -> bool:
+    """Whether this epoch's state replaces the kept one (ties keep the earlier epoch)."""
+    if rule == "last":
+        return True
+    if rule == "val-accuracy":
+        return record["val_accuracy"] > run.best_val_accuracy
+    return record["val_loss"] < run.best_val_loss
+
+
+def _end_selective(
+    config: TrainConfig, phase: _Phase, dataset: Dataset, run: _RunState, data: dict[str, Tensor]
+) -> SelectiveMLP:
+    """Phase 1's kept state (its rule's epoch) as a network; its metrics go to run.phase1."""
+    selective = _build(config, "selective", dataset, None).to(data["x_val"].device)
+    selective.load_state_dict(phase.kept)
+    selective.eval_noise = False  # the frozen mix is the logits' argmax, whatever the protocol
+    val_loss, val_acc = evaluate(selective, data["x_val"], data["y_val"])
+    test_loss, test_acc = evaluate(selective, data["x_test"], data["y_test"])
+    run.phase1 = {
+        "best_epoch": run.best_epoch, "select": phase.rule, "val_loss": val_loss,
+        "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "activation_counts": selective.activation_counts(),
+    }  # fmt: skip
+    return selective
 
 
 def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> None:
@@ -279,12 +421,12 @@ def train_run(
     _check_out_dir(out, resume=resume, overwrite=overwrite, clear=ranks.main)
     if ranks.main:  # only rank 0 writes; the others read its checkpoint when resuming
         out.mkdir(parents=True, exist_ok=True)
-    if ranks.distributed:
-        dist.barrier()
+    barrier(ranks)
 
-    x_train, y_train = (torch.from_numpy(a).to(dev) for a in (dataset.x_train, dataset.y_train))
-    x_val, y_val = (torch.from_numpy(a).to(dev) for a in (dataset.x_val, dataset.y_val))
-    x_test, y_test = (torch.from_numpy(a).to(dev) for a in (dataset.x_test, dataset.y_test))
+    data = {
+        f"{a}_{split}": torch.from_numpy(getattr(dataset, f"{a}_{split}")).to(dev)
+        for split in ("train", "val", "test") for a in ("x", "y")
+    }  # fmt: skip
     record_config = {
         **asdict(config), "data": dataset.name, "data_summary": dataset.summary(),
         "data_request": dataset.request, "world_size": ranks.world,
@@ -294,115 +436,35 @@ def train_run(
     data_gen = torch.Generator().manual_seed(config.seed)
     phases = config.phases()
     run = _RunState()
-    if phases[0][0] == "fixed":
-        run.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
-    model = _build(config, phases[0][0], dataset, run.assignment).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    best_state = _clone_state(model)
-
+    phase = _start_phase(config, 0, dataset, run, None, dev)
     if resume:
-        tensors, saved = artifacts.load_checkpoint(out)
-        if saved["config"] != record_config:
-            changed = sorted(k for k in record_config if saved["config"].get(k) != record_config[k])
-            raise TrainError(
-                f"--resume: options differ from the checkpoint in {', '.join(changed)}; "
-                f"rerun with the original options"
-            )
-        run = _RunState(**saved["run"])
-        model = _build(config, phases[run.phase_index][0], dataset, run.assignment).to(dev)
-        model.load_state_dict(_prefixed(tensors, "model."))
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, saved["optimizer"]))
-        best_state = _prefixed(tensors, "best.")
-        torch.set_rng_state(tensors["rng.torch"])
-        data_gen.set_state(tensors["rng.data"])
-        if dev.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        phase = _restore(out, config, dataset, record_config, data_gen, dev, run)
         if ranks.main:
-            print(f"resuming {out} at phase {phases[run.phase_index][0]}, epoch {run.phase_epoch}")
+            print(f"resuming {out} at phase {phase.name}, epoch {run.phase_epoch}")
 
     while True:
-        phase, n_epochs = phases[run.phase_index]
-        if run.phase_epoch >= n_epochs and run.phase_index + 1 < len(phases):
-            # Phase 1 -> phase 2: freeze argmax of the best-validation logits (paper protocol).
-            selective = _build(config, "selective", dataset, None).to(dev)
-            selective.load_state_dict(best_state)
-            val_loss, val_acc = evaluate(selective, x_val, y_val)
-            test_loss, test_acc = evaluate(selective, x_test, y_test)
-            run.phase1 = {
-                "best_epoch": run.best_epoch, "val_loss": val_loss, "val_accuracy": val_acc,
-                "test_loss": test_loss, "test_accuracy": test_acc,
-                "activation_counts": selective.activation_counts(),
-            }  # fmt: skip
-            run.assignment = selective.assignment()
-            if config.phase2_init == "continue":
-                model = MixedMLP.from_selective(selective, preprocessing=dataset.preprocessing)
-            else:  # "fresh": re-initialise the weights, as the reference code does
-                torch.manual_seed(config.seed + 1)
-                model = _build(config, "mixed", dataset, run.assignment).to(dev)
-            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-            run.phase_index += 1
-            run.phase_epoch, run.best_val_loss, run.best_epoch = 0, float("inf"), -1
-            best_state = _clone_state(model)
-            continue
-        if run.phase_epoch >= n_epochs:
-            break
-
-        bar = tqdm(
-            total=n_epochs, initial=run.phase_epoch, desc=f"{phase:>9}", unit="epoch",
-            disable=not progress or not ranks.main, leave=True, dynamic_ncols=True,
+        _train_phase(
+            config, phase, run, data, out=out, data_gen=data_gen, dev=dev, ranks=ranks,
+            record_config=record_config, progress=progress, after_epoch=after_epoch,
         )  # fmt: skip
-        net = model
-        if ranks.distributed:
-            net = DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None
-            )
-        with bar:
-            while run.phase_epoch < n_epochs:
-                started = time.perf_counter()
-                train_loss, train_acc = train_epoch(
-                    net, optimizer, x_train, y_train, batch_size=config.batch_size,
-                    grad_clip=config.grad_clip, generator=data_gen, ranks=ranks,
-                )  # fmt: skip
-                val_loss, val_acc = evaluate(model, x_val, y_val)
-                seconds = time.perf_counter() - started
-                run.train_seconds += seconds
-                epoch = len(run.history)
-                if val_loss < run.best_val_loss:
-                    run.best_val_loss, run.best_epoch = val_loss, epoch
-                    best_state = _clone_state(model)
-                counts = (
-                    model.activation_counts()
-                    if isinstance(model, SelectiveMLP)
-                    else [{n: layer.count(n) for n in config.pool} for layer in run.assignment]
-                )
-                record = {
-                    "epoch": epoch, "phase": phase, "phase_epoch": run.phase_epoch,
-                    "train_loss": train_loss, "train_accuracy": train_acc,
-                    "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
-                    "activation_counts": counts,
-                }  # fmt: skip
-                if ranks.distributed:
-                    record["ranks"], record["ranks_agree"] = ranks.world, True
-                run.history.append(record)
-                run.phase_epoch += 1
-                if ranks.main:
-                    _save_checkpoint(
-                        out, model, optimizer, best_state, data_gen, dev, run, record_config
-                    )
-                    artifacts.write_history(out, run.history)
-                bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                                val_acc=f"{val_acc:.4f}")  # fmt: skip
-                bar.update(1)
-                if after_epoch is not None:
-                    after_epoch(record)
+        if run.phase_index + 1 == len(phases):
+            break
+        selective = _end_selective(config, phase, dataset, run, data)
+        run.phase_index += 1
+        run.phase_epoch, run.best_val_loss, run.best_val_accuracy = 0, float("inf"), -1.0
+        run.best_epoch = -1
+        phase = _start_phase(config, run.phase_index, dataset, run, selective, dev)
 
-    # Final model: the best-validation checkpoint of the last phase.
-    model.load_state_dict(best_state)
-    if not isinstance(model, MixedMLP):  # smartmixed with --p2-epochs 0: freeze phase 1's argmax
+    # Final model: the last phase's kept state; its candidate norm folded into the weights, so
+    # the artifact is an ordinary mixed network (export and serve know nothing of the norm).
+    model = phase.model
+    model.load_state_dict(phase.kept)
+    if isinstance(model, SelectiveMLP):  # smartmixed with --p2-epochs 0: freeze phase 1's argmax
+        _end_selective(config, phase, dataset, run, data)
         model = MixedMLP.from_selective(model, preprocessing=dataset.preprocessing)
-    val_loss, val_acc = evaluate(model, x_val, y_val)
-    test_loss, test_acc = evaluate(model, x_test, y_test)
+    model = model.folded()
+    val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"])
+    test_loss, test_acc = evaluate(model, data["x_test"], data["y_test"])
     metrics: dict[str, Any] = {
         "test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
         "val_loss": val_loss, "best_epoch": run.best_epoch, "epochs": len(run.history),
@@ -418,14 +480,112 @@ def train_run(
     )  # fmt: skip
     if ranks.main:
         artifacts.save_model(out, spec, model.canonical_state_dict())
-        artifacts.plot_curves(run.history, out / artifacts.PLOTS["curves"])
-        artifacts.plot_activation_distribution(spec, out / artifacts.PLOTS["activations"])
-        artifacts.plot_selection(run.history, config.pool, out / artifacts.PLOTS["selection"])
-        artifacts.write_report(out, spec, run.history)
+        artifacts.write_plots_and_report(out, spec, run.history)
         artifacts.remove_checkpoint(out)
-    if ranks.distributed:
-        dist.barrier()
+    barrier(ranks)
     return spec
+
+
+def _train_phase(
+    config: TrainConfig,
+    phase: _Phase,
+    run: _RunState,
+    data: dict[str, Tensor],
+    *,
+    out: Path,
+    data_gen: torch.Generator,
+    dev: torch.device,
+    ranks: Ranks,
+    record_config: dict[str, Any],
+    progress: bool,
+    after_epoch: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """Epochs of the current phase until it is complete; a checkpoint after each."""
+    if run.phase_epoch >= phase.epochs:
+        return
+    bar = tqdm(
+        total=phase.epochs, initial=run.phase_epoch, desc=f"{phase.name:>9}", unit="epoch",
+        disable=not progress or not ranks.main, leave=True, dynamic_ncols=True,
+    )  # fmt: skip
+    model = phase.model
+    net = model
+    if ranks.distributed:
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    with bar:
+        while run.phase_epoch < phase.epochs:
+            started = time.perf_counter()
+            if isinstance(model, SelectiveMLP):
+                model.tau = config.tau_at(run.phase_epoch)
+            result = train_epoch(
+                net, phase.optimizer, data["x_train"], data["y_train"],
+                batch_size=config.batch_size, grad_clip=config.grad_clip, generator=data_gen,
+                double_softmax=config.double_softmax, ranks=ranks,
+            )  # fmt: skip
+            val_loss, val_acc = evaluate(
+                model, data["x_val"], data["y_val"], double_softmax=config.double_softmax
+            )
+            seconds = time.perf_counter() - started
+            run.train_seconds += seconds
+            counts = (
+                model.activation_counts()
+                if isinstance(model, SelectiveMLP)
+                else [{n: layer.count(n) for n in config.pool} for layer in run.assignment]
+            )
+            record = {
+                "epoch": len(run.history), "phase": phase.name, "phase_epoch": run.phase_epoch,
+                **result, "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
+                "activation_counts": counts,
+            }  # fmt: skip
+            if isinstance(model, SelectiveMLP):
+                record["tau"] = model.tau
+            if ranks.distributed:
+                record["ranks"] = ranks.world  # a divergence would have stopped the run
+            if _keeps(phase.rule, record, run):
+                run.best_val_loss, run.best_val_accuracy = val_loss, val_acc
+                run.best_epoch = record["epoch"]
+                phase.kept = _clone_state(model)
+            run.history.append(record)
+            run.phase_epoch += 1
+            if ranks.main:
+                _save_checkpoint(out, phase, data_gen, dev, run, record_config)
+                artifacts.write_history(out, run.history)
+            bar.set_postfix(loss=f"{result['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                            val_acc=f"{val_acc:.4f}")  # fmt: skip
+            bar.update(1)
+            if after_epoch is not None:
+                after_epoch(record)
+
+
+def _restore(
+    out: Path,
+    config: TrainConfig,
+    dataset: Dataset,
+    record_config: dict[str, Any],
+    data_gen: torch.Generator,
+    dev: torch.device,
+    run: _RunState,
+) -> _Phase:
+    """The phase a checkpoint was written in, with its model, optimizer, kept state and RNGs."""
+    tensors, saved = artifacts.load_checkpoint(out)
+    if saved["config"] != record_config:
+        changed = sorted(k for k in record_config if saved["config"].get(k) != record_config[k])
+        raise TrainError(
+            f"--resume: options differ from the checkpoint in {', '.join(changed)}; "
+            f"rerun with the original options"
+        )
+    for key, value in saved["run"].items():
+        setattr(run, key, value)
+    name, epochs = config.phases()[run.phase_index]
+    model = _build(config, name, dataset, run.assignment).to(dev)
+    model.load_state_dict(_prefixed(tensors, "model."))
+    optimizer = _optimizer(config, model)
+    optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, saved["optimizer"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    data_gen.set_state(tensors["rng.data"])
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    rule = config.select if name == "selective" else "val-loss"
+    return _Phase(name, epochs, model, optimizer, _prefixed(tensors, "best."), rule)
 
 
 def _clone_state(model: nn.Module) -> dict[str, Tensor]:
@@ -438,18 +598,16 @@ def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def _save_checkpoint(
     out: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    best_state: dict[str, Tensor],
+    phase: _Phase,
     data_gen: torch.Generator,
     dev: torch.device,
     run: _RunState,
     record_config: dict[str, Any],
 ) -> None:
-    optim_tensors, optim_meta = artifacts.optimizer_to_tensors(optimizer)
+    optim_tensors, optim_meta = artifacts.optimizer_to_tensors(phase.optimizer)
     tensors = {
-        **{f"model.{k}": v for k, v in model.state_dict().items()},
-        **{f"best.{k}": v for k, v in best_state.items()},
+        **{f"model.{k}": v for k, v in phase.model.state_dict().items()},
+        **{f"best.{k}": v for k, v in phase.kept.items()},
         **optim_tensors,
         "rng.torch": torch.get_rng_state(),
         "rng.data": data_gen.get_state(),

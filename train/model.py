@@ -29,6 +29,7 @@ from smartmixed.train.pool import (
     batch_sum_basis,
     get_activation,
     parse_pool,
+    standard_moments,
 )
 
 GUMBEL_EPS = 1e-10
@@ -195,42 +196,102 @@ def linear_t(linear: nn.Linear, h_t: Tensor) -> Tensor:
     return torch.addmm(linear.bias.unsqueeze(1), linear.weight, h_t)
 
 
-def apply_contiguous(z: Tensor, sizes: Sequence[int], acts: Sequence[Activation]) -> Tensor:
-    """Activation k on the k-th block of rows of z (n, B): split (views), apply, concat."""
-    parts = [act.fn(c) for act, c, size in zip(acts, z.split(list(sizes)), sizes) if size]
+def apply_contiguous(
+    z: Tensor,
+    groups: Sequence[tuple[int, int]],
+    acts: Sequence[Activation],
+    transform: CandidateTransform | None = None,
+) -> Tensor:
+    """Group (k, size) takes activation acts[k] on its block of rows of z (n, B), in order:
+    split (views), apply (then the candidate transform, if any), concat."""
+    blocks = z.split([size for _, size in groups])
+    parts = [acts[k].fn(c) for (k, _), c in zip(groups, blocks)]
+    if transform is not None:
+        parts = [transform.apply(k, p) for (k, _), p in zip(groups, parts)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class _SelectActivation(torch.autograd.Function):
-    """Straight-through mixture sum_k y_k f_k(z) for a hard one-hot y, without the (n, B, K) stack.
+CANDIDATE_NORMS = ("none", "standard")
 
+
+@dataclass(frozen=True)
+class CandidateTransform:
+    """What each candidate's output passes through: clamp to [-clamp, clamp], then affine.
+
+    h = (clamp(f_k(z)) - shift_k) * gain_k. ``standard`` sets shift_k, gain_k = mu_k, 1/sd_k of
+    f_k(g), g ~ N(0, 1) (pool.standard_moments; why: the issue-E bias note there); ``none`` is
+    the identity. The clamp reproduces the reference code's phase 1 (``--protocol
+    reference-code``) and is None otherwise.
+    """
+
+    shift: tuple[float, ...]
+    gain: tuple[float, ...]
+    clamp: float | None = None
+
+    @classmethod
+    def build(
+        cls, pool: Sequence[str], *, norm: str = "none", clamp: float | None = None
+    ) -> CandidateTransform:
+        if norm not in CANDIDATE_NORMS:
+            raise SpecError(f"candidate norm {norm!r}: expected one of {CANDIDATE_NORMS}")
+        if norm == "none":
+            return cls((0.0,) * len(pool), (1.0,) * len(pool), clamp)
+        moments = [standard_moments(name) for name in pool]
+        return cls(tuple(m for m, _ in moments), tuple(1.0 / sd for _, sd in moments), clamp)
+
+    @property
+    def affine(self) -> bool:
+        return any(self.shift) or any(g != 1.0 for g in self.gain)
+
+    def apply(self, k: int, out: Tensor) -> Tensor:
+        """The affine part for candidate k (the clamp is the caller's: it shapes derivatives)."""
+        if self.shift[k] == 0.0 and self.gain[k] == 1.0:
+            return out
+        return (out - self.shift[k]) * self.gain[k]  # not in place: autograd may save out
+
+
+class _SelectActivation(torch.autograd.Function):
+    """Straight-through mixture sum_k y_k h_k(z) for a hard one-hot y, without the (n, B, K) stack.
+
+    h_k = (clamp(f_k) - shift_k) * gain_k is candidate k as the ``CandidateTransform`` shapes it
+    (plain f_k by default is the identity transform).
     z^T: (n, B) neuron-major; soft s^T: (K, n); perm orders the neurons by their choice c, and
     sizes[k] neurons chose activation k.
-    Forward: out = f_c(z), exactly one activation per neuron, computed group by group on a
+    Forward: out = h_c(z), exactly one activation per neuron, computed group by group on a
     grouped copy of z (each group a contiguous block of rows).
     Backward, with y = onehot(c) - sg(s) + s:
-        dL/dz_jb = f_c'(z_jb) g_jb                (y is one-hot in value)
-        dL/ds_jk = dL/dy_jk = sum_b g_jb f_k(z_jb)
-    Saved: z and f_c'(z), both (n, B) in neuron order (the derivative is taken in the forward,
+        dL/dz_jb = h_c'(z_jb) g_jb                (y is one-hot in value)
+        dL/ds_jk = dL/dy_jk = sum_b g_jb h_k(z_jb)
+                 = gain_k (sum_b g_jb f_k(z_jb) - shift_k sum_b g_jb)   (no clamp)
+    Saved: z and h_c'(z), both (n, B) in neuron order (the derivative is taken in the forward,
     while each group is at hand), so backward needs no gather or scatter: one product for dz,
     and the candidates f_k(z), recomputed one at a time, for ds.
     """
 
     @staticmethod
-    def forward(ctx, z, soft, perm, sizes, acts, basis):
+    def forward(ctx, z, soft, perm, sizes, acts, basis, transform):
         z_grouped = z.index_select(0, perm)  # (n, B)
         one = z.new_ones(())
         # z computed under no_grad (evaluation) does not require grad: no derivative needed then
         keep = z.requires_grad
+        clamp = transform.clamp
         out = torch.empty_like(z)
         derivative = torch.empty_like(z) if keep else None
-        for act, zc, idx in zip(acts, z_grouped.split(sizes), perm.split(sizes), strict=True):
-            if len(idx):
-                out.index_copy_(0, idx, act.fn(zc))
-                if keep:
-                    derivative.index_copy_(0, idx, act.vjp(one.expand_as(zc), zc))
+        groups = zip(acts, z_grouped.split(sizes), perm.split(sizes), strict=True)
+        for k, (act, zc, idx) in enumerate(groups):
+            if not len(idx):
+                continue
+            f = act.fn(zc)
+            if keep:
+                d = act.vjp(one.expand_as(zc), zc)
+                if clamp is not None:  # clamp passes the gradient where -c <= f <= c
+                    d = d * (f.abs() <= clamp)
+                derivative.index_copy_(0, idx, d * transform.gain[k] if transform.affine else d)
+            if clamp is not None:
+                f = f.clamp(-clamp, clamp)
+            out.index_copy_(0, idx, transform.apply(k, f))
         ctx.save_for_backward(z, derivative)
-        ctx.basis = basis
+        ctx.basis, ctx.acts, ctx.transform = basis, acts, transform
         return out
 
     @staticmethod
@@ -239,14 +300,25 @@ class _SelectActivation(torch.autograd.Function):
         grad_z = grad_out * derivative if ctx.needs_input_grad[0] else None
         grad_soft = None
         if ctx.needs_input_grad[1]:
-            # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums over the basis)
-            basis, mix = ctx.basis
-            sums = torch.stack(
-                [(grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
-                 for b in basis]
-            )  # fmt: skip
-            grad_soft = mix.to(sums) @ sums
-        return grad_z, grad_soft, None, None, None, None
+            transform = ctx.transform
+            if transform.clamp is None:
+                # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums, basis)
+                basis, mix = ctx.basis
+                sums = torch.stack(
+                    [(grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
+                     for b in basis]
+                )  # fmt: skip
+                grad_soft = mix.to(sums) @ sums
+            else:  # a clamp is not linear: no basis, every candidate itself
+                c = transform.clamp
+                grad_soft = torch.stack(
+                    [a.fn(z).clamp_(-c, c).mul_(grad_out).sum(1) for a in ctx.acts]
+                )
+            if transform.affine:
+                shift = grad_soft.new_tensor(transform.shift).unsqueeze(1)  # (K, 1)
+                gain = grad_soft.new_tensor(transform.gain).unsqueeze(1)
+                grad_soft = (grad_soft - shift * grad_out.sum(1)) * gain
+        return grad_z, grad_soft, None, None, None, None, None
 
 
 def gumbel_softmax_sample(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
@@ -286,11 +358,18 @@ class SelectiveMLP(nn.Module):
         preprocessing: dict[str, Any] | None = None,
         tau: float = 0.3,
         logit_init_std: float = 0.0,
+        candidate_norm: str = "none",
+        clamp: float | None = None,
+        eval_noise: bool = False,
     ) -> None:
         super().__init__()
-        self.arch, self.pool, self.tau = list(arch), list(pool), tau
+        self.arch, self.pool, self.tau = list(arch), list(pool), tau  # tau: set per epoch
         self.acts = tuple(get_activation(n) for n in pool)
         self.basis = batch_sum_basis(pool)
+        self.candidate_norm = candidate_norm
+        self.transform = CandidateTransform.build(pool, norm=candidate_norm, clamp=clamp)
+        # the reference code's evaluation draws Gumbel noise too (--protocol reference-code)
+        self.eval_noise = eval_noise
         pre = preprocessing or {"offset": 0.0, "scale": 1.0}
         self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
         self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
@@ -303,7 +382,7 @@ class SelectiveMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
         logits = self.selection_logits
-        if self.training:
+        if self.training or self.eval_noise:
             soft, choice = gumbel_softmax_sample(logits, self.tau)  # (K, N), (N,)
         else:  # evaluation: argmax of the logits, no noise
             soft, choice = logits.detach().t(), logits.detach().argmax(dim=-1)
@@ -318,6 +397,7 @@ class SelectiveMLP(nn.Module):
             h = _SelectActivation.apply(
                 linear_t(linear, h), soft[:, start : start + width], perm,
                 sizes[layer * n_acts : (layer + 1) * n_acts], self.acts, self.basis,
+                self.transform,
             )  # fmt: skip
             start += width
         return linear_t(self.layers[-1], h).t()
@@ -355,23 +435,26 @@ class MixedMLP(nn.Module):
         assignment: Sequence[Sequence[str]],
         *,
         preprocessing: dict[str, Any] | None = None,
+        candidate_norm: str = "none",
     ) -> None:
         super().__init__()
         self.arch, self.pool = list(arch), list(pool)
         self.assignment = [list(layer) for layer in assignment]
         pre = preprocessing or {"offset": 0.0, "scale": 1.0}
+        self.preprocessing = pre
+        self.candidate_norm = candidate_norm
+        self.transform = CandidateTransform.build(pool, norm=candidate_norm)
         self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
         self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
         self.perms: list[Tensor] = []  # per hidden layer: internal position -> neuron index
-        self.groups: list[list[tuple[Activation, int]]] = []  # per hidden layer: (act, size)
+        self.groups: list[list[tuple[int, int]]] = []  # per hidden layer: (pool index, size)
         for names in self.assignment:
             index = torch.tensor([self.pool.index(n) for n in names], dtype=torch.int64)
             self.perms.append(torch.argsort(index, stable=True))
             counts = torch.bincount(index, minlength=len(self.pool)).tolist()
-            self.groups.append(
-                [(get_activation(n), c) for n, c in zip(self.pool, counts, strict=True) if c]
-            )
+            self.groups.append([(k, c) for k, c in enumerate(counts) if c])
+        self.acts = tuple(get_activation(n) for n in self.pool)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> MixedMLP:
@@ -379,10 +462,11 @@ class MixedMLP(nn.Module):
 
     @classmethod
     def from_selective(cls, selective: SelectiveMLP, *, preprocessing: dict[str, Any]) -> MixedMLP:
-        """Freeze c_lj = argmax_k a_ljk and carry the phase-1 weights over."""
+        """Freeze c_lj = argmax_k a_ljk and carry the phase-1 weights (and candidate norm) over."""
         mixed = cls(
-            selective.arch, selective.pool, selective.assignment(), preprocessing=preprocessing
-        )
+            selective.arch, selective.pool, selective.assignment(), preprocessing=preprocessing,
+            candidate_norm=selective.candidate_norm,
+        )  # fmt: skip
         mixed.load_canonical_state_dict(
             {k: v for k, v in selective.state_dict().items() if k.startswith("layers.")}
         )
@@ -390,10 +474,32 @@ class MixedMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
         h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
+        transform = self.transform if self.transform.affine else None
         for linear, groups in zip(self.layers[:-1], self.groups, strict=True):
             z = linear_t(linear, h)  # (n_l, B), neurons grouped
-            h = apply_contiguous(z, [size for _, size in groups], [act for act, _ in groups])
+            h = apply_contiguous(z, groups, self.acts, transform)
         return linear_t(self.layers[-1], h).t()
+
+    def folded(self) -> MixedMLP:
+        """The same function as a plain network: the candidate norm folded into the next layer.
+
+        Layer l+1 sees h_j = (f_j(z_j) - mu_j) g_j, so W h + b = (W diag(g)) f(z) + (b - W (g mu)):
+        columns of W_{l+1} scaled by g, its bias shifted (computed in float64). Artifacts store
+        this form, so export and serve see an ordinary mixed network.
+        """
+        state = self.canonical_state_dict()
+        if self.transform.affine:
+            for layer, names in enumerate(self.assignment):
+                index = [self.pool.index(n) for n in names]
+                shift = torch.tensor([self.transform.shift[k] for k in index], dtype=torch.float64)
+                gain = torch.tensor([self.transform.gain[k] for k in index], dtype=torch.float64)
+                w = state[f"layers.{layer + 1}.weight"].double() * gain  # (out, n_l)
+                b = state[f"layers.{layer + 1}.bias"].double() - w @ shift
+                state[f"layers.{layer + 1}.weight"] = w.float()
+                state[f"layers.{layer + 1}.bias"] = b.float()
+        plain = MixedMLP(self.arch, self.pool, self.assignment, preprocessing=self.preprocessing)
+        plain.load_canonical_state_dict(state)
+        return plain.to(self.offset.device)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         """Weights in neuron order: layers.{i}.weight (out, in) and layers.{i}.bias (out,)."""

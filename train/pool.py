@@ -8,8 +8,10 @@ tensor alive (issue A).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,28 @@ def batch_sum_basis(pool: Sequence[str]) -> tuple[tuple[Activation, ...], Tensor
         for part, coefficient in (get_activation(name).combination or {name: 1.0}).items():
             matrix[k, names.index(part)] = coefficient
     return tuple(get_activation(n) for n in names), matrix
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate standardisation (issue E)
+#
+# The straight-through logit gradient of candidate k is sum_b g_b f_k(z_b): it rewards the
+# candidate whose output has the largest component along the loss gradient, and that grows with
+# the candidate's output scale and offset (selu's lambda and its -1.76 floor) rather than with how
+# good the candidate is. Standardised candidates (f_k(z) - mu_k) / sd_k, with mu_k and sd_k the
+# mean and standard deviation of f_k(g) for g ~ N(0, 1), compete on shape alone. The map is affine
+# after the activation, so a frozen network folds it into the next layer's weights and bias.
+
+STANDARD_GRID = 400_001  # points of the quadrature over [-12, 12]; moments exact to ~1e-9
+
+
+@cache
+def standard_moments(name: str) -> tuple[float, float]:
+    """(mu, sd) of f(g) for g ~ N(0, 1): trapezoid quadrature in float64, deterministic."""
+    act = get_activation(name)
+    z = torch.linspace(-12.0, 12.0, STANDARD_GRID, dtype=torch.float64)
+    density = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    values = act.fn(z)
+    mean = torch.trapezoid(values * density, z)
+    var = torch.trapezoid((values - mean) ** 2 * density, z)
+    return float(mean), float(var.sqrt())

@@ -43,3 +43,30 @@ def test_module_entry_point_help() -> None:
     result = subprocess.run([sys.executable, "-m", "smartmixed.train", "--help"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and "--p1-epochs" in result.stdout
+
+
+def test_cli_protocol_sets_defaults_and_flags_override(tmp_path: Path) -> None:
+    import json
+
+    common = ["--data", "digits", "--arch", "64,16,10", "--lr", "3e-3", "--quiet"]
+    assert main([*common, "--protocol", "paper", "--p1-epochs", "2", "--p2-epochs", "1",
+                 "--tau", "1.0", "--tau-end", "0.5", "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    training = json.loads((tmp_path / "p" / "model.json").read_text())["training"]
+    assert training["protocol"] == "paper" and training["lr"] == 3e-3  # flag over protocol
+    assert (training["p1_epochs"], training["p2_epochs"], training["epochs"]) == (2, 1, 400)
+    assert training["select"] == "val-loss" and training["candidate_norm"] == "none"
+    assert (training["tau"], training["tau_end"], training["logit_lr"]) == (1.0, 0.5, None)
+    assert main([*common, "--p1-epochs", "1", "--p2-epochs", "1", "--logit-lr", "0.05",
+                 "--select", "last", "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    training = json.loads((tmp_path / "d" / "model.json").read_text())["training"]
+    assert training["protocol"] == "smartmixed" and training["candidate_norm"] == "standard"
+    assert (training["logit_lr"], training["select"]) == (0.05, "last")
+
+
+def test_cli_refuses_bad_selection_values(tmp_path: Path, capsys) -> None:
+    common = ["--data", "digits", "--arch", "64,16,10", "--out", str(tmp_path / "x")]
+    assert main([*common, "--tau-end", "-1"]) == 2
+    assert "--tau-end must be > 0, got -1.0" in capsys.readouterr().err
+    assert main([*common, "--logit-lr", "0"]) == 2
+    assert "--logit-lr must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import gzip
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from smartmixed.train import data as data_module
 from smartmixed.train.cli import main
-from smartmixed.train.data import IDX_FILES, load_dataset, read_idx
+from smartmixed.train.data import FASHION_MNIST_DEBIAN_DIR, IDX_FILES, load_dataset, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
@@ -49,6 +51,39 @@ def test_fashion_mnist_labels(tmp_path: Path) -> None:
     write_mnist_like(tmp_path)
     data = load_dataset("fashion-mnist", data_dir=tmp_path)
     assert data.labels[0] == "T-shirt/top" and data.labels[9] == "Ankle boot"
+
+
+def test_fashion_mnist_without_debian_files_says_how_to_get_them(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write_mnist_like(tmp_path / "partial")
+    (tmp_path / "partial" / IDX_FILES["test_labels"]).unlink()
+    for folder, lacking in ((tmp_path / "absent", "train-images-idx3-ubyte, "),
+                            (tmp_path / "partial", "lacks t10k-labels-idx1-ubyte;")):  # fmt: skip
+        monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN_DIR", folder)
+        with pytest.raises(data_module.DataError) as error:
+            load_dataset("fashion-mnist")
+        message = str(error.value)
+        assert message.startswith(f"fashion-mnist: {folder} lacks ") and lacking in message
+        assert "apt-get install dataset-fashion-mnist" in message
+        assert "make system-deps" in message and "--data-dir DIR" in message
+
+
+def test_fashion_mnist_from_debian_package_folder(monkeypatch) -> None:
+    if not all((FASHION_MNIST_DEBIAN_DIR / f"{stem}.gz").is_file() for stem in IDX_FILES.values()):
+        pytest.skip(
+            f"{FASHION_MNIST_DEBIAN_DIR} lacks the IDX files (apt-get install dataset-fashion-mnist)"
+        )
+    started = time.perf_counter()
+    data = load_dataset("fashion-mnist")
+    seconds = time.perf_counter() - started
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (54_000, 6_000, 10_000)
+    assert data.n_features == 784 and data.input_shape == [28, 28]
+    assert data.labels == data_module.FASHION_LABELS
+    assert np.bincount(data.y_val).tolist() == [600] * 10  # stratified 90/10 of 60,000
+    assert np.bincount(data.y_test).tolist() == [1000] * 10
+    assert data.request["data_dir"] is None  # export reloads it from the same place
+    assert seconds < 15, f"loading took {seconds:.1f} s"
 
 
 def test_embedded_mnist_subset() -> None:
@@ -113,12 +148,16 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("label column missing", ["--data", f"csv:{tmp / 'nolabel.csv'}"],
          "nolabel.csv: label column 'label' missing (columns: a, b, target)"),
         ("npz array missing", ["--data", f"npz:{tmp / 'noy.npz'}"], "noy.npz: missing array 'y'"),
-        ("fashion without dir", ["--data", "fashion-mnist"], "fashion-mnist needs --data-dir"),
+        ("fashion without Debian's files", ["--data", "fashion-mnist"],
+         f"fashion-mnist: {tmp / 'no-debian'} lacks train-images-idx3-ubyte"),
         ("unknown source", ["--data", "cifar"], "unknown data source 'cifar'"),
     ]  # fmt: skip
 
 
-def test_each_bad_data_case_stops_with_one_clear_message(tmp_path: Path, capsys) -> None:
+def test_each_bad_data_case_stops_with_one_clear_message(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
     for name, data_args, message in _bad_cases(tmp_path):
         out = tmp_path / "runs" / name.replace(" ", "-")
         code = main([*data_args, "--arch", "784,8,10", "--out", str(out), "--quiet"])

@@ -13,6 +13,7 @@ import torch
 
 from smartmixed.train import artifacts
 from smartmixed.train.data import Dataset
+from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import TrainConfig, TrainError, train_run
 from smartmixed.train.model import MixedMLP
 
@@ -150,6 +151,95 @@ def test_bad_requests(digits: Dataset, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         _config(mode="fixed:swish")
     if not torch.cuda.is_available():
-        with pytest.raises(TrainError, match="--device cuda was asked for"):
+        with pytest.raises(DistributedError, match="--device cuda was asked for"):
             train_run(config=_config(), dataset=digits, out=tmp_path / "c", device="cuda",
                       progress=False)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Selection controls and protocols (issue E)
+
+
+def test_protocols_set_their_values_and_options_override() -> None:
+    paper = TrainConfig.from_protocol("paper", arch=ARCH)
+    assert (paper.p1_epochs, paper.p2_epochs, paper.epochs) == (50, 350, 400)
+    assert (paper.lr, paper.logit_lr, paper.tau, paper.tau_end) == (1e-4, None, 0.3, None)
+    assert (paper.select, paper.candidate_norm, paper.phase2_init) == ("val-loss", "none",
+                                                                       "continue")  # fmt: skip
+    assert not (paper.double_softmax or paper.eval_noise) and paper.clamp is None
+    ref = TrainConfig.from_protocol("reference-code", arch=ARCH, p1_epochs=3)
+    assert ref.p1_epochs == 3 and ref.phase2_init == "fresh" and ref.clamp == 10.0
+    assert ref.double_softmax and ref.eval_noise
+    default = TrainConfig.from_protocol("smartmixed", arch=ARCH, logit_lr=None)
+    assert default == TrainConfig(arch=ARCH)  # the dataclass defaults are the default protocol
+    assert default.candidate_norm == "standard" and default.logit_lr == 1e-2
+    assert TrainConfig(arch=ARCH, mode="fixed:relu").candidate_norm == "none"
+    assert TrainConfig(arch=ARCH, mode="fixed:relu", candidate_norm="standard").candidate_norm \
+        == "standard"  # fmt: skip
+    with pytest.raises(TrainError, match="--protocol 'nope'"):
+        TrainConfig.from_protocol("nope", arch=ARCH)
+    with pytest.raises(TrainError, match="--select 'best': expected one of val-loss"):
+        TrainConfig(arch=ARCH, select="best")
+    with pytest.raises(TrainError, match="--tau-end must be > 0"):
+        TrainConfig(arch=ARCH, tau_end=0.0)
+
+
+def test_tau_anneals_exponentially_over_phase1(digits: Dataset, tmp_path: Path) -> None:
+    config = _config(tau=1.0, tau_end=0.1, p1_epochs=3, p2_epochs=1)
+    assert [round(config.tau_at(e), 6) for e in range(3)] == [1.0, round(0.1**0.5, 6), 0.1]
+    assert _config(p1_epochs=3).tau_at(2) == 0.3  # no tau_end: constant
+    train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
+    taus = [r["tau"] for r in artifacts.read_history(tmp_path / "run") if "tau" in r]
+    assert taus == pytest.approx([1.0, 0.1**0.5, 0.1])
+
+
+@pytest.mark.parametrize("rule", ["val-loss", "val-accuracy", "last"])
+def test_select_rule_picks_the_phase1_epoch_to_freeze(
+    digits: Dataset, tmp_path: Path, rule: str
+) -> None:
+    spec = train_run(config=_config(select=rule, p1_epochs=5, p2_epochs=1), dataset=digits,
+                     out=tmp_path / "run", progress=False)  # fmt: skip
+    phase1 = [r for r in artifacts.read_history(tmp_path / "run") if r["phase"] == "selective"]
+    expected = {
+        "val-loss": min(phase1, key=lambda r: r["val_loss"])["epoch"],
+        "val-accuracy": max(phase1, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"],
+        "last": phase1[-1]["epoch"],
+    }[rule]
+    assert spec.metrics["phase1"]["best_epoch"] == expected
+    assert spec.metrics["phase1"]["select"] == rule
+    # the frozen mix is that epoch's argmax, as the history recorded it
+    assert spec.activation_counts() == phase1[expected]["activation_counts"]
+    assert spec.training["select"] == rule
+
+
+def test_logit_lr_moves_the_logits_and_history_has_the_logit_gradients(digits: Dataset) -> None:
+    from smartmixed.train.loop import _optimizer, train_epoch
+    from smartmixed.train.model import SelectiveMLP
+
+    x, y = torch.from_numpy(digits.x_train), torch.from_numpy(digits.y_train)
+    moved = {}
+    for logit_lr in (1e-4, 1e-1):
+        torch.manual_seed(0)
+        model = SelectiveMLP(ARCH, _config().pool, candidate_norm="standard")
+        optimizer = _optimizer(_config(lr=1e-3, logit_lr=logit_lr), model)
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-3, logit_lr]
+        result = train_epoch(model, optimizer, x, y, batch_size=128, grad_clip=1.0,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        moved[logit_lr] = float(model.selection_logits.detach().abs().max())
+        assert set(result["logit_grad"]) == set(model.pool)
+    assert moved[1e-4] < 0.02 < 0.5 < moved[1e-1]
+
+
+def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path: Path) -> None:
+    config = TrainConfig.from_protocol("reference-code", arch=ARCH, p1_epochs=2, p2_epochs=2,
+                                       lr=3e-3)  # fmt: skip
+    spec = train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
+    assert spec.training["double_softmax"] and spec.training["clamp"] == 10.0
+    from smartmixed.train.model import SelectiveMLP
+
+    noisy = SelectiveMLP(ARCH, config.pool, eval_noise=True).eval()
+    x = torch.from_numpy(digits.x_val)
+    with torch.no_grad():
+        assert not torch.equal(noisy(x), noisy(x))  # Gumbel noise at evaluation
+    loaded, _ = artifacts.load_model(tmp_path / "run")  # an ordinary mixed network
+    assert loaded.assignment == spec.assignment and spec.metrics["test_accuracy"] > 0.3

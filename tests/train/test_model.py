@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from smartmixed.train.model import (
     PRESETS,
     TABLE1,
+    CandidateTransform,
     MixedMLP,
     ModelSpec,
     SelectiveMLP,
@@ -15,7 +16,7 @@ from smartmixed.train.model import (
     gumbel_softmax_sample,
     parse_arch,
 )
-from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL, batch_sum_basis
+from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL, batch_sum_basis, standard_moments
 
 POOL = list(DEFAULT_POOL)
 ACTS = tuple(ACTIVATIONS[n] for n in POOL)
@@ -25,10 +26,13 @@ def _grouping(choice: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
     return torch.argsort(choice, stable=True), torch.bincount(choice, minlength=k).tolist()
 
 
-def _select(z_t: torch.Tensor, soft_t: torch.Tensor, choice: torch.Tensor, pool=POOL):
+def _select(z_t, soft_t, choice, pool=POOL, transform: CandidateTransform | None = None):
     acts = tuple(ACTIVATIONS[n] for n in pool)
     perm, sizes = _grouping(choice, len(acts))
-    return _SelectActivation.apply(z_t, soft_t, perm, sizes, acts, batch_sum_basis(pool))
+    transform = transform or CandidateTransform.build(pool)
+    return _SelectActivation.apply(
+        z_t, soft_t, perm, sizes, acts, batch_sum_basis(pool), transform
+    )
 
 
 def test_straight_through_forward_is_exactly_one_activation_per_neuron() -> None:
@@ -82,6 +86,64 @@ def test_custom_backward_equals_textbook_straight_through(pool: list[str]) -> No
     torch.testing.assert_close(dz, ref_dz)
     torch.testing.assert_close(da, ref_da)
     assert da.abs().sum() > 0  # the logits do learn
+
+
+@pytest.mark.parametrize(("norm", "clamp"), [("standard", None), ("none", 2.0), ("standard", 2.0)])
+def test_custom_backward_with_candidate_transform_equals_textbook(norm, clamp) -> None:
+    """h_k = (clamp(f_k(z)) - shift_k) * gain_k: same gradients as autograd of the stack."""
+    n, batch = 30, 12
+    acts = tuple(ACTIVATIONS[p] for p in POOL)
+    transform = CandidateTransform.build(POOL, norm=norm, clamp=clamp)
+    logits = torch.randn(n, len(POOL), dtype=torch.float64, requires_grad=True)
+    z = (torch.randn(batch, n, dtype=torch.float64) * 3).requires_grad_(True)
+    gumbel = -torch.log(-torch.log(torch.rand(n, len(POOL), dtype=torch.float64)))
+    target = torch.randn(batch, n, dtype=torch.float64)
+
+    def candidate(k: int, v: torch.Tensor) -> torch.Tensor:
+        f = acts[k].fn(v)
+        if clamp is not None:
+            f = f.clamp(-clamp, clamp)
+        return (f - transform.shift[k]) * transform.gain[k]
+
+    soft = F.softmax((logits + gumbel) / 0.3, dim=-1)
+    choice = soft.argmax(-1)
+    y = F.one_hot(choice, len(POOL)).to(soft) - soft.detach() + soft
+    reference = (torch.stack([candidate(k, z) for k in range(len(POOL))], -1) * y).sum(-1)
+    ref_dz, ref_da = torch.autograd.grad((reference * target).sum(), (z, logits))
+    out = _select(z.t(), F.softmax((logits + gumbel) / 0.3, -1).t(), choice, POOL, transform).t()
+    dz, da = torch.autograd.grad((out * target).sum(), (z, logits))
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(dz, ref_dz)
+    torch.testing.assert_close(da, ref_da)
+
+
+def test_standard_moments_match_closed_forms_and_standardise() -> None:
+    relu_mean = 1 / (2 * torch.pi) ** 0.5
+    assert standard_moments("relu") == pytest.approx((relu_mean, (0.5 - relu_mean**2) ** 0.5))
+    assert standard_moments("sigmoid")[0] == pytest.approx(0.5)
+    assert standard_moments("tanh")[0] == pytest.approx(0.0, abs=1e-12)
+    assert standard_moments("selu") == pytest.approx((0.0, 1.0), abs=1e-6)  # self-normalising
+    g = torch.randn(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    transform = CandidateTransform.build(POOL, norm="standard")
+    for k, name in enumerate(POOL):
+        h = transform.apply(k, ACTIVATIONS[name].fn(g))
+        assert abs(float(h.mean())) < 0.01 and abs(float(h.std()) - 1) < 0.01, name
+
+
+def test_folded_network_computes_the_standardised_function() -> None:
+    torch.manual_seed(3)
+    assignment = [[POOL[i % 6] for i in range(12)], [POOL[(i * 5) % 6] for i in range(7)]]
+    pre = {"offset": 0.5, "scale": 2.0}
+    model = MixedMLP([9, 12, 7, 4], POOL, assignment, preprocessing=pre,
+                     candidate_norm="standard").eval()  # fmt: skip
+    plain = MixedMLP([9, 12, 7, 4], POOL, assignment, preprocessing=pre).eval()
+    plain.load_canonical_state_dict(model.canonical_state_dict())
+    folded = model.folded().eval()
+    assert folded.candidate_norm == "none"
+    x = torch.randn(64, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(x), model(x), atol=1e-2)  # the norm does change h
 
 
 def test_selective_mlp_gradients_reach_every_layers_logits() -> None:

@@ -1,0 +1,641 @@
+"""A seeded grid of training runs (architectures x models x seeds) and what it says.
+
+Each cell is an ordinary run folder, DIR/runs/<archkey>/<model>/seed<k>, trained by its own
+``python -m smartmixed.train`` process. So a study resumes cell by cell (a folder holding
+model.json is done; one holding checkpoint.safetensors, a killed run, continues with --resume),
+runs on a cluster (``--plan`` prints every cell's command) and is aggregated from the run folders
+alone (``--collect``).
+
+Aggregation (DIR/study.{json,md,png}, rewritten after every finished cell):
+- per architecture and model: mean test accuracy over the seeds, sample std (ddof 1) and the
+  95% Student-t interval mean +- t(0.975, n - 1) std / sqrt(n);
+- per architecture, standard competition ranks of the models by mean (1 = best; ties share the
+  better rank: 1, 2, 2, 4);
+- the paper's Mean Reciprocal Rank, MRR_f = (1/N) sum_i 1 / rank_i(f), over the N
+  architectures where every model has at least one cell;
+- wins / ties / losses of every non-fixed model against every fixed one, over the
+  (architecture, seed) pairs where both were trained. Same seed means same data split and same
+  initialisation seed, so the comparison is paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from smartmixed.bench import BenchError, train_cost
+from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
+from smartmixed.train.model import PRESETS, TABLE1, SpecError, parse_arch, resolve_preset
+from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
+
+SMARTMIXED = "smartmixed"
+DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)
+DEFAULT_ARCHS = "paper"
+DEFAULT_SEEDS = 3
+TABLE1_ARCHS = "table1"  # --archs shorthand for the 18 presets table1-1 .. table1-18
+RUNS = "runs"  # DIR/runs/<archkey>/<model>/seed<k>
+# smartmixed-train options the study sets for every cell; variant and pass-through flags may not
+# (argparse dests). --mode is the model's: a variant may set it, the pass-through may not.
+CELL_OPTIONS = (
+    "data", "data_dir", "arch", "preset", "seed", "out", "resume", "overwrite", "quiet",
+    "compare", "list_presets",
+)  # fmt: skip
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a folder name on any filesystem
+STDERR_TAIL_LINES = 15
+RANK_TIE_TOLERANCE = 1e-12  # means this close are equal (the same accuracies summed in any order)
+
+
+@dataclass(frozen=True)
+class StudyModel:
+    """One column of the grid: a label (its folder name) and the smartmixed-train flags it adds."""
+
+    label: str
+    mode: str  # smartmixed | fixed:ACTIVATION
+    flags: tuple[str, ...] = ()  # a variant's FLAGS, split
+    variant: str | None = None  # a variant's FLAGS text
+    mode_in_flags: bool = False  # the variant's FLAGS hold --mode
+
+    @property
+    def mode_flags(self) -> list[str]:
+        """--mode MODE, unless the variant's own flags set it."""
+        return [] if self.mode_in_flags else ["--mode", self.mode]
+
+    @property
+    def fixed(self) -> bool:
+        return self.mode.startswith("fixed:")
+
+
+@dataclass(frozen=True)
+class Cell:
+    archkey: str
+    arch: tuple[int, ...]
+    model: StudyModel
+    seed: int
+
+    def folder(self, out: Path) -> Path:
+        return out / RUNS / self.archkey / self.model.label / f"seed{self.seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def parse_models(models: str | Sequence[str], variants: Sequence[str] = ()) -> list[StudyModel]:
+    """--models names (activations: fixed baselines; smartmixed) then the --variant LABEL=FLAGS."""
+    names = models.split(",") if isinstance(models, str) else list(models)
+    names = [name.strip() for name in names if name.strip()]
+    parsed = []
+    for name in names:
+        if name == SMARTMIXED:
+            parsed.append(StudyModel(name, SMARTMIXED))
+        elif name in ACTIVATIONS:
+            parsed.append(StudyModel(name, f"fixed:{name}"))
+        else:
+            raise BenchError(
+                f"--models: unknown model {name!r}; expected {SMARTMIXED} or an activation "
+                f"({', '.join(ACTIVATIONS)}); other settings go in --variant LABEL='FLAGS'"
+            )
+    for text in variants:
+        label, sep, flags_text = text.partition("=")
+        label = label.strip()
+        if not sep or not label:
+            raise BenchError(f"--variant {text!r}: expected LABEL='FLAGS'")
+        if not LABEL_PATTERN.fullmatch(label):
+            raise BenchError(
+                f"--variant {text!r}: label {label!r} must be a folder name: letters, digits and "
+                f"._+- only, starting with a letter or digit"
+            )
+        try:
+            flags = shlex.split(flags_text)
+        except ValueError as e:
+            raise BenchError(f"--variant {label}: cannot split its flags ({e})") from None
+        given = check_train_flags(flags, f"--variant {label}", reserved=CELL_OPTIONS)
+        mode = given.get("mode", SMARTMIXED)
+        if mode.startswith("fixed:") and mode.removeprefix("fixed:") not in ACTIVATIONS:
+            raise BenchError(
+                f"--variant {label}: --mode {mode}: unknown activation; expected one of: "
+                f"{', '.join(ACTIVATIONS)}"
+            )
+        parsed.append(StudyModel(label, mode, tuple(flags), flags_text.strip(), "mode" in given))
+    labels = [m.label for m in parsed]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise BenchError(f"--models / --variant: label(s) {', '.join(repeated)} given twice")
+    if not parsed:
+        raise BenchError("--models: no model to train (give --models or --variant)")
+    return parsed
+
+
+def check_train_flags(
+    flags: Sequence[str], where: str, *, reserved: Iterable[str]
+) -> dict[str, Any]:
+    """Parse ``flags`` with smartmixed-train's own parser: unknown flags, bad values and options
+    the study sets itself stop here, before any cell runs. Returns {dest: value} of those given."""
+    from smartmixed.train.cli import build_parser
+
+    parser = build_parser()
+    parser.exit_on_error = False
+    unset = object()  # every default becomes this sentinel: what differs was given
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    try:
+        namespace, unknown = parser.parse_known_args(list(flags))
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise BenchError(f"{where}: smartmixed-train rejects {shlex.join(flags)!r} ({e})") from None
+    if unknown:
+        raise BenchError(f"{where}: smartmixed-train does not know {shlex.join(unknown)!r}")
+    given = {k: v for k, v in vars(namespace).items() if v is not unset}
+    clash = [f"--{k.replace('_', '-')}" for k in given if k in set(reserved)]
+    if clash:
+        raise BenchError(f"{where}: {', '.join(clash)} is set by the study for every cell")
+    return given
+
+
+def parse_archs(text: str) -> dict[str, list[int]]:
+    """'table1' | 'paper;table1-5;64,32,10' -> {archkey: widths} (archkey: preset or 64-32-10)."""
+    archs: dict[str, list[int]] = {}
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        try:
+            if entry == TABLE1_ARCHS:
+                resolved = {f"table1-{i}": list(a) for i, a in enumerate(TABLE1, 1)}
+            elif "," in entry:
+                widths = parse_arch(entry)
+                resolved = {"-".join(map(str, widths)): widths}
+            else:
+                resolved = {entry: resolve_preset(entry)}
+        except SpecError as e:
+            raise BenchError(f"--archs entry {entry!r}: {e}") from None
+        for key, widths in resolved.items():
+            if key in archs:
+                raise BenchError(f"--archs: {key} given twice")
+            archs[key] = widths
+    if not archs:
+        raise BenchError(f"--archs {text!r}: no architecture")
+    return archs
+
+
+def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
+    """N -> seeds 0 .. N-1; '1,2,7' (or a list) -> those seeds, in order; '5,' is seed 5 alone."""
+    count_given = isinstance(seeds, int) or (isinstance(seeds, str) and "," not in seeds)
+    items = [seeds] if count_given else seeds.split(",") if isinstance(seeds, str) else seeds
+    try:
+        values = [int(s) for s in items if str(s).strip()]
+    except ValueError:
+        raise BenchError(f"--seeds {seeds!r}: expected N or a comma-separated list") from None
+    if count_given:
+        if not values or values[0] < 1:
+            raise BenchError(f"--seeds {seeds!r}: the number of seeds must be >= 1")
+        return list(range(values[0]))
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise BenchError(f"--seeds {seeds!r}: expected distinct integers >= 0")
+    return values
+
+
+def plan_cells(
+    archs: Mapping[str, Sequence[int]], models: Sequence[StudyModel], seeds: Sequence[int]
+) -> list[Cell]:
+    """Every cell, architecture-major, then model, then seed (the order of --plan)."""
+    return [
+        Cell(key, tuple(arch), model, seed)
+        for key, arch in archs.items()
+        for model in models
+        for seed in seeds
+    ]
+
+
+def cell_command(
+    cell: Cell, *, out: Path, data: str, data_dir: Path | None, train_args: Sequence[str]
+) -> list[str]:
+    """The smartmixed-train command of one cell (--resume when its folder holds a checkpoint)."""
+    folder = cell.folder(out)
+    command = [sys.executable, "-m", "smartmixed.train", "--data", data]
+    if data_dir is not None:
+        command += ["--data-dir", str(data_dir)]
+    command += ["--arch", ",".join(map(str, cell.arch)), *cell.model.mode_flags]
+    command += ["--seed", str(cell.seed), "--out", str(folder), "--quiet", *cell.model.flags]
+    command += list(train_args)
+    if (folder / CHECKPOINT).exists() and not (folder / MODEL_SPEC).exists():
+        command.append("--resume")
+    return command
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+
+
+def run_study(
+    *,
+    out: Path | str,
+    data: str = "mnist",
+    data_dir: Path | str | None = None,
+    models: str | Sequence[str] = DEFAULT_MODELS,
+    variants: Sequence[str] = (),
+    archs: str = DEFAULT_ARCHS,
+    seeds: int | str | Sequence[int] = DEFAULT_SEEDS,
+    jobs: int = 1,
+    train_args: Sequence[str] = (),
+    plan: bool = False,
+    collect: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the cells not yet complete (``jobs`` at a time), aggregating after each one.
+
+    ``plan``: train nothing, return every cell's command. ``collect``: train nothing, aggregate
+    the complete cells. Returns {"commands", "trained", "skipped", "failed", "study", "paths"};
+    ``failed`` lists {"run", "command", "returncode", "stderr_tail"} per failing cell, and
+    ``study`` is what study.json holds (None when no cell is complete).
+    """
+    out = Path(out)
+    data_dir = None if data_dir is None else Path(data_dir)
+    if plan and collect:
+        raise BenchError("--plan and --collect exclude each other")
+    if jobs < 1:
+        raise BenchError(f"--jobs {jobs}: must be >= 1")
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} exists and is not a folder")
+    study_models = parse_models(models, variants)
+    arch_map = parse_archs(archs)
+    seed_list = parse_seeds(seeds)
+    train_args = list(train_args)
+    check_train_flags(train_args, "-- (pass-through flags)", reserved=(*CELL_OPTIONS, "mode"))
+    cells = plan_cells(arch_map, study_models, seed_list)
+    config = {
+        "data": data, "data_dir": None if data_dir is None else str(data_dir),
+        "models": [m.label for m in study_models],
+        "variants": {m.label: m.variant for m in study_models if m.variant is not None},
+        "modes": {m.label: m.mode for m in study_models}, "archs": arch_map,
+        "seeds": seed_list, "jobs": jobs, "train_args": train_args, "out": str(out),
+    }  # fmt: skip
+    config["command"] = study_command(config)
+    commands = {
+        cell: cell_command(cell, out=out, data=data, data_dir=data_dir, train_args=train_args)
+        for cell in cells
+    }
+    outcome: dict[str, Any] = {
+        "commands": [commands[c] for c in cells], "trained": 0, "skipped": 0, "failed": [],
+        "study": None, "paths": [],
+    }  # fmt: skip
+    if plan:
+        return outcome
+
+    records = {c: read_cell(c, out) for c in cells if (c.folder(out) / MODEL_SPEC).exists()}
+    pending = [] if collect else [c for c in cells if c not in records]
+    outcome["skipped"] = len(records)
+
+    def write() -> None:
+        if records:
+            ordered = [records[c] for c in cells if c in records]
+            outcome["study"] = aggregate(ordered, models=study_models, config=config)
+            outcome["paths"] = train_cost.write_outputs(
+                outcome["study"], out, "study", render=render_markdown, draw=plot
+            )
+
+    with tqdm(total=len(pending), unit="cell", desc="study", disable=not progress) as bar:
+        for cell, done in run_cells({c: commands[c] for c in pending}, jobs=jobs):
+            bar.update(1)
+            if done.returncode == 0:
+                records[cell] = read_cell(cell, out)
+                outcome["trained"] += 1
+                write()
+                continue
+            failure = {
+                "run": str(cell.folder(out)), "command": shlex.join(commands[cell]),
+                "returncode": done.returncode,
+                "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
+            }  # fmt: skip
+            outcome["failed"].append(failure)
+            tqdm.write(
+                f"smartmixed-bench study: cell {failure['run']} failed (exit {done.returncode})\n"
+                f"  command: {failure['command']}\n  stderr:\n    "
+                + failure["stderr_tail"].replace("\n", "\n    "),
+                file=sys.stderr,
+            )
+    if not outcome["paths"]:
+        write()
+    return outcome
+
+
+def run_cells(
+    commands: Mapping[Cell, list[str]], *, jobs: int
+) -> Iterator[tuple[Cell, subprocess.CompletedProcess[str]]]:
+    """Run the cells' commands, ``jobs`` at a time, yielding each as it finishes.
+
+    Each child gets cpu_count // jobs threads (OMP / MKL, which torch reads at start), so that
+    parallel cells do not oversubscribe the cores. On Ctrl-C the children (same process group)
+    stop too, and the cells not yet started are cancelled.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(subprocess.run, command, env=env, capture_output=True, text=True): cell
+            for cell, command in commands.items()
+        }
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:  # interrupted, or the caller stopped early: start nothing more
+            for future in futures:
+                future.cancel()
+
+
+def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
+    """One complete cell's record for study.json, from its model.json."""
+    folder = cell.folder(out)
+    try:
+        spec = load_spec(folder)
+    except (ArtifactError, SpecError) as e:
+        raise BenchError(f"cell {folder}: {e}") from None
+    if tuple(spec.arch) != cell.arch:
+        raise BenchError(
+            f"cell {folder} holds a run of architecture {spec.arch}, the study expects "
+            f"{list(cell.arch)}; move it away or use another --out"
+        )
+    m = spec.metrics
+    record = {
+        "arch": list(cell.arch), "archkey": cell.archkey, "model": cell.model.label,
+        "seed": cell.seed, "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
+        "run": str(folder), "train_seconds": m["train_seconds"],
+    }  # fmt: skip
+    if not cell.model.fixed:
+        record["activation_shares"] = [
+            {name: n / sum(counts.values()) for name, n in counts.items()}
+            for counts in spec.activation_counts()
+        ]
+    return record
+
+
+def study_command(config: Mapping[str, Any]) -> str:
+    """The smartmixed-bench command line that reproduces this study."""
+    command = ["smartmixed-bench", "study", "--out", config["out"], "--data", config["data"]]
+    if config["data_dir"] is not None:
+        command += ["--data-dir", config["data_dir"]]
+    base = [m for m in config["models"] if m not in config["variants"]]
+    command += ["--models", ",".join(base)] if base else []
+    for label, flags in config["variants"].items():
+        command += ["--variant", f"{label}={flags}"]
+    keys = list(config["archs"])
+    if keys == [f"table1-{i}" for i in range(1, len(TABLE1) + 1)]:
+        command += ["--archs", TABLE1_ARCHS]
+    else:
+        specs = [k if k in PRESETS else ",".join(map(str, config["archs"][k])) for k in keys]
+        command += ["--archs", ";".join(specs)]
+    seeds = config["seeds"]
+    if seeds == list(range(len(seeds))):
+        command += ["--seeds", str(len(seeds))]
+    else:
+        command += ["--seeds", ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")]
+    if config["jobs"] != 1:
+        command += ["--jobs", str(config["jobs"])]
+    if config["train_args"]:
+        command += ["--", *config["train_args"]]
+    return shlex.join(command)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def competition_ranks(means: Mapping[str, float]) -> dict[str, int]:
+    """Standard competition ranking, highest mean first: rank = 1 + number of strictly better."""
+    return {
+        name: 1 + sum(other > mean + RANK_TIE_TOLERANCE for other in means.values())
+        for name, mean in means.items()
+    }
+
+
+def mean_reciprocal_rank(
+    ranks: Mapping[str, Mapping[str, int]], models: Sequence[str] | None = None
+) -> dict[str, float]:
+    """MRR_f = (1/N) sum_i 1 / rank_i(f) over the N architectures that rank every model
+    (``models``, default: every model ranked anywhere). {} when no architecture ranks them all."""
+    if models is None:
+        models = list(dict.fromkeys(m for arch_ranks in ranks.values() for m in arch_ranks))
+    complete = [r for r in ranks.values() if all(m in r for m in models)]
+    if not complete:
+        return {}
+    return {m: sum(1 / r[m] for r in complete) / len(complete) for m in models}
+
+
+def paired_outcomes(
+    cells: Sequence[Mapping[str, Any]], *, challengers: Sequence[str], baselines: Sequence[str]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """{challenger: {baseline: {wins, ties, losses}}} by test accuracy over the (archkey, seed)
+    pairs where both models have a cell."""
+    accuracy = {(c["archkey"], c["model"], c["seed"]): c["test_accuracy"] for c in cells}
+    pairs = sorted({(c["archkey"], c["seed"]) for c in cells})
+    paired: dict[str, dict[str, dict[str, int]]] = {}
+    for model in challengers:
+        paired[model] = {}
+        for base in baselines:
+            tally = {"wins": 0, "ties": 0, "losses": 0}
+            for key, seed in pairs:
+                a, b = accuracy.get((key, model, seed)), accuracy.get((key, base, seed))
+                if a is not None and b is not None:
+                    tally["wins" if a > b else "losses" if a < b else "ties"] += 1
+            paired[model][base] = tally
+    return paired
+
+
+def summarize(accuracies: Sequence[float]) -> dict[str, Any]:
+    """n, mean, sample std (ddof 1) and the Student-t 95% interval (None below two seeds)."""
+    from scipy.stats import t
+
+    n = len(accuracies)
+    mean = sum(accuracies) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95": None}
+    std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def aggregate(
+    cells: Sequence[dict[str, Any]], *, models: Sequence[StudyModel], config: dict[str, Any]
+) -> dict[str, Any]:
+    """What study.json holds: cells, summary, ranks, mrr, paired, config."""
+    labels = [m.label for m in models]
+    summary: dict[str, dict[str, Any]] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    for key in config["archs"]:
+        per_model = {
+            label: [c["test_accuracy"] for c in cells if c["archkey"] == key and c["model"] == label]
+            for label in labels
+        }  # fmt: skip
+        stats = {label: summarize(acc) for label, acc in per_model.items() if acc}
+        if not stats:
+            continue
+        ranks[key] = competition_ranks({label: s["mean"] for label, s in stats.items()})
+        summary[key] = {label: {**s, "rank": ranks[key][label]} for label, s in stats.items()}
+    return {
+        "cells": list(cells),
+        "summary": summary,
+        "ranks": ranks,
+        "mrr": mean_reciprocal_rank(ranks, labels),
+        "paired": paired_outcomes(
+            cells,
+            challengers=[m.label for m in models if not m.fixed],
+            baselines=[m.label for m in models if m.fixed],
+        ),
+        "config": config,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def render_markdown(study: Mapping[str, Any]) -> str:
+    config = study["config"]
+    n_cells = len(config["archs"]) * len(config["models"]) * len(config["seeds"])
+    lines = [
+        f"# Study: {config['data']}",
+        "",
+        f"{len(study['cells'])} of {n_cells} cells complete ({len(config['archs'])} "
+        f"architectures x {len(config['models'])} models x {len(config['seeds'])} seeds "
+        f"{config['seeds']}); test accuracy of the best-validation model of each run.",
+        "",
+        "```sh",
+        config["command"],
+        "```",
+    ]
+    for key, per_model in study["summary"].items():
+        lines += [
+            "",
+            f"## {key} {config['archs'][key]}",
+            "",
+            "| rank | model | seeds | test accuracy (mean ± std) | 95% interval |",
+            "|---|---|---|---|---|",
+        ]
+        for label, s in sorted(per_model.items(), key=lambda item: item[1]["rank"]):
+            std = "" if s["std"] is None else f" ± {s['std']:.4f}"
+            ci = "" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+            lines.append(f"| {s['rank']} | {label} | {s['n']} | {s['mean']:.4f}{std} | {ci} |")
+    lines += ["", "## Mean reciprocal rank", ""]
+    if study["mrr"]:
+        complete = [k for k, r in study["ranks"].items() if all(m in r for m in study["mrr"])]
+        lines += [
+            f"Over the {len(complete)} architecture(s) where every model has a cell; "
+            "1 = best everywhere.",
+            "",
+            "| model | MRR |",
+            "|---|---|",
+        ]
+        for label, value in sorted(study["mrr"].items(), key=lambda item: -item[1]):
+            lines.append(f"| {label} | {value:.3f} |")
+    else:
+        lines.append("No architecture has a cell of every model yet.")
+    baselines = sorted(
+        {b for per in study["paired"].values() for b in per}, key=config["models"].index
+    )
+    if study["paired"] and baselines:
+        lines += [
+            "",
+            "## Paired comparison (wins / ties / losses)",
+            "",
+            "Test accuracy of each non-fixed model against each fixed baseline on the same "
+            "architecture and seed.",
+            "",
+            "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+            "|---|" + "---|" * len(baselines),
+        ]
+        for label, per in study["paired"].items():
+            tallies = [per[b] for b in baselines]
+            cells = [f"{t['wins']} / {t['ties']} / {t['losses']}" for t in tallies]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def activation_color(name: str) -> Any:
+    """One colour per activation name (the registry's order; tab10 as the per-run plots)."""
+    import matplotlib
+
+    index = list(ACTIVATIONS).index(name)
+    return matplotlib.colormaps["tab10" if index < 10 else "Dark2"](index % 10)
+
+
+def shares_by_depth(
+    cells: Sequence[Mapping[str, Any]], model: str
+) -> dict[str, tuple[list[float], list[float]]]:
+    """{activation: (relative depths, mean share)}: hidden layer l of L sits at (l + 0.5) / L;
+    shares at the same depth are averaged over architectures and seeds."""
+    points: dict[str, dict[float, list[float]]] = {}
+    for cell in cells:
+        layers = cell.get("activation_shares") if cell["model"] == model else None
+        for layer, shares in enumerate(layers or []):
+            depth = round((layer + 0.5) / len(layers), 6)
+            for name, share in shares.items():
+                points.setdefault(name, {}).setdefault(depth, []).append(share)
+    return {
+        name: (sorted(by_depth), [sum(v) / len(v) for _, v in sorted(by_depth.items())])
+        for name, by_depth in points.items()
+    }
+
+
+def plot(study: Mapping[str, Any], path: Path) -> None:
+    """MRR per model; rank heatmap (architectures x models); activation share by depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    config = study["config"]
+    labels, keys = config["models"], list(study["ranks"])
+    fig, (ax_mrr, ax_rank, ax_share) = plt.subplots(
+        1, 3, figsize=(18, max(4.5, 0.32 * len(keys) + 2.5))
+    )
+    if study["mrr"]:
+        ax_mrr.bar(labels, [study["mrr"][m] for m in labels], color="C0")
+        ax_mrr.set_ylim(0, 1.05)
+    else:
+        ax_mrr.text(0.5, 0.5, "no architecture has\nevery model yet", ha="center", va="center")
+    ax_mrr.set_ylabel("mean reciprocal rank")
+    ax_mrr.set_title("MRR (1 = best on every architecture)")
+    ax_mrr.tick_params(axis="x", labelrotation=45)
+
+    grid = np.array([[study["ranks"][k].get(m, np.nan) for m in labels] for k in keys], float)
+    worst = max(len(labels), 2)
+    ax_rank.imshow(grid, cmap="viridis_r", aspect="auto", vmin=1, vmax=worst)
+    for (row, col), rank in np.ndenumerate(grid):
+        if not np.isnan(rank):  # dark text on the light (good) end of viridis_r
+            color = "k" if rank <= (1 + worst) / 2 else "w"
+            ax_rank.text(col, row, f"{rank:.0f}", ha="center", va="center", color=color, fontsize=8)
+    ax_rank.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax_rank.set_yticks(range(len(keys)), keys)
+    ax_rank.set_title("rank by mean test accuracy (1 = best)")
+
+    styles = ["-", "--", ":", "-."]
+    mixed = [m for m in labels if not config["modes"][m].startswith("fixed:")]
+    drawn = False
+    for i, model in enumerate(mixed):
+        for name, (depths, shares) in shares_by_depth(study["cells"], model).items():
+            label = name if len(mixed) == 1 else f"{model}: {name}"
+            ax_share.plot(depths, shares, linestyle=styles[i % len(styles)], marker="o", ms=3,
+                          color=activation_color(name), label=label)  # fmt: skip
+            drawn = True
+    if drawn:
+        ax_share.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax_share.set_xlim(0, 1)
+    else:
+        ax_share.text(0.5, 0.5, "no smartmixed cell yet", ha="center", va="center")
+    ax_share.set_xlabel("relative depth of the hidden layer, (l + 0.5) / L")
+    ax_share.set_ylabel("share of neurons")
+    ax_share.set_title("activation share by depth (mean over archs and seeds)")
+    fig.suptitle(f"study on {config['data']}: {len(study['cells'])} runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
