@@ -192,6 +192,7 @@ def _savefig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; plots get the usual mode
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")

@@ -457,11 +457,9 @@ def train_run(
 
     # Final model: the last phase's kept state; its candidate norm folded into the weights, so
     # the artifact is an ordinary mixed network (export and serve know nothing of the norm).
+    # (With --p2-epochs 0 the mixed phase trains nothing and keeps its start: phase 1's choice.)
     model = phase.model
     model.load_state_dict(phase.kept)
-    if isinstance(model, SelectiveMLP):  # smartmixed with --p2-epochs 0: freeze phase 1's argmax
-        _end_selective(config, phase, dataset, run, data)
-        model = MixedMLP.from_selective(model, preprocessing=dataset.preprocessing)
     model = model.folded()
     val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"])
     test_loss, test_acc = evaluate(model, data["x_test"], data["y_test"])

@@ -243,3 +243,10 @@ def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path:
         assert not torch.equal(noisy(x), noisy(x))  # Gumbel noise at evaluation
     loaded, _ = artifacts.load_model(tmp_path / "run")  # an ordinary mixed network
     assert loaded.assignment == spec.assignment and spec.metrics["test_accuracy"] > 0.3
+
+
+def test_no_phase2_epochs_ships_the_phase1_choice(digits: Dataset, tmp_path: Path) -> None:
+    spec = train_run(config=_config(p1_epochs=2, p2_epochs=0), dataset=digits,
+                     out=tmp_path / "run", progress=False)  # fmt: skip
+    assert spec.activation_counts() == spec.metrics["phase1"]["activation_counts"]
+    assert spec.metrics["test_accuracy"] == pytest.approx(spec.metrics["phase1"]["test_accuracy"])
