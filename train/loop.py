@@ -218,7 +218,8 @@ def train_epoch(
     model.train()
     inner = getattr(model, "module", model)  # DDP wraps the network
     logits_param = getattr(inner, "selection_logits", None)
-    logit_grad = None if logits_param is None else torch.zeros(logits_param.shape[1])
+    # accumulated where the logits live: one device-to-host copy per epoch, not per step
+    logit_grad = None if logits_param is None else torch.zeros_like(logits_param[0]).detach()
     order = torch.randperm(len(y), generator=generator).to(y.device)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
     steps = 0
@@ -232,7 +233,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if logit_grad is not None and logits_param.grad is not None:
-            logit_grad += logits_param.grad.detach().mean(0).cpu()  # (K,)
+            logit_grad += logits_param.grad.detach().mean(0)  # (K,)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         check_ranks_agree(model, ranks)
@@ -247,7 +248,7 @@ def train_epoch(
     }  # fmt: skip
     if logit_grad is not None:
         result["logit_grad"] = dict(
-            zip(inner.pool, (logit_grad / max(steps, 1)).tolist(), strict=True)
+            zip(inner.pool, (logit_grad / max(steps, 1)).cpu().tolist(), strict=True)
         )
     return result
 
@@ -346,8 +347,13 @@ def _start_phase(
     else:
         model = _build(config, name, dataset, run.assignment)
     model = model.to(dev)
-    rule = config.select if name == "selective" else "val-loss"
-    return _Phase(name, epochs, model, _optimizer(config, model), _clone_state(model), rule)
+    return _Phase(name, epochs, model, _optimizer(config, model), _clone_state(model),
+                  _keep_rule(config, name))  # fmt: skip
+
+
+def _keep_rule(config: TrainConfig, phase: str) -> str:
+    """--select decides phase 1's kept epoch; phase 2 and fixed runs keep the best val loss."""
+    return config.select if phase == "selective" else "val-loss"
 
 
 def _keeps(rule: str, record: dict[str, Any], run: _RunState) -> bool:
@@ -436,11 +442,12 @@ def train_run(
     data_gen = torch.Generator().manual_seed(config.seed)
     phases = config.phases()
     run = _RunState()
-    phase = _start_phase(config, 0, dataset, run, None, dev)
     if resume:
         phase = _restore(out, config, dataset, record_config, data_gen, dev, run)
         if ranks.main:
             print(f"resuming {out} at phase {phase.name}, epoch {run.phase_epoch}")
+    else:
+        phase = _start_phase(config, 0, dataset, run, None, dev)
 
     while True:
         _train_phase(
@@ -582,8 +589,8 @@ def _restore(
     data_gen.set_state(tensors["rng.data"])
     if dev.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    rule = config.select if name == "selective" else "val-loss"
-    return _Phase(name, epochs, model, optimizer, _prefixed(tensors, "best."), rule)
+    return _Phase(name, epochs, model, optimizer, _prefixed(tensors, "best."),
+                  _keep_rule(config, name))  # fmt: skip
 
 
 def _clone_state(model: nn.Module) -> dict[str, Tensor]:

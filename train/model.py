@@ -227,6 +227,11 @@ class CandidateTransform:
     shift: tuple[float, ...]
     gain: tuple[float, ...]
     clamp: float | None = None
+    affine: bool = field(init=False)  # any candidate with shift != 0 or gain != 1 (set once)
+
+    def __post_init__(self) -> None:
+        affine = any(self.shift) or any(g != 1.0 for g in self.gain)
+        object.__setattr__(self, "affine", affine)  # frozen: derived once, not per forward
 
     @classmethod
     def build(
@@ -238,10 +243,6 @@ class CandidateTransform:
             return cls((0.0,) * len(pool), (1.0,) * len(pool), clamp)
         moments = [standard_moments(name) for name in pool]
         return cls(tuple(m for m, _ in moments), tuple(1.0 / sd for _, sd in moments), clamp)
-
-    @property
-    def affine(self) -> bool:
-        return any(self.shift) or any(g != 1.0 for g in self.gain)
 
     def apply(self, k: int, out: Tensor) -> Tensor:
         """The affine part for candidate k (the clamp is the caller's: it shapes derivatives)."""
