@@ -256,13 +256,15 @@ async def _send_error(send, message: str, status: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+def create_app(settings: ServeSettings, repository: Repository | None = None) -> FastAPI:
+    """The service over ``repository`` (already loaded, as the CLI does before it binds a port),
+    or over ``settings.repository``, loaded at startup."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
-        repo = load_repository(
+        repo = repository or load_repository(
             settings.repository, device=settings.device, threads=settings.intra_op_threads,
             skip_bad_models=settings.skip_bad_models,
         )  # fmt: skip

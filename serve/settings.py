@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,8 +39,8 @@ class ServeSettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None,
-        description="When set, requests need 'Authorization: Bearer KEY' or 'X-API-Key: KEY' "
-        "(health endpoints stay open)",
+        description="When set and not empty, requests need 'Authorization: Bearer KEY' or "
+        "'X-API-Key: KEY' (health endpoints stay open); empty means no key",
     )
     skip_bad_models: bool = Field(
         False,
@@ -51,6 +51,47 @@ class ServeSettings(BaseSettings):
         4, ge=1, description="Threads running inference off the event loop"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    # ---- connections (enforced by the HTTP protocol, serve/server.py) -------------------------
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request line + headers; larger ones get 431"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's line and headers must arrive within this time"
+    )
+    body_timeout_s: float = Field(
+        15.0, gt=0, description="A request's body must arrive within this time after its headers"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive connection is closed after this time"
+    )
+    max_connections: int = Field(
+        2048, ge=8, description="Most open connections (also capped below the process's open-file "
+        "limit); at the cap, the oldest idle connection makes room, else 503",
+    )
+    # ---- load shedding (serve/app.py) ---------------------------------------------------------
+    max_queue: int = Field(
+        256, ge=1, description="Most inference requests admitted per model (queued or running); "
+        "more get 503 with Retry-After at once",
+    )
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline of an admitted inference request; work still queued "
+        "then is dropped with 503",
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 503")
+    # ---- repository (serve/runtime.py) -------------------------------------------------------
+    max_model_bytes: int = Field(
+        1024**3, ge=1024, description="Largest model.onnx the server will read"
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        """SMARTMIXED_API_KEY= (empty, as docker-compose passes by default) means no key."""
+        if value is None:
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        return text if text.strip() else None
 
     @property
     def batching(self) -> bool:
