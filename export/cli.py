@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="execution provider that auto times the candidates on")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    p.add_argument("--private", action="store_true",
+                   help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
+                   "server running as another user)")  # fmt: skip
     p.add_argument("--verify-only", type=Path, metavar="ENTRY",
                    help="re-verify an existing entry (models/NAME) and exit")  # fmt: skip
     p.add_argument("--against", type=Path, metavar="RUN",
@@ -50,13 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export_run(
             run_dir=args.run, repository=args.repository, name=args.name,
             lowering=args.lowering, opset=args.opset, version=args.version,
-            device=args.device, overwrite=args.overwrite,
+            device=args.device, overwrite=args.overwrite, private=args.private,
         )  # fmt: skip
     except VerificationError as e:
         print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
         return 1
     except (ExportError, LoweringError, ArtifactError, ProviderError) as e:
         print(f"smartmixed-export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an entry or run file unreadable in a way no check above foresaw
+        print(f"smartmixed-export: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
           f"(lowering {result.lowering})")  # fmt: skip

@@ -11,6 +11,7 @@ export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,12 +35,22 @@ from smartmixed.export.lower import (
 )
 from smartmixed.export.select import pick_lowering, time_lowerings
 from smartmixed.export.verify import input_sets, verify_against_torch
-from smartmixed.train.artifacts import atomic_write_text, load_model
+from smartmixed.serve.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    ConfigError,
+    check_model_config,
+    is_version_name,
+)
+from smartmixed.train.artifacts import check_writable_folder, load_model
 from smartmixed.train.data import DataError, load_dataset
 from smartmixed.train.model import ModelSpec
 
 MAX_BATCH_SIZE = 1024  # Triton: the largest batch a request (or a dynamic batch) may hold
-MODEL_FILE, REPORT_FILE, CONFIG_FILE = "model.onnx", "export.json", "config.pbtxt"
+REPORT_FILE = "export.json"
+# Modes of what export writes: readable by a server running as another user (the Dockerfile's
+# non-root user), or by the owner alone with --private.
+PUBLIC_MODES, PRIVATE_MODES = (0o755, 0o644), (0o700, 0o600)  # (folders, files)
 
 
 class ExportError(ValueError):
@@ -124,8 +135,12 @@ def export_run(
     version: int = 1,
     device: str = "cpu",
     overwrite: bool = False,
+    private: bool = False,
 ) -> ExportResult:
-    """Lower, verify (every candidate), choose, and write one repository entry atomically."""
+    """Lower, verify (every candidate), choose, and write one repository entry atomically.
+
+    The entry's folders are 0755 and its files 0644 (0700 and 0600 when ``private``).
+    """
     run_dir, repository = Path(run_dir), Path(repository)
     requested = lowering
     name = name or run_dir.name
@@ -136,6 +151,12 @@ def export_run(
     if version < 1:
         raise ExportError(f"--version {version}: expected an integer >= 1")
     entry = repository / name
+    # refuse an unusable destination before the minutes of lowering and verification
+    check_writable_folder(repository, what="--repository")
+    if entry.exists():
+        if not entry.is_dir():
+            raise ExportError(f"{entry} exists and is not a folder")
+        check_writable_folder(entry, what="entry")
     if (entry / str(version)).exists() and not overwrite:
         raise ExportError(f"{entry / str(version)} already exists; pass --overwrite to replace it")
 
@@ -183,43 +204,71 @@ def export_run(
             "smartmixed.versions": report["versions"],
         },
     )
-    _write_entry(entry, version, model, report, triton_config(name, spec, lowering=chosen))
+    config = triton_config(name, spec, lowering=chosen)
+    try:  # what serve and --verify-only will check, checked before anything is written
+        check_model_config(config, model, name=name, source=Path(CONFIG_FILE))
+    except ConfigError as e:
+        raise ExportError(f"the generated {e}") from None
+    try:
+        _write_entry(entry, version, model, report, config, private=private)
+    except OSError as e:
+        raise ExportError(f"cannot write {e.filename or entry}: {e.strerror or e}") from None
     return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
 
 
 def _write_entry(
-    entry: Path, version: int, model: onnx.ModelProto, report: dict, config: str
-) -> None:
+    entry: Path, version: int, model: onnx.ModelProto, report: dict, config: str, *,
+    private: bool,
+) -> None:  # fmt: skip
+    """Build the entry (or its new version) in a staging folder next to it, then rename it into
+    place. Modes are set explicitly: mkdtemp makes 0700, which a server running as another user
+    cannot read (issue F)."""
+    folder_mode, file_mode = PRIVATE_MODES if private else PUBLIC_MODES
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
     try:
         version_dir = staging / str(version)
         version_dir.mkdir()
-        (version_dir / MODEL_FILE).write_bytes(model.SerializeToString())
-        (version_dir / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        for path, data in (
+            (version_dir / MODEL_FILE, model.SerializeToString()),
+            (version_dir / REPORT_FILE, (json.dumps(report, indent=1) + "\n").encode()),
+            (staging / CONFIG_FILE, config.encode()),
+        ):
+            path.write_bytes(data)
+            path.chmod(file_mode)
+        version_dir.chmod(folder_mode)
+        staging.chmod(folder_mode)
         if not entry.exists():
-            (staging / CONFIG_FILE).write_text(config)
             staging.rename(entry)
             return
-        target = entry / str(version)
+        if entry.stat().st_mode & 0o777 != folder_mode:  # an entry exported before issue F
+            entry.chmod(folder_mode)
+        target, old = entry / str(version), staging / "replaced"
         if target.exists():  # --overwrite: move the old version aside, then swap
-            old = staging / "replaced"
             target.rename(old)
-        version_dir.rename(target)
-        atomic_write_text(entry / CONFIG_FILE, config)
+        try:
+            version_dir.rename(target)
+        except OSError:
+            if old.exists():
+                old.rename(target)
+            raise
+        os.replace(staging / CONFIG_FILE, entry / CONFIG_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def latest_version(entry: Path) -> Path:
-    versions = sorted((int(p.name), p) for p in entry.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = sorted(
+        (int(p.name), p) for p in entry.iterdir() if p.is_dir() and is_version_name(p.name)
+    )
     if not versions:
         raise ExportError(f"{entry}: no numbered version folder")
     return versions[-1][1]
 
 
 def verify_entry(entry: Path | str, *, run_dir: Path | str | None = None) -> dict[str, Any]:
-    """Re-verify an existing entry's latest version against its run (or ``run_dir``)."""
+    """Re-verify an existing entry's latest version against its run (or ``run_dir``): its
+    config.pbtxt as the server checks it, then its numbers against PyTorch."""
     entry = Path(entry)
     if not entry.is_dir():
         raise ExportError(f"{entry}: no such repository entry")
@@ -228,6 +277,14 @@ def verify_entry(entry: Path | str, *, run_dir: Path | str | None = None) -> dic
         model = onnx.load(str(path))
     except (OSError, DecodeError) as e:
         raise ExportError(f"{path}: not a readable ONNX model ({e})") from None
+    config = entry / CONFIG_FILE
+    try:
+        text = config.read_text() if config.exists() else None
+        check_model_config(text, model, name=entry.name, source=config)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{config}: not readable as text ({e})") from None
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     meta = get_metadata(model)
     run_dir = Path(run_dir) if run_dir is not None else Path(meta.get("smartmixed.run", ""))
     if "smartmixed.spec" not in meta:

@@ -1,11 +1,12 @@
 """Prove that an ONNX graph computes what the PyTorch model computes, before anything is written.
 
-Checks, in order: the ONNX checker (full check) and strict shape inference; output names; then
-for ONNX Runtime (CPU) at ORT_ENABLE_BASIC and ORT_ENABLE_ALL, on every input set, output shapes
-and numbers against the PyTorch model in eval mode. An element passes when
-|onnx - torch| <= atol + rtol * |torch| (numpy's allclose rule; atol 1e-5, rtol 1e-4 on float32
-logits and probabilities); the held-out test set must also agree on every argmax. All mismatches
-are collected and raised as one VerificationError that lists the max differences per input set.
+Checks, in order: NaN or inf in the initializers; the ONNX checker (full check) and strict shape
+inference; output names; then for ONNX Runtime (CPU) at ORT_ENABLE_BASIC and ORT_ENABLE_ALL, on
+every input set, output shapes and numbers against the PyTorch model in eval mode. An element
+passes when |onnx - torch| <= atol + rtol * |torch| (numpy's allclose rule; atol 1e-5, rtol 1e-4
+on float32 logits and probabilities); the held-out test set must also agree on every argmax. All
+mismatches are collected and raised as one VerificationError that lists the max differences per
+input set.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from smartmixed.export.lower import LOGITS, PROBABILITIES
 from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
+from smartmixed.serve.runtime import nonfinite_initializers
 
 ATOL, RTOL = 1e-5, 1e-4
 MAX_TEST_SAMPLES = 10_000
@@ -94,6 +96,9 @@ def verify_against_torch(
 ) -> dict[str, Any]:
     """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
     problems: list[str] = []
+    if nonfinite := nonfinite_initializers(model):  # named as such, not as a mismatch (issue F)
+        message = "ONNX model: " + "; ".join(nonfinite)
+        raise VerificationError(message, {"passed": False, "checker": message})
     try:
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from smartmixed.serve.runtime import LoadError
+from smartmixed.serve.runtime import LoadError, load_repository
 from smartmixed.serve.settings import ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: stop accepting, let in-flight requests finish
@@ -59,22 +59,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    import uvicorn
-
-    from smartmixed.serve.app import create_app
-
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
-        log_level=settings.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        access_log=False,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
+    # Load before binding a port: a bad repository is one line and exit 2 (issue F), not a
+    # traceback from inside the server's lifespan.
     try:
-        server.run()
+        repository = load_repository(
+            settings.repository, device=settings.device, threads=settings.intra_op_threads,
+            skip_bad_models=settings.skip_bad_models, max_model_bytes=settings.max_model_bytes,
+        )  # fmt: skip
     except LoadError as e:
         print(f"smartmixed-serve: error: {e}", file=sys.stderr)
         return 2
-    if not server.started:
+    from smartmixed.serve import server as http
+    from smartmixed.serve.app import create_app
+
+    nofile = http.raise_open_file_limit()
+    limits = http.ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=http.connection_cap(settings.max_connections),
+    )  # fmt: skip
+    if limits.max_connections < settings.max_connections:
+        logging.getLogger("smartmixed.serve").info(
+            "connection cap %d (max_connections %d, open-file limit %d)",
+            limits.max_connections, settings.max_connections, nofile,
+        )  # fmt: skip
+    stats = http.ConnectionStats({})
+    started = http.run_server(
+        create_app(settings, repository=repository, connections=stats), host=settings.host,
+        port=settings.port, limits=limits, stats=stats,
+        keep_alive_timeout_s=settings.keep_alive_timeout_s,
+        graceful_shutdown_s=GRACEFUL_SHUTDOWN_S, log_level=settings.log_level,
+    )  # fmt: skip
+    if not started:
         # uvicorn logs a failed lifespan startup and returns; the reason is in the log above
         print(
             "smartmixed-serve: error: the server did not start (see the log above)", file=sys.stderr

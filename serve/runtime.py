@@ -6,13 +6,10 @@ never imports train/ or export/.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import time
-from collections.abc import Callable
-from concurrent.futures import Executor
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,22 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
+from smartmixed.serve.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    NO_CONFIG,
+    ConfigError,
+    ModelConfigInfo,
+    check_model_config,
+    is_version_name,
+)
+from smartmixed.serve.settings import ServeSettings
+
 log = logging.getLogger("smartmixed.serve")
 
-MODEL_FILE = "model.onnx"
 INPUT = "input"
+MAX_MODEL_BYTES: int = ServeSettings.model_fields["max_model_bytes"].default
+MAX_CONFIG_BYTES = 1024 * 1024  # config.pbtxt is text of a few hundred bytes
 
 
 class ServeError(Exception):
@@ -52,7 +61,12 @@ class NotReady(ServeError):
 
 
 class LoadError(RuntimeError):
-    """A repository entry, or the requested device, that cannot be loaded."""
+    """A repository entry, or the requested device, that cannot be loaded (a one-line message
+    naming model, version and problem)."""
+
+
+class DeviceError(LoadError):
+    """The requested device cannot be used: --skip-bad-models does not skip it."""
 
 
 @dataclass
@@ -67,6 +81,7 @@ class ModelVersion:
     n_classes: int
     outputs: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    config: ModelConfigInfo = NO_CONFIG  # what NAME/config.pbtxt says (checked at load)
 
     @property
     def providers(self) -> list[str]:
@@ -115,7 +130,7 @@ def _providers_for(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise LoadError(
+        raise DeviceError(
             "--device cuda: CUDAExecutionProvider is not in this onnxruntime build "
             f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu)"
         )
@@ -124,52 +139,167 @@ def _providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def load_version(name: str, version_dir: Path, *, device: str, threads: int | None) -> ModelVersion:
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def read_repository_file(
+    path: Path, *, root: Path, limit: int, limit_setting: str | None = None
+) -> bytes:
+    """The bytes of ``path``, which must resolve (symlinks followed) to a regular file inside the
+    repository ``root`` and hold at most ``limit`` bytes (the ``limit_setting`` that sets it is
+    named); else LoadError "cannot read PATH: why".
+
+    Never waits or reads without end (issue F: a model.onnx symlinked to an endless device was
+    read without limit): the file is opened non-blocking (a FIFO would wait for a writer),
+    checked with fstat, and read for at most its size + 1 bytes.
+    """
+    where = f"cannot read {path}"
+    try:
+        real, inside = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+        raise LoadError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
+    if not real.is_relative_to(inside):
+        raise LoadError(f"{where}: it resolves to {real}, outside the repository {root}")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LoadError(f"{where}: no such file") from None
+    except OSError as e:
+        raise LoadError(f"{where}: {e.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(status.st_mode)), "special")
+            raise LoadError(f"{where}: {kind}, not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(min(status.st_size, limit) + 1)
+    except OSError as e:
+        raise LoadError(f"{where}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        setting = f" ({limit_setting})" if limit_setting else ""
+        raise LoadError(f"{where}: larger than the limit of {limit} bytes{setting}")
+    return data
+
+
+def _nonfinite(nan: int, inf: int) -> str:
+    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} value{'s' if nan + inf > 1 else ''}"
+
+
+def nonfinite_initializers(model: onnx.ModelProto) -> list[str]:
+    """'initializer NAME holds 3 NaN values' for each floating-point initializer that does not
+    hold only finite numbers (external data is not read)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+    problems = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in floats or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            values = onnx.numpy_helper.to_array(tensor)
+        except ValueError:  # malformed: ONNX Runtime names the problem when it loads the graph
+            continue
+        nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        if nan or inf:
+            problems.append(f"initializer {tensor.name} holds {_nonfinite(nan, inf)}")
+    return problems
+
+
+def _read_config(entry: Path, *, root: Path, model: onnx.ModelProto) -> ModelConfigInfo:
+    """NAME/config.pbtxt checked against ``model``; no file: nothing stated (Triton derives it)."""
+    path = entry / CONFIG_FILE
+    if not path.exists() and not path.is_symlink():
+        return check_model_config(None, model, name=entry.name, source=None)
+    raw = read_repository_file(path, root=root, limit=MAX_CONFIG_BYTES)
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return check_model_config(text, model, name=entry.name, source=path)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
+def load_version(
+    name: str,
+    version_dir: Path,
+    *,
+    device: str,
+    threads: int | None,
+    root: Path | None = None,
+    max_model_bytes: int = MAX_MODEL_BYTES,
+) -> ModelVersion:
+    """Load NAME/VERSION/model.onnx, checked against NAME/config.pbtxt when there is one.
+
+    ``root`` (default: two levels up) is the repository that the model file must resolve into.
+    Every problem is one LoadError "NAME/VERSION: problem".
+    """
+    where = f"{name}/{version_dir.name}"
+    root = version_dir.parent.parent if root is None else root
     path = version_dir / MODEL_FILE
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (OSError, DecodeError) as e:
-        raise LoadError(f"{name}/{version_dir.name}: cannot read {path} ({e})") from None
-    metadata = {}
+        data = read_repository_file(
+            path, root=root, limit=max_model_bytes, limit_setting="SMARTMIXED_MAX_MODEL_BYTES"
+        )
+        if not data:
+            raise LoadError(f"cannot read {path}: empty file")
+        try:
+            proto = onnx.load_model_from_string(data)
+        except DecodeError as e:
+            raise LoadError(f"cannot read {path}: not an ONNX model ({e})") from None
+        config = _read_config(version_dir.parent, root=root, model=proto)
+    except LoadError as e:
+        raise LoadError(f"{where}: {e}") from None
+    metadata: dict[str, Any] = {}
     for prop in proto.metadata_props:
         if prop.key.startswith("smartmixed."):
             try:
                 metadata[prop.key.removeprefix("smartmixed.")] = json.loads(prop.value)
             except json.JSONDecodeError:
                 metadata[prop.key.removeprefix("smartmixed.")] = prop.value
-    if "spec" not in metadata:
-        raise LoadError(f"{name}/{version_dir.name}: {path} has no smartmixed.spec metadata")
+    if not isinstance(metadata.get("spec"), dict):
+        raise LoadError(f"{where}: {path} has no smartmixed.spec metadata (not written by "
+                        "smartmixed-export)")  # fmt: skip
+    if nonfinite := nonfinite_initializers(proto):
+        raise LoadError(f"{where}: {path}: {'; '.join(nonfinite)}")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(
-            proto.SerializeToString(), sess_options=options, providers=_providers_for(device)
-        )
-    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as e:
-        raise LoadError(
-            f"{name}/{version_dir.name}: ONNX Runtime cannot load {path} ({e})"
-        ) from None
+        session = ort.InferenceSession(data, sess_options=options, providers=_providers_for(device))
+    except DeviceError:
+        raise
+    except Exception as e:  # ORT's errors (InvalidGraph, Fail, ...) share no narrower base
+        reason = " ".join(str(e).split())  # one line
+        raise LoadError(f"{where}: ONNX Runtime cannot load {path} ({reason})") from None
     active = session.get_providers()
     if device == "cuda" and active[0] != "CUDAExecutionProvider":
-        raise LoadError(
-            f"{name}/{version_dir.name}: --device cuda, but the session runs on {active} "
+        raise DeviceError(
+            f"{where}: --device cuda, but the session runs on {active} "
             "(CUDA libraries or the GPU not usable)"
         )
     if device == "auto" and active[0] != "CUDAExecutionProvider":
-        log.warning(
-            "%s/%s: device auto: CUDA not usable, serving on %s", name, version_dir.name, active
-        )
-    inputs = session.get_inputs()
-    if [i.name for i in inputs] != [INPUT] or len(inputs[0].shape) != 2:
-        raise LoadError(f"{name}/{version_dir.name}: expected one input 'input' [batch, D]")
-    outputs = [o.name for o in session.get_outputs()]
+        log.warning("%s: device auto: CUDA not usable, serving on %s", where, active)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [i.name for i in inputs] != [INPUT] or not _is_batch_of_rows(inputs[0].shape):
+        raise LoadError(f"{where}: expected one input 'input' [batch, D]")
+    if not outputs or not all(_is_batch_of_rows(o.shape) for o in outputs):
+        raise LoadError(f"{where}: expected outputs [batch, C]")
     return ModelVersion(
         name=name, version=version_dir.name, path=path, session=session,
-        n_features=int(inputs[0].shape[1]), n_classes=int(session.get_outputs()[0].shape[1]),
-        outputs=outputs, metadata=metadata,
+        n_features=inputs[0].shape[1], n_classes=outputs[0].shape[1],
+        outputs=[o.name for o in outputs], metadata=metadata, config=config,
     )  # fmt: skip
+
+
+def _is_batch_of_rows(shape: list) -> bool:
+    """[batch, width] with a fixed width (ORT gives a dynamic dimension as a str or None)."""
+    return len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0
 
 
 @dataclass
@@ -195,31 +325,67 @@ class Repository:
 
 
 def load_repository(
-    root: Path, *, device: str, threads: int | None, skip_bad_models: bool
+    root: Path,
+    *,
+    device: str,
+    threads: int | None,
+    skip_bad_models: bool,
+    max_model_bytes: int = MAX_MODEL_BYTES,
 ) -> Repository:
-    """Load every models/NAME/VERSION/model.onnx; a bad entry stops startup unless skipped."""
-    if not root.is_dir():
-        raise LoadError(f"model repository {root} is not a directory")
+    """Load every ROOT/NAME/VERSION/model.onnx (Triton's layout).
+
+    A bad entry (no version folder; a model file that is unreadable, not a regular file, over
+    ``max_model_bytes``, outside ``root``, not ONNX, or that its config.pbtxt does not describe)
+    stops startup with one LoadError naming model, version and problem; with
+    ``skip_bad_models`` it is logged and listed in ``Repository.failed`` instead. Folders not
+    named by a positive integer are ignored with one warning each, as Triton does. A missing or
+    empty repository, or an unusable device, always stops startup.
+    """
+    root = Path(root)
+    try:
+        entries = sorted(root.iterdir())
+    except FileNotFoundError:
+        raise LoadError(f"model repository {root} does not exist") from None
+    except NotADirectoryError:
+        raise LoadError(f"model repository {root} is not a directory") from None
+    except OSError as e:
+        raise LoadError(f"model repository {root}: cannot list it ({e.strerror})") from None
     repo = Repository(root=root)
-    for entry in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = sorted(
-            (p for p in entry.iterdir() if p.is_dir() and p.name.isdigit()),
-            key=lambda p: int(p.name),
-        )
-        if not versions:
-            problem = f"{entry}: no numbered version folder with {MODEL_FILE}"
-            if not skip_bad_models:
-                raise LoadError(problem)
-            repo.failed[entry.name] = problem
+
+    def refuse(name: str, problem: str) -> None:
+        if not skip_bad_models:
+            raise LoadError(problem)
+        log.error("not serving %s: %s", name, problem)
+        repo.failed[name] = f"{repo.failed[name]}; {problem}" if name in repo.failed else problem
+
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir():
             continue
-        for version_dir in versions:
+        try:
+            folders = sorted(p for p in entry.iterdir() if p.is_dir())
+        except OSError as e:
+            refuse(entry.name, f"{entry.name}: cannot list {entry} ({e.strerror})")
+            continue
+        versions = []
+        for folder in folders:
+            if is_version_name(folder.name):
+                versions.append(folder)
+            elif not folder.name.startswith("."):
+                log.warning("%s: ignoring folder %r: version folders are named 1, 2, 3, ...",
+                            entry.name, folder.name)  # fmt: skip
+        if not versions:
+            refuse(entry.name, f"{entry.name}: no version folder (1, 2, ...) in {entry}")
+            continue
+        for version_dir in sorted(versions, key=lambda p: int(p.name)):
             try:
-                loaded = load_version(entry.name, version_dir, device=device, threads=threads)
+                loaded = load_version(
+                    entry.name, version_dir, device=device, threads=threads, root=root,
+                    max_model_bytes=max_model_bytes,
+                )  # fmt: skip
+            except DeviceError:
+                raise  # the device is unusable for every model: skipping would serve nothing
             except LoadError as e:
-                if not skip_bad_models or (device == "cuda" and "CUDA" in str(e)):
-                    raise
-                log.error("not serving %s: %s", entry.name, e)
-                repo.failed[entry.name] = str(e)
+                refuse(entry.name, str(e))
                 continue
             repo.models.setdefault(entry.name, {})[version_dir.name] = loaded
     if not repo.models and not repo.failed:
@@ -227,106 +393,3 @@ def load_repository(
             f"model repository {root} holds no model (expected NAME/VERSION/{MODEL_FILE})"
         )
     return repo
-
-
-# --------------------------------------------------------------------------------------------
-# Dynamic batching
-
-
-@dataclass
-class _Pending:
-    x: np.ndarray
-    future: asyncio.Future
-    enqueued: float
-
-
-class AdaptiveBatcher:
-    """Merges concurrent predict calls for one model version into one run, then splits it back.
-
-    Two knobs: ``max_batch_size`` rows and ``max_delay`` seconds. The queue and its worker task
-    are created inside the running loop on first use. The worker takes every request already
-    queued; it waits (up to max_delay) for more only when the previous run held several requests,
-    so a lone client never pays the delay. Each caller gets exactly its own rows back.
-    """
-
-    def __init__(
-        self,
-        predict: Callable[[np.ndarray], dict[str, np.ndarray]],
-        *,
-        max_batch_size: int,
-        max_delay: float,
-        executor: Executor,
-        observe: Callable[[int, list[float], float], None] | None = None,
-    ) -> None:
-        self._predict, self._executor, self._observe = predict, executor, observe
-        self.max_batch_size, self.max_delay = max_batch_size, max_delay
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task | None = None
-        self._carry: _Pending | None = None
-        self._last_requests = 1
-
-    async def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(x, future, time.perf_counter()))
-        return await future
-
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-
-    async def _next_batch(self) -> list[_Pending]:
-        assert self._queue is not None
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch, rows = [first], len(first.x)
-        deadline = time.perf_counter() + (self.max_delay if self._last_requests > 1 else 0.0)
-        while rows < self.max_batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if rows + len(item.x) > self.max_batch_size:
-                self._carry = item  # first of the next batch
-                break
-            batch.append(item)
-            rows += len(item.x)
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            live = [p for p in batch if not p.future.done()]  # a caller may have gone
-            if not live:
-                continue
-            self._last_requests = len(live)
-            started = time.perf_counter()
-            x = live[0].x if len(live) == 1 else np.concatenate([p.x for p in live])
-            try:
-                result = await loop.run_in_executor(self._executor, self._predict, x)
-            except Exception as e:  # the model failed: every caller hears about it
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            if self._observe is not None:  # rows, queue waits, inference seconds
-                self._observe(
-                    len(x), [started - p.enqueued for p in live], time.perf_counter() - started
-                )
-            start = 0
-            for p in live:
-                stop = start + len(p.x)
-                if not p.future.done():
-                    p.future.set_result({k: v[start:stop] for k, v in result.items()})
-                start = stop

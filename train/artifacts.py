@@ -66,6 +66,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_writable_folder(path: Path | str, *, what: str) -> None:
+    """Refuse, in one line, a folder that cannot be written or created: a file in the way, or no
+    write permission (or a read-only file system) where it is or would be created. Called before
+    any work, so that nothing is half-written (issue F)."""
+    path = Path(path)
+    existing = path
+    try:
+        while not (existing.exists() or existing.is_symlink()) and existing.parent != existing:
+            existing = existing.parent
+        where = "" if existing == path else f"would be created in {existing}, which "
+        if not existing.is_dir():
+            raise ArtifactError(f"{what} {path}: {where}is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+            why = "is on a read-only file system" if read_only else "is not writable"
+            raise ArtifactError(f"{what} {path}: {where}{why}")
+    except OSError as e:
+        raise ArtifactError(f"{what} {path}: {e.strerror}") from None
+
+
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None):
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save_safetensors_bytes(data, metadata=metadata))
@@ -107,16 +127,49 @@ def load_spec(run_dir: Path | str) -> ModelSpec:
         raise ArtifactError(f"{path}: {e}") from None
 
 
+def nonfinite_count(values: Tensor) -> str | None:
+    """'3 NaN values', '1 inf value', '2 NaN and 1 inf values'; None when all are finite."""
+    nan, inf = int(values.isnan().sum()), int(values.isinf().sum())
+    if not nan and not inf:
+        return None
+    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} value{'s' if nan + inf > 1 else ''}"
+
+
 def load_model(run_dir: Path | str) -> tuple[ModelSpec, MixedMLP]:
-    """Rebuild the trained network (eval mode) from model.json + model.safetensors alone."""
+    """Rebuild the trained network (eval mode) from model.json + model.safetensors alone.
+
+    NaN or inf in the preprocessing or the weights is refused by name here, before anything is
+    lowered or compared (issue F: it used to surface as a PyTorch/ONNX mismatch).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ArtifactError(f"{run_dir}: run folder not found")
     spec = load_spec(run_dir)
-    model = MixedMLP.from_spec(spec)
+    problems = []
+    for key in ("offset", "scale"):
+        try:
+            values = torch.as_tensor(spec.preprocessing[key], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ArtifactError(
+                f"{run_dir / MODEL_SPEC}: preprocessing {key} is not a number or a list of numbers"
+            ) from None
+        if count := nonfinite_count(values):
+            problems.append(f"preprocessing {key} holds {count}")
+    if problems:
+        raise ArtifactError(f"{run_dir / MODEL_SPEC}: {'; '.join(problems)}")
     path = run_dir / MODEL_WEIGHTS
+    state = load_tensors(path)
+    problems = [
+        f"weights {name} hold {count}"
+        for name, tensor in sorted(state.items())
+        if tensor.is_floating_point() and (count := nonfinite_count(tensor))
+    ]
+    if problems:
+        raise ArtifactError(f"{path}: {'; '.join(problems)}")
+    model = MixedMLP.from_spec(spec)
     try:
-        model.load_canonical_state_dict(load_tensors(path))
+        model.load_canonical_state_dict(state)
     except SpecError as e:
         raise ArtifactError(f"{path}: {e}") from None
     return spec, model.eval()

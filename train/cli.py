@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from smartmixed.train.artifacts import ArtifactError, compare_runs
+from smartmixed.train.artifacts import ArtifactError, check_writable_folder, compare_runs
 from smartmixed.train.data import DataError, load_dataset
 from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{flag} is required")
         if args.arch is None and args.preset is None:
             parser.error("one of --arch or --preset is required")
+        check_writable_folder(args.out, what="--out")  # before any data is loaded
         arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
         config = TrainConfig.from_protocol(
             args.protocol, arch=arch, mode=args.mode, pool=args.pool, seed=args.seed,
@@ -149,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except (DataError, SpecError, PoolError, TrainError, ArtifactError, DistributedError) as e:
         print(f"smartmixed-train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the run folder became unwritable (disk full, ...) after the check
+        print(f"smartmixed-train: error: {e.filename or args.out}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print(

@@ -251,3 +251,36 @@ def test_not_ready_until_the_lifespan_has_loaded_the_models(repository: Path) ->
     assert c.get("/v2/health/ready").status_code == 503
     response = c.post("/v2/models/mixed/infer", json={"inputs": []})
     assert (response.status_code, response.json()) == (503, {"error": "server is not ready"})
+
+
+def test_config_pbtxt_batching_values_are_honoured(
+    repository: Path, tmp_path: Path, digits
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(repository, models)
+    config = models / "mixed" / "config.pbtxt"
+    text = config.read_text()
+    assert "max_batch_size: 1024" in text and "max_queue_delay_microseconds: 500" in text
+    config.write_text(
+        text.replace("max_batch_size: 1024", "max_batch_size: 4").replace(
+            "max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 250"
+        )
+    )
+    (models / "relu" / "config.pbtxt").write_text(
+        (models / "relu" / "config.pbtxt").read_text().split("dynamic_batching")[0]
+    )
+    with _client(models, max_batch_size=32) as client:
+        mixed = client.get("/v2/models/mixed/config").json()
+        assert mixed["max_batch_size"] == 4 and mixed["config_file"] == str(config)
+        assert mixed["dynamic_batching"] == {
+            "max_batch_size": 4,
+            "max_queue_delay_microseconds": 250,
+        }
+        assert "dynamic_batching" not in client.get("/v2/models/relu/config").json()  # no block
+        x = digits.x_test[:5]
+        response = client.post("/v2/models/mixed/infer", json={"inputs": [_tensor(x)]})
+        assert response.status_code == 400 and "over the limit of 4" in response.json()["error"]
+        assert (
+            client.post("/v2/models/mixed/infer", json={"inputs": [_tensor(x[:4])]}).status_code
+            == 200
+        )

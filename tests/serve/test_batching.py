@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smartmixed.serve.runtime import AdaptiveBatcher, load_repository
+from smartmixed.serve.batching import AdaptiveBatcher
+from smartmixed.serve.runtime import load_repository
 
 
 def test_batched_results_equal_unbatched_row_for_row(repository: Path) -> None:

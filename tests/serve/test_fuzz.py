@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartmixed.serve.app import V2_DTYPES, create_app
+from smartmixed.serve.app import create_app
+from smartmixed.serve.codec import V2_DTYPES
 from smartmixed.serve.settings import ServeSettings
 
 json_values = st.recursive(

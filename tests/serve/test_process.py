@@ -106,8 +106,8 @@ def test_concurrent_requests_are_batched_and_exact_then_sigterm_drains(server, d
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         statuses = [f.result()[0] if not f.exception() else "refused" for f in futures]
-    # uvicorn drains, shuts the lifespan down, then re-raises the signal it caught
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    # a clean drain exits 0 (uvicorn alone would re-raise the signal: serve/server.py)
+    assert proc.wait(timeout=60) == 0
     started = [s for s in statuses if s != "refused"]
     assert started and all(s == 200 for s in started)
 

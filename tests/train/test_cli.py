@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,23 @@ def test_cli_refuses_bad_selection_values(tmp_path: Path, capsys) -> None:
     assert main([*common, "--logit-lr", "0"]) == 2
     assert "--logit-lr must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_an_unusable_out_folder_before_training(tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    common = ["--data", "digits", "--arch", "64,16,10", "--epochs", "1", "--quiet"]
+    expected = {
+        a_file: f"--out {a_file}: is not a folder",
+        a_file / "run": f"--out {a_file / 'run'}: would be created in {a_file}, which is not a "
+        "folder",
+    }
+    if not os.access("/proc/sys", os.W_OK):  # refused to everyone, root included
+        expected[Path("/proc/sys/run")] = (
+            "--out /proc/sys/run: would be created in /proc/sys, which is not writable"
+        )
+    for out, message in expected.items():
+        assert main([*common, "--mode", "fixed:relu", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == f"smartmixed-train: error: {message}\n" and not captured.out
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]

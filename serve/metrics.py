@@ -1,0 +1,67 @@
+"""Prometheus metrics of one app, on a registry of its own (several apps may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+
+from smartmixed.serve.server import ConnectionStats
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CLIENT_CLOSED = "client_closed"  # the status label of a request whose client went away
+
+
+class Metrics:
+    def __init__(self, connections: ConnectionStats | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "smartmixed_requests", "Requests by model, endpoint and status (client_closed: the "
+            "client went away before the answer)",
+            ["model", "endpoint", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "smartmixed_request_seconds", "Request latency, end to end in the handler",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "smartmixed_queue_wait_seconds", "Wait in the dynamic-batching queue",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "smartmixed_inference_seconds", "ONNX Runtime run time per batch",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "smartmixed_batch_rows", "Rows per ONNX Runtime run",
+            ["model"], buckets=ROW_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.shed = Counter(
+            "smartmixed_shed", "Inference requests answered 503 by load shedding, by reason "
+            "(queue_full: refused on arrival; deadline: dropped after request_timeout_s)",
+            ["model", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "smartmixed_in_flight", "Inference requests admitted and not yet answered",
+            ["model"], registry=self.registry,
+        )  # fmt: skip
+        if connections is not None:
+            self.registry.register(_ConnectionCollector(connections))
+
+
+class _ConnectionCollector:
+    """Connections the HTTP protocol cut, by reason (counted there, exported here)."""
+
+    def __init__(self, stats: ConnectionStats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "smartmixed_connections_cut",
+            "Connections closed by a server limit (header size or timeout, body timeout, "
+            "connection cap, invalid HTTP)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.stats.cut.items()):
+            family.add_metric([reason], count)
+        yield family

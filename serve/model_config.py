@@ -1,0 +1,498 @@
+"""Triton's model repository conventions: version folder names and config.pbtxt.
+
+config.pbtxt is Triton's ``inference.ModelConfig`` message in protobuf text format. It is parsed
+here into that message and checked against what the ONNX file says (name, platform, inputs and
+outputs, max_batch_size, dynamic batching); the result is a small ``ModelConfigInfo``.
+
+The message classes are built at import from a FileDescriptorProto declared below, field for
+field from Triton's model_config.proto (github.com/triton-inference-server/common,
+protobuf/model_config.proto), so the serving install needs neither tritonclient nor protoc, and
+an unknown field is refused as Triton refuses it. Settings smartmixed-serve cannot honour
+(sequence batching, ensembles, batch inputs and outputs, custom operations, repository agents,
+custom metrics) are left out of the declaration and refused by name. tests/serve/
+test_repository.py checks every declared field against tritonclient's generated module.
+
+serve/ never imports train/ or export/; export/ imports this module to check what it writes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf.message import Message
+
+MODEL_FILE, CONFIG_FILE = "model.onnx", "config.pbtxt"
+PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"
+# Triton: version folders are named by a positive integer; other folders (and "0", "01") are
+# ignored. ASCII only: "²".isdigit() is True, and int("²") raises.
+VERSION_NAME = re.compile(r"[1-9][0-9]*")
+
+
+def is_version_name(name: str) -> bool:
+    return VERSION_NAME.fullmatch(name) is not None
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt that does not parse, or does not describe its ONNX model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Triton's ModelConfig, declared field for field (package inference, proto3)
+
+REPEATED = "repeated"  # a field's fourth item: repeated, or "oneof NAME" for a oneof member
+
+# Values numbered from 0 in the order listed, as every enum of model_config.proto is.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "DataType": (
+        "TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
+        "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
+        "TYPE_FP64", "TYPE_STRING", "TYPE_BF16",
+    ),
+    "ModelInstanceGroup.Kind": ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"),
+    "ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind": ("KIND_NVDLA",),
+    "ModelInput.Format": ("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"),
+    "ModelOptimizationPolicy.ModelPriority": ("PRIORITY_DEFAULT", "PRIORITY_MAX", "PRIORITY_MIN"),
+    "ModelQueuePolicy.TimeoutAction": ("REJECT", "DELAY"),
+}  # fmt: skip
+
+# (field, number, type[, REPEATED | "oneof NAME"]). A type that is not a scalar names an enum or
+# a message of these tables ("Outer.Inner" is nested); "map<K, V>" is protobuf's map field.
+_SHAPE = "ModelOptimizationPolicy.Cuda.GraphSpec.Shape"
+_ACCELERATOR = "ModelOptimizationPolicy.ExecutionAccelerators.Accelerator"
+MESSAGES: dict[str, tuple[tuple, ...]] = {
+    "ModelRateLimiter": (
+        ("resources", 1, "ModelRateLimiter.Resource", REPEATED),
+        ("priority", 2, "uint32"),
+    ),
+    "ModelRateLimiter.Resource": (
+        ("name", 1, "string"), ("global", 2, "bool"), ("count", 3, "uint32"),
+    ),
+    "ModelInstanceGroup": (
+        ("name", 1, "string"),
+        ("kind", 4, "ModelInstanceGroup.Kind"),
+        ("count", 2, "int32"),
+        ("rate_limiter", 6, "ModelRateLimiter"),
+        ("gpus", 3, "int32", REPEATED),
+        ("secondary_devices", 8, "ModelInstanceGroup.SecondaryDevice", REPEATED),
+        ("profile", 5, "string", REPEATED),
+        ("passive", 7, "bool"),
+        ("host_policy", 9, "string"),
+    ),
+    "ModelInstanceGroup.SecondaryDevice": (
+        ("kind", 1, "ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind"),
+        ("device_id", 2, "int64"),
+    ),
+    "ModelTensorReshape": (("shape", 1, "int64", REPEATED),),
+    "ModelInput": (
+        ("name", 1, "string"),
+        ("data_type", 2, "DataType"),
+        ("format", 3, "ModelInput.Format"),
+        ("dims", 4, "int64", REPEATED),
+        ("reshape", 5, "ModelTensorReshape"),
+        ("is_shape_tensor", 6, "bool"),
+        ("allow_ragged_batch", 7, "bool"),
+        ("optional", 8, "bool"),
+        ("is_non_linear_format_io", 9, "bool"),
+    ),
+    "ModelOutput": (
+        ("name", 1, "string"),
+        ("data_type", 2, "DataType"),
+        ("dims", 3, "int64", REPEATED),
+        ("reshape", 5, "ModelTensorReshape"),
+        ("label_filename", 4, "string"),
+        ("is_shape_tensor", 6, "bool"),
+        ("is_non_linear_format_io", 7, "bool"),
+    ),
+    "ModelVersionPolicy": (
+        ("latest", 1, "ModelVersionPolicy.Latest", "oneof policy_choice"),
+        ("all", 2, "ModelVersionPolicy.All", "oneof policy_choice"),
+        ("specific", 3, "ModelVersionPolicy.Specific", "oneof policy_choice"),
+    ),
+    "ModelVersionPolicy.Latest": (("num_versions", 1, "uint32"),),
+    "ModelVersionPolicy.All": (),
+    "ModelVersionPolicy.Specific": (("versions", 1, "int64", REPEATED),),
+    "ModelOptimizationPolicy": (
+        ("graph", 1, "ModelOptimizationPolicy.Graph"),
+        ("priority", 2, "ModelOptimizationPolicy.ModelPriority"),
+        ("cuda", 3, "ModelOptimizationPolicy.Cuda"),
+        ("execution_accelerators", 4, "ModelOptimizationPolicy.ExecutionAccelerators"),
+        ("input_pinned_memory", 5, "ModelOptimizationPolicy.PinnedMemoryBuffer"),
+        ("output_pinned_memory", 6, "ModelOptimizationPolicy.PinnedMemoryBuffer"),
+        ("gather_kernel_buffer_threshold", 7, "uint32"),
+        ("eager_batching", 8, "bool"),
+    ),
+    "ModelOptimizationPolicy.Graph": (("level", 1, "int32"),),
+    "ModelOptimizationPolicy.Cuda": (
+        ("graphs", 1, "bool"),
+        ("busy_wait_events", 2, "bool"),
+        ("graph_spec", 3, "ModelOptimizationPolicy.Cuda.GraphSpec", REPEATED),
+        ("output_copy_stream", 4, "bool"),
+    ),
+    "ModelOptimizationPolicy.Cuda.GraphSpec": (
+        ("batch_size", 1, "int32"),
+        ("input", 2, f"map<string, {_SHAPE}>"),
+        ("graph_lower_bound", 3, "ModelOptimizationPolicy.Cuda.GraphSpec.LowerBound"),
+    ),
+    _SHAPE: (("dim", 1, "int64", REPEATED),),
+    "ModelOptimizationPolicy.Cuda.GraphSpec.LowerBound": (
+        ("batch_size", 1, "int32"),
+        ("input", 2, f"map<string, {_SHAPE}>"),
+    ),
+    "ModelOptimizationPolicy.ExecutionAccelerators": (
+        ("gpu_execution_accelerator", 1, _ACCELERATOR, REPEATED),
+        ("cpu_execution_accelerator", 2, _ACCELERATOR, REPEATED),
+    ),
+    _ACCELERATOR: (
+        ("name", 1, "string"),
+        ("parameters", 2, "map<string, string>"),
+    ),
+    "ModelOptimizationPolicy.PinnedMemoryBuffer": (("enable", 1, "bool"),),
+    "ModelQueuePolicy": (
+        ("timeout_action", 1, "ModelQueuePolicy.TimeoutAction"),
+        ("default_timeout_microseconds", 2, "uint64"),
+        ("allow_timeout_override", 3, "bool"),
+        ("max_queue_size", 4, "uint32"),
+    ),
+    "ModelDynamicBatching": (
+        ("preferred_batch_size", 1, "int32", REPEATED),
+        ("max_queue_delay_microseconds", 2, "uint64"),
+        ("preserve_ordering", 3, "bool"),
+        ("priority_levels", 4, "uint64"),
+        ("default_priority_level", 5, "uint64"),
+        ("default_queue_policy", 6, "ModelQueuePolicy"),
+        ("priority_queue_policy", 7, "map<uint64, ModelQueuePolicy>"),
+    ),
+    "ModelParameter": (("string_value", 1, "string"),),
+    "ModelWarmup": (
+        ("name", 1, "string"),
+        ("batch_size", 2, "uint32"),
+        ("inputs", 3, "map<string, ModelWarmup.Input>"),
+        ("count", 4, "uint32"),
+    ),
+    "ModelWarmup.Input": (
+        ("data_type", 1, "DataType"),
+        ("dims", 2, "int64", REPEATED),
+        ("zero_data", 3, "bool", "oneof input_data_type"),
+        ("random_data", 4, "bool", "oneof input_data_type"),
+        ("input_data_file", 5, "string", "oneof input_data_type"),
+    ),
+    "ModelTransactionPolicy": (("decoupled", 1, "bool"),),
+    "ModelResponseCache": (("enable", 1, "bool"),),
+    "ModelConfig": (
+        ("name", 1, "string"),
+        ("platform", 2, "string"),
+        ("backend", 17, "string"),
+        ("runtime", 25, "string"),
+        ("version_policy", 3, "ModelVersionPolicy"),
+        ("max_batch_size", 4, "int32"),
+        ("input", 5, "ModelInput", REPEATED),
+        ("output", 6, "ModelOutput", REPEATED),
+        ("optimization", 12, "ModelOptimizationPolicy"),
+        ("dynamic_batching", 11, "ModelDynamicBatching", "oneof scheduling_choice"),
+        ("instance_group", 7, "ModelInstanceGroup", REPEATED),
+        ("default_model_filename", 8, "string"),
+        ("cc_model_filenames", 9, "map<string, string>"),
+        ("metric_tags", 10, "map<string, string>"),
+        ("parameters", 14, "map<string, ModelParameter>"),
+        ("model_warmup", 16, "ModelWarmup", REPEATED),
+        ("model_transaction_policy", 19, "ModelTransactionPolicy"),
+        ("response_cache", 24, "ModelResponseCache"),
+    ),
+}  # fmt: skip
+# ModelConfig fields of model_config.proto left out above: refused by name.
+UNSUPPORTED = frozenset({
+    "batch_input", "batch_output", "sequence_batching", "ensemble_scheduling",
+    "model_operations", "model_repository_agents", "model_metrics",
+})  # fmt: skip
+
+_FIELD = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {
+    "string": _FIELD.TYPE_STRING, "bool": _FIELD.TYPE_BOOL, "float": _FIELD.TYPE_FLOAT,
+    "double": _FIELD.TYPE_DOUBLE, "int32": _FIELD.TYPE_INT32, "uint32": _FIELD.TYPE_UINT32,
+    "int64": _FIELD.TYPE_INT64, "uint64": _FIELD.TYPE_UINT64,
+}  # fmt: skip
+_MAP = re.compile(r"map<(\w+), ([\w.]+)>")
+
+
+def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
+    """ENUMS and MESSAGES as one FileDescriptorProto, as protoc would write model_config.proto."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="smartmixed/model_config.proto", package="inference", syntax="proto3"
+    )
+    protos: dict[str, descriptor_pb2.DescriptorProto] = {}
+
+    def parent_list(path: str, kind: str):
+        outer, _, _ = path.rpartition(".")
+        if kind == "enum":
+            return (protos[outer] if outer else file).enum_type
+        return protos[outer].nested_type if outer else file.message_type
+
+    def set_type(field: descriptor_pb2.FieldDescriptorProto, type_: str) -> None:
+        if type_ in _SCALARS:
+            field.type = _SCALARS[type_]
+        else:
+            field.type = _FIELD.TYPE_ENUM if type_ in ENUMS else _FIELD.TYPE_MESSAGE
+            field.type_name = f".inference.{type_}"
+
+    for path in sorted(MESSAGES, key=lambda p: p.count(".")):  # outer messages first
+        protos[path] = parent_list(path, "message").add(name=path.rpartition(".")[2])
+    for path, values in ENUMS.items():
+        enum = parent_list(path, "enum").add(name=path.rpartition(".")[2])
+        for number, value in enumerate(values):
+            enum.value.add(name=value, number=number)
+    for path, fields in MESSAGES.items():
+        proto = protos[path]
+        for name, number, type_, *how in fields:
+            field = proto.field.add(name=name, number=number, label=_FIELD.LABEL_OPTIONAL)
+            if how and how[0] == REPEATED:
+                field.label = _FIELD.LABEL_REPEATED
+            elif how:  # "oneof NAME"
+                oneof = how[0].split()[1]
+                names = [o.name for o in proto.oneof_decl]
+                if oneof not in names:
+                    proto.oneof_decl.add(name=oneof)
+                    names.append(oneof)
+                field.oneof_index = names.index(oneof)
+            if match := _MAP.fullmatch(type_):  # a repeated nested NameEntry {key = 1, value = 2}
+                entry = proto.nested_type.add(
+                    name="".join(p[:1].upper() + p[1:] for p in name.split("_")) + "Entry"
+                )
+                entry.options.map_entry = True
+                for key_or_value, (entry_name, entry_type) in enumerate(
+                    (("key", match[1]), ("value", match[2])), start=1
+                ):
+                    entry_field = entry.field.add(
+                        name=entry_name, number=key_or_value, label=_FIELD.LABEL_OPTIONAL
+                    )
+                    set_type(entry_field, entry_type)
+                field.label = _FIELD.LABEL_REPEATED
+                field.type = _FIELD.TYPE_MESSAGE
+                field.type_name = f".inference.{path}.{entry.name}"
+            else:
+                set_type(field, type_)
+    return file
+
+
+def _message_classes() -> dict[str, type[Message]]:
+    pool = descriptor_pool.DescriptorPool()  # private: tritonclient may fill the default one
+    pool.Add(_file_descriptor())
+    return {
+        path: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{path}"))
+        for path in MESSAGES
+    }
+
+
+_CLASSES = _message_classes()
+ModelConfig = _CLASSES["ModelConfig"]
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+@dataclass(frozen=True)
+class ModelConfigInfo:
+    """What a model's config.pbtxt says about serving it, once checked against its ONNX file.
+
+    ``source`` is None when the entry has no config.pbtxt (Triton then derives the
+    configuration from the model): nothing is stated, so the server's own settings apply
+    (max_batch_size 0, no dynamic batching).
+    """
+
+    source: Path | None
+    max_batch_size: int  # rows per request and per merged batch; 0: the model does not batch
+    dynamic_batching: bool
+    max_queue_delay_s: float | None  # dynamic_batching's max_queue_delay_microseconds / 1e6
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+NO_CONFIG = ModelConfigInfo(source=None, max_batch_size=0, dynamic_batching=False,
+                            max_queue_delay_s=None)  # fmt: skip
+
+# ONNX tensor element types -> Triton data types (model_config.proto's DataType).
+ONNX_TO_TRITON = {
+    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32", "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FLOAT16": "TYPE_FP16", "FLOAT": "TYPE_FP32",
+    "DOUBLE": "TYPE_FP64", "STRING": "TYPE_STRING", "BFLOAT16": "TYPE_BF16",
+}  # fmt: skip
+_PARSER_POSITION = re.compile(r"^\d+:\d+ : ")
+_NO_FIELD = re.compile(r'Message type "inference\.ModelConfig" has no field named "(\w+)"')
+
+
+def _one_line(text: str) -> str:
+    """Control and non-ASCII characters escaped, so that a message stays on one line."""
+    return re.sub(r"[^\x20-\x7e]", lambda m: m[0].encode("unicode_escape").decode(), text)
+
+
+def parse_model_config(text: str, *, source: Path | str) -> Message:
+    """config.pbtxt text -> Triton's ModelConfig; ConfigError "FILE:LINE:COLUMN: problem"."""
+    try:
+        return text_format.Parse(text, ModelConfig())
+    except text_format.ParseError as e:
+        message = _PARSER_POSITION.sub("", str(e))
+        if (unknown := _NO_FIELD.search(message)) and unknown[1] in UNSUPPORTED:
+            message = f"{unknown[1]}: a Triton setting smartmixed does not support"
+        raise ConfigError(f"{source}:{e.GetLine()}:{e.GetColumn()}: {_one_line(message)}") from None
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    data_type: str  # a Triton DataType name (or "ONNX <type>" when Triton has none)
+    dims: list[int] | None  # -1 for a dynamic dimension; None: unknown rank
+
+
+def _onnx_tensors(values, skip: set[str] | None = None) -> dict[str, _Tensor]:
+    tensors = {}
+    for value in values:
+        if skip and value.name in skip:
+            continue
+        tensor_type = value.type.tensor_type
+        elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+        tensors[value.name] = _Tensor(ONNX_TO_TRITON.get(elem, f"ONNX {elem}"), dims)
+    return tensors
+
+
+def _tensor_problems(kind: str, listed, model: dict[str, _Tensor], batch: int) -> list[str]:
+    """Config inputs (or outputs) against the ONNX graph's: names, data types, dims."""
+    problems, seen = [], set()
+    for tensor in listed:
+        where = f"{kind} {tensor.name!r}"
+        if tensor.name in seen:
+            problems.append(f"{where} is listed twice")
+            continue
+        seen.add(tensor.name)
+        if tensor.name not in model:
+            problems.append(f"{where} is not an {kind} of the ONNX model (it has "
+                            f"{', '.join(map(repr, model)) or 'none'})")  # fmt: skip
+            continue
+        onnx_tensor = model[tensor.name]
+        types = ENUMS["DataType"]  # proto3 enums are open: text format takes any number
+        data_type = types[tensor.data_type] if tensor.data_type < len(types) else tensor.data_type
+        if data_type != onnx_tensor.data_type:
+            problems.append(
+                f"{where}: data_type {data_type}, the ONNX model's is {onnx_tensor.data_type}"
+            )
+        dims = list(tensor.dims)
+        if any(d < 1 and d != -1 for d in dims):
+            problems.append(f"{where}: dims {dims} must each be >= 1, or -1 (variable)")
+            continue
+        unsupported = [
+            f for f in ("is_shape_tensor", "allow_ragged_batch") if getattr(tensor, f, 0)
+        ]
+        if tensor.HasField("reshape"):
+            unsupported.insert(0, "reshape")
+        if unsupported:
+            problems.append(f"{where}: {', '.join(unsupported)} not supported by smartmixed")
+        if onnx_tensor.dims is None:
+            continue
+        expected = onnx_tensor.dims
+        if batch > 0:
+            if not expected or expected[0] != -1:
+                problems.append(
+                    f"{where}: max_batch_size {batch} needs a variable first (batch) dimension, "
+                    f"the ONNX model's shape is {expected}"
+                )
+                continue
+            expected = expected[1:]
+        matches = len(dims) == len(expected) and all(
+            e == -1 or d == e for d, e in zip(dims, expected, strict=True)
+        )
+        if not matches:
+            without = f", without the batch dimension (max_batch_size {batch})" if batch else ""
+            problems.append(
+                f"{where}: dims {dims} do not match the ONNX model's {expected}{without}"
+            )
+    if kind == "input" and seen:  # Triton: every model input must be configured
+        missing = [name for name in model if name not in seen]
+        if missing:
+            problems.append(f"input(s) {', '.join(map(repr, missing))} of the ONNX model are "
+                            "missing from the config")  # fmt: skip
+    return problems
+
+
+def _batching_problems(config: Message) -> list[str]:
+    problems = []
+    batching, batch = config.dynamic_batching, config.max_batch_size
+    if batch == 0:
+        problems.append("dynamic_batching needs max_batch_size > 0")
+    for size in batching.preferred_batch_size:
+        if size < 1 or (batch > 0 and size > batch):
+            problems.append(f"dynamic_batching: preferred_batch_size {size} is not in "
+                            f"[1, max_batch_size {batch}]")  # fmt: skip
+    levels = batching.priority_levels
+    if levels == 0 and (batching.default_priority_level or batching.priority_queue_policy):
+        problems.append("dynamic_batching: priority settings need priority_levels > 0")
+    if levels and not 1 <= batching.default_priority_level <= levels:
+        problems.append(f"dynamic_batching: default_priority_level "
+                        f"{batching.default_priority_level} is not in [1, {levels}]")  # fmt: skip
+    for level in batching.priority_queue_policy:
+        if levels and not 1 <= level <= levels:
+            problems.append(
+                f"dynamic_batching: priority_queue_policy level {level} is not in [1, {levels}]"
+            )
+    return problems
+
+
+def config_problems(config: Message, model: onnx.ModelProto, *, name: str) -> list[str]:
+    """Every way ``config`` fails to describe ``model`` (the entry folder named ``name``)."""
+    problems = []
+    if config.name and config.name != name:
+        problems.append(f"name {config.name!r} is not the model folder's name {name!r}")
+    if config.platform not in ("", PLATFORM):
+        problems.append(f"platform {config.platform!r}: smartmixed serves {PLATFORM!r} only")
+    if config.backend not in ("", BACKEND):
+        problems.append(f"backend {config.backend!r}: smartmixed serves {BACKEND!r} only")
+    if config.default_model_filename not in ("", MODEL_FILE):
+        problems.append(f"default_model_filename {config.default_model_filename!r}: "
+                        f"smartmixed reads {MODEL_FILE}")  # fmt: skip
+    batch = config.max_batch_size
+    if batch < 0:
+        problems.append(f"max_batch_size {batch} must be >= 0")
+    initializers = {t.name for t in model.graph.initializer}
+    problems += _tensor_problems(
+        "input", config.input, _onnx_tensors(model.graph.input, initializers), batch
+    )
+    problems += _tensor_problems("output", config.output, _onnx_tensors(model.graph.output), batch)
+    if config.HasField("dynamic_batching"):
+        problems += _batching_problems(config)
+    policy = config.version_policy
+    if policy.HasField("latest") and policy.latest.num_versions < 1:
+        problems.append("version_policy latest: num_versions must be >= 1")
+    if policy.HasField("specific") and not all(v >= 1 for v in policy.specific.versions):
+        problems.append("version_policy specific: versions must be >= 1")
+    for group in config.instance_group:
+        if group.count < 0:
+            problems.append(f"instance_group count {group.count} must be >= 0")
+    if config.model_transaction_policy.decoupled:
+        problems.append("model_transaction_policy decoupled: not supported by smartmixed")
+    return problems
+
+
+def check_model_config(
+    text: str | None, model: onnx.ModelProto, *, name: str, source: Path | None
+) -> ModelConfigInfo:
+    """Parse config.pbtxt ``text`` (None: the entry has none) and check it against ``model``;
+    raise one ConfigError naming ``source`` and listing every problem."""
+    if text is None:
+        return NO_CONFIG
+    config = parse_model_config(text, source=source or CONFIG_FILE)
+    problems = config_problems(config, model, name=name)
+    if problems:
+        raise ConfigError(f"{source}: {_one_line('; '.join(problems))}")
+    batching = config.HasField("dynamic_batching")
+    return ModelConfigInfo(
+        source=source,
+        max_batch_size=config.max_batch_size,
+        dynamic_batching=batching,
+        max_queue_delay_s=(
+            config.dynamic_batching.max_queue_delay_microseconds / 1e6 if batching else None
+        ),
+        preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),
+    )

@@ -1,0 +1,156 @@
+"""smartmixed-export as a careless operator meets it: file modes, unusable paths, NaN, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from smartmixed.export.cli import main
+from smartmixed.train import artifacts
+from smartmixed.train.data import Dataset
+from smartmixed.train.loop import TrainConfig, train_run
+
+UNWRITABLE = Path("/proc/sys")  # refused to everyone, root included
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = TrainConfig(arch=[64, 12, 10], p1_epochs=1, p2_epochs=1, lr=3e-3)
+    train_run(config=config, dataset=digits, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def entry(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("exported")
+    assert main([str(run_dir), "--repository", str(models), "--lowering", "permuted"]) == 0
+    return models / "tiny"
+
+
+def _export(capsys, *argv: str) -> tuple[int, str]:
+    code = main([*argv, "--lowering", "permuted"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") <= 1
+    return code, err
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    paths = [root, *root.rglob("*")]
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in paths}
+
+
+def test_entries_are_world_readable_unless_private(
+    run_dir: Path, entry: Path, tmp_path: Path, capsys
+) -> None:
+    old_umask = os.umask(0o077)  # a strict umask must not make the entry unreadable either
+    try:
+        assert _modes(entry) == {("dir", 0o755), ("file", 0o644)}
+        models = tmp_path / "models"
+        assert _export(capsys, str(run_dir), "--repository", str(models), "--private")[0] == 0
+        assert _modes(models / "tiny") == {("dir", 0o700), ("file", 0o600)}
+        # a new version into an existing private entry, exported public: the entry follows
+        code, _ = _export(capsys, str(run_dir), "--repository", str(models), "--version", "2")
+        assert code == 0 and stat.S_IMODE((models / "tiny").stat().st_mode) == 0o755
+        assert _modes(models / "tiny" / "2") == {("dir", 0o755), ("file", 0o644)}
+        assert stat.S_IMODE((models / "tiny" / "config.pbtxt").stat().st_mode) == 0o644
+    finally:
+        os.umask(old_umask)
+
+
+def test_unusable_repository_paths_are_refused_before_any_work(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").write_text("")  # a file where the entry would go
+    expected = {
+        str(a_file): f"--repository {a_file}: is not a folder",
+        str(a_file / "models"): f"--repository {a_file / 'models'}: would be created in "
+        f"{a_file}, which is not a folder",
+        str(tmp_path / "models"): f"{tmp_path / 'models' / 'tiny'} exists and is not a folder",
+    }
+    if not os.access(UNWRITABLE, os.W_OK):
+        expected[str(UNWRITABLE / "models")] = (
+            f"--repository {UNWRITABLE / 'models'}: would be created in {UNWRITABLE}, which is "
+            "not writable"
+        )
+    for repository, message in expected.items():
+        assert _export(capsys, str(run_dir), "--repository", repository) == (
+            2, f"smartmixed-export: error: {message}\n",
+        )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-file", "models", "tiny"]
+
+
+def test_nan_or_inf_in_a_run_is_named_before_any_comparison(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    weights = artifacts.load_tensors(run / "model.safetensors")
+    poisoned = weights["layers.1.weight"].clone()
+    poisoned.view(-1)[:3] = float("nan")
+    bias = weights["layers.0.bias"].clone()
+    bias[0] = float("-inf")
+    artifacts.save_tensors(
+        run / "model.safetensors",
+        {**weights, "layers.1.weight": poisoned, "layers.0.bias": bias},
+    )
+    models = tmp_path / "models"
+    assert _export(capsys, str(run), "--repository", str(models)) == (
+        2, f"smartmixed-export: error: {run / 'model.safetensors'}: weights layers.0.bias hold "
+        "1 inf value; weights layers.1.weight hold 3 NaN values\n",
+    )  # fmt: skip
+
+    artifacts.save_tensors(run / "model.safetensors", weights)
+    spec = json.loads((run / "model.json").read_text())
+    spec["preprocessing"]["scale"] = float("inf")
+    spec["preprocessing"]["offset"] = float("nan")
+    (run / "model.json").write_text(json.dumps(spec))  # json writes NaN / Infinity literals
+    assert _export(capsys, str(run), "--repository", str(models)) == (
+        2, f"smartmixed-export: error: {run / 'model.json'}: preprocessing offset holds 1 NaN "
+        "value; preprocessing scale holds 1 inf value\n",
+    )  # fmt: skip
+    assert not models.exists()
+    assert torch.isfinite(weights["layers.1.weight"]).all()  # the fixture's run is untouched
+
+
+def test_verify_only_checks_the_config_and_names_nan(entry: Path, tmp_path: Path, capsys) -> None:
+    copy = Path(shutil.copytree(entry, tmp_path / "tiny"))
+    config = copy / "config.pbtxt"
+    text = config.read_text()
+    config.write_text('name: "tiny"\nmax_batch_size: [\n')
+    assert _export(capsys, "--verify-only", str(copy)) == (
+        2, f"smartmixed-export: error: {config}:2:17: 'max_batch_size: [': Couldn't parse "
+        "integer: [\n",
+    )  # fmt: skip
+    config.write_text(text.replace("dims: [ 64 ]", "dims: [ 63 ]"))
+    code, err = _export(capsys, "--verify-only", str(copy))
+    assert code == 2 and err == (
+        f"smartmixed-export: error: {config}: input 'input': dims [63] do not match the ONNX "
+        "model's [64], without the batch dimension (max_batch_size 1024)\n"
+    )
+    config.unlink()  # no config.pbtxt: allowed, as in Triton
+    assert main(["--verify-only", str(copy)]) == 0
+    capsys.readouterr()
+
+    path = copy / "1" / "model.onnx"
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if t.name.endswith("/W"))
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[:2] = np.inf
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(path))
+    assert main(["--verify-only", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"smartmixed-export: verification failed: ONNX model: initializer {weight.name} holds "
+        "2 inf values\n"
+    )
