@@ -27,6 +27,7 @@ from smartmixed.serve.model_config import (
     ModelConfigInfo,
     check_model_config,
     is_version_name,
+    parse_model_config,
 )
 from smartmixed.serve.settings import ServeSettings
 
@@ -224,6 +225,32 @@ def _read_config(entry: Path, *, root: Path, model: onnx.ModelProto) -> ModelCon
         raise LoadError(str(e)) from None
 
 
+def versions_to_serve(entry: Path, versions: list[Path], *, root: Path) -> list[Path]:
+    """The version folders NAME/config.pbtxt's version_policy serves, as Triton decides them.
+
+    ``latest { num_versions: k }`` (Triton's default, also with no config.pbtxt: k = 1) keeps
+    the k highest; ``all`` keeps every one; ``specific { versions: [...] }`` those listed. An
+    unreadable or invalid config.pbtxt keeps them all: loading each reports the problem.
+    """
+    ordered = sorted(versions, key=lambda p: int(p.name))
+    path = entry / CONFIG_FILE
+    policy = None
+    if path.exists() or path.is_symlink():
+        try:
+            text = read_repository_file(path, root=root, limit=MAX_CONFIG_BYTES).decode()
+            policy = parse_model_config(text, source=path).version_policy
+        except (LoadError, ConfigError, UnicodeDecodeError):
+            return ordered
+    kind = policy.WhichOneof("policy_choice") if policy is not None else None
+    if kind == "all":
+        return ordered
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [p for p in ordered if int(p.name) in wanted]
+    keep = policy.latest.num_versions if kind == "latest" else 1
+    return ordered[-keep:] if keep > 0 else ordered
+
+
 def load_version(
     name: str,
     version_dir: Path,
@@ -376,7 +403,15 @@ def load_repository(
         if not versions:
             refuse(entry.name, f"{entry.name}: no version folder (1, 2, ...) in {entry}")
             continue
-        for version_dir in sorted(versions, key=lambda p: int(p.name)):
+        served = versions_to_serve(entry, versions, root=root)
+        if len(served) < len(versions):
+            log.info("%s: serving version(s) %s of %s (version_policy)", entry.name,
+                     ", ".join(p.name for p in served),
+                     ", ".join(sorted((p.name for p in versions), key=int)))  # fmt: skip
+        if not served:
+            refuse(entry.name, f"{entry.name}: version_policy selects none of the versions")
+            continue
+        for version_dir in served:
             try:
                 loaded = load_version(
                     entry.name, version_dir, device=device, threads=threads, root=root,

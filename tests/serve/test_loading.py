@@ -115,6 +115,28 @@ def test_version_folders_are_positive_ascii_integers(models: Path, caplog) -> No
     assert sorted(_load(models, skip_bad_models=True).failed) == ["relu"]
 
 
+def test_version_policy_chooses_the_versions_served(models: Path) -> None:
+    for version in ("2", "10"):
+        shutil.copytree(models / "relu" / "1", models / "relu" / version)
+    shutil.copytree(models / "mixed" / "1", models / "mixed" / "3")
+    config = models / "relu" / "config.pbtxt"
+    text = config.read_text()
+    assert "version_policy: { latest: { num_versions: 1 } }" in text  # as export writes it
+    (models / "mixed" / "config.pbtxt").unlink()  # no config: Triton's default, latest 1
+    repo = _load(models)
+    assert sorted(repo.models["relu"]) == ["10"] and sorted(repo.models["mixed"]) == ["3"]
+    for policy, served in (
+        ("latest: { num_versions: 2 }", ["10", "2"]),
+        ("all: {}", ["1", "10", "2"]),
+        ("specific: { versions: [1, 2] }", ["1", "2"]),
+    ):
+        config.write_text(text.replace("latest: { num_versions: 1 }", policy))
+        assert sorted(_load(models).models["relu"]) == served, policy
+    config.write_text(text.replace("latest: { num_versions: 1 }", "specific: { versions: [7] }"))
+    with pytest.raises(LoadError, match="version_policy selects none"):
+        _load(models)
+
+
 def test_repository_itself_missing_empty_or_a_file(tmp_path: Path) -> None:
     with pytest.raises(LoadError, match=r"^model repository .*nowhere does not exist$"):
         _load(tmp_path / "nowhere", skip_bad_models=True)
