@@ -1,8 +1,8 @@
-"""The HTTP service: Open Inference Protocol (KServe V2) REST, a friendly predict, metrics.
+"""The HTTP service: ``create_app`` and the ``Service`` its routes (routes.py) call.
 
 Routes are thin: the V2 codec (codec.py, no FastAPI) turns bytes into numpy and back, the runtime
 (runtime.py, batching.py) runs ONNX Runtime, the middleware (middleware.py) answers health and
-checks the API key. This module adds what sits between them for a service under load:
+checks the API key. ``Service`` adds what sits between them for a service under load:
 
 - **admission**: at most ``max_queue`` inference requests per model are admitted (queued or
   running); the next one gets 503 with Retry-After at once, before its body is read;
@@ -28,14 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -43,6 +40,7 @@ from smartmixed.serve import codec
 from smartmixed.serve.batching import AdaptiveBatcher, Overloaded
 from smartmixed.serve.metrics import CLIENT_CLOSED, Metrics
 from smartmixed.serve.middleware import Guard
+from smartmixed.serve.routes import json_response, router
 from smartmixed.serve.runtime import (
     INPUT,
     ModelVersion,
@@ -58,69 +56,11 @@ log = logging.getLogger("smartmixed.serve")
 OFFLOAD_BYTES = 256 * 1024  # bodies at least this large are parsed off the event loop
 DECODE_THREADS = 2  # at most this many large bodies are parsed at once
 
-INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_infer
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "parameters": {"type": "object"},
-        "inputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name", "shape", "datatype"],
-                "properties": {
-                    "name": {"type": "string", "example": "input"},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
-                    "datatype": {"type": "string", "enum": list(codec.V2_DTYPES)},
-                    "parameters": {"type": "object"},
-                    "data": {"type": "array", "items": {"type": "number"}},
-                },
-            },
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
-            },
-        },
-    },
-}
-PREDICT_SCHEMA = {
-    "type": "object",
-    "required": ["instances"],
-    "properties": {
-        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
-    },
-}
+Handler = Callable[[Request, ModelVersion, float], Awaitable[Response]]
 
 
 class ClientClosed(Exception):
     """The client went away before the request was answered."""
-
-
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status,
-                    headers=headers, media_type="application/json")  # fmt: skip
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) one over ``limit`` before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise ServeError(f"request body of {declared} bytes is over the limit of {limit}", 413)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServeError(f"request body is over the limit of {limit} bytes", 413)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientClosed from None
-    return b"".join(chunks)
 
 
 @dataclass(frozen=True)
@@ -154,217 +94,89 @@ class Batching:
         return cls(rows, dynamic, batch, delay)
 
 
-def _signature(model: ModelVersion, batching: Batching) -> codec.Signature:
-    return codec.Signature(
-        name=model.name, input_name=INPUT, n_features=model.n_features,
-        outputs=tuple(model.outputs), max_rows=batching.max_request_rows,
-    )  # fmt: skip
+class Service:
+    """What the routes call: the loaded models, how each is batched, admission, the pools."""
 
+    def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.version = _version()
+        self.ready = False
+        self.repo = Repository(root=settings.repository)
+        self.batching: dict[tuple[str, str], Batching] = {}
+        self.batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
+        self.in_flight: dict[str, int] = {}  # model name -> admitted inference requests
+        self.executor: ThreadPoolExecutor | None = None
+        self.decoder: ThreadPoolExecutor | None = None
 
-def create_app(settings: ServeSettings, repository: Repository | None = None,
-               connections: ConnectionStats | None = None) -> FastAPI:  # fmt: skip
-    """The service over ``repository`` (already loaded, as the CLI does before it binds a port),
-    or over ``settings.repository``, loaded at startup. ``connections``: the HTTP protocol's
-    counters of cut connections, exported with the metrics."""
-    metrics = Metrics(connections)
-    in_flight: dict[str, int] = {}  # model name -> admitted inference requests
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.ready = False
-        repo = repository or load_repository(
-            settings.repository, device=settings.device, threads=settings.intra_op_threads,
-            skip_bad_models=settings.skip_bad_models, max_model_bytes=settings.max_model_bytes,
-        )  # fmt: skip
+    async def start(self, repo: Repository) -> None:
+        settings = self.settings
         # created once the models load, so a failed start leaves no thread pool behind
-        executor = ThreadPoolExecutor(
+        self.executor = ThreadPoolExecutor(
             settings.inference_threads, thread_name_prefix="smartmixed-infer"
         )
-        decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="smartmixed-decode")
-        batching = {
-            (name, version): Batching.of(model, settings)
-            for name, versions in repo.models.items()
-            for version, model in versions.items()
-        }
-        batchers = {
-            key: AdaptiveBatcher(
-                repo.models[key[0]][key[1]].predict, max_batch_size=b.max_batch_size,
-                max_delay=b.max_delay_s, executor=executor, observe=_observer(key[0]),
-            )
-            for key, b in batching.items()
-            if b.dynamic
-        }  # fmt: skip
-        app.state.repo, app.state.batching, app.state.batchers = repo, batching, batchers
-        app.state.executor, app.state.decoder = executor, decoder
-        app.state.ready = True
+        self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="smartmixed-decode")
+        self.repo = repo
+        for name, versions in repo.models.items():
+            for version, model in versions.items():
+                batching = self.batching[(name, version)] = Batching.of(model, settings)
+                if batching.dynamic:
+                    self.batchers[(name, version)] = AdaptiveBatcher(
+                        model.predict, max_batch_size=batching.max_batch_size,
+                        max_delay=batching.max_delay_s, executor=self.executor,
+                        observe=self._observer(name),
+                    )  # fmt: skip
+        self.ready = True
         log.info("serving %s from %s (dynamic batching: %s)", ", ".join(repo.models) or "nothing",
-                 settings.repository, ", ".join(f"{n}/{v}" for n, v in batchers) or "none")  # fmt: skip
-        try:
-            yield
-        finally:
-            app.state.ready = False
-            for batcher in batchers.values():
-                await batcher.close()
-            executor.shutdown(wait=True)
-            decoder.shutdown(wait=True)
+                 settings.repository, ", ".join(f"{n}/{v}" for n, v in self.batchers) or "none")  # fmt: skip
 
-    def _observer(name: str):
+    async def stop(self) -> None:
+        self.ready = False
+        for batcher in self.batchers.values():
+            await batcher.close()
+        for pool in (self.executor, self.decoder):
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _observer(self, name: str):
         def observe(rows: int, waits: list[float], inference: float) -> None:
-            metrics.batch_size.labels(name).observe(rows)
-            metrics.inference.labels(name).observe(inference)
+            self.metrics.batch_size.labels(name).observe(rows)
+            self.metrics.inference.labels(name).observe(inference)
             for wait in waits:
-                metrics.queue_wait.labels(name).observe(wait)
+                self.metrics.queue_wait.labels(name).observe(wait)
 
         return observe
 
-    app = FastAPI(
-        title="smartmixed",
-        version=_version(),
-        lifespan=lifespan,
-        description="Open Inference Protocol (KServe V2) over ONNX Runtime for SmartMixed models.",
-    )
+    def signature(self, model: ModelVersion) -> codec.Signature:
+        rows = self.batching[(model.name, model.version)].max_request_rows
+        return codec.Signature(
+            name=model.name, input_name=INPUT, n_features=model.n_features,
+            outputs=tuple(model.outputs), max_rows=rows,
+        )  # fmt: skip
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError) -> Response:
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": str(settings.retry_after_s)}
-        return _json({"error": str(exc)}, exc.status, headers)
+    # ---- one inference request ------------------------------------------------------------------
 
-    @app.exception_handler(codec.CodecError)
-    async def _codec_error(request: Request, exc: codec.CodecError) -> Response:
-        return _json({"error": str(exc)}, exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _json({"error": str(exc.detail)}, exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return _json({"error": f"invalid request: {exc.errors()}"}, 400)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s", request.url.path)
-        return _json({"error": "internal server error"}, 500)
-
-    app.add_middleware(Guard, settings=settings, app_state=app.state)
-
-    def repo(request: Request) -> Repository:
-        return request.app.state.repo
-
-    # ---- server metadata (health: middleware.Guard) -------------------------------------------
-
-    @app.get("/v2", summary="Server metadata")
-    async def server_metadata() -> Response:
-        return _json(
-            {"name": "smartmixed", "version": _version(), "extensions": ["binary_tensor_data"]}
-        )
-
-    @app.get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")
-    async def live() -> Response:
-        return _json({"live": True})
-
-    @app.get("/v2/health/ready", summary="Readiness: every model loaded (answered before routing)")
-    async def ready(request: Request) -> Response:
-        is_ready = getattr(request.app.state, "ready", False)
-        return _json({"ready": is_ready}, 200 if is_ready else 503)
-
-    # ---- models -------------------------------------------------------------------------------
-
-    def model_metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
-        return {
-            "name": model.name,
-            "versions": versions,
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, model.n_features]}],
-            "outputs": [
-                {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]}
-                for o in model.outputs
-            ],
-            "smartmixed": model.describe(),
-        }
-
-    @app.get("/v2/models/{model_name}", summary="Model metadata (latest version)")
-    async def metadata_latest(request: Request, model_name: str) -> Response:
-        model = repo(request).get(model_name)
-        return _json(model_metadata(model, sorted(repo(request).models[model_name], key=int)))
-
-    @app.get("/v2/models/{model_name}/versions/{version}", summary="Model metadata")
-    async def metadata_version(request: Request, model_name: str, version: str) -> Response:
-        model = repo(request).get(model_name, version)
-        return _json(model_metadata(model, [version]))
-
-    async def _ready(request: Request, model_name: str, version: str | None) -> Response:
-        try:
-            repo(request).get(model_name, version)
-        except ServeError as e:
-            if e.status != 503:
-                raise
-            return _json({"name": model_name, "ready": False, "error": str(e)}, 503)
-        return _json({"name": model_name, "ready": True})
-
-    @app.get("/v2/models/{model_name}/ready", summary="Model readiness")
-    async def model_ready(request: Request, model_name: str) -> Response:
-        return await _ready(request, model_name, None)
-
-    @app.get("/v2/models/{model_name}/versions/{version}/ready", summary="Model readiness")
-    async def model_version_ready(request: Request, model_name: str, version: str) -> Response:
-        return await _ready(request, model_name, version)
-
-    def model_config(request: Request, model: ModelVersion) -> dict[str, Any]:
-        batching: Batching = request.app.state.batching[(model.name, model.version)]
-        config: dict[str, Any] = {
-            "name": model.name,
-            "platform": "onnxruntime_onnx",
-            "max_batch_size": batching.max_request_rows,
-            "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [model.n_features]}],
-            "output": [
-                {"name": o, "data_type": "TYPE_FP32", "dims": [model.n_classes]}
-                for o in model.outputs
-            ],
-            "execution_providers": model.providers,
-            "config_file": None if model.config.source is None else str(model.config.source),
-        }
-        if batching.dynamic:
-            config["dynamic_batching"] = {
-                "max_batch_size": batching.max_batch_size,
-                "max_queue_delay_microseconds": round(batching.max_delay_s * 1e6),
-            }
-        return config
-
-    @app.get("/v2/models/{model_name}/config", summary="Model configuration")
-    async def config_latest(request: Request, model_name: str) -> Response:
-        return _json(model_config(request, repo(request).get(model_name)))
-
-    @app.get("/v2/models/{model_name}/versions/{version}/config", summary="Model configuration")
-    async def config_version(request: Request, model_name: str, version: str) -> Response:
-        return _json(model_config(request, repo(request).get(model_name, version)))
-
-    # ---- inference ----------------------------------------------------------------------------
-
-    async def inference(
-        request: Request, endpoint: str, model_name: str, version: str | None,
-        handler: Callable[[ModelVersion, float], Awaitable[Response]],
+    async def admit(
+        self, request: Request, endpoint: str, model_name: str, version: str | None,
+        handler: Handler,
     ) -> Response:  # fmt: skip
-        """Admit, run ``handler(model, deadline)``, and count the request by status and time."""
+        """Admit, run ``handler(request, model, deadline)``, count the request by status, time it."""
         started = time.perf_counter()
         label, status = "unknown", "500"
+        metrics, max_queue = self.metrics, self.settings.max_queue
         try:
-            model = repo(request).get(model_name, version)
+            model = self.repo.get(model_name, version)
             label = model.name
-            if in_flight.get(label, 0) >= settings.max_queue:
+            if self.in_flight.get(label, 0) >= max_queue:
                 metrics.shed.labels(label, "queue_full").inc()
                 raise Overloaded(
-                    f"model {label!r} has {settings.max_queue} requests in progress (max_queue); "
-                    "retry later"
+                    f"model {label!r} has {max_queue} requests in progress (max_queue); retry later"
                 )
-            in_flight[label] = in_flight.get(label, 0) + 1
+            self.in_flight[label] = self.in_flight.get(label, 0) + 1
             metrics.in_flight.labels(label).inc()
             try:
-                response = await handler(model, started + settings.request_timeout_s)
+                response = await handler(request, model, started + self.settings.request_timeout_s)
             finally:
-                in_flight[label] -= 1
+                self.in_flight[label] -= 1
                 metrics.in_flight.labels(label).dec()
             status = str(response.status_code)
             return response
@@ -380,112 +192,119 @@ def create_app(settings: ServeSettings, repository: Repository | None = None,
             metrics.requests.labels(label, endpoint, status).inc()
             metrics.latency.labels(label, endpoint).observe(time.perf_counter() - started)
 
-    def signature(request: Request, model: ModelVersion) -> codec.Signature:
-        return _signature(model, request.app.state.batching[(model.name, model.version)])
-
-    async def body_of(request: Request, *, binary_ok: bool) -> bytes:
+    async def read_body(self, request: Request, *, binary_ok: bool) -> bytes:
+        """The body after its content type is checked; 413 over ``max_request_bytes``, read or
+        declared."""
         codec.check_content_type(
             request.headers.get("content-type"), binary_ok=binary_ok,
             has_binary_header=codec.BINARY_HEADER in request.headers,
         )  # fmt: skip
-        return await read_body(request, settings.max_request_bytes)
-
-    async def decode(request: Request, function, *args, **kwargs):
-        """``function(*args, **kwargs)``: here when small, in the decode pool when large."""
-        if len(args[0]) < OFFLOAD_BYTES:
-            return function(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            request.app.state.decoder, lambda: function(*args, **kwargs)
-        )
-
-    async def run_model(
-        request: Request, model: ModelVersion, x: np.ndarray, outputs: list[str], deadline: float
-    ) -> dict[str, np.ndarray]:
-        """Run the model within the deadline; past it, queued work is dropped with 503."""
-        remaining = deadline - time.perf_counter()
-        batcher = request.app.state.batchers.get((model.name, model.version))
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise ServeError(f"request body of {declared} bytes is over the limit of {limit}", 413)
+        chunks, size = [], 0
         try:
-            async with asyncio.timeout(max(remaining, 0)):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ServeError(f"request body is over the limit of {limit} bytes", 413)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientClosed from None
+        return b"".join(chunks)
+
+    async def decode(self, function, raw: bytes, *args, **kwargs):
+        """``function(raw, *args, **kwargs)``: here when small, in the decode pool when large."""
+        if len(raw) < OFFLOAD_BYTES:
+            return function(raw, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoder, lambda: function(raw, *args, **kwargs))
+
+    async def run(
+        self, model: ModelVersion, x: np.ndarray, outputs: list[str], deadline: float
+    ) -> dict[str, np.ndarray]:
+        """The model's outputs within the deadline; past it, queued work is dropped with 503."""
+        batcher = self.batchers.get((model.name, model.version))
+        try:
+            async with asyncio.timeout(max(deadline - time.perf_counter(), 0)):
                 if batcher is not None:
                     result = await batcher.predict(x)  # a cancelled wait is skipped by the batcher
                     return {k: result[k] for k in outputs}
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    request.app.state.executor, _unbatched, model, x, outputs, deadline
+                    self.executor, self._unbatched, model, x, outputs, deadline
                 )
         except (TimeoutError, Overloaded):
-            metrics.shed.labels(model.name, "deadline").inc()
+            self.metrics.shed.labels(model.name, "deadline").inc()
             raise Overloaded(
-                f"model {model.name!r} did not answer within {settings.request_timeout_s} s "
+                f"model {model.name!r} did not answer within {self.settings.request_timeout_s} s "
                 "(request_timeout_s); retry later"
             ) from None
 
-    def _unbatched(model: ModelVersion, x, outputs: list[str], deadline: float):
+    def _unbatched(self, model: ModelVersion, x, outputs: list[str], deadline: float):
         if time.perf_counter() > deadline:
             raise Overloaded("deadline passed while queued")
         started = time.perf_counter()
         result = model.predict(x, outputs)
-        metrics.batch_size.labels(model.name).observe(len(x))
-        metrics.inference.labels(model.name).observe(time.perf_counter() - started)
+        self.metrics.batch_size.labels(model.name).observe(len(x))
+        self.metrics.inference.labels(model.name).observe(time.perf_counter() - started)
         return result
 
-    async def _infer(request: Request, model: ModelVersion, deadline: float) -> Response:
-        raw = await body_of(request, binary_ok=True)
-        decoded = await decode(
-            request, codec.decode_infer, raw, signature(request, model),
-            header_length=request.headers.get(codec.BINARY_HEADER),
+
+def create_app(settings: ServeSettings, repository: Repository | None = None,
+               connections: ConnectionStats | None = None) -> FastAPI:  # fmt: skip
+    """The service over ``repository`` (already loaded, as the CLI does before it binds a port),
+    or over ``settings.repository``, loaded at startup. ``connections``: the HTTP protocol's
+    counters of cut connections, exported with the metrics."""
+    service = Service(settings, Metrics(connections))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        repo = repository or load_repository(
+            settings.repository, device=settings.device, threads=settings.intra_op_threads,
+            skip_bad_models=settings.skip_bad_models, max_model_bytes=settings.max_model_bytes,
         )  # fmt: skip
-        result = await run_model(request, model, decoded.x, decoded.outputs, deadline)
-        body, headers = codec.encode_infer(model.name, model.version, result, decoded)
-        media = "application/octet-stream" if headers else "application/json"
-        return Response(body, media_type=media, headers=headers)
+        await service.start(repo)
+        try:
+            yield
+        finally:
+            await service.stop()
 
-    async def _predict(request: Request, model: ModelVersion, deadline: float) -> Response:
-        raw = await body_of(request, binary_ok=False)
-        x = await decode(request, codec.decode_predict, raw, signature(request, model))
-        result = await run_model(request, model, x, ["probabilities"], deadline)
-        return Response(
-            codec.encode_predict(result["probabilities"], model.labels),
-            media_type="application/json",
-        )
+    app = FastAPI(
+        title="smartmixed",
+        version=service.version,
+        lifespan=lifespan,
+        description="Open Inference Protocol (KServe V2) over ONNX Runtime for SmartMixed models.",
+    )
+    app.state.service = service
 
-    infer_docs = {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": INFER_SCHEMA}}}
-    }
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> Response:
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(settings.retry_after_s)}
+        return json_response({"error": str(exc)}, exc.status, headers)
 
-    @app.post("/v2/models/{model_name}/infer", summary="Inference (latest version)",
-              openapi_extra=infer_docs)  # fmt: skip
-    async def infer_latest(request: Request, model_name: str) -> Response:
-        return await inference(
-            request, "infer", model_name, None, lambda m, d: _infer(request, m, d)
-        )
+    @app.exception_handler(codec.CodecError)
+    async def _codec_error(request: Request, exc: codec.CodecError) -> Response:
+        return json_response({"error": str(exc)}, exc.status)
 
-    @app.post("/v2/models/{model_name}/versions/{version}/infer", summary="Inference",
-              openapi_extra=infer_docs)  # fmt: skip
-    async def infer_version(request: Request, model_name: str, version: str) -> Response:
-        return await inference(
-            request, "infer", model_name, version, lambda m, d: _infer(request, m, d)
-        )
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return json_response({"error": str(exc.detail)}, exc.status_code)
 
-    predict_docs = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": PREDICT_SCHEMA}},
-        }
-    }
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return json_response({"error": f"invalid request: {exc.errors()}"}, 400)
 
-    @app.post("/v1/models/{model_name}:predict", openapi_extra=predict_docs,
-              summary="Labels and probabilities for rows of raw features")  # fmt: skip
-    async def predict(request: Request, model_name: str) -> Response:
-        return await inference(
-            request, "predict", model_name, None, lambda m, d: _predict(request, m, d)
-        )
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        return json_response({"error": "internal server error"}, 500)
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.add_middleware(Guard, settings=settings, service=service)
+    app.include_router(router)
     return app
 
 

@@ -30,8 +30,8 @@ class Guard:
     orchestrator must never see a healthy server as dead because inference is busy); then the
     API key; then readiness."""
 
-    def __init__(self, app, *, settings: ServeSettings, app_state) -> None:
-        self.app, self.state = app, app_state
+    def __init__(self, app, *, settings: ServeSettings, service) -> None:
+        self.app, self.service = app, service  # service: app.Service (its ``ready`` flag)
         key = settings.api_key
         self.key = None if key is None else key.get_secret_value().encode()
 
@@ -42,7 +42,7 @@ class Guard:
         if path == LIVE and scope["method"] == "GET":
             return await send_json(send, {"live": True}, 200)
         if path == READY and scope["method"] == "GET":
-            ready = getattr(self.state, "ready", False)
+            ready = self.service.ready
             return await send_json(send, {"ready": ready}, 200 if ready else 503)
         if path.startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
@@ -50,7 +50,7 @@ class Guard:
             return await send_json(
                 send, {"error": "missing or wrong API key (send 'Authorization: Bearer KEY')"}, 401
             )
-        if not getattr(self.state, "ready", False):
+        if not self.service.ready:
             return await send_json(send, {"error": "server is not ready"}, 503)
         return await self.app(scope, receive, send)
 

@@ -1,0 +1,223 @@
+"""The routes: Open Inference Protocol (KServe V2) REST, a friendly predict, metrics.
+
+Each route is a translation: path -> ``Service`` call -> codec -> Response. Health is answered
+before routing (middleware.Guard); the two health routes here only document it in the OpenAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from smartmixed.serve import codec
+from smartmixed.serve.runtime import INPUT, ModelVersion, ServeError
+
+INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_infer
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype"],
+                "properties": {
+                    "name": {"type": "string", "example": "input"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "datatype": {"type": "string", "enum": list(codec.V2_DTYPES)},
+                    "parameters": {"type": "object"},
+                    "data": {"type": "array", "items": {"type": "number"}},
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+PREDICT_SCHEMA = {
+    "type": "object",
+    "required": ["instances"],
+    "properties": {
+        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+    },
+}
+
+
+INFER_DOCS = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": INFER_SCHEMA}}}
+}
+PREDICT_DOCS = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": PREDICT_SCHEMA}}}
+}
+
+router = APIRouter()
+
+
+def service(request: Request):
+    """The app's ``Service`` (serve/app.py), created with the app, filled in its lifespan."""
+    return request.app.state.service
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None):
+    body = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+# ---- server metadata ---------------------------------------------------------------------------
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata(request: Request) -> Response:
+    return json_response({"name": "smartmixed", "version": service(request).version,
+                          "extensions": ["binary_tensor_data"]})  # fmt: skip
+
+
+@router.get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness: every model loaded (answered before routing)")
+async def ready(request: Request) -> Response:
+    is_ready = service(request).ready
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "versions": versions,
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, model.n_features]}],
+        "outputs": [
+            {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]} for o in model.outputs
+        ],
+        "smartmixed": model.describe(),
+    }
+
+
+@router.get("/v2/models/{model_name}", summary="Model metadata (latest version)")
+async def metadata_latest(request: Request, model_name: str) -> Response:
+    repo = service(request).repo
+    model = repo.get(model_name)
+    return json_response(_metadata(model, sorted(repo.models[model_name], key=int)))
+
+
+@router.get("/v2/models/{model_name}/versions/{version}", summary="Model metadata")
+async def metadata_version(request: Request, model_name: str, version: str) -> Response:
+    return json_response(_metadata(service(request).repo.get(model_name, version), [version]))
+
+
+async def _ready(request: Request, model_name: str, version: str | None) -> Response:
+    try:
+        service(request).repo.get(model_name, version)
+    except ServeError as e:
+        if e.status != 503:
+            raise
+        return json_response({"name": model_name, "ready": False, "error": str(e)}, 503)
+    return json_response({"name": model_name, "ready": True})
+
+
+@router.get("/v2/models/{model_name}/ready", summary="Model readiness")
+async def model_ready(request: Request, model_name: str) -> Response:
+    return await _ready(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{version}/ready", summary="Model readiness")
+async def model_version_ready(request: Request, model_name: str, version: str) -> Response:
+    return await _ready(request, model_name, version)
+
+
+def _config(request: Request, model: ModelVersion) -> dict[str, Any]:
+    batching = service(request).batching[(model.name, model.version)]
+    config: dict[str, Any] = {
+        "name": model.name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": batching.max_request_rows,
+        "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [model.n_features]}],
+        "output": [
+            {"name": o, "data_type": "TYPE_FP32", "dims": [model.n_classes]} for o in model.outputs
+        ],
+        "execution_providers": model.providers,
+        "config_file": None if model.config.source is None else str(model.config.source),
+    }
+    if batching.dynamic:
+        config["dynamic_batching"] = {
+            "max_batch_size": batching.max_batch_size,
+            "max_queue_delay_microseconds": round(batching.max_delay_s * 1e6),
+        }
+    return config
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration")
+async def config_latest(request: Request, model_name: str) -> Response:
+    return json_response(_config(request, service(request).repo.get(model_name)))
+
+
+@router.get("/v2/models/{model_name}/versions/{version}/config", summary="Model configuration")
+async def config_version(request: Request, model_name: str, version: str) -> Response:
+    return json_response(_config(request, service(request).repo.get(model_name, version)))
+
+
+# ---- inference ---------------------------------------------------------------------------------
+
+
+async def _infer(request: Request, model: ModelVersion, deadline: float) -> Response:
+    s = service(request)
+    raw = await s.read_body(request, binary_ok=True)
+    decoded = await s.decode(
+        codec.decode_infer, raw, s.signature(model),
+        header_length=request.headers.get(codec.BINARY_HEADER),
+    )  # fmt: skip
+    result = await s.run(model, decoded.x, decoded.outputs, deadline)
+    body, headers = codec.encode_infer(model.name, model.version, result, decoded)
+    media = "application/octet-stream" if headers else "application/json"
+    return Response(body, media_type=media, headers=headers)
+
+
+async def _predict(request: Request, model: ModelVersion, deadline: float) -> Response:
+    s = service(request)
+    raw = await s.read_body(request, binary_ok=False)
+    x = await s.decode(codec.decode_predict, raw, s.signature(model))
+    result = await s.run(model, x, ["probabilities"], deadline)
+    body = codec.encode_predict(result["probabilities"], model.labels)
+    return Response(body, media_type="application/json")
+
+
+@router.post("/v2/models/{model_name}/infer", summary="Inference (latest version)",
+             openapi_extra=INFER_DOCS)  # fmt: skip
+async def infer_latest(request: Request, model_name: str) -> Response:
+    return await service(request).admit(request, "infer", model_name, None, _infer)
+
+
+@router.post("/v2/models/{model_name}/versions/{version}/infer", summary="Inference",
+             openapi_extra=INFER_DOCS)  # fmt: skip
+async def infer_version(request: Request, model_name: str, version: str) -> Response:
+    return await service(request).admit(request, "infer", model_name, version, _infer)
+
+
+@router.post("/v1/models/{model_name}:predict", openapi_extra=PREDICT_DOCS,
+             summary="Labels and probabilities for rows of raw features")  # fmt: skip
+async def predict(request: Request, model_name: str) -> Response:
+    return await service(request).admit(request, "predict", model_name, None, _predict)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def prometheus(request: Request) -> Response:
+    registry = service(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
