@@ -48,7 +48,7 @@ from smartmixed.serve.runtime import (
     ServeError,
     load_repository,
 )
-from smartmixed.serve.server import ConnectionStats
+from smartmixed.serve.server import PAUSE_READING, ConnectionStats
 from smartmixed.serve.settings import ServeSettings
 
 log = logging.getLogger("smartmixed.serve")
@@ -284,6 +284,7 @@ def create_app(settings: ServeSettings, repository: Repository | None = None,
         headers = None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(settings.retry_after_s)}
+            request.scope[PAUSE_READING] = settings.retry_after_s  # server.py enforces it
         return json_response({"error": str(exc)}, exc.status, headers)
 
     @app.exception_handler(codec.CodecError)

@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             limits.max_connections, settings.max_connections, nofile,
         )  # fmt: skip
     stats = http.ConnectionStats({})
+    app = create_app(settings, repository=repository, connections=stats)
     started = http.run_server(
-        create_app(settings, repository=repository, connections=stats), host=settings.host,
-        port=settings.port, limits=limits, stats=stats,
-        keep_alive_timeout_s=settings.keep_alive_timeout_s,
+        app, host=settings.host, port=settings.port, limits=limits, stats=stats,
+        ready=lambda: app.state.service.ready, keep_alive_timeout_s=settings.keep_alive_timeout_s,
         graceful_shutdown_s=GRACEFUL_SHUTDOWN_S, log_level=settings.log_level,
     )  # fmt: skip
     if not started:

@@ -19,22 +19,40 @@ per connection:
   progress (idle keep-alive, or a slow client still sending headers); only when every connection
   has a request in progress is the newcomer refused, with 503;
 - **parser errors** answered as JSON 400s, like every other client mistake;
+- **Retry-After, enforced**: a response whose ASGI scope carries ``PAUSE_READING`` (the app sets
+  it on a load-shedding 503) stops reading that connection for that many seconds (up to 50% more,
+  at random, so that shed clients do not return as one wave). Clients that
+  retry a 503 at once would otherwise turn the event loop into a 503 machine: at c=1024 that
+  held health checks for 1.8 s (issue F's overload measurement). New connections (health probes)
+  and admitted requests are not slowed;
+- **health first**: ``GET /v2/health/live`` and ``/v2/health/ready`` are answered by the protocol
+  as soon as their headers are parsed, in the same event-loop turn, without an ASGI task (a task
+  starts a turn later, and under overload every turn is long). Readiness comes from the app's
+  own flag (``health``); the app's middleware answers the same paths identically for other
+  servers and tests;
 - **draining**: on shutdown an idle keep-alive connection is not closed under a client that may
   be writing its next request at that moment (the client would see a reset): its next request
   is answered with ``Connection: close``, or it is closed after a short grace.
 
-``run_server`` runs the app with these limits; SIGTERM drains and exits 0 (uvicorn re-raises the
+``run_server`` runs the app with these limits and a garbage collector tuned for serving: what
+exists once the models are loaded is frozen out of the collector's scans (``gc.freeze``) and
+young collections run every GC_THRESHOLDS[0] allocations instead of 700. At c=1024 the default
+collector's full scans stalled the event loop for ~100 ms at a time (health p99 104 ms; with
+this, 36 ms, and 30% more answered requests: issue F's overload measurement); SIGTERM drains and exits 0 (uvicorn re-raises the
 signal after draining, which makes a clean stop look like a crash to supervisors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import random
 import resource
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httptools
@@ -46,7 +64,12 @@ log = logging.getLogger("smartmixed.serve")
 
 SWEEP_INTERVAL_S = 1.0  # how often the read timeouts are checked
 DRAIN_GRACE_S = 0.5  # shutdown: how long an idle keep-alive connection may still send a request
+GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold while serving (default 700, 10, 10)
 FD_RESERVE = 64  # descriptors kept free under the open-file limit (models, pools, logs, epoll)
+
+PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
+
+HEALTH_PATHS = {b"/v2/health/live": "live", b"/v2/health/ready": "ready"}
 
 # Connection phases (what a connection is waiting for).
 IDLE, HEADERS, BODY, RESPONSE = "idle", "headers", "body", "response"
@@ -58,6 +81,21 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+
+
+@dataclass
+class _Answered:
+    """Stands in for uvicorn's request cycle after a health check answered by the protocol."""
+
+    keep_alive: bool
+    response_complete: bool = True
+    disconnected: bool = False
+    scope: dict = field(default_factory=dict)
+
+    class message_event:  # uvicorn calls cycle.message_event.set()
+        @staticmethod
+        def set() -> None:
+            pass
 
 
 @dataclass
@@ -112,6 +150,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     limits: ConnectionLimits
     stats: ConnectionStats
+    ready: Callable[[], bool] | None = None  # the app's readiness; None: health goes to the app
     _sweepers: dict[int, asyncio.Task] = {}  # noqa: RUF012  (one per event loop, shared)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -179,6 +218,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.phase, self.phase_since = BODY, time.monotonic()
+        if self.ready is not None and self._answer_health():
+            return
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -198,6 +239,40 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.phase, self.phase_since = IDLE, time.monotonic()
         if self.draining and not self.transport.is_closing():
             self.transport.close()
+        pause = self.cycle.scope.get(PAUSE_READING)
+        if pause and not self.transport.is_closing():
+            self.flow.pause_reading()
+            # up to 50% longer, at random: shed clients must not come back as one wave
+            self.loop.call_later(pause * (1 + 0.5 * random.random()), self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+
+    def _answer_health(self) -> bool:
+        """Answer GET /v2/health/{live,ready} here and now; False for any other request."""
+        if self.url not in HEALTH_PATHS or self.parser.get_method() != b"GET":
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # a pipelined request behind one in progress: answers keep their order
+        ready = HEALTH_PATHS[self.url] == "live" or self.ready()
+        body = (
+            b'{"live":true}'
+            if HEALTH_PATHS[self.url] == "live"
+            else b'{"ready":%s}' % (b"true" if ready else b"false")
+        )
+        keep_alive = self.parser.should_keep_alive() and not self.draining
+        self.transport.write(b"".join([
+            STATUS_LINE[200 if ready else 503],
+            b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+            b"\r\n" if keep_alive else b"\r\nconnection: close\r\n", b"\r\n", body,
+        ]))  # fmt: skip
+        self.cycle = _Answered(keep_alive=keep_alive)  # type: ignore[assignment]
+        if keep_alive:
+            self.on_response_complete()
+        else:
+            self.transport.close()
+        return True
 
     # ---- timeouts -----------------------------------------------------------------------------
 
@@ -254,12 +329,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def protocol_class(limits: ConnectionLimits, stats: ConnectionStats) -> type[LimitedHttpProtocol]:
+def protocol_class(
+    limits: ConnectionLimits, stats: ConnectionStats, ready: Callable[[], bool] | None = None
+) -> type[LimitedHttpProtocol]:
     return type(
         "SmartmixedHttpProtocol",
         (LimitedHttpProtocol,),
-        {"limits": limits, "stats": stats, "_sweepers": {}},
-    )
+        {"limits": limits, "stats": stats, "ready": staticmethod(ready) if ready else None,
+         "_sweepers": {}},
+    )  # fmt: skip
 
 
 class _Server(uvicorn.Server):
@@ -278,16 +356,20 @@ def run_server(
     port: int,
     limits: ConnectionLimits,
     stats: ConnectionStats,
+    ready: Callable[[], bool] | None = None,
     keep_alive_timeout_s: float,
     graceful_shutdown_s: float,
     log_level: str,
 ) -> bool:
     """Serve ``app`` until SIGTERM/SIGINT; False when it did not start (the reason is logged)."""
     config = uvicorn.Config(
-        app, host=host, port=port, http=protocol_class(limits, stats), loop="auto",
+        app, host=host, port=port, http=protocol_class(limits, stats, ready), loop="auto",
         log_level=log_level, access_log=False, timeout_keep_alive=keep_alive_timeout_s,
         timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
     )  # fmt: skip
     server = _Server(config)
+    gc.collect()
+    gc.freeze()  # the loaded models, the app, the imports: never garbage, never scanned again
+    gc.set_threshold(*GC_THRESHOLDS)
     server.run()
     return server.started

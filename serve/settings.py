@@ -71,8 +71,8 @@ class ServeSettings(BaseSettings):
     )
     # ---- load shedding (serve/app.py) ---------------------------------------------------------
     max_queue: int = Field(
-        256, ge=1, description="Most inference requests admitted per model (queued or running); "
-        "more get 503 with Retry-After at once",
+        128, ge=1, description="Most inference requests admitted per model (queued or running; "
+        "default: two dynamic batches); more get 503 with Retry-After at once",
     )
     request_timeout_s: float = Field(
         5.0, gt=0, description="Deadline of an admitted inference request; work still queued "
