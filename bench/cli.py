@@ -1,4 +1,4 @@
-"""smartmixed-bench: measure what the activation mix costs."""
+"""smartmixed-bench: measure what the activation mix costs, and how the service holds up."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from smartmixed.bench import BenchError
+from smartmixed.bench.soak import SoakOptions
 from smartmixed.bench.study import (
     DEFAULT_ARCHS,
     DEFAULT_MODELS,
@@ -90,6 +92,63 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: wrk when installed, else Python (asyncio + httpx)")  # fmt: skip
     web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
     web.add_argument("--quiet", action="store_true")
+
+    so = sub.add_parser(
+        "soak",
+        help="reliability of smartmixed-serve: soak, overload, slow clients, a huge header, "
+        "SIGTERM under load",
+        description="Start smartmixed-serve on 127.0.0.1 (one fresh server per scenario, over a "
+        "random-weight model; or target --url) and attack it: a soak at concurrency 64 (errors, "
+        "p99, RSS growth), overload at 1024 (503s, longest 200, health p99), 1,000 slowloris "
+        "connections with the server's open-file limit at 1024, one 100 MB header line, SIGTERM "
+        "under load (failed requests, exit code); writes DIR/soak.{json,md,png}. About 2 minutes "
+        "with the defaults. Targets are reported, never asserted.",
+    )
+    so.add_argument("--out", type=Path, required=True, help="output folder")
+    so.add_argument("--scenarios", default="soak,overload,slow,header,sigterm",
+                    help="which to run (default all: soak,overload,slow,header,sigterm)")  # fmt: skip
+    so.add_argument("--arch", default=None,
+                    help="layer widths of the built model (default: the paper's)")  # fmt: skip
+    so.add_argument("--repository", type=Path, default=None,
+                    help="serve this exported repository instead of building a model")  # fmt: skip
+    so.add_argument("--model", default=None,
+                    help="model to send requests to (default: mixed, or the first in "
+                    "--repository; required with --url)")  # fmt: skip
+    so.add_argument("--url", default=None,
+                    help="http://127.0.0.1:PORT of a running server (none is started; "
+                    "sigterm is skipped)")  # fmt: skip
+    so.add_argument("--pid", type=int, default=None,
+                    help="with --url: the server's PID, for its RSS and open-file limit")  # fmt: skip
+    so.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the started servers, e.g. "
+                    "SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable")  # fmt: skip
+    defaults = SoakOptions()
+    flags = {
+        "soak_duration_s": ("--soak-duration", int, "soak: seconds"),
+        "soak_concurrency": ("--soak-concurrency", int, "soak: connections"),
+        "overload_duration_s": ("--overload-duration", int, "overload: seconds"),
+        "overload_concurrency": ("--overload-concurrency", int, "overload: connections"),
+        "client_timeout_s": ("--client-timeout", float,
+                             "soak, overload, sigterm: a request slower than this is a client "
+                             "timeout"),
+        "slow_clients": ("--slow-clients", int, "slow: header-dribbling clients"),
+        "slow_duration_s": ("--slow-duration", float, "slow: seconds"),
+        "slow_interval_s": ("--slow-interval", float, "slow: seconds between header lines"),
+        "slow_nofile": ("--slow-nofile", int, "slow: the server's open-file limit"),
+        "header_mb": ("--header-mb", float, "header: size of the header line (MB)"),
+        "header_limit_s": ("--header-limit", float, "header: give up after this many seconds"),
+        "sigterm_concurrency": ("--sigterm-concurrency", int, "sigterm: connections"),
+        "sigterm_after_s": ("--sigterm-after", float, "sigterm: seconds of load before SIGTERM"),
+        "drain_limit_s": ("--drain-limit", float, "sigterm: kill the server after this many s"),
+        "probe_interval_ms": ("--probe-interval-ms", float,
+                              "health probe period (a new connection each)"),
+    }  # fmt: skip
+    for name, (flag, kind, text) in flags.items():
+        so.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name),
+                        metavar=flag.rsplit("-", 1)[-1].upper(),
+                        help=f"{text} (default {getattr(defaults, name):g})")  # fmt: skip
+    so.add_argument("--seed", type=int, default=0, help="weights and request row")
+    so.add_argument("--quiet", action="store_true")
 
     st = sub.add_parser(
         "study",
@@ -174,6 +233,27 @@ def _http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from smartmixed.bench.soak import measure_soak, render_markdown, write_outputs
+
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise BenchError(f"--out {args.out} exists and is not a folder")
+        options = SoakOptions(**{f.name: getattr(args, f.name) for f in fields(SoakOptions)})
+        result = measure_soak(
+            scenarios=args.scenarios, url=args.url, pid=args.pid, repository=args.repository,
+            model=args.model, arch=args.arch, server_env=args.server_env, options=options,
+            seed=args.seed, progress=not args.quiet,
+        )  # fmt: skip
+    except BenchError as e:  # bad options: no traceback (failed scenarios are in the result)
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, args.out)
+    print(render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     try:
         outcome = run_study(
@@ -218,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command} takes no flags after --")
     if args.command == "http":
         return _http(args)
+    if args.command == "soak":
+        return _soak(args)
     if args.command == "latency":
         return _latency(args)
     if args.command == "train-cost":
