@@ -104,7 +104,7 @@ class Service:
         self.repo = Repository(root=settings.repository)
         self.batching: dict[tuple[str, str], Batching] = {}
         self.batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
-        self.in_flight: dict[str, int] = {}  # model name -> admitted inference requests
+        self.in_flight = metrics.in_flight  # model name -> admitted inference requests
         self.executor: ThreadPoolExecutor | None = None
         self.decoder: ThreadPoolExecutor | None = None
 
@@ -139,10 +139,12 @@ class Service:
 
     def _observer(self, name: str):
         def observe(rows: int, waits: list[float], inference: float) -> None:
-            self.metrics.batch_size.labels(name).observe(rows)
-            self.metrics.inference.labels(name).observe(inference)
+            metrics = self.metrics
+            metrics.child(metrics.batch_size, name).observe(rows)
+            metrics.child(metrics.inference, name).observe(inference)
+            queue_wait = metrics.child(metrics.queue_wait, name)
             for wait in waits:
-                self.metrics.queue_wait.labels(name).observe(wait)
+                queue_wait.observe(wait)
 
         return observe
 
@@ -167,17 +169,15 @@ class Service:
             model = self.repo.get(model_name, version)
             label = model.name
             if self.in_flight.get(label, 0) >= max_queue:
-                metrics.shed.labels(label, "queue_full").inc()
+                metrics.child(metrics.shed, label, "queue_full").inc()
                 raise Overloaded(
                     f"model {label!r} has {max_queue} requests in progress (max_queue); retry later"
                 )
             self.in_flight[label] = self.in_flight.get(label, 0) + 1
-            metrics.in_flight.labels(label).inc()
             try:
                 response = await handler(request, model, started + self.settings.request_timeout_s)
             finally:
                 self.in_flight[label] -= 1
-                metrics.in_flight.labels(label).dec()
             status = str(response.status_code)
             return response
         except ClientClosed:
@@ -189,8 +189,8 @@ class Service:
             status = str(e.status)
             raise
         finally:
-            metrics.requests.labels(label, endpoint, status).inc()
-            metrics.latency.labels(label, endpoint).observe(time.perf_counter() - started)
+            metrics.child(metrics.requests, label, endpoint, status).inc()
+            metrics.child(metrics.latency, label, endpoint).observe(time.perf_counter() - started)
 
     async def read_body(self, request: Request, *, binary_ok: bool) -> bytes:
         """The body after its content type is checked; 413 over ``max_request_bytes``, read or
@@ -236,7 +236,7 @@ class Service:
                     self.executor, self._unbatched, model, x, outputs, deadline
                 )
         except (TimeoutError, Overloaded):
-            self.metrics.shed.labels(model.name, "deadline").inc()
+            self.metrics.child(self.metrics.shed, model.name, "deadline").inc()
             raise Overloaded(
                 f"model {model.name!r} did not answer within {self.settings.request_timeout_s} s "
                 "(request_timeout_s); retry later"
@@ -247,8 +247,9 @@ class Service:
             raise Overloaded("deadline passed while queued")
         started = time.perf_counter()
         result = model.predict(x, outputs)
-        self.metrics.batch_size.labels(model.name).observe(len(x))
-        self.metrics.inference.labels(model.name).observe(time.perf_counter() - started)
+        metrics = self.metrics
+        metrics.child(metrics.batch_size, model.name).observe(len(x))
+        metrics.child(metrics.inference, model.name).observe(time.perf_counter() - started)
         return result
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from smartmixed.serve.server import ConnectionStats
 
@@ -41,12 +43,34 @@ class Metrics:
             "(queue_full: refused on arrival; deadline: dropped after request_timeout_s)",
             ["model", "reason"], registry=self.registry,
         )  # fmt: skip
-        self.in_flight = Gauge(
-            "smartmixed_in_flight", "Inference requests admitted and not yet answered",
-            ["model"], registry=self.registry,
-        )  # fmt: skip
+        self.in_flight: dict[str, int] = {}  # model -> admitted requests; read when scraped
+        self.registry.register(_InFlightCollector(self.in_flight))
         if connections is not None:
             self.registry.register(_ConnectionCollector(connections))
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, cached: the labels are model names, endpoints and
+        statuses (bounded), and prometheus_client's lookup costs microseconds per call."""
+        key = (metric._name, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+
+class _InFlightCollector:
+    def __init__(self, in_flight: dict[str, int]) -> None:
+        self.in_flight = in_flight
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "smartmixed_in_flight", "Inference requests admitted and not yet answered",
+            labels=["model"],
+        )  # fmt: skip
+        for model, count in sorted(self.in_flight.items()):
+            family.add_metric([model], count)
+        yield family
 
 
 class _ConnectionCollector:

@@ -75,6 +75,49 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(body, status, headers=headers, media_type="application/json")
 
 
+# ---- inference (first: routes are matched in order, and these are the hot ones) ----------
+
+
+async def _infer(request: Request, model: ModelVersion, deadline: float) -> Response:
+    s = service(request)
+    raw = await s.read_body(request, binary_ok=True)
+    decoded = await s.decode(
+        codec.decode_infer, raw, s.signature(model),
+        header_length=request.headers.get(codec.BINARY_HEADER),
+    )  # fmt: skip
+    result = await s.run(model, decoded.x, decoded.outputs, deadline)
+    body, headers = codec.encode_infer(model.name, model.version, result, decoded)
+    media = "application/octet-stream" if headers else "application/json"
+    return Response(body, media_type=media, headers=headers)
+
+
+async def _predict(request: Request, model: ModelVersion, deadline: float) -> Response:
+    s = service(request)
+    raw = await s.read_body(request, binary_ok=False)
+    x = await s.decode(codec.decode_predict, raw, s.signature(model))
+    result = await s.run(model, x, ["probabilities"], deadline)
+    body = codec.encode_predict(result["probabilities"], model.labels)
+    return Response(body, media_type="application/json")
+
+
+@router.post("/v2/models/{model_name}/infer", summary="Inference (latest version)",
+             openapi_extra=INFER_DOCS)  # fmt: skip
+async def infer_latest(request: Request, model_name: str) -> Response:
+    return await service(request).admit(request, "infer", model_name, None, _infer)
+
+
+@router.post("/v2/models/{model_name}/versions/{version}/infer", summary="Inference",
+             openapi_extra=INFER_DOCS)  # fmt: skip
+async def infer_version(request: Request, model_name: str, version: str) -> Response:
+    return await service(request).admit(request, "infer", model_name, version, _infer)
+
+
+@router.post("/v1/models/{model_name}:predict", openapi_extra=PREDICT_DOCS,
+             summary="Labels and probabilities for rows of raw features")  # fmt: skip
+async def predict(request: Request, model_name: str) -> Response:
+    return await service(request).admit(request, "predict", model_name, None, _predict)
+
+
 # ---- server metadata ---------------------------------------------------------------------------
 
 
@@ -172,49 +215,6 @@ async def config_latest(request: Request, model_name: str) -> Response:
 @router.get("/v2/models/{model_name}/versions/{version}/config", summary="Model configuration")
 async def config_version(request: Request, model_name: str, version: str) -> Response:
     return json_response(_config(request, service(request).repo.get(model_name, version)))
-
-
-# ---- inference ---------------------------------------------------------------------------------
-
-
-async def _infer(request: Request, model: ModelVersion, deadline: float) -> Response:
-    s = service(request)
-    raw = await s.read_body(request, binary_ok=True)
-    decoded = await s.decode(
-        codec.decode_infer, raw, s.signature(model),
-        header_length=request.headers.get(codec.BINARY_HEADER),
-    )  # fmt: skip
-    result = await s.run(model, decoded.x, decoded.outputs, deadline)
-    body, headers = codec.encode_infer(model.name, model.version, result, decoded)
-    media = "application/octet-stream" if headers else "application/json"
-    return Response(body, media_type=media, headers=headers)
-
-
-async def _predict(request: Request, model: ModelVersion, deadline: float) -> Response:
-    s = service(request)
-    raw = await s.read_body(request, binary_ok=False)
-    x = await s.decode(codec.decode_predict, raw, s.signature(model))
-    result = await s.run(model, x, ["probabilities"], deadline)
-    body = codec.encode_predict(result["probabilities"], model.labels)
-    return Response(body, media_type="application/json")
-
-
-@router.post("/v2/models/{model_name}/infer", summary="Inference (latest version)",
-             openapi_extra=INFER_DOCS)  # fmt: skip
-async def infer_latest(request: Request, model_name: str) -> Response:
-    return await service(request).admit(request, "infer", model_name, None, _infer)
-
-
-@router.post("/v2/models/{model_name}/versions/{version}/infer", summary="Inference",
-             openapi_extra=INFER_DOCS)  # fmt: skip
-async def infer_version(request: Request, model_name: str, version: str) -> Response:
-    return await service(request).admit(request, "infer", model_name, version, _infer)
-
-
-@router.post("/v1/models/{model_name}:predict", openapi_extra=PREDICT_DOCS,
-             summary="Labels and probabilities for rows of raw features")  # fmt: skip
-async def predict(request: Request, model_name: str) -> Response:
-    return await service(request).admit(request, "predict", model_name, None, _predict)
 
 
 @router.get("/metrics", summary="Prometheus metrics")
