@@ -66,16 +66,22 @@ class ServeSettings(BaseSettings):
         5.0, gt=0, description="An idle keep-alive connection is closed after this time"
     )
     max_connections: int = Field(
-        2048, ge=8, description="Most open connections (also capped below the process's open-file "
+        2048,
+        ge=8,
+        description="Most open connections (also capped below the process's open-file "
         "limit); at the cap, the oldest idle connection makes room, else 503",
     )
     # ---- load shedding (serve/app.py) ---------------------------------------------------------
     max_queue: int = Field(
-        128, ge=1, description="Most inference requests admitted per model (queued or running; "
+        128,
+        ge=1,
+        description="Most inference requests admitted per model (queued or running; "
         "default: two dynamic batches); more get 503 with Retry-After at once",
     )
     request_timeout_s: float = Field(
-        5.0, gt=0, description="Deadline of an admitted inference request; work still queued "
+        5.0,
+        gt=0,
+        description="Deadline of an admitted inference request; work still queued "
         "then is dropped with 503",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 503")
