@@ -65,12 +65,18 @@ PAPER_PROTOCOL: dict[str, Any] = {
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PROTOCOL,
     "reference-code": {
-        **PAPER_PROTOCOL, "phase2_init": "fresh", "double_softmax": True, "eval_noise": True,
+        **PAPER_PROTOCOL,
+        "phase2_init": "fresh",
+        "double_softmax": True,
+        "eval_noise": True,
         "clamp": REFERENCE_CLAMP,
     },
     # Chosen by the selection study on validation accuracy (README Results); see the docstring.
     "smartmixed": {
-        **PAPER_PROTOCOL, "candidate_norm": None, "logit_lr": 1e-2, "select": "last",
+        **PAPER_PROTOCOL,
+        "candidate_norm": None,
+        "logit_lr": 1e-2,
+        "select": "last",
     },
 }
 DEFAULT_PROTOCOL = "smartmixed"

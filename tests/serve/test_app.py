@@ -191,6 +191,17 @@ def test_api_key(repository: Path) -> None:
         assert c.get("/v2/models/mixed", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
+def test_an_empty_api_key_means_no_key(repository: Path, monkeypatch) -> None:
+    """docker-compose passes SMARTMIXED_API_KEY= (empty) by default: that is auth off."""
+    monkeypatch.setenv("SMARTMIXED_API_KEY", "")
+    assert ServeSettings(repository=repository).api_key is None
+    assert ServeSettings(repository=repository, api_key="  ").api_key is None
+    ok = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}
+    with TestClient(create_app(ServeSettings(repository=repository))) as c:
+        for headers in ({}, {"Authorization": "Bearer anything"}, {"X-API-Key": ""}):
+            assert c.post("/v2/models/mixed/infer", json=ok, headers=headers).status_code == 200
+
+
 def test_bad_repository_entries(repository: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(repository, models)

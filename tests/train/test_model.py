@@ -30,9 +30,7 @@ def _select(z_t, soft_t, choice, pool=POOL, transform: CandidateTransform | None
     acts = tuple(ACTIVATIONS[n] for n in pool)
     perm, sizes = _grouping(choice, len(acts))
     transform = transform or CandidateTransform.build(pool)
-    return _SelectActivation.apply(
-        z_t, soft_t, perm, sizes, acts, batch_sum_basis(pool), transform
-    )
+    return _SelectActivation.apply(z_t, soft_t, perm, sizes, acts, batch_sum_basis(pool), transform)
 
 
 def test_straight_through_forward_is_exactly_one_activation_per_neuron() -> None:
