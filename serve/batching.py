@@ -53,12 +53,17 @@ class AdaptiveBatcher:
         self._last_requests = 1
 
     async def predict(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return await self.submit(x)
+
+    def submit(self, x: np.ndarray) -> asyncio.Future:
+        """Queue ``x``; the future gets its rows' outputs. Cancel it to drop the request."""
+        loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(x, future, time.perf_counter()))
-        return await future
+            self._worker = loop.create_task(self._run())
+        future = loop.create_future()
+        self._queue.put_nowait(_Pending(x, future, time.perf_counter()))
+        return future
 
     async def close(self) -> None:
         if self._worker is not None:
