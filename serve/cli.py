@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -17,32 +18,28 @@ GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: stop accepting, let in-flight requests fini
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per ServeSettings field (--max-batch-size for max_batch_size), its help the
+    field's description: names and defaults are declared once, in settings.py."""
     p = argparse.ArgumentParser(
         prog="smartmixed-serve",
         description="Serve every model of a repository (NAME/VERSION/model.onnx) with the Open "
         "Inference Protocol (KServe V2) over ONNX Runtime. Each flag can also be set as an "
         "environment variable SMARTMIXED_<NAME> (e.g. SMARTMIXED_MAX_BATCH_SIZE).",
     )
-    p.add_argument("--repository", type=Path)
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--intra-op-threads", type=int)
-    p.add_argument(
-        "--max-batch-size", type=int, help="dynamic batching: most rows per run (0: off)"
-    )
-    p.add_argument(
-        "--max-batch-delay-ms", type=float, help="dynamic batching: longest wait (0: off)"
-    )
-    p.add_argument("--max-request-rows", type=int)
-    p.add_argument("--max-request-bytes", type=int)
-    p.add_argument(
-        "--api-key", help="require this key (prefer SMARTMIXED_API_KEY: flags show in ps)"
-    )
-    p.add_argument("--skip-bad-models", action="store_true", default=None,
-                   help="serve what loads; list the rest as not ready")  # fmt: skip
-    p.add_argument("--inference-threads", type=int)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for name, field in ServeSettings.model_fields.items():
+        flag, kind = "--" + name.replace("_", "-"), field.annotation
+        help_text = field.description or ""
+        if "default" not in help_text and field.default is not None:
+            help_text += f" (default {field.default})"
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif get_origin(kind) is Literal:
+            p.add_argument(flag, choices=list(get_args(kind)), help=help_text)
+        elif name == "api_key":
+            p.add_argument(flag, help=help_text + "; prefer SMARTMIXED_API_KEY: flags show in ps")
+        else:
+            scalar = next((t for t in (int, float, Path) if t in (kind, *get_args(kind))), str)
+            p.add_argument(flag, type=scalar, help=help_text)
     return p
 
 
