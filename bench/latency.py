@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from smartmixed.bench import BenchError, parse_positive_ints, train_cost
 from smartmixed.bench.train_cost import machine_info
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
+from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.runtime import make_session, percentiles, time_session
 from smartmixed.export.select import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.train.artifacts import load_model
@@ -65,13 +66,20 @@ ORDER = (
 )
 FIXED_LOWERING = "permuted"  # a single-group network lowers to the same graph in every form
 MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
-# auto vs ideal mix (p50), 1 intra-op thread: key -> (batch, threads, max ratio)
+# Issue G's targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal
+# mix (p50); the INT8 mixed network (auto's INT8 pick) vs the fp32 fixed-ReLU network.
 TARGET_CELLS: dict[str, tuple[int, int, float]] = {
-    "auto_vs_ideal_batch1_threads1": (1, 1, 1.25),
-    "auto_vs_ideal_batch32_threads1": (32, 1, 1.10),
-    "auto_vs_ideal_batch256_threads1": (256, 1, 1.10),
+    "auto_vs_ideal_batch1_threads1": (1, 1, 1.10),
+    "auto_vs_ideal_batch32_threads1": (32, 1, 1.05),
+    "auto_vs_ideal_batch256_threads1": (256, 1, 1.05),
 }
-TARGETS = {key: limit for key, (_, _, limit) in TARGET_CELLS.items()}
+INT8_TARGET_CELLS: dict[str, tuple[int, int, float]] = {
+    "int8_mixed_vs_relu_batch1_threads1": (1, 1, 0.70),
+    "int8_mixed_vs_relu_batch32_threads1": (32, 1, 0.70),
+    "int8_mixed_vs_relu_batch256_threads1": (256, 1, 0.70),
+}
+TARGETS = {key: limit for key, (_, _, limit) in {**TARGET_CELLS, **INT8_TARGET_CELLS}.items()}
+INT8 = "+int8"  # lowering suffix of a dynamically quantized graph (export.quantize.quantize_int8)
 RECORD_KEYS = (
     "model", "runtime", "lowering", "batch", "threads", "p50_ms", "p95_ms", "p99_ms",
     "samples_per_s", "ratio_vs_relu", "ratio_vs_ideal",
@@ -286,6 +294,17 @@ def measure_latency(
     # What `smartmixed-export --lowering auto` would pick (its own timing, ORT's default threads).
     timings = time_lowerings({lw: graphs[(MIXED, lw)] for lw in LOWERINGS}, arch[0], seed=seed)
     chosen, auto_info = pick_lowering(timings)
+    # INT8 (ORT dynamic quantization, as `--quantize int8` writes it) of every mixed lowering and
+    # of fixed ReLU; `--quantize int8 --lowering auto` picks among the quantized graphs.
+    for lowering in LOWERINGS:
+        quantized = quantize_int8(onnx.load_from_string(graphs[(MIXED, lowering)]))
+        graphs[(MIXED, lowering + INT8)] = quantized.SerializeToString()
+    relu_int8 = quantize_int8(onnx.load_from_string(graphs[("relu", FIXED)]))
+    graphs[("relu", FIXED + INT8)] = relu_int8.SerializeToString()
+    timings_int8 = time_lowerings(
+        {lw: graphs[(MIXED, lw + INT8)] for lw in LOWERINGS}, arch[0], seed=seed
+    )
+    chosen_int8, auto_int8_info = pick_lowering(timings_int8)
 
     rng = np.random.default_rng(seed)
     inputs = {b: rng.integers(0, 256, (b, arch[0])).astype(np.float32) for b in batches}
@@ -328,10 +347,15 @@ def measure_latency(
                     bar.update()
 
     stats = {cell: percentiles(times) for cell, times in samples.items()}
-    records = _records(stats, batches, threads, fixed_acts, shares, chosen)
+    records = _records(stats, batches, threads, fixed_acts, shares, chosen, chosen_int8)
     measured = {
         key: _find(records, MIXED, ORT, AUTO, b, t)["ratio_vs_ideal"]
         for key, (b, t, _) in TARGET_CELLS.items()
+        if b in batches and t in threads
+    }
+    measured |= {
+        key: _find(records, MIXED, ORT, AUTO + INT8, b, t)["ratio_vs_relu"]
+        for key, (b, t, _) in INT8_TARGET_CELLS.items()
         if b in batches and t in threads
     }
     return {
@@ -359,8 +383,9 @@ def measure_latency(
         "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
         "mix": shares,
         "auto": {**auto_info, "threads": None, "batches": list(AUTO_BATCHES)},
+        "auto_int8": {**auto_int8_info, "threads": None, "batches": list(AUTO_BATCHES)},
         "records": records,
-        "targets": {k: TARGETS[k] for k in TARGET_CELLS},
+        "targets": dict(TARGETS),
         "target_ratios": measured,
         "meets_targets": {k: v <= TARGETS[k] for k, v in measured.items()},
     }
@@ -389,6 +414,7 @@ def _records(
     fixed_acts: Sequence[str],
     shares: Mapping[str, float],
     chosen: str,
+    chosen_int8: str,
 ) -> list[dict[str, Any]]:
     records = []
     for b in batches:
@@ -399,6 +425,11 @@ def _records(
             rows = [(a, ORT, FIXED, stats[(ORT, a, FIXED, b, t)]) for a in fixed_acts]
             rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in LOWERINGS]
             rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen, b, t)]))
+            rows += [
+                (MIXED, ORT, lw + INT8, stats[(ORT, MIXED, lw + INT8, b, t)]) for lw in LOWERINGS
+            ]
+            rows.append((MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8 + INT8, b, t)]))
+            rows.append(("relu", ORT, FIXED + INT8, stats[(ORT, "relu", FIXED + INT8, b, t)]))
             rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
             for model, runtime, lowering, s in rows:
                 relu = ort_relu if runtime == ORT else torch_relu
@@ -408,7 +439,8 @@ def _records(
                     "p99_ms": s["p99_ms"], "samples_per_s": b * 1e3 / s["p50_ms"],
                     "ratio_vs_relu": s["p50_ms"] / relu,
                     "ratio_vs_ideal": s["p50_ms"] / ideal
-                    if model == MIXED and runtime == ORT else None,
+                    if model == MIXED and runtime == ORT and not lowering.endswith(INT8)
+                    else None,
                 })  # fmt: skip
     return records
 
@@ -451,7 +483,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"`auto` picks **{auto['chosen']}** (geometric mean over batch "
         f"{', '.join(map(str, auto['batches']))} of the median ms, ORT default threads: {scores}).",
         "",
-        "Cells: p50 ms (x fixed-ReLU of the same runtime, x ideal mix). "
+        "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). int8 rows: ONNX "
+        "Runtime's dynamic quantization of that graph, as `smartmixed-export --quantize int8` "
+        "writes it. "
         "Ideal mix = fixed networks' p50 weighted by the shares above.",
         "",
         row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
@@ -467,6 +501,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     )))  # fmt: skip
     for act in c["fixed_models"]:
         lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
+    for lw in (*LOWERINGS, AUTO):
+        label = f"mixed {lw} int8" + (f" (= {result['auto_int8']['chosen']})" if lw == AUTO else "")
+        lines.append(row(label, (cell(MIXED, ORT, lw + INT8, b, t) for b, t in cols)))
+    lines.append(row("fixed relu int8", (cell("relu", ORT, FIXED + INT8, b, t) for b, t in cols)))
     for model in (MIXED, FIXED_RELU):
         label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
         lines.append(row(label, (cell(model, TORCH, EAGER, b, t) for b, t in cols)))
@@ -475,7 +513,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         return min(LOWERINGS, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
 
     lines.append(row("fastest lowering", (fastest(b, t) for b, t in cols)))
-    lines += ["", "Targets (auto vs ideal mix, p50; reported, not enforced):"]
+    lines += [
+        "",
+        "Targets (auto vs ideal mix; auto int8 vs fp32 fixed ReLU; p50; reported, not enforced):",
+    ]
     for key, limit in result["targets"].items():
         if key in result["target_ratios"]:
             ratio = result["target_ratios"][key]

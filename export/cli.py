@@ -8,6 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
+from smartmixed.export.quantize import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    summarize_quantization,
+)
 from smartmixed.export.repository import ExportError, export_run, verify_entry
 from smartmixed.export.runtime import ProviderError
 from smartmixed.export.verify import VerificationError, summarize
@@ -33,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true",
                    help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
                    "server running as another user)")  # fmt: skip
+    p.add_argument("--quantize", choices=["int8"],
+                   help="write ONNX Runtime's dynamic INT8 quantization of the chosen lowering "
+                   "instead, as NAME-int8 unless --name is given")  # fmt: skip
+    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="int8: least argmax agreement with the fp32 PyTorch model on the test "
+                   f"set (default {DEFAULT_MIN_AGREEMENT}; --verify-only: the recorded one)")  # fmt: skip
+    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="int8: largest test accuracy drop in points (default "
+                   f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)")  # fmt: skip
     p.add_argument("--verify-only", type=Path, metavar="ENTRY",
                    help="re-verify an existing entry (models/NAME) and exit")  # fmt: skip
     p.add_argument("--against", type=Path, metavar="RUN",
@@ -43,17 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    thresholds = {
+        key: value
+        for key, value in (("min_agreement", args.min_agreement),
+                           ("max_accuracy_drop", args.max_accuracy_drop))
+        if value is not None
+    }  # fmt: skip
     try:
         if args.verify_only is not None:
-            report = verify_entry(args.verify_only, run_dir=args.against)
-            print(f"{args.verify_only}: verified\n{summarize(report)}")
+            report = verify_entry(args.verify_only, run_dir=args.against, **thresholds)
+            int8 = "agreement" in report  # the report of quantize.verify_quantized
+            print(f"{args.verify_only}: verified{' (int8)' if int8 else ''}\n"
+                  f"{summarize_quantization(report) if int8 else summarize(report)}")  # fmt: skip
             return 0
         if args.run is None:
             parser.error("the run folder is required (or --verify-only ENTRY)")
+        if thresholds and not args.quantize:
+            parser.error("--min-agreement and --max-accuracy-drop apply to --quantize int8")
         result = export_run(
             run_dir=args.run, repository=args.repository, name=args.name,
             lowering=args.lowering, opset=args.opset, version=args.version,
             device=args.device, overwrite=args.overwrite, private=args.private,
+            quantize=args.quantize, **thresholds,
         )  # fmt: skip
     except VerificationError as e:
         print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
@@ -65,12 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smartmixed-export: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
-          f"(lowering {result.lowering})")  # fmt: skip
+          f"(lowering {result.lowering}, {result.report['precision']})")  # fmt: skip
     if result.report["selection"]:
         for name, score in result.report["selection"]["score_ms"].items():
             print(f"  {name:<9} {score:.3f} ms (geometric mean over batch 1 and 256)")
     print(f"verified against PyTorch ({result.report['test_data']}):")
     print(summarize(result.report["verification"]))
+    if quantization := result.report.get("quantization"):
+        timings = quantization["timings"]
+        print(f"int8 ({quantization['weight_type']} weights, chosen "
+              f"{timings['chosen'].replace('_', '-')}), verified against the fp32 PyTorch model:")  # fmt: skip
+        print(summarize_quantization(quantization))
+        for name, per_batch in timings["median_ms"].items():
+            figures = ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in per_batch.items())
+            print(f"  {name:<11} {figures} ({timings['threads']} thread)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Lower a frozen mixed network (model.json + weights) to an ONNX graph.
 
-Three lowerings of the same function, all pure functions of (spec, weights):
+Five lowerings of the same function, all pure functions of (spec, weights):
 
 - ``scatter``: the literal form. Per hidden layer one Gemm; per activation group a
   Gather(axis=1) of that group's neuron indices and the activation; the groups are concatenated
@@ -14,6 +14,36 @@ Three lowerings of the same function, all pure functions of (spec, weights):
 - ``grouped``: the same permutation, then one Gemm per group (its rows of W_l, b_l) followed by
   the group's activation, and a Concat. ONNX Runtime's CPU provider fuses Gemm with a following
   activation for several ops.
+- ``folded``: fewer groups per layer by exact algebra in the neighbouring affine maps, then
+  lowered as ``permuted`` (Gemm -> Split -> one op per group -> Concat; Gemm -> op when one group
+  is left). A neuron j of layer l with f(z) = a op(s z) + c, where op is its group's op, is
+  rewritten as: row j of W_l and b_l times s (so the Gemm gives s z_j), column j of W_{l+1}
+  times a, and b_{l+1} += c W_{l+1}[:, j] (the original column), since
+      W_{l+1} f(z) + b_{l+1} = (W_{l+1} diag(a)) op(s z) + (b_{l+1} + W_{l+1} c).
+  The folds (issue G):
+  * relu, leaky_relu and identity: one PRelu group with a per-row slope 0, LEAKY_RELU_SLOPE, 1
+    (s = a = 1, c = 0). PRelu(z, k) = z for z >= 0 and k z below is each of them, z = 0
+    included; k is the float32 slope LeakyRelu and torch use, so every value is the same float
+    (relu's k z = -0.0 equals 0). Only when at least two of them are in the layer; one alone
+    keeps its own op (Relu, LeakyRelu, Identity).
+  * tanh joins sigmoid, when the layer has both: tanh(z) = 2 sigmoid(2 z) - 1, so s = 2
+    (exact in float), a = 2, c = -1: tanh rows of W_l, b_l doubled, their columns of W_{l+1}
+    doubled, and b_{l+1} minus the sum of their original columns.
+  The rest stays a group of its own: elu (Elu, alpha = ELU_ALPHA = 1) and selu (Selu, which is
+  lambda elu_alpha with alpha = SELU_ALPHA) cannot share one Elu node: an Elu node has one alpha,
+  and elu_alpha is no affine image of elu_1 (scaling z changes the rate of exp(z), scaling the
+  output changes the slope above 0). The exact merge, selu = lambda alpha elu_1 + lambda
+  (1 - alpha) relu, needs a second (relu) row per selu neuron; measured on the paper
+  architecture it was slower at batch 1, 32 and 256 (the Gemms grow more than a node costs), so
+  it is not done. Rewriting a lone selu group as Elu(alpha = SELU_ALPHA) with lambda in W_{l+1}
+  saves nothing (one node either way). softsign, gelu, silu, softplus and mish have no exact
+  affine relation to another group's op and stay as they are.
+  Computed in float64 and rounded once to float32; rows untouched by a fold keep their weights
+  bit for bit.
+- ``folded_tanh``: ``folded`` without the PRelu merge (relu, leaky_relu, identity keep Relu,
+  LeakyRelu, Identity). ONNX Runtime's CPU PRelu with a per-column slope runs about 25x slower
+  per element than Relu or LeakyRelu (1.32), so the merge saves a node but costs more than that
+  from batch ~32 on; ``auto`` times both.
 
 Layers with a single group (every layer of a fixed model) lower to Gemm + activation in every
 form. The input is raw features; the preprocessing (x - offset) * scale is part of the graph.
@@ -24,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +64,7 @@ from onnx import TensorProto, helper, numpy_helper
 from smartmixed.train.model import ModelSpec
 from smartmixed.train.pool import LEAKY_RELU_SLOPE, SELU_ALPHA, SELU_SCALE, SOFTPLUS_THRESHOLD
 
-LOWERINGS = ("scatter", "permuted", "grouped")
+LOWERINGS = ("scatter", "permuted", "grouped", "folded", "folded_tanh")
 DEFAULT_OPSET = 17
 INPUT, LOGITS, PROBABILITIES = "input", "logits", "probabilities"
 # Names and dynamic axes, declared once: every tensor's dim 0 is the batch.
@@ -151,6 +182,127 @@ def permuted_weights(
 
 
 # --------------------------------------------------------------------------------------------
+# Folds (``folded`` and ``folded_tanh``; the algebra is in the module docstring)
+
+PRELU = "prelu"  # the merged piecewise-linear group: one PRelu with a slope per row
+# activation -> its PRelu slope: f(z) = z for z > 0, slope * z otherwise
+PRELU_SLOPES: dict[str, float] = {"relu": 0.0, "leaky_relu": LEAKY_RELU_SLOPE, "identity": 1.0}
+# folded lowering -> whether relu, leaky_relu and identity merge into one PRelu group; both fold
+# tanh into sigmoid. ONNX Runtime's CPU PRelu with a per-column slope is ~25x slower per element
+# than Relu or LeakyRelu (1.32, measured), so the merge only pays where nodes cost more than
+# elements (batch 1); ``auto`` times both.
+MERGES_PRELU: dict[str, bool] = {"folded": True, "folded_tanh": False}
+# (activation, group) -> (s, a, c) with f(z) = a * op(s * z) + c for the group's op; every other
+# member of a group has (1, 1, 0). tanh(z) = 2 sigmoid(2 z) - 1.
+AFFINE_FOLDS: dict[tuple[str, str], tuple[float, float, float]] = {
+    ("tanh", "sigmoid"): (2.0, 2.0, -1.0),
+}
+
+
+@dataclass(frozen=True)
+class ActivationGroup:
+    """A contiguous block of a hidden layer's rows, lowered as one activation op."""
+
+    name: str  # the op's activation name, or PRELU
+    neurons: np.ndarray  # (rows,) the neuron behind each row
+    members: dict[str, int]  # activation -> its neurons in this group
+    slopes: np.ndarray | None = None  # (rows,) float32 PRelu slopes; PRELU only
+
+
+def fold_layer(
+    names: Sequence[str], pool: Sequence[str], *, merge_prelu: bool
+) -> list[ActivationGroup]:
+    """One hidden layer's groups after the folds, in pool order of each group's first member."""
+    activations = np.asarray(names)
+    present = [a for a in pool if a in set(names)]
+    family = [a for a in present if a in PRELU_SLOPES]
+
+    def group_of(a: str) -> str:
+        if merge_prelu and len(family) > 1 and a in family:
+            return PRELU
+        if a == "tanh" and "sigmoid" in present:
+            return "sigmoid"
+        return a
+
+    by_group: dict[str, list[str]] = {}
+    for a in present:
+        by_group.setdefault(group_of(a), []).append(a)
+    groups = []
+    for name, members in by_group.items():
+        neurons = np.concatenate([np.flatnonzero(activations == a) for a in members])
+        slopes = None
+        if name == PRELU:
+            slopes = np.array([PRELU_SLOPES[names[j]] for j in neurons], np.float32)
+        counts = {a: int((activations == a).sum()) for a in members}
+        groups.append(ActivationGroup(name, neurons, counts, slopes))
+    return groups
+
+
+def lowering_groups(spec: ModelSpec, *, lowering: str) -> list[list[ActivationGroup]]:
+    """Per hidden layer, the activation groups ``lowering`` emits, in graph order."""
+    if lowering in MERGES_PRELU:
+        merge = MERGES_PRELU[lowering]
+        return [fold_layer(names, spec.pool, merge_prelu=merge) for names in spec.assignment]
+    return [
+        [ActivationGroup(act, idx, {act: len(idx)}) for act, idx in layer]
+        for layer in layer_groups(spec)
+    ]
+
+
+def folded_weights(
+    spec: ModelSpec, state: dict[str, np.ndarray], *, merge_prelu: bool
+) -> tuple[list[np.ndarray], list[np.ndarray], list[list[ActivationGroup]]]:
+    """Weights of the folded network (float64 arithmetic, float32 result) and its groups."""
+    n_layers = len(spec.arch) - 1
+    weights = [np.asarray(state[f"layers.{i}.weight"], np.float64) for i in range(n_layers)]
+    biases = [np.asarray(state[f"layers.{i}.bias"], np.float64) for i in range(n_layers)]
+    plans = []
+    for i, names in enumerate(spec.assignment):
+        groups = fold_layer(names, spec.pool, merge_prelu=merge_prelu)
+        perm = np.concatenate([group.neurons for group in groups])  # row -> neuron
+        s, a, c = np.array(
+            [
+                AFFINE_FOLDS.get((names[j], group.name), (1.0, 1.0, 0.0))
+                for group in groups
+                for j in group.neurons
+            ]
+        ).T  # (rows,) each
+        # W_{l+1} (a op(s z) + c) + b_{l+1} = (W_{l+1} diag(a)) op(s z) + (b_{l+1} + W_{l+1} c)
+        biases[i + 1] = biases[i + 1] + weights[i + 1][:, perm] @ c
+        weights[i + 1] = weights[i + 1][:, perm] * a  # (n_{l+1}, n_l)
+        weights[i] = weights[i][perm] * s[:, None]  # (n_l, n_{l-1}): s z = (s W_l) x + s b_l
+        biases[i] = biases[i][perm] * s
+        plans.append(groups)
+    return (
+        [w.astype(np.float32) for w in weights],
+        [b.astype(np.float32) for b in biases],
+        plans,
+    )
+
+
+def _group_op(g: _Graph, group: ActivationGroup, x: str, name: str) -> str:
+    if group.name == PRELU:  # slope (rows,) broadcasts over (B, rows)
+        return g.op("PRelu", [x, g.const(f"{name}/slope", group.slopes)], name)
+    return ACTIVATION_OPS[group.name](g, x, name)
+
+
+def lowering_summary(model: onnx.ModelProto, spec: ModelSpec, *, lowering: str) -> dict[str, Any]:
+    """What ``lowering`` made of ``spec``: per hidden layer its groups (name, rows, activations
+    in it) and the number of ONNX nodes the layer takes (read from ``model``), and the total."""
+    names = [node.name for node in model.graph.node]
+    layers = []
+    for i, groups in enumerate(lowering_groups(spec, lowering=lowering)):
+        layers.append({
+            "groups": [
+                {"name": group.name, "rows": len(group.neurons), "activations": group.members}
+                for group in groups
+            ],
+            "nodes": sum(name.startswith(f"layer{i}/") for name in names),
+        })  # fmt: skip
+    return {"lowering": lowering, "layers": layers, "total_nodes": len(names)}
+
+
+# --------------------------------------------------------------------------------------------
 # The lowering
 
 
@@ -194,12 +346,27 @@ def lower(
         n_layers = len(spec.arch) - 1
         weights = [state[f"layers.{i}.weight"] for i in range(n_layers)]
         biases = [state[f"layers.{i}.bias"] for i in range(n_layers)]
+    elif lowering in MERGES_PRELU:
+        weights, biases, plans = folded_weights(spec, state, merge_prelu=MERGES_PRELU[lowering])
     else:
         weights, biases = permuted_weights(spec, state)
 
     for i, groups in enumerate(layer_groups(spec)):
         p = f"layer{i}"
         w, b = weights[i], biases[i]
+        if lowering in MERGES_PRELU:  # as permuted, over the folded groups
+            folded = plans[i]
+            z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
+            if len(folded) == 1:
+                h = _group_op(g, folded[0], z, f"{p}/{folded[0].name}")
+                continue
+            sizes = g.const(f"{p}/sizes", np.array([len(f.neurons) for f in folded], np.int64))
+            chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(folded), axis=1)
+            parts = [
+                _group_op(g, f, c, f"{p}/{f.name}") for f, c in zip(folded, chunks, strict=True)
+            ]
+            h = g.op("Concat", parts, f"{p}/concat", axis=1)
+            continue
         if len(groups) == 1:  # one activation for the whole layer
             z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
             h = ACTIVATION_OPS[groups[0][0]](g, z, f"{p}/{groups[0][0]}")

@@ -4,6 +4,9 @@
     models/NAME/VERSION/model.onnx  metadata_props: spec, lowering, verification, versions
     models/NAME/VERSION/export.json the verification report (and, for auto, the timings)
 
+With ``quantize="int8"`` the entry (NAME-int8 by default) holds ONNX Runtime's dynamic INT8
+quantization of the verified fp32 lowering, judged by its own rule (export/quantize.py).
+
 Everything is built in a temporary folder next to the entry and renamed into place, so a failed
 export leaves nothing behind.
 """
@@ -31,7 +34,15 @@ from smartmixed.export.lower import (
     PROBABILITIES,
     get_metadata,
     lower,
+    lowering_summary,
     set_metadata,
+)
+from smartmixed.export.quantize import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    quantize_int8,
+    quantize_verified,
+    verify_quantized,
 )
 from smartmixed.export.select import pick_lowering, time_lowerings
 from smartmixed.export.verify import input_sets, verify_against_torch
@@ -65,7 +76,7 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def triton_config(name: str, spec: ModelSpec, *, lowering: str) -> str:
+def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str = "fp32") -> str:
     """config.pbtxt (protobuf text format of Triton's ModelConfig); dims exclude the batch."""
     outputs = ",\n".join(
         f'  {{\n    name: "{out}"\n    data_type: TYPE_FP32\n    dims: [ {spec.arch[-1]} ]\n  }}'
@@ -83,6 +94,7 @@ def triton_config(name: str, spec: ModelSpec, *, lowering: str) -> str:
         "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
         f'parameters {{ key: "smartmixed_lowering" value: {{ string_value: "{lowering}" }} }}\n'
         f'parameters {{ key: "smartmixed_mode" value: {{ string_value: "{spec.mode}" }} }}\n'
+        f'parameters {{ key: "smartmixed_precision" value: {{ string_value: "{precision}" }} }}\n'
     )
 
 
@@ -96,11 +108,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _test_inputs(spec: ModelSpec, run_dir: Path) -> tuple[np.ndarray | None, str]:
-    """The run's held-out test samples, rebuilt from the data request recorded at training."""
+def _test_inputs(
+    spec: ModelSpec, run_dir: Path
+) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+    """The run's held-out test samples and their classes, rebuilt from the data request
+    recorded at training."""
     request = dict(spec.training.get("data_request") or {})
     if not request:
-        return None, "the run records no data request; verified on random and edge inputs only"
+        summary = "the run records no data request; verified on random and edge inputs only"
+        return None, None, summary
     source = request.pop("source")
     try:
         dataset = load_dataset(source, **request)
@@ -113,7 +129,7 @@ def _test_inputs(spec: ModelSpec, run_dir: Path) -> tuple[np.ndarray | None, str
             f"{run_dir}: the reloaded data has {dataset.n_features} features, the model "
             f"{spec.arch[0]}"
         )
-    return dataset.x_test, dataset.summary()
+    return dataset.x_test, dataset.y_test, dataset.summary()
 
 
 def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float]:
@@ -136,14 +152,23 @@ def export_run(
     device: str = "cpu",
     overwrite: bool = False,
     private: bool = False,
+    quantize: str | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
 ) -> ExportResult:
     """Lower, verify (every candidate), choose, and write one repository entry atomically.
 
-    The entry's folders are 0755 and its files 0644 (0700 and 0600 when ``private``).
+    ``quantize="int8"``: then quantize the chosen (verified) lowering, verify the int8 graph
+    against ``min_agreement`` and ``max_accuracy_drop`` (points) and write it instead, as
+    NAME-int8 unless ``name`` is given. The entry's folders are 0755 and its files 0644 (0700
+    and 0600 when ``private``).
     """
     run_dir, repository = Path(run_dir), Path(repository)
     requested = lowering
-    name = name or run_dir.name
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r}: expected int8")
+    precision = quantize or "fp32"
+    name = name or (f"{run_dir.name}-{quantize}" if quantize else run_dir.name)
     if not name or "/" in name or name.startswith("."):
         raise ExportError(f"--name {name!r}: expected a plain folder name")
     if lowering not in (*LOWERINGS, "auto"):
@@ -162,7 +187,10 @@ def export_run(
 
     spec, torch_model = load_model(run_dir)
     state = {k: v.numpy() for k, v in torch_model.canonical_state_dict().items()}
-    test_x, test_source = _test_inputs(spec, run_dir)
+    test_x, test_y, test_source = _test_inputs(spec, run_dir)
+    if quantize and test_x is None:
+        raise ExportError(f"{run_dir}: --quantize {quantize} is verified on the run's test set, "
+                          "and the run records no data request")  # fmt: skip
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
 
@@ -186,25 +214,46 @@ def export_run(
         chosen, selection = pick_lowering(timings)
         selection["device"] = device
 
-    model = models[chosen]
+    if quantize and lowering == "auto":
+        # what is deployed is the int8 graph: pick the lowering whose int8 graph is fastest
+        # (folded's fewer nodes pay off more once the Gemms are cheap; issue G)
+        timings = time_lowerings(
+            {c: quantize_int8(m).SerializeToString() for c, m in models.items()},
+            spec.arch[0], device=device,
+        )  # fmt: skip
+        chosen, selection_int8 = pick_lowering(timings)
+        selection = {**selection_int8, "device": device, "precision": "int8", "fp32": selection}
+    model, quantization = models[chosen], None
+    if quantize:  # the int8 graph derives from the fp32 lowering verified above
+        model, quantization = quantize_verified(
+            model, torch_model, inputs, test_labels=test_y[: len(inputs["test"])],
+            n_classes=spec.arch[-1], min_agreement=min_agreement,
+            max_accuracy_drop=max_accuracy_drop,
+        )  # fmt: skip
     report = {
         "run": str(run_dir), "lowering": chosen, "opset": opset,
-        "requested_lowering": requested,
+        "requested_lowering": requested, "precision": precision,
         "verification": reports[chosen], "test_data": test_source,
         "raw_input_range": [low, high], "selection": selection, "versions": _versions(),
     }  # fmt: skip
+    # groups and ONNX nodes per layer of every candidate, chosen or not (issue G)
+    report["structure"] = {c: lowering_summary(m, spec, lowering=c) for c, m in models.items()}
+    if quantization:
+        report["quantization"] = quantization
     set_metadata(
         model,
         {
             "smartmixed.spec": spec.to_dict(),
             "smartmixed.lowering": chosen,
+            "smartmixed.precision": precision,
             "smartmixed.verification": reports[chosen],
             "smartmixed.selection": selection,
             "smartmixed.run": str(run_dir),
             "smartmixed.versions": report["versions"],
+            **({"smartmixed.quantization": quantization} if quantization else {}),
         },
     )
-    config = triton_config(name, spec, lowering=chosen)
+    config = triton_config(name, spec, lowering=chosen, precision=precision)
     try:  # what serve and --verify-only will check, checked before anything is written
         check_model_config(config, model, name=name, source=Path(CONFIG_FILE))
     except ConfigError as e:
@@ -266,9 +315,16 @@ def latest_version(entry: Path) -> Path:
     return versions[-1][1]
 
 
-def verify_entry(entry: Path | str, *, run_dir: Path | str | None = None) -> dict[str, Any]:
+def verify_entry(
+    entry: Path | str,
+    *,
+    run_dir: Path | str | None = None,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+) -> dict[str, Any]:
     """Re-verify an existing entry's latest version against its run (or ``run_dir``): its
-    config.pbtxt as the server checks it, then its numbers against PyTorch."""
+    config.pbtxt as the server checks it, then its numbers against PyTorch. An int8 entry is
+    judged by the int8 rule, with the thresholds recorded at export unless given."""
     entry = Path(entry)
     if not entry.is_dir():
         raise ExportError(f"{entry}: no such repository entry")
@@ -292,7 +348,30 @@ def verify_entry(entry: Path | str, *, run_dir: Path | str | None = None) -> dic
     spec, torch_model = load_model(run_dir)
     if spec.to_dict()["assignment"] != json.loads(meta["smartmixed.spec"])["assignment"]:
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
-    test_x, _ = _test_inputs(spec, run_dir)
+    test_x, test_y, _ = _test_inputs(spec, run_dir)
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
-    return verify_against_torch(model, torch_model, inputs, n_classes=spec.arch[-1])
+    precision = meta.get("smartmixed.precision", "fp32")  # entries before issue G: fp32
+    if precision == "fp32":
+        if min_agreement is not None or max_accuracy_drop is not None:
+            raise ExportError(f"{path}: an fp32 model; --min-agreement and --max-accuracy-drop "
+                              "apply to int8 entries")  # fmt: skip
+        return verify_against_torch(model, torch_model, inputs, n_classes=spec.arch[-1])
+    if precision != "int8":
+        raise ExportError(f"{path}: smartmixed.precision {precision!r}: expected fp32 or int8")
+    if test_x is None:
+        raise ExportError(f"{path}: an int8 model is verified on the run's test set, and "
+                          f"{run_dir} records no data request")  # fmt: skip
+    try:  # the thresholds recorded at export
+        recorded = dict(json.loads(meta.get("smartmixed.quantization") or "{}")["thresholds"])
+    except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+        raise ExportError(f"{path}: smartmixed.quantization records no thresholds") from None
+    if min_agreement is None:
+        min_agreement = recorded.get("min_agreement", DEFAULT_MIN_AGREEMENT)
+    if max_accuracy_drop is None:
+        max_accuracy_drop = recorded.get("max_accuracy_drop_points", DEFAULT_MAX_ACCURACY_DROP)
+    return verify_quantized(
+        model, torch_model, inputs, test_labels=test_y[: len(inputs["test"])],
+        n_classes=spec.arch[-1], min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )  # fmt: skip

@@ -87,15 +87,9 @@ def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float, bo
     return float(diff.max()), max_rel, used, passed
 
 
-def verify_against_torch(
-    model: onnx.ModelProto,
-    reference: nn.Module,
-    inputs: dict[str, np.ndarray],
-    *,
-    n_classes: int,
-) -> dict[str, Any]:
-    """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
-    problems: list[str] = []
+def check_graph(model: onnx.ModelProto) -> list[str]:
+    """Raise on non-finite initializers, the ONNX checker (full check) or strict shape
+    inference; return the problems with the outputs' names (collected with the numbers)."""
     if nonfinite := nonfinite_initializers(model):  # named as such, not as a mismatch (issue F)
         message = "ONNX model: " + "; ".join(nonfinite)
         raise VerificationError(message, {"passed": False, "checker": message})
@@ -108,15 +102,33 @@ def verify_against_torch(
         ) from None
     outputs = [o.name for o in model.graph.output]
     if outputs != [LOGITS, PROBABILITIES]:
-        problems.append(f"outputs are {outputs}, expected {[LOGITS, PROBABILITIES]}")
+        return [f"outputs are {outputs}, expected {[LOGITS, PROBABILITIES]}"]
+    return []
 
+
+def torch_outputs(
+    reference: nn.Module, inputs: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{input set: (logits, probabilities)} of the PyTorch model in eval mode, each (N, C)."""
     reference = reference.eval()
     expected = {}
     with torch.no_grad():
         for name, x in inputs.items():
             logits = reference(torch.from_numpy(x))
             expected[name] = (logits.numpy(), torch.softmax(logits, 1).numpy())
+    return expected
 
+
+def verify_against_torch(
+    model: onnx.ModelProto,
+    reference: nn.Module,
+    inputs: dict[str, np.ndarray],
+    *,
+    n_classes: int,
+) -> dict[str, Any]:
+    """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
+    problems = check_graph(model)
+    expected = torch_outputs(reference, inputs)
     results: list[SetResult] = []
     data = model.SerializeToString()
     for level in OPTIMIZATION_LEVELS:

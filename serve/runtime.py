@@ -36,6 +36,11 @@ log = logging.getLogger("smartmixed.serve")
 INPUT = "input"
 MAX_MODEL_BYTES: int = ServeSettings.model_fields["max_model_bytes"].default
 MAX_CONFIG_BYTES = 1024 * 1024  # config.pbtxt is text of a few hundred bytes
+# what the model metadata shows of an int8 entry's smartmixed.quantization (export/quantize.py)
+QUANTIZATION_FIGURES = (
+    "weight_type", "per_channel", "thresholds", "fp32_accuracy", "int8_accuracy", "agreement",
+    "accuracy_drop_points",
+)  # fmt: skip
 
 
 class ServeError(Exception):
@@ -106,6 +111,12 @@ class ModelVersion:
             for layer in spec.get("assignment", [])
         ]
         verification = self.metadata.get("verification") or {}
+        # int8: its own checks against the fp32 PyTorch model (the verification below is that
+        # of the fp32 lowering it was quantized from)
+        quantization = self.metadata.get("quantization")
+        int8_checks = None
+        if isinstance(quantization, dict):
+            int8_checks = {k: quantization.get(k) for k in QUANTIZATION_FIGURES}
         return {
             "architecture": spec.get("arch"),
             "mode": spec.get("mode"),
@@ -114,6 +125,8 @@ class ModelVersion:
             "labels": self.labels,
             "preprocessing": spec.get("preprocessing"),
             "lowering": self.metadata.get("lowering"),
+            "precision": self.metadata.get("precision", "fp32"),  # absent: exported before int8
+            "quantization": int8_checks,
             "verification": {
                 "passed": verification.get("passed"),
                 "tolerance": verification.get("tolerance"),

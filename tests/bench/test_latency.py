@@ -80,6 +80,8 @@ def test_one_record_per_model_lowering_batch_threads(result: dict[str, Any]) -> 
     expected = (
         {(a, "onnxruntime", "fixed") for a in DEFAULT_POOL}
         | {("mixed", "onnxruntime", lw) for lw in (*LOWERINGS, "auto")}
+        | {("mixed", "onnxruntime", lw + "+int8") for lw in (*LOWERINGS, "auto")}
+        | {("relu", "onnxruntime", "fixed+int8")}
         | {("relu", "torch", "eager"), ("mixed", "torch", "eager")}
     )
     assert {(m, rt, lw, b, t) for m, rt, lw in expected for b in BATCHES for t in THREADS} == set(
@@ -93,8 +95,12 @@ def test_ratios(result: dict[str, Any]) -> None:
         assert r["samples_per_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
         assert r["ratio_vs_relu"] > 0
         mixed_ort = r["model"] == "mixed" and r["runtime"] == "onnxruntime"
-        assert (r["ratio_vs_ideal"] is not None) == mixed_ort
-        if mixed_ort:
+        int8 = r["lowering"].endswith("+int8")
+        assert (r["ratio_vs_ideal"] is not None) == (mixed_ort and not int8)
+        if int8:  # against the fp32 fixed-ReLU network
+            relu = find(result, "relu", "onnxruntime", "fixed", r["batch"])
+            assert r["ratio_vs_relu"] == pytest.approx(r["p50_ms"] / relu["p50_ms"])
+        if mixed_ort and not int8:
             assert r["ratio_vs_ideal"] > 0
     for b in BATCHES:
         assert find(result, "relu", "onnxruntime", "fixed", b)["ratio_vs_relu"] == 1.0
@@ -126,13 +132,15 @@ def test_auto_records_copy_the_chosen_lowering(result: dict[str, Any]) -> None:
 
 
 def test_targets_are_reported_for_measured_cells_only(result: dict[str, Any]) -> None:
-    # batch 32 and 256 were not timed: only the batch-1 target is evaluated
-    assert set(result["meets_targets"]) == {"auto_vs_ideal_batch1_threads1"}
-    assert isinstance(result["meets_targets"]["auto_vs_ideal_batch1_threads1"], bool)
+    # batch 32 and 256 were not timed: only the batch-1 targets are evaluated
+    assert set(result["meets_targets"]) == {
+        "auto_vs_ideal_batch1_threads1", "int8_mixed_vs_relu_batch1_threads1"
+    }
+    assert all(isinstance(v, bool) for v in result["meets_targets"].values())
     assert set(result["targets"]) == {
-        "auto_vs_ideal_batch1_threads1",
-        "auto_vs_ideal_batch32_threads1",
-        "auto_vs_ideal_batch256_threads1",
+        f"{kind}_batch{b}_threads1"
+        for kind in ("auto_vs_ideal", "int8_mixed_vs_relu")
+        for b in (1, 32, 256)
     }
 
 
@@ -140,7 +148,8 @@ def test_md_png_written_and_table_printed(bench_out: tuple[Path, str]) -> None:
     out, stdout = bench_out
     md = (out / "latency.md").read_text()
     for row in ("| mixed scatter |", "| mixed permuted |", "| mixed grouped |", "| ideal mix |",
-                "| fixed relu |", "| fixed selu |", "| torch eager mixed |"):  # fmt: skip
+                "| fixed relu |", "| fixed selu |", "| torch eager mixed |",
+                "| mixed permuted int8 |", "| fixed relu int8 |"):  # fmt: skip
         assert row in md
     assert "| model / lowering | b=1 t=1 | b=8 t=1 |" in md
     assert md in stdout
@@ -231,5 +240,5 @@ def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> Non
     assert result["mix"] == pytest.approx({"relu": 0.5, "tanh": 1 / 3, "gelu": 1 / 6})
     # a fixed gelu network joins the six, since the ideal mix needs it
     assert result["config"]["fixed_models"] == [*DEFAULT_POOL, "gelu"]
-    assert len(result["records"]) == 7 + 4 + 2
+    assert len(result["records"]) == 7 + (len(LOWERINGS) + 1) * 2 + 1 + 2
     assert result["meets_targets"] == {}

@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2
 
 from smartmixed.export import repository
 from smartmixed.export.cli import main
-from smartmixed.export.lower import get_metadata
+from smartmixed.export.lower import LOWERINGS, get_metadata
 from smartmixed.train import artifacts
 from smartmixed.train.data import Dataset
 from smartmixed.train.loop import TrainConfig, train_run
@@ -55,8 +55,8 @@ def test_auto_export_writes_a_verified_triton_entry(run_dir: Path, tmp_path: Pat
 
     report = json.loads((entry / "1" / "export.json").read_text())
     assert report["verification"]["passed"] and report["requested_lowering"] == "auto"
-    assert report["lowering"] in ("scatter", "permuted", "grouped")
-    assert set(report["selection"]["score_ms"]) == {"scatter", "permuted", "grouped"}
+    assert report["lowering"] in LOWERINGS
+    assert set(report["selection"]["score_ms"]) == set(LOWERINGS)
     sets = {r["input_set"]: r for r in report["verification"]["results"]}
     assert sets["test"]["samples"] == 360 and sets["test"]["argmax_agreement"] == 1.0
     assert config.parameters["smartmixed_lowering"].string_value == report["lowering"]
