@@ -41,6 +41,7 @@ train: $(STAMP)
 export: $(STAMP)
 	$(BIN)/smartmixed-export $(RUNS)/mnist-smartmixed --repository $(MODELS) --overwrite
 	$(BIN)/smartmixed-export $(RUNS)/mnist-relu --repository $(MODELS) --overwrite
+	$(BIN)/smartmixed-export $(RUNS)/mnist-smartmixed --repository $(MODELS) --quantize int8 --overwrite
 
 latency: $(STAMP)
 	$(BIN)/smartmixed-bench latency --run $(RUNS)/mnist-smartmixed --out bench-out \

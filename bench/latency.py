@@ -291,20 +291,24 @@ def measure_latency(
         proto = lower(mixed_spec, mixed_state, lowering=lowering)
         graphs[(MIXED, lowering)] = proto.SerializeToString()
 
-    # What `smartmixed-export --lowering auto` would pick (its own timing, ORT's default threads).
-    timings = time_lowerings({lw: graphs[(MIXED, lw)] for lw in LOWERINGS}, arch[0], seed=seed)
-    chosen, auto_info = pick_lowering(timings)
     # INT8 (ORT dynamic quantization, as `--quantize int8` writes it) of every mixed lowering and
-    # of fixed ReLU; `--quantize int8 --lowering auto` picks among the quantized graphs.
+    # of fixed ReLU.
     for lowering in LOWERINGS:
         quantized = quantize_int8(onnx.load_from_string(graphs[(MIXED, lowering)]))
         graphs[(MIXED, lowering + INT8)] = quantized.SerializeToString()
     relu_int8 = quantize_int8(onnx.load_from_string(graphs[("relu", FIXED)]))
     graphs[("relu", FIXED + INT8)] = relu_int8.SerializeToString()
-    timings_int8 = time_lowerings(
-        {lw: graphs[(MIXED, lw + INT8)] for lw in LOWERINGS}, arch[0], seed=seed
-    )
-    chosen_int8, auto_int8_info = pick_lowering(timings_int8)
+    # What `smartmixed-export --lowering auto --threads t [--quantize int8]` would pick, per t:
+    # the export's own timing and rule, over the fp32 (or the int8) graphs.
+    auto: dict[str, dict[int, dict[str, Any]]] = {"fp32": {}, "int8": {}}
+    for t in threads:
+        for precision, suffix in (("fp32", ""), ("int8", INT8)):
+            timings = time_lowerings(
+                {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS}, arch[0], threads=t,
+                seed=seed,
+            )  # fmt: skip
+            auto[precision][t] = {**pick_lowering(timings)[1], "threads": t,
+                                  "batches": list(AUTO_BATCHES)}  # fmt: skip
 
     rng = np.random.default_rng(seed)
     inputs = {b: rng.integers(0, 256, (b, arch[0])).astype(np.float32) for b in batches}
@@ -347,6 +351,8 @@ def measure_latency(
                     bar.update()
 
     stats = {cell: percentiles(times) for cell, times in samples.items()}
+    chosen = {t: auto["fp32"][t]["chosen"] for t in threads}
+    chosen_int8 = {t: auto["int8"][t]["chosen"] for t in threads}
     records = _records(stats, batches, threads, fixed_acts, shares, chosen, chosen_int8)
     measured = {
         key: _find(records, MIXED, ORT, AUTO, b, t)["ratio_vs_ideal"]
@@ -382,8 +388,8 @@ def measure_latency(
         },
         "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
         "mix": shares,
-        "auto": {**auto_info, "threads": None, "batches": list(AUTO_BATCHES)},
-        "auto_int8": {**auto_int8_info, "threads": None, "batches": list(AUTO_BATCHES)},
+        "auto": {str(t): info for t, info in auto["fp32"].items()},
+        "auto_int8": {str(t): info for t, info in auto["int8"].items()},
         "records": records,
         "targets": dict(TARGETS),
         "target_ratios": measured,
@@ -413,8 +419,8 @@ def _records(
     threads: Sequence[int],
     fixed_acts: Sequence[str],
     shares: Mapping[str, float],
-    chosen: str,
-    chosen_int8: str,
+    chosen: Mapping[int, str],
+    chosen_int8: Mapping[int, str],
 ) -> list[dict[str, Any]]:
     records = []
     for b in batches:
@@ -424,11 +430,11 @@ def _records(
             ideal = sum(s * stats[(ORT, a, FIXED, b, t)]["p50_ms"] for a, s in shares.items())
             rows = [(a, ORT, FIXED, stats[(ORT, a, FIXED, b, t)]) for a in fixed_acts]
             rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in LOWERINGS]
-            rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen, b, t)]))
+            rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen[t], b, t)]))
             rows += [
                 (MIXED, ORT, lw + INT8, stats[(ORT, MIXED, lw + INT8, b, t)]) for lw in LOWERINGS
             ]
-            rows.append((MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8 + INT8, b, t)]))
+            rows.append((MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8[t] + INT8, b, t)]))
             rows.append(("relu", ORT, FIXED + INT8, stats[(ORT, "relu", FIXED + INT8, b, t)]))
             rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
             for model, runtime, lowering, s in rows:
@@ -472,7 +478,19 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
     source = f"run {c['run']}" if c["run"] else f"random assignment (seed {c['seed']})"
     mix = ", ".join(f"{a} {s:.1%}" for a, s in result["mix"].items())
-    scores = ", ".join(f"{lw} {v:.3f}" for lw, v in auto["score_ms"].items())
+
+    def picks(autos: Mapping[str, Any]) -> str:
+        return "; ".join(
+            f"{t} thread{'s' if t != '1' else ''}: **{a['chosen']}** ("
+            + ", ".join(f"{lw} {v:.3f}" for lw, v in a["score_ms"].items())
+            + ")"
+            for t, a in autos.items()
+        )
+
+    def picked(autos: Mapping[str, Any]) -> str:
+        return "/".join(dict.fromkeys(a["chosen"] for a in autos.values()))
+
+    any_auto = next(iter(auto.values()))
     lines = [
         "# Inference latency: mixed vs fixed activations (ONNX Runtime, CPU)",
         "",
@@ -480,8 +498,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"{c['rounds']} interleaved rounds x {c['repeats']} timed runs per cell (warm-up "
         f"excluded); onnxruntime {m['onnxruntime']}, torch {m['torch']}; {m['processor']}, "
         f"{m['cpu_count']} cores.",
-        f"`auto` picks **{auto['chosen']}** (geometric mean over batch "
-        f"{', '.join(map(str, auto['batches']))} of the median ms, ORT default threads: {scores}).",
+        f"`auto` (`smartmixed-export --threads t`) picks, by the geometric mean over batch "
+        f"{', '.join(map(str, any_auto['batches']))} of the median ms: {picks(auto)}; with "
+        f"`--quantize int8`: {picks(result['auto_int8'])}.",
         "",
         "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). int8 rows: ONNX "
         "Runtime's dynamic quantization of that graph, as `smartmixed-export --quantize int8` "
@@ -492,7 +511,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "|---" * (len(cols) + 1) + "|",
     ]
     for lw in (*LOWERINGS, AUTO):
-        label = f"mixed {lw}" + (f" (= {auto['chosen']})" if lw == AUTO else "")
+        label = f"mixed {lw}" + (f" (= {picked(auto)})" if lw == AUTO else "")
         lines.append(row(label, (cell(MIXED, ORT, lw, b, t) for b, t in cols)))
     lines.append(row("ideal mix", (
         f"{ideal_p50(result, b, t):.3f} "
@@ -502,7 +521,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     for act in c["fixed_models"]:
         lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
     for lw in (*LOWERINGS, AUTO):
-        label = f"mixed {lw} int8" + (f" (= {result['auto_int8']['chosen']})" if lw == AUTO else "")
+        label = f"mixed {lw} int8" + (f" (= {picked(result['auto_int8'])})" if lw == AUTO else "")
         lines.append(row(label, (cell(MIXED, ORT, lw + INT8, b, t) for b, t in cols)))
     lines.append(row("fixed relu int8", (cell("relu", ORT, FIXED + INT8, b, t) for b, t in cols)))
     for model in (MIXED, FIXED_RELU):
@@ -542,7 +561,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     for ax, t in zip(axes[0], threads, strict=True):
         lines: list[tuple[str, list[float], dict[str, Any]]] = [
             (
-                lw + (" (auto)" if lw == result["auto"]["chosen"] else ""),
+                lw + (" (auto)" if lw == result["auto"][str(t)]["chosen"] else ""),
                 [_find(recs, MIXED, ORT, lw, b, t)["p50_ms"] for b in batches],
                 {"color": f"C{i}"},
             )

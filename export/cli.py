@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="execution provider that auto times the candidates on")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads auto times the candidates with: those the model will "
+                   "be served with (default: ONNX Runtime's, all cores)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument("--private", action="store_true",
                    help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
@@ -77,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export_run(
             run_dir=args.run, repository=args.repository, name=args.name,
             lowering=args.lowering, opset=args.opset, version=args.version,
-            device=args.device, overwrite=args.overwrite, private=args.private,
+            device=args.device, threads=args.threads, overwrite=args.overwrite,
+            private=args.private,
             quantize=args.quantize, **thresholds,
         )  # fmt: skip
     except VerificationError as e:

@@ -150,6 +150,7 @@ def export_run(
     opset: int = DEFAULT_OPSET,
     version: int = 1,
     device: str = "cpu",
+    threads: int | None = None,
     overwrite: bool = False,
     private: bool = False,
     quantize: str | None = None,
@@ -161,8 +162,11 @@ def export_run(
     ``quantize="int8"``: then quantize the chosen (verified) lowering, verify the int8 graph
     against ``min_agreement`` and ``max_accuracy_drop`` (points) and write it instead, as
     NAME-int8 unless ``name`` is given. The entry's folders are 0755 and its files 0644 (0700
-    and 0600 when ``private``).
+    and 0600 when ``private``). ``threads``: the intra-op threads ``auto`` times the candidates
+    with (the ones the model will be served with; None: ONNX Runtime's default).
     """
+    if threads is not None and threads < 1:
+        raise ExportError(f"--threads {threads}: expected a positive number of threads")
     run_dir, repository = Path(run_dir), Path(repository)
     requested = lowering
     if quantize not in (None, "int8"):
@@ -209,20 +213,22 @@ def export_run(
     chosen = lowering
     if lowering == "auto":
         timings = time_lowerings(
-            {c: m.SerializeToString() for c, m in models.items()}, spec.arch[0], device=device
-        )
+            {c: m.SerializeToString() for c, m in models.items()}, spec.arch[0], device=device,
+            threads=threads,
+        )  # fmt: skip
         chosen, selection = pick_lowering(timings)
-        selection["device"] = device
+        selection["device"], selection["threads"] = device, threads
 
     if quantize and lowering == "auto":
         # what is deployed is the int8 graph: pick the lowering whose int8 graph is fastest
         # (folded's fewer nodes pay off more once the Gemms are cheap; issue G)
         timings = time_lowerings(
             {c: quantize_int8(m).SerializeToString() for c, m in models.items()},
-            spec.arch[0], device=device,
+            spec.arch[0], device=device, threads=threads,
         )  # fmt: skip
         chosen, selection_int8 = pick_lowering(timings)
-        selection = {**selection_int8, "device": device, "precision": "int8", "fp32": selection}
+        selection = {**selection_int8, "device": device, "threads": threads, "precision": "int8",
+                     "fp32": selection}  # fmt: skip
     model, quantization = models[chosen], None
     if quantize:  # the int8 graph derives from the fp32 lowering verified above
         model, quantization = quantize_verified(

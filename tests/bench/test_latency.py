@@ -65,8 +65,10 @@ def test_json_has_the_documented_keys(result: dict[str, Any]) -> None:
     assert result["config"]["batches"] == list(BATCHES)
     assert result["config"]["timed_runs_per_cell"] == 8
     assert "onnxruntime" in result["machine"]
-    assert result["auto"]["chosen"] in LOWERINGS
-    assert set(result["auto"]["median_ms"]) == set(LOWERINGS)
+    for key in ("auto", "auto_int8"):  # per thread count, as `smartmixed-export --threads t`
+        assert set(result[key]) == {str(t) for t in THREADS}
+        for info in result[key].values():
+            assert info["chosen"] in LOWERINGS and set(info["median_ms"]) == set(LOWERINGS)
     for record in result["records"]:
         assert tuple(record) == RECORD_KEYS
 
@@ -125,16 +127,22 @@ def test_ideal_mix_is_the_share_weighted_fixed_latency(result: dict[str, Any]) -
 
 
 def test_auto_records_copy_the_chosen_lowering(result: dict[str, Any]) -> None:
-    chosen = result["auto"]["chosen"]
+    (t,) = THREADS
+    chosen, chosen_int8 = result["auto"][str(t)]["chosen"], result["auto_int8"][str(t)]["chosen"]
     for b in BATCHES:
         auto = find(result, "mixed", "onnxruntime", "auto", b)
         assert {**auto, "lowering": chosen} == find(result, "mixed", "onnxruntime", chosen, b)
+        auto = find(result, "mixed", "onnxruntime", "auto+int8", b)
+        assert {**auto, "lowering": chosen_int8 + "+int8"} == find(
+            result, "mixed", "onnxruntime", chosen_int8 + "+int8", b
+        )
 
 
 def test_targets_are_reported_for_measured_cells_only(result: dict[str, Any]) -> None:
     # batch 32 and 256 were not timed: only the batch-1 targets are evaluated
     assert set(result["meets_targets"]) == {
-        "auto_vs_ideal_batch1_threads1", "int8_mixed_vs_relu_batch1_threads1"
+        "auto_vs_ideal_batch1_threads1",
+        "int8_mixed_vs_relu_batch1_threads1",
     }
     assert all(isinstance(v, bool) for v in result["meets_targets"].values())
     assert set(result["targets"]) == {

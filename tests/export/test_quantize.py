@@ -200,9 +200,11 @@ def test_quantize_int8_leaves_its_input_alone(models: Path) -> None:
 def test_auto_picks_the_lowering_whose_int8_graph_is_fastest(run_dir: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     argv = [str(run_dir), "--repository", str(models), "--quantize", "int8", *LOOSE]
-    assert main(argv) == 0
+    assert main([*argv, "--threads", "0"]) == 2  # timed with the threads it will be served with
+    assert main([*argv, "--threads", "1"]) == 0
     report = json.loads((models / "digits-mixed-int8" / "1" / "export.json").read_text())
     selection = report["selection"]
     assert selection["precision"] == "int8" and report["lowering"] == selection["chosen"]
+    assert selection["threads"] == selection["fp32"]["threads"] == 1
     assert set(selection["score_ms"]) == set(LOWERINGS) == set(selection["fp32"]["score_ms"])
     assert selection["chosen"] == min(selection["score_ms"], key=selection["score_ms"].get)
