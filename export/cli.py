@@ -95,9 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
           f"(lowering {result.lowering}, {result.report['precision']})")  # fmt: skip
-    if result.report["selection"]:
-        for name, score in result.report["selection"]["score_ms"].items():
-            print(f"  {name:<9} {score:.3f} ms (geometric mean over batch 1 and 256)")
+    selection = result.report["selection"]
+    if selection:
+        batches = " / ".join(next(iter(selection["median_ms"].values())))
+        precision = selection.get("precision", "fp32")
+        for name, score in selection["score_ms"].items():
+            mark = " <- chosen" if name == selection["chosen"] else ""
+            print(f"  {name:<11} {score:.3f} ms ({precision}; geometric mean over batch "
+                  f"{batches}){mark}")  # fmt: skip
     print(f"verified against PyTorch ({result.report['test_data']}):")
     print(summarize(result.report["verification"]))
     if quantization := result.report.get("quantization"):
