@@ -239,13 +239,14 @@ def test_export_config_is_read_and_exposed(models: Path) -> None:
 CONFIG_PROBLEMS = {
     # edit of the exported config.pbtxt: what the one-line error says after "FILE"
     "garbage": (lambda t: "\x00\xff garbage {{", ":1:1: '\\x00\\xff garbage {{': Expected"),
+    # appended as the line after the exported config's last ("{LINE}": that line's number)
     "unknown field": (
         lambda t: t + "foo: 3\n",
-        ':28:1: Message type "inference.ModelConfig" has no field named "foo".',
+        ':{LINE}:1: Message type "inference.ModelConfig" has no field named "foo".',
     ),
     "unsupported field": (
         lambda t: t + "sequence_batching { }\n",
-        ":28:1: sequence_batching: a Triton setting smartmixed does not support",
+        ":{LINE}:1: sequence_batching: a Triton setting smartmixed does not support",
     ),
     "negative delay": (
         lambda t: t.replace("delay_microseconds: 500", "delay_microseconds: -5"),
@@ -309,7 +310,9 @@ CONFIG_PROBLEMS = {
 def test_a_bad_config_is_refused_in_one_line(models: Path, case: str) -> None:
     edit, problem = CONFIG_PROBLEMS[case]
     path = models / "mixed" / "config.pbtxt"
-    path.write_text(edit(path.read_text()))
+    text = path.read_text()
+    problem = problem.replace("{LINE}", str(text.count("\n") + 1))
+    path.write_text(edit(text))
     with pytest.raises(LoadError) as refused:
         _load(models)
     message = str(refused.value)
