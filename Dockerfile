@@ -16,6 +16,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin smartmixed \
  && chown -R smartmixed:smartmixed /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY train/ train/
 COPY export/ export/
 COPY serve/ serve/

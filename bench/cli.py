@@ -213,7 +213,12 @@ def _latency(args: argparse.Namespace) -> int:
 
 
 def _http(args: argparse.Namespace) -> int:
-    from smartmixed.bench.http import HttpBenchError, measure_http, render_markdown, write_outputs
+    from smartmixed.bench.http_bench import (
+        HttpBenchError,
+        measure_http,
+        render_markdown,
+        write_outputs,
+    )
 
     try:
         if args.out.exists() and not args.out.is_dir():

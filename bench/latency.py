@@ -41,12 +41,12 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, parse_positive_ints, train_cost
-from smartmixed.bench.train_cost import machine_info
+from smartmixed.bench import BenchError, common, parse_positive_ints
+from smartmixed.bench.common import machine_info
+from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
 from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.runtime import make_session, percentiles, time_session
-from smartmixed.export.select import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, parse_arch
 from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
@@ -598,4 +598,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/latency.json, .md, .png, atomically (train-cost's writer with this bench's report)."""
-    return train_cost.write_outputs(result, out, "latency", render=render_markdown, draw=plot)
+    return common.write_outputs(result, out, "latency", render=render_markdown, draw=plot)

@@ -80,27 +80,26 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError
-from smartmixed.bench.http import (
+from smartmixed.bench import BenchError, common
+from smartmixed.bench.common import machine_info
+from smartmixed.bench.load import WRK_MARKER, lua_long_string, parse_wrk_output, wrk_version
+from smartmixed.bench.server import (
+    HEALTH_READY_PATH,
     PAPER_ARCH,
-    READY_TIMEOUT_S,
-    WRK_MARKER,
+    ServerError,
     Target,
     build_repository,
     check_url,
-    free_port,
-    lua_long_string,
-    parse_wrk_output,
     prepare_target,
     repository_models,
-    stop_process,
-    wrk_version,
+    server_command,
+    start_server,
 )
-from smartmixed.train.model import SpecError, parse_arch
+from smartmixed.contract import SpecError, parse_arch
 
 SCENARIOS = ("soak", "overload", "slow", "header", "sigterm")
 GENERATED_MODEL = "mixed"
-HEALTH_PATH = "/v2/health/ready"
+HEALTH_PATH = HEALTH_READY_PATH
 LIVE_PATH = "/v2/health/live"
 PROBE_TIMEOUT_S = 5.0  # a health probe slower than this is a failure (counted at this value)
 KUBELET_TIMEOUT_S = 1.0  # the kubelet's default probe timeoutSeconds
@@ -235,11 +234,6 @@ def read_nofile(pid: int) -> int | None:
     return None
 
 
-def server_command(repository: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-
-
 def shell_command(command: Sequence[str], env: Mapping[str, str], nofile: int | None) -> str:
     """The server command as one shell line an operator can paste (env, ulimit, argv)."""
     text = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
@@ -253,43 +247,16 @@ def started_server(
 ) -> Iterator[Server]:
     """smartmixed-serve on a free port, with the open-file limit set to nofile (soft and hard)
     in the child before exec; waits for /v2/health/ready, stops with SIGTERM (kill later)."""
-    port = free_port()
-    command = server_command(repository, port)
-    child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"} | dict(env)
-    limits = (nofile, nofile) if nofile else resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def set_limits() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-            start_new_session=True, preexec_fn=set_limits,
-        )  # fmt: skip
-    server = Server(url=f"http://127.0.0.1:{port}", pid=process.pid, process=process,
-                    log_path=log_path, nofile=limits[0])  # fmt: skip
-    try:
-        _wait_ready(server)
-        yield server
-    finally:
-        stop_process(process)
-
-
-def _wait_ready(server: Server) -> None:
-    assert server.process is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while True:
-            if server.process.poll() is not None:
-                raise SoakError(f"the server exited with status {server.process.returncode} "
-                                f"before it was ready: {server.log_tail()}")  # fmt: skip
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(server.url + HEALTH_PATH).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise SoakError(f"the server was not ready within {READY_TIMEOUT_S:.0f} s: "
-                                f"{server.log_tail()}")  # fmt: skip
-            time.sleep(0.1)
+    with contextlib.ExitStack() as stack:
+        try:
+            started = stack.enter_context(
+                start_server(repository, log_path=log_path, env=env, nofile=nofile)
+            )
+        except ServerError as e:  # recorded as this suite's error, as before the split
+            raise SoakError(str(e)) from None
+        yield Server(url=started.url, pid=started.pid, process=started.process,
+                     log_path=log_path,
+                     nofile=nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
 
 
 class RssSampler:
@@ -1319,8 +1286,6 @@ def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
     import onnxruntime
     import uvicorn
 
-    from smartmixed.bench.train_cost import machine_info
-
     return {**machine_info(), "onnxruntime": onnxruntime.__version__,
             "uvicorn": uvicorn.__version__, "kernel": platform.release(),
             "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg]}  # fmt: skip
@@ -1442,6 +1407,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/soak.{json,md,png}, each written atomically."""
-    from smartmixed.bench.train_cost import write_outputs as write
-
-    return write(result, out, "soak", render=render_markdown, draw=plot)
+    return common.write_outputs(result, out, "soak", render=render_markdown, draw=plot)

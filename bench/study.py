@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, train_cost
+from smartmixed.bench import BenchError, common
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
 from smartmixed.train.model import PRESETS, TABLE1, SpecError, parse_arch, resolve_preset
 from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
@@ -299,7 +299,7 @@ def run_study(
         if records:
             ordered = [records[c] for c in cells if c in records]
             outcome["study"] = aggregate(ordered, models=study_models, config=config)
-            outcome["paths"] = train_cost.write_outputs(
+            outcome["paths"] = common.write_outputs(
                 outcome["study"], out, "study", render=render_markdown, draw=plot
             )
 

@@ -8,9 +8,6 @@ them alike; ratios are the median over rounds of the per-round ratio of medians.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartmixed.train.artifacts import atomic_write_text
+from smartmixed.bench import common
+from smartmixed.bench.common import machine_info
 from smartmixed.train.model import PRESETS, MixedMLP, SelectiveMLP
 from smartmixed.train.pool import DEFAULT_POOL
 
@@ -146,16 +144,6 @@ def measure_train_cost(
     }  # fmt: skip
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def render_markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
@@ -209,24 +197,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(
-    result: dict[str, Any],
-    out: Path,
-    name: str = "train-cost",
-    *,
-    render: Callable[[dict[str, Any]], str] | None = None,
-    draw: Callable[[dict[str, Any], Path], None] | None = None,
-) -> list[Path]:
-    """DIR/NAME.json, .md, .png, each written to a temporary name and renamed into place.
-
-    ``render`` and ``draw`` default to this bench's; other benches pass their own.
-    """
-    render, draw = render or render_markdown, draw or plot
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
-    atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
-    atomic_write_text(paths[1], render(result))
-    tmp = out / f".{name}.tmp.png"
-    draw(result, tmp)
-    tmp.replace(paths[2])
-    return paths
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """DIR/train-cost.{json,md,png}, each written atomically."""
+    return common.write_outputs(result, out, "train-cost", render=render_markdown, draw=plot)

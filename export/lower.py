@@ -61,12 +61,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from smartmixed.train.model import ModelSpec
-from smartmixed.train.pool import LEAKY_RELU_SLOPE, SELU_ALPHA, SELU_SCALE, SOFTPLUS_THRESHOLD
+from smartmixed.contract import (
+    ELU_ALPHA,
+    INPUT,
+    LEAKY_RELU_SLOPE,
+    LOGITS,
+    PROBABILITIES,
+    SELU_ALPHA,
+    SELU_SCALE,
+    SOFTPLUS_THRESHOLD,
+    ModelSpec,
+)
 
 LOWERINGS = ("scatter", "permuted", "grouped", "folded", "folded_tanh")
 DEFAULT_OPSET = 17
-INPUT, LOGITS, PROBABILITIES = "input", "logits", "probabilities"
 # Names and dynamic axes, declared once: every tensor's dim 0 is the batch.
 IO_AXES: dict[str, dict[int, str]] = {
     INPUT: {0: "batch"},
@@ -139,7 +147,7 @@ ACTIVATION_OPS: dict[str, Callable[[_Graph, str, str], str]] = {
     "sigmoid": lambda g, x, n: g.op("Sigmoid", [x], n),
     "tanh": lambda g, x, n: g.op("Tanh", [x], n),
     "leaky_relu": lambda g, x, n: g.op("LeakyRelu", [x], n, alpha=LEAKY_RELU_SLOPE),
-    "elu": lambda g, x, n: g.op("Elu", [x], n, alpha=1.0),
+    "elu": lambda g, x, n: g.op("Elu", [x], n, alpha=ELU_ALPHA),
     "selu": lambda g, x, n: g.op("Selu", [x], n, alpha=SELU_ALPHA, gamma=SELU_SCALE),
     "gelu": _gelu,
     "silu": lambda g, x, n: g.op("Mul", [x, g.op("Sigmoid", [x], f"{n}/sigmoid")], n),

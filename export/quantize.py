@@ -47,12 +47,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from smartmixed.export.lower import INPUT, LOGITS, PROBABILITIES
+from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
+from smartmixed.export.autotune import pick_lowering, time_lowerings
 from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
-from smartmixed.export.select import pick_lowering, time_lowerings
 from smartmixed.export.verify import VerificationError, check_graph, torch_outputs
 
-PRECISIONS = ("fp32", "int8")  # what smartmixed.precision says; an entry without it is fp32
 WEIGHT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 WEIGHT_TYPE = "qint8"  # U8S8: see the module docstring
 DEFAULT_MIN_AGREEMENT = 0.99  # argmax agreement with the fp32 PyTorch model (issue G)

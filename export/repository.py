@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,30 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from smartmixed.export.lower import (
-    DEFAULT_OPSET,
+from smartmixed.contract import (
+    CONFIG_FILE,
+    DEFAULT_PRECISION,
     INPUT,
     LOGITS,
-    LOWERINGS,
+    META_LOWERING,
+    META_PRECISION,
+    META_QUANTIZATION,
+    META_RUN,
+    META_SELECTION,
+    META_SPEC,
+    META_VERIFICATION,
+    META_VERSIONS,
+    MODEL_FILE,
+    PLATFORM,
     PROBABILITIES,
+    REPORT_FILE,
+    ModelSpec,
+    package_versions,
+)
+from smartmixed.export.autotune import pick_lowering, time_lowerings
+from smartmixed.export.lower import (
+    DEFAULT_OPSET,
+    LOWERINGS,
     get_metadata,
     lower,
     lowering_summary,
@@ -44,21 +61,16 @@ from smartmixed.export.quantize import (
     quantize_verified,
     verify_quantized,
 )
-from smartmixed.export.select import pick_lowering, time_lowerings
 from smartmixed.export.verify import input_sets, verify_against_torch
 from smartmixed.serve.model_config import (
-    CONFIG_FILE,
-    MODEL_FILE,
     ConfigError,
     check_model_config,
     is_version_name,
 )
 from smartmixed.train.artifacts import check_writable_folder, load_model
 from smartmixed.train.data import DataError, load_dataset
-from smartmixed.train.model import ModelSpec
 
 MAX_BATCH_SIZE = 1024  # Triton: the largest batch a request (or a dynamic batch) may hold
-REPORT_FILE = "export.json"
 # Modes of what export writes: readable by a server running as another user (the Dockerfile's
 # non-root user), or by the owner alone with --private.
 PUBLIC_MODES, PRIVATE_MODES = (0o755, 0o644), (0o700, 0o600)  # (folders, files)
@@ -84,7 +96,7 @@ def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str =
     )
     return (
         f'name: "{name}"\n'
-        'platform: "onnxruntime_onnx"\n'
+        f'platform: "{PLATFORM}"\n'
         f"max_batch_size: {MAX_BATCH_SIZE}\n"
         f'input [\n  {{\n    name: "{INPUT}"\n    data_type: TYPE_FP32\n'
         f"    dims: [ {spec.arch[0]} ]\n  }}\n]\n"
@@ -99,13 +111,7 @@ def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str =
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("smartmixed", "torch", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "unknown"
-    return out
+    return package_versions(("smartmixed", "torch", "onnx", "onnxruntime", "numpy"))
 
 
 def _test_inputs(
@@ -249,14 +255,14 @@ def export_run(
     set_metadata(
         model,
         {
-            "smartmixed.spec": spec.to_dict(),
-            "smartmixed.lowering": chosen,
-            "smartmixed.precision": precision,
-            "smartmixed.verification": reports[chosen],
-            "smartmixed.selection": selection,
-            "smartmixed.run": str(run_dir),
-            "smartmixed.versions": report["versions"],
-            **({"smartmixed.quantization": quantization} if quantization else {}),
+            META_SPEC: spec.to_dict(),
+            META_LOWERING: chosen,
+            META_PRECISION: precision,
+            META_VERIFICATION: reports[chosen],
+            META_SELECTION: selection,
+            META_RUN: str(run_dir),
+            META_VERSIONS: report["versions"],
+            **({META_QUANTIZATION: quantization} if quantization else {}),
         },
     )
     config = triton_config(name, spec, lowering=chosen, precision=precision)
@@ -348,30 +354,30 @@ def verify_entry(
     except ConfigError as e:
         raise ExportError(str(e)) from None
     meta = get_metadata(model)
-    run_dir = Path(run_dir) if run_dir is not None else Path(meta.get("smartmixed.run", ""))
-    if "smartmixed.spec" not in meta:
-        raise ExportError(f"{path}: no smartmixed metadata (smartmixed.spec)")
+    run_dir = Path(run_dir) if run_dir is not None else Path(meta.get(META_RUN, ""))
+    if META_SPEC not in meta:
+        raise ExportError(f"{path}: no smartmixed metadata ({META_SPEC})")
     spec, torch_model = load_model(run_dir)
-    if spec.to_dict()["assignment"] != json.loads(meta["smartmixed.spec"])["assignment"]:
+    if spec.to_dict()["assignment"] != json.loads(meta[META_SPEC])["assignment"]:
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
     test_x, test_y, _ = _test_inputs(spec, run_dir)
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
-    precision = meta.get("smartmixed.precision", "fp32")  # entries before issue G: fp32
+    precision = meta.get(META_PRECISION, DEFAULT_PRECISION)  # entries before issue G: fp32
     if precision == "fp32":
         if min_agreement is not None or max_accuracy_drop is not None:
             raise ExportError(f"{path}: an fp32 model; --min-agreement and --max-accuracy-drop "
                               "apply to int8 entries")  # fmt: skip
         return verify_against_torch(model, torch_model, inputs, n_classes=spec.arch[-1])
     if precision != "int8":
-        raise ExportError(f"{path}: smartmixed.precision {precision!r}: expected fp32 or int8")
+        raise ExportError(f"{path}: {META_PRECISION} {precision!r}: expected fp32 or int8")
     if test_x is None:
         raise ExportError(f"{path}: an int8 model is verified on the run's test set, and "
                           f"{run_dir} records no data request")  # fmt: skip
     try:  # the thresholds recorded at export
-        recorded = dict(json.loads(meta.get("smartmixed.quantization") or "{}")["thresholds"])
+        recorded = dict(json.loads(meta.get(META_QUANTIZATION) or "{}")["thresholds"])
     except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
-        raise ExportError(f"{path}: smartmixed.quantization records no thresholds") from None
+        raise ExportError(f"{path}: {META_QUANTIZATION} records no thresholds") from None
     if min_agreement is None:
         min_agreement = recorded.get("min_agreement", DEFAULT_MIN_AGREEMENT)
     if max_accuracy_drop is None:

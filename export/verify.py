@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from smartmixed.export.lower import LOGITS, PROBABILITIES
+from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
 from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
 from smartmixed.serve.runtime import nonfinite_initializers
 
@@ -134,7 +134,7 @@ def verify_against_torch(
     for level in OPTIMIZATION_LEVELS:
         session = make_session(data, device="cpu", optimization=level)
         for name, x in inputs.items():
-            got_logits, got_probs = session.run([LOGITS, PROBABILITIES], {"input": x})
+            got_logits, got_probs = session.run([LOGITS, PROBABILITIES], {INPUT: x})
             want_logits, want_probs = expected[name]
             if got_logits.shape != (len(x), n_classes) or got_probs.shape != got_logits.shape:
                 problems.append(

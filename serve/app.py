@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -36,13 +35,13 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from smartmixed.contract import INPUT, package_version
 from smartmixed.serve import codec
 from smartmixed.serve.batching import AdaptiveBatcher, Overloaded
 from smartmixed.serve.metrics import CLIENT_CLOSED, Metrics
 from smartmixed.serve.middleware import Guard
 from smartmixed.serve.routes import json_response, router
 from smartmixed.serve.runtime import (
-    INPUT,
     ModelVersion,
     Repository,
     ServeError,
@@ -99,7 +98,7 @@ class Service:
 
     def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
-        self.version = _version()
+        self.version = package_version("smartmixed")
         self.ready = False
         self.repo = Repository(root=settings.repository)
         self.batching: dict[tuple[str, str], Batching] = {}
@@ -323,10 +322,3 @@ def create_app(settings: ServeSettings, repository: Repository | None = None,
     app.add_middleware(Guard, settings=settings, service=service)
     app.include_router(router)
     return app
-
-
-def _version() -> str:
-    try:
-        return metadata.version("smartmixed")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -25,8 +25,9 @@ import onnx
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import Message
 
-MODEL_FILE, CONFIG_FILE = "model.onnx", "config.pbtxt"
-PLATFORM, BACKEND = "onnxruntime_onnx", "onnxruntime"
+from smartmixed.contract import CONFIG_FILE, MODEL_FILE, PLATFORM
+
+BACKEND = "onnxruntime"
 # Triton: version folders are named by a positive integer; other folders (and "0", "01") are
 # ignored. ASCII only: "²".isdigit() is True, and int("²") raises.
 VERSION_NAME = re.compile(r"[1-9][0-9]*")

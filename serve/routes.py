@@ -13,8 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from smartmixed.contract import INPUT, PLATFORM, PROBABILITIES
 from smartmixed.serve import codec
-from smartmixed.serve.runtime import INPUT, ModelVersion, ServeError
+from smartmixed.serve.runtime import ModelVersion, ServeError
 
 INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_infer
     "type": "object",
@@ -28,7 +29,7 @@ INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_
                 "type": "object",
                 "required": ["name", "shape", "datatype"],
                 "properties": {
-                    "name": {"type": "string", "example": "input"},
+                    "name": {"type": "string", "example": INPUT},
                     "shape": {"type": "array", "items": {"type": "integer"}},
                     "datatype": {"type": "string", "enum": list(codec.V2_DTYPES)},
                     "parameters": {"type": "object"},
@@ -95,8 +96,8 @@ async def _predict(request: Request, model: ModelVersion, deadline: float) -> Re
     s = service(request)
     raw = await s.read_body(request, binary_ok=False)
     x = await s.decode(codec.decode_predict, raw, s.signature(model))
-    result = await s.run(model, x, ["probabilities"], deadline)
-    body = codec.encode_predict(result["probabilities"], model.labels)
+    result = await s.run(model, x, [PROBABILITIES], deadline)
+    body = codec.encode_predict(result[PROBABILITIES], model.labels)
     return Response(body, media_type="application/json")
 
 
@@ -145,7 +146,7 @@ def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
     return {
         "name": model.name,
         "versions": versions,
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, model.n_features]}],
         "outputs": [
             {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]} for o in model.outputs
@@ -190,7 +191,7 @@ def _config(request: Request, model: ModelVersion) -> dict[str, Any]:
     batching = service(request).batching[(model.name, model.version)]
     config: dict[str, Any] = {
         "name": model.name,
-        "platform": "onnxruntime_onnx",
+        "platform": PLATFORM,
         "max_batch_size": batching.max_request_rows,
         "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [model.n_features]}],
         "output": [

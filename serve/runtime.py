@@ -19,9 +19,19 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
-from smartmixed.serve.model_config import (
+from smartmixed.contract import (
     CONFIG_FILE,
+    DEFAULT_PRECISION,
+    INPUT,
+    META_LOWERING,
+    META_PRECISION,
+    META_QUANTIZATION,
+    META_SPEC,
+    META_VERIFICATION,
+    METADATA_PREFIX,
     MODEL_FILE,
+)
+from smartmixed.serve.model_config import (
     NO_CONFIG,
     ConfigError,
     ModelConfigInfo,
@@ -33,7 +43,6 @@ from smartmixed.serve.settings import ServeSettings
 
 log = logging.getLogger("smartmixed.serve")
 
-INPUT = "input"
 MAX_MODEL_BYTES: int = ServeSettings.model_fields["max_model_bytes"].default
 MAX_CONFIG_BYTES = 1024 * 1024  # config.pbtxt is text of a few hundred bytes
 # what the model metadata shows of an int8 entry's smartmixed.quantization (export/quantize.py)
@@ -86,7 +95,7 @@ class ModelVersion:
     n_features: int
     n_classes: int
     outputs: list[str]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # contract.META_* key -> value
     config: ModelConfigInfo = NO_CONFIG  # what NAME/config.pbtxt says (checked at load)
 
     @property
@@ -95,7 +104,7 @@ class ModelVersion:
 
     @property
     def labels(self) -> list[str]:
-        spec = self.metadata.get("spec") or {}
+        spec = self.metadata.get(META_SPEC) or {}
         return list(spec.get("labels") or [str(i) for i in range(self.n_classes)])
 
     def predict(self, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -105,15 +114,15 @@ class ModelVersion:
 
     def describe(self) -> dict[str, Any]:
         """The smartmixed part of the model metadata (architecture, mix, lowering, checks)."""
-        spec = self.metadata.get("spec") or {}
+        spec = self.metadata.get(META_SPEC) or {}
         counts = [
             {a: layer.count(a) for a in spec.get("pool", []) if layer.count(a)}
             for layer in spec.get("assignment", [])
         ]
-        verification = self.metadata.get("verification") or {}
+        verification = self.metadata.get(META_VERIFICATION) or {}
         # int8: its own checks against the fp32 PyTorch model (the verification below is that
         # of the fp32 lowering it was quantized from)
-        quantization = self.metadata.get("quantization")
+        quantization = self.metadata.get(META_QUANTIZATION)
         int8_checks = None
         if isinstance(quantization, dict):
             int8_checks = {k: quantization.get(k) for k in QUANTIZATION_FIGURES}
@@ -124,8 +133,8 @@ class ModelVersion:
             "activation_mix": counts,
             "labels": self.labels,
             "preprocessing": spec.get("preprocessing"),
-            "lowering": self.metadata.get("lowering"),
-            "precision": self.metadata.get("precision", "fp32"),  # absent: exported before int8
+            "lowering": self.metadata.get(META_LOWERING),
+            "precision": self.metadata.get(META_PRECISION, DEFAULT_PRECISION),
             "quantization": int8_checks,
             "verification": {
                 "passed": verification.get("passed"),
@@ -296,13 +305,13 @@ def load_version(
         raise LoadError(f"{where}: {e}") from None
     metadata: dict[str, Any] = {}
     for prop in proto.metadata_props:
-        if prop.key.startswith("smartmixed."):
+        if prop.key.startswith(METADATA_PREFIX):
             try:
-                metadata[prop.key.removeprefix("smartmixed.")] = json.loads(prop.value)
+                metadata[prop.key] = json.loads(prop.value)
             except json.JSONDecodeError:
-                metadata[prop.key.removeprefix("smartmixed.")] = prop.value
-    if not isinstance(metadata.get("spec"), dict):
-        raise LoadError(f"{where}: {path} has no smartmixed.spec metadata (not written by "
+                metadata[prop.key] = prop.value
+    if not isinstance(metadata.get(META_SPEC), dict):
+        raise LoadError(f"{where}: {path} has no {META_SPEC} metadata (not written by "
                         "smartmixed-export)")  # fmt: skip
     if nonfinite := nonfinite_initializers(proto):
         raise LoadError(f"{where}: {path}: {'; '.join(nonfinite)}")
@@ -327,7 +336,7 @@ def load_version(
         log.warning("%s: device auto: CUDA not usable, serving on %s", where, active)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [INPUT] or not _is_batch_of_rows(inputs[0].shape):
-        raise LoadError(f"{where}: expected one input 'input' [batch, D]")
+        raise LoadError(f"{where}: expected one input '{INPUT}' [batch, D]")
     if not outputs or not all(_is_batch_of_rows(o.shape) for o in outputs):
         raise LoadError(f"{where}: expected outputs [batch, C]")
     return ModelVersion(

@@ -1,13 +1,66 @@
-"""smartmixed.train: SmartMixed two-phase training, fixed baselines, data and run artifacts."""
+"""smartmixed.train: SmartMixed two-phase training, fixed baselines, data and run artifacts.
 
-from smartmixed.train.artifacts import ArtifactError, load_model, load_spec
-from smartmixed.train.data import DataError, Dataset, load_dataset
-from smartmixed.train.loop import TrainConfig, TrainError, train_run
-from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, SelectiveMLP, SpecError
-from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
+The exports are lazy (PEP 562): ``import smartmixed.train.<module>`` from export/ or bench/ runs
+this file, and an eager import here would load torch, scikit-learn and safetensors with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "ArtifactError": "artifacts",
+    "load_model": "artifacts",
+    "load_spec": "artifacts",
+    "DataError": "data",
+    "Dataset": "data",
+    "load_dataset": "data",
+    "TrainConfig": "loop",
+    "TrainError": "loop",
+    "train_run": "loop",
+    "PRESETS": "model",
+    "MixedMLP": "model",
+    "ModelSpec": "model",
+    "SelectiveMLP": "model",
+    "SpecError": "model",
+    "ACTIVATIONS": "pool",
+    "DEFAULT_POOL": "pool",
+    "EXTRA_ACTIVATIONS": "pool",
+    "PoolError": "pool",
+}
 
 __all__ = [
-    "ACTIVATIONS", "DEFAULT_POOL", "EXTRA_ACTIVATIONS", "PRESETS", "ArtifactError", "DataError",
-    "Dataset", "MixedMLP", "ModelSpec", "PoolError", "SelectiveMLP", "SpecError", "TrainConfig",
-    "TrainError", "load_dataset", "load_model", "load_spec", "train_run",
-]  # fmt: skip
+    "ACTIVATIONS",
+    "DEFAULT_POOL",
+    "EXTRA_ACTIVATIONS",
+    "PRESETS",
+    "ArtifactError",
+    "DataError",
+    "Dataset",
+    "MixedMLP",
+    "ModelSpec",
+    "PoolError",
+    "SelectiveMLP",
+    "SpecError",
+    "TrainConfig",
+    "TrainError",
+    "load_dataset",
+    "load_model",
+    "load_spec",
+    "train_run",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -20,11 +20,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from smartmixed.contract import HISTORY, MODEL_SPEC, MODEL_WEIGHTS
 from smartmixed.train.model import MixedMLP, ModelSpec, SpecError
 
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_SPEC = "model.json"
-HISTORY = "history.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 REPORT = "report.md"
 PLOTS = {

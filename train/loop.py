@@ -23,7 +23,6 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from smartmixed import contract
 from smartmixed.train import artifacts
 from smartmixed.train.data import Dataset
 from smartmixed.train.distributed import (
@@ -175,13 +175,9 @@ class TrainConfig:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("smartmixed", "torch", "numpy", "safetensors"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
+    """What model.json records as ``versions``."""
+    packages = contract.package_versions(("smartmixed", "torch", "numpy", "safetensors"))
+    return {"python": platform.python_version(), **packages}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""SmartMixed networks: the phase-1 selective MLP, the phase-2 mixed MLP, and the model spec.
+"""SmartMixed networks: the phase-1 selective MLP and the phase-2 mixed MLP.
+
+The model spec (model.json) and the presets live in smartmixed.contract; re-exported here.
 
 Phase 1 (``SelectiveMLP``): hidden neuron j of layer l keeps logits a_lj over the pool P. Every
 training forward draws Gumbel noise g = -log(-log(u + eps) + eps), takes s = softmax((a + g)/tau)
@@ -14,173 +16,33 @@ baselines are the special case of a single group.
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The spec, its validation and the presets are the stages' contract (torch-free), re-exported
+# here where train/, bench/ and the tests import them from.
+from smartmixed.contract import (  # noqa: F401
+    PRESETS,
+    SPEC_FORMAT,
+    TABLE1,
+    ModelSpec,
+    SpecError,
+    parse_arch,
+    resolve_preset,
+)
 from smartmixed.train.pool import (
     Activation,
-    PoolError,
     batch_sum_basis,
     get_activation,
-    parse_pool,
     standard_moments,
 )
 
 GUMBEL_EPS = 1e-10
-SPEC_FORMAT = "smartmixed.model/1"
-
-# Paper Table 1, in its row order. "paper" is row 11, the architecture of the paper's Table 3.
-TABLE1: tuple[tuple[int, ...], ...] = (
-    (784, 512, 10),
-    (784, 512, 256, 128, 10),
-    (784, 512, 256, 128, 64, 10),
-    (784, 512, 256, 256, 128, 10),
-    (784, 256, 128, 10),
-    (784, 768, 10),
-    (784, 768, 512, 10),
-    (784, 768, 512, 512, 10),
-    (784, 768, 512, 512, 256, 10),
-    (784, 768, 512, 512, 256, 256, 10),
-    (784, 768, 512, 512, 256, 256, 128, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 10),
-    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 16, 10),
-)
-PRESETS: dict[str, tuple[int, ...]] = {f"table1-{i}": arch for i, arch in enumerate(TABLE1, 1)}
-PRESETS["paper"] = TABLE1[10]
-
-
-class SpecError(ValueError):
-    """A model spec, architecture or checkpoint that does not fit together."""
-
-
-def parse_arch(text: str | Sequence[int]) -> list[int]:
-    """'784,256,10' -> [784, 256, 10]; at least one hidden layer, every width >= 1."""
-    try:
-        arch = (
-            [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
-        )
-    except ValueError:
-        raise SpecError(
-            f"architecture {text!r} is not a comma-separated list of integers"
-        ) from None
-    if len(arch) < 3:
-        raise SpecError(
-            f"architecture {arch} needs an input width, at least one hidden layer and an output "
-            f"width (got {len(arch)} numbers, expected >= 3)"
-        )
-    if any(w < 1 for w in arch):
-        raise SpecError(f"architecture {arch} has a width < 1")
-    if arch[-1] < 2:
-        raise SpecError(f"architecture {arch} must end in >= 2 classes")
-    return arch
-
-
-def resolve_preset(name: str) -> list[int]:
-    try:
-        return list(PRESETS[name])
-    except KeyError:
-        raise SpecError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}") from None
-
-
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild a trained network from its weights (model.json).
-
-    ``assignment[l][j]`` is the activation name of neuron j (in neuron order) of hidden layer l.
-    Preprocessing maps raw features x to (x - offset) * scale; offset and scale are scalars or
-    one value per feature.
-    """
-
-    arch: list[int]
-    pool: list[str]
-    mode: str
-    assignment: list[list[str]]
-    preprocessing: dict[str, Any]
-    input_shape: list[int]
-    labels: list[str]
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, Any] = field(default_factory=dict)
-    format: str = SPEC_FORMAT
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def hidden_widths(self) -> list[int]:
-        return self.arch[1:-1]
-
-    def activation_counts(self) -> list[dict[str, int]]:
-        """Per hidden layer: {activation: neuron count} for every pool entry (zeros included)."""
-        return [{name: layer.count(name) for name in self.pool} for layer in self.assignment]
-
-    def validate(self) -> None:
-        if self.format != SPEC_FORMAT:
-            raise SpecError(f"spec field 'format': expected {SPEC_FORMAT!r}, got {self.format!r}")
-        self.arch = parse_arch(self.arch)
-        try:
-            self.pool = list(parse_pool(self.pool))
-        except PoolError as e:
-            raise SpecError(f"spec field 'pool': {e}") from None
-        hidden = self.hidden_widths
-        if len(self.assignment) != len(hidden):
-            raise SpecError(
-                f"spec field 'assignment': expected {len(hidden)} hidden layers, "
-                f"got {len(self.assignment)}"
-            )
-        for layer, (names, width) in enumerate(zip(self.assignment, hidden, strict=True)):
-            if len(names) != width:
-                raise SpecError(
-                    f"spec field 'assignment[{layer}]': expected {width} neurons, got {len(names)}"
-                )
-            unknown = sorted(set(names) - set(self.pool))
-            if unknown:
-                raise SpecError(
-                    f"spec field 'assignment[{layer}]': activation(s) {', '.join(unknown)} "
-                    f"not in the pool {self.pool}"
-                )
-        if len(self.labels) != self.arch[-1]:
-            raise SpecError(
-                f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
-            )
-        for key in ("offset", "scale"):
-            value = self.preprocessing.get(key)
-            ok = isinstance(value, int | float) or (
-                isinstance(value, list) and len(value) == self.arch[0]
-            )
-            if not ok:
-                raise SpecError(
-                    f"spec field 'preprocessing.{key}': expected a number or a list of "
-                    f"{self.arch[0]} numbers, got {type(value).__name__}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        if not isinstance(data, dict):
-            raise SpecError(f"model spec: expected a JSON object, got {type(data).__name__}")
-        required = [f.name for f in fields(cls) if f.default is f.default_factory is MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise SpecError(f"model spec: missing field(s) {', '.join(missing)}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,12 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LEAKY_RELU_SLOPE = 0.01
-ELU_ALPHA = 1.0
-# SELU constants (Klambauer et al. 2017), the ones torch.nn.functional.selu uses.
-SELU_ALPHA = 1.6732632423543772
-SELU_SCALE = 1.0507009873554805
-SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(z) = z above it
+# The names, their order and the constants are the stages' contract (export/lower.py writes the
+# same constants into ONNX nodes); re-exported here.
+from smartmixed.contract import (  # noqa: F401
+    ACTIVATION_NAMES,
+    DEFAULT_POOL,
+    ELU_ALPHA,
+    EXTRA_ACTIVATIONS,
+    LEAKY_RELU_SLOPE,
+    SELU_ALPHA,
+    SELU_SCALE,
+    SOFTPLUS_THRESHOLD,
+    PoolError,
+    parse_pool,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ def _softsign_vjp(g: Tensor, z: Tensor) -> Tensor:
     return g / (d * d)
 
 
+# One entry per contract.ACTIVATION_NAMES, in that order (tests/test_contract.py).
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
@@ -99,14 +108,6 @@ ACTIVATIONS: dict[str, Activation] = {
     )
 }
 
-# The paper's pool, in the paper's order (the order fixes the logit index of each activation).
-DEFAULT_POOL: tuple[str, ...] = ("relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu")
-EXTRA_ACTIVATIONS: tuple[str, ...] = tuple(n for n in ACTIVATIONS if n not in DEFAULT_POOL)
-
-
-class PoolError(ValueError):
-    """An activation name or pool that is not valid."""
-
 
 def get_activation(name: str) -> Activation:
     try:
@@ -115,22 +116,6 @@ def get_activation(name: str) -> Activation:
         raise PoolError(
             f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATIONS)}"
         ) from None
-
-
-def parse_pool(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Parse a pool given as 'relu,tanh,...' (or a sequence of names); None gives the default."""
-    if text is None:
-        return DEFAULT_POOL
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    if not names:
-        raise PoolError("the activation pool is empty")
-    for name in names:
-        get_activation(name)
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise PoolError(f"activation pool lists {', '.join(duplicates)} more than once")
-    return tuple(names)
 
 
 def batch_sum_basis(pool: Sequence[str]) -> tuple[tuple[Activation, ...], Tensor]:

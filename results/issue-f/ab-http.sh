@@ -26,7 +26,7 @@ $PY - "$WORK" <<'PYEOF'
 import sys
 from pathlib import Path
 import numpy as np, orjson
-from smartmixed.bench.http import build_repository
+from smartmixed.bench.server import build_repository
 from smartmixed.train.model import PRESETS
 work = Path(sys.argv[1])
 build_repository(work / "models", arch=PRESETS["paper"], seed=0)

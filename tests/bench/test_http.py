@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from smartmixed.bench import http
+from smartmixed.bench import load
 from smartmixed.bench.cli import main
-from smartmixed.bench.http import (
-    RECORD_KEYS,
+from smartmixed.bench.http_bench import RECORD_KEYS, evaluate_targets
+from smartmixed.bench.load import (
     WRK_MARKER,
-    HttpBenchError,
-    evaluate_targets,
+    LoadGeneratorError,
     lua_long_string,
     parse_wrk_output,
     write_wrk_script,
 )
+from smartmixed.bench.server import free_port
 
 ARCH = "64,32,10"
 CONCURRENCY = [1, 4]
@@ -81,6 +81,7 @@ def check_records(result: dict[str, Any], models: list[str], batching: list[str]
     assert result["meets_targets"]["rps_concurrency_64_batching_on"] is None
 
 
+@pytest.mark.slow
 def test_wrk_records(wrk_result: dict[str, Any]) -> None:
     assert wrk_result["load_generator"] == "wrk"
     assert wrk_result["config"]["load_generator_threads"] == 1
@@ -92,6 +93,7 @@ def test_wrk_records(wrk_result: dict[str, Any]) -> None:
     assert any("--max-batch-size" in cmd for cmd in wrk_result["config"]["server_commands"])
 
 
+@pytest.mark.slow
 def test_python_records(python_result: dict[str, Any]) -> None:
     assert python_result["load_generator"] == "python-httpx"
     check_records(python_result, ["mixed"], ["off"])
@@ -113,7 +115,7 @@ def test_parse_wrk_output() -> None:
     assert raw["p50_ms"] == pytest.approx(0.65)
     assert raw["p99_ms"] == pytest.approx(1.5005)
     assert raw["error_kinds"] == {"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0}
-    with pytest.raises(HttpBenchError, match="no summary"):
+    with pytest.raises(LoadGeneratorError, match="no summary"):
         parse_wrk_output("Running 1s test\nunable to connect\n")
 
 
@@ -162,7 +164,7 @@ def test_targets_are_evaluated_on_the_mixed_model() -> None:
 def test_bad_options_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:
-    port = str(http.free_port())  # nothing listens there
+    port = str(free_port())  # nothing listens there
     args = ["http", "--out", str(tmp_path / "out"), "--quiet"]
     args += [a.replace("FREE", port) for a in extra]
     assert main(args) == 2
@@ -175,6 +177,6 @@ def test_bad_options_exit_2(
 def test_wrk_requested_but_missing_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http.shutil, "which", lambda name: None)
+    monkeypatch.setattr(load.shutil, "which", lambda name: None)
     assert main(["http", "--out", str(tmp_path), "--load-generator", "wrk", "--quiet"]) == 2
     assert "wrk is not installed" in capsys.readouterr().err

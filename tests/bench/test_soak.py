@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from smartmixed.bench import soak
 from smartmixed.bench.cli import main
+from smartmixed.bench.server import free_port
 from smartmixed.bench.soak import (
     SCENARIOS,
     TARGETS,
@@ -64,6 +64,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return json.loads((out / "soak.json").read_text())
 
 
+@pytest.mark.slow
 def test_structure(result: dict[str, Any]) -> None:
     assert {"config", "server_command", "server_command_shell", "machine", "scenarios",
             "summary", "elapsed_s"} <= set(result)  # fmt: skip
@@ -85,6 +86,7 @@ def test_structure(result: dict[str, Any]) -> None:
     assert "ulimit -n 1024 && " in result["scenarios"]["slow"]["server"]["command_shell"]
 
 
+@pytest.mark.slow
 def test_soak_measured(result: dict[str, Any]) -> None:
     entry = result["scenarios"]["soak"]
     m = entry["measured"]
@@ -96,6 +98,7 @@ def test_soak_measured(result: dict[str, Any]) -> None:
     assert len(entry["series"]["rss_mib"]) >= 2 and entry["series"]["rps"]
 
 
+@pytest.mark.slow
 def test_overload_measured(result: dict[str, Any]) -> None:
     m = result["scenarios"]["overload"]["measured"]
     assert m["requests"] > 0 and m["replies"] == sum(m["statuses"].values())
@@ -104,6 +107,7 @@ def test_overload_measured(result: dict[str, Any]) -> None:
     assert 0.0 <= m["share_503"] <= 1.0
 
 
+@pytest.mark.slow
 def test_slow_measured(result: dict[str, Any]) -> None:
     entry = result["scenarios"]["slow"]
     m = entry["measured"]
@@ -115,6 +119,7 @@ def test_slow_measured(result: dict[str, Any]) -> None:
     assert m["health_probes"] > 0 and m["infer_probes"] > 0
 
 
+@pytest.mark.slow
 def test_header_measured(result: dict[str, Any]) -> None:
     m = result["scenarios"]["header"]["measured"]
     assert result["scenarios"]["header"]["config"]["header_bytes"] == 2_000_000
@@ -123,6 +128,7 @@ def test_header_measured(result: dict[str, Any]) -> None:
     assert m["rss_before_mib"] > 0 and m["rss_peak_mib"] >= m["rss_before_mib"]
 
 
+@pytest.mark.slow
 def test_sigterm_measured(result: dict[str, Any]) -> None:
     m = result["scenarios"]["sigterm"]["measured"]
     assert m["ok_before_signal"] > 0
@@ -161,7 +167,7 @@ def test_a_server_that_cannot_start_is_recorded(tmp_path: Path) -> None:
 def test_bad_options_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
 ) -> None:
-    port = str(soak.free_port())  # nothing listens there
+    port = str(free_port())  # nothing listens there
     args = ["soak", "--out", str(tmp_path / "out"), "--quiet"]
     assert main(args + [a.replace("FREE", port) for a in extra]) == 2
     err = capsys.readouterr().err

@@ -37,6 +37,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_study_trains_every_cell_and_aggregates(study: Path) -> None:
     result = json.loads((study / "study.json").read_text())
     assert list(result) == ["cells", "summary", "ranks", "mrr", "paired", "config"]
@@ -68,6 +69,7 @@ def test_study_trains_every_cell_and_aggregates(study: Path) -> None:
     assert (study / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_second_call_trains_nothing(study: Path, capsys) -> None:
     specs = sorted(study.glob("runs/*/*/seed*/model.json"))
     assert len(specs) == 8
@@ -99,6 +101,7 @@ def test_plan_prints_every_command_and_trains_nothing(tmp_path: Path, capsys) ->
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["checkpoint.safetensors"]
 
 
+@pytest.mark.slow
 def test_collect_aggregates_the_complete_cells_only(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(study, out)

@@ -8,6 +8,7 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from smartmixed.serve.app import create_app
 from smartmixed.serve.runtime import LoadError
@@ -234,20 +235,35 @@ def test_devices(repository: Path, caplog) -> None:
         ]
 
 
-def test_metrics(client: TestClient) -> None:
-    client.post(
-        "/v2/models/relu/infer",
-        json={
-            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]
-        },
-    )
-    client.post("/v2/models/relu/infer", json={"inputs": []})
-    text = client.get("/metrics").text
-    assert 'smartmixed_requests_total{endpoint="infer",model="relu",status="200"}' in text
-    assert 'smartmixed_requests_total{endpoint="infer",model="relu",status="400"}' in text
-    for name in ("smartmixed_request_seconds_bucket", "smartmixed_inference_seconds_bucket",
-                 "smartmixed_batch_rows_bucket", "smartmixed_queue_wait_seconds"):  # fmt: skip
-        assert name in text
+def _samples(client: TestClient) -> dict[tuple[str, tuple], float]:
+    """Every sample /metrics exports: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for s in family.samples
+    }
+
+
+def test_metrics(repository: Path) -> None:
+    """Samples with values, on an app of its own: its registry starts with no relu samples."""
+    one_row = {
+        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]
+    }
+    with _client(repository) as client:
+        assert not [key for key in _samples(client) if ("model", "relu") in key[1]]
+        assert client.post("/v2/models/relu/infer", json=one_row).status_code == 200
+        assert client.post("/v2/models/relu/infer", json={"inputs": []}).status_code == 400
+        samples = _samples(client)
+    relu = (("model", "relu"),)
+    infer = (("endpoint", "infer"), ("model", "relu"))
+    assert samples[("smartmixed_requests_total", (*infer, ("status", "200")))] == 1.0
+    assert samples[("smartmixed_requests_total", (*infer, ("status", "400")))] == 1.0
+    assert samples[("smartmixed_request_seconds_count", infer)] == 2.0
+    assert samples[("smartmixed_inference_seconds_count", relu)] == 1.0  # the 400 never ran
+    assert samples[("smartmixed_batch_rows_count", relu)] == 1.0
+    assert samples[("smartmixed_batch_rows_sum", relu)] == 1.0
+    assert samples[("smartmixed_queue_wait_seconds_count", relu)] == 1.0
+    assert samples[("smartmixed_in_flight", relu)] == 0.0
 
 
 def test_openapi_docs(client: TestClient) -> None:

@@ -1,8 +1,13 @@
-"""A real uvicorn process on 127.0.0.1, driven by tritonclient.http and plain httpx."""
+"""A real uvicorn process on 127.0.0.1, driven by tritonclient.http, plain httpx and raw sockets.
+
+Requests are held in flight deterministically by sending their headers and all but the last byte
+of their bodies: the server has admitted them (``smartmixed_in_flight`` says so) and cannot
+answer until the rest arrives, whatever the machine's load.
+"""
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import socket
 import subprocess
@@ -15,43 +20,68 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Settings from the environment; a long request deadline because held requests are admitted
+# (and their deadline starts) before their bodies arrive.
+ENV = {"SMARTMIXED_MAX_BATCH_SIZE": "32", "SMARTMIXED_REQUEST_TIMEOUT_S": "60"}
 
 
 @pytest.fixture
-def server(repository: Path):
-    port = _free_port()
-    env = {**os.environ, "SMARTMIXED_MAX_BATCH_SIZE": "32"}  # settings from the environment
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-         "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not become ready: {proc.stdout.read()}")
-    yield proc, port
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def server(serve_process):
+    return serve_process("--log-level", "warning", env=ENV)
+
+
+def _infer_body(rows: np.ndarray) -> bytes:
+    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32", "data": rows.tolist()}
+    return json.dumps({"inputs": [tensor], "outputs": [{"name": "logits"}]}).encode()
+
+
+def _hold(port: int, body: bytes) -> socket.socket:
+    """An infer request for model 'mixed' whose last body byte is not sent yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        "POST /v2/models/mixed/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[:-1])
+    return sock
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """Status, headers (lower-case names) and JSON body of the one response on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or pytest.fail(f"closed before the response: {data!r}")
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536) or pytest.fail("closed in the middle of the body")
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample the server exports: (name, sorted labels) -> value."""
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _wait_in_flight(url: str, expected: int) -> None:
+    """Until the server has admitted ``expected`` requests for 'mixed' (they wait for bodies)."""
+    deadline = time.monotonic() + 30
+    key = ("smartmixed_in_flight", (("model", "mixed"),))
+    while _samples(url).get(key, 0) != expected:
+        assert time.monotonic() < deadline, f"{expected} requests never in flight"
+        time.sleep(0.02)
 
 
 def test_tritonclient_and_httpx(server, digits) -> None:
-    _, port = server
-    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mixed")
     assert client.get_model_metadata("mixed")["inputs"][0]["shape"] == [-1, 64]
     assert client.get_model_config("relu")["dynamic_batching"]["max_batch_size"] == 32
@@ -64,58 +94,88 @@ def test_tritonclient_and_httpx(server, digits) -> None:
         probabilities = result.as_numpy("probabilities")
         assert probabilities.shape == (7, 10) and result.get_response()["id"] == "t1"
         np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
-    predicted = httpx.post(f"http://127.0.0.1:{port}/v1/models/mixed:predict",
-                           json={"instances": x.tolist()}).json()["predictions"]  # fmt: skip
+    predicted = httpx.post(
+        f"{server.url}/v1/models/mixed:predict", json={"instances": x.tolist()}
+    ).json()["predictions"]
     assert [p["label"] for p in predicted] == [str(k) for k in probabilities.argmax(1)]
     with pytest.raises(triton.InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
 
 
-def test_concurrent_requests_are_batched_and_exact_then_sigterm_drains(server, digits) -> None:
-    proc, port = server
-    url = f"http://127.0.0.1:{port}/v2/models/mixed/infer"
+def test_concurrent_requests_are_batched_and_exact(server, digits) -> None:
+    url = f"{server.url}/v2/models/mixed/infer"
     rows = digits.x_test[:64]
+    whole = httpx.post(url, content=_infer_body(rows), headers={"Content-Type": "application/json"})
+    expected = np.array(whole.json()["outputs"][0]["data"]).reshape(64, 10)
 
     def one(i: int) -> tuple[int, np.ndarray]:
-        body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": rows[i].tolist()}],
-                "outputs": [{"name": "logits"}]}  # fmt: skip
-        response = httpx.post(url, json=body, timeout=30)
+        body = _infer_body(rows[i : i + 1])
+        response = httpx.post(
+            url, content=body, headers={"Content-Type": "application/json"}, timeout=30
+        )
         return response.status_code, np.array(response.json()["outputs"][0]["data"])
 
-    whole = httpx.post(url, json={"inputs": [{"name": "input", "shape": [64, 64], "datatype": "FP32",
-                                              "data": rows.tolist()}]}).json()  # fmt: skip
-    expected = np.array(whole["outputs"][0]["data"]).reshape(64, 10)
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(64)))
     for i, (status, logits) in enumerate(results):
         assert status == 200
         np.testing.assert_allclose(logits, expected[i], rtol=1e-5, atol=1e-5)
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    merged = [line for line in metrics.splitlines()
-              if line.startswith('smartmixed_batch_rows_bucket{le="1.0",model="mixed"}')]  # fmt: skip
-    runs = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith('smartmixed_batch_rows_count{model="mixed"}')
-    ]
-    assert float(merged[0].split()[-1]) < float(runs[0].split()[-1])  # some runs held > 1 row
 
-    # SIGTERM while requests are in flight: every one of them still completes
-    with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(one, i) for i in range(48)]
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        statuses = [f.result()[0] if not f.exception() else "refused" for f in futures]
+    # Eight requests admitted and waiting for their last byte, then completed together: they
+    # reach the batcher in the same event-loop turns and share runs.
+    before = _samples(server.url)
+    held = [_hold(server.port, _infer_body(rows[i : i + 1])) for i in range(8)]
+    _wait_in_flight(server.url, 8)
+    for sock in held:
+        sock.sendall(b"}")
+    for i, sock in enumerate(held):
+        status, _, body = _response(sock)
+        assert status == 200
+        np.testing.assert_allclose(body["outputs"][0]["data"], expected[i], rtol=1e-5, atol=1e-5)
+        sock.close()
+    after = _samples(server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted({"model": "mixed", **labels}.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("smartmixed_batch_rows_sum") == 8
+    runs = delta("smartmixed_batch_rows_count")
+    assert runs < 8  # some runs held more than one request's row
+    assert delta("smartmixed_batch_rows_bucket", le="1.0") < runs
+
+
+def test_sigterm_drains_a_request_in_flight_and_exits_0(server, digits) -> None:
+    x = digits.x_test[:3]
+    held = _hold(server.port, _infer_body(x))
+    _wait_in_flight(server.url, 1)  # admitted: the server is waiting for the last byte
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while True:  # draining: the listening socket is closed, new connections are refused
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+        time.sleep(0.02)
+    assert server.proc.poll() is None  # still running: the held request keeps it
+    held.sendall(b"}")
+    status, headers, body = _response(held)
+    held.close()
+    assert status == 200 and headers["connection"] == "close"
+    assert np.asarray(body["outputs"][0]["data"]).shape == (30,)
     # a clean drain exits 0 (uvicorn alone would re-raise the signal: serve/server.py)
-    assert proc.wait(timeout=60) == 0
-    started = [s for s in statuses if s != "refused"]
-    assert started and all(s == 200 for s in started)
+    assert server.proc.wait(timeout=60) == 0, server.output()
 
 
 def test_refuses_to_start_on_a_bad_repository(tmp_path: Path) -> None:
     (tmp_path / "m" / "1").mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"junk")
-    result = subprocess.run([sys.executable, "-m", "smartmixed.serve", "--repository", str(tmp_path),
-                             "--port", "0"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmixed.serve", "--repository", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "m/1: cannot read" in result.stderr + result.stdout

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from smartmixed.train import artifacts
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_digits(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
@@ -52,6 +55,7 @@ def _agree_worker(rank: int, init_file: str, results, perturb: bool) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_rank_check_catches_a_one_ulp_divergence(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 

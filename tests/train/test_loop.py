@@ -118,6 +118,7 @@ def test_resume_refuses_changed_options_and_finished_runs(digits: Dataset, tmp_p
         train_run(config=_config(), dataset=digits, out=out, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     """A real process, killed with SIGKILL mid-run, then resumed from the command line."""
     out = tmp_path / "run"

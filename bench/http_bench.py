@@ -30,53 +30,60 @@ and exported (permuted lowering): "mixed", every hidden neuron's activation draw
 the six default activations, and "fixed-relu". ``repository`` + ``models`` bench exported models
 instead. The targets are evaluated on the records of SmartMixed-mode models and reported, never
 asserted.
+
+Modules: the load generators are in bench/load.py, the server (its models, process, check
+request and metrics) in bench/server.py; this one holds the options, the measurement loop, the
+targets and the outputs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ipaddress
-import json
 import math
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, parse_positive_ints
-from smartmixed.bench.train_cost import machine_info
-from smartmixed.train.model import PRESETS, SpecError, parse_arch
+from smartmixed.bench import BenchError, common, parse_positive_ints
+from smartmixed.bench.common import machine_info
+from smartmixed.bench.load import (
+    REQUEST_TIMEOUT_S,
+    WRK,
+    WRK_THREADS,
+    resolve_load_generator,
+    run_python,
+    run_wrk,
+    write_wrk_script,
+    wrk_version,
+)
+from smartmixed.bench.server import (
+    GENERATED_MODELS,
+    HEALTH_READY_PATH,
+    PAPER_ARCH,
+    ServerProcess,
+    Target,
+    batch_rows,
+    build_repository,
+    check_url,
+    http_client,
+    prepare_target,
+    repository_models,
+    server_env,
+    start_server,
+)
+from smartmixed.contract import SpecError, parse_arch
 
-PAPER_ARCH = list(PRESETS["paper"])
 DEFAULT_CONCURRENCY = (1, 8, 64)
 DEFAULT_DURATION_S = 5
 DEFAULT_WARMUP_S = 1
 BATCHING_MODES = ("on", "off")
-GENERATED_MODELS = ("mixed", "fixed-relu")
-LOAD_GENERATORS = ("auto", "wrk", "python")
-WRK, PYTHON_HTTPX = "wrk", "python-httpx"
-WRK_THREADS = 1  # one wrk thread: the generator takes at most one of the two cores
-REQUEST_TIMEOUT_S = 5  # a request slower than this counts as a timeout error
-READY_TIMEOUT_S = 60.0  # startup of a server: imports + loading every model
-STOP_TIMEOUT_S = 15.0  # SIGTERM, then kill
 SETTLE_S = 0.25  # pause before each point: the server drains what the last run left queued
-WRK_MARKER = "SMARTMIXED-WRK-RESULT "
-ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
 RECORD_KEYS = (
     "model", "mode", "batching", "concurrency", "duration_s", "requests", "rps",
     "samples_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms", "errors",
@@ -92,11 +99,11 @@ TARGETS: dict[str, dict[str, Any]] = {
                                           "batching": "on", "metric": "p99_ms"},
     "errors": {"limit": 0, "op": "<=", "metric": "errors"},
 }  # fmt: skip
-LOOPBACK_NAMES = ("localhost",)
 
 
 class HttpBenchError(BenchError):
-    """Options the HTTP bench cannot run with, or a server / load generator that failed."""
+    """Options the HTTP bench cannot run with (a server that fails raises ServerError, a load
+    generator LoadGeneratorError; both are BenchErrors, which the CLI reports)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,418 +130,13 @@ def parse_models(text: str | Sequence[str] | None) -> list[str] | None:
     return list(dict.fromkeys(items))
 
 
-def resolve_load_generator(choice: str) -> str:
-    """auto -> wrk when it is on PATH, else the Python generator."""
-    if choice not in LOAD_GENERATORS:
-        raise HttpBenchError(
-            f"unknown load generator {choice!r}; expected one of {', '.join(LOAD_GENERATORS)}"
-        )
-    has_wrk = shutil.which("wrk") is not None
-    if choice == "wrk" and not has_wrk:
-        raise HttpBenchError(
-            "--load-generator wrk: wrk is not installed (apt-get install wrk), "
-            "or use --load-generator python"
-        )
-    if choice == "python" or (choice == "auto" and not has_wrk):
-        return PYTHON_HTTPX
-    return WRK
-
-
-def check_url(url: str) -> str:
-    """A base URL http://127.0.0.1:PORT (loopback only: this bench floods what it targets)."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise HttpBenchError(f"--url {url!r}: expected http://127.0.0.1:PORT")
-    host = parts.hostname
-    try:
-        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise HttpBenchError(f"--url {url!r}: only a server on this machine (127.0.0.1) is benched")
-    try:
-        port = parts.port
-    except ValueError:
-        raise HttpBenchError(f"--url {url!r}: bad port") from None
-    if parts.path.strip("/") or parts.query:
-        raise HttpBenchError(f"--url {url!r}: give the server's base URL, without a path")
-    netloc = f"[{host}]" if ":" in host else host
-    return f"http://{netloc}:{port or 80}"
-
-
-# --------------------------------------------------------------------------------------------
-# Models and servers
-
-
-def build_repository(
-    root: Path, *, arch: Sequence[int], seed: int, models: Sequence[str] = GENERATED_MODELS
-) -> None:
-    """ROOT/{mixed,fixed-relu}/1/model.onnx: seeded random weights, permuted lowering."""
-    import torch
-
-    from smartmixed.export.lower import lower, set_metadata
-    from smartmixed.train.model import MixedMLP, ModelSpec
-    from smartmixed.train.pool import DEFAULT_POOL
-
-    arch = list(arch)
-    hidden = arch[1:-1]
-    rng = np.random.default_rng(seed)
-    pool = list(DEFAULT_POOL)
-    # uniformly random per neuron: every layer holds all six groups (the fragmented case)
-    mixed = [[pool[i] for i in rng.integers(len(pool), size=w)] for w in hidden]
-    assignments = {
-        "mixed": (pool, "smartmixed", mixed),
-        "fixed-relu": (["relu"], "fixed:relu", [["relu"] * w for w in hidden]),
-    }
-    with torch.random.fork_rng(devices=[]):  # seeded weights, caller's RNG untouched
-        torch.manual_seed(seed)
-        for name in models:
-            pool_, mode, assignment = assignments[name]
-            spec = ModelSpec(
-                arch=arch, pool=pool_, mode=mode, assignment=assignment,
-                preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[arch[0]],
-                labels=[str(i) for i in range(arch[-1])],
-            )  # fmt: skip
-            model = MixedMLP.from_spec(spec)
-            state = {k: v.numpy() for k, v in model.canonical_state_dict().items()}
-            proto = lower(spec, state, lowering="permuted")
-            # the server reads the spec (features, labels, mix) from this metadata
-            set_metadata(
-                proto, {"smartmixed.spec": spec.to_dict(), "smartmixed.lowering": "permuted"}
-            )
-            version = root / name / "1"
-            version.mkdir(parents=True, exist_ok=True)
-            (version / "model.onnx").write_bytes(proto.SerializeToString())
-
-
-def repository_models(root: Path) -> list[str]:
-    """Model folders of an exported repository (NAME/VERSION/model.onnx)."""
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.name.startswith(".")
-        and any(v.is_dir() and v.name.isdigit() for v in p.iterdir())
-    )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _client(timeout: float = 10.0) -> httpx.Client:
-    # trust_env=False: a proxy from the environment must never see loopback benchmark traffic
-    return httpx.Client(timeout=timeout, trust_env=False)
-
-
-def server_env() -> dict[str, str]:
-    """The SMARTMIXED_* settings the started servers inherit (the API key left out)."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith("SMARTMIXED_") and k != "SMARTMIXED_API_KEY"
-    }
-
-
 @contextlib.contextmanager
-def running_server(
-    repository: Path, *, batching: bool, log_dir: Path, ready_timeout: float = READY_TIMEOUT_S
-) -> Iterator[tuple[str, list[str]]]:
-    """Start smartmixed-serve on a free 127.0.0.1 port; yields (base URL, command)."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-    if not batching:
-        command += ["--max-batch-size", "0"]
-    env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}  # we send no key
+def running_server(repository: Path, *, batching: bool, log_dir: Path) -> Iterator[ServerProcess]:
+    """smartmixed-serve over ``repository``, batching on or off (``--max-batch-size 0``)."""
+    args = ["--log-level", "warning"] + ([] if batching else ["--max-batch-size", "0"])
     log_path = log_dir / f"server-{'on' if batching else 'off'}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        with _client(timeout=2.0) as client:
-            while True:
-                if process.poll() is not None:
-                    raise HttpBenchError(
-                        f"the server exited with status {process.returncode} before it was "
-                        f"ready: {_tail(log_path)}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise HttpBenchError(
-                        f"the server was not ready within {ready_timeout:.0f} s: {_tail(log_path)}"
-                    )
-                time.sleep(0.1)
-        yield url, command
-    finally:
-        stop_process(process)
-
-
-def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _tail(path: Path, chars: int = 1500) -> str:
-    text = path.read_text(errors="replace").strip()
-    return text[-chars:] or "(no output)"
-
-
-@dataclass
-class Target:
-    """One model on one server: what a request looks like and what it must answer."""
-
-    name: str
-    url: str  # .../v2/models/NAME/infer
-    body: bytes
-    n_features: int
-    n_classes: int
-    outputs: list[str]
-    mode: str | None
-    architecture: list[int] | None
-    batching: str
-
-
-def request_body(n_features: int, seed: int) -> bytes:
-    """One V2 JSON request: a seeded row of raw pixels (integers 0..255) as FP32 [1, D]."""
-    row = np.random.default_rng(seed).integers(0, 256, n_features).tolist()
-    body = {"inputs": [{"name": "input", "shape": [1, n_features], "datatype": "FP32",
-                        "data": row}]}  # fmt: skip
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def prepare_target(base: str, name: str, *, seed: int, batching: str | None) -> Target:
-    """Read the model's metadata, build its request body and check that one request works."""
-    try:
-        with _client() as client:
-            return _prepare(client, base, name, seed=seed, batching=batching)
-    except httpx.HTTPError as e:
-        raise HttpBenchError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
-    except ValueError as e:  # a body that is not JSON, or JSON of another shape
-        if isinstance(e, HttpBenchError):
-            raise
-        raise HttpBenchError(f"model {name!r}: unexpected answer from {base} ({e})") from None
-
-
-def _prepare(
-    client: httpx.Client, base: str, name: str, *, seed: int, batching: str | None
-) -> Target:
-    meta = client.get(f"{base}/v2/models/{name}")
-    if meta.status_code != 200:
-        raise HttpBenchError(
-            f"model {name!r}: GET /v2/models/{name} answered {meta.status_code}: {meta.text[:300]}"
-        )
-    info = meta.json()
-    try:
-        n_features = int(info["inputs"][0]["shape"][-1])
-        outputs = [o["name"] for o in info["outputs"]]
-        n_classes = int(info["outputs"][0]["shape"][-1])
-    except (KeyError, IndexError, TypeError):
-        raise HttpBenchError(f"model {name!r}: unexpected metadata {info!r:.300}") from None
-    smartmixed = info.get("smartmixed") or {}
-    if batching is None:  # a server we did not start: its model config says
-        config = client.get(f"{base}/v2/models/{name}/config")
-        batching = "unknown"
-        if config.status_code == 200:
-            batching = "on" if "dynamic_batching" in config.json() else "off"
-    body = request_body(n_features, seed)
-    url = f"{base}/v2/models/{name}/infer"
-    response = client.post(url, content=body, headers={"Content-Type": "application/json"})
-    if response.status_code != 200:
-        raise HttpBenchError(
-            f"model {name!r}: the check request answered {response.status_code}: "
-            f"{response.text[:300]}"
-        )
-    got = {o.get("name"): o.get("shape") for o in response.json().get("outputs", [])}
-    want = {key: [1, n_classes] for key in outputs}
-    if got != want:
-        raise HttpBenchError(
-            f"model {name!r}: the check request returned shapes {got}, expected {want}"
-        )
-    return Target(
-        name=name, url=url, body=body, n_features=n_features, n_classes=n_classes,
-        outputs=outputs, mode=smartmixed.get("mode"), architecture=smartmixed.get("architecture"),
-        batching=batching,
-    )  # fmt: skip
-
-
-_BATCH_ROWS = re.compile(r'^smartmixed_batch_rows_(sum|count)\{model="([^"]*)"\}\s+(\S+)$', re.M)
-
-
-def batch_rows(base: str, model: str) -> tuple[float, float] | None:
-    """(rows, runs) so far from the server's Prometheus histogram; None when unavailable."""
-    try:
-        with _client(timeout=5.0) as client:
-            text = client.get(f"{base}/metrics").text
-    except httpx.HTTPError:
-        return None
-    found = {kind: float(v) for kind, name, v in _BATCH_ROWS.findall(text) if name == model}
-    if "sum" not in found or "count" not in found:
-        return None
-    return found["sum"], found["count"]
-
-
-# --------------------------------------------------------------------------------------------
-# Load generators. Both return the same raw result:
-# {requests, duration_s, latencies p50/p95/p99/mean/max (ms), error_kinds}
-
-
-WRK_SCRIPT = """\
--- written by smartmixed-bench http: POST one V2 JSON body, print the summary as one JSON line
-wrk.method = "POST"
-wrk.body = {body}
-wrk.headers["Content-Type"] = "application/json"
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{marker}{{"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,' ..
-    '"connect":%.0f,"read":%.0f,"write":%.0f,"status":%.0f,"timeout":%.0f,' ..
-    '"p50_us":%.1f,"p95_us":%.1f,"p99_us":%.1f,"mean_us":%.1f,"max_us":%.1f}}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.mean, latency.max))
-end
-"""
-
-
-def lua_long_string(text: str) -> str:
-    """A Lua long-bracket literal holding ``text`` verbatim (no escapes to get wrong)."""
-    level = 0
-    while f"]{'=' * level}]" in text:
-        level += 1
-    eq = "=" * level
-    return f"[{eq}[{text}]{eq}]"
-
-
-def write_wrk_script(directory: Path, body: bytes) -> Path:
-    path = directory / "post.lua"
-    text = body.decode()
-    if "\n" in text[:1]:  # Lua drops a newline right after the opening bracket
-        text = "\n" + text
-    path.write_text(WRK_SCRIPT.format(body=lua_long_string(text), marker=WRK_MARKER))
-    return path
-
-
-def parse_wrk_output(stdout: str) -> dict[str, Any]:
-    """The marker line the Lua done() prints -> the raw result (ms, s)."""
-    for line in stdout.splitlines():
-        if line.startswith(WRK_MARKER):
-            try:
-                data = json.loads(line[len(WRK_MARKER) :])
-            except json.JSONDecodeError as e:
-                raise HttpBenchError(f"wrk printed an unreadable summary ({e}): {line!r}") from None
-            break
-    else:
-        raise HttpBenchError(f"wrk printed no summary line; its output was: {stdout[-1500:]!r}")
-    try:
-        return {
-            "requests": int(data["requests"]),
-            "duration_s": data["duration_us"] / 1e6,
-            "mean_ms": data["mean_us"] / 1e3,
-            "p50_ms": data["p50_us"] / 1e3,
-            "p95_ms": data["p95_us"] / 1e3,
-            "p99_ms": data["p99_us"] / 1e3,
-            "max_ms": data["max_us"] / 1e3,
-            "error_kinds": {k: int(data[k]) for k in ERROR_KINDS},
-        }
-    except KeyError as e:
-        raise HttpBenchError(f"wrk summary lacks {e}: {line!r}") from None
-
-
-def wrk_version() -> str | None:
-    exe = shutil.which("wrk")
-    if exe is None:
-        return None
-    out = subprocess.run([exe, "-v"], capture_output=True, text=True, timeout=10)
-    first = (out.stdout or out.stderr).strip().splitlines()
-    return first[0].split(" Copyright")[0].strip() if first else None
-
-
-def run_wrk(
-    target: Target, *, concurrency: int, duration: int, script: Path | None = None
-) -> dict[str, Any]:
-    assert script is not None, "write_wrk_script first"
-    command = [
-        "wrk", "-t", str(WRK_THREADS), "-c", str(concurrency), "-d", f"{duration}s",
-        "--latency", "--timeout", f"{REQUEST_TIMEOUT_S}s", "-s", str(script), target.url,
-    ]  # fmt: skip
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
-    except subprocess.TimeoutExpired:
-        raise HttpBenchError(f"wrk did not finish within {duration + 60} s") from None
-    if out.returncode != 0:
-        raise HttpBenchError(f"wrk failed ({out.returncode}): {(out.stderr or out.stdout)[-800:]}")
-    return parse_wrk_output(out.stdout)
-
-
-async def _python_load(target: Target, concurrency: int, duration: float) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"Content-Type": "application/json"}
-    latencies: list[float] = []
-    kinds = dict.fromkeys(ERROR_KINDS, 0)
-    async with httpx.AsyncClient(
-        limits=limits, timeout=REQUEST_TIMEOUT_S, trust_env=False, headers=headers
-    ) as client:
-        start = time.perf_counter()
-        deadline = start + duration
-
-        async def worker() -> None:
-            while (t0 := time.perf_counter()) < deadline:
-                try:
-                    response = await client.post(target.url, content=target.body)
-                    await response.aread()
-                except httpx.TimeoutException:
-                    kinds["timeout"] += 1
-                    continue
-                except httpx.ConnectError:
-                    kinds["connect"] += 1
-                    await asyncio.sleep(0.01)  # a refused connection must not spin
-                    continue
-                except httpx.WriteError:
-                    kinds["write"] += 1
-                    continue
-                except httpx.HTTPError:
-                    kinds["read"] += 1
-                    continue
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                if response.status_code >= 400:  # wrk's rule, so both count the same
-                    kinds["status"] += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    if latencies:
-        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]).tolist()
-        mean, peak = float(np.mean(latencies)), float(np.max(latencies))
-    else:
-        p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
-    return {
-        "requests": len(latencies), "duration_s": elapsed, "mean_ms": mean, "p50_ms": p50,
-        "p95_ms": p95, "p99_ms": p99, "max_ms": peak, "error_kinds": kinds,
-    }  # fmt: skip
-
-
-def run_python(
-    target: Target, *, concurrency: int, duration: int, script: Path | None = None
-) -> dict[str, Any]:
-    del script  # the body comes from target; the argument keeps both runners alike
-    return asyncio.run(_python_load(target, concurrency, duration))
+    with start_server(repository, args=args, log_path=log_path) as server:
+        yield server
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,8 +221,8 @@ def _plan(
         if names is None:
             raise HttpBenchError("--url needs --models NAME[,NAME] (the server's model names)")
         try:
-            with _client(timeout=3.0) as client:
-                ready = client.get(f"{base}/v2/health/ready").status_code
+            with http_client(timeout=3.0) as client:
+                ready = client.get(base + HEALTH_READY_PATH).status_code
         except httpx.HTTPError as e:
             raise HttpBenchError(f"--url {url}: not reachable ({type(e).__name__}: {e})") from None
         if ready != 200:
@@ -696,14 +298,14 @@ def measure_http(
             repo_dir = work / "models"
             build_repository(repo_dir, arch=plan.arch, seed=seed, models=names)
         for mode in modes:
-            server = (
-                running_server(repo_dir, batching=mode == "on", log_dir=work)
-                if mode is not None
-                else contextlib.nullcontext((base, None))
-            )
-            with server as (server_url, command):
-                if command is not None:
-                    server_commands.append(command)
+            if mode is None:  # the running server at --url
+                server = contextlib.nullcontext(None)
+            else:
+                server = running_server(repo_dir, batching=mode == "on", log_dir=work)
+            with server as process:
+                server_url = base if process is None else process.url
+                if process is not None:
+                    server_commands.append(process.command)
                 for name in names:
                     target = prepare_target(server_url, name, seed=seed, batching=mode)
                     targets_info[name] = {"mode": target.mode, "architecture": target.architecture,
@@ -865,6 +467,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/http.{json,md,png}, each written atomically."""
-    from smartmixed.bench.train_cost import write_outputs as write
-
-    return write(result, out, "http", render=render_markdown, draw=plot)
+    return common.write_outputs(result, out, "http", render=render_markdown, draw=plot)

@@ -1,0 +1,52 @@
+"""What every bench shares: the machine a result was measured on, and how its files are written.
+
+Torch-free, so that the HTTP and soak benches (which drive a server in another process) load no
+torch to describe the machine or write their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from smartmixed.contract import package_version
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, processor, cores, Python and torch versions (torch read from its install
+    metadata, the same string as ``torch.__version__``, without importing it)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+    }
+
+
+def write_outputs(
+    result: dict[str, Any],
+    out: Path,
+    name: str,
+    *,
+    render: Callable[[dict[str, Any]], str],
+    draw: Callable[[dict[str, Any], Path], None],
+) -> list[Path]:
+    """DIR/NAME.json, .md (``render``), .png (``draw``), each written to a temporary name and
+    renamed into place."""
+    # train.artifacts loads torch (its package imports it); imported here, not at the top, so a
+    # bench that measures without torch loads it only to write its files
+    from smartmixed.train.artifacts import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
+    atomic_write_text(paths[1], render(result))
+    tmp = out / f".{name}.tmp.png"
+    draw(result, tmp)
+    tmp.replace(paths[2])
+    return paths

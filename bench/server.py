@@ -1,0 +1,352 @@
+"""The server under a bench: its models, its process, and what it answers.
+
+- Models: ``build_repository`` writes seeded random-weight networks of an architecture
+  (permuted lowering), ``repository_models`` lists the models of an exported repository.
+- Process: ``start_server`` runs ``smartmixed-serve`` (``python -m smartmixed.serve``) on a free
+  127.0.0.1 port, waits for /v2/health/ready and stops it with SIGTERM (kill after a timeout);
+  tests can use it as well as benches.
+- Answers: ``prepare_target`` reads a model's metadata and checks that one V2 JSON request
+  works; ``batch_rows`` reads the rows-per-run histogram from /metrics with prometheus-client's
+  parser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from smartmixed.bench import BenchError
+from smartmixed.contract import (
+    DEFAULT_POOL,
+    INPUT,
+    META_LOWERING,
+    META_SPEC,
+    MODEL_FILE,
+    PRESETS,
+    ModelSpec,
+)
+
+PAPER_ARCH = list(PRESETS["paper"])
+GENERATED_MODELS = ("mixed", "fixed-relu")
+READY_TIMEOUT_S = 60.0  # startup of a server: imports + loading every model
+STOP_TIMEOUT_S = 15.0  # SIGTERM, then kill
+HEALTH_READY_PATH = "/v2/health/ready"
+BATCH_ROWS_METRIC = "smartmixed_batch_rows"  # histogram of rows per ONNX Runtime run, per model
+LOOPBACK_NAMES = ("localhost",)
+
+
+class ServerError(BenchError):
+    """A server that did not start or answered unexpectedly, or a URL the benches must not
+    target."""
+
+
+def check_url(url: str) -> str:
+    """A base URL http://127.0.0.1:PORT (loopback only: this bench floods what it targets)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ServerError(f"--url {url!r}: expected http://127.0.0.1:PORT")
+    host = parts.hostname
+    try:
+        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ServerError(f"--url {url!r}: only a server on this machine (127.0.0.1) is benched")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ServerError(f"--url {url!r}: bad port") from None
+    if parts.path.strip("/") or parts.query:
+        raise ServerError(f"--url {url!r}: give the server's base URL, without a path")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"http://{netloc}:{port or 80}"
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def build_repository(
+    root: Path, *, arch: Sequence[int], seed: int, models: Sequence[str] = GENERATED_MODELS
+) -> None:
+    """ROOT/{mixed,fixed-relu}/1/model.onnx: seeded random weights, permuted lowering."""
+    import torch
+
+    from smartmixed.export.lower import lower, set_metadata
+    from smartmixed.train.model import MixedMLP
+
+    arch = list(arch)
+    hidden = arch[1:-1]
+    rng = np.random.default_rng(seed)
+    pool = list(DEFAULT_POOL)
+    # uniformly random per neuron: every layer holds all six groups (the fragmented case)
+    mixed = [[pool[i] for i in rng.integers(len(pool), size=w)] for w in hidden]
+    assignments = {
+        "mixed": (pool, "smartmixed", mixed),
+        "fixed-relu": (["relu"], "fixed:relu", [["relu"] * w for w in hidden]),
+    }
+    with torch.random.fork_rng(devices=[]):  # seeded weights, caller's RNG untouched
+        torch.manual_seed(seed)
+        for name in models:
+            pool_, mode, assignment = assignments[name]
+            spec = ModelSpec(
+                arch=arch, pool=pool_, mode=mode, assignment=assignment,
+                preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[arch[0]],
+                labels=[str(i) for i in range(arch[-1])],
+            )  # fmt: skip
+            model = MixedMLP.from_spec(spec)
+            state = {k: v.numpy() for k, v in model.canonical_state_dict().items()}
+            proto = lower(spec, state, lowering="permuted")
+            # the server reads the spec (features, labels, mix) from this metadata
+            set_metadata(proto, {META_SPEC: spec.to_dict(), META_LOWERING: "permuted"})
+            version = root / name / "1"
+            version.mkdir(parents=True, exist_ok=True)
+            (version / MODEL_FILE).write_bytes(proto.SerializeToString())
+
+
+def repository_models(root: Path) -> list[str]:
+    """Model folders of an exported repository (NAME/VERSION/model.onnx)."""
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and any(v.is_dir() and v.name.isdigit() for v in p.iterdir())
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Process
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_client(timeout: float = 10.0) -> httpx.Client:
+    # trust_env=False: a proxy from the environment must never see loopback benchmark traffic
+    return httpx.Client(timeout=timeout, trust_env=False)
+
+
+def server_env() -> dict[str, str]:
+    """The SMARTMIXED_* settings the started servers inherit (the API key left out)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("SMARTMIXED_") and k != "SMARTMIXED_API_KEY"
+    }
+
+
+def server_command(repository: Path, port: int, *args: str) -> list[str]:
+    """The smartmixed-serve command line for ``repository`` on 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
+            "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
+
+
+@dataclass
+class ServerProcess:
+    """A smartmixed-serve subprocess that answered /v2/health/ready."""
+
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen
+    command: list[str]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@contextlib.contextmanager
+def start_server(
+    repository: Path,
+    *,
+    log_path: Path,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    nofile: int | None = None,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> Iterator[ServerProcess]:
+    """Run smartmixed-serve on a free 127.0.0.1 port until the block ends.
+
+    ``args`` are extra CLI flags, ``env`` is laid over this process's environment (less
+    SMARTMIXED_API_KEY: the benches send no key), ``nofile`` sets the child's open-file limit
+    (soft and hard) before exec, as ``ulimit -n`` would. The server's output goes to
+    ``log_path``. Waits for /v2/health/ready (ServerError, with the log's tail, if the process
+    exits first or ``ready_timeout`` passes); stops it with SIGTERM, then kill.
+    """
+    port = free_port()
+    command = server_command(repository, port, *args)
+    child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}
+    child_env |= dict(env or {})
+
+    def set_nofile() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+            start_new_session=True, preexec_fn=set_nofile if nofile else None,
+        )  # fmt: skip
+    server = ServerProcess(
+        url=f"http://127.0.0.1:{port}", process=process, command=command, log_path=log_path
+    )
+    try:
+        wait_ready(server, timeout=ready_timeout)
+        yield server
+    finally:
+        stop_process(process)
+
+
+def wait_ready(server: ServerProcess, *, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll /v2/health/ready every 0.1 s until it answers 200."""
+    deadline = time.monotonic() + timeout
+    with http_client(timeout=2.0) as client:
+        while True:
+            if server.process.poll() is not None:
+                raise ServerError(
+                    f"the server exited with status {server.process.returncode} before it was "
+                    f"ready: {_tail(server.log_path)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(server.url + HEALTH_READY_PATH).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"the server was not ready within {timeout:.0f} s: {_tail(server.log_path)}"
+                )
+            time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    text = path.read_text(errors="replace").strip()
+    return text[-chars:] or "(no output)"
+
+
+@dataclass
+class Target:
+    """One model on one server: what a request looks like and what it must answer."""
+
+    name: str
+    url: str  # .../v2/models/NAME/infer
+    body: bytes
+    n_features: int
+    n_classes: int
+    outputs: list[str]
+    mode: str | None
+    architecture: list[int] | None
+    batching: str
+
+
+def request_body(n_features: int, seed: int) -> bytes:
+    """One V2 JSON request: a seeded row of raw pixels (integers 0..255) as FP32 [1, D]."""
+    row = np.random.default_rng(seed).integers(0, 256, n_features).tolist()
+    body = {"inputs": [{"name": INPUT, "shape": [1, n_features], "datatype": "FP32",
+                        "data": row}]}  # fmt: skip
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def prepare_target(base: str, name: str, *, seed: int, batching: str | None) -> Target:
+    """Read the model's metadata, build its request body and check that one request works."""
+    try:
+        with http_client() as client:
+            return _prepare(client, base, name, seed=seed, batching=batching)
+    except httpx.HTTPError as e:
+        raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
+    except ValueError as e:  # a body that is not JSON, or JSON of another shape
+        if isinstance(e, ServerError):
+            raise
+        raise ServerError(f"model {name!r}: unexpected answer from {base} ({e})") from None
+
+
+def _prepare(
+    client: httpx.Client, base: str, name: str, *, seed: int, batching: str | None
+) -> Target:
+    meta = client.get(f"{base}/v2/models/{name}")
+    if meta.status_code != 200:
+        raise ServerError(
+            f"model {name!r}: GET /v2/models/{name} answered {meta.status_code}: {meta.text[:300]}"
+        )
+    info = meta.json()
+    try:
+        n_features = int(info["inputs"][0]["shape"][-1])
+        outputs = [o["name"] for o in info["outputs"]]
+        n_classes = int(info["outputs"][0]["shape"][-1])
+    except (KeyError, IndexError, TypeError):
+        raise ServerError(f"model {name!r}: unexpected metadata {info!r:.300}") from None
+    smartmixed = info.get("smartmixed") or {}
+    if batching is None:  # a server we did not start: its model config says
+        config = client.get(f"{base}/v2/models/{name}/config")
+        batching = "unknown"
+        if config.status_code == 200:
+            batching = "on" if "dynamic_batching" in config.json() else "off"
+    body = request_body(n_features, seed)
+    url = f"{base}/v2/models/{name}/infer"
+    response = client.post(url, content=body, headers={"Content-Type": "application/json"})
+    if response.status_code != 200:
+        raise ServerError(
+            f"model {name!r}: the check request answered {response.status_code}: "
+            f"{response.text[:300]}"
+        )
+    got = {o.get("name"): o.get("shape") for o in response.json().get("outputs", [])}
+    want = {key: [1, n_classes] for key in outputs}
+    if got != want:
+        raise ServerError(
+            f"model {name!r}: the check request returned shapes {got}, expected {want}"
+        )
+    return Target(
+        name=name, url=url, body=body, n_features=n_features, n_classes=n_classes,
+        outputs=outputs, mode=smartmixed.get("mode"), architecture=smartmixed.get("architecture"),
+        batching=batching,
+    )  # fmt: skip
+
+
+def batch_rows(base: str, model: str) -> tuple[float, float] | None:
+    """(rows, runs) so far from the server's Prometheus histogram; None when unavailable."""
+    try:
+        with http_client(timeout=5.0) as client:
+            text = client.get(f"{base}/metrics").text
+    except httpx.HTTPError:
+        return None
+    found: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name != BATCH_ROWS_METRIC:
+                continue
+            for sample in family.samples:  # _bucket, _sum, _count (and _created) per label set
+                if sample.labels == {"model": model}:
+                    found[sample.name.removeprefix(BATCH_ROWS_METRIC)] = sample.value
+    except ValueError:  # not Prometheus text
+        return None
+    if "_sum" not in found or "_count" not in found:
+        return None
+    return found["_sum"], found["_count"]

@@ -1,0 +1,268 @@
+"""smartmixed.contract: what the stages must agree on, written once (issue H, item 1).
+
+Tensor names, artifact file names, the ONNX metadata keys export writes and serve reads, the
+model spec (model.json) with its validation, the architecture presets, the activation pool's
+names and the constants that fix each activation's function (train/pool.py evaluates them with
+torch, export/lower.py writes them into ONNX nodes), and the package-version record.
+
+Imports only the standard library: serve/ reads it without torch, train/ or export/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import metadata
+from typing import Any
+
+# --------------------------------------------------------------------------------------------
+# Tensors of model.onnx: input "input" float32 [N, D] raw features; outputs [N, C]
+
+INPUT, LOGITS, PROBABILITIES = "input", "logits", "probabilities"
+OUTPUTS = (LOGITS, PROBABILITIES)
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+MODEL_WEIGHTS = "model.safetensors"  # runs/NAME/: the weights
+MODEL_SPEC = "model.json"  # runs/NAME/: ModelSpec.to_json()
+HISTORY = "history.jsonl"  # runs/NAME/: one line per epoch
+MODEL_FILE = "model.onnx"  # models/NAME/VERSION/
+REPORT_FILE = "export.json"  # models/NAME/VERSION/: the verification report
+CONFIG_FILE = "config.pbtxt"  # models/NAME/: Triton's ModelConfig, protobuf text format
+PLATFORM = "onnxruntime_onnx"  # config.pbtxt's platform (Triton's name for ONNX Runtime)
+
+# --------------------------------------------------------------------------------------------
+# metadata_props of model.onnx: export writes them (strings as they are, the rest as JSON),
+# serve reads every key under the prefix
+
+METADATA_PREFIX = "smartmixed."
+META_SPEC = METADATA_PREFIX + "spec"  # ModelSpec.to_dict()
+META_LOWERING = METADATA_PREFIX + "lowering"
+META_PRECISION = METADATA_PREFIX + "precision"  # one of PRECISIONS; absent: DEFAULT_PRECISION
+META_VERIFICATION = METADATA_PREFIX + "verification"
+META_SELECTION = METADATA_PREFIX + "selection"
+META_RUN = METADATA_PREFIX + "run"
+META_VERSIONS = METADATA_PREFIX + "versions"
+META_QUANTIZATION = METADATA_PREFIX + "quantization"  # int8 entries only
+
+PRECISIONS = ("fp32", "int8")
+DEFAULT_PRECISION = "fp32"  # entries exported before int8 (issue G) carry no META_PRECISION
+
+# --------------------------------------------------------------------------------------------
+# The activation pool: one name per activation, used everywhere (CLI, JSON, ONNX metadata)
+
+# The paper's pool, in the paper's order (the order fixes the logit index of each activation).
+DEFAULT_POOL: tuple[str, ...] = ("relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu")
+# Extras, selectable with --pool.
+EXTRA_ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "softplus", "mish", "softsign", "identity")
+ACTIVATION_NAMES: tuple[str, ...] = DEFAULT_POOL + EXTRA_ACTIVATIONS
+
+LEAKY_RELU_SLOPE = 0.01
+ELU_ALPHA = 1.0
+# SELU constants (Klambauer et al. 2017), the ones torch.nn.functional.selu uses.
+SELU_ALPHA = 1.6732632423543772
+SELU_SCALE = 1.0507009873554805
+SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(z) = z above it
+
+
+class PoolError(ValueError):
+    """An activation name or pool that is not valid."""
+
+
+def check_activation_name(name: str) -> str:
+    if name not in ACTIVATION_NAMES:
+        raise PoolError(
+            f"unknown activation {name!r}; expected one of: {', '.join(ACTIVATION_NAMES)}"
+        )
+    return name
+
+
+def parse_pool(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Parse a pool given as 'relu,tanh,...' (or a sequence of names); None gives the default."""
+    if text is None:
+        return DEFAULT_POOL
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    if not names:
+        raise PoolError("the activation pool is empty")
+    for name in names:
+        check_activation_name(name)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PoolError(f"activation pool lists {', '.join(duplicates)} more than once")
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+
+# Paper Table 1, in its row order. "paper" is row 11, the architecture of the paper's Table 3.
+TABLE1: tuple[tuple[int, ...], ...] = (
+    (784, 512, 10),
+    (784, 512, 256, 128, 10),
+    (784, 512, 256, 128, 64, 10),
+    (784, 512, 256, 256, 128, 10),
+    (784, 256, 128, 10),
+    (784, 768, 10),
+    (784, 768, 512, 10),
+    (784, 768, 512, 512, 10),
+    (784, 768, 512, 512, 256, 10),
+    (784, 768, 512, 512, 256, 256, 10),
+    (784, 768, 512, 512, 256, 256, 128, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 10),
+    (784, 768, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32, 16, 16, 10),
+)
+PRESETS: dict[str, tuple[int, ...]] = {f"table1-{i}": arch for i, arch in enumerate(TABLE1, 1)}
+PRESETS["paper"] = TABLE1[10]
+
+
+class SpecError(ValueError):
+    """A model spec, architecture or checkpoint that does not fit together."""
+
+
+def parse_arch(text: str | Sequence[int]) -> list[int]:
+    """'784,256,10' -> [784, 256, 10]; at least one hidden layer, every width >= 1."""
+    try:
+        arch = (
+            [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
+        )
+    except ValueError:
+        raise SpecError(
+            f"architecture {text!r} is not a comma-separated list of integers"
+        ) from None
+    if len(arch) < 3:
+        raise SpecError(
+            f"architecture {arch} needs an input width, at least one hidden layer and an output "
+            f"width (got {len(arch)} numbers, expected >= 3)"
+        )
+    if any(w < 1 for w in arch):
+        raise SpecError(f"architecture {arch} has a width < 1")
+    if arch[-1] < 2:
+        raise SpecError(f"architecture {arch} must end in >= 2 classes")
+    return arch
+
+
+def resolve_preset(name: str) -> list[int]:
+    try:
+        return list(PRESETS[name])
+    except KeyError:
+        raise SpecError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The model spec (model.json; inside model.onnx as META_SPEC)
+
+SPEC_FORMAT = "smartmixed.model/1"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a trained network from its weights (model.json).
+
+    ``assignment[l][j]`` is the activation name of neuron j (in neuron order) of hidden layer l.
+    Preprocessing maps raw features x to (x - offset) * scale; offset and scale are scalars or
+    one value per feature.
+    """
+
+    arch: list[int]
+    pool: list[str]
+    mode: str
+    assignment: list[list[str]]
+    preprocessing: dict[str, Any]
+    input_shape: list[int]
+    labels: list[str]
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    format: str = SPEC_FORMAT
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def hidden_widths(self) -> list[int]:
+        return self.arch[1:-1]
+
+    def activation_counts(self) -> list[dict[str, int]]:
+        """Per hidden layer: {activation: neuron count} for every pool entry (zeros included)."""
+        return [{name: layer.count(name) for name in self.pool} for layer in self.assignment]
+
+    def validate(self) -> None:
+        if self.format != SPEC_FORMAT:
+            raise SpecError(f"spec field 'format': expected {SPEC_FORMAT!r}, got {self.format!r}")
+        self.arch = parse_arch(self.arch)
+        try:
+            self.pool = list(parse_pool(self.pool))
+        except PoolError as e:
+            raise SpecError(f"spec field 'pool': {e}") from None
+        hidden = self.hidden_widths
+        if len(self.assignment) != len(hidden):
+            raise SpecError(
+                f"spec field 'assignment': expected {len(hidden)} hidden layers, "
+                f"got {len(self.assignment)}"
+            )
+        for layer, (names, width) in enumerate(zip(self.assignment, hidden, strict=True)):
+            if len(names) != width:
+                raise SpecError(
+                    f"spec field 'assignment[{layer}]': expected {width} neurons, got {len(names)}"
+                )
+            unknown = sorted(set(names) - set(self.pool))
+            if unknown:
+                raise SpecError(
+                    f"spec field 'assignment[{layer}]': activation(s) {', '.join(unknown)} "
+                    f"not in the pool {self.pool}"
+                )
+        if len(self.labels) != self.arch[-1]:
+            raise SpecError(
+                f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
+            )
+        for key in ("offset", "scale"):
+            value = self.preprocessing.get(key)
+            ok = isinstance(value, int | float) or (
+                isinstance(value, list) and len(value) == self.arch[0]
+            )
+            if not ok:
+                raise SpecError(
+                    f"spec field 'preprocessing.{key}': expected a number or a list of "
+                    f"{self.arch[0]} numbers, got {type(value).__name__}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict):
+            raise SpecError(f"model spec: expected a JSON object, got {type(data).__name__}")
+        required = [f.name for f in fields(cls) if f.default is f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise SpecError(f"model spec: missing field(s) {', '.join(missing)}")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# Package versions (recorded in model.json, export.json, and shown by the server)
+
+
+def package_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "unknown"."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    return {name: package_version(name) for name in names}
