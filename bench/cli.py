@@ -51,19 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--arch", default=None, help="layer widths (default: the paper's)")
     source = lat.add_mutually_exclusive_group()
     source.add_argument(
-        "--run", type=Path, default=None,
+        "--run",
+        type=Path,
+        default=None,
         help="runs/NAME: time that trained network (its arch, assignment and weights)",
-    )  # fmt: skip
+    )
     source.add_argument(
-        "--mix", default=None,
+        "--mix",
+        default=None,
         help="random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
         "(default: uniform over the six default activations)",
-    )  # fmt: skip
+    )
     lat.add_argument("--batches", default="1,32,256", help="batch sizes (default 1,32,256)")
     lat.add_argument("--threads", default="1,2", help="ORT intra-op / torch threads (default 1,2)")
     lat.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
-    lat.add_argument("--repeats", type=int, default=30,
-                     help="timed runs per model per round (default 30)")  # fmt: skip
+    lat.add_argument(
+        "--repeats", type=int, default=30, help="timed runs per model per round (default 30)"
+    )
     lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
     lat.add_argument("--quiet", action="store_true")
 
@@ -75,21 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
         "fixed and mixed models, batching on and off; writes DIR/http.{json,md,png}.",
     )
     web.add_argument("--out", type=Path, required=True, help="output folder")
-    web.add_argument("--arch", default=None,
-                     help="layer widths of the built models (default: the paper's)")  # fmt: skip
-    web.add_argument("--repository", type=Path, default=None,
-                     help="bench these exported models instead of building two")  # fmt: skip
-    web.add_argument("--models", default=None,
-                     help="model names (default: mixed,fixed-relu, or all in --repository)")  # fmt: skip
-    web.add_argument("--url", default=None,
-                     help="http://127.0.0.1:PORT of a running server (none is started)")  # fmt: skip
+    web.add_argument(
+        "--arch", default=None, help="layer widths of the built models (default: the paper's)"
+    )
+    web.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="bench these exported models instead of building two",
+    )
+    web.add_argument(
+        "--models",
+        default=None,
+        help="model names (default: mixed,fixed-relu, or all in --repository)",
+    )
+    web.add_argument(
+        "--url", default=None, help="http://127.0.0.1:PORT of a running server (none is started)"
+    )
     web.add_argument("--concurrency", default="1,8,64", help="connections (default 1,8,64)")
     web.add_argument("--duration", type=int, default=5, help="seconds per point (default 5)")
-    web.add_argument("--warmup", type=int, default=1,
-                     help="unrecorded seconds per server and model first (default 1)")  # fmt: skip
+    web.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unrecorded seconds per server and model first (default 1)",
+    )
     web.add_argument("--batching", default=None, help="on,off (default both; not with --url)")
-    web.add_argument("--load-generator", default="auto", choices=["auto", "wrk", "python"],
-                     help="auto: wrk when installed, else Python (asyncio + httpx)")  # fmt: skip
+    web.add_argument(
+        "--load-generator",
+        default="auto",
+        choices=["auto", "wrk", "python"],
+        help="auto: wrk when installed, else Python (asyncio + httpx)",
+    )
     web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
     web.add_argument("--quiet", action="store_true")
 
@@ -105,32 +126,55 @@ def build_parser() -> argparse.ArgumentParser:
         "with the defaults. Targets are reported, never asserted.",
     )
     so.add_argument("--out", type=Path, required=True, help="output folder")
-    so.add_argument("--scenarios", default="soak,overload,slow,header,sigterm",
-                    help="which to run (default all: soak,overload,slow,header,sigterm)")  # fmt: skip
-    so.add_argument("--arch", default=None,
-                    help="layer widths of the built model (default: the paper's)")  # fmt: skip
-    so.add_argument("--repository", type=Path, default=None,
-                    help="serve this exported repository instead of building a model")  # fmt: skip
-    so.add_argument("--model", default=None,
-                    help="model to send requests to (default: mixed, or the first in "
-                    "--repository; required with --url)")  # fmt: skip
-    so.add_argument("--url", default=None,
-                    help="http://127.0.0.1:PORT of a running server (none is started; "
-                    "sigterm is skipped)")  # fmt: skip
-    so.add_argument("--pid", type=int, default=None,
-                    help="with --url: the server's PID, for its RSS and open-file limit")  # fmt: skip
-    so.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment of the started servers, e.g. "
-                    "SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable")  # fmt: skip
+    so.add_argument(
+        "--scenarios",
+        default="soak,overload,slow,header,sigterm",
+        help="which to run (default all: soak,overload,slow,header,sigterm)",
+    )
+    so.add_argument(
+        "--arch", default=None, help="layer widths of the built model (default: the paper's)"
+    )
+    so.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="serve this exported repository instead of building a model",
+    )
+    so.add_argument(
+        "--model",
+        default=None,
+        help="model to send requests to (default: mixed, or the first in "
+        "--repository; required with --url)",
+    )
+    so.add_argument(
+        "--url",
+        default=None,
+        help="http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)",
+    )
+    so.add_argument(
+        "--pid",
+        type=int,
+        default=None,
+        help="with --url: the server's PID, for its RSS and open-file limit",
+    )
+    so.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the started servers, e.g. SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable",
+    )
     defaults = SoakOptions()
     flags = {
         "soak_duration_s": ("--soak-duration", int, "soak: seconds"),
         "soak_concurrency": ("--soak-concurrency", int, "soak: connections"),
         "overload_duration_s": ("--overload-duration", int, "overload: seconds"),
         "overload_concurrency": ("--overload-concurrency", int, "overload: connections"),
-        "client_timeout_s": ("--client-timeout", float,
-                             "soak, overload, sigterm: a request slower than this is a client "
-                             "timeout"),
+        "client_timeout_s": (
+            "--client-timeout",
+            float,
+            "soak, overload, sigterm: a request slower than this is a client timeout",
+        ),
         "slow_clients": ("--slow-clients", int, "slow: header-dribbling clients"),
         "slow_duration_s": ("--slow-duration", float, "slow: seconds"),
         "slow_interval_s": ("--slow-interval", float, "slow: seconds between header lines"),
@@ -140,13 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
         "sigterm_concurrency": ("--sigterm-concurrency", int, "sigterm: connections"),
         "sigterm_after_s": ("--sigterm-after", float, "sigterm: seconds of load before SIGTERM"),
         "drain_limit_s": ("--drain-limit", float, "sigterm: kill the server after this many s"),
-        "probe_interval_ms": ("--probe-interval-ms", float,
-                              "health probe period (a new connection each)"),
-    }  # fmt: skip
+        "probe_interval_ms": (
+            "--probe-interval-ms",
+            float,
+            "health probe period (a new connection each)",
+        ),
+    }
     for name, (flag, kind, text) in flags.items():
-        so.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name),
-                        metavar=flag.rsplit("-", 1)[-1].upper(),
-                        help=f"{text} (default {getattr(defaults, name):g})")  # fmt: skip
+        so.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=getattr(defaults, name),
+            metavar=flag.rsplit("-", 1)[-1].upper(),
+            help=f"{text} (default {getattr(defaults, name):g})",
+        )
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
     so.add_argument("--quiet", action="store_true")
 
@@ -164,24 +216,46 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", type=Path, required=True, help="study folder")
     st.add_argument("--data", default="mnist", help="smartmixed-train --data (default mnist)")
     st.add_argument("--data-dir", type=Path, default=None, help="smartmixed-train --data-dir")
-    st.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                    help="activations (fixed baselines) and smartmixed (default: all seven)")  # fmt: skip
-    st.add_argument("--variant", action="append", default=[], metavar="LABEL='FLAGS'",
-                    help="an extra model LABEL whose cells get FLAGS, e.g. "
-                    "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
-                    "set it); repeatable")  # fmt: skip
-    st.add_argument("--archs", default=DEFAULT_ARCHS,
-                    help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
-                    "'paper;table1-5;64,32,10' (default paper)")  # fmt: skip
-    st.add_argument("--seeds", default=str(DEFAULT_SEEDS),
-                    help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)")  # fmt: skip
-    st.add_argument("--jobs", type=int, default=1,
-                    help="cells trained in parallel, CPU threads split between them")  # fmt: skip
+    st.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="activations (fixed baselines) and smartmixed (default: all seven)",
+    )
+    st.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL='FLAGS'",
+        help="an extra model LABEL whose cells get FLAGS, e.g. "
+        "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
+        "set it); repeatable",
+    )
+    st.add_argument(
+        "--archs",
+        default=DEFAULT_ARCHS,
+        help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
+        "'paper;table1-5;64,32,10' (default paper)",
+    )
+    st.add_argument(
+        "--seeds",
+        default=str(DEFAULT_SEEDS),
+        help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)",
+    )
+    st.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained in parallel, CPU threads split between them",
+    )
     mode = st.add_mutually_exclusive_group()
-    mode.add_argument("--plan", action="store_true",
-                      help="print every cell's command (for a scheduler) and train nothing")  # fmt: skip
-    mode.add_argument("--collect", action="store_true",
-                      help="aggregate the complete cells and train nothing")  # fmt: skip
+    mode.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every cell's command (for a scheduler) and train nothing",
+    )
+    mode.add_argument(
+        "--collect", action="store_true", help="aggregate the complete cells and train nothing"
+    )
     st.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -199,10 +273,16 @@ def _latency(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise LatencyError(f"--out {args.out} exists and is not a folder")
         result = measure_latency(
-            arch=args.arch, run=args.run, mix=args.mix, batches=args.batches,
-            threads=args.threads, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
+            arch=args.arch,
+            run=args.run,
+            mix=args.mix,
+            batches=args.batches,
+            threads=args.threads,
+            rounds=args.rounds,
+            repeats=args.repeats,
+            seed=args.seed,
             progress=not args.quiet,
-        )  # fmt: skip
+        )
     except (BenchError, SpecError, ArtifactError) as e:  # bad options: no traceback
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
@@ -224,11 +304,18 @@ def _http(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise HttpBenchError(f"--out {args.out} exists and is not a folder")
         result = measure_http(
-            arch=args.arch, repository=args.repository, models=args.models, url=args.url,
-            concurrency=args.concurrency, duration=args.duration, warmup=args.warmup,
-            batching=args.batching, load_generator=args.load_generator, seed=args.seed,
+            arch=args.arch,
+            repository=args.repository,
+            models=args.models,
+            url=args.url,
+            concurrency=args.concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            batching=args.batching,
+            load_generator=args.load_generator,
+            seed=args.seed,
             progress=not args.quiet,
-        )  # fmt: skip
+        )
     except BenchError as e:  # bad options, or a server / wrk that failed: no traceback
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
@@ -246,10 +333,17 @@ def _soak(args: argparse.Namespace) -> int:
             raise BenchError(f"--out {args.out} exists and is not a folder")
         options = SoakOptions(**{f.name: getattr(args, f.name) for f in fields(SoakOptions)})
         result = measure_soak(
-            scenarios=args.scenarios, url=args.url, pid=args.pid, repository=args.repository,
-            model=args.model, arch=args.arch, server_env=args.server_env, options=options,
-            seed=args.seed, progress=not args.quiet,
-        )  # fmt: skip
+            scenarios=args.scenarios,
+            url=args.url,
+            pid=args.pid,
+            repository=args.repository,
+            model=args.model,
+            arch=args.arch,
+            server_env=args.server_env,
+            options=options,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     except BenchError as e:  # bad options: no traceback (failed scenarios are in the result)
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
@@ -262,17 +356,28 @@ def _soak(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     try:
         outcome = run_study(
-            out=args.out, data=args.data, data_dir=args.data_dir, models=args.models,
-            variants=args.variant, archs=args.archs, seeds=args.seeds, jobs=args.jobs,
-            train_args=train_args, plan=args.plan, collect=args.collect,
+            out=args.out,
+            data=args.data,
+            data_dir=args.data_dir,
+            models=args.models,
+            variants=args.variant,
+            archs=args.archs,
+            seeds=args.seeds,
+            jobs=args.jobs,
+            train_args=train_args,
+            plan=args.plan,
+            collect=args.collect,
             progress=not args.quiet,
-        )  # fmt: skip
+        )
     except BenchError as e:
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nsmartmixed-bench: interrupted; the same command continues the study (complete "
-              "cells are skipped, killed ones resumed)", file=sys.stderr)  # fmt: skip
+        print(
+            "\nsmartmixed-bench: interrupted; the same command continues the study (complete "
+            "cells are skipped, killed ones resumed)",
+            file=sys.stderr,
+        )
         return 130
     if args.plan:
         print("\n".join(shlex.join(command) for command in outcome["commands"]))
@@ -280,13 +385,17 @@ def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     if outcome["study"] is not None:
         print(render_markdown(outcome["study"]))
         print("wrote " + ", ".join(str(p) for p in outcome["paths"]))
-    print(f"trained {outcome['trained']} cell(s), {outcome['skipped']} already complete, "
-          f"{len(outcome['failed'])} failed")  # fmt: skip
+    print(
+        f"trained {outcome['trained']} cell(s), {outcome['skipped']} already complete, "
+        f"{len(outcome['failed'])} failed"
+    )
     for failure in outcome["failed"]:
         print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
     if outcome["study"] is None:
-        print(f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",
+            file=sys.stderr,
+        )
     return 1 if outcome["failed"] or outcome["study"] is None else 0
 
 
@@ -318,15 +427,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smartmixed-bench: error: {e}", file=sys.stderr)
             return 2
         if min(args.batch_size, args.rounds, args.steps) < 1 or args.warmup < 0:
-            print("smartmixed-bench: error: --batch-size, --rounds, --steps must be >= 1",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "smartmixed-bench: error: --batch-size, --rounds, --steps must be >= 1",
+                file=sys.stderr,
+            )
             return 2
         if args.threads:
             torch.set_num_threads(args.threads)
         result = measure_train_cost(
-            arch=arch, batch_size=args.batch_size, rounds=args.rounds,
-            steps_per_round=args.steps, warmup_steps=args.warmup, progress=not args.quiet,
-        )  # fmt: skip
+            arch=arch,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            steps_per_round=args.steps,
+            warmup_steps=args.warmup,
+            progress=not args.quiet,
+        )
         paths = write_outputs(result, args.out)
         print(render_markdown(result))
         print("wrote " + ", ".join(str(p) for p in paths))

@@ -85,20 +85,48 @@ DEFAULT_WARMUP_S = 1
 BATCHING_MODES = ("on", "off")
 SETTLE_S = 0.25  # pause before each point: the server drains what the last run left queued
 RECORD_KEYS = (
-    "model", "mode", "batching", "concurrency", "duration_s", "requests", "rps",
-    "samples_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms", "errors",
-    "error_kinds", "mean_batch_rows",
-)  # fmt: skip
+    "model",
+    "mode",
+    "batching",
+    "concurrency",
+    "duration_s",
+    "requests",
+    "rps",
+    "samples_per_s",
+    "mean_ms",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "errors",
+    "error_kinds",
+    "mean_batch_rows",
+)
 # Targets on the SmartMixed model's records (2 cores, wrk, single-sample V2 JSON requests).
 TARGETS: dict[str, dict[str, Any]] = {
-    "p50_ms_concurrency_1": {"limit": 1.5, "op": "<=", "concurrency": 1, "batching": "on",
-                             "metric": "p50_ms"},
-    "rps_concurrency_64_batching_on": {"limit": 1500.0, "op": ">=", "concurrency": 64,
-                                       "batching": "on", "metric": "rps"},
-    "p99_ms_concurrency_64_batching_on": {"limit": 100.0, "op": "<=", "concurrency": 64,
-                                          "batching": "on", "metric": "p99_ms"},
+    "p50_ms_concurrency_1": {
+        "limit": 1.5,
+        "op": "<=",
+        "concurrency": 1,
+        "batching": "on",
+        "metric": "p50_ms",
+    },
+    "rps_concurrency_64_batching_on": {
+        "limit": 1500.0,
+        "op": ">=",
+        "concurrency": 64,
+        "batching": "on",
+        "metric": "rps",
+    },
+    "p99_ms_concurrency_64_batching_on": {
+        "limit": 100.0,
+        "op": "<=",
+        "concurrency": 64,
+        "batching": "on",
+        "metric": "p99_ms",
+    },
     "errors": {"limit": 0, "op": "<=", "metric": "errors"},
-}  # fmt: skip
+}
 
 
 class HttpBenchError(BenchError):
@@ -148,13 +176,23 @@ def _record(target: Target, concurrency: int, raw: dict[str, Any], rows: float |
     ok = max(raw["requests"] - raw["error_kinds"]["status"], 0)
     rps = ok / raw["duration_s"] if raw["duration_s"] > 0 else 0.0
     record = {
-        "model": target.name, "mode": target.mode, "batching": target.batching,
-        "concurrency": concurrency, "duration_s": round(raw["duration_s"], 3),
-        "requests": raw["requests"], "rps": rps, "samples_per_s": rps * 1,  # 1 row per request
-        "mean_ms": raw["mean_ms"], "p50_ms": raw["p50_ms"], "p95_ms": raw["p95_ms"],
-        "p99_ms": raw["p99_ms"], "max_ms": raw["max_ms"], "errors": errors,
-        "error_kinds": raw["error_kinds"], "mean_batch_rows": rows,
-    }  # fmt: skip
+        "model": target.name,
+        "mode": target.mode,
+        "batching": target.batching,
+        "concurrency": concurrency,
+        "duration_s": round(raw["duration_s"], 3),
+        "requests": raw["requests"],
+        "rps": rps,
+        "samples_per_s": rps * 1,  # 1 row per request
+        "mean_ms": raw["mean_ms"],
+        "p50_ms": raw["p50_ms"],
+        "p95_ms": raw["p95_ms"],
+        "p99_ms": raw["p99_ms"],
+        "max_ms": raw["max_ms"],
+        "errors": errors,
+        "error_kinds": raw["error_kinds"],
+        "mean_batch_rows": rows,
+    }
     return {k: record[k] for k in RECORD_KEYS}
 
 
@@ -169,10 +207,11 @@ def evaluate_targets(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     met: dict[str, bool | None] = {}
     for key, t in TARGETS.items():
         points = [
-            r for r in mixed
+            r
+            for r in mixed
             if r["concurrency"] == t.get("concurrency", r["concurrency"])
             and r["batching"] == t.get("batching", r["batching"])
-        ]  # fmt: skip
+        ]
         if key == "errors":
             points = list(records)  # every model, every point
         if not points:
@@ -212,11 +251,15 @@ def _plan(
         raise HttpBenchError(f"--arch: {e}") from None
     if url is not None:
         if repository is not None or arch is not None:
-            raise HttpBenchError("--url targets a running server: --repository and --arch "
-                                 "belong to the server, not the bench")  # fmt: skip
+            raise HttpBenchError(
+                "--url targets a running server: --repository and --arch "
+                "belong to the server, not the bench"
+            )
         if batching is not None:
-            raise HttpBenchError("--url: batching is the running server's setting; leave "
-                                 "--batching out (it is read from the model config)")  # fmt: skip
+            raise HttpBenchError(
+                "--url: batching is the running server's setting; leave "
+                "--batching out (it is read from the model config)"
+            )
         base = check_url(url)
         if names is None:
             raise HttpBenchError("--url needs --models NAME[,NAME] (the server's model names)")
@@ -241,9 +284,11 @@ def _plan(
         names = names or present
         missing = [n for n in names if n not in present]
         if missing or not names:
-            raise HttpBenchError(f"--repository {repository}: no model(s) "
-                                 f"{', '.join(missing) or '(none)'}; it holds "
-                                 f"{', '.join(present) or 'nothing'}")  # fmt: skip
+            raise HttpBenchError(
+                f"--repository {repository}: no model(s) "
+                f"{', '.join(missing) or '(none)'}; it holds "
+                f"{', '.join(present) or 'nothing'}"
+            )
         return Plan(source="repository", models=names, modes=modes, repository=repository)
     names = names or list(GENERATED_MODELS)
     unknown = [n for n in names if n not in GENERATED_MODELS]
@@ -308,9 +353,12 @@ def measure_http(
                     server_commands.append(process.command)
                 for name in names:
                     target = prepare_target(server_url, name, seed=seed, batching=mode)
-                    targets_info[name] = {"mode": target.mode, "architecture": target.architecture,
-                                          "n_features": target.n_features,
-                                          "request_bytes": len(target.body)}  # fmt: skip
+                    targets_info[name] = {
+                        "mode": target.mode,
+                        "architecture": target.architecture,
+                        "n_features": target.n_features,
+                        "request_bytes": len(target.body),
+                    }
                     script = write_wrk_script(work, target.body) if generator == WRK else None
                     if warmup:  # not recorded: arenas, batcher, connection pools
                         run(target, concurrency=max(levels), duration=warmup, script=script)
@@ -416,8 +464,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 f"{r['errors']} | {_fmt(r['mean_batch_rows'], 1)} |"
             )
         lines.append("")
-    lines += ["## Targets (SmartMixed model)", "", "| target | limit | measured | met |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Targets (SmartMixed model)",
+        "",
+        "| target | limit | measured | met |",
+        "|---|---|---|---|",
+    ]
     for key, t in result["targets"].items():
         value, ok = result["target_values"].get(key), result["meets_targets"].get(key)
         lines.append(
@@ -458,8 +510,9 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     ax_p99.set_ylabel("p99 latency (ms)")
     ax_p99.set_yscale("log")
     ax_rps.legend(fontsize=8)
-    fig.suptitle(f"smartmixed-serve, single-sample V2 JSON, load: {result['load_generator']}",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"smartmixed-serve, single-sample V2 JSON, load: {result['load_generator']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,9 +81,18 @@ INT8_TARGET_CELLS: dict[str, tuple[int, int, float]] = {
 TARGETS = {key: limit for key, (_, _, limit) in {**TARGET_CELLS, **INT8_TARGET_CELLS}.items()}
 INT8 = "+int8"  # lowering suffix of a dynamically quantized graph (export.quantize.quantize_int8)
 RECORD_KEYS = (
-    "model", "runtime", "lowering", "batch", "threads", "p50_ms", "p95_ms", "p99_ms",
-    "samples_per_s", "ratio_vs_relu", "ratio_vs_ideal",
-)  # fmt: skip
+    "model",
+    "runtime",
+    "lowering",
+    "batch",
+    "threads",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "samples_per_s",
+    "ratio_vs_relu",
+    "ratio_vs_ideal",
+)
 ORT, TORCH = "onnxruntime", "torch"
 FIXED, EAGER, AUTO, MIXED = "fixed", "eager", "auto", "mixed"
 FIXED_RELU = "relu"
@@ -178,16 +187,24 @@ def _spec(
     mode = f"fixed:{pool[0]}" if len(pool) == 1 else "smartmixed"
     if template is None:
         return ModelSpec(
-            arch=arch, pool=pool, mode=mode, assignment=assignment,
-            preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[arch[0]],
+            arch=arch,
+            pool=pool,
+            mode=mode,
+            assignment=assignment,
+            preprocessing={"offset": 0.0, "scale": 1 / 255},
+            input_shape=[arch[0]],
             labels=[str(i) for i in range(arch[-1])],
-        )  # fmt: skip
+        )
     # fixed networks of a trained run share its preprocessing, input shape and labels
     return ModelSpec(
-        arch=arch, pool=pool, mode=mode, assignment=assignment,
-        preprocessing=template.preprocessing, input_shape=template.input_shape,
+        arch=arch,
+        pool=pool,
+        mode=mode,
+        assignment=assignment,
+        preprocessing=template.preprocessing,
+        input_shape=template.input_shape,
         labels=template.labels,
-    )  # fmt: skip
+    )
 
 
 def _mixed_network(
@@ -267,8 +284,10 @@ def measure_latency(
     batches = parse_positive_ints(batches, "batch sizes")
     threads = parse_positive_ints(threads, "thread counts")
     if rounds < 1 or repeats < 1 or rounds * repeats < 2:
-        raise LatencyError(f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
-                           f"percentiles (got {rounds} x {repeats})")  # fmt: skip
+        raise LatencyError(
+            f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
+            f"percentiles (got {rounds} x {repeats})"
+        )
     # Seeded random weights, without touching the caller's torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -304,11 +323,16 @@ def measure_latency(
     for t in threads:
         for precision, suffix in (("fp32", ""), ("int8", INT8)):
             timings = time_lowerings(
-                {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS}, arch[0], threads=t,
+                {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS},
+                arch[0],
+                threads=t,
                 seed=seed,
-            )  # fmt: skip
-            auto[precision][t] = {**pick_lowering(timings)[1], "threads": t,
-                                  "batches": list(AUTO_BATCHES)}  # fmt: skip
+            )
+            auto[precision][t] = {
+                **pick_lowering(timings)[1],
+                "threads": t,
+                "batches": list(AUTO_BATCHES),
+            }
 
     rng = np.random.default_rng(seed)
     inputs = {b: rng.integers(0, 256, (b, arch[0])).astype(np.float32) for b in batches}
@@ -407,8 +431,12 @@ def _find(
 ) -> dict[str, Any]:
     for r in records:
         if (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"]) == (
-            model, runtime, lowering, batch, threads,
-        ):  # fmt: skip
+            model,
+            runtime,
+            lowering,
+            batch,
+            threads,
+        ):
             return r
     raise KeyError((model, runtime, lowering, batch, threads))
 
@@ -439,15 +467,23 @@ def _records(
             rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
             for model, runtime, lowering, s in rows:
                 relu = ort_relu if runtime == ORT else torch_relu
-                records.append({
-                    "model": model, "runtime": runtime, "lowering": lowering, "batch": b,
-                    "threads": t, "p50_ms": s["p50_ms"], "p95_ms": s["p95_ms"],
-                    "p99_ms": s["p99_ms"], "samples_per_s": b * 1e3 / s["p50_ms"],
-                    "ratio_vs_relu": s["p50_ms"] / relu,
-                    "ratio_vs_ideal": s["p50_ms"] / ideal
-                    if model == MIXED and runtime == ORT and not lowering.endswith(INT8)
-                    else None,
-                })  # fmt: skip
+                records.append(
+                    {
+                        "model": model,
+                        "runtime": runtime,
+                        "lowering": lowering,
+                        "batch": b,
+                        "threads": t,
+                        "p50_ms": s["p50_ms"],
+                        "p95_ms": s["p95_ms"],
+                        "p99_ms": s["p99_ms"],
+                        "samples_per_s": b * 1e3 / s["p50_ms"],
+                        "ratio_vs_relu": s["p50_ms"] / relu,
+                        "ratio_vs_ideal": s["p50_ms"] / ideal
+                        if model == MIXED and runtime == ORT and not lowering.endswith(INT8)
+                        else None,
+                    }
+                )
     return records
 
 
@@ -513,11 +549,16 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     for lw in (*LOWERINGS, AUTO):
         label = f"mixed {lw}" + (f" (= {picked(auto)})" if lw == AUTO else "")
         lines.append(row(label, (cell(MIXED, ORT, lw, b, t) for b, t in cols)))
-    lines.append(row("ideal mix", (
-        f"{ideal_p50(result, b, t):.3f} "
-        f"({ideal_p50(result, b, t) / _find(recs, FIXED_RELU, ORT, FIXED, b, t)['p50_ms']:.2f}x)"
-        for b, t in cols
-    )))  # fmt: skip
+    lines.append(
+        row(
+            "ideal mix",
+            (
+                f"{ideal_p50(result, b, t):.3f} "
+                f"({ideal_p50(result, b, t) / _find(recs, FIXED_RELU, ORT, FIXED, b, t)['p50_ms']:.2f}x)"
+                for b, t in cols
+            ),
+        )
+    )
     for act in c["fixed_models"]:
         lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
     for lw in (*LOWERINGS, AUTO):
@@ -567,14 +608,20 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
             )
             for i, lw in enumerate(LOWERINGS)
         ]
-        lines.append((
-            "fixed relu", [_find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"] for b in batches],
-            {"color": "grey", "linestyle": "--"},
-        ))  # fmt: skip
-        lines.append((
-            "ideal mix", [ideal_p50(result, b, t) for b in batches],
-            {"color": "black", "linestyle": ":"},
-        ))  # fmt: skip
+        lines.append(
+            (
+                "fixed relu",
+                [_find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"] for b in batches],
+                {"color": "grey", "linestyle": "--"},
+            )
+        )
+        lines.append(
+            (
+                "ideal mix",
+                [ideal_p50(result, b, t) for b in batches],
+                {"color": "black", "linestyle": ":"},
+            )
+        )
         for label, values, style in lines:
             ax.plot(batches, values, marker="o", label=label, **style)
         ax.set_xscale("log")

@@ -132,9 +132,20 @@ def run_wrk(
 ) -> dict[str, Any]:
     assert script is not None, "write_wrk_script first"
     command = [
-        "wrk", "-t", str(WRK_THREADS), "-c", str(concurrency), "-d", f"{duration}s",
-        "--latency", "--timeout", f"{REQUEST_TIMEOUT_S}s", "-s", str(script), target.url,
-    ]  # fmt: skip
+        "wrk",
+        "-t",
+        str(WRK_THREADS),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{duration}s",
+        "--latency",
+        "--timeout",
+        f"{REQUEST_TIMEOUT_S}s",
+        "-s",
+        str(script),
+        target.url,
+    ]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60)
     except subprocess.TimeoutExpired:
@@ -187,9 +198,15 @@ async def _python_load(target: Target, concurrency: int, duration: float) -> dic
     else:
         p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
     return {
-        "requests": len(latencies), "duration_s": elapsed, "mean_ms": mean, "p50_ms": p50,
-        "p95_ms": p95, "p99_ms": p99, "max_ms": peak, "error_kinds": kinds,
-    }  # fmt: skip
+        "requests": len(latencies),
+        "duration_s": elapsed,
+        "mean_ms": mean,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "max_ms": peak,
+        "error_kinds": kinds,
+    }
 
 
 def run_python(

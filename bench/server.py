@@ -106,10 +106,14 @@ def build_repository(
         for name in models:
             pool_, mode, assignment = assignments[name]
             spec = ModelSpec(
-                arch=arch, pool=pool_, mode=mode, assignment=assignment,
-                preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[arch[0]],
+                arch=arch,
+                pool=pool_,
+                mode=mode,
+                assignment=assignment,
+                preprocessing={"offset": 0.0, "scale": 1 / 255},
+                input_shape=[arch[0]],
                 labels=[str(i) for i in range(arch[-1])],
-            )  # fmt: skip
+            )
             model = MixedMLP.from_spec(spec)
             state = {k: v.numpy() for k, v in model.canonical_state_dict().items()}
             proto = lower(spec, state, lowering="permuted")
@@ -157,8 +161,18 @@ def server_env() -> dict[str, str]:
 
 def server_command(repository: Path, port: int, *args: str) -> list[str]:
     """The smartmixed-serve command line for ``repository`` on 127.0.0.1:``port``."""
-    return [sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-            "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "smartmixed.serve",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 @dataclass
@@ -203,9 +217,13 @@ def start_server(
 
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-            start_new_session=True, preexec_fn=set_nofile if nofile else None,
-        )  # fmt: skip
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=True,
+            preexec_fn=set_nofile if nofile else None,
+        )
     server = ServerProcess(
         url=f"http://127.0.0.1:{port}", process=process, command=command, log_path=log_path
     )
@@ -270,8 +288,7 @@ class Target:
 def request_body(n_features: int, seed: int) -> bytes:
     """One V2 JSON request: a seeded row of raw pixels (integers 0..255) as FP32 [1, D]."""
     row = np.random.default_rng(seed).integers(0, 256, n_features).tolist()
-    body = {"inputs": [{"name": INPUT, "shape": [1, n_features], "datatype": "FP32",
-                        "data": row}]}  # fmt: skip
+    body = {"inputs": [{"name": INPUT, "shape": [1, n_features], "datatype": "FP32", "data": row}]}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -324,10 +341,16 @@ def _prepare(
             f"model {name!r}: the check request returned shapes {got}, expected {want}"
         )
     return Target(
-        name=name, url=url, body=body, n_features=n_features, n_classes=n_classes,
-        outputs=outputs, mode=smartmixed.get("mode"), architecture=smartmixed.get("architecture"),
+        name=name,
+        url=url,
+        body=body,
+        n_features=n_features,
+        n_classes=n_classes,
+        outputs=outputs,
+        mode=smartmixed.get("mode"),
+        architecture=smartmixed.get("architecture"),
         batching=batching,
-    )  # fmt: skip
+    )
 
 
 def batch_rows(base: str, model: str) -> tuple[float, float] | None:

@@ -118,20 +118,28 @@ OUTCOME_BIN_S = 0.1  # sigterm timeline bins
 TARGETS: dict[str, dict[str, tuple[str, Any]]] = {
     "soak": {"errors": ("<=", 0), "rss_growth_pct": ("<", 5.0), "server_alive": ("==", True)},
     "overload": {
-        "health_p99_ms": ("<=", 100.0), "ok_over_deadline": ("<=", 0),
-        "client_timeouts": ("<=", 0), "other_failures": ("<=", 0),
-        "shed_without_retry_after": ("<=", 0), "server_alive": ("==", True),
+        "health_p99_ms": ("<=", 100.0),
+        "ok_over_deadline": ("<=", 0),
+        "client_timeouts": ("<=", 0),
+        "other_failures": ("<=", 0),
+        "shed_without_retry_after": ("<=", 0),
+        "server_alive": ("==", True),
     },
     "slow": {
-        "health_p99_ms": ("<=", 100.0), "health_failures": ("<=", 0), "infer_failures": ("<=", 0),
-        "freed_share": (">=", 1.0), "server_alive": ("==", True),
+        "health_p99_ms": ("<=", 100.0),
+        "health_failures": ("<=", 0),
+        "infer_failures": ("<=", 0),
+        "freed_share": (">=", 1.0),
+        "server_alive": ("==", True),
     },
     "header": {
-        "refused": ("==", True), "answer_s": ("<=", 1.0), "rss_growth_mib": ("<", 20.0),
+        "refused": ("==", True),
+        "answer_s": ("<=", 1.0),
+        "rss_growth_mib": ("<", 20.0),
         "server_alive": ("==", True),
     },
     "sigterm": {"failed_requests": ("<=", 0), "exit_code": ("==", 0)},
-}  # fmt: skip
+}
 
 
 class SoakError(BenchError):
@@ -254,9 +262,13 @@ def started_server(
             )
         except ServerError as e:  # recorded as this suite's error, as before the split
             raise SoakError(str(e)) from None
-        yield Server(url=started.url, pid=started.pid, process=started.process,
-                     log_path=log_path,
-                     nofile=nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # fmt: skip
+        yield Server(
+            url=started.url,
+            pid=started.pid,
+            process=started.process,
+            log_path=log_path,
+            nofile=nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
 
 
 class RssSampler:
@@ -309,8 +321,15 @@ def raised_nofile() -> Iterator[tuple[int, int]]:
 # Clients: raw HTTP/1.1 over asyncio streams (status, headers and timing of every request)
 
 
-def http_request(method: str, path: str, host: str, body: bytes = b"", *, close: bool = False,
-                 extra: Sequence[str] = ()) -> bytes:  # fmt: skip
+def http_request(
+    method: str,
+    path: str,
+    host: str,
+    body: bytes = b"",
+    *,
+    close: bool = False,
+    extra: Sequence[str] = (),
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *extra]
     if body:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
@@ -390,9 +409,14 @@ class Attempt:
 
 
 async def closed_loop(
-    host: str, port: int, request: bytes, *, concurrency: int, stop: Callable[[], bool],
+    host: str,
+    port: int,
+    request: bytes,
+    *,
+    concurrency: int,
+    stop: Callable[[], bool],
     timeout: float,
-) -> list[Attempt]:  # fmt: skip
+) -> list[Attempt]:
     """``concurrency`` keep-alive connections, each sending its next request when the last
     answer arrives, until ``stop()``; a connection is reopened after a close or an error."""
     attempts: list[Attempt] = []
@@ -417,14 +441,24 @@ async def closed_loop(
                 writer.write(request)
                 reply = await asyncio.wait_for(read_reply(reader), timeout)
             except (TimeoutError, NoResponse, CutResponse, OSError) as e:
-                kind = {TimeoutError: "timeout", NoResponse: "no_response",
-                        CutResponse: "cut"}.get(type(e), "no_response")  # fmt: skip
+                kind = {TimeoutError: "timeout", NoResponse: "no_response", CutResponse: "cut"}.get(
+                    type(e), "no_response"
+                )
                 attempts.append(Attempt(t0, time.monotonic() - t0, kind, reused=reused))
                 writer.close()
                 writer = None
                 continue
-            attempts.append(Attempt(t0, time.monotonic() - t0, "reply", reply.status,
-                                    reply.retry_after, reply.close, reused))  # fmt: skip
+            attempts.append(
+                Attempt(
+                    t0,
+                    time.monotonic() - t0,
+                    "reply",
+                    reply.status,
+                    reply.retry_after,
+                    reply.close,
+                    reused,
+                )
+            )
             if reply.close:
                 writer.close()
                 writer = None
@@ -506,9 +540,11 @@ class Prober:
         host, port = server.host_port
         args = [host, str(port), str(interval), str(PROBE_TIMEOUT_S), str(duration), request.hex()]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", PROBE_SCRIPT, *args], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [sys.executable, "-c", PROBE_SCRIPT, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def stop(self) -> list[list[Any]]:
         """Closing stdin ends the prober after its current probe."""
@@ -525,8 +561,13 @@ class Prober:
 
 def health_probe(server: Server) -> bytes:
     host, port = server.host_port
-    return http_request("GET", HEALTH_PATH, f"{host}:{port}", close=True,
-                        extra=["User-Agent: kube-probe/1.30", "Accept: */*"])  # fmt: skip
+    return http_request(
+        "GET",
+        HEALTH_PATH,
+        f"{host}:{port}",
+        close=True,
+        extra=["User-Agent: kube-probe/1.30", "Accept: */*"],
+    )
 
 
 def summarize_probes(samples: Sequence[Sequence[Any]], prefix: str) -> dict[str, Any]:
@@ -624,16 +665,35 @@ def _wrk_soak(run: Run) -> dict[str, Any]:
     o = run.options
     text = run.target.body.decode()
     script = run.work / "soak.lua"
-    script.write_text(SOAK_WRK_SCRIPT.format(body=lua_long_string(text), marker=WRK_MARKER,
-                                             status_marker=STATUS_MARKER))  # fmt: skip
-    command = ["wrk", "-t", "1", "-c", str(o.soak_concurrency), "-d", f"{o.soak_duration_s}s",
-               "--latency", "--timeout", f"{o.client_timeout_s:g}s", "-s", str(script),
-               run.target.url]  # fmt: skip
+    script.write_text(
+        SOAK_WRK_SCRIPT.format(
+            body=lua_long_string(text), marker=WRK_MARKER, status_marker=STATUS_MARKER
+        )
+    )
+    command = [
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(o.soak_concurrency),
+        "-d",
+        f"{o.soak_duration_s}s",
+        "--latency",
+        "--timeout",
+        f"{o.client_timeout_s:g}s",
+        "-s",
+        str(script),
+        run.target.url,
+    ]
     run.config["load_command"] = command
     wall0 = time.time()
     try:
-        out = subprocess.run(command, capture_output=True, text=True,
-                             timeout=o.soak_duration_s + o.client_timeout_s + 30)  # fmt: skip
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=o.soak_duration_s + o.client_timeout_s + 30,
+        )
     except subprocess.TimeoutExpired:
         raise SoakError("wrk did not finish in time") from None
     if out.returncode != 0:
@@ -648,14 +708,17 @@ def _wrk_soak(run: Run) -> dict[str, Any]:
             per_second.update({int(k): int(v) for k, v in data["seconds"].items()})
     kinds = raw["error_kinds"]
     return {
-        "requests": raw["requests"], "duration_s": round(raw["duration_s"], 3),
+        "requests": raw["requests"],
+        "duration_s": round(raw["duration_s"], 3),
         "statuses": dict(sorted(statuses.items())),
-        "errors": sum(kinds.values()), "error_kinds": kinds,
-        "p50_ms": _round(raw["p50_ms"]), "p99_ms": _round(raw["p99_ms"]),
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
+        "p50_ms": _round(raw["p50_ms"]),
+        "p99_ms": _round(raw["p99_ms"]),
         "max_ms": _round(raw["max_ms"]),
         # wrk's buckets are whole wall-clock seconds: plotted at their middle
         "rps_series": [[round(s + 0.5 - wall0, 1), n] for s, n in sorted(per_second.items())],
-    }  # fmt: skip
+    }
 
 
 def _python_soak(run: Run) -> dict[str, Any]:
@@ -664,21 +727,35 @@ def _python_soak(run: Run) -> dict[str, Any]:
     request = _infer_request(run)
     end = time.monotonic() + o.soak_duration_s
     t0 = time.monotonic()
-    attempts = run_async(closed_loop(host, port, request, concurrency=o.soak_concurrency,
-                                     stop=lambda: time.monotonic() >= end,
-                                     timeout=o.client_timeout_s))  # fmt: skip
+    attempts = run_async(
+        closed_loop(
+            host,
+            port,
+            request,
+            concurrency=o.soak_concurrency,
+            stop=lambda: time.monotonic() >= end,
+            timeout=o.client_timeout_s,
+        )
+    )
     replies = [a for a in attempts if a.outcome == "reply"]
-    kinds = Counter("status" if a.outcome == "reply" else a.outcome for a in attempts
-                    if a.outcome != "reply" or not 200 <= a.status < 300)  # fmt: skip
+    kinds = Counter(
+        "status" if a.outcome == "reply" else a.outcome
+        for a in attempts
+        if a.outcome != "reply" or not 200 <= a.status < 300
+    )
     p50, p99 = _percentiles([a.seconds * 1e3 for a in replies], [50, 99])
     per_second = Counter(int(a.start + a.seconds - t0) for a in replies)
     return {
-        "requests": len(replies), "duration_s": round(time.monotonic() - t0, 3),
+        "requests": len(replies),
+        "duration_s": round(time.monotonic() - t0, 3),
         "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
-        "errors": sum(kinds.values()), "error_kinds": dict(kinds), "p50_ms": p50, "p99_ms": p99,
+        "errors": sum(kinds.values()),
+        "error_kinds": dict(kinds),
+        "p50_ms": p50,
+        "p99_ms": p99,
         "max_ms": _round(max((a.seconds * 1e3 for a in replies), default=None)),
         "rps_series": [[s + 0.5, n] for s, n in sorted(per_second.items())],
-    }  # fmt: skip
+    }
 
 
 def rss_halves(samples: Sequence[tuple[float, float]], duration: float) -> dict[str, Any]:
@@ -691,24 +768,33 @@ def rss_halves(samples: Sequence[tuple[float, float]], duration: float) -> dict[
 
     first, second = mean_until(duration / 2), mean_until(duration)
     growth = None if first is None or second is None else _round((second - first) / first * 100)
-    return {"rss_window_s": _round(window), "rss_first_half_mib": first,
-            "rss_second_half_mib": second, "rss_growth_pct": growth}  # fmt: skip
+    return {
+        "rss_window_s": _round(window),
+        "rss_first_half_mib": first,
+        "rss_second_half_mib": second,
+        "rss_growth_pct": growth,
+    }
 
 
 def scenario_soak(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
-    run.config.update(concurrency=o.soak_concurrency, duration_s=o.soak_duration_s,
-                      load_generator="wrk" if run.use_wrk else "python-asyncio")  # fmt: skip
+    run.config.update(
+        concurrency=o.soak_concurrency,
+        duration_s=o.soak_duration_s,
+        load_generator="wrk" if run.use_wrk else "python-asyncio",
+    )
     rss_start = run.server.rss_mib()
     with RssSampler(run.server.pid, RSS_SOAK_INTERVAL_S) as rss:
         load = _wrk_soak(run) if run.use_wrk else _python_soak(run)
     series = {"rss_mib": [list(s) for s in rss.samples], "rps": load.pop("rps_series")}
     ok = sum(n for s, n in load["statuses"].items() if s.startswith("2"))
     measured = {
-        **load, "rps_ok": _round(ok / load["duration_s"], 1) if load["duration_s"] else None,
-        "rss_start_mib": _round(rss_start, 2), **rss_halves(rss.samples, o.soak_duration_s),
+        **load,
+        "rps_ok": _round(ok / load["duration_s"], 1) if load["duration_s"] else None,
+        "rss_start_mib": _round(rss_start, 2),
+        **rss_halves(rss.samples, o.soak_duration_s),
         "rss_max_mib": rss.peak,
-    }  # fmt: skip
+    }
     return measured, series
 
 
@@ -720,22 +806,37 @@ def _infer_request(run: Run, *, close: bool = False) -> bytes:
 
 def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
-    run.config.update(concurrency=o.overload_concurrency, duration_s=o.overload_duration_s,
-                      client_timeout_s=o.client_timeout_s, load_generator="python-asyncio",
-                      retry_after_honoured=False)  # fmt: skip
+    run.config.update(
+        concurrency=o.overload_concurrency,
+        duration_s=o.overload_duration_s,
+        client_timeout_s=o.client_timeout_s,
+        load_generator="python-asyncio",
+        retry_after_honoured=False,
+    )
     host, port = run.server.host_port
     request = _infer_request(run)
-    prober = Prober(run.server, health_probe(run.server), interval=o.probe_interval_ms / 1e3,
-                    duration=o.overload_duration_s)  # fmt: skip
+    prober = Prober(
+        run.server,
+        health_probe(run.server),
+        interval=o.probe_interval_ms / 1e3,
+        duration=o.overload_duration_s,
+    )
     t0 = time.monotonic()
     end = t0 + o.overload_duration_s
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         with raised_nofile() as (before, now):
             run.config["client_nofile"] = {"before": before, "raised_to": now}
-            attempts = run_async(closed_loop(
-                host, port, request, concurrency=o.overload_concurrency,
-                stop=lambda: time.monotonic() >= end, timeout=o.client_timeout_s))  # fmt: skip
+            attempts = run_async(
+                closed_loop(
+                    host,
+                    port,
+                    request,
+                    concurrency=o.overload_concurrency,
+                    stop=lambda: time.monotonic() >= end,
+                    timeout=o.client_timeout_s,
+                )
+            )
     finally:
         probes = prober.stop()
     elapsed = time.monotonic() - t0
@@ -748,7 +849,9 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     others = sum(1 for a in replies if a.status not in (200, 503))
     p50, p99 = _percentiles(ok, [50, 99])
     measured = {
-        "requests": len(attempts), "replies": len(replies), "duration_s": _round(elapsed),
+        "requests": len(attempts),
+        "replies": len(replies),
+        "duration_s": _round(elapsed),
         "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
         "share_503": _round(len(shed) / len(replies), 4) if replies else None,
         "shed_without_retry_after": sum(not a.retry_after for a in shed),
@@ -756,12 +859,14 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "socket_errors": dict(outcomes - Counter({"timeout": outcomes.get("timeout", 0)})),
         "other_failures": others + sum(v for k, v in outcomes.items() if k != "timeout"),
         "rps_ok": _round(len(ok) / elapsed, 1),
-        "ok_p50_ms": p50, "ok_p99_ms": p99, "ok_max_ms": _round(max(ok, default=None)),
+        "ok_p50_ms": p50,
+        "ok_p99_ms": p99,
+        "ok_max_ms": _round(max(ok, default=None)),
         "deadline_ms": run.deadline_s * 1e3,
         "ok_over_deadline": sum(v > run.deadline_s * 1e3 for v in ok),
         "client_cpu_cores": _round(client_cpu / elapsed, 2),  # CPU the bench's client took
         **summarize_probes(probes, "health"),
-    }  # fmt: skip
+    }
     return measured, {"health_ms": probe_series(probes, t0)}
 
 
@@ -778,8 +883,9 @@ async def _slow_connections(
     start_line = f"GET {LIVE_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
     records: list[dict[str, Any]] = []
 
-    async def dribble(record: dict[str, Any], reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:  # fmt: skip
+    async def dribble(
+        record: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         writer.write(start_line)
         closed = asyncio.ensure_future(reader.read(65536))  # the server's answer, or EOF
         connected_at = time.monotonic()
@@ -826,23 +932,44 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     host, port = run.server.host_port
     freed_by = run.header_timeout_s + FREED_GRACE_S
-    run.config.update(clients=o.slow_clients, duration_s=o.slow_duration_s,
-                      interval_s=o.slow_interval_s, server_nofile=run.server.nofile,
-                      freed_by_s=freed_by)  # fmt: skip
+    run.config.update(
+        clients=o.slow_clients,
+        duration_s=o.slow_duration_s,
+        interval_s=o.slow_interval_s,
+        server_nofile=run.server.nofile,
+        freed_by_s=freed_by,
+    )
     interval = o.probe_interval_ms / 1e3
     t0 = time.monotonic()
     with raised_nofile() as (before, now):
         run.config["client_nofile"] = {"before": before, "raised_to": now}
         probers = []
         try:
-            probers.append(Prober(run.server, health_probe(run.server), interval=interval,
-                                  duration=o.slow_duration_s))  # fmt: skip
-            probers.append(Prober(run.server, _infer_request(run, close=True),
-                                  interval=interval * INFER_PROBE_EVERY,
-                                  duration=o.slow_duration_s))  # fmt: skip
-            records = run_async(_slow_connections(
-                host, port, slots=o.slow_clients, duration=o.slow_duration_s,
-                interval=o.slow_interval_s))  # fmt: skip
+            probers.append(
+                Prober(
+                    run.server,
+                    health_probe(run.server),
+                    interval=interval,
+                    duration=o.slow_duration_s,
+                )
+            )
+            probers.append(
+                Prober(
+                    run.server,
+                    _infer_request(run, close=True),
+                    interval=interval * INFER_PROBE_EVERY,
+                    duration=o.slow_duration_s,
+                )
+            )
+            records = run_async(
+                _slow_connections(
+                    host,
+                    port,
+                    slots=o.slow_clients,
+                    duration=o.slow_duration_s,
+                    interval=o.slow_interval_s,
+                )
+            )
         finally:
             samples = [p.stop() for p in probers]
     health, infer = samples if len(samples) == 2 else ([], [])
@@ -853,23 +980,26 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     freed = sum(r.get("closed_after_s", math.inf) <= freed_by for r in judged)
     p50, p_max = _percentiles(closed, [50, 100])
     measured = {
-        "connections": len(records), "connected": len(connected),
+        "connections": len(records),
+        "connected": len(connected),
         "connect_errors": dict(Counter(r["error"] for r in records if r["error"])),
         "closed_by_server": len(closed),
-        "closed_after_s_p50": p50, "closed_after_s_max": p_max,
+        "closed_after_s_p50": p50,
+        "closed_after_s_max": p_max,
         "answers": dict(Counter(r["answer"] for r in connected if "answer" in r)),
-        "judged": len(judged), "freed_by_deadline": freed,
+        "judged": len(judged),
+        "freed_by_deadline": freed,
         "freed_share": _round(freed / len(judged), 4) if judged else None,
         "open_at_end": len(connected) - len(closed),
-        **summarize_probes(health, "health"), **summarize_probes(infer, "infer"),
-    }  # fmt: skip
+        **summarize_probes(health, "health"),
+        **summarize_probes(infer, "infer"),
+    }
     return measured, {"health_ms": probe_series(health, t0)}
 
 
 async def _big_header(host: str, port: int, *, size: int, limit: float) -> dict[str, Any]:
     """Stream one header line of ``size`` bytes; stop at the server's answer or close."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                            CONNECT_TIMEOUT_S)  # fmt: skip
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
     answer = asyncio.ensure_future(reader.read(4096))
     chunk = b"a" * HEADER_CHUNK
     t0 = time.monotonic()
@@ -880,8 +1010,11 @@ async def _big_header(host: str, port: int, *, size: int, limit: float) -> dict[
             part = chunk[: size - sent]
             writer.write(part)
             drain = asyncio.ensure_future(writer.drain())
-            await asyncio.wait({drain, answer}, timeout=limit - (time.monotonic() - t0),
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                {drain, answer},
+                timeout=limit - (time.monotonic() - t0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if not drain.done():
                 drain.cancel()
                 continue
@@ -909,22 +1042,31 @@ async def _big_header(host: str, port: int, *, size: int, limit: float) -> dict[
     timed_out = status is None and not broken
     closed_early = status in ("closed", "reset") or broken
     return {
-        "status": status, "bytes_sent": sent, "header_complete": complete,
-        "answer_s": _round(elapsed, 4), "timed_out": timed_out,
-        "refused": bool((isinstance(status, int) and 400 <= status < 500)
-                        or (closed_early and not complete)),
-    }  # fmt: skip
+        "status": status,
+        "bytes_sent": sent,
+        "header_complete": complete,
+        "answer_s": _round(elapsed, 4),
+        "timed_out": timed_out,
+        "refused": bool(
+            (isinstance(status, int) and 400 <= status < 500) or (closed_early and not complete)
+        ),
+    }
 
 
 def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     size = int(o.header_mb * 1e6)
-    run.config.update(header_bytes=size, chunk_bytes=HEADER_CHUNK, limit_s=o.header_limit_s,
-                      path=LIVE_PATH)  # fmt: skip
+    run.config.update(
+        header_bytes=size, chunk_bytes=HEADER_CHUNK, limit_s=o.header_limit_s, path=LIVE_PATH
+    )
     host, port = run.server.host_port
     before = run.server.rss_mib()
-    prober = Prober(run.server, health_probe(run.server), interval=o.probe_interval_ms / 1e3,
-                    duration=o.header_limit_s)  # fmt: skip
+    prober = Prober(
+        run.server,
+        health_probe(run.server),
+        interval=o.probe_interval_ms / 1e3,
+        duration=o.header_limit_s,
+    )
     t0 = time.monotonic()
     try:
         with RssSampler(run.server.pid, RSS_HEADER_INTERVAL_S) as rss:
@@ -935,13 +1077,17 @@ def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     after = run.server.rss_mib()
     peak = max(v for v in (rss.peak, before, after) if v is not None) if before else None
     measured = {
-        **outcome, "rss_before_mib": _round(before, 2), "rss_peak_mib": _round(peak, 2),
+        **outcome,
+        "rss_before_mib": _round(before, 2),
+        "rss_peak_mib": _round(peak, 2),
         "rss_after_mib": _round(after, 2),
         "rss_growth_mib": _round(peak - before, 2) if before and peak else None,
         **summarize_probes(probes, "health"),
-    }  # fmt: skip
-    return measured, {"health_ms": probe_series(probes, t0),
-                      "rss_mib": [list(s) for s in rss.samples]}  # fmt: skip
+    }
+    return measured, {
+        "health_ms": probe_series(probes, t0),
+        "rss_mib": [list(s) for s in rss.samples],
+    }
 
 
 def classify_sigterm(attempts: Sequence[Attempt], t_signal: float | None) -> Counter[str]:
@@ -968,19 +1114,30 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     process = run.server.process
     if process is None:
-        raise SoakError("needs a server the bench starts (it would signal a process it did "
-                        "not start)")  # fmt: skip
-    run.config.update(concurrency=o.sigterm_concurrency, signal_after_s=o.sigterm_after_s,
-                      drain_limit_s=o.drain_limit_s, load_generator="python-asyncio")  # fmt: skip
+        raise SoakError(
+            "needs a server the bench starts (it would signal a process it did not start)"
+        )
+    run.config.update(
+        concurrency=o.sigterm_concurrency,
+        signal_after_s=o.sigterm_after_s,
+        drain_limit_s=o.drain_limit_s,
+        load_generator="python-asyncio",
+    )
     host, port = run.server.host_port
     request = _infer_request(run)
     marks: dict[str, float] = {}
 
     async def drive() -> list[Attempt]:
-        load = asyncio.ensure_future(closed_loop(
-            host, port, request, concurrency=o.sigterm_concurrency,
-            stop=lambda: "exit" in marks or "give_up" in marks, timeout=o.client_timeout_s,
-        ))  # fmt: skip
+        load = asyncio.ensure_future(
+            closed_loop(
+                host,
+                port,
+                request,
+                concurrency=o.sigterm_concurrency,
+                stop=lambda: "exit" in marks or "give_up" in marks,
+                timeout=o.client_timeout_s,
+            )
+        )
         marks["start"] = time.monotonic()
         await asyncio.sleep(o.sigterm_after_s)
         marks["signal"] = time.monotonic()
@@ -1001,20 +1158,33 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     t_signal = marks["signal"]
     measured = {
         "requests": len(attempts),
-        "ok_before_signal": sum(1 for a in attempts if a.outcome == "reply" and a.status == 200
-                                and a.start + a.seconds < t_signal),
-        "ok_after_signal": sum(1 for a in attempts if a.outcome == "reply" and a.status == 200
-                               and a.start + a.seconds >= t_signal),
+        "ok_before_signal": sum(
+            1
+            for a in attempts
+            if a.outcome == "reply" and a.status == 200 and a.start + a.seconds < t_signal
+        ),
+        "ok_after_signal": sum(
+            1
+            for a in attempts
+            if a.outcome == "reply" and a.status == 200 and a.start + a.seconds >= t_signal
+        ),
         "outcomes": dict(sorted(classes.items())),
         "failed_requests": failed,
         "exit_code": code,  # -9 when killed after the drain limit
         "exit_signal": signal.Signals(-code).name if code is not None and code < 0 else None,
         "killed_after_drain_limit": killed,
         "drain_s": None if killed else _round(marks["exit"] - t_signal),
-        "listener_closed_after_s": _round(min(
-            (a.start - t_signal for a in attempts if a.outcome == "refused"
-             and a.start >= t_signal), default=None)),
-    }  # fmt: skip
+        "listener_closed_after_s": _round(
+            min(
+                (
+                    a.start - t_signal
+                    for a in attempts
+                    if a.outcome == "refused" and a.start >= t_signal
+                ),
+                default=None,
+            )
+        ),
+    }
     return measured, {"timeline": sigterm_timeline(attempts, marks["start"], t_signal)}
 
 
@@ -1034,9 +1204,12 @@ def sigterm_timeline(attempts: Sequence[Attempt], t0: float, t_signal: float) ->
 
 
 SCENARIO_RUNNERS: dict[str, Callable[[Run], tuple[dict[str, Any], dict[str, Any]]]] = {
-    "soak": scenario_soak, "overload": scenario_overload, "slow": scenario_slow,
-    "header": scenario_header, "sigterm": scenario_sigterm,
-}  # fmt: skip
+    "soak": scenario_soak,
+    "overload": scenario_overload,
+    "slow": scenario_slow,
+    "header": scenario_header,
+    "sigterm": scenario_sigterm,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1079,11 +1252,15 @@ def server_setting(name: str, env: Mapping[str, str]) -> float:
 
 def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
     ops: dict[str, Callable[[Any, Any], bool]] = {
-        "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        "==": lambda a, b: a == b,
         ">=": lambda a, b: a >= b,
-    }  # fmt: skip
-    return {key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
-            for key, (op, limit) in targets.items()}  # fmt: skip
+    }
+    return {
+        key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
+        for key, (op, limit) in targets.items()
+    }
 
 
 @dataclass
@@ -1098,9 +1275,15 @@ class Source:
     pid: int | None = None
 
 
-def _source(*, url: str | None, pid: int | None, repository: Path | str | None,
-            model: str | None, arch: str | Sequence[int] | None,
-            server_env: Mapping[str, str]) -> Source:  # fmt: skip
+def _source(
+    *,
+    url: str | None,
+    pid: int | None,
+    repository: Path | str | None,
+    model: str | None,
+    arch: str | Sequence[int] | None,
+    server_env: Mapping[str, str],
+) -> Source:
     if url is None:
         if pid is not None:
             raise SoakError("--pid goes with --url (a started server's PID is known)")
@@ -1110,8 +1293,9 @@ def _source(*, url: str | None, pid: int | None, repository: Path | str | None,
             raise SoakError(f"--arch: {e}") from None
         if repository is None:
             if model not in (None, GENERATED_MODEL):
-                raise SoakError(f"--model {model}: without --repository the bench builds "
-                                f"{GENERATED_MODEL!r}")  # fmt: skip
+                raise SoakError(
+                    f"--model {model}: without --repository the bench builds {GENERATED_MODEL!r}"
+                )
             return Source("generated", GENERATED_MODEL, arch=arch_list or list(PAPER_ARCH))
         if arch is not None:
             raise SoakError("--arch builds a model; it cannot go with --repository")
@@ -1120,12 +1304,16 @@ def _source(*, url: str | None, pid: int | None, repository: Path | str | None,
             raise SoakError(f"--repository {repository} is not a folder")
         present = repository_models(repository)
         if not present or (model is not None and model not in present):
-            raise SoakError(f"--repository {repository}: no model {model or '(none)'}; it holds "
-                            f"{', '.join(present) or 'nothing'}")  # fmt: skip
+            raise SoakError(
+                f"--repository {repository}: no model {model or '(none)'}; it holds "
+                f"{', '.join(present) or 'nothing'}"
+            )
         return Source("repository", model or present[0], repository=repository)
     if repository is not None or arch is not None or server_env:
-        raise SoakError("--url targets a running server: --repository, --arch and --server-env "
-                        "belong to the server, not the bench")  # fmt: skip
+        raise SoakError(
+            "--url targets a running server: --repository, --arch and --server-env "
+            "belong to the server, not the bench"
+        )
     if model is None:
         raise SoakError("--url needs --model NAME (the model to send requests to)")
     base = check_url(url)
@@ -1163,11 +1351,15 @@ def measure_soak(
     names = parse_scenarios(scenarios)
     options = options or SoakOptions()
     env = dict(server_env) if isinstance(server_env, Mapping) else parse_server_env(server_env)
-    source = _source(url=url, pid=pid, repository=repository, model=model, arch=arch,
-                     server_env=env)  # fmt: skip
+    source = _source(
+        url=url, pid=pid, repository=repository, model=model, arch=arch, server_env=env
+    )
     # what a started server sees: the bench's SMARTMIXED_* variables, then --server-env
-    inherited = {k: v for k, v in os.environ.items()
-                 if k.startswith("SMARTMIXED_") and k != "SMARTMIXED_API_KEY"}  # fmt: skip
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("SMARTMIXED_") and k != "SMARTMIXED_API_KEY"
+    }
     effective = inherited | env if source.kind != "url" else {}
     deadline_s = server_setting("request_timeout_s", effective)
     header_timeout_s = server_setting("header_timeout_s", effective)
@@ -1191,23 +1383,42 @@ def measure_soak(
             bar.set_postfix_str(name)
             nofile = options.slow_nofile if name == "slow" else None
             results[name] = _run_scenario(
-                name, source=source, repository=repo_dir, env=effective, nofile=nofile,
-                options=options, deadline_s=deadline_s, header_timeout_s=header_timeout_s,
-                work=work, use_wrk=use_wrk, seed=seed,
-            )  # fmt: skip
+                name,
+                source=source,
+                repository=repo_dir,
+                env=effective,
+                nofile=nofile,
+                options=options,
+                deadline_s=deadline_s,
+                header_timeout_s=header_timeout_s,
+                work=work,
+                use_wrk=use_wrk,
+                seed=seed,
+            )
     load_avg.append(os.getloadavg())
     return {
         "config": {
-            "source": source.kind, "model": source.model, "arch": source.arch,
+            "source": source.kind,
+            "model": source.model,
+            "arch": source.arch,
             "repository": str(source.repository) if source.repository else None,
-            "url": source.url, "pid": source.pid, "scenarios": names,
-            "options": asdict(options), "seed": seed,
+            "url": source.url,
+            "pid": source.pid,
+            "scenarios": names,
+            "options": asdict(options),
+            "seed": seed,
             "server_env": effective if source.kind != "url" else None,
-            "server_settings": {"request_timeout_s": deadline_s,
-                                "header_timeout_s": header_timeout_s,
-                                "assumed_defaults": source.kind == "url"},
-            "probe": {"path": HEALTH_PATH, "interval_ms": options.probe_interval_ms,
-                      "timeout_s": PROBE_TIMEOUT_S, "new_connection_per_probe": True},
+            "server_settings": {
+                "request_timeout_s": deadline_s,
+                "header_timeout_s": header_timeout_s,
+                "assumed_defaults": source.kind == "url",
+            },
+            "probe": {
+                "path": HEALTH_PATH,
+                "interval_ms": options.probe_interval_ms,
+                "timeout_s": PROBE_TIMEOUT_S,
+                "new_connection_per_probe": True,
+            },
             "wrk_version": wrk_version() if use_wrk else None,
         },
         "server_command": command,
@@ -1216,31 +1427,51 @@ def measure_soak(
         "scenarios": results,
         "summary": {name: _summary(r) for name, r in results.items()},
         "elapsed_s": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
 
 
 def _run_scenario(
-    name: str, *, source: Source, repository: Path | None, env: Mapping[str, str],
-    nofile: int | None, options: SoakOptions, deadline_s: float, header_timeout_s: float,
-    work: Path, use_wrk: bool, seed: int,
-) -> dict[str, Any]:  # fmt: skip
+    name: str,
+    *,
+    source: Source,
+    repository: Path | None,
+    env: Mapping[str, str],
+    nofile: int | None,
+    options: SoakOptions,
+    deadline_s: float,
+    header_timeout_s: float,
+    work: Path,
+    use_wrk: bool,
+    seed: int,
+) -> dict[str, Any]:
     """One scenario on its own server; every failure is recorded, never raised."""
     targets = {key: {"op": op, "limit": limit} for key, (op, limit) in TARGETS[name].items()}
     entry: dict[str, Any] = {
-        "status": "ok", "error": None, "config": {}, "server": {}, "measured": {},
-        "targets": targets, "meets_target": dict.fromkeys(TARGETS[name]), "series": {},
-    }  # fmt: skip
+        "status": "ok",
+        "error": None,
+        "config": {},
+        "server": {},
+        "measured": {},
+        "targets": targets,
+        "meets_target": dict.fromkeys(TARGETS[name]),
+        "series": {},
+    }
     t0 = time.perf_counter()
     server: Server | None = None
     if name == "sigterm" and source.kind == "url":
-        entry.update(status="skipped", error="needs a server the bench starts (it would "
-                     "signal a process it did not start)")  # fmt: skip
+        entry.update(
+            status="skipped",
+            error="needs a server the bench starts (it would signal a process it did not start)",
+        )
         return entry
     try:
         with contextlib.ExitStack() as stack:
             if source.kind == "url":
-                server = Server(url=source.url, pid=source.pid,
-                                nofile=read_nofile(source.pid) if source.pid else None)  # fmt: skip
+                server = Server(
+                    url=source.url,
+                    pid=source.pid,
+                    nofile=read_nofile(source.pid) if source.pid else None,
+                )
             else:
                 assert repository is not None
                 log_path = work / f"server-{name}.log"
@@ -1250,9 +1481,16 @@ def _run_scenario(
                 entry["server"]["command_shell"] = shell_command(server.process.args, env, nofile)
             entry["server"].update(pid=server.pid, nofile=server.nofile)
             target = prepare_target(server.url, source.model, seed=seed, batching=None)
-            run = Run(server=server, target=target, options=options, deadline_s=deadline_s,
-                      header_timeout_s=header_timeout_s, work=work, use_wrk=use_wrk,
-                      config=entry["config"])  # fmt: skip
+            run = Run(
+                server=server,
+                target=target,
+                options=options,
+                deadline_s=deadline_s,
+                header_timeout_s=header_timeout_s,
+                work=work,
+                use_wrk=use_wrk,
+                config=entry["config"],
+            )
             measured, series = SCENARIO_RUNNERS[name](run)
             if name != "sigterm":
                 measured["server_alive"] = server.alive()
@@ -1272,8 +1510,12 @@ def _run_scenario(
 
 def _summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     met = entry["meets_target"].values()
-    return {"status": entry["status"], "met": sum(v is True for v in met),
-            "missed": sum(v is False for v in met), "of": len(entry["meets_target"])}  # fmt: skip
+    return {
+        "status": entry["status"],
+        "met": sum(v is True for v in met),
+        "missed": sum(v is False for v in met),
+        "of": len(entry["meets_target"]),
+    }
 
 
 def _has_wrk() -> bool:
@@ -1286,9 +1528,13 @@ def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
     import onnxruntime
     import uvicorn
 
-    return {**machine_info(), "onnxruntime": onnxruntime.__version__,
-            "uvicorn": uvicorn.__version__, "kernel": platform.release(),
-            "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg]}  # fmt: skip
+    return {
+        **machine_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "uvicorn": uvicorn.__version__,
+        "kernel": platform.release(),
+        "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1323,13 +1569,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "",
         "| scenario | status | targets met | missed |",
         "|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for name, row in result["summary"].items():
-        lines.append(f"| {name} | {row['status']} | {row['met']} of {row['of']} | "
-                     f"{row['missed']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row['status']} | {row['met']} of {row['of']} | {row['missed']} |"
+        )
     for name, entry in result["scenarios"].items():
-        config = ", ".join(f"{k} {_fmt(v)}" for k, v in entry["config"].items()
-                           if k != "load_command")  # fmt: skip
+        config = ", ".join(
+            f"{k} {_fmt(v)}" for k, v in entry["config"].items() if k != "load_command"
+        )
         lines += ["", f"## {name}", ""]
         if config:
             lines += [f"Ran with: {config}.", ""]
@@ -1351,7 +1599,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "Health probes open a new connection each (as the kubelet does); a failed probe counts "
         f"as {PROBE_TIMEOUT_S:g} s in the percentiles. RSS is VmRSS in MiB. Targets are reported, "
         "never asserted.",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines) + "\n"
 
 

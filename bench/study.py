@@ -49,9 +49,18 @@ RUNS = "runs"  # DIR/runs/<archkey>/<model>/seed<k>
 # smartmixed-train options the study sets for every cell; variant and pass-through flags may not
 # (argparse dests). --mode is the model's: a variant may set it, the pass-through may not.
 CELL_OPTIONS = (
-    "data", "data_dir", "arch", "preset", "seed", "out", "resume", "overwrite", "quiet",
-    "compare", "list_presets",
-)  # fmt: skip
+    "data",
+    "data_dir",
+    "arch",
+    "preset",
+    "seed",
+    "out",
+    "resume",
+    "overwrite",
+    "quiet",
+    "compare",
+    "list_presets",
+)
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a folder name on any filesystem
 STDERR_TAIL_LINES = 15
 RANK_TIE_TOLERANCE = 1e-12  # means this close are equal (the same accuracies summed in any order)
@@ -273,21 +282,30 @@ def run_study(
     check_train_flags(train_args, "-- (pass-through flags)", reserved=(*CELL_OPTIONS, "mode"))
     cells = plan_cells(arch_map, study_models, seed_list)
     config = {
-        "data": data, "data_dir": None if data_dir is None else str(data_dir),
+        "data": data,
+        "data_dir": None if data_dir is None else str(data_dir),
         "models": [m.label for m in study_models],
         "variants": {m.label: m.variant for m in study_models if m.variant is not None},
-        "modes": {m.label: m.mode for m in study_models}, "archs": arch_map,
-        "seeds": seed_list, "jobs": jobs, "train_args": train_args, "out": str(out),
-    }  # fmt: skip
+        "modes": {m.label: m.mode for m in study_models},
+        "archs": arch_map,
+        "seeds": seed_list,
+        "jobs": jobs,
+        "train_args": train_args,
+        "out": str(out),
+    }
     config["command"] = study_command(config)
     commands = {
         cell: cell_command(cell, out=out, data=data, data_dir=data_dir, train_args=train_args)
         for cell in cells
     }
     outcome: dict[str, Any] = {
-        "commands": [commands[c] for c in cells], "trained": 0, "skipped": 0, "failed": [],
-        "study": None, "paths": [],
-    }  # fmt: skip
+        "commands": [commands[c] for c in cells],
+        "trained": 0,
+        "skipped": 0,
+        "failed": [],
+        "study": None,
+        "paths": [],
+    }
     if plan:
         return outcome
 
@@ -312,10 +330,11 @@ def run_study(
                 write()
                 continue
             failure = {
-                "run": str(cell.folder(out)), "command": shlex.join(commands[cell]),
+                "run": str(cell.folder(out)),
+                "command": shlex.join(commands[cell]),
                 "returncode": done.returncode,
                 "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
-            }  # fmt: skip
+            }
             outcome["failed"].append(failure)
             tqdm.write(
                 f"smartmixed-bench study: cell {failure['run']} failed (exit {done.returncode})\n"
@@ -366,10 +385,15 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
         )
     m = spec.metrics
     record = {
-        "arch": list(cell.arch), "archkey": cell.archkey, "model": cell.model.label,
-        "seed": cell.seed, "test_accuracy": m["test_accuracy"], "val_accuracy": m["val_accuracy"],
-        "run": str(folder), "train_seconds": m["train_seconds"],
-    }  # fmt: skip
+        "arch": list(cell.arch),
+        "archkey": cell.archkey,
+        "model": cell.model.label,
+        "seed": cell.seed,
+        "test_accuracy": m["test_accuracy"],
+        "val_accuracy": m["val_accuracy"],
+        "run": str(folder),
+        "train_seconds": m["train_seconds"],
+    }
     if not cell.model.fixed:
         record["activation_shares"] = [
             {name: n / sum(counts.values()) for name, n in counts.items()}
@@ -472,9 +496,11 @@ def aggregate(
     ranks: dict[str, dict[str, int]] = {}
     for key in config["archs"]:
         per_model = {
-            label: [c["test_accuracy"] for c in cells if c["archkey"] == key and c["model"] == label]
+            label: [
+                c["test_accuracy"] for c in cells if c["archkey"] == key and c["model"] == label
+            ]
             for label in labels
-        }  # fmt: skip
+        }
         stats = {label: summarize(acc) for label, acc in per_model.items() if acc}
         if not stats:
             continue
@@ -624,8 +650,15 @@ def plot(study: Mapping[str, Any], path: Path) -> None:
     for i, model in enumerate(mixed):
         for name, (depths, shares) in shares_by_depth(study["cells"], model).items():
             label = name if len(mixed) == 1 else f"{model}: {name}"
-            ax_share.plot(depths, shares, linestyle=styles[i % len(styles)], marker="o", ms=3,
-                          color=activation_color(name), label=label)  # fmt: skip
+            ax_share.plot(
+                depths,
+                shares,
+                linestyle=styles[i % len(styles)],
+                marker="o",
+                ms=3,
+                color=activation_color(name),
+                label=label,
+            )
             drawn = True
     if drawn:
         ax_share.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

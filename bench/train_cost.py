@@ -119,9 +119,11 @@ def measure_train_cost(
         q = statistics.quantiles(samples[name], n=20)
         return {
             "ms_per_step": statistics.median(samples[name]),
-            "p05_ms": q[0], "p95_ms": q[-1], "steps": len(samples[name]),
+            "p05_ms": q[0],
+            "p95_ms": q[-1],
+            "steps": len(samples[name]),
             "samples_per_s": batch_size * 1e3 / statistics.median(samples[name]),
-        }  # fmt: skip
+        }
 
     def ratio(name: str) -> float:
         return statistics.median(
@@ -131,9 +133,14 @@ def measure_train_cost(
     ratios = {f"{name}_vs_fixed": ratio(name) for name in models if name != "fixed_relu"}
     return {
         "config": {
-            "arch": arch, "batch_size": batch_size, "rounds": rounds,
-            "steps_per_round": steps_per_round, "warmup_steps": warmup_steps, "seed": seed,
-            "torch_threads": torch.get_num_threads(), "device": "cpu",
+            "arch": arch,
+            "batch_size": batch_size,
+            "rounds": rounds,
+            "steps_per_round": steps_per_round,
+            "warmup_steps": warmup_steps,
+            "seed": seed,
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
             "phase2_assignment": "uniformly random over the default pool (all six groups per layer)",
         },
         "machine": machine_info(),
@@ -141,7 +148,7 @@ def measure_train_cost(
         "ratios": ratios,
         "targets": TARGETS,
         "meets_targets": {k: ratios[k] <= v for k, v in TARGETS.items() if k in ratios},
-    }  # fmt: skip
+    }
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -190,8 +197,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         r = result["ratios"].get(f"{n}_vs_fixed", 1.0)
         ax.text(i, med[i], f"{r:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("ms per training step (median, p05-p95)")
-    ax.set_title(f"training step, batch {result['config']['batch_size']}, {result['config']['arch']}",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"training step, batch {result['config']['batch_size']}, {result['config']['arch']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,32 +28,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", type=Path, help="the run folder, e.g. runs/NAME")
     p.add_argument("--repository", type=Path, default=Path("models"), help="default: models")
     p.add_argument("--name", help="entry name (default: the run folder's name)")
-    p.add_argument("--lowering", default="auto", choices=["auto", *LOWERINGS],
-                   help="auto (default) times every verified candidate and keeps the fastest")  # fmt: skip
+    p.add_argument(
+        "--lowering",
+        default="auto",
+        choices=["auto", *LOWERINGS],
+        help="auto (default) times every verified candidate and keeps the fastest",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}")
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="execution provider that auto times the candidates on")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads auto times the candidates with: those the model will "
-                   "be served with (default: ONNX Runtime's, all cores)")  # fmt: skip
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="execution provider that auto times the candidates on",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads auto times the candidates with: those the model will "
+        "be served with (default: ONNX Runtime's, all cores)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument("--private", action="store_true",
-                   help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
-                   "server running as another user)")  # fmt: skip
-    p.add_argument("--quantize", choices=["int8"],
-                   help="write ONNX Runtime's dynamic INT8 quantization of the chosen lowering "
-                   "instead, as NAME-int8 unless --name is given")  # fmt: skip
-    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
-                   help="int8: least argmax agreement with the fp32 PyTorch model on the test "
-                   f"set (default {DEFAULT_MIN_AGREEMENT}; --verify-only: the recorded one)")  # fmt: skip
-    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
-                   help="int8: largest test accuracy drop in points (default "
-                   f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)")  # fmt: skip
-    p.add_argument("--verify-only", type=Path, metavar="ENTRY",
-                   help="re-verify an existing entry (models/NAME) and exit")  # fmt: skip
-    p.add_argument("--against", type=Path, metavar="RUN",
-                   help="with --verify-only: the run to verify against (default: the recorded one)")  # fmt: skip
+    p.add_argument(
+        "--private",
+        action="store_true",
+        help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
+        "server running as another user)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="write ONNX Runtime's dynamic INT8 quantization of the chosen lowering "
+        "instead, as NAME-int8 unless --name is given",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="FRACTION",
+        help="int8: least argmax agreement with the fp32 PyTorch model on the test "
+        f"set (default {DEFAULT_MIN_AGREEMENT}; --verify-only: the recorded one)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="int8: largest test accuracy drop in points (default "
+        f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)",
+    )
+    p.add_argument(
+        "--verify-only",
+        type=Path,
+        metavar="ENTRY",
+        help="re-verify an existing entry (models/NAME) and exit",
+    )
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="RUN",
+        help="with --verify-only: the run to verify against (default: the recorded one)",
+    )
     return p
 
 
@@ -62,28 +96,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     thresholds = {
         key: value
-        for key, value in (("min_agreement", args.min_agreement),
-                           ("max_accuracy_drop", args.max_accuracy_drop))
+        for key, value in (
+            ("min_agreement", args.min_agreement),
+            ("max_accuracy_drop", args.max_accuracy_drop),
+        )
         if value is not None
-    }  # fmt: skip
+    }
     try:
         if args.verify_only is not None:
             report = verify_entry(args.verify_only, run_dir=args.against, **thresholds)
             int8 = "agreement" in report  # the report of quantize.verify_quantized
-            print(f"{args.verify_only}: verified{' (int8)' if int8 else ''}\n"
-                  f"{summarize_quantization(report) if int8 else summarize(report)}")  # fmt: skip
+            print(
+                f"{args.verify_only}: verified{' (int8)' if int8 else ''}\n"
+                f"{summarize_quantization(report) if int8 else summarize(report)}"
+            )
             return 0
         if args.run is None:
             parser.error("the run folder is required (or --verify-only ENTRY)")
         if thresholds and not args.quantize:
             parser.error("--min-agreement and --max-accuracy-drop apply to --quantize int8")
         result = export_run(
-            run_dir=args.run, repository=args.repository, name=args.name,
-            lowering=args.lowering, opset=args.opset, version=args.version,
-            device=args.device, threads=args.threads, overwrite=args.overwrite,
+            run_dir=args.run,
+            repository=args.repository,
+            name=args.name,
+            lowering=args.lowering,
+            opset=args.opset,
+            version=args.version,
+            device=args.device,
+            threads=args.threads,
+            overwrite=args.overwrite,
             private=args.private,
-            quantize=args.quantize, **thresholds,
-        )  # fmt: skip
+            quantize=args.quantize,
+            **thresholds,
+        )
     except VerificationError as e:
         print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
         return 1
@@ -93,22 +138,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # an entry or run file unreadable in a way no check above foresaw
         print(f"smartmixed-export: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
-    print(f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
-          f"(lowering {result.lowering}, {result.report['precision']})")  # fmt: skip
+    print(
+        f"exported {args.run} -> {result.entry}/{result.version}/model.onnx "
+        f"(lowering {result.lowering}, {result.report['precision']})"
+    )
     selection = result.report["selection"]
     if selection:
         batches = " / ".join(next(iter(selection["median_ms"].values())))
         precision = selection.get("precision", "fp32")
         for name, score in selection["score_ms"].items():
             mark = " <- chosen" if name == selection["chosen"] else ""
-            print(f"  {name:<11} {score:.3f} ms ({precision}; geometric mean over batch "
-                  f"{batches}){mark}")  # fmt: skip
+            print(
+                f"  {name:<11} {score:.3f} ms ({precision}; geometric mean over batch "
+                f"{batches}){mark}"
+            )
     print(f"verified against PyTorch ({result.report['test_data']}):")
     print(summarize(result.report["verification"]))
     if quantization := result.report.get("quantization"):
         timings = quantization["timings"]
-        print(f"int8 ({quantization['weight_type']} weights, chosen "
-              f"{timings['chosen'].replace('_', '-')}), verified against the fp32 PyTorch model:")  # fmt: skip
+        print(
+            f"int8 ({quantization['weight_type']} weights, chosen "
+            f"{timings['chosen'].replace('_', '-')}), verified against the fp32 PyTorch model:"
+        )
         print(summarize_quantization(quantization))
         for name, per_batch in timings["median_ms"].items():
             figures = ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in per_batch.items())

@@ -300,13 +300,15 @@ def lowering_summary(model: onnx.ModelProto, spec: ModelSpec, *, lowering: str) 
     names = [node.name for node in model.graph.node]
     layers = []
     for i, groups in enumerate(lowering_groups(spec, lowering=lowering)):
-        layers.append({
-            "groups": [
-                {"name": group.name, "rows": len(group.neurons), "activations": group.members}
-                for group in groups
-            ],
-            "nodes": sum(name.startswith(f"layer{i}/") for name in names),
-        })  # fmt: skip
+        layers.append(
+            {
+                "groups": [
+                    {"name": group.name, "rows": len(group.neurons), "activations": group.members}
+                    for group in groups
+                ],
+                "nodes": sum(name.startswith(f"layer{i}/") for name in names),
+            }
+        )
     return {"lowering": lowering, "layers": layers, "total_nodes": len(names)}
 
 
@@ -384,9 +386,11 @@ def lower(
             parts = []
             for act, idx in groups:
                 picked = g.op(
-                    "Gather", [z, g.const(f"{p}/{act}/indices", idx.astype(np.int64))],
-                    f"{p}/{act}/gather", axis=1,
-                )  # fmt: skip
+                    "Gather",
+                    [z, g.const(f"{p}/{act}/indices", idx.astype(np.int64))],
+                    f"{p}/{act}/gather",
+                    axis=1,
+                )
                 parts.append(ACTIVATION_OPS[act](g, picked, f"{p}/{act}"))
             grouped = g.op("Concat", parts, f"{p}/concat", axis=1)
             inverse = np.argsort(np.concatenate([idx for _, idx in groups])).astype(np.int64)
@@ -408,15 +412,21 @@ def lower(
                 rows = slice(start, start + len(idx))
                 start += len(idx)
                 zk = g.op(
-                    "Gemm", [h, g.const(f"{p}/{act}/W", w[rows]), g.const(f"{p}/{act}/b", b[rows])],
-                    f"{p}/{act}/gemm", transB=1,
-                )  # fmt: skip
+                    "Gemm",
+                    [h, g.const(f"{p}/{act}/W", w[rows]), g.const(f"{p}/{act}/b", b[rows])],
+                    f"{p}/{act}/gemm",
+                    transB=1,
+                )
                 parts.append(ACTIVATION_OPS[act](g, zk, f"{p}/{act}"))
             h = g.op("Concat", parts, f"{p}/concat", axis=1)
 
     last = len(spec.arch) - 2
-    g.op("Gemm", [h, g.const("output/W", weights[last]), g.const("output/b", biases[last])],
-         LOGITS, transB=1)  # fmt: skip
+    g.op(
+        "Gemm",
+        [h, g.const("output/W", weights[last]), g.const("output/b", biases[last])],
+        LOGITS,
+        transB=1,
+    )
     g.op("Softmax", [LOGITS], PROBABILITIES, axis=1)
 
     graph = helper.make_graph(

@@ -97,8 +97,10 @@ def _run_in_batches(
     session: ort.InferenceSession, x: np.ndarray, *, batch: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities) of ``x`` (N, D), run ``batch`` rows at a time, each (N, C)."""
-    parts = [session.run([LOGITS, PROBABILITIES], {INPUT: x[i : i + batch]})
-             for i in range(0, len(x), batch)]  # fmt: skip
+    parts = [
+        session.run([LOGITS, PROBABILITIES], {INPUT: x[i : i + batch]})
+        for i in range(0, len(x), batch)
+    ]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -140,15 +142,20 @@ def verify_quantized(
                     problems.append(f"{name} ({level}, batch {batch}): non-finite outputs")
                 want_logits, want_probs = expected[name]
                 predicted = logits.argmax(1)
-                rows.append({
-                    "input_set": name, "optimization": level, "batch": batch,
-                    "samples": len(x),
-                    "max_probability_difference": float(np.abs(probs - want_probs).max()),
-                    "max_logit_difference": float(np.abs(logits - want_logits).max()),
-                    "argmax_agreement": float((predicted == want_logits.argmax(1)).mean()),
-                    "accuracy": float((predicted == test_labels).mean())
-                    if name == "test" else None,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "input_set": name,
+                        "optimization": level,
+                        "batch": batch,
+                        "samples": len(x),
+                        "max_probability_difference": float(np.abs(probs - want_probs).max()),
+                        "max_logit_difference": float(np.abs(logits - want_logits).max()),
+                        "argmax_agreement": float((predicted == want_logits.argmax(1)).mean()),
+                        "accuracy": float((predicted == test_labels).mean())
+                        if name == "test"
+                        else None,
+                    }
+                )
     test_rows = [r for r in rows if r["input_set"] == "test"]
     agreement = min((r["argmax_agreement"] for r in test_rows), default=0.0)
     int8_correct = min((round(r["accuracy"] * n_test) for r in test_rows), default=0)
@@ -216,10 +223,14 @@ def quantize_verified(
         )
         try:
             reports[granularity] = verify_quantized(
-                candidates[granularity], reference, inputs, test_labels=test_labels,
-                n_classes=n_classes, min_agreement=min_agreement,
+                candidates[granularity],
+                reference,
+                inputs,
+                test_labels=test_labels,
+                n_classes=n_classes,
+                min_agreement=min_agreement,
                 max_accuracy_drop=max_accuracy_drop,
-            )  # fmt: skip
+            )
         except VerificationError as e:
             reports[granularity] = e.report
             failures.append(f"{granularity.replace('_', '-')}: {e}")

@@ -199,8 +199,10 @@ def export_run(
     state = {k: v.numpy() for k, v in torch_model.canonical_state_dict().items()}
     test_x, test_y, test_source = _test_inputs(spec, run_dir)
     if quantize and test_x is None:
-        raise ExportError(f"{run_dir}: --quantize {quantize} is verified on the run's test set, "
-                          "and the run records no data request")  # fmt: skip
+        raise ExportError(
+            f"{run_dir}: --quantize {quantize} is verified on the run's test set, "
+            "and the run records no data request"
+        )
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
 
@@ -219,9 +221,11 @@ def export_run(
     chosen = lowering
     if lowering == "auto":
         timings = time_lowerings(
-            {c: m.SerializeToString() for c, m in models.items()}, spec.arch[0], device=device,
+            {c: m.SerializeToString() for c, m in models.items()},
+            spec.arch[0],
+            device=device,
             threads=threads,
-        )  # fmt: skip
+        )
         chosen, selection = pick_lowering(timings)
         selection["device"], selection["threads"] = device, threads
 
@@ -230,24 +234,41 @@ def export_run(
         # (folded's fewer nodes pay off more once the Gemms are cheap; issue G)
         timings = time_lowerings(
             {c: quantize_int8(m).SerializeToString() for c, m in models.items()},
-            spec.arch[0], device=device, threads=threads,
-        )  # fmt: skip
+            spec.arch[0],
+            device=device,
+            threads=threads,
+        )
         chosen, selection_int8 = pick_lowering(timings)
-        selection = {**selection_int8, "device": device, "threads": threads, "precision": "int8",
-                     "fp32": selection}  # fmt: skip
+        selection = {
+            **selection_int8,
+            "device": device,
+            "threads": threads,
+            "precision": "int8",
+            "fp32": selection,
+        }
     model, quantization = models[chosen], None
     if quantize:  # the int8 graph derives from the fp32 lowering verified above
         model, quantization = quantize_verified(
-            model, torch_model, inputs, test_labels=test_y[: len(inputs["test"])],
-            n_classes=spec.arch[-1], min_agreement=min_agreement,
+            model,
+            torch_model,
+            inputs,
+            test_labels=test_y[: len(inputs["test"])],
+            n_classes=spec.arch[-1],
+            min_agreement=min_agreement,
             max_accuracy_drop=max_accuracy_drop,
-        )  # fmt: skip
+        )
     report = {
-        "run": str(run_dir), "lowering": chosen, "opset": opset,
-        "requested_lowering": requested, "precision": precision,
-        "verification": reports[chosen], "test_data": test_source,
-        "raw_input_range": [low, high], "selection": selection, "versions": _versions(),
-    }  # fmt: skip
+        "run": str(run_dir),
+        "lowering": chosen,
+        "opset": opset,
+        "requested_lowering": requested,
+        "precision": precision,
+        "verification": reports[chosen],
+        "test_data": test_source,
+        "raw_input_range": [low, high],
+        "selection": selection,
+        "versions": _versions(),
+    }
     # groups and ONNX nodes per layer of every candidate, chosen or not (issue G)
     report["structure"] = {c: lowering_summary(m, spec, lowering=c) for c, m in models.items()}
     if quantization:
@@ -278,9 +299,14 @@ def export_run(
 
 
 def _write_entry(
-    entry: Path, version: int, model: onnx.ModelProto, report: dict, config: str, *,
+    entry: Path,
+    version: int,
+    model: onnx.ModelProto,
+    report: dict,
+    config: str,
+    *,
     private: bool,
-) -> None:  # fmt: skip
+) -> None:
     """Build the entry (or its new version) in a staging folder next to it, then rename it into
     place. Modes are set explicitly: mkdtemp makes 0700, which a server running as another user
     cannot read (issue F)."""
@@ -366,14 +392,18 @@ def verify_entry(
     precision = meta.get(META_PRECISION, DEFAULT_PRECISION)  # entries before issue G: fp32
     if precision == "fp32":
         if min_agreement is not None or max_accuracy_drop is not None:
-            raise ExportError(f"{path}: an fp32 model; --min-agreement and --max-accuracy-drop "
-                              "apply to int8 entries")  # fmt: skip
+            raise ExportError(
+                f"{path}: an fp32 model; --min-agreement and --max-accuracy-drop "
+                "apply to int8 entries"
+            )
         return verify_against_torch(model, torch_model, inputs, n_classes=spec.arch[-1])
     if precision != "int8":
         raise ExportError(f"{path}: {META_PRECISION} {precision!r}: expected fp32 or int8")
     if test_x is None:
-        raise ExportError(f"{path}: an int8 model is verified on the run's test set, and "
-                          f"{run_dir} records no data request")  # fmt: skip
+        raise ExportError(
+            f"{path}: an int8 model is verified on the run's test set, and "
+            f"{run_dir} records no data request"
+        )
     try:  # the thresholds recorded at export
         recorded = dict(json.loads(meta.get(META_QUANTIZATION) or "{}")["thresholds"])
     except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
@@ -383,7 +413,11 @@ def verify_entry(
     if max_accuracy_drop is None:
         max_accuracy_drop = recorded.get("max_accuracy_drop_points", DEFAULT_MAX_ACCURACY_DROP)
     return verify_quantized(
-        model, torch_model, inputs, test_labels=test_y[: len(inputs["test"])],
-        n_classes=spec.arch[-1], min_agreement=min_agreement,
+        model,
+        torch_model,
+        inputs,
+        test_labels=test_y[: len(inputs["test"])],
+        n_classes=spec.arch[-1],
+        min_agreement=min_agreement,
         max_accuracy_drop=max_accuracy_drop,
-    )  # fmt: skip
+    )

@@ -81,8 +81,10 @@ class Batching:
     def of(cls, model: ModelVersion, settings: ServeSettings) -> Batching:
         config = model.config
         rows, batch, delay = (
-            settings.max_request_rows, settings.max_batch_size, settings.max_batch_delay_ms / 1000
-        )  # fmt: skip
+            settings.max_request_rows,
+            settings.max_batch_size,
+            settings.max_batch_delay_ms / 1000,
+        )
         if config.source is None:
             return cls(rows, settings.batching, batch, delay)
         if config.max_batch_size > 0:
@@ -120,13 +122,19 @@ class Service:
                 batching = self.batching[(name, version)] = Batching.of(model, settings)
                 if batching.dynamic:
                     self.batchers[(name, version)] = AdaptiveBatcher(
-                        model.predict, max_batch_size=batching.max_batch_size,
-                        max_delay=batching.max_delay_s, executor=self.executor,
+                        model.predict,
+                        max_batch_size=batching.max_batch_size,
+                        max_delay=batching.max_delay_s,
+                        executor=self.executor,
                         observe=self._observer(name),
-                    )  # fmt: skip
+                    )
         self.ready = True
-        log.info("serving %s from %s (dynamic batching: %s)", ", ".join(repo.models) or "nothing",
-                 settings.repository, ", ".join(f"{n}/{v}" for n, v in self.batchers) or "none")  # fmt: skip
+        log.info(
+            "serving %s from %s (dynamic batching: %s)",
+            ", ".join(repo.models) or "nothing",
+            settings.repository,
+            ", ".join(f"{n}/{v}" for n, v in self.batchers) or "none",
+        )
 
     async def stop(self) -> None:
         self.ready = False
@@ -150,16 +158,23 @@ class Service:
     def signature(self, model: ModelVersion) -> codec.Signature:
         rows = self.batching[(model.name, model.version)].max_request_rows
         return codec.Signature(
-            name=model.name, input_name=INPUT, n_features=model.n_features,
-            outputs=tuple(model.outputs), max_rows=rows,
-        )  # fmt: skip
+            name=model.name,
+            input_name=INPUT,
+            n_features=model.n_features,
+            outputs=tuple(model.outputs),
+            max_rows=rows,
+        )
 
     # ---- one inference request ------------------------------------------------------------------
 
     async def admit(
-        self, request: Request, endpoint: str, model_name: str, version: str | None,
+        self,
+        request: Request,
+        endpoint: str,
+        model_name: str,
+        version: str | None,
         handler: Handler,
-    ) -> Response:  # fmt: skip
+    ) -> Response:
         """Admit, run ``handler(request, model, deadline)``, count the request by status, time it."""
         started = time.perf_counter()
         label, status = "unknown", "500"
@@ -181,8 +196,11 @@ class Service:
             return response
         except ClientClosed:
             status = CLIENT_CLOSED
-            log.info("%s %s: the client closed the connection before the answer",
-                     request.method, request.url.path)  # fmt: skip
+            log.info(
+                "%s %s: the client closed the connection before the answer",
+                request.method,
+                request.url.path,
+            )
             return Response(status_code=499)  # never delivered: the client is gone
         except (ServeError, codec.CodecError) as e:
             status = str(e.status)
@@ -195,9 +213,10 @@ class Service:
         """The body after its content type is checked; 413 over ``max_request_bytes``, read or
         declared."""
         codec.check_content_type(
-            request.headers.get("content-type"), binary_ok=binary_ok,
+            request.headers.get("content-type"),
+            binary_ok=binary_ok,
             has_binary_header=codec.BINARY_HEADER in request.headers,
-        )  # fmt: skip
+        )
         limit = self.settings.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
@@ -267,8 +286,11 @@ class Service:
         return result
 
 
-def create_app(settings: ServeSettings, repository: Repository | None = None,
-               connections: ConnectionStats | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    settings: ServeSettings,
+    repository: Repository | None = None,
+    connections: ConnectionStats | None = None,
+) -> FastAPI:
     """The service over ``repository`` (already loaded, as the CLI does before it binds a port),
     or over ``settings.repository``, loaded at startup. ``connections``: the HTTP protocol's
     counters of cut connections, exported with the metrics."""
@@ -277,9 +299,12 @@ def create_app(settings: ServeSettings, repository: Repository | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repo = repository or load_repository(
-            settings.repository, device=settings.device, threads=settings.intra_op_threads,
-            skip_bad_models=settings.skip_bad_models, max_model_bytes=settings.max_model_bytes,
-        )  # fmt: skip
+            settings.repository,
+            device=settings.device,
+            threads=settings.intra_op_threads,
+            skip_bad_models=settings.skip_bad_models,
+            max_model_bytes=settings.max_model_bytes,
+        )
         await service.start(repo)
         try:
             yield

@@ -54,15 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"smartmixed-serve: error: {problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Load before binding a port: a bad repository is one line and exit 2 (issue F), not a
     # traceback from inside the server's lifespan.
     try:
         repository = load_repository(
-            settings.repository, device=settings.device, threads=settings.intra_op_threads,
-            skip_bad_models=settings.skip_bad_models, max_model_bytes=settings.max_model_bytes,
-        )  # fmt: skip
+            settings.repository,
+            device=settings.device,
+            threads=settings.intra_op_threads,
+            skip_bad_models=settings.skip_bad_models,
+            max_model_bytes=settings.max_model_bytes,
+        )
     except LoadError as e:
         print(f"smartmixed-serve: error: {e}", file=sys.stderr)
         return 2
@@ -71,22 +75,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     nofile = http.raise_open_file_limit()
     limits = http.ConnectionLimits(
-        max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         max_connections=http.connection_cap(settings.max_connections),
-    )  # fmt: skip
+    )
     if limits.max_connections < settings.max_connections:
         logging.getLogger("smartmixed.serve").info(
             "connection cap %d (max_connections %d, open-file limit %d)",
-            limits.max_connections, settings.max_connections, nofile,
-        )  # fmt: skip
+            limits.max_connections,
+            settings.max_connections,
+            nofile,
+        )
     stats = http.ConnectionStats({})
     app = create_app(settings, repository=repository, connections=stats)
     started = http.run_server(
-        app, host=settings.host, port=settings.port, limits=limits, stats=stats,
-        ready=lambda: app.state.service.ready, keep_alive_timeout_s=settings.keep_alive_timeout_s,
-        graceful_shutdown_s=GRACEFUL_SHUTDOWN_S, log_level=settings.log_level,
-    )  # fmt: skip
+        app,
+        host=settings.host,
+        port=settings.port,
+        limits=limits,
+        stats=stats,
+        ready=lambda: app.state.service.ready,
+        keep_alive_timeout_s=settings.keep_alive_timeout_s,
+        graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
+        log_level=settings.log_level,
+    )
     if not started:
         # uvicorn logs a failed lifespan startup and returns; the reason is in the log above
         print(

@@ -27,10 +27,18 @@ import orjson
 
 # V2 datatypes accepted for the input tensor (converted to float32) and their byte layouts.
 V2_DTYPES = {
-    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-}  # fmt: skip
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+}
 BINARY_HEADER = "inference-header-content-length"
 RESPONSE_BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -38,9 +46,14 @@ _VALUE_BUDGET_FACTOR = 4  # bodies with this many times the values a request may
 _STRUCTURE_COMMAS = 4096  # commas a valid body may hold besides its values (fields, outputs)
 _MAX_HEADER_DIGITS = 19  # a byte count longer than this fits no body (and int() stays cheap)
 _JSON_TYPE = {
-    bool: "a boolean", str: "a string", type(None): "null", dict: "an object", list: "a list",
-    float: "a float", int: "an integer",
-}  # fmt: skip
+    bool: "a boolean",
+    str: "a string",
+    type(None): "null",
+    dict: "an object",
+    list: "a list",
+    float: "a float",
+    int: "an integer",
+}
 
 
 class CodecError(Exception):
@@ -300,8 +313,11 @@ def _requested_outputs(
             raise CodecError(f"outputs[{i}].name must be a string; got {_show(name)}")
         if name in binary:
             raise CodecError(f"output {_show(name)} is requested twice (outputs[{i}])")
-        flag = _flag(_parameters(entry, f"outputs[{i}].parameters"), "binary_data",
-                     f"outputs[{i}].parameters")  # fmt: skip
+        flag = _flag(
+            _parameters(entry, f"outputs[{i}].parameters"),
+            "binary_data",
+            f"outputs[{i}].parameters",
+        )
         names.append(name)
         binary[name] = bool(binary_all) if flag is None else flag
     unknown = [name for name in names if name not in signature.outputs]

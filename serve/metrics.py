@@ -18,31 +18,47 @@ class Metrics:
     def __init__(self, connections: ConnectionStats | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "smartmixed_requests", "Requests by model, endpoint and status (client_closed: the "
+            "smartmixed_requests",
+            "Requests by model, endpoint and status (client_closed: the "
             "client went away before the answer)",
-            ["model", "endpoint", "status"], registry=self.registry,
-        )  # fmt: skip
+            ["model", "endpoint", "status"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "smartmixed_request_seconds", "Request latency, end to end in the handler",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "smartmixed_request_seconds",
+            "Request latency, end to end in the handler",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
-            "smartmixed_queue_wait_seconds", "Wait in the dynamic-batching queue",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "smartmixed_queue_wait_seconds",
+            "Wait in the dynamic-batching queue",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.inference = Histogram(
-            "smartmixed_inference_seconds", "ONNX Runtime run time per batch",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "smartmixed_inference_seconds",
+            "ONNX Runtime run time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
-            "smartmixed_batch_rows", "Rows per ONNX Runtime run",
-            ["model"], buckets=ROW_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "smartmixed_batch_rows",
+            "Rows per ONNX Runtime run",
+            ["model"],
+            buckets=ROW_BUCKETS,
+            registry=self.registry,
+        )
         self.shed = Counter(
-            "smartmixed_shed", "Inference requests answered 503 by load shedding, by reason "
+            "smartmixed_shed",
+            "Inference requests answered 503 by load shedding, by reason "
             "(queue_full: refused on arrival; deadline: dropped after request_timeout_s)",
-            ["model", "reason"], registry=self.registry,
-        )  # fmt: skip
+            ["model", "reason"],
+            registry=self.registry,
+        )
         self.in_flight: dict[str, int] = {}  # model -> admitted requests; read when scraped
         self.registry.register(_InFlightCollector(self.in_flight))
         if connections is not None:
@@ -65,9 +81,10 @@ class _InFlightCollector:
 
     def collect(self):
         family = GaugeMetricFamily(
-            "smartmixed_in_flight", "Inference requests admitted and not yet answered",
+            "smartmixed_in_flight",
+            "Inference requests admitted and not yet answered",
             labels=["model"],
-        )  # fmt: skip
+        )
         for model, count in sorted(self.in_flight.items()):
             family.add_metric([model], count)
         yield family

@@ -49,16 +49,28 @@ REPEATED = "repeated"  # a field's fourth item: repeated, or "oneof NAME" for a 
 # Values numbered from 0 in the order listed, as every enum of model_config.proto is.
 ENUMS: dict[str, tuple[str, ...]] = {
     "DataType": (
-        "TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
-        "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
-        "TYPE_FP64", "TYPE_STRING", "TYPE_BF16",
+        "TYPE_INVALID",
+        "TYPE_BOOL",
+        "TYPE_UINT8",
+        "TYPE_UINT16",
+        "TYPE_UINT32",
+        "TYPE_UINT64",
+        "TYPE_INT8",
+        "TYPE_INT16",
+        "TYPE_INT32",
+        "TYPE_INT64",
+        "TYPE_FP16",
+        "TYPE_FP32",
+        "TYPE_FP64",
+        "TYPE_STRING",
+        "TYPE_BF16",
     ),
     "ModelInstanceGroup.Kind": ("KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"),
     "ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind": ("KIND_NVDLA",),
     "ModelInput.Format": ("FORMAT_NONE", "FORMAT_NHWC", "FORMAT_NCHW"),
     "ModelOptimizationPolicy.ModelPriority": ("PRIORITY_DEFAULT", "PRIORITY_MAX", "PRIORITY_MIN"),
     "ModelQueuePolicy.TimeoutAction": ("REJECT", "DELAY"),
-}  # fmt: skip
+}
 
 # (field, number, type[, REPEATED | "oneof NAME"]). A type that is not a scalar names an enum or
 # a message of these tables ("Outer.Inner" is nested); "map<K, V>" is protobuf's map field.
@@ -70,7 +82,9 @@ MESSAGES: dict[str, tuple[tuple, ...]] = {
         ("priority", 2, "uint32"),
     ),
     "ModelRateLimiter.Resource": (
-        ("name", 1, "string"), ("global", 2, "bool"), ("count", 3, "uint32"),
+        ("name", 1, "string"),
+        ("global", 2, "bool"),
+        ("count", 3, "uint32"),
     ),
     "ModelInstanceGroup": (
         ("name", 1, "string"),
@@ -203,19 +217,31 @@ MESSAGES: dict[str, tuple[tuple, ...]] = {
         ("model_transaction_policy", 19, "ModelTransactionPolicy"),
         ("response_cache", 24, "ModelResponseCache"),
     ),
-}  # fmt: skip
+}
 # ModelConfig fields of model_config.proto left out above: refused by name.
-UNSUPPORTED = frozenset({
-    "batch_input", "batch_output", "sequence_batching", "ensemble_scheduling",
-    "model_operations", "model_repository_agents", "model_metrics",
-})  # fmt: skip
+UNSUPPORTED = frozenset(
+    {
+        "batch_input",
+        "batch_output",
+        "sequence_batching",
+        "ensemble_scheduling",
+        "model_operations",
+        "model_repository_agents",
+        "model_metrics",
+    }
+)
 
 _FIELD = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
-    "string": _FIELD.TYPE_STRING, "bool": _FIELD.TYPE_BOOL, "float": _FIELD.TYPE_FLOAT,
-    "double": _FIELD.TYPE_DOUBLE, "int32": _FIELD.TYPE_INT32, "uint32": _FIELD.TYPE_UINT32,
-    "int64": _FIELD.TYPE_INT64, "uint64": _FIELD.TYPE_UINT64,
-}  # fmt: skip
+    "string": _FIELD.TYPE_STRING,
+    "bool": _FIELD.TYPE_BOOL,
+    "float": _FIELD.TYPE_FLOAT,
+    "double": _FIELD.TYPE_DOUBLE,
+    "int32": _FIELD.TYPE_INT32,
+    "uint32": _FIELD.TYPE_UINT32,
+    "int64": _FIELD.TYPE_INT64,
+    "uint64": _FIELD.TYPE_UINT64,
+}
 _MAP = re.compile(r"map<(\w+), ([\w.]+)>")
 
 
@@ -310,16 +336,27 @@ class ModelConfigInfo:
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
-NO_CONFIG = ModelConfigInfo(source=None, max_batch_size=0, dynamic_batching=False,
-                            max_queue_delay_s=None)  # fmt: skip
+NO_CONFIG = ModelConfigInfo(
+    source=None, max_batch_size=0, dynamic_batching=False, max_queue_delay_s=None
+)
 
 # ONNX tensor element types -> Triton data types (model_config.proto's DataType).
 ONNX_TO_TRITON = {
-    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32", "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "FLOAT16": "TYPE_FP16", "FLOAT": "TYPE_FP32",
-    "DOUBLE": "TYPE_FP64", "STRING": "TYPE_STRING", "BFLOAT16": "TYPE_BF16",
-}  # fmt: skip
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FLOAT16": "TYPE_FP16",
+    "FLOAT": "TYPE_FP32",
+    "DOUBLE": "TYPE_FP64",
+    "STRING": "TYPE_STRING",
+    "BFLOAT16": "TYPE_BF16",
+}
 _PARSER_POSITION = re.compile(r"^\d+:\d+ : ")
 _NO_FIELD = re.compile(r'Message type "inference\.ModelConfig" has no field named "(\w+)"')
 
@@ -370,8 +407,10 @@ def _tensor_problems(kind: str, listed, model: dict[str, _Tensor], batch: int) -
             continue
         seen.add(tensor.name)
         if tensor.name not in model:
-            problems.append(f"{where} is not an {kind} of the ONNX model (it has "
-                            f"{', '.join(map(repr, model)) or 'none'})")  # fmt: skip
+            problems.append(
+                f"{where} is not an {kind} of the ONNX model (it has "
+                f"{', '.join(map(repr, model)) or 'none'})"
+            )
             continue
         onnx_tensor = model[tensor.name]
         types = ENUMS["DataType"]  # proto3 enums are open: text format takes any number
@@ -413,8 +452,10 @@ def _tensor_problems(kind: str, listed, model: dict[str, _Tensor], batch: int) -
     if kind == "input" and seen:  # Triton: every model input must be configured
         missing = [name for name in model if name not in seen]
         if missing:
-            problems.append(f"input(s) {', '.join(map(repr, missing))} of the ONNX model are "
-                            "missing from the config")  # fmt: skip
+            problems.append(
+                f"input(s) {', '.join(map(repr, missing))} of the ONNX model are "
+                "missing from the config"
+            )
     return problems
 
 
@@ -425,14 +466,18 @@ def _batching_problems(config: Message) -> list[str]:
         problems.append("dynamic_batching needs max_batch_size > 0")
     for size in batching.preferred_batch_size:
         if size < 1 or (batch > 0 and size > batch):
-            problems.append(f"dynamic_batching: preferred_batch_size {size} is not in "
-                            f"[1, max_batch_size {batch}]")  # fmt: skip
+            problems.append(
+                f"dynamic_batching: preferred_batch_size {size} is not in "
+                f"[1, max_batch_size {batch}]"
+            )
     levels = batching.priority_levels
     if levels == 0 and (batching.default_priority_level or batching.priority_queue_policy):
         problems.append("dynamic_batching: priority settings need priority_levels > 0")
     if levels and not 1 <= batching.default_priority_level <= levels:
-        problems.append(f"dynamic_batching: default_priority_level "
-                        f"{batching.default_priority_level} is not in [1, {levels}]")  # fmt: skip
+        problems.append(
+            f"dynamic_batching: default_priority_level "
+            f"{batching.default_priority_level} is not in [1, {levels}]"
+        )
     for level in batching.priority_queue_policy:
         if levels and not 1 <= level <= levels:
             problems.append(
@@ -451,8 +496,10 @@ def config_problems(config: Message, model: onnx.ModelProto, *, name: str) -> li
     if config.backend not in ("", BACKEND):
         problems.append(f"backend {config.backend!r}: smartmixed serves {BACKEND!r} only")
     if config.default_model_filename not in ("", MODEL_FILE):
-        problems.append(f"default_model_filename {config.default_model_filename!r}: "
-                        f"smartmixed reads {MODEL_FILE}")  # fmt: skip
+        problems.append(
+            f"default_model_filename {config.default_model_filename!r}: "
+            f"smartmixed reads {MODEL_FILE}"
+        )
     batch = config.max_batch_size
     if batch < 0:
         problems.append(f"max_batch_size {batch} must be >= 0")

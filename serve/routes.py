@@ -83,9 +83,11 @@ async def _infer(request: Request, model: ModelVersion, deadline: float) -> Resp
     s = service(request)
     raw = await s.read_body(request, binary_ok=True)
     decoded = await s.decode(
-        codec.decode_infer, raw, s.signature(model),
+        codec.decode_infer,
+        raw,
+        s.signature(model),
         header_length=request.headers.get(codec.BINARY_HEADER),
-    )  # fmt: skip
+    )
     result = await s.run(model, decoded.x, decoded.outputs, deadline)
     body, headers = codec.encode_infer(model.name, model.version, result, decoded)
     media = "application/octet-stream" if headers else "application/json"
@@ -101,20 +103,27 @@ async def _predict(request: Request, model: ModelVersion, deadline: float) -> Re
     return Response(body, media_type="application/json")
 
 
-@router.post("/v2/models/{model_name}/infer", summary="Inference (latest version)",
-             openapi_extra=INFER_DOCS)  # fmt: skip
+@router.post(
+    "/v2/models/{model_name}/infer", summary="Inference (latest version)", openapi_extra=INFER_DOCS
+)
 async def infer_latest(request: Request, model_name: str) -> Response:
     return await service(request).admit(request, "infer", model_name, None, _infer)
 
 
-@router.post("/v2/models/{model_name}/versions/{version}/infer", summary="Inference",
-             openapi_extra=INFER_DOCS)  # fmt: skip
+@router.post(
+    "/v2/models/{model_name}/versions/{version}/infer",
+    summary="Inference",
+    openapi_extra=INFER_DOCS,
+)
 async def infer_version(request: Request, model_name: str, version: str) -> Response:
     return await service(request).admit(request, "infer", model_name, version, _infer)
 
 
-@router.post("/v1/models/{model_name}:predict", openapi_extra=PREDICT_DOCS,
-             summary="Labels and probabilities for rows of raw features")  # fmt: skip
+@router.post(
+    "/v1/models/{model_name}:predict",
+    openapi_extra=PREDICT_DOCS,
+    summary="Labels and probabilities for rows of raw features",
+)
 async def predict(request: Request, model_name: str) -> Response:
     return await service(request).admit(request, "predict", model_name, None, _predict)
 
@@ -124,8 +133,13 @@ async def predict(request: Request, model_name: str) -> Response:
 
 @router.get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
-    return json_response({"name": "smartmixed", "version": service(request).version,
-                          "extensions": ["binary_tensor_data"]})  # fmt: skip
+    return json_response(
+        {
+            "name": "smartmixed",
+            "version": service(request).version,
+            "extensions": ["binary_tensor_data"],
+        }
+    )
 
 
 @router.get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")

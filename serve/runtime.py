@@ -47,9 +47,14 @@ MAX_MODEL_BYTES: int = ServeSettings.model_fields["max_model_bytes"].default
 MAX_CONFIG_BYTES = 1024 * 1024  # config.pbtxt is text of a few hundred bytes
 # what the model metadata shows of an int8 entry's smartmixed.quantization (export/quantize.py)
 QUANTIZATION_FIGURES = (
-    "weight_type", "per_channel", "thresholds", "fp32_accuracy", "int8_accuracy", "agreement",
+    "weight_type",
+    "per_channel",
+    "thresholds",
+    "fp32_accuracy",
+    "int8_accuracy",
+    "agreement",
     "accuracy_drop_points",
-)  # fmt: skip
+)
 
 
 class ServeError(Exception):
@@ -162,9 +167,13 @@ def _providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISSOCK, "a socket"))  # fmt: skip
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def read_repository_file(
@@ -311,8 +320,9 @@ def load_version(
             except json.JSONDecodeError:
                 metadata[prop.key] = prop.value
     if not isinstance(metadata.get(META_SPEC), dict):
-        raise LoadError(f"{where}: {path} has no {META_SPEC} metadata (not written by "
-                        "smartmixed-export)")  # fmt: skip
+        raise LoadError(
+            f"{where}: {path} has no {META_SPEC} metadata (not written by smartmixed-export)"
+        )
     if nonfinite := nonfinite_initializers(proto):
         raise LoadError(f"{where}: {path}: {'; '.join(nonfinite)}")
     options = ort.SessionOptions()
@@ -340,10 +350,16 @@ def load_version(
     if not outputs or not all(_is_batch_of_rows(o.shape) for o in outputs):
         raise LoadError(f"{where}: expected outputs [batch, C]")
     return ModelVersion(
-        name=name, version=version_dir.name, path=path, session=session,
-        n_features=inputs[0].shape[1], n_classes=outputs[0].shape[1],
-        outputs=[o.name for o in outputs], metadata=metadata, config=config,
-    )  # fmt: skip
+        name=name,
+        version=version_dir.name,
+        path=path,
+        session=session,
+        n_features=inputs[0].shape[1],
+        n_classes=outputs[0].shape[1],
+        outputs=[o.name for o in outputs],
+        metadata=metadata,
+        config=config,
+    )
 
 
 def _is_batch_of_rows(shape: list) -> bool:
@@ -420,25 +436,35 @@ def load_repository(
             if is_version_name(folder.name):
                 versions.append(folder)
             elif not folder.name.startswith("."):
-                log.warning("%s: ignoring folder %r: version folders are named 1, 2, 3, ...",
-                            entry.name, folder.name)  # fmt: skip
+                log.warning(
+                    "%s: ignoring folder %r: version folders are named 1, 2, 3, ...",
+                    entry.name,
+                    folder.name,
+                )
         if not versions:
             refuse(entry.name, f"{entry.name}: no version folder (1, 2, ...) in {entry}")
             continue
         served = versions_to_serve(entry, versions, root=root)
         if len(served) < len(versions):
-            log.info("%s: serving version(s) %s of %s (version_policy)", entry.name,
-                     ", ".join(p.name for p in served),
-                     ", ".join(sorted((p.name for p in versions), key=int)))  # fmt: skip
+            log.info(
+                "%s: serving version(s) %s of %s (version_policy)",
+                entry.name,
+                ", ".join(p.name for p in served),
+                ", ".join(sorted((p.name for p in versions), key=int)),
+            )
         if not served:
             refuse(entry.name, f"{entry.name}: version_policy selects none of the versions")
             continue
         for version_dir in served:
             try:
                 loaded = load_version(
-                    entry.name, version_dir, device=device, threads=threads, root=root,
+                    entry.name,
+                    version_dir,
+                    device=device,
+                    threads=threads,
+                    root=root,
                     max_model_bytes=max_model_bytes,
-                )  # fmt: skip
+                )
             except DeviceError:
                 raise  # the device is unusable for every model: skipping would serve nothing
             except LoadError as e:

@@ -262,11 +262,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             else b'{"ready":%s}' % (b"true" if ready else b"false")
         )
         keep_alive = self.parser.should_keep_alive() and not self.draining
-        self.transport.write(b"".join([
-            STATUS_LINE[200 if ready else 503],
-            b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-            b"\r\n" if keep_alive else b"\r\nconnection: close\r\n", b"\r\n", body,
-        ]))  # fmt: skip
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[200 if ready else 503],
+                    b"content-type: application/json\r\ncontent-length: ",
+                    str(len(body)).encode(),
+                    b"\r\n" if keep_alive else b"\r\nconnection: close\r\n",
+                    b"\r\n",
+                    body,
+                ]
+            )
+        )
         self.cycle = _Answered(keep_alive=keep_alive)  # type: ignore[assignment]
         if keep_alive:
             self.on_response_complete()
@@ -335,9 +342,13 @@ def protocol_class(
     return type(
         "SmartmixedHttpProtocol",
         (LimitedHttpProtocol,),
-        {"limits": limits, "stats": stats, "ready": staticmethod(ready) if ready else None,
-         "_sweepers": {}},
-    )  # fmt: skip
+        {
+            "limits": limits,
+            "stats": stats,
+            "ready": staticmethod(ready) if ready else None,
+            "_sweepers": {},
+        },
+    )
 
 
 class _Server(uvicorn.Server):
@@ -363,10 +374,17 @@ def run_server(
 ) -> bool:
     """Serve ``app`` until SIGTERM/SIGINT; False when it did not start (the reason is logged)."""
     config = uvicorn.Config(
-        app, host=host, port=port, http=protocol_class(limits, stats, ready), loop="auto",
-        log_level=log_level, access_log=False, timeout_keep_alive=keep_alive_timeout_s,
-        timeout_graceful_shutdown=graceful_shutdown_s, server_header=False,
-    )  # fmt: skip
+        app,
+        host=host,
+        port=port,
+        http=protocol_class(limits, stats, ready),
+        loop="auto",
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=keep_alive_timeout_s,
+        timeout_graceful_shutdown=graceful_shutdown_s,
+        server_header=False,
+    )
     server = _Server(config)
     gc.collect()
     gc.freeze()  # the loaded models, the app, the imports: never garbage, never scanned again

@@ -26,9 +26,11 @@ from smartmixed.train.model import MixedMLP, ModelSpec, SpecError
 CHECKPOINT = "checkpoint.safetensors"
 REPORT = "report.md"
 PLOTS = {
-    "curves": "curves.png", "activations": "activations.png", "selection": "selection.png",
+    "curves": "curves.png",
+    "activations": "activations.png",
+    "selection": "selection.png",
     "logit_gradients": "logit-gradients.png",
-}  # fmt: skip
+}
 
 
 class ArtifactError(ValueError):

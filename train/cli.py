@@ -44,9 +44,19 @@ examples:
 
 # options whose default comes from --protocol (None on the command line: the protocol's value)
 PROTOCOL_OPTIONS = (
-    "p1_epochs", "p2_epochs", "epochs", "lr", "logit_lr", "batch_size", "tau", "tau_end",
-    "select", "candidate_norm", "grad_clip", "phase2_init",
-)  # fmt: skip
+    "p1_epochs",
+    "p2_epochs",
+    "epochs",
+    "lr",
+    "logit_lr",
+    "batch_size",
+    "tau",
+    "tau_end",
+    "select",
+    "candidate_norm",
+    "grad_clip",
+    "phase2_init",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,48 +75,73 @@ def build_parser() -> argparse.ArgumentParser:
     arch.add_argument("--preset", help="a named architecture (see --list-presets)")
     p.add_argument("--mode", default="smartmixed", help="smartmixed (default) or fixed:ACTIVATION")
     p.add_argument("--pool", help="comma-separated candidate activations (smartmixed)")
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default=DEFAULT_PROTOCOL,
-                   help="a named set of defaults that the options below override: smartmixed "
-                   "(default; the study's choice), paper (exactly the paper's protocol), "
-                   "reference-code (paper plus the reference code's quirks)")  # fmt: skip
+    p.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=DEFAULT_PROTOCOL,
+        help="a named set of defaults that the options below override: smartmixed "
+        "(default; the study's choice), paper (exactly the paper's protocol), "
+        "reference-code (paper plus the reference code's quirks)",
+    )
     d = PROTOCOLS[DEFAULT_PROTOCOL]
     p.add_argument("--p1-epochs", type=int, help=f"phase-1 epochs (default {d['p1_epochs']})")
     p.add_argument("--p2-epochs", type=int, help=f"phase-2 epochs (default {d['p2_epochs']})")
     p.add_argument("--epochs", type=int, help=f"epochs of a fixed run (default {d['epochs']})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d['lr']})")
-    p.add_argument("--logit-lr", type=float,
-                   help=f"learning rate of the activation logits (default {d['logit_lr']}; "
-                   "paper: the same as --lr)")  # fmt: skip
+    p.add_argument(
+        "--logit-lr",
+        type=float,
+        help=f"learning rate of the activation logits (default {d['logit_lr']}; "
+        "paper: the same as --lr)",
+    )
     p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
     p.add_argument("--tau", type=float, help=f"Gumbel-Softmax temperature (default {d['tau']})")
-    p.add_argument("--tau-end", type=float,
-                   help="phase-1 temperature at the last epoch, annealed exponentially from "
-                   "--tau (default: constant)")  # fmt: skip
-    p.add_argument("--select", choices=SELECT_RULES,
-                   help="which phase-1 epoch's argmax is frozen: best validation loss, best "
-                   f"validation accuracy, or the last (default {d['select']})")  # fmt: skip
-    p.add_argument("--candidate-norm", choices=CANDIDATE_NORMS,
-                   help="standard: each candidate scaled to zero mean, unit variance under "
-                   "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
-                   "smartmixed; none for fixed baselines and the paper protocols)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--grad-clip", type=float,
-                   help=f"gradient-norm clip (default {d['grad_clip']})")  # fmt: skip
     p.add_argument(
-        "--phase2-init", choices=PHASE2_INITS,
+        "--tau-end",
+        type=float,
+        help="phase-1 temperature at the last epoch, annealed exponentially from "
+        "--tau (default: constant)",
+    )
+    p.add_argument(
+        "--select",
+        choices=SELECT_RULES,
+        help="which phase-1 epoch's argmax is frozen: best validation loss, best "
+        f"validation accuracy, or the last (default {d['select']})",
+    )
+    p.add_argument(
+        "--candidate-norm",
+        choices=CANDIDATE_NORMS,
+        help="standard: each candidate scaled to zero mean, unit variance under "
+        "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
+        "smartmixed; none for fixed baselines and the paper protocols)",
+    )
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d['grad_clip']})")
+    p.add_argument(
+        "--phase2-init",
+        choices=PHASE2_INITS,
         help="phase 2 keeps the phase-1 weights (continue, default) or re-initialises them "
         "(fresh, as the reference code does)",
-    )  # fmt: skip
-    p.add_argument("--logit-init-std", type=float, default=0.0,
-                   help="std of the initial activation logits (default 0: all equal)")  # fmt: skip
+    )
+    p.add_argument(
+        "--logit-init-std",
+        type=float,
+        default=0.0,
+        help="std of the initial activation logits (default 0: all equal)",
+    )
     p.add_argument("--out", type=Path, help="run folder, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    p.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
-                   help="print a comparison of finished runs and exit")  # fmt: skip
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="print a comparison of finished runs and exit",
+    )
     return p
 
 
@@ -129,10 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable_folder(args.out, what="--out")  # before any data is loaded
         arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
         config = TrainConfig.from_protocol(
-            args.protocol, arch=arch, mode=args.mode, pool=args.pool, seed=args.seed,
+            args.protocol,
+            arch=arch,
+            mode=args.mode,
+            pool=args.pool,
+            seed=args.seed,
             logit_init_std=args.logit_init_std,
             **{name: getattr(args, name) for name in PROTOCOL_OPTIONS},
-        )  # fmt: skip
+        )
         dataset = load_dataset(
             args.data, data_dir=args.data_dir, seed=args.seed, label_column=args.label_column
         )
@@ -141,9 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"data: {dataset.summary()}")
             print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
         spec = train_run(
-            config=config, dataset=dataset, out=args.out, resume=args.resume,
-            overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-        )  # fmt: skip
+            config=config,
+            dataset=dataset,
+            out=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            progress=not args.quiet,
+        )
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if not main_rank:
@@ -152,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smartmixed-train: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the run folder became unwritable (disk full, ...) after the check
-        print(f"smartmixed-train: error: {e.filename or args.out}: {e.strerror or e}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"smartmixed-train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print(

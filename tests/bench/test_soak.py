@@ -35,15 +35,49 @@ from smartmixed.bench.soak import (
 
 HAS_WRK = shutil.which("wrk") is not None
 TINY = [
-    "--arch", "64,32,10", "--soak-duration", "2", "--soak-concurrency", "4",
-    "--overload-duration", "2", "--overload-concurrency", "64", "--client-timeout", "5",
-    "--slow-clients", "20", "--slow-duration", "3.5", "--slow-interval", "0.5",
-    "--header-mb", "2", "--header-limit", "10",
-    "--sigterm-concurrency", "4", "--sigterm-after", "1", "--drain-limit", "10",
-    "--server-env", "SMARTMIXED_HEADER_TIMEOUT_S=1", "--quiet",
-]  # fmt: skip
-ENTRY_KEYS = {"status", "error", "config", "server", "measured", "targets", "meets_target",
-              "series", "elapsed_s"}  # fmt: skip
+    "--arch",
+    "64,32,10",
+    "--soak-duration",
+    "2",
+    "--soak-concurrency",
+    "4",
+    "--overload-duration",
+    "2",
+    "--overload-concurrency",
+    "64",
+    "--client-timeout",
+    "5",
+    "--slow-clients",
+    "20",
+    "--slow-duration",
+    "3.5",
+    "--slow-interval",
+    "0.5",
+    "--header-mb",
+    "2",
+    "--header-limit",
+    "10",
+    "--sigterm-concurrency",
+    "4",
+    "--sigterm-after",
+    "1",
+    "--drain-limit",
+    "10",
+    "--server-env",
+    "SMARTMIXED_HEADER_TIMEOUT_S=1",
+    "--quiet",
+]
+ENTRY_KEYS = {
+    "status",
+    "error",
+    "config",
+    "server",
+    "measured",
+    "targets",
+    "meets_target",
+    "series",
+    "elapsed_s",
+}
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:
@@ -66,8 +100,15 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_structure(result: dict[str, Any]) -> None:
-    assert {"config", "server_command", "server_command_shell", "machine", "scenarios",
-            "summary", "elapsed_s"} <= set(result)  # fmt: skip
+    assert {
+        "config",
+        "server_command",
+        "server_command_shell",
+        "machine",
+        "scenarios",
+        "summary",
+        "elapsed_s",
+    } <= set(result)
     assert list(result["scenarios"]) == list(SCENARIOS)
     assert result["config"]["server_env"]["SMARTMIXED_HEADER_TIMEOUT_S"] == "1"
     assert result["config"]["server_settings"]["header_timeout_s"] == 1.0
@@ -139,8 +180,20 @@ def test_sigterm_measured(result: dict[str, Any]) -> None:
 
 def test_a_server_that_cannot_start_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, _ = run_cli(["soak", "--out", str(out), "--arch", "64,32,10", "--scenarios",
-                       "header", "--server-env", "SMARTMIXED_MAX_BATCH_SIZE=-1", "--quiet"])  # fmt: skip
+    code, _ = run_cli(
+        [
+            "soak",
+            "--out",
+            str(out),
+            "--arch",
+            "64,32,10",
+            "--scenarios",
+            "header",
+            "--server-env",
+            "SMARTMIXED_MAX_BATCH_SIZE=-1",
+            "--quiet",
+        ]
+    )
     assert code == 0
     entry = json.loads((out / "soak.json").read_text())["scenarios"]["header"]
     assert entry["status"] == "failed"
@@ -186,8 +239,7 @@ def test_parse_options() -> None:
 def test_evaluate() -> None:
     targets = {"a": ("<", 5.0), "b": ("<=", 0), "c": ("==", True), "d": (">=", 1.0), "e": ("<", 1)}
     measured = {"a": 5.0, "b": 0, "c": True, "d": 0.5, "e": None}
-    assert evaluate(measured, targets) == {"a": False, "b": True, "c": True, "d": False,
-                                           "e": None}  # fmt: skip
+    assert evaluate(measured, targets) == {"a": False, "b": True, "c": True, "d": False, "e": None}
 
 
 def test_rss_halves() -> None:
@@ -201,37 +253,55 @@ def test_rss_halves() -> None:
 
 def test_classify_sigterm() -> None:
     def at(end: float, outcome: str, status: int | None = None, reused: bool = False) -> Attempt:
-        return Attempt(start=end - 0.01, seconds=0.01, outcome=outcome, status=status,
-                       reused=reused)  # fmt: skip
+        return Attempt(
+            start=end - 0.01, seconds=0.01, outcome=outcome, status=status, reused=reused
+        )
 
     attempts = [
-        at(1, "reply", 200), at(11, "reply", 200),
-        at(11, "reply", 503), at(1, "reply", 503),  # shed while draining / before the signal
-        at(11, "refused"), at(1, "refused"),
-        at(11, "no_response", reused=True), at(11, "no_response"),  # idle race / fresh
-        at(11, "cut"), at(11, "timeout"), at(11, "reply", 500),
-    ]  # fmt: skip
+        at(1, "reply", 200),
+        at(11, "reply", 200),
+        at(11, "reply", 503),
+        at(1, "reply", 503),  # shed while draining / before the signal
+        at(11, "refused"),
+        at(1, "refused"),
+        at(11, "no_response", reused=True),
+        at(11, "no_response"),  # idle race / fresh
+        at(11, "cut"),
+        at(11, "timeout"),
+        at(11, "reply", 500),
+    ]
     assert classify_sigterm(attempts, t_signal=10) == {
-        "ok": 2, "shed_503_draining": 1, "failed_status_503": 1, "refused_listener_closed": 1,
-        "failed_refused": 1, "closed_idle_keepalive": 1, "failed_no_response": 1,
-        "failed_cut": 1, "failed_timeout": 1, "failed_status_500": 1,
-    }  # fmt: skip
+        "ok": 2,
+        "shed_503_draining": 1,
+        "failed_status_503": 1,
+        "refused_listener_closed": 1,
+        "failed_refused": 1,
+        "closed_idle_keepalive": 1,
+        "failed_no_response": 1,
+        "failed_cut": 1,
+        "failed_timeout": 1,
+        "failed_status_500": 1,
+    }
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
         (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", (200, False, False)),
-        (b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
-         (503, True, True)),
-        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-         (200, False, False)),
+        (
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nConnection: close\r\ncontent-length: 0\r\n\r\n",
+            (503, True, True),
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            (200, False, False),
+        ),
         (b"HTTP/1.1 408 Timeout\r\n\r\nbody until close", (408, False, True)),
         (b"", NoResponse),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", CutResponse),
         (b"HTTP/1.1 200 O", CutResponse),
     ],
-)  # fmt: skip
+)
 def test_read_reply(raw: bytes, expected: Any) -> None:
     async def parse() -> Any:
         reader = asyncio.StreamReader()

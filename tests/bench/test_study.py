@@ -19,8 +19,16 @@ from smartmixed.bench.study import (
 )
 
 # 2 architectures x 2 models x 2 seeds = 8 cells, each a real (two-epoch) smartmixed-train run
-GRID = ["--data", "digits", "--archs", "64,16,10;64,8,10", "--models", "relu,smartmixed",
-        "--seeds", "2"]  # fmt: skip
+GRID = [
+    "--data",
+    "digits",
+    "--archs",
+    "64,16,10;64,8,10",
+    "--models",
+    "relu,smartmixed",
+    "--seeds",
+    "2",
+]
 TRAIN = ["--", "--p1-epochs", "1", "--p2-epochs", "1", "--epochs", "2", "--lr", "3e-3"]
 CELLS = {
     (arch, model, seed)
@@ -124,8 +132,22 @@ def test_failing_cell_is_reported_and_the_study_goes_on(tmp_path: Path, monkeypa
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
     out = tmp_path / "study"
-    args = ["study", "--out", str(out), "--data", "digits", "--archs", "64,8,10", "--models",
-            "relu", "--seeds", "2", "--jobs", "2", "--quiet"]  # fmt: skip
+    args = [
+        "study",
+        "--out",
+        str(out),
+        "--data",
+        "digits",
+        "--archs",
+        "64,8,10",
+        "--models",
+        "relu",
+        "--seeds",
+        "2",
+        "--jobs",
+        "2",
+        "--quiet",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     threads = max(1, (os.cpu_count() or 1) // 2)
@@ -145,8 +167,11 @@ def test_collect_with_no_complete_cell_exits_1(tmp_path: Path, capsys) -> None:
 def test_competition_ranks_and_mean_reciprocal_rank() -> None:
     assert competition_ranks({"x": 0.9, "y": 0.9, "z": 0.8}) == {"x": 1, "y": 1, "z": 3}
     assert competition_ranks({"x": 0.7, "y": 0.8, "z": 0.8, "w": 0.9}) == {
-        "x": 4, "y": 2, "z": 2, "w": 1,
-    }  # fmt: skip
+        "x": 4,
+        "y": 2,
+        "z": 2,
+        "w": 1,
+    }
     mrr = mean_reciprocal_rank({"a1": {"x": 1, "y": 2, "z": 3}, "a2": {"x": 2, "y": 1, "z": 3}})
     assert mrr == pytest.approx({"x": 0.75, "y": 0.75, "z": 1 / 3})
     # an architecture missing a model does not count
@@ -159,12 +184,17 @@ def test_paired_outcomes_on_hand_made_cells() -> None:
     cells = [
         {"archkey": a, "model": m, "seed": s, "test_accuracy": acc}
         for a, m, s, acc in [
-            ("a1", "mixed", 0, 0.9), ("a1", "relu", 0, 0.8), ("a1", "tanh", 0, 0.95),
-            ("a1", "mixed", 1, 0.7), ("a1", "relu", 1, 0.7), ("a1", "tanh", 1, 0.6),
-            ("a2", "mixed", 0, 0.5), ("a2", "relu", 0, 0.6),
+            ("a1", "mixed", 0, 0.9),
+            ("a1", "relu", 0, 0.8),
+            ("a1", "tanh", 0, 0.95),
+            ("a1", "mixed", 1, 0.7),
+            ("a1", "relu", 1, 0.7),
+            ("a1", "tanh", 1, 0.6),
+            ("a2", "mixed", 0, 0.5),
+            ("a2", "relu", 0, 0.6),
             ("a2", "relu", 1, 0.9),  # no mixed cell on (a2, 1): not a pair
         ]
-    ]  # fmt: skip
+    ]
     assert paired_outcomes(cells, challengers=["mixed"], baselines=["relu", "tanh"]) == {
         "mixed": {
             "relu": {"wins": 1, "ties": 1, "losses": 1},
@@ -190,7 +220,10 @@ def test_summary_interval_is_student_t() -> None:
         (["--variant", "relu=--lr 1e-3"], "label(s) relu given twice"),
         (["--variant", "../up=--lr 1e-3"], "label '../up' must be a folder name"),
         (["--variant", "fast=--lr fast"], "--variant fast: smartmixed-train rejects '--lr fast'"),
-        (["--variant", "v=--mode fixed:nope"], "--variant v: --mode fixed:nope: unknown activation"),
+        (
+            ["--variant", "v=--mode fixed:nope"],
+            "--variant v: --mode fixed:nope: unknown activation",
+        ),
         (["--variant", "v=--out elsewhere"], "--variant v: --out is set by the study"),
         (["--seeds", "0"], "--seeds '0': the number of seeds must be >= 1"),
         (["--seeds", "1,x"], "--seeds '1,x': expected N or a comma-separated list"),
@@ -199,7 +232,7 @@ def test_summary_interval_is_student_t() -> None:
         (["--", "--mode", "fixed:relu"], "--mode is set by the study"),
         (["--", "--epochs", "2", "--bogus"], "smartmixed-train does not know '--bogus'"),
     ],
-)  # fmt: skip
+)
 def test_bad_options_exit_2_with_a_message(tmp_path: Path, capsys, args, message) -> None:
     out = tmp_path / "study"
     assert main(["study", "--out", str(out), "--data", "digits", "--models", "relu", *args]) == 2

@@ -7,8 +7,22 @@ from smartmixed.bench.cli import main
 
 
 def test_train_cost_writes_json_md_png(tmp_path: Path) -> None:
-    code = main(["train-cost", "--out", str(tmp_path), "--arch", "64,48,32,10", "--rounds", "2",
-                 "--steps", "3", "--warmup", "1", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "train-cost",
+            "--out",
+            str(tmp_path),
+            "--arch",
+            "64,48,32,10",
+            "--rounds",
+            "2",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "train-cost.json").read_text())
     assert set(result["models"]) == {"fixed_relu", "phase1", "phase2", "phase1_naive"}

@@ -21,8 +21,11 @@ from smartmixed.train.cli import build_parser as train_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-PARSERS = {"smartmixed-train": train_parser, "smartmixed-export": export_parser,
-           "smartmixed-serve": serve_parser}  # fmt: skip
+PARSERS = {
+    "smartmixed-train": train_parser,
+    "smartmixed-export": export_parser,
+    "smartmixed-serve": serve_parser,
+}
 VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(:?[-?][^}]*)?\}")
 
 
@@ -50,28 +53,40 @@ def _mounts(service: dict) -> dict[str, str]:
     return {v.split(":")[0]: v.split(":")[1] for v in service.get("volumes", [])}
 
 
-needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None,
-                                   reason="docker-compose not installed (.ci/run installs it)")  # fmt: skip
-needs_nginx = pytest.mark.skipif(shutil.which("nginx") is None,
-                                 reason="nginx not installed (.ci/run installs it)")  # fmt: skip
+needs_compose = pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (.ci/run installs it)",
+)
+needs_nginx = pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="nginx not installed (.ci/run installs it)"
+)
 
 
 @needs_compose
 @pytest.mark.parametrize("profiles", [[], ["gpu"], ["scale"], ["gpu", "scale"]])
 def test_compose_file_is_valid(profiles: list[str]) -> None:
     flags = [arg for p in profiles for arg in ("--profile", p)]
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), *flags, "config", "-q"],
-                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), *flags, "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
 
 
 @needs_compose
 def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
-    broken = COMPOSE.read_text().replace("condition: service_completed_successfully",
-                                         "condition: when_it_feels_like_it", 1)  # fmt: skip
+    broken = COMPOSE.read_text().replace(
+        "condition: service_completed_successfully", "condition: when_it_feels_like_it", 1
+    )
     (tmp_path / "docker-compose.yml").write_text(broken)
-    result = subprocess.run(["docker-compose", "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        ["docker-compose", "-f", str(tmp_path / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
 
 
@@ -94,8 +109,12 @@ def test_service_commands_are_real_stage_commands() -> None:
             seen.add(program)
     assert seen == set(PARSERS)
     for stage in ("train", "export", "serve"):
-        result = subprocess.run([sys.executable, "-m", f"smartmixed.{stage}", "--help"],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", f"smartmixed.{stage}", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
@@ -164,18 +183,38 @@ def test_nginx_config_passes_nginx_t_and_balances_real_servers(
     lb_port = _free_port()
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     assert "server serve-replica:8000" in conf
-    conf = conf.replace("server serve-replica:8000 max_fails=3 fail_timeout=5s;",
-                        "".join(f"server 127.0.0.1:{p};" for p in ports))  # fmt: skip
+    conf = conf.replace(
+        "server serve-replica:8000 max_fails=3 fail_timeout=5s;",
+        "".join(f"server 127.0.0.1:{p};" for p in ports),
+    )
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
     (tmp_path / "nginx.conf").write_text(conf)
-    check = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                           capture_output=True, text=True)  # fmt: skip
+    check = subprocess.run(
+        ["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stderr
 
-    servers = [subprocess.Popen([sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-                                 "--port", str(p), "--log-level", "warning"]) for p in ports]  # fmt: skip
-    nginx = subprocess.Popen(["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path),
-                              "-g", "daemon off;"])  # fmt: skip
+    servers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smartmixed.serve",
+                "--repository",
+                str(repository),
+                "--port",
+                str(p),
+                "--log-level",
+                "warning",
+            ]
+        )
+        for p in ports
+    ]
+    nginx = subprocess.Popen(
+        ["nginx", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path), "-g", "daemon off;"]
+    )
     try:
         deadline = time.monotonic() + 60
         for p in ports:
@@ -189,8 +228,12 @@ def test_nginx_config_passes_nginx_t_and_balances_real_servers(
                 except httpx.TransportError:
                     time.sleep(0.1)
         body = {"instances": [[0.0] * 64]}
-        statuses = [httpx.post(f"http://127.0.0.1:{lb_port}/v1/models/mixed:predict", json=body,
-                               timeout=10).status_code for _ in range(20)]  # fmt: skip
+        statuses = [
+            httpx.post(
+                f"http://127.0.0.1:{lb_port}/v1/models/mixed:predict", json=body, timeout=10
+            ).status_code
+            for _ in range(20)
+        ]
         assert statuses == [200] * 20
         counts = []
         for p in ports:

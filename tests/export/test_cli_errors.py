@@ -86,8 +86,9 @@ def test_unusable_repository_paths_are_refused_before_any_work(
         )
     for repository, message in expected.items():
         assert _export(capsys, str(run_dir), "--repository", repository) == (
-            2, f"smartmixed-export: error: {message}\n",
-        )  # fmt: skip
+            2,
+            f"smartmixed-export: error: {message}\n",
+        )
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-file", "models", "tiny"]
 
 
@@ -106,9 +107,10 @@ def test_nan_or_inf_in_a_run_is_named_before_any_comparison(
     )
     models = tmp_path / "models"
     assert _export(capsys, str(run), "--repository", str(models)) == (
-        2, f"smartmixed-export: error: {run / 'model.safetensors'}: weights layers.0.bias hold "
+        2,
+        f"smartmixed-export: error: {run / 'model.safetensors'}: weights layers.0.bias hold "
         "1 inf value; weights layers.1.weight hold 3 NaN values\n",
-    )  # fmt: skip
+    )
 
     artifacts.save_tensors(run / "model.safetensors", weights)
     spec = json.loads((run / "model.json").read_text())
@@ -116,9 +118,10 @@ def test_nan_or_inf_in_a_run_is_named_before_any_comparison(
     spec["preprocessing"]["offset"] = float("nan")
     (run / "model.json").write_text(json.dumps(spec))  # json writes NaN / Infinity literals
     assert _export(capsys, str(run), "--repository", str(models)) == (
-        2, f"smartmixed-export: error: {run / 'model.json'}: preprocessing offset holds 1 NaN "
+        2,
+        f"smartmixed-export: error: {run / 'model.json'}: preprocessing offset holds 1 NaN "
         "value; preprocessing scale holds 1 inf value\n",
-    )  # fmt: skip
+    )
     assert not models.exists()
     assert torch.isfinite(weights["layers.1.weight"]).all()  # the fixture's run is untouched
 
@@ -129,9 +132,10 @@ def test_verify_only_checks_the_config_and_names_nan(entry: Path, tmp_path: Path
     text = config.read_text()
     config.write_text('name: "tiny"\nmax_batch_size: [\n')
     assert _export(capsys, "--verify-only", str(copy)) == (
-        2, f"smartmixed-export: error: {config}:2:17: 'max_batch_size: [': Couldn't parse "
+        2,
+        f"smartmixed-export: error: {config}:2:17: 'max_batch_size: [': Couldn't parse "
         "integer: [\n",
-    )  # fmt: skip
+    )
     config.write_text(text.replace("dims: [ 64 ]", "dims: [ 63 ]"))
     code, err = _export(capsys, "--verify-only", str(copy))
     assert code == 2 and err == (

@@ -26,23 +26,43 @@ from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL, LEAKY_RELU_SLOPE
 ALL = list(ACTIVATIONS)
 FOLDED = tuple(MERGES_PRELU)  # ("folded", "folded_tanh")
 # A neuron whose presence triggers each activation's fold (or none, for the unfolded ones).
-PARTNER = {"relu": "leaky_relu", "leaky_relu": "identity", "identity": "relu",
-           "sigmoid": "tanh", "tanh": "sigmoid", "elu": "selu", "selu": "elu"}  # fmt: skip
+PARTNER = {
+    "relu": "leaky_relu",
+    "leaky_relu": "identity",
+    "identity": "relu",
+    "sigmoid": "tanh",
+    "tanh": "sigmoid",
+    "elu": "selu",
+    "selu": "elu",
+}
 # The group an activation lands in when its partner shares the layer.
 FOLDED_GROUP = {
     "folded": {"relu": "prelu", "leaky_relu": "prelu", "identity": "prelu", "tanh": "sigmoid"},
     "folded_tanh": {"tanh": "sigmoid"},
 }
-SINGLE_OP = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "leaky_relu": "LeakyRelu",
-             "elu": "Elu", "selu": "Selu", "softsign": "Softsign", "identity": "Identity"}  # fmt: skip
+SINGLE_OP = {
+    "relu": "Relu",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "leaky_relu": "LeakyRelu",
+    "elu": "Elu",
+    "selu": "Selu",
+    "softsign": "Softsign",
+    "identity": "Identity",
+}
 
 
 def spec_of(assignment: list[list[str]], pool: list[str], n_in: int = 8) -> ModelSpec:
     arch = [n_in, *(len(layer) for layer in assignment), 3]
     return ModelSpec(
-        arch=arch, pool=pool, mode="smartmixed", assignment=assignment,
-        preprocessing={"offset": 0.5, "scale": 2.0}, input_shape=[n_in], labels=["a", "b", "c"],
-    )  # fmt: skip
+        arch=arch,
+        pool=pool,
+        mode="smartmixed",
+        assignment=assignment,
+        preprocessing={"offset": 0.5, "scale": 2.0},
+        input_shape=[n_in],
+        labels=["a", "b", "c"],
+    )
 
 
 def verified(spec: ModelSpec, lowering: str, seed: int, span: float = 3.0) -> onnx.ModelProto:
@@ -90,13 +110,25 @@ def test_a_layer_with_every_default_group(lowering: str) -> None:
     first, second = lowering_summary(model, spec, lowering=lowering)["layers"]
     groups = {g["name"]: g["activations"] for g in first["groups"]}
     if lowering == "folded":  # 6 activations -> 4 groups: Gemm, Split, 4 ops, Concat
-        assert groups == {"prelu": {"relu": 3, "leaky_relu": 3}, "sigmoid": {"sigmoid": 3, "tanh": 3},
-                          "elu": {"elu": 3}, "selu": {"selu": 3}}  # fmt: skip
+        assert groups == {
+            "prelu": {"relu": 3, "leaky_relu": 3},
+            "sigmoid": {"sigmoid": 3, "tanh": 3},
+            "elu": {"elu": 3},
+            "selu": {"selu": 3},
+        }
         assert ops(model, 0) == ["Gemm", "Split", "PRelu", "Sigmoid", "Elu", "Selu", "Concat"]
     else:  # relu and leaky_relu keep their ops: 5 groups
         assert list(groups) == ["relu", "sigmoid", "leaky_relu", "elu", "selu"]
-        assert ops(model, 0) == ["Gemm", "Split", "Relu", "Sigmoid", "LeakyRelu", "Elu", "Selu",
-                                 "Concat"]  # fmt: skip
+        assert ops(model, 0) == [
+            "Gemm",
+            "Split",
+            "Relu",
+            "Sigmoid",
+            "LeakyRelu",
+            "Elu",
+            "Selu",
+            "Concat",
+        ]
     # tanh and sigmoid only: one Sigmoid, no Split
     assert second["groups"] == [
         {"name": "sigmoid", "rows": 8, "activations": {"sigmoid": 4, "tanh": 4}}
@@ -138,8 +170,9 @@ def test_prelu_slopes_and_tanh_rows() -> None:
 
 def test_fewer_nodes_than_permuted_on_a_full_mix() -> None:
     rng = np.random.default_rng(3)
-    spec = spec_of([list(rng.permutation(list(DEFAULT_POOL) * 4)) for _ in range(3)],
-                   list(DEFAULT_POOL))  # fmt: skip
+    spec = spec_of(
+        [list(rng.permutation(list(DEFAULT_POOL) * 4)) for _ in range(3)], list(DEFAULT_POOL)
+    )
     torch.manual_seed(3)
     state = {k: v.numpy() for k, v in MixedMLP.from_spec(spec).canonical_state_dict().items()}
     nodes = {

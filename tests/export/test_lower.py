@@ -23,10 +23,15 @@ def make_spec(arch: list[int], pool: list[str], seed: int, **extra) -> ModelSpec
     if arch[1] > 2:
         assignment[0][0] = pool[-1]  # often a single-neuron group
     return ModelSpec(
-        arch=arch, pool=pool, mode="smartmixed", assignment=assignment,
-        preprocessing={"offset": 0.5, "scale": 2.0}, input_shape=[arch[0]],
-        labels=[str(i) for i in range(arch[-1])], **extra,
-    )  # fmt: skip
+        arch=arch,
+        pool=pool,
+        mode="smartmixed",
+        assignment=assignment,
+        preprocessing={"offset": 0.5, "scale": 2.0},
+        input_shape=[arch[0]],
+        labels=[str(i) for i in range(arch[-1])],
+        **extra,
+    )
 
 
 def build(spec: ModelSpec, seed: int) -> tuple[MixedMLP, dict[str, np.ndarray]]:
@@ -76,10 +81,15 @@ def test_index_ops_only_in_scatter() -> None:
 
 def test_fixed_model_is_gemm_and_one_activation_per_layer() -> None:
     arch = [10, 8, 6, 3]
-    spec = ModelSpec(arch=arch, pool=["tanh"], mode="fixed:tanh",
-                     assignment=[["tanh"] * 8, ["tanh"] * 6],
-                     preprocessing={"offset": 0.0, "scale": 1 / 255}, input_shape=[10],
-                     labels=["a", "b", "c"])  # fmt: skip
+    spec = ModelSpec(
+        arch=arch,
+        pool=["tanh"],
+        mode="fixed:tanh",
+        assignment=[["tanh"] * 8, ["tanh"] * 6],
+        preprocessing={"offset": 0.0, "scale": 1 / 255},
+        input_shape=[10],
+        labels=["a", "b", "c"],
+    )
     _, state = build(spec, 0)
     for lowering in LOWERINGS:
         ops = [n.op_type for n in lower(spec, state, lowering=lowering).graph.node]
@@ -122,8 +132,12 @@ def test_a_wrong_graph_fails_verification_with_the_differences() -> None:
     model, state = build(spec, 4)
     bad = dict(state)
     bad["layers.1.bias"] = state["layers.1.bias"] + np.float32(1e-3)
-    inputs = input_sets(9, test_x=np.random.default_rng(0).uniform(0, 1, (50, 9)).astype(np.float32),
-                        low=0.0, high=1.0)  # fmt: skip
+    inputs = input_sets(
+        9,
+        test_x=np.random.default_rng(0).uniform(0, 1, (50, 9)).astype(np.float32),
+        low=0.0,
+        high=1.0,
+    )
     with pytest.raises(
         VerificationError, match=r"test \(basic, 50 samples\): max abs diff"
     ) as info:
@@ -135,9 +149,14 @@ def test_a_wrong_graph_fails_verification_with_the_differences() -> None:
 @pytest.mark.parametrize("opset", [13, 17, 20, 21])
 def test_every_activation_at_every_supported_opset(opset: int) -> None:
     spec = ModelSpec(
-        arch=[8, len(ALL) * 2, 3], pool=ALL, mode="smartmixed", assignment=[ALL + ALL],
-        preprocessing={"offset": 0.0, "scale": 1.0}, input_shape=[8], labels=["a", "b", "c"],
-    )  # fmt: skip
+        arch=[8, len(ALL) * 2, 3],
+        pool=ALL,
+        mode="smartmixed",
+        assignment=[ALL + ALL],
+        preprocessing={"offset": 0.0, "scale": 1.0},
+        input_shape=[8],
+        labels=["a", "b", "c"],
+    )
     model, state = build(spec, opset)
     for lowering in LOWERINGS:
         onnx_model = lower(spec, state, lowering=lowering, opset=opset)

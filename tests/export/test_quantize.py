@@ -64,9 +64,13 @@ def test_int8_export_writes_a_verified_entry(models: Path, digits: Dataset) -> N
     )
     assert set(q["max_probability_difference"]) == {"test", "random", "edge"}
     assert sorted((r["input_set"], r["optimization"], r["batch"]) for r in q["results"]) == sorted(
-        [(s, level, n) for s, n in (("test", 360), ("random", 512), ("edge", 7))
-         for level in ("basic", "all")] + [("test", "basic", 1), ("test", "all", 1)]
-    )  # fmt: skip
+        [
+            (s, level, n)
+            for s, n in (("test", 360), ("random", 512), ("edge", 7))
+            for level in ("basic", "all")
+        ]
+        + [("test", "basic", 1), ("test", "all", 1)]
+    )
     assert set(q["candidates"]) == {"per_tensor", "per_channel"}
     timings = q["timings"]
     assert set(timings["median_ms"]) == {"fp32", "per_tensor", "per_channel"}
@@ -140,8 +144,10 @@ def test_an_impossible_threshold_is_refused_and_writes_nothing(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     # both granularities fail, each with its figures (defaults for the other threshold)
-    figures = r" \(agreement 0\.\d{4}, min [\d.]+; test accuracy \d+\.\d\d% against fp32 " \
-        r"\d+\.\d\d%, drop -?\d+\.\d\d points, max -?[\d.]+; 360 test samples\)"  # fmt: skip
+    figures = (
+        r" \(agreement 0\.\d{4}, min [\d.]+; test accuracy \d+\.\d\d% against fp32 "
+        r"\d+\.\d\d%, drop -?\d+\.\d\d points, max -?[\d.]+; 360 test samples\)"
+    )
     assert re.fullmatch(
         rf"smartmixed-export: verification failed: int8 model: per-tensor: {problem}{figures}; "
         rf"per-channel: {problem}{figures}\n",

@@ -45,9 +45,13 @@ def test_auto_export_writes_a_verified_triton_entry(run_dir: Path, tmp_path: Pat
 
     config = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == (
-        "digits-mixed", "onnxruntime_onnx", repository.MAX_BATCH_SIZE)  # fmt: skip
+        "digits-mixed",
+        "onnxruntime_onnx",
+        repository.MAX_BATCH_SIZE,
+    )
     assert [(i.name, list(i.dims), i.data_type) for i in config.input] == [
-        ("input", [64], model_config_pb2.TYPE_FP32)]  # fmt: skip
+        ("input", [64], model_config_pb2.TYPE_FP32)
+    ]
     assert [(o.name, list(o.dims)) for o in config.output] == [
         ("logits", [10]),
         ("probabilities", [10]),

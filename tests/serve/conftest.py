@@ -37,15 +37,26 @@ class ServerProcess:
         return self.proc.communicate(timeout=30)[0]
 
 
-def start_server(repository: Path, *args: str, env: dict[str, str] | None = None,
-                 timeout: float = 60) -> ServerProcess:  # fmt: skip
+def start_server(
+    repository: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> ServerProcess:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "smartmixed.serve", "--repository", str(repository),
-         "--port", str(port), *args],
-        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "smartmixed.serve",
+            "--repository",
+            str(repository),
+            "--port",
+            str(port),
+            *args,
+        ],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     server = ServerProcess(proc, port)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:

@@ -75,8 +75,10 @@ def test_infer_nested_flat_and_output_selection(client: TestClient, rows: np.nda
         ("probabilities", [5, 10]),
     ]
     flat = {**_tensor(rows), "data": rows.ravel().tolist()}
-    again = client.post("/v2/models/mixed/versions/1/infer",
-                        json={"inputs": [flat], "outputs": [{"name": "probabilities"}]}).json()  # fmt: skip
+    again = client.post(
+        "/v2/models/mixed/versions/1/infer",
+        json={"inputs": [flat], "outputs": [{"name": "probabilities"}]},
+    ).json()
     assert [o["name"] for o in again["outputs"]] == ["probabilities"]
     np.testing.assert_allclose(again["outputs"][0]["data"], body["outputs"][1]["data"], rtol=1e-6)
     probabilities = np.array(again["outputs"][0]["data"]).reshape(5, 10)
@@ -87,16 +89,27 @@ def test_infer_nested_flat_and_output_selection(client: TestClient, rows: np.nda
 
 
 def test_binary_tensor_extension(client: TestClient, rows: np.ndarray) -> None:
-    header = orjson.dumps({
-        "inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32",
-                    "parameters": {"binary_data_size": rows.nbytes}}],
-        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
-    })  # fmt: skip
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [5, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": rows.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    )
     response = client.post(
-        "/v2/models/mixed/infer", content=header + rows.astype("<f4").tobytes(),
-        headers={"Inference-Header-Content-Length": str(len(header)),
-                 "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
+        "/v2/models/mixed/infer",
+        content=header + rows.astype("<f4").tobytes(),
+        headers={
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
     assert response.status_code == 200
     length = int(response.headers["inference-header-content-length"])
     meta = json.loads(response.content[:length])
@@ -115,28 +128,66 @@ def test_friendly_predict(client: TestClient, rows: np.ndarray, digits) -> None:
 
 
 BAD_INFER = [
-    ({"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [0.0] * 127}]}, 400,
-     "holds 127 values; shape [2, 64] needs 128"),
-    ({"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]}, 400,
-     "input has 63 features per row; model 'mixed' expects 64"),
-    ({"inputs": [{"name": "input", "shape": [64], "datatype": "FP32", "data": [0.0] * 64}]}, 400,
-     "input shape [64]: expected [N, 64]"),
-    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["a"] * 64}]}, 400,
-     "datatype 'BYTES' is not supported"),
-    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["x"] * 64}]}, 400,
-     "must hold numbers only"),
-    ({"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]}, 400,
-     "empty batch"),
-    ({"inputs": [{"name": "input", "shape": [2000, 64], "datatype": "FP32", "data": [0] * 128000}]}, 400,
-     "batch of 2000 rows is over the limit of 1024"),
-    ({"inputs": [{"name": "images", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]}, 400,
-     "unknown input 'images'"),
-    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
-      "outputs": [{"name": "scores"}]}, 400, "unknown output(s) ['scores']"),
-    ({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32"}]}, 400, "input needs 'data'"),
+    (
+        {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [0.0] * 127}]},
+        400,
+        "holds 127 values; shape [2, 64] needs 128",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]},
+        400,
+        "input has 63 features per row; model 'mixed' expects 64",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [64], "datatype": "FP32", "data": [0.0] * 64}]},
+        400,
+        "input shape [64]: expected [N, 64]",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["a"] * 64}]},
+        400,
+        "datatype 'BYTES' is not supported",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ["x"] * 64}]},
+        400,
+        "must hold numbers only",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]},
+        400,
+        "empty batch",
+    ),
+    (
+        {
+            "inputs": [
+                {"name": "input", "shape": [2000, 64], "datatype": "FP32", "data": [0] * 128000}
+            ]
+        },
+        400,
+        "batch of 2000 rows is over the limit of 1024",
+    ),
+    (
+        {"inputs": [{"name": "images", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]},
+        400,
+        "unknown input 'images'",
+    ),
+    (
+        {
+            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
+            "outputs": [{"name": "scores"}],
+        },
+        400,
+        "unknown output(s) ['scores']",
+    ),
+    (
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32"}]},
+        400,
+        "input needs 'data'",
+    ),
     ({"inputs": "nope"}, 400, "'inputs' list"),
     ([1, 2], 400, "'inputs' list"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_INFER, ids=[m for _, _, m in BAD_INFER])
@@ -160,11 +211,24 @@ def test_bad_requests_outside_the_body(client: TestClient, repository: Path) -> 
         "/v2/models/mixed/infer", content=b"a,b", headers={"content-type": "text/csv"}
     )
     assert response.status_code == 415 and "'text/csv' is not supported" in response.json()["error"]
-    nan = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                    "parameters": {"binary_data_size": 256}}]})  # fmt: skip
+    nan = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
+    )
     data = np.full(64, np.nan, np.float32).tobytes()
-    response = client.post("/v2/models/mixed/infer", content=nan + data,
-                           headers={"Inference-Header-Content-Length": str(len(nan))})  # fmt: skip
+    response = client.post(
+        "/v2/models/mixed/infer",
+        content=nan + data,
+        headers={"Inference-Header-Content-Length": str(len(nan))},
+    )
     assert response.status_code == 400 and "NaN or infinite" in response.json()["error"]
     response = client.post("/v1/models/relu:predict", json={"instances": [[1, 2], [3]]})
     assert response.status_code == 400 and "same number of features" in response.json()["error"]

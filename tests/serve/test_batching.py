@@ -22,9 +22,12 @@ def test_batched_results_equal_unbatched_row_for_row(repository: Path) -> None:
     async def main() -> list[dict[str, np.ndarray]]:
         with ThreadPoolExecutor(2) as pool:
             batcher = AdaptiveBatcher(
-                model.predict, max_batch_size=16, max_delay=0.005, executor=pool,
+                model.predict,
+                max_batch_size=16,
+                max_delay=0.005,
+                executor=pool,
                 observe=lambda rows, waits, seconds: batches.append(rows),
-            )  # fmt: skip
+            )
             results = await asyncio.gather(*(batcher.predict(x) for x in requests))
             await batcher.close()
             return results
@@ -47,8 +50,10 @@ def test_a_failing_model_fails_every_caller_of_its_batch() -> None:
     async def main() -> list:
         with ThreadPoolExecutor(1) as pool:
             batcher = AdaptiveBatcher(broken, max_batch_size=8, max_delay=0.001, executor=pool)
-            out = await asyncio.gather(*(batcher.predict(np.zeros((1, 3), np.float32)) for _ in range(4)),
-                                       return_exceptions=True)  # fmt: skip
+            out = await asyncio.gather(
+                *(batcher.predict(np.zeros((1, 3), np.float32)) for _ in range(4)),
+                return_exceptions=True,
+            )
             await batcher.close()
             return out
 

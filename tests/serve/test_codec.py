@@ -27,8 +27,9 @@ from smartmixed.serve.codec import (
     encode_predict,
 )
 
-SIG = Signature(name="mixed", input_name="input", n_features=4, outputs=("logits", "probabilities"),
-                max_rows=8)  # fmt: skip
+SIG = Signature(
+    name="mixed", input_name="input", n_features=4, outputs=("logits", "probabilities"), max_rows=8
+)
 ROWS = [[0.5, -1.0, 2.0, 3.25], [0.0, 1.0, -2.5, 100.0]]
 DATATYPES = ", ".join(V2_DTYPES)
 
@@ -103,9 +104,14 @@ def test_every_datatype_json_and_binary_agree(datatype: str) -> None:
 
 
 def test_id_parameters_and_output_choices() -> None:
-    body = _body(id="req-1", parameters={"binary_data_output": True, "other": [1]},
-                 outputs=[{"name": "probabilities"},
-                          {"name": "logits", "parameters": {"binary_data": False}}])  # fmt: skip
+    body = _body(
+        id="req-1",
+        parameters={"binary_data_output": True, "other": [1]},
+        outputs=[
+            {"name": "probabilities"},
+            {"name": "logits", "parameters": {"binary_data": False}},
+        ],
+    )
     request = decode_infer(orjson.dumps(body), SIG)
     assert request.id == "req-1"
     assert request.outputs == ["probabilities", "logits"]
@@ -116,8 +122,12 @@ def test_id_parameters_and_output_choices() -> None:
 
 def test_null_optional_fields_mean_absent() -> None:
     """As MLServer's and KServe's request models send them."""
-    body = {"id": None, "parameters": None, "outputs": None,
-            "inputs": [_tensor(ROWS, parameters=None)]}  # fmt: skip
+    body = {
+        "id": None,
+        "parameters": None,
+        "outputs": None,
+        "inputs": [_tensor(ROWS, parameters=None)],
+    }
     request = decode_infer(orjson.dumps(body), SIG)
     assert request.id is None and request.outputs == ["logits", "probabilities"]
     one = decode_infer(orjson.dumps(_body(outputs=[{"name": "logits", "parameters": None}])), SIG)
@@ -151,66 +161,204 @@ T = _tensor  # shorter rows in the table below
 
 BAD_INFER = [
     ([1, 2], "request body must be an object with an 'inputs' list; got a list"),
-    ({"inputs": "nope"}, "request body must be an object with an 'inputs' list; got 'inputs' as a string"),
-    ({"input": []}, "request body must be an object with an 'inputs' list; got an object without 'inputs'"),
+    (
+        {"inputs": "nope"},
+        "request body must be an object with an 'inputs' list; got 'inputs' as a string",
+    ),
+    (
+        {"input": []},
+        "request body must be an object with an 'inputs' list; got an object without 'inputs'",
+    ),
     ({"inputs": []}, "'inputs' must hold exactly one tensor object ('input'); got 0 item(s)"),
-    ({"inputs": [T(ROWS), T(ROWS)]}, "'inputs' must hold exactly one tensor object ('input'); got 2 item(s), the first an object"),
-    ({"inputs": [5]}, "'inputs' must hold exactly one tensor object ('input'); got 1 item(s), the first an integer"),
-    ({"inputs": [T(ROWS, name="images")]}, "unknown input 'images' in inputs[0].name; the model's input is 'input'"),
-    ({"inputs": [T(ROWS, name=["input"])]}, "unknown input ['input'] in inputs[0].name; the model's input is 'input'"),
-    ({"inputs": [T(ROWS, datatype="BYTES")]}, f"input datatype 'BYTES' is not supported (use one of {DATATYPES})"),
-    ({"inputs": [T(ROWS, datatype=None)]}, f"input datatype null is not supported (use one of {DATATYPES})"),
-    ({"inputs": [T(ROWS, datatype=["FP32"])]}, f"input datatype ['FP32'] is not supported (use one of {DATATYPES})"),
+    (
+        {"inputs": [T(ROWS), T(ROWS)]},
+        "'inputs' must hold exactly one tensor object ('input'); got 2 item(s), the first an object",
+    ),
+    (
+        {"inputs": [5]},
+        "'inputs' must hold exactly one tensor object ('input'); got 1 item(s), the first an integer",
+    ),
+    (
+        {"inputs": [T(ROWS, name="images")]},
+        "unknown input 'images' in inputs[0].name; the model's input is 'input'",
+    ),
+    (
+        {"inputs": [T(ROWS, name=["input"])]},
+        "unknown input ['input'] in inputs[0].name; the model's input is 'input'",
+    ),
+    (
+        {"inputs": [T(ROWS, datatype="BYTES")]},
+        f"input datatype 'BYTES' is not supported (use one of {DATATYPES})",
+    ),
+    (
+        {"inputs": [T(ROWS, datatype=None)]},
+        f"input datatype null is not supported (use one of {DATATYPES})",
+    ),
+    (
+        {"inputs": [T(ROWS, datatype=["FP32"])]},
+        f"input datatype ['FP32'] is not supported (use one of {DATATYPES})",
+    ),
     ({"inputs": [T(ROWS, shape=[8])]}, "input shape [8]: expected [N, 4], two integers"),
-    ({"inputs": [T(ROWS, shape=[True, 4])]}, "input shape [true, 4]: expected [N, 4], two integers"),
+    (
+        {"inputs": [T(ROWS, shape=[True, 4])]},
+        "input shape [true, 4]: expected [N, 4], two integers",
+    ),
     ({"inputs": [T(ROWS, shape=[2.0, 4])]}, "input shape [2.0, 4]: expected [N, 4], two integers"),
     ({"inputs": [T(ROWS, shape="2,4")]}, "input shape '2,4': expected [N, 4], two integers"),
-    ({"inputs": [T(ROWS, shape=[2, 4, 1])]}, "input shape [2, 4, 1]: expected [N, 4], two integers"),
-    ({"inputs": [T(ROWS, shape=[2, 3])]}, "input shape [2, 3]: the input has 3 features per row; model 'mixed' expects 4"),
+    (
+        {"inputs": [T(ROWS, shape=[2, 4, 1])]},
+        "input shape [2, 4, 1]: expected [N, 4], two integers",
+    ),
+    (
+        {"inputs": [T(ROWS, shape=[2, 3])]},
+        "input shape [2, 3]: the input has 3 features per row; model 'mixed' expects 4",
+    ),
     ({"inputs": [T([], shape=[0, 4])]}, "input shape [0, 4]: empty batch: the input has no rows"),
-    ({"inputs": [T(ROWS, shape=[-2, 4])]}, "input shape [-2, 4]: empty batch: the input has no rows"),
-    ({"inputs": [T([0] * 36, shape=[9, 4])]}, "input shape [9, 4]: batch of 9 rows is over the limit of 8"),
+    (
+        {"inputs": [T(ROWS, shape=[-2, 4])]},
+        "input shape [-2, 4]: empty batch: the input has no rows",
+    ),
+    (
+        {"inputs": [T([0] * 36, shape=[9, 4])]},
+        "input shape [9, 4]: batch of 9 rows is over the limit of 8",
+    ),
     ({"inputs": [T()]}, "input needs 'data' (or binary data with parameters.binary_data_size)"),
-    ({"inputs": [T("0.5,1")]}, "input 'data' must be a list of numbers (flat, or nested [N][D]); got a string"),
-    ({"inputs": [{**T(), "data": None}]}, "input 'data' must be a list of numbers (flat, or nested [N][D]); got null"),
+    (
+        {"inputs": [T("0.5,1")]},
+        "input 'data' must be a list of numbers (flat, or nested [N][D]); got a string",
+    ),
+    (
+        {"inputs": [{**T(), "data": None}]},
+        "input 'data' must be a list of numbers (flat, or nested [N][D]); got null",
+    ),
     ({"inputs": [T([0.0] * 7)]}, "input 'data' holds 7 values; shape [2, 4] needs 8"),
     ({"inputs": [T([])]}, "input 'data' holds 0 values; shape [2, 4] needs 8"),
-    ({"inputs": [T([*ROWS, ROWS[0]])]}, "input 'data' holds 3 rows; shape [2, 4] needs 2 lists of 4 numbers"),
-    ({"inputs": [T([ROWS[0], [1, 2, 3]])]}, "input 'data'[1] holds 3 values; shape [2, 4] needs 4 per row"),
-    ({"inputs": [T([ROWS[0], *range(4)])]}, "input 'data' mixes lists and values: [0] is a list, [1] is an integer; send 8 numbers or 2 lists of 4"),
-    ({"inputs": [T([0, 1, [2], 3, 4, 5, 6, 7])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[2] is a list ([2])"),
-    ({"inputs": [T([0, "0.5", *range(6)])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[1] is a string ('0.5')"),
-    ({"inputs": [T([[0, 1, 2, 3], [0, True, 2, 3]])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[1][1] is a boolean (true)"),
-    ({"inputs": [T([0, 1, 2, None, 4, 5, 6, 7])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[3] is null"),
-    ({"inputs": [T([0, 1, 2, {}, 4, 5, 6, 7])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[3] is an object"),
-    ({"inputs": [T([[[0], [1], [2], [3]]], shape=[1, 4])]}, "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[0][0] is a list ([0])"),
-    ({"inputs": [T([0, -5, 2, 3], shape=[1, 4], datatype="UINT8")]}, "input 'data'[1] = -5 is outside UINT8's range [0, 255]"),
-    ({"inputs": [T([[0, 1, 2, 256]], shape=[1, 4], datatype="UINT8")]}, "input 'data'[0][3] = 256 is outside UINT8's range [0, 255]"),
-    ({"inputs": [T([0, 1.7, 2, 3], shape=[1, 4], datatype="UINT8")]}, "input 'data' must hold numbers only (integers for UINT8): input 'data'[1] is a float (1.7)"),
-    ({"inputs": [T([2.0, 1, 2, 3], shape=[1, 4], datatype="INT8")]}, "input 'data' must hold numbers only (integers for INT8): input 'data'[0] is a float (2.0)"),
-    ({"inputs": [T([0, -129, 2, 3], shape=[1, 4], datatype="INT8")]}, "input 'data'[1] = -129 is outside INT8's range [-128, 127]"),
-    ({"inputs": [T([0, 2**63, 2, 3], shape=[1, 4], datatype="INT64")]}, "input 'data'[1] = 9223372036854775808 is outside INT64's range [-9223372036854775808, 9223372036854775807]"),
-    ({"inputs": [T([0, 2**64 - 1, 2, -1], shape=[1, 4], datatype="UINT64")]}, "input 'data'[3] = -1 is outside UINT64's range [0, 18446744073709551615]"),
-    ({"inputs": [T([0, 1e39, 2, 3], shape=[1, 4])]}, "input holds NaN or infinite values: input 'data'[1] = 1e+39 overflows FP32"),
-    ({"inputs": [T([[0, 1, 2, 3], [0, 1, 2, -1e300]], datatype="FP64")]}, "input holds NaN or infinite values: input 'data'[1][3] = -1e+300 overflows FP32"),
-    ({"inputs": [T([0, 70000.0, 2, 3], shape=[1, 4], datatype="FP16")]}, "input holds NaN or infinite values: input 'data'[1] = 70000.0 overflows FP16"),
+    (
+        {"inputs": [T([*ROWS, ROWS[0]])]},
+        "input 'data' holds 3 rows; shape [2, 4] needs 2 lists of 4 numbers",
+    ),
+    (
+        {"inputs": [T([ROWS[0], [1, 2, 3]])]},
+        "input 'data'[1] holds 3 values; shape [2, 4] needs 4 per row",
+    ),
+    (
+        {"inputs": [T([ROWS[0], *range(4)])]},
+        "input 'data' mixes lists and values: [0] is a list, [1] is an integer; send 8 numbers or 2 lists of 4",
+    ),
+    (
+        {"inputs": [T([0, 1, [2], 3, 4, 5, 6, 7])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[2] is a list ([2])",
+    ),
+    (
+        {"inputs": [T([0, "0.5", *range(6)])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[1] is a string ('0.5')",
+    ),
+    (
+        {"inputs": [T([[0, 1, 2, 3], [0, True, 2, 3]])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[1][1] is a boolean (true)",
+    ),
+    (
+        {"inputs": [T([0, 1, 2, None, 4, 5, 6, 7])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[3] is null",
+    ),
+    (
+        {"inputs": [T([0, 1, 2, {}, 4, 5, 6, 7])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[3] is an object",
+    ),
+    (
+        {"inputs": [T([[[0], [1], [2], [3]]], shape=[1, 4])]},
+        "input 'data' must hold numbers only (ints or floats for FP32): input 'data'[0][0] is a list ([0])",
+    ),
+    (
+        {"inputs": [T([0, -5, 2, 3], shape=[1, 4], datatype="UINT8")]},
+        "input 'data'[1] = -5 is outside UINT8's range [0, 255]",
+    ),
+    (
+        {"inputs": [T([[0, 1, 2, 256]], shape=[1, 4], datatype="UINT8")]},
+        "input 'data'[0][3] = 256 is outside UINT8's range [0, 255]",
+    ),
+    (
+        {"inputs": [T([0, 1.7, 2, 3], shape=[1, 4], datatype="UINT8")]},
+        "input 'data' must hold numbers only (integers for UINT8): input 'data'[1] is a float (1.7)",
+    ),
+    (
+        {"inputs": [T([2.0, 1, 2, 3], shape=[1, 4], datatype="INT8")]},
+        "input 'data' must hold numbers only (integers for INT8): input 'data'[0] is a float (2.0)",
+    ),
+    (
+        {"inputs": [T([0, -129, 2, 3], shape=[1, 4], datatype="INT8")]},
+        "input 'data'[1] = -129 is outside INT8's range [-128, 127]",
+    ),
+    (
+        {"inputs": [T([0, 2**63, 2, 3], shape=[1, 4], datatype="INT64")]},
+        "input 'data'[1] = 9223372036854775808 is outside INT64's range [-9223372036854775808, 9223372036854775807]",
+    ),
+    (
+        {"inputs": [T([0, 2**64 - 1, 2, -1], shape=[1, 4], datatype="UINT64")]},
+        "input 'data'[3] = -1 is outside UINT64's range [0, 18446744073709551615]",
+    ),
+    (
+        {"inputs": [T([0, 1e39, 2, 3], shape=[1, 4])]},
+        "input holds NaN or infinite values: input 'data'[1] = 1e+39 overflows FP32",
+    ),
+    (
+        {"inputs": [T([[0, 1, 2, 3], [0, 1, 2, -1e300]], datatype="FP64")]},
+        "input holds NaN or infinite values: input 'data'[1][3] = -1e+300 overflows FP32",
+    ),
+    (
+        {"inputs": [T([0, 70000.0, 2, 3], shape=[1, 4], datatype="FP16")]},
+        "input holds NaN or infinite values: input 'data'[1] = 70000.0 overflows FP16",
+    ),
     ({"inputs": [T(ROWS)], "parameters": [1]}, "'parameters' must be an object; got a list"),
-    ({"inputs": [T(ROWS, parameters="x")]}, "'inputs[0].parameters' must be an object; got a string"),
-    ({"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": []}]}, "'outputs[0].parameters' must be an object; got a list"),
-    ({"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": "binary"}]}, "'outputs[0].parameters' must be an object; got a string"),
-    ({"inputs": [T(ROWS)], "parameters": {"binary_data_output": "yes"}}, "'parameters.binary_data_output' must be true or false; got 'yes'"),
-    ({"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]}, "'outputs[0].parameters.binary_data' must be true or false; got 1"),
-    ({"inputs": [T(ROWS)], "outputs": "logits"}, "'outputs' must be a non-empty list of objects with a 'name' (leave it out for every output); got 'logits'"),
-    ({"inputs": [T(ROWS)], "outputs": []}, "'outputs' must be a non-empty list of objects with a 'name' (leave it out for every output); got []"),
-    ({"inputs": [T(ROWS)], "outputs": ["logits"]}, "outputs[0] must be an object with a 'name'; got 'logits'"),
+    (
+        {"inputs": [T(ROWS, parameters="x")]},
+        "'inputs[0].parameters' must be an object; got a string",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": []}]},
+        "'outputs[0].parameters' must be an object; got a list",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": "binary"}]},
+        "'outputs[0].parameters' must be an object; got a string",
+    ),
+    (
+        {"inputs": [T(ROWS)], "parameters": {"binary_data_output": "yes"}},
+        "'parameters.binary_data_output' must be true or false; got 'yes'",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": [{"name": "logits", "parameters": {"binary_data": 1}}]},
+        "'outputs[0].parameters.binary_data' must be true or false; got 1",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": "logits"},
+        "'outputs' must be a non-empty list of objects with a 'name' (leave it out for every output); got 'logits'",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": []},
+        "'outputs' must be a non-empty list of objects with a 'name' (leave it out for every output); got []",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": ["logits"]},
+        "outputs[0] must be an object with a 'name'; got 'logits'",
+    ),
     ({"inputs": [T(ROWS)], "outputs": [{"name": 3}]}, "outputs[0].name must be a string; got 3"),
     ({"inputs": [T(ROWS)], "outputs": [{}]}, "outputs[0].name must be a string; got null"),
-    ({"inputs": [T(ROWS)], "outputs": [{"name": "scores"}, {"name": "x"}]}, "unknown output(s) ['scores', 'x']; the model has ['logits', 'probabilities']"),
-    ({"inputs": [T(ROWS)], "outputs": [{"name": "logits"}, {"name": "logits"}]}, "output 'logits' is requested twice (outputs[1])"),
+    (
+        {"inputs": [T(ROWS)], "outputs": [{"name": "scores"}, {"name": "x"}]},
+        "unknown output(s) ['scores', 'x']; the model has ['logits', 'probabilities']",
+    ),
+    (
+        {"inputs": [T(ROWS)], "outputs": [{"name": "logits"}, {"name": "logits"}]},
+        "output 'logits' is requested twice (outputs[1])",
+    ),
     ({"inputs": [T(ROWS)], "id": 5}, "'id' must be a string; got an integer"),
     ({"inputs": [T(ROWS)], "id": {"a": 1}}, "'id' must be a string; got an object"),
-    ({"inputs": [T(ROWS, parameters={"binary_data_size": 32})]}, "input has both 'data' and parameters.binary_data_size; send one of them"),
-]  # fmt: skip
+    (
+        {"inputs": [T(ROWS, parameters={"binary_data_size": 32})]},
+        "input has both 'data' and parameters.binary_data_size; send one of them",
+    ),
+]
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_INFER, ids=[m[:60] for _, m in BAD_INFER])
@@ -246,14 +394,21 @@ def test_deep_nesting_and_huge_values_anywhere_are_refused_briefly() -> None:
     deep = b"[" * 1000 + b"1" + b"]" * 1000  # within orjson's limit, too deep for orjson.dumps
     huge = b"9" * 5000  # beyond int() of a str, past float range
     bodies = [
-        _body(["@"] * 8), _body([ROWS[0], ["@"] * 4]), _body(inputs=[T(ROWS, shape="@")]),
-        _body(inputs=[T(ROWS, shape=["@", 4])]), _body(inputs=[T(ROWS, name="@")]),
-        _body(inputs=[T(ROWS, datatype="@")]), _body(outputs="@"), _body(outputs=[{"name": "@"}]),
-        _body(id="@"), _body(parameters={"binary_data_output": "@"}), _body(inputs=[T("@")]),
+        _body(["@"] * 8),
+        _body([ROWS[0], ["@"] * 4]),
+        _body(inputs=[T(ROWS, shape="@")]),
+        _body(inputs=[T(ROWS, shape=["@", 4])]),
+        _body(inputs=[T(ROWS, name="@")]),
+        _body(inputs=[T(ROWS, datatype="@")]),
+        _body(outputs="@"),
+        _body(outputs=[{"name": "@"}]),
+        _body(id="@"),
+        _body(parameters={"binary_data_output": "@"}),
+        _body(inputs=[T("@")]),
         _body(inputs=[T(ROWS, parameters={"binary_data_size": "@"})]),
         _body(inputs=[T(ROWS, name="x" * 100_000)]),
         _body(inputs=[T(ROWS, shape=list(range(100_000)))]),
-    ]  # fmt: skip
+    ]
     for body in bodies:
         for value in (deep, huge, b"-" + huge, b"1e" + huge, b'"' + b"y" * 100_000 + b'"'):
             raw = orjson.dumps(body).replace(b'"@"', value)
@@ -272,8 +427,10 @@ HEADER = orjson.dumps({"inputs": [T(parameters={"binary_data_size": 32})]})
 BLOB = np.array(ROWS, "<f4").tobytes()
 
 
-@pytest.mark.parametrize("length", ["²", "-1", "", " 12", "12a", "0x10", "9" * 30, "0" * 5000,
-                                    str(len(HEADER) + len(BLOB) + 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "length",
+    ["²", "-1", "", " 12", "12a", "0x10", "9" * 30, "0" * 5000, str(len(HEADER) + len(BLOB) + 1)],
+)
 def test_bad_header_lengths(length: str) -> None:
     error = _refusal(HEADER + BLOB, header_length=length)
     shown = repr(length) if len(length) <= 40 else repr(length[:40]) + "..."
@@ -286,16 +443,48 @@ def test_bad_header_lengths(length: str) -> None:
 @pytest.mark.parametrize(
     ("size", "blob", "message"),
     [
-        (True, BLOB, "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got true"),
-        (-1, BLOB, "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got -1"),
-        ("32", BLOB, "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got '32'"),
-        (32.0, BLOB, "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got 32.0"),
-        (None, BLOB, "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got null"),
-        (31, BLOB, "binary_data_size 31 does not match the input: shape [2, 4] of FP32 needs 32 bytes"),
-        (32, BLOB[:16], "binary_data_size 32 does not fit the 16 bytes of binary data after the JSON header (Inference-Header-Content-Length)"),
-        (32, BLOB + b"\0" * 8, "binary_data_size 32 does not fit the 40 bytes of binary data after the JSON header (Inference-Header-Content-Length)"),
+        (
+            True,
+            BLOB,
+            "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got true",
+        ),
+        (
+            -1,
+            BLOB,
+            "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got -1",
+        ),
+        (
+            "32",
+            BLOB,
+            "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got '32'",
+        ),
+        (
+            32.0,
+            BLOB,
+            "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got 32.0",
+        ),
+        (
+            None,
+            BLOB,
+            "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got null",
+        ),
+        (
+            31,
+            BLOB,
+            "binary_data_size 31 does not match the input: shape [2, 4] of FP32 needs 32 bytes",
+        ),
+        (
+            32,
+            BLOB[:16],
+            "binary_data_size 32 does not fit the 16 bytes of binary data after the JSON header (Inference-Header-Content-Length)",
+        ),
+        (
+            32,
+            BLOB + b"\0" * 8,
+            "binary_data_size 32 does not fit the 40 bytes of binary data after the JSON header (Inference-Header-Content-Length)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_binary_data(size, blob: bytes, message: str) -> None:
     header = orjson.dumps({"inputs": [T(parameters={"binary_data_size": size})]})
     error = _refusal(header + blob, header_length=str(len(header)))
@@ -335,8 +524,16 @@ def test_binary_non_finite_values() -> None:
 # Content types
 
 
-@pytest.mark.parametrize("kind", [None, "", "application/json", "Application/JSON; charset=utf-8",
-                                  "application/vnd.kserve+json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind",
+    [
+        None,
+        "",
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/vnd.kserve+json",
+    ],
+)
 def test_json_content_types_are_accepted(kind: str | None) -> None:
     check_content_type(kind, binary_ok=False, has_binary_header=False)
 
@@ -345,12 +542,20 @@ def test_other_content_types_are_refused_with_415() -> None:
     check_content_type("application/octet-stream", binary_ok=True, has_binary_header=True)
     cases = [
         ("text/csv", True, True, "content type 'text/csv' is not supported; send application/json"),
-        ("application/octet-stream", True, False,
-         "content type 'application/octet-stream' needs the Inference-Header-Content-Length header "
-         "(binary tensor data); send application/json otherwise"),
-        ("application/octet-stream", False, True,
-         "content type 'application/octet-stream' is not supported; send application/json"),
-    ]  # fmt: skip
+        (
+            "application/octet-stream",
+            True,
+            False,
+            "content type 'application/octet-stream' needs the Inference-Header-Content-Length header "
+            "(binary tensor data); send application/json otherwise",
+        ),
+        (
+            "application/octet-stream",
+            False,
+            True,
+            "content type 'application/octet-stream' is not supported; send application/json",
+        ),
+    ]
     for kind, binary_ok, has_header, message in cases:
         with pytest.raises(CodecError) as caught:
             check_content_type(kind, binary_ok=binary_ok, has_binary_header=has_header)
@@ -370,18 +575,39 @@ def test_predict_decodes_rows() -> None:
 
 BAD_PREDICT = [
     ([ROWS], 'request body must be {"instances": [[feature, ...], ...]}; got a list'),
-    ({"rows": ROWS}, 'request body must be {"instances": [[feature, ...], ...]}; got an object without \'instances\''),
-    ({"instances": "x"}, 'request body must be {"instances": [[feature, ...], ...]}; got \'instances\' as a string'),
+    (
+        {"rows": ROWS},
+        "request body must be {\"instances\": [[feature, ...], ...]}; got an object without 'instances'",
+    ),
+    (
+        {"instances": "x"},
+        "request body must be {\"instances\": [[feature, ...], ...]}; got 'instances' as a string",
+    ),
     ({"instances": []}, "empty batch: 'instances' holds no rows"),
     ({"instances": [ROWS[0]] * 9}, "batch of 9 rows is over the limit of 8"),
     ({"instances": ROWS[0]}, "every instance must be a list of numbers; instances[0] is a float"),
-    ({"instances": [[1, 2], [3]]}, "all instances must have the same number of features: instances[0] has 2, instances[1] has 1"),
+    (
+        {"instances": [[1, 2], [3]]},
+        "all instances must have the same number of features: instances[0] has 2, instances[1] has 1",
+    ),
     ({"instances": [[1, 2, 3]]}, "instances have 3 features per row; model 'mixed' expects 4"),
-    ({"instances": [[[0.1], [0.2], [0.3], [0.4]]]}, "instances must hold numbers only (ints or floats for FP32): instances[0][0] is a list ([0.1])"),
-    ({"instances": [[0, True, 2, 3]]}, "instances must hold numbers only (ints or floats for FP32): instances[0][1] is a boolean (true)"),
-    ({"instances": [ROWS[0], [0, 1, "2", 3]]}, "instances must hold numbers only (ints or floats for FP32): instances[1][2] is a string ('2')"),
-    ({"instances": [[0, 1, 2, 3], [1e39, 0, 0, 0]]}, "input holds NaN or infinite values: instances[1][0] = 1e+39 overflows FP32"),
-]  # fmt: skip
+    (
+        {"instances": [[[0.1], [0.2], [0.3], [0.4]]]},
+        "instances must hold numbers only (ints or floats for FP32): instances[0][0] is a list ([0.1])",
+    ),
+    (
+        {"instances": [[0, True, 2, 3]]},
+        "instances must hold numbers only (ints or floats for FP32): instances[0][1] is a boolean (true)",
+    ),
+    (
+        {"instances": [ROWS[0], [0, 1, "2", 3]]},
+        "instances must hold numbers only (ints or floats for FP32): instances[1][2] is a string ('2')",
+    ),
+    (
+        {"instances": [[0, 1, 2, 3], [1e39, 0, 0, 0]]},
+        "input holds NaN or infinite values: instances[1][0] = 1e+39 overflows FP32",
+    ),
+]
 
 
 @pytest.mark.parametrize(("body", "message"), BAD_PREDICT, ids=[m[:60] for _, m in BAD_PREDICT])
@@ -401,16 +627,21 @@ def _result(n: int = 2) -> dict[str, np.ndarray]:
 
 
 def test_encode_json_response() -> None:
-    request = InferRequest(x=np.zeros((2, 4), np.float32), outputs=["probabilities", "logits"],
-                           binary={"probabilities": False, "logits": False}, id="req-1")  # fmt: skip
+    request = InferRequest(
+        x=np.zeros((2, 4), np.float32),
+        outputs=["probabilities", "logits"],
+        binary={"probabilities": False, "logits": False},
+        id="req-1",
+    )
     body, headers = encode_infer("mixed", "1", _result(), request)
     assert headers == {}
     response = json.loads(body)
     assert response["model_name"] == "mixed" and response["model_version"] == "1"
     assert response["id"] == "req-1"
     assert [(o["name"], o["datatype"], o["shape"]) for o in response["outputs"]] == [
-        ("probabilities", "FP32", [2, 3]), ("logits", "FP32", [2, 3])
-    ]  # fmt: skip
+        ("probabilities", "FP32", [2, 3]),
+        ("logits", "FP32", [2, 3]),
+    ]
     np.testing.assert_array_equal(  # orjson writes the shortest float32 repr
         np.array(response["outputs"][1]["data"], np.float32),
         _result()["logits"].astype(np.float32).ravel(),
@@ -420,8 +651,13 @@ def test_encode_json_response() -> None:
 
 
 def test_binary_outputs_round_trip() -> None:
-    body = _body(id="r", outputs=[{"name": "logits", "parameters": {"binary_data": True}},
-                                  {"name": "probabilities"}])  # fmt: skip
+    body = _body(
+        id="r",
+        outputs=[
+            {"name": "logits", "parameters": {"binary_data": True}},
+            {"name": "probabilities"},
+        ],
+    )
     request = decode_infer(orjson.dumps(body), SIG)
     encoded, headers = encode_infer("mixed", "3", _result(), request)
     length = int(headers["Inference-Header-Content-Length"])
@@ -452,8 +688,15 @@ def test_codec_imports_no_web_framework() -> None:
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "dataclasses", "itertools", "math", "typing", "numpy",
-                        "orjson"}, imported  # fmt: skip
+    assert imported <= {
+        "__future__",
+        "dataclasses",
+        "itertools",
+        "math",
+        "typing",
+        "numpy",
+        "orjson",
+    }, imported
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,8 +707,13 @@ def test_codec_imports_no_web_framework() -> None:
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4))  # fmt: skip
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=4)
+)
 json_values = st.recursive(
     scalars,
     lambda children: (
@@ -473,8 +721,9 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
-edge_values = st.sampled_from([2**63, 2**64 - 1, -(2**63), -129, -1, 256, 65536, 1e39, -1e300,
-                               65504.0, 7e4, 1e-40, 0.5, True])  # fmt: skip
+edge_values = st.sampled_from(
+    [2**63, 2**64 - 1, -(2**63), -129, -1, 256, 65536, 1e39, -1e300, 65504.0, 7e4, 1e-40, 0.5, True]
+)
 float_values = st.floats(-1e6, 1e6) | st.integers(-300, 300)
 int_values = st.integers(0, 127)
 
@@ -509,14 +758,16 @@ def infer_requests(draw) -> tuple[bytes, str | None]:
         tensor["parameters"] = draw(mostly(st.fixed_dictionaries({}, optional={"x": scalars})))
     body: dict = {"inputs": draw(mostly(st.just([tensor]), st.just([tensor, tensor])))}
     flags = st.fixed_dictionaries({}, optional={"binary_data": mostly(st.booleans())})
-    output = st.fixed_dictionaries({"name": mostly(st.sampled_from(SIG.outputs))},
-                                   optional={"parameters": mostly(flags)})  # fmt: skip
+    output = st.fixed_dictionaries(
+        {"name": mostly(st.sampled_from(SIG.outputs))}, optional={"parameters": mostly(flags)}
+    )
     optional = {
         "id": mostly(st.text(max_size=5) | st.none()),
-        "parameters": mostly(st.fixed_dictionaries(
-            {}, optional={"binary_data_output": mostly(st.booleans())})),
+        "parameters": mostly(
+            st.fixed_dictionaries({}, optional={"binary_data_output": mostly(st.booleans())})
+        ),
         "outputs": mostly(st.lists(output, min_size=1, max_size=2)),
-    }  # fmt: skip
+    }
     for key, strategy in optional.items():
         if draw(st.booleans()):
             body[key] = draw(strategy)
@@ -545,11 +796,15 @@ def _assert_valid(request: InferRequest) -> None:
 
 
 @settings(FUZZ, max_examples=500)
-@given(raw=st.binary(max_size=200),
-       header_length=st.none() | st.text("0123456789²-", max_size=4) | st.integers(0, 200).map(str))  # fmt: skip
+@given(
+    raw=st.binary(max_size=200),
+    header_length=st.none() | st.text("0123456789²-", max_size=4) | st.integers(0, 200).map(str),
+)
 def test_fuzz_arbitrary_bytes(raw: bytes, header_length: str | None) -> None:
-    for decode in (lambda: _assert_valid(decode_infer(raw, SIG, header_length=header_length)),
-                   lambda: _check_rows(decode_predict(raw, SIG))):  # fmt: skip
+    for decode in (
+        lambda: _assert_valid(decode_infer(raw, SIG, header_length=header_length)),
+        lambda: _check_rows(decode_predict(raw, SIG)),
+    ):
         try:
             decode()
         except CodecError as e:
@@ -567,12 +822,15 @@ def test_fuzz_infer_requests(request: tuple[bytes, str | None]) -> None:
 
 
 @settings(FUZZ, max_examples=500)
-@given(body=st.one_of(
-    st.integers(0, 9).flatmap(lambda n: st.fixed_dictionaries(
-        {"instances": mostly(tensor_data(n, "FP32"))})),
-    st.fixed_dictionaries({"instances": json_values}),
-    json_values,
-))  # fmt: skip
+@given(
+    body=st.one_of(
+        st.integers(0, 9).flatmap(
+            lambda n: st.fixed_dictionaries({"instances": mostly(tensor_data(n, "FP32"))})
+        ),
+        st.fixed_dictionaries({"instances": json_values}),
+        json_values,
+    )
+)
 def test_fuzz_predict_requests(body) -> None:
     try:
         _check_rows(decode_predict(json.dumps(body).encode(), SIG))

@@ -27,13 +27,26 @@ json_values = st.recursive(
 )
 shapes = st.lists(st.one_of(st.integers(-2, 70), st.floats(), st.text(max_size=2)), max_size=3)
 tensors = st.fixed_dictionaries(
-    {"name": st.sampled_from(["input", "x", ""]), "shape": shapes,
-     "datatype": st.sampled_from([*V2_DTYPES, "BYTES", "BOOL", ""])},
-    optional={"data": st.lists(st.one_of(st.floats(allow_nan=False), st.integers(-(2**70), 2**70),
-                                         st.text(max_size=2), st.lists(st.floats(allow_nan=False), max_size=3)),
-                               max_size=140),
-              "parameters": st.dictionaries(st.sampled_from(["binary_data_size", "x"]), json_values, max_size=2)},
-)  # fmt: skip
+    {
+        "name": st.sampled_from(["input", "x", ""]),
+        "shape": shapes,
+        "datatype": st.sampled_from([*V2_DTYPES, "BYTES", "BOOL", ""]),
+    },
+    optional={
+        "data": st.lists(
+            st.one_of(
+                st.floats(allow_nan=False),
+                st.integers(-(2**70), 2**70),
+                st.text(max_size=2),
+                st.lists(st.floats(allow_nan=False), max_size=3),
+            ),
+            max_size=140,
+        ),
+        "parameters": st.dictionaries(
+            st.sampled_from(["binary_data_size", "x"]), json_values, max_size=2
+        ),
+    },
+)
 infer_bodies = st.fixed_dictionaries(
     {"inputs": st.lists(tensors, max_size=2)},
     optional={"id": json_values, "outputs": json_values, "parameters": json_values},
@@ -50,9 +63,18 @@ def client(repository: Path):
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(body=bodies, path=st.sampled_from(["/v2/models/mixed/infer", "/v2/models/relu/versions/1/infer",
-                                          "/v1/models/mixed:predict", "/v2/models/mixed/versions/x/infer"]),
-       binary=st.one_of(st.none(), st.binary(max_size=300)))  # fmt: skip
+@given(
+    body=bodies,
+    path=st.sampled_from(
+        [
+            "/v2/models/mixed/infer",
+            "/v2/models/relu/versions/1/infer",
+            "/v1/models/mixed:predict",
+            "/v2/models/mixed/versions/x/infer",
+        ]
+    ),
+    binary=st.one_of(st.none(), st.binary(max_size=300)),
+)
 def test_no_request_gets_a_5xx(client: TestClient, body, path: str, binary: bytes | None) -> None:
     raw = json.dumps(body).encode()  # the standard library also encodes > 64-bit integers
     headers = {"content-type": "application/json"}

@@ -92,8 +92,11 @@ def test_a_bad_model_file_is_one_line_and_can_be_skipped(models: Path, case: str
 
 
 def test_a_model_file_over_the_size_limit(models: Path) -> None:
-    with pytest.raises(LoadError, match=r"^mixed/1: cannot read .*model\.onnx: larger than the "
-                       r"limit of 2048 bytes \(SMARTMIXED_MAX_MODEL_BYTES\)$"):  # fmt: skip
+    with pytest.raises(
+        LoadError,
+        match=r"^mixed/1: cannot read .*model\.onnx: larger than the "
+        r"limit of 2048 bytes \(SMARTMIXED_MAX_MODEL_BYTES\)$",
+    ):
         _load(models, max_model_bytes=2048)
     assert _load(models, skip_bad_models=True, max_model_bytes=2048).models == {}
 
@@ -171,8 +174,10 @@ def test_the_command_exits_2_without_a_traceback(models: Path) -> None:
     (models / "relu" / "1" / "model.onnx").symlink_to("/dev/zero")
     result = subprocess.run(
         [sys.executable, "-m", "smartmixed.serve", "--repository", str(models), "--port", "0"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.splitlines()[-1] == (
         f"smartmixed-serve: error: relu/1: cannot read {models / 'relu' / '1' / 'model.onnx'}: "
@@ -194,10 +199,15 @@ def test_declared_model_config_is_tritons(models: Path) -> None:
             return named.full_name if named else None
 
         return {
-            f.name: (f.number, f.type, f.is_repeated, kind(f),
-                     f.containing_oneof.name if f.containing_oneof else None)
+            f.name: (
+                f.number,
+                f.type,
+                f.is_repeated,
+                kind(f),
+                f.containing_oneof.name if f.containing_oneof else None,
+            )
             for f in message.fields
-        }  # fmt: skip
+        }
 
     pending, seen = [model_config.ModelConfig.DESCRIPTOR], set()
     while pending:
@@ -228,9 +238,12 @@ def test_export_config_is_read_and_exposed(models: Path) -> None:
     repo = _load(models)
     config = repo.get("mixed").config
     assert config == model_config.ModelConfigInfo(
-        source=models / "mixed" / "config.pbtxt", max_batch_size=1024, dynamic_batching=True,
-        max_queue_delay_s=0.0005, preferred_batch_sizes=(),
-    )  # fmt: skip
+        source=models / "mixed" / "config.pbtxt",
+        max_batch_size=1024,
+        dynamic_batching=True,
+        max_queue_delay_s=0.0005,
+        preferred_batch_sizes=(),
+    )
     (models / "relu" / "config.pbtxt").unlink()  # none: derived from the model (Triton's auto)
     assert _load(models).get("relu").config == model_config.NO_CONFIG
     assert model_config.NO_CONFIG.source is None
@@ -325,8 +338,12 @@ def test_a_bad_config_is_refused_in_one_line(models: Path, case: str) -> None:
 def test_config_checks_collect_every_problem_and_accept_a_partial_config(models: Path) -> None:
     model = onnx.load(str(models / "mixed" / "1" / "model.onnx"))
     with pytest.raises(ConfigError) as refused:
-        check_model_config('name: "x" backend: "python" max_batch_size: -2', model,
-                           name="mixed", source=Path("c.pbtxt"))  # fmt: skip
+        check_model_config(
+            'name: "x" backend: "python" max_batch_size: -2',
+            model,
+            name="mixed",
+            source=Path("c.pbtxt"),
+        )
     assert str(refused.value) == (
         "c.pbtxt: name 'x' is not the model folder's name 'mixed'; backend 'python': smartmixed "
         "serves 'onnxruntime' only; max_batch_size -2 must be >= 0"

@@ -22,11 +22,16 @@ CAP = 12  # its connection cap
 @pytest.fixture(scope="module")
 def server(repository: Path, server_starter):
     proc = server_starter(
-        repository, "--log-level", "info",
-        env={"SMARTMIXED_HEADER_TIMEOUT_S": str(TIMEOUT_S), "SMARTMIXED_BODY_TIMEOUT_S":
-             str(TIMEOUT_S), "SMARTMIXED_MAX_CONNECTIONS": str(CAP),
-             "SMARTMIXED_MAX_HEADER_BYTES": "8192"},
-    )  # fmt: skip
+        repository,
+        "--log-level",
+        "info",
+        env={
+            "SMARTMIXED_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+            "SMARTMIXED_BODY_TIMEOUT_S": str(TIMEOUT_S),
+            "SMARTMIXED_MAX_CONNECTIONS": str(CAP),
+            "SMARTMIXED_MAX_HEADER_BYTES": "8192",
+        },
+    )
     yield proc
     proc.output()
 
@@ -60,8 +65,11 @@ def _json_body(response: bytes) -> dict:
 
 def _metric(url: str, pattern: str) -> float:
     text = httpx.get(f"{url}/metrics").text
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if not line.startswith("#") and "_created{" not in line and re.search(pattern, line)]  # fmt: skip
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if not line.startswith("#") and "_created{" not in line and re.search(pattern, line)
+    ]
     return sum(values)
 
 

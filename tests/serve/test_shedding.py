@@ -35,8 +35,16 @@ def _slow_app(repository: Path, **settings):
 
 async def _fire(app, n: int, x: np.ndarray) -> tuple[list[httpx.Response], float, str]:
     """``n`` concurrent infer requests, then a readiness check while they run."""
-    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,

@@ -27,8 +27,21 @@ def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
     assert "not a comma-separated list" in capsys.readouterr().err
     assert main(["--data", "digits", "--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
-    assert main(["--data", "digits", "--arch", "64,8,10", "--pool", "relu,swish",
-                 "--out", str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "--data",
+                "digits",
+                "--arch",
+                "64,8,10",
+                "--pool",
+                "relu,swish",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "unknown activation 'swish'" in capsys.readouterr().err
     assert main(["--compare", str(tmp_path / "nothing")]) == 2
     assert "model.json: file not found" in capsys.readouterr().err
@@ -41,8 +54,12 @@ def test_list_presets(capsys) -> None:
 
 
 def test_module_entry_point_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "smartmixed.train", "--help"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "smartmixed.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and "--p1-epochs" in result.stdout
 
 
@@ -50,15 +67,49 @@ def test_cli_protocol_sets_defaults_and_flags_override(tmp_path: Path) -> None:
     import json
 
     common = ["--data", "digits", "--arch", "64,16,10", "--lr", "3e-3", "--quiet"]
-    assert main([*common, "--protocol", "paper", "--p1-epochs", "2", "--p2-epochs", "1",
-                 "--tau", "1.0", "--tau-end", "0.5", "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *common,
+                "--protocol",
+                "paper",
+                "--p1-epochs",
+                "2",
+                "--p2-epochs",
+                "1",
+                "--tau",
+                "1.0",
+                "--tau-end",
+                "0.5",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     training = json.loads((tmp_path / "p" / "model.json").read_text())["training"]
     assert training["protocol"] == "paper" and training["lr"] == 3e-3  # flag over protocol
     assert (training["p1_epochs"], training["p2_epochs"], training["epochs"]) == (2, 1, 400)
     assert training["select"] == "val-loss" and training["candidate_norm"] == "none"
     assert (training["tau"], training["tau_end"], training["logit_lr"]) == (1.0, 0.5, None)
-    assert main([*common, "--p1-epochs", "1", "--p2-epochs", "1", "--logit-lr", "0.05",
-                 "--select", "last", "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                *common,
+                "--p1-epochs",
+                "1",
+                "--p2-epochs",
+                "1",
+                "--logit-lr",
+                "0.05",
+                "--select",
+                "last",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
     training = json.loads((tmp_path / "d" / "model.json").read_text())["training"]
     assert training["protocol"] == "smartmixed" and training["candidate_norm"] == "standard"
     assert (training["logit_lr"], training["select"]) == (0.05, "last")

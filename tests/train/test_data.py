@@ -58,8 +58,10 @@ def test_fashion_mnist_without_debian_files_says_how_to_get_them(
 ) -> None:
     write_mnist_like(tmp_path / "partial")
     (tmp_path / "partial" / IDX_FILES["test_labels"]).unlink()
-    for folder, lacking in ((tmp_path / "absent", "train-images-idx3-ubyte, "),
-                            (tmp_path / "partial", "lacks t10k-labels-idx1-ubyte;")):  # fmt: skip
+    for folder, lacking in (
+        (tmp_path / "absent", "train-images-idx3-ubyte, "),
+        (tmp_path / "partial", "lacks t10k-labels-idx1-ubyte;"),
+    ):
         monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN_DIR", folder)
         with pytest.raises(data_module.DataError) as error:
             load_dataset("fashion-mnist")
@@ -132,26 +134,51 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     np.savez(tmp / "noy.npz", x=x)
     return [
         ("missing file", ["--data", f"csv:{tmp / 'absent.csv'}"], "absent.csv: file not found"),
-        ("missing IDX file", ["--data", "mnist", "--data-dir", str(tmp / "missing")],
-         "missing IDX file t10k-labels-idx1-ubyte"),
-        ("corrupt IDX header", ["--data", "mnist", "--data-dir", str(tmp / "corrupt")],
-         "train-images-idx3-ubyte: not an IDX file"),
-        ("truncated IDX", ["--data", "mnist", "--data-dir", str(tmp / "short")],
-         "IDX header declares shape [50, 28, 28] (39200 bytes of data), file holds 39190"),
-        ("ragged CSV", ["--data", f"csv:{tmp / 'ragged.csv'}"],
-         "ragged.csv line 3: expected 3 fields, got 2"),
-        ("non-numeric CSV", ["--data", f"csv:{tmp / 'text.csv'}"],
-         "text.csv line 2: column 'b' value 'hello' is not a number"),
+        (
+            "missing IDX file",
+            ["--data", "mnist", "--data-dir", str(tmp / "missing")],
+            "missing IDX file t10k-labels-idx1-ubyte",
+        ),
+        (
+            "corrupt IDX header",
+            ["--data", "mnist", "--data-dir", str(tmp / "corrupt")],
+            "train-images-idx3-ubyte: not an IDX file",
+        ),
+        (
+            "truncated IDX",
+            ["--data", "mnist", "--data-dir", str(tmp / "short")],
+            "IDX header declares shape [50, 28, 28] (39200 bytes of data), file holds 39190",
+        ),
+        (
+            "ragged CSV",
+            ["--data", f"csv:{tmp / 'ragged.csv'}"],
+            "ragged.csv line 3: expected 3 fields, got 2",
+        ),
+        (
+            "non-numeric CSV",
+            ["--data", f"csv:{tmp / 'text.csv'}"],
+            "text.csv line 2: column 'b' value 'hello' is not a number",
+        ),
         ("NaN", ["--data", f"csv:{tmp / 'nan.csv'}"], "nan.csv: training features hold 1 NaN/inf"),
-        ("inf", ["--data", f"npz:{tmp / 'inf.npz'}"], "inf.npz: training features hold 1 NaN/inf value(s) (first at row 3, feature 1)"),
+        (
+            "inf",
+            ["--data", f"npz:{tmp / 'inf.npz'}"],
+            "inf.npz: training features hold 1 NaN/inf value(s) (first at row 3, feature 1)",
+        ),
         ("one class only", ["--data", f"csv:{tmp / 'one.csv'}"], "only one class ('z')"),
-        ("label column missing", ["--data", f"csv:{tmp / 'nolabel.csv'}"],
-         "nolabel.csv: label column 'label' missing (columns: a, b, target)"),
+        (
+            "label column missing",
+            ["--data", f"csv:{tmp / 'nolabel.csv'}"],
+            "nolabel.csv: label column 'label' missing (columns: a, b, target)",
+        ),
         ("npz array missing", ["--data", f"npz:{tmp / 'noy.npz'}"], "noy.npz: missing array 'y'"),
-        ("fashion without Debian's files", ["--data", "fashion-mnist"],
-         f"fashion-mnist: {tmp / 'no-debian'} lacks train-images-idx3-ubyte"),
+        (
+            "fashion without Debian's files",
+            ["--data", "fashion-mnist"],
+            f"fashion-mnist: {tmp / 'no-debian'} lacks train-images-idx3-ubyte",
+        ),
         ("unknown source", ["--data", "cifar"], "unknown data source 'cifar'"),
-    ]  # fmt: skip
+    ]
 
 
 def test_each_bad_data_case_stops_with_one_clear_message(

@@ -15,10 +15,29 @@ from smartmixed.train import artifacts
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_digits(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "smartmixed.train",
-           "--data", "digits", "--arch", "64,32,10", "--p1-epochs", "3", "--p2-epochs", "4",
-           "--lr", "3e-3", "--out", str(out), "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "-m",
+        "smartmixed.train",
+        "--data",
+        "digits",
+        "--arch",
+        "64,32,10",
+        "--p1-epochs",
+        "3",
+        "--p2-epochs",
+        "4",
+        "--lr",
+        "3e-3",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done: test accuracy") == 1  # rank 0 alone reports

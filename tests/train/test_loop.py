@@ -26,13 +26,24 @@ def _config(**overrides) -> TrainConfig:
 
 
 def test_short_digits_run_reaches_90_percent(digits: Dataset, tmp_path: Path) -> None:
-    spec = train_run(config=_config(p1_epochs=10, p2_epochs=25), dataset=digits,
-                     out=tmp_path / "run", progress=False)  # fmt: skip
+    spec = train_run(
+        config=_config(p1_epochs=10, p2_epochs=25),
+        dataset=digits,
+        out=tmp_path / "run",
+        progress=False,
+    )
     assert spec.metrics["test_accuracy"] >= 0.90
     assert spec.metrics["phase1"]["test_accuracy"] > 0.5
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"model.safetensors", "model.json", "history.jsonl", "report.md",
-            "curves.png", "activations.png", "selection.png"} <= names  # fmt: skip
+    assert {
+        "model.safetensors",
+        "model.json",
+        "history.jsonl",
+        "report.md",
+        "curves.png",
+        "activations.png",
+        "selection.png",
+    } <= names
     assert "checkpoint.safetensors" not in names
     assert not [n for n in names if n.endswith(".tmp")]
     history = artifacts.read_history(tmp_path / "run")
@@ -44,12 +55,14 @@ def test_short_digits_run_reaches_90_percent(digits: Dataset, tmp_path: Path) ->
 
 
 def test_fixed_baseline_and_fresh_phase2(digits: Dataset, tmp_path: Path) -> None:
-    fixed = train_run(config=_config(mode="fixed:tanh"), dataset=digits, out=tmp_path / "f",
-                      progress=False)  # fmt: skip
+    fixed = train_run(
+        config=_config(mode="fixed:tanh"), dataset=digits, out=tmp_path / "f", progress=False
+    )
     assert fixed.pool == ["tanh"] and fixed.activation_counts() == [{"tanh": 48}, {"tanh": 32}]
     assert "phase1" not in fixed.metrics
-    fresh = train_run(config=_config(phase2_init="fresh"), dataset=digits, out=tmp_path / "m",
-                      progress=False)  # fmt: skip
+    fresh = train_run(
+        config=_config(phase2_init="fresh"), dataset=digits, out=tmp_path / "m", progress=False
+    )
     assert fresh.training["phase2_init"] == "fresh"
 
 
@@ -122,8 +135,24 @@ def test_resume_refuses_changed_options_and_finished_runs(digits: Dataset, tmp_p
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     """A real process, killed with SIGKILL mid-run, then resumed from the command line."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "smartmixed.train", "--data", "digits", "--arch", "64,32,10",
-           "--p1-epochs", "3", "--p2-epochs", "100", "--lr", "3e-3", "--out", str(out), "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "smartmixed.train",
+        "--data",
+        "digits",
+        "--arch",
+        "64,32,10",
+        "--p1-epochs",
+        "3",
+        "--p2-epochs",
+        "100",
+        "--lr",
+        "3e-3",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -153,8 +182,9 @@ def test_bad_requests(digits: Dataset, tmp_path: Path) -> None:
         _config(mode="fixed:swish")
     if not torch.cuda.is_available():
         with pytest.raises(DistributedError, match="--device cuda was asked for"):
-            train_run(config=_config(), dataset=digits, out=tmp_path / "c", device="cuda",
-                      progress=False)  # fmt: skip
+            train_run(
+                config=_config(), dataset=digits, out=tmp_path / "c", device="cuda", progress=False
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +195,11 @@ def test_protocols_set_their_values_and_options_override() -> None:
     paper = TrainConfig.from_protocol("paper", arch=ARCH)
     assert (paper.p1_epochs, paper.p2_epochs, paper.epochs) == (50, 350, 400)
     assert (paper.lr, paper.logit_lr, paper.tau, paper.tau_end) == (1e-4, None, 0.3, None)
-    assert (paper.select, paper.candidate_norm, paper.phase2_init) == ("val-loss", "none",
-                                                                       "continue")  # fmt: skip
+    assert (paper.select, paper.candidate_norm, paper.phase2_init) == (
+        "val-loss",
+        "none",
+        "continue",
+    )
     assert not (paper.double_softmax or paper.eval_noise) and paper.clamp is None
     ref = TrainConfig.from_protocol("reference-code", arch=ARCH, p1_epochs=3)
     assert ref.p1_epochs == 3 and ref.phase2_init == "fresh" and ref.clamp == 10.0
@@ -175,8 +208,10 @@ def test_protocols_set_their_values_and_options_override() -> None:
     assert default == TrainConfig(arch=ARCH)  # the dataclass defaults are the default protocol
     assert default.candidate_norm == "standard" and default.logit_lr == 1e-2
     assert TrainConfig(arch=ARCH, mode="fixed:relu").candidate_norm == "none"
-    assert TrainConfig(arch=ARCH, mode="fixed:relu", candidate_norm="standard").candidate_norm \
-        == "standard"  # fmt: skip
+    assert (
+        TrainConfig(arch=ARCH, mode="fixed:relu", candidate_norm="standard").candidate_norm
+        == "standard"
+    )
     with pytest.raises(TrainError, match="--protocol 'nope'"):
         TrainConfig.from_protocol("nope", arch=ARCH)
     with pytest.raises(TrainError, match="--select 'best': expected one of val-loss"):
@@ -198,8 +233,12 @@ def test_tau_anneals_exponentially_over_phase1(digits: Dataset, tmp_path: Path) 
 def test_select_rule_picks_the_phase1_epoch_to_freeze(
     digits: Dataset, tmp_path: Path, rule: str
 ) -> None:
-    spec = train_run(config=_config(select=rule, p1_epochs=5, p2_epochs=1), dataset=digits,
-                     out=tmp_path / "run", progress=False)  # fmt: skip
+    spec = train_run(
+        config=_config(select=rule, p1_epochs=5, p2_epochs=1),
+        dataset=digits,
+        out=tmp_path / "run",
+        progress=False,
+    )
     phase1 = [r for r in artifacts.read_history(tmp_path / "run") if r["phase"] == "selective"]
     expected = {
         "val-loss": min(phase1, key=lambda r: r["val_loss"])["epoch"],
@@ -224,16 +263,24 @@ def test_logit_lr_moves_the_logits_and_history_has_the_logit_gradients(digits: D
         model = SelectiveMLP(ARCH, _config().pool, candidate_norm="standard")
         optimizer = _optimizer(_config(lr=1e-3, logit_lr=logit_lr), model)
         assert [g["lr"] for g in optimizer.param_groups] == [1e-3, logit_lr]
-        result = train_epoch(model, optimizer, x, y, batch_size=128, grad_clip=1.0,
-                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        result = train_epoch(
+            model,
+            optimizer,
+            x,
+            y,
+            batch_size=128,
+            grad_clip=1.0,
+            generator=torch.Generator().manual_seed(0),
+        )
         moved[logit_lr] = float(model.selection_logits.detach().abs().max())
         assert set(result["logit_grad"]) == set(model.pool)
     assert moved[1e-4] < 0.02 < 0.5 < moved[1e-1]
 
 
 def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path: Path) -> None:
-    config = TrainConfig.from_protocol("reference-code", arch=ARCH, p1_epochs=2, p2_epochs=2,
-                                       lr=3e-3)  # fmt: skip
+    config = TrainConfig.from_protocol(
+        "reference-code", arch=ARCH, p1_epochs=2, p2_epochs=2, lr=3e-3
+    )
     spec = train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
     assert spec.training["double_softmax"] and spec.training["clamp"] == 10.0
     from smartmixed.train.model import SelectiveMLP
@@ -247,7 +294,11 @@ def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path:
 
 
 def test_no_phase2_epochs_ships_the_phase1_choice(digits: Dataset, tmp_path: Path) -> None:
-    spec = train_run(config=_config(p1_epochs=2, p2_epochs=0), dataset=digits,
-                     out=tmp_path / "run", progress=False)  # fmt: skip
+    spec = train_run(
+        config=_config(p1_epochs=2, p2_epochs=0),
+        dataset=digits,
+        out=tmp_path / "run",
+        progress=False,
+    )
     assert spec.activation_counts() == spec.metrics["phase1"]["activation_counts"]
     assert spec.metrics["test_accuracy"] == pytest.approx(spec.metrics["phase1"]["test_accuracy"])

@@ -132,8 +132,9 @@ def test_folded_network_computes_the_standardised_function() -> None:
     torch.manual_seed(3)
     assignment = [[POOL[i % 6] for i in range(12)], [POOL[(i * 5) % 6] for i in range(7)]]
     pre = {"offset": 0.5, "scale": 2.0}
-    model = MixedMLP([9, 12, 7, 4], POOL, assignment, preprocessing=pre,
-                     candidate_norm="standard").eval()  # fmt: skip
+    model = MixedMLP(
+        [9, 12, 7, 4], POOL, assignment, preprocessing=pre, candidate_norm="standard"
+    ).eval()
     plain = MixedMLP([9, 12, 7, 4], POOL, assignment, preprocessing=pre).eval()
     plain.load_canonical_state_dict(model.canonical_state_dict())
     folded = model.folded().eval()
@@ -232,18 +233,26 @@ def test_presets_cover_table1() -> None:
 
 def test_parse_arch_errors() -> None:
     assert parse_arch("784, 10 ,10") == [784, 10, 10]
-    for bad, message in [("784,x", "not a comma-separated"), ("784,10", ">= 3"),
-                         ("784,0,10", "width < 1"), ("784,5,1", ">= 2 classes")]:  # fmt: skip
+    for bad, message in [
+        ("784,x", "not a comma-separated"),
+        ("784,10", ">= 3"),
+        ("784,0,10", "width < 1"),
+        ("784,5,1", ">= 2 classes"),
+    ]:
         with pytest.raises(SpecError, match=message):
             parse_arch(bad)
 
 
 def _spec(**overrides) -> dict:
     data = {
-        "arch": [4, 3, 2], "pool": ["relu", "tanh"], "mode": "smartmixed",
-        "assignment": [["relu", "tanh", "relu"]], "preprocessing": {"offset": 0.0, "scale": 1.0},
-        "input_shape": [4], "labels": ["a", "b"],
-    }  # fmt: skip
+        "arch": [4, 3, 2],
+        "pool": ["relu", "tanh"],
+        "mode": "smartmixed",
+        "assignment": [["relu", "tanh", "relu"]],
+        "preprocessing": {"offset": 0.0, "scale": 1.0},
+        "input_shape": [4],
+        "labels": ["a", "b"],
+    }
     return {**data, **overrides}
 
 
