@@ -260,19 +260,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _latency(args: argparse.Namespace) -> int:
-    from smartmixed.bench.latency import (
-        LatencyError,
-        measure_latency,
-        render_markdown,
-        write_outputs,
-    )
-    from smartmixed.train.artifacts import ArtifactError
+def _run(
+    args: argparse.Namespace, module, measure, errors: tuple[type[Exception], ...] = ()
+) -> int:
+    """``measure()`` -> the bench's result, then DIR/NAME.json/.md/.png and the table printed.
 
+    ``module``: the bench module (its ``render_markdown`` and ``write_outputs``). Bad options
+    (BenchError and ``errors``) are one line and exit 2, no traceback, nothing written.
+    """
     try:
         if args.out.exists() and not args.out.is_dir():
-            raise LatencyError(f"--out {args.out} exists and is not a folder")
-        result = measure_latency(
+            raise BenchError(f"--out {args.out} exists and is not a folder")
+        result = measure()
+    except (BenchError, *errors) as e:
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    paths = module.write_outputs(result, args.out)
+    print(module.render_markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from smartmixed.bench import latency
+    from smartmixed.train.artifacts import ArtifactError
+
+    return _run(
+        args,
+        latency,
+        lambda: latency.measure_latency(
             arch=args.arch,
             run=args.run,
             mix=args.mix,
@@ -282,28 +298,19 @@ def _latency(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             seed=args.seed,
             progress=not args.quiet,
-        )
-    except (BenchError, SpecError, ArtifactError) as e:  # bad options: no traceback
-        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-        return 2
-    paths = write_outputs(result, args.out)
-    print(render_markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+        ),
+        errors=(SpecError, ArtifactError),
+    )
 
 
 def _http(args: argparse.Namespace) -> int:
-    from smartmixed.bench.http_bench import (
-        HttpBenchError,
-        measure_http,
-        render_markdown,
-        write_outputs,
-    )
+    from smartmixed.bench import http_bench
 
-    try:
-        if args.out.exists() and not args.out.is_dir():
-            raise HttpBenchError(f"--out {args.out} exists and is not a folder")
-        result = measure_http(
+    # bad options, or a server / wrk that failed: BenchError
+    return _run(
+        args,
+        http_bench,
+        lambda: http_bench.measure_http(
             arch=args.arch,
             repository=args.repository,
             models=args.models,
@@ -315,24 +322,16 @@ def _http(args: argparse.Namespace) -> int:
             load_generator=args.load_generator,
             seed=args.seed,
             progress=not args.quiet,
-        )
-    except BenchError as e:  # bad options, or a server / wrk that failed: no traceback
-        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-        return 2
-    paths = write_outputs(result, args.out)
-    print(render_markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+        ),
+    )
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from smartmixed.bench.soak import measure_soak, render_markdown, write_outputs
+    from smartmixed.bench import soak
 
-    try:
-        if args.out.exists() and not args.out.is_dir():
-            raise BenchError(f"--out {args.out} exists and is not a folder")
+    def measure():  # failed scenarios are in the result; only bad options raise
         options = SoakOptions(**{f.name: getattr(args, f.name) for f in fields(SoakOptions)})
-        result = measure_soak(
+        return soak.measure_soak(
             scenarios=args.scenarios,
             url=args.url,
             pid=args.pid,
@@ -344,13 +343,8 @@ def _soak(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.quiet,
         )
-    except BenchError as e:  # bad options: no traceback (failed scenarios are in the result)
-        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-        return 2
-    paths = write_outputs(result, args.out)
-    print(render_markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+
+    return _run(args, soak, measure)
 
 
 def _study(args: argparse.Namespace, train_args: list[str]) -> int:
