@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from smartmixed.contract import package_version
+from smartmixed.contract.files import atomic_write_text
 
 
 def machine_info() -> dict[str, Any]:
@@ -38,10 +39,6 @@ def write_outputs(
 ) -> list[Path]:
     """DIR/NAME.json, .md (``render``), .png (``draw``), each written to a temporary name and
     renamed into place."""
-    # train.artifacts loads torch (its package imports it); imported here, not at the top, so a
-    # bench that measures without torch loads it only to write its files
-    from smartmixed.train.artifacts import atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
     atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")

@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common, parse_positive_ints
 from smartmixed.bench.common import machine_info
+from smartmixed.contract.runtime import make_session
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
 from smartmixed.export.quantize import quantize_int8
-from smartmixed.export.runtime import make_session, percentiles, time_session
+from smartmixed.export.runtime import percentiles, time_session
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, parse_arch
 from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL

@@ -6,6 +6,8 @@ names and the constants that fix each activation's function (train/pool.py evalu
 torch, export/lower.py writes them into ONNX nodes), and the package-version record.
 
 Imports only the standard library: serve/ reads it without torch, train/ or export/.
+Its submodule smartmixed.contract.runtime (onnxruntime) is the one ONNX Runtime session
+factory with the one CUDA rule (issue H, item 2).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smartmixed.contract.runtime import ProviderError
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
 from smartmixed.export.quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
@@ -14,7 +15,6 @@ from smartmixed.export.quantize import (
     summarize_quantization,
 )
 from smartmixed.export.repository import ExportError, export_run, verify_entry
-from smartmixed.export.runtime import ProviderError
 from smartmixed.export.verify import VerificationError, summarize
 from smartmixed.train.artifacts import ArtifactError
 

@@ -48,8 +48,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
+from smartmixed.contract.runtime import OPTIMIZATION_LEVELS, make_session
 from smartmixed.export.autotune import pick_lowering, time_lowerings
-from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
 from smartmixed.export.verify import VerificationError, check_graph, torch_outputs
 
 WEIGHT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}

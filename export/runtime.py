@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions and timing, shared by verification, lowering selection and the bench."""
+"""Timing ONNX Runtime sessions, shared by lowering selection and the latency bench.
+
+Sessions themselves come from smartmixed.contract.runtime.make_session, the one factory.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-
-OPTIMIZATION_LEVELS = {
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-class ProviderError(RuntimeError):
-    """An execution provider that was asked for but is not active."""
-
-
-def make_session(
-    model: bytes,
-    *,
-    device: str = "cpu",
-    optimization: str = "all",
-    threads: int | None = None,
-    optimized_model_path: str | None = None,
-) -> ort.InferenceSession:
-    """One session on ``device`` (cpu | cuda); CUDA must really be active, never a silent CPU."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_model_path is not None:
-        options.optimized_model_filepath = optimized_model_path
-    provider = PROVIDERS[device]
-    if provider not in ort.get_available_providers():
-        raise ProviderError(
-            f"{provider} is not available in this onnxruntime build "
-            f"(available: {', '.join(ort.get_available_providers())}); "
-            "for CUDA install the gpu extra (onnxruntime-gpu)"
-        )
-    providers = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
-    session = ort.InferenceSession(model, sess_options=options, providers=providers)
-    if session.get_providers()[0] != provider:
-        raise ProviderError(
-            f"{provider} was asked for but the session runs on {session.get_providers()}"
-        )
-    return session
 
 
 def time_session(

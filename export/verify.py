@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
-from smartmixed.export.runtime import OPTIMIZATION_LEVELS, make_session
+from smartmixed.contract.runtime import OPTIMIZATION_LEVELS, make_session
 from smartmixed.serve.runtime import nonfinite_initializers
 
 ATOL, RTOL = 1e-5, 1e-4

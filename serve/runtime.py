@@ -31,6 +31,12 @@ from smartmixed.contract import (
     METADATA_PREFIX,
     MODEL_FILE,
 )
+from smartmixed.contract.runtime import (
+    ModelLoadError,
+    ProviderError,
+    ProviderNotInBuild,
+    make_session,
+)
 from smartmixed.serve.model_config import (
     NO_CONFIG,
     ConfigError,
@@ -151,20 +157,6 @@ class ModelVersion:
             },
             "execution_providers": self.providers,
         }
-
-
-def _providers_for(device: str) -> list[str]:
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise DeviceError(
-            "--device cuda: CUDAExecutionProvider is not in this onnxruntime build "
-            f"(available: {', '.join(available)}); install the gpu extra (onnxruntime-gpu)"
-        )
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 _FILE_KINDS = (
@@ -325,25 +317,14 @@ def load_version(
         )
     if nonfinite := nonfinite_initializers(proto):
         raise LoadError(f"{where}: {path}: {'; '.join(nonfinite)}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(data, sess_options=options, providers=_providers_for(device))
-    except DeviceError:
-        raise
-    except Exception as e:  # ORT's errors (InvalidGraph, Fail, ...) share no narrower base
-        reason = " ".join(str(e).split())  # one line
-        raise LoadError(f"{where}: ONNX Runtime cannot load {path} ({reason})") from None
-    active = session.get_providers()
-    if device == "cuda" and active[0] != "CUDAExecutionProvider":
-        raise DeviceError(
-            f"{where}: --device cuda, but the session runs on {active} "
-            "(CUDA libraries or the GPU not usable)"
-        )
-    if device == "auto" and active[0] != "CUDAExecutionProvider":
-        log.warning("%s: device auto: CUDA not usable, serving on %s", where, active)
+        session = make_session(data, device=device, threads=threads, name=where)
+    except ProviderNotInBuild as e:  # the device, not this model: no "NAME/VERSION: " prefix
+        raise DeviceError(f"--device {device}: {e}") from None
+    except ProviderError as e:
+        raise DeviceError(f"{where}: --device {device}: {e}") from None
+    except ModelLoadError as e:
+        raise LoadError(f"{where}: ONNX Runtime cannot load {path} ({e.reason})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != [INPUT] or not _is_batch_of_rows(inputs[0].shape):
         raise LoadError(f"{where}: expected one input '{INPUT}' [batch, D]")

@@ -1,15 +1,15 @@
-"""Run artifacts: weights (safetensors), spec (JSON), history, checkpoints, plots and report.
+"""Run artifacts: weights (safetensors), spec (JSON), history and checkpoints; loading a model.
 
-Every file is written to a temporary name in the same folder and renamed into place, so a killed
-process never leaves a half-written artifact. Nothing here unpickles: loading never runs code.
+Every file is written to a temporary name in the same folder and renamed into place
+(``smartmixed.contract.files``, re-exported here), so a killed process never leaves a
+half-written artifact. Nothing here unpickles: loading never runs code. The plots and report.md
+drawn from a finished run are train/report.py's.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from smartmixed.contract import HISTORY, MODEL_SPEC, MODEL_WEIGHTS
+from smartmixed.contract.files import atomic_write_bytes, atomic_write_text
 from smartmixed.train.model import MixedMLP, ModelSpec, SpecError
 
 CHECKPOINT = "checkpoint.safetensors"
-REPORT = "report.md"
-PLOTS = {
-    "curves": "curves.png",
-    "activations": "activations.png",
-    "selection": "selection.png",
-    "logit_gradients": "logit-gradients.png",
-}
 
 
 class ArtifactError(ValueError):
@@ -38,32 +32,7 @@ class ArtifactError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+# Folders and files
 
 
 def check_writable_folder(path: Path | str, *, what: str) -> None:
@@ -235,217 +204,3 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 def remove_checkpoint(run_dir: Path) -> None:
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Plots and report
-
-
-def _savefig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; plots get the usual mode
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _activation_colors(pool: Sequence[str]) -> dict[str, Any]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if len(pool) <= 10 else "tab20"]
-    return {name: cmap(i) for i, name in enumerate(pool)}
-
-
-def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation, phases shaded apart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [r["epoch"] for r in history]
-    for key, style in (("train", "-"), ("val", "--")):
-        ax_loss.plot(epochs, [r[f"{key}_loss"] for r in history], style, label=key)
-        ax_acc.plot(epochs, [r[f"{key}_accuracy"] for r in history], style, label=key)
-    boundaries = [r["epoch"] for a, r in itertools.pairwise(history) if a["phase"] != r["phase"]]
-    for ax in (ax_loss, ax_acc):
-        for b in boundaries:
-            ax.axvline(b - 0.5, color="grey", lw=0.8)
-            ax.text(b, ax.get_ylim()[1], " phase 2", va="top", fontsize=8, color="grey")
-        ax.set_xlabel("epoch")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.set_yscale("log")
-    ax_acc.set_ylabel("accuracy")
-    fig.suptitle("training curves")
-    _savefig(fig, path)
-
-
-def plot_activation_distribution(spec: ModelSpec, path: Path) -> None:
-    """Per hidden layer, the share of neurons using each activation (paper Fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts, colors = spec.activation_counts(), _activation_colors(spec.pool)
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(counts) + 3), 4))
-    bottoms = [0.0] * len(counts)
-    for name in spec.pool:
-        shares = [c[name] / sum(c.values()) for c in counts]
-        ax.bar(range(len(counts)), shares, bottom=bottoms, label=name, color=colors[name])
-        bottoms = [b + s for b, s in zip(bottoms, shares, strict=True)]
-    ax.set_xticks(
-        range(len(counts)), [f"L{i + 1}\n({w})" for i, w in enumerate(spec.hidden_widths)]
-    )
-    ax.set_ylabel("share of neurons")
-    ax.set_title(f"activation per hidden layer ({spec.mode})")
-    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
-    _savefig(fig, path)
-
-
-def plot_selection(history: Sequence[dict[str, Any]], pool: Sequence[str], path: Path) -> bool:
-    """Share of each activation per layer over the phase-1 epochs (paper Fig. 4)."""
-    rows = [r for r in history if r["phase"] == "selective"]
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_layers, colors = len(rows[0]["activation_counts"]), _activation_colors(pool)
-    cols = min(n_layers, 4)
-    nrows = -(-n_layers // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
-    epochs = [r["epoch"] for r in rows]
-    for layer in range(n_layers):
-        ax = axes[layer // cols][layer % cols]
-        for name in pool:
-            shares = [
-                r["activation_counts"][layer][name] / sum(r["activation_counts"][layer].values())
-                for r in rows
-            ]
-            ax.plot(epochs, shares, label=name, color=colors[name])
-        ax.set_title(f"hidden layer {layer + 1}", fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    for extra in range(n_layers, nrows * cols):
-        axes[extra // cols][extra % cols].axis("off")
-    axes[0][0].legend(fontsize=7)
-    fig.supxlabel("phase-1 epoch")
-    fig.supylabel("share of neurons (argmax)")
-    _savefig(fig, path)
-    return True
-
-
-def plot_logit_gradients(
-    history: Sequence[dict[str, Any]], pool: Sequence[str], path: Path
-) -> bool:
-    """Per phase-1 epoch, each candidate's mean logit push -dL/da_k (issue E's instrument):
-    a candidate with a larger push gains logit mass whatever its merit."""
-    rows = [r for r in history if r["phase"] == "selective" and "logit_grad" in r]
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = _activation_colors(pool)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    epochs = [r["epoch"] for r in rows]
-    for name in pool:
-        ax.plot(epochs, [-r["logit_grad"][name] for r in rows], label=name, color=colors[name])
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("phase-1 epoch")
-    ax.set_ylabel("mean logit push  -dL/da_k")
-    ax.set_title("what the straight-through gradient rewards, per candidate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    _savefig(fig, path)
-    return True
-
-
-def write_plots_and_report(
-    run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any]]
-) -> None:
-    plot_curves(history, run_dir / PLOTS["curves"])
-    plot_activation_distribution(spec, run_dir / PLOTS["activations"])
-    plot_selection(history, spec.pool, run_dir / PLOTS["selection"])
-    plot_logit_gradients(history, spec.pool, run_dir / PLOTS["logit_gradients"])
-    write_report(run_dir, spec, history)
-
-
-def format_counts(counts: dict[str, int]) -> str:
-    total = sum(counts.values()) or 1
-    return ", ".join(
-        f"{n} {100 * c / total:.0f}%" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]) if c
-    )
-
-
-def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any]]) -> None:
-    m = spec.metrics
-    lines = [
-        f"# Run {run_dir.name}",
-        "",
-        f"- mode: `{spec.mode}`, architecture {spec.arch}, pool {', '.join(spec.pool)}",
-        f"- data: {spec.training.get('data_summary', spec.training.get('data'))}",
-        f"- test accuracy **{m['test_accuracy']:.4f}** (loss {m['test_loss']:.4f}); "
-        f"validation accuracy {m['val_accuracy']:.4f} at epoch {m['best_epoch']}",
-    ]
-    if "phase1" in m:
-        p1 = m["phase1"]
-        t = spec.training
-        lines.append(
-            f"- after phase 1 (selective, kept epoch {p1['best_epoch']} by "
-            f"{p1.get('select', 'val-loss')}): validation {p1['val_accuracy']:.4f}, "
-            f"test {p1['test_accuracy']:.4f}"
-        )
-        lines.append(
-            f"- selection: protocol `{t.get('protocol')}`, candidates "
-            f"`{t.get('candidate_norm')}`, logit lr {t.get('logit_lr') or t.get('lr')}, "
-            f"tau {t.get('tau')} -> {t.get('tau_end') or t.get('tau')}"
-        )
-    lines += [
-        f"- training time {m['train_seconds']:.1f} s over {len(history)} epochs",
-        "",
-        "## Activation mix per hidden layer",
-        "",
-        "| layer | width | mix |",
-        "|---|---|---|",
-    ]
-    for i, (w, counts) in enumerate(zip(spec.hidden_widths, spec.activation_counts(), strict=True)):
-        lines.append(f"| {i + 1} | {w} | {format_counts(counts)} |")
-    lines += ["", "## Plots", ""]
-    for key, name in PLOTS.items():
-        if (run_dir / name).exists():
-            lines.append(f"![{key}]({name})")
-    atomic_write_text(run_dir / REPORT, "\n".join(lines) + "\n")
-
-
-def compare_runs(run_dirs: Sequence[Path | str]) -> str:
-    """A plain-text table comparing finished runs."""
-    specs = [(Path(d), load_spec(d)) for d in run_dirs]
-    header = f"{'run':<28} {'mode':<14} {'test acc':>8} {'val acc':>8} {'train s':>8}"
-    lines = [header, "-" * len(header)]
-    for path, spec in specs:
-        m = spec.metrics
-        lines.append(
-            f"{path.name:<28} {spec.mode:<14} {m['test_accuracy']:>8.4f} "
-            f"{m['val_accuracy']:>8.4f} {m['train_seconds']:>8.1f}"
-        )
-    for path, spec in specs:
-        lines.append(f"\n{path.name}: activation mix per hidden layer")
-        for i, counts in enumerate(spec.activation_counts()):
-            lines.append(f"  layer {i + 1} ({spec.hidden_widths[i]}): {format_counts(counts)}")
-        lines.append(f"  artifacts: {path}/ (model.safetensors, model.json, report.md, *.png)")
-    return "\n".join(lines)

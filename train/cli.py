@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from smartmixed.train.artifacts import ArtifactError, check_writable_folder, compare_runs
+from smartmixed.train.artifacts import ArtifactError, check_writable_folder
 from smartmixed.train.data import DataError, load_dataset
 from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
@@ -30,6 +30,7 @@ from smartmixed.train.model import (
     resolve_preset,
 )
 from smartmixed.train.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
+from smartmixed.train.report import compare_runs
 
 EPILOG = f"""\
 pool: default {",".join(DEFAULT_POOL)}; extras {",".join(EXTRA_ACTIVATIONS)}

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from smartmixed import contract
-from smartmixed.train import artifacts
+from smartmixed.train import artifacts, report
 from smartmixed.train.data import Dataset
 from smartmixed.train.distributed import (
     Ranks,
@@ -443,8 +443,8 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> 
             artifacts.MODEL_WEIGHTS,
             artifacts.HISTORY,
             artifacts.CHECKPOINT,
-            artifacts.REPORT,
-            *artifacts.PLOTS.values(),
+            report.REPORT,
+            *report.PLOTS.values(),
         ):
             (out / name).unlink(missing_ok=True)
 
@@ -556,7 +556,7 @@ def train_run(
     )
     if ranks.main:
         artifacts.save_model(out, spec, model.canonical_state_dict())
-        artifacts.write_plots_and_report(out, spec, run.history)
+        report.write_plots_and_report(out, spec, run.history)
         artifacts.remove_checkpoint(out)
     barrier(ranks)
     return spec

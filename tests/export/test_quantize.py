@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
+from smartmixed.contract.runtime import make_session
 from smartmixed.export.cli import main
 from smartmixed.export.lower import LOWERINGS, get_metadata
 from smartmixed.export.quantize import quantize_int8
@@ -100,7 +100,7 @@ def test_int8_export_writes_a_verified_entry(models: Path, digits: Dataset) -> N
     }
     assert q["int8_accuracy"] == min(r["accuracy"] for r in test_rows.values())
     assert q["agreement"] == min(r["argmax_agreement"] for r in test_rows.values())
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(model.SerializeToString(), device="cpu")
     (logits,) = session.run(["logits"], {"input": digits.x_test})
     assert (logits.argmax(1) == digits.y_test).mean() == pytest.approx(
         test_rows["all", 360]["accuracy"]
@@ -168,7 +168,7 @@ def test_thresholds_need_quantize(run_dir: Path, tmp_path: Path, capsys) -> None
 def test_int8_entry_is_served_over_v2(models: Path, digits: Dataset) -> None:
     rows = digits.x_test[:5]
     model = onnx.load(str(models / "digits-mixed-int8" / "1" / "model.onnx"))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = make_session(model.SerializeToString(), device="cpu")
     want = session.run(["probabilities"], {"input": rows})[0]
     tensor = {"name": "input", "shape": [5, 64], "datatype": "FP32", "data": rows.tolist()}
     with TestClient(create_app(ServeSettings(repository=models))) as client:
