@@ -52,13 +52,9 @@ def resolve_load_generator(choice: str) -> str:
     return WRK
 
 
-WRK_SCRIPT = """\
--- written by smartmixed-bench http: POST one V2 JSON body, print the summary as one JSON line
-wrk.method = "POST"
-wrk.body = {body}
-wrk.headers["Content-Type"] = "application/json"
-
-function done(summary, latency, requests)
+# The body of wrk's done(): the summary as one JSON line after {marker} (parse_wrk_output reads
+# it). A str.format template, like the scripts that include it.
+WRK_SUMMARY = """\
   local e = summary.errors
   io.write(string.format(
     '{marker}{{"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,' ..
@@ -68,8 +64,19 @@ function done(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(95), latency:percentile(99),
     latency.mean, latency.max))
-end
 """
+WRK_SCRIPT = (
+    """\
+-- written by smartmixed-bench http: POST one V2 JSON body, print the summary as one JSON line
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+
+function done(summary, latency, requests)
+"""
+    + WRK_SUMMARY
+    + "end\n"
+)
 
 
 def lua_long_string(text: str) -> str:

@@ -82,7 +82,13 @@ from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common
 from smartmixed.bench.common import machine_info
-from smartmixed.bench.load import WRK_MARKER, lua_long_string, parse_wrk_output, wrk_version
+from smartmixed.bench.load import (
+    WRK_MARKER,
+    WRK_SUMMARY,
+    lua_long_string,
+    parse_wrk_output,
+    wrk_version,
+)
 from smartmixed.bench.server import (
     HEALTH_READY_PATH,
     PAPER_ARCH,
@@ -619,7 +625,8 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)  # what the scenario ran with
 
 
-SOAK_WRK_SCRIPT = """\
+SOAK_WRK_SCRIPT = (
+    """\
 -- written by smartmixed-bench soak: POST one V2 JSON body; count statuses and responses per
 -- second (os.time) per thread; done() prints the summary and the counts as JSON lines
 wrk.method = "POST"
@@ -644,21 +651,16 @@ local function json_counts(t)
 end
 
 function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{marker}{{"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,' ..
-    '"connect":%.0f,"read":%.0f,"write":%.0f,"status":%.0f,"timeout":%.0f,' ..
-    '"p50_us":%.1f,"p95_us":%.1f,"p99_us":%.1f,"mean_us":%.1f,"max_us":%.1f}}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.mean, latency.max))
+"""
+    + WRK_SUMMARY
+    + """\
   for _, t in ipairs(threads) do
     io.write('{status_marker}{{"statuses":' .. json_counts(t:get("statuses")) ..
              ',"seconds":' .. json_counts(t:get("seconds")) .. '}}\\n')
   end
 end
 """
+)
 
 
 def _wrk_soak(run: Run) -> dict[str, Any]:
