@@ -95,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         limits=limits,
         stats=stats,
-        ready=lambda: app.state.service.ready,
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
         graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
         log_level=settings.log_level,

@@ -25,11 +25,6 @@ per connection:
   retry a 503 at once would otherwise turn the event loop into a 503 machine: at c=1024 that
   held health checks for 1.8 s (issue F's overload measurement). New connections (health probes)
   and admitted requests are not slowed;
-- **health first**: ``GET /v2/health/live`` and ``/v2/health/ready`` are answered by the protocol
-  as soon as their headers are parsed, in the same event-loop turn, without an ASGI task (a task
-  starts a turn later, and under overload every turn is long). Readiness comes from the app's
-  own flag (``health``); the app's middleware answers the same paths identically for other
-  servers and tests;
 - **draining**: on shutdown an idle keep-alive connection is not closed under a client that may
   be writing its next request at that moment (the client would see a reset): its next request
   is answered with ``Connection: close``, or it is closed after a short grace.
@@ -51,8 +46,7 @@ import random
 import resource
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -69,8 +63,6 @@ FD_RESERVE = 64  # descriptors kept free under the open-file limit (models, pool
 
 PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
 
-HEALTH_PATHS = {b"/v2/health/live": "live", b"/v2/health/ready": "ready"}
-
 # Connection phases (what a connection is waiting for).
 IDLE, HEADERS, BODY, RESPONSE = "idle", "headers", "body", "response"
 
@@ -81,21 +73,6 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
-
-
-@dataclass
-class _Answered:
-    """Stands in for uvicorn's request cycle after a health check answered by the protocol."""
-
-    keep_alive: bool
-    response_complete: bool = True
-    disconnected: bool = False
-    scope: dict = field(default_factory=dict)
-
-    class message_event:  # uvicorn calls cycle.message_event.set()
-        @staticmethod
-        def set() -> None:
-            pass
 
 
 @dataclass
@@ -150,7 +127,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     limits: ConnectionLimits
     stats: ConnectionStats
-    ready: Callable[[], bool] | None = None  # the app's readiness; None: health goes to the app
     _sweepers: dict[int, asyncio.Task] = {}  # noqa: RUF012  (one per event loop, shared)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -218,8 +194,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.phase, self.phase_since = BODY, time.monotonic()
-        if self.ready is not None and self._answer_health():
-            return
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -248,38 +222,6 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _resume_reading(self) -> None:
         if not self.transport.is_closing():
             self.flow.resume_reading()
-
-    def _answer_health(self) -> bool:
-        """Answer GET /v2/health/{live,ready} here and now; False for any other request."""
-        if self.url not in HEALTH_PATHS or self.parser.get_method() != b"GET":
-            return False
-        if self.cycle is not None and not self.cycle.response_complete:
-            return False  # a pipelined request behind one in progress: answers keep their order
-        ready = HEALTH_PATHS[self.url] == "live" or self.ready()
-        body = (
-            b'{"live":true}'
-            if HEALTH_PATHS[self.url] == "live"
-            else b'{"ready":%s}' % (b"true" if ready else b"false")
-        )
-        keep_alive = self.parser.should_keep_alive() and not self.draining
-        self.transport.write(
-            b"".join(
-                [
-                    STATUS_LINE[200 if ready else 503],
-                    b"content-type: application/json\r\ncontent-length: ",
-                    str(len(body)).encode(),
-                    b"\r\n" if keep_alive else b"\r\nconnection: close\r\n",
-                    b"\r\n",
-                    body,
-                ]
-            )
-        )
-        self.cycle = _Answered(keep_alive=keep_alive)  # type: ignore[assignment]
-        if keep_alive:
-            self.on_response_complete()
-        else:
-            self.transport.close()
-        return True
 
     # ---- timeouts -----------------------------------------------------------------------------
 
@@ -336,18 +278,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def protocol_class(
-    limits: ConnectionLimits, stats: ConnectionStats, ready: Callable[[], bool] | None = None
-) -> type[LimitedHttpProtocol]:
+def protocol_class(limits: ConnectionLimits, stats: ConnectionStats) -> type[LimitedHttpProtocol]:
     return type(
         "SmartmixedHttpProtocol",
         (LimitedHttpProtocol,),
-        {
-            "limits": limits,
-            "stats": stats,
-            "ready": staticmethod(ready) if ready else None,
-            "_sweepers": {},
-        },
+        {"limits": limits, "stats": stats, "_sweepers": {}},
     )
 
 
@@ -367,7 +302,6 @@ def run_server(
     port: int,
     limits: ConnectionLimits,
     stats: ConnectionStats,
-    ready: Callable[[], bool] | None = None,
     keep_alive_timeout_s: float,
     graceful_shutdown_s: float,
     log_level: str,
@@ -377,7 +311,7 @@ def run_server(
         app,
         host=host,
         port=port,
-        http=protocol_class(limits, stats, ready),
+        http=protocol_class(limits, stats),
         loop="auto",
         log_level=log_level,
         access_log=False,
