@@ -24,6 +24,7 @@ from smartmixed.train.loop import (
 )
 from smartmixed.train.model import (
     CANDIDATE_NORMS,
+    LOGIT_GRAD_NORMS,
     PRESETS,
     SpecError,
     parse_arch,
@@ -55,6 +56,8 @@ PROTOCOL_OPTIONS = (
     "tau_end",
     "select",
     "candidate_norm",
+    "logit_grad_norm",
+    "soft_epochs",
     "grad_clip",
     "phase2_init",
 )
@@ -115,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="standard: each candidate scaled to zero mean, unit variance under "
         "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
         "smartmixed; none for fixed baselines and the paper protocols)",
+    )
+    p.add_argument(
+        "--logit-grad-norm",
+        choices=LOGIT_GRAD_NORMS,
+        help="candidate: each candidate's logit gradient rescaled, layer by layer, to the "
+        f"same RMS over neurons (default {d['logit_grad_norm']})",
+    )
+    p.add_argument(
+        "--soft-epochs",
+        type=int,
+        help="the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) (every "
+        f"candidate, soft Gumbel-Softmax weights) before the hard one (default {d['soft_epochs']})",
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d['grad_clip']})")

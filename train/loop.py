@@ -44,6 +44,7 @@ from smartmixed.train.distributed import (
 )
 from smartmixed.train.model import (
     CANDIDATE_NORMS,
+    LOGIT_GRAD_NORMS,
     MixedMLP,
     ModelSpec,
     SelectiveMLP,
@@ -68,6 +69,8 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "grad_clip": 1.0,
     "select": "val-loss",
     "candidate_norm": "none",
+    "logit_grad_norm": "none",
+    "soft_epochs": 0,
     "phase2_init": "continue",
     "double_softmax": False,
     "eval_noise": False,
@@ -121,6 +124,8 @@ class TrainConfig:
     select: str = PROTOCOLS[DEFAULT_PROTOCOL]["select"]
     # None: "standard" for smartmixed, "none" for a fixed baseline
     candidate_norm: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["candidate_norm"]
+    logit_grad_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["logit_grad_norm"]
+    soft_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["soft_epochs"]  # relaxed phase-1 epochs first
     phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
     logit_init_std: float = 0.0
     double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
@@ -153,6 +158,7 @@ class TrainConfig:
             "phase2_init": PHASE2_INITS,
             "select": SELECT_RULES,
             "candidate_norm": CANDIDATE_NORMS,
+            "logit_grad_norm": LOGIT_GRAD_NORMS,
             "protocol": tuple(PROTOCOLS),
         }
         for name, allowed in choices.items():
@@ -161,7 +167,7 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
                     f"{', '.join(allowed)}"
                 )
-        for name in ("p1_epochs", "p2_epochs", "epochs"):
+        for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
         if all(n == 0 for _, n in self.phases()):
@@ -336,6 +342,7 @@ def _build(
             candidate_norm=config.candidate_norm,
             clamp=config.clamp,
             eval_noise=config.eval_noise,
+            logit_grad_norm=config.logit_grad_norm,
         )
     assert assignment is not None, "mixed and fixed phases need an assignment"
     return MixedMLP(
@@ -597,6 +604,7 @@ def _train_phase(
             started = time.perf_counter()
             if isinstance(model, SelectiveMLP):
                 model.tau = config.tau_at(run.phase_epoch)
+                model.relaxed = run.phase_epoch < config.soft_epochs
             result = train_epoch(
                 net,
                 phase.optimizer,
@@ -630,6 +638,7 @@ def _train_phase(
             }
             if isinstance(model, SelectiveMLP):
                 record["tau"] = model.tau
+                record["relaxed"] = model.relaxed
             if ranks.distributed:
                 record["ranks"] = ranks.world  # a divergence would have stopped the run
             if _keeps(phase.rule, record, run):

@@ -74,6 +74,7 @@ def apply_contiguous(
 
 
 CANDIDATE_NORMS = ("none", "standard")
+LOGIT_GRAD_NORMS = ("none", "candidate")
 
 
 @dataclass(frozen=True)
@@ -226,9 +227,18 @@ class SelectiveMLP(nn.Module):
         candidate_norm: str = "none",
         clamp: float | None = None,
         eval_noise: bool = False,
+        logit_grad_norm: str = "none",
     ) -> None:
         super().__init__()
         self.arch, self.pool, self.tau = list(arch), list(pool), tau  # tau: set per epoch
+        # relaxed: the soft mixture sum_k s_k h_k(z) instead of the hard sample (--soft-epochs;
+        # set per epoch by the loop)
+        self.relaxed = False
+        if logit_grad_norm not in LOGIT_GRAD_NORMS:
+            raise SpecError(
+                f"logit grad norm {logit_grad_norm!r}: expected one of {LOGIT_GRAD_NORMS}"
+            )
+        self.logit_grad_norm = logit_grad_norm
         self.acts = tuple(get_activation(n) for n in pool)
         self.basis = batch_sum_basis(pool)
         self.candidate_norm = candidate_norm
@@ -249,6 +259,8 @@ class SelectiveMLP(nn.Module):
         logits = self.selection_logits
         if self.training or self.eval_noise:
             soft, choice = gumbel_softmax_sample(logits, self.tau)  # (K, N), (N,)
+            if self.logit_grad_norm == "candidate" and soft.requires_grad:
+                soft.register_hook(self._normalise_candidates)
         else:  # evaluation: argmax of the logits, no noise
             soft, choice = logits.detach().t(), logits.detach().argmax(dim=-1)
         n_acts, widths = len(self.acts), self.arch[1:-1]
@@ -258,6 +270,10 @@ class SelectiveMLP(nn.Module):
         h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
         start = 0
         for layer, (linear, width) in enumerate(zip(self.layers[:-1], widths, strict=True)):
+            if self.relaxed and self.training:
+                h = self._relaxed(linear_t(linear, h), soft[:, start : start + width])
+                start += width
+                continue
             perm = order[start : start + width] - start  # (n_l,) grouped position -> neuron
             h = _SelectActivation.apply(
                 linear_t(linear, h),
@@ -270,6 +286,29 @@ class SelectiveMLP(nn.Module):
             )
             start += width
         return linear_t(self.layers[-1], h).t()
+
+    def _relaxed(self, z: Tensor, soft: Tensor) -> Tensor:
+        """The soft Gumbel-Softmax mixture sum_k s_k h_k(z) for z (n, B), s (K, n): every
+        candidate is computed and weighted, so the logits get the exact gradient of the relaxed
+        network (no straight-through approximation)."""
+        out = torch.zeros_like(z)
+        clamp = self.transform.clamp
+        for k, act in enumerate(self.acts):
+            f = act.fn(z)
+            if clamp is not None:
+                f = f.clamp(-clamp, clamp)
+            out = out + soft[k].unsqueeze(1) * self.transform.apply(k, f)
+        return out
+
+    def _normalise_candidates(self, grad: Tensor) -> Tensor:
+        """--logit-grad-norm candidate: dL/ds (K, N) with each candidate's row rescaled, layer by
+        layer, to the layer's mean RMS, so that no candidate's push is larger only because its
+        output is larger (the issue-E bias); the direction per neuron is kept."""
+        parts = []
+        for g in grad.split(self.arch[1:-1], dim=1):  # (K, n_l)
+            rms = g.pow(2).mean(1, keepdim=True).sqrt()  # (K, 1)
+            parts.append(g * (rms.mean() / rms.clamp_min(1e-12)))
+        return torch.cat(parts, dim=1)
 
     def choices(self) -> list[Tensor]:
         """argmax of the logits per hidden layer, (n_l,) int64 each."""

@@ -302,3 +302,17 @@ def test_no_phase2_epochs_ships_the_phase1_choice(digits: Dataset, tmp_path: Pat
     )
     assert spec.activation_counts() == spec.metrics["phase1"]["activation_counts"]
     assert spec.metrics["test_accuracy"] == pytest.approx(spec.metrics["phase1"]["test_accuracy"])
+
+
+def test_soft_epochs_relax_the_first_phase1_epochs_and_are_recorded(
+    digits: Dataset, tmp_path: Path
+) -> None:
+    config = _config(p1_epochs=3, p2_epochs=1, soft_epochs=2, logit_grad_norm="candidate")
+    spec = train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
+    history = artifacts.read_history(tmp_path / "run")
+    assert [r.get("relaxed") for r in history] == [True, True, False, None]
+    assert (spec.training["soft_epochs"], spec.training["logit_grad_norm"]) == (2, "candidate")
+    with pytest.raises(TrainError, match="--soft-epochs must be >= 0"):
+        _config(soft_epochs=-1)
+    with pytest.raises(TrainError, match="--logit-grad-norm 'rms': expected one of none"):
+        _config(logit_grad_norm="rms")

@@ -271,3 +271,38 @@ def test_spec_json_round_trip_and_validation() -> None:
     for data, message in cases:
         with pytest.raises(SpecError, match=message):
             ModelSpec.from_dict(data)
+
+
+def test_relaxed_forward_is_the_soft_mixture_and_reaches_every_logit() -> None:
+    torch.manual_seed(3)
+    model = SelectiveMLP([6, 5, 3], POOL, candidate_norm="standard").train()
+    model.relaxed = True
+    x = torch.randn(4, 6)
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)  # the same Gumbel draw, by hand
+    soft, _ = gumbel_softmax_sample(model.selection_logits, model.tau)  # (K, 5)
+    z = model.layers[0](x)  # (4, 5)
+    moments = [standard_moments(n) for n in POOL]
+    h = sum(soft[k] * (ACTS[k].fn(z) - moments[k][0]) / moments[k][1] for k in range(len(POOL)))
+    torch.testing.assert_close(out, model.layers[1](h), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert (model.selection_logits.grad.abs() > 0).all()  # every candidate of every neuron
+    model.eval()  # evaluation stays the hard argmax, relaxed or not
+    with torch.no_grad():
+        relaxed_eval = model(x)
+        model.relaxed = False
+        torch.testing.assert_close(relaxed_eval, model(x))
+
+
+def test_logit_grad_norm_equalises_each_candidates_rms_per_layer() -> None:
+    model = SelectiveMLP([6, 5, 4, 3], POOL, logit_grad_norm="candidate")
+    grad = torch.randn(len(POOL), 9) * torch.tensor([1.0, 100, 0.01, 3, 7, 1e-3]).unsqueeze(1)
+    normalised = model._normalise_candidates(grad)
+    for g, n in zip(grad.split([5, 4], 1), normalised.split([5, 4], 1), strict=True):
+        rms = n.pow(2).mean(1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, float(rms.mean())))
+        torch.testing.assert_close(rms.mean(), g.pow(2).mean(1).sqrt().mean())
+        assert torch.equal(n.sign(), g.sign())  # direction per neuron kept
+    with pytest.raises(SpecError, match="logit grad norm 'x'"):
+        SelectiveMLP([6, 5, 3], POOL, logit_grad_norm="x")
