@@ -13,7 +13,8 @@ MODELS ?= models
 
 PORT ?= 8000
 
-.PHONY: venv run pipeline train export latency serve test system-deps lint bench clean
+.PHONY: venv run pipeline train export latency serve test system-deps lint bench clean \
+	demo-screenshot
 
 venv: $(STAMP)
 
@@ -61,22 +62,30 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Debian tools some tests and benches use: docker-compose (validates docker-compose.yml), nginx
-# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator); and Debian data:
+# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator), chromium and
+# chromium-driver (the page's browser tests and `make demo-screenshot`); and Debian data:
 # dataset-fashion-mnist (the full Fashion-MNIST that `--data fashion-mnist` reads without
 # --data-dir). Tests that need one skip, saying which, when it is missing; .ci/run installs them
 # first.
-SYSTEM_TOOLS := docker-compose nginx wrk
+# package, or package=command where the command it installs has another name
+SYSTEM_TOOLS := docker-compose nginx wrk chromium chromium-driver=chromedriver
 # package=folder it installs
 SYSTEM_DATA := dataset-fashion-mnist=/usr/share/datasets/fashion-mnist
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do \
-		PATH="$$PATH:/usr/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for entry in $(SYSTEM_TOOLS); do \
+		PATH="$$PATH:/usr/sbin" command -v $${entry#*=} >/dev/null || missing="$$missing $${entry%%=*}"; done; \
 	for entry in $(SYSTEM_DATA); do \
 		[ -d "$${entry#*=}" ] || missing="$$missing $${entry%%=*}"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# docs/demo.png: the page (GET /) in headless chromium (make system-deps), serving $(MODELS)/
+# (`make pipeline` writes it; without it, the browser tests' tiny models), a digit drawn.
+demo-screenshot: $(STAMP)
+	SMARTMIXED_DEMO_SCREENSHOT=docs/demo.png SMARTMIXED_DEMO_REPOSITORY=$(MODELS) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/serve/test_page.py -k demo_screenshot -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

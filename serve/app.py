@@ -40,6 +40,7 @@ from smartmixed.serve import codec
 from smartmixed.serve.batching import AdaptiveBatcher, Overloaded
 from smartmixed.serve.metrics import CLIENT_CLOSED, Metrics
 from smartmixed.serve.middleware import Guard
+from smartmixed.serve.page import add_page
 from smartmixed.serve.routes import json_response, router
 from smartmixed.serve.runtime import (
     ModelVersion,
@@ -346,4 +347,5 @@ def create_app(
 
     app.add_middleware(Guard, settings=settings, service=service)
     app.include_router(router)
+    add_page(app)  # GET /: the page for people, plain files in serve/static/
     return app

@@ -1,5 +1,9 @@
 """Plain ASGI middleware in front of the routes: health, API key, readiness.
 
+The page for people (page.py: ``/`` and its files under ``/page/``) is open like the docs: it
+holds no model data, asks for the key itself when the API answers 401, and says so when the
+server is not ready.
+
 (Starlette's @app.middleware("http") wraps every request in task groups and memory streams; on
 this hot path that halved the requests/s the service could take. See the README's HTTP results.)
 """
@@ -14,7 +18,8 @@ import orjson
 from smartmixed.serve.settings import ServeSettings
 
 LIVE, READY = "/v2/health/live", "/v2/health/ready"
-OPEN_PATHS = (LIVE, READY, "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = (LIVE, READY, "/metrics", "/docs", "/openapi.json", "/redoc", "/page/")
+PAGE = "/"  # exactly "/": a prefix would open every path
 
 
 async def send_json(send, content: Any, status: int, headers: dict[str, str] | None = None) -> None:
@@ -44,7 +49,7 @@ class Guard:
         if path == READY and scope["method"] == "GET":
             ready = self.service.ready
             return await send_json(send, {"ready": ready}, 200 if ready else 503)
-        if path.startswith(OPEN_PATHS):
+        if path == PAGE or path.startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
         if self.key is not None and not secrets.compare_digest(self._given_key(scope), self.key):
             return await send_json(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from smartmixed.contract import INPUT, PLATFORM, PROBABILITIES
+from smartmixed.contract import INPUT, META_SELECTION, PLATFORM, PROBABILITIES
 from smartmixed.serve import codec
 from smartmixed.serve.runtime import ModelVersion, ServeError
 
@@ -156,6 +156,48 @@ async def ready(request: Request) -> Response:
 # ---- models ------------------------------------------------------------------------------------
 
 
+@router.post("/v2/repository/index", summary="Every model of the repository and its state")
+async def repository_index(request: Request) -> Response:
+    """Triton's repository index (read-only; no load/unload): one entry per served version,
+    state READY, and one per model that failed to load, state UNAVAILABLE with the reason.
+    Body: none, or {"ready": true} for the ready ones only."""
+    s = service(request)
+    raw = await s.read_body(request, binary_ok=False)
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as e:
+        raise codec.CodecError(f"malformed JSON body: {e}", 400) from None
+    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+        raise codec.CodecError('expected a JSON object {"ready": true|false} or no body', 400)
+    repo, index = s.repo, []
+    for name in repo.names():
+        for version in sorted(repo.models.get(name, {}), key=int):
+            index.append({"name": name, "version": version, "state": "READY"})
+        if name in repo.failed and name not in repo.models and not body.get("ready"):
+            index.append({"name": name, "state": "UNAVAILABLE", "reason": repo.failed[name]})
+    return json_response(index)
+
+
+def export_latency(model: ModelVersion) -> dict[str, Any] | None:
+    """What export measured of the lowering it wrote (``--lowering auto`` times the candidates):
+    {"lowering", "median_ms": {rows: ms}, "device", "threads"}; None when the lowering was named
+    (nothing timed)."""
+    selection = model.metadata.get(META_SELECTION)
+    if not isinstance(selection, dict):
+        return None
+    chosen = selection.get("chosen")
+    timings = (selection.get("median_ms") or {}).get(chosen)
+    if not isinstance(timings, dict):
+        return None
+    fp32 = selection.get("fp32") if isinstance(selection.get("fp32"), dict) else {}
+    return {
+        "lowering": chosen,
+        "median_ms": timings,
+        "device": selection.get("device", fp32.get("device")),
+        "threads": selection.get("threads", fp32.get("threads")),
+    }
+
+
 def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
     return {
         "name": model.name,
@@ -165,7 +207,8 @@ def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
         "outputs": [
             {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]} for o in model.outputs
         ],
-        "smartmixed": model.describe(),
+        # "latency": an addition of issue J (the page's model cards); the other keys unchanged
+        "smartmixed": {**model.describe(), "latency": export_latency(model)},
     }
 
 
