@@ -49,7 +49,8 @@ latency: $(STAMP)
 		--rounds 8 --repeats 20 --threads 1 --quiet
 
 serve: $(STAMP)
-	@echo "serving $(MODELS)/ on http://127.0.0.1:$(PORT) (Ctrl-C to stop). Try, from another shell:"
+	@echo "serving $(MODELS)/ on http://127.0.0.1:$(PORT) (Ctrl-C to stop). Open http://127.0.0.1:$(PORT)/"
+	@echo "in a browser (model cards, draw a digit), or try, from another shell:"
 	@echo "  curl -s -X POST localhost:$(PORT)/v1/models/mnist-smartmixed:predict -H 'Content-Type: application/json' -d @examples/predict-digit.json"
 	@echo "  curl -s -X POST localhost:$(PORT)/v2/models/mnist-smartmixed/infer -H 'Content-Type: application/json' -d @examples/infer-digit.json"
 	@echo "  curl -s localhost:$(PORT)/v2/models/mnist-smartmixed"

@@ -72,8 +72,8 @@ from smartmixed.bench.server import (
     build_repository,
     check_url,
     http_client,
+    pick_models,
     prepare_target,
-    repository_models,
     server_env,
     start_server,
 )
@@ -277,18 +277,7 @@ def _plan(
     if repository is not None:
         if arch is not None:
             raise HttpBenchError("--arch builds models; it cannot go with --repository")
-        repository = Path(repository)
-        if not repository.is_dir():
-            raise HttpBenchError(f"--repository {repository} is not a folder")
-        present = repository_models(repository)
-        names = names or present
-        missing = [n for n in names if n not in present]
-        if missing or not names:
-            raise HttpBenchError(
-                f"--repository {repository}: no model(s) "
-                f"{', '.join(missing) or '(none)'}; it holds "
-                f"{', '.join(present) or 'nothing'}"
-            )
+        repository, names = pick_models(repository, names, HttpBenchError)
         return Plan(source="repository", models=names, modes=modes, repository=repository)
     names = names or list(GENERATED_MODELS)
     unknown = [n for n in names if n not in GENERATED_MODELS]

@@ -1,7 +1,8 @@
 """The server under a bench: its models, its process, and what it answers.
 
 - Models: ``build_repository`` writes seeded random-weight networks of an architecture
-  (permuted lowering), ``repository_models`` lists the models of an exported repository.
+  (permuted lowering), ``repository_models`` lists the models of an exported repository,
+  ``pick_models`` checks a choice of them.
 - Process: ``start_server`` runs ``smartmixed-serve`` (``python -m smartmixed.serve``) on a free
   127.0.0.1 port, waits for /v2/health/ready and stops it with SIGTERM (kill after a timeout);
   tests can use it as well as benches.
@@ -133,6 +134,25 @@ def repository_models(root: Path) -> list[str]:
         and not p.name.startswith(".")
         and any(v.is_dir() and v.name.isdigit() for v in p.iterdir())
     )
+
+
+def pick_models(
+    repository: Path | str, names: Sequence[str] | None, error: type[BenchError]
+) -> tuple[Path, list[str]]:
+    """``names`` (None: every model) of the exported repository, checked: ``error`` names the
+    folder, the models missing and the ones it holds."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise error(f"--repository {repository} is not a folder")
+    present = repository_models(repository)
+    names = list(names or present)
+    missing = [n for n in names if n not in present]
+    if missing or not names:
+        raise error(
+            f"--repository {repository}: no model(s) {', '.join(missing) or '(none)'}; it holds "
+            f"{', '.join(present) or 'nothing'}"
+        )
+    return repository, names
 
 
 # --------------------------------------------------------------------------------------------

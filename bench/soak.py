@@ -96,8 +96,8 @@ from smartmixed.bench.server import (
     Target,
     build_repository,
     check_url,
+    pick_models,
     prepare_target,
-    repository_models,
     server_command,
     start_server,
 )
@@ -1301,16 +1301,8 @@ def _source(
             return Source("generated", GENERATED_MODEL, arch=arch_list or list(PAPER_ARCH))
         if arch is not None:
             raise SoakError("--arch builds a model; it cannot go with --repository")
-        repository = Path(repository)
-        if not repository.is_dir():
-            raise SoakError(f"--repository {repository} is not a folder")
-        present = repository_models(repository)
-        if not present or (model is not None and model not in present):
-            raise SoakError(
-                f"--repository {repository}: no model {model or '(none)'}; it holds "
-                f"{', '.join(present) or 'nothing'}"
-            )
-        return Source("repository", model or present[0], repository=repository)
+        repository, names = pick_models(repository, model and [model], SoakError)
+        return Source("repository", names[0], repository=repository)
     if repository is not None or arch is not None or server_env:
         raise SoakError(
             "--url targets a running server: --repository, --arch and --server-env "

@@ -179,6 +179,8 @@ def test_targets_are_evaluated_on_the_mixed_model() -> None:
         (["--url", "http://192.0.2.1:8000"], "only a server on this machine"),
         (["--url", "http://127.0.0.1:FREE", "--models", "mixed"], "not reachable"),
         (["--url", "http://127.0.0.1:FREE"], "--models"),
+        (["--repository", "TMP/none"], "--repository TMP/none is not a folder"),
+        (["--repository", "TMP"], "--repository TMP: no model(s) (none); it holds nothing"),
     ],
 )
 def test_bad_options_exit_2(
@@ -186,10 +188,11 @@ def test_bad_options_exit_2(
 ) -> None:
     port = str(free_port())  # nothing listens there
     args = ["http", "--out", str(tmp_path / "out"), "--quiet"]
-    args += [a.replace("FREE", port) for a in extra]
+    args += [a.replace("FREE", port).replace("TMP", str(tmp_path)) for a in extra]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("smartmixed-bench: error: ") and message in err
+    assert err.startswith("smartmixed-bench: error: ")
+    assert message.replace("TMP", str(tmp_path)) in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 

@@ -215,6 +215,8 @@ def test_a_server_that_cannot_start_is_recorded(tmp_path: Path) -> None:
         (["--model", "other"], "builds 'mixed'"),
         (["--soak-duration", "0"], "soak_duration_s must be > 0"),
         (["--slow-nofile", "10"], "slow_nofile"),
+        (["--repository", "TMP/none"], "--repository TMP/none is not a folder"),
+        (["--repository", "TMP"], "--repository TMP: no model(s) (none); it holds nothing"),
     ],
 )
 def test_bad_options_exit_2(
@@ -222,9 +224,11 @@ def test_bad_options_exit_2(
 ) -> None:
     port = str(free_port())  # nothing listens there
     args = ["soak", "--out", str(tmp_path / "out"), "--quiet"]
-    assert main(args + [a.replace("FREE", port) for a in extra]) == 2
+    args += [a.replace("FREE", port).replace("TMP", str(tmp_path)) for a in extra]
+    assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("smartmixed-bench: error: ") and message in err
+    assert err.startswith("smartmixed-bench: error: ")
+    assert message.replace("TMP", str(tmp_path)) in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
