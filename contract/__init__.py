@@ -57,8 +57,17 @@ DEFAULT_PRECISION = "fp32"  # entries exported before int8 (issue G) carry no ME
 
 # The paper's pool, in the paper's order (the order fixes the logit index of each activation).
 DEFAULT_POOL: tuple[str, ...] = ("relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu")
-# Extras, selectable with --pool.
-EXTRA_ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "softplus", "mish", "softsign", "identity")
+# Extras, selectable with --pool; the last, ``afu``, is learned (below).
+AFU = "afu"
+EXTRA_ACTIVATIONS: tuple[str, ...] = (
+    "gelu",
+    "silu",
+    "softplus",
+    "mish",
+    "softsign",
+    "identity",
+    AFU,
+)
 ACTIVATION_NAMES: tuple[str, ...] = DEFAULT_POOL + EXTRA_ACTIVATIONS
 
 LEAKY_RELU_SLOPE = 0.01
@@ -67,6 +76,54 @@ ELU_ALPHA = 1.0
 SELU_ALPHA = 1.6732632423543772
 SELU_SCALE = 1.0507009873554805
 SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(z) = z above it
+
+
+class SpecError(ValueError):
+    """A model spec, architecture or checkpoint that does not fit together."""
+
+
+# The learned activation unit (issue I; "Learning Neural Activations"): elementwise
+#   G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1,  i = 1..units,
+# psi one of AFU_BASES, shared by the neurons of one hidden layer or of the whole network.
+# Stored for every hidden layer l (0-based) as afu.{l}.w0|b0|w1 ([units]) and afu.{l}.b1 ([1]),
+# equal across layers when shared; model.json carries ModelSpec.afu = {units, base, share}.
+AFU_BASES: tuple[str, ...] = ("relu", "sigmoid", "tanh")
+AFU_SHARES: tuple[str, ...] = ("layer", "network")
+AFU_PARAMS: tuple[str, ...] = ("w0", "b0", "w1", "b1")
+AFU_DEFAULTS: dict[str, Any] = {"units": 8, "base": "relu", "share": "layer"}
+
+
+def afu_tensor_name(layer: int, param: str) -> str:
+    """'afu.{layer}.{param}': the safetensors key of one AFU parameter of hidden layer ``layer``."""
+    return f"afu.{layer}.{param}"
+
+
+def afu_param_shape(param: str, units: int) -> tuple[int, ...]:
+    return (1,) if param == "b1" else (units,)
+
+
+def check_afu_config(config: Any) -> dict[str, Any]:
+    """{units, base, share} with defaults filled in; SpecError names the bad field."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise SpecError(f"spec field 'afu': expected an object, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(AFU_DEFAULTS))
+    if unknown:
+        raise SpecError(f"spec field 'afu': unknown key(s) {', '.join(unknown)}")
+    merged = {**AFU_DEFAULTS, **config}
+    units = merged["units"]
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise SpecError(f"spec field 'afu.units': expected an integer >= 1, got {units!r}")
+    if merged["base"] not in AFU_BASES:
+        raise SpecError(
+            f"spec field 'afu.base': {merged['base']!r}, expected one of {', '.join(AFU_BASES)}"
+        )
+    if merged["share"] not in AFU_SHARES:
+        raise SpecError(
+            f"spec field 'afu.share': {merged['share']!r}, expected one of {', '.join(AFU_SHARES)}"
+        )
+    return merged
 
 
 class PoolError(ValueError):
@@ -125,10 +182,6 @@ PRESETS: dict[str, tuple[int, ...]] = {f"table1-{i}": arch for i, arch in enumer
 PRESETS["paper"] = TABLE1[10]
 
 
-class SpecError(ValueError):
-    """A model spec, architecture or checkpoint that does not fit together."""
-
-
 def parse_arch(text: str | Sequence[int]) -> list[int]:
     """'784,256,10' -> [784, 256, 10]; at least one hidden layer, every width >= 1."""
     try:
@@ -184,6 +237,8 @@ class ModelSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     format: str = SPEC_FORMAT
+    # {units, base, share} of the learned activation unit when the pool holds AFU, else None
+    afu: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -221,6 +276,8 @@ class ModelSpec:
                     f"spec field 'assignment[{layer}]': activation(s) {', '.join(unknown)} "
                     f"not in the pool {self.pool}"
                 )
+        # the unit's settings, defaults filled in, when the pool holds it; None otherwise
+        self.afu = check_afu_config(self.afu) if AFU in self.pool else None
         if len(self.labels) != self.arch[-1]:
             raise SpecError(
                 f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"

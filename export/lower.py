@@ -45,6 +45,10 @@ Five lowerings of the same function, all pure functions of (spec, weights):
   per element than Relu or LeakyRelu (1.32), so the merge saves a node but costs more than that
   from batch ~32 on; ``auto`` times both.
 
+The learned activation unit (``afu``, issue I) is a group like any other in every lowering and
+folds with nothing: on its rows x (B, n), Reshape (1, B n) -> Gemm w0 (N, 1), b0 -> psi -> Gemm w1 (1, N), b1 ->
+Reshape (B, n), with that layer's parameters ``afu.{l}.*`` (``_afu``).
+
 Layers with a single group (every layer of a fixed model) lower to Gemm + activation in every
 form. The input is raw features; the preprocessing (x - offset) * scale is part of the graph.
 """
@@ -62,6 +66,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from smartmixed.contract import (
+    AFU,
+    AFU_PARAMS,
     ELU_ALPHA,
     INPUT,
     LEAKY_RELU_SLOPE,
@@ -71,6 +77,7 @@ from smartmixed.contract import (
     SELU_SCALE,
     SOFTPLUS_THRESHOLD,
     ModelSpec,
+    afu_tensor_name,
 )
 
 LOWERINGS = ("scatter", "permuted", "grouped", "folded", "folded_tanh")
@@ -142,6 +149,31 @@ def _gelu(g: _Graph, x: str, name: str) -> str:
     return g.op("Mul", [x, cdf], name)
 
 
+def is_afu_node(node_name: str) -> bool:
+    """Whether a node belongs to a learned unit's subgraph (``_afu`` names them so)."""
+    return f"/{AFU}/" in node_name
+
+
+def _afu(g: _Graph, x: str, name: str, params: dict[str, np.ndarray], base: str) -> str:
+    """The learned unit G(x) = sum_i w1_i psi(w0_i x + b0_i) + b1 on x (B, n), units on a
+    leading axis as pool.afu_apply computes it: Reshape x to z (1, B n); Gemm w0 (N, 1) z + b0
+    (N, 1) -> u (N, B n); psi; Gemm w1 (1, N) psi(u) + b1 -> (1, B n); Reshape to Shape(x).
+    Standard ops, opset >= 13. The leading units axis keeps the elementwise work on contiguous
+    rows (a trailing axis of size N, Unsqueeze -> Mul/Add [N] -> MatMul [N, 1], measured ~10x
+    slower in ONNX Runtime 1.32 at batch 32), and the two Gemms do the affine maps in one node
+    each."""
+    row = g.const(f"{name}/row", np.array([1, -1], np.int64))
+    z = g.op("Reshape", [x, row], f"{name}/flatten")
+    w0 = g.const(f"{name}/w0", params["w0"].reshape(-1, 1))
+    b0 = g.const(f"{name}/b0", params["b0"].reshape(-1, 1))
+    u = g.op("Gemm", [w0, z, b0], f"{name}/inner")  # (N, B n)
+    p = ACTIVATION_OPS[base](g, u, f"{name}/{base}")
+    w1 = g.const(f"{name}/w1", params["w1"].reshape(1, -1))
+    b1 = g.const(f"{name}/b1", params["b1"].reshape(1, 1))
+    s = g.op("Gemm", [w1, p, b1], f"{name}/sum")  # (1, B n)
+    return g.op("Reshape", [s, g.op("Shape", [x], f"{name}/shape")], name)
+
+
 ACTIVATION_OPS: dict[str, Callable[[_Graph, str, str], str]] = {
     "relu": lambda g, x, n: g.op("Relu", [x], n),
     "sigmoid": lambda g, x, n: g.op("Sigmoid", [x], n),
@@ -158,6 +190,32 @@ ACTIVATION_OPS: dict[str, Callable[[_Graph, str, str], str]] = {
     "softsign": lambda g, x, n: g.op("Softsign", [x], n),
     "identity": lambda g, x, n: g.op("Identity", [x], n),
 }
+
+
+def afu_parameters(
+    spec: ModelSpec, state: dict[str, np.ndarray]
+) -> list[dict[str, np.ndarray]] | None:
+    """Per hidden layer, its AFU's float32 w0, b0, w1 (N,) and b1 (1,); None without afu."""
+    if spec.afu is None:
+        return None
+    return [
+        {p: np.asarray(state[afu_tensor_name(layer, p)], np.float32) for p in AFU_PARAMS}
+        for layer in range(len(spec.arch) - 2)
+    ]
+
+
+def _activation_op(
+    g: _Graph,
+    act: str,
+    x: str,
+    name: str,
+    afu: dict[str, np.ndarray] | None,
+    spec: ModelSpec,
+) -> str:
+    """ACTIVATION_OPS[act], or the layer's learned unit for afu."""
+    if act == AFU:
+        return _afu(g, x, name, afu, spec.afu["base"])
+    return ACTIVATION_OPS[act](g, x, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,10 +346,17 @@ def folded_weights(
     )
 
 
-def _group_op(g: _Graph, group: ActivationGroup, x: str, name: str) -> str:
+def _group_op(
+    g: _Graph,
+    group: ActivationGroup,
+    x: str,
+    name: str,
+    afu: dict[str, np.ndarray] | None,
+    spec: ModelSpec,
+) -> str:
     if group.name == PRELU:  # slope (rows,) broadcasts over (B, rows)
         return g.op("PRelu", [x, g.const(f"{name}/slope", group.slopes)], name)
-    return ACTIVATION_OPS[group.name](g, x, name)
+    return _activation_op(g, group.name, x, name, afu, spec)
 
 
 def lowering_summary(model: onnx.ModelProto, spec: ModelSpec, *, lowering: str) -> dict[str, Any]:
@@ -361,25 +426,32 @@ def lower(
     else:
         weights, biases = permuted_weights(spec, state)
 
+    afus = afu_parameters(spec, state)
     for i, groups in enumerate(layer_groups(spec)):
         p = f"layer{i}"
         w, b = weights[i], biases[i]
+        afu = None if afus is None else afus[i]
+
+        def act_op(act: str, x: str, name: str, afu=afu) -> str:
+            return _activation_op(g, act, x, name, afu, spec)
+
         if lowering in MERGES_PRELU:  # as permuted, over the folded groups
             folded = plans[i]
             z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
             if len(folded) == 1:
-                h = _group_op(g, folded[0], z, f"{p}/{folded[0].name}")
+                h = _group_op(g, folded[0], z, f"{p}/{folded[0].name}", afu, spec)
                 continue
             sizes = g.const(f"{p}/sizes", np.array([len(f.neurons) for f in folded], np.int64))
             chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(folded), axis=1)
             parts = [
-                _group_op(g, f, c, f"{p}/{f.name}") for f, c in zip(folded, chunks, strict=True)
+                _group_op(g, f, c, f"{p}/{f.name}", afu, spec)
+                for f, c in zip(folded, chunks, strict=True)
             ]
             h = g.op("Concat", parts, f"{p}/concat", axis=1)
             continue
         if len(groups) == 1:  # one activation for the whole layer
             z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
-            h = ACTIVATION_OPS[groups[0][0]](g, z, f"{p}/{groups[0][0]}")
+            h = act_op(groups[0][0], z, f"{p}/{groups[0][0]}")
             continue
         if lowering == "scatter":
             z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
@@ -391,7 +463,7 @@ def lower(
                     f"{p}/{act}/gather",
                     axis=1,
                 )
-                parts.append(ACTIVATION_OPS[act](g, picked, f"{p}/{act}"))
+                parts.append(act_op(act, picked, f"{p}/{act}"))
             grouped = g.op("Concat", parts, f"{p}/concat", axis=1)
             inverse = np.argsort(np.concatenate([idx for _, idx in groups])).astype(np.int64)
             h = g.op(
@@ -402,8 +474,7 @@ def lower(
             sizes = g.const(f"{p}/sizes", np.array([len(idx) for _, idx in groups], np.int64))
             chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(groups), axis=1)
             parts = [
-                ACTIVATION_OPS[act](g, c, f"{p}/{act}")
-                for (act, _), c in zip(groups, chunks, strict=True)
+                act_op(act, c, f"{p}/{act}") for (act, _), c in zip(groups, chunks, strict=True)
             ]
             h = g.op("Concat", parts, f"{p}/concat", axis=1)
         else:  # grouped
@@ -417,7 +488,7 @@ def lower(
                     f"{p}/{act}/gemm",
                     transB=1,
                 )
-                parts.append(ACTIVATION_OPS[act](g, zk, f"{p}/{act}"))
+                parts.append(act_op(act, zk, f"{p}/{act}"))
             h = g.op("Concat", parts, f"{p}/concat", axis=1)
 
     last = len(spec.arch) - 2

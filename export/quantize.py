@@ -50,6 +50,7 @@ from torch import nn
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
 from smartmixed.contract.runtime import OPTIMIZATION_LEVELS, make_session
 from smartmixed.export.autotune import pick_lowering, time_lowerings
+from smartmixed.export.lower import is_afu_node
 from smartmixed.export.verify import VerificationError, check_graph, torch_outputs
 
 WEIGHT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
@@ -78,7 +79,16 @@ def quantize_int8(
         fp32, pre, int8 = (Path(tmp) / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         fp32.write_bytes(model.SerializeToString())
         quant_pre_process(fp32, pre)
-        quantize_dynamic(pre, int8, per_channel=per_channel, weight_type=WEIGHT_TYPES[weight_type])
+        # the learned units (issue I) stay float32: they are activations, their (N, 1) and
+        # (1, N) products are too small to gain from int8, and 8-bit w0, w1 would bend G
+        afu_nodes = [node.name for node in onnx.load(str(pre)).graph.node if is_afu_node(node.name)]
+        quantize_dynamic(
+            pre,
+            int8,
+            per_channel=per_channel,
+            weight_type=WEIGHT_TYPES[weight_type],
+            nodes_to_exclude=afu_nodes,
+        )
         quantized = onnx.load(str(int8))
     _drop_unused_opsets(quantized)
     return quantized

@@ -56,7 +56,15 @@ def check_writable_folder(path: Path | str, *, what: str) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None):
-    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        # safetensors refuses tensors sharing memory: a network-shared AFU appears once per
+        # layer in a state_dict (issue I), so later copies are cloned
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        data[k] = v
     atomic_write_bytes(path, save_safetensors_bytes(data, metadata=metadata))
 
 

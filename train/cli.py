@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from smartmixed.contract import AFU_BASES, AFU_SHARES
 from smartmixed.train.artifacts import ArtifactError, check_writable_folder
 from smartmixed.train.data import DataError, load_dataset
 from smartmixed.train.distributed import DistributedError
@@ -35,11 +36,13 @@ from smartmixed.train.report import compare_runs
 
 EPILOG = f"""\
 pool: default {",".join(DEFAULT_POOL)}; extras {",".join(EXTRA_ACTIVATIONS)}
+  (afu: a learned activation unit, see --afu-units/--afu-base/--afu-share; --mode fixed:afu)
 presets: paper (= table1-11) and table1-1 ... table1-18 (the paper's Table 1 rows);
   --list-presets prints them.
 examples:
   smartmixed-train --data mnist --preset paper --mode smartmixed --out runs/mixed
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:relu --epochs 30 --out runs/relu
+  smartmixed-train --data digits --arch 64,128,10 --mode fixed:afu --epochs 30 --out runs/afu
   smartmixed-train --compare runs/mixed runs/relu
 """
 
@@ -131,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) (every "
         f"candidate, soft Gumbel-Softmax weights) before the hard one (default {d['soft_epochs']})",
     )
+    p.add_argument(
+        "--afu-units",
+        type=int,
+        help="hidden units N of the learned activation unit afu, "
+        "G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 (default 8)",
+    )
+    p.add_argument(
+        "--afu-base", choices=AFU_BASES, help="the AFU's base activation psi (default relu)"
+    )
+    p.add_argument(
+        "--afu-share",
+        choices=AFU_SHARES,
+        help="one AFU per hidden layer (layer, default) or one for the whole network",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d['grad_clip']})")
     p.add_argument(
@@ -186,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool=args.pool,
             seed=args.seed,
             logit_init_std=args.logit_init_std,
+            afu_units=args.afu_units,
+            afu_base=args.afu_base,
+            afu_share=args.afu_share,
             **{name: getattr(args, name) for name in PROTOCOL_OPTIONS},
         )
         dataset = load_dataset(

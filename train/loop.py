@@ -50,7 +50,7 @@ from smartmixed.train.model import (
     SelectiveMLP,
     parse_arch,
 )
-from smartmixed.train.pool import get_activation, parse_pool
+from smartmixed.train.pool import afu_apply, afu_init, get_activation, parse_pool
 
 EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")
@@ -131,6 +131,10 @@ class TrainConfig:
     double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
     eval_noise: bool = PROTOCOLS[DEFAULT_PROTOCOL]["eval_noise"]
     clamp: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["clamp"]
+    # the learned activation unit (pool name afu; issue I): hidden units N, base psi, sharing
+    afu_units: int = contract.AFU_DEFAULTS["units"]
+    afu_base: str = contract.AFU_DEFAULTS["base"]
+    afu_share: str = contract.AFU_DEFAULTS["share"]
 
     @classmethod
     def from_protocol(cls, protocol: str, **options: Any) -> TrainConfig:
@@ -160,6 +164,8 @@ class TrainConfig:
             "candidate_norm": CANDIDATE_NORMS,
             "logit_grad_norm": LOGIT_GRAD_NORMS,
             "protocol": tuple(PROTOCOLS),
+            "afu_base": contract.AFU_BASES,
+            "afu_share": contract.AFU_SHARES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -167,6 +173,10 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
                     f"{', '.join(allowed)}"
                 )
+        if isinstance(self.afu_units, bool) or not isinstance(self.afu_units, int):
+            raise TrainError(f"--afu-units must be an integer, got {self.afu_units!r}")
+        if self.afu_units < 1:
+            raise TrainError(f"--afu-units must be >= 1, got {self.afu_units}")
         for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
@@ -184,6 +194,13 @@ class TrainConfig:
         for name, value in positive.items():
             if value is not None and not value > 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+    @property
+    def afu(self) -> dict[str, Any] | None:
+        """model.json's ``afu`` ({units, base, share}) when the pool holds the learned unit."""
+        if contract.AFU not in self.pool:
+            return None
+        return {"units": self.afu_units, "base": self.afu_base, "share": self.afu_share}
 
     def phases(self) -> list[tuple[str, int]]:
         if self.mode == "smartmixed":
@@ -343,6 +360,7 @@ def _build(
             clamp=config.clamp,
             eval_noise=config.eval_noise,
             logit_grad_norm=config.logit_grad_norm,
+            afu=config.afu,
         )
     assert assignment is not None, "mixed and fixed phases need an assignment"
     return MixedMLP(
@@ -351,6 +369,7 @@ def _build(
         assignment,
         preprocessing=pre,
         candidate_norm=config.candidate_norm,
+        afu=config.afu,
     )
 
 
@@ -549,6 +568,8 @@ def train_run(
     }
     if run.phase1 is not None:
         metrics["phase1"] = run.phase1
+    if model.afus is not None:
+        metrics["afu"] = afu_summary(model)
     spec = ModelSpec(
         arch=config.arch,
         pool=config.pool,
@@ -560,6 +581,7 @@ def train_run(
         training=record_config,
         metrics=metrics,
         versions=package_versions(),
+        afu=config.afu,
     )
     if ranks.main:
         artifacts.save_model(out, spec, model.canonical_state_dict())
@@ -691,6 +713,29 @@ def _restore(
     return _Phase(
         name, epochs, model, optimizer, _prefixed(tensors, "best."), _keep_rule(config, name)
     )
+
+
+AFU_GRID = (-6.0, 6.0, 1201)  # z grid of the AFU summaries and plot (paper Fig. 2c's range)
+
+
+def afu_summary(model: MixedMLP) -> dict[str, Any]:
+    """How far each hidden layer's learned unit is from relu and from its start, on z in
+    [-6, 6]: max |G(z) - relu(z)|, max |G(z) - G_0(z)| (G_0: pool.afu_init), per layer."""
+    z = torch.linspace(*AFU_GRID, dtype=torch.float64)
+    config = model.afu_config
+    start = afu_init(config["units"], config["base"])
+    g0 = afu_apply(z, *(start[k] for k in ("w0", "b0", "w1", "b1")), config["base"])
+    from_relu, from_start = [], []
+    with torch.no_grad():
+        for unit in model.afus:
+            g = afu_apply(z, unit.w0, unit.b0, unit.w1, unit.b1, unit.base)
+            from_relu.append(float((g - F.relu(z)).abs().max()))
+            from_start.append(float((g - g0).abs().max()))
+    return {
+        "grid": list(AFU_GRID),
+        "max_abs_diff_from_relu": from_relu,
+        "max_abs_diff_from_init": from_start,
+    }
 
 
 def _clone_state(model: nn.Module) -> dict[str, Tensor]:

@@ -11,6 +11,11 @@ backward reaches the logits through s. Evaluation uses c = argmax a.
 Phase 2 (``MixedMLP``): c_lj = argmax_k a_ljk is frozen; neurons with the same activation form a
 group; a layer is one affine map followed by each group's activation on its slice. Fixed
 baselines are the special case of a single group.
+
+The learned activation unit (pool name ``afu``, issue I) is a candidate with parameters:
+``AFUnit`` per hidden layer (or one shared by the network), trained with the weights in every
+phase; in phase 1 only the neurons whose hard sample chose it pass gradient to its parameters
+(``SelectiveMLP._afu_parameter_gradient``).
 """
 
 from __future__ import annotations
@@ -27,16 +32,24 @@ from torch import Tensor, nn
 # The spec, its validation and the presets are the stages' contract (torch-free), re-exported
 # here where train/, bench/ and the tests import them from.
 from smartmixed.contract import (  # noqa: F401
+    AFU,
+    AFU_PARAMS,
     PRESETS,
     SPEC_FORMAT,
     TABLE1,
     ModelSpec,
     SpecError,
+    afu_param_shape,
+    afu_tensor_name,
+    check_afu_config,
     parse_arch,
     resolve_preset,
 )
 from smartmixed.train.pool import (
     Activation,
+    afu_activation,
+    afu_apply,
+    afu_init,
     batch_sum_basis,
     get_activation,
     standard_moments,
@@ -98,13 +111,21 @@ class CandidateTransform:
 
     @classmethod
     def build(
-        cls, pool: Sequence[str], *, norm: str = "none", clamp: float | None = None
+        cls,
+        pool: Sequence[str],
+        *,
+        norm: str = "none",
+        clamp: float | None = None,
+        afu_base: str = "relu",
     ) -> CandidateTransform:
+        """``afu`` is standardised with its base's moments: the unit starts as its base exactly
+        (pool.afu_init), and a constant map keeps it foldable; the unit's own w1, b1 learn any
+        further scale and offset."""
         if norm not in CANDIDATE_NORMS:
             raise SpecError(f"candidate norm {norm!r}: expected one of {CANDIDATE_NORMS}")
         if norm == "none":
             return cls((0.0,) * len(pool), (1.0,) * len(pool), clamp)
-        moments = [standard_moments(name) for name in pool]
+        moments = [standard_moments(afu_base if name == AFU else name) for name in pool]
         return cls(tuple(m for m, _ in moments), tuple(1.0 / sd for _, sd in moments), clamp)
 
     def apply(self, k: int, out: Tensor) -> Tensor:
@@ -202,6 +223,87 @@ def gumbel_softmax_sample(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# Learned activation units (issue I)
+
+
+class AFUnit(nn.Module):
+    """G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 elementwise: parameters w0, b0, w1 (N,), b1 (1,),
+    initialised by ``pool.afu_init`` (G = psi exactly, units distinct)."""
+
+    def __init__(self, units: int, base: str) -> None:
+        super().__init__()
+        self.units, self.base = units, base
+        for name, value in afu_init(units, base).items():
+            setattr(self, name, nn.Parameter(value))
+
+    def params(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in AFU_PARAMS}
+
+    def forward(self, z: Tensor) -> Tensor:
+        return afu_apply(z, self.w0, self.b0, self.w1, self.b1, self.base)
+
+    def activation(self) -> Activation:
+        """This unit as a pool entry (fn reaches the parameters where grad is enabled)."""
+        return afu_activation(self.params(), self.base)
+
+
+def build_afus(config: dict[str, Any] | None, n_layers: int) -> nn.ModuleList | None:
+    """One AFU per hidden layer (share "layer"), or one module at every index ("network": the
+    same parameters; nn.Module.parameters() yields them once, so Adam updates them once)."""
+    if config is None:
+        return None
+    if config["share"] == "network":
+        unit = AFUnit(config["units"], config["base"])
+        return nn.ModuleList([unit] * n_layers)
+    return nn.ModuleList(AFUnit(config["units"], config["base"]) for _ in range(n_layers))
+
+
+def afu_state_dict(afus: nn.ModuleList | None) -> dict[str, Tensor]:
+    """afu.{l}.w0|b0|w1|b1 for every hidden layer l, cloned (equal copies when shared)."""
+    if afus is None:
+        return {}
+    return {
+        afu_tensor_name(layer, name): value.detach().clone()
+        for layer, unit in enumerate(afus)
+        for name, value in unit.params().items()
+    }
+
+
+def afu_expected_shapes(config: dict[str, Any] | None, n_layers: int) -> dict[str, tuple]:
+    if config is None:
+        return {}
+    return {
+        afu_tensor_name(layer, name): afu_param_shape(name, config["units"])
+        for layer in range(n_layers)
+        for name in AFU_PARAMS
+    }
+
+
+def load_afu_state(afus: nn.ModuleList | None, config: dict | None, state: dict) -> None:
+    """Copy afu.{l}.* into the units (shapes already checked); a shared unit must be stored
+    with equal copies in every layer, else SpecError names the tensor."""
+    if afus is None:
+        return
+    if config["share"] == "network":
+        for layer in range(1, len(afus)):
+            for name in AFU_PARAMS:
+                key = afu_tensor_name(layer, name)
+                if not torch.equal(state[key], state[afu_tensor_name(0, name)]):
+                    raise SpecError(
+                        f"tensor {key}: the AFU is shared by the network (afu.share "
+                        f"'network'), but it differs from {afu_tensor_name(0, name)}"
+                    )
+    with torch.no_grad():
+        for layer, unit in enumerate(afus):
+            for name, param in unit.params().items():
+                param.copy_(state[afu_tensor_name(layer, name)].to(param))
+
+
+def _with_afu(acts: tuple[Activation, ...], afu: Activation) -> tuple[Activation, ...]:
+    return tuple(afu if a.name == AFU else a for a in acts)
+
+
+# --------------------------------------------------------------------------------------------
 # Networks
 
 
@@ -228,9 +330,13 @@ class SelectiveMLP(nn.Module):
         clamp: float | None = None,
         eval_noise: bool = False,
         logit_grad_norm: str = "none",
+        afu: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.arch, self.pool, self.tau = list(arch), list(pool), tau  # tau: set per epoch
+        # the learned unit's {units, base, share} when the pool holds it (issue I)
+        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
+        self.afus = build_afus(self.afu_config, len(self.arch) - 2)
         # relaxed: the soft mixture sum_k s_k h_k(z) instead of the hard sample (--soft-epochs;
         # set per epoch by the loop)
         self.relaxed = False
@@ -242,7 +348,9 @@ class SelectiveMLP(nn.Module):
         self.acts = tuple(get_activation(n) for n in pool)
         self.basis = batch_sum_basis(pool)
         self.candidate_norm = candidate_norm
-        self.transform = CandidateTransform.build(pool, norm=candidate_norm, clamp=clamp)
+        self.transform = CandidateTransform.build(
+            pool, norm=candidate_norm, clamp=clamp, afu_base=self._afu_base()
+        )
         # the reference code's evaluation draws Gumbel noise too (--protocol reference-code)
         self.eval_noise = eval_noise
         pre = preprocessing or {"offset": 0.0, "scale": 1.0}
@@ -270,30 +378,66 @@ class SelectiveMLP(nn.Module):
         h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
         start = 0
         for layer, (linear, width) in enumerate(zip(self.layers[:-1], widths, strict=True)):
+            acts, basis = self._layer_candidates(layer)
             if self.relaxed and self.training:
-                h = self._relaxed(linear_t(linear, h), soft[:, start : start + width])
+                h = self._relaxed(linear_t(linear, h), soft[:, start : start + width], acts)
                 start += width
                 continue
             perm = order[start : start + width] - start  # (n_l,) grouped position -> neuron
+            z = linear_t(linear, h)
             h = _SelectActivation.apply(
-                linear_t(linear, h),
+                z,
                 soft[:, start : start + width],
                 perm,
                 sizes[layer * n_acts : (layer + 1) * n_acts],
-                self.acts,
-                self.basis,
+                acts,
+                basis,
                 self.transform,
             )
+            if self.afus is not None and torch.is_grad_enabled():
+                h = self._afu_parameter_gradient(layer, z, h, choice[start : start + width])
             start += width
         return linear_t(self.layers[-1], h).t()
 
-    def _relaxed(self, z: Tensor, soft: Tensor) -> Tensor:
+    def _afu_base(self) -> str:
+        return self.afu_config["base"] if self.afu_config else "relu"
+
+    def _layer_candidates(
+        self, layer: int
+    ) -> tuple[tuple[Activation, ...], tuple[tuple[Activation, ...], Tensor]]:
+        """The pool's activations and batch-sum basis with ``afu`` bound to this layer's unit."""
+        if self.afus is None:
+            return self.acts, self.basis
+        afu = self.afus[layer].activation()
+        return _with_afu(self.acts, afu), (_with_afu(self.basis[0], afu), self.basis[1])
+
+    def _afu_parameter_gradient(self, layer: int, z: Tensor, h: Tensor, choice: Tensor) -> Tensor:
+        """h plus zero, carrying dL/dtheta of the AFU to the neurons that chose it.
+
+        _SelectActivation treats the unit as a fixed function (it gives dL/dz and every
+        neuron's logit gradient sum_b g h_afu(z), the straight-through rule). Textbook autograd
+        of sum_k y_k h_k(z) also gives theta the term y_afu dh_afu/dtheta, and y_afu is 1 in
+        value for the neurons whose hard choice is afu, 0 for the others. So add, on those rows,
+        c - sg(c) with c = h_afu(sg(z)) (clamped like the candidate, times its gain): zero in
+        value, dh_afu/dtheta in gradient, nothing to z (the function already gave it)."""
+        k = self.pool.index(AFU)
+        rows = (choice == k).nonzero().squeeze(1)  # neurons of this layer that chose afu
+        if not len(rows):
+            return h
+        c = self.afus[layer](z.detach().index_select(0, rows))  # (rows, B)
+        if self.transform.clamp is not None:
+            c = c.clamp(-self.transform.clamp, self.transform.clamp)
+        c = (c - c.detach()) * self.transform.gain[k]
+        return h.index_add(0, rows, c)
+
+    def _relaxed(self, z: Tensor, soft: Tensor, acts: Sequence[Activation] | None = None) -> Tensor:
         """The soft Gumbel-Softmax mixture sum_k s_k h_k(z) for z (n, B), s (K, n): every
         candidate is computed and weighted, so the logits get the exact gradient of the relaxed
-        network (no straight-through approximation)."""
+        network (no straight-through approximation). ``acts``: the layer's candidates (afu bound
+        to the layer's unit, whose parameters then get the relaxed gradient too)."""
         out = torch.zeros_like(z)
         clamp = self.transform.clamp
-        for k, act in enumerate(self.acts):
+        for k, act in enumerate(self.acts if acts is None else acts):
             f = act.fn(z)
             if clamp is not None:
                 f = f.clamp(-clamp, clamp)
@@ -344,6 +488,7 @@ class MixedMLP(nn.Module):
         *,
         preprocessing: dict[str, Any] | None = None,
         candidate_norm: str = "none",
+        afu: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.arch, self.pool = list(arch), list(pool)
@@ -351,7 +496,12 @@ class MixedMLP(nn.Module):
         pre = preprocessing or {"offset": 0.0, "scale": 1.0}
         self.preprocessing = pre
         self.candidate_norm = candidate_norm
-        self.transform = CandidateTransform.build(pool, norm=candidate_norm)
+        # the learned unit's {units, base, share} when the pool holds it (issue I); its
+        # parameters keep training in phase 2
+        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
+        self.afus = build_afus(self.afu_config, len(self.arch) - 2)
+        base = self.afu_config["base"] if self.afu_config else "relu"
+        self.transform = CandidateTransform.build(pool, norm=candidate_norm, afu_base=base)
         self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
         self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
@@ -366,7 +516,13 @@ class MixedMLP(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> MixedMLP:
-        return cls(spec.arch, spec.pool, spec.assignment, preprocessing=spec.preprocessing)
+        return cls(
+            spec.arch,
+            spec.pool,
+            spec.assignment,
+            preprocessing=spec.preprocessing,
+            afu=spec.afu,
+        )
 
     @classmethod
     def from_selective(cls, selective: SelectiveMLP, *, preprocessing: dict[str, Any]) -> MixedMLP:
@@ -377,18 +533,25 @@ class MixedMLP(nn.Module):
             selective.assignment(),
             preprocessing=preprocessing,
             candidate_norm=selective.candidate_norm,
+            afu=selective.afu_config,
         )
         mixed.load_canonical_state_dict(
             {k: v for k, v in selective.state_dict().items() if k.startswith("layers.")}
+            | afu_state_dict(selective.afus)
         )
         return mixed.to(selective.offset.device)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
         h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
         transform = self.transform if self.transform.affine else None
-        for linear, groups in zip(self.layers[:-1], self.groups, strict=True):
+        for layer, (linear, groups) in enumerate(zip(self.layers[:-1], self.groups, strict=True)):
             z = linear_t(linear, h)  # (n_l, B), neurons grouped
-            h = apply_contiguous(z, groups, self.acts, transform)
+            acts = (
+                self.acts
+                if self.afus is None
+                else _with_afu(self.acts, self.afus[layer].activation())
+            )
+            h = apply_contiguous(z, groups, acts, transform)
         return linear_t(self.layers[-1], h).t()
 
     def folded(self) -> MixedMLP:
@@ -408,7 +571,13 @@ class MixedMLP(nn.Module):
                 b = state[f"layers.{layer + 1}.bias"].double() - w @ shift
                 state[f"layers.{layer + 1}.weight"] = w.float()
                 state[f"layers.{layer + 1}.bias"] = b.float()
-        plain = MixedMLP(self.arch, self.pool, self.assignment, preprocessing=self.preprocessing)
+        plain = MixedMLP(
+            self.arch,
+            self.pool,
+            self.assignment,
+            preprocessing=self.preprocessing,
+            afu=self.afu_config,
+        )
         plain.load_canonical_state_dict(state)
         return plain.to(self.offset.device)
 
@@ -425,13 +594,14 @@ class MixedMLP(nn.Module):
                 w = w[:, inv]
             state[f"layers.{i}.weight"] = w.contiguous().clone()
             state[f"layers.{i}.bias"] = b.contiguous().clone()
-        return state
+        return state | afu_state_dict(self.afus)
 
     def load_canonical_state_dict(self, state: dict[str, Tensor]) -> None:
         expected = {}
         for i, (a, b) in enumerate(zip(self.arch[:-1], self.arch[1:])):
             expected[f"layers.{i}.weight"] = (b, a)
             expected[f"layers.{i}.bias"] = (b,)
+        expected |= afu_expected_shapes(self.afu_config, len(self.arch) - 2)
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -461,3 +631,4 @@ class MixedMLP(nn.Module):
                     w = w[:, self.perms[i - 1]]
                 linear.weight.copy_(w)
                 linear.bias.copy_(b)
+        load_afu_state(self.afus, self.afu_config, state)

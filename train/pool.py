@@ -4,6 +4,10 @@ Each entry pairs the activation f(z) with its vector-Jacobian product g * f'(z),
 fused backward kernels that autograd itself uses. They let the phase-1 layer (model.py) run its
 backward pass from the saved pre-activation z alone, without keeping a (batch x neurons x |pool|)
 tensor alive (issue A).
+
+``afu`` (issue I) is the one learned entry: G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, whose
+parameters the networks hold (model.AFUnit); here are its formula, derivative and documented
+initialisation, and its registry entry is the unit at that initialisation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from torch import Tensor
 # same constants into ONNX nodes); re-exported here.
 from smartmixed.contract import (  # noqa: F401
     ACTIVATION_NAMES,
+    AFU,
+    AFU_BASES,
+    AFU_DEFAULTS,
     DEFAULT_POOL,
     ELU_ALPHA,
     EXTRA_ACTIVATIONS,
@@ -51,6 +58,75 @@ aten = torch.ops.aten  # fused backward kernels: one op per vjp, as autograd its
 def _softsign_vjp(g: Tensor, z: Tensor) -> Tensor:
     d = 1 + z.abs()
     return g / (d * d)
+
+
+# --------------------------------------------------------------------------------------------
+# The learned activation unit (issue I): G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, elementwise
+#
+# Its parameters belong to the network (model.AFUnit holds them per hidden layer); these are the
+# pure functions of (z, parameters) that the networks, the plots and the tests share.
+
+AFU_INIT_SPREAD = 3.0  # spare units' breakpoints -b0/w0 spread over [-3, 3]
+
+
+def afu_init(units: int, base: str = "relu") -> dict[str, Tensor]:
+    """The documented, deterministic initial parameters (float32): G starts as psi exactly.
+
+    Unit 0 carries psi: w0 = 1, b0 = 0, w1 = 1. The other units are spares with w1 = 0 (so
+    G(z) = psi(z) exactly, for every base), each with its own breakpoint: w0_i = +1, -1, +1, ...
+    and b0_i evenly spread so that -b0_i / w0_i covers [-3, 3]. No two units have the same
+    (w0, b0, w1), so their gradients differ from the first step on and they do not stay
+    identical (with identical units every unit would get the same update forever). A spare's
+    first gradient is dL/dw1_i = sum g psi(w0_i z + b0_i), nonzero; its w0, b0 start learning
+    once its w1 has moved. No random numbers: the initial curve can be recomputed from
+    model.json's ``afu`` alone (the plots do).
+    """
+    if base not in AFU_BASES:
+        raise PoolError(f"AFU base {base!r}: expected one of {', '.join(AFU_BASES)}")
+    w0 = torch.ones(units)
+    b0 = torch.zeros(units)
+    w1 = torch.zeros(units)
+    w1[0] = 1.0
+    spares = units - 1
+    if spares:
+        w0[1:] = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(spares)])
+        # breakpoints -b0/w0 at the midpoints of `spares` equal cells of [-3, 3]
+        points = -AFU_INIT_SPREAD + (2 * AFU_INIT_SPREAD) * (torch.arange(spares) + 0.5) / spares
+        b0[1:] = -points * w0[1:]
+    return {"w0": w0, "b0": b0, "w1": w1, "b1": torch.zeros(1)}
+
+
+def afu_apply(z: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, b1: Tensor, base: str) -> Tensor:
+    """G(z) for z of any shape, units on a new leading axis (the ONNX lowering's layout):
+    u = w0 (x) z + b0 (N, *z.shape), then w1 . psi(u) + b1 contracted over the units. The
+    leading axis keeps every elementwise op over contiguous rows of z (a trailing axis of size
+    N made ONNX Runtime's broadcasting ~10x slower, measured); the (N, ...) intermediate is the
+    unit's cost."""
+    psi = ACTIVATIONS[base].fn
+    w0, b0, w1, b1 = (t.to(z.dtype) for t in (w0, b0, w1, b1))
+    units = (-1,) + (1,) * z.dim()  # w0, b0 as (N, 1, ..., 1)
+    u = z.unsqueeze(0) * w0.view(units) + b0.view(units)
+    return torch.tensordot(w1, psi(u), dims=1) + b1
+
+
+def afu_derivative(z: Tensor, w0: Tensor, b0: Tensor, w1: Tensor, base: str) -> Tensor:
+    """dG/dz = sum_i w1_i w0_i psi'(w0_i z + b0_i), elementwise, same shape as z."""
+    w0, b0, w1 = (t.to(z.dtype) for t in (w0, b0, w1))
+    units = (-1,) + (1,) * z.dim()
+    u = z.unsqueeze(0) * w0.view(units) + b0.view(units)
+    return torch.tensordot(w1 * w0, ACTIVATIONS[base].vjp(torch.ones_like(u), u), dims=1)
+
+
+def afu_activation(params: dict[str, Tensor], base: str) -> Activation:
+    """The AFU with ``params`` as a pool entry: fn = G, vjp = g * G'(z). Autograd reaches the
+    parameters through fn where it runs with grad enabled (relaxed phase 1, phase 2)."""
+    w0, b0, w1, b1 = (params[k] for k in ("w0", "b0", "w1", "b1"))
+    return Activation(
+        AFU,
+        lambda z: afu_apply(z, w0, b0, w1, b1, base),
+        lambda g, z: g * afu_derivative(z, w0, b0, w1, base),
+        f"sum_i w1_i {base}(w0_i z + b0_i) + b1 (learned)",
+    )
 
 
 # One entry per contract.ACTIVATION_NAMES, in that order (tests/test_contract.py).
@@ -107,6 +183,11 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("identity", lambda z: z, lambda g, z: g, "z"),
     )
 }
+# afu's registry entry is the unit at its initialisation (= relu exactly); networks replace it
+# with each layer's learned unit (model.AFUnit.activation()).
+ACTIVATIONS[AFU] = afu_activation(
+    afu_init(AFU_DEFAULTS["units"], AFU_DEFAULTS["base"]), AFU_DEFAULTS["base"]
+)
 
 
 def get_activation(name: str) -> Activation:

@@ -24,7 +24,9 @@ PLOTS = {
     "activations": "activations.png",
     "selection": "selection.png",
     "logit_gradients": "logit-gradients.png",
+    "afu": "afu.png",
 }
+AFU_PLOT_RANGE = (-6.0, 6.0)  # the paper's Fig. 2c
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +165,55 @@ def plot_logit_gradients(
     return True
 
 
+def plot_afu(run_dir: Path, spec: ModelSpec, path: Path) -> bool:
+    """Each hidden layer's learned unit G(z) on [-6, 6] against relu (the AFU paper's Fig. 2c)
+    and against the unit before training (pool.afu_init, deterministic: recomputed from
+    model.json's ``afu``). Reads the weights the run wrote."""
+    if spec.afu is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from smartmixed.contract import AFU_PARAMS, MODEL_WEIGHTS, afu_tensor_name
+    from smartmixed.train.artifacts import load_tensors
+    from smartmixed.train.pool import afu_apply, afu_init
+
+    state = load_tensors(run_dir / MODEL_WEIGHTS)
+    base, n_layers = spec.afu["base"], len(spec.hidden_widths)
+    z = torch.linspace(*AFU_PLOT_RANGE, 601, dtype=torch.float64)
+    start = afu_init(spec.afu["units"], base)
+    g0 = afu_apply(z, *(start[p] for p in AFU_PARAMS), base)
+    relu = torch.relu(z)
+    cols = min(n_layers, 4)
+    nrows = -(-n_layers // cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False, sharex=True
+    )
+    for layer in range(n_layers):
+        ax = axes[layer // cols][layer % cols]
+        g = afu_apply(z, *(state[afu_tensor_name(layer, p)] for p in AFU_PARAMS), base)
+        ax.plot(z, relu, color="grey", lw=3, alpha=0.35, label="relu")
+        ax.plot(z, g0, color="C1", lw=1, ls="--", label="before training")
+        ax.plot(z, g, color="C0", lw=1.6, label="learned G(z)")
+        distance = float((g - relu).abs().max())
+        ax.set_title(f"hidden layer {layer + 1}: max|G - relu| {distance:.2f}", fontsize=8)
+        ax.grid(alpha=0.3)
+    for extra in range(n_layers, nrows * cols):
+        axes[extra // cols][extra % cols].axis("off")
+    axes[0][0].legend(fontsize=7)
+    fig.supxlabel("z")
+    fig.suptitle(
+        f"learned activation units ({spec.afu['units']} x {base}, one per "
+        f"{spec.afu['share']}; {spec.mode})",
+        fontsize=9,
+    )
+    _savefig(fig, path)
+    return True
+
+
 def write_plots_and_report(
     run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any]]
 ) -> None:
@@ -172,6 +223,7 @@ def write_plots_and_report(
     plot_activation_distribution(spec, run_dir / PLOTS["activations"])
     plot_selection(history, spec.pool, run_dir / PLOTS["selection"])
     plot_logit_gradients(history, spec.pool, run_dir / PLOTS["logit_gradients"])
+    plot_afu(run_dir, spec, run_dir / PLOTS["afu"])
     write_report(run_dir, spec, history)
 
 
@@ -209,6 +261,14 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
             f"`{t.get('candidate_norm')}`, logit lr {t.get('logit_lr') or t.get('lr')}, "
             f"tau {t.get('tau')} -> {t.get('tau_end') or t.get('tau')}"
         )
+    if spec.afu is not None:
+        a = spec.afu
+        lines.append(
+            f"- learned activation unit (afu): {a['units']} x {a['base']}, one per {a['share']}"
+        )
+        if "afu" in m:
+            diffs = ", ".join(f"{d:.3f}" for d in m["afu"]["max_abs_diff_from_relu"])
+            lines.append(f"  - max |G(z) - relu(z)| on [-6, 6], per hidden layer: {diffs}")
     lines += [
         f"- training time {m['train_seconds']:.1f} s over {len(history)} epochs",
         "",

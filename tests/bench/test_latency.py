@@ -279,3 +279,21 @@ def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> Non
     assert result["config"]["fixed_models"] == [*DEFAULT_POOL, "gelu"]
     assert len(result["records"]) == 7 + (len(LOWERINGS) + 1) * 2 + 1 + 2
     assert result["meets_targets"] == {}
+
+
+def test_afu_in_the_mix_times_fixed_afu() -> None:
+    """Issue I: afu is a mix entry like any other; its fixed network joins the fixed six."""
+    result = measure_latency(
+        arch=[16, 8, 4, 3],
+        mix="relu=0.75,afu=0.25",
+        batches=(2,),
+        threads=(1,),
+        rounds=1,
+        repeats=2,
+        progress=False,
+    )
+    assert result["mix"] == pytest.approx({"relu": 0.75, "afu": 0.25})
+    assert result["config"]["fixed_models"] == [*DEFAULT_POOL, "afu"]
+    assert result["config"]["pool"][-1] == "afu"
+    (fixed_afu,) = [r for r in result["records"] if r["model"] == "afu"]
+    assert fixed_afu["lowering"] == "fixed" and fixed_afu["p50_ms"] > 0

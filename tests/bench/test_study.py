@@ -239,3 +239,11 @@ def test_bad_options_exit_2_with_a_message(tmp_path: Path, capsys, args, message
     err = capsys.readouterr().err
     assert err.startswith("smartmixed-bench: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_plan_takes_afu_as_a_fixed_model(tmp_path: Path, capsys) -> None:
+    """Issue I: --models afu is the fixed:afu baseline."""
+    args = ["study", "--out", str(tmp_path), "--archs", "64,8,10", "--models", "relu,afu"]
+    assert main([*args, "--seeds", "1", "--plan", "--", "--epochs", "1"]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [c[c.index("--mode") + 1] for c in commands] == ["fixed:relu", "fixed:afu"]
