@@ -17,6 +17,7 @@ from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
     DEFAULT_PROTOCOL,
     PHASE2_INITS,
+    PHASE2_NORMS,
     PROTOCOLS,
     SELECT_RULES,
     TrainConfig,
@@ -63,6 +64,7 @@ PROTOCOL_OPTIONS = (
     "soft_epochs",
     "grad_clip",
     "phase2_init",
+    "phase2_norm",
 )
 
 
@@ -155,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PHASE2_INITS,
         help="phase 2 keeps the phase-1 weights (continue, default) or re-initialises them "
         "(fresh, as the reference code does)",
+    )
+    p.add_argument(
+        "--phase2-norm",
+        choices=PHASE2_NORMS,
+        help="keep: phase 2 trains the candidates as phase 1 did (default); fold: the "
+        "candidate norm is folded into the weights when phase 2 starts, so phase 2 trains "
+        "the plain mixed network (the same function, the fixed baselines' parameterisation)",
     )
     p.add_argument(
         "--logit-init-std",

@@ -54,6 +54,7 @@ from smartmixed.train.pool import afu_apply, afu_init, get_activation, parse_poo
 
 EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")
+PHASE2_NORMS = ("keep", "fold")
 SELECT_RULES = ("val-loss", "val-accuracy", "last")
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
@@ -72,6 +73,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "logit_grad_norm": "none",
     "soft_epochs": 0,
     "phase2_init": "continue",
+    "phase2_norm": "keep",
     "double_softmax": False,
     "eval_noise": False,
     "clamp": None,
@@ -127,6 +129,8 @@ class TrainConfig:
     logit_grad_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["logit_grad_norm"]
     soft_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["soft_epochs"]  # relaxed phase-1 epochs first
     phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
+    # fold: phase 2 trains the plain network (the candidate norm folded into the weights)
+    phase2_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_norm"]
     logit_init_std: float = 0.0
     double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
     eval_noise: bool = PROTOCOLS[DEFAULT_PROTOCOL]["eval_noise"]
@@ -160,6 +164,7 @@ class TrainConfig:
             raise TrainError(f"--mode {self.mode!r}: expected smartmixed or fixed:ACTIVATION")
         choices = {
             "phase2_init": PHASE2_INITS,
+            "phase2_norm": PHASE2_NORMS,
             "select": SELECT_RULES,
             "candidate_norm": CANDIDATE_NORMS,
             "logit_grad_norm": LOGIT_GRAD_NORMS,
@@ -363,12 +368,13 @@ def _build(
             afu=config.afu,
         )
     assert assignment is not None, "mixed and fixed phases need an assignment"
+    fold = phase == "mixed" and config.phase2_norm == "fold"
     return MixedMLP(
         config.arch,
         config.pool,
         assignment,
         preprocessing=pre,
-        candidate_norm=config.candidate_norm,
+        candidate_norm="none" if fold else config.candidate_norm,
         afu=config.afu,
     )
 
@@ -401,6 +407,8 @@ def _start_phase(
         run.assignment = previous.assignment()
         if config.phase2_init == "continue":
             model = MixedMLP.from_selective(previous, preprocessing=dataset.preprocessing)
+            if config.phase2_norm == "fold":  # the same function, trained as a plain network
+                model = model.folded()
         else:  # "fresh": re-initialise the weights, as the reference code does
             torch.manual_seed(config.seed + 1)
             model = _build(config, name, dataset, run.assignment)

@@ -316,3 +316,26 @@ def test_soft_epochs_relax_the_first_phase1_epochs_and_are_recorded(
         _config(soft_epochs=-1)
     with pytest.raises(TrainError, match="--logit-grad-norm 'rms': expected one of none"):
         _config(logit_grad_norm="rms")
+
+
+@pytest.mark.parametrize("norm", ["keep", "fold"])
+def test_phase2_norm_fold_trains_the_same_function_as_a_plain_network(
+    digits: Dataset, norm: str
+) -> None:
+    from smartmixed.train.loop import _RunState, _start_phase
+    from smartmixed.train.model import SelectiveMLP
+
+    config = _config(phase2_norm=norm)
+    assert config.candidate_norm == "standard"
+    selective = SelectiveMLP(
+        ARCH, config.pool, preprocessing=digits.preprocessing, candidate_norm="standard"
+    )
+    torch.nn.init.normal_(selective.selection_logits)
+    phase = _start_phase(config, 1, digits, _RunState(), selective.eval(), torch.device("cpu"))
+    assert phase.name == "mixed"
+    assert phase.model.candidate_norm == {"keep": "standard", "fold": "none"}[norm]
+    x = torch.from_numpy(digits.x_val)
+    with torch.no_grad():
+        torch.testing.assert_close(phase.model.eval()(x), selective(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TrainError, match="--phase2-norm 'x': expected one of keep, fold"):
+        _config(phase2_norm="x")
