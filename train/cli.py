@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AFU_SHARES,
         help="one AFU per hidden layer (layer, default) or one for the whole network",
     )
+    p.add_argument(
+        "--afu-lr",
+        type=float,
+        help="learning rate of the AFU parameters, their own Adam group (default: --lr)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d['grad_clip']})")
     p.add_argument(
@@ -215,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             afu_units=args.afu_units,
             afu_base=args.afu_base,
             afu_share=args.afu_share,
+            afu_lr=args.afu_lr,
             **{name: getattr(args, name) for name in PROTOCOL_OPTIONS},
         )
         dataset = load_dataset(

@@ -139,6 +139,7 @@ class TrainConfig:
     afu_units: int = contract.AFU_DEFAULTS["units"]
     afu_base: str = contract.AFU_DEFAULTS["base"]
     afu_share: str = contract.AFU_DEFAULTS["share"]
+    afu_lr: float | None = None  # the units' own learning rate (None: lr)
 
     @classmethod
     def from_protocol(cls, protocol: str, **options: Any) -> TrainConfig:
@@ -195,6 +196,7 @@ class TrainConfig:
             "logit_lr": self.logit_lr,
             "tau_end": self.tau_end,
             "clamp": self.clamp,
+            "afu_lr": self.afu_lr,
         }
         for name, value in positive.items():
             if value is not None and not value > 0:
@@ -380,12 +382,17 @@ def _build(
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam; the selection logits form their own group at ``logit_lr`` (None: ``lr``)."""
-    logits = [p for n, p in model.named_parameters() if n == "selection_logits"]
-    weights = [p for n, p in model.named_parameters() if n != "selection_logits"]
+    """Adam; the selection logits form their own group at ``logit_lr`` and the learned units
+    theirs at ``afu_lr`` (None: ``lr``), each only when the network has them."""
+    named = dict(model.named_parameters())
+    logits = [p for n, p in named.items() if n == "selection_logits"]
+    units = [p for n, p in named.items() if n.startswith("afus.")]
+    weights = [p for n, p in named.items() if n != "selection_logits" and not n.startswith("afus.")]
     groups: list[dict[str, Any]] = [{"params": weights, "lr": config.lr}]
     if logits:
         groups.append({"params": logits, "lr": config.logit_lr or config.lr})
+    if units:
+        groups.append({"params": units, "lr": config.afu_lr or config.lr})
     return torch.optim.Adam(groups)
 
 

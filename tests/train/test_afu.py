@@ -336,3 +336,19 @@ def test_resume_with_a_shared_unit_is_exact(tmp_path: Path, digits: Dataset) -> 
     train_run(config=config, dataset=digits, out=tmp_path / "cut", resume=True, progress=False)
     a, b = (load_file(tmp_path / d / MODEL_WEIGHTS) for d in ("ref", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_afu_lr_gives_the_units_their_own_adam_group() -> None:
+    from smartmixed.train.loop import _optimizer
+
+    config = TrainConfig(arch=[6, 5, 4, 3], pool=POOL, lr=1e-4, logit_lr=1e-2, afu_lr=1e-3)
+    model = SelectiveMLP(config.arch, config.pool, afu=config.afu)
+    groups = _optimizer(config, model).param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 1e-2, 1e-3]
+    units = {id(p) for n, p in model.named_parameters() if n.startswith("afus.")}
+    assert {id(p) for p in groups[2]["params"]} == units and units
+    assert not units & {id(p) for p in groups[0]["params"]}
+    plain = TrainConfig(arch=[6, 5, 3], mode="fixed:relu", afu_lr=1e-3)  # no unit: no group
+    assert len(_optimizer(plain, MixedMLP([6, 5, 3], ["relu"], [["relu"] * 5])).param_groups) == 1
+    with pytest.raises(TrainError, match="--afu-lr must be > 0"):
+        TrainConfig(arch=[4, 3, 2], mode="fixed:afu", afu_lr=0.0)
