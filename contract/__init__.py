@@ -48,6 +48,16 @@ META_SELECTION = METADATA_PREFIX + "selection"
 META_RUN = METADATA_PREFIX + "run"
 META_VERSIONS = METADATA_PREFIX + "versions"
 META_QUANTIZATION = METADATA_PREFIX + "quantization"  # int8 entries only
+# the figures of export's quantization report (META_QUANTIZATION) that serve's metadata shows
+QUANTIZATION_FIGURES = (
+    "weight_type",
+    "per_channel",
+    "thresholds",
+    "fp32_accuracy",
+    "int8_accuracy",
+    "agreement",
+    "accuracy_drop_points",
+)
 
 PRECISIONS = ("fp32", "int8")
 DEFAULT_PRECISION = "fp32"  # entries exported before int8 (issue G) carry no META_PRECISION

@@ -30,6 +30,7 @@ from smartmixed.contract import (
     META_VERIFICATION,
     METADATA_PREFIX,
     MODEL_FILE,
+    QUANTIZATION_FIGURES,
 )
 from smartmixed.contract.runtime import (
     ModelLoadError,
@@ -51,16 +52,6 @@ log = logging.getLogger("smartmixed.serve")
 
 MAX_MODEL_BYTES: int = ServeSettings.model_fields["max_model_bytes"].default
 MAX_CONFIG_BYTES = 1024 * 1024  # config.pbtxt is text of a few hundred bytes
-# what the model metadata shows of an int8 entry's smartmixed.quantization (export/quantize.py)
-QUANTIZATION_FIGURES = (
-    "weight_type",
-    "per_channel",
-    "thresholds",
-    "fp32_accuracy",
-    "int8_accuracy",
-    "agreement",
-    "accuracy_drop_points",
-)
 
 
 class ServeError(Exception):

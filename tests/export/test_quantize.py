@@ -11,6 +11,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 
+from smartmixed.contract import QUANTIZATION_FIGURES
 from smartmixed.contract.runtime import make_session
 from smartmixed.export.cli import main
 from smartmixed.export.lower import LOWERINGS, get_metadata
@@ -58,6 +59,7 @@ def test_int8_export_writes_a_verified_entry(models: Path, digits: Dataset) -> N
     q = report["quantization"]
     assert q["passed"] and q["weight_type"] == "qint8" and q["test_samples"] == 360
     assert q["thresholds"] == {"min_agreement": 0.95, "max_accuracy_drop_points": 3.0}
+    assert set(QUANTIZATION_FIGURES) <= set(q)  # what serve's metadata shows, named once
     assert q["agreement"] >= 0.95 and q["accuracy_drop_points"] <= 3.0
     assert q["accuracy_drop_points"] == pytest.approx(
         100 * (q["fp32_accuracy"] - q["int8_accuracy"])
