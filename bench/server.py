@@ -36,9 +36,6 @@ from smartmixed.bench import BenchError
 from smartmixed.contract import (
     DEFAULT_POOL,
     INPUT,
-    META_LOWERING,
-    META_SPEC,
-    MODEL_FILE,
     PRESETS,
     ModelSpec,
 )
@@ -86,10 +83,15 @@ def check_url(url: str) -> str:
 def build_repository(
     root: Path, *, arch: Sequence[int], seed: int, models: Sequence[str] = GENERATED_MODELS
 ) -> None:
-    """ROOT/{mixed,fixed-relu}/1/model.onnx: seeded random weights, permuted lowering."""
+    """ROOT/{mixed,fixed-relu}: seeded random weights, written by export's own writer
+    (``export_run``, permuted lowering: verified against PyTorch, with its config.pbtxt), so
+    the bench serves what an exported repository serves."""
+    import tempfile
+
     import torch
 
-    from smartmixed.export.lower import lower, set_metadata
+    from smartmixed.export.repository import export_run
+    from smartmixed.train.artifacts import save_model
     from smartmixed.train.model import MixedMLP
 
     arch = list(arch)
@@ -102,8 +104,8 @@ def build_repository(
         "mixed": (pool, "smartmixed", mixed),
         "fixed-relu": (["relu"], "fixed:relu", [["relu"] * w for w in hidden]),
     }
-    with torch.random.fork_rng(devices=[]):  # seeded weights, caller's RNG untouched
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as runs:
+        torch.manual_seed(seed)  # seeded weights, caller's RNG untouched
         for name in models:
             pool_, mode, assignment = assignments[name]
             spec = ModelSpec(
@@ -115,14 +117,10 @@ def build_repository(
                 input_shape=[arch[0]],
                 labels=[str(i) for i in range(arch[-1])],
             )
-            model = MixedMLP.from_spec(spec)
-            state = {k: v.numpy() for k, v in model.canonical_state_dict().items()}
-            proto = lower(spec, state, lowering="permuted")
-            # the server reads the spec (features, labels, mix) from this metadata
-            set_metadata(proto, {META_SPEC: spec.to_dict(), META_LOWERING: "permuted"})
-            version = root / name / "1"
-            version.mkdir(parents=True, exist_ok=True)
-            (version / MODEL_FILE).write_bytes(proto.SerializeToString())
+            run = Path(runs) / name
+            run.mkdir()
+            save_model(run, spec, MixedMLP.from_spec(spec).canonical_state_dict())
+            export_run(run_dir=run, repository=root, name=name, lowering="permuted", overwrite=True)
 
 
 def repository_models(root: Path) -> list[str]:
