@@ -1,7 +1,8 @@
 """Issue I: the accuracy table and the learned curves' distance from relu, from run folders.
 
     .venv/bin/python results/issue-i/collect.py /work/issue-i-runs
-(runs named relu-sK, afu-sK, sm-afu-sK; prints Markdown)
+(runs named relu-sK, afu-sK, sm-afu-sK, afu-lr1e-3-sK, afu-lr1e-2-sK, sm-afu-lr1e-2-sK; prints
+Markdown; models with no run are left out)
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ MODELS = {
     "relu": "fixed:relu (80 epochs)",
     "afu": "fixed:afu (80 epochs)",
     "sm-afu": "SmartMixed, pool = paper's six + afu (20 + 60)",
+    "afu-lr1e-3": "fixed:afu, --afu-lr 1e-3 (80 epochs)",
+    "afu-lr1e-2": "fixed:afu, --afu-lr 1e-2 (80 epochs)",
+    "sm-afu-lr1e-2": "SmartMixed, six + afu, --afu-lr 1e-2 (20 + 60)",
 }
 
 
@@ -35,6 +39,8 @@ def main(root: str) -> None:
     )
     print("|---" * (len(seeds) + 3) + "|")
     for model, label in MODELS.items():
+        if not any(m == model for m, _ in runs):
+            continue
         accs = [
             runs[(model, s)]["metrics"]["test_accuracy"] if (model, s) in runs else None
             for s in seeds
@@ -68,7 +74,7 @@ def main(root: str) -> None:
             continue
         diffs = ", ".join(f"{d:.2f}" for d in spec["metrics"]["afu"]["max_abs_diff_from_relu"])
         share = "-"
-        if model == "sm-afu":
+        if model.startswith("sm-afu"):
             share = ", ".join(
                 f"{layer.count('afu') / len(layer):.0%}" for layer in spec["assignment"]
             )
