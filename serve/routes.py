@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from smartmixed.contract import INPUT, META_SELECTION, PLATFORM, PROBABILITIES
+from smartmixed.contract import INPUT, PLATFORM, PROBABILITIES
 from smartmixed.serve import codec
 from smartmixed.serve.runtime import ModelVersion, ServeError
 
@@ -178,26 +178,6 @@ async def repository_index(request: Request) -> Response:
     return json_response(index)
 
 
-def export_latency(model: ModelVersion) -> dict[str, Any] | None:
-    """What export measured of the lowering it wrote (``--lowering auto`` times the candidates):
-    {"lowering", "median_ms": {rows: ms}, "device", "threads"}; None when the lowering was named
-    (nothing timed)."""
-    selection = model.metadata.get(META_SELECTION)
-    if not isinstance(selection, dict):
-        return None
-    chosen = selection.get("chosen")
-    timings = (selection.get("median_ms") or {}).get(chosen)
-    if not isinstance(timings, dict):
-        return None
-    fp32 = selection.get("fp32") if isinstance(selection.get("fp32"), dict) else {}
-    return {
-        "lowering": chosen,
-        "median_ms": timings,
-        "device": selection.get("device", fp32.get("device")),
-        "threads": selection.get("threads", fp32.get("threads")),
-    }
-
-
 def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
     return {
         "name": model.name,
@@ -207,8 +187,7 @@ def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
         "outputs": [
             {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]} for o in model.outputs
         ],
-        # "latency": an addition of issue J (the page's model cards); the other keys unchanged
-        "smartmixed": {**model.describe(), "latency": export_latency(model)},
+        "smartmixed": model.describe(),
     }
 
 

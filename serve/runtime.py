@@ -26,6 +26,7 @@ from smartmixed.contract import (
     META_LOWERING,
     META_PRECISION,
     META_QUANTIZATION,
+    META_SELECTION,
     META_SPEC,
     META_VERIFICATION,
     METADATA_PREFIX,
@@ -114,6 +115,25 @@ class ModelVersion:
         names = outputs or self.outputs
         return dict(zip(names, self.session.run(names, {INPUT: x}), strict=True))
 
+    def export_latency(self) -> dict[str, Any] | None:
+        """What export measured of the lowering it wrote (``--lowering auto`` times the
+        candidates): {"lowering", "median_ms": {rows: ms}, "device", "threads"}; None when the
+        lowering was named (nothing timed)."""
+        selection = self.metadata.get(META_SELECTION)
+        if not isinstance(selection, dict):
+            return None
+        chosen = selection.get("chosen")
+        timings = (selection.get("median_ms") or {}).get(chosen)
+        if not isinstance(timings, dict):
+            return None
+        fp32 = selection.get("fp32") if isinstance(selection.get("fp32"), dict) else {}
+        return {
+            "lowering": chosen,
+            "median_ms": timings,
+            "device": selection.get("device", fp32.get("device")),
+            "threads": selection.get("threads", fp32.get("threads")),
+        }
+
     def describe(self) -> dict[str, Any]:
         """The smartmixed part of the model metadata (architecture, mix, lowering, checks)."""
         spec = self.metadata.get(META_SPEC) or {}
@@ -147,6 +167,7 @@ class ModelVersion:
                 k: v for k, v in (spec.get("metrics") or {}).items() if k.startswith("test")
             },
             "execution_providers": self.providers,
+            "latency": self.export_latency(),  # the page's model cards show it (issue J)
         }
 
 

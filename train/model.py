@@ -430,14 +430,14 @@ class SelectiveMLP(nn.Module):
         c = (c - c.detach()) * self.transform.gain[k]
         return h.index_add(0, rows, c)
 
-    def _relaxed(self, z: Tensor, soft: Tensor, acts: Sequence[Activation] | None = None) -> Tensor:
+    def _relaxed(self, z: Tensor, soft: Tensor, acts: Sequence[Activation]) -> Tensor:
         """The soft Gumbel-Softmax mixture sum_k s_k h_k(z) for z (n, B), s (K, n): every
         candidate is computed and weighted, so the logits get the exact gradient of the relaxed
         network (no straight-through approximation). ``acts``: the layer's candidates (afu bound
         to the layer's unit, whose parameters then get the relaxed gradient too)."""
         out = torch.zeros_like(z)
         clamp = self.transform.clamp
-        for k, act in enumerate(self.acts if acts is None else acts):
+        for k, act in enumerate(acts):
             f = act.fn(z)
             if clamp is not None:
                 f = f.clamp(-clamp, clamp)
