@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smartmixed.bench import BenchError
-from smartmixed.bench.soak import SoakOptions
+from smartmixed.bench.soak_scenarios import SoakOptions
 from smartmixed.bench.study import (
     DEFAULT_ARCHS,
     DEFAULT_MODELS,
@@ -18,47 +18,77 @@ from smartmixed.bench.study import (
     render_markdown,
     run_study,
 )
+from smartmixed.contract import call_with_options
 from smartmixed.train.model import SpecError, parse_arch
+
+# command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-cost": (
+        "ms per training step: fixed-ReLU vs phase 1 vs phase 2 (CPU)",
+        "Time training steps (forward, backward, clip, Adam) of a fixed-ReLU network, "
+        "SmartMixed phase 1 and phase 2; writes DIR/train-cost.{json,md,png}.",
+    ),
+    "latency": (
+        "ONNX Runtime CPU inference latency: fixed activations vs a mixed network's lowerings",
+        "Time ONNX Runtime CPU inference of the six fixed-activation networks and one "
+        "mixed network in every lowering (scatter, permuted, grouped, and the one --lowering auto "
+        "picks) across batch sizes and thread counts, with PyTorch eager beside it; writes "
+        "DIR/latency.{json,md,png}.",
+    ),
+    "http": (
+        "HTTP serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load",
+        "Start smartmixed-serve on 127.0.0.1 (or target --url), drive it with wrk "
+        "(one thread; a Python generator when wrk is missing) at several concurrency levels for "
+        "fixed and mixed models, batching on and off; writes DIR/http.{json,md,png}.",
+    ),
+    "soak": (
+        "reliability of smartmixed-serve: soak, overload, slow clients, a huge header, "
+        "SIGTERM under load",
+        "Start smartmixed-serve on 127.0.0.1 (one fresh server per scenario, over a "
+        "random-weight model; or target --url) and attack it: a soak at concurrency 64 (errors, "
+        "p99, RSS growth), overload at 1024 (503s, longest 200, health p99), 1,000 slowloris "
+        "connections with the server's open-file limit at 1024, one 100 MB header line, SIGTERM "
+        "under load (failed requests, exit code); writes DIR/soak.{json,md,png}. About 2 minutes "
+        "with the defaults. Targets are reported, never asserted.",
+    ),
+    "study": (
+        "seeded grid of training runs (architectures x models x seeds), ranks and MRR",
+        "Train every cell (architecture, model, seed) as its own smartmixed-train "
+        "run in DIR/runs/ARCH/MODEL/seedK (complete cells are skipped, killed ones resumed) and "
+        "aggregate them: mean, std and 95% interval of the test accuracy, ranks per "
+        "architecture, the paper's Mean Reciprocal Rank, paired wins/ties/losses against each "
+        "fixed activation; writes DIR/study.{json,md,png} after every finished cell. Flags after "
+        "a literal -- go to every cell's smartmixed-train command.",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smartmixed-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    tc = sub.add_parser(
-        "train-cost",
-        help="ms per training step: fixed-ReLU vs phase 1 vs phase 2 (CPU)",
-        description="Time training steps (forward, backward, clip, Adam) of a fixed-ReLU network, "
-        "SmartMixed phase 1 and phase 2; writes DIR/train-cost.{json,md,png}.",
-    )
-    tc.add_argument("--out", type=Path, required=True, help="output folder")
-    tc.add_argument("--arch", default=None, help="layer widths (default: the paper's)")
+    parsers = {}
+    for name, (summary, description) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=summary, description=description)
+        folder = "study folder" if name == "study" else "output folder"
+        parsers[name].add_argument("--out", type=Path, required=True, help=folder)
+    tc, lat, web, so, st = parsers.values()
+    st.usage = "%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]"
+    tc.add_argument("--arch", help="layer widths (default: the paper's)")
     tc.add_argument("--batch-size", type=int, default=128)
     tc.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     tc.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
     tc.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
-    tc.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    tc.add_argument("--quiet", action="store_true")
+    tc.add_argument("--threads", type=int, help="torch intra-op threads")
 
-    lat = sub.add_parser(
-        "latency",
-        help="ONNX Runtime CPU inference latency: fixed activations vs a mixed network's lowerings",
-        description="Time ONNX Runtime CPU inference of the six fixed-activation networks and one "
-        "mixed network in every lowering (scatter, permuted, grouped, and the one --lowering auto "
-        "picks) across batch sizes and thread counts, with PyTorch eager beside it; writes "
-        "DIR/latency.{json,md,png}.",
-    )
-    lat.add_argument("--out", type=Path, required=True, help="output folder")
-    lat.add_argument("--arch", default=None, help="layer widths (default: the paper's)")
+    lat.add_argument("--arch", help="layer widths (default: the paper's)")
     source = lat.add_mutually_exclusive_group()
     source.add_argument(
         "--run",
         type=Path,
-        default=None,
         help="runs/NAME: time that trained network (its arch, assignment and weights)",
     )
     source.add_argument(
         "--mix",
-        default=None,
         help="random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
         "(default: uniform over the six default activations)",
     )
@@ -69,33 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=int, default=30, help="timed runs per model per round (default 30)"
     )
     lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
-    lat.add_argument("--quiet", action="store_true")
 
-    web = sub.add_parser(
-        "http",
-        help="HTTP serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load",
-        description="Start smartmixed-serve on 127.0.0.1 (or target --url), drive it with wrk "
-        "(one thread; a Python generator when wrk is missing) at several concurrency levels for "
-        "fixed and mixed models, batching on and off; writes DIR/http.{json,md,png}.",
-    )
-    web.add_argument("--out", type=Path, required=True, help="output folder")
+    web.add_argument("--arch", help="layer widths of the built models (default: the paper's)")
     web.add_argument(
-        "--arch", default=None, help="layer widths of the built models (default: the paper's)"
+        "--repository", type=Path, help="bench these exported models instead of building two"
     )
     web.add_argument(
-        "--repository",
-        type=Path,
-        default=None,
-        help="bench these exported models instead of building two",
+        "--models", help="model names (default: mixed,fixed-relu, or all in --repository)"
     )
-    web.add_argument(
-        "--models",
-        default=None,
-        help="model names (default: mixed,fixed-relu, or all in --repository)",
-    )
-    web.add_argument(
-        "--url", default=None, help="http://127.0.0.1:PORT of a running server (none is started)"
-    )
+    web.add_argument("--url", help="http://127.0.0.1:PORT of a running server (none is started)")
     web.add_argument("--concurrency", default="1,8,64", help="connections (default 1,8,64)")
     web.add_argument("--duration", type=int, default=5, help="seconds per point (default 5)")
     web.add_argument(
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="unrecorded seconds per server and model first (default 1)",
     )
-    web.add_argument("--batching", default=None, help="on,off (default both; not with --url)")
+    web.add_argument("--batching", help="on,off (default both; not with --url)")
     web.add_argument(
         "--load-generator",
         default="auto",
@@ -112,50 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: wrk when installed, else Python (asyncio + httpx)",
     )
     web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
-    web.add_argument("--quiet", action="store_true")
 
-    so = sub.add_parser(
-        "soak",
-        help="reliability of smartmixed-serve: soak, overload, slow clients, a huge header, "
-        "SIGTERM under load",
-        description="Start smartmixed-serve on 127.0.0.1 (one fresh server per scenario, over a "
-        "random-weight model; or target --url) and attack it: a soak at concurrency 64 (errors, "
-        "p99, RSS growth), overload at 1024 (503s, longest 200, health p99), 1,000 slowloris "
-        "connections with the server's open-file limit at 1024, one 100 MB header line, SIGTERM "
-        "under load (failed requests, exit code); writes DIR/soak.{json,md,png}. About 2 minutes "
-        "with the defaults. Targets are reported, never asserted.",
-    )
-    so.add_argument("--out", type=Path, required=True, help="output folder")
     so.add_argument(
         "--scenarios",
         default="soak,overload,slow,header,sigterm",
         help="which to run (default all: soak,overload,slow,header,sigterm)",
     )
+    so.add_argument("--arch", help="layer widths of the built model (default: the paper's)")
     so.add_argument(
-        "--arch", default=None, help="layer widths of the built model (default: the paper's)"
-    )
-    so.add_argument(
-        "--repository",
-        type=Path,
-        default=None,
-        help="serve this exported repository instead of building a model",
+        "--repository", type=Path, help="serve this exported repository instead of building a model"
     )
     so.add_argument(
         "--model",
-        default=None,
         help="model to send requests to (default: mixed, or the first in "
         "--repository; required with --url)",
     )
     so.add_argument(
         "--url",
-        default=None,
         help="http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)",
     )
     so.add_argument(
-        "--pid",
-        type=int,
-        default=None,
-        help="with --url: the server's PID, for its RSS and open-file limit",
+        "--pid", type=int, help="with --url: the server's PID, for its RSS and open-file limit"
     )
     so.add_argument(
         "--server-env",
@@ -164,58 +153,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment of the started servers, e.g. SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable",
     )
-    defaults = SoakOptions()
-    flags = {
-        "soak_duration_s": ("--soak-duration", int, "soak: seconds"),
-        "soak_concurrency": ("--soak-concurrency", int, "soak: connections"),
-        "overload_duration_s": ("--overload-duration", int, "overload: seconds"),
-        "overload_concurrency": ("--overload-concurrency", int, "overload: connections"),
-        "client_timeout_s": (
-            "--client-timeout",
-            float,
-            "soak, overload, sigterm: a request slower than this is a client timeout",
-        ),
-        "slow_clients": ("--slow-clients", int, "slow: header-dribbling clients"),
-        "slow_duration_s": ("--slow-duration", float, "slow: seconds"),
-        "slow_interval_s": ("--slow-interval", float, "slow: seconds between header lines"),
-        "slow_nofile": ("--slow-nofile", int, "slow: the server's open-file limit"),
-        "header_mb": ("--header-mb", float, "header: size of the header line (MB)"),
-        "header_limit_s": ("--header-limit", float, "header: give up after this many seconds"),
-        "sigterm_concurrency": ("--sigterm-concurrency", int, "sigterm: connections"),
-        "sigterm_after_s": ("--sigterm-after", float, "sigterm: seconds of load before SIGTERM"),
-        "drain_limit_s": ("--drain-limit", float, "sigterm: kill the server after this many s"),
-        "probe_interval_ms": (
-            "--probe-interval-ms",
-            float,
-            "health probe period (a new connection each)",
-        ),
+    # one flag per SoakOptions field (--soak-duration for soak_duration_s, --probe-interval-ms
+    # for probe_interval_ms): names, types and defaults are declared once, in the dataclass
+    texts = {
+        "soak_duration_s": "soak: seconds",
+        "soak_concurrency": "soak: connections",
+        "overload_duration_s": "overload: seconds",
+        "overload_concurrency": "overload: connections",
+        "client_timeout_s": "soak, overload, sigterm: a request slower than this is a client "
+        "timeout",
+        "slow_clients": "slow: header-dribbling clients",
+        "slow_duration_s": "slow: seconds",
+        "slow_interval_s": "slow: seconds between header lines",
+        "slow_nofile": "slow: the server's open-file limit",
+        "header_mb": "header: size of the header line (MB)",
+        "header_limit_s": "header: give up after this many seconds",
+        "sigterm_concurrency": "sigterm: connections",
+        "sigterm_after_s": "sigterm: seconds of load before SIGTERM",
+        "drain_limit_s": "sigterm: kill the server after this many s",
+        "probe_interval_ms": "health probe period (a new connection each)",
     }
-    for name, (flag, kind, text) in flags.items():
+    defaults = SoakOptions()
+    for option in fields(SoakOptions):
+        flag = "--" + option.name.removesuffix("_s").replace("_", "-")
+        default = getattr(defaults, option.name)
         so.add_argument(
             flag,
-            dest=name,
-            type=kind,
-            default=getattr(defaults, name),
+            dest=option.name,
+            type=type(default),
+            default=default,
             metavar=flag.rsplit("-", 1)[-1].upper(),
-            help=f"{text} (default {getattr(defaults, name):g})",
+            help=f"{texts[option.name]} (default {default:g})",
         )
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
-    so.add_argument("--quiet", action="store_true")
 
-    st = sub.add_parser(
-        "study",
-        help="seeded grid of training runs (architectures x models x seeds), ranks and MRR",
-        description="Train every cell (architecture, model, seed) as its own smartmixed-train "
-        "run in DIR/runs/ARCH/MODEL/seedK (complete cells are skipped, killed ones resumed) and "
-        "aggregate them: mean, std and 95% interval of the test accuracy, ranks per "
-        "architecture, the paper's Mean Reciprocal Rank, paired wins/ties/losses against each "
-        "fixed activation; writes DIR/study.{json,md,png} after every finished cell. Flags after "
-        "a literal -- go to every cell's smartmixed-train command.",
-        usage="%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]",
-    )
-    st.add_argument("--out", type=Path, required=True, help="study folder")
     st.add_argument("--data", default="mnist", help="smartmixed-train --data (default mnist)")
-    st.add_argument("--data-dir", type=Path, default=None, help="smartmixed-train --data-dir")
+    st.add_argument("--data-dir", type=Path, help="smartmixed-train --data-dir")
     st.add_argument(
         "--models",
         default=",".join(DEFAULT_MODELS),
@@ -226,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="LABEL='FLAGS'",
+        dest="variants",
         help="an extra model LABEL whose cells get FLAGS, e.g. "
         "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
         "set it); repeatable",
@@ -256,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--collect", action="store_true", help="aggregate the complete cells and train nothing"
     )
-    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    for bench in (tc, lat, web, so, st):  # last in every --help, as it always was
+        bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
     return p
 
 
@@ -265,8 +240,8 @@ def _run(
 ) -> int:
     """``measure()`` -> the bench's result, then DIR/NAME.json/.md/.png and the table printed.
 
-    ``module``: the bench module (its ``render_markdown`` and ``write_outputs``). Bad options
-    (BenchError and ``errors``) are one line and exit 2, no traceback, nothing written.
+    ``module``: the bench's ``render_markdown`` and ``write_outputs``. Bad options (BenchError
+    and ``errors``) are one line and exit 2, no traceback, nothing written.
     """
     try:
         if args.out.exists() and not args.out.is_dir():
@@ -288,17 +263,7 @@ def _latency(args: argparse.Namespace) -> int:
     return _run(
         args,
         latency,
-        lambda: latency.measure_latency(
-            arch=args.arch,
-            run=args.run,
-            mix=args.mix,
-            batches=args.batches,
-            threads=args.threads,
-            rounds=args.rounds,
-            repeats=args.repeats,
-            seed=args.seed,
-            progress=not args.quiet,
-        ),
+        lambda: call_with_options(latency.measure_latency, args),
         errors=(SpecError, ArtifactError),
     )
 
@@ -307,62 +272,22 @@ def _http(args: argparse.Namespace) -> int:
     from smartmixed.bench import http_bench
 
     # bad options, or a server / wrk that failed: BenchError
-    return _run(
-        args,
-        http_bench,
-        lambda: http_bench.measure_http(
-            arch=args.arch,
-            repository=args.repository,
-            models=args.models,
-            url=args.url,
-            concurrency=args.concurrency,
-            duration=args.duration,
-            warmup=args.warmup,
-            batching=args.batching,
-            load_generator=args.load_generator,
-            seed=args.seed,
-            progress=not args.quiet,
-        ),
-    )
+    return _run(args, http_bench, lambda: call_with_options(http_bench.measure_http, args))
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from smartmixed.bench import soak
+    from smartmixed.bench import soak, soak_report
 
     def measure():  # failed scenarios are in the result; only bad options raise
-        options = SoakOptions(**{f.name: getattr(args, f.name) for f in fields(SoakOptions)})
-        return soak.measure_soak(
-            scenarios=args.scenarios,
-            url=args.url,
-            pid=args.pid,
-            repository=args.repository,
-            model=args.model,
-            arch=args.arch,
-            server_env=args.server_env,
-            options=options,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
+        options = call_with_options(SoakOptions, args)
+        return call_with_options(soak.measure_soak, args, options=options)
 
-    return _run(args, soak, measure)
+    return _run(args, soak_report, measure)
 
 
 def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     try:
-        outcome = run_study(
-            out=args.out,
-            data=args.data,
-            data_dir=args.data_dir,
-            models=args.models,
-            variants=args.variant,
-            archs=args.archs,
-            seeds=args.seeds,
-            jobs=args.jobs,
-            train_args=train_args,
-            plan=args.plan,
-            collect=args.collect,
-            progress=not args.quiet,
-        )
+        outcome = call_with_options(run_study, args, train_args=train_args)
     except BenchError as e:
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
@@ -428,13 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = measure_train_cost(
+        result = call_with_options(
+            measure_train_cost,
+            args,
             arch=arch,
-            batch_size=args.batch_size,
-            rounds=args.rounds,
             steps_per_round=args.steps,
             warmup_steps=args.warmup,
-            progress=not args.quiet,
         )
         paths = write_outputs(result, args.out)
         print(render_markdown(result))

@@ -1,4 +1,5 @@
-"""What every bench shares: the machine a result was measured on, and how its files are written.
+"""What every bench shares: the machine a result was measured on, how its files are written, and
+the plotting backend.
 
 Torch-free, so that the HTTP and soak benches (which drive a server in another process) load no
 torch to describe the machine or write their outputs.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,20 @@ def write_outputs(
     draw(result, tmp)
     tmp.replace(paths[2])
     return paths
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a Markdown table: the header, its separator, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (PNG files, no display), imported when a bench first
+    draws: a bench that only measures loads no matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

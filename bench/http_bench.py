@@ -51,7 +51,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common, parse_positive_ints
-from smartmixed.bench.common import machine_info
+from smartmixed.bench.common import machine_info, markdown_table
 from smartmixed.bench.load import (
     REQUEST_TIMEOUT_S,
     WRK,
@@ -77,7 +77,7 @@ from smartmixed.bench.server import (
     server_env,
     start_server,
 )
-from smartmixed.contract import SpecError, parse_arch
+from smartmixed.contract import SpecError, parse_arch, split_list
 
 DEFAULT_CONCURRENCY = (1, 8, 64)
 DEFAULT_DURATION_S = 5
@@ -140,8 +140,7 @@ class HttpBenchError(BenchError):
 
 def parse_batching(text: str | Sequence[str]) -> list[str]:
     """'on,off' -> ['on', 'off'] (order kept, duplicates dropped)."""
-    items = [v.strip().lower() for v in text.split(",")] if isinstance(text, str) else list(text)
-    items = [v for v in items if v]
+    items = [v.lower() for v in split_list(text)]
     bad = [v for v in items if v not in BATCHING_MODES]
     if not items or bad:
         raise HttpBenchError(f"batching must be a list of on / off (got {text!r})")
@@ -151,8 +150,7 @@ def parse_batching(text: str | Sequence[str]) -> list[str]:
 def parse_models(text: str | Sequence[str] | None) -> list[str] | None:
     if text is None:
         return None
-    items = [v.strip() for v in text.split(",")] if isinstance(text, str) else list(text)
-    items = [v for v in items if v]
+    items = split_list(text)
     if not items:
         raise HttpBenchError("--models is empty; expected names such as mixed,fixed-relu")
     return list(dict.fromkeys(items))
@@ -409,6 +407,18 @@ def _ort_version() -> str:
 # Outputs
 
 
+POINT_COLUMNS = (
+    "concurrency",
+    "requests/s",
+    "samples/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "errors",
+    "rows/run",
+)
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -432,40 +442,29 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"onnxruntime {m['onnxruntime']}. Run took {result['elapsed_s']} s.",
         "",
     ]
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for r in result["records"]:
-        groups.setdefault((r["model"], r["batching"]), []).append(r)
-    for (model, batching), rows in groups.items():
+    for (model, batching), rows in _by_model_and_batching(result["records"]).items():
         info = c["models"].get(model, {})
         arch = info.get("architecture")
         lines += [
             f"## {model} ({info.get('mode') or 'unknown mode'}"
             f"{f', {arch}' if arch else ''}), batching {batching}",
             "",
-            "| concurrency | requests/s | samples/s | p50 ms | p95 ms | p99 ms | errors | "
-            "rows/run |",
-            "|---|---|---|---|---|---|---|---|",
+            *markdown_table(POINT_COLUMNS, [_point_cells(r) for r in rows]),
+            "",
         ]
-        for r in rows:
-            lines.append(
-                f"| {r['concurrency']} | {r['rps']:.0f} | {r['samples_per_s']:.0f} | "
-                f"{_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | {_fmt(r['p99_ms'])} | "
-                f"{r['errors']} | {_fmt(r['mean_batch_rows'], 1)} |"
-            )
-        lines.append("")
+    targets = [
+        (
+            key,
+            f"{t['op']} {t['limit']}",
+            _fmt(result["target_values"].get(key)),
+            _verdict(result["meets_targets"].get(key)),
+        )
+        for key, t in result["targets"].items()
+    ]
     lines += [
         "## Targets (SmartMixed model)",
         "",
-        "| target | limit | measured | met |",
-        "|---|---|---|---|",
-    ]
-    for key, t in result["targets"].items():
-        value, ok = result["target_values"].get(key), result["meets_targets"].get(key)
-        lines.append(
-            f"| {key} | {t['op']} {t['limit']} | {_fmt(value)} | "
-            f"{'-' if ok is None else ('yes' if ok else 'NO')} |"
-        )
-    lines += [
+        *markdown_table(("target", "limit", "measured", "met"), targets),
         "",
         "requests/s counts 2xx responses; rows/run is the server's mean rows per ONNX Runtime "
         "run over the point (1.0 without batching).",
@@ -473,15 +472,38 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
+def _point_cells(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    """One point (a concurrency level) as its table row, in POINT_COLUMNS order."""
+    return (
+        r["concurrency"],
+        f"{r['rps']:.0f}",
+        f"{r['samples_per_s']:.0f}",
+        _fmt(r["p50_ms"]),
+        _fmt(r["p95_ms"]),
+        _fmt(r["p99_ms"]),
+        r["errors"],
+        _fmt(r["mean_batch_rows"], 1),
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+def _by_model_and_batching(
+    records: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """The records of each (model, batching) in run order: one table and one line each."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for r in result["records"]:
+    for r in records:
         groups.setdefault((r["model"], r["batching"]), []).append(r)
+    return groups
+
+
+def plot(result: Mapping[str, Any], path: Path) -> None:
+    plt = common.pyplot()
+
+    groups = _by_model_and_batching(result["records"])
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(10, 4))
     for (model, batching), rows in groups.items():
         xs = [r["concurrency"] for r in rows]

@@ -29,6 +29,7 @@ gathers, concats, smaller GEMMs) from the cost of the activations the mix contai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -185,23 +186,12 @@ def activation_shares(assignment: Sequence[Sequence[str]]) -> dict[str, float]:
 def _spec(
     template: ModelSpec | None, arch: list[int], pool: list[str], assignment: list[list[str]]
 ) -> ModelSpec:
-    mode = f"fixed:{pool[0]}" if len(pool) == 1 else "smartmixed"
+    spec = ModelSpec.untrained(arch=arch, pool=pool, assignment=assignment)
     if template is None:
-        return ModelSpec(
-            arch=arch,
-            pool=pool,
-            mode=mode,
-            assignment=assignment,
-            preprocessing={"offset": 0.0, "scale": 1 / 255},
-            input_shape=[arch[0]],
-            labels=[str(i) for i in range(arch[-1])],
-        )
+        return spec
     # fixed networks of a trained run share its preprocessing, input shape and labels
-    return ModelSpec(
-        arch=arch,
-        pool=pool,
-        mode=mode,
-        assignment=assignment,
+    return dataclasses.replace(
+        spec,
         preprocessing=template.preprocessing,
         input_shape=template.input_shape,
         labels=template.labels,
@@ -589,11 +579,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plt = common.pyplot()
 
     c, recs = result["config"], result["records"]
     batches, threads = c["batches"], c["threads"]

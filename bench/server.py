@@ -100,23 +100,12 @@ def build_repository(
     pool = list(DEFAULT_POOL)
     # uniformly random per neuron: every layer holds all six groups (the fragmented case)
     mixed = [[pool[i] for i in rng.integers(len(pool), size=w)] for w in hidden]
-    assignments = {
-        "mixed": (pool, "smartmixed", mixed),
-        "fixed-relu": (["relu"], "fixed:relu", [["relu"] * w for w in hidden]),
-    }
+    assignments = {"mixed": (pool, mixed), "fixed-relu": (["relu"], [["relu"] * w for w in hidden])}
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as runs:
         torch.manual_seed(seed)  # seeded weights, caller's RNG untouched
         for name in models:
-            pool_, mode, assignment = assignments[name]
-            spec = ModelSpec(
-                arch=arch,
-                pool=pool_,
-                mode=mode,
-                assignment=assignment,
-                preprocessing={"offset": 0.0, "scale": 1 / 255},
-                input_shape=[arch[0]],
-                labels=[str(i) for i in range(arch[-1])],
-            )
+            pool_, assignment = assignments[name]
+            spec = ModelSpec.untrained(arch=arch, pool=pool_, assignment=assignment)
             run = Path(runs) / name
             run.mkdir()
             save_model(run, spec, MixedMLP.from_spec(spec).canonical_state_dict())

@@ -36,6 +36,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common
+from smartmixed.contract import split_list
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
 from smartmixed.train.model import PRESETS, TABLE1, SpecError, parse_arch, resolve_preset
 from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
@@ -103,8 +104,7 @@ class Cell:
 
 def parse_models(models: str | Sequence[str], variants: Sequence[str] = ()) -> list[StudyModel]:
     """--models names (activations: fixed baselines; smartmixed) then the --variant LABEL=FLAGS."""
-    names = models.split(",") if isinstance(models, str) else list(models)
-    names = [name.strip() for name in names if name.strip()]
+    names = split_list(models)
     parsed = []
     for name in names:
         if name == SMARTMIXED:
@@ -613,11 +613,9 @@ def shares_by_depth(
 
 def plot(study: Mapping[str, Any], path: Path) -> None:
     """MRR per model; rank heatmap (architectures x models); activation share by depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = common.pyplot()
 
     config = study["config"]
     labels, keys = config["models"], list(study["ranks"])

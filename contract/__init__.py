@@ -3,7 +3,9 @@
 Tensor names, artifact file names, the ONNX metadata keys export writes and serve reads, the
 model spec (model.json) with its validation, the architecture presets, the activation pool's
 names and the constants that fix each activation's function (train/pool.py evaluates them with
-torch, export/lower.py writes them into ONNX nodes), and the package-version record.
+torch, export/lower.py writes them into ONNX nodes), the package-version record, and how every
+stage's cli.py reads its options (comma-separated lists; flags passed to the library function's
+keywords of the same name).
 
 Imports only the standard library: serve/ reads it without torch, train/ or export/.
 Its submodule smartmixed.contract.runtime (onnxruntime) is the one ONNX Runtime session
@@ -12,11 +14,14 @@ factory with the one CUDA rule (issue H, item 2).
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------------
 # Tensors of model.onnx: input "input" float32 [N, D] raw features; outputs [N, C]
@@ -152,8 +157,7 @@ def parse_pool(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """Parse a pool given as 'relu,tanh,...' (or a sequence of names); None gives the default."""
     if text is None:
         return DEFAULT_POOL
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
+    names = split_list(text)
     if not names:
         raise PoolError("the activation pool is empty")
     for name in names:
@@ -303,6 +307,23 @@ class ModelSpec:
                     f"{self.arch[0]} numbers, got {type(value).__name__}"
                 )
 
+    @classmethod
+    def untrained(
+        cls, *, arch: list[int], pool: list[str], assignment: list[list[str]]
+    ) -> ModelSpec:
+        """The spec of a network no data has trained (the benches' random-weight models): raw
+        0..255 pixels scaled to [0, 1], one input axis, labels "0".."C-1"; mode fixed:NAME for a
+        one-activation pool, else smartmixed."""
+        return cls(
+            arch=arch,
+            pool=pool,
+            mode=f"fixed:{pool[0]}" if len(pool) == 1 else "smartmixed",
+            assignment=assignment,
+            preprocessing={"offset": 0.0, "scale": 1 / 255},
+            input_shape=[arch[0]],
+            labels=[str(i) for i in range(arch[-1])],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -319,6 +340,30 @@ class ModelSpec:
             raise SpecError(f"model spec: missing field(s) {', '.join(missing)}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# Command lines: how every stage's cli.py reads its options
+
+
+def split_list(text: str | Iterable[str]) -> list[str]:
+    """'a, b,,c' (or a sequence of names) -> ['a', 'b', 'c']: items stripped, empty ones dropped."""
+    items = text.split(",") if isinstance(text, str) else text
+    return [item.strip() for item in items if item.strip()]
+
+
+def call_with_options(function: Callable[..., _T], args: Any, /, **given: Any) -> _T:
+    """``function(**keywords)`` for a thin CLI: each keyword from ``given``, else the parsed
+    option of the same name (``args``: an argparse Namespace); an option left at None, or one
+    the command line lacks, keeps the function's default.
+
+    The keywords are written once, in the function's signature; the flags' dests match them
+    (``--load-generator`` -> ``load_generator``, ``--quiet`` -> ``progress=False``).
+    """
+    parameters = inspect.signature(function).parameters.values()
+    names = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    parsed = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return function(**(parsed | given))
 
 
 # --------------------------------------------------------------------------------------------

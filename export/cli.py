@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smartmixed.contract import call_with_options
 from smartmixed.contract.runtime import ProviderError
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
 from smartmixed.export.quantize import (
@@ -115,20 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("the run folder is required (or --verify-only ENTRY)")
         if thresholds and not args.quantize:
             parser.error("--min-agreement and --max-accuracy-drop apply to --quantize int8")
-        result = export_run(
-            run_dir=args.run,
-            repository=args.repository,
-            name=args.name,
-            lowering=args.lowering,
-            opset=args.opset,
-            version=args.version,
-            device=args.device,
-            threads=args.threads,
-            overwrite=args.overwrite,
-            private=args.private,
-            quantize=args.quantize,
-            **thresholds,
-        )
+        # every option but the run folder and --verify-only/--against is export_run's keyword
+        result = call_with_options(export_run, args, run_dir=args.run)
     except VerificationError as e:
         print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
         return 1

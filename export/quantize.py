@@ -37,6 +37,7 @@ graph the int8 one is quantized from has passed the fp32 rule first.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,21 +115,26 @@ def _run_in_batches(
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def verify_quantized(
-    model: onnx.ModelProto,
-    reference: nn.Module,
-    inputs: dict[str, np.ndarray],
-    *,
-    test_labels: np.ndarray,
-    n_classes: int,
-    min_agreement: float = DEFAULT_MIN_AGREEMENT,
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-) -> dict[str, Any]:
-    """Judge an int8 ``model`` against the fp32 ``reference`` (module docstring); return the
-    report or raise one VerificationError carrying it. ``inputs`` must hold a "test" set whose
-    classes are ``test_labels``."""
+@dataclass(frozen=True)
+class Int8Rule:
+    """How an int8 graph is judged (module docstring): against the fp32 PyTorch ``reference``
+    on the input sets, ``inputs["test"]`` of classes ``test_labels``, within the thresholds."""
+
+    reference: nn.Module
+    inputs: dict[str, np.ndarray]
+    test_labels: np.ndarray
+    n_classes: int
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+
+
+def verify_quantized(model: onnx.ModelProto, rule: Int8Rule) -> dict[str, Any]:
+    """Judge an int8 ``model`` by ``rule``; return the report or raise one VerificationError
+    carrying it."""
+    inputs, test_labels, n_classes = rule.inputs, rule.test_labels, rule.n_classes
+    min_agreement, max_accuracy_drop = rule.min_agreement, rule.max_accuracy_drop
     problems = check_graph(model)
-    expected = torch_outputs(reference, inputs)
+    expected = torch_outputs(rule.reference, inputs)
     fp32_correct = int((expected["test"][0].argmax(1) == test_labels).sum())
     n_test = len(test_labels)
 
@@ -209,22 +215,14 @@ def verify_quantized(
 
 
 def quantize_verified(
-    model: onnx.ModelProto,
-    reference: nn.Module,
-    inputs: dict[str, np.ndarray],
-    *,
-    test_labels: np.ndarray,
-    n_classes: int,
-    min_agreement: float = DEFAULT_MIN_AGREEMENT,
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-    weight_type: str = WEIGHT_TYPE,
+    model: onnx.ModelProto, rule: Int8Rule, *, weight_type: str = WEIGHT_TYPE
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Quantize the verified fp32 ``model`` per tensor and per channel, verify both, time both
-    (and ``model``) at batch 1 and 256 on one thread, and keep the faster one that passes.
+    """Quantize the verified fp32 ``model`` per tensor and per channel, verify both by ``rule``,
+    time both (and ``model``) at batch 1 and 256 on one thread, and keep the faster one that
+    passes.
 
-    ``inputs`` must hold a "test" set whose classes are ``test_labels``. Returns (int8 model,
-    the ``quantization`` block of export.json); raises a VerificationError listing the figures
-    of both when neither passes.
+    Returns (int8 model, the ``quantization`` block of export.json); raises a VerificationError
+    listing the figures of both when neither passes.
     """
     candidates, reports, failures = {}, {}, []
     for granularity, per_channel in GRANULARITIES.items():
@@ -232,15 +230,7 @@ def quantize_verified(
             model, per_channel=per_channel, weight_type=weight_type
         )
         try:
-            reports[granularity] = verify_quantized(
-                candidates[granularity],
-                reference,
-                inputs,
-                test_labels=test_labels,
-                n_classes=n_classes,
-                min_agreement=min_agreement,
-                max_accuracy_drop=max_accuracy_drop,
-            )
+            reports[granularity] = verify_quantized(candidates[granularity], rule)
         except VerificationError as e:
             reports[granularity] = e.report
             failures.append(f"{granularity.replace('_', '-')}: {e}")
@@ -250,7 +240,7 @@ def quantize_verified(
     serialized = {name: m.SerializeToString() for name, m in candidates.items()}
     timings = time_lowerings(
         {"fp32": model.SerializeToString(), **serialized},
-        inputs["test"].shape[1],
+        rule.inputs["test"].shape[1],
         device="cpu",
         threads=TIMING_THREADS,
         batches=TIMING_BATCHES,

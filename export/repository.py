@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -57,6 +57,7 @@ from smartmixed.export.lower import (
 from smartmixed.export.quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
     DEFAULT_MIN_AGREEMENT,
+    Int8Rule,
     quantize_int8,
     quantize_verified,
     verify_quantized,
@@ -69,6 +70,9 @@ from smartmixed.serve.model_config import (
 )
 from smartmixed.train.artifacts import check_writable_folder, load_model
 from smartmixed.train.data import DataError, load_dataset
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MAX_BATCH_SIZE = 1024  # Triton: the largest batch a request (or a dynamic batch) may hold
 # Modes of what export writes: readable by a server running as another user (the Dockerfile's
@@ -248,15 +252,8 @@ def export_run(
         }
     model, quantization = models[chosen], None
     if quantize:  # the int8 graph derives from the fp32 lowering verified above
-        model, quantization = quantize_verified(
-            model,
-            torch_model,
-            inputs,
-            test_labels=test_y[: len(inputs["test"])],
-            n_classes=spec.arch[-1],
-            min_agreement=min_agreement,
-            max_accuracy_drop=max_accuracy_drop,
-        )
+        rule = _int8_rule(spec, torch_model, inputs, test_y, min_agreement, max_accuracy_drop)
+        model, quantization = quantize_verified(model, rule)
     report = {
         "run": str(run_dir),
         "lowering": chosen,
@@ -412,8 +409,21 @@ def verify_entry(
         min_agreement = recorded.get("min_agreement", DEFAULT_MIN_AGREEMENT)
     if max_accuracy_drop is None:
         max_accuracy_drop = recorded.get("max_accuracy_drop_points", DEFAULT_MAX_ACCURACY_DROP)
-    return verify_quantized(
-        model,
+    rule = _int8_rule(spec, torch_model, inputs, test_y, min_agreement, max_accuracy_drop)
+    return verify_quantized(model, rule)
+
+
+def _int8_rule(
+    spec: ModelSpec,
+    torch_model: nn.Module,
+    inputs: dict[str, np.ndarray],
+    test_y: np.ndarray,
+    min_agreement: float,
+    max_accuracy_drop: float,
+) -> Int8Rule:
+    """The int8 rule for a run: its PyTorch model on the input sets, the labels of the test rows
+    ``inputs["test"]`` holds (the first ones of the run's test set)."""
+    return Int8Rule(
         torch_model,
         inputs,
         test_labels=test_y[: len(inputs["test"])],

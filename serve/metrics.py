@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -17,33 +18,24 @@ CLIENT_CLOSED = "client_closed"  # the status label of a request whose client we
 class Metrics:
     def __init__(self, connections: ConnectionStats | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
+        counter = partial(Counter, registry=self.registry)
+        seconds = partial(Histogram, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = counter(
             "smartmixed_requests",
             "Requests by model, endpoint and status (client_closed: the "
             "client went away before the answer)",
             ["model", "endpoint", "status"],
-            registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = seconds(
             "smartmixed_request_seconds",
             "Request latency, end to end in the handler",
             ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.queue_wait = Histogram(
-            "smartmixed_queue_wait_seconds",
-            "Wait in the dynamic-batching queue",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.queue_wait = seconds(
+            "smartmixed_queue_wait_seconds", "Wait in the dynamic-batching queue", ["model"]
         )
-        self.inference = Histogram(
-            "smartmixed_inference_seconds",
-            "ONNX Runtime run time per batch",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.inference = seconds(
+            "smartmixed_inference_seconds", "ONNX Runtime run time per batch", ["model"]
         )
         self.batch_size = Histogram(
             "smartmixed_batch_rows",
@@ -52,12 +44,11 @@ class Metrics:
             buckets=ROW_BUCKETS,
             registry=self.registry,
         )
-        self.shed = Counter(
+        self.shed = counter(
             "smartmixed_shed",
             "Inference requests answered 503 by load shedding, by reason "
             "(queue_full: refused on arrival; deadline: dropped after request_timeout_s)",
             ["model", "reason"],
-            registry=self.registry,
         )
         self.in_flight: dict[str, int] = {}  # model -> admitted requests; read when scraped
         self.registry.register(_InFlightCollector(self.in_flight))

@@ -44,8 +44,6 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Triton's ModelConfig, declared field for field (package inference, proto3)
 
-REPEATED = "repeated"  # a field's fourth item: repeated, or "oneof NAME" for a oneof member
-
 # Values numbered from 0 in the order listed, as every enum of model_config.proto is.
 ENUMS: dict[str, tuple[str, ...]] = {
     "DataType": (
@@ -72,150 +70,141 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "ModelQueuePolicy.TimeoutAction": ("REJECT", "DELAY"),
 }
 
-# (field, number, type[, REPEATED | "oneof NAME"]). A type that is not a scalar names an enum or
-# a message of these tables ("Outer.Inner" is nested); "map<K, V>" is protobuf's map field.
+# Each field as model_config.proto declares it, "[repeated |oneof NAME ]TYPE name = NUMBER" (a
+# oneof member names its oneof first). A type that is not a scalar names an enum or a message of
+# these tables ("Outer.Inner" is nested); "map<K, V>" is protobuf's map field.
 _SHAPE = "ModelOptimizationPolicy.Cuda.GraphSpec.Shape"
 _ACCELERATOR = "ModelOptimizationPolicy.ExecutionAccelerators.Accelerator"
-MESSAGES: dict[str, tuple[tuple, ...]] = {
-    "ModelRateLimiter": (
-        ("resources", 1, "ModelRateLimiter.Resource", REPEATED),
-        ("priority", 2, "uint32"),
-    ),
-    "ModelRateLimiter.Resource": (
-        ("name", 1, "string"),
-        ("global", 2, "bool"),
-        ("count", 3, "uint32"),
-    ),
+MESSAGES: dict[str, tuple[str, ...]] = {
+    "ModelRateLimiter": ("repeated ModelRateLimiter.Resource resources = 1", "uint32 priority = 2"),
+    "ModelRateLimiter.Resource": ("string name = 1", "bool global = 2", "uint32 count = 3"),
     "ModelInstanceGroup": (
-        ("name", 1, "string"),
-        ("kind", 4, "ModelInstanceGroup.Kind"),
-        ("count", 2, "int32"),
-        ("rate_limiter", 6, "ModelRateLimiter"),
-        ("gpus", 3, "int32", REPEATED),
-        ("secondary_devices", 8, "ModelInstanceGroup.SecondaryDevice", REPEATED),
-        ("profile", 5, "string", REPEATED),
-        ("passive", 7, "bool"),
-        ("host_policy", 9, "string"),
+        "string name = 1",
+        "ModelInstanceGroup.Kind kind = 4",
+        "int32 count = 2",
+        "ModelRateLimiter rate_limiter = 6",
+        "repeated int32 gpus = 3",
+        "repeated ModelInstanceGroup.SecondaryDevice secondary_devices = 8",
+        "repeated string profile = 5",
+        "bool passive = 7",
+        "string host_policy = 9",
     ),
     "ModelInstanceGroup.SecondaryDevice": (
-        ("kind", 1, "ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind"),
-        ("device_id", 2, "int64"),
+        "ModelInstanceGroup.SecondaryDevice.SecondaryDeviceKind kind = 1",
+        "int64 device_id = 2",
     ),
-    "ModelTensorReshape": (("shape", 1, "int64", REPEATED),),
+    "ModelTensorReshape": ("repeated int64 shape = 1",),
     "ModelInput": (
-        ("name", 1, "string"),
-        ("data_type", 2, "DataType"),
-        ("format", 3, "ModelInput.Format"),
-        ("dims", 4, "int64", REPEATED),
-        ("reshape", 5, "ModelTensorReshape"),
-        ("is_shape_tensor", 6, "bool"),
-        ("allow_ragged_batch", 7, "bool"),
-        ("optional", 8, "bool"),
-        ("is_non_linear_format_io", 9, "bool"),
+        "string name = 1",
+        "DataType data_type = 2",
+        "ModelInput.Format format = 3",
+        "repeated int64 dims = 4",
+        "ModelTensorReshape reshape = 5",
+        "bool is_shape_tensor = 6",
+        "bool allow_ragged_batch = 7",
+        "bool optional = 8",
+        "bool is_non_linear_format_io = 9",
     ),
     "ModelOutput": (
-        ("name", 1, "string"),
-        ("data_type", 2, "DataType"),
-        ("dims", 3, "int64", REPEATED),
-        ("reshape", 5, "ModelTensorReshape"),
-        ("label_filename", 4, "string"),
-        ("is_shape_tensor", 6, "bool"),
-        ("is_non_linear_format_io", 7, "bool"),
+        "string name = 1",
+        "DataType data_type = 2",
+        "repeated int64 dims = 3",
+        "ModelTensorReshape reshape = 5",
+        "string label_filename = 4",
+        "bool is_shape_tensor = 6",
+        "bool is_non_linear_format_io = 7",
     ),
     "ModelVersionPolicy": (
-        ("latest", 1, "ModelVersionPolicy.Latest", "oneof policy_choice"),
-        ("all", 2, "ModelVersionPolicy.All", "oneof policy_choice"),
-        ("specific", 3, "ModelVersionPolicy.Specific", "oneof policy_choice"),
+        "oneof policy_choice ModelVersionPolicy.Latest latest = 1",
+        "oneof policy_choice ModelVersionPolicy.All all = 2",
+        "oneof policy_choice ModelVersionPolicy.Specific specific = 3",
     ),
-    "ModelVersionPolicy.Latest": (("num_versions", 1, "uint32"),),
+    "ModelVersionPolicy.Latest": ("uint32 num_versions = 1",),
     "ModelVersionPolicy.All": (),
-    "ModelVersionPolicy.Specific": (("versions", 1, "int64", REPEATED),),
+    "ModelVersionPolicy.Specific": ("repeated int64 versions = 1",),
     "ModelOptimizationPolicy": (
-        ("graph", 1, "ModelOptimizationPolicy.Graph"),
-        ("priority", 2, "ModelOptimizationPolicy.ModelPriority"),
-        ("cuda", 3, "ModelOptimizationPolicy.Cuda"),
-        ("execution_accelerators", 4, "ModelOptimizationPolicy.ExecutionAccelerators"),
-        ("input_pinned_memory", 5, "ModelOptimizationPolicy.PinnedMemoryBuffer"),
-        ("output_pinned_memory", 6, "ModelOptimizationPolicy.PinnedMemoryBuffer"),
-        ("gather_kernel_buffer_threshold", 7, "uint32"),
-        ("eager_batching", 8, "bool"),
+        "ModelOptimizationPolicy.Graph graph = 1",
+        "ModelOptimizationPolicy.ModelPriority priority = 2",
+        "ModelOptimizationPolicy.Cuda cuda = 3",
+        "ModelOptimizationPolicy.ExecutionAccelerators execution_accelerators = 4",
+        "ModelOptimizationPolicy.PinnedMemoryBuffer input_pinned_memory = 5",
+        "ModelOptimizationPolicy.PinnedMemoryBuffer output_pinned_memory = 6",
+        "uint32 gather_kernel_buffer_threshold = 7",
+        "bool eager_batching = 8",
     ),
-    "ModelOptimizationPolicy.Graph": (("level", 1, "int32"),),
+    "ModelOptimizationPolicy.Graph": ("int32 level = 1",),
     "ModelOptimizationPolicy.Cuda": (
-        ("graphs", 1, "bool"),
-        ("busy_wait_events", 2, "bool"),
-        ("graph_spec", 3, "ModelOptimizationPolicy.Cuda.GraphSpec", REPEATED),
-        ("output_copy_stream", 4, "bool"),
+        "bool graphs = 1",
+        "bool busy_wait_events = 2",
+        "repeated ModelOptimizationPolicy.Cuda.GraphSpec graph_spec = 3",
+        "bool output_copy_stream = 4",
     ),
     "ModelOptimizationPolicy.Cuda.GraphSpec": (
-        ("batch_size", 1, "int32"),
-        ("input", 2, f"map<string, {_SHAPE}>"),
-        ("graph_lower_bound", 3, "ModelOptimizationPolicy.Cuda.GraphSpec.LowerBound"),
+        "int32 batch_size = 1",
+        f"map<string, {_SHAPE}> input = 2",
+        "ModelOptimizationPolicy.Cuda.GraphSpec.LowerBound graph_lower_bound = 3",
     ),
-    _SHAPE: (("dim", 1, "int64", REPEATED),),
+    _SHAPE: ("repeated int64 dim = 1",),
     "ModelOptimizationPolicy.Cuda.GraphSpec.LowerBound": (
-        ("batch_size", 1, "int32"),
-        ("input", 2, f"map<string, {_SHAPE}>"),
+        "int32 batch_size = 1",
+        f"map<string, {_SHAPE}> input = 2",
     ),
     "ModelOptimizationPolicy.ExecutionAccelerators": (
-        ("gpu_execution_accelerator", 1, _ACCELERATOR, REPEATED),
-        ("cpu_execution_accelerator", 2, _ACCELERATOR, REPEATED),
+        f"repeated {_ACCELERATOR} gpu_execution_accelerator = 1",
+        f"repeated {_ACCELERATOR} cpu_execution_accelerator = 2",
     ),
-    _ACCELERATOR: (
-        ("name", 1, "string"),
-        ("parameters", 2, "map<string, string>"),
-    ),
-    "ModelOptimizationPolicy.PinnedMemoryBuffer": (("enable", 1, "bool"),),
+    _ACCELERATOR: ("string name = 1", "map<string, string> parameters = 2"),
+    "ModelOptimizationPolicy.PinnedMemoryBuffer": ("bool enable = 1",),
     "ModelQueuePolicy": (
-        ("timeout_action", 1, "ModelQueuePolicy.TimeoutAction"),
-        ("default_timeout_microseconds", 2, "uint64"),
-        ("allow_timeout_override", 3, "bool"),
-        ("max_queue_size", 4, "uint32"),
+        "ModelQueuePolicy.TimeoutAction timeout_action = 1",
+        "uint64 default_timeout_microseconds = 2",
+        "bool allow_timeout_override = 3",
+        "uint32 max_queue_size = 4",
     ),
     "ModelDynamicBatching": (
-        ("preferred_batch_size", 1, "int32", REPEATED),
-        ("max_queue_delay_microseconds", 2, "uint64"),
-        ("preserve_ordering", 3, "bool"),
-        ("priority_levels", 4, "uint64"),
-        ("default_priority_level", 5, "uint64"),
-        ("default_queue_policy", 6, "ModelQueuePolicy"),
-        ("priority_queue_policy", 7, "map<uint64, ModelQueuePolicy>"),
+        "repeated int32 preferred_batch_size = 1",
+        "uint64 max_queue_delay_microseconds = 2",
+        "bool preserve_ordering = 3",
+        "uint64 priority_levels = 4",
+        "uint64 default_priority_level = 5",
+        "ModelQueuePolicy default_queue_policy = 6",
+        "map<uint64, ModelQueuePolicy> priority_queue_policy = 7",
     ),
-    "ModelParameter": (("string_value", 1, "string"),),
+    "ModelParameter": ("string string_value = 1",),
     "ModelWarmup": (
-        ("name", 1, "string"),
-        ("batch_size", 2, "uint32"),
-        ("inputs", 3, "map<string, ModelWarmup.Input>"),
-        ("count", 4, "uint32"),
+        "string name = 1",
+        "uint32 batch_size = 2",
+        "map<string, ModelWarmup.Input> inputs = 3",
+        "uint32 count = 4",
     ),
     "ModelWarmup.Input": (
-        ("data_type", 1, "DataType"),
-        ("dims", 2, "int64", REPEATED),
-        ("zero_data", 3, "bool", "oneof input_data_type"),
-        ("random_data", 4, "bool", "oneof input_data_type"),
-        ("input_data_file", 5, "string", "oneof input_data_type"),
+        "DataType data_type = 1",
+        "repeated int64 dims = 2",
+        "oneof input_data_type bool zero_data = 3",
+        "oneof input_data_type bool random_data = 4",
+        "oneof input_data_type string input_data_file = 5",
     ),
-    "ModelTransactionPolicy": (("decoupled", 1, "bool"),),
-    "ModelResponseCache": (("enable", 1, "bool"),),
+    "ModelTransactionPolicy": ("bool decoupled = 1",),
+    "ModelResponseCache": ("bool enable = 1",),
     "ModelConfig": (
-        ("name", 1, "string"),
-        ("platform", 2, "string"),
-        ("backend", 17, "string"),
-        ("runtime", 25, "string"),
-        ("version_policy", 3, "ModelVersionPolicy"),
-        ("max_batch_size", 4, "int32"),
-        ("input", 5, "ModelInput", REPEATED),
-        ("output", 6, "ModelOutput", REPEATED),
-        ("optimization", 12, "ModelOptimizationPolicy"),
-        ("dynamic_batching", 11, "ModelDynamicBatching", "oneof scheduling_choice"),
-        ("instance_group", 7, "ModelInstanceGroup", REPEATED),
-        ("default_model_filename", 8, "string"),
-        ("cc_model_filenames", 9, "map<string, string>"),
-        ("metric_tags", 10, "map<string, string>"),
-        ("parameters", 14, "map<string, ModelParameter>"),
-        ("model_warmup", 16, "ModelWarmup", REPEATED),
-        ("model_transaction_policy", 19, "ModelTransactionPolicy"),
-        ("response_cache", 24, "ModelResponseCache"),
+        "string name = 1",
+        "string platform = 2",
+        "string backend = 17",
+        "string runtime = 25",
+        "ModelVersionPolicy version_policy = 3",
+        "int32 max_batch_size = 4",
+        "repeated ModelInput input = 5",
+        "repeated ModelOutput output = 6",
+        "ModelOptimizationPolicy optimization = 12",
+        "oneof scheduling_choice ModelDynamicBatching dynamic_batching = 11",
+        "repeated ModelInstanceGroup instance_group = 7",
+        "string default_model_filename = 8",
+        "map<string, string> cc_model_filenames = 9",
+        "map<string, string> metric_tags = 10",
+        "map<string, ModelParameter> parameters = 14",
+        "repeated ModelWarmup model_warmup = 16",
+        "ModelTransactionPolicy model_transaction_policy = 19",
+        "ModelResponseCache response_cache = 24",
     ),
 }
 # ModelConfig fields of model_config.proto left out above: refused by name.
@@ -243,6 +232,8 @@ _SCALARS = {
     "uint64": _FIELD.TYPE_UINT64,
 }
 _MAP = re.compile(r"map<(\w+), ([\w.]+)>")
+# "[repeated |oneof NAME ]TYPE name = NUMBER"
+_DECLARATION = re.compile(r"(?:(repeated) |oneof (\w+) )?(map<\w+, [\w.]+>|[\w.]+) (\w+) = (\d+)")
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
@@ -273,12 +264,12 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
             enum.value.add(name=value, number=number)
     for path, fields in MESSAGES.items():
         proto = protos[path]
-        for name, number, type_, *how in fields:
-            field = proto.field.add(name=name, number=number, label=_FIELD.LABEL_OPTIONAL)
-            if how and how[0] == REPEATED:
+        for declaration in fields:
+            repeated, oneof, type_, name, number = _DECLARATION.fullmatch(declaration).groups()
+            field = proto.field.add(name=name, number=int(number), label=_FIELD.LABEL_OPTIONAL)
+            if repeated:
                 field.label = _FIELD.LABEL_REPEATED
-            elif how:  # "oneof NAME"
-                oneof = how[0].split()[1]
+            elif oneof:
                 names = [o.name for o in proto.oneof_decl]
                 if oneof not in names:
                     proto.oneof_decl.add(name=oneof)

@@ -3,6 +3,7 @@ names it holds are the ones export writes and serve reads."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,19 @@ def test_package_versions() -> None:
     assert contract.package_version("numpy") == np.__version__
     assert contract.package_version("no-such-distribution-smartmixed") == "unknown"
     assert contract.package_versions(["numpy"]) == {"numpy": np.__version__}
+
+
+def test_split_list() -> None:
+    assert contract.split_list(" relu, tanh,,elu ") == ["relu", "tanh", "elu"]
+    assert contract.split_list(["relu", " tanh", ""]) == ["relu", "tanh"]
+    assert contract.split_list(",") == []
+
+
+def test_call_with_options_takes_keywords_from_the_parsed_options() -> None:
+    def measure(*, arch: str | None = None, seed: int = 0, rows: int = 3) -> tuple:
+        return arch, seed, rows
+
+    # an option at None or unknown to the function keeps its default; given keywords win
+    args = argparse.Namespace(arch=None, seed=7, out="x", rows=5)
+    assert contract.call_with_options(measure, args) == (None, 7, 5)
+    assert contract.call_with_options(measure, args, rows=1, arch="64,10") == ("64,10", 7, 1)

@@ -18,20 +18,16 @@ import pytest
 
 from smartmixed.bench.cli import main
 from smartmixed.bench.server import free_port
-from smartmixed.bench.soak import (
+from smartmixed.bench.soak import parse_scenarios, parse_server_env
+from smartmixed.bench.soak_clients import Attempt, CutResponse, NoResponse, read_reply
+from smartmixed.bench.soak_scenarios import (
     SCENARIOS,
     TARGETS,
-    Attempt,
-    CutResponse,
-    NoResponse,
-    SoakError,
     classify_sigterm,
     evaluate,
-    parse_scenarios,
-    parse_server_env,
-    read_reply,
     rss_halves,
 )
+from smartmixed.bench.soak_server import SoakError
 
 HAS_WRK = shutil.which("wrk") is not None
 TINY = [
