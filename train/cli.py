@@ -62,6 +62,7 @@ PROTOCOL_OPTIONS = (
     "candidate_norm",
     "logit_grad_norm",
     "soft_epochs",
+    "logit_warmup",
     "grad_clip",
     "phase2_init",
     "phase2_norm",
@@ -135,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) (every "
         f"candidate, soft Gumbel-Softmax weights) before the hard one (default {d['soft_epochs']})",
+    )
+    p.add_argument(
+        "--logit-warmup",
+        type=int,
+        help="the first N phase-1 epochs keep the selection logits frozen (uniform draws: the "
+        f"weights learn under every candidate first), then they learn (default {d['logit_warmup']})",
     )
     p.add_argument(
         "--afu-units",

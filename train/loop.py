@@ -72,6 +72,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "candidate_norm": "none",
     "logit_grad_norm": "none",
     "soft_epochs": 0,
+    "logit_warmup": 0,
     "phase2_init": "continue",
     "phase2_norm": "keep",
     "double_softmax": False,
@@ -128,6 +129,8 @@ class TrainConfig:
     candidate_norm: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["candidate_norm"]
     logit_grad_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["logit_grad_norm"]
     soft_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["soft_epochs"]  # relaxed phase-1 epochs first
+    # the first N phase-1 epochs keep the logits frozen (uniform draws), then they learn
+    logit_warmup: int = PROTOCOLS[DEFAULT_PROTOCOL]["logit_warmup"]
     phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
     # fold: phase 2 trains the plain network (the candidate norm folded into the weights)
     phase2_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_norm"]
@@ -183,7 +186,7 @@ class TrainConfig:
             raise TrainError(f"--afu-units must be an integer, got {self.afu_units!r}")
         if self.afu_units < 1:
             raise TrainError(f"--afu-units must be >= 1, got {self.afu_units}")
-        for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs"):
+        for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs", "logit_warmup"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
         if all(n == 0 for _, n in self.phases()):
@@ -642,6 +645,8 @@ def _train_phase(
             if isinstance(model, SelectiveMLP):
                 model.tau = config.tau_at(run.phase_epoch)
                 model.relaxed = run.phase_epoch < config.soft_epochs
+                # frozen logits: no gradient, so Adam skips them and the backward skips the sums
+                model.selection_logits.requires_grad_(run.phase_epoch >= config.logit_warmup)
             result = train_epoch(
                 net,
                 phase.optimizer,
@@ -676,6 +681,7 @@ def _train_phase(
             if isinstance(model, SelectiveMLP):
                 record["tau"] = model.tau
                 record["relaxed"] = model.relaxed
+                record["logits_frozen"] = not model.selection_logits.requires_grad
             if ranks.distributed:
                 record["ranks"] = ranks.world  # a divergence would have stopped the run
             if _keeps(phase.rule, record, run):
