@@ -48,25 +48,97 @@ examples:
 """
 
 
-# options whose default comes from --protocol (None on the command line: the protocol's value)
-PROTOCOL_OPTIONS = (
-    "p1_epochs",
-    "p2_epochs",
-    "epochs",
-    "lr",
-    "logit_lr",
-    "batch_size",
-    "tau",
-    "tau_end",
-    "select",
-    "candidate_norm",
-    "logit_grad_norm",
-    "soft_epochs",
-    "logit_warmup",
-    "grad_clip",
-    "phase2_init",
-    "phase2_norm",
-)
+def config_options(d: dict) -> dict[str, dict]:
+    """TrainConfig's options on the command line: flag -> argparse keywords, given the default
+    protocol's settings ``d`` for the help texts. Every default is None: an option left out
+    takes the --protocol's value (or TrainConfig's own default), so the flags' dests are
+    exactly TrainConfig's fields."""
+    return {
+        "--mode": {"help": "smartmixed (default) or fixed:ACTIVATION"},
+        "--pool": {"help": "comma-separated candidate activations (smartmixed)"},
+        "--p1-epochs": {"type": int, "help": f"phase-1 epochs (default {d['p1_epochs']})"},
+        "--p2-epochs": {"type": int, "help": f"phase-2 epochs (default {d['p2_epochs']})"},
+        "--epochs": {"type": int, "help": f"epochs of a fixed run (default {d['epochs']})"},
+        "--lr": {"type": float, "help": f"Adam learning rate (default {d['lr']})"},
+        "--logit-lr": {
+            "type": float,
+            "help": f"learning rate of the activation logits (default {d['logit_lr']}; "
+            "paper: the same as --lr)",
+        },
+        "--batch-size": {"type": int, "help": f"default {d['batch_size']}"},
+        "--tau": {"type": float, "help": f"Gumbel-Softmax temperature (default {d['tau']})"},
+        "--tau-end": {
+            "type": float,
+            "help": "phase-1 temperature at the last epoch, annealed exponentially from "
+            "--tau (default: constant)",
+        },
+        "--select": {
+            "choices": SELECT_RULES,
+            "help": "which phase-1 epoch's argmax is frozen: best validation loss, best "
+            f"validation accuracy, or the last (default {d['select']})",
+        },
+        "--candidate-norm": {
+            "choices": CANDIDATE_NORMS,
+            "help": "standard: each candidate scaled to zero mean, unit variance under "
+            "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
+            "smartmixed; none for fixed baselines and the paper protocols)",
+        },
+        "--logit-grad-norm": {
+            "choices": LOGIT_GRAD_NORMS,
+            "help": "candidate: each candidate's logit gradient rescaled, layer by layer, to "
+            f"the same RMS over neurons (default {d['logit_grad_norm']})",
+        },
+        "--soft-epochs": {
+            "type": int,
+            "help": "the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) "
+            "(every candidate, soft Gumbel-Softmax weights) before the hard one "
+            f"(default {d['soft_epochs']})",
+        },
+        "--logit-warmup": {
+            "type": int,
+            "help": "the first N phase-1 epochs keep the selection logits frozen (uniform "
+            "draws: the weights learn under every candidate first), then they learn "
+            f"(default {d['logit_warmup']})",
+        },
+        "--afu-units": {
+            "type": int,
+            "help": "hidden units N of the learned activation unit afu, "
+            "G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 (default 8)",
+        },
+        "--afu-base": {
+            "choices": AFU_BASES,
+            "help": "the AFU's base activation psi (default relu)",
+        },
+        "--afu-share": {
+            "choices": AFU_SHARES,
+            "help": "one AFU per hidden layer (layer, default) or one for the whole network",
+        },
+        "--afu-lr": {
+            "type": float,
+            "help": "learning rate of the AFU parameters, their own Adam group (default: --lr)",
+        },
+        "--seed": {"type": int, "help": "data split and initialisation (default 42)"},
+        "--grad-clip": {"type": float, "help": f"gradient-norm clip (default {d['grad_clip']})"},
+        "--phase2-init": {
+            "choices": PHASE2_INITS,
+            "help": "phase 2 keeps the phase-1 weights (continue) or re-initialises them "
+            f"(fresh, as the reference code does) (default {d['phase2_init']})",
+        },
+        "--phase2-norm": {
+            "choices": PHASE2_NORMS,
+            "help": "keep: phase 2 trains the candidates as phase 1 did (default); fold: the "
+            "candidate norm is folded into the weights when phase 2 starts, so phase 2 trains "
+            "the plain mixed network (the same function, the fixed baselines' parameterisation)",
+        },
+        "--logit-init-std": {
+            "type": float,
+            "help": "std of the initial activation logits (default 0: all equal)",
+        },
+    }
+
+
+# TrainConfig's fields that the command line sets (argparse's dests of config_options' flags)
+CONFIG_DESTS = tuple(f[2:].replace("-", "_") for f in config_options(PROTOCOLS[DEFAULT_PROTOCOL]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     arch = p.add_mutually_exclusive_group()
     arch.add_argument("--arch", help="layer widths, e.g. 784,256,128,10")
     arch.add_argument("--preset", help="a named architecture (see --list-presets)")
-    p.add_argument("--mode", default="smartmixed", help="smartmixed (default) or fixed:ACTIVATION")
-    p.add_argument("--pool", help="comma-separated candidate activations (smartmixed)")
     p.add_argument(
         "--protocol",
         choices=list(PROTOCOLS),
@@ -93,102 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default; the study's choice), paper (exactly the paper's protocol), "
         "reference-code (paper plus the reference code's quirks)",
     )
-    d = PROTOCOLS[DEFAULT_PROTOCOL]
-    p.add_argument("--p1-epochs", type=int, help=f"phase-1 epochs (default {d['p1_epochs']})")
-    p.add_argument("--p2-epochs", type=int, help=f"phase-2 epochs (default {d['p2_epochs']})")
-    p.add_argument("--epochs", type=int, help=f"epochs of a fixed run (default {d['epochs']})")
-    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {d['lr']})")
-    p.add_argument(
-        "--logit-lr",
-        type=float,
-        help=f"learning rate of the activation logits (default {d['logit_lr']}; "
-        "paper: the same as --lr)",
-    )
-    p.add_argument("--batch-size", type=int, help=f"default {d['batch_size']}")
-    p.add_argument("--tau", type=float, help=f"Gumbel-Softmax temperature (default {d['tau']})")
-    p.add_argument(
-        "--tau-end",
-        type=float,
-        help="phase-1 temperature at the last epoch, annealed exponentially from "
-        "--tau (default: constant)",
-    )
-    p.add_argument(
-        "--select",
-        choices=SELECT_RULES,
-        help="which phase-1 epoch's argmax is frozen: best validation loss, best "
-        f"validation accuracy, or the last (default {d['select']})",
-    )
-    p.add_argument(
-        "--candidate-norm",
-        choices=CANDIDATE_NORMS,
-        help="standard: each candidate scaled to zero mean, unit variance under "
-        "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
-        "smartmixed; none for fixed baselines and the paper protocols)",
-    )
-    p.add_argument(
-        "--logit-grad-norm",
-        choices=LOGIT_GRAD_NORMS,
-        help="candidate: each candidate's logit gradient rescaled, layer by layer, to the "
-        f"same RMS over neurons (default {d['logit_grad_norm']})",
-    )
-    p.add_argument(
-        "--soft-epochs",
-        type=int,
-        help="the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) (every "
-        f"candidate, soft Gumbel-Softmax weights) before the hard one (default {d['soft_epochs']})",
-    )
-    p.add_argument(
-        "--logit-warmup",
-        type=int,
-        help="the first N phase-1 epochs keep the selection logits frozen (uniform draws: the "
-        f"weights learn under every candidate first), then they learn (default {d['logit_warmup']})",
-    )
-    p.add_argument(
-        "--afu-units",
-        type=int,
-        help="hidden units N of the learned activation unit afu, "
-        "G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 (default 8)",
-    )
-    p.add_argument(
-        "--afu-base", choices=AFU_BASES, help="the AFU's base activation psi (default relu)"
-    )
-    p.add_argument(
-        "--afu-share",
-        choices=AFU_SHARES,
-        help="one AFU per hidden layer (layer, default) or one for the whole network",
-    )
-    p.add_argument(
-        "--afu-lr",
-        type=float,
-        help="learning rate of the AFU parameters, their own Adam group (default: --lr)",
-    )
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--grad-clip", type=float, help=f"gradient-norm clip (default {d['grad_clip']})")
-    p.add_argument(
-        "--phase2-init",
-        choices=PHASE2_INITS,
-        help="phase 2 keeps the phase-1 weights (continue, default) or re-initialises them "
-        "(fresh, as the reference code does)",
-    )
-    p.add_argument(
-        "--phase2-norm",
-        choices=PHASE2_NORMS,
-        help="keep: phase 2 trains the candidates as phase 1 did (default); fold: the "
-        "candidate norm is folded into the weights when phase 2 starts, so phase 2 trains "
-        "the plain mixed network (the same function, the fixed baselines' parameterisation)",
-    )
-    p.add_argument(
-        "--logit-init-std",
-        type=float,
-        default=0.0,
-        help="std of the initial activation logits (default 0: all equal)",
-    )
+    for flag, options in config_options(PROTOCOLS[DEFAULT_PROTOCOL]).items():
+        p.add_argument(flag, **options)
     p.add_argument("--out", type=Path, help="run folder, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument(
         "--compare",
         nargs="+",
@@ -196,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="print a comparison of finished runs and exit",
     )
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     return p
 
 
@@ -218,20 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable_folder(args.out, what="--out")  # before any data is loaded
         arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
         config = TrainConfig.from_protocol(
-            args.protocol,
-            arch=arch,
-            mode=args.mode,
-            pool=args.pool,
-            seed=args.seed,
-            logit_init_std=args.logit_init_std,
-            afu_units=args.afu_units,
-            afu_base=args.afu_base,
-            afu_share=args.afu_share,
-            afu_lr=args.afu_lr,
-            **{name: getattr(args, name) for name in PROTOCOL_OPTIONS},
+            args.protocol, arch=arch, **{name: getattr(args, name) for name in CONFIG_DESTS}
         )
         dataset = load_dataset(
-            args.data, data_dir=args.data_dir, seed=args.seed, label_column=args.label_column
+            args.data, data_dir=args.data_dir, seed=config.seed, label_column=args.label_column
         )
         main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
         if main_rank:

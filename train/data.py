@@ -285,7 +285,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, np.ndarra
         try:
             features.append([float(v) for i, v in enumerate(row) if i != label_at])
         except ValueError:
-            bad = next(i for i, v in enumerate(row) if i != label_at and not _is_float(v))
+            bad = next(i for i, v in enumerate(row) if i != label_at and not _parses(v, float))
             raise DataError(
                 f"{path} line {line}: column {header[bad]!r} value {row[bad]!r} is not a number"
             ) from None
@@ -294,9 +294,10 @@ def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, np.ndarra
     return str(path), np.asarray(features, dtype=np.float32), np.asarray(raw_labels)
 
 
-def _is_float(text: str) -> bool:
+def _parses(text: str, kind: type) -> bool:
+    """Whether ``kind(text)`` (int or float) reads the text without a ValueError."""
     try:
-        float(text)
+        kind(text)
     except ValueError:
         return False
     return True
@@ -342,7 +343,9 @@ def _tabular(
                 f"{source}: {len(xs)} feature rows but labels of shape {list(np.shape(ys))}"
             )
     all_labels = np.concatenate([np.asarray(ys).astype(str) for _, ys in arrays])
-    classes = sorted(set(all_labels.tolist()), key=lambda s: (0, int(s)) if _is_int(s) else (1, s))
+    classes = sorted(
+        set(all_labels.tolist()), key=lambda s: (0, int(s)) if _parses(s, int) else (1, s)
+    )
     index = {c: i for i, c in enumerate(classes)}
     encode = lambda ys: np.array([index[s] for s in np.asarray(ys).astype(str)], np.int64)  # noqa: E731
     flat = lambda xs: np.asarray(xs, np.float32).reshape(len(xs), -1)  # noqa: E731
@@ -363,14 +366,6 @@ def _tabular(
         test=encoded_test,
         **split,
     )
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -360,17 +360,15 @@ def _build(
 ) -> nn.Module:
     pre = dataset.preprocessing
     if phase == "selective":
+        # the selective network's options are TrainConfig fields of the same names
+        options = ("logit_init_std", "candidate_norm", "clamp", "eval_noise", "logit_grad_norm")
         return SelectiveMLP(
             config.arch,
             config.pool,
             preprocessing=pre,
             tau=config.tau_at(0),
-            logit_init_std=config.logit_init_std,
-            candidate_norm=config.candidate_norm,
-            clamp=config.clamp,
-            eval_noise=config.eval_noise,
-            logit_grad_norm=config.logit_grad_norm,
             afu=config.afu,
+            **{name: getattr(config, name) for name in options},
         )
     assert assignment is not None, "mixed and fixed phases need an assignment"
     fold = phase == "mixed" and config.phase2_norm == "fold"
