@@ -95,10 +95,11 @@ def config_options(d: dict) -> dict[str, dict]:
             f"(default {d['soft_epochs']})",
         },
         "--logit-warmup": {
-            "type": int,
-            "help": "the first N phase-1 epochs keep the selection logits frozen (uniform "
-            "draws: the weights learn under every candidate first), then they learn "
-            f"(default {d['logit_warmup']})",
+            "type": float,
+            "metavar": "FRACTION",
+            "help": "this fraction of phase 1 first keeps the selection logits frozen (uniform "
+            "draws: the weights learn under every candidate before the logits learn), e.g. 0.5: "
+            f"the first half (default {d['logit_warmup']})",
         },
         "--afu-units": {
             "type": int,

@@ -129,8 +129,8 @@ class TrainConfig:
     candidate_norm: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["candidate_norm"]
     logit_grad_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["logit_grad_norm"]
     soft_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["soft_epochs"]  # relaxed phase-1 epochs first
-    # the first N phase-1 epochs keep the logits frozen (uniform draws), then they learn
-    logit_warmup: int = PROTOCOLS[DEFAULT_PROTOCOL]["logit_warmup"]
+    # this fraction of the phase-1 epochs first keeps the logits frozen (uniform draws)
+    logit_warmup: float = PROTOCOLS[DEFAULT_PROTOCOL]["logit_warmup"]
     phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
     # fold: phase 2 trains the plain network (the candidate norm folded into the weights)
     phase2_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_norm"]
@@ -186,9 +186,13 @@ class TrainConfig:
             raise TrainError(f"--afu-units must be an integer, got {self.afu_units!r}")
         if self.afu_units < 1:
             raise TrainError(f"--afu-units must be >= 1, got {self.afu_units}")
-        for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs", "logit_warmup"):
+        for name in ("p1_epochs", "p2_epochs", "epochs", "soft_epochs"):
             if getattr(self, name) < 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 0 <= self.logit_warmup < 1:
+            raise TrainError(
+                f"--logit-warmup is a fraction of phase 1 in [0, 1), got {self.logit_warmup}"
+            )
         if all(n == 0 for _, n in self.phases()):
             raise TrainError("the run has no epochs to train")
         positive = {
@@ -216,6 +220,11 @@ class TrainConfig:
         if self.mode == "smartmixed":
             return [("selective", self.p1_epochs), ("mixed", self.p2_epochs)]
         return [("fixed", self.epochs)]
+
+    def logits_frozen_at(self, epoch: int) -> bool:
+        """Whether phase-1 epoch ``epoch`` (0-based) is one of the first
+        floor(logit_warmup * p1_epochs), whose logits stay frozen."""
+        return epoch < int(self.logit_warmup * self.p1_epochs)
 
     def tau_at(self, epoch: int) -> float:
         """Phase-1 temperature at ``epoch`` (0-based): tau * (tau_end / tau)^(e / (E - 1))."""
@@ -253,8 +262,13 @@ def train_epoch(
     generator: torch.Generator,
     double_softmax: bool = False,
     ranks: Ranks | None = None,
+    freeze_logits: bool = False,
 ) -> dict[str, Any]:
     """One pass over shuffled mini-batches.
+
+    ``freeze_logits`` (the --logit-warmup epochs): the selection logits' gradient is measured,
+    then dropped before the step, so Adam leaves them and their moments untouched. (Dropped,
+    not switched off with requires_grad: under DDP every parameter's gradient is reduced.)
 
     Returns the training forwards' mean loss and accuracy and, for a selective network,
     ``logit_grad``: the mean over steps and neurons of dL/da_k per candidate k, before clipping
@@ -287,6 +301,8 @@ def train_epoch(
         loss.backward()
         if logit_grad is not None and logits_param.grad is not None:
             logit_grad += logits_param.grad.detach().mean(0)  # (K,)
+            if freeze_logits:
+                logits_param.grad = None
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         check_ranks_agree(model, ranks)
@@ -643,8 +659,6 @@ def _train_phase(
             if isinstance(model, SelectiveMLP):
                 model.tau = config.tau_at(run.phase_epoch)
                 model.relaxed = run.phase_epoch < config.soft_epochs
-                # frozen logits: no gradient, so Adam skips them and the backward skips the sums
-                model.selection_logits.requires_grad_(run.phase_epoch >= config.logit_warmup)
             result = train_epoch(
                 net,
                 phase.optimizer,
@@ -655,6 +669,8 @@ def _train_phase(
                 generator=data_gen,
                 double_softmax=config.double_softmax,
                 ranks=ranks,
+                freeze_logits=phase.name == "selective"
+                and config.logits_frozen_at(run.phase_epoch),
             )
             val_loss, val_acc = evaluate(
                 model, data["x_val"], data["y_val"], double_softmax=config.double_softmax
@@ -679,7 +695,7 @@ def _train_phase(
             if isinstance(model, SelectiveMLP):
                 record["tau"] = model.tau
                 record["relaxed"] = model.relaxed
-                record["logits_frozen"] = not model.selection_logits.requires_grad
+                record["logits_frozen"] = config.logits_frozen_at(run.phase_epoch)
             if ranks.distributed:
                 record["ranks"] = ranks.world  # a divergence would have stopped the run
             if _keeps(phase.rule, record, run):

@@ -32,6 +32,8 @@ def test_torchrun_two_ranks_on_digits(tmp_path: Path) -> None:
         "3",
         "--p2-epochs",
         "4",
+        "--logit-warmup",  # the frozen-logit epoch's dropped gradient must pass DDP too
+        "0.4",
         "--lr",
         "3e-3",
         "--out",
@@ -44,6 +46,7 @@ def test_torchrun_two_ranks_on_digits(tmp_path: Path) -> None:
     history = artifacts.read_history(out)
     assert len(history) == 7
     assert all(r["ranks"] == 2 for r in history)  # the per-step check would have stopped it
+    assert [r.get("logits_frozen") for r in history[:3]] == [True, False, False]
     spec = json.loads((out / "model.json").read_text())
     assert spec["training"]["world_size"] == 2
     assert spec["metrics"]["test_accuracy"] > 0.7

@@ -307,19 +307,19 @@ def test_no_phase2_epochs_ships_the_phase1_choice(digits: Dataset, tmp_path: Pat
 def test_logit_warmup_freezes_the_logits_for_the_first_phase1_epochs(
     digits: Dataset, tmp_path: Path
 ) -> None:
-    config = _config(p1_epochs=3, p2_epochs=1, logit_warmup=2)
+    config = _config(p1_epochs=3, p2_epochs=1, logit_warmup=0.7)  # floor(0.7 * 3) = 2 epochs
     spec = train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
     history = artifacts.read_history(tmp_path / "run")
     assert [r.get("logits_frozen") for r in history] == [True, True, False, None]
     first = spec.pool[0]
     for record in history[:2]:  # logits still zero: every argmax is the pool's first candidate
-        assert set(record["logit_grad"].values()) == {0.0}
         assert all(layer[first] == sum(layer.values()) for layer in record["activation_counts"])
-    assert any(v != 0.0 for v in history[2]["logit_grad"].values())
+        assert any(v != 0.0 for v in record["logit_grad"].values())  # measured all the same
     assert history[2]["activation_counts"] != history[1]["activation_counts"]
-    assert spec.training["logit_warmup"] == 2
-    with pytest.raises(TrainError, match="--logit-warmup must be >= 0"):
-        _config(logit_warmup=-1)
+    assert spec.training["logit_warmup"] == 0.7
+    for bad in (-0.1, 1.0):
+        with pytest.raises(TrainError, match="--logit-warmup is a fraction of phase 1"):
+            _config(logit_warmup=bad)
 
 
 def test_soft_epochs_relax_the_first_phase1_epochs_and_are_recorded(
