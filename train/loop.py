@@ -13,8 +13,9 @@ Protocols (``--protocol``) are named sets of defaults; explicit options override
   cross-entropy, Gumbel noise at evaluation, phase-1 candidates clamped to [-10, 10], phase-2
   weights re-initialised.
 - ``smartmixed`` (default): ``paper`` with the selection fixes the study chose (README, "Why
-  the mix was worse than ReLU"): standardised candidates, a separate logit learning rate, and
-  the argmax at phase 1's last epoch frozen.
+  the mix was worse than ReLU"): standardised candidates, a separate logit learning rate, the
+  argmax at phase 1's last epoch frozen, and phase 2 trained from a fresh initialisation (phase 1
+  only chooses; its weights, trained under switching activations, are a worse start).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "candidate_norm": None,
         "logit_lr": 1e-2,
         "select": "last",
+        "phase2_init": "fresh",
     },
 }
 DEFAULT_PROTOCOL = "smartmixed"
