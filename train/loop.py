@@ -424,14 +424,16 @@ def _start_phase(
     dev: torch.device,
 ) -> _Phase:
     """A phase's model, optimizer and selection rule. Entering phase 2 freezes the assignment
-    of the state phase 1 kept (``previous``) and carries its weights over unless ``fresh``."""
+    of the state phase 1 kept (``previous``) and carries its weights over unless ``fresh`` (with
+    phase-2 epochs to train it)."""
     name, epochs = config.phases()[index]
     if name == "fixed":
         run.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
     if name == "mixed" and previous is not None:
         assert isinstance(previous, SelectiveMLP)
         run.assignment = previous.assignment()
-        if config.phase2_init == "continue":
+        # no phase-2 epochs: nothing would train a fresh network, so phase 1's ships
+        if config.phase2_init == "continue" or epochs == 0:
             model = MixedMLP.from_selective(previous, preprocessing=dataset.preprocessing)
             if config.phase2_norm == "fold":  # the same function, trained as a plain network
                 model = model.folded()

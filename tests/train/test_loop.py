@@ -14,7 +14,7 @@ import torch
 from smartmixed.train import artifacts
 from smartmixed.train.data import Dataset
 from smartmixed.train.distributed import DistributedError
-from smartmixed.train.loop import TrainConfig, TrainError, train_run
+from smartmixed.train.loop import PHASE2_INITS, TrainConfig, TrainError, train_run
 from smartmixed.train.model import MixedMLP
 
 ARCH = [64, 48, 32, 10]
@@ -293,9 +293,12 @@ def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path:
     assert loaded.assignment == spec.assignment and spec.metrics["test_accuracy"] > 0.3
 
 
-def test_no_phase2_epochs_ships_the_phase1_choice(digits: Dataset, tmp_path: Path) -> None:
-    spec = train_run(
-        config=_config(p1_epochs=2, p2_epochs=0),
+@pytest.mark.parametrize("phase2_init", PHASE2_INITS)
+def test_no_phase2_epochs_ships_the_phase1_choice(
+    digits: Dataset, tmp_path: Path, phase2_init: str
+) -> None:
+    spec = train_run(  # fresh too: an untrained fresh network must never be what ships
+        config=_config(p1_epochs=2, p2_epochs=0, phase2_init=phase2_init),
         dataset=digits,
         out=tmp_path / "run",
         progress=False,
@@ -343,7 +346,7 @@ def test_phase2_norm_fold_trains_the_same_function_as_a_plain_network(
     from smartmixed.train.loop import _RunState, _start_phase
     from smartmixed.train.model import SelectiveMLP
 
-    config = _config(phase2_norm=norm)
+    config = _config(phase2_norm=norm, phase2_init="continue")  # fold maps the kept weights
     assert config.candidate_norm == "standard"
     selective = SelectiveMLP(
         ARCH, config.pool, preprocessing=digits.preprocessing, candidate_norm="standard"
