@@ -129,7 +129,8 @@ def config_options(d: dict) -> dict[str, dict]:
             "choices": PHASE2_NORMS,
             "help": "keep: phase 2 trains the candidates as phase 1 did (default); fold: the "
             "candidate norm is folded into the weights when phase 2 starts, so phase 2 trains "
-            "the plain mixed network (the same function, the fixed baselines' parameterisation)",
+            "the plain mixed network (the same function, the fixed baselines' parameterisation; "
+            "with a fresh phase 2, plain candidates from the start)",
         },
         "--logit-init-std": {
             "type": float,
