@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="variants",
         help="an extra model LABEL whose cells get FLAGS, e.g. "
         "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
-        "set it); repeatable",
+        "set it; FLAGS win over the same option after --); repeatable",
     )
     st.add_argument(
         "--archs",

@@ -228,14 +228,17 @@ def plan_cells(
 def cell_command(
     cell: Cell, *, out: Path, data: str, data_dir: Path | None, train_args: Sequence[str]
 ) -> list[str]:
-    """The smartmixed-train command of one cell (--resume when its folder holds a checkpoint)."""
+    """The smartmixed-train command of one cell (--resume when its folder holds a checkpoint).
+
+    The pass-through flags come before the variant's: where both set an option, the variant's
+    own setting (the more specific one) is the one smartmixed-train keeps."""
     folder = cell.folder(out)
     command = [sys.executable, "-m", "smartmixed.train", "--data", data]
     if data_dir is not None:
         command += ["--data-dir", str(data_dir)]
     command += ["--arch", ",".join(map(str, cell.arch)), *cell.model.mode_flags]
-    command += ["--seed", str(cell.seed), "--out", str(folder), "--quiet", *cell.model.flags]
-    command += list(train_args)
+    command += ["--seed", str(cell.seed), "--out", str(folder), "--quiet"]
+    command += [*train_args, *cell.model.flags]
     if (folder / CHECKPOINT).exists() and not (folder / MODEL_SPEC).exists():
         command.append("--resume")
     return command

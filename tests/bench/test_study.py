@@ -109,6 +109,17 @@ def test_plan_prints_every_command_and_trains_nothing(tmp_path: Path, capsys) ->
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["checkpoint.safetensors"]
 
 
+def test_a_variant_flag_wins_over_the_same_pass_through_flag(tmp_path: Path, capsys) -> None:
+    from smartmixed.train.cli import build_parser
+
+    argv = ["study", "--out", str(tmp_path / "s"), "--models", "", "--archs", "64,8,10"]
+    argv += ["--seeds", "1", "--variant", "long=--p2-epochs 7", "--plan", "--", "--p2-epochs", "2"]
+    assert main(argv) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    args = build_parser().parse_args(shlex.split(line)[3:])
+    assert args.p2_epochs == 7
+
+
 @pytest.mark.slow
 def test_collect_aggregates_the_complete_cells_only(study: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy"
