@@ -11,6 +11,8 @@ WORK=$(mktemp -d)
 trap 'kill -TERM ${pids:-} 2>/dev/null || true; wait 2>/dev/null; git worktree remove --force "$WORK/old" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
 git worktree add --detach "$WORK/old" "$OLD" >/dev/null 2>&1
 mkdir -p "$WORK/pkg/smartmixed" && ln -s "$WORK/old/serve" "$WORK/pkg/smartmixed/serve"
+# serve imports the contract stage (a package of its own since issue H): the old one, if it has one
+[ -d "$WORK/old/contract" ] && ln -s "$WORK/old/contract" "$WORK/pkg/smartmixed/contract"
 cat > "$WORK/old_serve.py" <<PYEOF
 import sys
 # the editable install maps smartmixed.* to this checkout: drop its finders, import the old serve
