@@ -9,6 +9,7 @@ from pathlib import Path
 
 from smartmixed.contract import call_with_options
 from smartmixed.contract.runtime import ProviderError
+from smartmixed.export.autotune import AUTO_BATCHES
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
 from smartmixed.export.quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="intra-op threads auto times the candidates with: those the model will "
         "be served with (default: ONNX Runtime's, all cores)",
+    )
+    p.add_argument(
+        "--auto-batches",
+        metavar="SIZES",
+        help="batch sizes auto times the candidates at: those the model will be served at; "
+        "the smallest geometric mean over them wins (default "
+        f"{','.join(map(str, AUTO_BATCHES))})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing version")
     p.add_argument(
@@ -116,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("the run folder is required (or --verify-only ENTRY)")
         if thresholds and not args.quantize:
             parser.error("--min-agreement and --max-accuracy-drop apply to --quantize int8")
+        if args.auto_batches is not None and args.lowering != "auto":
+            parser.error(f"--auto-batches applies to --lowering auto (got {args.lowering})")
         # every option but the run folder and --verify-only/--against is export_run's keyword
         result = call_with_options(export_run, args, run_dir=args.run)
     except VerificationError as e:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,9 @@ from smartmixed.contract import (
     REPORT_FILE,
     ModelSpec,
     package_versions,
+    split_list,
 )
-from smartmixed.export.autotune import pick_lowering, time_lowerings
+from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import (
     DEFAULT_OPSET,
     LOWERINGS,
@@ -151,6 +153,20 @@ def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float
     return float((offset - 1 / scale).min()), float((offset + 1 / scale).max())
 
 
+def _batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
+    """--auto-batches '1,32' (or integers) -> (1, 32): sorted, unique, each >= 1."""
+    items = split_list(text) if isinstance(text, str) else list(text)
+    try:
+        values = sorted({int(v) for v in items})
+    except (TypeError, ValueError):
+        raise ExportError(
+            f"--auto-batches {text!r}: expected a comma-separated list of integers"
+        ) from None
+    if not values or values[0] < 1:
+        raise ExportError(f"--auto-batches {text!r}: expected one or more batch sizes >= 1")
+    return tuple(values)
+
+
 def export_run(
     *,
     run_dir: Path | str,
@@ -161,6 +177,7 @@ def export_run(
     version: int = 1,
     device: str = "cpu",
     threads: int | None = None,
+    auto_batches: str | Sequence[int] = AUTO_BATCHES,
     overwrite: bool = False,
     private: bool = False,
     quantize: str | None = None,
@@ -173,10 +190,12 @@ def export_run(
     against ``min_agreement`` and ``max_accuracy_drop`` (points) and write it instead, as
     NAME-int8 unless ``name`` is given. The entry's folders are 0755 and its files 0644 (0700
     and 0600 when ``private``). ``threads``: the intra-op threads ``auto`` times the candidates
-    with (the ones the model will be served with; None: ONNX Runtime's default).
+    with (the ones the model will be served with; None: ONNX Runtime's default), at the batch
+    sizes ``auto_batches`` (those it will be served at; the geometric mean over them decides).
     """
     if threads is not None and threads < 1:
         raise ExportError(f"--threads {threads}: expected a positive number of threads")
+    batches = _batch_sizes(auto_batches)
     run_dir, repository = Path(run_dir), Path(repository)
     requested = lowering
     if quantize not in (None, "int8"):
@@ -229,9 +248,10 @@ def export_run(
             spec.arch[0],
             device=device,
             threads=threads,
+            batches=batches,
         )
         chosen, selection = pick_lowering(timings)
-        selection["device"], selection["threads"] = device, threads
+        selection |= {"device": device, "threads": threads, "batches": list(batches)}
 
     if quantize and lowering == "auto":
         # what is deployed is the int8 graph: pick the lowering whose int8 graph is fastest
@@ -241,12 +261,14 @@ def export_run(
             spec.arch[0],
             device=device,
             threads=threads,
+            batches=batches,
         )
         chosen, selection_int8 = pick_lowering(timings)
         selection = {
             **selection_int8,
             "device": device,
             "threads": threads,
+            "batches": list(batches),
             "precision": "int8",
             "fp32": selection,
         }

@@ -167,3 +167,24 @@ def test_auto_on_a_fixed_model_exports_its_one_graph(digits: Dataset, tmp_path: 
     assert result.lowering == "permuted" and result.report["selection"] is None
     ops = [n.op_type for n in onnx.load(str(result.entry / "1" / "model.onnx")).graph.node]
     assert ops == ["Mul", "Gemm", "Relu", "Gemm", "Softmax"]
+
+
+def test_auto_batches_times_the_served_batch_sizes(run_dir: Path, tmp_path: Path, capsys) -> None:
+    models = tmp_path / "models"
+    argv = [str(run_dir), "--repository", str(models), "--threads", "1"]
+    assert main([*argv, "--auto-batches", "8, 1,8"]) == 0
+    assert "geometric mean over batch 1 / 8" in capsys.readouterr().out
+    selection = json.loads((models / "digits-mixed" / "1" / "export.json").read_text())["selection"]
+    assert selection["batches"] == [1, 8]
+    assert all(list(per) == ["1", "8"] for per in selection["median_ms"].values())
+    for bad, message in [
+        ("0,32", "expected one or more batch sizes >= 1"),
+        ("1,x", "expected a comma-separated list of integers"),
+        (",", "expected one or more batch sizes >= 1"),
+    ]:
+        assert main([*argv, "--overwrite", "--auto-batches", bad]) == 2
+        assert f"--auto-batches {bad!r}: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--lowering", "folded", "--auto-batches", "1"])
+    assert exit_info.value.code == 2
+    assert "--auto-batches applies to --lowering auto (got folded)" in capsys.readouterr().err
