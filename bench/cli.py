@@ -24,7 +24,7 @@ from smartmixed.train.model import SpecError, parse_arch
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
 COMMANDS: dict[str, tuple[str, str]] = {
     "train-cost": (
-        "ms per training step: fixed-ReLU vs phase 1 vs phase 2 (CPU)",
+        "ms per training step: fixed-ReLU vs phase 1 vs phase 2 (CPU or CUDA)",
         "Time training steps (forward, backward, clip, Adam) of a fixed-ReLU network, "
         "SmartMixed phase 1 and phase 2; writes DIR/train-cost.{json,md,png}.",
     ),
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
     tc.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
     tc.add_argument("--threads", type=int, help="torch intra-op threads")
+    tc.add_argument("--device", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
 
     lat.add_argument("--arch", help="layer widths (default: the paper's)")
     source = lat.add_mutually_exclusive_group()
@@ -353,6 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print(
+                f"smartmixed-bench: error: --device cuda: torch {torch.__version__} sees no "
+                "CUDA GPU",
+                file=sys.stderr,
+            )
+            return 2
         result = call_with_options(
             measure_train_cost,
             args,

@@ -71,6 +71,8 @@ def _build_models(arch: list[int], seed: int) -> dict[str, nn.Module]:
 def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     model.train()
+    # on a GPU a step is queued work: wait for it, or the clock times the launch alone
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y)
@@ -78,6 +80,7 @@ def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        sync()
 
     return step
 
@@ -91,14 +94,21 @@ def measure_train_cost(
     warmup_steps: int = 10,
     seed: int = 0,
     models: tuple[str, ...] = MODELS,
+    device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Time training steps of each model; returns the train-cost.json record."""
+    """Time training steps of each model on ``device`` (cpu or cuda); returns the
+    train-cost.json record."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device cuda: torch {torch.__version__} sees no CUDA GPU")
     arch = list(arch or PAPER_ARCH)
-    built = _build_models(arch, seed)
+    built = {name: model.to(device) for name, model in _build_models(arch, seed).items()}
     generator = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (batch_size, arch[0]), generator=generator).float()  # raw pixels
     y = torch.randint(0, arch[-1], (batch_size,), generator=generator)
+    x, y = x.to(device), y.to(device)
     steps = {name: _step_fn(built[name], x, y) for name in models}
     for step in steps.values():
         for _ in range(warmup_steps):
@@ -140,7 +150,8 @@ def measure_train_cost(
             "warmup_steps": warmup_steps,
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
+            "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "phase2_assignment": "uniformly random over the default pool (all six groups per layer)",
         },
         "machine": machine_info(),
@@ -156,8 +167,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Training-step cost",
         "",
-        f"Architecture {c['arch']}, batch {c['batch_size']}, CPU, {c['torch_threads']} torch "
-        f"threads; {c['rounds']} interleaved rounds x {c['steps_per_round']} steps per model.",
+        f"Architecture {c['arch']}, batch {c['batch_size']}, "
+        + (f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU")
+        + f", {c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
+        f"{c['steps_per_round']} steps per model.",
         f"Machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
         f"torch {result['machine']['torch']}.",
         "",

@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)",
     )
     p.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="the folder of the run's data files on this machine, for the verification on its "
+        "test set (default: where training read them; a run trained on another machine)",
+    )
+    p.add_argument(
         "--verify-only",
         type=Path,
         metavar="ENTRY",
@@ -113,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.verify_only is not None:
-            report = verify_entry(args.verify_only, run_dir=args.against, **thresholds)
+            report = verify_entry(
+                args.verify_only, run_dir=args.against, data_dir=args.data_dir, **thresholds
+            )
             int8 = "agreement" in report  # the report of quantize.verify_quantized
             print(
                 f"{args.verify_only}: verified{' (int8)' if int8 else ''}\n"

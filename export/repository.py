@@ -71,7 +71,7 @@ from smartmixed.serve.model_config import (
     is_version_name,
 )
 from smartmixed.train.artifacts import check_writable_folder, load_model
-from smartmixed.train.data import DataError, load_dataset
+from smartmixed.train.data import IDX_SOURCES, DataError, load_dataset
 
 if TYPE_CHECKING:
     from torch import nn
@@ -121,20 +121,32 @@ def _versions() -> dict[str, str]:
 
 
 def _test_inputs(
-    spec: ModelSpec, run_dir: Path
+    spec: ModelSpec, run_dir: Path, data_dir: Path | str | None = None
 ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """The run's held-out test samples and their classes, rebuilt from the data request
-    recorded at training."""
+    recorded at training (``data_dir``: where that data's files are on this machine, when
+    not where training read them, e.g. a run trained on another machine)."""
     request = dict(spec.training.get("data_request") or {})
-    if not request:
+    source = request.pop("source", None)
+    if data_dir is not None:
+        # the embedded MNIST subset has no folder: another one would be other data
+        if source not in IDX_SOURCES or (source == "mnist" and request.get("data_dir") is None):
+            raise ExportError(
+                f"--data-dir applies to runs trained on IDX files ({' or '.join(IDX_SOURCES)} "
+                f"with --data-dir); {run_dir} was trained on "
+                f"{source or 'data it does not record'}"
+                + (" (the embedded subset)" if source == "mnist" else "")
+            )
+        request["data_dir"] = str(data_dir)
+    if source is None:
         summary = "the run records no data request; verified on random and edge inputs only"
         return None, None, summary
-    source = request.pop("source")
     try:
         dataset = load_dataset(source, **request)
     except DataError as e:
+        hint = "" if data_dir is not None else "; --data-dir DIR names its folder on this machine"
         raise ExportError(
-            f"{run_dir}: cannot reload the run's test data to verify on it ({e})"
+            f"{run_dir}: cannot reload the run's test data to verify on it ({e}){hint}"
         ) from None
     if dataset.n_features != spec.arch[0]:
         raise ExportError(
@@ -178,6 +190,7 @@ def export_run(
     device: str = "cpu",
     threads: int | None = None,
     auto_batches: str | Sequence[int] = AUTO_BATCHES,
+    data_dir: Path | str | None = None,
     overwrite: bool = False,
     private: bool = False,
     quantize: str | None = None,
@@ -220,7 +233,7 @@ def export_run(
 
     spec, torch_model = load_model(run_dir)
     state = {k: v.numpy() for k, v in torch_model.canonical_state_dict().items()}
-    test_x, test_y, test_source = _test_inputs(spec, run_dir)
+    test_x, test_y, test_source = _test_inputs(spec, run_dir, data_dir)
     if quantize and test_x is None:
         raise ExportError(
             f"{run_dir}: --quantize {quantize} is verified on the run's test set, "
@@ -376,6 +389,7 @@ def verify_entry(
     entry: Path | str,
     *,
     run_dir: Path | str | None = None,
+    data_dir: Path | str | None = None,
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
 ) -> dict[str, Any]:
@@ -405,7 +419,7 @@ def verify_entry(
     spec, torch_model = load_model(run_dir)
     if spec.to_dict()["assignment"] != json.loads(meta[META_SPEC])["assignment"]:
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
-    test_x, test_y, _ = _test_inputs(spec, run_dir)
+    test_x, test_y, _ = _test_inputs(spec, run_dir, data_dir)
     low, high = _raw_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
     precision = meta.get(META_PRECISION, DEFAULT_PRECISION)  # entries before issue G: fp32

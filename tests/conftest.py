@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from smartmixed.export.repository import export_run
-from smartmixed.train.data import Dataset, load_dataset
+from smartmixed.train.data import IDX_FILES, Dataset, load_dataset
 from smartmixed.train.loop import TrainConfig, train_run
 
 
@@ -32,3 +35,39 @@ def repository(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Pat
         train_run(config=config, dataset=digits, out=runs / name, progress=False)
         export_run(run_dir=runs / name, repository=models, lowering="permuted")
     return models
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    codes = {np.dtype("uint8"): 0x08, np.dtype(">f4"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    data = header + array.tobytes()
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_mnist_like(
+    folder: Path, *, n_train: int = 200, n_test: int = 50, gz: bool = False
+) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        write_idx(folder / IDX_FILES[f"{split}_images"], images, gz=gz)
+        write_idx(folder / IDX_FILES[f"{split}_labels"], labels, gz=gz)
+
+
+@pytest.fixture
+def idx_file():
+    """write_idx(path, array, gz=False): one IDX file (MNIST's format)."""
+    return write_idx
+
+
+@pytest.fixture
+def mnist_like():
+    """write_mnist_like(folder, n_train=200, n_test=50, gz=False): the four MNIST IDX files of
+    random 28x28 images, labels 0-9 in turn."""
+    return write_mnist_like

@@ -199,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{flag} is required")
         if args.arch is None and args.preset is None:
             parser.error("one of --arch or --preset is required")
+        if args.arch is not None and args.arch.strip() in PRESETS:
+            parser.error(f"--arch {args.arch}: that is a preset; use --preset {args.arch.strip()}")
         check_writable_folder(args.out, what="--out")  # before any data is loaded
         arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
         config = TrainConfig.from_protocol(

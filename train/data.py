@@ -28,6 +28,7 @@ IDX_FILES = {
 # Where Debian's package dataset-fashion-mnist puts the four IDX files (gzip-compressed); read
 # when --data fashion-mnist comes without --data-dir.
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_SOURCES = ("mnist", "fashion-mnist")  # the sources --data-dir applies to
 FASHION_LABELS = [
     "T-shirt/top",
     "Trouser",
@@ -88,7 +89,8 @@ def load_dataset(
     """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified)."""
     request = {
         "source": source,
-        "data_dir": None if data_dir is None else str(data_dir),
+        # absolute, so that export finds the files from any working directory
+        "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
@@ -108,6 +110,11 @@ def _load(
     label_column: str,
 ) -> Dataset:
     data_dir = Path(data_dir) if data_dir is not None else None
+    if data_dir is not None and source not in IDX_SOURCES:
+        raise DataError(
+            f"--data-dir {data_dir}: applies to {' and '.join(IDX_SOURCES)} (IDX files), "
+            f"not to --data {source}"
+        )
     split = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     if source == "mnist":
         if data_dir is None:

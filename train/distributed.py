@@ -65,7 +65,8 @@ def check_ranks_agree(model: nn.Module, ranks: Ranks) -> None:
     """
     if not ranks.distributed:
         return
-    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    # on the parameters' device: nccl reduces GPU tensors, gloo CPU ones
+    fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
     extremes = torch.cat([fingerprint, -fingerprint])
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     high, low = extremes[: len(fingerprint)], -extremes[len(fingerprint) :]

@@ -290,7 +290,9 @@ def train_epoch(
     # accumulated where the logits live: one device-to-host copy per epoch, not per step
     logit_grad = None if logits_param is None else torch.zeros_like(logits_param[0]).detach()
     order = torch.randperm(len(y), generator=generator).to(y.device)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, rows
+    # loss sum, correct, rows: kept where the data lives (no device sync per step; nccl reduces
+    # only GPU tensors)
+    totals = torch.zeros(3, dtype=torch.float64, device=y.device)
     steps = 0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
@@ -309,9 +311,12 @@ def train_epoch(
         optimizer.step()
         check_ranks_agree(model, ranks)
         steps += 1
-        totals += torch.tensor(
-            [loss.item() * len(idx), int((logits.argmax(1) == y[idx]).sum()), len(idx)],
-            dtype=torch.float64,
+        totals += torch.stack(
+            [
+                loss.detach().double() * len(idx),
+                (logits.argmax(1) == y[idx]).sum().double(),
+                totals.new_tensor(len(idx)),
+            ]
         )
     all_reduce_sum(totals, ranks)
     result: dict[str, Any] = {

@@ -561,7 +561,7 @@ class MixedMLP(nn.Module):
         columns of W_{l+1} scaled by g, its bias shifted (computed in float64). Artifacts store
         this form, so export and serve see an ordinary mixed network.
         """
-        state = self.canonical_state_dict()
+        state = {k: v.cpu() for k, v in self.canonical_state_dict().items()}  # folded on the CPU
         if self.transform.affine:
             for layer, names in enumerate(self.assignment):
                 index = [self.pool.index(n) for n in names]

@@ -15,7 +15,7 @@ from smartmixed.export import repository
 from smartmixed.export.cli import main
 from smartmixed.export.lower import LOWERINGS, get_metadata
 from smartmixed.train import artifacts
-from smartmixed.train.data import Dataset
+from smartmixed.train.data import Dataset, load_dataset
 from smartmixed.train.loop import TrainConfig, train_run
 
 
@@ -188,3 +188,34 @@ def test_auto_batches_times_the_served_batch_sizes(run_dir: Path, tmp_path: Path
         main([*argv, "--lowering", "folded", "--auto-batches", "1"])
     assert exit_info.value.code == 2
     assert "--auto-batches applies to --lowering auto (got folded)" in capsys.readouterr().err
+
+
+def test_a_run_trained_elsewhere_verifies_with_data_dir(
+    tmp_path: Path, mnist_like, capsys, monkeypatch
+) -> None:
+    mnist_like(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # a relative --data-dir is recorded as an absolute folder
+    dataset = load_dataset("fashion-mnist", data_dir="data")
+    assert dataset.request["data_dir"] == str(tmp_path / "data")
+    run = tmp_path / "idx"
+    config = TrainConfig(arch=[784, 16, 10], mode="fixed:relu", epochs=1, lr=3e-3)
+    train_run(config=config, dataset=dataset, out=run, progress=False)
+    moved = (tmp_path / "data").rename(tmp_path / "elsewhere")  # as on another machine
+    models = tmp_path / "models"
+    assert main([str(run), "--repository", str(models)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reload the run's test data" in err and "--data-dir DIR names its folder" in err
+    assert not (models / "idx").exists()
+    assert main([str(run), "--repository", str(models), "--data-dir", str(moved)]) == 0
+    assert "fashion-mnist (IDX files in" in capsys.readouterr().out
+    assert main(["--verify-only", str(models / "idx"), "--data-dir", str(moved)]) == 0
+    assert main(["--verify-only", str(models / "idx")]) == 2
+    capsys.readouterr()
+
+
+def test_data_dir_is_refused_for_runs_without_an_idx_folder(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    assert main([str(run_dir), "--repository", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+    assert "--data-dir applies to runs trained on IDX files" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

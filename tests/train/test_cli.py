@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from smartmixed.train.cli import main
 
 
@@ -27,6 +29,10 @@ def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
     assert "not a comma-separated list" in capsys.readouterr().err
     assert main(["--data", "digits", "--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "digits", "--arch", "paper", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--arch paper: that is a preset; use --preset paper" in capsys.readouterr().err
     assert (
         main(
             [

