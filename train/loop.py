@@ -772,7 +772,8 @@ def afu_summary(model: MixedMLP) -> dict[str, Any]:
     from_relu, from_start = [], []
     with torch.no_grad():
         for unit in model.afus:
-            g = afu_apply(z, unit.w0, unit.b0, unit.w1, unit.b1, unit.base)
+            params = (p.detach().cpu() for p in (unit.w0, unit.b0, unit.w1, unit.b1))
+            g = afu_apply(z, *params, unit.base)  # on the CPU, where z is (a GPU run too)
             from_relu.append(float((g - F.relu(z)).abs().max()))
             from_start.append(float((g - g0).abs().max()))
     return {

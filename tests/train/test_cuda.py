@@ -52,6 +52,17 @@ def test_a_cuda_run_loads_on_the_cpu_and_exports(digits: Dataset, tmp_path: Path
     assert result.report["verification"]["passed"]
 
 
+def test_a_cuda_run_with_learned_units(digits: Dataset, tmp_path: Path) -> None:
+    pool = ["relu", "tanh", "afu"]
+    spec = train_run(
+        config=_config(pool=pool), dataset=digits, out=tmp_path / "afu", device="cuda",
+        progress=False,
+    )  # fmt: skip
+    assert len(spec.metrics["afu"]["max_abs_diff_from_relu"]) == len(ARCH) - 2
+    result = export_run(run_dir=tmp_path / "afu", repository=tmp_path / "models")
+    assert result.report["verification"]["passed"]
+
+
 @pytest.mark.parametrize("stop_after", [2, 7])  # inside phase 1, inside phase 2
 def test_a_killed_cuda_run_resumes(digits: Dataset, tmp_path: Path, stop_after: int) -> None:
     class Interrupt(Exception):
