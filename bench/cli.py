@@ -340,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from smartmixed.bench.train_cost import measure_train_cost, render_markdown, write_outputs
+        from smartmixed.train.distributed import DistributedError
 
         try:
             arch = parse_arch(args.arch) if args.arch else None
@@ -354,20 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            print(
-                f"smartmixed-bench: error: --device cuda: torch {torch.__version__} sees no "
-                "CUDA GPU",
-                file=sys.stderr,
+        try:
+            result = call_with_options(
+                measure_train_cost,
+                args,
+                arch=arch,
+                steps_per_round=args.steps,
+                warmup_steps=args.warmup,
             )
+        except DistributedError as e:  # --device cuda where torch sees no GPU
+            print(f"smartmixed-bench: error: {e}", file=sys.stderr)
             return 2
-        result = call_with_options(
-            measure_train_cost,
-            args,
-            arch=arch,
-            steps_per_round=args.steps,
-            warmup_steps=args.warmup,
-        )
         paths = write_outputs(result, args.out)
         print(render_markdown(result))
         print("wrote " + ", ".join(str(p) for p in paths))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from smartmixed.bench import common
 from smartmixed.bench.common import machine_info
+from smartmixed.train.distributed import resolve_device
 from smartmixed.train.model import PRESETS, MixedMLP, SelectiveMLP
 from smartmixed.train.pool import DEFAULT_POOL
 
@@ -97,12 +98,9 @@ def measure_train_cost(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Time training steps of each model on ``device`` (cpu or cuda); returns the
-    train-cost.json record."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device cuda: torch {torch.__version__} sees no CUDA GPU")
+    """Time training steps of each model on ``device`` (cpu or cuda; DistributedError when
+    torch sees no such device); returns the train-cost.json record."""
+    resolve_device(device)
     arch = list(arch or PAPER_ARCH)
     built = {name: model.to(device) for name, model in _build_models(arch, seed).items()}
     generator = torch.Generator().manual_seed(seed)

@@ -352,6 +352,18 @@ def split_list(text: str | Iterable[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def parse_positive_ints(text: str | Iterable[int], what: str) -> list[int]:
+    """'1,32,256' (or integers) -> sorted unique list of integers >= 1; ValueError naming
+    ``what`` (an option: "--auto-batches", "batch sizes") otherwise."""
+    try:
+        values = [int(v) for v in (split_list(text) if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{what} must be one or more integers >= 1 (got {text!r})")
+    return sorted(set(values))
+
+
 def call_with_options(function: Callable[..., _T], args: Any, /, **given: Any) -> _T:
     """``function(**keywords)`` for a thin CLI: each keyword from ``given``, else the parsed
     option of the same name (``args``: an argparse Namespace); an option left at None, or one

@@ -45,7 +45,7 @@ from smartmixed.contract import (
     REPORT_FILE,
     ModelSpec,
     package_versions,
-    split_list,
+    parse_positive_ints,
 )
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import (
@@ -167,16 +167,10 @@ def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float
 
 def _batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
     """--auto-batches '1,32' (or integers) -> (1, 32): sorted, unique, each >= 1."""
-    items = split_list(text) if isinstance(text, str) else list(text)
     try:
-        values = sorted({int(v) for v in items})
-    except (TypeError, ValueError):
-        raise ExportError(
-            f"--auto-batches {text!r}: expected a comma-separated list of integers"
-        ) from None
-    if not values or values[0] < 1:
-        raise ExportError(f"--auto-batches {text!r}: expected one or more batch sizes >= 1")
-    return tuple(values)
+        return tuple(parse_positive_ints(text, "--auto-batches"))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_run(

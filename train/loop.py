@@ -311,13 +311,9 @@ def train_epoch(
         optimizer.step()
         check_ranks_agree(model, ranks)
         steps += 1
-        totals += torch.stack(
-            [
-                loss.detach().double() * len(idx),
-                (logits.argmax(1) == y[idx]).sum().double(),
-                totals.new_tensor(len(idx)),
-            ]
-        )
+        totals[0] += loss.detach().double() * len(idx)
+        totals[1] += (logits.argmax(1) == y[idx]).sum()
+        totals[2] += len(idx)
     all_reduce_sum(totals, ranks)
     result: dict[str, Any] = {
         "train_loss": float(totals[0] / totals[2]),

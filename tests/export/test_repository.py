@@ -178,12 +178,12 @@ def test_auto_batches_times_the_served_batch_sizes(run_dir: Path, tmp_path: Path
     assert selection["batches"] == [1, 8]
     assert all(list(per) == ["1", "8"] for per in selection["median_ms"].values())
     for bad, message in [
-        ("0,32", "expected one or more batch sizes >= 1"),
-        ("1,x", "expected a comma-separated list of integers"),
-        (",", "expected one or more batch sizes >= 1"),
+        ("0,32", "--auto-batches must be one or more integers >= 1 (got '0,32')"),
+        ("1,x", "--auto-batches '1,x' is not a comma-separated list of integers"),
+        (",", "--auto-batches must be one or more integers >= 1 (got ',')"),
     ]:
         assert main([*argv, "--overwrite", "--auto-batches", bad]) == 2
-        assert f"--auto-batches {bad!r}: {message}" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--lowering", "folded", "--auto-batches", "1"])
     assert exit_info.value.code == 2
