@@ -343,6 +343,49 @@ class ModelSpec:
 
 
 # --------------------------------------------------------------------------------------------
+# JSON from files and metadata another party may have written (model.json, checkpoints' JSON,
+# metadata_props): depth bounded, so a hostile file is one error, never a RecursionError
+
+MAX_JSON_DEPTH = 64  # model.json nests 4 deep; metadata reports 6
+
+
+class JsonError(ValueError):
+    """Text that is not JSON, or JSON nested deeper than MAX_JSON_DEPTH (JsonTooDeep)."""
+
+
+class JsonTooDeep(JsonError):
+    """JSON nested deeper than the limit: refused even where plain text would be accepted."""
+
+
+def json_depth(value: Any) -> int:
+    """How deep ``value`` nests (a scalar: 0, [] or {}: 1), computed without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def parse_json(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads(text)``, refused with JsonError when it is not JSON or nests deeper than
+    ``max_depth`` (json's C parser raises RecursionError near 1,000 levels; any caller walking
+    the value recursively fails far sooner)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JsonError(f"not valid JSON ({e})") from None
+    if (depth := json_depth(value)) > max_depth:
+        raise JsonTooDeep(f"JSON nested {depth} levels deep (at most {max_depth})")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # Command lines: how every stage's cli.py reads its options
 
 
