@@ -22,12 +22,20 @@ OPEN_PATHS = (LIVE, READY, "/metrics", "/docs", "/openapi.json", "/redoc", "/pag
 PAGE = "/"  # exactly "/": a prefix would open every path
 
 
-async def send_json(send, content: Any, status: int, headers: dict[str, str] | None = None) -> None:
+async def send_json(
+    send,
+    content: Any,
+    status: int,
+    headers: dict[str, str] | None = None,
+    *,
+    head: bool = False,
+) -> None:
+    """``content`` as a JSON response; ``head``: the headers only (the answer to HEAD)."""
     body = orjson.dumps(content)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 class Guard:
@@ -43,12 +51,9 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path == LIVE and scope["method"] == "GET":
-            return await send_json(send, {"live": True}, 200)
-        if path == READY and scope["method"] == "GET":
-            ready = self.service.ready
-            return await send_json(send, {"ready": ready}, 200 if ready else 503)
+        path, method = scope["path"], scope["method"]
+        if path in (LIVE, READY) and method in ("GET", "HEAD"):
+            return await self._health(send, path, head=method == "HEAD")
         if path == PAGE or path.startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
         if self.key is not None and not secrets.compare_digest(self._given_key(scope), self.key):
@@ -58,6 +63,12 @@ class Guard:
         if not self.service.ready:
             return await send_json(send, {"error": "server is not ready"}, 503)
         return await self.app(scope, receive, send)
+
+    async def _health(self, send, path: str, *, head: bool) -> None:
+        if path == LIVE:
+            return await send_json(send, {"live": True}, 200, head=head)
+        ready = self.service.ready
+        await send_json(send, {"ready": ready}, 200 if ready else 503, head=head)
 
     @staticmethod
     def _given_key(scope) -> bytes:

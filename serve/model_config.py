@@ -352,7 +352,7 @@ _PARSER_POSITION = re.compile(r"^\d+:\d+ : ")
 _NO_FIELD = re.compile(r'Message type "inference\.ModelConfig" has no field named "(\w+)"')
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Control and non-ASCII characters escaped, so that a message stays on one line."""
     return re.sub(r"[^\x20-\x7e]", lambda m: m[0].encode("unicode_escape").decode(), text)
 
@@ -365,7 +365,7 @@ def parse_model_config(text: str, *, source: Path | str) -> Message:
         message = _PARSER_POSITION.sub("", str(e))
         if (unknown := _NO_FIELD.search(message)) and unknown[1] in UNSUPPORTED:
             message = f"{unknown[1]}: a Triton setting smartmixed does not support"
-        raise ConfigError(f"{source}:{e.GetLine()}:{e.GetColumn()}: {_one_line(message)}") from None
+        raise ConfigError(f"{source}:{e.GetLine()}:{e.GetColumn()}: {one_line(message)}") from None
 
 
 @dataclass(frozen=True)
@@ -524,7 +524,7 @@ def check_model_config(
     config = parse_model_config(text, source=source or CONFIG_FILE)
     problems = config_problems(config, model, name=name)
     if problems:
-        raise ConfigError(f"{source}: {_one_line('; '.join(problems))}")
+        raise ConfigError(f"{source}: {one_line('; '.join(problems))}")
     batching = config.HasField("dynamic_batching")
     return ModelConfigInfo(
         source=source,

@@ -6,6 +6,7 @@ before routing (middleware.Guard); the two health routes here only document it i
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -64,6 +65,18 @@ PREDICT_DOCS = {
 }
 
 router = APIRouter()
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+def get(path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """``@router.get(path, ...)`` that answers HEAD too, as GET without the body (the server
+    sends the headers only). HEAD stays out of the OpenAPI schema: one operation per path."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.head(path, include_in_schema=False, **options)(endpoint)
+        return router.get(path, **options)(endpoint)
+
+    return register
 
 
 def service(request: Request):
@@ -131,7 +144,7 @@ async def predict(request: Request, model_name: str) -> Response:
 # ---- server metadata ---------------------------------------------------------------------------
 
 
-@router.get("/v2", summary="Server metadata")
+@get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     return json_response(
         {
@@ -142,12 +155,12 @@ async def server_metadata(request: Request) -> Response:
     )
 
 
-@router.get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")
+@get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/v2/health/ready", summary="Readiness: every model loaded (answered before routing)")
+@get("/v2/health/ready", summary="Readiness: every model loaded (answered before routing)")
 async def ready(request: Request) -> Response:
     is_ready = service(request).ready
     return json_response({"ready": is_ready}, 200 if is_ready else 503)
@@ -156,13 +169,16 @@ async def ready(request: Request) -> Response:
 # ---- models ------------------------------------------------------------------------------------
 
 
+INDEX_BODY_BYTES = 4096  # the index's body is {"ready": true} at most: larger ones get 413
+
+
 @router.post("/v2/repository/index", summary="Every model of the repository and its state")
 async def repository_index(request: Request) -> Response:
     """Triton's repository index (read-only; no load/unload): one entry per served version,
     state READY, and one per model that failed to load, state UNAVAILABLE with the reason.
     Body: none, or {"ready": true} for the ready ones only."""
     s = service(request)
-    raw = await s.read_body(request, binary_ok=False)
+    raw = await s.read_body(request, binary_ok=False, limit=INDEX_BODY_BYTES)
     try:
         body = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as e:
@@ -191,14 +207,14 @@ def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
     }
 
 
-@router.get("/v2/models/{model_name}", summary="Model metadata (latest version)")
+@get("/v2/models/{model_name}", summary="Model metadata (latest version)")
 async def metadata_latest(request: Request, model_name: str) -> Response:
     repo = service(request).repo
     model = repo.get(model_name)
     return json_response(_metadata(model, sorted(repo.models[model_name], key=int)))
 
 
-@router.get("/v2/models/{model_name}/versions/{version}", summary="Model metadata")
+@get("/v2/models/{model_name}/versions/{version}", summary="Model metadata")
 async def metadata_version(request: Request, model_name: str, version: str) -> Response:
     return json_response(_metadata(service(request).repo.get(model_name, version), [version]))
 
@@ -213,12 +229,12 @@ async def _ready(request: Request, model_name: str, version: str | None) -> Resp
     return json_response({"name": model_name, "ready": True})
 
 
-@router.get("/v2/models/{model_name}/ready", summary="Model readiness")
+@get("/v2/models/{model_name}/ready", summary="Model readiness")
 async def model_ready(request: Request, model_name: str) -> Response:
     return await _ready(request, model_name, None)
 
 
-@router.get("/v2/models/{model_name}/versions/{version}/ready", summary="Model readiness")
+@get("/v2/models/{model_name}/versions/{version}/ready", summary="Model readiness")
 async def model_version_ready(request: Request, model_name: str, version: str) -> Response:
     return await _ready(request, model_name, version)
 
@@ -244,17 +260,17 @@ def _config(request: Request, model: ModelVersion) -> dict[str, Any]:
     return config
 
 
-@router.get("/v2/models/{model_name}/config", summary="Model configuration")
+@get("/v2/models/{model_name}/config", summary="Model configuration")
 async def config_latest(request: Request, model_name: str) -> Response:
     return json_response(_config(request, service(request).repo.get(model_name)))
 
 
-@router.get("/v2/models/{model_name}/versions/{version}/config", summary="Model configuration")
+@get("/v2/models/{model_name}/versions/{version}/config", summary="Model configuration")
 async def config_version(request: Request, model_name: str, version: str) -> Response:
     return json_response(_config(request, service(request).repo.get(model_name, version)))
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@get("/metrics", summary="Prometheus metrics")
 async def prometheus(request: Request) -> Response:
     registry = service(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,10 +6,12 @@ never imports train/ or export/.
 
 from __future__ import annotations
 
-import json
+import fnmatch
 import logging
 import os
+import reprlib
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import orjson
 from google.protobuf.message import DecodeError
 
 from smartmixed.contract import (
@@ -31,7 +34,13 @@ from smartmixed.contract import (
     META_VERIFICATION,
     METADATA_PREFIX,
     MODEL_FILE,
+    PRECISIONS,
     QUANTIZATION_FIGURES,
+    JsonError,
+    JsonTooDeep,
+    ModelSpec,
+    SpecError,
+    parse_json,
 )
 from smartmixed.contract.runtime import (
     ModelLoadError,
@@ -45,6 +54,7 @@ from smartmixed.serve.model_config import (
     ModelConfigInfo,
     check_model_config,
     is_version_name,
+    one_line,
     parse_model_config,
 )
 from smartmixed.serve.settings import ServeSettings
@@ -107,8 +117,10 @@ class ModelVersion:
 
     @property
     def labels(self) -> list[str]:
-        spec = self.metadata.get(META_SPEC) or {}
-        return list(spec.get("labels") or [str(i) for i in range(self.n_classes)])
+        """The spec's class labels (load_version checked one per output column); "0", "1",
+        ... for a ModelVersion built without a spec."""
+        labels = _object(self.metadata.get(META_SPEC)).get("labels")
+        return list(labels) if isinstance(labels, list) else [str(i) for i in range(self.n_classes)]
 
     def predict(self, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """x: (N, D) float32 raw features -> {output name: (N, C) float32}."""
@@ -119,14 +131,14 @@ class ModelVersion:
         """What export measured of the lowering it wrote (``--lowering auto`` times the
         candidates): {"lowering", "median_ms": {rows: ms}, "device", "threads"}; None when the
         lowering was named (nothing timed)."""
-        selection = self.metadata.get(META_SELECTION)
-        if not isinstance(selection, dict):
-            return None
+        selection = _object(self.metadata.get(META_SELECTION))
         chosen = selection.get("chosen")
-        timings = (selection.get("median_ms") or {}).get(chosen)
+        timings = (
+            _object(selection.get("median_ms")).get(chosen) if isinstance(chosen, str) else None
+        )
         if not isinstance(timings, dict):
             return None
-        fp32 = selection.get("fp32") if isinstance(selection.get("fp32"), dict) else {}
+        fp32 = _object(selection.get("fp32"))
         return {
             "lowering": chosen,
             "median_ms": timings,
@@ -135,19 +147,23 @@ class ModelVersion:
         }
 
     def describe(self) -> dict[str, Any]:
-        """The smartmixed part of the model metadata (architecture, mix, lowering, checks)."""
-        spec = self.metadata.get(META_SPEC) or {}
+        """The smartmixed part of the model metadata (architecture, mix, lowering, checks).
+
+        Reads metadata of the shapes load_version checked (check_metadata), where each report
+        may be absent or null (read as empty)."""
+        spec = _object(self.metadata.get(META_SPEC))
         counts = [
             {a: layer.count(a) for a in spec.get("pool", []) if layer.count(a)}
             for layer in spec.get("assignment", [])
         ]
-        verification = self.metadata.get(META_VERIFICATION) or {}
+        verification = _object(self.metadata.get(META_VERIFICATION))
         # int8: its own checks against the fp32 PyTorch model (the verification below is that
         # of the fp32 lowering it was quantized from)
         quantization = self.metadata.get(META_QUANTIZATION)
         int8_checks = None
         if isinstance(quantization, dict):
             int8_checks = {k: quantization.get(k) for k in QUANTIZATION_FIGURES}
+        metrics = _object(spec.get("metrics"))
         return {
             "architecture": spec.get("arch"),
             "mode": spec.get("mode"),
@@ -163,12 +179,15 @@ class ModelVersion:
                 "tolerance": verification.get("tolerance"),
                 "results": verification.get("results"),
             },
-            "test_metrics": {
-                k: v for k, v in (spec.get("metrics") or {}).items() if k.startswith("test")
-            },
+            "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test")},
             "execution_providers": self.providers,
             "latency": self.export_latency(),  # the page's model cards show it (issue J)
         }
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
 
 
 _FILE_KINDS = (
@@ -221,27 +240,223 @@ def read_repository_file(
     return data
 
 
+# --------------------------------------------------------------------------------------------
+# What a model file stores: tensors (inline and finite only) and metadata (of the shapes read)
+
+
+def _attribute_tensors(attribute: onnx.AttributeProto) -> Iterator[onnx.TensorProto]:
+    if attribute.HasField("t"):
+        yield attribute.t
+    yield from attribute.tensors
+    sparse = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+    for tensor in (*sparse, *attribute.sparse_tensors):
+        yield from (tensor.values, tensor.indices)
+
+
+def stored_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(where, tensor) for every tensor the model stores: the initializers and sparse
+    initializers of its graph and of every subgraph (If, Loop and Scan bodies), and the tensors
+    of node attributes (Constant's value among them), in model-local functions too. Walked
+    with a stack, so nesting costs no recursion."""
+    pending: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
+    while pending:
+        owner = pending.pop()
+        if isinstance(owner, onnx.GraphProto):
+            yield from ((f"initializer {one_line(t.name)}", t) for t in owner.initializer)
+            for sparse in owner.sparse_initializer:
+                where = f"sparse initializer {one_line(sparse.values.name)}"
+                yield from ((where, sparse.values), (where, sparse.indices))
+        for node in owner.node:
+            for attribute in node.attribute:
+                where = f"attribute {attribute.name} of node {node.name or node.op_type}"
+                yield from ((one_line(where), t) for t in _attribute_tensors(attribute))
+                if attribute.HasField("g"):
+                    pending.append(attribute.g)
+                pending.extend(attribute.graphs)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
+
+
+def external_data(model: onnx.ModelProto) -> str | None:
+    """'WHERE keeps its data in an external file (LOCATION); ...' for the first tensor stored
+    outside the model file, else None.
+
+    ONNX Runtime, given the model as bytes, resolves an external ``location`` against the
+    server's working directory: a bias pointing at any file there, beside zero weights, would
+    serve the file's bytes as logits. Export writes every tensor inline, so serve refuses any
+    external reference rather than resolve one.
+    """
+    for where, tensor in stored_tensors(model):
+        if _is_external(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            return (
+                f"{where} keeps its data in an external file ({location!r}); smartmixed serves "
+                "self-contained models only"
+            )
+    return None
+
+
 def _nonfinite(nan: int, inf: int) -> str:
     parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
     return f"{' and '.join(p for p in parts if p)} value{'s' if nan + inf > 1 else ''}"
 
 
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
 def nonfinite_initializers(model: onnx.ModelProto) -> list[str]:
-    """'initializer NAME holds 3 NaN values' for each floating-point initializer that does not
-    hold only finite numbers (external data is not read)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+    """'WHERE holds 3 NaN values' for each floating-point tensor the model stores
+    (``stored_tensors``: initializers, Constant values, subgraphs) that does not hold only
+    finite numbers. External data is not read (serve refuses it: ``external_data``)."""
     problems = []
-    for tensor in model.graph.initializer:
-        if tensor.data_type not in floats or tensor.data_location == onnx.TensorProto.EXTERNAL:
+    for where, tensor in stored_tensors(model):
+        if tensor.data_type not in FLOAT_TYPES or _is_external(tensor):
             continue
         try:
-            values = onnx.numpy_helper.to_array(tensor)
+            values = onnx.numpy_helper.to_array(tensor).astype(np.float32)
         except ValueError:  # malformed: ONNX Runtime names the problem when it loads the graph
             continue
         nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
         if nan or inf:
-            problems.append(f"initializer {tensor.name} holds {_nonfinite(nan, inf)}")
+            problems.append(f"{where} holds {_nonfinite(nan, inf)}")
     return problems
+
+
+class MetadataError(ValueError):
+    """A smartmixed.* metadata value serve cannot read ("metadata KEY[ field F]: problem")."""
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
+    """The smartmixed.* metadata_props, JSON parsed; plain text (export writes strings as they
+    are) stays a string. A value nested deeper than contract.MAX_JSON_DEPTH (json raised
+    RecursionError on a 10^5-deep one) or that cannot be sent back as JSON (an integer beyond
+    64 bits) is a MetadataError."""
+    metadata: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        if not prop.key.startswith(METADATA_PREFIX):
+            continue
+        where = f"metadata {one_line(prop.key)}"
+        try:
+            value = parse_json(prop.value)
+        except JsonTooDeep as e:
+            raise MetadataError(f"{where}: {e}") from None
+        except JsonError:
+            value = prop.value
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError as e:
+            raise MetadataError(f"{where}: cannot be sent as JSON ({e})") from None
+        metadata[prop.key] = value
+    return metadata
+
+
+# What serve reads of each metadata key (ModelVersion.labels, describe, export_latency), as
+# shapes: a JSON kind of _JSON_KINDS, [SHAPE] an array of SHAPE, {PATTERN: SHAPE} an object whose
+# fields matching the (fnmatch) PATTERN have SHAPE. Fields not listed are not read; a report
+# absent or null is not read either.
+_JSON_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a boolean": lambda v: isinstance(v, bool),
+    "an array": lambda v: isinstance(v, list),
+    "an object": lambda v: isinstance(v, dict),
+}
+METADATA_SHAPES: dict[str, Any] = {
+    META_SPEC: {
+        "arch": ["an integer"],
+        "pool": ["a string"],
+        "mode": "a string",
+        "assignment": [["a string"]],
+        "labels": ["a string"],
+        "preprocessing": "an object",
+        "metrics": {"test*": "a number"},
+    },
+    META_LOWERING: "a string",
+    META_PRECISION: "a string",
+    META_VERIFICATION: {"passed": "a boolean", "tolerance": "an object", "results": ["an object"]},
+    META_SELECTION: {
+        "chosen": "a string",
+        "median_ms": {"*": {"*": "a number"}},  # lowering -> {rows: ms}
+        "fp32": "an object",
+    },
+    META_QUANTIZATION: "an object",
+}
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in the words of _JSON_KINDS ("a number" for any number)."""
+    if value is None:
+        return "null"
+    return next(k for k, test in _JSON_KINDS.items() if k != "an integer" and test(value))
+
+
+def _children(value: list | dict, shape: list | dict, field: str) -> list[tuple[Any, Any, str]]:
+    """(shape, value, field) of each item of an array, or of each field of an object that
+    ``shape`` names."""
+    if isinstance(shape, list):
+        return [(shape[0], item, f"{field}[{i}]") for i, item in enumerate(value)]
+    children = []
+    for key, item in value.items():
+        named = next((s for pattern, s in shape.items() if fnmatch.fnmatchcase(key, pattern)), None)
+        if named is not None:
+            children.append((named, item, f"{field}.{key}" if field else key))
+    return children
+
+
+def shape_mismatch(value: Any, shape: Any, field: str = "") -> str | None:
+    """Where ``value`` first departs from ``shape`` (METADATA_SHAPES' notation), as
+    `` field 'F': expected KIND, got KIND`` (``: expected ...`` at the top); None if it fits."""
+    if isinstance(shape, str):
+        expected = shape
+    else:
+        expected = "an array" if isinstance(shape, list) else "an object"
+    if not _JSON_KINDS[expected](value):
+        named = f" field {field!r}" if field else ""
+        return f"{named}: expected {expected}, got {_json_kind(value)}"
+    if isinstance(shape, str):
+        return None
+    children = _children(value, shape, field)
+    return next((m for s, item, f in children if (m := shape_mismatch(item, s, f))), None)
+
+
+def check_metadata(metadata: dict[str, Any], *, n_features: int, n_classes: int) -> None:
+    """MetadataError for the first value serve would fail to read: each key of the shape of
+    METADATA_SHAPES, one label per output column, the architecture the graph's (n_features ->
+    n_classes), the spec consistent (contract.ModelSpec's checks)."""
+    for key, shape in METADATA_SHAPES.items():
+        value = metadata.get(key)
+        if value is not None and (mismatch := shape_mismatch(value, shape)):
+            raise MetadataError(f"metadata {key}{mismatch}")
+    precision = metadata.get(META_PRECISION, DEFAULT_PRECISION)
+    if precision not in PRECISIONS:
+        raise MetadataError(
+            f"metadata {META_PRECISION}: {orjson.dumps(precision).decode()}, expected one of "
+            f"{', '.join(PRECISIONS)}"
+        )
+    spec = metadata[META_SPEC]
+    labels, arch = spec.get("labels"), spec.get("arch")  # absent: ModelSpec names them
+    if labels is not None and len(labels) != n_classes:
+        raise MetadataError(
+            f"metadata {META_SPEC} field 'labels': expected {n_classes} labels (the model's "
+            f"output width), got {len(labels)}"
+        )
+    if arch is not None and (arch[:1] != [n_features] or arch[-1:] != [n_classes]):
+        raise MetadataError(
+            f"metadata {META_SPEC} field 'arch': {reprlib.repr(arch)} does not go from the "
+            f"model's input width {n_features} to its output width {n_classes}"
+        )
+    try:
+        ModelSpec.from_dict(spec).validate()
+    except SpecError as e:
+        raise MetadataError(f"metadata {META_SPEC}: {e}") from None
 
 
 def _read_config(entry: Path, *, root: Path, model: onnx.ModelProto) -> ModelConfigInfo:
@@ -286,6 +501,35 @@ def versions_to_serve(entry: Path, versions: list[Path], *, root: Path) -> list[
     return ordered[-keep:] if keep > 0 else ordered
 
 
+def _read_model(path: Path, *, root: Path, max_model_bytes: int) -> tuple[bytes, onnx.ModelProto]:
+    """The bytes of model.onnx and the model they hold; LoadError "cannot read PATH: why"."""
+    data = read_repository_file(
+        path, root=root, limit=max_model_bytes, limit_setting="SMARTMIXED_MAX_MODEL_BYTES"
+    )
+    if not data:
+        raise LoadError(f"cannot read {path}: empty file")
+    try:
+        return data, onnx.load_model_from_string(data)
+    except DecodeError as e:
+        raise LoadError(f"cannot read {path}: not an ONNX model ({e})") from None
+
+
+def _safe_contents(proto: onnx.ModelProto, *, path: Path) -> dict[str, Any]:
+    """The metadata of ``proto`` (read_metadata), once the model is known safe to hand to ONNX
+    Runtime: written by smartmixed-export, every tensor inline and finite. LoadError "PATH..."."""
+    if problem := external_data(proto):
+        raise LoadError(f"{path}: {problem}")
+    try:
+        metadata = read_metadata(proto)
+    except MetadataError as e:
+        raise LoadError(f"{path}: {e}") from None
+    if not isinstance(metadata.get(META_SPEC), dict):
+        raise LoadError(f"{path} has no {META_SPEC} metadata (not written by smartmixed-export)")
+    if nonfinite := nonfinite_initializers(proto):
+        raise LoadError(f"{path}: {'; '.join(nonfinite)}")
+    return metadata
+
+
 def load_version(
     name: str,
     version_dir: Path,
@@ -304,31 +548,11 @@ def load_version(
     root = version_dir.parent.parent if root is None else root
     path = version_dir / MODEL_FILE
     try:
-        data = read_repository_file(
-            path, root=root, limit=max_model_bytes, limit_setting="SMARTMIXED_MAX_MODEL_BYTES"
-        )
-        if not data:
-            raise LoadError(f"cannot read {path}: empty file")
-        try:
-            proto = onnx.load_model_from_string(data)
-        except DecodeError as e:
-            raise LoadError(f"cannot read {path}: not an ONNX model ({e})") from None
+        data, proto = _read_model(path, root=root, max_model_bytes=max_model_bytes)
         config = _read_config(version_dir.parent, root=root, model=proto)
+        metadata = _safe_contents(proto, path=path)
     except LoadError as e:
         raise LoadError(f"{where}: {e}") from None
-    metadata: dict[str, Any] = {}
-    for prop in proto.metadata_props:
-        if prop.key.startswith(METADATA_PREFIX):
-            try:
-                metadata[prop.key] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                metadata[prop.key] = prop.value
-    if not isinstance(metadata.get(META_SPEC), dict):
-        raise LoadError(
-            f"{where}: {path} has no {META_SPEC} metadata (not written by smartmixed-export)"
-        )
-    if nonfinite := nonfinite_initializers(proto):
-        raise LoadError(f"{where}: {path}: {'; '.join(nonfinite)}")
     try:
         session = make_session(data, device=device, threads=threads, name=where)
     except ProviderNotInBuild as e:  # the device, not this model: no "NAME/VERSION: " prefix
@@ -342,13 +566,18 @@ def load_version(
         raise LoadError(f"{where}: expected one input '{INPUT}' [batch, D]")
     if not outputs or not all(_is_batch_of_rows(o.shape) for o in outputs):
         raise LoadError(f"{where}: expected outputs [batch, C]")
+    n_features, n_classes = inputs[0].shape[1], outputs[0].shape[1]
+    try:
+        check_metadata(metadata, n_features=n_features, n_classes=n_classes)
+    except MetadataError as e:
+        raise LoadError(f"{where}: {path}: {e}") from None
     return ModelVersion(
         name=name,
         version=version_dir.name,
         path=path,
         session=session,
-        n_features=inputs[0].shape[1],
-        n_classes=outputs[0].shape[1],
+        n_features=n_features,
+        n_classes=n_classes,
         outputs=[o.name for o in outputs],
         metadata=metadata,
         config=config,

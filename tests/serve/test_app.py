@@ -330,9 +330,33 @@ def test_metrics(repository: Path) -> None:
     assert samples[("smartmixed_in_flight", relu)] == 0.0
 
 
+HEAD_PATHS = (
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/mixed",
+    "/v2/models/mixed/versions/1",
+    "/v2/models/mixed/ready",
+    "/v2/models/mixed/versions/1/ready",
+    "/v2/models/mixed/config",
+    "/v2/models/mixed/versions/1/config",
+    "/metrics",
+)
+
+
+@pytest.mark.parametrize("path", HEAD_PATHS)
+def test_head_answers_like_get_without_a_body(client: TestClient, path: str) -> None:
+    head, get = client.head(path), client.get(path)
+    assert (head.status_code, head.content, get.status_code) == (200, b"", 200)
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path != "/metrics":  # its counters move between the two requests
+        assert head.headers["content-length"] == str(len(get.content))
+
+
 def test_openapi_docs(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in schema["paths"]
+    assert list(schema["paths"]["/v2/models/{model_name}"]) == ["get"]  # HEAD: not an operation
     assert client.get("/docs").status_code == 200
 
 
