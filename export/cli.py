@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # warnings of the library (leftovers of interrupted exports removed, a non-atomic swap) on
+    # stderr, unless the caller has configured logging already
+    logging.basicConfig(format="smartmixed-export: %(message)s")
     thresholds = {
         key: value
         for key, value in (

@@ -158,3 +158,21 @@ def test_verify_only_checks_the_config_and_names_nan(entry: Path, tmp_path: Path
         f"smartmixed-export: verification failed: ONNX model: initializer {weight.name} holds "
         "2 inf values\n"
     )
+
+
+def test_a_symlinked_entry_is_refused_before_any_work(
+    run_dir: Path, entry: Path, tmp_path: Path, capsys
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny").symlink_to(entry)  # an entry is replaced whole: the link, not its folder
+    before = sorted(p.name for p in entry.rglob("*"))
+    argv = [str(run_dir), "--repository", str(models), "--version", "2"]
+    assert _export(capsys, *argv) == (
+        2,
+        f"smartmixed-export: error: {models / 'tiny'} is a symbolic link (to {entry}); export "
+        "replaces an entry folder as a whole: pass the --repository that holds the folder "
+        "itself\n",
+    )
+    assert sorted(p.name for p in entry.rglob("*")) == before
+    assert [p.name for p in models.iterdir()] == ["tiny"]

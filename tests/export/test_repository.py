@@ -41,7 +41,9 @@ def test_auto_export_writes_a_verified_triton_entry(run_dir: Path, tmp_path: Pat
     entry = models / "digits-mixed"
     assert sorted(p.name for p in entry.iterdir()) == ["1", "config.pbtxt"]
     assert sorted(p.name for p in (entry / "1").iterdir()) == ["export.json", "model.onnx"]
-    assert not [p for p in models.iterdir() if p.name.startswith(".")]
+    # no staging folder is left; the entry's lock file stays (a file: the server skips it)
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == [".digits-mixed.lock"]
+    assert (models / ".digits-mixed.lock").is_file()
 
     config = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == (
