@@ -50,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = ServeSettings(**overrides)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")  # a check across fields
+            for err in e.errors()
         )
         print(f"smartmixed-serve: error: {problems}", file=sys.stderr)
         return 2
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_header_bytes=settings.max_header_bytes,
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
+        max_unsent_bytes=settings.max_unsent_bytes,
         max_connections=http.connection_cap(settings.max_connections),
     )
     if limits.max_connections < settings.max_connections:

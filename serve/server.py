@@ -1,24 +1,45 @@
 """The HTTP/1.1 server: uvicorn's httptools protocol with the limits a public endpoint needs.
 
-uvicorn's httptools protocol (the fast one) has no header size limit, no header or body read
-timeout and no connection cap: one client streaming an endless header line grew the server by
-430 MB, 1,000 slow clients held every file descriptor, and an upload whose Content-Length
-exceeded its body held a request (and SIGTERM) forever (issue F). ``LimitedHttpProtocol`` adds,
-per connection:
+uvicorn's httptools protocol (the fast one) has no header size limit, no read or write timeout
+and no connection cap: one client streaming an endless header line grew the server by 430 MB,
+1,000 slow clients held every file descriptor, an upload whose Content-Length exceeded its body
+held a request (and SIGTERM) forever (issue F), and clients that never read their answers held
+their connections, their answers and SIGTERM forever. ``LimitedHttpProtocol`` adds, per
+connection:
 
 - **header size**: request line + headers over ``max_header_bytes`` get 431 and the connection
-  closes; httptools buffers an incomplete header in memory, so the bound is also a memory bound
-  (at most the limit plus one read);
-- **header and body read timeouts**: a request whose line and headers have not arrived
-  ``header_timeout_s`` after its first byte (or after the connection opened), or whose body has
-  not arrived ``body_timeout_s`` after its headers, gets 408 and is closed. One sweeper task per
-  server checks every connection once a second, so the hot path only stores two timestamps;
+  closes. The bytes are counted whatever the connection is doing, an answer to an earlier
+  (pipelined) request included: httptools buffers an incomplete header in memory and joins a
+  long value piece by piece (quadratic), so the bound is a memory and a CPU bound (at most the
+  limit plus one read);
+- **pipelining bounded**: at most MAX_PIPELINED requests wait behind the one being answered;
+  past that the connection is read no further and closes after their answers (a pipelining
+  client retries what was not answered, RFC 9112 section 9.3.2). One 256 KB read of tiny
+  requests would otherwise queue thousands of them;
+- **RFC 9112 section 3.2**: an HTTP/1.1 request with no Host header, or any request with more
+  than one, gets 400; so does a protocol upgrade (WebSocket, CONNECT), which the service has
+  no use for;
+- **read timeouts**: a request whose line and headers have not arrived ``header_timeout_s``
+  after its first byte (or after the connection opened), or whose body has not arrived
+  ``body_timeout_s`` after its headers, gets 408 and is closed;
+- **a write timeout**: an answer the client takes nothing of for ``send_timeout_s`` (writes
+  paused by flow control: uvloop's buffer over its high-water mark, the kernel's full) is
+  dropped and the connection reset (``transport.abort()``: ``close()`` would wait for a flush
+  that never comes, holding the descriptor and the answer). So is a connection closed with
+  unsent data that the client does not take. One sweeper task per server checks every
+  connection once a second, so the hot path only stores a few attributes;
+- **unsent answers bounded**: when the answers waiting for clients that stopped reading exceed
+  ``max_unsent_bytes`` server-wide, the connection stalled longest is reset;
 - **a connection cap**: ``max_connections``, lowered to stay under the process's open-file limit
-  (an exhausted limit makes every new client fail, health checks included). At the cap a new
-  connection takes the place of the connection that has been waiting longest with no request in
-  progress (idle keep-alive, or a slow client still sending headers); only when every connection
-  has a request in progress is the newcomer refused, with 503;
-- **parser errors** answered as JSON 400s, like every other client mistake;
+  (an exhausted limit makes every new client fail, health checks included). Every connection
+  counts until its descriptor is closed, closing ones included. At the cap a new connection
+  takes the place of one that blocks others for nothing: first one whose writes are stalled or
+  one closing, then the one waiting longest with no request in progress (idle keep-alive, or a
+  slow client still sending headers), then one with pipelined requests waiting (its client
+  retries them); only when every other connection has one request in progress is the newcomer
+  refused, with 503. A connection dropped with unsent data is reset, never closed with a flush;
+- **parser errors** answered as JSON 400s, like every other client mistake; an error that cannot
+  be answered in order (an earlier answer is still being sent) resets the connection;
 - **Retry-After, enforced**: a response whose ASGI scope carries ``PAUSE_READING`` (the app sets
   it on a load-shedding 503) stops reading that connection for that many seconds (up to 50% more,
   at random, so that shed clients do not return as one wave). Clients that
@@ -27,40 +48,57 @@ per connection:
   and admitted requests are not slowed;
 - **draining**: on shutdown an idle keep-alive connection is not closed under a client that may
   be writing its next request at that moment (the client would see a reset): its next request
-  is answered with ``Connection: close``, or it is closed after a short grace.
+  is answered with ``Connection: close``, or it is closed after a short grace. Pipelined
+  requests not yet started are dropped, and an answer the client takes nothing of for
+  DRAIN_SEND_TIMEOUT_S is not waited for, so a stop never waits on a client that does not read.
+
+A connection that goes away, however it goes, marks the request being answered as disconnected
+(uvicorn marks only the last request parsed, so a pipelined answer resumed after the loss wrote
+to a closed transport: one traceback per connection).
 
 ``run_server`` runs the app with these limits and a garbage collector tuned for serving: what
 exists once the models are loaded is frozen out of the collector's scans (``gc.freeze``) and
 young collections run every GC_THRESHOLDS[0] allocations instead of 700. At c=1024 the default
 collector's full scans stalled the event loop for ~100 ms at a time (health p99 104 ms; with
-this, 36 ms, and 30% more answered requests: issue F's overload measurement); SIGTERM drains and exits 0 (uvicorn re-raises the
-signal after draining, which makes a clean stop look like a crash to supervisors).
+this, 36 ms, and 30% more answered requests: issue F's overload measurement); SIGTERM drains and
+exits 0 (uvicorn re-raises the signal after draining, which makes a clean stop look like a crash
+to supervisors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
 import resource
 import signal
+import socket
+import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 log = logging.getLogger("smartmixed.serve")
 
-SWEEP_INTERVAL_S = 1.0  # how often the read timeouts are checked
+SWEEP_INTERVAL_S = 1.0  # how often the read and write timeouts are checked
 DRAIN_GRACE_S = 0.5  # shutdown: how long an idle keep-alive connection may still send a request
+DRAIN_SEND_TIMEOUT_S = 2.0  # shutdown: longest wait for a client that takes none of its answer
+MAX_PIPELINED = 16  # requests queued behind the one being answered, per connection
 GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold while serving (default 700, 10, 10)
 FD_RESERVE = 64  # descriptors kept free under the open-file limit (models, pools, logs, epoll)
 
+RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
 PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
 
 # Connection phases (what a connection is waiting for).
@@ -72,6 +110,8 @@ class ConnectionLimits:
     max_header_bytes: int
     header_timeout_s: float
     body_timeout_s: float
+    send_timeout_s: float
+    max_unsent_bytes: int
     max_connections: int
 
 
@@ -118,22 +158,43 @@ def _raw_response(status: int, message: str, *, retry_after: int | None = None) 
     return b"".join([*head, b"\r\n", body])
 
 
-class LimitedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header/body limits, a connection cap and a clean drain.
+class _Refused(Exception):
+    """Raised from a parser callback: answer ``status`` with ``message`` and close."""
 
-    ``limits`` and ``stats`` are class attributes, set by ``protocol_class`` (uvicorn builds
-    the protocol itself, with a fixed set of arguments).
+    def __init__(self, reason: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.status, self.message = reason, status, message
+
+
+class _PipelineFull(Exception):
+    """Raised from a parser callback: MAX_PIPELINED requests already wait on this connection."""
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header/body/send limits, a connection cap and a clean
+    drain.
+
+    ``limits``, ``stats`` and the shared state below are class attributes, set by
+    ``protocol_class`` for one server (uvicorn builds the protocol itself, with a fixed set of
+    arguments).
     """
 
     limits: ConnectionLimits
     stats: ConnectionStats
-    _sweepers: dict[int, asyncio.Task] = {}  # noqa: RUF012  (one per event loop, shared)
+    _sweepers: ClassVar[dict[int, asyncio.Task]] = {}  # one per event loop
+    _stalled: ClassVar[set[LimitedHttpProtocol]] = set()  # writes blocked (see pause_writing)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.phase = IDLE
         self.phase_since = time.monotonic()
-        self.header_bytes = 0
+        self.in_head = True  # the parser is reading a request line and headers
+        self.header_bytes = 0  # ... and has been fed this many bytes of them
+        self.active: RequestResponseCycle | None = None  # the request being answered
+        self.stalled_since: float | None = None  # when the client last took any of the answer
+        self.unsent = 0  # bytes of answer waiting in the transport at the last sweep
+        self.stopped_reading = False  # MAX_PIPELINED reached: nothing more is parsed
+        self.dropped = False  # reset or closed by a limit; its descriptor goes next loop turn
         self.draining = False
 
     # ---- connection life ----------------------------------------------------------------------
@@ -145,45 +206,111 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.stats.count("connection_limit")
             self._refuse(503, "server at its connection limit; retry later", retry_after=1)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        active = self.active
+        if active is not None and not active.response_complete:
+            # uvicorn marks only the last request parsed; the one being answered (pipelining)
+            # would otherwise resume and write to a closed transport
+            active.disconnected = True
+            active.message_event.set()
+        self.pipeline.clear()
+        self._stalled.discard(self)
+        super().connection_lost(exc)
+
     def _make_room(self) -> bool:
-        """At the cap: close the connection idle (or sending headers) the longest, if any."""
-        waiting = [
-            c
-            for c in self.connections
-            if c is not self and isinstance(c, LimitedHttpProtocol) and c.phase in (IDLE, HEADERS)
-        ]
-        if not waiting:
+        """At the cap: drop the connection that blocks others for nothing, if any (see the
+        module's docstring for the order)."""
+        chosen, chosen_key = None, None
+        for c in self.connections:
+            if c is self or not isinstance(c, LimitedHttpProtocol) or c.dropped:
+                continue
+            if c.stalled_since is not None or c.transport.is_closing():
+                key = (0, c.stalled_since or c.phase_since)
+            elif c.phase in (IDLE, HEADERS):
+                key = (1, c.phase_since)
+            elif c.pipeline:
+                key = (2, c.phase_since)
+            else:
+                continue
+            if chosen_key is None or key < chosen_key:
+                chosen, chosen_key = c, key
+        if chosen is None:
             return False
-        oldest = min(waiting, key=lambda c: c.phase_since)
         self.stats.count("evicted_at_connection_limit")
-        oldest.transport.close()
+        chosen._drop()
         return True
 
-    def _refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(_raw_response(status, message, retry_after=retry_after))
+    def _drop(self) -> None:
+        """Close, or reset when an answer is still unsent: a flush may never come."""
+        if self.transport.is_closing() or self.transport.get_write_buffer_size():
+            self._abort()
+        else:
+            self.dropped = True
             self.transport.close()
+
+    def _reset(self, reason: str, message: str) -> None:
+        self.stats.count(reason)
+        log.info("%s: reset: %s", self._peer(), message)
+        self._abort()
+
+    def _abort(self) -> None:
+        """Reset: close at once, unsent data dropped (the descriptor goes next loop turn). With
+        a zero linger the kernel drops its send queue too and sends RST; a plain close would
+        keep up to its send buffer (MBs) for a peer that never reads."""
+        self.dropped = True
+        self._stalled.discard(self)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # e.g. the peer is gone already
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+        self.transport.abort()
+
+    def _answer_in_progress(self) -> bool:
+        """An earlier answer is being made or is not sent yet: a refusal now would jump ahead
+        of it, or wait behind a client that may never read it."""
+        active = self.active
+        return (
+            active is not None and not active.response_complete and not active.disconnected
+        ) or self.transport.get_write_buffer_size() > 0
+
+    def _refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        """Answer ``status`` and close; reset instead when an earlier answer is in the way."""
+        if self.transport.is_closing():
+            return
+        if self._answer_in_progress():
+            self._abort()
+            return
+        self.transport.write(_raw_response(status, message, retry_after=retry_after))
+        self.transport.close()
 
     # ---- reading a request --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.stopped_reading:
+            return  # MAX_PIPELINED reached: what follows is never parsed
         self._unset_keepalive_if_required()
         if self.phase == IDLE:
-            self.phase, self.phase_since, self.header_bytes = HEADERS, time.monotonic(), 0
-        if self.phase == HEADERS:
+            self.phase, self.phase_since = HEADERS, time.monotonic()
+        if self.in_head:  # whatever the phase: a pipelined request's headers count too
             self.header_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._unsupported_upgrade_warning()
-            self._refuse(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__  # what the callback raised
+            if isinstance(cause, _Refused):
+                self._refused(cause)
+            elif isinstance(cause, _PipelineFull):
+                self._stop_reading()
+            else:  # e.g. uvicorn's URL parsing: its message, not "User callback error"
+                self._invalid(cause if isinstance(cause, httptools.HttpParserError) else e)
+            return
+        except httptools.HttpParserUpgrade:  # refused in on_headers_complete; kept for safety
+            self._refused(_Refused("upgrade", 400, "protocol upgrades are not supported"))
             return
         except httptools.HttpParserError as e:
-            self.stats.count("invalid_http")
-            log.info("%s: invalid HTTP request (%s)", self._peer(), e)
-            self._refuse(400, f"invalid HTTP request: {e}")
+            self._invalid(e)
             return
-        if self.phase == HEADERS and self.header_bytes > self.limits.max_header_bytes:
+        if self.in_head and self.header_bytes > self.limits.max_header_bytes:
             self.stats.count("header_too_large")
             log.info(
                 "%s: request headers over %d bytes", self._peer(), self.limits.max_header_bytes
@@ -192,14 +319,55 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 431, f"request line and headers are over {self.limits.max_header_bytes} bytes"
             )
 
+    def _invalid(self, error: Exception) -> None:
+        self.stats.count("invalid_http")
+        log.info("%s: invalid HTTP request (%s)", self._peer(), error)
+        self._refuse(400, f"invalid HTTP request: {error}")
+
+    def _refused(self, refusal: _Refused) -> None:
+        self.stats.count(refusal.reason)
+        log.info("%s: %s", self._peer(), refusal.message)
+        self._refuse(refusal.status, refusal.message)
+
+    def _stop_reading(self) -> None:
+        """MAX_PIPELINED requests wait: answer them, then close; parse nothing more."""
+        self.stats.count("pipeline_limit")
+        log.info("%s: over %d pipelined requests: closing after them", self._peer(), MAX_PIPELINED)
+        self.stopped_reading = True
+        self.flow.pause_reading()
+        self.cycle.keep_alive = False  # the last request queued: the connection closes after it
+
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        if parser.should_upgrade():
+            raise _Refused(
+                "upgrade", 400, "protocol upgrades (WebSocket, CONNECT) are not supported"
+            )
+        hosts = 0
+        for name, _ in self.headers:
+            if name == b"host":
+                hosts += 1
+        if hosts != 1 and (hosts or parser.get_http_version() == "1.1"):
+            raise _Refused(
+                "bad_host",
+                400,
+                f"expected one Host header, got {hosts} (RFC 9112 section 3.2)",
+            )
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _PipelineFull
         self.phase, self.phase_since = BODY, time.monotonic()
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.active = cycle
+        super()._start_asgi_task(cycle, app)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self.in_head, self.header_bytes = True, 0  # the next request's line and headers
         if self.cycle.response_complete:  # answered before its body was read (413, 503, ...)
             self.phase, self.phase_since = IDLE, time.monotonic()
         else:
@@ -220,8 +388,39 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(pause * (1 + 0.5 * random.random()), self._resume_reading)
 
     def _resume_reading(self) -> None:
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.stopped_reading:
             self.flow.resume_reading()
+
+    # ---- writing an answer --------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is over its high-water mark: the client is not keeping up."""
+        super().pause_writing()
+        self._stalled_now(time.monotonic())
+        self._enforce_unsent_budget()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stalled_since = None
+        self._stalled.discard(self)
+
+    def _stalled_now(self, now: float) -> None:
+        self.stalled_since, self.unsent = now, self.transport.get_write_buffer_size()
+        self._stalled.add(self)
+
+    def _enforce_unsent_budget(self) -> None:
+        """Over ``max_unsent_bytes`` waiting for clients that stopped reading: reset the
+        connections stalled longest (never this one: its answer has only just stalled)."""
+        stalled, budget = self._stalled, self.limits.max_unsent_bytes
+        sizes = {c: c.transport.get_write_buffer_size() for c in stalled}
+        total = sum(sizes.values())
+        if total <= budget:
+            return
+        for c in sorted(stalled - {self}, key=lambda c: c.stalled_since or 0.0):
+            c._reset("unsent_budget", f"answers not read are over {budget} bytes server-wide")
+            total -= sizes[c]
+            if total <= budget:
+                return
 
     # ---- timeouts -----------------------------------------------------------------------------
 
@@ -237,11 +436,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
             for c in list(connections):
-                if isinstance(c, LimitedHttpProtocol):
+                if isinstance(c, LimitedHttpProtocol) and not c.dropped:
                     c._check_timeouts(now)
 
     def _check_timeouts(self, now: float) -> None:
-        if self.transport.is_closing():
+        closing = self.transport.is_closing()
+        if self.stalled_since is None:
+            if closing and self.transport.get_write_buffer_size():
+                self._stalled_now(now)  # closed with an answer the client has not taken
+        elif self._check_send(now):
+            return
+        if closing:
             return
         waited = now - self.phase_since
         if self.phase == HEADERS and waited > self.limits.header_timeout_s:
@@ -253,11 +458,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.stats.count("idle_new_connection")
             self.transport.close()
 
+    def _check_send(self, now: float) -> bool:
+        """Reset the connection (True) when its client took none of the answer for the send
+        timeout (shorter while draining)."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self.unsent:  # the client took some
+            self.stalled_since = now
+        self.unsent = unsent
+        timeout = self.limits.send_timeout_s
+        if self.draining:
+            timeout = min(timeout, DRAIN_SEND_TIMEOUT_S)
+        if now - self.stalled_since <= timeout:
+            return False
+        self._reset("send_timeout", f"answer not read for {timeout} s ({unsent} bytes unsent)")
+        return True
+
     def _cut(self, reason: str, message: str) -> None:
         self.stats.count(reason)
         log.info("%s: closed: %s", self._peer(), message)
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app sees a disconnect, never writes after us
+        cycle = self.cycle
+        if cycle is not None and cycle is self.active and not cycle.response_started:
+            cycle.disconnected = True  # the app sees a disconnect, never writes after our 408
         self._refuse(408, f"request timeout: {message}")
 
     def _peer(self) -> str:
@@ -268,8 +489,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         """Graceful stop: answer what is in progress with Connection: close, then close."""
         self.draining = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
+        # requests queued behind the one being answered are dropped (the client retries them)
+        self.pipeline.clear()
+        active = self.active
+        if active is not None and not active.response_complete:
+            active.keep_alive = False
         elif self.phase == IDLE:
             self.loop.call_later(DRAIN_GRACE_S, self._close_if_idle)
 
@@ -282,7 +506,7 @@ def protocol_class(limits: ConnectionLimits, stats: ConnectionStats) -> type[Lim
     return type(
         "SmartmixedHttpProtocol",
         (LimitedHttpProtocol,),
-        {"limits": limits, "stats": stats, "_sweepers": {}},
+        {"limits": limits, "stats": stats, "_sweepers": {}, "_stalled": set()},
     )
 
 
@@ -312,6 +536,7 @@ def run_server(
         host=host,
         port=port,
         http=protocol_class(limits, stats),
+        ws="none",  # upgrades are refused by the protocol (400)
         loop="auto",
         log_level=log_level,
         access_log=False,

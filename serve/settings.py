@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -65,6 +65,18 @@ class ServeSettings(BaseSettings):
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="An idle keep-alive connection is closed after this time"
     )
+    send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A client that takes none of its answer for this long (writes blocked) "
+        "is disconnected (reset) and the answer dropped",
+    )
+    max_unsent_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Most answer bytes waiting, server-wide, for clients that stopped reading; "
+        "past it the connection stalled longest is reset",
+    )
     max_connections: int = Field(
         2048,
         ge=8,
@@ -85,6 +97,13 @@ class ServeSettings(BaseSettings):
         "then is dropped with 503",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 503")
+    max_body_bytes_in_flight: int | None = Field(
+        None,
+        ge=1024,
+        description="Most request-body bytes held at once, server-wide: each request's "
+        "Content-Length, reserved before its body is read, held until it is answered; more "
+        "get 503 with Retry-After (default: 2 x max_request_bytes)",
+    )
     # ---- repository (serve/runtime.py) -------------------------------------------------------
     max_model_bytes: int = Field(
         1024**3, ge=1024, description="Largest model.onnx the server will read"
@@ -99,6 +118,21 @@ class ServeSettings(BaseSettings):
         text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         return text if text.strip() else None
 
+    @model_validator(mode="after")
+    def _body_budget_fits_a_request(self):
+        budget = self.max_body_bytes_in_flight
+        if budget is not None and budget < self.max_request_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({budget}) is below max_request_bytes "
+                f"({self.max_request_bytes}): a request of the largest size could never be read"
+            )
+        return self
+
     @property
     def batching(self) -> bool:
         return self.max_batch_size > 1 and self.max_batch_delay_ms > 0
+
+    @property
+    def body_budget(self) -> int:
+        """max_body_bytes_in_flight, or its default: two requests of the largest size."""
+        return self.max_body_bytes_in_flight or 2 * self.max_request_bytes

@@ -22,6 +22,8 @@ import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
+from smartmixed.serve.cli import main as serve_main
+
 # Settings from the environment; a long request deadline because held requests are admitted
 # (and their deadline starts) before their bodies arrive.
 ENV = {"SMARTMIXED_MAX_BATCH_SIZE": "32", "SMARTMIXED_REQUEST_TIMEOUT_S": "60"}
@@ -179,3 +181,11 @@ def test_refuses_to_start_on_a_bad_repository(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "m/1: cannot read" in result.stderr + result.stdout
+
+
+def test_a_body_budget_below_the_largest_request_is_refused(capsys) -> None:
+    assert serve_main(["--max-request-bytes", "4096", "--max-body-bytes-in-flight", "2048"]) == 2
+    assert capsys.readouterr().err == (
+        "smartmixed-serve: error: max_body_bytes_in_flight (2048) is below max_request_bytes "
+        "(4096): a request of the largest size could never be read\n"
+    )
