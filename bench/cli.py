@@ -43,13 +43,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "soak": (
         "reliability of smartmixed-serve: soak, overload, slow clients, a huge header, "
-        "SIGTERM under load",
+        "SIGTERM under load, wire attacks",
         "Start smartmixed-serve on 127.0.0.1 (one fresh server per scenario, over a "
         "random-weight model; or target --url) and attack it: a soak at concurrency 64 (errors, "
         "p99, RSS growth), overload at 1024 (503s, longest 200, health p99), 1,000 slowloris "
         "connections with the server's open-file limit at 1024, one 100 MB header line, SIGTERM "
-        "under load (failed requests, exit code); writes DIR/soak.{json,md,png}. About 2 minutes "
-        "with the defaults. Targets are reported, never asserted.",
+        "under load (failed requests, exit code); then the wire attacks, each at the server's "
+        "own connection cap and at a cap of 16: clients that never read their answers (and "
+        "SIGTERM meanwhile), an endless header behind pipelined answers, answers left unsent "
+        "at a half-close, slow bodies on every route that reads one (health, RSS, descriptors, "
+        "tracebacks); writes DIR/soak.{json,md,png}. About 4 to 5 minutes with the defaults. "
+        "Targets are reported, never asserted.",
     ),
     "study": (
         "seeded grid of training runs (architectures x models x seeds), ranks and MRR",
@@ -128,8 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     so.add_argument(
         "--scenarios",
-        default="soak,overload,slow,header,sigterm",
-        help="which to run (default all: soak,overload,slow,header,sigterm)",
+        default="all",
+        help="which to run: all (the default), wire (the wire attacks) or some of soak,overload,"
+        "slow,header,sigterm,slow-readers,slow-readers-sigterm,pipelined-header,unsent-close,"
+        "slow-bodies",
+    )
+    so.add_argument(
+        "--wire-caps",
+        default="default,16",
+        help="connection caps the wire attacks run at, a row each: default (the server's own, "
+        "from max_connections and --wire-nofile) and/or numbers set as "
+        "SMARTMIXED_MAX_CONNECTIONS (default: default,16)",
     )
     so.add_argument("--arch", help="layer widths of the built model (default: the paper's)")
     so.add_argument(
@@ -170,9 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
         "header_mb": "header: size of the header line (MB)",
         "header_limit_s": "header: give up after this many seconds",
         "sigterm_concurrency": "sigterm: connections",
-        "sigterm_after_s": "sigterm: seconds of load before SIGTERM",
-        "drain_limit_s": "sigterm: kill the server after this many s",
+        "sigterm_after_s": "sigterm, slow-readers-sigterm: seconds of load before SIGTERM",
+        "drain_limit_s": "sigterm, slow-readers-sigterm: kill the server after this many s",
         "probe_interval_ms": "health probe period (a new connection each)",
+        "wire_nofile": "wire attacks: the server's open-file limit (its own cap is this - 64)",
+        "wire_overcommit": "slow-readers, unsent-close: connections per slot of the cap",
+        "wire_duration_s": "wire attacks: seconds each attack lasts",
+        "readers_requests": "slow-readers: pipelined GET /openapi.json per connection",
+        "readers_rcvbuf": "slow-readers, unsent-close: the clients' receive buffer (bytes)",
+        "sigterm_readers": "slow-readers-sigterm: slow readers connected at the signal",
+        "pipelined_connections": "pipelined-header: connections",
+        "pipelined_requests": "pipelined-header: infer requests pipelined before the header",
+        "pipelined_rows": "pipelined-header: rows per infer request",
+        "unsent_id_mb": "unsent-close, pipelined-header: size of the request id an answer "
+        "echoes (MB)",
+        "bodies_clients": "slow-bodies: clients per route",
+        "bodies_mib": "slow-bodies: body size (MiB; at most the server's max_request_bytes)",
+        "bodies_send_s": "slow-bodies: seconds each body takes to send",
     }
     defaults = SoakOptions()
     for option in fields(SoakOptions):

@@ -9,13 +9,28 @@ model, unless ``url`` targets a running server. Every number comes from the clie
 (reported, never asserted). A scenario that fails (the server does not start, dies, a tool
 breaks) is recorded with its reason and the suite goes on.
 
-The scenarios, their options and targets are in ``soak_scenarios``; the clients and the health
-prober in ``soak_clients``; the server under attack in ``soak_server``; soak.md and soak.png in
-``soak_report``.
+The scenarios, their options and targets are in ``soak_scenarios`` (soak, overload, slow,
+header, sigterm) and ``soak_wire`` (the wire attacks: slow-readers, slow-readers-sigterm,
+pipelined-header, unsent-close, slow-bodies; each once per cap of ``wire_caps``, a row per
+cap); the clients and the health prober in ``soak_clients``; the server under attack in
+``soak_server``; soak.md and soak.png in ``soak_report``. ``--scenarios`` takes names, ``all``
+(the default) or ``wire`` (the wire attacks).
 
-A full default run takes about 2 minutes (60 + 20 + 25 + 5 s of load, one server start per
-scenario, the model build); a server that hangs stretches it towards 4 (up to 10 s of in-flight
-overload requests, the 30 s header limit, the 40 s drain limit).
+A full default run takes about 4 to 5 minutes: 2 for the first five (60 + 20 + 25 + 5 s of
+load, one server start per scenario, the model build), 2 to 3 for the wire attacks (10 rows of
+about 10 s each, a server start each); a server that hangs stretches it (up to 10 s of
+in-flight overload requests, the 30 s header limit, the 40 s drain limit, twice for the SIGTERM
+with slow readers).
+
+soak.json (stable keys): ``config`` {source, model, arch, repository, url, pid, scenarios,
+wire_caps, options, seed, server_env, server_settings, probe, wrk_version}, ``server_command``,
+``server_command_shell``, ``machine``, ``scenarios`` {ROW: {status, error, config, server,
+measured, targets, meets_target, series, elapsed_s}}, ``summary`` {ROW: {status, met, missed,
+of}}, ``elapsed_s``. ROW is a scenario's name, or SCENARIO@capN for a wire attack at a cap of
+N set with SMARTMIXED_MAX_CONNECTIONS; ``targets`` {KEY: {op, limit}} name keys of
+``measured``; ``server`` {pid, nofile, command_shell, connection_cap, connection_cap_source
+(server log | computed), log {lines, tracebacks}, and on failure exit_code, log_tail}; a wire
+row's ``config`` holds its connection_cap and server_nofile.
 """
 
 from __future__ import annotations
@@ -56,23 +71,55 @@ from smartmixed.bench.soak_server import (
     HEALTH_PATH,
     Server,
     SoakError,
+    connection_cap,
     read_nofile,
     read_rss_mib,
     shell_command,
     started_server,
 )
-from smartmixed.contract import SpecError, parse_arch, split_list
+from smartmixed.bench.soak_wire import (
+    WIRE_RUNNERS,
+    WIRE_SCENARIOS,
+    WIRE_TARGETS,
+    row_name,
+)
+from smartmixed.contract import SpecError, parse_arch, parse_positive_ints, split_list
 
 GENERATED_MODEL = "mixed"
+ALL_SCENARIOS = (*SCENARIOS, *WIRE_SCENARIOS)
+ALL_TARGETS = {**TARGETS, **WIRE_TARGETS}
+RUNNERS = {**SCENARIO_RUNNERS, **WIRE_RUNNERS}
+GROUPS = {"all": ALL_SCENARIOS, "wire": WIRE_SCENARIOS}
+STOPS_SERVER = ("sigterm", "slow-readers-sigterm")  # no server left to check after these
+DEFAULT_CAP = "default"  # a wire row at the server's own connection cap
+MIN_CAP = 8  # serve's smallest max_connections
 
 
 def parse_scenarios(text: str | Sequence[str]) -> list[str]:
-    """'soak,header' -> ['soak', 'header'] in the suite's order."""
+    """'soak,header' -> ['soak', 'header'] in the suite's order; 'all', 'wire' name groups."""
     items = split_list(text)
-    bad = [v for v in items if v not in SCENARIOS]
+    bad = [v for v in items if v not in ALL_SCENARIOS and v not in GROUPS]
     if not items or bad:
-        raise SoakError(f"--scenarios: expected some of {','.join(SCENARIOS)} (got {text!r})")
-    return [s for s in SCENARIOS if s in items]
+        raise SoakError(
+            f"--scenarios: expected all, wire or some of {','.join(ALL_SCENARIOS)} (got {text!r})"
+        )
+    chosen = {s for v in items for s in GROUPS.get(v, (v,))}
+    return [s for s in ALL_SCENARIOS if s in chosen]
+
+
+def parse_caps(text: str | Sequence[str | int]) -> list[int | None]:
+    """'default,16' -> [None, 16]: the connection caps the wire attacks run at (None: the
+    server's own, from max_connections and its open-file limit)."""
+    items = split_list(text) if isinstance(text, str) else [str(v) for v in text]
+    numbers = [v for v in items if v != DEFAULT_CAP]
+    error = SoakError(f"--wire-caps: expected default and/or integers >= {MIN_CAP} (got {text!r})")
+    try:
+        caps = parse_positive_ints(numbers, "--wire-caps") if numbers else []
+    except ValueError:
+        raise error from None
+    if not items or any(c < MIN_CAP for c in caps):
+        raise error
+    return [None] * (DEFAULT_CAP in items) + caps
 
 
 def parse_server_env(items: Sequence[str]) -> dict[str, str]:
@@ -159,7 +206,8 @@ def _source(
 
 def measure_soak(
     *,
-    scenarios: str | Sequence[str] = SCENARIOS,
+    scenarios: str | Sequence[str] = "all",
+    wire_caps: str | Sequence[str | int] = "default,16",
     url: str | None = None,
     pid: int | None = None,
     repository: Path | str | None = None,
@@ -177,6 +225,7 @@ def measure_soak(
     """
     started = time.perf_counter()
     names = parse_scenarios(scenarios)
+    caps = parse_caps(wire_caps)
     options = options or SoakOptions()
     env = dict(server_env) if isinstance(server_env, Mapping) else parse_server_env(server_env)
     source = _source(
@@ -191,13 +240,19 @@ def measure_soak(
     effective = inherited | env if source.kind != "url" else {}
     deadline_s = server_setting("request_timeout_s", effective)
     header_timeout_s = server_setting("header_timeout_s", effective)
+    # one row per scenario; a wire attack once per cap (its server's env sets the cap)
+    rows = [
+        (row_name(name, cap), name, cap)
+        for name in names
+        for cap in (caps if name in WIRE_SCENARIOS else [None])
+    ]
     use_wrk = _has_wrk()
     results: dict[str, dict[str, Any]] = {}
     command: list[str] | None = None
     load_avg = [os.getloadavg()]
     with (
         tempfile.TemporaryDirectory(prefix="smartmixed-bench-soak-") as tmp,
-        tqdm(names, desc="soak scenarios", disable=not progress) as bar,
+        tqdm(rows, desc="soak scenarios", disable=not progress) as bar,
     ):
         work = Path(tmp)
         repo_dir = source.repository
@@ -207,14 +262,21 @@ def measure_soak(
         if repo_dir is not None:
             command = server_command(repo_dir, 0)  # the port differs per scenario: PORT below
             command[command.index("--port") + 1] = "PORT"
-        for name in bar:
-            bar.set_postfix_str(name)
-            nofile = options.slow_nofile if name == "slow" else None
-            results[name] = _run_scenario(
+        for row, name, cap in bar:
+            bar.set_postfix_str(row)
+            nofile, row_env = None, dict(effective)
+            if name == "slow":
+                nofile = options.slow_nofile
+            elif name in WIRE_SCENARIOS:
+                nofile = options.wire_nofile
+                if cap is not None:
+                    row_env["SMARTMIXED_MAX_CONNECTIONS"] = str(cap)
+            results[row] = _run_scenario(
+                row,
                 name,
                 source=source,
                 repository=repo_dir,
-                env=effective,
+                env=row_env,
                 nofile=nofile,
                 options=options,
                 deadline_s=deadline_s,
@@ -233,6 +295,7 @@ def measure_soak(
             "url": source.url,
             "pid": source.pid,
             "scenarios": names,
+            "wire_caps": [DEFAULT_CAP if c is None else c for c in caps],
             "options": asdict(options),
             "seed": seed,
             "server_env": effective if source.kind != "url" else None,
@@ -259,6 +322,7 @@ def measure_soak(
 
 
 def _run_scenario(
+    row: str,
     name: str,
     *,
     source: Source,
@@ -272,8 +336,10 @@ def _run_scenario(
     use_wrk: bool,
     seed: int,
 ) -> dict[str, Any]:
-    """One scenario on its own server; every failure is recorded, never raised."""
-    targets = {key: {"op": op, "limit": limit} for key, (op, limit) in TARGETS[name].items()}
+    """One scenario (``row``: with its cap) on its own server; every failure is recorded,
+    never raised."""
+    goals = ALL_TARGETS[name]
+    targets = {key: {"op": op, "limit": limit} for key, (op, limit) in goals.items()}
     entry: dict[str, Any] = {
         "status": "ok",
         "error": None,
@@ -281,7 +347,7 @@ def _run_scenario(
         "server": {},
         "measured": {},
         "targets": targets,
-        "meets_target": dict.fromkeys(TARGETS[name]),
+        "meets_target": dict.fromkeys(goals),
         "series": {},
     }
     t0 = time.perf_counter()
@@ -290,6 +356,13 @@ def _run_scenario(
         entry.update(
             status="skipped",
             error="needs a server the bench starts (it would signal a process it did not start)",
+        )
+        return entry
+    if name in WIRE_SCENARIOS and source.kind == "url":
+        entry.update(
+            status="skipped",
+            error="needs a server the bench starts (its open-file limit and connection cap "
+            "are set per row)",
         )
         return entry
     try:
@@ -302,13 +375,18 @@ def _run_scenario(
                 )
             else:
                 assert repository is not None
-                log_path = work / f"server-{name}.log"
+                log_path = work / f"server-{row}.log"
                 server = stack.enter_context(
                     started_server(repository, env=env, nofile=nofile, log_path=log_path)
                 )
                 entry["server"]["command_shell"] = shell_command(server.process.args, env, nofile)
             entry["server"].update(pid=server.pid, nofile=server.nofile)
             target = prepare_target(server.url, source.model, seed=seed, batching=None)
+            cap, cap_source = None, None
+            if server.process is not None:
+                max_connections = int(server_setting("max_connections", env))
+                cap, cap_source = connection_cap(server, max_connections=max_connections)
+                entry["server"].update(connection_cap=cap, connection_cap_source=cap_source)
             run = Run(
                 server=server,
                 target=target,
@@ -318,12 +396,16 @@ def _run_scenario(
                 work=work,
                 use_wrk=use_wrk,
                 config=entry["config"],
+                connection_cap=cap,
+                settings={
+                    k: server_setting(k, env) for k in ("max_request_bytes", "body_timeout_s")
+                },
             )
-            measured, series = SCENARIO_RUNNERS[name](run)
-            if name != "sigterm":
+            measured, series = RUNNERS[name](run)
+            if name not in STOPS_SERVER:
                 measured["server_alive"] = server.alive()
             entry["measured"], entry["series"] = measured, series
-            entry["meets_target"] = evaluate(measured, TARGETS[name])
+            entry["meets_target"] = evaluate(measured, goals)
             entry["server"]["log"] = server.log_counts()
     except Exception as e:  # recorded, not raised: a scenario that breaks the server is a finding
         entry.update(status="failed", error=f"{type(e).__name__}: {e}")

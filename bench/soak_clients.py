@@ -7,12 +7,20 @@
 - ``Prober``: health or infer probes from a separate process (stdlib only, so the bench's busy
   event loop never delays one), a NEW connection per probe as the kubelet opens;
   ``summarize_probes`` turns its samples into percentiles and failures.
+- The wire attacks, on raw non-blocking sockets: ``open_slow_readers`` (pipelined requests
+  behind a tiny receive buffer, never read), ``pipelined_header`` (an endless header behind
+  pipelined answers, with what the server took of it), ``unsent_close`` (a large answer never
+  read, then a half-close), ``slow_uploads`` (bodies paced over seconds); ``tcp_state`` tells
+  whether the server has closed a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -64,43 +72,43 @@ class Reply:
 
 
 async def read_reply(reader: asyncio.StreamReader) -> Reply:
-    """One HTTP/1.1 response (Content-Length, chunked or read-to-close body)."""
-    buf = bytearray()
+    """One HTTP/1.1 response (Content-Length, chunked or read-to-close body); the bytes after
+    it stay in ``reader`` for the next one (pipelined answers). NoResponse: the connection
+    closed or was reset before a whole status line and headers; CutResponse: after them, or
+    the bytes are not HTTP."""
     try:
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            chunk = await reader.read(65536)
-            if not chunk:
-                raise CutResponse() if buf else NoResponse()
-            buf += chunk
-        head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    except asyncio.IncompleteReadError as e:
+        raise CutResponse() if e.partial else NoResponse() from None
+    except OSError:
+        raise NoResponse() from None
+    except asyncio.LimitOverrunError:
+        raise CutResponse() from None  # no end of headers within the reader's limit
+    try:
         status = int(head[0].split(" ", 2)[1])
         headers = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        body = buf[end + 4 :]
         close = headers.get("connection", "").lower() == "close"
         if "content-length" in headers:
-            missing = int(headers["content-length"]) - len(body)
-            while missing > 0:
-                chunk = await reader.read(min(missing, 65536))
-                if not chunk:
-                    raise CutResponse()
-                missing -= len(chunk)
+            await reader.readexactly(int(headers["content-length"]))
         elif "chunked" in headers.get("transfer-encoding", "").lower():
-            while not body.endswith(b"0\r\n\r\n"):  # the last chunk (no trailers here)
-                chunk = await reader.read(65536)
-                if not chunk:
-                    raise CutResponse()
-                body += chunk
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await reader.readexactly(size + 2)  # the chunk and its CRLF
+            await reader.readuntil(b"\r\n")  # the end of the (empty) trailers
         else:
             while await reader.read(65536):  # no length: the body ends with the connection
                 pass
             close = True
-    except (OSError, asyncio.IncompleteReadError):
-        raise CutResponse() if buf else NoResponse() from None
-    except (ValueError, IndexError):
-        raise CutResponse() from None  # not an HTTP response
+    except (
+        OSError,
+        ValueError,
+        IndexError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+    ):
+        raise CutResponse() from None  # cut partway, or not an HTTP response
     return Reply(status=status, retry_after="retry-after" in headers, close=close)
 
 
@@ -309,3 +317,344 @@ def percentile_values(values: Sequence[float], qs: Sequence[float]) -> list[floa
 
 def rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(float(value), digits)
+
+
+# ---- wire attacks: raw non-blocking sockets whose buffers, reads and closes the bench controls.
+# They run on asyncio's selector loop (``asyncio.run``), which lets one socket wait for reading
+# in one task and for writing in another.
+
+SEND_TIMEOUT_S = 5.0  # a request the server does not take within this is a send timeout
+ANSWER_TIMEOUT_S = 10.0
+BODY_CHUNK = 64 * 1024
+QUEUE_SAMPLE_S = 0.2  # pipelined header: how often the socket queues are read
+# TCP states (include/net/tcp_states.h) in which the server has not closed its side yet
+_TCP_STATES = {
+    1: "established",
+    2: "syn_sent",
+    3: "syn_recv",
+    4: "fin_wait1",
+    5: "fin_wait2",
+    6: "time_wait",
+    7: "close",
+    8: "close_wait",
+    9: "last_ack",
+    10: "listen",
+    11: "closing",
+}
+SERVER_OPEN_STATES = ("established", "syn_sent", "fin_wait1", "fin_wait2")
+
+
+def tcp_state(sock: socket.socket) -> str:
+    """The kernel's TCP state of a client socket (TCP_INFO's first byte): "established" while
+    the server keeps the connection, "fin_wait2" after our half-close, "close_wait" once the
+    server closed it, "close" after a reset."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return "close"
+    return _TCP_STATES.get(info[0], str(info[0]))
+
+
+def error_kind(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
+        return "client_fds"
+    return "timeout" if isinstance(e, TimeoutError) else type(e).__name__
+
+
+async def open_socket(host: str, port: int, *, rcvbuf: int | None = None) -> socket.socket:
+    """A connected non-blocking socket; ``rcvbuf`` (SO_RCVBUF) is set before connect, so the
+    window the server sees is small from the first byte."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def wait_ready(sock: socket.socket, *, write: bool) -> None:
+    """Until the socket is writable (``write``) or readable, without reading from it."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def done() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(sock, done)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(sock)
+
+
+async def send_some(sock: socket.socket, data: bytes | memoryview) -> int:
+    """What the kernel takes of ``data`` now (> 0 bytes), waiting until it takes some: the
+    count of bytes sent stays exact when the caller stops waiting."""
+    while True:
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            await wait_ready(sock, write=True)
+
+
+async def send_all(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Send all of ``data``; returns the bytes sent (an exception stops it)."""
+    view, sent = memoryview(data), 0
+    while sent < len(view):
+        sent += await send_some(sock, view[sent:])
+    return sent
+
+
+class Replies:
+    """Reads a socket in a task and parses the HTTP answers on it: ``statuses`` counts them,
+    ``ended`` says how the stream ended (None: still open; "eof", "reset", ...). With
+    ``read_until`` N it stops reading once N answers have arrived (what follows stays unread,
+    in the socket's buffers and the server's)."""
+
+    def __init__(self, sock: socket.socket, *, read_until: int | None = None) -> None:
+        self.statuses: Counter[int] = Counter()
+        self.ended: str | None = None
+        self._read_until = read_until
+        self._parsed = asyncio.Event()
+        self._stream = asyncio.StreamReader(limit=2**24)
+        self._tasks = [
+            asyncio.ensure_future(self._receive(sock)),
+            asyncio.ensure_future(self._parse()),
+        ]
+
+    @property
+    def answered(self) -> int:
+        return sum(self.statuses.values())
+
+    async def _receive(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._read_until is None or self.answered < self._read_until:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    self.ended = "eof"
+                    break
+                self._stream.feed_data(data)
+                await asyncio.sleep(0)  # let the parser count what arrived
+        except OSError as e:
+            self.ended = error_kind(e)
+        if self.ended is not None:
+            self._stream.feed_eof()
+
+    async def _parse(self) -> None:
+        while True:
+            try:
+                reply = await read_reply(self._stream)
+            except (NoResponse, CutResponse):
+                return
+            self.statuses[reply.status] += 1
+
+    async def first(self, timeout: float) -> int | str:
+        """The status of the first answer, or how waiting for it ended."""
+        end = time.monotonic() + timeout
+        while not self.statuses:
+            if self._tasks[1].done():
+                return "no_response" if self.ended in (None, "eof") else self.ended
+            if time.monotonic() >= end:
+                return "timeout"
+            await asyncio.sleep(0.01)
+        return next(iter(self.statuses))
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+async def open_slow_readers(
+    host: str, port: int, *, connections: int, payload: bytes, rcvbuf: int
+) -> tuple[list[socket.socket], Counter[str]]:
+    """``connections`` sockets with a ``rcvbuf``-byte receive buffer, each sending ``payload``
+    (pipelined requests) and never reading an answer. Returns the sockets that sent it and the
+    errors of the others (closed)."""
+    errors: Counter[str] = Counter()
+
+    async def one() -> socket.socket | None:
+        try:
+            sock = await open_socket(host, port, rcvbuf=rcvbuf)
+        except (OSError, TimeoutError) as e:
+            errors[error_kind(e)] += 1
+            return None
+        try:
+            await asyncio.wait_for(send_all(sock, payload), SEND_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            errors[f"send_{error_kind(e)}"] += 1
+        return sock  # held even when the server stopped reading: it is still a connection
+
+    socks = await asyncio.gather(*(one() for _ in range(connections)))
+    return [s for s in socks if s is not None], errors
+
+
+def close_sockets(socks: Sequence[socket.socket]) -> None:
+    """Close every socket (one holding unread answer bytes is reset by the kernel)."""
+    for sock in socks:
+        sock.close()
+
+
+async def pipelined_header(
+    host: str,
+    port: int,
+    *,
+    connections: int,
+    requests: bytes,
+    read_answers: int,
+    header_start: bytes,
+    duration: float,
+) -> list[dict[str, Any]]:
+    """``connections`` clients that each send ``requests`` (pipelined; the first
+    ``read_answers`` answers are read as they come, the rest never) and then ``header_start``
+    and an endless header value in 64 KiB chunks, until the server closes the connection or
+    ``duration`` s pass. What the server took of the header (pad: the request line on) is
+    estimated from the socket queues every QUEUE_SAMPLE_S s: written to the kernel, minus what
+    the client's socket still holds, minus what the server has not read yet (/proc/net/tcp),
+    minus the requests. One record per connection (pad_sent, pad_accepted in bytes)."""
+    from smartmixed.bench.soak_server import read_tcp_sockets
+
+    chunk = b"a" * BODY_CHUNK
+    end = time.monotonic() + duration
+    records: list[dict[str, Any]] = []
+
+    async def one() -> None:
+        record: dict[str, Any] = {"error": None, "pad_sent": 0, "pad_accepted": 0}
+        records.append(record)
+        try:
+            sock = await open_socket(host, port)
+        except (OSError, TimeoutError) as e:
+            record["error"] = error_kind(e)
+            return
+        client_port = sock.getsockname()[1]
+        replies = Replies(sock, read_until=read_answers)
+        written = 0
+        t_pad = time.monotonic()
+
+        def estimate() -> None:
+            sockets = read_tcp_sockets()
+            mine, theirs = sockets.get((client_port, port)), sockets.get((port, client_port))
+            if mine is None or theirs is None or theirs.inode == 0:
+                return  # the server closed it: the last estimate stands
+            accepted = written - mine.tx_queue - theirs.rx_queue - len(requests)
+            record["pad_accepted"] = max(accepted, 0, record["pad_accepted"])
+
+        async def watch() -> None:
+            while True:
+                estimate()
+                await asyncio.sleep(QUEUE_SAMPLE_S)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            for data in (requests, header_start):
+                view = memoryview(data)
+                while view and time.monotonic() < end:
+                    n = await asyncio.wait_for(send_some(sock, view), end - time.monotonic())
+                    view, written = view[n:], written + n
+            t_pad = time.monotonic()
+            while time.monotonic() < end and replies.ended is None:
+                written += await asyncio.wait_for(send_some(sock, chunk), end - time.monotonic())
+        except TimeoutError:
+            pass  # the duration is over while the server was not reading
+        except OSError as e:
+            record["send_ended"] = error_kind(e)
+        record["pad_sent"] = max(written - len(requests), 0)
+        estimate()
+        watcher.cancel()
+        await asyncio.sleep(QUEUE_SAMPLE_S)  # answers already on their way
+        record["closed_by_server"] = replies.ended is not None or tcp_state(sock) not in (
+            SERVER_OPEN_STATES
+        )
+        record["pad_s"] = round(time.monotonic() - t_pad, 3)
+        record["answers"] = dict(sorted(replies.statuses.items()))
+        replies.stop()
+        sock.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return records
+
+
+async def unsent_close(
+    host: str, port: int, *, connections: int, request: bytes, rcvbuf: int, ramp: float
+) -> tuple[list[socket.socket], list[dict[str, Any]]]:
+    """``connections`` clients opened evenly over ``ramp`` s, each with a ``rcvbuf``-byte
+    receive buffer: it sends ``request`` (whose answer is larger than every buffer on the way),
+    never reads, and half-closes (shutdown SHUT_WR) once the answer has started to arrive (or
+    after SEND_TIMEOUT_S). The sockets stay open for the caller to hold, then close; one
+    record per client (error, sent, answered)."""
+    records: list[dict[str, Any]] = []
+    socks: list[socket.socket] = []
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(ramp * i / connections)
+        record: dict[str, Any] = {"error": None, "sent": False, "answered": False}
+        records.append(record)
+        try:
+            sock = await open_socket(host, port, rcvbuf=rcvbuf)
+        except (OSError, TimeoutError) as e:
+            record["error"] = error_kind(e)
+            return
+        socks.append(sock)
+        try:
+            await asyncio.wait_for(send_all(sock, request), SEND_TIMEOUT_S)
+            record["sent"] = True
+            await asyncio.wait_for(wait_ready(sock, write=False), SEND_TIMEOUT_S)
+            record["answered"] = True  # bytes wait in the receive buffer, never read
+        except (OSError, TimeoutError) as e:
+            record["error"] = error_kind(e)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return socks, records
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A request whose body a slow-body client uploads: its route, head and whole body."""
+
+    route: str
+    head: bytes
+    body: bytes
+
+
+async def slow_uploads(
+    host: str, port: int, *, uploads: Sequence[Upload], seconds: float
+) -> list[dict[str, Any]]:
+    """Every upload at once, on its own connection: the head, then the body in 64 KiB chunks
+    paced evenly over ``seconds``; then its answer (an early answer stops the upload). One
+    record per upload: route, status (or how it ended), body bytes sent."""
+
+    async def one(upload: Upload) -> dict[str, Any]:
+        record: dict[str, Any] = {"route": upload.route, "status": None, "sent": 0}
+        t0 = time.monotonic()
+        try:
+            sock = await open_socket(host, port)
+        except (OSError, TimeoutError) as e:
+            record["status"] = f"connect_{error_kind(e)}"
+            return record
+        replies = Replies(sock)
+        body = memoryview(upload.body)
+        chunks = max(1, -(-len(body) // BODY_CHUNK))
+        try:
+            await asyncio.wait_for(send_all(sock, upload.head), SEND_TIMEOUT_S)
+            for i in range(chunks):
+                if replies.statuses or replies.ended:
+                    break  # answered (or closed) before the whole body: stop sending
+                await asyncio.sleep(max(t0 + seconds * i / chunks - time.monotonic(), 0))
+                part = body[i * BODY_CHUNK : (i + 1) * BODY_CHUNK]
+                record["sent"] += await asyncio.wait_for(send_all(sock, part), SEND_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            record["send_ended"] = error_kind(e)
+        record["status"] = await replies.first(ANSWER_TIMEOUT_S)
+        replies.stop()
+        sock.close()
+        return record
+
+    return list(await asyncio.gather(*(one(u) for u in uploads)))

@@ -1,4 +1,5 @@
-"""The soak suite's five scenarios: what each does to the server, its options and its targets.
+"""The soak suite's first five scenarios: what each does to the server, its options (with those
+of the wire attacks, bench/soak_wire.py) and its targets.
 
 Each scenario takes a ``Run`` (the server, the model's request, the options, the server's
 deadlines) and returns (measured, series); the driver (bench/soak.py) adds whether the
@@ -141,6 +142,20 @@ class SoakOptions:
     sigterm_after_s: float = 5.0
     drain_limit_s: float = 40.0
     probe_interval_ms: float = 50.0
+    # the wire attacks (bench/soak_wire.py)
+    wire_nofile: int = 320  # the server's open-file limit: its default cap is this minus 64
+    wire_overcommit: float = 2.0
+    wire_duration_s: float = 10.0
+    readers_requests: int = 450
+    readers_rcvbuf: int = 4096
+    sigterm_readers: int = 16
+    pipelined_connections: int = 4
+    pipelined_requests: int = 12
+    pipelined_rows: int = 1024
+    unsent_id_mb: float = 5.0
+    bodies_clients: int = 16
+    bodies_mib: float = 16.0
+    bodies_send_s: float = 8.0
 
     def __post_init__(self) -> None:
         bad = [f.name for f in fields(self) if not getattr(self, f.name) > 0]
@@ -148,6 +163,11 @@ class SoakOptions:
             raise SoakError(f"{', '.join(bad)} must be > 0")
         if self.slow_nofile < 64:
             raise SoakError("slow_nofile must be >= 64 (the server needs a few files to start)")
+        if self.wire_nofile < 80:
+            raise SoakError(
+                "wire_nofile must be >= 80 (the server keeps 64 descriptors free under its "
+                "open-file limit; a cap of 16 needs 16 more)"
+            )
 
 
 def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
@@ -175,6 +195,8 @@ class Run:
     work: Path
     use_wrk: bool
     config: dict[str, Any] = field(default_factory=dict)  # what the scenario ran with
+    connection_cap: int | None = None  # the server's, when the bench started it
+    settings: dict[str, float] = field(default_factory=dict)  # other server settings it reads
 
 
 SOAK_WRK_SCRIPT = (

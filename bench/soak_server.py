@@ -2,14 +2,19 @@
 
 ``Server`` is either one the bench started (``started_server``: bench/server.py's
 ``start_server``, with the open-file limit set in the child before exec) or a running one at a
-URL. Its RSS and open-file limit come from /proc/PID; ``RssSampler`` samples the RSS in a
-thread. ``raised_nofile`` lifts the bench's own open-file limit for 1000+ client sockets.
-``SoakError``, the error of every soak module, is defined here, at the bottom of their imports.
+URL. Its RSS, open-file limit and open descriptors come from /proc/PID, the sockets on its port
+and their queues from /proc/net/tcp; ``RssSampler`` samples the RSS in a thread,
+``ServerSampler`` the RSS, descriptors and sockets together. ``connection_cap`` is the cap a
+started server computed. ``raised_nofile`` lifts the bench's own open-file limit for 1000+
+client sockets. ``SoakError``, the error of every soak module, is defined here, at the bottom of
+their imports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import resource
 import shlex
 import subprocess
@@ -28,6 +33,10 @@ from smartmixed.bench.server import HEALTH_READY_PATH, ServerError, start_server
 HEALTH_PATH = HEALTH_READY_PATH
 LIVE_PATH = "/v2/health/live"
 ALIVE_TIMEOUT_S = 5.0
+TRACEBACK = "Traceback (most recent"
+# serve/cli.py logs the cap when the open-file limit lowers it below max_connections
+CAP_LOG = re.compile(r"connection cap (\d+) \(max_connections")
+TCP_LISTEN = 0x0A  # /proc/net/tcp state of a listening socket
 
 
 class SoakError(BenchError):
@@ -62,11 +71,23 @@ class Server:
         except httpx.HTTPError:
             return False
 
+    def fd_count(self) -> int | None:
+        return read_fd_count(self.pid) if self.pid else None
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def tracebacks(self) -> int | None:
+        """Tracebacks the server has logged so far (None: its log is not the bench's)."""
+        return self.log_text().count(TRACEBACK) if self.log_path else None
+
     def log_counts(self) -> dict[str, int] | None:
         if self.log_path is None or not self.log_path.exists():
             return None
-        text = self.log_path.read_text(errors="replace")
-        return {"lines": text.count("\n"), "tracebacks": text.count("Traceback (most recent")}
+        text = self.log_text()
+        return {"lines": text.count("\n"), "tracebacks": text.count(TRACEBACK)}
 
     def log_tail(self, chars: int = 1200) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -96,6 +117,71 @@ def read_nofile(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def read_fd_count(pid: int) -> int | None:
+    """Open descriptors of a process (entries of /proc/PID/fd); None once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """One IPv4 TCP socket of /proc/net/tcp: its state and queues (bytes)."""
+
+    state: int  # 1 established, 8 close-wait, 10 listen, ... (include/net/tcp_states.h)
+    tx_queue: int  # written by its owner, not yet acknowledged by the peer
+    rx_queue: int  # received, not yet read by its owner
+    inode: int  # 0: no process holds it any more (time-wait, orphaned)
+
+
+def parse_proc_net_tcp(text: str) -> dict[tuple[int, int], TcpSocket]:
+    """/proc/net/tcp -> {(local port, remote port): socket} for sockets on 127.0.0.1."""
+    sockets = {}
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10:
+            continue
+        local_ip, local_port = f[1].split(":")
+        remote_port = f[2].split(":")[1]
+        if local_ip != "0100007F":
+            continue
+        tx, rx = f[4].split(":")
+        key = (int(local_port, 16), int(remote_port, 16))
+        sockets[key] = TcpSocket(int(f[3], 16), int(tx, 16), int(rx, 16), int(f[9]))
+    return sockets
+
+
+def read_tcp_sockets() -> dict[tuple[int, int], TcpSocket]:
+    try:
+        return parse_proc_net_tcp(Path("/proc/net/tcp").read_text())
+    except OSError:
+        return {}
+
+
+def server_sockets(sockets: Mapping[tuple[int, int], TcpSocket], port: int) -> int:
+    """Connections on the server's port that a process still holds (the listener left out)."""
+    return sum(
+        1
+        for (local, _), s in sockets.items()
+        if local == port and s.state != TCP_LISTEN and s.inode != 0
+    )
+
+
+def connection_cap(server: Server, *, max_connections: int) -> tuple[int | None, str]:
+    """The connection cap of a started server and where it comes from: its log (the open-file
+    limit lowered it), else ``max_connections`` lowered as serve/server.py's connection_cap
+    does, from the open-file limit the bench set."""
+    found = CAP_LOG.search(server.log_text())
+    if found:
+        return int(found.group(1)), "server log"
+    from smartmixed.serve.server import FD_RESERVE
+
+    if server.nofile is None:
+        return None, "unknown"
+    return max(1, min(max_connections, server.nofile - FD_RESERVE)), "computed"
 
 
 def shell_command(command: Sequence[str], env: Mapping[str, str], nofile: int | None) -> str:
@@ -158,6 +244,46 @@ class RssSampler:
     @property
     def peak(self) -> float | None:
         return max((mb for _, mb in self.samples), default=None)
+
+
+class ServerSampler:
+    """Samples a started server every ``interval`` s in a thread: RSS (MiB), open descriptors,
+    and connections on its port held by a process. ``samples``: [(s since start, rss, fds,
+    sockets)]."""
+
+    def __init__(self, server: Server, interval: float) -> None:
+        self.server, self.interval = server, interval
+        self.samples: list[tuple[float, float | None, int | None, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        port = self.server.host_port[1]
+        while True:
+            rss = self.server.rss_mib()
+            self.samples.append(
+                (
+                    round(time.monotonic() - start, 3),
+                    None if rss is None else round(rss, 2),
+                    self.server.fd_count(),
+                    server_sockets(read_tcp_sockets(), port),
+                )
+            )
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> ServerSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, column: int) -> float | None:
+        """The largest value of a column: 1 RSS, 2 descriptors, 3 sockets."""
+        return max((s[column] for s in self.samples if s[column] is not None), default=None)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
-"""smartmixed-bench soak: every scenario once with tiny durations and counts (about 20 s).
+"""smartmixed-bench soak: every scenario once with tiny durations and counts (slow: about 20 s
+for the first five, 30 s for the wire attacks at a cap of 16); the wire clients against tiny
+socket servers on 127.0.0.1, the parsers, the targets and the report (fast).
 
-The numbers are checked for being measured, not for meeting the targets: the suite reports
-targets, and the service it measures is hardened elsewhere.
+The numbers of a real run are checked for being measured, not for meeting the targets: the
+suite reports targets, and the service it measures is hardened elsewhere.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import contextlib
 import io
 import json
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +24,45 @@ import pytest
 
 from smartmixed.bench.cli import main
 from smartmixed.bench.server import free_port
-from smartmixed.bench.soak import parse_scenarios, parse_server_env
-from smartmixed.bench.soak_clients import Attempt, CutResponse, NoResponse, read_reply
+from smartmixed.bench.soak import ALL_SCENARIOS, parse_caps, parse_scenarios, parse_server_env
+from smartmixed.bench.soak_clients import (
+    BODY_CHUNK,
+    Attempt,
+    CutResponse,
+    NoResponse,
+    Upload,
+    open_slow_readers,
+    pipelined_header,
+    read_reply,
+    slow_uploads,
+    tcp_state,
+    unsent_close,
+)
+from smartmixed.bench.soak_report import plot, render_markdown
 from smartmixed.bench.soak_scenarios import (
     SCENARIOS,
     TARGETS,
+    Run,
+    SoakOptions,
     classify_sigterm,
     evaluate,
     rss_halves,
 )
-from smartmixed.bench.soak_server import SoakError
+from smartmixed.bench.soak_server import (
+    Server,
+    SoakError,
+    TcpSocket,
+    connection_cap,
+    parse_proc_net_tcp,
+    server_sockets,
+)
+from smartmixed.bench.soak_wire import (
+    WIRE_SCENARIOS,
+    WIRE_TARGETS,
+    attack_connections,
+    row_name,
+    scenario_of,
+)
 
 HAS_WRK = shutil.which("wrk") is not None
 TINY = [
@@ -61,6 +96,43 @@ TINY = [
     "10",
     "--server-env",
     "SMARTMIXED_HEADER_TIMEOUT_S=1",
+    "--scenarios",
+    ",".join(SCENARIOS),
+    "--quiet",
+]
+WIRE_TINY = [
+    "--arch",
+    "64,32,10",
+    "--scenarios",
+    "wire",
+    "--wire-caps",
+    "16",
+    "--wire-duration",
+    "2",
+    "--wire-overcommit",
+    "1.5",
+    "--readers-requests",
+    "100",
+    "--sigterm-after",
+    "1",
+    "--sigterm-readers",
+    "4",
+    "--drain-limit",
+    "5",
+    "--pipelined-connections",
+    "2",
+    "--pipelined-requests",
+    "3",
+    "--pipelined-rows",
+    "64",
+    "--bodies-clients",
+    "2",
+    "--bodies-mib",
+    "1",
+    "--bodies-send",
+    "1",
+    "--unsent-id-mb",
+    "0.5",
     "--quiet",
 ]
 ENTRY_KEYS = {
@@ -211,6 +283,9 @@ def test_a_server_that_cannot_start_is_recorded(tmp_path: Path) -> None:
         (["--model", "other"], "builds 'mixed'"),
         (["--soak-duration", "0"], "soak_duration_s must be > 0"),
         (["--slow-nofile", "10"], "slow_nofile"),
+        (["--wire-nofile", "79"], "wire_nofile must be >= 80"),
+        (["--wire-caps", "4"], "--wire-caps: expected default and/or integers >= 8 (got '4')"),
+        (["--scenarios", "wire,nope"], "expected all, wire or some of"),
         (["--repository", "TMP/none"], "--repository TMP/none is not a folder"),
         (["--repository", "TMP"], "--repository TMP: no model(s) (none); it holds nothing"),
     ],
@@ -315,3 +390,402 @@ def test_read_reply(raw: bytes, expected: Any) -> None:
             asyncio.run(parse())
     else:
         assert asyncio.run(parse()) == expected
+
+
+def test_read_reply_leaves_the_next_pipelined_answer() -> None:
+    async def parse() -> list[int]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            b"HTTP/1.1 201 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            b"HTTP/1.1 431 Too Large\r\ncontent-length: 0\r\n\r\n"
+        )
+        reader.feed_eof()
+        statuses = [(await read_reply(reader)).status for _ in range(3)]
+        with pytest.raises(NoResponse):
+            await read_reply(reader)
+        return statuses
+
+    assert asyncio.run(parse()) == [200, 201, 431]
+
+
+# ---- the wire attacks ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wire_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("soak-wire")
+    code, stdout = run_cli(["soak", "--out", str(out), *WIRE_TINY])
+    assert code == 0
+    assert "## slow-readers@cap16" in stdout
+    return json.loads((out / "soak.json").read_text())
+
+
+@pytest.mark.slow
+def test_wire_rows_measured(wire_result: dict[str, Any]) -> None:
+    rows = [row_name(name, 16) for name in WIRE_SCENARIOS]
+    assert list(wire_result["scenarios"]) == rows
+    assert wire_result["config"]["wire_caps"] == [16]
+    for row, entry in wire_result["scenarios"].items():
+        assert set(entry) == ENTRY_KEYS
+        assert entry["status"] == "ok", (row, entry["error"], entry["server"].get("log_tail"))
+        goals = WIRE_TARGETS[scenario_of(row)]
+        assert set(goals) <= set(entry["measured"]), row
+        assert all(v in (True, False) for v in entry["meets_target"].values()), (row, entry)
+        assert entry["server"]["nofile"] == 320 and entry["server"]["connection_cap"] == 16
+        assert "SMARTMIXED_MAX_CONNECTIONS=16" in entry["server"]["command_shell"]
+    m = {row: e["measured"] for row, e in wire_result["scenarios"].items()}
+    readers = m["slow-readers@cap16"]
+    assert readers["connections"] == 24  # 1.5 x the cap
+    assert readers["connected"] == readers["still_open"] + readers["closed_by_server"] == 24
+    assert readers["health_probes"] > 0 and readers["rss_before_mib"] > 0
+    assert readers["fd_peak"] >= readers["fd_before"] > 0
+    sigterm = m["slow-readers-sigterm@cap16"]
+    assert sigterm["connections"] == 4 and isinstance(sigterm["exit_code"], int)
+    assert sigterm["killed_after_drain_limit"] or sigterm["drain_s"] >= 0
+    header = m["pipelined-header@cap16"]
+    assert header["connections"] == 2 and len(header["pad_accepted_mib"]) == 2
+    assert header["answers"].get("200", 0) >= 1  # the answers it reads
+    unsent = m["unsent-close@cap16"]
+    assert unsent["connections"] == 24 and unsent["connection_cap"] == 16
+    assert unsent["fd_over_cap"] == unsent["fd_peak"] - unsent["fd_before"] - 16
+    bodies = m["slow-bodies@cap16"]
+    assert bodies["uploads"] == 6 and len(bodies["statuses"]) == 3
+    series = wire_result["scenarios"]["unsent-close@cap16"]["series"]
+    assert len(series["server"]) >= 10 and series["health_ms"]
+
+
+def test_parse_wire_options() -> None:
+    assert parse_scenarios("wire") == list(WIRE_SCENARIOS)
+    assert parse_scenarios("all") == list(ALL_SCENARIOS)
+    assert parse_scenarios("slow-bodies, soak") == ["soak", "slow-bodies"]
+    assert parse_caps("default,16") == [None, 16]
+    assert parse_caps("32,default,16") == [None, 16, 32]
+    assert parse_caps([16]) == [16]
+    for bad in ("", "4", "x", "default,-1"):
+        with pytest.raises(SoakError, match="--wire-caps: expected default and/or integers >= 8"):
+            parse_caps(bad)
+    assert row_name("unsent-close", None) == "unsent-close"
+    assert row_name("unsent-close", 16) == "unsent-close@cap16"
+    assert scenario_of("unsent-close@cap16") == "unsent-close"
+
+
+def _run(cap: int | None, overcommit: float) -> Run:
+    server = Server(url="http://127.0.0.1:1", pid=None)
+    options = SoakOptions(wire_overcommit=overcommit)
+    return Run(server, None, options, 5.0, 10.0, Path("."), False, connection_cap=cap)  # type: ignore[arg-type]
+
+
+def test_attack_connections() -> None:
+    assert attack_connections(_run(16, 1.5)) == 24
+    assert attack_connections(_run(56, 2.0)) == 112
+    assert attack_connections(_run(10, 1.01)) == 11  # rounded up
+    with pytest.raises(SoakError, match="connection cap is unknown"):
+        attack_connections(_run(None, 2.0))
+
+
+def test_connection_cap(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text(
+        "INFO smartmixed.serve: connection cap 56 (max_connections 2048, open-file limit 120)\n"
+    )
+    server = Server(url="http://127.0.0.1:1", pid=None, log_path=log, nofile=120)
+    assert connection_cap(server, max_connections=2048) == (56, "server log")
+    log.write_text("INFO: started\n")
+    assert connection_cap(server, max_connections=16) == (16, "computed")
+    assert connection_cap(server, max_connections=2048) == (56, "computed")  # 120 - 64
+
+
+def test_wire_targets() -> None:
+    measured = {
+        "health_p99_ms": 100.0,
+        "health_failures": 0,
+        "rss_growth_mib": 100.0,
+        "fd_over_cap": 9,
+        "tracebacks": 0,
+        "server_alive": True,
+    }
+    assert evaluate(measured, WIRE_TARGETS["unsent-close"]) == {
+        "health_p99_ms": True,
+        "health_failures": True,
+        "rss_growth_mib": False,  # < 100 MiB
+        "fd_over_cap": False,  # at most the cap + 8
+        "tracebacks": True,
+        "server_alive": True,
+    }
+    sigterm = {"exit_code": 0, "exited_within_drain": False, "tracebacks": 2}
+    assert evaluate(sigterm, WIRE_TARGETS["slow-readers-sigterm"]) == {
+        "exit_code": True,
+        "exited_within_drain": False,
+        "tracebacks": False,
+    }
+    assert evaluate({"pad_accepted_mib_max": 1.0}, WIRE_TARGETS["pipelined-header"])[
+        "pad_accepted_mib_max"
+    ]
+
+
+def test_parse_proc_net_tcp() -> None:
+    text = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
+        "timeout inode\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000003 00:00000000 00000000  0 0 111 1\n"
+        "   1: 0100007F:1F90 0100007F:C350 01 00000000:00001000 00:00000000 00000000  0 0 222 1\n"
+        "   2: 0100007F:C350 0100007F:1F90 01 00000200:00000000 00:00000000 00000000  0 0 333 1\n"
+        "   3: 0100007F:1F90 0100007F:C351 06 00000000:00000000 00:00000000 00000000  0 0 0 1\n"
+        "   4: 0A000001:1F90 0100007F:C352 01 00000000:00000000 00:00000000 00000000  0 0 444 1\n"
+    )
+    sockets = parse_proc_net_tcp(text)
+    assert sockets[(8080, 50000)] == TcpSocket(state=1, tx_queue=0, rx_queue=4096, inode=222)
+    assert sockets[(50000, 8080)] == TcpSocket(state=1, tx_queue=512, rx_queue=0, inode=333)
+    assert (8080, 50002) not in sockets  # not on 127.0.0.1
+    # the listener and the time-wait socket (no process holds it) are not connections
+    assert server_sockets(sockets, 8080) == 1
+
+
+@contextlib.contextmanager
+def tiny_server(handle: Callable[[socket.socket], None]) -> Iterator[tuple[int, list[Any]]]:
+    """A listening socket on 127.0.0.1 whose connections ``handle`` serves, one thread each;
+    yields the port and a list the handlers may append to."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.1)
+    seen: list[Any] = []
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(10)
+            t = threading.Thread(target=lambda c=conn: _serve(handle, c, seen), daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1], seen
+    finally:
+        stop.set()
+        acceptor.join()
+        for t in threads:
+            t.join(timeout=10)
+        listener.close()
+
+
+def _serve(handle: Callable[..., None], conn: socket.socket, seen: list[Any]) -> None:
+    with conn, contextlib.suppress(OSError):
+        seen.append(handle(conn))
+
+
+def _read_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (chunk := conn.recv(min(n - len(data), 65536))):
+        data += chunk
+    return data
+
+
+def test_slow_readers_send_and_never_read() -> None:
+    payload = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 50
+
+    def handle(conn: socket.socket) -> bytes:
+        got = _read_exactly(conn, len(payload))
+        conn.sendall(b"x" * 1000)  # an answer the client leaves unread
+        with contextlib.suppress(OSError):  # reset: closed with the answer unread
+            conn.recv(1)
+        return got
+
+    with tiny_server(handle) as (port, seen):
+        socks, errors = asyncio.run(
+            open_slow_readers("127.0.0.1", port, connections=3, payload=payload, rcvbuf=4096)
+        )
+        assert errors == {} and len(socks) == 3
+        # the kernel doubles SO_RCVBUF; set before connect, the window starts small
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * 4608 for s in socks)
+        time.sleep(0.2)
+        assert [tcp_state(s) for s in socks] == ["established"] * 3
+        for s in socks:
+            s.close()
+    assert seen == [payload] * 3
+
+
+def test_tcp_state_sees_the_server_close() -> None:
+    with tiny_server(lambda conn: None) as (port, _):  # closes each connection at once
+        sock = socket.create_connection(("127.0.0.1", port))
+        deadline = time.monotonic() + 5
+        while tcp_state(sock) == "established" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tcp_state(sock) == "close_wait"
+        sock.close()
+    assert tcp_state(sock) == "close"  # closed here: TCP_INFO is gone
+
+
+def test_pipelined_header_counts_what_the_server_took() -> None:
+    requests = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * 3
+    taken = 300_000  # of the header, then the server stops reading (the socket stays open)
+
+    def handle(conn: socket.socket) -> int:
+        got = len(_read_exactly(conn, len(requests) + taken))
+        for _ in range(2):  # two answers the client reads, a third never comes
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        time.sleep(1.0)  # open until the client has measured and closed
+        return got
+
+    with tiny_server(handle) as (port, seen):
+        records = asyncio.run(
+            pipelined_header(
+                "127.0.0.1",
+                port,
+                connections=1,
+                requests=requests,
+                read_answers=2,
+                header_start=b"GET / HTTP/1.1\r\nX-Pad: ",
+                duration=0.5,
+            )
+        )
+    (record,) = records
+    assert seen == [len(requests) + taken]
+    assert record["error"] is None and record["answers"] == {200: 2}
+    # written to the kernel, less what both sockets still hold, less the requests: the bytes
+    # of the header (its request line included) that the server read
+    assert record["pad_accepted"] == taken
+    assert record["pad_sent"] > taken  # the rest waits in the socket buffers
+    assert record["closed_by_server"] is False
+
+
+def test_unsent_close_half_closes_without_reading() -> None:
+    request = b"POST /v2/models/m/infer HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}"
+
+    def handle(conn: socket.socket) -> tuple[bytes, bytes, int]:
+        got = _read_exactly(conn, len(request))
+        conn.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # an answer larger than the buffers: the rest is never taken
+                sent += conn.send(b"x" * 65536)
+        conn.setblocking(True)
+        return got, conn.recv(10), sent  # b"": the client's half-close
+
+    with tiny_server(handle) as (port, seen):
+        socks, records = asyncio.run(
+            unsent_close("127.0.0.1", port, connections=2, request=request, rcvbuf=4096, ramp=0.1)
+        )
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # half-closed, still open on the server's side (fin_wait1 until it acknowledges)
+        assert {tcp_state(s) for s in socks} <= {"fin_wait1", "fin_wait2"}
+        for s in socks:
+            s.close()
+    assert records == [{"error": None, "sent": True, "answered": True}] * 2
+    assert [(got, eof) for got, eof, _ in seen] == [(request, b"")] * 2
+    assert all(sent > 4096 for _, _, sent in seen)
+
+
+def _http_server(answer_after_head: bytes | None) -> Callable[[socket.socket], Any]:
+    """Reads a request; answers 200 after the whole body, or ``answer_after_head`` at once
+    (then half-closes, reads what comes until the client closes)."""
+
+    def handle(conn: socket.socket) -> tuple[int, float]:
+        t0 = time.monotonic()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(1)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        if answer_after_head is not None:
+            conn.sendall(answer_after_head)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+            return 0, time.monotonic() - t0
+        body = _read_exactly(conn, length)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        return len(body), time.monotonic() - t0
+
+    return handle
+
+
+def test_slow_uploads_pace_the_body() -> None:
+    body = b"{}" + b" " * (4 * BODY_CHUNK - 2)
+    upload = Upload(
+        route="/r", head=b"POST /r HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body), body=body
+    )
+    with tiny_server(_http_server(None)) as (port, seen):
+        records = asyncio.run(slow_uploads("127.0.0.1", port, uploads=[upload] * 2, seconds=0.4))
+    assert records == [{"route": "/r", "status": 200, "sent": len(body)}] * 2
+    assert [n for n, _ in seen] == [len(body)] * 2
+    assert all(seconds >= 0.3 for _, seconds in seen)  # 4 chunks at 0, 0.1, 0.2, 0.3 s
+
+
+def test_slow_uploads_stop_at_an_early_answer() -> None:
+    body = b" " * (64 * BODY_CHUNK)
+    upload = Upload(
+        route="/r", head=b"POST /r HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % len(body), body=body
+    )
+    shed = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    with tiny_server(_http_server(shed)) as (port, _):
+        (record,) = asyncio.run(slow_uploads("127.0.0.1", port, uploads=[upload], seconds=2.0))
+    assert record["status"] == 503
+    assert record["sent"] < len(body) // 4  # stopped sending once answered
+
+
+def _wire_result() -> dict[str, Any]:
+    series = {
+        "health_ms": [[0.1, 1.5, 200], [0.2, 5000.0, 503]],
+        "server": [[0.0, 100.0, 17, 1], [0.5, 180.0, 40, 24]],
+    }
+    measured = {"health_p99_ms": 5000.0, "fd_before": 17, "fd_over_cap": 7, "server_alive": True}
+    targets = {k: {"op": op, "limit": v} for k, (op, v) in WIRE_TARGETS["unsent-close"].items()}
+    met = evaluate(measured, WIRE_TARGETS["unsent-close"])
+    row = {
+        "status": "ok",
+        "error": None,
+        "config": {"connection_cap": 16, "connections": 24},
+        "server": {"pid": 1},
+        "measured": measured,
+        "targets": targets,
+        "meets_target": met,
+        "series": series,
+        "elapsed_s": 3.0,
+    }
+    failed = {**row, "status": "failed", "error": "SoakError: boom", "server": {"log_tail": "x"}}
+    failed.update(measured={}, series={}, config={})
+    return {
+        "config": {
+            "model": "mixed",
+            "url": None,
+            "server_settings": {"request_timeout_s": 5.0, "header_timeout_s": 10.0},
+        },
+        "server_command_shell": "smartmixed-serve",
+        "machine": {
+            "processor": "x86_64",
+            "cpu_count": 2,
+            "python": "3.11",
+            "onnxruntime": "1",
+            "uvicorn": "1",
+            "load_avg_start_end": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]],
+        },
+        "scenarios": {"unsent-close@cap16": row, "slow-bodies": failed},
+        "summary": {
+            "unsent-close@cap16": {"status": "ok", "met": 2, "missed": 1, "of": 6},
+            "slow-bodies": {"status": "failed", "met": 0, "missed": 0, "of": 6},
+        },
+        "elapsed_s": 9.0,
+    }
+
+
+def test_report_renders_wire_rows(tmp_path: Path) -> None:
+    result = _wire_result()
+    text = render_markdown(result)
+    assert "| unsent-close@cap16 | ok | 2 of 6 | 1 |" in text
+    assert "## unsent-close@cap16" in text
+    assert "Ran with: connection_cap 16, connections 24." in text
+    assert "| health_p99_ms | 5,000.0 | <= 100.0 | NO |" in text
+    assert "| fd_over_cap | 7 | <= 8 | yes |" in text
+    assert "**failed**: SoakError: boom" in text
+    plot(result, tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
