@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import metadata
@@ -33,7 +35,9 @@ OUTPUTS = (LOGITS, PROBABILITIES)
 # Files
 
 MODEL_WEIGHTS = "model.safetensors"  # runs/NAME/: the weights
-MODEL_SPEC = "model.json"  # runs/NAME/: ModelSpec.to_json()
+MODEL_SPEC = "model.json"  # runs/NAME/: ModelSpec.to_dict() and WEIGHTS_DIGEST, as JSON
+# model.json's hex sha256 of the model.safetensors saved with it: readers check the pair
+WEIGHTS_DIGEST = "weights_sha256"
 HISTORY = "history.jsonl"  # runs/NAME/: one line per epoch
 MODEL_FILE = "model.onnx"  # models/NAME/VERSION/
 REPORT_FILE = "export.json"  # models/NAME/VERSION/: the verification report
@@ -197,25 +201,43 @@ PRESETS["paper"] = TABLE1[10]
 
 
 def parse_arch(text: str | Sequence[int]) -> list[int]:
-    """'784,256,10' -> [784, 256, 10]; at least one hidden layer, every width >= 1."""
+    """'784,256,10' (or a sequence of integers) -> [784, 256, 10]; at least one hidden layer,
+    every width >= 1. A sequence must hold integers: 64.0, True or 1e999 (a float: inf) are
+    refused, not rounded."""
     try:
-        arch = (
-            [int(v) for v in text.split(",")] if isinstance(text, str) else [int(v) for v in text]
-        )
-    except ValueError:
-        raise SpecError(
-            f"architecture {text!r} is not a comma-separated list of integers"
-        ) from None
+        if isinstance(text, str):
+            arch = [int(v) for v in text.split(",")]
+        elif isinstance(text, list | tuple):
+            arch = [_integer(v) for v in text]
+        else:
+            raise TypeError
+    except (TypeError, ValueError):
+        what = "comma-separated list" if isinstance(text, str) else "list"
+        raise SpecError(f"architecture {_short(text)} is not a {what} of integers") from None
     if len(arch) < 3:
         raise SpecError(
-            f"architecture {arch} needs an input width, at least one hidden layer and an output "
-            f"width (got {len(arch)} numbers, expected >= 3)"
+            f"architecture {_short(arch)} needs an input width, at least one hidden layer and an "
+            f"output width (got {len(arch)} numbers, expected >= 3)"
         )
     if any(w < 1 for w in arch):
-        raise SpecError(f"architecture {arch} has a width < 1")
+        raise SpecError(f"architecture {_short(arch)} has a width < 1")
     if arch[-1] < 2:
-        raise SpecError(f"architecture {arch} must end in >= 2 classes")
+        raise SpecError(f"architecture {_short(arch)} must end in >= 2 classes")
     return arch
+
+
+def _integer(value: Any) -> int:
+    """``value`` as an int when it is one (numpy integers too), else TypeError: bools and
+    floats are not widths or counts."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return operator.index(value)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to ``limit`` characters: a hostile value stays a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def resolve_preset(name: str) -> list[int]:
@@ -266,20 +288,42 @@ class ModelSpec:
         return [{name: layer.count(name) for name in self.pool} for layer in self.assignment]
 
     def validate(self) -> None:
+        """Every field checked for its JSON type and its fit with the others; SpecError names
+        the first field that is wrong (model.json and metadata come from files another party
+        may have written: no field is trusted to have the type its default has)."""
         if self.format != SPEC_FORMAT:
-            raise SpecError(f"spec field 'format': expected {SPEC_FORMAT!r}, got {self.format!r}")
-        self.arch = parse_arch(self.arch)
+            raise SpecError(
+                f"spec field 'format': expected {SPEC_FORMAT!r}, got {_short(self.format)}"
+            )
+        try:
+            self.arch = parse_arch(self.arch)
+        except SpecError as e:
+            raise SpecError(f"spec field 'arch': {e}") from None
+        if not isinstance(self.pool, str):  # a comma-separated pool is accepted too
+            _check_list("pool", self.pool, "activation names", _is_str)
         try:
             self.pool = list(parse_pool(self.pool))
         except PoolError as e:
             raise SpecError(f"spec field 'pool': {e}") from None
+        fixed = self.mode.removeprefix("fixed:") if isinstance(self.mode, str) else None
+        if self.mode != "smartmixed" and (fixed == self.mode or fixed not in self.pool):
+            raise SpecError(
+                f"spec field 'mode': expected 'smartmixed' or 'fixed:' and an activation of the "
+                f"pool, got {_short(self.mode)}"
+            )
         hidden = self.hidden_widths
+        if not isinstance(self.assignment, list):
+            raise SpecError(
+                f"spec field 'assignment': expected a list of hidden layers, got "
+                f"{json_type_name(self.assignment)}"
+            )
         if len(self.assignment) != len(hidden):
             raise SpecError(
                 f"spec field 'assignment': expected {len(hidden)} hidden layers, "
                 f"got {len(self.assignment)}"
             )
         for layer, (names, width) in enumerate(zip(self.assignment, hidden, strict=True)):
+            _check_list(f"assignment[{layer}]", names, "activation names", _is_str)
             if len(names) != width:
                 raise SpecError(
                     f"spec field 'assignment[{layer}]': expected {width} neurons, got {len(names)}"
@@ -287,25 +331,48 @@ class ModelSpec:
             unknown = sorted(set(names) - set(self.pool))
             if unknown:
                 raise SpecError(
-                    f"spec field 'assignment[{layer}]': activation(s) {', '.join(unknown)} "
-                    f"not in the pool {self.pool}"
+                    f"spec field 'assignment[{layer}]': activation(s) "
+                    f"{_short(', '.join(unknown))[1:-1]} not in the pool {self.pool}"
                 )
         # the unit's settings, defaults filled in, when the pool holds it; None otherwise
         self.afu = check_afu_config(self.afu) if AFU in self.pool else None
+        _check_list("labels", self.labels, "strings", _is_str)
         if len(self.labels) != self.arch[-1]:
             raise SpecError(
                 f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
             )
+        if not isinstance(self.preprocessing, dict):
+            raise SpecError(
+                f"spec field 'preprocessing': expected an object with offset and scale, got "
+                f"{json_type_name(self.preprocessing)}"
+            )
         for key in ("offset", "scale"):
             value = self.preprocessing.get(key)
-            ok = isinstance(value, int | float) or (
-                isinstance(value, list) and len(value) == self.arch[0]
-            )
-            if not ok:
+            if _is_number(value):
+                continue
+            if not isinstance(value, list) or len(value) != self.arch[0]:
+                got = (
+                    f"a list of {len(value)}" if isinstance(value, list) else json_type_name(value)
+                )
                 raise SpecError(
                     f"spec field 'preprocessing.{key}': expected a number or a list of "
-                    f"{self.arch[0]} numbers, got {type(value).__name__}"
+                    f"{self.arch[0]} numbers, got {got}"
                 )
+            _check_list(f"preprocessing.{key}", value, "numbers", _is_number)
+        if not (
+            isinstance(self.input_shape, list | tuple) and all(map(_is_count, self.input_shape))
+        ) or (math.prod(self.input_shape) != self.arch[0]):
+            raise SpecError(
+                f"spec field 'input_shape': expected a list of positive integers whose product "
+                f"is the input width {self.arch[0]}, got {_short(self.input_shape)}"
+            )
+        for name in ("training", "metrics", "versions"):
+            if not isinstance(getattr(self, name), dict):
+                raise SpecError(
+                    f"spec field '{name}': expected an object, got "
+                    f"{json_type_name(getattr(self, name))}"
+                )
+        check_data_request(self.training.get("data_request"))
 
     @classmethod
     def untrained(
@@ -342,6 +409,92 @@ class ModelSpec:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# The load_dataset keywords a run records (training.data_request in model.json) so that export
+# rebuilds its held-out test set, each with the JSON type it must have
+DATA_REQUEST_FIELDS: dict[str, str] = {
+    "source": "a string",
+    "data_dir": "a string or null",
+    "seed": "an integer",
+    "val_fraction": "a number",
+    "test_fraction": "a number",
+    "label_column": "a string",
+}
+
+
+def check_data_request(request: Any) -> None:
+    """None (the run records no data), or an object of DATA_REQUEST_FIELDS, each of its JSON
+    type, with a source; SpecError names the field. The values' ranges are load_dataset's to
+    check."""
+    if request is None:
+        return
+    where = "spec field 'training.data_request"
+    if not isinstance(request, dict):
+        raise SpecError(f"{where}': expected an object, got {json_type_name(request)}")
+    unknown = sorted(set(request) - set(DATA_REQUEST_FIELDS))
+    if unknown:
+        raise SpecError(f"{where}': unknown key(s) {_short(', '.join(unknown))[1:-1]}")
+    if "source" not in request:
+        raise SpecError(f"{where}': missing key source")
+    for key, value in request.items():
+        expected = DATA_REQUEST_FIELDS[key]
+        if not _JSON_CHECKS[expected](value):
+            raise SpecError(f"{where}.{key}': expected {expected}, got {json_type_name(value)}")
+
+
+_JSON_TYPES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    list: "a list",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of ``value``'s type, as messages about JSON files say it."""
+    return next(
+        (name for kind, name in _JSON_TYPES.items() if type(value) is kind),
+        type(value).__name__,
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _check_list(name: str, value: Any, items: str, check: Callable[[Any], bool]) -> None:
+    """SpecError naming spec field ``name`` unless ``value`` is a list (or tuple) whose every
+    item passes ``check`` (``items``: what they are, plural)."""
+    if not isinstance(value, list | tuple):
+        raise SpecError(
+            f"spec field '{name}': expected a list of {items}, got {json_type_name(value)}"
+        )
+    bad = next((i for i, item in enumerate(value) if not check(item)), None)
+    if bad is not None:
+        raise SpecError(
+            f"spec field '{name}': expected a list of {items}, item {bad} is "
+            f"{json_type_name(value[bad])}"
+        )
+
+
+_JSON_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "a string or null": lambda v: v is None or isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": _is_number,
+}
+
+
 # --------------------------------------------------------------------------------------------
 # JSON from files and metadata another party may have written (model.json, checkpoints' JSON,
 # metadata_props): depth bounded, so a hostile file is one error, never a RecursionError
@@ -358,15 +511,16 @@ class JsonTooDeep(JsonError):
 
 
 def json_depth(value: Any) -> int:
-    """How deep ``value`` nests (a scalar: 0, [] or {}: 1), computed without recursion."""
-    deepest, stack = 0, [(value, 0)]
+    """How deep ``value`` nests (a scalar: 0, [] or {}: 1), computed without recursion (and
+    without a stack entry per scalar: a list of a million numbers costs no more than itself)."""
+    if not isinstance(value, dict | list):
+        return 0
+    deepest, stack = 1, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            stack.extend((child, depth + 1) for child in item)
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return deepest
 
 
@@ -378,7 +532,8 @@ def parse_json(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         value = json.loads(text)
     except RecursionError:
         raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than
+        # 4,300 digits (sys.get_int_max_str_digits)
         raise JsonError(f"not valid JSON ({e})") from None
     if (depth := json_depth(value)) > max_depth:
         raise JsonTooDeep(f"JSON nested {depth} levels deep (at most {max_depth})")

@@ -1,15 +1,21 @@
-"""How every stage writes a file: to a temporary name in the same folder, then renamed into place.
+"""How every stage writes a file, and reads one another party may have written.
 
-A killed process never leaves a half-written artifact: a reader sees the old file or the new one.
+Writing: to a temporary name in the same folder, then renamed into place. A killed process never
+leaves a half-written artifact: a reader sees the old file or the new one.
+Reading: regular files only, their size checked before any byte is read (``open_regular_file``),
+so a FIFO, a device or a file larger than the reader's limit is one error, never a hang or an
+endless read.
 Standard library only, so that the benches that measure without torch (HTTP, soak) write their
-results without loading it; train/artifacts.py builds weights, specs and checkpoints on these.
+results without loading it; train/artifacts.py and train/data.py build on these.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,3 +45,62 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class UnreadableFile(ValueError):
+    """A file that is missing, not a regular file, larger than the reader's limit, or that the
+    system refuses to read; the message starts with the path and says which."""
+
+
+def open_regular_file(path: Path | str, *, limit: int) -> BinaryIO:
+    """``path`` opened for binary reading, once it is known to be a regular file (symlinks
+    followed) of at most ``limit`` bytes; else UnreadableFile.
+
+    Opened non-blocking, so that a FIFO is refused instead of waiting for a writer, and checked
+    with fstat on the descriptor that will be read (not on the name, which may change between).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnreadableFile(f"{path}: file not found") from None
+    except OSError as e:
+        raise UnreadableFile(f"{path}: {e.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(status.st_mode)), "a special file")
+            raise UnreadableFile(f"{path}: {kind}, not a regular file")
+        if status.st_size > limit:
+            raise UnreadableFile(
+                f"{path}: {status.st_size} bytes, more than the limit of {limit} bytes"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: Path | str, *, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes (``open_regular_file``);
+    a file that grows past the limit while it is read is refused too."""
+    with open_regular_file(path, limit=limit) as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise UnreadableFile(f"{path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UnreadableFile(f"{path}: grew past the limit of {limit} bytes while it was read")
+    return data

@@ -4,6 +4,7 @@ names it holds are the ones export writes and serve reads."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,105 @@ def test_call_with_options_takes_keywords_from_the_parsed_options() -> None:
     args = argparse.Namespace(arch=None, seed=7, out="x", rows=5)
     assert contract.call_with_options(measure, args) == (None, 7, 5)
     assert contract.call_with_options(measure, args, rows=1, arch="64,10") == ("64,10", 7, 1)
+
+
+def test_regular_file_reader_refuses_what_cannot_be_read_whole(tmp_path: Path) -> None:
+    """contract.files.read_regular_file: a FIFO or a device is refused without a read (a FIFO
+    open would wait for a writer, /dev/zero never ends), a file over the limit before one."""
+    from smartmixed.contract.files import UnreadableFile, read_regular_file
+
+    small = tmp_path / "small"
+    small.write_bytes(b"12345")
+    assert read_regular_file(small, limit=5) == b"12345"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    cases = {
+        small: (4, f"{small}: 5 bytes, more than the limit of 4 bytes"),
+        fifo: (5, f"{fifo}: a FIFO, not a regular file"),
+        tmp_path / "zero": (5, f"{tmp_path / 'zero'}: a character device, not a regular file"),
+        tmp_path: (5, f"{tmp_path}: a directory, not a regular file"),
+        tmp_path / "absent": (5, f"{tmp_path / 'absent'}: file not found"),
+    }
+    for path, (limit, message) in cases.items():
+        with pytest.raises(UnreadableFile) as error:
+            read_regular_file(path, limit=limit)
+        assert str(error.value) == message
+
+
+def _spec_dict(**changes) -> dict:
+    spec = contract.ModelSpec.untrained(arch=[4, 3, 2], pool=["relu"], assignment=[["relu"] * 3])
+    return {**spec.to_dict(), **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"arch": [4, 3.0, 2]},
+            "spec field 'arch': architecture [4, 3.0, 2] is not a list of integers",
+        ),
+        (
+            {"arch": [4, True, 2]},
+            "spec field 'arch': architecture [4, True, 2] is not a list of integers",
+        ),
+        (
+            {"arch": "4,3,2x"},
+            "spec field 'arch': architecture '4,3,2x' is not a comma-separated list of integers",
+        ),
+        (
+            {"pool": [["relu"]]},
+            "spec field 'pool': expected a list of activation names, item 0 is a list",
+        ),
+        (
+            {"mode": "fixed:tanh"},
+            "spec field 'mode': expected 'smartmixed' or 'fixed:' and an activation of the pool, got 'fixed:tanh'",
+        ),
+        (
+            {"assignment": [["relu", 1, "relu"]]},
+            "spec field 'assignment[0]': expected a list of activation names, item 1 is an integer",
+        ),
+        (
+            {"assignment": {"0": []}},
+            "spec field 'assignment': expected a list of hidden layers, got an object",
+        ),
+        (
+            {"labels": [0, 1]},
+            "spec field 'labels': expected a list of strings, item 0 is an integer",
+        ),
+        (
+            {"preprocessing": {"offset": [0, 0, 0, "x"], "scale": 1}},
+            "spec field 'preprocessing.offset': expected a list of numbers, item 3 is a string",
+        ),
+        (
+            {"preprocessing": {"offset": True, "scale": 1}},
+            "spec field 'preprocessing.offset': expected a number or a list of 4 numbers, got a boolean",
+        ),
+        (
+            {"input_shape": [2, 3]},
+            "spec field 'input_shape': expected a list of positive integers whose product is the input width 4, got [2, 3]",
+        ),
+        ({"metrics": None}, "spec field 'metrics': expected an object, got null"),
+        (
+            {"training": {"data_request": {"seed": 1}}},
+            "spec field 'training.data_request': missing key source",
+        ),
+        (
+            {"training": {"data_request": {"source": "digits", "data_dir": 5}}},
+            "spec field 'training.data_request.data_dir': expected a string or null, got an integer",
+        ),
+    ],
+)
+def test_spec_fields_of_the_wrong_json_type_are_named(changes: dict, message: str) -> None:
+    with pytest.raises(contract.SpecError) as error:
+        contract.ModelSpec.from_dict(_spec_dict(**changes))
+    assert str(error.value) == message
+
+
+def test_parse_json_refuses_what_json_loads_would_raise_on(tmp_path: Path) -> None:
+    with pytest.raises(contract.JsonTooDeep, match="JSON nested deeper than 64 levels"):
+        contract.parse_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(contract.JsonError, match="Exceeds the limit"):
+        contract.parse_json("1" * 5000)  # int() refuses more than 4,300 digits
+    assert contract.json_depth([1, [2, {"a": [3]}], []]) == 4
+    assert contract.parse_json(str([0] * 1000)) == [0] * 1000

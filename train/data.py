@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
+import math
+import re
+import zipfile
+import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from smartmixed.contract.files import UnreadableFile, open_regular_file, read_regular_file
 
 VAL_FRACTION = 0.1  # paper: 60k -> 54k train / 6k validation, stratified
 TEST_FRACTION = 0.2  # held-out test share for data that ships no test split
@@ -43,6 +51,11 @@ FASHION_LABELS = [
 ]
 # IDX type codes -> numpy dtypes (big-endian), per the IDX format description.
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# What one data file may hold, checked before it is read (or decompressed): a FIFO, a device or
+# a zip bomb is refused in one line, never read without end. Full MNIST is 55 MB of IDX.
+MAX_CSV_BYTES = 256 * 2**20  # parsed to float32: at most 2 bytes of array per byte of text
+MAX_ARRAY_BYTES = 2**30  # an IDX file (decompressed), and an NPZ's arrays together
+MAX_CLASSES = 10_000  # distinct labels: more means the label column holds something else
 
 
 class DataError(ValueError):
@@ -86,7 +99,12 @@ def load_dataset(
     test_fraction: float = TEST_FRACTION,
     label_column: str = "label",
 ) -> Dataset:
-    """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified)."""
+    """Load ``mnist | fashion-mnist | digits | csv:PATH | npz:PATH`` and split it (stratified).
+
+    The arguments may come from a run's model.json (export rebuilds the test set from them), so
+    each is checked here: DataError names the one that cannot be used.
+    """
+    _check_request(source, data_dir, seed, val_fraction, test_fraction, label_column)
     request = {
         "source": source,
         # absolute, so that export finds the files from any working directory
@@ -99,6 +117,27 @@ def load_dataset(
     dataset = _load(source, data_dir, seed, val_fraction, test_fraction, label_column)
     dataset.request = request
     return dataset
+
+
+def _check_request(
+    source: Any,
+    data_dir: Any,
+    seed: Any,
+    val_fraction: Any,
+    test_fraction: Any,
+    label_column: Any,
+) -> None:
+    if not isinstance(source, str):
+        raise DataError(f"data source {source!r}: expected a string such as digits or csv:PATH")
+    if data_dir is not None and not isinstance(data_dir, str | Path):
+        raise DataError(f"data folder {data_dir!r}: expected a path")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        raise DataError(f"seed {seed!r}: expected an integer in 0..{2**32 - 1}")
+    for name, value in (("validation", val_fraction), ("test", test_fraction)):
+        if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1):
+            raise DataError(f"{name} fraction {value!r}: expected a number between 0 and 1")
+    if not isinstance(label_column, str):
+        raise DataError(f"label column {label_column!r}: expected a column name")
 
 
 def _load(
@@ -193,12 +232,21 @@ def _find_idx(data_dir: Path, stem: str) -> Path:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed): magic, dims, then the raw array."""
+    """Read one IDX file (optionally gzip-compressed): magic, dims, then the raw array. At most
+    MAX_ARRAY_BYTES are read, or decompressed from a .gz."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
+        if path.suffix == ".gz":
+            with open_regular_file(path, limit=MAX_ARRAY_BYTES) as f, gzip.GzipFile(fileobj=f) as g:
+                raw = g.read(MAX_ARRAY_BYTES + 1)  # decompresses no further than this
+            if len(raw) > MAX_ARRAY_BYTES:
+                raise DataError(
+                    f"{path}: decompresses to more than the limit of {MAX_ARRAY_BYTES} bytes"
+                )
+        else:
+            raw = read_regular_file(path, limit=MAX_ARRAY_BYTES)
+    except UnreadableFile as e:
+        raise DataError(str(e)) from None
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise DataError(
@@ -264,100 +312,214 @@ def _idx_dataset(name: str, data_dir: Path, labels: list[str], **split: Any) -> 
     )
 
 
-def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, np.ndarray]:
-    """CSV with a header row; every column but ``label_column`` is a numeric feature."""
+# Labels as read: the distinct labels (text) and, per row, the index of its label among them
+Labels = tuple[list[str], np.ndarray]
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[str, np.ndarray, Labels]:
+    """CSV with a header row, UTF-8 (a byte-order mark is skipped, as spreadsheets write one);
+    every column but ``label_column`` is a numeric feature.
+
+    Parsed row by row into float32 (at most MAX_CSV_BYTES of text, so the arrays stay within a
+    small multiple of it); a field longer than csv's limit (131,072 characters) or a number
+    that only Python reads (1_000, non-ASCII digits) is refused with its line.
+    """
     try:
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if len(rows) < 2:
-        raise DataError(f"{path}: expected a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
+        raw = open_regular_file(path, limit=MAX_CSV_BYTES)
+    except UnreadableFile as e:
+        raise DataError(str(e)) from None
+    with io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text)
+        try:
+            return str(path), *_parse_csv(reader, path, label_column)
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _parse_csv(reader: Any, path: Path, label_column: str) -> tuple[np.ndarray, Labels]:
+    header = [h.strip() for h in next(reader, [])]
     if label_column not in header:
+        if not header:
+            raise DataError(f"{path}: expected a header row and at least one data row")
         raise DataError(
-            f"{path}: label column {label_column!r} missing (columns: {', '.join(header)}); "
-            f"choose it with --label-column"
+            f"{path}: label column {label_column!r} missing (columns: "
+            f"{_short(', '.join(header), 200)}); choose it with --label-column"
         )
-    label_at = header.index(label_column)
-    features, raw_labels = [], []
-    for line, row in enumerate(rows[1:], start=2):
+    label_at, width = header.index(label_column), len(header)
+    features = array("f")  # float32, row after row: (N, width - 1)
+    codes = array("q")  # per row, the index of its label in ``names``
+    names: dict[str, int] = {}
+    for row in reader:
         if not row:
             continue
-        if len(row) != len(header):
-            raise DataError(f"{path} line {line}: expected {len(header)} fields, got {len(row)}")
-        raw_labels.append(row[label_at].strip())
+        line = reader.line_num
+        if len(row) != width:
+            raise DataError(f"{path} line {line}: expected {width} fields, got {len(row)}")
+        label = row[label_at].strip()
+        if label == "":
+            raise DataError(f"{path}: label column {label_column!r} has empty values")
+        if label not in names:
+            if len(names) == MAX_CLASSES:
+                raise DataError(
+                    f"{path} line {line}: more than {MAX_CLASSES} distinct labels in column "
+                    f"{label_column!r}; is it the class column? (choose it with --label-column)"
+                )
+            names[label] = len(names)
+        codes.append(names[label])
+        values = row[:label_at] + row[label_at + 1 :]
         try:
-            features.append([float(v) for i, v in enumerate(row) if i != label_at])
+            features.extend([_csv_number(v) for v in values])
         except ValueError:
-            bad = next(i for i, v in enumerate(row) if i != label_at and not _parses(v, float))
+            bad = next(i for i, v in enumerate(row) if i != label_at and not _parses(v))
             raise DataError(
-                f"{path} line {line}: column {header[bad]!r} value {row[bad]!r} is not a number"
+                f"{path} line {line}: column {_short(header[bad])!r} value "
+                f"{_short(row[bad])!r} is not a number"
             ) from None
-    if any(label == "" for label in raw_labels):
-        raise DataError(f"{path}: label column {label_column!r} has empty values")
-    return str(path), np.asarray(features, dtype=np.float32), np.asarray(raw_labels)
+    if not codes:
+        raise DataError(f"{path}: expected a header row and at least one data row")
+    x = np.frombuffer(features, np.float32).reshape(len(codes), width - 1)
+    return x, (list(names), np.frombuffer(codes, np.int64))
 
 
-def _parses(text: str, kind: type) -> bool:
-    """Whether ``kind(text)`` (int or float) reads the text without a ValueError."""
+def _csv_number(text: str) -> float:
+    """float(text), less what only Python reads as a number: underscores between digits
+    (1_000) and non-ASCII digits or spaces; ValueError for those as for any other text."""
+    if "_" in text or not text.isascii():
+        raise ValueError(text)
+    return float(text)
+
+
+def _parses(text: str) -> bool:
+    """Whether ``_csv_number`` reads the text."""
     try:
-        kind(text)
+        _csv_number(text)
     except ValueError:
         return False
     return True
 
 
-def _read_npz(
-    path: Path,
-) -> tuple[str, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """NPZ with arrays ``x`` (N, ...) and ``y`` (N,), optionally ``x_test`` and ``y_test``."""
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters: a hostile field stays a one-line message."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+NPZ_ARRAYS = ("x", "y", "x_test", "y_test")
+
+
+def _read_npz(path: Path) -> tuple[str, np.ndarray, np.ndarray, tuple | None]:
+    """NPZ with arrays ``x`` (N, ...) and ``y`` (N,), optionally ``x_test`` and ``y_test``.
+
+    Only these arrays are read, each after its .npy header and its size in the zip directory
+    agree and fit MAX_ARRAY_BYTES together: other members are never decompressed (a small
+    archive may inflate to gigabytes), and loading never unpickles.
+    """
     try:
-        with np.load(path, allow_pickle=False) as npz:  # loading never executes code
-            arrays = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except ValueError as e:  # object arrays need pickle, which we refuse
-        raise DataError(f"{path}: cannot load without pickle ({e})") from None
-    except (OSError, EOFError, Exception) as e:  # zipfile.BadZipFile and friends
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"{path}: missing array {key!r} (found: {', '.join(arrays) or 'none'})")
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DataError(f"{path}: x_test and y_test must come together")
+        raw = open_regular_file(path, limit=MAX_ARRAY_BYTES)
+    except UnreadableFile as e:
+        raise DataError(str(e)) from None
+    with raw:
+        try:
+            with zipfile.ZipFile(raw) as archive:
+                members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+                for key in ("x", "y"):
+                    if key not in members:
+                        found = _short(", ".join(members) or "none", 120)
+                        raise DataError(f"{path}: missing array {key!r} (found: {found})")
+                if ("x_test" in members) != ("y_test" in members):
+                    raise DataError(f"{path}: x_test and y_test must come together")
+                arrays, budget = {}, MAX_ARRAY_BYTES
+                for key in (k for k in NPZ_ARRAYS if k in members):
+                    arrays[key] = _read_npy(archive, members[key], path, key, budget)
+                    budget -= arrays[key].nbytes
+        except DataError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError) as e:
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        except (ValueError, NotImplementedError) as e:  # a malformed .npy header, a codec
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
     test = (arrays["x_test"], arrays["y_test"]) if "x_test" in arrays else None
     return str(path), arrays["x"], arrays["y"], test
+
+
+def _read_npy(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, key: str, budget: int
+) -> np.ndarray:
+    """Array ``key`` of the archive: its zip size checked against ``budget`` and its .npy
+    header against its zip size before its data is read."""
+    if info.file_size > budget:
+        raise DataError(
+            f"{path}: array {key!r} takes {info.file_size} bytes, more than the "
+            f"{MAX_ARRAY_BYTES} the arrays read may take together"
+        )
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise DataError(f"{path}: array {key!r}: .npy format version {version} is not read")
+        shape, fortran_order, dtype = read_header(member)
+        if dtype.hasobject:
+            raise DataError(
+                f"{path}: array {key!r} holds Python objects, which only pickle could load; "
+                "refused (loading never executes code)"
+            )
+        size = math.prod(shape) * dtype.itemsize
+        stored = info.file_size - member.tell()
+        if size != stored:
+            raise DataError(
+                f"{path}: array {key!r}: its header declares {list(shape)} {dtype} ({size} "
+                f"bytes), the archive holds {stored}"
+            )
+        data = member.read(size)
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _label_codes(y: np.ndarray, source: str) -> Labels:
+    """An NPZ's labels as (distinct labels as text, each row's index among them)."""
+    if y.ndim != 1 or y.dtype.kind not in "biufUS":
+        raise DataError(
+            f"{source}: labels must be a 1-D array of integers or text, got {y.dtype} "
+            f"of shape {list(y.shape)}"
+        )
+    distinct, codes = np.unique(y, return_inverse=True)
+    if len(distinct) > MAX_CLASSES:
+        raise DataError(
+            f"{source}: {len(distinct)} distinct labels, more than the limit of {MAX_CLASSES}"
+        )
+    return distinct.astype(str).tolist(), codes.reshape(-1).astype(np.int64)
 
 
 def _tabular(
     kind: str,
     source: str,
     x: np.ndarray,
-    y: np.ndarray,
-    test: tuple[np.ndarray, np.ndarray] | None = None,
+    y: np.ndarray | Labels,
+    test: tuple[np.ndarray, np.ndarray | Labels] | None = None,
     **split: Any,
 ) -> Dataset:
     """Features as given, labels encoded (sorted; numerically when all are integers)."""
-    arrays = [(x, y), *([test] if test is not None else [])]
-    for xs, ys in arrays:
-        if not np.issubdtype(np.asarray(xs).dtype, np.number):
-            raise DataError(f"{source}: features must be numeric, got dtype {xs.dtype}")
-        if len(xs) != len(ys) or np.asarray(ys).ndim != 1:
+    parts = []
+    for xs, ys in [(x, y), *([test] if test is not None else [])]:
+        xs = np.asarray(xs)
+        if not np.issubdtype(xs.dtype, np.number) or np.issubdtype(xs.dtype, np.complexfloating):
+            raise DataError(f"{source}: features must be real numbers, got dtype {xs.dtype}")
+        names, codes = ys if isinstance(ys, tuple) else _label_codes(np.asarray(ys), source)
+        if xs.ndim == 0 or len(xs) != len(codes):
             raise DataError(
-                f"{source}: {len(xs)} feature rows but labels of shape {list(np.shape(ys))}"
+                f"{source}: {len(xs) if xs.ndim else 0} feature rows but {len(codes)} labels"
             )
-    all_labels = np.concatenate([np.asarray(ys).astype(str) for _, ys in arrays])
-    classes = sorted(
-        set(all_labels.tolist()), key=lambda s: (0, int(s)) if _parses(s, int) else (1, s)
-    )
+        parts.append((xs, names, codes))
+    all_names = {name for _, names, _ in parts for name in names}
+    classes = sorted(all_names, key=lambda s: (0, int(s)) if _INTEGER.fullmatch(s) else (1, s))
     index = {c: i for i, c in enumerate(classes)}
-    encode = lambda ys: np.array([index[s] for s in np.asarray(ys).astype(str)], np.int64)  # noqa: E731
+    encode = lambda names, codes: np.array([index[n] for n in names], np.int64)[codes]  # noqa: E731
     flat = lambda xs: np.asarray(xs, np.float32).reshape(len(xs), -1)  # noqa: E731
-    x2, y2 = flat(x), encode(y)
-    encoded_test = (flat(test[0]), encode(test[1])) if test is not None else None
+    x2, y2 = flat(parts[0][0]), encode(*parts[0][1:])
+    encoded_test = (flat(parts[1][0]), encode(*parts[1][1:])) if test is not None else None
     if encoded_test is not None and encoded_test[0].shape[1] != x2.shape[1]:
         raise DataError(
             f"{source}: x has {x2.shape[1]} features but x_test has {encoded_test[0].shape[1]}"
@@ -373,6 +535,9 @@ def _tabular(
         test=encoded_test,
         **split,
     )
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 # --------------------------------------------------------------------------------------------

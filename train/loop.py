@@ -20,10 +20,12 @@ Protocols (``--protocol``) are named sets of defaults; explicit options override
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -731,28 +733,276 @@ def _restore(
     dev: torch.device,
     run: _RunState,
 ) -> _Phase:
-    """The phase a checkpoint was written in, with its model, optimizer, kept state and RNGs."""
-    tensors, saved = artifacts.load_checkpoint(out)
+    """The phase a checkpoint was written in, with its model, optimizer, kept state and RNGs.
+
+    The checkpoint is checked field by field before any of it is used (it may have been
+    edited, truncated or written by other code): its options against this run's; its run
+    state against what this run can hold (phase, epoch counts, history, assignment); its
+    tensors' names, dtypes and shapes, from the header, against the network and optimizer these
+    options build, before any tensor data is read; then NaN or inf in any tensor, by name, and
+    the generator states. ArtifactError (or TrainError for other options) names the problem.
+    """
+    file, saved = artifacts.read_checkpoint(out)
+    path = file.path
     if saved["config"] != record_config:
-        changed = sorted(k for k in record_config if saved["config"].get(k) != record_config[k])
+        keys = sorted(set(record_config) | set(saved["config"]))
+        changed = [k for k in keys if saved["config"].get(k) != record_config.get(k)]
         raise TrainError(
-            f"--resume: options differ from the checkpoint in {', '.join(changed)}; "
+            f"--resume: options differ from the checkpoint in {_listed(changed)}; "
             f"rerun with the original options"
         )
-    for key, value in saved["run"].items():
-        setattr(run, key, value)
-    name, epochs = config.phases()[run.phase_index]
-    model = _build(config, name, dataset, run.assignment).to(dev)
-    model.load_state_dict(_prefixed(tensors, "model."))
+    restored = _checked_run_state(saved["run"], config, path)
+    name, epochs = config.phases()[restored.phase_index]
+    model = _build(config, name, dataset, restored.assignment).to(dev)
     optimizer = _optimizer(config, model)
-    optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, saved["optimizer"]))
+    _check_optimizer_record(saved["optimizer"], optimizer, path)
+    required, optional = _checkpoint_layout(file, model, optimizer, data_gen, dev)
+    try:
+        artifacts.check_tensor_layout(
+            file,
+            required,
+            optional=optional,
+            mismatch="tensors do not match the run these options train",
+        )
+    except contract.SpecError as e:
+        raise artifacts.ArtifactError(f"{path}: {e}") from None
+    tensors, _ = artifacts.read_tensor_data(file)
+    if problems := artifacts.nonfinite_tensors(tensors):
+        raise artifacts.ArtifactError(f"{path}: {_listed(problems, sep='; ', most=4)}")
+    for key in ("rng.torch", "rng.data"):
+        try:  # a scratch generator: nothing is set until every state is known to be valid
+            torch.Generator().set_state(tensors[key])
+        except RuntimeError as e:
+            raise artifacts.ArtifactError(
+                f"{path}: tensor {key} is not a random generator's state ({e})"
+            ) from None
+    model.load_state_dict(_prefixed(tensors, "model."))
+    groups = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": {}}
+    optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, groups))
     torch.set_rng_state(tensors["rng.torch"])
     data_gen.set_state(tensors["rng.data"])
     if dev.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        try:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+        except RuntimeError as e:
+            raise artifacts.ArtifactError(
+                f"{path}: tensor rng.cuda is not a CUDA generator's state ({e})"
+            ) from None
+    for key, value in asdict(restored).items():
+        setattr(run, key, value)
     return _Phase(
         name, epochs, model, optimizer, _prefixed(tensors, "best."), _keep_rule(config, name)
     )
+
+
+def _checked_run_state(saved: dict[str, Any], config: TrainConfig, path: Path) -> _RunState:
+    """The checkpoint's run state, every field checked against what a run of ``config`` can
+    hold at that point; ArtifactError names the first field that cannot be."""
+    expected = [f.name for f in fields(_RunState)]
+    missing = [k for k in expected if k not in saved]
+    unknown = sorted(set(saved) - set(expected))
+    if missing or unknown:
+        parts = [
+            f"missing field(s) {_listed(missing)}" if missing else "",
+            f"unknown field(s) {_listed(unknown)}" if unknown else "",
+        ]
+        raise artifacts.ArtifactError(f"{path}: run state: {'; '.join(p for p in parts if p)}")
+
+    def refuse(field_name: str, wanted: str) -> artifacts.ArtifactError:
+        value = _short(repr(saved[field_name])) if field_name in saved else "nothing"
+        return artifacts.ArtifactError(
+            f"{path}: run state field '{field_name}': expected {wanted}, got {value}"
+        )
+
+    phases = config.phases()
+    index = saved["phase_index"]
+    if not (_is_int(index) and 0 <= index < len(phases)):
+        raise refuse("phase_index", f"an integer in 0..{len(phases) - 1} (this run's phases)")
+    name, epochs = phases[index]
+    phase_epoch = saved["phase_epoch"]
+    if not (_is_int(phase_epoch) and 0 <= phase_epoch <= epochs):
+        raise refuse("phase_epoch", f"an integer in 0..{epochs} (phase {name}'s epochs)")
+    # one history record per completed epoch: the earlier phases' and this one's so far
+    done = sum(n for _, n in phases[:index]) + phase_epoch
+    history = saved["history"]
+    if not (isinstance(history, list) and len(history) == done):
+        raise refuse("history", f"a list of {done} epoch records")
+    phase_of = [p for p, n in phases for _ in range(n)]
+    for epoch, record in enumerate(history):
+        if problem := _record_problem(record, epoch, phase_of[epoch], config):
+            raise artifacts.ArtifactError(f"{path}: run state field 'history[{epoch}]': {problem}")
+    if not (_is_int(saved["best_epoch"]) and -1 <= saved["best_epoch"] < done):
+        raise refuse("best_epoch", f"an integer in -1..{done - 1}")
+    if not (_is_number(saved["best_val_loss"]) and not math.isnan(saved["best_val_loss"])):
+        raise refuse("best_val_loss", "a number, not NaN")
+    if not (_is_number(saved["best_val_accuracy"]) and -1 <= saved["best_val_accuracy"] <= 1):
+        raise refuse("best_val_accuracy", "a number in -1..1")
+    seconds = saved["train_seconds"]
+    if not (_is_number(seconds) and math.isfinite(seconds) and seconds >= 0):
+        raise refuse("train_seconds", "a number >= 0")
+    widths = config.arch[1:-1]
+    assignment = saved["assignment"]
+    if name == "selective" and assignment is not None:
+        raise refuse("assignment", "null (phase 1 has not frozen an assignment)")
+    if name == "fixed" and assignment != [[config.pool[0]] * w for w in widths]:
+        raise refuse("assignment", f"{config.pool[0]} for every neuron (a fixed run)")
+    if name == "mixed" and not (
+        isinstance(assignment, list)
+        and [len(layer) if isinstance(layer, list) else None for layer in assignment] == widths
+        and all(isinstance(a, str) and a in config.pool for layer in assignment for a in layer)
+    ):
+        raise refuse("assignment", f"a name of the pool per neuron of layers {widths}")
+    phase1 = saved["phase1"]
+    if name != "mixed" and phase1 is not None:
+        raise refuse("phase1", "null (phase 1 is not over)")
+    if name == "mixed" and _phase1_problem(phase1, len(widths)):
+        raise refuse("phase1", "phase 1's metrics " + _phase1_problem(phase1, len(widths)))
+    return _RunState(**saved)
+
+
+# the numbers every history record holds (train/report.py plots them)
+RECORD_NUMBERS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
+PHASE1_NUMBERS = ("val_loss", "val_accuracy", "test_loss", "test_accuracy")
+
+
+def _record_problem(record: Any, epoch: int, phase: str, config: TrainConfig) -> str | None:
+    """What is wrong with history record ``epoch`` of a checkpoint, or None."""
+    if not isinstance(record, dict):
+        return "expected an object"
+    if record.get("epoch") != epoch or record.get("phase") != phase:
+        return f"expected epoch {epoch} of phase {phase}"
+    if missing := [k for k in RECORD_NUMBERS if not _is_number(record.get(k))]:
+        return f"expected numbers for {_listed(missing)}"
+    if _counts_problem(record.get("activation_counts"), len(config.arch) - 2, config.pool):
+        return "expected activation_counts: per hidden layer, a count per pool activation"
+    grad = record.get("logit_grad")
+    if grad is not None and not (
+        isinstance(grad, dict)
+        and set(grad) == set(config.pool)
+        and all(map(_is_number, grad.values()))
+    ):
+        return "expected logit_grad: a number per pool activation"
+    return None
+
+
+def _phase1_problem(phase1: Any, layers: int) -> str | None:
+    if not isinstance(phase1, dict):
+        return "as an object"
+    if not _is_int(phase1.get("best_epoch")) or not isinstance(phase1.get("select"), str):
+        return "with best_epoch and select"
+    if missing := [k for k in PHASE1_NUMBERS if not _is_number(phase1.get(k))]:
+        return f"with numbers for {_listed(missing)}"
+    if not (
+        isinstance(phase1.get("activation_counts"), list)
+        and len(phase1["activation_counts"]) == layers
+    ):
+        return f"with activation_counts for {layers} hidden layers"
+    return None
+
+
+def _counts_problem(counts: Any, layers: int, pool: list[str]) -> bool:
+    return not (
+        isinstance(counts, list)
+        and len(counts) == layers
+        and all(
+            isinstance(c, dict)
+            and set(c) == set(pool)
+            and all(_is_int(v) and v >= 0 for v in c.values())
+            for c in counts
+        )
+    )
+
+
+def _check_optimizer_record(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: Path
+) -> None:
+    """The checkpoint's optimizer record must be the one these options' Adam writes: the same
+    groups (parameter indices, learning rates, betas, ...: every setting both torch versions
+    know) and no state outside tensors. The groups are then loaded from ``optimizer`` itself."""
+    expected = json.loads(json.dumps(optimizer.state_dict()["param_groups"]))
+    if set(saved) != {"param_groups", "scalars"}:
+        raise artifacts.ArtifactError(
+            f"{path}: optimizer state: expected the fields param_groups and scalars, got "
+            f"{_listed(sorted(map(str, saved)))}"
+        )
+    groups = saved["param_groups"]
+    if not (
+        isinstance(groups, list)
+        and len(groups) == len(expected)
+        and all(
+            isinstance(group, dict)
+            and group.get("params") == want["params"]
+            and all(group[k] == v for k, v in want.items() if k in group)
+            for group, want in zip(groups, expected, strict=False)
+        )
+    ):
+        raise artifacts.ArtifactError(
+            f"{path}: optimizer state field 'param_groups': not the Adam groups these options "
+            "build (parameter indices, learning rates, betas, ...)"
+        )
+    if saved["scalars"] != {}:
+        raise artifacts.ArtifactError(
+            f"{path}: optimizer state field 'scalars': expected {{}} (Adam keeps its state in "
+            f"tensors), got {_short(repr(saved['scalars']))}"
+        )
+
+
+def _checkpoint_layout(
+    file: artifacts.TensorFile,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_gen: torch.Generator,
+    dev: torch.device,
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(required, optional) tensors of a checkpoint of ``model``: name -> (dtype, shape).
+
+    Adam holds step, exp_avg and exp_avg_sq for a parameter once it has taken a step with a
+    gradient (the logits of --logit-warmup epochs have none yet): all three or none.
+    """
+
+    def entry(t: Tensor) -> tuple[str, tuple[int, ...]]:
+        return artifacts.TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)
+
+    state = model.state_dict()
+    required = {f"{prefix}.{k}": entry(v) for prefix in ("model", "best") for k, v in state.items()}
+    required["rng.torch"] = entry(torch.get_rng_state())
+    required["rng.data"] = entry(data_gen.get_state())
+    optional = {}
+    if dev.type == "cuda":
+        required["rng.cuda"] = entry(torch.cuda.get_rng_state(dev))
+    elif "rng.cuda" in file.tensors:  # written on a GPU, resumed on the CPU: not used
+        optional["rng.cuda"] = file.tensors["rng.cuda"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, param in enumerate(params):
+        adam = {
+            f"optim.{i}.step": ("F32", ()),
+            f"optim.{i}.exp_avg": entry(param),
+            f"optim.{i}.exp_avg_sq": entry(param),
+        }
+        present = [k for k in adam if k in file.tensors]
+        if present and len(present) < len(adam):
+            required |= adam  # partial: check_tensor_layout names the missing ones
+        else:
+            optional |= adam
+    return required, optional
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _listed(items: list[str], *, sep: str = ", ", most: int = 8) -> str:
+    """Items joined, at most ``most`` of them named: a hostile file stays a one-line message."""
+    shown = sep.join(_short(item, 80) for item in items[:most])
+    return shown if len(items) <= most else f"{shown}{sep}and {len(items) - most} more"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 AFU_GRID = (-6.0, 6.0, 1201)  # z grid of the AFU summaries and plot (paper Fig. 2c's range)

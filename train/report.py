@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smartmixed.contract import ModelSpec
+from smartmixed.contract import MODEL_SPEC, ModelSpec, json_type_name
 from smartmixed.contract.files import atomic_write_bytes, atomic_write_text
-from smartmixed.train.artifacts import load_spec
+from smartmixed.train.artifacts import ArtifactError, load_spec
 
 REPORT = "report.md"
 PLOTS = {
@@ -286,9 +286,22 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
     atomic_write_text(run_dir / REPORT, "\n".join(lines) + "\n")
 
 
+# the metrics of model.json the comparison prints
+COMPARED_METRICS = ("test_accuracy", "val_accuracy", "train_seconds")
+
+
 def compare_runs(run_dirs: Sequence[Path | str]) -> str:
-    """A plain-text table comparing finished runs."""
+    """A plain-text table comparing finished runs (ArtifactError names a run whose model.json
+    lacks a number the table prints)."""
     specs = [(Path(d), load_spec(d)) for d in run_dirs]
+    for path, spec in specs:
+        for key in COMPARED_METRICS:
+            value = spec.metrics.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ArtifactError(
+                    f"{path / MODEL_SPEC}: spec field 'metrics.{key}': expected a number, got "
+                    f"{json_type_name(value)}"
+                )
     header = f"{'run':<28} {'mode':<14} {'test acc':>8} {'val acc':>8} {'train s':>8}"
     lines = [header, "-" * len(header)]
     for path, spec in specs:
