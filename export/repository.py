@@ -66,10 +66,13 @@ from smartmixed.contract import (
     PLATFORM,
     PROBABILITIES,
     REPORT_FILE,
+    JsonError,
     ModelSpec,
     package_versions,
+    parse_json,
     parse_positive_ints,
 )
+from smartmixed.contract.files import UnreadableFile, read_regular_file
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import (
     DEFAULT_OPSET,
@@ -95,6 +98,7 @@ from smartmixed.serve.model_config import (
     is_version_name,
     parse_model_config,
 )
+from smartmixed.serve.runtime import MAX_CONFIG_BYTES, MAX_MODEL_BYTES
 from smartmixed.train.artifacts import check_writable_folder, load_model
 from smartmixed.train.data import IDX_SOURCES, DataError, load_dataset
 
@@ -174,7 +178,9 @@ def _test_inputs(
     try:
         dataset = load_dataset(source, **request)
     except DataError as e:
-        hint = "" if data_dir is not None else "; --data-dir DIR names its folder on this machine"
+        # the folder hint only where the run read files from a folder this machine may lack
+        from_folder = data_dir is None and request.get("data_dir") is not None
+        hint = "; --data-dir DIR names its folder on this machine" if from_folder else ""
         raise ExportError(
             f"{run_dir}: cannot reload the run's test data to verify on it ({e}){hint}"
         ) from None
@@ -694,24 +700,26 @@ def verify_entry(
     if not entry.is_dir():
         raise ExportError(f"{entry}: no such repository entry")
     path = latest_version(entry) / MODEL_FILE
-    try:
-        model = onnx.load(str(path))
-    except (OSError, DecodeError) as e:
-        raise ExportError(f"{path}: not a readable ONNX model ({e})") from None
-    config = entry / CONFIG_FILE
-    try:
-        text = config.read_text() if config.exists() else None
+    try:  # regular files of bounded size only, as serve reads them: never a hang on a FIFO
+        model = onnx.load_model_from_string(read_regular_file(path, limit=MAX_MODEL_BYTES))
+        config = entry / CONFIG_FILE
+        text = None
+        if config.exists() or config.is_symlink():
+            text = read_regular_file(config, limit=MAX_CONFIG_BYTES).decode()
         check_model_config(text, model, name=entry.name, source=config)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(f"{config}: not readable as text ({e})") from None
+    except UnreadableFile as e:
+        raise ExportError(str(e)) from None
+    except DecodeError as e:
+        raise ExportError(f"{path}: not a readable ONNX model ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ExportError(f"{config}: not UTF-8 text (byte {e.start})") from None
     except ConfigError as e:
         raise ExportError(str(e)) from None
     meta = get_metadata(model)
     run_dir = Path(run_dir) if run_dir is not None else Path(meta.get(META_RUN, ""))
-    if META_SPEC not in meta:
-        raise ExportError(f"{path}: no smartmixed metadata ({META_SPEC})")
+    recorded_spec = _metadata_object(meta, META_SPEC, path)
     spec, torch_model = load_model(run_dir)
-    if spec.to_dict()["assignment"] != json.loads(meta[META_SPEC])["assignment"]:
+    if spec.to_dict()["assignment"] != recorded_spec.get("assignment"):
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
     test_x, test_y, _ = _test_inputs(spec, run_dir, data_dir)
     low, high = _raw_range(spec, test_x)
@@ -731,16 +739,29 @@ def verify_entry(
             f"{path}: an int8 model is verified on the run's test set, and "
             f"{run_dir} records no data request"
         )
-    try:  # the thresholds recorded at export
-        recorded = dict(json.loads(meta.get(META_QUANTIZATION) or "{}")["thresholds"])
-    except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
-        raise ExportError(f"{path}: {META_QUANTIZATION} records no thresholds") from None
+    recorded = _metadata_object(meta, META_QUANTIZATION, path).get("thresholds")
+    if not isinstance(recorded, dict):  # the thresholds recorded at export
+        raise ExportError(f"{path}: {META_QUANTIZATION} records no thresholds")
     if min_agreement is None:
         min_agreement = recorded.get("min_agreement", DEFAULT_MIN_AGREEMENT)
     if max_accuracy_drop is None:
         max_accuracy_drop = recorded.get("max_accuracy_drop_points", DEFAULT_MAX_ACCURACY_DROP)
     rule = _int8_rule(spec, torch_model, inputs, test_y, min_agreement, max_accuracy_drop)
     return verify_quantized(model, rule)
+
+
+def _metadata_object(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
+    """The JSON object export wrote under ``key`` in a model's metadata; ExportError naming the
+    key when it is missing, not JSON, nested too deep or not an object."""
+    if key not in meta:
+        raise ExportError(f"{path}: no smartmixed metadata ({key})")
+    try:
+        value = parse_json(meta[key])
+    except JsonError as e:
+        raise ExportError(f"{path}: metadata {key}: {e}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: metadata {key}: expected a JSON object")
+    return value
 
 
 def _int8_rule(

@@ -329,7 +329,7 @@ CASES = [
         "export",
         spec_change(lambda s: s["training"]["data_request"].__setitem__("val_fraction", 7)),
         "{run}: cannot reload the run's test data to verify on it (validation fraction 7: "
-        "expected a number between 0 and 1); --data-dir DIR names its folder on this machine",
+        "expected a number between 0 and 1)",
     ),
     Case(
         "pool holds a number",

@@ -176,3 +176,43 @@ def test_a_symlinked_entry_is_refused_before_any_work(
     )
     assert sorted(p.name for p in entry.rglob("*")) == before
     assert [p.name for p in models.iterdir()] == ["tiny"]
+
+
+def _deep_spec(path: Path) -> None:
+    model = onnx.load(str(path))
+    prop = next(p for p in model.metadata_props if p.key == "smartmixed.spec")
+    prop.value = "[" * 100_000 + "]" * 100_000
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            lambda e: (e / "1" / "model.onnx").unlink() or os.mkfifo(e / "1" / "model.onnx"),
+            "{e}/1/model.onnx: a FIFO, not a regular file",
+        ),
+        (
+            lambda e: (e / "config.pbtxt").unlink() or os.mkfifo(e / "config.pbtxt"),
+            "{e}/config.pbtxt: a FIFO, not a regular file",
+        ),
+        (
+            lambda e: _deep_spec(e / "1" / "model.onnx"),
+            "{e}/1/model.onnx: metadata smartmixed.spec: JSON nested deeper than 64 levels",
+        ),
+    ],
+    ids=["model.onnx a FIFO", "config.pbtxt a FIFO", "spec metadata 10^5 deep"],
+)
+def test_verify_only_reads_a_tampered_entry_in_one_line(
+    entry: Path, tmp_path: Path, capsys, tamper, message: str
+) -> None:
+    """--verify-only reads the entry as serve does: regular files only (a FIFO never hangs
+    it), metadata of bounded depth (never a RecursionError)."""
+    copy = Path(shutil.copytree(entry, tmp_path / "tiny"))
+    tamper(copy)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in copy.rglob("*"))
+    assert _export(capsys, "--verify-only", str(copy)) == (
+        2,
+        f"smartmixed-export: error: {message.format(e=copy)}\n",
+    )
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in copy.rglob("*")) == before
