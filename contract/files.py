@@ -61,30 +61,38 @@ _FILE_KINDS = (
 
 class UnreadableFile(ValueError):
     """A file that is missing, not a regular file, larger than the reader's limit, or that the
-    system refuses to read; the message starts with the path and says which."""
+    system refuses to read; the message is "PATH: reason", ``reason`` says which."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
 
 
-def open_regular_file(path: Path | str, *, limit: int) -> BinaryIO:
-    """``path`` opened for binary reading, once it is known to be a regular file (symlinks
-    followed) of at most ``limit`` bytes; else UnreadableFile.
+def open_regular_file(
+    path: Path | str, *, limit: int, follow_symlinks: bool = True
+) -> BinaryIO:
+    """``path`` opened for binary reading, once it is known to be a regular file of at most
+    ``limit`` bytes; else UnreadableFile. ``follow_symlinks=False``: a symlink as the last
+    component is refused (for a path the caller has already resolved and checked).
 
     Opened non-blocking, so that a FIFO is refused instead of waiting for a writer, and checked
     with fstat on the descriptor that will be read (not on the name, which may change between).
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise UnreadableFile(f"{path}: file not found") from None
+        raise UnreadableFile(path, "file not found") from None
     except OSError as e:
-        raise UnreadableFile(f"{path}: {e.strerror}") from None
+        raise UnreadableFile(path, e.strerror or str(e)) from None
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             kind = next((k for test, k in _FILE_KINDS if test(status.st_mode)), "a special file")
-            raise UnreadableFile(f"{path}: {kind}, not a regular file")
+            raise UnreadableFile(path, f"{kind}, not a regular file")
         if status.st_size > limit:
             raise UnreadableFile(
-                f"{path}: {status.st_size} bytes, more than the limit of {limit} bytes"
+                path, f"{status.st_size} bytes, more than the limit of {limit} bytes"
             )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -93,14 +101,14 @@ def open_regular_file(path: Path | str, *, limit: int) -> BinaryIO:
         raise
 
 
-def read_regular_file(path: Path | str, *, limit: int) -> bytes:
+def read_regular_file(path: Path | str, *, limit: int, follow_symlinks: bool = True) -> bytes:
     """The bytes of ``path``, a regular file of at most ``limit`` bytes (``open_regular_file``);
     a file that grows past the limit while it is read is refused too."""
-    with open_regular_file(path, limit=limit) as f:
+    with open_regular_file(path, limit=limit, follow_symlinks=follow_symlinks) as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:
-            raise UnreadableFile(f"{path}: {e.strerror or e}") from None
+            raise UnreadableFile(path, e.strerror or str(e)) from None
     if len(data) > limit:
-        raise UnreadableFile(f"{path}: grew past the limit of {limit} bytes while it was read")
+        raise UnreadableFile(path, f"grew past the limit of {limit} bytes while it was read")
     return data

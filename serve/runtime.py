@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import reprlib
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from smartmixed.contract import (
     SpecError,
     parse_json,
 )
+from smartmixed.contract.files import UnreadableFile, read_regular_file
 from smartmixed.contract.runtime import (
     ModelLoadError,
     ProviderError,
@@ -190,15 +189,6 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def read_repository_file(
     path: Path, *, root: Path, limit: int, limit_setting: str | None = None
 ) -> bytes:
@@ -206,9 +196,8 @@ def read_repository_file(
     repository ``root`` and hold at most ``limit`` bytes (the ``limit_setting`` that sets it is
     named); else LoadError "cannot read PATH: why".
 
-    Never waits or reads without end (issue F: a model.onnx symlinked to an endless device was
-    read without limit): the file is opened non-blocking (a FIFO would wait for a writer),
-    checked with fstat, and read for at most its size + 1 bytes.
+    Never waits or reads without end (a model.onnx symlinked to an endless device, or a FIFO):
+    contract.files reads regular files only, their size checked first.
     """
     where = f"cannot read {path}"
     try:
@@ -217,27 +206,11 @@ def read_repository_file(
         raise LoadError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
     if not real.is_relative_to(inside):
         raise LoadError(f"{where}: it resolves to {real}, outside the repository {root}")
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise LoadError(f"{where}: no such file") from None
-    except OSError as e:
-        raise LoadError(f"{where}: {e.strerror}") from None
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            kind = next((k for test, k in _FILE_KINDS if test(status.st_mode)), "special")
-            raise LoadError(f"{where}: {kind}, not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(min(status.st_size, limit) + 1)
-    except OSError as e:
-        raise LoadError(f"{where}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        setting = f" ({limit_setting})" if limit_setting else ""
-        raise LoadError(f"{where}: larger than the limit of {limit} bytes{setting}")
-    return data
+    try:  # the resolved path, and no symlink in its place since: O_NOFOLLOW
+        return read_regular_file(real, limit=limit, follow_symlinks=False)
+    except UnreadableFile as e:
+        setting = f" ({limit_setting})" if limit_setting and "limit" in e.reason else ""
+        raise LoadError(f"{where}: {e.reason}{setting}") from None
 
 
 # --------------------------------------------------------------------------------------------

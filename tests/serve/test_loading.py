@@ -57,7 +57,7 @@ BAD_MODEL_FILES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
         "not an ONNX model",
     ),
     "empty": (lambda p, m: p.write_bytes(b""), "empty file"),
-    "missing": (lambda p, m: None, "no such file"),
+    "missing": (lambda p, m: None, "file not found"),
     "symlink to a system file": (
         lambda p, m: p.symlink_to("/etc/passwd"),
         "it resolves to /etc/passwd, outside the repository",
@@ -94,7 +94,7 @@ def test_a_bad_model_file_is_one_line_and_can_be_skipped(models: Path, case: str
 def test_a_model_file_over_the_size_limit(models: Path) -> None:
     with pytest.raises(
         LoadError,
-        match=r"^mixed/1: cannot read .*model\.onnx: larger than the "
+        match=r"^mixed/1: cannot read .*model\.onnx: \d+ bytes, more than the "
         r"limit of 2048 bytes \(SMARTMIXED_MAX_MODEL_BYTES\)$",
     ):
         _load(models, max_model_bytes=2048)
