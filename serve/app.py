@@ -7,17 +7,20 @@ checks the API key. ``Service`` adds what sits between them for a service under 
 - **admission**: at most ``max_queue`` inference requests per model are admitted (queued or
   running); the next one gets 503 with Retry-After at once, before its body is read;
 - **a body budget**: every route that reads a body reserves its declared Content-Length (the
-  route's limit for a chunked body) from one server-wide budget, ``body_budget``, before
-  reading a byte; a request that would exceed it gets 503 with Retry-After, one over the
-  route's own limit 413. An admitted inference request holds its share until it is answered
-  (its body, then its decoded rows, live until then). Without it, 250 clients pacing 16 MiB
-  bodies held 3 GB, and 128 admitted requests per model 2.7 GB;
-- **a deadline**: an admitted request waits at most ``request_timeout_s`` for its model; queued
-  work is then dropped (the batcher skips it, an unbatched run checks before it starts) and the
-  client gets 503;
-- **bounded decoding**: bodies over ``OFFLOAD_BYTES`` are parsed in a small thread pool, one or
-  two at a time, so a large body never stalls the event loop (health checks) and a burst of them
-  cannot multiply memory;
+  route's limit for a chunked body) from one server-wide budget, ``body_budget`` (by default
+  one request of the largest size), before reading a byte; a request that would exceed it
+  gets 503 with Retry-After, one over the route's own limit 413. An admitted inference request
+  holds its share until it is answered (its body, then its decoded rows, live until then).
+  Without it, 250 clients pacing 16 MiB bodies held 3 GB, and 128 admitted requests per model
+  2.7 GB;
+- **a deadline**: an admitted request waits at most ``request_timeout_s`` for its model,
+  counted from when its body has been received (an upload's pace is the client's: a 16 MiB
+  body sent over 8 s got 503 when the deadline counted from admission); queued work is then
+  dropped (the batcher skips it, an unbatched run checks before it starts) and the client gets
+  503;
+- **bounded decoding**: bodies over ``OFFLOAD_BYTES`` are parsed in a thread, one at a time,
+  so a large body never stalls the event loop (health checks) and a burst of them cannot
+  multiply memory;
 - **client disconnects** are one INFO line (and the status ``client_closed`` in the metrics of
   inference requests), never a 500 or a traceback, on every route.
 
@@ -35,11 +38,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from smartmixed.contract import INPUT, package_version
 from smartmixed.serve import codec
@@ -60,10 +65,29 @@ from smartmixed.serve.settings import ServeSettings
 log = logging.getLogger("smartmixed.serve")
 
 OFFLOAD_BYTES = 256 * 1024  # bodies at least this large are parsed off the event loop
-DECODE_THREADS = 2  # at most this many large bodies are parsed at once
+# Large bodies are parsed one at a time: parsing holds the GIL (orjson, then numpy over Python
+# lists), so a second thread adds no throughput, only a second holder the event loop waits on
+# (health checks), and a second body's worth of Python objects.
+DECODE_THREADS = 1
 BODY_HELD = "smartmixed.body_bytes_held"  # ASGI scope key: body budget an admitted request holds
+DEADLINE = "smartmixed.deadline"  # ASGI scope key: an admitted request's Deadline
 
-Handler = Callable[[Request, ModelVersion, float], Awaitable[Response]]
+
+class Deadline:
+    """When an admitted request stops waiting for its model (``at``, perf_counter seconds):
+    ``timeout_s`` after admission, restarted by ``Service.read_body`` once the body is in."""
+
+    __slots__ = ("at", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.start()
+
+    def start(self) -> None:
+        self.at = time.perf_counter() + self.timeout_s
+
+
+Handler = Callable[[Request, ModelVersion, Deadline], Awaitable[Response]]
 
 
 class ClientClosed(Exception):
@@ -198,8 +222,9 @@ class Service:
                 )
             self.in_flight[label] = self.in_flight.get(label, 0) + 1
             request.scope[BODY_HELD] = 0  # read_body reserves; released once answered
+            deadline = request.scope[DEADLINE] = Deadline(self.settings.request_timeout_s)
             try:
-                response = await handler(request, model, started + self.settings.request_timeout_s)
+                response = await handler(request, model, deadline)
             finally:
                 self.in_flight[label] -= 1
                 self.body_bytes -= request.scope[BODY_HELD]
@@ -222,12 +247,13 @@ class Service:
 
     async def read_body(
         self, request: Request, *, binary_ok: bool, limit: int | None = None
-    ) -> bytes:
+    ) -> bytearray:
         """The body after its content type is checked; 413 over ``limit`` (default
         ``max_request_bytes``), read or declared; 503 when the body budget cannot hold it.
 
         The declared size (``limit`` when chunked) is reserved before a byte is read: by an
         admitted request (``admit``) until it is answered, by any other until its body is read.
+        An admitted request's deadline starts again once its body is in.
         """
         codec.check_content_type(
             request.headers.get("content-type"),
@@ -252,19 +278,20 @@ class Service:
         admitted = BODY_HELD in request.scope
         if admitted:
             request.scope[BODY_HELD] += size
-        chunks, received = [], 0
+        body = bytearray()  # grown in place: held once, not as chunks and then their join
         try:
             async for chunk in request.stream():
-                received += len(chunk)
-                if received > limit:
+                body += chunk
+                if len(body) > limit:
                     raise ServeError(f"request body is over the limit of {limit} bytes", 413)
-                chunks.append(chunk)
         except ClientDisconnect:
             raise ClientClosed from None
         finally:
             if not admitted:
                 self.body_bytes -= size
-        return b"".join(chunks)
+        if admitted:
+            request.scope[DEADLINE].start()
+        return body
 
     async def decode(self, function, raw: bytes, *args, **kwargs):
         """``function(raw, *args, **kwargs)``: here when small, in the decode pool when large."""
@@ -274,7 +301,7 @@ class Service:
         return await loop.run_in_executor(self.decoder, lambda: function(raw, *args, **kwargs))
 
     async def run(
-        self, model: ModelVersion, x: np.ndarray, outputs: list[str], deadline: float
+        self, model: ModelVersion, x: np.ndarray, outputs: list[str], deadline: Deadline
     ) -> dict[str, np.ndarray]:
         """The model's outputs within the deadline; past it, queued work is dropped with 503."""
         batcher = self.batchers.get((model.name, model.version))
@@ -283,7 +310,7 @@ class Service:
             future = batcher.submit(x)  # a cancelled future is skipped by the batcher
         else:
             future = loop.run_in_executor(
-                self.executor, self._unbatched, model, x, outputs, deadline
+                self.executor, self._unbatched, model, x, outputs, deadline.at
             )
         expired: list[bool] = []
 
@@ -292,7 +319,7 @@ class Service:
             future.cancel()
 
         # one timer handle, not asyncio.timeout: 1 us instead of 4 on the hot path
-        timer = loop.call_later(max(deadline - time.perf_counter(), 0), expire)
+        timer = loop.call_later(max(deadline.at - time.perf_counter(), 0), expire)
         try:
             result = await future
             return result if batcher is None else {k: result[k] for k in outputs}
@@ -390,4 +417,25 @@ def create_app(
     app.add_middleware(Guard, settings=settings, service=service)
     app.include_router(router)
     add_page(app)  # GET /: the page for people, plain files in serve/static/
+    _render_openapi_once(app)
     return app
+
+
+def _render_openapi_once(app: FastAPI) -> None:
+    """GET /openapi.json answered with bytes rendered on its first request.
+
+    FastAPI renders the schema's JSON (about 9 KB, 150 us with json.dumps) on every request; open
+    without a key, it was the costliest answer a client could pipeline: 512 connections
+    pipelining it held health checks for 200 ms, half of the event loop's time spent rendering.
+    The schema is complete once ``create_app`` returns (the routes are fixed).
+    """
+    rendered: list[bytes] = []
+
+    async def openapi(request: Request) -> Response:
+        if not rendered:
+            rendered.append(orjson.dumps(app.openapi()))
+        return Response(rendered[0], media_type="application/json")
+
+    routes = app.router.routes  # FastAPI's own route first, where it was: matched first
+    i = next(i for i, r in enumerate(routes) if getattr(r, "path", None) == app.openapi_url)
+    routes[i] = Route(app.openapi_url, openapi, include_in_schema=False)

@@ -7,7 +7,7 @@ before routing (middleware.Guard); the two health routes here only document it i
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -17,6 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from smartmixed.contract import INPUT, PLATFORM, PROBABILITIES
 from smartmixed.serve import codec
 from smartmixed.serve.runtime import ModelVersion, ServeError
+
+if TYPE_CHECKING:  # app.py imports this module
+    from smartmixed.serve.app import Deadline
 
 INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_infer
     "type": "object",
@@ -92,7 +95,7 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 # ---- inference (first: routes are matched in order, and these are the hot ones) ----------
 
 
-async def _infer(request: Request, model: ModelVersion, deadline: float) -> Response:
+async def _infer(request: Request, model: ModelVersion, deadline: Deadline) -> Response:
     s = service(request)
     raw = await s.read_body(request, binary_ok=True)
     decoded = await s.decode(
@@ -107,7 +110,7 @@ async def _infer(request: Request, model: ModelVersion, deadline: float) -> Resp
     return Response(body, media_type=media, headers=headers)
 
 
-async def _predict(request: Request, model: ModelVersion, deadline: float) -> Response:
+async def _predict(request: Request, model: ModelVersion, deadline: Deadline) -> Response:
     s = service(request)
     raw = await s.read_body(request, binary_ok=False)
     x = await s.decode(codec.decode_predict, raw, s.signature(model))

@@ -29,15 +29,20 @@ connection:
   unsent data that the client does not take. One sweeper task per server checks every
   connection once a second, so the hot path only stores a few attributes;
 - **unsent answers bounded**: when the answers waiting for clients that stopped reading exceed
-  ``max_unsent_bytes`` server-wide, the connection stalled longest is reset;
+  ``max_unsent_bytes`` server-wide, the connections stalled longest are reset. An answer counts
+  whole: what uvloop still buffers plus what the kernel holds unacknowledged (SIOCOUTQ). uvloop
+  keeps the whole answer in memory until its last byte is written; counting only its buffer
+  (2.2 MB of a 5 MB answer, the kernel holding the other 2.8 MB) let 512 such clients grow the
+  server by 240 MB;
 - **a connection cap**: ``max_connections``, lowered to stay under the process's open-file limit
   (an exhausted limit makes every new client fail, health checks included). Every connection
   counts until its descriptor is closed, closing ones included. At the cap a new connection
   takes the place of one that blocks others for nothing: first one whose writes are stalled or
-  one closing, then the one waiting longest with no request in progress (idle keep-alive, or a
-  slow client still sending headers), then one with pipelined requests waiting (its client
-  retries them); only when every other connection has one request in progress is the newcomer
-  refused, with 503. A connection dropped with unsent data is reset, never closed with a flush;
+  one closing, then the one waiting longest with no request in progress (idle keep-alive, a
+  slow client still sending headers, or the rest of a body whose request was answered already,
+  e.g. shed with 503), then one with pipelined requests waiting (its client retries them); only
+  when every other connection has one request in progress is the newcomer refused, with 503. A
+  connection dropped with unsent data is reset, never closed with a flush;
 - **parser errors** answered as JSON 400s, like every other client mistake; an error that cannot
   be answered in order (an earlier answer is still being sent) resets the connection;
 - **Retry-After, enforced**: a response whose ASGI scope carries ``PAUSE_READING`` (the app sets
@@ -56,7 +61,8 @@ A connection that goes away, however it goes, marks the request being answered a
 (uvicorn marks only the last request parsed, so a pipelined answer resumed after the loss wrote
 to a closed transport: one traceback per connection).
 
-``run_server`` runs the app with these limits and a garbage collector tuned for serving: what
+``run_server`` runs the app with these limits, glibc's mmap threshold fixed (MMAP_THRESHOLD) and
+a garbage collector tuned for serving: what
 exists once the models are loaded is frozen out of the collector's scans (``gc.freeze``) and
 young collections run every GC_THRESHOLDS[0] allocations instead of 700. At c=1024 the default
 collector's full scans stalled the event loop for ~100 ms at a time (health p99 104 ms; with
@@ -69,6 +75,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import gc
 import logging
 import random
@@ -76,6 +84,7 @@ import resource
 import signal
 import socket
 import struct
+import termios
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -99,6 +108,18 @@ GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold while serving (default 700
 FD_RESERVE = 64  # descriptors kept free under the open-file limit (models, pools, logs, epoll)
 
 RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops the queue
+# Linux: bytes in a socket's send queue that the peer has not acknowledged (SIOCOUTQ, the same
+# request number as the terminal's TIOCOUTQ)
+SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
+# glibc malloc: blocks from this size up are mmapped, and unmapped when freed. glibc raises its
+# threshold (128 KiB at first) to the size of any mmapped block freed, up to 32 MiB: after the
+# first multi-MB body or answer is freed, later ones come from the heap, whose free space stays
+# resident. Setting it keeps it there (mallopt turns the raising off): 512 clients sending 5 MB
+# requests grew the server by 86-88 MB with the raising, 73-74 MB without. 1 MiB rather than
+# 128 KiB: uvicorn's body chunks (up to 256 KiB a read) stay on the heap; mapping and zeroing
+# each of them slowed the event loop enough that health checks waited up to 1.2 s.
+MMAP_THRESHOLD = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
 
 # Connection phases (what a connection is waiting for).
@@ -193,6 +214,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.active: RequestResponseCycle | None = None  # the request being answered
         self.stalled_since: float | None = None  # when the client last took any of the answer
         self.unsent = 0  # bytes of answer waiting in the transport at the last sweep
+        self.held = 0  # ... plus what the kernel holds unacknowledged (the unsent budget's count)
         self.stopped_reading = False  # MAX_PIPELINED reached: nothing more is parsed
         self.dropped = False  # reset or closed by a limit; its descriptor goes next loop turn
         self.draining = False
@@ -226,7 +248,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 continue
             if c.stalled_since is not None or c.transport.is_closing():
                 key = (0, c.stalled_since or c.phase_since)
-            elif c.phase in (IDLE, HEADERS):
+            elif c.phase in (IDLE, HEADERS) or (c.phase == BODY and c.cycle.response_complete):
                 key = (1, c.phase_since)
             elif c.pipeline:
                 key = (2, c.phase_since)
@@ -405,20 +427,31 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._stalled.discard(self)
 
     def _stalled_now(self, now: float) -> None:
-        self.stalled_since, self.unsent = now, self.transport.get_write_buffer_size()
+        self.stalled_since = now
+        self._count_unsent()
         self._stalled.add(self)
 
+    def _count_unsent(self) -> None:
+        """``unsent``: the transport's buffer; ``held``: that plus the kernel's unacknowledged
+        bytes, the whole of an answer uvloop keeps until its last byte is written."""
+        self.unsent = self.held = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if SIOCOUTQ is not None and sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # e.g. closed meanwhile
+                queued = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0")
+                self.held += struct.unpack("i", queued)[0]
+
     def _enforce_unsent_budget(self) -> None:
-        """Over ``max_unsent_bytes`` waiting for clients that stopped reading: reset the
+        """Over ``max_unsent_bytes`` held for clients that stopped reading: reset the
         connections stalled longest (never this one: its answer has only just stalled)."""
         stalled, budget = self._stalled, self.limits.max_unsent_bytes
-        sizes = {c: c.transport.get_write_buffer_size() for c in stalled}
-        total = sum(sizes.values())
+        total = sum(c.held for c in stalled)
         if total <= budget:
             return
         for c in sorted(stalled - {self}, key=lambda c: c.stalled_since or 0.0):
-            c._reset("unsent_budget", f"answers not read are over {budget} bytes server-wide")
-            total -= sizes[c]
+            message = f"answers not read hold {total} bytes, over {budget} server-wide"
+            c._reset("unsent_budget", message)
+            total -= c.held
             if total <= budget:
                 return
 
@@ -461,10 +494,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _check_send(self, now: float) -> bool:
         """Reset the connection (True) when its client took none of the answer for the send
         timeout (shorter while draining)."""
-        unsent = self.transport.get_write_buffer_size()
-        if unsent < self.unsent:  # the client took some
+        before = self.unsent
+        self._count_unsent()
+        unsent = self.unsent
+        if unsent < before:  # the client took some
             self.stalled_since = now
-        self.unsent = unsent
         timeout = self.limits.send_timeout_s
         if self.draining:
             timeout = min(timeout, DRAIN_SEND_TIMEOUT_S)
@@ -545,8 +579,21 @@ def run_server(
         server_header=False,
     )
     server = _Server(config)
+    _fix_mmap_threshold()
     gc.collect()
     gc.freeze()  # the loaded models, the app, the imports: never garbage, never scanned again
     gc.set_threshold(*GC_THRESHOLDS)
     server.run()
     return server.started
+
+
+def _fix_mmap_threshold() -> None:
+    """glibc's mmap threshold fixed at MMAP_THRESHOLD. Other C libraries have no mallopt (macOS)
+    or ignore it (musl), and do not raise a threshold: nothing to do there."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        log.debug("malloc's mmap threshold not set (not glibc)")

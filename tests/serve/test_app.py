@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from smartmixed.serve import codec
 from smartmixed.serve.app import create_app
 from smartmixed.serve.runtime import LoadError
 from smartmixed.serve.settings import ServeSettings
@@ -358,6 +359,60 @@ def test_openapi_docs(client: TestClient) -> None:
     assert "/v2/models/{model_name}/infer" in schema["paths"]
     assert list(schema["paths"]["/v2/models/{model_name}"]) == ["get"]  # HEAD: not an operation
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_json_is_rendered_once(repository: Path, monkeypatch) -> None:
+    """Open without a key, /openapi.json was the costliest answer to pipeline: FastAPI renders
+    the schema on every request. It is rendered on the first and its bytes served after."""
+    app = create_app(ServeSettings(repository=repository))
+    schema, calls = app.openapi(), []
+    monkeypatch.setattr(app, "openapi", lambda: calls.append(1) or schema)
+    with TestClient(app) as c:
+        answers = [c.get("/openapi.json") for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert all(a.json() == schema for a in answers)
+    assert answers[0].headers["content-type"] == "application/json"
+    assert len(calls) == 1
+
+
+def test_large_bodies_are_converted_a_slice_at_a_time(
+    client: TestClient, digits, monkeypatch
+) -> None:
+    """A large body is decoded in a thread beside the event loop; each numpy conversion holds
+    the GIL throughout, so none takes more than SLICE_VALUES values (the loop waits for at most
+    one). The rows are the same as converted whole, flat or nested."""
+    x = np.repeat(digits.x_test[:4], 300, axis=0)[:1024]  # (1024, 64): 65,536 values
+    largest, array = [], np.array
+
+    def recording_array(values, *args, **kwargs):
+        if isinstance(values, list):
+            largest.append(sum(len(v) if isinstance(v, list) else 1 for v in values))
+        return array(values, *args, **kwargs)
+
+    monkeypatch.setattr(codec.np, "array", recording_array)
+    for data in (x.tolist(), x.ravel().tolist()):
+        tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": data}
+        answer = client.post("/v2/models/mixed/infer", json={"inputs": [tensor]})
+        assert answer.status_code == 200, answer.text
+        logits = np.array(answer.json()["outputs"][0]["data"]).reshape(len(x), -1)
+        expected = client.post("/v2/models/mixed/infer", json={"inputs": [_tensor(x[:4])]})
+        np.testing.assert_allclose(
+            logits[:4], np.array(expected.json()["outputs"][0]["data"]).reshape(4, -1), atol=1e-6
+        )
+    assert largest and max(largest) <= codec.SLICE_VALUES
+
+
+def test_a_chunked_body_is_read_whole(client: TestClient, rows: np.ndarray) -> None:
+    """No Content-Length: the body grows as it comes, up to the route's limit."""
+    body = json.dumps({"inputs": [_tensor(rows)]}).encode()
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    answer = client.post(
+        "/v2/models/mixed/infer",
+        content=iter(chunks),
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["shape"] == [len(rows), 10]
 
 
 def test_not_ready_until_the_lifespan_has_loaded_the_models(repository: Path) -> None:

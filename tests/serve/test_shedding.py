@@ -6,6 +6,7 @@ In process, with the model made slow on purpose, so the queue fills in a known w
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -92,3 +93,38 @@ def test_work_past_the_deadline_is_dropped_with_503(repository, digits) -> None:
     assert 'reason="deadline"' in metrics
     # dropped work was never run: 5 runs in a row would take 1.5 s
     assert elapsed < 5 * SLOW_S
+
+
+def test_the_deadline_starts_once_the_body_is_in(repository, digits) -> None:
+    """An upload slower than request_timeout_s is answered: the deadline bounds the wait for
+    the model, not the client's upload (the body timeout bounds that)."""
+    app = _slow_app(repository, max_batch_size=0, request_timeout_s=0.5)
+    row = digits.x_test[0].tolist()
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}]}
+    ).encode()
+    upload_s = 0.7  # over the deadline; a model run (SLOW_S) fits the deadline after it
+
+    async def slow_upload():
+        yield body[: len(body) // 2]
+        await asyncio.sleep(upload_s)
+        yield body[len(body) // 2 :]
+
+    async def post() -> httpx.Response:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t"
+            ) as client,
+        ):
+            return await client.post(
+                "/v2/models/mixed/infer",
+                content=slow_upload(),
+                headers={"content-type": "application/json", "content-length": str(len(body))},
+            )
+
+    started = time.perf_counter()
+    response = asyncio.run(post())
+    assert time.perf_counter() - started > upload_s
+    assert response.status_code == 200, response.text
+    assert [o["name"] for o in response.json()["outputs"]] == ["logits", "probabilities"]
