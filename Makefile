@@ -56,11 +56,12 @@ serve: $(STAMP)
 	@echo "  curl -s localhost:$(PORT)/v2/models/mnist-smartmixed"
 	$(BIN)/smartmixed-serve --repository $(MODELS) --port $(PORT)
 
-# The quick path (under 2 minutes on 2 cores): ruff, then every test not marked slow. .ci/run
-# also runs the slow ones (pytest -m slow).
+# The quick path (under 2 minutes on 2 cores): ruff, then every test not marked slow, one test
+# file per worker on every core (a file's fixtures are built once). .ci/run also runs the slow
+# ones (pytest -m slow).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 # Debian tools some tests and benches use: docker-compose (validates docker-compose.yml), nginx
 # (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator), chromium and
