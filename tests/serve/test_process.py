@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
+from rawhttp import read_response
 
 from smartmixed.serve.cli import main as serve_main
 
@@ -48,19 +49,6 @@ def _hold(port: int, body: bytes) -> socket.socket:
     )
     sock.sendall(head.encode() + body[:-1])
     return sock
-
-
-def _response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
-    """Status, headers (lower-case names) and JSON body of the one response on ``sock``."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536) or pytest.fail(f"closed before the response: {data!r}")
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536) or pytest.fail("closed in the middle of the body")
-    return int(status_line.split()[1]), headers, json.loads(body)
 
 
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
@@ -131,7 +119,7 @@ def test_concurrent_requests_are_batched_and_exact(server, digits) -> None:
     for sock in held:
         sock.sendall(b"}")
     for i, sock in enumerate(held):
-        status, _, body = _response(sock)
+        status, _, body = read_response(sock)
         assert status == 200
         np.testing.assert_allclose(body["outputs"][0]["data"], expected[i], rtol=1e-5, atol=1e-5)
         sock.close()
@@ -162,7 +150,7 @@ def test_sigterm_drains_a_request_in_flight_and_exits_0(server, digits) -> None:
         time.sleep(0.02)
     assert server.proc.poll() is None  # still running: the held request keeps it
     held.sendall(b"}")
-    status, headers, body = _response(held)
+    status, headers, body = read_response(held)
     held.close()
     assert status == 200 and headers["connection"] == "close"
     assert np.asarray(body["outputs"][0]["data"]).shape == (30,)

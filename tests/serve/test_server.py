@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rawhttp import read_until_closed
 
 TIMEOUT_S = 1.0  # header and body timeouts of the server under test
 CAP = 12  # its connection cap
@@ -38,17 +39,6 @@ def server(repository: Path, server_starter):
 
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything until the server closes (or resets) the connection."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
 
 
 def _status(response: bytes) -> int:
@@ -83,7 +73,7 @@ def test_oversized_headers_get_431_at_once(server) -> None:
             sent += 65536
     except (BrokenPipeError, ConnectionResetError):
         pass
-    response = _read_all(sock)
+    response = read_until_closed(sock)
     assert _status(response) == 431 and time.monotonic() - started < 1.0
     assert "8192 bytes" in _json_body(response)["error"]
 
@@ -101,7 +91,7 @@ def test_slow_headers_and_short_bodies_get_408_after_the_timeout(server) -> None
     # meanwhile the service answers others
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
     for sock, message in ((slow, "headers not complete"), (short, "body not complete")):
-        response = _read_all(sock)
+        response = read_until_closed(sock)
         assert _status(response) == 408 and message in _json_body(response)["error"]
     assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 2.5  # swept once a second
     assert _metric(server.url, r'status="client_closed"') == before + 1
@@ -128,7 +118,7 @@ def test_client_gone_mid_upload_is_client_closed_not_500(server) -> None:
 def test_invalid_http_gets_a_json_400(server) -> None:
     sock = _connect(server.port)
     sock.sendall(b"GARBAGE / HTTP/9\r\n\r\n")
-    response = _read_all(sock)
+    response = read_until_closed(sock)
     assert _status(response) == 400
     assert _json_body(response)["error"].startswith("invalid HTTP request")
 

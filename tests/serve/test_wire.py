@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rawhttp import read_response
 
 from smartmixed.serve.routes import INDEX_BODY_BYTES
 from smartmixed.serve.server import DRAIN_SEND_TIMEOUT_S, MAX_PIPELINED, SWEEP_INTERVAL_S
@@ -114,17 +115,6 @@ def _big_answer(*, headers: str = "") -> bytes:
     return _request("POST", "/v2/models/mixed/infer", _infer_body(id_bytes=BIG_ID), headers=headers)
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything until the server closes (or resets) the connection."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def _readable(sock: socket.socket, limit: int) -> int:
     """Bytes readable on ``sock``, up to ``limit``, until a reset or the end."""
     size = 0
@@ -134,19 +124,6 @@ def _readable(sock: socket.socket, limit: int) -> int:
     except ConnectionResetError:
         pass
     return size
-
-
-def _response(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
-    """Status, headers (lower-case names) and JSON body of the next response on ``sock``."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536) or pytest.fail(f"closed before the response: {data!r}")
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536) or pytest.fail("closed in the middle of the body")
-    return int(status_line.split()[1]), headers, json.loads(body)
 
 
 def _health(url: str) -> int:
@@ -289,7 +266,7 @@ def test_bodies_are_admitted_within_one_budget_on_every_route(server) -> None:
 
     late = _connect(server.port)
     late.sendall(_request("POST", "/v2/models/mixed/infer", body)[:1000])
-    status, headers, answer = _response(late)
+    status, headers, answer = read_response(late)
     assert status == 503 and headers["retry-after"] == "1"
     assert answer["error"] == (
         f"request bodies being received or answered would exceed {BODY_BUDGET} bytes "
@@ -297,7 +274,7 @@ def test_bodies_are_admitted_within_one_budget_on_every_route(server) -> None:
     )
     index = _connect(server.port)  # the index reads a tiny body: its own limit comes first
     index.sendall(_request("POST", "/v2/repository/index", b" " * (INDEX_BODY_BYTES + 1))[:1000])
-    assert _response(index)[::2] == (
+    assert read_response(index)[::2] == (
         413,
         {
             "error": f"request body of {INDEX_BODY_BYTES + 1} bytes is over the limit of "
@@ -328,7 +305,7 @@ def test_uploads_answered_early_leave_room_for_health(server) -> None:
     for _ in range(CAP):
         sock = _connect(server.port)
         sock.sendall(_request("POST", "/v2/models/mixed/infer", body)[:1000])
-        assert _response(sock)[0] == 413
+        assert read_response(sock)[0] == 413
         uploads.append(sock)  # and its body never finishes
     assert [_health(server.url) for _ in range(3)] == [200] * 3
     for sock in uploads:
@@ -373,7 +350,7 @@ def test_a_client_gone_mid_upload_to_the_index_is_one_info_line(server) -> None:
 def test_host_header_and_upgrades(server, request_head: bytes, status: int, error) -> None:
     sock = _connect(server.port)
     sock.sendall(request_head)
-    got, _, body = _response(sock)
+    got, _, body = read_response(sock)
     assert got == status
     if error is not None:
         assert body == {"error": error}
