@@ -60,6 +60,7 @@ from smartmixed.bench.server import (
 )
 from smartmixed.bench.soak_clients import PROBE_TIMEOUT_S
 from smartmixed.bench.soak_scenarios import (
+    NOT_STARTED_HERE,
     SCENARIO_RUNNERS,
     SCENARIOS,
     TARGETS,
@@ -355,7 +356,7 @@ def _run_scenario(
     if name == "sigterm" and source.kind == "url":
         entry.update(
             status="skipped",
-            error="needs a server the bench starts (it would signal a process it did not start)",
+            error=NOT_STARTED_HERE,
         )
         return entry
     if name in WIRE_SCENARIOS and source.kind == "url":

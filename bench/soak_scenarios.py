@@ -198,6 +198,14 @@ class Run:
     connection_cap: int | None = None  # the server's, when the bench started it
     settings: dict[str, float] = field(default_factory=dict)  # other server settings it reads
 
+    def started_process(self) -> subprocess.Popen:
+        """The server's process, for the scenarios that signal it: only one the bench started."""
+        if self.server.process is None:
+            raise SoakError(NOT_STARTED_HERE)
+        return self.server.process
+
+
+NOT_STARTED_HERE = "needs a server the bench starts (it would signal a process it did not start)"
 
 SOAK_WRK_SCRIPT = (
     """\
@@ -672,11 +680,7 @@ def classify_sigterm(attempts: Sequence[Attempt], t_signal: float | None) -> Cou
 
 def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
-    process = run.server.process
-    if process is None:
-        raise SoakError(
-            "needs a server the bench starts (it would signal a process it did not start)"
-        )
+    process = run.started_process()
     run.config.update(
         concurrency=o.sigterm_concurrency,
         signal_after_s=o.sigterm_after_s,

@@ -285,11 +285,7 @@ def scenario_slow_readers_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, A
     from smartmixed.serve.cli import GRACEFUL_SHUTDOWN_S
 
     o = run.options
-    process = run.server.process
-    if process is None:
-        raise SoakError(
-            "needs a server the bench starts (it would signal a process it did not start)"
-        )
+    process = run.started_process()
     n = o.sigterm_readers
     _config(
         run,
