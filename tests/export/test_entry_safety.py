@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from smartmixed.contract import ModelSpec
+from smartmixed.export import entry as entry_module
 from smartmixed.export import repository
 from smartmixed.export.cli import main
 from smartmixed.serve.runtime import load_repository
@@ -129,7 +130,7 @@ def _kill_at_every_step(write: Callable[[], None], models: Path, after_kill) -> 
 def _kill_while_writing(monkeypatch, after_kill) -> list[int]:
     """Make export_run's write of the entry run through ``_kill_at_every_step`` (lowering and
     verification run once, in this process). Returns [kill points tried] once it has run."""
-    real_write = repository._write_entry
+    real_write = repository.write_entry
     steps = []
 
     def write_entry(entry: Path, *args, **kwargs) -> None:
@@ -139,12 +140,12 @@ def _kill_while_writing(monkeypatch, after_kill) -> list[int]:
             )
         )
 
-    monkeypatch.setattr(repository, "_write_entry", write_entry)
+    monkeypatch.setattr(repository, "write_entry", write_entry)
     return steps
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == repository.__name__]
+    return [r.getMessage() for r in caplog.records if r.name == entry_module.__name__]
 
 
 def test_two_exports_at_once_without_overwrite_one_wins_the_other_says_so(
@@ -221,25 +222,25 @@ def test_without_an_atomic_swap_the_next_export_restores_a_killed_one(
     models = tmp_path / "models"
     _export(run_dir, models)
     old = _tree(models / "tiny")
-    monkeypatch.setattr(repository, "_exchange", lambda a, b: False)  # as on NFS, or macOS
-    caplog.set_level(logging.WARNING, logger=repository.__name__)
+    monkeypatch.setattr(entry_module, "exchange", lambda a, b: False)  # as on NFS, or macOS
+    caplog.set_level(logging.WARNING, logger=entry_module.__name__)
     recovered: dict[int, dict] = {}
     restored = []
 
     def after_kill(step: int) -> None:
         caplog.clear()
-        with repository._entry_lock(models / "tiny", file_mode=0o644):
-            repository._remove_leftovers(models / "tiny")  # what the next export does first
+        with entry_module.entry_lock(models / "tiny", file_mode=0o644):
+            entry_module.remove_leftovers(models / "tiny")  # what the next export does first
         assert _serves(models) == {"tiny": ["1"]} and _hidden(models) == [".tiny.lock"]
         recovered[step] = _tree(models / "tiny")
         restored.extend(m for m in _warnings(caplog) if "restored" in m)
 
-    real_write = repository._write_entry
+    real_write = repository.write_entry
     steps = _kill_while_writing(monkeypatch, after_kill)
     _export(run_dir, models, "--overwrite", "--lowering", "scatter")
     new = _tree(models / "tiny")
     # the warning, from an export of this process (the ones above ran in killed children)
-    monkeypatch.setattr(repository, "_write_entry", real_write)
+    monkeypatch.setattr(repository, "write_entry", real_write)
     caplog.clear()
     _export(run_dir, models, "--overwrite", "--lowering", "scatter")
     assert _warnings(caplog) == [
@@ -316,7 +317,7 @@ def test_leftovers_of_killed_exports_are_removed_at_the_next_export(
     others = [models / ".tiny-int8.0123abcd.tmp", models / ".tiny.x.0123abcd.tmp"]
     for folder in others:
         folder.mkdir()
-    caplog.set_level(logging.WARNING, logger=repository.__name__)
+    caplog.set_level(logging.WARNING, logger=entry_module.__name__)
     _export(run_dir, models, "--version", "2")
     assert _warnings(caplog) == [
         f"removed {folder}: the staging folder of an interrupted export" for folder in sorted(stale)
@@ -355,7 +356,7 @@ def test_an_export_waits_for_the_lock_then_gives_up_in_one_line(
     models = tmp_path / "models"
     _export(run_dir, models)
     before = _tree(models)
-    monkeypatch.setattr(repository, "LOCK_TIMEOUT_S", 0.2, raising=False)
+    monkeypatch.setattr(entry_module, "LOCK_TIMEOUT_S", 0.2)
     lock = models / ".tiny.lock"
     with lock.open() as held:  # another export writing the entry, stuck
         fcntl.flock(held, fcntl.LOCK_EX)
