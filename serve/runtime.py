@@ -337,21 +337,14 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 _JSON_KINDS: dict[str, Callable[[Any], bool]] = {
     "a string": lambda v: isinstance(v, str),
     "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "a boolean": lambda v: isinstance(v, bool),
     "an array": lambda v: isinstance(v, list),
     "an object": lambda v: isinstance(v, dict),
 }
 METADATA_SHAPES: dict[str, Any] = {
-    META_SPEC: {
-        "arch": ["an integer"],
-        "pool": ["a string"],
-        "mode": "a string",
-        "assignment": [["a string"]],
-        "labels": ["a string"],
-        "preprocessing": "an object",
-        "metrics": {"test*": "a number"},
-    },
+    # the spec's fields are contract.ModelSpec's to check; it leaves metrics open, serve shows
+    # the test ones
+    META_SPEC: {"metrics": {"test*": "a number"}},
     META_LOWERING: "a string",
     META_PRECISION: "a string",
     META_VERIFICATION: {"passed": "a boolean", "tolerance": "an object", "results": ["an object"]},
@@ -365,10 +358,10 @@ METADATA_SHAPES: dict[str, Any] = {
 
 
 def _json_kind(value: Any) -> str:
-    """What a parsed JSON value is, in the words of _JSON_KINDS ("a number" for any number)."""
+    """What a parsed JSON value is, in the words of _JSON_KINDS."""
     if value is None:
         return "null"
-    return next(k for k, test in _JSON_KINDS.items() if k != "an integer" and test(value))
+    return next(k for k, test in _JSON_KINDS.items() if test(value))
 
 
 def _children(value: list | dict, shape: list | dict, field: str) -> list[tuple[Any, Any, str]]:
@@ -402,8 +395,8 @@ def shape_mismatch(value: Any, shape: Any, field: str = "") -> str | None:
 
 def check_metadata(metadata: dict[str, Any], *, n_features: int, n_classes: int) -> None:
     """MetadataError for the first value serve would fail to read: each key of the shape of
-    METADATA_SHAPES, one label per output column, the architecture the graph's (n_features ->
-    n_classes), the spec consistent (contract.ModelSpec's checks)."""
+    METADATA_SHAPES, the spec consistent (contract.ModelSpec's checks: one label per class
+    among them), its architecture the graph's (n_features -> n_classes)."""
     for key, shape in METADATA_SHAPES.items():
         value = metadata.get(key)
         if value is not None and (mismatch := shape_mismatch(value, shape)):
@@ -415,21 +408,16 @@ def check_metadata(metadata: dict[str, Any], *, n_features: int, n_classes: int)
             f"{', '.join(PRECISIONS)}"
         )
     spec = metadata[META_SPEC]
-    labels, arch = spec.get("labels"), spec.get("arch")  # absent: ModelSpec names them
-    if labels is not None and len(labels) != n_classes:
-        raise MetadataError(
-            f"metadata {META_SPEC} field 'labels': expected {n_classes} labels (the model's "
-            f"output width), got {len(labels)}"
-        )
-    if arch is not None and (arch[:1] != [n_features] or arch[-1:] != [n_classes]):
+    try:  # types of every field, labels one per class of arch[-1], assignment per layer, ...
+        ModelSpec.from_dict(spec).validate()
+    except SpecError as e:
+        raise MetadataError(f"metadata {META_SPEC}: {e}") from None
+    arch = spec["arch"]
+    if arch[0] != n_features or arch[-1] != n_classes:
         raise MetadataError(
             f"metadata {META_SPEC} field 'arch': {reprlib.repr(arch)} does not go from the "
             f"model's input width {n_features} to its output width {n_classes}"
         )
-    try:
-        ModelSpec.from_dict(spec).validate()
-    except SpecError as e:
-        raise MetadataError(f"metadata {META_SPEC}: {e}") from None
 
 
 def _read_config(entry: Path, *, root: Path, model: onnx.ModelProto) -> ModelConfigInfo:

@@ -287,15 +287,17 @@ TAMPERED = {
     # case: (metadata text by key, the problem after "NAME/VERSION: PATH: ")
     "labels a number": (
         {"spec": _spec(labels=5)},
-        "metadata smartmixed.spec field 'labels': expected an array, got a number",
+        "metadata smartmixed.spec: spec field 'labels': expected a list of strings, got an integer",
     ),
     "assignment [5]": (
         {"spec": _spec(assignment=[5])},
-        "metadata smartmixed.spec field 'assignment[0]': expected an array, got a number",
+        "metadata smartmixed.spec: spec field 'assignment[0]': expected a list of activation "
+        "names, got an integer",
     ),
     "pool a number": (
         {"spec": _spec(pool=5)},
-        "metadata smartmixed.spec field 'pool': expected an array, got a number",
+        "metadata smartmixed.spec: spec field 'pool': expected a list of activation names, got an "
+        "integer",
     ),
     "metrics [1]": (
         {"spec": _spec(metrics=[1])},
@@ -307,16 +309,16 @@ TAMPERED = {
     ),
     "2 labels for 3 classes": (
         {"spec": _spec(labels=["a", "b"])},
-        "metadata smartmixed.spec field 'labels': expected 3 labels (the model's output width), "
-        "got 2",
+        "metadata smartmixed.spec: spec field 'labels': expected 3 class labels, got 2",
     ),
     "labels not strings": (
         {"spec": _spec(labels=["a", "b", 3])},
-        "metadata smartmixed.spec field 'labels[2]': expected a string, got a number",
+        "metadata smartmixed.spec: spec field 'labels': expected a list of strings, item 2 is an "
+        "integer",
     ),
     "arch not the graph's": (
-        {"spec": _spec(arch=[5, 2, 3])},
-        "metadata smartmixed.spec field 'arch': [5, 2, 3] does not go from the model's input "
+        {"spec": _spec(arch=[4, 2, 4], labels=["a", "b", "c", "d"])},  # a spec of its own
+        "metadata smartmixed.spec field 'arch': [4, 2, 4] does not go from the model's input "
         "width 4 to its output width 3",
     ),
     "verification a list": (
