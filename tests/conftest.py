@@ -23,6 +23,15 @@ def digits() -> Dataset:
     return load_dataset("digits", seed=42)
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
+    """runs/tiny: a SmartMixed run on digits, 64 -> 12 -> 10, one epoch per phase (seconds)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = TrainConfig(arch=[64, 12, 10], p1_epochs=1, p2_epochs=1, lr=3e-3)
+    train_run(config=config, dataset=digits, out=out, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
     """A model repository with a mixed and a fixed model trained on digits (64 -> 10)."""

@@ -15,24 +15,14 @@ import torch
 
 from smartmixed.export.cli import main
 from smartmixed.train import artifacts
-from smartmixed.train.data import Dataset
-from smartmixed.train.loop import TrainConfig, train_run
 
 UNWRITABLE = Path("/proc/sys")  # refused to everyone, root included
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = TrainConfig(arch=[64, 12, 10], p1_epochs=1, p2_epochs=1, lr=3e-3)
-    train_run(config=config, dataset=digits, out=out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def entry(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def entry(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp_path_factory.mktemp("exported")
-    assert main([str(run_dir), "--repository", str(models), "--lowering", "permuted"]) == 0
+    assert main([str(tiny_run), "--repository", str(models), "--lowering", "permuted"]) == 0
     return models / "tiny"
 
 
@@ -49,16 +39,16 @@ def _modes(root: Path) -> set[tuple[str, int]]:
 
 
 def test_entries_are_world_readable_unless_private(
-    run_dir: Path, entry: Path, tmp_path: Path, capsys
+    tiny_run: Path, entry: Path, tmp_path: Path, capsys
 ) -> None:
     old_umask = os.umask(0o077)  # a strict umask must not make the entry unreadable either
     try:
         assert _modes(entry) == {("dir", 0o755), ("file", 0o644)}
         models = tmp_path / "models"
-        assert _export(capsys, str(run_dir), "--repository", str(models), "--private")[0] == 0
+        assert _export(capsys, str(tiny_run), "--repository", str(models), "--private")[0] == 0
         assert _modes(models / "tiny") == {("dir", 0o700), ("file", 0o600)}
         # a new version into an existing private entry, exported public: the entry follows
-        code, _ = _export(capsys, str(run_dir), "--repository", str(models), "--version", "2")
+        code, _ = _export(capsys, str(tiny_run), "--repository", str(models), "--version", "2")
         assert code == 0 and stat.S_IMODE((models / "tiny").stat().st_mode) == 0o755
         assert _modes(models / "tiny" / "2") == {("dir", 0o755), ("file", 0o644)}
         assert stat.S_IMODE((models / "tiny" / "config.pbtxt").stat().st_mode) == 0o644
@@ -67,7 +57,7 @@ def test_entries_are_world_readable_unless_private(
 
 
 def test_unusable_repository_paths_are_refused_before_any_work(
-    run_dir: Path, tmp_path: Path, capsys
+    tiny_run: Path, tmp_path: Path, capsys
 ) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("")
@@ -85,7 +75,7 @@ def test_unusable_repository_paths_are_refused_before_any_work(
             "not writable"
         )
     for repository, message in expected.items():
-        assert _export(capsys, str(run_dir), "--repository", repository) == (
+        assert _export(capsys, str(tiny_run), "--repository", repository) == (
             2,
             f"smartmixed-export: error: {message}\n",
         )
@@ -93,9 +83,9 @@ def test_unusable_repository_paths_are_refused_before_any_work(
 
 
 def test_nan_or_inf_in_a_run_is_named_before_any_comparison(
-    run_dir: Path, tmp_path: Path, capsys
+    tiny_run: Path, tmp_path: Path, capsys
 ) -> None:
-    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     weights = artifacts.load_tensors(run / "model.safetensors")
     poisoned = weights["layers.1.weight"].clone()
     poisoned.view(-1)[:3] = float("nan")
@@ -161,13 +151,13 @@ def test_verify_only_checks_the_config_and_names_nan(entry: Path, tmp_path: Path
 
 
 def test_a_symlinked_entry_is_refused_before_any_work(
-    run_dir: Path, entry: Path, tmp_path: Path, capsys
+    tiny_run: Path, entry: Path, tmp_path: Path, capsys
 ) -> None:
     models = tmp_path / "models"
     models.mkdir()
     (models / "tiny").symlink_to(entry)  # an entry is replaced whole: the link, not its folder
     before = sorted(p.name for p in entry.rglob("*"))
-    argv = [str(run_dir), "--repository", str(models), "--version", "2"]
+    argv = [str(tiny_run), "--repository", str(models), "--version", "2"]
     assert _export(capsys, *argv) == (
         2,
         f"smartmixed-export: error: {models / 'tiny'} is a symbolic link (to {entry}); export "

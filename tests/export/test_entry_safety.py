@@ -28,22 +28,12 @@ from smartmixed.export import repository
 from smartmixed.export.cli import main
 from smartmixed.serve.runtime import load_repository
 from smartmixed.train.artifacts import save_model
-from smartmixed.train.data import Dataset
-from smartmixed.train.loop import TrainConfig, train_run
 from smartmixed.train.model import MixedMLP
 
 # the os functions through which an export changes the file system (pathlib, shutil and
 # tempfile call them too); the exchange of two folders happens between two of them
 CHANGES = ("rename", "replace", "link", "symlink", "mkdir", "rmdir", "unlink", "remove", "chmod")
 MAX_STEPS = 400  # a bound on the kill points tried: an export makes a few dozen changes
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = TrainConfig(arch=[64, 12, 10], p1_epochs=1, p2_epochs=1, lr=3e-3)
-    train_run(config=config, dataset=digits, out=out, progress=False)
-    return out
 
 
 def _untrained_run(folder: Path, arch: list[int]) -> Path:
@@ -149,7 +139,7 @@ def _warnings(caplog) -> list[str]:
 
 
 def test_two_exports_at_once_without_overwrite_one_wins_the_other_says_so(
-    run_dir: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     models = tmp_path / "models"
     together = threading.Barrier(2, timeout=60)
@@ -163,7 +153,7 @@ def test_two_exports_at_once_without_overwrite_one_wins_the_other_says_so(
     codes = []
 
     def export(lowering: str) -> None:
-        codes.append(main([str(run_dir), "--repository", str(models), "--lowering", lowering]))
+        codes.append(main([str(tiny_run), "--repository", str(models), "--lowering", lowering]))
 
     threads = [
         threading.Thread(target=export, args=(low,), daemon=True) for low in ("permuted", "scatter")
@@ -195,10 +185,10 @@ def test_two_exports_at_once_without_overwrite_one_wins_the_other_says_so(
     ids=["overwrite", "add-version"],
 )
 def test_a_kill_at_any_point_leaves_the_old_or_the_new_entry_servable(
-    arch: list[int] | None, options: list[str], run_dir: Path, tmp_path: Path, monkeypatch
+    arch: list[int] | None, options: list[str], tiny_run: Path, tmp_path: Path, monkeypatch
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
+    _export(tiny_run, models)
     old = _tree(models / "tiny")
     killed: dict[int, dict] = {}
 
@@ -207,7 +197,7 @@ def test_a_kill_at_any_point_leaves_the_old_or_the_new_entry_servable(
         killed[step] = _tree(models / "tiny")
 
     steps = _kill_while_writing(monkeypatch, after_kill)
-    run = run_dir if arch is None else _untrained_run(tmp_path / "other", arch)
+    run = tiny_run if arch is None else _untrained_run(tmp_path / "other", arch)
     _export(run, models, *options)
     new = _tree(models / "tiny")
     assert steps == [len(killed)] and new != old
@@ -217,10 +207,10 @@ def test_a_kill_at_any_point_leaves_the_old_or_the_new_entry_servable(
 
 
 def test_without_an_atomic_swap_the_next_export_restores_a_killed_one(
-    run_dir: Path, tmp_path: Path, monkeypatch, caplog
+    tiny_run: Path, tmp_path: Path, monkeypatch, caplog
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
+    _export(tiny_run, models)
     old = _tree(models / "tiny")
     monkeypatch.setattr(entry_module, "exchange", lambda a, b: False)  # as on NFS, or macOS
     caplog.set_level(logging.WARNING, logger=entry_module.__name__)
@@ -237,12 +227,12 @@ def test_without_an_atomic_swap_the_next_export_restores_a_killed_one(
 
     real_write = repository.write_entry
     steps = _kill_while_writing(monkeypatch, after_kill)
-    _export(run_dir, models, "--overwrite", "--lowering", "scatter")
+    _export(tiny_run, models, "--overwrite", "--lowering", "scatter")
     new = _tree(models / "tiny")
     # the warning, from an export of this process (the ones above ran in killed children)
     monkeypatch.setattr(repository, "write_entry", real_write)
     caplog.clear()
-    _export(run_dir, models, "--overwrite", "--lowering", "scatter")
+    _export(tiny_run, models, "--overwrite", "--lowering", "scatter")
     assert _warnings(caplog) == [
         f"{models / 'tiny'}: this file system cannot swap two folders in one step; replacing the "
         "entry by two renames (an export killed between them leaves it in "
@@ -284,13 +274,13 @@ def test_a_version_of_another_architecture_is_refused_and_nothing_changes(
     options: list[str],
     interface: str,
     others: str,
-    run_dir: Path,
+    tiny_run: Path,
     tmp_path: Path,
     capsys,
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
-    _export(run_dir, models, "--version", "2")
+    _export(tiny_run, models)
+    _export(tiny_run, models, "--version", "2")
     before = _tree(models)
     other = _untrained_run(tmp_path / "other", arch)
     argv = [str(other), "--repository", str(models), "--name", "tiny", *options]
@@ -305,10 +295,10 @@ def test_a_version_of_another_architecture_is_refused_and_nothing_changes(
 
 
 def test_leftovers_of_killed_exports_are_removed_at_the_next_export(
-    run_dir: Path, tmp_path: Path, caplog
+    tiny_run: Path, tmp_path: Path, caplog
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
+    _export(tiny_run, models)
     stale = [models / ".tiny.k3_x9a0q.tmp", models / ".tiny.0123abcd.tmp"]
     for folder in stale:  # a half-built entry, or an old one swapped out
         (folder / "1").mkdir(parents=True)
@@ -318,7 +308,7 @@ def test_leftovers_of_killed_exports_are_removed_at_the_next_export(
     for folder in others:
         folder.mkdir()
     caplog.set_level(logging.WARNING, logger=entry_module.__name__)
-    _export(run_dir, models, "--version", "2")
+    _export(tiny_run, models, "--version", "2")
     assert _warnings(caplog) == [
         f"removed {folder}: the staging folder of an interrupted export" for folder in sorted(stale)
     ]
@@ -327,10 +317,10 @@ def test_leftovers_of_killed_exports_are_removed_at_the_next_export(
 
 
 def test_an_entry_without_config_pbtxt_is_checked_against_its_models(
-    run_dir: Path, tmp_path: Path, capsys
+    tiny_run: Path, tmp_path: Path, capsys
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
+    _export(tiny_run, models)
     (models / "tiny" / "config.pbtxt").unlink()  # allowed, as in Triton
     before = _tree(models)
     other = _untrained_run(tmp_path / "other", [64, 8, 3])
@@ -345,22 +335,22 @@ def test_an_entry_without_config_pbtxt_is_checked_against_its_models(
         "dimension (max_batch_size 1024)); export it under another --name\n"
     )
     assert _tree(models) == before
-    _export(run_dir, models, "--version", "2")  # the same inputs and outputs: it fits
+    _export(tiny_run, models, "--version", "2")  # the same inputs and outputs: it fits
     assert (models / "tiny" / "config.pbtxt").is_file()
     assert _serves(models) == {"tiny": ["2"]}
 
 
 def test_an_export_waits_for_the_lock_then_gives_up_in_one_line(
-    run_dir: Path, tmp_path: Path, monkeypatch, capsys
+    tiny_run: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     models = tmp_path / "models"
-    _export(run_dir, models)
+    _export(tiny_run, models)
     before = _tree(models)
     monkeypatch.setattr(entry_module, "LOCK_TIMEOUT_S", 0.2)
     lock = models / ".tiny.lock"
     with lock.open() as held:  # another export writing the entry, stuck
         fcntl.flock(held, fcntl.LOCK_EX)
-        argv = [str(run_dir), "--repository", str(models), "--version", "2"]
+        argv = [str(tiny_run), "--repository", str(models), "--version", "2"]
         assert main([*argv, "--lowering", "permuted"]) == 2
     assert capsys.readouterr().err == (
         f"smartmixed-export: error: {models / 'tiny'}: another export has been writing it for "
