@@ -39,7 +39,7 @@ from smartmixed.bench import BenchError, common
 from smartmixed.contract import split_list
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
 from smartmixed.train.model import PRESETS, TABLE1, SpecError, parse_arch, resolve_preset
-from smartmixed.train.pool import ACTIVATIONS, DEFAULT_POOL
+from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 
 SMARTMIXED = "smartmixed"
 DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)

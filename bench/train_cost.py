@@ -23,7 +23,7 @@ from smartmixed.bench import common
 from smartmixed.bench.common import machine_info
 from smartmixed.train.distributed import resolve_device
 from smartmixed.train.model import PRESETS, MixedMLP, SelectiveMLP
-from smartmixed.train.pool import DEFAULT_POOL
+from smartmixed.nn.pool import DEFAULT_POOL
 
 PAPER_ARCH = list(PRESETS["paper"])
 TARGETS = {"phase1_vs_fixed": 1.3, "phase2_vs_fixed": 1.1}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# name -> the module that defines it
+# name -> the module that defines it (a train/ module, or a full path)
 _EXPORTS: dict[str, str] = {
     "ArtifactError": "artifacts",
     "load_model": "artifacts",
@@ -25,10 +25,10 @@ _EXPORTS: dict[str, str] = {
     "ModelSpec": "model",
     "SelectiveMLP": "model",
     "SpecError": "model",
-    "ACTIVATIONS": "pool",
-    "DEFAULT_POOL": "pool",
-    "EXTRA_ACTIVATIONS": "pool",
-    "PoolError": "pool",
+    "ACTIVATIONS": "smartmixed.nn.pool",
+    "DEFAULT_POOL": "smartmixed.nn.pool",
+    "EXTRA_ACTIVATIONS": "smartmixed.nn.pool",
+    "PoolError": "smartmixed.nn.pool",
 }
 
 __all__ = [
@@ -57,7 +57,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    path = module if "." in module else f"{__name__}.{module}"
+    value = getattr(importlib.import_module(path), name)
     globals()[name] = value  # later look-ups skip this function
     return value
 

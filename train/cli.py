@@ -32,7 +32,7 @@ from smartmixed.train.model import (
     parse_arch,
     resolve_preset,
 )
-from smartmixed.train.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
+from smartmixed.nn.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
 from smartmixed.train.report import compare_runs
 
 EPILOG = f"""\

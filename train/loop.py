@@ -53,7 +53,7 @@ from smartmixed.train.model import (
     SelectiveMLP,
     parse_arch,
 )
-from smartmixed.train.pool import afu_apply, afu_init, get_activation, parse_pool
+from smartmixed.nn.pool import afu_apply, afu_init, get_activation, parse_pool
 
 EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")

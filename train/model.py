@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The spec, its validation and the presets are the stages' contract (torch-free), re-exported
@@ -45,18 +43,21 @@ from smartmixed.contract import (  # noqa: F401
     parse_arch,
     resolve_preset,
 )
-from smartmixed.train.pool import (
+from smartmixed.nn.layers import (  # noqa: F401
+    CANDIDATE_NORMS,
+    GUMBEL_EPS,
+    LOGIT_GRAD_NORMS,
+    AFUnit,
+    CandidateTransform,
+    _SelectActivation,
+    _with_afu,
+    gumbel_softmax_sample,
+)
+from smartmixed.nn.pool import (
     Activation,
-    afu_activation,
-    afu_apply,
-    afu_init,
     batch_sum_basis,
     get_activation,
-    standard_moments,
 )
-
-GUMBEL_EPS = 1e-10
-
 
 # --------------------------------------------------------------------------------------------
 # Activations applied group by group
@@ -84,167 +85,6 @@ def apply_contiguous(
     if transform is not None:
         parts = [transform.apply(k, p) for (k, _), p in zip(groups, parts)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-CANDIDATE_NORMS = ("none", "standard")
-LOGIT_GRAD_NORMS = ("none", "candidate")
-
-
-@dataclass(frozen=True)
-class CandidateTransform:
-    """What each candidate's output passes through: clamp to [-clamp, clamp], then affine.
-
-    h = (clamp(f_k(z)) - shift_k) * gain_k. ``standard`` sets shift_k, gain_k = mu_k, 1/sd_k of
-    f_k(g), g ~ N(0, 1) (pool.standard_moments; why: the issue-E bias note there); ``none`` is
-    the identity. The clamp reproduces the reference code's phase 1 (``--protocol
-    reference-code``) and is None otherwise.
-    """
-
-    shift: tuple[float, ...]
-    gain: tuple[float, ...]
-    clamp: float | None = None
-    affine: bool = field(init=False)  # any candidate with shift != 0 or gain != 1 (set once)
-
-    def __post_init__(self) -> None:
-        affine = any(self.shift) or any(g != 1.0 for g in self.gain)
-        object.__setattr__(self, "affine", affine)  # frozen: derived once, not per forward
-
-    @classmethod
-    def build(
-        cls,
-        pool: Sequence[str],
-        *,
-        norm: str = "none",
-        clamp: float | None = None,
-        afu_base: str = "relu",
-    ) -> CandidateTransform:
-        """``afu`` is standardised with its base's moments: the unit starts as its base exactly
-        (pool.afu_init), and a constant map keeps it foldable; the unit's own w1, b1 learn any
-        further scale and offset."""
-        if norm not in CANDIDATE_NORMS:
-            raise SpecError(f"candidate norm {norm!r}: expected one of {CANDIDATE_NORMS}")
-        if norm == "none":
-            return cls((0.0,) * len(pool), (1.0,) * len(pool), clamp)
-        moments = [standard_moments(afu_base if name == AFU else name) for name in pool]
-        return cls(tuple(m for m, _ in moments), tuple(1.0 / sd for _, sd in moments), clamp)
-
-    def apply(self, k: int, out: Tensor) -> Tensor:
-        """The affine part for candidate k (the clamp is the caller's: it shapes derivatives)."""
-        if self.shift[k] == 0.0 and self.gain[k] == 1.0:
-            return out
-        return (out - self.shift[k]) * self.gain[k]  # not in place: autograd may save out
-
-
-class _SelectActivation(torch.autograd.Function):
-    """Straight-through mixture sum_k y_k h_k(z) for a hard one-hot y, without the (n, B, K) stack.
-
-    h_k = (clamp(f_k) - shift_k) * gain_k is candidate k as the ``CandidateTransform`` shapes it
-    (plain f_k by default is the identity transform).
-    z^T: (n, B) neuron-major; soft s^T: (K, n); perm orders the neurons by their choice c, and
-    sizes[k] neurons chose activation k.
-    Forward: out = h_c(z), exactly one activation per neuron, computed group by group on a
-    grouped copy of z (each group a contiguous block of rows).
-    Backward, with y = onehot(c) - sg(s) + s:
-        dL/dz_jb = h_c'(z_jb) g_jb                (y is one-hot in value)
-        dL/ds_jk = dL/dy_jk = sum_b g_jb h_k(z_jb)
-                 = gain_k (sum_b g_jb f_k(z_jb) - shift_k sum_b g_jb)   (no clamp)
-    Saved: z and h_c'(z), both (n, B) in neuron order (the derivative is taken in the forward,
-    while each group is at hand), so backward needs no gather or scatter: one product for dz,
-    and the candidates f_k(z), recomputed one at a time, for ds.
-    """
-
-    @staticmethod
-    def forward(ctx, z, soft, perm, sizes, acts, basis, transform):
-        z_grouped = z.index_select(0, perm)  # (n, B)
-        one = z.new_ones(())
-        # z computed under no_grad (evaluation) does not require grad: no derivative needed then
-        keep = z.requires_grad
-        clamp = transform.clamp
-        out = torch.empty_like(z)
-        derivative = torch.empty_like(z) if keep else None
-        groups = zip(acts, z_grouped.split(sizes), perm.split(sizes), strict=True)
-        for k, (act, zc, idx) in enumerate(groups):
-            if not len(idx):
-                continue
-            f = act.fn(zc)
-            if keep:
-                d = act.vjp(one.expand_as(zc), zc)
-                if clamp is not None:  # clamp passes the gradient where -c <= f <= c
-                    d = d * (f.abs() <= clamp)
-                derivative.index_copy_(0, idx, d * transform.gain[k] if transform.affine else d)
-            if clamp is not None:
-                f = f.clamp(-clamp, clamp)
-            out.index_copy_(0, idx, transform.apply(k, f))
-        ctx.save_for_backward(z, derivative)
-        ctx.basis, ctx.acts, ctx.transform = basis, acts, transform
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, derivative = ctx.saved_tensors  # (n, B) neuron order
-        grad_z = grad_out * derivative if ctx.needs_input_grad[0] else None
-        grad_soft = None
-        if ctx.needs_input_grad[1]:
-            transform = ctx.transform
-            if transform.clamp is None:
-                # (K, n): row k is sum over the batch of g * f_k(z) = C @ (same sums, basis)
-                basis, mix = ctx.basis
-                sums = torch.stack(
-                    [
-                        (grad_out * z if b.name == "identity" else b.fn(z).mul_(grad_out)).sum(1)
-                        for b in basis
-                    ]
-                )
-                grad_soft = mix.to(sums) @ sums
-            else:  # a clamp is not linear: no basis, every candidate itself
-                c = transform.clamp
-                grad_soft = torch.stack(
-                    [a.fn(z).clamp_(-c, c).mul_(grad_out).sum(1) for a in ctx.acts]
-                )
-            if transform.affine:
-                shift = grad_soft.new_tensor(transform.shift).unsqueeze(1)  # (K, 1)
-                gain = grad_soft.new_tensor(transform.gain).unsqueeze(1)
-                grad_soft = (grad_soft - shift * grad_out.sum(1)) * gain
-        return grad_z, grad_soft, None, None, None, None, None
-
-
-def gumbel_softmax_sample(logits: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """Straight-through hard Gumbel-Softmax draw for logits a (N, K).
-
-    Returns the soft sample s = softmax((a + g) / tau) transposed to (K, N) and the hard choice
-    argmax_k s (N,). g = -log(-log(u + eps) + eps), u ~ U[0, 1), fresh on every call. The
-    softmax runs over the leading dimension of a (K, N) copy: on CPU a softmax over a trailing
-    dimension of size K ~ 6 costs ten times more.
-    """
-    gumbel = torch.rand_like(logits).add_(GUMBEL_EPS).log_().neg_().add_(GUMBEL_EPS).log_().neg_()
-    perturbed = (logits + gumbel) / tau  # (N, K)
-    choice = perturbed.detach().max(dim=-1).indices  # = argmax of the softmax; max is faster
-    return F.softmax(perturbed.t().contiguous(), dim=0), choice
-
-
-# --------------------------------------------------------------------------------------------
-# Learned activation units (issue I)
-
-
-class AFUnit(nn.Module):
-    """G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 elementwise: parameters w0, b0, w1 (N,), b1 (1,),
-    initialised by ``pool.afu_init`` (G = psi exactly, units distinct)."""
-
-    def __init__(self, units: int, base: str) -> None:
-        super().__init__()
-        self.units, self.base = units, base
-        for name, value in afu_init(units, base).items():
-            setattr(self, name, nn.Parameter(value))
-
-    def params(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in AFU_PARAMS}
-
-    def forward(self, z: Tensor) -> Tensor:
-        return afu_apply(z, self.w0, self.b0, self.w1, self.b1, self.base)
-
-    def activation(self) -> Activation:
-        """This unit as a pool entry (fn reaches the parameters where grad is enabled)."""
-        return afu_activation(self.params(), self.base)
 
 
 def build_afus(config: dict[str, Any] | None, n_layers: int) -> nn.ModuleList | None:
@@ -297,10 +137,6 @@ def load_afu_state(afus: nn.ModuleList | None, config: dict | None, state: dict)
         for layer, unit in enumerate(afus):
             for name, param in unit.params().items():
                 param.copy_(state[afu_tensor_name(layer, name)].to(param))
-
-
-def _with_afu(acts: tuple[Activation, ...], afu: Activation) -> tuple[Activation, ...]:
-    return tuple(afu if a.name == AFU else a for a in acts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def plot_afu(run_dir: Path, spec: ModelSpec, path: Path) -> bool:
 
     from smartmixed.contract import AFU_PARAMS, MODEL_WEIGHTS, afu_tensor_name
     from smartmixed.train.artifacts import load_tensors
-    from smartmixed.train.pool import afu_apply, afu_init
+    from smartmixed.nn.pool import afu_apply, afu_init
 
     state = load_tensors(run_dir / MODEL_WEIGHTS)
     base, n_layers = spec.afu["base"], len(spec.hidden_widths)

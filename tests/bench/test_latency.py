@@ -22,7 +22,7 @@ from smartmixed.bench.latency import (
 from smartmixed.export.lower import LOWERINGS
 from smartmixed.train.artifacts import save_model
 from smartmixed.train.model import MixedMLP, ModelSpec
-from smartmixed.train.pool import DEFAULT_POOL
+from smartmixed.nn.pool import DEFAULT_POOL
 
 ARCH = "64,48,32,10"
 # exact on both hidden layers (48 -> 24/12/12, 32 -> 16/8/8), so the shares are known by hand

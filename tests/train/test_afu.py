@@ -21,7 +21,7 @@ from smartmixed.train.model import (
     gumbel_softmax_sample,
     linear_t,
 )
-from smartmixed.train.pool import ACTIVATIONS, afu_init
+from smartmixed.nn.pool import ACTIVATIONS, afu_init
 
 POOL = ["relu", "tanh", "selu", "afu"]
 NUMPY_BASES = {

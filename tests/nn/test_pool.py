@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smartmixed.train.pool import (
+from smartmixed.nn.pool import (
     ACTIVATIONS,
     DEFAULT_POOL,
     EXTRA_ACTIVATIONS,
