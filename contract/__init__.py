@@ -1,9 +1,10 @@
 """smartmixed.contract: what the stages must agree on, written once (issue H, item 1).
 
 Tensor names, artifact file names, the ONNX metadata keys export writes and serve reads, the
-model spec (model.json) with its validation, the architecture presets, the activation pool's
-names and the constants that fix each activation's function (train/pool.py evaluates them with
-torch, export/lower.py writes them into ONNX nodes), the package-version record, and how every
+model spec (model.json) with its validation, the architecture presets (MLP widths, and conv nets
+described as a list of layers with the shapes they give), the activation pool's names and the
+constants that fix each activation's function (nn/pool.py evaluates them with torch,
+export/lower.py writes them into ONNX nodes), the package-version record, and how every
 stage's cli.py reads its options (comma-separated lists; flags passed to the library function's
 keywords of the same name).
 
@@ -14,6 +15,7 @@ factory with the one CUDA rule (issue H, item 2).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -26,7 +28,8 @@ from typing import Any, TypeVar
 _T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------------
-# Tensors of model.onnx: input "input" float32 [N, D] raw features; outputs [N, C]
+# Tensors of model.onnx: input "input" float32 raw features, [N, D] for an MLP, [N, C, H, W]
+# for a layered (conv) spec; outputs [N, classes]
 
 INPUT, LOGITS, PROBABILITIES = "input", "logits", "probabilities"
 OUTPUTS = (LOGITS, PROBABILITIES)
@@ -248,6 +251,285 @@ def resolve_preset(name: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
+# Layered networks (ModelSpec.layers): a network described as data, applied in order to one
+# sample of shape input_shape = [C, H, W] (batch excluded). A mixed activation follows every
+# conv and linear layer but the last (the logits), after the batchnorm that directly follows
+# it when there is one. arch = [prod(input_shape), width of each hidden conv/linear..., classes]
+# so that the assignment, labels and preprocessing checks hold as for an MLP.
+
+LAYER_TYPES: tuple[str, ...] = ("conv", "batchnorm", "maxpool", "avgpool", "flatten", "linear")
+# Per layer type: its keys and their defaults (None: required; "kernel": the layer's kernel,
+# torch's MaxPool2d/AvgPool2d default stride); validation fills every default in.
+LAYER_KEYS: dict[str, dict[str, int | str | None]] = {
+    "conv": {"channels": None, "kernel": None, "stride": 1, "padding": 0},
+    "batchnorm": {},
+    "maxpool": {"kernel": None, "stride": "kernel"},
+    "avgpool": {"kernel": None, "stride": "kernel"},
+    "flatten": {},
+    "linear": {"features": None},
+}
+HIDDEN_LAYER_TYPES = ("conv", "linear")  # the layers a mixed activation may follow
+# Bounds that keep a hostile model.json one error, never a huge allocation downstream: layers
+# in a spec; any one integer of a layer; the values of one sample's output of one layer and of
+# one layer's weight (2**28 float32 values: 1 GiB; VGG-16's largest layer holds 2**26.6).
+MAX_LAYERS = 64
+MAX_LAYER_VALUE = 2**16
+MAX_TENSOR_VALUES = 2**28
+
+CONV_PRESETS: dict[str, list[dict[str, Any]]] = {
+    # LeNet-5 for 28x28 input (LeCun et al. 1998, the first conv padded to keep 28x28):
+    # (1, 28, 28) -> (6, 28, 28) -> (6, 14, 14) -> (16, 10, 10) -> (16, 5, 5) -> 400 -> 120 -> 84
+    "lenet5": [
+        {"type": "conv", "channels": 6, "kernel": 5, "stride": 1, "padding": 2},
+        {"type": "maxpool", "kernel": 2, "stride": 2},
+        {"type": "conv", "channels": 16, "kernel": 5, "stride": 1, "padding": 0},
+        {"type": "maxpool", "kernel": 2, "stride": 2},
+        {"type": "flatten"},
+        {"type": "linear", "features": 120},
+        {"type": "linear", "features": 84},
+        {"type": "linear", "features": 10},
+    ],
+    # two VGG-style blocks with batchnorm: (1, 28, 28) -> (32, 28, 28) -> (32, 14, 14)
+    # -> (64, 14, 14) -> (64, 7, 7) -> 3136 -> 128
+    "convnet": [
+        {"type": "conv", "channels": 32, "kernel": 3, "stride": 1, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "conv", "channels": 32, "kernel": 3, "stride": 1, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "maxpool", "kernel": 2, "stride": 2},
+        {"type": "conv", "channels": 64, "kernel": 3, "stride": 1, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "conv", "channels": 64, "kernel": 3, "stride": 1, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "maxpool", "kernel": 2, "stride": 2},
+        {"type": "flatten"},
+        {"type": "linear", "features": 128},
+        {"type": "linear", "features": 10},
+    ],
+}
+
+
+def is_conv_preset(name: str) -> bool:
+    return name in CONV_PRESETS
+
+
+def resolve_conv_preset(name: str, *, classes: int = 10) -> list[dict[str, Any]]:
+    """A copy of CONV_PRESETS[name] whose last linear layer gives ``classes`` logits (the presets
+    store 10; a run replaces it by its data's class count)."""
+    if name not in CONV_PRESETS:
+        names = [*PRESETS, *CONV_PRESETS]
+        raise SpecError(f"unknown preset {name!r}; expected one of: {', '.join(names)}")
+    layers = copy.deepcopy(CONV_PRESETS[name])
+    layers[-1]["features"] = classes
+    return layers
+
+
+def image_shape(input_shape: Sequence[int]) -> list[int]:
+    """The (C, H, W) a conv net reads: [C, H, W] as is, [H, W] as one channel [1, H, W]."""
+    shape = list(input_shape)
+    if len(shape) == 2:
+        return [1, *shape]
+    if len(shape) == 3:
+        return shape
+    raise SpecError(f"conv nets need image-shaped data (H, W) or (C, H, W), got {_short(shape)}")
+
+
+def layer_output_shapes(
+    layers: Sequence[dict[str, Any]], input_shape: Sequence[int]
+) -> list[list[int]]:
+    """The shape of one sample after each spec layer (batch excluded), every layer checked
+    (SpecError names the first one wrong). lenet5 on [1, 28, 28]: [6, 28, 28], [6, 14, 14],
+    [16, 10, 10], [16, 5, 5], [400], [120], [84], [10]."""
+    return _walk_layers(layers, input_shape)[1]
+
+
+def layered_arch(layers: Sequence[dict[str, Any]], input_shape: Sequence[int]) -> list[int]:
+    """[prod(input_shape), out channels/features of each hidden conv/linear..., classes]."""
+    return _arch_of(*_walk_layers(layers, input_shape), input_shape)
+
+
+def _arch_of(
+    layers: Sequence[dict[str, Any]], shapes: list[list[int]], input_shape: Sequence[int]
+) -> list[int]:
+    widths = [shapes[i][0] for i in hidden_layer_indices(layers)]  # channels or features
+    return [math.prod(input_shape), *widths, shapes[-1][0]]
+
+
+def hidden_layer_indices(layers: Sequence[dict[str, Any]]) -> list[int]:
+    """Spec indices of the hidden layers (each conv or linear but the last layer), in order:
+    hidden layer l of the assignment is layers[hidden_layer_indices(layers)[l]]."""
+    return [i for i, layer in enumerate(layers[:-1]) if layer.get("type") in HIDDEN_LAYER_TYPES]
+
+
+def activation_after(layers: Sequence[dict[str, Any]]) -> list[int]:
+    """Per hidden layer l: the spec index after which its mixed activation applies, the
+    batchnorm directly following it when there is one, else the layer itself."""
+    return [
+        i + 1 if layers[i + 1].get("type") == "batchnorm" else i
+        for i in hidden_layer_indices(layers)
+    ]
+
+
+def layered_weight_shapes(
+    layers: Sequence[dict[str, Any]], input_shape: Sequence[int]
+) -> dict[str, tuple[int, ...]]:
+    """The tensors of a layered network's model.safetensors (the AFU's aside) by spec index i:
+    conv layers.{i}.weight (out, in, k, k) and .bias (out,); linear .weight (out, in) and
+    .bias (out,); batchnorm .weight, .bias, .running_mean, .running_var (C,) over the channels
+    (or features) of the layer before."""
+    checked, shapes = _walk_layers(layers, input_shape)
+    tensors: dict[str, tuple[int, ...]] = {}
+    before = [list(input_shape), *shapes]  # before[i]: the input shape of layer i
+    for i, layer in enumerate(checked):
+        kind, into = layer["type"], before[i][0]
+        if kind == "conv":
+            out, k = layer["channels"], layer["kernel"]
+            tensors |= {f"layers.{i}.weight": (out, into, k, k), f"layers.{i}.bias": (out,)}
+        elif kind == "linear":
+            out = layer["features"]
+            tensors |= {f"layers.{i}.weight": (out, into), f"layers.{i}.bias": (out,)}
+        elif kind == "batchnorm":
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                tensors[f"layers.{i}.{name}"] = (into,)
+    return tensors
+
+
+def _walk_layers(layers: Any, input_shape: Any) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """(the layers with their defaults filled in, the shape after each): every layer checked
+    for its JSON form and its fit with the shape it receives."""
+    if not isinstance(layers, list | tuple):
+        raise SpecError(
+            f"spec field 'layers': expected a list of layers, got {json_type_name(layers)}"
+        )
+    if len(layers) > MAX_LAYERS:
+        raise SpecError(f"spec field 'layers': at most {MAX_LAYERS} layers, got {len(layers)}")
+    if (
+        not (
+            isinstance(input_shape, list | tuple)
+            and input_shape
+            and all(map(_is_count, input_shape))
+        )
+        or math.prod(input_shape) > MAX_TENSOR_VALUES
+    ):
+        raise SpecError(
+            f"spec field 'input_shape': expected a list of positive integers holding at most "
+            f"{MAX_TENSOR_VALUES} values, got {_short(input_shape)}"
+        )
+    if not layers:
+        raise SpecError(
+            "spec field 'layers': expected a list of layers ending in a linear layer, got []"
+        )
+    checked = [_check_layer(i, layer) for i, layer in enumerate(layers)]
+    shape, shapes = list(input_shape), []
+    for i, layer in enumerate(checked):
+        kind, where = layer["type"], f"spec field 'layers[{i}]'"
+        if kind == "batchnorm":
+            follows = checked[i - 1]["type"] if i else None
+            if follows not in HIDDEN_LAYER_TYPES:
+                after = f"follows a {follows} layer" if follows else "is the first layer"
+                raise SpecError(
+                    f"{where}: a batchnorm layer must directly follow a conv or linear layer, "
+                    f"this one {after}"
+                )
+        elif kind == "flatten":
+            shape = [math.prod(shape)]
+        elif kind == "linear":
+            if len(shape) != 1:
+                raise SpecError(
+                    f"{where}: a linear layer needs a flat input, got shape {shape} (put a "
+                    f"flatten layer before it)"
+                )
+            _check_weight(where, layer["features"], shape[0])
+            shape = [layer["features"]]
+        else:  # conv, maxpool, avgpool: (C, H, W) -> (C', H', W')
+            if len(shape) != 3:
+                raise SpecError(
+                    f"{where}: a {kind} layer needs an image input (C, H, W), got shape {shape}"
+                )
+            k, stride = layer["kernel"], layer["stride"]
+            pad = layer.get("padding", 0)
+            height, width = shape[1] + 2 * pad, shape[2] + 2 * pad
+            if k > min(height, width):
+                padded = f" padded by {pad}" if pad else ""
+                raise SpecError(
+                    f"spec field 'layers[{i}].kernel': {k} is larger than its input "
+                    f"{shape[1]}x{shape[2]}{padded}"
+                )
+            # out = floor((size + 2 * padding - kernel) / stride) + 1 (torch's, ceil_mode off)
+            channels = layer["channels"] if kind == "conv" else shape[0]
+            if kind == "conv":
+                _check_weight(where, channels, shape[0] * k * k)
+            shape = [channels, (height - k) // stride + 1, (width - k) // stride + 1]
+        if math.prod(shape) > MAX_TENSOR_VALUES:
+            raise SpecError(
+                f"{where}: its output {shape} holds more than {MAX_TENSOR_VALUES} values per sample"
+            )
+        shapes.append(shape)
+    if checked[-1]["type"] != "linear":
+        raise SpecError(
+            f"spec field 'layers[{len(checked) - 1}]': the last layer must be linear (the "
+            f"logits), got {checked[-1]['type']}"
+        )
+    if checked[-1]["features"] < 2:
+        raise SpecError(
+            f"spec field 'layers[{len(checked) - 1}].features': the last layer gives the "
+            f"classes, expected >= 2, got {checked[-1]['features']}"
+        )
+    if not hidden_layer_indices(checked):
+        raise SpecError(
+            "spec field 'layers': expected at least one conv or linear layer before the last "
+            "linear layer (a hidden layer for the mixed activations)"
+        )
+    return checked, shapes
+
+
+def _check_layer(i: int, layer: Any) -> dict[str, Any]:
+    """Layer ``i`` with its defaults filled in, or SpecError naming its bad key."""
+    where = f"spec field 'layers[{i}]"
+    if not isinstance(layer, dict):
+        raise SpecError(f"{where}': expected an object, got {json_type_name(layer)}")
+    if "type" not in layer:
+        raise SpecError(f"{where}': missing key type")
+    kind = layer["type"]
+    if not isinstance(kind, str) or kind not in LAYER_KEYS:
+        raise SpecError(f"{where}.type': {_short(kind)}, expected one of {', '.join(LAYER_TYPES)}")
+    keys = LAYER_KEYS[kind]
+    unknown = sorted(map(str, set(layer) - {"type", *keys}))
+    if unknown:
+        known = f"its keys: {', '.join(keys)}" if keys else "it has no keys but type"
+        raise SpecError(
+            f"{where}.{_short(unknown[0])[1:-1]}': not a key of a {kind} layer ({known})"
+        )
+    checked: dict[str, Any] = {"type": kind}
+    for key, default in keys.items():
+        if key in layer:
+            value = layer[key]
+        elif default is None:
+            raise SpecError(f"{where}': missing key {key} (a {kind} layer needs it)")
+        else:
+            value = checked[default] if isinstance(default, str) else default
+        least = 0 if key == "padding" else 1
+        if not (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and least <= value <= MAX_LAYER_VALUE
+        ):
+            raise SpecError(
+                f"{where}.{key}': expected an integer in {least}..{MAX_LAYER_VALUE}, "
+                f"got {_short(value)}"
+            )
+        checked[key] = value
+    return checked
+
+
+def _check_weight(where: str, out: int, into: int) -> None:
+    if out * into > MAX_TENSOR_VALUES:
+        raise SpecError(
+            f"{where}: its weight holds {out} x {into} values, more than {MAX_TENSOR_VALUES}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # The model spec (model.json; inside model.onnx as META_SPEC)
 
 SPEC_FORMAT = "smartmixed.model/1"
@@ -257,7 +539,8 @@ SPEC_FORMAT = "smartmixed.model/1"
 class ModelSpec:
     """Everything needed to rebuild a trained network from its weights (model.json).
 
-    ``assignment[l][j]`` is the activation name of neuron j (in neuron order) of hidden layer l.
+    ``assignment[l][j]`` is the activation name of neuron j (in neuron order) of hidden layer l;
+    for a layered spec (``layers``), of channel j of a hidden conv or neuron j of a hidden linear.
     Preprocessing maps raw features x to (x - offset) * scale; offset and scale are scalars or
     one value per feature.
     """
@@ -275,6 +558,10 @@ class ModelSpec:
     format: str = SPEC_FORMAT
     # {units, base, share} of the learned activation unit when the pool holds AFU, else None
     afu: dict[str, Any] | None = None
+    # None: an MLP (arch alone). A list: the layers of a network applied in order to an input of
+    # shape input_shape (see LAYER_KEYS); arch is then derived from them (layered_arch). Last
+    # field: older model.json files have no "layers" key and read as MLPs.
+    layers: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -282,6 +569,11 @@ class ModelSpec:
     @property
     def hidden_widths(self) -> list[int]:
         return self.arch[1:-1]
+
+    @property
+    def is_layered(self) -> bool:
+        """Whether the network is described by ``layers`` (a conv net) rather than by arch."""
+        return self.layers is not None
 
     def activation_counts(self) -> list[dict[str, int]]:
         """Per hidden layer: {activation: neuron count} for every pool entry (zeros included)."""
@@ -299,6 +591,16 @@ class ModelSpec:
             self.arch = parse_arch(self.arch)
         except SpecError as e:
             raise SpecError(f"spec field 'arch': {e}") from None
+        if self.layers is not None:
+            # the layers, their defaults filled in, and the arch they give (checked first: the
+            # assignment, labels and preprocessing checks below go by arch)
+            self.layers, shapes = _walk_layers(self.layers, self.input_shape)
+            derived = _arch_of(self.layers, shapes, self.input_shape)
+            if derived != self.arch:
+                raise SpecError(
+                    f"spec field 'arch': expected {_short(derived)} (from layers and "
+                    f"input_shape), got {_short(self.arch)}"
+                )
         if not isinstance(self.pool, str):  # a comma-separated pool is accepted too
             _check_list("pool", self.pool, "activation names", _is_str)
         try:
@@ -376,19 +678,35 @@ class ModelSpec:
 
     @classmethod
     def untrained(
-        cls, *, arch: list[int], pool: list[str], assignment: list[list[str]]
+        cls,
+        *,
+        arch: list[int] | None = None,
+        pool: list[str],
+        assignment: list[list[str]],
+        layers: list[dict[str, Any]] | None = None,
+        input_shape: list[int] | None = None,
     ) -> ModelSpec:
         """The spec of a network no data has trained (the benches' random-weight models): raw
-        0..255 pixels scaled to [0, 1], one input axis, labels "0".."C-1"; mode fixed:NAME for a
-        one-activation pool, else smartmixed."""
+        0..255 pixels scaled to [0, 1], labels "0".."C-1"; mode fixed:NAME for a one-activation
+        pool, else smartmixed. An MLP reads one input axis unless ``input_shape`` says more; a
+        layered network (``layers``, e.g. resolve_conv_preset("lenet5")) reads ``input_shape``
+        (e.g. [1, 28, 28]) and its arch, when not given, is derived from the two."""
+        if layers is not None:
+            if input_shape is None:
+                raise SpecError("an untrained layered spec needs its input_shape, e.g. [1, 28, 28]")
+            arch = layered_arch(layers, input_shape) if arch is None else arch
+        elif arch is None:
+            raise SpecError("an untrained spec needs arch (an MLP) or layers and input_shape")
+        input_shape = [arch[0]] if input_shape is None else input_shape
         return cls(
             arch=arch,
             pool=pool,
             mode=f"fixed:{pool[0]}" if len(pool) == 1 else "smartmixed",
             assignment=assignment,
             preprocessing={"offset": 0.0, "scale": 1 / 255},
-            input_shape=[arch[0]],
+            input_shape=input_shape,
             labels=[str(i) for i in range(arch[-1])],
+            layers=layers,
         )
 
     def to_dict(self) -> dict[str, Any]:

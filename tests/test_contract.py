@@ -16,9 +16,9 @@ import torch
 from smartmixed import contract
 from smartmixed.export.lower import lower, set_metadata
 from smartmixed.export.repository import triton_config
+from smartmixed.nn.pool import ACTIVATIONS
 from smartmixed.serve.runtime import load_repository
 from smartmixed.train.model import MixedMLP
-from smartmixed.train.pool import ACTIVATIONS
 
 HEAVY = ("torch", "sklearn", "safetensors")
 
@@ -226,3 +226,340 @@ def test_parse_json_refuses_what_json_loads_would_raise_on(tmp_path: Path) -> No
         contract.parse_json("1" * 5000)  # int() refuses more than 4,300 digits
     assert contract.json_depth([1, [2, {"a": [3]}], []]) == 4
     assert contract.parse_json(str([0] * 1000)) == [0] * 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Layered (conv) specs
+
+LENET5_SHAPES = [[6, 28, 28], [6, 14, 14], [16, 10, 10], [16, 5, 5], [400], [120], [84], [10]]
+
+
+def _layered_dict(layers: list[dict] | None = None, **changes) -> dict:
+    """A valid lenet5 spec as model.json holds it, with ``layers`` and ``changes`` replaced."""
+    lenet = contract.resolve_conv_preset("lenet5")
+    arch = contract.layered_arch(lenet, [1, 28, 28])
+    spec = contract.ModelSpec.untrained(
+        pool=["relu"],
+        assignment=[["relu"] * width for width in arch[1:-1]],
+        layers=lenet,
+        input_shape=[1, 28, 28],
+    )
+    return {**spec.to_dict(), **({} if layers is None else {"layers": layers}), **changes}
+
+
+def _lenet(**changes_by_index: dict) -> list[dict]:
+    """lenet5's layers, layer i updated with changes_by_index[f"l{i}"]."""
+    layers = contract.resolve_conv_preset("lenet5")
+    for key, change in changes_by_index.items():
+        layers[int(key[1:])].update(change)
+    return layers
+
+
+CONV = {"type": "conv", "channels": 4, "kernel": 3}
+HEAD = [{"type": "flatten"}, {"type": "linear", "features": 8}, {"type": "linear", "features": 10}]
+LAYER_TYPES = "conv, batchnorm, maxpool, avgpool, flatten, linear"
+
+
+@pytest.mark.parametrize(
+    ("layers", "changes", "message"),
+    [
+        (
+            {"0": CONV},
+            {},
+            "spec field 'layers': expected a list of layers, got an object",
+        ),
+        ([], {}, "spec field 'layers': expected a list of layers ending in a linear layer, got []"),
+        ([CONV] * 65, {}, "spec field 'layers': at most 64 layers, got 65"),
+        (["conv", *HEAD], {}, "spec field 'layers[0]': expected an object, got a string"),
+        ([{"channels": 4}, *HEAD], {}, "spec field 'layers[0]': missing key type"),
+        (
+            [{"type": "dropout"}, *HEAD],
+            {},
+            f"spec field 'layers[0].type': 'dropout', expected one of {LAYER_TYPES}",
+        ),
+        (
+            [{"type": 5}, *HEAD],
+            {},
+            f"spec field 'layers[0].type': 5, expected one of {LAYER_TYPES}",
+        ),
+        (
+            [{**CONV, "dilation": 2}, *HEAD],
+            {},
+            "spec field 'layers[0].dilation': not a key of a conv layer (its keys: channels, "
+            "kernel, stride, padding)",
+        ),
+        (
+            [CONV, {"type": "flatten", "start_dim": 1}, *HEAD[1:]],
+            {},
+            "spec field 'layers[1].start_dim': not a key of a flatten layer (it has no keys but type)",
+        ),
+        (
+            [{"type": "conv", "kernel": 3}, *HEAD],
+            {},
+            "spec field 'layers[0]': missing key channels (a conv layer needs it)",
+        ),
+        (
+            _lenet(l0={"channels": 6.0}),
+            {},
+            "spec field 'layers[0].channels': expected an integer in 1..65536, got 6.0",
+        ),
+        (
+            _lenet(l5={"features": "120"}),
+            {},
+            "spec field 'layers[5].features': expected an integer in 1..65536, got '120'",
+        ),
+        (
+            _lenet(l0={"kernel": True}),
+            {},
+            "spec field 'layers[0].kernel': expected an integer in 1..65536, got True",
+        ),
+        (
+            _lenet(l0={"padding": False}),
+            {},
+            "spec field 'layers[0].padding': expected an integer in 0..65536, got False",
+        ),
+        (
+            _lenet(l0={"padding": -1}),
+            {},
+            "spec field 'layers[0].padding': expected an integer in 0..65536, got -1",
+        ),
+        (
+            _lenet(l1={"stride": 0}),
+            {},
+            "spec field 'layers[1].stride': expected an integer in 1..65536, got 0",
+        ),
+        (
+            _lenet(l1={"stride": None}),
+            {},
+            "spec field 'layers[1].stride': expected an integer in 1..65536, got None",
+        ),
+        (
+            _lenet(l0={"channels": 2**16 + 1}),
+            {},
+            "spec field 'layers[0].channels': expected an integer in 1..65536, got 65537",
+        ),
+        (
+            _lenet(l0={"kernel": 29, "padding": 0}),
+            {},
+            "spec field 'layers[0].kernel': 29 is larger than its input 28x28",
+        ),
+        (
+            _lenet(l0={"kernel": 33}),
+            {},
+            "spec field 'layers[0].kernel': 33 is larger than its input 28x28 padded by 2",
+        ),
+        (
+            _lenet(l3={"kernel": 11}),
+            {},
+            "spec field 'layers[3].kernel': 11 is larger than its input 10x10",
+        ),
+        (
+            [*_lenet()[:4], *_lenet()[5:]],
+            {},
+            "spec field 'layers[4]': a linear layer needs a flat input, got shape [16, 5, 5] "
+            "(put a flatten layer before it)",
+        ),
+        (
+            [{"type": "linear", "features": 8}, {"type": "linear", "features": 10}],
+            {},
+            "spec field 'layers[0]': a linear layer needs a flat input, got shape [1, 28, 28] "
+            "(put a flatten layer before it)",
+        ),
+        (
+            _lenet(),
+            {"input_shape": [784]},
+            "spec field 'layers[0]': a conv layer needs an image input (C, H, W), got shape [784]",
+        ),
+        (
+            [CONV, {"type": "maxpool", "kernel": 2}, {"type": "batchnorm"}, *HEAD],
+            {},
+            "spec field 'layers[2]': a batchnorm layer must directly follow a conv or linear "
+            "layer, this one follows a maxpool layer",
+        ),
+        (
+            [{"type": "batchnorm"}, CONV, *HEAD],
+            {},
+            "spec field 'layers[0]': a batchnorm layer must directly follow a conv or linear "
+            "layer, this one is the first layer",
+        ),
+        (
+            [CONV, {"type": "batchnorm"}, {"type": "batchnorm"}, *HEAD],
+            {},
+            "spec field 'layers[2]': a batchnorm layer must directly follow a conv or linear "
+            "layer, this one follows a batchnorm layer",
+        ),
+        (
+            _lenet()[:5],
+            {},
+            "spec field 'layers[4]': the last layer must be linear (the logits), got flatten",
+        ),
+        (
+            _lenet(l7={"features": 1}),
+            {},
+            "spec field 'layers[7].features': the last layer gives the classes, expected >= 2, "
+            "got 1",
+        ),
+        (
+            HEAD[::2],
+            {},
+            "spec field 'layers': expected at least one conv or linear layer before the last "
+            "linear layer (a hidden layer for the mixed activations)",
+        ),
+        (
+            _lenet(l5={"features": 121}),
+            {},
+            "spec field 'arch': expected [784, 6, 16, 121, 84, 10] (from layers and input_shape), "
+            "got [784, 6, 16, 120, 84, 10]",
+        ),
+        (
+            None,
+            {"arch": [784, 6, 16, 120, 80, 10]},
+            "spec field 'arch': expected [784, 6, 16, 120, 84, 10] (from layers and input_shape), "
+            "got [784, 6, 16, 120, 80, 10]",
+        ),
+        (
+            # every arch-based check holds as for an MLP: one name per channel of hidden layer 0
+            None,
+            {"assignment": [["relu"] * 5, ["relu"] * 16, ["relu"] * 120, ["relu"] * 84]},
+            "spec field 'assignment[0]': expected 6 neurons, got 5",
+        ),
+        (
+            None,
+            {"input_shape": [1, 28.0, 28]},
+            "spec field 'input_shape': expected a list of positive integers holding at most "
+            "268435456 values, got [1, 28.0, 28]",
+        ),
+        (
+            # sizes a hostile file may declare: refused before anything is allocated
+            [{"type": "conv", "channels": 2**16, "kernel": 1}, *HEAD],
+            {"input_shape": [2**16, 1, 1]},
+            "spec field 'layers[0]': its weight holds 65536 x 65536 values, more than 268435456",
+        ),
+        (
+            [{"type": "conv", "channels": 128, "kernel": 1}, *HEAD],
+            {"input_shape": [1, 2048, 2048]},
+            "spec field 'layers[0]': its output [128, 2048, 2048] holds more than 268435456 "
+            "values per sample",
+        ),
+    ],
+)
+def test_bad_layers_are_named(layers: list | dict | None, changes: dict, message: str) -> None:
+    with pytest.raises(contract.SpecError) as error:
+        contract.ModelSpec.from_dict(_layered_dict(layers, **changes))
+    assert str(error.value) == message
+
+
+def test_conv_presets_derive_their_arch_and_shapes() -> None:
+    lenet, convnet = (contract.resolve_conv_preset(name) for name in ("lenet5", "convnet"))
+    assert contract.layered_arch(lenet, [1, 28, 28]) == [784, 6, 16, 120, 84, 10]
+    assert contract.layered_arch(convnet, [1, 28, 28]) == [784, 32, 32, 64, 64, 128, 10]
+    assert contract.layer_output_shapes(lenet, [1, 28, 28]) == LENET5_SHAPES
+    assert contract.layer_output_shapes(convnet, [1, 28, 28])[-3:] == [[3136], [128], [10]]
+    # hidden layers: every conv/linear but the last; the activation after its batchnorm
+    assert contract.hidden_layer_indices(lenet) == [0, 2, 5, 6]
+    assert contract.activation_after(lenet) == [0, 2, 5, 6]
+    assert contract.hidden_layer_indices(convnet) == [0, 2, 5, 7, 11]
+    assert contract.activation_after(convnet) == [1, 3, 6, 8, 11]
+    # 3 channels of 32x32 (CIFAR-sized): 32 -> 16 -> 12 -> 6, flattened 16 * 6 * 6
+    assert contract.layer_output_shapes(lenet, [3, 32, 32])[4] == [576]
+
+
+def test_layered_weight_shapes_follow_the_spec_layer_indices() -> None:
+    lenet = contract.resolve_conv_preset("lenet5")
+    assert contract.layered_weight_shapes(lenet, [1, 28, 28]) == {
+        "layers.0.weight": (6, 1, 5, 5),
+        "layers.0.bias": (6,),
+        "layers.2.weight": (16, 6, 5, 5),
+        "layers.2.bias": (16,),
+        "layers.5.weight": (120, 400),
+        "layers.5.bias": (120,),
+        "layers.6.weight": (84, 120),
+        "layers.6.bias": (84,),
+        "layers.7.weight": (10, 84),
+        "layers.7.bias": (10,),
+    }
+    layers = [
+        {"type": "flatten"},
+        {"type": "linear", "features": 5},
+        {"type": "batchnorm"},
+        {"type": "linear", "features": 3},
+    ]
+    assert contract.layered_weight_shapes(layers, [2, 2]) == {
+        "layers.1.weight": (5, 4),
+        "layers.1.bias": (5,),
+        "layers.2.weight": (5,),
+        "layers.2.bias": (5,),
+        "layers.2.running_mean": (5,),
+        "layers.2.running_var": (5,),
+        "layers.3.weight": (3, 5),
+        "layers.3.bias": (3,),
+    }
+    assert contract.activation_after(layers) == [2]
+
+
+def test_conv_presets_resolve_to_copies_with_the_data_classes() -> None:
+    layers = contract.resolve_conv_preset("convnet", classes=3)
+    assert layers[-1] == {"type": "linear", "features": 3}
+    assert contract.CONV_PRESETS["convnet"][-1] == {"type": "linear", "features": 10}
+    layers[0]["channels"] = 1  # a copy: the preset stays as it is
+    assert contract.CONV_PRESETS["convnet"][0]["channels"] == 32
+    assert contract.is_conv_preset("lenet5") and not contract.is_conv_preset("paper")
+    with pytest.raises(contract.SpecError) as error:
+        contract.resolve_conv_preset("resnet")
+    names = ", ".join([*contract.PRESETS, "lenet5", "convnet"])
+    assert str(error.value) == f"unknown preset 'resnet'; expected one of: {names}"
+    assert contract.resolve_preset("paper") == list(contract.TABLE1[10])  # MLPs as before
+
+
+def test_image_shape() -> None:
+    assert contract.image_shape([28, 28]) == [1, 28, 28]
+    assert contract.image_shape((3, 32, 32)) == [3, 32, 32]
+    for shape in ([64], [2, 3, 4, 5]):
+        with pytest.raises(contract.SpecError) as error:
+            contract.image_shape(shape)
+        assert str(error.value) == (
+            f"conv nets need image-shaped data (H, W) or (C, H, W), got {shape}"
+        )
+
+
+def test_layered_spec_round_trips_through_json() -> None:
+    spec = contract.ModelSpec.from_dict(_layered_dict())
+    assert spec.is_layered and spec.arch == [784, 6, 16, 120, 84, 10]
+    again = contract.ModelSpec.from_dict(contract.parse_json(spec.to_json()))
+    assert again == spec and again.layers == contract.CONV_PRESETS["lenet5"]
+    # defaults are written out: a pool's stride is its kernel, a conv's stride 1, padding 0
+    short = [{"type": "conv", "channels": 4, "kernel": 3}, {"type": "avgpool", "kernel": 2}]
+    spec = contract.ModelSpec.from_dict(
+        _layered_dict(
+            [*short, *HEAD], arch=[784, 4, 8, 10], assignment=[["relu"] * 4, ["relu"] * 8]
+        )
+    )
+    assert spec.layers[:2] == [
+        {"type": "conv", "channels": 4, "kernel": 3, "stride": 1, "padding": 0},
+        {"type": "avgpool", "kernel": 2, "stride": 2},
+    ]
+    assert contract.layer_output_shapes(spec.layers, [1, 28, 28])[:2] == [[4, 26, 26], [4, 13, 13]]
+
+
+def test_mlp_spec_without_a_layers_key_still_loads() -> None:
+    old = _spec_dict()
+    del old["layers"]  # model.json files written before layered specs
+    spec = contract.ModelSpec.from_dict(old)
+    assert spec.layers is None and not spec.is_layered and spec.arch == [4, 3, 2]
+    assert spec.to_dict()["layers"] is None
+
+
+def test_untrained_layered_spec() -> None:
+    lenet = contract.resolve_conv_preset("lenet5")
+    assignment = [["relu"] * width for width in (6, 16, 120, 84)]
+    spec = contract.ModelSpec.untrained(
+        pool=["relu"], assignment=assignment, layers=lenet, input_shape=[1, 28, 28]
+    )
+    assert (spec.arch, spec.input_shape, spec.mode) == (
+        [784, 6, 16, 120, 84, 10],
+        [1, 28, 28],
+        "fixed:relu",
+    )
+    with pytest.raises(contract.SpecError) as error:
+        contract.ModelSpec.untrained(pool=["relu"], assignment=assignment, layers=lenet)
+    assert str(error.value) == "an untrained layered spec needs its input_shape, e.g. [1, 28, 28]"

@@ -39,6 +39,7 @@ from smartmixed.contract import (
     WEIGHTS_DIGEST,
     JsonError,
     json_type_name,
+    layered_weight_shapes,
     parse_json,
 )
 from smartmixed.contract.files import (
@@ -334,11 +335,15 @@ def load_spec(run_dir: Path | str) -> ModelSpec:
 
 def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The tensors of model.safetensors and their shapes, from the spec alone (nothing is
-    allocated): layers.{i}.weight (out, in), layers.{i}.bias (out,), the AFU's per hidden layer."""
+    allocated): an MLP's layers.{i}.weight (out, in) and layers.{i}.bias (out,), a layered
+    spec's per spec layer (contract.layered_weight_shapes), the AFU's per hidden layer."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for i, (a, b) in enumerate(itertools.pairwise(spec.arch)):
-        shapes[f"layers.{i}.weight"] = (b, a)
-        shapes[f"layers.{i}.bias"] = (b,)
+    if spec.is_layered:
+        shapes = layered_weight_shapes(spec.layers, spec.input_shape)
+    else:
+        for i, (a, b) in enumerate(itertools.pairwise(spec.arch)):
+            shapes[f"layers.{i}.weight"] = (b, a)
+            shapes[f"layers.{i}.bias"] = (b,)
     return shapes | afu_expected_shapes(spec.afu, len(spec.hidden_widths))
 
 

