@@ -196,6 +196,7 @@ class Service:
             n_features=model.n_features,
             outputs=tuple(model.outputs),
             max_rows=rows,
+            input_shape=model.input_shape,
         )
 
     # ---- one inference request ------------------------------------------------------------------

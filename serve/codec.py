@@ -9,8 +9,10 @@ nothing here recurses into client values).
 Order of the checks (issue F item 3): the body's structure, then the declared datatype and shape
 against the model and ``max_rows``, the value count (or the binary byte count), outputs and id,
 and only then the values themselves. JSON ``data`` takes numbers only (never booleans, strings or
-null), flat (N*D) or nested exactly as [N][D]; integer datatypes take integers within the type's
-range; values are converted to the declared datatype, then float32, and must be finite there.
+null), flat (N*D) or nested exactly as the declared shape ([N][D], or [N][C][H][W] for a model
+reading images); integer datatypes take integers within the type's range; values are converted
+to the declared datatype, then float32, and must be finite there. The decoded array has the
+model's input shape, (N, D) or (N, C, H, W).
 ``null`` for an optional field (``id``, ``parameters``, ``outputs``) means absent, as in
 MLServer's and KServe's request models.
 """
@@ -18,6 +20,7 @@ MLServer's and KServe's request models.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -74,16 +77,28 @@ class Signature:
 
     name: str
     input_name: str
-    n_features: int
+    n_features: int  # values per row: the product of ``dims``
     outputs: tuple[str, ...]
     max_rows: int
+    # one row's dims as the graph declares them, (1, 28, 28) for a model reading 28x28 images;
+    # None: (n_features,), a row of features
+    input_shape: tuple[int, ...] | None = None
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return self.input_shape or (self.n_features,)
+
+    @property
+    def shape_text(self) -> str:
+        """The input shape a request declares, the batch as N: "[N, 784]", "[N, 1, 28, 28]"."""
+        return _shape_text(("N", *self.dims))
 
 
 @dataclass
 class InferRequest:
     """A decoded V2 infer request."""
 
-    x: np.ndarray  # (N, D) float32, C-contiguous, finite
+    x: np.ndarray  # (N, *dims) float32, C-contiguous, finite: (N, D) or (N, C, H, W)
     outputs: list[str]  # requested output names, in order
     binary: dict[str, bool]  # output name -> answer it as binary data
     id: str | None
@@ -140,7 +155,7 @@ def decode_infer(
             f"{signature.input_name!r}"
         )
     input_parameters = _parameters(tensor, "inputs[0].parameters")
-    dtype, n, d = _declared(tensor, signature)
+    dtype, shape = _declared(tensor, signature)
 
     x: np.ndarray | None = None
     if "binary_data_size" in input_parameters:
@@ -148,7 +163,7 @@ def decode_infer(
             raise CodecError(
                 "input has both 'data' and parameters.binary_data_size; send one of them"
             )
-        x = _from_binary(input_parameters["binary_data_size"], binary, dtype, n, d)
+        x = _from_binary(input_parameters["binary_data_size"], binary, dtype, shape)
     elif binary:
         raise CodecError(
             f"the body holds {len(binary)} bytes of binary data after the {len(header)}-byte "
@@ -164,12 +179,16 @@ def decode_infer(
         raise CodecError(f"'id' must be a string; got {_type_of(request_id)}")
 
     if x is None:  # values last: every cheaper check has passed
-        x = _from_json(tensor["data"], dtype, n, d)
-    return InferRequest(x=x, outputs=outputs, binary=binary_out, id=request_id)
+        x = _from_json(tensor["data"], dtype, shape)
+    return InferRequest(x=x.reshape(shape), outputs=outputs, binary=binary_out, id=request_id)
 
 
 def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:
-    """``{"instances": [[feature, ...], ...]}`` -> (N, D) float32 rows (FP32 value rules)."""
+    """``{"instances": [instance, ...]}`` -> (N, *dims) float32 rows (FP32 value rules).
+
+    An instance is a list of the model's D values; for a model whose input has several dims
+    (an image, [C, H, W]) it may also be nested exactly as them ([C][H][W] lists).
+    """
     _check_value_budget(raw, signature)
     body = _load_json(raw)
     instances = body.get("instances") if type(body) is dict else None
@@ -189,6 +208,8 @@ def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:
             raise CodecError(
                 f"every instance must be a list of numbers; instances[{i}] is {_type_of(row)}"
             )
+    if len(signature.dims) > 1:
+        return _image_instances(instances, signature)
     lengths = set(map(len, instances))
     if len(lengths) > 1:
         first = len(instances[0])
@@ -203,7 +224,45 @@ def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:
             f"instances have {d} features per row; model {signature.name!r} expects "
             f"{signature.n_features}"
         )
-    return _values_to_rows(instances, np.dtype(np.float32), len(instances), d, "instances")
+    return _values_to_rows(instances, np.dtype(np.float32), (len(instances), d), "instances")
+
+
+def _image_instances(instances: list[list], signature: Signature) -> np.ndarray:
+    """Instances of a model reading several dims (C, H, W) -> (N, C, H, W): each instance its
+    D values flat, or nested exactly as the dims ([C][H][W]); one form for every instance."""
+    dims, d = signature.dims, signature.n_features
+    forms = f"{d} numbers or nested as {_brackets(dims)}"
+    nested = bool(instances[0]) and type(instances[0][0]) is list
+    for i, row in enumerate(instances):
+        if (bool(row) and type(row[0]) is list) != nested:
+            first, this = ("nested", "flat") if nested else ("flat", "nested")
+            raise CodecError(
+                f"instances[0] is {first} and instances[{i}] {this}; send every instance the "
+                f"same way, as {forms}"
+            )
+        if nested and (got := _nesting(row, len(dims) + 1)) != dims:
+            raise CodecError(
+                f"instances[{i}] is nested as {_brackets(got)}; model {signature.name!r} takes "
+                f"an instance as {forms}"
+            )
+        if not nested and len(row) != d:
+            raise CodecError(
+                f"instances[{i}] holds {len(row)} values; model {signature.name!r} takes an "
+                f"instance as {forms}"
+            )
+    n = len(instances)
+    shape = (n, *dims) if nested else (n, d)  # every nested list is checked by _leaves
+    return _values_to_rows(instances, np.dtype(np.float32), shape, "instances").reshape(n, *dims)
+
+
+def _nesting(value: list, depth: int) -> tuple[int, ...]:
+    """The lengths of ``value``, of its first item, of that item's first item, ... while they
+    are lists, at most ``depth`` of them."""
+    lengths = []
+    while type(value) is list and len(lengths) < depth:
+        lengths.append(len(value))
+        value = value[0] if value else None
+    return tuple(lengths)
 
 
 def _split_binary(raw: bytes, header_length: str | None) -> tuple[bytes, memoryview | bytes]:
@@ -269,30 +328,44 @@ def _flag(parameters: dict, key: str, field: str) -> bool | None:
     return value
 
 
-def _declared(tensor: dict, signature: Signature) -> tuple[np.dtype, int, int]:
-    """The input's datatype and shape [N, D], checked against the model and the row limit."""
+def _declared(tensor: dict, signature: Signature) -> tuple[np.dtype, tuple[int, ...]]:
+    """The input's datatype and shape, [N, D] or [N, *dims] (an image model's [N, C, H, W]),
+    checked against the model and the row limit."""
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if type(datatype) is not str or datatype not in V2_DTYPES:
         raise CodecError(
             f"input datatype {_show(datatype)} is not supported (use one of {', '.join(V2_DTYPES)})"
         )
-    if not (type(shape) is list and len(shape) == 2 and all(type(s) is int for s in shape)):
+    dims = signature.dims
+    if len(dims) > 1:  # a model reading images: the shape is its own, [N, C, H, W]
+        if not (
+            type(shape) is list
+            and len(shape) == 1 + len(dims)
+            and all(type(s) is int for s in shape)
+            and tuple(shape[1:]) == dims
+        ):
+            raise CodecError(
+                f"input shape {_show(shape)}: model {signature.name!r} expects "
+                f"{signature.shape_text}"
+            )
+    elif not (type(shape) is list and len(shape) == 2 and all(type(s) is int for s in shape)):
         raise CodecError(
             f"input shape {_show(shape)}: expected [N, {signature.n_features}], two integers"
         )
-    n, d = shape
-    if d != signature.n_features:
+    elif shape[1] != signature.n_features:
         raise CodecError(
-            f"input shape [{n}, {d}]: the input has {d} features per row; model "
-            f"{signature.name!r} expects {signature.n_features}"
+            f"input shape {_shape_text(shape)}: the input has {shape[1]} features per row; "
+            f"model {signature.name!r} expects {signature.n_features}"
         )
+    n = shape[0]
     if n < 1:
-        raise CodecError(f"input shape [{n}, {d}]: empty batch: the input has no rows")
+        raise CodecError(f"input shape {_shape_text(shape)}: empty batch: the input has no rows")
     if n > signature.max_rows:
         raise CodecError(
-            f"input shape [{n}, {d}]: batch of {n} rows is over the limit of {signature.max_rows}"
+            f"input shape {_shape_text(shape)}: batch of {n} rows is over the limit of "
+            f"{signature.max_rows}"
         )
-    return np.dtype(V2_DTYPES[datatype]), n, d
+    return np.dtype(V2_DTYPES[datatype]), tuple(shape)
 
 
 def _requested_outputs(
@@ -333,9 +406,10 @@ def _requested_outputs(
 
 
 def _from_binary(
-    size: Any, binary: memoryview | bytes, dtype: np.dtype, n: int, d: int
+    size: Any, binary: memoryview | bytes, dtype: np.dtype, shape: tuple[int, ...]
 ) -> np.ndarray:
-    """Binary tensor data (little-endian) -> (N, D) float32."""
+    """Binary tensor data (little-endian, row-major) -> (N, D) float32."""
+    n, d = shape[0], math.prod(shape[1:])
     needed = n * d * dtype.itemsize
     if type(size) is not int or size < 0:
         raise CodecError(
@@ -344,7 +418,7 @@ def _from_binary(
         )
     if size != needed:
         raise CodecError(
-            f"binary_data_size {size} does not match the input: shape [{n}, {d}] of "
+            f"binary_data_size {size} does not match the input: shape {_shape_text(shape)} of "
             f"{_datatype_name(dtype)} needs {needed} bytes"
         )
     if len(binary) != size:
@@ -355,19 +429,25 @@ def _from_binary(
     array = np.frombuffer(binary, dtype=dtype.newbyteorder("<")).reshape(n, d)
     with np.errstate(over="ignore"):  # FP64 beyond FP32's range becomes inf, refused below
         x = array.astype(np.float32)
-    return _finite_rows(x, "binary input", array, nested=True, dtype=dtype)
+    values = array.reshape(-1)
+    return _finite_rows(
+        x, "binary input", values.__getitem__, shape=shape, nested=True, dtype=dtype
+    )
 
 
-def _from_json(data: Any, dtype: np.dtype, n: int, d: int) -> np.ndarray:
+def _from_json(data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if type(data) is not list:
+        nested = "[N][D]" if len(shape) == 2 else "as the shape"
         raise CodecError(
-            f"input 'data' must be a list of numbers (flat, or nested [N][D]); got {_type_of(data)}"
+            f"input 'data' must be a list of numbers (flat, or nested {nested}); got "
+            f"{_type_of(data)}"
         )
-    return _values_to_rows(data, dtype, n, d, "input 'data'")
+    return _values_to_rows(data, dtype, shape, "input 'data'")
 
 
-def _values_to_rows(data: list, dtype: np.dtype, n: int, d: int, field: str) -> np.ndarray:
-    """JSON values, flat (N*D) or nested (N lists of D), -> (N, D) float32, every rule checked.
+def _values_to_rows(data: list, dtype: np.dtype, shape: tuple[int, ...], field: str) -> np.ndarray:
+    """JSON values, flat (N*D) or nested exactly as ``shape`` ([N][D], [N][C][H][W]), ->
+    (N, D) float32, every rule checked (D: the product of shape[1:]).
 
     One pass collects the values' types (``set(map(type, ...))``, about 14 us for 784 values):
     numpy alone would take booleans as 0/1 and numeric strings as numbers, and checking its
@@ -376,35 +456,27 @@ def _values_to_rows(data: list, dtype: np.dtype, n: int, d: int, field: str) -> 
     OverflowError beyond it, in every supported version) and range-checked there; only UINT64
     values past int64 are compared as Python ints.
 
-    Both passes go SLICE_VALUES values at a time (``_slices``): each is one C call that holds
-    the GIL throughout, and large bodies are decoded in a thread beside the event loop.
+    Nested values are walked as their innermost lists (``_leaves``: [N][D] as it came, deeper
+    nestings as N*C*H lists of W). Both passes go SLICE_VALUES values at a time (``_slices``):
+    each is one C call that holds the GIL throughout, and large bodies are decoded in a thread
+    beside the event loop.
     """
+    n, d = shape[0], math.prod(shape[1:])
     nested = bool(data) and type(data[0]) is list
     if nested:
-        if set(map(type, data)) != {list}:
-            i = next(i for i, row in enumerate(data) if type(row) is not list)
-            raise CodecError(
-                f"{field} mixes lists and values: [0] is a list, [{i}] is {_type_of(data[i])}; "
-                f"send {n * d} numbers or {n} lists of {d}"
-            )
-        if len(data) != n:
-            raise CodecError(
-                f"{field} holds {len(data)} rows; shape [{n}, {d}] needs {n} lists of {d} numbers"
-            )
-        if set(map(len, data)) != {d}:
-            i = next(i for i, row in enumerate(data) if len(row) != d)
-            raise CodecError(
-                f"{field}[{i}] holds {len(data[i])} values; shape [{n}, {d}] needs {d} per row"
-            )
+        data = _leaves(data, shape, field)  # (N * ... , shape[-1]) lists of values
     elif len(data) != n * d:
-        raise CodecError(f"{field} holds {len(data)} values; shape [{n}, {d}] needs {n * d}")
+        raise CodecError(
+            f"{field} holds {len(data)} values; shape {_shape_text(shape)} needs {n * d}"
+        )
+    width = shape[-1]  # values per innermost list when nested
 
     def values():  # every value, row by row
         return chain.from_iterable(data) if nested else iter(data)
 
     integer = dtype.kind in "iu"
     allowed = (int,) if integer else (int, float)
-    parts = _slices(data, nested, d)
+    parts = _slices(data, nested, width)
     types: set[type] = set()
     for part in parts:
         types.update(map(type, chain.from_iterable(part) if nested else part))
@@ -413,7 +485,7 @@ def _values_to_rows(data: list, dtype: np.dtype, n: int, d: int, field: str) -> 
         wanted = "integers" if integer else "ints or floats"
         raise CodecError(
             f"{field} must hold numbers only ({wanted} for {_datatype_name(dtype)}): "
-            f"{field}{_index(i, nested, d)} is {_described(value)}"
+            f"{field}{_index(i, nested, shape)} is {_described(value)}"
         )
     if integer:
         info = np.iinfo(dtype)
@@ -425,7 +497,7 @@ def _values_to_rows(data: list, dtype: np.dtype, n: int, d: int, field: str) -> 
         if not in_range:
             i, value = next((i, v) for i, v in enumerate(values()) if not info.min <= v <= info.max)
             raise CodecError(
-                f"{field}{_index(i, nested, d)} = {value} is outside {_datatype_name(dtype)}'s "
+                f"{field}{_index(i, nested, shape)} = {value} is outside {_datatype_name(dtype)}'s "
                 f"range [{info.min}, {info.max}]"
             )
         if wide is None:
@@ -435,11 +507,65 @@ def _values_to_rows(data: list, dtype: np.dtype, n: int, d: int, field: str) -> 
         # FP16 through its own type: its rounding and range, as its binary form would have
         array = _array(parts, n, d, np.float16 if dtype == np.float16 else np.float32)
         x = np.ascontiguousarray(array, dtype=np.float32)
-    return _finite_rows(x, field, data, nested=nested, dtype=dtype)
+    value_at = (lambda i: data[i // width][i % width]) if nested else data.__getitem__
+    return _finite_rows(x, field, value_at, shape=shape, nested=nested, dtype=dtype)
+
+
+def _leaves(data: list, shape: tuple[int, ...], field: str) -> list:
+    """``data`` nested exactly as ``shape`` -> its innermost lists (each of shape[-1] values),
+    row-major: ``data`` itself for [N][D], N*C*H lists of W for [N][C][H][W]. CodecError
+    naming the first list that departs from the shape.
+
+    Each level is checked whole (``set(map(type, ...))``, ``set(map(len, ...))``: C loops)
+    before the next is built, so an image batch costs N*C*H list entries, not a Python step
+    per value.
+    """
+    rank, total = len(shape), math.prod(shape)
+    if rank == 2:
+        send, rows = (
+            f"{total} numbers or {shape[0]} lists of {shape[1]}",
+            f"lists of {shape[1]} numbers",
+        )
+    else:
+        send = f"{total} numbers or lists nested as {_brackets(shape)}"
+        rows = f"lists nested as {_brackets(shape[1:])}"
+    level = data  # the lists at depth t (row-major), each of which must hold shape[t] items
+    for depth in range(1, rank):
+        if depth > 1:
+            level = list(chain.from_iterable(level))
+        if set(map(type, level)) != {list}:
+            i = next(i for i, item in enumerate(level) if type(item) is not list)
+            if depth == 1:  # data[0] is a list (it made the data nested)
+                raise CodecError(
+                    f"{field} mixes lists and values: [0] is a list, [{i}] is "
+                    f"{_type_of(level[i])}; send {send}"
+                )
+            raise CodecError(
+                f"{field}{_path(i, shape[:depth])} is {_type_of(level[i])}, not a list of "
+                f"{shape[depth]}; send {send}"
+            )
+        if depth == 1 and len(data) != shape[0]:
+            raise CodecError(
+                f"{field} holds {len(data)} rows; shape {_shape_text(shape)} needs {shape[0]} {rows}"
+            )
+        size = shape[depth]
+        if set(map(len, level)) != {size}:
+            i = next(i for i, item in enumerate(level) if len(item) != size)
+            where = f"{field}{_path(i, shape[:depth])}"
+            if rank == 2:
+                raise CodecError(
+                    f"{where} holds {len(level[i])} values; shape {_shape_text(shape)} needs "
+                    f"{size} per row"
+                )
+            raise CodecError(
+                f"{where} holds {len(level[i])} items; shape {_shape_text(shape)} needs {size} there"
+            )
+    return level
 
 
 def _slices(data: list, nested: bool, d: int) -> list[list]:
-    """``data`` in parts of about SLICE_VALUES values (whole rows when nested)."""
+    """``data`` in parts of about SLICE_VALUES values (whole innermost lists when nested, of
+    ``d`` values each)."""
     step = max(1, SLICE_VALUES // d) if nested else SLICE_VALUES
     if len(data) <= step:
         return [data]
@@ -460,20 +586,25 @@ def _array(parts: list[list], n: int, d: int, dtype: type) -> np.ndarray:
 
 
 def _finite_rows(
-    x: np.ndarray, field: str, source: Any, *, nested: bool, dtype: np.dtype
+    x: np.ndarray,
+    field: str,
+    value_at: Callable[[int], Any],
+    *,
+    shape: tuple[int, ...],
+    nested: bool,
+    dtype: np.dtype,
 ) -> np.ndarray:
-    """``x`` (N, D) when every value is finite; else the first culprit, as ``source`` held it."""
+    """``x`` (N, D) when every value is finite; else the first culprit, as the request held it
+    (``value_at(i)``: value i, row-major, of the request's tensor of ``shape``)."""
     finite = np.isfinite(x)
     if finite.all():
         return x
     i = int(np.flatnonzero(~finite)[0])
-    row, column = divmod(i, x.shape[1])
-    value = float(source[row][column] if nested else source[i])
+    value = float(value_at(i))
     overflows = "FP16" if dtype == np.float16 else "FP32"  # JSON holds no NaN or inf itself
     why = f" overflows {overflows}" if math.isfinite(value) else ""
     raise CodecError(
-        f"input holds NaN or infinite values: {field}{_index(i, nested, x.shape[1])} = "
-        f"{value!r}{why}"
+        f"input holds NaN or infinite values: {field}{_index(i, nested, shape)} = {value!r}{why}"
     )
 
 
@@ -565,8 +696,23 @@ def _kind_of_body(body: Any, key: str) -> str:
     return f"{key!r} as {_type_of(body[key])}"
 
 
-def _index(i: int, nested: bool, d: int) -> str:
-    return f"[{i // d}][{i % d}]" if nested else f"[{i}]"
+def _index(i: int, nested: bool, shape: tuple[int, ...]) -> str:
+    """Where value ``i`` (row-major) of a tensor of ``shape`` was sent: [i] in flat data,
+    [row][column] (or [n][c][h][w]) in nested data."""
+    return _path(i, shape) if nested else f"[{i}]"
+
+
+def _path(i: int, shape: tuple[int, ...]) -> str:
+    """Index ``i`` of a row-major ``shape`` as [a][b]..."""
+    return "".join(f"[{k}]" for k in np.unravel_index(i, shape))
+
+
+def _brackets(dims: tuple[int, ...]) -> str:
+    return "".join(f"[{k}]" for k in dims)
+
+
+def _shape_text(shape) -> str:
+    return f"[{', '.join(map(str, shape))}]"
 
 
 def _datatype_name(dtype: np.dtype) -> str:

@@ -34,10 +34,19 @@ INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_
                 "required": ["name", "shape", "datatype"],
                 "properties": {
                     "name": {"type": "string", "example": INPUT},
-                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "shape": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "description": "[N, *dims] of the model's input (GET /v2/models/{m}): "
+                        "[N, D] for rows of features, [N, C, H, W] for a model reading images",
+                    },
                     "datatype": {"type": "string", "enum": list(codec.V2_DTYPES)},
                     "parameters": {"type": "object"},
-                    "data": {"type": "array", "items": {"type": "number"}},
+                    "data": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "description": "the values row-major, flat or nested exactly as shape",
+                    },
                 },
             },
         },
@@ -55,7 +64,13 @@ PREDICT_SCHEMA = {
     "type": "object",
     "required": ["instances"],
     "properties": {
-        "instances": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+        "instances": {
+            "type": "array",
+            "items": {"type": "array"},
+            "description": "one instance per row: the model's D raw values as a flat list of "
+            "numbers; for a model reading images (input [C, H, W]) either that flat list of "
+            "C*H*W values, row-major, or lists nested as [C][H][W]",
+        }
     },
 }
 
@@ -139,6 +154,9 @@ async def infer_version(request: Request, model_name: str, version: str) -> Resp
     "/v1/models/{model_name}:predict",
     openapi_extra=PREDICT_DOCS,
     summary="Labels and probabilities for rows of raw features",
+    description="Each instance is a flat list of the model's raw values; an image model's "
+    "(input [C, H, W], e.g. [1, 28, 28]) may also be nested as [C][H][W]. Answers "
+    '{"predictions": [{"label": ..., "probabilities": [...]}]}.',
 )
 async def predict(request: Request, model_name: str) -> Response:
     return await service(request).admit(request, "predict", model_name, None, _predict)
@@ -202,7 +220,7 @@ def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:
         "name": model.name,
         "versions": versions,
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, model.n_features]}],
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *model.input_shape]}],
         "outputs": [
             {"name": o, "datatype": "FP32", "shape": [-1, model.n_classes]} for o in model.outputs
         ],
@@ -248,7 +266,7 @@ def _config(request: Request, model: ModelVersion) -> dict[str, Any]:
         "name": model.name,
         "platform": PLATFORM,
         "max_batch_size": batching.max_request_rows,
-        "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": [model.n_features]}],
+        "input": [{"name": INPUT, "data_type": "TYPE_FP32", "dims": list(model.input_shape)}],
         "output": [
             {"name": o, "data_type": "TYPE_FP32", "dims": [model.n_classes]} for o in model.outputs
         ],

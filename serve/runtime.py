@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import reprlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -104,7 +105,10 @@ class ModelVersion:
     version: str
     path: Path
     session: ort.InferenceSession
-    n_features: int
+    # one row of the graph's input, the batch left out: (D,), or (C, H, W) for a model
+    # reading images
+    input_shape: tuple[int, ...]
+    n_features: int  # values per row: the product of input_shape
     n_classes: int
     outputs: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)  # contract.META_* key -> value
@@ -122,7 +126,8 @@ class ModelVersion:
         return list(labels) if isinstance(labels, list) else [str(i) for i in range(self.n_classes)]
 
     def predict(self, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """x: (N, D) float32 raw features -> {output name: (N, C) float32}."""
+        """x: (N, *input_shape) float32 raw values, (N, D) or (N, C, H, W) -> {output name:
+        (N, classes) float32}."""
         names = outputs or self.outputs
         return dict(zip(names, self.session.run(names, {INPUT: x}), strict=True))
 
@@ -155,6 +160,7 @@ class ModelVersion:
             {a: layer.count(a) for a in spec.get("pool", []) if layer.count(a)}
             for layer in spec.get("assignment", [])
         ]
+        layers = spec.get("layers")
         verification = _object(self.metadata.get(META_VERIFICATION))
         # int8: its own checks against the fp32 PyTorch model (the verification below is that
         # of the fp32 lowering it was quantized from)
@@ -165,9 +171,12 @@ class ModelVersion:
         metrics = _object(spec.get("metrics"))
         return {
             "architecture": spec.get("arch"),
+            "input_shape": list(self.input_shape),
+            "layers": layers,  # None: an MLP (linear layers of the architecture's widths)
             "mode": spec.get("mode"),
             "pool": spec.get("pool"),
-            "activation_mix": counts,
+            "activation_mix": counts,  # per hidden layer: {activation: neurons or channels}
+            "hidden_layer_types": hidden_layer_types(spec),
             "labels": self.labels,
             "preprocessing": spec.get("preprocessing"),
             "lowering": self.metadata.get(META_LOWERING),
@@ -182,6 +191,16 @@ class ModelVersion:
             "execution_providers": self.providers,
             "latency": self.export_latency(),  # the page's model cards show it (issue J)
         }
+
+
+def hidden_layer_types(spec: dict[str, Any]) -> list[str]:
+    """The kind of each hidden layer of a (checked) spec, "conv" or "linear": the layers whose
+    ``assignment`` entries name one activation per channel or per neuron, every conv and
+    linear layer but the last (the logits); an MLP's hidden layers are all linear."""
+    layers = spec.get("layers")
+    if layers is None:
+        return ["linear"] * (len(spec.get("arch", [])) - 2)
+    return [layer["type"] for layer in layers if layer["type"] in ("conv", "linear")][:-1]
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -393,10 +412,18 @@ def shape_mismatch(value: Any, shape: Any, field: str = "") -> str | None:
     return next((m for s, item, f in children if (m := shape_mismatch(item, s, f))), None)
 
 
-def check_metadata(metadata: dict[str, Any], *, n_features: int, n_classes: int) -> None:
+def check_metadata(
+    metadata: dict[str, Any], *, input_shape: tuple[int, ...], n_classes: int
+) -> None:
     """MetadataError for the first value serve would fail to read: each key of the shape of
     METADATA_SHAPES, the spec consistent (contract.ModelSpec's checks: one label per class
-    among them), its architecture the graph's (n_features -> n_classes)."""
+    among them), and the spec the graph's: its input [batch, *input_shape] and output
+    [batch, n_classes].
+
+    A spec with ``layers`` describes the graph's input exactly (``input_shape``, e.g. [1, 28,
+    28]); an MLP's graph reads rows of arch[0] values (whatever input_shape the data had, e.g.
+    [28, 28]), or the spec's input_shape itself.
+    """
     for key, shape in METADATA_SHAPES.items():
         value = metadata.get(key)
         if value is not None and (mismatch := shape_mismatch(value, shape)):
@@ -412,12 +439,23 @@ def check_metadata(metadata: dict[str, Any], *, n_features: int, n_classes: int)
         ModelSpec.from_dict(spec).validate()
     except SpecError as e:
         raise MetadataError(f"metadata {META_SPEC}: {e}") from None
-    arch = spec["arch"]
+    arch, declared = spec["arch"], list(input_shape)
+    if declared != spec["input_shape"] and (spec.get("layers") is not None or len(declared) > 1):
+        raise MetadataError(
+            f"metadata {META_SPEC} field 'input_shape': {reprlib.repr(spec['input_shape'])} is "
+            f"not the shape of the model's input {batch_shape(input_shape)}"
+        )
+    n_features = math.prod(input_shape)
     if arch[0] != n_features or arch[-1] != n_classes:
         raise MetadataError(
             f"metadata {META_SPEC} field 'arch': {reprlib.repr(arch)} does not go from the "
             f"model's input width {n_features} to its output width {n_classes}"
         )
+
+
+def batch_shape(input_shape: tuple[int, ...]) -> str:
+    """A graph's input shape as a message shows it: "[batch, 1, 28, 28]"."""
+    return f"[batch, {', '.join(map(str, input_shape))}]"
 
 
 def _read_config(entry: Path, *, root: Path, model: onnx.ModelProto) -> ModelConfigInfo:
@@ -523,13 +561,16 @@ def load_version(
     except ModelLoadError as e:
         raise LoadError(f"{where}: ONNX Runtime cannot load {path} ({e.reason})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if [i.name for i in inputs] != [INPUT] or not _is_batch_of_rows(inputs[0].shape):
-        raise LoadError(f"{where}: expected one input '{INPUT}' [batch, D]")
-    if not outputs or not all(_is_batch_of_rows(o.shape) for o in outputs):
+    if [i.name for i in inputs] != [INPUT] or not _is_batch_of(inputs[0].shape):
+        raise LoadError(
+            f"{where}: expected one input '{INPUT}' [batch, D] or [batch, C, H, W], its dims "
+            "after the batch fixed"
+        )
+    if not outputs or not all(_is_batch_of(o.shape, rank=2) for o in outputs):
         raise LoadError(f"{where}: expected outputs [batch, C]")
-    n_features, n_classes = inputs[0].shape[1], outputs[0].shape[1]
+    input_shape, n_classes = tuple(inputs[0].shape[1:]), outputs[0].shape[1]
     try:
-        check_metadata(metadata, n_features=n_features, n_classes=n_classes)
+        check_metadata(metadata, input_shape=input_shape, n_classes=n_classes)
     except MetadataError as e:
         raise LoadError(f"{where}: {path}: {e}") from None
     return ModelVersion(
@@ -537,7 +578,8 @@ def load_version(
         version=version_dir.name,
         path=path,
         session=session,
-        n_features=n_features,
+        input_shape=input_shape,
+        n_features=math.prod(input_shape),
         n_classes=n_classes,
         outputs=[o.name for o in outputs],
         metadata=metadata,
@@ -545,9 +587,14 @@ def load_version(
     )
 
 
-def _is_batch_of_rows(shape: list) -> bool:
-    """[batch, width] with a fixed width (ORT gives a dynamic dimension as a str or None)."""
-    return len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0
+def _is_batch_of(shape: list, *, rank: int | None = None) -> bool:
+    """[batch, dims...] (of ``rank`` dims in all, when given) with every dim after the batch
+    fixed (ORT gives a dynamic dimension as a str or None)."""
+    return (
+        len(shape) >= 2
+        and (rank is None or len(shape) == rank)
+        and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    )
 
 
 @dataclass

@@ -690,6 +690,7 @@ def test_codec_imports_no_web_framework() -> None:
             imported.add(node.module.split(".")[0])
     assert imported <= {
         "__future__",
+        "collections",
         "dataclasses",
         "itertools",
         "math",
