@@ -81,10 +81,12 @@ export async function serverReady() {
 export const listModels = () => call("POST", "/v2/repository/index");
 export const modelMetadata = (name) => call("GET", `/v2/models/${encodeURIComponent(name)}`);
 
-// One row of raw features through V2 infer; resolves to the chosen output's row.
-export async function inferRow(name, features, output) {
+// One row of raw values through V2 infer, sent in the shape the model declares (`dims`, its
+// input shape without the batch: [784], or [1, 28, 28] for a model reading images; the values
+// flat, row-major); resolves to the chosen output's row.
+export async function inferRow(name, values, output, dims) {
   const body = {
-    inputs: [{ name: "input", shape: [1, features.length], datatype: "FP32", data: features }],
+    inputs: [{ name: "input", shape: [1, ...dims], datatype: "FP32", data: values }],
     outputs: [{ name: output }],
   };
   const answer = await call("POST", `/v2/models/${encodeURIComponent(name)}/infer`, body);

@@ -1,16 +1,20 @@
 // The page: ask the server what it serves, show a card per model, and put every model side by
-// side on the same input: a drawing for 28x28-image models (784 features), a form otherwise.
+// side on the same input: a drawing for models reading 28x28 pixels (784 features, or one
+// 1x28x28 channel), a form otherwise. Each model is sent the input shape it declares.
 //
-// Markup the browser tests rely on (tests/serve/test_page.py): the drawing is canvas#draw, whose
-// data-pixels holds the 784 grey levels last sent; a form's data-features the row last sent;
-// each model's result is [data-model=NAME], given data-label (and data-probabilities) once it
-// shows a prediction for the current input.
+// Markup the browser tests rely on (tests/serve/test_page.py, test_conv.py): the drawing is
+// canvas#draw, whose data-pixels holds the 784 grey levels last sent; a form's data-features the
+// row last sent; each model's result is [data-model=NAME], given data-label (and
+// data-probabilities) once it shows a prediction for the current input.
 
 import { ApiError, explain, inferRow, listModels, modelMetadata, saveKey, serverReady } from "./api.js";
 import { ACTIVATION_COLORS, el, legend, modelCard, unavailableCard } from "./cards.js";
 import { inkOf, mnistPixels, SIDE, softmax, topK } from "./preprocess.js";
 
-const IMAGE_FEATURES = SIDE * SIDE; // models with this input width get the drawing
+const IMAGE_FEATURES = SIDE * SIDE;
+// Input shapes (without the batch) the drawing fits: a row of 784 pixels, or one 28x28 channel
+const DRAWING_SHAPES = [[IMAGE_FEATURES], [1, SIDE, SIDE]];
+const DRAWING = "drawing"; // the panel key of the drawing's models
 const RETRY_MS = 2000; // how often a server that is not ready is asked again
 const CANVAS_SIZE = 280; // drawing resolution (10x the 28x28 field)
 const STROKE_WIDTH = 20; // about 2 pixels of the 28x28 field after the 20x20 box scaling
@@ -85,10 +89,22 @@ function setUpKeyForm() {
 
 // ---- what the page shows ----------------------------------------------------------------------
 
+// A model's input shape without the batch, from its V2 metadata: [D], or [C, H, W].
+const dimsOf = (meta) => meta.inputs[0].shape.slice(1);
+const shapeText = (dims) => dims.join("x");
+const takesDrawing = (dims) => DRAWING_SHAPES.some((shape) => shapeText(shape) === shapeText(dims));
+
+// The line a card shows when a model reads images the drawing cannot give it.
+function drawingNote(meta) {
+  const dims = dimsOf(meta);
+  if (dims.length < 2 || takesDrawing(dims)) return null;
+  return `Not offered the drawing: this model reads ${shapeText(dims)} images, the drawing gives 1x28x28 pixels. Try it with the form of its input shape below.`;
+}
+
 function render(models, unavailable) {
   const cards = $("#cards");
   cards.replaceChildren(
-    ...models.map((m) => modelCard(m.meta)),
+    ...models.map((m) => modelCard(m.meta, drawingNote(m.meta))),
     ...unavailable.map((m) => unavailableCard(m.name, m.problem)),
   );
   const used = new Set(
@@ -98,15 +114,19 @@ function render(models, unavailable) {
   $("#legend").replaceChildren(legend([...known, ...[...used].filter((n) => !known.includes(n))]));
   if (!models.length) showMessage("No model is ready: see the cards below.");
 
-  // one panel per input width, every model of that width side by side
-  const byWidth = new Map();
+  // one panel per input shape, every model of that shape side by side; the drawing's panel
+  // holds every model it fits, whichever of its shapes each declares
+  const byShape = new Map();
   for (const m of models) {
-    const width = m.meta.inputs[0].shape[1];
-    byWidth.set(width, [...(byWidth.get(width) || []), m.meta]);
+    const dims = dimsOf(m.meta);
+    const key = takesDrawing(dims) ? DRAWING : shapeText(dims);
+    byShape.set(key, { dims, metas: [...(byShape.get(key)?.metas || []), m.meta] });
   }
-  const drawingFirst = ([a], [b]) => (b === IMAGE_FEATURES) - (a === IMAGE_FEATURES) || a - b;
-  const panels = [...byWidth].sort(drawingFirst).map(([width, metas]) =>
-    width === IMAGE_FEATURES ? drawingPanel(metas) : formPanel(width, metas),
+  const size = (dims) => dims.reduce((a, b) => a * b, 1);
+  const drawingFirst = ([a, x], [b, y]) =>
+    (b === DRAWING) - (a === DRAWING) || size(x.dims) - size(y.dims) || x.dims.length - y.dims.length;
+  const panels = [...byShape].sort(drawingFirst).map(([key, { dims, metas }]) =>
+    key === DRAWING ? drawingPanel(metas) : formPanel(dims, metas),
   );
   $("#try").replaceChildren(...panels);
 }
@@ -138,7 +158,7 @@ function resultsFor(metas) {
         const output = meta.outputs.some((o) => o.name === "logits") ? "logits" : meta.outputs[0].name;
         const started = performance.now();
         try {
-          const values = await inferRow(meta.name, features, output);
+          const values = await inferRow(meta.name, features, output, dimsOf(meta));
           const ms = performance.now() - started;
           if (mine === sequence) showPrediction(box, meta, output === "logits" ? softmax(values) : values, ms);
         } catch (e) {
@@ -251,7 +271,7 @@ function drawingPanel(metas) {
     "section",
     { class: "panel", "data-features": IMAGE_FEATURES },
     el("h2", {}, "Draw a digit"),
-    el("p", { class: "hint" }, "Mouse, finger or pen. Each stroke is sent, MNIST-style (scaled into 20x20, centred by mass in 28x28), to every model below."),
+    el("p", { class: "hint" }, "Mouse, finger or pen. Each stroke is sent, MNIST-style (scaled into 20x20, centred by mass in 28x28), to every model below: as a row of 784 pixels, or as a 1x28x28 image, the shape each model declares."),
     el("div", { class: "try" },
       el("div", { class: "input" }, canvas, el("div", { class: "tools" }, clearButton, el("span", { class: "hint" }, "models read:"), seen)),
       results.element),
@@ -261,36 +281,45 @@ function drawingPanel(metas) {
 // ---- a form (any other input width) -----------------------------------------------------------
 
 // An example row for a model whose repository holds none, derived from its own metadata; see
-// the README (Serve: the page).
-function exampleRow(meta, n) {
+// the README (Serve: the page). `dims`: the model's input shape, [D] or [C, H, W].
+function exampleRow(meta, dims) {
+  const n = dims.reduce((a, b) => a * b, 1);
   const prep = meta.smartmixed.preprocessing || {};
   if (Array.isArray(prep.offset) && prep.offset.length === n) {
     return { values: prep.offset, note: "the mean training row (the model's standardisation offsets)" };
   }
   const offset = typeof prep.offset === "number" ? prep.offset : 0;
   const span = typeof prep.scale === "number" && prep.scale > 0 ? 1 / prep.scale : 1; // raw range
-  const side = Math.round(Math.sqrt(n));
   const round = (v) => Math.round(v * 100) / 100;
-  if (side * side !== n) {
+  // a picture: [C, H, W] images, or a row whose width is a square (8x8 pixels in 64 features)
+  const side = Math.round(Math.sqrt(n));
+  const [channels, height, width] = dims.length === 3 ? dims : [1, side, side];
+  if (channels * height * width !== n) {
     return { values: new Array(n).fill(round(offset + span / 2)), note: "the middle of the raw range" };
   }
   // a "0": an elliptic ring (half-axes 0.26 and 0.38 of the side), a pixel's ink falling off
-  // with its distance from the ring, the darkest pixel full ink
+  // with its distance from the ring, the darkest pixel full ink; the same in every channel
   const ink = [];
-  for (let y = 0; y < side; y++) {
-    for (let x = 0; x < side; x++) {
-      const dx = (x + 0.5 - side / 2) / (0.26 * side), dy = (y + 0.5 - side / 2) / (0.38 * side);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const dx = (x + 0.5 - width / 2) / (0.26 * width), dy = (y + 0.5 - height / 2) / (0.38 * height);
       ink.push(Math.max(0, 1 - 2.5 * Math.abs(Math.hypot(dx, dy) - 1)));
     }
   }
   const peak = Math.max(...ink);
-  const values = ink.map((v) => round(offset + (span * v) / peak));
-  return { values, note: `a drawn "0" (${side}x${side}, raw values ${offset} to ${round(offset + span)})` };
+  const plane = ink.map((v) => round(offset + (span * v) / peak));
+  const values = Array.from({ length: channels }, () => plane).flat();
+  const picture = channels > 1 ? `${channels}x${height}x${width}` : `${height}x${width}`;
+  return { values, note: `a drawn "0" (${picture}, raw values ${offset} to ${round(offset + span)})` };
 }
 
-function formPanel(n, metas) {
+// A form with one field per input value, sent to every model of input shape `dims` ([D], or
+// [C, H, W]: the fields laid out W to a line, channel after channel).
+function formPanel(dims, metas) {
+  const n = dims.reduce((a, b) => a * b, 1);
   const side = Math.round(Math.sqrt(n));
-  const columns = side * side === n ? side : Math.min(n, 8);
+  const image = dims.length > 1;
+  const columns = image ? dims.at(-1) : side * side === n ? side : Math.min(n, 8);
   const grid = el("div", { class: "grid" });
   grid.style.gridTemplateColumns = `repeat(${columns}, auto)`;
   const inputs = [];
@@ -302,12 +331,12 @@ function formPanel(n, metas) {
   const note = el("span", { class: "hint" });
   const fill = el("button", { type: "button", class: "example" }, "Fill with an example");
   fill.addEventListener("click", () => {
-    const example = exampleRow(metas[0], n);
+    const example = exampleRow(metas[0], dims);
     example.values.forEach((v, i) => { inputs[i].value = String(v); });
     note.textContent = `example: ${example.note}`;
   });
   const results = resultsFor(metas);
-  const form = el("form", { class: "features", "data-width": n }, grid,
+  const form = el("form", { class: "features", "data-width": n, "data-shape": shapeText(dims) }, grid,
     el("div", { class: "tools" }, fill, el("button", { type: "submit" }, "Predict"), note));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -315,11 +344,15 @@ function formPanel(n, metas) {
     form.dataset.features = JSON.stringify(row);
     results.predict(row);
   });
+  const title = image ? `${shapeText(dims)} images` : `${n} features`;
+  const hint = image
+    ? `One raw value per field, row-major (channel, row, column), sent as one V2 infer request of shape [1, ${dims.join(", ")}] to every model below.`
+    : "One raw feature per field, sent as one V2 infer request to every model below.";
   return el(
     "section",
-    { class: "panel", "data-features": n },
-    el("h2", {}, `${n} features`),
-    el("p", { class: "hint" }, "One raw feature per field, sent as one V2 infer request to every model below."),
+    { class: "panel", "data-features": n, "data-shape": shapeText(dims) },
+    el("h2", {}, title),
+    el("p", { class: "hint" }, hint),
     el("div", { class: "try" }, form, results.element),
   );
 }

@@ -1,5 +1,6 @@
-// Model cards: what a model is (architecture, activation mix, lowering, checks, accuracy, the
-// latency export measured) from its V2 metadata, GET /v2/models/NAME -> "smartmixed".
+// Model cards: what a model is (input, layers, architecture, activation mix, lowering, checks,
+// accuracy, the latency export measured) from its V2 metadata, GET /v2/models/NAME ->
+// "smartmixed".
 
 // One colour per activation name, fixed whatever the pool (the default pool's six follow the
 // tab10 order of train/report.py's plots). Names not listed get a colour from their spelling.
@@ -43,23 +44,30 @@ function row(term, ...description) {
   return [el("dt", {}, term), el("dd", {}, ...description)];
 }
 
-// One stacked bar per hidden layer: each activation's share of the layer's neurons.
-function mixBars(mix) {
+// One stacked bar per hidden layer, labelled by its kind (conv: one activation per channel;
+// linear: per neuron): each activation's share of the layer's channels or neurons.
+function mixBars(mix, types) {
   const bars = el("div", { class: "mix" });
   mix.forEach((counts, layer) => {
     const total = Object.values(counts).reduce((a, b) => a + b, 0);
+    const type = types[layer] || "layer";
+    const label = `${type} ${layer + 1}`;
+    const units = type === "conv" ? "channels" : "neurons";
     const bar = el("div", { class: "bar" });
     for (const [name, count] of Object.entries(counts)) {
       const part = el("span", {
         class: "part",
         "data-activation": name,
-        title: `layer ${layer + 1}: ${name} ${count} of ${total} (${percent(count / total)})`,
+        title: `${label}: ${name} ${count} of ${total} ${units} (${percent(count / total)})`,
       });
       part.style.width = `${(100 * count) / total}%`;
       part.style.background = activationColor(name);
       bar.append(part);
     }
-    bars.append(el("div", { class: "layer" }, el("span", { class: "name" }, `layer ${layer + 1}`), bar));
+    bars.append(
+      el("div", { class: "layer", "data-layer-type": type },
+        el("span", { class: "name", title: `${total} ${units}` }, label), bar),
+    );
   });
   return bars;
 }
@@ -73,6 +81,42 @@ export function legend(names) {
     box.append(el("span", { class: "entry", "data-activation": name }, swatch, name));
   }
   return box;
+}
+
+// A layer of the spec in a few words: "conv 6 k5 p2", "maxpool 2", "linear 120".
+function layerText(layer) {
+  switch (layer.type) {
+    case "conv": {
+      const stride = layer.stride > 1 ? ` s${layer.stride}` : "";
+      const padding = layer.padding > 0 ? ` p${layer.padding}` : "";
+      return `conv ${layer.channels} k${layer.kernel}${stride}${padding}`;
+    }
+    case "maxpool":
+    case "avgpool": {
+      const stride = layer.stride !== undefined && layer.stride !== layer.kernel ? ` s${layer.stride}` : "";
+      return `${layer.type} ${layer.kernel}${stride}`;
+    }
+    case "linear":
+      return `linear ${layer.features}`;
+    default:
+      return layer.type;
+  }
+}
+
+// The spec's layers in order, each a span (data-layer: its type), joined by arrows.
+function layerList(layers) {
+  const list = el("span", { class: "layers" });
+  layers.forEach((layer, i) => {
+    if (i) list.append(" → ");
+    list.append(el("span", { "data-layer": layer.type }, layerText(layer)));
+  });
+  return list;
+}
+
+function inputText(dims) {
+  if (dims.length === 3) return `${dims.join("x")} image (channels, height, width)`;
+  if (dims.length === 1) return `${dims[0]} features`;
+  return dims.join("x");
 }
 
 function verificationText(info) {
@@ -101,19 +145,23 @@ function latencyText(latency) {
   return `${times} (median, ONNX Runtime on ${latency.device || "?"}${threads})`;
 }
 
-// The card of a loaded model from its metadata.
-export function modelCard(meta) {
+// The card of a loaded model from its metadata; `note`, when given, is a line shown under its
+// title (why the drawing is not offered to it).
+export function modelCard(meta, note = null) {
   const info = meta.smartmixed || {};
   const accuracy = info.test_metrics && info.test_metrics.test_accuracy;
   const lowering = info.precision && info.precision !== "fp32"
     ? `${info.lowering}, ${info.precision}`
     : `${info.lowering} (${info.precision || "fp32"})`;
+  const layers = Array.isArray(info.layers) ? info.layers : null;
   const details = el(
     "dl",
     {},
+    ...row("input", inputText(meta.inputs[0].shape.slice(1))),
+    ...(layers ? row("layers", layerList(layers)) : []),
     ...row("architecture", (info.architecture || []).join(" → ")),
     ...row("mode", info.mode ?? "?"),
-    ...row("activation mix", mixBars(info.activation_mix || [])),
+    ...row("activation mix", mixBars(info.activation_mix || [], info.hidden_layer_types || [])),
     ...row("lowering", lowering),
     ...row("verification", verificationText(info)),
     ...row("test accuracy", typeof accuracy === "number" ? percent(accuracy) : "not recorded"),
@@ -124,6 +172,7 @@ export function modelCard(meta) {
     "article",
     { class: "card ready", "data-card": meta.name },
     el("h3", {}, meta.name, " ", el("span", { class: "badge" }, "ready"), " ", el("small", {}, `version ${meta.versions.at(-1)}`)),
+    note ? el("p", { class: "note no-drawing" }, note) : null,
     details,
   );
 }

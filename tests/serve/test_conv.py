@@ -8,6 +8,7 @@ compared with the torch module's own.
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -425,3 +426,87 @@ def test_tritonclient_sends_images_to_a_real_server(models: Path, server_starter
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+# ---- the page ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page_server(tmp_path_factory: pytest.TempPathFactory, server_starter, conv8):
+    """conv28 (1x28x28 images) and mlp784 (rows of 784) take the drawing; conv8 (1x8x8) not."""
+    root = tmp_path_factory.mktemp("conv-page")
+    modules = {"conv28": TinyConvNet(28, seed=3), "mlp784": TinyMLP(784, seed=4), "conv8": conv8}
+    write_entry(root, "conv28", modules["conv28"], conv_spec(28), input_dims=[1, 28, 28])
+    mlp = mlp_spec(784, input_shape=[28, 28])
+    write_entry(root, "mlp784", modules["mlp784"], mlp, input_dims=[784])
+    write_entry(root, "conv8", conv8, conv_spec(8), input_dims=[1, 8, 8])
+    server = server_starter(root, "--log-level", "warning")
+    yield server, modules
+    server.proc.kill()
+    server.proc.wait()
+
+
+def direct_probabilities(url: str, model: str, shape: list[int], row: list[float]) -> np.ndarray:
+    body = {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": row}]}
+    answer = httpx.post(f"{url}/v2/models/{model}/infer", json=body)
+    return outputs_of(answer)["probabilities"][0]
+
+
+def test_the_page_sends_each_model_its_own_shape(browser, page_server) -> None:
+    from test_page import ONE, _wait, console_errors, css, draw, open_page, results
+
+    server, modules = page_server
+    open_page(browser, server.url)
+    _wait(browser, lambda d: len(css(d, ".result[data-model]")) == 3, "the result boxes")
+    drawing = css(browser, '.panel[data-features="784"]')[0]
+    drawn = [
+        b.get_attribute("data-model") for b in drawing.find_elements("css selector", "[data-model]")
+    ]
+    assert sorted(drawn) == ["conv28", "mlp784"]  # conv8 reads 1x8x8: not offered the drawing
+
+    draw(browser, ONE, "mouse")
+    shown = results(browser, ["conv28", "mlp784"])
+    pixels = json.loads(css(browser, "canvas#draw")[0].get_attribute("data-pixels"))
+    image = np.array(pixels, dtype=np.float32).reshape(1, 1, 28, 28)
+    for model, shape in (("conv28", [1, 1, 28, 28]), ("mlp784", [1, 784])):
+        direct = direct_probabilities(server.url, model, shape, pixels)
+        x = image if model == "conv28" else image.reshape(1, 784)
+        own = torch_outputs(modules[model], x)["probabilities"][0]
+        np.testing.assert_allclose(shown[model]["probabilities"], direct, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(direct, own, atol=ATOL, rtol=0)
+        assert shown[model]["label"] == str(int(direct.argmax()))
+
+    # conv8: its card says why there is no drawing; its own form sends [1, 1, 8, 8]
+    card = css(browser, '[data-card="conv8"]')[0]
+    assert card.find_element("css selector", ".no-drawing").text.startswith(
+        "Not offered the drawing: this model reads 1x8x8 images, the drawing gives 1x28x28 pixels."
+    )
+    assert not css(browser, '[data-card="conv28"] .no-drawing')
+    form = css(browser, 'form[data-shape="1x8x8"]')[0]
+    assert len(form.find_elements("css selector", "input[type=number]")) == 64
+    form.find_element("css selector", "button.example").click()
+    assert 'example: a drawn "0" (8x8, raw values 0 to 255)' in form.text
+    form.find_element("css selector", "button[type=submit]").click()
+    shown = results(browser, ["conv8"])
+    row = json.loads(form.get_attribute("data-features"))
+    direct = direct_probabilities(server.url, "conv8", [1, 1, 8, 8], row)
+    np.testing.assert_allclose(shown["conv8"]["probabilities"], direct, atol=1e-6, rtol=0)
+
+    # the conv model's card: input, layers, the mix labelled conv / linear
+    card = css(browser, '[data-card="conv28"]')[0]
+    assert "1x28x28 image (channels, height, width)" in card.text
+    layers = card.find_element("css selector", ".layers")
+    assert layers.text == "conv 3 k3 → maxpool 2 → flatten → linear 5 → linear 10"
+    kinds = [s.get_attribute("data-layer") for s in layers.find_elements("css selector", "span")]
+    assert kinds == ["conv", "maxpool", "flatten", "linear", "linear"]
+    bars = card.find_elements("css selector", ".mix .layer")
+    assert [b.get_attribute("data-layer-type") for b in bars] == ["conv", "linear"]
+    assert [b.find_element("css selector", ".name").text for b in bars] == ["conv 1", "linear 2"]
+    parts = bars[0].find_elements("css selector", ".part")
+    assert {p.get_attribute("title") for p in parts} == {
+        "conv 1: relu 2 of 3 channels (66.7%)",
+        "conv 1: tanh 1 of 3 channels (33.3%)",
+    }
+    assert "784 features" in css(browser, '[data-card="mlp784"]')[0].text
+    assert not css(browser, '[data-card="mlp784"] .layers')
+    assert console_errors(browser) == []
