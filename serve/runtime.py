@@ -39,6 +39,7 @@ from smartmixed.contract import (
     JsonTooDeep,
     ModelSpec,
     SpecError,
+    hidden_layer_indices,
     parse_json,
 )
 from smartmixed.contract.files import UnreadableFile, read_regular_file
@@ -172,11 +173,11 @@ class ModelVersion:
         return {
             "architecture": spec.get("arch"),
             "input_shape": list(self.input_shape),
-            "layers": layers,  # None: an MLP (linear layers of the architecture's widths)
+            "layers": layers,  # None: an MLP (arch's widths), or a user's own module
             "mode": spec.get("mode"),
             "pool": spec.get("pool"),
             "activation_mix": counts,  # per hidden layer: {activation: neurons or channels}
-            "hidden_layer_types": hidden_layer_types(spec),
+            "hidden_layer_types": hidden_layer_types(spec, self.input_shape),
             "labels": self.labels,
             "preprocessing": spec.get("preprocessing"),
             "lowering": self.metadata.get(META_LOWERING),
@@ -193,14 +194,18 @@ class ModelVersion:
         }
 
 
-def hidden_layer_types(spec: dict[str, Any]) -> list[str]:
-    """The kind of each hidden layer of a (checked) spec, "conv" or "linear": the layers whose
-    ``assignment`` entries name one activation per channel or per neuron, every conv and
-    linear layer but the last (the logits); an MLP's hidden layers are all linear."""
+def hidden_layer_types(spec: dict[str, Any], input_shape: tuple[int, ...]) -> list[str] | None:
+    """The kind of each hidden layer of a (checked) spec, "conv" (its ``assignment`` entry
+    names an activation per channel) or "linear" (per neuron); None when the spec does not say.
+
+    A spec with ``layers`` names them; one without describes an MLP when the graph reads rows
+    (``input_shape`` (D,)), every hidden layer linear, or else a user's own module (export's
+    module path) whose layers it does not describe.
+    """
     layers = spec.get("layers")
-    if layers is None:
-        return ["linear"] * (len(spec.get("arch", [])) - 2)
-    return [layer["type"] for layer in layers if layer["type"] in ("conv", "linear")][:-1]
+    if layers is not None:
+        return [layers[i]["type"] for i in hidden_layer_indices(layers)]
+    return ["linear"] * len(spec.get("assignment", [])) if len(input_shape) == 1 else None
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -436,11 +441,11 @@ def check_metadata(
         )
     spec = metadata[META_SPEC]
     try:  # types of every field, labels one per class of arch[-1], assignment per layer, ...
-        ModelSpec.from_dict(spec).validate()
+        checked = ModelSpec.from_dict(spec)  # validated as it is built
     except SpecError as e:
         raise MetadataError(f"metadata {META_SPEC}: {e}") from None
     arch, declared = spec["arch"], list(input_shape)
-    if declared != spec["input_shape"] and (spec.get("layers") is not None or len(declared) > 1):
+    if declared != list(checked.input_shape) and (checked.is_layered or len(declared) > 1):
         raise MetadataError(
             f"metadata {META_SPEC} field 'input_shape': {reprlib.repr(spec['input_shape'])} is "
             f"not the shape of the model's input {batch_shape(input_shape)}"

@@ -1,6 +1,6 @@
 // The page: ask the server what it serves, show a card per model, and put every model side by
-// side on the same input: a drawing for models reading 28x28 pixels (784 features, or one
-// 1x28x28 channel), a form otherwise. Each model is sent the input shape it declares.
+// side on the same input: a drawing for models reading 28x28 pixels (784 features, 28x28, or
+// one 1x28x28 channel), a form otherwise. Each model is sent the input shape it declares.
 //
 // Markup the browser tests rely on (tests/serve/test_page.py, test_conv.py): the drawing is
 // canvas#draw, whose data-pixels holds the 784 grey levels last sent; a form's data-features the
@@ -12,8 +12,9 @@ import { ACTIVATION_COLORS, el, legend, modelCard, unavailableCard } from "./car
 import { inkOf, mnistPixels, SIDE, softmax, topK } from "./preprocess.js";
 
 const IMAGE_FEATURES = SIDE * SIDE;
-// Input shapes (without the batch) the drawing fits: a row of 784 pixels, or one 28x28 channel
-const DRAWING_SHAPES = [[IMAGE_FEATURES], [1, SIDE, SIDE]];
+// Input shapes (without the batch) the drawing fits: a row of 784 pixels, 28x28 pixels, or
+// one 28x28 channel
+const DRAWING_SHAPES = [[IMAGE_FEATURES], [SIDE, SIDE], [1, SIDE, SIDE]];
 const DRAWING = "drawing"; // the panel key of the drawing's models
 const RETRY_MS = 2000; // how often a server that is not ready is asked again
 const CANVAS_SIZE = 280; // drawing resolution (10x the 28x28 field)
@@ -271,7 +272,7 @@ function drawingPanel(metas) {
     "section",
     { class: "panel", "data-features": IMAGE_FEATURES },
     el("h2", {}, "Draw a digit"),
-    el("p", { class: "hint" }, "Mouse, finger or pen. Each stroke is sent, MNIST-style (scaled into 20x20, centred by mass in 28x28), to every model below: as a row of 784 pixels, or as a 1x28x28 image, the shape each model declares."),
+    el("p", { class: "hint" }, "Mouse, finger or pen. Each stroke is sent, MNIST-style (scaled into 20x20, centred by mass in 28x28), to every model below, in the shape each model declares (784, 28x28 or 1x28x28)."),
     el("div", { class: "try" },
       el("div", { class: "input" }, canvas, el("div", { class: "tools" }, clearButton, el("span", { class: "hint" }, "models read:"), seen)),
       results.element),

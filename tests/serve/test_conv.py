@@ -133,8 +133,9 @@ def test_a_spec_for_another_input_shape_is_refused(tmp_path: Path, conv8) -> Non
     )
 
 
-def test_an_mlp_spec_on_an_image_graph(tmp_path: Path, conv8) -> None:
-    """A spec without layers reads rows of arch[0] values, or its own input_shape."""
+def test_a_spec_without_layers_on_an_image_graph(tmp_path: Path, conv8) -> None:
+    """A spec without layers (an MLP's, or a user's own module's as export writes it) is served
+    when the graph reads rows of arch[0] values or the spec's own input_shape."""
     flat = mlp_spec(64, input_shape=[64]) | {"arch": [64, 3, 5, 10]}
     flat["assignment"] = [CONV_ACTIVATIONS, HIDDEN_ACTIVATIONS]
     flat["pool"], flat["mode"] = ["relu", "tanh"], "smartmixed"
@@ -145,11 +146,16 @@ def test_an_mlp_spec_on_an_image_graph(tmp_path: Path, conv8) -> None:
     )
     shaped = flat | {"input_shape": [1, 8, 8]}
     write_entry(tmp_path / "b", "shaped", conv8, shaped, input_dims=[1, 8, 8])
-    repo = load_repository(tmp_path / "b", device="cpu", threads=1, skip_bad_models=False)
+    model = load_repository(tmp_path / "b", device="cpu", threads=1, skip_bad_models=False).get(
+        "shaped"
+    )
     x = images(2)
     np.testing.assert_allclose(
-        repo.get("shaped").predict(x)["logits"], torch_outputs(conv8, x)["logits"], atol=ATOL
+        model.predict(x)["logits"], torch_outputs(conv8, x)["logits"], atol=ATOL
     )
+    described = model.describe()
+    assert (described["input_shape"], described["layers"]) == ([1, 8, 8], None)
+    assert described["hidden_layer_types"] is None  # the spec does not say which are convs
 
 
 @pytest.mark.parametrize(
