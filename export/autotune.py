@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ AUTO_BATCHES = (1, 32, 256)
 
 def time_lowerings(
     candidates: dict[str, bytes],
-    n_features: int,
+    shape: int | Sequence[int],
     *,
     device: str = "cpu",
     threads: int | None = None,
@@ -26,13 +27,16 @@ def time_lowerings(
     repeats: int = 20,
     seed: int = 0,
 ) -> dict[str, dict[int, float]]:
-    """Median latency (ms) per candidate and batch size; rounds interleave the candidates."""
+    """Median latency (ms) per candidate and batch size; rounds interleave the candidates.
+
+    ``shape``: one sample's, without the batch (D for an MLP, e.g. (C, H, W) for images)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     sessions = {
         name: make_session(model, device=device, threads=threads)
         for name, model in candidates.items()
     }
     rng = np.random.default_rng(seed)
-    inputs = {b: rng.uniform(0, 1, (b, n_features)).astype(np.float32) for b in batches}
+    inputs = {b: rng.uniform(0, 1, (b, *shape)).astype(np.float32) for b in batches}
     samples: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n in sessions}
     for _ in range(rounds):
         for batch, x in inputs.items():

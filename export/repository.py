@@ -87,8 +87,18 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str = "fp32") -> str:
-    """config.pbtxt (protobuf text format of Triton's ModelConfig); dims exclude the batch."""
+def triton_config(
+    name: str,
+    spec: ModelSpec,
+    *,
+    lowering: str,
+    precision: str = "fp32",
+    dims: Sequence[int] | None = None,
+) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig); dims exclude the batch:
+    ``dims`` when given (a module's example shape), else the graph input's of the spec
+    (``graph_input_shape``)."""
+    dims = graph_input_shape(spec) if dims is None else list(dims)
     outputs = ",\n".join(
         f'  {{\n    name: "{out}"\n    data_type: TYPE_FP32\n    dims: [ {spec.arch[-1]} ]\n  }}'
         for out in (LOGITS, PROBABILITIES)
@@ -98,7 +108,7 @@ def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str =
         f'platform: "{PLATFORM}"\n'
         f"max_batch_size: {MAX_BATCH_SIZE}\n"
         f'input [\n  {{\n    name: "{INPUT}"\n    data_type: TYPE_FP32\n'
-        f"    dims: [ {spec.arch[0]} ]\n  }}\n]\n"
+        f"    dims: [ {', '.join(map(str, dims))} ]\n  }}\n]\n"
         f"output [\n{outputs}\n]\n"
         "version_policy: { latest: { num_versions: 1 } }\n"
         "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
@@ -107,6 +117,12 @@ def triton_config(name: str, spec: ModelSpec, *, lowering: str, precision: str =
         f'parameters {{ key: "smartmixed_mode" value: {{ string_value: "{spec.mode}" }} }}\n'
         f'parameters {{ key: "smartmixed_precision" value: {{ string_value: "{precision}" }} }}\n'
     )
+
+
+def graph_input_shape(spec: ModelSpec) -> list[int]:
+    """One sample's shape at the graph's input: [D] for an MLP (rows of arch[0] raw values,
+    whatever the data's shape), input_shape (e.g. [1, 28, 28]) for a layered spec."""
+    return list(spec.input_shape) if spec.layers is not None else [spec.arch[0]]
 
 
 def _versions() -> dict[str, str]:
@@ -195,37 +211,36 @@ def export_run(
     with (the ones the model will be served with; None: ONNX Runtime's default), at the batch
     sizes ``auto_batches`` (those it will be served at; the geometric mean over them decides).
     """
-    if threads is not None and threads < 1:
-        raise ExportError(f"--threads {threads}: expected a positive number of threads")
+    check_threads(threads)
     batches = _batch_sizes(auto_batches)
-    run_dir, repository = Path(run_dir), Path(repository)
+    run_dir = Path(run_dir)
     requested = lowering
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: expected int8")
     precision = quantize or "fp32"
     name = name or (f"{run_dir.name}-{quantize}" if quantize else run_dir.name)
-    if not name or "/" in name or name.startswith("."):
-        raise ExportError(f"--name {name!r}: expected a plain folder name")
     if lowering not in (*LOWERINGS, "auto"):
         raise ExportError(f"--lowering {lowering!r}: expected auto, {', '.join(LOWERINGS)}")
-    if version < 1:
-        raise ExportError(f"--version {version}: expected an integer >= 1")
-    entry = repository / name
-    # refuse an unusable destination before the minutes of lowering and verification
-    check_writable_folder(repository, what="--repository")
-    if entry.is_symlink():  # the swap below would replace the link, not the folder it names
-        raise ExportError(
-            f"{entry} is a symbolic link (to {os.readlink(entry)}); export replaces an entry "
-            "folder as a whole: pass the --repository that holds the folder itself"
-        )
-    if entry.exists():
-        if not entry.is_dir():
-            raise ExportError(f"{entry} exists and is not a folder")
-        check_writable_folder(entry, what="entry")
-    if (entry / str(version)).exists() and not overwrite:
-        raise ExportError(f"{entry / str(version)} already exists; pass --overwrite to replace it")
+    entry = check_destination(repository, name, version=version, overwrite=overwrite)
 
     spec, torch_model = load_model(run_dir)
+    if spec.layers is not None:  # a conv net: torch's exporter, as a user's module
+        return _export_layered_run(
+            spec,
+            torch_model,
+            run_dir=run_dir,
+            entry=entry,
+            lowering=lowering,
+            quantize=quantize,
+            data_dir=data_dir,
+            opset=opset,
+            version=version,
+            device=device,
+            threads=threads,
+            batches=batches,
+            overwrite=overwrite,
+            private=private,
+        )
     # the entry's other versions, checked again under the lock before anything is written
     check_fits_entry(
         entry, triton_config(name, spec, lowering=requested), version=version, run_dir=run_dir
@@ -317,8 +332,68 @@ def export_run(
         },
     )
     config = triton_config(name, spec, lowering=chosen, precision=precision)
-    try:  # what serve and --verify-only will check, checked before anything is written
-        check_model_config(config, model, name=name, source=Path(CONFIG_FILE))
+    write_checked_entry(
+        entry,
+        version,
+        model,
+        report,
+        config,
+        source=run_dir,
+        overwrite=overwrite,
+        private=private,
+    )
+    return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ExportError(f"--threads {threads}: expected a positive number of threads")
+
+
+def check_destination(
+    repository: Path | str, name: str | None, *, version: int, overwrite: bool
+) -> Path:
+    """The entry folder REPOSITORY/NAME, refused (ExportError) before the minutes of lowering
+    and verification when it cannot be written: a name that is no plain folder name, a
+    version < 1, an unusable repository, an entry that is a link or a file, an existing
+    version without ``overwrite``."""
+    repository = Path(repository)
+    if not name or "/" in name or name.startswith("."):
+        raise ExportError(f"--name {name!r}: expected a plain folder name")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"--version {version}: expected an integer >= 1")
+    entry = repository / name
+    check_writable_folder(repository, what="--repository")
+    if entry.is_symlink():  # the swap would replace the link, not the folder it names
+        raise ExportError(
+            f"{entry} is a symbolic link (to {os.readlink(entry)}); export replaces an entry "
+            "folder as a whole: pass the --repository that holds the folder itself"
+        )
+    if entry.exists():
+        if not entry.is_dir():
+            raise ExportError(f"{entry} exists and is not a folder")
+        check_writable_folder(entry, what="entry")
+    if (entry / str(version)).exists() and not overwrite:
+        raise ExportError(f"{entry / str(version)} already exists; pass --overwrite to replace it")
+    return entry
+
+
+def write_checked_entry(
+    entry: Path,
+    version: int,
+    model: onnx.ModelProto,
+    report: dict[str, Any],
+    config: str,
+    *,
+    source: Path,
+    overwrite: bool,
+    private: bool,
+) -> None:
+    """Check ``config`` against ``model`` as serve and --verify-only will, then write the entry
+    (export/entry.py: staged, swapped into place under the entry's lock). ``source``: the run
+    folder, or what the model came from, named in messages."""
+    try:
+        check_model_config(config, model, name=entry.name, source=Path(CONFIG_FILE))
     except ConfigError as e:
         raise ExportError(f"the generated {e}") from None
     try:
@@ -328,13 +403,69 @@ def export_run(
             model,
             report,
             config,
-            run_dir=run_dir,
+            run_dir=source,
             overwrite=overwrite,
             private=private,
         )
     except OSError as e:
         raise ExportError(f"cannot write {e.filename or entry}: {e.strerror or e}") from None
-    return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
+
+
+def _export_layered_run(
+    spec: ModelSpec,
+    torch_model: nn.Module,
+    *,
+    run_dir: Path,
+    entry: Path,
+    lowering: str,
+    quantize: str | None,
+    data_dir: Path | str | None,
+    opset: int,
+    version: int,
+    device: str,
+    threads: int | None,
+    batches: tuple[int, ...],
+    overwrite: bool,
+    private: bool,
+) -> ExportResult:
+    """A run whose spec has ``layers`` (a conv net): its network goes through torch's ONNX
+    exporter as a user's module does (export/module.py), with the run's spec as the metadata,
+    its test set (reshaped to (N, *input_shape)) among the verification inputs, and config dims
+    = input_shape."""
+    from smartmixed.export.module import MODULE_LOWERINGS, export_network
+
+    if quantize:
+        raise ExportError(
+            f"{run_dir}: --quantize {quantize} applies to MLP runs; this run is a layered "
+            "(conv) network"
+        )
+    if lowering not in (*MODULE_LOWERINGS, "auto"):
+        raise ExportError(
+            f"--lowering {lowering}: {run_dir} is a layered (conv) network, lowered "
+            f"{' or '.join(MODULE_LOWERINGS)} (or auto)"
+        )
+    test_x, _, test_source = _test_inputs(spec, run_dir, data_dir)
+    low, high = _raw_range(spec, test_x)
+    shape = list(spec.input_shape)
+    inputs = input_sets(shape, test_x=test_x, low=low, high=high)
+    return export_network(
+        torch_model,
+        spec=spec,
+        inputs=inputs,
+        test_source=test_source,
+        raw_range=(low, high),
+        entry=entry,
+        source=run_dir,
+        run=str(run_dir),
+        lowering=lowering,
+        opset=opset,
+        version=version,
+        device=device,
+        threads=threads,
+        batches=batches,
+        overwrite=overwrite,
+        private=private,
+    )
 
 
 def latest_version(entry: Path) -> Path:
@@ -377,14 +508,19 @@ def verify_entry(
     except ConfigError as e:
         raise ExportError(str(e)) from None
     meta = get_metadata(model)
-    run_dir = Path(run_dir) if run_dir is not None else Path(meta.get(META_RUN, ""))
     recorded_spec = _metadata_object(meta, META_SPEC, path)
+    if run_dir is None and META_RUN not in meta:
+        raise ExportError(
+            f"{path}: exported from a module, not a run: nothing to verify it against (it was "
+            "verified when exported)"
+        )
+    run_dir = Path(run_dir) if run_dir is not None else Path(meta[META_RUN])
     spec, torch_model = load_model(run_dir)
     if spec.to_dict()["assignment"] != recorded_spec.get("assignment"):
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
     test_x, test_y, _ = _test_inputs(spec, run_dir, data_dir)
     low, high = _raw_range(spec, test_x)
-    inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
+    inputs = input_sets(graph_input_shape(spec), test_x=test_x, low=low, high=high)
     precision = meta.get(META_PRECISION, DEFAULT_PRECISION)  # entries before issue G: fp32
     if precision == "fp32":
         if min_agreement is not None or max_accuracy_drop is not None:

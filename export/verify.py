@@ -11,6 +11,8 @@ input set.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,18 +51,25 @@ class SetResult:
 
 
 def input_sets(
-    n_features: int,
+    shape: int | Sequence[int],
     *,
     test_x: np.ndarray | None,
     low: float,
     high: float,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """(a) held-out test samples, (b) seeded uniform inputs over [low, high], (c) edge inputs."""
+    """(a) held-out test samples, (b) seeded uniform inputs over [low, high], (c) edge inputs.
+
+    ``shape``: one sample's, without the batch: D for an MLP's rows, e.g. (C, H, W) for an
+    image model; every set is (N, *shape), ``test_x`` included (reshaped from (N, prod(shape))
+    when it comes flat)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    n_features = math.prod(shape)
     rng = np.random.default_rng(seed)
     sets = {}
     if test_x is not None and len(test_x):
-        sets["test"] = np.ascontiguousarray(test_x[:MAX_TEST_SAMPLES], np.float32)
+        test = np.ascontiguousarray(test_x[:MAX_TEST_SAMPLES], np.float32)
+        sets["test"] = test.reshape(len(test), *shape)
     sets["random"] = rng.uniform(low, high, (RANDOM_SAMPLES, n_features)).astype(np.float32)
     span = max(abs(low), abs(high), 1.0)
     edge = [
@@ -73,7 +82,7 @@ def input_sets(
         rng.normal(0, 1000 * span, n_features),
     ]
     sets["edge"] = np.stack(edge).astype(np.float32)
-    return sets
+    return {name: x.reshape(len(x), *shape) for name, x in sets.items()}
 
 
 def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float, bool]:

@@ -206,3 +206,169 @@ def test_verify_only_reads_a_tampered_entry_in_one_line(
         f"smartmixed-export: error: {message.format(e=copy)}\n",
     )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in copy.rglob("*")) == before
+
+
+# --------------------------------------------------------------------------------------------
+# --module FILE.py:FACTORY: a user's own network
+
+USER_FILE = """
+import torch
+from torch import nn
+
+from smartmixed.nn import MixedActivation
+
+POOL = ["relu", "sigmoid", "tanh", "elu"]
+
+
+def build(channels=4):
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels),
+        MixedActivation(channels, dim=1, pool=POOL),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * 16, 10),
+        MixedActivation(10, pool=POOL),
+        nn.Linear(10, 3),
+    )
+
+
+def wide():
+    return build(channels=5)
+
+
+def broken():
+    raise RuntimeError("no GPU here")
+
+
+def not_a_module():
+    return {"conv": 1}
+
+
+NUMBER = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(net.py holding the factories, net.safetensors: build()'s model frozen and saved)."""
+    from smartmixed.nn import MixedActivation, freeze, save_frozen
+
+    folder = tmp_path_factory.mktemp("user")
+    source = folder / "net.py"
+    source.write_text(USER_FILE)
+    namespace: dict = {}
+    exec(compile(USER_FILE, str(source), "exec"), namespace)  # the test's own copy of the model
+    model = namespace["build"]()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MixedActivation):
+                m.logits.copy_(torch.randn(m.logits.shape, generator=generator) * 3)
+    save_frozen(freeze(model), folder / "net.safetensors")
+    return source, folder / "net.safetensors"
+
+
+def test_a_module_exports_from_the_command_line(
+    user_module: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    source, weights = user_module
+    argv = [
+        "--module", f"{source}:build", "--weights", str(weights), "--input-shape", "1,8,8",
+        "--repository", str(tmp_path), "--labels", "cat,dog,fish", "--lowering", "permuted",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        out[0]
+        == f"exported {source}:build -> {tmp_path / 'net'}/1/model.onnx (lowering permuted, fp32)"
+    )
+    assert out[1] == "frozen layers in the permuted lowering:"
+    assert out[2].startswith("  2: 4 features, ") and out[2].endswith(
+        ": permuted (through 0 > 1 > 3 > 5)"
+    )
+    assert out[3].startswith("  6: 10 features, ") and out[3].endswith(": permuted (through 5 > 7)")
+    assert out[4] == "verified against PyTorch (no test inputs given; random and edge inputs only):"
+    config = (tmp_path / "net" / "config.pbtxt").read_text()
+    assert "dims: [ 1, 8, 8 ]" in config
+    spec = json.loads(
+        next(
+            p.value
+            for p in onnx.load(str(tmp_path / "net" / "1" / "model.onnx")).metadata_props
+            if p.key == "smartmixed.spec"
+        )
+    )
+    assert spec["labels"] == ["cat", "dog", "fish"] and spec["arch"] == [64, 4, 10, 3]
+    # the entry names no run: --verify-only says why it cannot re-verify
+    assert _export(capsys, "--verify-only", str(tmp_path / "net")) == (
+        2,
+        f"smartmixed-export: error: {tmp_path / 'net' / '1' / 'model.onnx'}: exported from a "
+        "module, not a run: nothing to verify it against (it was verified when exported)\n",
+    )
+
+
+def test_bad_module_options_are_refused_in_one_line(
+    user_module: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    source, weights = user_module
+    other = tmp_path / "net.txt"
+    other.write_text("")
+    raising = tmp_path / "raising.py"
+    raising.write_text("import torch\nraise ImportError('needs a newer torchvision')\n")
+    models = tmp_path / "models"
+    cases = {
+        (f"{tmp_path}/nope.py:build", str(weights), "1,8,8"): (
+            f"--module {tmp_path}/nope.py:build: {tmp_path}/nope.py: no such file"
+        ),
+        (f"{other}:build", str(weights), "1,8,8"): (
+            f"--module {other}:build: {other} is not a Python file (.py)"
+        ),
+        (str(source), str(weights), "1,8,8"): (
+            f"--module {str(source)!r}: expected FILE.py:FACTORY, e.g. net.py:build"
+        ),
+        (f"{raising}:build", str(weights), "1,8,8"): (
+            f"--module {raising}:build: importing {raising} raised ImportError: needs a newer "
+            "torchvision"
+        ),
+        (f"{source}:nothing", str(weights), "1,8,8"): (
+            f"--module {source}:nothing: {source} defines no nothing"
+        ),
+        (f"{source}:NUMBER", str(weights), "1,8,8"): (
+            f"--module {source}:NUMBER: NUMBER is not a function or class (a int)"
+        ),
+        (f"{source}:broken", str(weights), "1,8,8"): (
+            f"--module {source}:broken: broken() raised RuntimeError: no GPU here"
+        ),
+        (f"{source}:not_a_module", str(weights), "1,8,8"): (
+            f"--module {source}:not_a_module: not_a_module() returned a dict, expected a "
+            "torch.nn.Module"
+        ),
+        (f"{source}:build", str(tmp_path / "none.safetensors"), "1,8,8"): (
+            f"--weights {tmp_path / 'none.safetensors'}: no such file"
+        ),
+        (f"{source}:wide", str(weights), "1,8,8"): (
+            f"{weights.with_suffix('.json')}: layer '2': 4 features saved, the model's layer has 5"
+        ),
+        (f"{source}:build", str(weights), "1,x,8"): (
+            "--input-shape '1,x,8': expected positive integers separated by commas, e.g. 1,28,28"
+        ),
+        (f"{source}:build", str(weights), "0,8,8"): (
+            "--input-shape '0,8,8': expected positive integers separated by commas, e.g. 1,28,28"
+        ),
+        (f"{source}:build", str(weights), "1,12,12"): (
+            "the model fails on an input of shape [2, 1, 12, 12] (RuntimeError: mat1 and mat2 "
+            "shapes cannot be multiplied (2x144 and 64x10))"
+        ),
+        (f"{source}:build", str(weights), "2,8,8"): (
+            "the model fails on an input of shape [2, 2, 8, 8] (RuntimeError: Given groups=1, "
+            "weight of size [4, 1, 3, 3], expected input[2, 2, 8, 8] to have 1 channels, but got "
+            "2 channels instead)"
+        ),
+    }
+    for (module, weights_file, shape), message in cases.items():
+        argv = ["--module", module, "--weights", weights_file, "--input-shape", shape]
+        assert _export(capsys, *argv, "--repository", str(models)) == (
+            2,
+            f"smartmixed-export: error: {message}\n",
+        ), module
+        assert not models.exists()

@@ -1,0 +1,843 @@
+"""Export a user's own ``nn.Module`` holding frozen mixed-activation layers (smartmixed.nn).
+
+    from smartmixed.export import export_module
+    export_module(model, torch.zeros(1, 1, 28, 28), repository="models", name="net")
+
+The module goes through torch's ONNX exporter (the TorchScript one, ``dynamo=False``: the
+torch.export-based one needs onnxscript, and this one traces each FrozenMixedActivation to the
+ops its forward runs), wrapped so that the graph has the contract's tensors: input "input"
+float32 [N, *example_input.shape[1:]] (dynamic batch), outputs "logits" [N, C] and
+"probabilities" = softmax(logits) [N, C]. Two lowerings of every frozen layer:
+
+- ``scatter``: the layer as it is. Per activation group, a Gather of its features along the
+  layer's axis, the group's activation, then one Concat and one Gather with the inverse
+  permutation (nn/layers.py ``_apply_groups``; a layer whose assignment is already sorted by
+  pool index runs Split instead, a layer with one group one op).
+- ``permuted``: a copy of the model in which every frozen layer's features are reordered so its
+  groups are contiguous (Split -> one op per group -> Concat, no index ops), the permutation
+  folded into the neighbours so that the function is unchanged. With P the permutation
+  (z'_i = z_{p_i}) along the layer's axis:
+      producer (Linear or Conv2d):  W' = P W, b' = P b                   so  z' = P z
+      per-channel modules between:  parameters theta' = P theta (BatchNorm's weight, bias,
+                                    running_mean, running_var)          m_{P theta}(P z) = P m_theta(z)
+      the frozen layer:             assignment c' = P c                  f_{P c}(P z) = P f_c(z)
+      consumer (Linear or Conv2d):  columns (input channels) W'' = W P^T  W P^T P y = W y
+  Per-channel modules (BatchNorm1d/2d, MaxPool2d, AvgPool2d, their adaptive forms, Dropout,
+  Dropout2d, Identity; the pools also as F.max_pool2d etc.) act on each feature alone and may
+  sit on either side (a module without parameters, such as one pool, may be called in several
+  places); a Flatten (module, torch.flatten or .flatten, from the layer's axis to the end)
+  before the consumer Linear turns channel c into the columns c*HW .. c*HW + HW - 1, so the
+  columns move in blocks of HW = H*W. Producers and
+  consumers are found by ``torch.fx`` symbolic tracing (frozen layers are leaves) and shape
+  propagation with the example input. A layer whose neighbours do not allow the fold (no
+  Linear/Conv2d before or after it, an output used twice, a residual add, a module called
+  twice, a shared parameter, an unknown module or function between, a model fx cannot trace)
+  keeps the scatter form, and the report says which layer and why (``LayerFold.reason``).
+
+The candidate norm's per-group affine map (Sub, Mul after each activation) stays in the graph:
+it is not folded into the consumer.
+
+A model is exported only when every mixed layer is frozen (``smartmixed.nn.freeze``), and it
+must hold at least one: a model with no mixed layer has nothing of SmartMixed to record (its
+spec would have no hidden layer); ``torch.onnx.export`` it directly. The model's own
+preprocessing is the user's business: ``preprocessing`` only records what the module does to
+raw input (None: identity), nothing is added to the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from smartmixed.contract import (
+    ACTIVATION_NAMES,
+    AFU,
+    INPUT,
+    LOGITS,
+    META_LOWERING,
+    META_PRECISION,
+    META_RUN,
+    META_SELECTION,
+    META_SPEC,
+    META_VERIFICATION,
+    META_VERSIONS,
+    PROBABILITIES,
+    ModelSpec,
+    SpecError,
+    split_list,
+)
+from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
+from smartmixed.export.entry import ExportError, check_fits_entry
+from smartmixed.export.lower import DEFAULT_OPSET, IO_AXES, MIN_OPSET, set_metadata
+from smartmixed.export.repository import (
+    ExportResult,
+    _batch_sizes,
+    _raw_range,
+    _versions,
+    check_destination,
+    check_threads,
+    triton_config,
+    write_checked_entry,
+)
+from smartmixed.export.verify import input_sets, verify_against_torch
+from smartmixed.nn import FrozenMixedActivation, frozen_layers, mixed_layers
+
+MODULE_LOWERINGS = ("scatter", "permuted")
+# the newest opset torch's TorchScript exporter writes
+MAX_MODULE_OPSET = 20
+WRAPPED = "model"  # the wrapper's attribute holding the model: ONNX node scopes "/model.{path}/"
+# The exporter's own notices that it is the legacy one (we choose it: see the module docstring),
+# silenced by message, nothing else.
+EXPORTER_NOTICES = (
+    "You are using the legacy TorchScript-based ONNX export",
+    "The feature will be removed",
+)
+
+# Modules that act on each feature (channel) alone, through which a permutation passes
+PER_CHANNEL = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+)
+# the same pooling as functions (torch.fx records F.max_pool2d(x, 2) as a call of the function)
+POOL_FUNCTIONS = frozenset(
+    {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+)
+ANY_AXIS = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identity in eval: any axis, any shape
+PERMUTED_PARAMS = ("weight", "bias", "running_mean", "running_var")  # BatchNorm's, per channel
+
+
+@dataclass
+class LayerFold:
+    """What ``permuted`` does with one frozen layer.
+
+    ``form``: "permuted" (its features reordered, the permutation folded into ``producer``,
+    ``between`` and ``consumer``), "contiguous" (already sorted by pool index: Split as it is),
+    "single group" (one activation: one op), or "scatter" (kept as it is, ``reason`` says why).
+    ``block``: the columns per channel the consumer's permutation moves (H*W after a Flatten).
+    """
+
+    layer: str
+    features: int
+    groups: int
+    form: str = "scatter"
+    reason: str | None = None
+    producer: str | None = None
+    between: list[str] = field(default_factory=list)
+    consumer: str | None = None
+    block: int = 1
+
+    def describe(self) -> str:
+        """One line: 'features.2: 6 features, 3 groups: permuted (features.0 > ... > head.1)'."""
+        head = f"{self.layer}: {self.features} features, {self.groups} groups"
+        if self.form == "permuted":
+            path = " > ".join([self.producer, *self.between, self.consumer])
+            return f"{head}: permuted (through {path})"
+        if self.form == "scatter":
+            return f"{head}: kept scatter ({self.reason})"
+        return f"{head}: {self.form}"
+
+
+class _NoFold(Exception):
+    """Why a layer's neighbours do not allow the fold (the message is the report's reason)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Finding producers and consumers (torch.fx)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with the frozen layers as leaves: each is one call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, FrozenMixedActivation) or super().is_leaf_module(m, qualname)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _trace(model: nn.Module, example: Tensor) -> fx.GraphModule:
+    """The model's graph, each node's output shape in node.meta['tensor_meta']."""
+    graph = _Tracer().trace(model)
+    module = fx.GraphModule(model, graph)
+    with torch.no_grad():
+        ShapeProp(module).propagate(example)
+    return module
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _describe_node(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target}"
+    if node.op == "placeholder":
+        return "the model's input"
+    if node.op == "output":
+        return "the model's output"
+    if node.op == "call_method":
+        return f"the tensor method .{node.target}()"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"the function {name}"
+
+
+def _flatten_start(node: fx.Node) -> int | None:
+    """start_dim of a flatten up to the last axis (nn.Flatten, torch.flatten, .flatten), else
+    None."""
+    if node.op == "call_function" and node.target is torch.flatten:
+        args = dict(zip(("input", "start_dim", "end_dim"), node.args)) | node.kwargs
+        start, end = args.get("start_dim", 0), args.get("end_dim", -1)
+    elif node.op == "call_method" and node.target == "flatten":
+        args = dict(zip(("self", "start_dim", "end_dim"), node.args)) | node.kwargs
+        start, end = args.get("start_dim", 0), args.get("end_dim", -1)
+    else:
+        return None
+    shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if shape is None or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    return start % len(shape) if end % len(shape) == len(shape) - 1 else None
+
+
+class _Neighbours:
+    """The fold plan of every frozen layer of one traced model."""
+
+    def __init__(self, model: nn.Module, traced: fx.GraphModule) -> None:
+        self.model = model
+        self.graph = traced.graph
+        self.calls = Counter(n.target for n in self.graph.nodes if n.op == "call_module")
+        # parameters and buffers held by more than one module (tied weights): permuting one
+        # would permute the other
+        seen: Counter[int] = Counter()
+        for _, tensor in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]:
+            seen[id(tensor)] += 1
+        self.shared = {key for key, count in seen.items() if count > 1}
+
+    def plan(self, path: str, layer: FrozenMixedActivation) -> LayerFold:
+        fold = LayerFold(path, layer.num_features, len(layer.groups.members))
+        if fold.groups == 1:
+            fold.form = "single group"
+            return fold
+        if layer.groups.contiguous:
+            fold.form = "contiguous"
+            return fold
+        nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target == path]
+        try:
+            if len(nodes) != 1:
+                raise _NoFold(
+                    "torch.fx sees no call of it"
+                    if not nodes
+                    else f"it is called {len(nodes)} times"
+                )
+            node = nodes[0]
+            shape = _shape(node.args[0]) if node.args else None
+            if shape is None:
+                raise _NoFold("torch.fx cannot tell the shape of its input")
+            axis = layer.dim % len(shape)
+            fold.producer, before = self._producer(node, axis)
+            fold.consumer, after, fold.block = self._consumer(node, axis)
+            fold.between = [*before, *after]
+        except _NoFold as e:
+            fold.form, fold.reason = "scatter", str(e)
+            fold.producer, fold.consumer, fold.between = None, None, []
+            return fold
+        fold.form = "permuted"
+        return fold
+
+    def _module(self, node: fx.Node) -> nn.Module:
+        """The module a call_module node calls; _NoFold when its parameters or buffers (those
+        the fold would permute) are also used elsewhere: the module called twice, or a tensor
+        tied to another module's. A module without any (a pool) may be called anywhere."""
+        module = self.model.get_submodule(node.target)
+        held = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if held and self.calls[node.target] > 1:
+            raise _NoFold(f"{node.target} is called {self.calls[node.target]} times")
+        if any(id(t) in self.shared for t in held):
+            raise _NoFold(f"{node.target} shares a parameter with another module")
+        return module
+
+    @staticmethod
+    def _only_user(node: fx.Node, what: str) -> fx.Node:
+        users = list(node.users)
+        if len(users) != 1:
+            named = ", ".join(_describe_node(u) for u in users)
+            raise _NoFold(f"{what} is used {len(users)} times ({named})")
+        return users[0]
+
+    @staticmethod
+    def _fits(node: fx.Node, op: nn.Module | Any, axis: int) -> None:
+        """_NoFold unless ``op`` (a module, or a pooling function) at ``node`` acts on the
+        layer's feature axis ``axis`` of its input feature by feature."""
+        shape = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        ndim = len(shape) if shape is not None else -1
+        if isinstance(op, nn.Linear):
+            fits = axis == ndim - 1
+        elif isinstance(op, nn.Conv2d):
+            if op.groups != 1:
+                raise _NoFold(f"{node.target} is a grouped convolution (groups={op.groups})")
+            fits = ndim == 4 and axis == 1
+        elif isinstance(op, ANY_AXIS):
+            fits = True
+        elif isinstance(op, nn.BatchNorm1d | nn.BatchNorm2d):
+            fits = axis == 1  # per channel along axis 1
+        else:  # 2-D pooling, module or function: per channel, over the last two axes
+            indices = getattr(op, "return_indices", node.kwargs.get("return_indices", False))
+            fits = ndim == 4 and axis == 1 and not indices
+        if not fits:
+            what = type(op).__name__ if isinstance(op, nn.Module) else "pooling"
+            raise _NoFold(
+                f"{_describe_node(node)} ({what}) does not act on the layer's feature axis "
+                f"{axis} of its {ndim}-D input feature by feature"
+            )
+
+    def _step(self, node: fx.Node, axis: int, side: str) -> tuple[str, nn.Module | None]:
+        """What ``node`` is on the way from the layer to its producer or consumer:
+        ("affine", the Linear/Conv2d) or ("per-channel", the module or None for a pooling
+        function); _NoFold for anything else."""
+        if node.op == "call_module":
+            module = self._module(node)
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                self._fits(node, module, axis)
+                return "affine", module
+            if isinstance(module, PER_CHANNEL):
+                self._fits(node, module, axis)
+                return "per-channel", module
+            what = f"{node.target} ({type(module).__name__})"
+        elif node.op == "call_function" and node.target in POOL_FUNCTIONS:
+            self._fits(node, node.target, axis)
+            return "per-channel", None
+        else:
+            what = _describe_node(node)
+        raise _NoFold(f"{what} {side} it is not a Linear, Conv2d or per-channel module")
+
+    def _producer(self, node: fx.Node, axis: int) -> tuple[str, list[str]]:
+        """(the Linear/Conv2d whose rows become the layer's features, the per-channel modules
+        between them, in graph order)."""
+        between: list[str] = []
+        current, walked = node.args[0], None
+        while True:
+            if not isinstance(current, fx.Node) or current.op in ("placeholder", "get_attr"):
+                what = _describe_node(current) if isinstance(current, fx.Node) else "a constant"
+                where = "its input" if walked is None else f"the input of {_describe_node(walked)}"
+                raise _NoFold(f"{where} is {what}, not a Linear or Conv2d output")
+            kind, module = self._step(current, axis, "before")
+            self._only_user(current, f"the output of {_describe_node(current)}")
+            if kind == "affine":
+                return current.target, between
+            if module is not None:
+                between.insert(0, current.target)
+            current, walked = current.args[0], current
+
+    def _consumer(self, node: fx.Node, axis: int) -> tuple[str, list[str], int]:
+        """(the Linear/Conv2d whose columns (input channels) read the layer's features, the
+        per-channel modules between, the columns per feature: H*W after a flatten)."""
+        between: list[str] = []
+        block = None  # set by a flatten: the columns each feature becomes
+        current = self._only_user(node, "its output")
+        while True:
+            start = _flatten_start(current)
+            if current.op == "call_module" and isinstance(
+                flatten := self.model.get_submodule(current.target), nn.Flatten
+            ):
+                ndim = len(_shape(current.args[0]))
+                last = flatten.end_dim % ndim == ndim - 1
+                start = flatten.start_dim % ndim if last else None
+            if start is not None:  # a flatten from `start` to the last axis
+                if block is not None or start != axis:
+                    raise _NoFold(
+                        f"{_describe_node(current)} after it flattens from axis {start}, not "
+                        f"from the layer's axis {axis}"
+                    )
+                # (N, ..., C, H, W) -> (N, ..., C*H*W): feature c becomes `block` columns
+                block = math.prod(_shape(current.args[0])[axis + 1 :])
+            else:
+                kind, module = self._step(current, axis, "after")
+                if kind == "affine":
+                    if block is not None and not isinstance(module, nn.Linear):
+                        raise _NoFold(f"{current.target} after a flatten is not a Linear")
+                    return current.target, between, block or 1
+                if block is not None and not isinstance(module, ANY_AXIS):
+                    raise _NoFold(f"{_describe_node(current)} between a flatten and the consumer")
+                if module is not None:
+                    between.append(current.target)
+            current = self._only_user(current, f"the output of {_describe_node(current)}")
+
+
+def plan_folds(model: nn.Module, example: Tensor) -> list[LayerFold]:
+    """What ``permuted`` does with each frozen layer of ``model`` (in module order)."""
+    layers = list(frozen_layers(model))
+    try:
+        neighbours = _Neighbours(model, _trace(model, example))
+    except Exception as e:  # any error of the user's forward under fx: every layer stays
+        reason = f"torch.fx cannot trace {type(model).__name__} ({_first_line(e)})"
+        return [
+            LayerFold(path, layer.num_features, len(layer.groups.members), "scatter", reason)
+            for path, layer in layers
+        ]
+    return [neighbours.plan(path, layer) for path, layer in layers]
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def permuted_copy(model: nn.Module, folds: Sequence[LayerFold]) -> nn.Module:
+    """A copy of ``model`` with every "permuted" fold applied: the same function (see the module
+    docstring), each of those layers' groups contiguous."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for fold in folds:
+            if fold.form != "permuted":
+                continue
+            layer = out.get_submodule(fold.layer)
+            perm = torch.argsort(layer.assignment, stable=True)  # new position -> old feature
+            for path in (fold.producer, *fold.between):  # rows / per-channel parameters
+                module = out.get_submodule(path)
+                for name in PERMUTED_PARAMS:
+                    tensor = getattr(module, name, None)
+                    if isinstance(tensor, Tensor) and tensor.dim() >= 1:
+                        tensor.copy_(tensor[perm.to(tensor.device)])
+            consumer = out.get_submodule(fold.consumer)
+            # columns: channel p_i's block of `block` columns moves to position i
+            columns = (perm[:, None] * fold.block + torch.arange(fold.block)).reshape(-1)
+            weight = consumer.weight
+            weight.copy_(weight[:, columns.to(weight.device)])
+            _replace(
+                out,
+                fold.layer,
+                FrozenMixedActivation(
+                    layer.pool,
+                    layer.assignment[perm],
+                    dim=layer.dim,
+                    candidate_norm=layer.candidate_norm,
+                    afu=layer.afu,
+                ).to(layer.assignment.device),
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch -> ONNX
+
+
+class WithProbabilities(nn.Module):
+    """The model's logits (N, C) and softmax(logits) (N, C): the contract's two outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, WRAPPED, model)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = getattr(self, WRAPPED)(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def to_onnx(model: nn.Module, example: Tensor, *, opset: int) -> onnx.ModelProto:
+    """``model`` (eval mode) through torch's TorchScript ONNX exporter: input "input" with a
+    dynamic batch, outputs "logits" and "probabilities" (IO_AXES)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        for notice in EXPORTER_NOTICES:
+            warnings.filterwarnings("ignore", message=notice, category=DeprecationWarning)
+        # _apply_groups splits by len() of each group's index tensor: constants of the layer,
+        # not shapes of the input, so the traced sizes hold for every input
+        warnings.filterwarnings(
+            "ignore",
+            message="Using len to get tensor shape",
+            category=torch.jit.TracerWarning,
+            module=r"smartmixed\.nn\.layers",
+        )
+        try:
+            torch.onnx.export(
+                WithProbabilities(model).eval(),
+                (example,),
+                buffer,
+                input_names=[INPUT],
+                output_names=[LOGITS, PROBABILITIES],
+                dynamic_axes=IO_AXES,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except Exception as e:  # an op the exporter cannot write, at this opset or any
+            raise ExportError(
+                f"torch's ONNX exporter cannot export {type(model).__name__} at opset {opset} "
+                f"({_first_line(e)})"
+            ) from None
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _scope_name(qualified: str) -> str:
+    """The scope name torch's TorchScript exporter gives the module at ``qualified`` (its
+    ``_unqualified_variable_name``): from the last non-numeric atom on, "model.mlp.1" -> "mlp.1",
+    "model.2" -> "model.2"."""
+    atoms = qualified.split(".")
+    for i in reversed(range(len(atoms))):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return qualified
+
+
+def layer_nodes(model: onnx.ModelProto, path: str) -> list[onnx.NodeProto]:
+    """The nodes torch's exporter wrote for the module at ``path`` of the exported model: a
+    node is named "/" + the scope names of the modules from the wrapper down + "/" + its op."""
+    atoms = [WRAPPED, *path.split(".")] if path else [WRAPPED]
+    scopes = [_scope_name(".".join(atoms[: i + 1])) for i in range(len(atoms))]
+    return [n for n in model.graph.node if n.name.split("/")[1:-1][: len(scopes)] == scopes]
+
+
+def layer_structure(model: onnx.ModelProto, paths: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per frozen layer: its ONNX op types and their counts (Constant nodes left out)."""
+    return {
+        path: dict(
+            sorted(
+                Counter(
+                    n.op_type for n in layer_nodes(model, path) if n.op_type != "Constant"
+                ).items()
+            )
+        )
+        for path in paths
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The entry
+
+
+def module_spec(
+    model: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    classes: int,
+    labels: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """The ModelSpec (META_SPEC) of a user's module: arch = [prod(input_shape), each frozen
+    layer's num_features in module order, classes], pool = the union of the layers' pools in
+    the contract's order, an assignment per frozen layer, ``layers`` None; the layers' module
+    paths in ``training["frozen_layers"]``. SpecError names a bad field."""
+    layers = list(frozen_layers(model))
+    pools = {name for _, layer in layers for name in layer.pool}
+    units = [layer.afu for _, layer in layers if layer.afu is not None]
+    afu = None
+    if units:
+        share = "network" if all(u is units[0] for u in units) else "layer"
+        afu = {"units": units[0].units, "base": units[0].base, "share": share}
+    cls = type(model)
+    return ModelSpec(
+        arch=[math.prod(input_shape), *(layer.num_features for _, layer in layers), classes],
+        pool=[name for name in ACTIVATION_NAMES if name in pools],
+        mode="smartmixed",
+        assignment=[layer.names() for _, layer in layers],
+        preprocessing=dict(preprocessing) if preprocessing else {"offset": 0.0, "scale": 1.0},
+        input_shape=list(input_shape),
+        labels=list(labels) if labels is not None else [str(i) for i in range(classes)],
+        training={
+            "exported_from": "module",
+            "module": f"{cls.__module__}.{cls.__qualname__}",
+            "frozen_layers": [path for path, _ in layers],
+            "preprocessing": "inside the module" if preprocessing else "none",
+        },
+        afu=afu if AFU in pools else None,
+    )
+
+
+def _checked_model(model: Any) -> nn.Module:
+    """An eval-mode CPU copy of ``model``, or ExportError (one line) saying what is wrong."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export_module: expected a torch.nn.Module, got {type(model).__name__}")
+    name = type(model).__name__
+    left = [path or name for path, _ in mixed_layers(model)]
+    if left:
+        raise ExportError(
+            f"{name}: {', '.join(left)} still a MixedActivation; freeze it first "
+            "(smartmixed.nn.freeze(model))"
+        )
+    if not any(True for _ in frozen_layers(model)):
+        raise ExportError(
+            f"{name} holds no FrozenMixedActivation: nothing SmartMixed to export "
+            "(torch.onnx.export it directly)"
+        )
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise ExportError(
+                f"{name}: {key} is {str(tensor.dtype).removeprefix('torch.')}; the exported graph "
+                "reads float32 (model.float())"
+            )
+    return copy.deepcopy(model).cpu().eval()
+
+
+def _checked_example(reference: nn.Module, example: Any) -> tuple[Tensor, int]:
+    """(the example as a CPU float32 tensor, the number of classes of the model's logits)."""
+    if not isinstance(example, Tensor):
+        raise ExportError(f"example_input: expected a torch.Tensor, got {type(example).__name__}")
+    if example.dim() < 2 or example.shape[0] < 1 or example.numel() == 0:
+        raise ExportError(
+            f"example_input: expected a batch (N, ...) of N >= 1 samples, got shape "
+            f"{list(example.shape)}"
+        )
+    if example.dtype != torch.float32:
+        raise ExportError(f"example_input: expected float32, got {example.dtype}")
+    example = example.detach().cpu()
+    try:
+        with torch.no_grad():
+            logits = reference(example)
+    except Exception as e:
+        raise ExportError(
+            f"the model fails on an input of shape {list(example.shape)} ({_first_line(e)})"
+        ) from None
+    if not (isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == len(example)):
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ExportError(
+            f"the model's output on shape {list(example.shape)} is {got}; expected logits "
+            f"({len(example)}, classes)"
+        )
+    if logits.shape[1] < 2 or logits.dtype != torch.float32:
+        raise ExportError(
+            f"the model's logits are {logits.dtype} of shape {list(logits.shape)}; expected "
+            "float32 with >= 2 classes"
+        )
+    return example, int(logits.shape[1])
+
+
+def _checked_test_inputs(test_inputs: Any, shape: Sequence[int]) -> np.ndarray | None:
+    if test_inputs is None:
+        return None
+    if isinstance(test_inputs, Tensor):
+        test_inputs = test_inputs.detach().cpu().numpy()
+    x = np.asarray(test_inputs, dtype=np.float32)
+    if x.ndim < 1 or tuple(x.shape[1:]) != tuple(shape) or not len(x):
+        raise ExportError(
+            f"test_inputs: expected shape (N, {', '.join(map(str, shape))}) with N >= 1, got "
+            f"{list(x.shape)}"
+        )
+    if not np.isfinite(x).all():
+        raise ExportError("test_inputs: holds NaN or inf")
+    return x
+
+
+def export_module(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    repository: Path | str,
+    name: str,
+    lowering: str = "auto",
+    opset: int = DEFAULT_OPSET,
+    labels: Sequence[str] | str | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    test_inputs: np.ndarray | Tensor | None = None,
+    version: int = 1,
+    overwrite: bool = False,
+    private: bool = False,
+    device: str = "cpu",
+    threads: int | None = None,
+    auto_batches: str | Sequence[int] = AUTO_BATCHES,
+) -> ExportResult:
+    """Lower a user's module holding ``FrozenMixedActivation`` layers to ONNX, verify every
+    candidate lowering against the module (the original one), choose, and write one
+    repository entry REPOSITORY/NAME atomically (nothing is written when anything fails).
+
+    ``example_input`` (N, ...) float32 fixes the input's shape (the batch is dynamic) and is
+    traced. ``lowering``: scatter, permuted (each layer reported: ``report["folds"]``) or auto
+    (both verified, timed on ``device`` with ``threads`` at ``auto_batches``, the fastest kept).
+    ``labels``: one per class (default "0".."C-1"); ``preprocessing``: {"offset", "scale"} the
+    module applies itself, recorded only (default: none). ``test_inputs`` (M, *shape): verified
+    on as the test set, beside random and edge inputs of the example's shape. The ModelSpec is
+    ``module_spec``'s. ExportError (one line) for a request that cannot be carried out,
+    VerificationError when ONNX Runtime and PyTorch disagree.
+    """
+    check_threads(threads)
+    batches = _batch_sizes(auto_batches)
+    if lowering not in (*MODULE_LOWERINGS, "auto"):
+        raise ExportError(
+            f"--lowering {lowering!r}: a module is lowered auto, {', '.join(MODULE_LOWERINGS)}"
+        )
+    entry = check_destination(repository, name, version=version, overwrite=overwrite)
+    reference = _checked_model(model)
+    example, classes = _checked_example(reference, example_input)
+    shape = list(example.shape[1:])
+    if isinstance(labels, str):
+        labels = split_list(labels)
+    try:
+        spec = module_spec(
+            reference,
+            input_shape=shape,
+            classes=classes,
+            labels=labels,
+            preprocessing=preprocessing,
+        )
+    except SpecError as e:
+        raise ExportError(str(e)) from None
+    test_x = _checked_test_inputs(test_inputs, shape)
+    source = "no test inputs given; random and edge inputs only"
+    if test_x is not None:
+        source = f"{len(test_x)} test inputs given"
+    low, high = _raw_range(spec, test_x)
+    inputs = input_sets(shape, test_x=test_x, low=low, high=high)
+    return export_network(
+        reference,
+        spec=spec,
+        inputs=inputs,
+        test_source=source,
+        raw_range=(low, high),
+        entry=entry,
+        source=Path(f"module {type(model).__name__}"),
+        run=None,
+        lowering=lowering,
+        opset=opset,
+        version=version,
+        device=device,
+        threads=threads,
+        batches=batches,
+        overwrite=overwrite,
+        private=private,
+        example=example,
+    )
+
+
+def export_network(
+    reference: nn.Module,
+    *,
+    spec: ModelSpec,
+    inputs: dict[str, np.ndarray],
+    test_source: str,
+    raw_range: tuple[float, float],
+    entry: Path,
+    source: Path,
+    run: str | None,
+    lowering: str,
+    opset: int,
+    version: int,
+    device: str,
+    threads: int | None,
+    batches: tuple[int, ...],
+    overwrite: bool,
+    private: bool,
+    example: Tensor | None = None,
+) -> ExportResult:
+    """The common part of a module's and a layered run's export: lower each candidate
+    (``lowering`` or both for auto), verify it against ``reference`` on ``inputs`` (each
+    (N, *shape)), time the candidates for auto, write the entry with ``spec`` as its META_SPEC
+    (and ``run`` as META_RUN when the network comes from a run folder)."""
+    if not MIN_OPSET <= opset <= MAX_MODULE_OPSET:
+        raise ExportError(
+            f"--opset {opset}: torch's exporter writes opset {MIN_OPSET} to {MAX_MODULE_OPSET} "
+            "for these layers"
+        )
+    reference = reference.eval()
+    shape = list(next(iter(inputs.values())).shape[1:])
+    if example is None:
+        example = torch.from_numpy(inputs["random"][:2])
+    name = entry.name
+    dims = shape
+    # the entry's other versions, checked again under the lock before anything is written
+    check_fits_entry(
+        entry,
+        triton_config(name, spec, lowering=lowering, dims=dims),
+        version=version,
+        run_dir=source,
+    )
+    paths = [path for path, _ in frozen_layers(reference)]
+    folds = plan_folds(reference, example)
+    permutes = any(f.form == "permuted" for f in folds)
+    if lowering == "auto":
+        # permuted changes no layer: it is the scatter graph, nothing to choose
+        candidates = MODULE_LOWERINGS if permutes else ("scatter",)
+    else:
+        candidates = (lowering,)
+    models, reports = {}, {}
+    for candidate in candidates:  # every candidate is verified before it may be chosen
+        network = permuted_copy(reference, folds) if candidate == "permuted" else reference
+        models[candidate] = to_onnx(network, example, opset=opset)
+        reports[candidate] = verify_against_torch(
+            models[candidate], reference, inputs, n_classes=spec.arch[-1]
+        )
+    chosen, selection = candidates[0], None
+    if len(candidates) > 1:
+        timings = time_lowerings(
+            {c: m.SerializeToString() for c, m in models.items()},
+            shape,
+            device=device,
+            threads=threads,
+            batches=batches,
+        )
+        chosen, selection = pick_lowering(timings)
+        selection |= {"device": device, "threads": threads, "batches": list(batches)}
+    model = models[chosen]
+    report = {
+        **({"run": run} if run is not None else {"module": spec.training.get("module")}),
+        "lowering": chosen,
+        "opset": opset,
+        "requested_lowering": lowering,
+        "precision": "fp32",
+        "verification": reports[chosen],
+        "test_data": test_source,
+        "raw_input_range": list(raw_range),
+        "selection": selection,
+        "versions": _versions(),
+        "input_shape": shape,
+        # what permuted does with each frozen layer, whichever lowering is chosen
+        "folds": [asdict(f) for f in folds],
+        "affine_fold": "none: each group's candidate-norm Sub/Mul stays in the graph",
+        "structure": {c: layer_structure(m, paths) for c, m in models.items()},
+    }
+    set_metadata(
+        model,
+        {
+            META_SPEC: spec.to_dict(),
+            META_LOWERING: chosen,
+            META_PRECISION: "fp32",
+            META_VERIFICATION: reports[chosen],
+            META_SELECTION: selection,
+            **({META_RUN: run} if run is not None else {}),
+            META_VERSIONS: report["versions"],
+        },
+    )
+    config = triton_config(name, spec, lowering=chosen, dims=dims)
+    write_checked_entry(
+        entry, version, model, report, config, source=source, overwrite=overwrite, private=private
+    )
+    return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
+
+
+__all__ = [
+    "MODULE_LOWERINGS",
+    "LayerFold",
+    "WithProbabilities",
+    "export_module",
+    "export_network",
+    "layer_nodes",
+    "layer_structure",
+    "module_spec",
+    "permuted_copy",
+    "plan_folds",
+    "to_onnx",
+]
