@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smartmixed.contract import call_with_options, split_list
+from smartmixed.contract import SpecError, call_with_options, split_list
 from smartmixed.contract.runtime import ProviderError
 from smartmixed.export.autotune import AUTO_BATCHES
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
@@ -274,7 +274,7 @@ def _export_module(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     except VerificationError as e:
         print(f"smartmixed-export: verification failed: {e}", file=sys.stderr)
         return 1
-    except (ExportError, FrozenFileError, LoweringError, ProviderError) as e:
+    except (ExportError, FrozenFileError, SpecError, LoweringError, ProviderError) as e:
         print(f"smartmixed-export: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -419,6 +419,13 @@ def test_a_layered_run_is_exported_as_a_module(tmp_path: Path, monkeypatch) -> N
     meta = get_metadata(onnx.load(str(result.entry / "1" / "model.onnx")))
     assert json.loads(meta[META_SPEC]) == spec.to_dict() and meta[META_RUN] == str(run)
     assert "dims: [ 1, 8, 8 ]" in (models / "conv" / "config.pbtxt").read_text()
+    # --verify-only reads it back: the run's network on inputs of the spec's input_shape
+    report = repository.verify_entry(models / "conv")
+    assert report["passed"] and {r["input_set"] for r in report["results"]} == {
+        "test",
+        "random",
+        "edge",
+    }
 
     for options, message in (
         ({"quantize": "int8"}, f"{run}: --quantize int8 applies to MLP runs; this run is a layered (conv) network"),
