@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from smartmixed.bench import common
 from smartmixed.bench.common import machine_info
+from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.distributed import resolve_device
 from smartmixed.train.model import PRESETS, MixedMLP, SelectiveMLP
-from smartmixed.nn.pool import DEFAULT_POOL
 
 PAPER_ARCH = list(PRESETS["paper"])
 TARGETS = {"phase1_vs_fixed": 1.3, "phase2_vs_fixed": 1.1}
@@ -34,17 +34,16 @@ class NaiveSelectiveMLP(SelectiveMLP):
     """Reference point only: the textbook phase-1 layer that stacks every candidate.
 
     out = sum_k y_k f_k(z) with y from F.gumbel_softmax(hard=True); autograd keeps the
-    (B, n, |P|) stack alive for backward. This is what the custom function in train/model.py
+    (B, n, |P|) stack alive for backward. This is what the custom function in smartmixed.nn
     avoids.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         h = (x - self.offset) * self.scale
-        logits = self.selection_logits.split(self.arch[1:-1])
-        for linear, layer_logits in zip(self.layers[:-1], logits, strict=True):
+        for linear, activation in zip(self.layers[:-1], self.activations, strict=True):
             z = linear(h)  # (B, n)
-            y = F.gumbel_softmax(layer_logits, tau=self.tau, hard=True)  # (n, K)
-            stacked = torch.stack([act.fn(z) for act in self.acts], dim=-1)  # (B, n, K)
+            y = F.gumbel_softmax(activation.logits, tau=self.tau, hard=True)  # (n, K)
+            stacked = torch.stack([act.fn(z) for act in activation.acts], dim=-1)  # (B, n, K)
             h = (stacked * y).sum(-1)
         return self.layers[-1](h)
 

@@ -36,6 +36,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from smartmixed import contract
+from smartmixed.nn import AFUnit, selection_logits
+from smartmixed.nn.pool import afu_apply, afu_init, get_activation, parse_pool
 from smartmixed.train import artifacts, report
 from smartmixed.train.data import Dataset
 from smartmixed.train.distributed import (
@@ -49,11 +51,12 @@ from smartmixed.train.model import (
     CANDIDATE_NORMS,
     LOGIT_GRAD_NORMS,
     MixedMLP,
+    MixedNetwork,
     ModelSpec,
     SelectiveMLP,
+    SelectiveNetwork,
     parse_arch,
 )
-from smartmixed.nn.pool import afu_apply, afu_init, get_activation, parse_pool
 
 EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")
@@ -288,9 +291,9 @@ def train_epoch(
     ranks = ranks or Ranks()
     model.train()
     inner = getattr(model, "module", model)  # DDP wraps the network
-    logits_param = getattr(inner, "selection_logits", None)
+    logit_params = selection_logits(inner)  # one (n_l, K) parameter per hidden layer
     # accumulated where the logits live: one device-to-host copy per epoch, not per step
-    logit_grad = None if logits_param is None else torch.zeros_like(logits_param[0]).detach()
+    logit_grad = torch.zeros_like(logit_params[0][0]).detach() if logit_params else None
     order = torch.randperm(len(y), generator=generator).to(y.device)
     # loss sum, correct, rows: kept where the data lives (no device sync per step; nccl reduces
     # only GPU tensors)
@@ -305,10 +308,12 @@ def train_epoch(
         loss = loss_fn(logits, y[idx], double_softmax=double_softmax)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if logit_grad is not None and logits_param.grad is not None:
-            logit_grad += logits_param.grad.detach().mean(0)  # (K,)
+        grads = [p.grad.detach() for p in logit_params if p.grad is not None]
+        if logit_grad is not None and grads:
+            logit_grad += torch.cat(grads).mean(0)  # (K,): the mean over every hidden neuron
             if freeze_logits:
-                logits_param.grad = None
+                for p in logit_params:
+                    p.grad = None
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         check_ranks_agree(model, ranks)
@@ -406,10 +411,12 @@ def _build(
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam; the selection logits form their own group at ``logit_lr`` and the learned units
     theirs at ``afu_lr`` (None: ``lr``), each only when the network has them."""
-    named = dict(model.named_parameters())
-    logits = [p for n, p in named.items() if n == "selection_logits"]
-    units = [p for n, p in named.items() if n.startswith("afus.")]
-    weights = [p for n, p in named.items() if n != "selection_logits" and not n.startswith("afus.")]
+    logits = selection_logits(model)
+    unit_ids = {id(p) for m in model.modules() if isinstance(m, AFUnit) for p in m.parameters()}
+    special = unit_ids | {id(p) for p in logits}
+    # in module order, each parameter once (a network-shared unit too)
+    units = [p for p in model.parameters() if id(p) in unit_ids]
+    weights = [p for p in model.parameters() if id(p) not in special]
     groups: list[dict[str, Any]] = [{"params": weights, "lr": config.lr}]
     if logits:
         groups.append({"params": logits, "lr": config.logit_lr or config.lr})
@@ -433,7 +440,7 @@ def _start_phase(
     if name == "fixed":
         run.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
     if name == "mixed" and previous is not None:
-        assert isinstance(previous, SelectiveMLP)
+        assert isinstance(previous, SelectiveNetwork)
         run.assignment = previous.assignment()
         # no phase-2 epochs: nothing would train a fresh network, so phase 1's ships
         if config.phase2_init == "continue" or epochs == 0:
@@ -663,7 +670,7 @@ def _train_phase(
     with bar:
         while run.phase_epoch < phase.epochs:
             started = time.perf_counter()
-            if isinstance(model, SelectiveMLP):
+            if isinstance(model, SelectiveNetwork):  # tau and relaxed of every mixed layer
                 model.tau = config.tau_at(run.phase_epoch)
                 model.relaxed = run.phase_epoch < config.soft_epochs
             result = train_epoch(
@@ -684,11 +691,7 @@ def _train_phase(
             )
             seconds = time.perf_counter() - started
             run.train_seconds += seconds
-            counts = (
-                model.activation_counts()
-                if isinstance(model, SelectiveMLP)
-                else [{n: layer.count(n) for n in config.pool} for layer in run.assignment]
-            )
+            counts = model.activation_counts()
             record = {
                 "epoch": len(run.history),
                 "phase": phase.name,
@@ -699,7 +702,7 @@ def _train_phase(
                 "seconds": seconds,
                 "activation_counts": counts,
             }
-            if isinstance(model, SelectiveMLP):
+            if isinstance(model, SelectiveNetwork):
                 record["tau"] = model.tau
                 record["relaxed"] = model.relaxed
                 record["logits_frozen"] = config.logits_frozen_at(run.phase_epoch)
@@ -1008,7 +1011,7 @@ def _short(text: str, limit: int = 60) -> str:
 AFU_GRID = (-6.0, 6.0, 1201)  # z grid of the AFU summaries and plot (paper Fig. 2c's range)
 
 
-def afu_summary(model: MixedMLP) -> dict[str, Any]:
+def afu_summary(model: MixedNetwork) -> dict[str, Any]:
     """How far each hidden layer's learned unit is from relu and from its start, on z in
     [-6, 6]: max |G(z) - relu(z)|, max |G(z) - G_0(z)| (G_0: pool.afu_init), per layer."""
     z = torch.linspace(*AFU_GRID, dtype=torch.float64)

@@ -11,17 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smartmixed.contract import AFU_PARAMS, MODEL_WEIGHTS, ModelSpec, SpecError
+from smartmixed.nn import AFUnit
+from smartmixed.nn.layers import gumbel_softmax_sample
+from smartmixed.nn.pool import ACTIVATIONS, afu_init
 from smartmixed.train.artifacts import ArtifactError, load_model, save_model
 from smartmixed.train.data import Dataset
 from smartmixed.train.loop import TrainConfig, TrainError, train_run
-from smartmixed.train.model import (
-    AFUnit,
-    MixedMLP,
-    SelectiveMLP,
-    gumbel_softmax_sample,
-    linear_t,
-)
-from smartmixed.nn.pool import ACTIVATIONS, afu_init
+from smartmixed.train.model import MixedMLP, SelectiveMLP, linear_t
 
 POOL = ["relu", "tanh", "selu", "afu"]
 NUMPY_BASES = {
@@ -87,7 +83,8 @@ def _selective(share: str = "layer") -> SelectiveMLP:
     ).double()
     perturb(model, seed=4)
     with torch.no_grad():  # afu the argmax of a third of the neurons
-        model.selection_logits[::3, 3] += 5.0
+        for layer in model.activations:
+            layer.logits[::3, 3] += 5.0
     return model
 
 
@@ -103,11 +100,11 @@ def test_phase1_afu_parameter_gradients_gradcheck(share: str) -> None:
     autograd equals finite differences, float64."""
     model = _selective(share).train()
     x = torch.rand(5, 6, dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters() if n.startswith("afus.")]
+    names = [n for n, _ in model.named_parameters() if ".afu." in n]
     start = [dict(model.named_parameters())[n].detach().clone() for n in names]
 
-    if share == "network":
-        assert names == [f"afus.0.{p}" for p in AFU_PARAMS]  # one unit, tied at every layer
+    if share == "network":  # one unit, tied at every layer
+        assert names == [f"activations.0.afu.{p}" for p in AFU_PARAMS]
 
     def f(*params: torch.Tensor) -> torch.Tensor:
         state = dict(zip(names, params, strict=True))
@@ -139,19 +136,17 @@ def test_phase1_gradients_equal_textbook_straight_through() -> None:
     )
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        soft, choice = gumbel_softmax_sample(model.selection_logits, model.tau)  # (K, N), (N,)
-    hard = torch.nn.functional.one_hot(choice, len(POOL)).t().double()
-    ys = hard - soft.detach() + soft  # (K, N)
-    h, start = (x - model.offset) * model.scale, 0
+        torch.manual_seed(11)  # the forward's draws: one per hidden layer, in order
+        draws = [gumbel_softmax_sample(m.logits, m.tau) for m in model.activations]
+    h = (x - model.offset) * model.scale
     t = model.transform
-    for layer, linear in enumerate(model.layers[:-1]):
+    for layer, (linear, (soft, choice)) in enumerate(zip(model.layers[:-1], draws, strict=True)):
+        hard = torch.nn.functional.one_hot(choice, len(POOL)).t().double()
+        ys = hard - soft.detach() + soft  # (K, n)
         z = linear_t(linear, h.t())  # (n, B)
-        width = z.shape[0]
         cands = [ACTIVATIONS[n].fn(z) if n != "afu" else model.afus[layer](z) for n in POOL]
         stack = torch.stack([(c - t.shift[k]) * t.gain[k] for k, c in enumerate(cands)])
-        h = (ys[:, start : start + width].unsqueeze(2) * stack).sum(0).t()
-        start += width
+        h = (ys.unsqueeze(2) * stack).sum(0).t()
     want_loss = torch.nn.functional.cross_entropy(model.layers[-1](h), y)
     want = torch.autograd.grad(want_loss, list(model.parameters()))
     for (name, g), w in zip(got.items(), want, strict=True):
@@ -182,7 +177,7 @@ def _mixed(share: str = "layer", base: str = "relu") -> MixedMLP:
 def test_phase2_afu_parameter_gradients_gradcheck() -> None:
     model = _mixed(base="sigmoid")
     x = torch.rand(5, 6, dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters() if n.startswith("afus.")]
+    names = [n for n, _ in model.named_parameters() if ".afu." in n]
     params = tuple(
         dict(model.named_parameters())[n].detach().clone().requires_grad_(True) for n in names
     )
@@ -345,7 +340,7 @@ def test_afu_lr_gives_the_units_their_own_adam_group() -> None:
     model = SelectiveMLP(config.arch, config.pool, afu=config.afu)
     groups = _optimizer(config, model).param_groups
     assert [g["lr"] for g in groups] == [1e-4, 1e-2, 1e-3]
-    units = {id(p) for n, p in model.named_parameters() if n.startswith("afus.")}
+    units = {id(p) for n, p in model.named_parameters() if ".afu." in n}
     assert {id(p) for p in groups[2]["params"]} == units and units
     assert not units & {id(p) for p in groups[0]["params"]}
     plain = TrainConfig(arch=[6, 5, 3], mode="fixed:relu", afu_lr=1e-3)  # no unit: no group

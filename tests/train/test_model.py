@@ -4,19 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smartmixed.nn import FrozenMixedActivation, MixedActivation, selection_logits
+from smartmixed.nn.layers import _normalise_candidates, gumbel_softmax_sample
+from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL, standard_moments
 from smartmixed.train.model import (
     PRESETS,
     TABLE1,
-    CandidateTransform,
     MixedMLP,
     ModelSpec,
     SelectiveMLP,
     SpecError,
-    _SelectActivation,
-    gumbel_softmax_sample,
     parse_arch,
 )
-from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL, batch_sum_basis, standard_moments
 
 POOL = list(DEFAULT_POOL)
 ACTS = tuple(ACTIVATIONS[n] for n in POOL)
@@ -43,8 +42,25 @@ def test_selective_mlp_gradients_reach_every_layers_logits() -> None:
     model = SelectiveMLP([20, 16, 12, 3], POOL).train()
     loss = F.cross_entropy(model(torch.randn(32, 20)), torch.randint(0, 3, (32,)))
     loss.backward()
-    grads = model.selection_logits.grad.split([16, 12])
-    assert all(g.abs().sum() > 0 for g in grads)
+    logits = selection_logits(model)  # one parameter per hidden layer, for the optimizer
+    assert [tuple(p.shape) for p in logits] == [(16, len(POOL)), (12, len(POOL))]
+    assert all(p.grad.abs().sum() > 0 for p in logits)
+
+
+def test_networks_are_built_from_the_drop_in_layers() -> None:
+    selective = SelectiveMLP([9, 5, 4, 3], POOL, candidate_norm="standard", tau=0.7)
+    assert [type(m) for m in selective.activations] == [MixedActivation] * 2
+    assert [m.num_features for m in selective.activations] == [5, 4]
+    assert all(m.candidate_norm == "standard" and m.tau == 0.7 for m in selective.activations)
+    selective.tau, selective.relaxed = 0.2, True  # the loop's schedule reaches every layer
+    assert [(m.tau, m.relaxed) for m in selective.activations] == [(0.2, True)] * 2
+    mixed = MixedMLP.from_selective(selective, preprocessing={"offset": 0.0, "scale": 1.0})
+    assert [type(m) for m in mixed.activations] == [FrozenMixedActivation] * 2
+    # the frozen layers see the neurons grouped (sorted): split and concat, no index op
+    assert all(m.groups.contiguous for m in mixed.activations)
+    assert [m.names() for m in mixed.activations] == [
+        sorted(a, key=POOL.index) for a in mixed.assignment
+    ]
 
 
 def test_selective_eval_is_deterministic_argmax() -> None:
@@ -175,13 +191,13 @@ def test_relaxed_forward_is_the_soft_mixture_and_reaches_every_logit() -> None:
     torch.manual_seed(7)
     out = model(x)
     torch.manual_seed(7)  # the same Gumbel draw, by hand
-    soft, _ = gumbel_softmax_sample(model.selection_logits, model.tau)  # (K, 5)
+    soft, _ = gumbel_softmax_sample(model.activations[0].logits, model.tau)  # (K, 5)
     z = model.layers[0](x)  # (4, 5)
     moments = [standard_moments(n) for n in POOL]
     h = sum(soft[k] * (ACTS[k].fn(z) - moments[k][0]) / moments[k][1] for k in range(len(POOL)))
     torch.testing.assert_close(out, model.layers[1](h), rtol=1e-5, atol=1e-6)
     out.sum().backward()
-    assert (model.selection_logits.grad.abs() > 0).all()  # every candidate of every neuron
+    assert (model.activations[0].logits.grad.abs() > 0).all()  # every candidate of every neuron
     model.eval()  # evaluation stays the hard argmax, relaxed or not
     with torch.no_grad():
         relaxed_eval = model(x)
@@ -190,10 +206,14 @@ def test_relaxed_forward_is_the_soft_mixture_and_reaches_every_logit() -> None:
 
 
 def test_logit_grad_norm_equalises_each_candidates_rms_per_layer() -> None:
+    """--logit-grad-norm candidate: every layer rescales its own dL/ds (K, n_l) so that each
+    candidate's RMS over the layer's neurons is the layer's mean RMS, direction kept."""
     model = SelectiveMLP([6, 5, 4, 3], POOL, logit_grad_norm="candidate")
-    grad = torch.randn(len(POOL), 9) * torch.tensor([1.0, 100, 0.01, 3, 7, 1e-3]).unsqueeze(1)
-    normalised = model._normalise_candidates(grad)
-    for g, n in zip(grad.split([5, 4], 1), normalised.split([5, 4], 1), strict=True):
+    assert [m.logit_grad_norm for m in model.activations] == ["candidate"] * 2
+    scales = torch.tensor([1.0, 100, 0.01, 3, 7, 1e-3]).unsqueeze(1)
+    for width in (5, 4):
+        g = torch.randn(len(POOL), width) * scales
+        n = _normalise_candidates(g)
         rms = n.pow(2).mean(1).sqrt()
         torch.testing.assert_close(rms, torch.full_like(rms, float(rms.mean())))
         torch.testing.assert_close(rms.mean(), g.pow(2).mean(1).sqrt().mean())
