@@ -58,7 +58,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": (
         "seeded grid of training runs (architectures x models x seeds), ranks and MRR",
         "Train every cell (architecture, model, seed) as its own smartmixed-train "
-        "run in DIR/runs/ARCH/MODEL/seedK (complete cells are skipped, killed ones resumed) and "
+        "run in DIR/runs/ARCH/MODEL/seedK (with --tune-lr: DIR/runs/ARCH/MODEL/lrRATE/seedK; "
+        "complete cells are skipped, killed ones resumed) and "
         "aggregate them: mean, std and 95% interval of the test accuracy, ranks per "
         "architecture, the paper's Mean Reciprocal Rank, paired wins/ties/losses against each "
         "fixed activation; writes DIR/study.{json,md,png} after every finished cell. Flags after "
@@ -236,12 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--archs",
         default=DEFAULT_ARCHS,
         help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
-        "'paper;table1-5;64,32,10' (default paper)",
+        "'paper;table1-5;64,32,10' or conv presets 'lenet5;convnet' (default paper)",
     )
     st.add_argument(
         "--seeds",
         default=str(DEFAULT_SEEDS),
         help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)",
+    )
+    st.add_argument(
+        "--tune-lr",
+        metavar="RATES",
+        help="learning rates to try, e.g. 1e-4,1e-3,3e-3: every cell trains at each; per "
+        "architecture and model the rate with the best mean validation accuracy is kept "
+        "(ties: the smaller) and the tables use its cells only",
+    )
+    st.add_argument(
+        "--tune-seeds",
+        type=int,
+        metavar="N",
+        help="with --tune-lr: choose the rate on the first N seeds only; the other seeds "
+        "train at the chosen rate alone",
     )
     st.add_argument(
         "--jobs",
@@ -328,6 +343,14 @@ def _study(args: argparse.Namespace, train_args: list[str]) -> int:
         return 130
     if args.plan:
         print("\n".join(shlex.join(command) for command in outcome["commands"]))
+        if outcome["waiting"]:
+            print(
+                f"smartmixed-bench: {outcome['waiting']} more cell(s), the seeds after "
+                f"--tune-seeds {args.tune_seeds}, train at their architecture and model's chosen "
+                "rate, which depends on the tuning cells above; --plan lists them once those "
+                "are complete",
+                file=sys.stderr,
+            )
         return 0
     if outcome["study"] is not None:
         print(render_markdown(outcome["study"]))
@@ -338,6 +361,12 @@ def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     )
     for failure in outcome["failed"]:
         print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
+    if outcome["waiting"]:
+        print(
+            f"{outcome['waiting']} cell(s) wait for their architecture and model's rate choice "
+            "(a tuning cell is not complete)",
+            file=sys.stderr,
+        )
     if outcome["study"] is None:
         print(
             f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",

@@ -1,10 +1,19 @@
 """A seeded grid of training runs (architectures x models x seeds) and what it says.
 
-Each cell is an ordinary run folder, DIR/runs/<archkey>/<model>/seed<k>, trained by its own
-``python -m smartmixed.train`` process. So a study resumes cell by cell (a folder holding
-model.json is done; one holding checkpoint.safetensors, a killed run, continues with --resume),
-runs on a cluster (``--plan`` prints every cell's command) and is aggregated from the run folders
-alone (``--collect``).
+Each cell is an ordinary run folder, DIR/runs/<archkey>/<model>/seed<k> (with --tune-lr,
+DIR/runs/<archkey>/<model>/lr<rate>/seed<k>), trained by its own ``python -m smartmixed.train``
+process. So a study resumes cell by cell (a folder holding model.json is done; one holding
+checkpoint.safetensors, a killed run, continues with --resume), runs on a cluster (``--plan``
+prints every cell's command) and is aggregated from the run folders alone (``--collect``).
+An architecture is a list of widths (an MLP) or a preset: an MLP preset, or a conv preset
+(contract.CONV_PRESETS, trained with ``--preset NAME``).
+
+Learning-rate tuning (``--tune-lr R1,R2,...``): every (architecture, model, seed) trains at each
+rate; per (architecture, model) the rate with the best mean validation accuracy of the final
+model over the seeds finished at that rate is chosen (ties: the smaller rate), and everything
+below uses the chosen rate's cells only. Test accuracy never takes part in the choice.
+``--tune-seeds N`` tunes on the first N seeds only; the other seeds train at the chosen rate
+alone, once every tuning cell of their (architecture, model) is complete.
 
 Aggregation (DIR/study.{json,md,png}, rewritten after every finished cell):
 - per architecture and model: mean test accuracy over the seeds, sample std (ddof 1) and the
@@ -21,6 +30,7 @@ Aggregation (DIR/study.{json,md,png}, rewritten after every finished cell):
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import re
@@ -36,19 +46,29 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common
-from smartmixed.contract import split_list
-from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
-from smartmixed.train.model import PRESETS, TABLE1, SpecError, parse_arch, resolve_preset
+from smartmixed.contract import (
+    CONV_PRESETS,
+    PRESETS,
+    TABLE1,
+    SpecError,
+    is_conv_preset,
+    parse_arch,
+    resolve_conv_preset,
+    resolve_preset,
+    split_list,
+)
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
+from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
 
 SMARTMIXED = "smartmixed"
 DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)
 DEFAULT_ARCHS = "paper"
 DEFAULT_SEEDS = 3
 TABLE1_ARCHS = "table1"  # --archs shorthand for the 18 presets table1-1 .. table1-18
-RUNS = "runs"  # DIR/runs/<archkey>/<model>/seed<k>
+RUNS = "runs"  # DIR/runs/<archkey>/<model>[/lr<rate>]/seed<k>
 # smartmixed-train options the study sets for every cell; variant and pass-through flags may not
-# (argparse dests). --mode is the model's: a variant may set it, the pass-through may not.
+# (argparse dests). --mode is the model's: a variant may set it, the pass-through may not;
+# --lr is the study's with --tune-lr.
 CELL_OPTIONS = (
     "data",
     "data_dir",
@@ -63,6 +83,8 @@ CELL_OPTIONS = (
     "list_presets",
 )
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a folder name on any filesystem
+# a --tune-lr rate: a plain decimal number, written into the folder name lr<rate> as given
+RATE_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 STDERR_TAIL_LINES = 15
 RANK_TIE_TOLERANCE = 1e-12  # means this close are equal (the same accuracies summed in any order)
 
@@ -90,20 +112,43 @@ class StudyModel:
 @dataclass(frozen=True)
 class Cell:
     archkey: str
-    arch: tuple[int, ...]
+    arch: tuple[int, ...] | None  # an MLP's widths; None: the conv preset named archkey
     model: StudyModel
     seed: int
+    lr: str | None = None  # a --tune-lr rate as given; None: the rate the flags give
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """(archkey, model label): the cells a learning rate is chosen for."""
+        return self.archkey, self.model.label
 
     def folder(self, out: Path) -> Path:
-        return out / RUNS / self.archkey / self.model.label / f"seed{self.seed}"
+        folder = out / RUNS / self.archkey / self.model.label
+        return (folder if self.lr is None else folder / f"lr{self.lr}") / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """--tune-lr / --tune-seeds: the rates tried, the seeds the choice is made on, and the seeds
+    trained afterwards at the chosen rate alone (empty without --tune-seeds)."""
+
+    rates: tuple[str, ...]
+    seeds: tuple[int, ...]
+    rest: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------------------------
 # Options
 
 
-def parse_models(models: str | Sequence[str], variants: Sequence[str] = ()) -> list[StudyModel]:
-    """--models names (activations: fixed baselines; smartmixed) then the --variant LABEL=FLAGS."""
+def parse_models(
+    models: str | Sequence[str],
+    variants: Sequence[str] = (),
+    *,
+    reserved: Iterable[str] = CELL_OPTIONS,
+) -> list[StudyModel]:
+    """--models names (activations: fixed baselines; smartmixed) then the --variant LABEL=FLAGS
+    (which may not set the ``reserved`` options)."""
     names = split_list(models)
     parsed = []
     for name in names:
@@ -130,7 +175,7 @@ def parse_models(models: str | Sequence[str], variants: Sequence[str] = ()) -> l
             flags = shlex.split(flags_text)
         except ValueError as e:
             raise BenchError(f"--variant {label}: cannot split its flags ({e})") from None
-        given = check_train_flags(flags, f"--variant {label}", reserved=CELL_OPTIONS)
+        given = check_train_flags(flags, f"--variant {label}", reserved=reserved)
         mode = given.get("mode", SMARTMIXED)
         if mode.startswith("fixed:") and mode.removeprefix("fixed:") not in ACTIVATIONS:
             raise BenchError(
@@ -171,9 +216,10 @@ def check_train_flags(
     return given
 
 
-def parse_archs(text: str) -> dict[str, list[int]]:
-    """'table1' | 'paper;table1-5;64,32,10' -> {archkey: widths} (archkey: preset or 64-32-10)."""
-    archs: dict[str, list[int]] = {}
+def parse_archs(text: str) -> dict[str, list[int] | None]:
+    """'table1' | 'paper;lenet5;64,32,10' -> {archkey: widths} (archkey: preset or 64-32-10);
+    a conv preset's widths are None (they follow from its layers and the data's image shape)."""
+    archs: dict[str, list[int] | None] = {}
     for entry in (e.strip() for e in text.split(";")):
         if not entry:
             continue
@@ -183,8 +229,13 @@ def parse_archs(text: str) -> dict[str, list[int]]:
             elif "," in entry:
                 widths = parse_arch(entry)
                 resolved = {"-".join(map(str, widths)): widths}
-            else:
+            elif is_conv_preset(entry):
+                resolved = {entry: None}
+            elif entry in PRESETS:
                 resolved = {entry: resolve_preset(entry)}
+            else:
+                names = ", ".join([*PRESETS, *CONV_PRESETS])
+                raise SpecError(f"unknown preset {entry!r}; expected one of: {names}")
         except SpecError as e:
             raise BenchError(f"--archs entry {entry!r}: {e}") from None
         for key, widths in resolved.items():
@@ -213,16 +264,78 @@ def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
     return values
 
 
+def parse_tuning(
+    tune_lr: str | Sequence[str] | None, tune_seeds: int | None, seeds: Sequence[int]
+) -> Tuning | None:
+    """--tune-lr '1e-4,1e-3,3e-3' and --tune-seeds N -> Tuning (None without --tune-lr). Each
+    rate is kept as written: it names the cells' folders, lr<rate>."""
+    if tune_lr is None:
+        if tune_seeds is not None:
+            raise BenchError("--tune-seeds needs --tune-lr (the rates to choose from)")
+        return None
+    text = tune_lr if isinstance(tune_lr, str) else ",".join(tune_lr)
+    rates = split_list(tune_lr)
+    for rate in rates:
+        value = float(rate) if RATE_PATTERN.fullmatch(rate) else math.nan
+        if not (0 < value < math.inf):
+            raise BenchError(
+                f"--tune-lr {text!r}: {rate!r} is not a learning rate; expected positive "
+                f"decimal numbers separated by commas, e.g. 1e-4,1e-3,3e-3"
+            )
+    if not rates:
+        raise BenchError(f"--tune-lr {text!r}: no rate; expected e.g. 1e-4,1e-3,3e-3")
+    values = [float(r) for r in rates]
+    for i, rate in enumerate(rates):
+        if values[i] in values[:i]:
+            same = rates[values.index(values[i])]
+            raise BenchError(f"--tune-lr {text!r}: {same} and {rate} are the same rate")
+    if tune_seeds is None:
+        return Tuning(tuple(rates), tuple(seeds), ())
+    if not 1 <= tune_seeds <= len(seeds):
+        raise BenchError(
+            f"--tune-seeds {tune_seeds}: expected 1..{len(seeds)} (the number of --seeds)"
+        )
+    return Tuning(tuple(rates), tuple(seeds[:tune_seeds]), tuple(seeds[tune_seeds:]))
+
+
 def plan_cells(
-    archs: Mapping[str, Sequence[int]], models: Sequence[StudyModel], seeds: Sequence[int]
+    archs: Mapping[str, Sequence[int] | None],
+    models: Sequence[StudyModel],
+    seeds: Sequence[int],
+    *,
+    rates: Sequence[str | None] = (None,),
 ) -> list[Cell]:
-    """Every cell, architecture-major, then model, then seed (the order of --plan)."""
+    """Every cell, architecture-major, then model, then rate, then seed (the order of --plan)."""
     return [
-        Cell(key, tuple(arch), model, seed)
+        Cell(key, None if arch is None else tuple(arch), model, seed, rate)
         for key, arch in archs.items()
         for model in models
+        for rate in rates
         for seed in seeds
     ]
+
+
+def rest_cells(
+    cells: Sequence[Cell], records: Mapping[Cell, Mapping[str, Any]], tuning: Tuning
+) -> tuple[list[Cell], int]:
+    """(the cells of the seeds after --tune-seeds, at their (architecture, model)'s chosen rate,
+    for every group whose tuning cells are all complete; the number of cells still waiting for
+    a choice)."""
+    groups: dict[tuple[str, str], Cell] = {}
+    for cell in cells:
+        groups.setdefault(cell.group, cell)
+    choices = choose_rates([records[c] for c in cells if c in records], tuning)
+    rest, waiting = [], 0
+    for group, first in groups.items():
+        choice = choices.get(group)
+        if choice is None or not choice["complete"]:
+            waiting += len(tuning.rest)
+            continue
+        rest += [
+            Cell(first.archkey, first.arch, first.model, seed, choice["chosen"])
+            for seed in tuning.rest
+        ]
+    return rest, waiting
 
 
 def cell_command(
@@ -236,8 +349,13 @@ def cell_command(
     command = [sys.executable, "-m", "smartmixed.train", "--data", data]
     if data_dir is not None:
         command += ["--data-dir", str(data_dir)]
-    command += ["--arch", ",".join(map(str, cell.arch)), *cell.model.mode_flags]
+    if cell.arch is None:
+        command += ["--preset", cell.archkey]
+    else:
+        command += ["--arch", ",".join(map(str, cell.arch))]
+    command += cell.model.mode_flags
     command += ["--seed", str(cell.seed), "--out", str(folder), "--quiet"]
+    command += [] if cell.lr is None else ["--lr", cell.lr]
     command += [*train_args, *cell.model.flags]
     if (folder / CHECKPOINT).exists() and not (folder / MODEL_SPEC).exists():
         command.append("--resume")
@@ -257,6 +375,8 @@ def run_study(
     variants: Sequence[str] = (),
     archs: str = DEFAULT_ARCHS,
     seeds: int | str | Sequence[int] = DEFAULT_SEEDS,
+    tune_lr: str | Sequence[str] | None = None,
+    tune_seeds: int | None = None,
     jobs: int = 1,
     train_args: Sequence[str] = (),
     plan: bool = False,
@@ -266,9 +386,14 @@ def run_study(
     """Train the cells not yet complete (``jobs`` at a time), aggregating after each one.
 
     ``plan``: train nothing, return every cell's command. ``collect``: train nothing, aggregate
-    the complete cells. Returns {"commands", "trained", "skipped", "failed", "study", "paths"};
-    ``failed`` lists {"run", "command", "returncode", "stderr_tail"} per failing cell, and
-    ``study`` is what study.json holds (None when no cell is complete).
+    the complete cells. ``tune_lr`` (rates as text, e.g. "1e-4,1e-3"): every cell at each rate,
+    the best mean validation accuracy's rate per (architecture, model) kept; ``tune_seeds``: the
+    choice on the first N seeds, the others trained at the chosen rate once it is final (so
+    ``plan`` lists them only for the groups whose tuning cells are all complete). Returns
+    {"commands", "trained", "skipped", "failed", "waiting", "study", "paths"}; ``failed`` lists
+    {"run", "command", "returncode", "stderr_tail"} per failing cell, ``waiting`` counts the
+    cells whose rate is not chosen yet, and ``study`` is what study.json holds (None when no
+    cell is complete).
     """
     out = Path(out)
     data_dir = None if data_dir is None else Path(data_dir)
@@ -278,42 +403,72 @@ def run_study(
         raise BenchError(f"--jobs {jobs}: must be >= 1")
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {out} exists and is not a folder")
-    study_models = parse_models(models, variants)
-    arch_map = parse_archs(archs)
     seed_list = parse_seeds(seeds)
+    tuning = parse_tuning(tune_lr, tune_seeds, seed_list)
+    reserved = CELL_OPTIONS if tuning is None else (*CELL_OPTIONS, "lr")
+    study_models = parse_models(models, variants, reserved=reserved)
+    arch_map = parse_archs(archs)
     train_args = list(train_args)
-    check_train_flags(train_args, "-- (pass-through flags)", reserved=(*CELL_OPTIONS, "mode"))
-    cells = plan_cells(arch_map, study_models, seed_list)
-    config = {
+    check_train_flags(train_args, "-- (pass-through flags)", reserved=(*reserved, "mode"))
+    if tuning is None:
+        cells = plan_cells(arch_map, study_models, seed_list)
+    else:
+        cells = plan_cells(arch_map, study_models, tuning.seeds, rates=tuning.rates)
+    tuning_cells = list(cells)
+    config: dict[str, Any] = {
         "data": data,
         "data_dir": None if data_dir is None else str(data_dir),
         "models": [m.label for m in study_models],
         "variants": {m.label: m.variant for m in study_models if m.variant is not None},
         "modes": {m.label: m.mode for m in study_models},
-        "archs": arch_map,
+        # widths, or a conv preset's layers as contract.CONV_PRESETS holds them
+        "archs": {
+            k: copy.deepcopy(CONV_PRESETS[k]) if a is None else a for k, a in arch_map.items()
+        },
         "seeds": seed_list,
-        "jobs": jobs,
-        "train_args": train_args,
-        "out": str(out),
     }
+    if tuning is not None:
+        config |= {"tune_lr": list(tuning.rates), "tune_seeds": tune_seeds}
+    config |= {"jobs": jobs, "train_args": train_args, "out": str(out)}
     config["command"] = study_command(config)
-    commands = {
-        cell: cell_command(cell, out=out, data=data, data_dir=data_dir, train_args=train_args)
-        for cell in cells
-    }
     outcome: dict[str, Any] = {
-        "commands": [commands[c] for c in cells],
+        "commands": [],
         "trained": 0,
         "skipped": 0,
         "failed": [],
+        "waiting": 0,
         "study": None,
         "paths": [],
     }
-    if plan:
-        return outcome
+    records: dict[Cell, dict[str, Any]] = {}  # the complete cells' study.json records
 
-    records = {c: read_cell(c, out) for c in cells if (c.folder(out) / MODEL_SPEC).exists()}
-    pending = [] if collect else [c for c in cells if c not in records]
+    def command(cell: Cell) -> list[str]:
+        return cell_command(cell, out=out, data=data, data_dir=data_dir, train_args=train_args)
+
+    def read_complete(new_cells: Iterable[Cell]) -> None:
+        for cell in new_cells:
+            if (cell.folder(out) / MODEL_SPEC).exists():
+                records[cell] = read_cell(cell, out)
+
+    def add_rest() -> list[Cell]:
+        """The cells of the seeds after --tune-seeds whose rate has just become final."""
+        if tuning is None or not tuning.rest:
+            return []
+        rest, outcome["waiting"] = rest_cells(tuning_cells, records, tuning)
+        known = set(cells)
+        new = [c for c in rest if c not in known]
+        cells.extend(new)
+        read_complete(new)
+        return new
+
+    if plan:
+        if tuning is not None and tuning.rest:  # the rest's commands need the final choices
+            read_complete(cells)
+            add_rest()
+        outcome["commands"] = [command(c) for c in cells]
+        return outcome
+    read_complete(cells)
+    add_rest()
     outcome["skipped"] = len(records)
 
     def write() -> None:
@@ -324,27 +479,36 @@ def run_study(
                 outcome["study"], out, "study", render=render_markdown, draw=plot
             )
 
-    with tqdm(total=len(pending), unit="cell", desc="study", disable=not progress) as bar:
-        for cell, done in run_cells({c: commands[c] for c in pending}, jobs=jobs):
-            bar.update(1)
-            if done.returncode == 0:
-                records[cell] = read_cell(cell, out)
-                outcome["trained"] += 1
-                write()
-                continue
-            failure = {
-                "run": str(cell.folder(out)),
-                "command": shlex.join(commands[cell]),
-                "returncode": done.returncode,
-                "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
-            }
-            outcome["failed"].append(failure)
-            tqdm.write(
-                f"smartmixed-bench study: cell {failure['run']} failed (exit {done.returncode})\n"
-                f"  command: {failure['command']}\n  stderr:\n    "
-                + failure["stderr_tail"].replace("\n", "\n    "),
-                file=sys.stderr,
-            )
+    def train(pending: Sequence[Cell], desc: str) -> None:
+        commands = {c: command(c) for c in pending}
+        with tqdm(total=len(pending), unit="cell", desc=desc, disable=not progress) as bar:
+            for cell, done in run_cells(commands, jobs=jobs):
+                bar.update(1)
+                if done.returncode == 0:
+                    records[cell] = read_cell(cell, out)
+                    outcome["trained"] += 1
+                    write()
+                    continue
+                failure = {
+                    "run": str(cell.folder(out)),
+                    "command": shlex.join(commands[cell]),
+                    "returncode": done.returncode,
+                    "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
+                }
+                outcome["failed"].append(failure)
+                tqdm.write(
+                    f"smartmixed-bench study: cell {failure['run']} failed "
+                    f"(exit {done.returncode})\n  command: {failure['command']}\n  stderr:\n    "
+                    + failure["stderr_tail"].replace("\n", "\n    "),
+                    file=sys.stderr,
+                )
+
+    if not collect:
+        train([c for c in cells if c not in records], "study")
+        # --tune-seeds: the other seeds, at the rates the finished tuning cells chose
+        rest = [c for c in add_rest() if c not in records]
+        if rest:
+            train(rest, "study (chosen rate)")
     if not outcome["paths"]:
         write()
     return outcome
@@ -381,17 +545,31 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
         spec = load_spec(folder)
     except (ArtifactError, SpecError) as e:
         raise BenchError(f"cell {folder}: {e}") from None
-    if tuple(spec.arch) != cell.arch:
+    held = f"architecture {spec.arch}" if spec.layers is None else f"a conv net of arch {spec.arch}"
+    if cell.arch is None:
+        # the preset's layers exactly, its last linear giving the data's classes (arch[-1])
+        if spec.layers != resolve_conv_preset(cell.archkey, classes=spec.arch[-1]):
+            raise BenchError(
+                f"cell {folder} holds a run of {held}, not of the conv preset {cell.archkey}; "
+                f"move it away or use another --out"
+            )
+    elif spec.layers is not None or tuple(spec.arch) != cell.arch:
         raise BenchError(
-            f"cell {folder} holds a run of architecture {spec.arch}, the study expects "
-            f"{list(cell.arch)}; move it away or use another --out"
+            f"cell {folder} holds a run of {held}, the study expects {list(cell.arch)}; "
+            f"move it away or use another --out"
+        )
+    if cell.lr is not None and spec.training.get("lr") != float(cell.lr):
+        raise BenchError(
+            f"cell {folder} holds a run at learning rate {spec.training.get('lr')}, the study "
+            f"expects {cell.lr}; move it away or use another --out"
         )
     m = spec.metrics
     record = {
-        "arch": list(cell.arch),
+        "arch": list(spec.arch),
         "archkey": cell.archkey,
         "model": cell.model.label,
         "seed": cell.seed,
+        **({} if cell.lr is None else {"lr": cell.lr}),
         "test_accuracy": m["test_accuracy"],
         "val_accuracy": m["val_accuracy"],
         "run": str(folder),
@@ -418,13 +596,18 @@ def study_command(config: Mapping[str, Any]) -> str:
     if keys == [f"table1-{i}" for i in range(1, len(TABLE1) + 1)]:
         command += ["--archs", TABLE1_ARCHS]
     else:
-        specs = [k if k in PRESETS else ",".join(map(str, config["archs"][k])) for k in keys]
+        presets = {*PRESETS, *CONV_PRESETS}
+        specs = [k if k in presets else ",".join(map(str, config["archs"][k])) for k in keys]
         command += ["--archs", ";".join(specs)]
     seeds = config["seeds"]
     if seeds == list(range(len(seeds))):
         command += ["--seeds", str(len(seeds))]
     else:
         command += ["--seeds", ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")]
+    if "tune_lr" in config:
+        command += ["--tune-lr", ",".join(config["tune_lr"])]
+        if config["tune_seeds"] is not None:
+            command += ["--tune-seeds", str(config["tune_seeds"])]
     if config["jobs"] != 1:
         command += ["--jobs", str(config["jobs"])]
     if config["train_args"]:
@@ -490,18 +673,58 @@ def summarize(accuracies: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
+def choose_rate(means: Mapping[str, float]) -> str:
+    """The rate of the best mean validation accuracy; of rates whose means are equal to it
+    (within RANK_TIE_TOLERANCE), the smallest."""
+    best = max(means.values())
+    return min((r for r, m in means.items() if m >= best - RANK_TIE_TOLERANCE), key=float)
+
+
+def choose_rates(
+    cells: Sequence[Mapping[str, Any]], tuning: Tuning
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(archkey, model): {"rates": {rate: {"mean_val_accuracy", "n"}}, "chosen", "complete"}}
+    for each group with a complete tuning cell (seed in tuning.seeds): per rate the mean
+    validation accuracy of the final models over its n finished seeds (None when n is 0), the
+    chosen rate, and whether every rate has every tuning seed (the choice is final)."""
+    val: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for c in cells:
+        if c["seed"] in tuning.seeds:
+            per_rate = val.setdefault((c["archkey"], c["model"]), {r: [] for r in tuning.rates})
+            per_rate[c["lr"]].append(c["val_accuracy"])
+    choices = {}
+    for group, per_rate in val.items():
+        means = {r: sum(v) / len(v) for r, v in per_rate.items() if v}
+        choices[group] = {
+            "rates": {
+                r: {"mean_val_accuracy": means.get(r), "n": len(v)} for r, v in per_rate.items()
+            },
+            "chosen": choose_rate(means),
+            "complete": all(len(v) == len(tuning.seeds) for v in per_rate.values()),
+        }
+    return choices
+
+
 def aggregate(
     cells: Sequence[dict[str, Any]], *, models: Sequence[StudyModel], config: dict[str, Any]
 ) -> dict[str, Any]:
-    """What study.json holds: cells, summary, ranks, mrr, paired, config."""
+    """What study.json holds: cells, summary, ranks, mrr, paired, config. With --tune-lr also
+    tuning ({archkey: {model: choose_rates' record}}); every cell is listed, "chosen" marking
+    those at their group's chosen rate, and summary, ranks, mrr and paired use those alone."""
     labels = [m.label for m in models]
+    tuning = parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"])
+    choices: dict[tuple[str, str], dict[str, Any]] = {}
+    if tuning is not None:
+        choices = choose_rates(cells, tuning)
+        cells = [
+            {**c, "chosen": c["lr"] == choices[c["archkey"], c["model"]]["chosen"]} for c in cells
+        ]
+    used = [c for c in cells if c.get("chosen", True)]
     summary: dict[str, dict[str, Any]] = {}
     ranks: dict[str, dict[str, int]] = {}
     for key in config["archs"]:
         per_model = {
-            label: [
-                c["test_accuracy"] for c in cells if c["archkey"] == key and c["model"] == label
-            ]
+            label: [c["test_accuracy"] for c in used if c["archkey"] == key and c["model"] == label]
             for label in labels
         }
         stats = {label: summarize(acc) for label, acc in per_model.items() if acc}
@@ -509,13 +732,22 @@ def aggregate(
             continue
         ranks[key] = competition_ranks({label: s["mean"] for label, s in stats.items()})
         summary[key] = {label: {**s, "rank": ranks[key][label]} for label, s in stats.items()}
-    return {
-        "cells": list(cells),
+        if tuning is not None:
+            for label, s in summary[key].items():
+                s["lr"] = choices[key, label]["chosen"]
+    result: dict[str, Any] = {"cells": list(cells)}
+    if tuning is not None:
+        result["tuning"] = {
+            key: {label: choices[key, label] for label in labels if (key, label) in choices}
+            for key in config["archs"]
+            if any(k == key for k, _ in choices)
+        }
+    return result | {
         "summary": summary,
         "ranks": ranks,
         "mrr": mean_reciprocal_rank(ranks, labels),
         "paired": paired_outcomes(
-            cells,
+            used,
             challengers=[m.label for m in models if not m.fixed],
             baselines=[m.label for m in models if m.fixed],
         ),
@@ -529,30 +761,63 @@ def aggregate(
 
 def render_markdown(study: Mapping[str, Any]) -> str:
     config = study["config"]
-    n_cells = len(config["archs"]) * len(config["models"]) * len(config["seeds"])
+    tuning = parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"])
+    if tuning is None:
+        per_group = len(config["seeds"])
+    else:  # every rate on the tuning seeds, the chosen one on the rest
+        per_group = len(tuning.rates) * len(tuning.seeds) + len(tuning.rest)
+    n_cells = len(config["archs"]) * len(config["models"]) * per_group
+    grid = f"{len(config['archs'])} architectures x {len(config['models'])} models x "
+    if tuning is None:
+        grid += f"{len(config['seeds'])} seeds {config['seeds']}"
+    else:
+        grid += f"{len(tuning.rates)} learning rates x seeds {list(tuning.seeds)}"
+        grid += f", then the chosen rate x seeds {list(tuning.rest)}" if tuning.rest else ""
     lines = [
         f"# Study: {config['data']}",
         "",
-        f"{len(study['cells'])} of {n_cells} cells complete ({len(config['archs'])} "
-        f"architectures x {len(config['models'])} models x {len(config['seeds'])} seeds "
-        f"{config['seeds']}); test accuracy of the best-validation model of each run.",
+        f"{len(study['cells'])} of {n_cells} cells complete ({grid}); test accuracy of the "
+        "best-validation model of each run.",
         "",
         "```sh",
         config["command"],
         "```",
     ]
-    for key, per_model in study["summary"].items():
+    if tuning is not None:
+        on = f"seeds {list(tuning.seeds)}"
+        if tuning.rest:
+            on += (
+                f" (the first {len(tuning.seeds)} of {len(config['seeds'])}; seeds "
+                f"{list(tuning.rest)} trained at the chosen rate only)"
+            )
         lines += [
             "",
-            f"## {key} {config['archs'][key]}",
-            "",
-            "| rank | model | seeds | test accuracy (mean ± std) | 95% interval |",
-            "|---|---|---|---|---|",
+            f"Learning rate tuned: {', '.join(tuning.rates)} tried; per architecture and model "
+            f"the rate with the best mean validation accuracy of the final model on {on} is "
+            "chosen (ties: the smaller rate). Test accuracy takes no part in the choice; the "
+            "tables, ranks, MRR and paired comparison use the chosen rate's cells only.",
+        ]
+    for key, per_model in study["summary"].items():
+        arch = config["archs"][key]
+        if arch and isinstance(arch[0], dict):  # a conv preset: its arch follows from the data
+            arch = next(c["arch"] for c in study["cells"] if c["archkey"] == key)
+            lines += ["", f"## {key} (conv preset, arch {arch})", ""]
+        else:
+            lines += ["", f"## {key} {arch}", ""]
+        lr = "" if tuning is None else "lr | "
+        lines += [
+            f"| rank | model | {lr}seeds | test accuracy (mean ± std) | 95% interval |",
+            "|---|---|" + ("" if tuning is None else "---|") + "---|---|---|",
         ]
         for label, s in sorted(per_model.items(), key=lambda item: item[1]["rank"]):
             std = "" if s["std"] is None else f" ± {s['std']:.4f}"
             ci = "" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
-            lines.append(f"| {s['rank']} | {label} | {s['n']} | {s['mean']:.4f}{std} | {ci} |")
+            rate = "" if tuning is None else f"{s['lr']} | "
+            lines.append(
+                f"| {s['rank']} | {label} | {rate}{s['n']} | {s['mean']:.4f}{std} | {ci} |"
+            )
+        if tuning is not None:
+            lines += tuning_table(study["tuning"].get(key, {}), tuning)
     lines += ["", "## Mean reciprocal rank", ""]
     if study["mrr"]:
         complete = [k for k, r in study["ranks"].items() if all(m in r for m in study["mrr"])]
@@ -576,7 +841,9 @@ def render_markdown(study: Mapping[str, Any]) -> str:
             "## Paired comparison (wins / ties / losses)",
             "",
             "Test accuracy of each non-fixed model against each fixed baseline on the same "
-            "architecture and seed.",
+            "architecture and seed"
+            + ("" if tuning is None else ", each at its chosen learning rate")
+            + ".",
             "",
             "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
             "|---|" + "---|" * len(baselines),
@@ -586,6 +853,28 @@ def render_markdown(study: Mapping[str, Any]) -> str:
             cells = [f"{t['wins']} / {t['ties']} / {t['losses']}" for t in tallies]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def tuning_table(per_model: Mapping[str, Mapping[str, Any]], tuning: Tuning) -> list[str]:
+    """One architecture's rate choice: per model each rate's mean validation accuracy (seeds
+    finished) and the chosen rate, marked provisional while a tuning cell is missing."""
+    lines = [
+        "",
+        "Learning rate choice: mean validation accuracy of the final models (seeds finished, "
+        f"of {len(tuning.seeds)})",
+        "",
+        "| model | " + " | ".join(f"lr {r}" for r in tuning.rates) + " | chosen |",
+        "|---|" + "---|" * (len(tuning.rates) + 1),
+    ]
+    for label, choice in per_model.items():
+        values = [choice["rates"][r] for r in tuning.rates]
+        shown = [
+            "-" if v["mean_val_accuracy"] is None else f"{v['mean_val_accuracy']:.4f} ({v['n']})"
+            for v in values
+        ]
+        chosen = choice["chosen"] + ("" if choice["complete"] else " (provisional)")
+        lines.append(f"| {label} | " + " | ".join(shown) + f" | {chosen} |")
+    return lines
 
 
 def activation_color(name: str) -> Any:
@@ -648,8 +937,9 @@ def plot(study: Mapping[str, Any], path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     mixed = [m for m in labels if not config["modes"][m].startswith("fixed:")]
     drawn = False
+    chosen = [c for c in study["cells"] if c.get("chosen", True)]  # --tune-lr: chosen rates
     for i, model in enumerate(mixed):
-        for name, (depths, shares) in shares_by_depth(study["cells"], model).items():
+        for name, (depths, shares) in shares_by_depth(chosen, model).items():
             label = name if len(mixed) == 1 else f"{model}: {name}"
             ax_share.plot(
                 depths,

@@ -12,11 +12,14 @@ import pytest
 
 from smartmixed.bench.cli import main
 from smartmixed.bench.study import (
+    choose_rate,
     competition_ranks,
     mean_reciprocal_rank,
     paired_outcomes,
     summarize,
 )
+from smartmixed.contract import CONV_PRESETS, ModelSpec, layered_arch, resolve_conv_preset
+from smartmixed.nn.pool import DEFAULT_POOL
 
 # 2 architectures x 2 models x 2 seeds = 8 cells, each a real (two-epoch) smartmixed-train run
 GRID = [
@@ -49,12 +52,17 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_study_trains_every_cell_and_aggregates(study: Path) -> None:
     result = json.loads((study / "study.json").read_text())
     assert list(result) == ["cells", "summary", "ranks", "mrr", "paired", "config"]
+    assert (
+        "tune_lr" not in result["config"]
+        and "Learning rate" not in (study / "study.md").read_text()
+    )
     cells = result["cells"]
     assert {(c["archkey"], c["model"], c["seed"]) for c in cells} == CELLS
     for c in cells:
         assert 0 <= c["test_accuracy"] <= 1 and 0 <= c["val_accuracy"] <= 1
         assert (Path(c["run"]) / "model.json").is_file()
         assert c["arch"] == [int(w) for w in c["archkey"].split("-")]
+        assert "lr" not in c and "chosen" not in c
         if c["model"] == "smartmixed":  # one share per activation of the pool, per hidden layer
             (layer,) = c["activation_shares"]
             assert math.isclose(sum(layer.values()), 1.0) and len(layer) == 6
@@ -242,6 +250,36 @@ def test_summary_interval_is_student_t() -> None:
         (["--", "--seed", "3"], "-- (pass-through flags): --seed is set by the study"),
         (["--", "--mode", "fixed:relu"], "--mode is set by the study"),
         (["--", "--epochs", "2", "--bogus"], "smartmixed-train does not know '--bogus'"),
+        (
+            ["--archs", "lenet6"],
+            "--archs entry 'lenet6': unknown preset 'lenet6'; expected one of: "
+            + ", ".join(f"table1-{i}" for i in range(1, 19))
+            + ", paper, lenet5, convnet\n",
+        ),
+        (
+            ["--tune-lr", "1e-3,fast"],
+            "--tune-lr '1e-3,fast': 'fast' is not a learning rate; expected positive decimal "
+            "numbers separated by commas, e.g. 1e-4,1e-3,3e-3\n",
+        ),
+        (["--tune-lr", "1e-3,0"], "--tune-lr '1e-3,0': '0' is not a learning rate"),
+        (["--tune-lr", "1e-3,-1e-3"], "--tune-lr '1e-3,-1e-3': '-1e-3' is not a learning rate"),
+        (["--tune-lr", "1e-3,1e999"], "--tune-lr '1e-3,1e999': '1e999' is not a learning rate"),
+        (["--tune-lr", "1e-3,nan"], "--tune-lr '1e-3,nan': 'nan' is not a learning rate"),
+        (["--tune-lr", "1e-3,0.001"], "--tune-lr '1e-3,0.001': 1e-3 and 0.001 are the same rate"),
+        (["--tune-lr", ","], "--tune-lr ',': no rate; expected e.g. 1e-4,1e-3,3e-3"),
+        (["--tune-seeds", "1"], "--tune-seeds needs --tune-lr (the rates to choose from)"),
+        (
+            ["--tune-lr", "1e-3", "--tune-seeds", "4"],
+            "--tune-seeds 4: expected 1..3 (the number of --seeds)",
+        ),
+        (
+            ["--tune-lr", "1e-3", "--", "--lr", "0.1"],
+            "-- (pass-through flags): --lr is set by the study for every cell",
+        ),
+        (
+            ["--tune-lr", "1e-3", "--variant", "v=--lr 0.1"],
+            "--variant v: --lr is set by the study for every cell",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_a_message(tmp_path: Path, capsys, args, message) -> None:
@@ -253,8 +291,257 @@ def test_bad_options_exit_2_with_a_message(tmp_path: Path, capsys, args, message
 
 
 def test_plan_takes_afu_as_a_fixed_model(tmp_path: Path, capsys) -> None:
-    """Issue I: --models afu is the fixed:afu baseline."""
+    """--models afu is the fixed:afu baseline."""
     args = ["study", "--out", str(tmp_path), "--archs", "64,8,10", "--models", "relu,afu"]
     assert main([*args, "--seeds", "1", "--plan", "--", "--epochs", "1"]) == 0
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert [c[c.index("--mode") + 1] for c in commands] == ["fixed:relu", "fixed:afu"]
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate tuning and conv presets. Hand-written run folders (a model.json, no weights:
+# the study reads specs alone) give validation and test accuracies that disagree on purpose.
+
+
+def write_run(
+    folder: Path,
+    *,
+    val: float,
+    test: float,
+    lr: float = 1e-3,
+    mode: str = "fixed:relu",
+    arch: list[int] | None = None,
+    layers: list[dict] | None = None,
+) -> None:
+    """A finished run's model.json: an MLP (arch, default 64-8-10) or a layered net on 1x28x28."""
+    pool = [mode.removeprefix("fixed:")] if mode.startswith("fixed:") else list(DEFAULT_POOL)
+    input_shape = None if layers is None else [1, 28, 28]
+    widths = (arch or [64, 8, 10]) if layers is None else layered_arch(layers, input_shape)
+    assignment = [[pool[j % len(pool)] for j in range(w)] for w in widths[1:-1]]
+    spec = ModelSpec.untrained(
+        arch=widths, pool=pool, assignment=assignment, layers=layers, input_shape=input_shape
+    )
+    spec.training = {"lr": lr}
+    spec.metrics = {"test_accuracy": test, "val_accuracy": val, "train_seconds": 1.0}
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(spec.to_json())
+
+
+def tuned_args(out: Path, *args: str) -> list[str]:
+    return ["study", "--out", str(out), "--data", "digits", "--archs", "64,8,10", *args]
+
+
+def test_the_rate_is_chosen_by_validation_never_by_test(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs" / "64-8-10"
+    # relu: 1e-3 is better on validation (0.85 vs 0.75), 3e-3 on test (0.96 vs 0.55)
+    for seed, (val_a, test_a, val_b, test_b) in enumerate(
+        [(0.9, 0.5, 0.7, 0.95), (0.8, 0.6, 0.8, 0.97)]
+    ):
+        write_run(runs / "relu" / "lr1e-3" / f"seed{seed}", val=val_a, test=test_a, lr=1e-3)
+        write_run(runs / "relu" / "lr3e-3" / f"seed{seed}", val=val_b, test=test_b, lr=3e-3)
+    # smartmixed: one seed finished at 1e-3 (mean 0.6 of 1), two at 3e-3 (mean 0.5 of 2)
+    mixed = runs / "smartmixed"
+    write_run(mixed / "lr1e-3" / "seed0", val=0.6, test=0.6, lr=1e-3, mode="smartmixed")
+    write_run(mixed / "lr3e-3" / "seed0", val=0.5, test=0.99, lr=3e-3, mode="smartmixed")
+    write_run(mixed / "lr3e-3" / "seed1", val=0.5, test=0.99, lr=3e-3, mode="smartmixed")
+    args = tuned_args(tmp_path, "--models", "relu,smartmixed", "--seeds", "2")
+    assert main([*args, "--tune-lr", "1e-3,3e-3", "--collect", "--quiet"]) == 0
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert list(result) == ["cells", "tuning", "summary", "ranks", "mrr", "paired", "config"]
+    assert result["tuning"] == {
+        "64-8-10": {
+            "relu": {
+                "rates": {
+                    "1e-3": {"mean_val_accuracy": pytest.approx(0.85), "n": 2},
+                    "3e-3": {"mean_val_accuracy": pytest.approx(0.75), "n": 2},
+                },
+                "chosen": "1e-3",
+                "complete": True,
+            },
+            "smartmixed": {
+                "rates": {
+                    "1e-3": {"mean_val_accuracy": 0.6, "n": 1},
+                    "3e-3": {"mean_val_accuracy": 0.5, "n": 2},
+                },
+                "chosen": "1e-3",
+                "complete": False,
+            },
+        }
+    }
+    chosen = {(c["model"], c["lr"], c["seed"]) for c in result["cells"] if c["chosen"]}
+    assert chosen == {("relu", "1e-3", 0), ("relu", "1e-3", 1), ("smartmixed", "1e-3", 0)}
+    assert len(result["cells"]) == 7
+    relu = result["summary"]["64-8-10"]["relu"]
+    assert relu["n"] == 2 and relu["mean"] == pytest.approx(0.55) and relu["lr"] == "1e-3"
+    assert result["summary"]["64-8-10"]["smartmixed"]["mean"] == 0.6  # its 0.99s are not chosen
+    assert result["ranks"]["64-8-10"] == {"smartmixed": 1, "relu": 2}
+    assert result["paired"] == {"smartmixed": {"relu": {"wins": 1, "ties": 0, "losses": 0}}}
+    assert result["config"]["tune_lr"] == ["1e-3", "3e-3"]
+    assert result["config"]["tune_seeds"] is None
+    assert "--tune-lr 1e-3,3e-3" in result["config"]["command"]
+    report = (tmp_path / "study.md").read_text()
+    assert (
+        "7 of 8 cells complete (1 architectures x 2 models x 2 learning rates x seeds [0, 1]); "
+        in report
+    )
+    assert (
+        "Learning rate tuned: 1e-3, 3e-3 tried; per architecture and model the rate with the "
+        "best mean validation accuracy of the final model on seeds [0, 1] is chosen (ties: the "
+        "smaller rate)." in report
+    )
+    assert "| 2 | relu | 1e-3 | 2 | 0.5500 ± 0.0707 | [" in report
+    assert "| model | lr 1e-3 | lr 3e-3 | chosen |" in report
+    assert "| relu | 0.8500 (2) | 0.7500 (2) | 1e-3 |" in report
+    assert "| smartmixed | 0.6000 (1) | 0.5000 (2) | 1e-3 (provisional) |" in report
+
+
+def test_equal_validation_means_choose_the_smaller_rate(tmp_path: Path) -> None:
+    runs = tmp_path / "runs" / "64-8-10" / "relu"
+    for seed, (val_big, val_small) in enumerate([(0.8, 0.9), (0.9, 0.8)]):  # both means 0.85
+        write_run(runs / "lr3e-3" / f"seed{seed}", val=val_big, test=0.9, lr=3e-3)
+        write_run(runs / "lr1e-3" / f"seed{seed}", val=val_small, test=0.1, lr=1e-3)
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "2", "--tune-lr", "3e-3,1e-3")
+    assert main([*args, "--collect", "--quiet"]) == 0
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert result["tuning"]["64-8-10"]["relu"]["chosen"] == "1e-3"
+    assert result["summary"]["64-8-10"]["relu"]["mean"] == pytest.approx(0.1)
+    assert choose_rate({"1e-2": 0.5, "1e-4": 0.5, "1e-3": 0.4}) == "1e-4"
+    assert choose_rate({"1e-2": 0.5, "1e-4": 0.5 - 1e-9}) == "1e-2"  # beyond the tolerance
+
+
+def test_a_cell_at_another_rate_or_architecture_is_refused(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "runs" / "64-8-10" / "relu" / "lr1e-3" / "seed0"
+    write_run(folder, val=0.5, test=0.5, lr=0.01)
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "1", "--tune-lr", "1e-3")
+    assert main([*args, "--collect"]) == 2
+    assert capsys.readouterr().err == (
+        f"smartmixed-bench: error: cell {folder} holds a run at learning rate 0.01, the study "
+        "expects 1e-3; move it away or use another --out\n"
+    )
+    assert not (tmp_path / "study.json").exists()
+
+
+def test_plan_lists_the_tuning_cells_then_the_rest_once_the_choice_is_final(
+    tmp_path: Path, capsys
+) -> None:
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "3", "--tune-lr", "1e-3,3e-3")
+    args += ["--tune-seeds", "1", "--plan"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    commands = [shlex.split(line) for line in captured.out.splitlines()]
+    runs = tmp_path / "runs" / "64-8-10" / "relu"
+    outs = [c[c.index("--out") + 1] for c in commands]
+    assert outs == [str(runs / "lr1e-3" / "seed0"), str(runs / "lr3e-3" / "seed0")]
+    assert [c[c.index("--lr") + 1] for c in commands] == ["1e-3", "3e-3"]
+    assert captured.err == (
+        "smartmixed-bench: 2 more cell(s), the seeds after --tune-seeds 1, train at their "
+        "architecture and model's chosen rate, which depends on the tuning cells above; --plan "
+        "lists them once those are complete\n"
+    )
+    write_run(runs / "lr1e-3" / "seed0", val=0.7, test=0.9, lr=1e-3)
+    write_run(runs / "lr3e-3" / "seed0", val=0.9, test=0.1, lr=3e-3)
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    commands = [shlex.split(line) for line in captured.out.splitlines()]
+    assert [c[c.index("--out") + 1] for c in commands[2:]] == [
+        str(runs / "lr3e-3" / "seed1"),
+        str(runs / "lr3e-3" / "seed2"),
+    ]
+    assert captured.err == ""
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 rates x 1 architecture x 2 models, tuned on seed 0 of 2: 6 real one-epoch runs."""
+    out = tmp_path_factory.mktemp("tuned")
+    args = tuned_args(out, "--models", "relu,smartmixed", "--seeds", "2", "--tune-lr", "1e-4,3e-3")
+    args += ["--tune-seeds", "1", "--jobs", "2", "--quiet"]
+    assert main([*args, "--", "--p1-epochs", "1", "--p2-epochs", "0", "--epochs", "1"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_tune_seeds_trains_the_other_seeds_at_the_chosen_rate_only(tuned: Path) -> None:
+    result = json.loads((tuned / "study.json").read_text())
+    for model in ("relu", "smartmixed"):
+        runs = tuned / "runs" / "64-8-10" / model
+        val = {
+            rate: json.loads((runs / f"lr{rate}" / "seed0" / "model.json").read_text())["metrics"][
+                "val_accuracy"
+            ]
+            for rate in ("1e-4", "3e-3")
+        }
+        chosen = "1e-4" if val["1e-4"] >= val["3e-3"] else "3e-3"
+        other = "3e-3" if chosen == "1e-4" else "1e-4"
+        assert result["tuning"]["64-8-10"][model] == {
+            "rates": {r: {"mean_val_accuracy": v, "n": 1} for r, v in val.items()},
+            "chosen": chosen,
+            "complete": True,
+        }
+        assert (runs / f"lr{chosen}" / "seed1" / "model.json").is_file()
+        assert not (runs / f"lr{other}" / "seed1").exists()
+        spec = json.loads((runs / f"lr{chosen}" / "seed1" / "model.json").read_text())
+        assert spec["training"]["lr"] == float(chosen)
+        summary = result["summary"]["64-8-10"][model]
+        tests = [c["test_accuracy"] for c in result["cells"] if c["model"] == model and c["chosen"]]
+        assert summary["n"] == 2 and summary["lr"] == chosen
+        assert summary["mean"] == pytest.approx(sum(tests) / 2)
+    assert len(result["cells"]) == 6
+    assert result["config"]["tune_seeds"] == 1
+    report = (tuned / "study.md").read_text()
+    assert "on seeds [0] (the first 1 of 2; seeds [1] trained at the chosen rate only)" in report
+    assert (
+        "6 of 6 cells complete (1 architectures x 2 models x 2 learning rates x seeds [0], then "
+        "the chosen rate x seeds [1]); " in report
+    )
+
+
+@pytest.mark.slow
+def test_a_tuned_study_resumes_with_nothing_to_train(tuned: Path, capsys) -> None:
+    args = tuned_args(
+        tuned, "--models", "relu,smartmixed", "--seeds", "2", "--tune-lr", "1e-4,3e-3"
+    )
+    args += ["--tune-seeds", "1", "--quiet"]
+    assert main([*args, "--", "--p1-epochs", "1", "--p2-epochs", "0", "--epochs", "1"]) == 0
+    assert "trained 0 cell(s), 6 already complete, 0 failed" in capsys.readouterr().out
+
+
+def test_conv_preset_cells_train_with_preset(tmp_path: Path, capsys) -> None:
+    args = ["study", "--out", str(tmp_path), "--data", "mnist", "--archs", "lenet5;64,8,10"]
+    assert main([*args, "--models", "relu", "--seeds", "1", "--plan"]) == 0
+    conv, mlp = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert conv[conv.index("--preset") + 1] == "lenet5" and "--arch" not in conv
+    assert conv[conv.index("--out") + 1] == str(tmp_path / "runs" / "lenet5" / "relu" / "seed0")
+    assert mlp[mlp.index("--arch") + 1] == "64,8,10" and "--preset" not in mlp
+
+
+def test_collect_reads_a_conv_preset_cell_and_refuses_another_net(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "runs" / "lenet5" / "relu" / "seed0"
+    write_run(folder, val=0.9, test=0.8, layers=resolve_conv_preset("lenet5", classes=10))
+    args = ["study", "--out", str(tmp_path), "--data", "mnist", "--archs", "lenet5"]
+    args += ["--models", "relu", "--seeds", "1"]
+    assert main([*args, "--collect", "--quiet"]) == 0
+    result = json.loads((tmp_path / "study.json").read_text())
+    (cell,) = result["cells"]
+    assert cell["arch"] == [784, 6, 16, 120, 84, 10] and cell["archkey"] == "lenet5"
+    assert result["config"]["archs"] == {"lenet5": CONV_PRESETS["lenet5"]}
+    assert "--archs lenet5" in result["config"]["command"]
+    assert (
+        "## lenet5 (conv preset, arch [784, 6, 16, 120, 84, 10])"
+        in (tmp_path / "study.md").read_text()
+    )
+    capsys.readouterr()
+    for layers, held in [
+        (
+            resolve_conv_preset("convnet", classes=10),
+            "a conv net of arch [784, 32, 32, 64, 64, 128, 10]",
+        ),
+        (None, "architecture [784, 8, 10]"),
+    ]:
+        shutil.rmtree(folder)
+        write_run(folder, val=0.9, test=0.8, layers=layers, arch=[784, 8, 10])
+        assert main([*args, "--collect"]) == 2
+        assert capsys.readouterr().err == (
+            f"smartmixed-bench: error: cell {folder} holds a run of {held}, not of the conv "
+            "preset lenet5; move it away or use another --out\n"
+        )
