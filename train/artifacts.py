@@ -49,7 +49,19 @@ from smartmixed.contract.files import (
     open_regular_file,
     read_regular_file,
 )
-from smartmixed.train.model import MixedMLP, ModelSpec, SpecError, afu_expected_shapes
+from smartmixed.train.model import (
+    CANDIDATE_NORMS,
+    MixedConvNet,
+    MixedMLP,
+    MixedNetwork,
+    ModelSpec,
+    SpecError,
+    afu_expected_shapes,
+)
+
+# model.json training field of a layered run: the candidate norm its stored frozen layers still
+# apply ("none", or absent, once the norm is folded into the weights: MixedConvNet.folded)
+FROZEN_CANDIDATE_NORM = "frozen_candidate_norm"
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -356,8 +368,14 @@ def nonfinite_count(values: Tensor) -> str | None:
     return f"{' and '.join(p for p in parts if p)} value{'s' if nan + inf > 1 else ''}"
 
 
-def load_model(run_dir: Path | str) -> tuple[ModelSpec, MixedMLP]:
+def load_model(run_dir: Path | str) -> tuple[ModelSpec, MixedNetwork]:
     """Rebuild the trained network (eval mode) from model.json + model.safetensors alone.
+
+    An MLP run gives a ``MixedMLP`` reading (N, D) raw features; a layered run (spec ``layers``,
+    a conv net) a ``MixedConvNet`` reading raw (N, C, H, W) = (N, *spec.input_shape), its
+    frozen layers applying the candidate norm model.json's training section records under
+    ``frozen_candidate_norm`` (absent: none). Both compute logits (N, classes), preprocessing
+    included.
 
     In order: the spec (validated); NaN or inf in its preprocessing, by name (issue F: it used
     to surface as a PyTorch/ONNX mismatch); the weights' header against the spec (every
@@ -394,7 +412,16 @@ def load_model(run_dir: Path | str) -> tuple[ModelSpec, MixedMLP]:
     state, digest = read_tensor_data(file)
     if problems := nonfinite_tensors(state, noun="weights"):
         raise ArtifactError(f"{path}: {'; '.join(problems)}")
-    model = MixedMLP.from_spec(spec)
+    if spec.is_layered:
+        norm = spec.training.get(FROZEN_CANDIDATE_NORM, "none")
+        if norm not in CANDIDATE_NORMS:
+            raise ArtifactError(
+                f"{run_dir / MODEL_SPEC}: spec field 'training.{FROZEN_CANDIDATE_NORM}': "
+                f"expected one of {', '.join(CANDIDATE_NORMS)}, got {_short(repr(norm))}"
+            )
+        model: MixedNetwork = MixedConvNet.from_spec(spec, candidate_norm=norm)
+    else:
+        model = MixedMLP.from_spec(spec)
     try:
         model.load_canonical_state_dict(state)
     except SpecError as e:

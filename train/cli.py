@@ -10,9 +10,18 @@ from pathlib import Path
 
 import torch
 
-from smartmixed.contract import AFU_BASES, AFU_SHARES
+from smartmixed.contract import (
+    AFU_BASES,
+    AFU_SHARES,
+    CONV_PRESETS,
+    image_shape,
+    is_conv_preset,
+    layered_arch,
+    resolve_conv_preset,
+)
+from smartmixed.nn.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
 from smartmixed.train.artifacts import ArtifactError, check_writable_folder
-from smartmixed.train.data import DataError, load_dataset
+from smartmixed.train.data import DataError, Dataset, load_dataset
 from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
     DEFAULT_PROTOCOL,
@@ -32,16 +41,17 @@ from smartmixed.train.model import (
     parse_arch,
     resolve_preset,
 )
-from smartmixed.nn.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
-from smartmixed.train.report import compare_runs
+from smartmixed.train.report import compare_runs, describe_layers
 
 EPILOG = f"""\
 pool: default {",".join(DEFAULT_POOL)}; extras {",".join(EXTRA_ACTIVATIONS)}
   (afu: a learned activation unit, see --afu-units/--afu-base/--afu-share; --mode fixed:afu)
-presets: paper (= table1-11) and table1-1 ... table1-18 (the paper's Table 1 rows);
-  --list-presets prints them.
+presets: paper (= table1-11) and table1-1 ... table1-18 (the paper's Table 1 rows), and the
+  conv nets lenet5 and convnet for image data (their last layer takes the data's class count;
+  one activation per channel of a conv layer); --list-presets prints them.
 examples:
   smartmixed-train --data mnist --preset paper --mode smartmixed --out runs/mixed
+  smartmixed-train --data mnist --preset lenet5 --mode smartmixed --out runs/lenet5
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:relu --epochs 30 --out runs/relu
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:afu --epochs 30 --out runs/afu
   smartmixed-train --compare runs/mixed runs/relu
@@ -155,8 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="folder with MNIST / Fashion-MNIST IDX files")
     p.add_argument("--label-column", default="label", help="CSV label column (default: label)")
     arch = p.add_mutually_exclusive_group()
-    arch.add_argument("--arch", help="layer widths, e.g. 784,256,128,10")
-    arch.add_argument("--preset", help="a named architecture (see --list-presets)")
+    arch.add_argument("--arch", help="layer widths of an MLP, e.g. 784,256,128,10")
+    arch.add_argument(
+        "--preset",
+        help="a named architecture: an MLP or a conv net (lenet5, convnet; see --list-presets)",
+    )
     p.add_argument(
         "--protocol",
         choices=list(PROTOCOLS),
@@ -183,6 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _conv_config(args: argparse.Namespace, options: dict) -> tuple[TrainConfig, Dataset]:
+    """A conv preset's config and its data: the data first, since the network's last width is
+    its class count and its shapes follow from its images; TrainError when the data holds no
+    images (a CSV's rows), SpecError when the preset's layers do not fit them."""
+    seed = args.seed if args.seed is not None else TrainConfig.seed
+    dataset = load_dataset(
+        args.data, data_dir=args.data_dir, seed=seed, label_column=args.label_column
+    )
+    try:
+        shape = image_shape(dataset.input_shape)
+    except SpecError:
+        raise TrainError(
+            f"--preset {args.preset} is a conv net and needs image-shaped data ([H, W] or "
+            f"[C, H, W] per sample); {args.data} holds samples of shape "
+            f"{list(dataset.input_shape)}"
+        ) from None
+    layers = resolve_conv_preset(args.preset, classes=len(dataset.labels))
+    try:
+        arch = layered_arch(layers, shape)
+    except SpecError as e:
+        raise TrainError(f"--preset {args.preset} does not fit {shape} images: {e}") from None
+    config = TrainConfig.from_protocol(args.protocol, arch=arch, layers=layers, **options)
+    return config, dataset
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -190,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_presets:
             for name, widths in PRESETS.items():
                 print(f"{name:<10} {list(widths)}")
+            for name, layers in CONV_PRESETS.items():
+                print(f"{name:<10} {describe_layers(layers)} (last: the data's classes)")
             return 0
         if args.compare:
             print(compare_runs(args.compare))
@@ -199,20 +239,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{flag} is required")
         if args.arch is None and args.preset is None:
             parser.error("one of --arch or --preset is required")
-        if args.arch is not None and args.arch.strip() in PRESETS:
+        if args.arch is not None and args.arch.strip() in (*PRESETS, *CONV_PRESETS):
             parser.error(f"--arch {args.arch}: that is a preset; use --preset {args.arch.strip()}")
         check_writable_folder(args.out, what="--out")  # before any data is loaded
-        arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
-        config = TrainConfig.from_protocol(
-            args.protocol, arch=arch, **{name: getattr(args, name) for name in CONFIG_DESTS}
-        )
-        dataset = load_dataset(
-            args.data, data_dir=args.data_dir, seed=config.seed, label_column=args.label_column
-        )
+        options = {name: getattr(args, name) for name in CONFIG_DESTS}
+        if args.preset is not None and is_conv_preset(args.preset):
+            config, dataset = _conv_config(args, options)
+        else:
+            arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
+            config = TrainConfig.from_protocol(args.protocol, arch=arch, **options)
+            dataset = load_dataset(
+                args.data, data_dir=args.data_dir, seed=config.seed, label_column=args.label_column
+            )
         main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
         if main_rank:
             print(f"data: {dataset.summary()}")
             print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
+            if config.layers is not None:
+                print(f"layers: {describe_layers(config.layers)}")
         spec = train_run(
             config=config,
             dataset=dataset,

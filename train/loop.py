@@ -50,11 +50,15 @@ from smartmixed.train.distributed import (
 from smartmixed.train.model import (
     CANDIDATE_NORMS,
     LOGIT_GRAD_NORMS,
+    MixedConvNet,
     MixedMLP,
     MixedNetwork,
     ModelSpec,
+    SelectiveConvNet,
     SelectiveMLP,
     SelectiveNetwork,
+    mixed_from_selective,
+    norm_folds,
     parse_arch,
 )
 
@@ -119,6 +123,9 @@ class TrainConfig:
 
     arch: list[int]
     mode: str = "smartmixed"  # "smartmixed" or "fixed:<activation>"
+    # a layered spec's layers (a conv net; contract.CONV_PRESETS): the network is built from
+    # them, and arch must be the one they give for the data's image shape (layered_arch)
+    layers: list[dict[str, Any]] | None = None
     pool: list[str] = field(default_factory=lambda: list(parse_pool(None)))
     protocol: str = DEFAULT_PROTOCOL
     p1_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["p1_epochs"]
@@ -161,6 +168,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.arch = parse_arch(self.arch)
+        if self.layers is not None and not (
+            isinstance(self.layers, list) and all(isinstance(x, dict) for x in self.layers)
+        ):
+            raise TrainError(f"layers: expected a list of layer objects, got {self.layers!r:.80}")
         if self.mode.startswith("fixed:"):
             self.pool = [get_activation(self.mode.removeprefix("fixed:")).name]
             # auto: a fixed baseline is the plain network people deploy; the norm is there so
@@ -294,6 +305,9 @@ def train_epoch(
     logit_params = selection_logits(inner)  # one (n_l, K) parameter per hidden layer
     # accumulated where the logits live: one device-to-host copy per epoch, not per step
     logit_grad = torch.zeros_like(logit_params[0][0]).detach() if logit_params else None
+    # a BatchNorm in training needs two rows per feature: a tail of one row per rank is skipped
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules())
+    least = ranks.world * (2 if batchnorm else 1)
     order = torch.randperm(len(y), generator=generator).to(y.device)
     # loss sum, correct, rows: kept where the data lives (no device sync per step; nccl reduces
     # only GPU tensors)
@@ -301,7 +315,7 @@ def train_epoch(
     steps = 0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
-        if len(idx) < ranks.world:  # a tail too short to give every rank a row
+        if len(idx) < least:  # a tail too short to give every rank a row (two with batchnorm)
             continue
         idx = idx[ranks.rank :: ranks.world]
         logits = model(x[idx])  # (B, C)
@@ -385,27 +399,47 @@ def _build(
     config: TrainConfig, phase: str, dataset: Dataset, assignment: list[list[str]] | None
 ) -> nn.Module:
     pre = dataset.preprocessing
+    layered = config.layers is not None
     if phase == "selective":
         # the selective network's options are TrainConfig fields of the same names
-        options = ("logit_init_std", "candidate_norm", "clamp", "eval_noise", "logit_grad_norm")
-        return SelectiveMLP(
-            config.arch,
-            config.pool,
-            preprocessing=pre,
-            tau=config.tau_at(0),
-            afu=config.afu,
-            **{name: getattr(config, name) for name in options},
-        )
+        names = ("logit_init_std", "candidate_norm", "clamp", "eval_noise", "logit_grad_norm")
+        options = {name: getattr(config, name) for name in names}
+        options |= {"preprocessing": pre, "tau": config.tau_at(0), "afu": config.afu}
+        if layered:
+            shape = contract.image_shape(dataset.input_shape)
+            return SelectiveConvNet(config.layers, shape, config.pool, **options)
+        return SelectiveMLP(config.arch, config.pool, **options)
     assert assignment is not None, "mixed and fixed phases need an assignment"
-    fold = phase == "mixed" and config.phase2_norm == "fold"
+    norm = _phase2_candidate_norm(config, phase, assignment)
+    if layered:
+        return MixedConvNet(
+            config.layers,
+            contract.image_shape(dataset.input_shape),
+            config.pool,
+            assignment,
+            preprocessing=pre,
+            candidate_norm=norm,
+            afu=config.afu,
+        )
     return MixedMLP(
-        config.arch,
-        config.pool,
-        assignment,
-        preprocessing=pre,
-        candidate_norm="none" if fold else config.candidate_norm,
-        afu=config.afu,
+        config.arch, config.pool, assignment, preprocessing=pre, candidate_norm=norm, afu=config.afu
     )
+
+
+def _phase2_candidate_norm(config: TrainConfig, phase: str, assignment: list[list[str]]) -> str:
+    """The candidate norm a phase-2 (or fixed) network applies: the configured one, or "none"
+    under --phase2-norm fold. (A layered network whose norm cannot fold exactly keeps it when
+    phase 2 continues from phase 1's weights: ``MixedConvNet.folded``; a fresh one starts
+    plain.)"""
+    if phase != "mixed" or config.phase2_norm != "fold":
+        return config.candidate_norm
+    continues = config.phase2_init == "continue" or config.p2_epochs == 0
+    if config.layers is not None and continues:
+        folds = norm_folds(
+            config.layers, config.pool, assignment, config.candidate_norm, config.afu
+        )
+        return "none" if folds else config.candidate_norm
+    return "none"
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -444,7 +478,7 @@ def _start_phase(
         run.assignment = previous.assignment()
         # no phase-2 epochs: nothing would train a fresh network, so phase 1's ships
         if config.phase2_init == "continue" or epochs == 0:
-            model = MixedMLP.from_selective(previous, preprocessing=dataset.preprocessing)
+            model = mixed_from_selective(previous, preprocessing=dataset.preprocessing)
             if config.phase2_norm == "fold":  # the same function, trained as a plain network
                 model = model.folded()
         else:  # "fresh": re-initialise the weights, as the reference code does
@@ -479,7 +513,7 @@ def _keeps(rule: str, record: dict[str, Any], run: _RunState) -> bool:
 
 def _end_selective(
     config: TrainConfig, phase: _Phase, dataset: Dataset, run: _RunState, data: dict[str, Tensor]
-) -> SelectiveMLP:
+) -> SelectiveNetwork:
     """Phase 1's kept state (its rule's epoch) as a network; its metrics go to run.phase1."""
     selective = _build(config, "selective", dataset, None).to(data["x_val"].device)
     selective.load_state_dict(phase.kept)
@@ -537,13 +571,8 @@ def train_run(
     ``after_epoch`` is called with each epoch's history record once its checkpoint is on disk.
     """
     out = Path(out)
+    shape = _check_fits_data(config, dataset)
     ranks, dev = init_distributed(device)
-    if config.arch[0] != dataset.n_features or config.arch[-1] != len(dataset.labels):
-        raise TrainError(
-            f"architecture {config.arch} does not fit the data: expected "
-            f"{dataset.n_features} inputs and {len(dataset.labels)} classes "
-            f"(e.g. --arch {dataset.n_features},256,128,{len(dataset.labels)})"
-        )
     _check_out_dir(out, resume=resume, overwrite=overwrite, clear=ranks.main)
     if ranks.main:  # only rank 0 writes; the others read its checkpoint when resuming
         out.mkdir(parents=True, exist_ok=True)
@@ -554,6 +583,12 @@ def train_run(
         for split in ("train", "val", "test")
         for a in ("x", "y")
     }
+    for split in (
+        "train",
+        "val",
+        "test",
+    ):  # (N, D) rows -> (N, *shape): (N, C, H, W) for a conv net
+        data[f"x_{split}"] = data[f"x_{split}"].reshape(-1, *shape)
     record_config = {
         **asdict(config),
         "data": dataset.name,
@@ -616,18 +651,22 @@ def train_run(
         metrics["phase1"] = run.phase1
     if model.afus is not None:
         metrics["afu"] = afu_summary(model)
+    training = record_config
+    if config.layers is not None:  # the norm the stored frozen layers still apply, if any
+        training = {**record_config, artifacts.FROZEN_CANDIDATE_NORM: model.candidate_norm}
     spec = ModelSpec(
         arch=config.arch,
         pool=config.pool,
         mode=config.mode,
         assignment=model.assignment,
         preprocessing=dataset.preprocessing,
-        input_shape=dataset.input_shape,
+        input_shape=list(shape) if config.layers is not None else dataset.input_shape,
         labels=dataset.labels,
-        training=record_config,
+        training=training,
         metrics=metrics,
         versions=package_versions(),
         afu=config.afu,
+        layers=config.layers,
     )
     if ranks.main:
         artifacts.save_model(out, spec, model.canonical_state_dict())
@@ -635,6 +674,37 @@ def train_run(
         artifacts.remove_checkpoint(out)
     barrier(ranks)
     return spec
+
+
+def _check_fits_data(config: TrainConfig, dataset: Dataset) -> tuple[int, ...]:
+    """The shape one sample takes in the network: (D,) for an MLP, (C, H, W) for a layered
+    network; TrainError when the architecture does not fit the data (inputs, classes, image)."""
+    classes = len(dataset.labels)
+    if config.layers is None:
+        if config.arch[0] != dataset.n_features or config.arch[-1] != classes:
+            raise TrainError(
+                f"architecture {config.arch} does not fit the data: expected "
+                f"{dataset.n_features} inputs and {classes} classes "
+                f"(e.g. --arch {dataset.n_features},256,128,{classes})"
+            )
+        return (dataset.n_features,)
+    try:
+        shape = contract.image_shape(dataset.input_shape)
+    except contract.SpecError:
+        raise TrainError(
+            f"a conv net needs image-shaped data ([H, W] or [C, H, W] per sample); "
+            f"{dataset.name} holds samples of shape {list(dataset.input_shape)}"
+        ) from None
+    try:
+        arch = contract.layered_arch(config.layers, shape)
+    except contract.SpecError as e:
+        raise TrainError(f"layers do not fit the data's {shape} images: {e}") from None
+    if arch != config.arch or arch[-1] != classes:
+        raise TrainError(
+            f"architecture {config.arch} does not fit the data: its layers give {arch} on "
+            f"{shape} images, and the data has {classes} classes"
+        )
+    return tuple(shape)
 
 
 def _train_phase(

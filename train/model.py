@@ -1,5 +1,6 @@
-"""SmartMixed networks built from smartmixed.nn's layers: the phase-1 selective MLP and the
-phase-2 mixed MLP.
+"""SmartMixed networks built from smartmixed.nn's layers: MLPs (``SelectiveMLP`` in phase 1,
+``MixedMLP`` in phase 2) and networks described by a layered spec, such as conv nets
+(``SelectiveConvNet``, ``MixedConvNet``).
 
 The model spec (model.json) and the presets live in smartmixed.contract; re-exported here. The
 method itself (the straight-through Gumbel selection, the candidate transform, the learned unit)
@@ -16,12 +17,17 @@ Phase 2 (``MixedMLP``): c_lj = argmax_k a_ljk is frozen; neurons with the same a
 group; a layer is one affine map followed by each group's activation on its slice. Fixed
 baselines are the special case of a single group.
 
+A layered spec (``ModelSpec.layers``: conv, batchnorm, maxpool, avgpool, flatten, linear) is
+built layer for layer, with a mixed activation after every hidden conv (one choice per channel,
+dim 1) and every hidden linear (per neuron), placed after a batchnorm that directly follows it.
+
 The learned activation unit (pool name ``afu``) is one ``AFUnit`` per hidden layer, or one
 instance given to every layer (afu share "network"), trained with the weights in every phase.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -39,9 +45,14 @@ from smartmixed.contract import (  # noqa: F401
     TABLE1,
     ModelSpec,
     SpecError,
+    activation_after,
     afu_param_shape,
     afu_tensor_name,
     check_afu_config,
+    hidden_layer_indices,
+    layer_output_shapes,
+    layered_arch,
+    layered_weight_shapes,
     parse_arch,
     resolve_preset,
 )
@@ -430,3 +441,339 @@ def _check_state(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]])
             raise SpecError(
                 f"tensor {name}: expected shape {list(shape)}, got {list(state[name].shape)}"
             )
+
+
+# --------------------------------------------------------------------------------------------
+# Networks from a layered spec (conv nets)
+#
+# Module names follow the spec, so that state_dict() gives the names artifacts store:
+# layers.{i}.* is spec layer i (parameters and batchnorm statistics; pools and flatten hold
+# none), afu.{l}.* the learned unit of hidden layer l (shared: the same module at every l). The
+# mixed layers are activations.{l}: phase 1's logits live there (checkpoints hold them), phase
+# 2's frozen assignment is the spec's, so artifacts leave those buffers out.
+
+
+def build_layers(layers: Sequence[dict[str, Any]], input_shape: Sequence[int]) -> nn.ModuleList:
+    """Spec layer i as module i: Conv2d, BatchNorm2d (after a conv) or BatchNorm1d (after a
+    linear), MaxPool2d, AvgPool2d, Flatten, Linear. SpecError names a layer that does not fit
+    ``input_shape`` (C, H, W)."""
+    before = [list(input_shape), *layer_output_shapes(layers, input_shape)]  # input of layer i
+    modules: list[nn.Module] = []
+    for layer, shape in zip(layers, before, strict=False):
+        kind = layer["type"]
+        if kind == "conv":
+            modules.append(
+                nn.Conv2d(
+                    shape[0],
+                    layer["channels"],
+                    layer["kernel"],
+                    stride=layer.get("stride", 1),
+                    padding=layer.get("padding", 0),
+                )
+            )
+        elif kind == "batchnorm":
+            modules.append(
+                nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])
+            )
+        elif kind in ("maxpool", "avgpool"):
+            pool = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
+            modules.append(pool(layer["kernel"], stride=layer.get("stride", layer["kernel"])))
+        elif kind == "flatten":
+            modules.append(nn.Flatten())  # (N, C, H, W) -> (N, C*H*W), channel-major
+        else:  # linear (the spec's validation allows nothing else)
+            modules.append(nn.Linear(shape[0], layer["features"]))
+    return nn.ModuleList(modules)
+
+
+def _image_preprocessing(value: float | list[float], shape: Sequence[int]) -> Tensor:
+    """offset or scale as a tensor broadcasting over (N, C, H, W): a scalar, or one value per
+    input feature (C*H*W, in the flattened order) reshaped to (C, H, W)."""
+    tensor = _preprocessing_tensor(value)
+    return tensor if tensor.dim() == 0 else tensor.reshape(*shape)
+
+
+class _Layered:
+    """What phase 1 and phase 2 of a layered network share: the spec's layers, the hidden layers'
+    kinds and widths, where each mixed layer applies, the preprocessing and the forward."""
+
+    layers: nn.ModuleList
+    activations: nn.ModuleList
+
+    def _init_layered(
+        self,
+        layers: Sequence[dict[str, Any]],
+        input_shape: Sequence[int],
+        pool: Sequence[str],
+        preprocessing: dict[str, Any] | None,
+        afu: dict[str, Any] | None,
+    ) -> list[AFUnit | None]:
+        self.spec_layers = copy.deepcopy(list(layers))
+        self.input_shape = list(input_shape)
+        self.arch = layered_arch(self.spec_layers, self.input_shape)  # SpecError if misfit
+        self.pool = list(pool)
+        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
+        self.preprocessing = pre
+        self.register_buffer(
+            "offset", _image_preprocessing(pre["offset"], input_shape), persistent=False
+        )
+        self.register_buffer(
+            "scale", _image_preprocessing(pre["scale"], input_shape), persistent=False
+        )
+        self.layers = build_layers(self.spec_layers, self.input_shape)
+        hidden = hidden_layer_indices(self.spec_layers)
+        self.hidden_kinds = [self.spec_layers[i]["type"] for i in hidden]  # conv | linear
+        # spec index after which each hidden layer's mixed layer applies -> hidden layer index
+        self.activation_at = {i: h for h, i in enumerate(activation_after(self.spec_layers))}
+        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
+        units = afu_units(self.afu_config, len(hidden))
+        self.afu = None if self.afu_config is None else nn.ModuleList(units)
+        return units
+
+    def _feature_dim(self, hidden: int) -> int:
+        """The axis of a hidden layer's features: channels of (N, C, H, W), or the last."""
+        return 1 if self.hidden_kinds[hidden] == "conv" else -1
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, C, H, W) raw -> logits (N, classes)
+        h = (x - self.offset) * self.scale
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i in self.activation_at:
+                h = self.activations[self.activation_at[i]](h)
+        return h
+
+
+class SelectiveConvNet(_Layered, SelectiveNetwork):
+    """Phase 1 of a layered spec: ``MixedActivation(channels, dim=1)`` after every hidden conv,
+    ``MixedActivation(features)`` after every hidden linear (after their batchnorm, if any).
+    The options pass straight through to every ``MixedActivation``, as for ``SelectiveMLP``."""
+
+    def __init__(
+        self,
+        layers: Sequence[dict[str, Any]],
+        input_shape: Sequence[int],
+        pool: Sequence[str],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        tau: float = 0.3,
+        logit_init_std: float = 0.0,
+        candidate_norm: str = "none",
+        clamp: float | None = None,
+        eval_noise: bool = False,
+        logit_grad_norm: str = "none",
+        afu: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.candidate_norm = candidate_norm
+        units = self._init_layered(layers, input_shape, pool, preprocessing, afu)
+        self.activations = nn.ModuleList(
+            MixedActivation(
+                width,
+                pool=self.pool,
+                dim=self._feature_dim(hidden),
+                tau=tau,
+                candidate_norm=candidate_norm,
+                logit_init_std=logit_init_std,
+                clamp=clamp,
+                eval_noise=eval_noise,
+                logit_grad_norm=logit_grad_norm,
+                afu=unit,
+            )
+            for hidden, (width, unit) in enumerate(zip(self.arch[1:-1], units, strict=True))
+        )
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """The weights as artifacts name them: layers.{i}.* (no batchnorm step counters) and
+        afu.{l}.*."""
+        return _artifact_state(self)
+
+
+class MixedConvNet(_Layered, MixedNetwork):
+    """Phase 2 (and fixed baselines) of a layered spec: ``FrozenMixedActivation`` per hidden
+    layer with the assignment in channel (neuron) order. ``candidate_norm`` is the norm the
+    frozen layers still apply: phase 1's while training, "none" once ``folded`` could move it
+    into the next layer."""
+
+    def __init__(
+        self,
+        layers: Sequence[dict[str, Any]],
+        input_shape: Sequence[int],
+        pool: Sequence[str],
+        assignment: Sequence[Sequence[str]],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        candidate_norm: str = "none",
+        afu: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.candidate_norm = candidate_norm
+        self.assignment = [list(layer) for layer in assignment]
+        units = self._init_layered(layers, input_shape, pool, preprocessing, afu)
+        if len(self.assignment) != len(units):
+            raise SpecError(
+                f"assignment: expected {len(units)} hidden layers, got {len(self.assignment)}"
+            )
+        self.activations = nn.ModuleList(
+            FrozenMixedActivation(
+                self.pool,
+                names,
+                dim=self._feature_dim(hidden),
+                candidate_norm=candidate_norm,
+                afu=unit,
+            )
+            for hidden, (names, unit) in enumerate(zip(self.assignment, units, strict=True))
+        )
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, *, candidate_norm: str = "none") -> MixedConvNet:
+        return cls(
+            spec.layers,
+            spec.input_shape,
+            spec.pool,
+            spec.assignment,
+            preprocessing=spec.preprocessing,
+            candidate_norm=candidate_norm,
+            afu=spec.afu,
+        )
+
+    @classmethod
+    def from_selective(
+        cls, selective: SelectiveConvNet, *, preprocessing: dict[str, Any]
+    ) -> MixedConvNet:
+        """Freeze every feature's argmax and carry the phase-1 weights, batchnorm statistics,
+        units and candidate norm over."""
+        mixed = cls(
+            selective.spec_layers,
+            selective.input_shape,
+            selective.pool,
+            selective.assignment(),
+            preprocessing=preprocessing,
+            candidate_norm=selective.candidate_norm,
+            afu=selective.afu_config,
+        )
+        mixed.layers.load_state_dict(selective.layers.state_dict())  # step counters too
+        load_afu_state(mixed.afus, mixed.afu_config, afu_state_dict(selective.afus))
+        return mixed.to(selective.offset.device)
+
+    def canonical_state_dict(self) -> dict[str, Tensor]:
+        """The weights as artifacts name them: layers.{i}.* (no batchnorm step counters) and
+        afu.{l}.*, in channel order (nothing is permuted inside this network)."""
+        return _artifact_state(self)
+
+    def load_canonical_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load artifacts' tensors; SpecError names a missing, unexpected or misshapen one."""
+        expected = layered_weight_shapes(self.spec_layers, self.input_shape)
+        expected |= afu_expected_shapes(self.afu_config, len(self.assignment))
+        _check_state(state, expected)
+        own = dict(self.layers.named_parameters(prefix="layers"))
+        own |= dict(self.layers.named_buffers(prefix="layers"))
+        with torch.no_grad():
+            for name in layered_weight_shapes(self.spec_layers, self.input_shape):
+                own[name].copy_(state[name].to(own[name]))
+        load_afu_state(self.afus, self.afu_config, state)
+
+    def norm_folds(self) -> bool:
+        """Whether ``folded`` moves the candidate norm into the next layers exactly (see there)."""
+        return norm_folds(
+            self.spec_layers, self.pool, self.assignment, self.candidate_norm, self.afu_config
+        )
+
+    def folded(self) -> MixedConvNet:
+        """The same function, the candidate norm moved into the next conv/linear where exact.
+
+        Hidden layer l's feature j passes h_j = (f_j(z_j) - mu_j) g_j (g_j > 0) on to the next
+        conv or linear layer, through max/avg pools (no padding) and a flatten between:
+        - the gain commutes with the pools (max(g u) = g max(u) for g > 0; averages are linear)
+          and goes into that layer's input channel j: W[:, j] *= g_j (for a linear after a
+          flatten: the H*W columns of channel j), exact for any padding;
+        - the shift commutes with the pools too (max(u - c) = max(u) - c; a pool without
+          padding averages k*k real values) and becomes bias b -= sum over channel j's
+          weights of W mu_j (computed in float64), exact where the layer sees h at every
+          position it reads: a linear, or a conv with padding 0 (a padded conv reads zeros at
+          the border, where the norm would have given -mu_j g_j; ``norm_folds`` says no).
+        When the norm does not fold everywhere the network keeps it (a copy with the same
+        ``candidate_norm``): model.json's training section then records it
+        (``frozen_candidate_norm``), so that export rebuilds the same frozen layers.
+        """
+        keeps = self.candidate_norm != "none" and not self.norm_folds()
+        norm = self.candidate_norm if keeps else "none"
+        state = {k: v.cpu() for k, v in self.canonical_state_dict().items()}  # folded on the CPU
+        if self.transform.affine and not keeps:
+            shapes = [
+                list(self.input_shape),
+                *layer_output_shapes(self.spec_layers, self.input_shape),
+            ]
+            for hidden, at in enumerate(activation_after(self.spec_layers)):
+                c = _next_affine(self.spec_layers, at)
+                index = [self.pool.index(n) for n in self.assignment[hidden]]
+                shift = torch.tensor([self.transform.shift[k] for k in index], dtype=torch.float64)
+                gain = torch.tensor([self.transform.gain[k] for k in index], dtype=torch.float64)
+                w = state[f"layers.{c}.weight"].double()
+                if self.spec_layers[c]["type"] == "conv":  # (out, C, k, k): input channel j
+                    w = w * gain.reshape(1, -1, 1, 1)
+                    shifted = (w * shift.reshape(1, -1, 1, 1)).sum((1, 2, 3))
+                else:  # linear (out, C * block): channel j's block of columns after a flatten
+                    block = shapes[c][0] // len(index)  # H*W after a flatten, else 1
+                    w = w * gain.repeat_interleave(block)
+                    shifted = w @ shift.repeat_interleave(block)
+                state[f"layers.{c}.weight"] = w.float()
+                state[f"layers.{c}.bias"] = (state[f"layers.{c}.bias"].double() - shifted).float()
+        plain = MixedConvNet(
+            self.spec_layers,
+            self.input_shape,
+            self.pool,
+            self.assignment,
+            preprocessing=self.preprocessing,
+            candidate_norm=norm,
+            afu=self.afu_config,
+        )
+        plain.load_canonical_state_dict(state)
+        plain.train(self.training)
+        return plain.to(self.offset.device)
+
+
+def _next_affine(layers: Sequence[dict[str, Any]], after: int) -> int:
+    """The index of the first conv or linear layer after spec index ``after`` (one always
+    follows a hidden layer: the last layer is linear)."""
+    return next(i for i in range(after + 1, len(layers)) if layers[i]["type"] in ("conv", "linear"))
+
+
+def norm_folds(
+    layers: Sequence[dict[str, Any]],
+    pool: Sequence[str],
+    assignment: Sequence[Sequence[str]],
+    candidate_norm: str,
+    afu: dict[str, Any] | None,
+) -> bool:
+    """Whether a layered network's candidate norm folds exactly into the layers after each
+    hidden layer (``MixedConvNet.folded``): every hidden layer whose features shift (mu_j != 0
+    for an activation it uses) is read by a linear or an unpadded conv (the pools between have
+    no padding: the spec has none)."""
+    transform = CandidateTransform.build(
+        pool, norm=candidate_norm, afu_base=afu["base"] if afu else "relu"
+    )
+    for hidden, at in enumerate(activation_after(layers)):
+        shifts = any(transform.shift[pool.index(n)] for n in set(assignment[hidden]))
+        consumer = layers[_next_affine(layers, at)]
+        if shifts and consumer["type"] == "conv" and consumer.get("padding", 0):
+            return False
+    return True
+
+
+def _artifact_state(model: _Layered) -> dict[str, Tensor]:
+    """layers.{i}.* without the batchnorm step counters (artifacts hold float32 only; they
+    matter only to a BatchNorm without momentum) and afu.{l}.*, detached copies."""
+    state = {
+        k: v.detach().clone()
+        for k, v in model.layers.state_dict(prefix="layers.").items()
+        if not k.endswith(".num_batches_tracked")
+    }
+    return state | afu_state_dict(model.afus)
+
+
+def mixed_from_selective(
+    selective: SelectiveNetwork, *, preprocessing: dict[str, Any]
+) -> MixedNetwork:
+    """Phase 2's network from phase 1's: its argmax frozen, its weights carried over."""
+    if isinstance(selective, SelectiveConvNet):
+        return MixedConvNet.from_selective(selective, preprocessing=preprocessing)
+    return MixedMLP.from_selective(selective, preprocessing=preprocessing)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smartmixed.contract import MODEL_SPEC, ModelSpec, json_type_name
+from smartmixed.contract import MODEL_SPEC, ModelSpec, hidden_layer_indices, json_type_name
 from smartmixed.contract.files import atomic_write_bytes, atomic_write_text
 from smartmixed.train.artifacts import ArtifactError, load_spec
 
@@ -27,6 +27,52 @@ PLOTS = {
     "afu": "afu.png",
 }
 AFU_PLOT_RANGE = (-6.0, 6.0)  # the paper's Fig. 2c
+
+
+# --------------------------------------------------------------------------------------------
+# Naming a run's layers
+
+
+def describe_layers(layers: Sequence[dict[str, Any]]) -> str:
+    """A layered spec in one line: 'conv 6 k5 p2 -> maxpool 2 -> flatten -> linear 10'."""
+
+    def one(layer: dict[str, Any]) -> str:
+        kind = layer["type"]
+        if kind == "conv":
+            stride, pad = layer.get("stride", 1), layer.get("padding", 0)
+            extra = (f" s{stride}" if stride != 1 else "") + (f" p{pad}" if pad else "")
+            return f"conv {layer['channels']} k{layer['kernel']}{extra}"
+        if kind in ("maxpool", "avgpool"):
+            stride = layer.get("stride", layer["kernel"])
+            return f"{kind} {layer['kernel']}" + (
+                f" s{stride}" if stride != layer["kernel"] else ""
+            )
+        if kind == "linear":
+            return f"linear {layer['features']}"
+        return kind
+
+    return " -> ".join(one(layer) for layer in layers)
+
+
+def hidden_kinds(spec: ModelSpec) -> list[str]:
+    """What each hidden layer is: 'conv' (its width counts channels) or 'linear' (neurons)."""
+    if spec.layers is None:
+        return ["linear"] * len(spec.hidden_widths)
+    return [spec.layers[i]["type"] for i in hidden_layer_indices(spec.layers)]
+
+
+def layer_label(spec: ModelSpec, layer: int) -> str:
+    """Hidden layer ``layer`` (0-based) with its width: '32' for an MLP, 'conv, 6 channels' or
+    'linear, 120' for a layered network."""
+    width = spec.hidden_widths[layer]
+    if spec.layers is None:
+        return str(width)
+    kind = hidden_kinds(spec)[layer]
+    return f"conv, {width} channels" if kind == "conv" else f"linear, {width}"
+
+
+def _feature_noun(spec: ModelSpec) -> str:
+    return "channels / neurons" if "conv" in hidden_kinds(spec) else "neurons"
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,17 +139,29 @@ def plot_activation_distribution(spec: ModelSpec, path: Path) -> None:
         shares = [c[name] / sum(c.values()) for c in counts]
         ax.bar(range(len(counts)), shares, bottom=bottoms, label=name, color=colors[name])
         bottoms = [b + s for b, s in zip(bottoms, shares, strict=True)]
-    ax.set_xticks(
-        range(len(counts)), [f"L{i + 1}\n({w})" for i, w in enumerate(spec.hidden_widths)]
-    )
-    ax.set_ylabel("share of neurons")
+    kinds = hidden_kinds(spec)
+    ticks = [
+        f"L{i + 1}\n({w})"
+        if spec.layers is None
+        else f"L{i + 1} {kinds[i]}\n({w}{' ch' if kinds[i] == 'conv' else ''})"
+        for i, w in enumerate(spec.hidden_widths)
+    ]
+    ax.set_xticks(range(len(counts)), ticks)
+    ax.set_ylabel(f"share of {_feature_noun(spec)}")
     ax.set_title(f"activation per hidden layer ({spec.mode})")
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left")
     _savefig(fig, path)
 
 
-def plot_selection(history: Sequence[dict[str, Any]], pool: Sequence[str], path: Path) -> bool:
-    """Share of each activation per layer over the phase-1 epochs (paper Fig. 4)."""
+def plot_selection(
+    history: Sequence[dict[str, Any]],
+    pool: Sequence[str],
+    path: Path,
+    *,
+    labels: Sequence[str] | None = None,
+) -> bool:
+    """Share of each activation per layer over the phase-1 epochs (paper Fig. 4); ``labels``
+    name the hidden layers in the titles (e.g. 'conv, 6 channels')."""
     rows = [r for r in history if r["phase"] == "selective"]
     if not rows:
         return False
@@ -125,7 +183,8 @@ def plot_selection(history: Sequence[dict[str, Any]], pool: Sequence[str], path:
                 for r in rows
             ]
             ax.plot(epochs, shares, label=name, color=colors[name])
-        ax.set_title(f"hidden layer {layer + 1}", fontsize=9)
+        named = f" ({labels[layer]})" if labels else ""
+        ax.set_title(f"hidden layer {layer + 1}{named}", fontsize=9)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     for extra in range(n_layers, nrows * cols):
@@ -178,8 +237,8 @@ def plot_afu(run_dir: Path, spec: ModelSpec, path: Path) -> bool:
     import torch
 
     from smartmixed.contract import AFU_PARAMS, MODEL_WEIGHTS, afu_tensor_name
-    from smartmixed.train.artifacts import load_tensors
     from smartmixed.nn.pool import afu_apply, afu_init
+    from smartmixed.train.artifacts import load_tensors
 
     state = load_tensors(run_dir / MODEL_WEIGHTS)
     base, n_layers = spec.afu["base"], len(spec.hidden_widths)
@@ -199,7 +258,8 @@ def plot_afu(run_dir: Path, spec: ModelSpec, path: Path) -> bool:
         ax.plot(z, g0, color="C1", lw=1, ls="--", label="before training")
         ax.plot(z, g, color="C0", lw=1.6, label="learned G(z)")
         distance = float((g - relu).abs().max())
-        ax.set_title(f"hidden layer {layer + 1}: max|G - relu| {distance:.2f}", fontsize=8)
+        named = "" if spec.layers is None else f" ({layer_label(spec, layer)})"
+        ax.set_title(f"hidden layer {layer + 1}{named}: max|G - relu| {distance:.2f}", fontsize=8)
         ax.grid(alpha=0.3)
     for extra in range(n_layers, nrows * cols):
         axes[extra // cols][extra % cols].axis("off")
@@ -221,7 +281,8 @@ def write_plots_and_report(
     linking the plots that exist."""
     plot_curves(history, run_dir / PLOTS["curves"])
     plot_activation_distribution(spec, run_dir / PLOTS["activations"])
-    plot_selection(history, spec.pool, run_dir / PLOTS["selection"])
+    labels = [layer_label(spec, i) for i in range(len(spec.hidden_widths))]
+    plot_selection(history, spec.pool, run_dir / PLOTS["selection"], labels=labels)
     plot_logit_gradients(history, spec.pool, run_dir / PLOTS["logit_gradients"])
     plot_afu(run_dir, spec, run_dir / PLOTS["afu"])
     write_report(run_dir, spec, history)
@@ -244,6 +305,13 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
         f"# Run {run_dir.name}",
         "",
         f"- mode: `{spec.mode}`, architecture {spec.arch}, pool {', '.join(spec.pool)}",
+    ]
+    if spec.layers is not None:
+        lines.append(
+            f"- layers on {spec.input_shape} input: {describe_layers(spec.layers)} (one "
+            "activation per channel of a conv layer, per neuron of a linear one)"
+        )
+    lines += [
         f"- data: {spec.training.get('data_summary', spec.training.get('data'))}",
         f"- test accuracy **{m['test_accuracy']:.4f}** (loss {m['test_loss']:.4f}); "
         f"validation accuracy {m['val_accuracy']:.4f} at epoch {m['best_epoch']}",
@@ -274,11 +342,17 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
         "",
         "## Activation mix per hidden layer",
         "",
-        "| layer | width | mix |",
-        "|---|---|---|",
     ]
-    for i, (w, counts) in enumerate(zip(spec.hidden_widths, spec.activation_counts(), strict=True)):
-        lines.append(f"| {i + 1} | {w} | {format_counts(counts)} |")
+    rows = enumerate(zip(spec.hidden_widths, spec.activation_counts(), strict=True))
+    if spec.layers is None:
+        lines += ["| layer | width | mix |", "|---|---|---|"]
+        lines += [f"| {i + 1} | {w} | {format_counts(counts)} |" for i, (w, counts) in rows]
+    else:  # a conv layer's width counts channels, each with one activation
+        lines += ["| layer | kind | width | mix |", "|---|---|---|---|"]
+        kinds = hidden_kinds(spec)
+        lines += [
+            f"| {i + 1} | {kinds[i]} | {w} | {format_counts(counts)} |" for i, (w, counts) in rows
+        ]
     lines += ["", "## Plots", ""]
     for key, name in PLOTS.items():
         if (run_dir / name).exists():
@@ -313,6 +387,6 @@ def compare_runs(run_dirs: Sequence[Path | str]) -> str:
     for path, spec in specs:
         lines.append(f"\n{path.name}: activation mix per hidden layer")
         for i, counts in enumerate(spec.activation_counts()):
-            lines.append(f"  layer {i + 1} ({spec.hidden_widths[i]}): {format_counts(counts)}")
+            lines.append(f"  layer {i + 1} ({layer_label(spec, i)}): {format_counts(counts)}")
         lines.append(f"  artifacts: {path}/ (model.safetensors, model.json, report.md, *.png)")
     return "\n".join(lines)

@@ -33,6 +33,15 @@ def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
         main(["--data", "digits", "--arch", "paper", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--arch paper: that is a preset; use --preset paper" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", "digits", "--arch", "lenet5", "--out", str(tmp_path)])
+    assert "--arch lenet5: that is a preset; use --preset lenet5" in capsys.readouterr().err
+    assert main(["--data", "digits", "--preset", "lenet5", "--out", str(tmp_path / "l")]) == 2
+    assert capsys.readouterr().err == (
+        "smartmixed-train: error: --preset lenet5 does not fit [1, 8, 8] images: spec field "
+        "'layers[2].kernel': 5 is larger than its input 4x4\n"
+    )
+    assert not (tmp_path / "l").exists()
     assert (
         main(
             [
@@ -56,7 +65,9 @@ def test_cli_usage_errors(tmp_path: Path, capsys) -> None:
 def test_list_presets(capsys) -> None:
     assert main(["--list-presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 19 and lines[0].startswith("table1-1 ")
+    assert len(lines) == 21 and lines[0].startswith("table1-1 ")
+    assert lines[19].startswith("lenet5     conv 6 k5 p2 -> maxpool 2 -> conv 16 k5 -> ")
+    assert lines[20].endswith("-> linear 128 -> linear 10 (last: the data's classes)")
 
 
 def test_module_entry_point_help() -> None:
