@@ -68,9 +68,7 @@ class UnreadableFile(ValueError):
         self.reason = reason
 
 
-def open_regular_file(
-    path: Path | str, *, limit: int, follow_symlinks: bool = True
-) -> BinaryIO:
+def open_regular_file(path: Path | str, *, limit: int, follow_symlinks: bool = True) -> BinaryIO:
     """``path`` opened for binary reading, once it is known to be a regular file of at most
     ``limit`` bytes; else UnreadableFile. ``follow_symlinks=False``: a symlink as the last
     component is refused (for a path the caller has already resolved and checked).

@@ -187,7 +187,7 @@ def nested(depth: int) -> str:
 
 def _nan_everywhere(tensors: dict, state: dict) -> None:
     for name, tensor in tensors.items():
-        if name.startswith(("model.", "best.")):
+        if name.startswith(("model.", "best.")) and tensor.is_floating_point():
             tensor.fill_(float("nan"))
 
 

@@ -20,9 +20,9 @@ from smartmixed.bench.latency import (
     random_assignment,
 )
 from smartmixed.export.lower import LOWERINGS
+from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.artifacts import save_model
 from smartmixed.train.model import MixedMLP, ModelSpec
-from smartmixed.nn.pool import DEFAULT_POOL
 
 ARCH = "64,48,32,10"
 # exact on both hidden layers (48 -> 24/12/12, 32 -> 16/8/8), so the shares are known by hand

@@ -20,8 +20,8 @@ from smartmixed.export.lower import (
 )
 from smartmixed.export.repository import export_run
 from smartmixed.export.verify import input_sets, verify_against_torch
-from smartmixed.train.model import MixedMLP, ModelSpec
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL, LEAKY_RELU_SLOPE
+from smartmixed.train.model import MixedMLP, ModelSpec
 
 ALL = list(ACTIVATIONS)
 FOLDED = tuple(MERGES_PRELU)  # ("folded", "folded_tanh")

@@ -7,8 +7,8 @@ import torch
 
 from smartmixed.export.lower import LOWERINGS, LoweringError, get_metadata, lower, set_metadata
 from smartmixed.export.verify import VerificationError, input_sets, verify_against_torch
-from smartmixed.train.model import MixedMLP, ModelSpec
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
+from smartmixed.train.model import MixedMLP, ModelSpec
 
 ALL = list(ACTIVATIONS)
 

@@ -186,6 +186,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # resume is exact for MLPs in the quick suite (test_loop); conv in .ci/run
 def test_conv_resume_is_exact(digits: Dataset, tmp_path: Path) -> None:
     """Killed after phase 1's first epoch (logits, batchnorm statistics and step counters in
     the checkpoint), resumed: the same weights, bit for bit, as an uninterrupted run."""
