@@ -49,9 +49,9 @@ from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerin
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
 from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.runtime import percentiles, time_session
+from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, parse_arch
-from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 
 PAPER_ARCH = list(PRESETS["paper"])
 DEFAULT_BATCHES = (1, 32, 256)
