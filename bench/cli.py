@@ -31,9 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "latency": (
         "ONNX Runtime CPU inference latency: fixed activations vs a mixed network's lowerings",
         "Time ONNX Runtime CPU inference of the six fixed-activation networks and one "
-        "mixed network in every lowering (scatter, permuted, grouped, and the one --lowering auto "
-        "picks) across batch sizes and thread counts, with PyTorch eager beside it; writes "
-        "DIR/latency.{json,md,png}.",
+        "mixed network in every lowering (an MLP: scatter, permuted, grouped, folded, "
+        "folded_tanh and their int8 graphs; a conv net: scatter, permuted; and the one "
+        "--lowering auto picks) across batch sizes and thread counts, with PyTorch eager beside "
+        "it; writes DIR/latency.{json,md,png}.",
     ),
     "http": (
         "HTTP serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load",
@@ -86,12 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--threads", type=int, help="torch intra-op threads")
     tc.add_argument("--device", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
 
-    lat.add_argument("--arch", help="layer widths (default: the paper's)")
+    lat.add_argument("--arch", help="layer widths of an MLP (default: the paper's)")
+    lat.add_argument(
+        "--preset",
+        help="a conv net instead: lenet5 or convnet (input 1x28x28), random weights and assignment",
+    )
     source = lat.add_mutually_exclusive_group()
     source.add_argument(
         "--run",
         type=Path,
-        help="runs/NAME: time that trained network (its arch, assignment and weights)",
+        help="runs/NAME: time that trained network, MLP or conv (its layers, assignment and "
+        "weights)",
     )
     source.add_argument(
         "--mix",

@@ -1,13 +1,21 @@
 """ONNX Runtime CPU inference latency of a mixed network against fixed-activation networks.
 
-One run builds, for one architecture, the fixed-activation networks (the six default activations,
+One run builds, for one network, the fixed-activation networks (the six default activations,
 plus any other activation the mixed model uses) and one mixed network: a trained run's assignment
-and weights, or a random assignment with given activation shares. The mixed network is exported
-in every lowering (scatter, permuted, grouped, see ``smartmixed.export.lower``); a fixed network
-lowers to the same graph in every form and is exported once. ``--lowering auto``'s choice is
-reproduced with the export's own ``time_lowerings`` / ``pick_lowering`` and recorded; records
-with lowering "auto" repeat the numbers of the lowering it picked. PyTorch eager latency of the
-mixed and the fixed-ReLU network is timed beside ONNX Runtime.
+and weights, or a random assignment with given activation shares. The network is an MLP (an
+architecture, or an MLP run) or a conv net (a conv preset such as lenet5, or a layered run).
+
+An MLP is lowered by ``smartmixed.export.lower`` in every lowering (scatter, permuted, grouped,
+folded, folded_tanh); its int8 graphs (``smartmixed-export --quantize int8``) are timed too. A
+conv net is lowered as export lowers a layered run (``smartmixed.export.module``: torch's ONNX
+exporter, ``scatter`` and ``permuted`` with the permutation folded into the neighbouring
+Conv2d/BatchNorm/Linear); export quantizes no conv net, so it has no int8 rows. A fixed network
+lowers to the same graph in every form and is exported once; a conv net's fixed networks hold the
+mixed network's own weights (and candidate norm), its hidden layers one activation each.
+``--lowering auto``'s choice is reproduced with the export's own ``time_lowerings`` /
+``pick_lowering`` and recorded; records with lowering "auto" repeat the numbers of the lowering
+it picked. PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX
+Runtime.
 
 Method. A cell is one (runtime, model, lowering, batch, threads); every ONNX Runtime cell has its
 own session with that many intra-op threads. All cells first run a few untimed warm-ups (arena
@@ -17,14 +25,26 @@ threads spinning and its weights in cache for a run or two). The rounds interlea
 the order inside a round rotates, so that drift and neighbours on a shared machine hit every
 model alike instead of whichever happened to be timed during a noisy spell. Percentiles are taken
 over all timed runs of a cell (rounds x repeats); the input is the same seeded batch of random
-raw pixels (integers in [0, 255], float32) for every model.
+raw pixels (integers in [0, 255], float32; [B, D] for an MLP, [B, C, H, W] for a conv net) for
+every model.
 
 Ratios. ``ratio_vs_relu`` = p50 / p50 of the fixed-ReLU network at the same batch, threads and
 runtime. The ideal mix is what a perfect lowering of the mixed network would cost: the p50
-latencies of the fixed networks weighted by the mixed network's share of each activation over
-all hidden neurons, ideal = sum_a share_a * p50(fixed_a). ``ratio_vs_ideal`` = p50 / ideal, for
-the mixed network on ONNX Runtime only; it isolates the cost of the grouping itself (splits,
-gathers, concats, smaller GEMMs) from the cost of the activations the mix contains.
+latencies of the fixed networks weighted by the mixed network's share of each activation,
+ideal = sum_a share_a * p50(fixed_a). ``ratio_vs_ideal`` = p50 / ideal, for the mixed network on
+ONNX Runtime (fp32) only; it isolates the cost of the grouping itself (splits, gathers, concats,
+smaller GEMMs) from the cost of the activations the mix contains.
+
+The shares are over activation elements: a hidden feature counts once per value its activation
+computes for one sample, H*W for a conv channel (the (C, H, W) map after the conv and its
+batchnorm, before any pool) and 1 for a neuron. Why: all networks run the same convolutions and
+matrix products, and the activations cost per element, so p50(fixed_a) = common + c_a * E (E the
+activation elements of the network, c_a the cost of one element of a) and a perfect lowering of
+the mix costs common + sum_a c_a * E_a; the element shares w_a = E_a / E give exactly that,
+sum_a w_a * p50(fixed_a). Shares over features (a channel weighing like a neuron) would not: in
+lenet5 the 204 linear neurons are 90% of the 226 hidden features but 3% of the 6,508
+activation elements, the 6 channels of the first conv (6 x 28 x 28) 72%. For an MLP both
+definitions agree. The feature shares are recorded beside (``mix_features``).
 """
 
 from __future__ import annotations
@@ -40,20 +60,31 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, common, parse_positive_ints
 from smartmixed.bench.common import machine_info
+from smartmixed.contract import (
+    AFU,
+    CONV_PRESETS,
+    activation_after,
+    layer_output_shapes,
+    layered_arch,
+    resolve_conv_preset,
+)
 from smartmixed.contract.runtime import make_session
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
+from smartmixed.export.module import MODULE_LOWERINGS, permuted_copy, plan_folds, to_onnx
 from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.runtime import percentiles, time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
-from smartmixed.train.model import PRESETS, MixedMLP, ModelSpec, parse_arch
+from smartmixed.train.model import PRESETS, MixedConvNet, MixedMLP, ModelSpec, parse_arch
 
 PAPER_ARCH = list(PRESETS["paper"])
+PRESET_INPUT_SHAPE = [1, 28, 28]  # the conv presets are laid out for 28x28 grey images
 DEFAULT_BATCHES = (1, 32, 256)
 DEFAULT_THREADS = (1, 2)
 # 40 x 30 = 1200 timed runs per cell: enough for a stable p99, and about 2-3 minutes for the
@@ -66,10 +97,13 @@ ORDER = (
     "interleaved rounds; in each round, per (batch, threads), every cell in turn, the order "
     "rotated by one cell per round"
 )
-FIXED_LOWERING = "permuted"  # a single-group network lowers to the same graph in every form
+# a single-group network lowers to the same graph in every form: an MLP's through
+# export.lower, a conv net's through torch's exporter (one op per frozen layer)
+FIXED_LOWERING = {"mlp": "permuted", "conv": "scatter"}
 MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
-# Issue G's targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal
-# mix (p50); the INT8 mixed network (auto's INT8 pick) vs the fp32 fixed-ReLU network.
+# Targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal mix (p50),
+# for an MLP and a conv net alike; the INT8 mixed network (auto's INT8 pick) vs the fp32
+# fixed-ReLU network, for an MLP (export quantizes no conv net).
 TARGET_CELLS: dict[str, tuple[int, int, float]] = {
     "auto_vs_ideal_batch1_threads1": (1, 1, 1.10),
     "auto_vs_ideal_batch32_threads1": (32, 1, 1.05),
@@ -81,6 +115,11 @@ INT8_TARGET_CELLS: dict[str, tuple[int, int, float]] = {
     "int8_mixed_vs_relu_batch256_threads1": (256, 1, 0.70),
 }
 TARGETS = {key: limit for key, (_, _, limit) in {**TARGET_CELLS, **INT8_TARGET_CELLS}.items()}
+CONV_TARGETS = {key: limit for key, (_, _, limit) in TARGET_CELLS.items()}
+IDEAL_WEIGHTS = (
+    "activation elements per sample: H*W per conv channel, 1 per neuron (the activations cost "
+    "per element; the convolutions and matrix products are the same in every network)"
+)
 INT8 = "+int8"  # lowering suffix of a dynamically quantized graph (export.quantize.quantize_int8)
 RECORD_KEYS = (
     "model",
@@ -101,7 +140,8 @@ FIXED_RELU = "relu"
 
 
 class LatencyError(BenchError):
-    """Options the latency bench cannot run with (bad mix, batches, thread counts, arch)."""
+    """Options the latency bench cannot run with (bad mix, batches, thread counts, arch, preset,
+    or a combination of them)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,10 +213,28 @@ def random_assignment(
     return layers
 
 
-def activation_shares(assignment: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Share of each activation over all hidden neurons (registry order, nonzero only)."""
-    flat = [name for layer in assignment for name in layer]
-    return {n: flat.count(n) / len(flat) for n in ACTIVATIONS if n in flat}
+def activation_shares(
+    assignment: Sequence[Sequence[str]], *, elements: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Share of each activation over all hidden features (registry order, nonzero only), each
+    feature of hidden layer l weighing ``elements[l]`` (default 1: a channel like a neuron)."""
+    weights = [1] * len(assignment) if elements is None else list(elements)
+    totals = dict.fromkeys(ACTIVATIONS, 0)
+    for layer, weight in zip(assignment, weights, strict=True):
+        for name in layer:
+            totals[name] += weight
+    total = sum(totals.values())
+    return {n: v / total for n, v in totals.items() if v}
+
+
+def feature_elements(spec: ModelSpec) -> list[int]:
+    """Per hidden layer: the activation elements one feature computes for one sample, H*W for
+    a conv channel (its (C, H, W) map where the mixed activation applies, after the conv and
+    its batchnorm) and 1 for a neuron (every layer of an MLP)."""
+    if spec.layers is None:
+        return [1] * (len(spec.arch) - 2)
+    shapes = layer_output_shapes(spec.layers, spec.input_shape)  # (C, H, W) or (features,)
+    return [math.prod(shapes[i][1:]) for i in activation_after(spec.layers)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,28 +258,81 @@ def _spec(
 
 def _mixed_network(
     arch: str | Sequence[int] | None,
+    preset: str | None,
     run: Path | str | None,
     mix: str | Mapping[str, float] | None,
     seed: int,
-) -> tuple[ModelSpec | None, ModelSpec, MixedMLP, dict[str, float] | None]:
+) -> tuple[ModelSpec | None, ModelSpec, MixedMLP | MixedConvNet, dict[str, float] | None]:
     """(run spec or None, mixed spec, torch model, requested mix or None); validates options."""
+    if preset is not None and preset not in CONV_PRESETS:
+        raise LatencyError(
+            f"preset {preset!r}: expected a conv preset, one of {', '.join(CONV_PRESETS)} "
+            "(an MLP's layer widths go in the architecture)"
+        )
     if run is not None:
         if mix is not None:
             raise LatencyError("give either a trained run or a mix, not both")
         spec, model = load_model(run)  # ArtifactError for a missing or broken run folder
-        if arch is not None and parse_arch(arch) != spec.arch:
+        if spec.layers is not None:  # a conv net
+            if arch is not None:
+                raise LatencyError(
+                    f"{run} is a layered (conv) network; an architecture (layer widths) "
+                    "describes an MLP: leave it out"
+                )
+            if preset is not None and resolve_conv_preset(preset, classes=spec.arch[-1]) != (
+                spec.layers
+            ):
+                raise LatencyError(
+                    f"preset {preset!r} does not match the layers of {run}; leave the preset "
+                    "out to use the run's"
+                )
+        elif preset is not None:
+            raise LatencyError(f"preset {preset!r} is a conv net; {run} is an MLP")
+        elif arch is not None and parse_arch(arch) != spec.arch:
             raise LatencyError(
                 f"architecture {parse_arch(arch)} does not match the run's {spec.arch}; "
                 "leave the architecture out to use the run's"
             )
         return spec, spec, model, None
-    arch = parse_arch(arch) if arch is not None else list(PAPER_ARCH)
+    if arch is not None and preset is not None:
+        raise LatencyError("give either an architecture (an MLP) or a conv preset, not both")
     requested = (
         parse_mix(mix) if mix is not None else {n: 1 / len(DEFAULT_POOL) for n in DEFAULT_POOL}
     )
     pool = list(DEFAULT_POOL) + [n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL]
+    if preset is not None:
+        layers = resolve_conv_preset(preset)
+        hidden = layered_arch(layers, PRESET_INPUT_SHAPE)[1:-1]  # channels / neurons
+        spec = ModelSpec.untrained(
+            layers=layers,
+            input_shape=list(PRESET_INPUT_SHAPE),
+            pool=pool,
+            assignment=random_assignment(hidden, requested, seed=seed),
+        )
+        return None, spec, MixedConvNet.from_spec(spec).eval(), requested
+    arch = parse_arch(arch) if arch is not None else list(PAPER_ARCH)
     spec = _spec(None, arch, pool, random_assignment(arch[1:-1], requested, seed=seed))
     return None, spec, MixedMLP.from_spec(spec).eval(), requested
+
+
+def fixed_conv_network(spec: ModelSpec, mixed: MixedConvNet, act: str) -> MixedConvNet:
+    """The conv net of ``spec`` with every hidden feature ``act``: the mixed network's layers,
+    weights and candidate norm (a trained run's frozen norm), so that it differs from the mixed
+    network in its activations alone."""
+    fixed = MixedConvNet(
+        spec.layers,
+        spec.input_shape,
+        [act],
+        [[act] * width for width in spec.arch[1:-1]],
+        preprocessing=spec.preprocessing,
+        candidate_norm=mixed.candidate_norm,
+        afu=spec.afu,
+    )
+    state = mixed.canonical_state_dict()  # layers.{i}.* and, with afu in the mix, afu.{l}.*
+    fixed.load_canonical_state_dict(
+        {k: v for k, v in state.items() if k.startswith("layers.") or act == AFU}
+    )
+    return fixed.eval()
 
 
 def _numpy_state(model: MixedMLP) -> dict[str, np.ndarray]:
@@ -229,7 +340,7 @@ def _numpy_state(model: MixedMLP) -> dict[str, np.ndarray]:
 
 
 def _time_torch(
-    model: MixedMLP, x: torch.Tensor, *, threads: int, repeats: int, warmup: int
+    model: nn.Module, x: torch.Tensor, *, threads: int, repeats: int, warmup: int
 ) -> list[float]:
     """Eager forward latency in ms; torch's thread count is set for the call and restored."""
     previous = torch.get_num_threads()
@@ -249,6 +360,98 @@ def _time_torch(
 
 
 # --------------------------------------------------------------------------------------------
+# Lowering
+
+Graphs = dict[tuple[str, str], bytes]  # (model, lowering) -> ONNX bytes
+Selections = dict[int, dict[str, Any]]  # threads -> auto's choice as export records it
+
+
+def _auto_choice(graphs: Mapping[str, bytes], shape: Sequence[int], t: int, seed: int) -> dict:
+    """What `smartmixed-export --lowering auto --threads t` picks among ``graphs``: the export's
+    own timing and rule."""
+    timings = time_lowerings(dict(graphs), shape, threads=t, seed=seed)
+    return {**pick_lowering(timings)[1], "threads": t, "batches": list(AUTO_BATCHES)}
+
+
+def _lower_mlp(
+    mixed_spec: ModelSpec,
+    mixed: MixedMLP,
+    fixed: Mapping[str, tuple[ModelSpec, MixedMLP]],
+    *,
+    threads: Sequence[int],
+    seed: int,
+) -> tuple[Graphs, Selections, Selections]:
+    """An MLP through export.lower: every fixed network once, the mixed one in every lowering,
+    the int8 graphs of those and of fixed ReLU; auto's fp32 and int8 picks per thread count."""
+    graphs: Graphs = {}
+    for a, (spec, model) in fixed.items():
+        proto = lower(spec, _numpy_state(model), lowering=FIXED_LOWERING["mlp"])
+        graphs[(a, FIXED)] = proto.SerializeToString()
+    mixed_state = _numpy_state(mixed)
+    for lowering in LOWERINGS:
+        proto = lower(mixed_spec, mixed_state, lowering=lowering)
+        graphs[(MIXED, lowering)] = proto.SerializeToString()
+    # INT8 (ORT dynamic quantization, as `--quantize int8` writes it) of every mixed lowering and
+    # of fixed ReLU.
+    for lowering in LOWERINGS:
+        quantized = quantize_int8(onnx.load_from_string(graphs[(MIXED, lowering)]))
+        graphs[(MIXED, lowering + INT8)] = quantized.SerializeToString()
+    relu_int8 = quantize_int8(onnx.load_from_string(graphs[(FIXED_RELU, FIXED)]))
+    graphs[(FIXED_RELU, FIXED + INT8)] = relu_int8.SerializeToString()
+    # auto over the fp32 (or the int8) graphs, per thread count
+    auto, auto_int8 = {}, {}
+    for t in threads:
+        for picks, suffix in ((auto, ""), (auto_int8, INT8)):
+            candidates = {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS}
+            picks[t] = _auto_choice(candidates, [mixed_spec.arch[0]], t, seed)
+    return graphs, auto, auto_int8
+
+
+def _lower_conv(
+    mixed_spec: ModelSpec,
+    mixed: MixedConvNet,
+    fixed: Mapping[str, MixedConvNet],
+    *,
+    threads: Sequence[int],
+    seed: int,
+) -> tuple[Graphs, Selections, list[str]]:
+    """A conv net as export lowers a layered run (torch's exporter, export/module.py): every
+    fixed network once, the mixed one scatter and permuted; auto's pick per thread count (as
+    export, no timing when no layer permutes: permuted is then the scatter graph); the fold of
+    each frozen layer, described."""
+    # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
+    rng = np.random.default_rng(seed)
+    example = torch.from_numpy(
+        rng.integers(0, 256, (2, *mixed_spec.input_shape)).astype(np.float32)
+    )  # (2, C, H, W)
+    graphs: Graphs = {}
+    for a, model in fixed.items():
+        graphs[(a, FIXED)] = to_onnx(model, example, opset=DEFAULT_OPSET).SerializeToString()
+    folds = plan_folds(mixed, example)
+    for lowering in MODULE_LOWERINGS:
+        network = permuted_copy(mixed, folds) if lowering == "permuted" else mixed
+        graphs[(MIXED, lowering)] = to_onnx(
+            network, example, opset=DEFAULT_OPSET
+        ).SerializeToString()
+    permutes = any(f.form == "permuted" for f in folds)
+    auto = {}
+    for t in threads:
+        if permutes:
+            candidates = {lw: graphs[(MIXED, lw)] for lw in MODULE_LOWERINGS}
+            auto[t] = _auto_choice(candidates, mixed_spec.input_shape, t, seed)
+        else:
+            auto[t] = {
+                "chosen": "scatter",
+                "criterion": "no layer permutes: permuted is the scatter graph, nothing to time",
+                "median_ms": {},
+                "score_ms": {},
+                "threads": t,
+                "batches": [],
+            }
+    return graphs, auto, [f.describe() for f in folds]
+
+
+# --------------------------------------------------------------------------------------------
 # Measurement
 
 Cell = tuple[str, str, str, int, int]  # runtime, model, lowering, batch, threads
@@ -257,6 +460,7 @@ Cell = tuple[str, str, str, int, int]  # runtime, model, lowering, batch, thread
 def measure_latency(
     *,
     arch: str | Sequence[int] | None = None,
+    preset: str | None = None,
     run: Path | str | None = None,
     mix: str | Mapping[str, float] | None = None,
     batches: str | Sequence[int] = DEFAULT_BATCHES,
@@ -268,9 +472,12 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Time every model x lowering x batch x threads; returns the latency.json record.
 
+    The mixed network: ``run`` (a trained run folder, MLP or layered), else a random assignment
+    with the ``mix`` shares (default uniform over the six) on the MLP ``arch`` (default the
+    paper's) or the conv ``preset`` (lenet5, convnet; input 1x28x28), seeded random weights.
     Options are validated before anything is timed: LatencyError (bad mix, batches, threads,
-    rounds, repeats, or an arch that contradicts the run), SpecError (bad arch) or
-    ArtifactError (missing or broken run folder).
+    rounds, repeats, preset, or a combination that contradicts itself or the run), SpecError
+    (bad arch) or ArtifactError (missing or broken run folder).
     """
     batches = parse_positive_ints(batches, "batch sizes")
     threads = parse_positive_ints(threads, "thread counts")
@@ -282,53 +489,40 @@ def measure_latency(
     # Seeded random weights, without touching the caller's torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        run_spec, mixed_spec, mixed_model, requested = _mixed_network(arch, run, mix, seed)
+        run_spec, mixed_spec, mixed_model, requested = _mixed_network(arch, preset, run, mix, seed)
         arch = list(mixed_spec.arch)
-        shares = activation_shares(mixed_spec.assignment)
+        conv = mixed_spec.layers is not None
+        shares = activation_shares(mixed_spec.assignment, elements=feature_elements(mixed_spec))
         # The ideal mix needs a fixed network for every activation the mixed one uses.
         fixed_acts = list(DEFAULT_POOL) + [n for n in shares if n not in DEFAULT_POOL]
-        fixed_specs = {
-            a: _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]]) for a in fixed_acts
-        }
-        fixed_models = {a: MixedMLP.from_spec(s).eval() for a, s in fixed_specs.items()}
-
-    graphs: dict[tuple[str, str], bytes] = {}  # (model, lowering) -> ONNX bytes
-    for a, model in fixed_models.items():
-        proto = lower(fixed_specs[a], _numpy_state(model), lowering=FIXED_LOWERING)
-        graphs[(a, FIXED)] = proto.SerializeToString()
-    mixed_state = _numpy_state(mixed_model)
-    for lowering in LOWERINGS:
-        proto = lower(mixed_spec, mixed_state, lowering=lowering)
-        graphs[(MIXED, lowering)] = proto.SerializeToString()
-
-    # INT8 (ORT dynamic quantization, as `--quantize int8` writes it) of every mixed lowering and
-    # of fixed ReLU.
-    for lowering in LOWERINGS:
-        quantized = quantize_int8(onnx.load_from_string(graphs[(MIXED, lowering)]))
-        graphs[(MIXED, lowering + INT8)] = quantized.SerializeToString()
-    relu_int8 = quantize_int8(onnx.load_from_string(graphs[("relu", FIXED)]))
-    graphs[("relu", FIXED + INT8)] = relu_int8.SerializeToString()
-    # What `smartmixed-export --lowering auto --threads t [--quantize int8]` would pick, per t:
-    # the export's own timing and rule, over the fp32 (or the int8) graphs.
-    auto: dict[str, dict[int, dict[str, Any]]] = {"fp32": {}, "int8": {}}
-    for t in threads:
-        for precision, suffix in (("fp32", ""), ("int8", INT8)):
-            timings = time_lowerings(
-                {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS},
-                arch[0],
-                threads=t,
-                seed=seed,
-            )
-            auto[precision][t] = {
-                **pick_lowering(timings)[1],
-                "threads": t,
-                "batches": list(AUTO_BATCHES),
+        if conv:
+            fixed_conv = {a: fixed_conv_network(mixed_spec, mixed_model, a) for a in fixed_acts}
+            fixed_models: dict[str, nn.Module] = dict(fixed_conv)
+        else:
+            fixed_specs = {
+                a: _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]]) for a in fixed_acts
             }
+            fixed_mlp = {a: (s, MixedMLP.from_spec(s).eval()) for a, s in fixed_specs.items()}
+            fixed_models = {a: model for a, (_, model) in fixed_mlp.items()}
+
+    if conv:
+        lowerings = MODULE_LOWERINGS
+        graphs, auto, folds = _lower_conv(
+            mixed_spec, mixed_model, fixed_conv, threads=threads, seed=seed
+        )
+        auto_int8: Selections | None = None
+        shape = list(mixed_spec.input_shape)
+    else:
+        lowerings, folds = LOWERINGS, None
+        graphs, auto, auto_int8 = _lower_mlp(
+            mixed_spec, mixed_model, fixed_mlp, threads=threads, seed=seed
+        )
+        shape = [arch[0]]
 
     rng = np.random.default_rng(seed)
-    inputs = {b: rng.integers(0, 256, (b, arch[0])).astype(np.float32) for b in batches}
+    inputs = {b: rng.integers(0, 256, (b, *shape)).astype(np.float32) for b in batches}
     torch_inputs = {b: torch.from_numpy(x) for b, x in inputs.items()}
-    torch_models = {FIXED_RELU: fixed_models["relu"], MIXED: mixed_model}
+    torch_models = {FIXED_RELU: fixed_models[FIXED_RELU], MIXED: mixed_model}
     sessions = {
         (model, lowering, t): make_session(data, threads=t)
         for (model, lowering), data in graphs.items()
@@ -366,27 +560,40 @@ def measure_latency(
                     bar.update()
 
     stats = {cell: percentiles(times) for cell, times in samples.items()}
-    chosen = {t: auto["fp32"][t]["chosen"] for t in threads}
-    chosen_int8 = {t: auto["int8"][t]["chosen"] for t in threads}
-    records = _records(stats, batches, threads, fixed_acts, shares, chosen, chosen_int8)
+    chosen = {t: auto[t]["chosen"] for t in threads}
+    chosen_int8 = None if auto_int8 is None else {t: auto_int8[t]["chosen"] for t in threads}
+    records = _records(stats, batches, threads, fixed_acts, shares, lowerings, chosen, chosen_int8)
     measured = {
         key: _find(records, MIXED, ORT, AUTO, b, t)["ratio_vs_ideal"]
         for key, (b, t, _) in TARGET_CELLS.items()
         if b in batches and t in threads
     }
-    measured |= {
-        key: _find(records, MIXED, ORT, AUTO + INT8, b, t)["ratio_vs_relu"]
-        for key, (b, t, _) in INT8_TARGET_CELLS.items()
-        if b in batches and t in threads
-    }
+    if chosen_int8 is not None:
+        measured |= {
+            key: _find(records, MIXED, ORT, AUTO + INT8, b, t)["ratio_vs_relu"]
+            for key, (b, t, _) in INT8_TARGET_CELLS.items()
+            if b in batches and t in threads
+        }
+    targets = dict(CONV_TARGETS if conv else TARGETS)
     return {
         "config": {
+            "network": "conv" if conv else "mlp",
             "arch": arch,
+            "layers": mixed_spec.layers,
+            "input_shape": shape,
+            "preset": preset,
             "mixed": "trained run" if run is not None else "random assignment",
             "run": None if run is None else str(run),
             "mix_requested": requested,
             "pool": mixed_spec.pool,
             "fixed_models": fixed_acts,
+            "lowerings": list(lowerings),
+            "int8": not conv,
+            "exporter": "torch.onnx (TorchScript), as export lowers a layered run"
+            if conv
+            else "smartmixed.export.lower",
+            "folds": folds,
+            "ideal_weights": IDEAL_WEIGHTS,
             "batches": batches,
             "threads": threads,
             "rounds": rounds,
@@ -397,18 +604,19 @@ def measure_latency(
             "seed": seed,
             "device": "cpu",
             "opset": DEFAULT_OPSET,
-            "fixed_lowering": FIXED_LOWERING,
+            "fixed_lowering": FIXED_LOWERING["conv" if conv else "mlp"],
             "input": "seeded random raw pixels, integers in [0, 255] as float32",
             "order": ORDER,
         },
         "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
         "mix": shares,
-        "auto": {str(t): info for t, info in auto["fp32"].items()},
-        "auto_int8": {str(t): info for t, info in auto["int8"].items()},
+        "mix_features": activation_shares(mixed_spec.assignment),
+        "auto": {str(t): info for t, info in auto.items()},
+        "auto_int8": {} if auto_int8 is None else {str(t): info for t, info in auto_int8.items()},
         "records": records,
-        "targets": dict(TARGETS),
+        "targets": targets,
         "target_ratios": measured,
-        "meets_targets": {k: v <= TARGETS[k] for k, v in measured.items()},
+        "meets_targets": {k: v <= targets[k] for k, v in measured.items()},
     }
 
 
@@ -438,9 +646,11 @@ def _records(
     threads: Sequence[int],
     fixed_acts: Sequence[str],
     shares: Mapping[str, float],
+    lowerings: Sequence[str],
     chosen: Mapping[int, str],
-    chosen_int8: Mapping[int, str],
+    chosen_int8: Mapping[int, str] | None,
 ) -> list[dict[str, Any]]:
+    """One record per model x lowering x batch x threads; int8 rows when ``chosen_int8``."""
     records = []
     for b in batches:
         for t in threads:
@@ -448,13 +658,17 @@ def _records(
             torch_relu = stats[(TORCH, FIXED_RELU, EAGER, b, t)]["p50_ms"]
             ideal = sum(s * stats[(ORT, a, FIXED, b, t)]["p50_ms"] for a, s in shares.items())
             rows = [(a, ORT, FIXED, stats[(ORT, a, FIXED, b, t)]) for a in fixed_acts]
-            rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in LOWERINGS]
+            rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in lowerings]
             rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen[t], b, t)]))
-            rows += [
-                (MIXED, ORT, lw + INT8, stats[(ORT, MIXED, lw + INT8, b, t)]) for lw in LOWERINGS
-            ]
-            rows.append((MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8[t] + INT8, b, t)]))
-            rows.append(("relu", ORT, FIXED + INT8, stats[(ORT, "relu", FIXED + INT8, b, t)]))
+            if chosen_int8 is not None:
+                rows += [
+                    (MIXED, ORT, lw + INT8, stats[(ORT, MIXED, lw + INT8, b, t)])
+                    for lw in lowerings
+                ]
+                rows.append(
+                    (MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8[t] + INT8, b, t)])
+                )
+                rows.append(("relu", ORT, FIXED + INT8, stats[(ORT, "relu", FIXED + INT8, b, t)]))
             rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
             for model, runtime, lowering, s in rows:
                 relu = ort_relu if runtime == ORT else torch_relu
@@ -490,8 +704,36 @@ def ideal_p50(result: Mapping[str, Any], batch: int, threads: int) -> float:
 # Reports
 
 
+def describe_layers(layers: Sequence[Mapping[str, Any]]) -> str:
+    """'conv 6 k5 p2 > maxpool 2 > flatten > linear 10': a layered spec in one line."""
+
+    def one(layer: Mapping[str, Any]) -> str:
+        kind = layer["type"]
+        if kind == "conv":
+            text = f"conv {layer['channels']} k{layer['kernel']}"
+            text += f" s{layer['stride']}" if layer.get("stride", 1) != 1 else ""
+            return text + (f" p{layer['padding']}" if layer.get("padding", 0) else "")
+        if kind in ("maxpool", "avgpool"):
+            stride = layer.get("stride", layer["kernel"])
+            return f"{kind} {layer['kernel']}" + (
+                f" s{stride}" if stride != layer["kernel"] else ""
+            )
+        if kind == "linear":
+            return f"linear {layer['features']}"
+        return kind
+
+    return " > ".join(one(layer) for layer in layers)
+
+
+def _lowerings(result: Mapping[str, Any]) -> tuple[str, ...]:
+    """The mixed network's lowerings a result holds (results written before conv nets: the
+    MLP's)."""
+    return tuple(result["config"].get("lowerings", LOWERINGS))
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     c, m, auto = result["config"], result["machine"], result["auto"]
+    lowerings, int8 = _lowerings(result), bool(result.get("auto_int8"))
     cols = [(b, t) for b in c["batches"] for t in c["threads"]]
     recs = result["records"]
 
@@ -504,12 +746,29 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         return f"| {label} | " + " | ".join(cells) + " |"
 
     source = f"run {c['run']}" if c["run"] else f"random assignment (seed {c['seed']})"
-    mix = ", ".join(f"{a} {s:.1%}" for a, s in result["mix"].items())
+
+    def shares(mix: Mapping[str, float]) -> str:
+        return ", ".join(f"{a} {s:.1%}" for a, s in mix.items())
+
+    if c.get("layers") is not None:
+        name = f"{c['preset']} " if c["preset"] else ""
+        network = (
+            f"Conv net {name}({describe_layers(c['layers'])}, input "
+            f"{'x'.join(map(str, c['input_shape']))}; arch {c['arch']})"
+        )
+        mix = (
+            f"shares of activation elements (H x W per channel, 1 per neuron; the ideal mix's "
+            f"weights): {shares(result['mix'])}; per hidden channel/neuron: "
+            f"{shares(result['mix_features'])}"
+        )
+    else:
+        network = f"Architecture {c['arch']}"
+        mix = f"hidden-neuron shares: {shares(result['mix'])}"
 
     def picks(autos: Mapping[str, Any]) -> str:
         return "; ".join(
             f"{t} thread{'s' if t != '1' else ''}: **{a['chosen']}** ("
-            + ", ".join(f"{lw} {v:.3f}" for lw, v in a["score_ms"].items())
+            + (", ".join(f"{lw} {v:.3f}" for lw, v in a["score_ms"].items()) or a["criterion"])
             + ")"
             for t, a in autos.items()
         )
@@ -521,23 +780,27 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     lines = [
         "# Inference latency: mixed vs fixed activations (ONNX Runtime, CPU)",
         "",
-        f"Architecture {c['arch']}; mixed network: {source}; hidden-neuron shares: {mix}.",
+        f"{network}; mixed network: {source}; {mix}.",
         f"{c['rounds']} interleaved rounds x {c['repeats']} timed runs per cell (warm-up "
         f"excluded); onnxruntime {m['onnxruntime']}, torch {m['torch']}; {m['processor']}, "
         f"{m['cpu_count']} cores.",
         f"`auto` (`smartmixed-export --threads t`) picks, by the geometric mean over batch "
-        f"{', '.join(map(str, any_auto['batches']))} of the median ms: {picks(auto)}; with "
-        f"`--quantize int8`: {picks(result['auto_int8'])}.",
+        f"{', '.join(map(str, any_auto['batches']))} of the median ms: {picks(auto)}"
+        + (f"; with `--quantize int8`: {picks(result['auto_int8'])}." if int8 else "."),
         "",
-        "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). int8 rows: ONNX "
-        "Runtime's dynamic quantization of that graph, as `smartmixed-export --quantize int8` "
-        "writes it. "
-        "Ideal mix = fixed networks' p50 weighted by the shares above.",
+        "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). "
+        + (
+            "int8 rows: ONNX Runtime's dynamic quantization of that graph, as "
+            "`smartmixed-export --quantize int8` writes it. "
+            if int8
+            else ""
+        )
+        + "Ideal mix = fixed networks' p50 weighted by the shares above.",
         "",
         row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
         "|---" * (len(cols) + 1) + "|",
     ]
-    for lw in (*LOWERINGS, AUTO):
+    for lw in (*lowerings, AUTO):
         label = f"mixed {lw}" + (f" (= {picked(auto)})" if lw == AUTO else "")
         lines.append(row(label, (cell(MIXED, ORT, lw, b, t) for b, t in cols)))
     lines.append(
@@ -552,22 +815,24 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     )
     for act in c["fixed_models"]:
         lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
-    for lw in (*LOWERINGS, AUTO):
-        label = f"mixed {lw} int8" + (f" (= {picked(result['auto_int8'])})" if lw == AUTO else "")
-        lines.append(row(label, (cell(MIXED, ORT, lw + INT8, b, t) for b, t in cols)))
-    lines.append(row("fixed relu int8", (cell("relu", ORT, FIXED + INT8, b, t) for b, t in cols)))
+    if int8:
+        for lw in (*lowerings, AUTO):
+            picked_int8 = f" (= {picked(result['auto_int8'])})" if lw == AUTO else ""
+            label = f"mixed {lw} int8" + picked_int8
+            lines.append(row(label, (cell(MIXED, ORT, lw + INT8, b, t) for b, t in cols)))
+        lines.append(
+            row("fixed relu int8", (cell("relu", ORT, FIXED + INT8, b, t) for b, t in cols))
+        )
     for model in (MIXED, FIXED_RELU):
         label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
         lines.append(row(label, (cell(model, TORCH, EAGER, b, t) for b, t in cols)))
 
     def fastest(b: int, t: int) -> str:
-        return min(LOWERINGS, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
+        return min(lowerings, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
 
     lines.append(row("fastest lowering", (fastest(b, t) for b, t in cols)))
-    lines += [
-        "",
-        "Targets (auto vs ideal mix; auto int8 vs fp32 fixed ReLU; p50; reported, not enforced):",
-    ]
+    kinds = "auto vs ideal mix; auto int8 vs fp32 fixed ReLU" if int8 else "auto vs ideal mix"
+    lines += ["", f"Targets ({kinds}; p50; reported, not enforced):"]
     for key, limit in result["targets"].items():
         if key in result["target_ratios"]:
             ratio = result["target_ratios"][key]
@@ -595,7 +860,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
                 [_find(recs, MIXED, ORT, lw, b, t)["p50_ms"] for b in batches],
                 {"color": f"C{i}"},
             )
-            for i, lw in enumerate(LOWERINGS)
+            for i, lw in enumerate(_lowerings(result))
         ]
         lines.append(
             (
@@ -626,7 +891,8 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("p50 latency (ms), ONNX Runtime CPU")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"mixed vs fixed inference latency, {c['arch']}", fontsize=9)
+    network = c.get("preset") or ("conv net" if c.get("layers") is not None else "")
+    fig.suptitle(f"mixed vs fixed inference latency, {network} {c['arch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

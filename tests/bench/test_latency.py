@@ -14,15 +14,18 @@ from smartmixed.bench.cli import main
 from smartmixed.bench.latency import (
     RECORD_KEYS,
     LatencyError,
+    feature_elements,
+    fixed_conv_network,
     layer_counts,
     measure_latency,
     parse_mix,
     random_assignment,
 )
+from smartmixed.contract import layered_arch, resolve_conv_preset
 from smartmixed.export.lower import LOWERINGS
 from smartmixed.nn.pool import DEFAULT_POOL
-from smartmixed.train.artifacts import save_model
-from smartmixed.train.model import MixedMLP, ModelSpec
+from smartmixed.train.artifacts import load_model, save_model
+from smartmixed.train.model import MixedConvNet, MixedMLP, ModelSpec
 
 ARCH = "64,48,32,10"
 # exact on both hidden layers (48 -> 24/12/12, 32 -> 16/8/8), so the shares are known by hand
@@ -297,3 +300,214 @@ def test_afu_in_the_mix_times_fixed_afu() -> None:
     assert result["config"]["pool"][-1] == "afu"
     (fixed_afu,) = [r for r in result["records"] if r["model"] == "afu"]
     assert fixed_afu["lowering"] == "fixed" and fixed_afu["p50_ms"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Conv nets: a preset with a random assignment, a trained (layered) run
+
+CONV_MIX = {"relu": 0.5, "tanh": 0.25, "selu": 0.25}
+CONV_LOWERINGS = ("scatter", "permuted")
+# lenet5's hidden layers: conv 6 channels of 28x28, conv 16 of 10x10, linear 120, linear 84.
+# layer_counts of CONV_MIX: 6 -> relu 3, tanh 2, selu 1 (1.5 and 1.5: the tie goes to tanh),
+# 16 -> 8/4/4, 120 -> 60/30/30, 84 -> 42/21/21. Activation elements per sample (6,508 in all):
+# relu 3*784 + 8*100 + 60 + 42 = 3254, tanh 2*784 + 4*100 + 30 + 21 = 2019,
+# selu 784 + 4*100 + 30 + 21 = 1235; features (226): relu 113, tanh 57, selu 56.
+LENET5_ELEMENT_SHARES = {"relu": 3254 / 6508, "tanh": 2019 / 6508, "selu": 1235 / 6508}
+LENET5_FEATURE_SHARES = {"relu": 113 / 226, "tanh": 57 / 226, "selu": 56 / 226}
+# a tiny layered run: (1, 8, 8) -> conv 4 (4, 8, 8) -> bn -> pool (4, 4, 4) -> 64 -> 6 -> 3
+# (written with every default, as the spec stores them)
+TINY_LAYERS = [
+    {"type": "conv", "channels": 4, "kernel": 3, "stride": 1, "padding": 1},
+    {"type": "batchnorm"},
+    {"type": "maxpool", "kernel": 2, "stride": 2},
+    {"type": "flatten"},
+    {"type": "linear", "features": 6},
+    {"type": "linear", "features": 3},
+]
+# gelu: not a default activation; the channels interleave, so permuted has work to do
+TINY_ASSIGNMENT = [["gelu", "relu", "gelu", "relu"], ["relu"] * 3 + ["tanh"] * 3]
+
+
+@pytest.fixture(scope="module")
+def conv_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("latency-conv")
+    mix = ",".join(f"{k}={v}" for k, v in CONV_MIX.items())
+    args = ["latency", "--out", str(out), "--preset", "lenet5", "--mix", mix]
+    args += ["--batches", "1,8", "--threads", "1", "--rounds", "2", "--repeats", "2", "--quiet"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(args) == 0
+    return out, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def conv_result(conv_bench: tuple[Path, str]) -> dict[str, Any]:
+    return json.loads((conv_bench[0] / "latency.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def conv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = ModelSpec.untrained(
+        layers=TINY_LAYERS,
+        input_shape=[1, 8, 8],
+        pool=["relu", "tanh", "gelu"],
+        assignment=TINY_ASSIGNMENT,
+    )
+    run = tmp_path_factory.mktemp("runs") / "conv"
+    torch.manual_seed(1)
+    save_model(run, spec, MixedConvNet.from_spec(spec).canonical_state_dict())
+    return run
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = ModelSpec.untrained(arch=[16, 8, 3], pool=["relu", "tanh"], assignment=[["relu"] * 8])
+    run = tmp_path_factory.mktemp("runs") / "mlp"
+    save_model(run, spec, MixedMLP.from_spec(spec).canonical_state_dict())
+    return run
+
+
+def test_conv_json_has_the_conv_records(conv_result: dict[str, Any]) -> None:
+    c = conv_result["config"]
+    assert (c["network"], c["preset"], c["input_shape"]) == ("conv", "lenet5", [1, 28, 28])
+    assert c["layers"] == resolve_conv_preset("lenet5")
+    assert c["arch"] == [784, 6, 16, 120, 84, 10]
+    assert c["lowerings"] == list(CONV_LOWERINGS) and c["int8"] is False
+    assert c["fixed_models"] == list(DEFAULT_POOL)
+    assert len(c["folds"]) == 4 and all(": permuted (through " in f for f in c["folds"])
+    info = conv_result["auto"]["1"]
+    assert info["chosen"] in CONV_LOWERINGS and set(info["median_ms"]) == set(CONV_LOWERINGS)
+    assert conv_result["auto_int8"] == {}  # export quantizes no conv net
+    keys = [
+        (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"])
+        for r in conv_result["records"]
+    ]
+    expected = (
+        {(a, "onnxruntime", "fixed") for a in DEFAULT_POOL}
+        | {("mixed", "onnxruntime", lw) for lw in (*CONV_LOWERINGS, "auto")}
+        | {("relu", "torch", "eager"), ("mixed", "torch", "eager")}
+    )
+    assert sorted(keys) == sorted((m, rt, lw, b, 1) for m, rt, lw in expected for b in BATCHES)
+    for record in conv_result["records"]:
+        assert tuple(record) == RECORD_KEYS
+        assert record["p50_ms"] > 0 and record["p50_ms"] <= record["p95_ms"] <= record["p99_ms"]
+    for b in BATCHES:
+        auto = find(conv_result, "mixed", "onnxruntime", "auto", b)
+        assert {**auto, "lowering": info["chosen"]} == find(
+            conv_result, "mixed", "onnxruntime", info["chosen"], b
+        )
+
+
+def test_conv_ideal_mix_weighs_activation_elements(conv_result: dict[str, Any]) -> None:
+    assert conv_result["mix"] == pytest.approx(LENET5_ELEMENT_SHARES)
+    assert conv_result["mix_features"] == pytest.approx(LENET5_FEATURE_SHARES)
+    for b in BATCHES:
+        ideal = sum(
+            share * find(conv_result, act, "onnxruntime", "fixed", b)["p50_ms"]
+            for act, share in LENET5_ELEMENT_SHARES.items()
+        )
+        relu = find(conv_result, "relu", "onnxruntime", "fixed", b)["p50_ms"]
+        for lw in (*CONV_LOWERINGS, "auto"):
+            r = find(conv_result, "mixed", "onnxruntime", lw, b)
+            assert r["ratio_vs_ideal"] == pytest.approx(r["p50_ms"] / ideal)
+            assert r["ratio_vs_relu"] == pytest.approx(r["p50_ms"] / relu)
+        for act in DEFAULT_POOL:
+            assert find(conv_result, act, "onnxruntime", "fixed", b)["ratio_vs_ideal"] is None
+    ratio_b1 = find(conv_result, "mixed", "onnxruntime", "auto", 1)["ratio_vs_ideal"]
+    assert conv_result["target_ratios"] == {"auto_vs_ideal_batch1_threads1": ratio_b1}
+    assert conv_result["meets_targets"] == {"auto_vs_ideal_batch1_threads1": ratio_b1 <= 1.10}
+    assert conv_result["targets"] == {
+        "auto_vs_ideal_batch1_threads1": 1.10,
+        "auto_vs_ideal_batch32_threads1": 1.05,
+        "auto_vs_ideal_batch256_threads1": 1.05,
+    }
+
+
+def test_conv_md_png_written_and_table_printed(conv_bench: tuple[Path, str]) -> None:
+    out, stdout = conv_bench
+    md = (out / "latency.md").read_text()
+    assert (
+        "Conv net lenet5 (conv 6 k5 p2 > maxpool 2 > conv 16 k5 > maxpool 2 > flatten > "
+        "linear 120 > linear 84 > linear 10, input 1x28x28; arch [784, 6, 16, 120, 84, 10])"
+    ) in md
+    for row in ("| mixed scatter |", "| mixed permuted |", "| ideal mix |", "| fixed selu |"):
+        assert row in md
+    assert "| torch eager mixed |" in md and "int8" not in md and "| mixed grouped |" not in md
+    assert md in stdout
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_elements_count_h_times_w_per_channel() -> None:
+    def spec(**network: Any) -> ModelSpec:
+        arch = network.get("arch") or layered_arch(network["layers"], network["input_shape"])
+        return ModelSpec.untrained(
+            **network, pool=["relu"], assignment=[["relu"] * w for w in arch[1:-1]]
+        )
+
+    lenet5 = spec(layers=resolve_conv_preset("lenet5"), input_shape=[1, 28, 28])
+    assert feature_elements(lenet5) == [28 * 28, 10 * 10, 1, 1]  # where each activation applies
+    convnet = spec(layers=resolve_conv_preset("convnet"), input_shape=[1, 28, 28])
+    assert feature_elements(convnet) == [28 * 28, 28 * 28, 14 * 14, 14 * 14, 1]
+    assert feature_elements(spec(arch=[64, 48, 32, 10])) == [1, 1]
+
+
+def test_conv_run_supplies_layers_assignment_and_weights(conv_run: Path) -> None:
+    result = measure_latency(
+        run=conv_run, batches=(2,), threads=(1,), rounds=1, repeats=2, progress=False
+    )
+    c = result["config"]
+    assert (c["network"], c["run"], c["preset"]) == ("conv", str(conv_run), None)
+    assert (c["layers"], c["input_shape"], c["arch"]) == (TINY_LAYERS, [1, 8, 8], [64, 4, 6, 3])
+    # elements: gelu 2 channels x 8x8 = 128, relu 2 x 64 + 3 = 131, tanh 3 (262 in all)
+    assert result["mix"] == pytest.approx({"relu": 131 / 262, "tanh": 3 / 262, "gelu": 128 / 262})
+    assert result["mix_features"] == pytest.approx({"relu": 0.5, "tanh": 0.3, "gelu": 0.2})
+    assert c["fixed_models"] == [*DEFAULT_POOL, "gelu"]
+    assert len(result["records"]) == 7 + len(CONV_LOWERINGS) + 1 + 2
+    assert result["meets_targets"] == {}
+
+
+def test_fixed_conv_networks_hold_the_mixed_weights(conv_run: Path) -> None:
+    spec, mixed = load_model(conv_run)
+    fixed = fixed_conv_network(spec, mixed, "tanh")
+    assert [layer.names() for layer in fixed.activations] == [["tanh"] * 4, ["tanh"] * 6]
+    state, own = mixed.canonical_state_dict(), fixed.canonical_state_dict()
+    assert own.keys() == state.keys()
+    assert all(torch.equal(own[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--preset", "lenet5", "--arch", "64,32,10"],
+            "give either an architecture (an MLP) or a conv preset, not both",
+        ),
+        (
+            ["--preset", "paper"],
+            "preset 'paper': expected a conv preset, one of lenet5, convnet (an MLP's layer "
+            "widths go in the architecture)",
+        ),
+        (
+            ["--run", "{conv}", "--arch", "64,4,6,3"],
+            "{conv} is a layered (conv) network; an architecture (layer widths) describes an "
+            "MLP: leave it out",
+        ),
+        (
+            ["--run", "{conv}", "--preset", "lenet5"],
+            "preset 'lenet5' does not match the layers of {conv}; leave the preset out to use "
+            "the run's",
+        ),
+        (
+            ["--run", "{mlp}", "--preset", "lenet5"],
+            "preset 'lenet5' is a conv net; {mlp} is an MLP",
+        ),
+    ],
+)
+def test_bad_conv_combinations_exit_2_in_one_line(
+    tmp_path: Path, capsys, conv_run: Path, mlp_run: Path, args: list[str], message: str
+) -> None:
+    runs = {"conv": conv_run, "mlp": mlp_run}
+    args = [a.format(**runs) for a in args]
+    assert main(["latency", "--out", str(tmp_path / "out"), "--quiet", *args]) == 2
+    assert capsys.readouterr().err == f"smartmixed-bench: error: {message.format(**runs)}\n"
+    assert not (tmp_path / "out").exists()
