@@ -18,7 +18,7 @@ from smartmixed.bench.study import (
     render_markdown,
     run_study,
 )
-from smartmixed.contract import call_with_options
+from smartmixed.contract import CONV_PRESETS, call_with_options
 from smartmixed.train.model import SpecError, parse_arch
 
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--out", type=Path, required=True, help=folder)
     tc, lat, web, so, st = parsers.values()
     st.usage = "%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]"
-    tc.add_argument("--arch", help="layer widths (default: the paper's)")
+    network = tc.add_mutually_exclusive_group()
+    network.add_argument("--arch", help="MLP layer widths (default: the paper's)")
+    network.add_argument(
+        "--preset",
+        choices=list(CONV_PRESETS),
+        help="a conv net instead, on 28x28 one-channel images (10 classes)",
+    )
     tc.add_argument("--batch-size", type=int, default=128)
     tc.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     tc.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
@@ -425,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 steps_per_round=args.steps,
                 warmup_steps=args.warmup,
             )
-        except DistributedError as e:  # --device cuda where torch sees no GPU
+        except (DistributedError, BenchError) as e:  # no such GPU; options that clash
             print(f"smartmixed-bench: error: {e}", file=sys.stderr)
             return 2
         paths = write_outputs(result, args.out)

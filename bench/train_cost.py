@@ -4,6 +4,9 @@ One training step is exactly what ``smartmixed.train.loop.train_epoch`` does per
 forward, cross-entropy, backward, gradient-norm clip, Adam step. Models are timed in interleaved
 rounds (every round times each model in turn) so that drift of this shared machine hits all of
 them alike; ratios are the median over rounds of the per-round ratio of medians.
+
+The network is an MLP of widths ``arch`` (default: the paper's) or a conv preset
+(``contract.CONV_PRESETS``) on raw 28x28 one-channel images.
 """
 
 from __future__ import annotations
@@ -19,53 +22,141 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import common
+from smartmixed.bench import BenchError, common
 from smartmixed.bench.common import machine_info
+from smartmixed.contract import CONV_PRESETS, layered_arch, resolve_conv_preset
+from smartmixed.nn import MixedActivation
 from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.distributed import resolve_device
-from smartmixed.train.model import PRESETS, MixedMLP, SelectiveMLP
+from smartmixed.train.loop import TrainConfig, _phase2_candidate_norm
+from smartmixed.train.model import (
+    PRESETS,
+    MixedConvNet,
+    MixedMLP,
+    SelectiveConvNet,
+    SelectiveMLP,
+)
 
 PAPER_ARCH = list(PRESETS["paper"])
+CONV_INPUT_SHAPE = [1, 28, 28]  # (C, H, W): the presets are written for MNIST-sized images
 TARGETS = {"phase1_vs_fixed": 1.3, "phase2_vs_fixed": 1.1}
 MODELS = ("fixed_relu", "phase1", "phase2", "phase1_naive")
+PREPROCESSING = {"offset": 0.0, "scale": 1 / 255}  # raw pixels in [0, 255] -> [0, 1]
+
+
+def stack_all_candidates(activation: MixedActivation, z: Tensor, *, dim: int) -> Tensor:
+    """The textbook phase-1 layer: out = sum_k y_k h_k(z), every candidate computed.
+
+    y (n, K) is F.gumbel_softmax(hard=True) of the layer's logits; h_k is candidate k after the
+    layer's candidate norm, (f_k(z) - shift_k) * gain_k. z has its n features at ``dim``
+    ((B, n) or (B, C, H, W)); autograd keeps the (*z.shape, K) stack alive for backward, which is
+    what the custom function in smartmixed.nn avoids.
+    """
+    y = F.gumbel_softmax(activation.logits, tau=activation.tau, hard=True)  # (n, K)
+    transform = activation.transform
+    stacked = torch.stack(
+        [transform.apply(k, act.fn(z)) for k, act in enumerate(activation.acts)], dim=-1
+    )  # (*z.shape, K)
+    shape = [1] * z.dim() + [y.shape[1]]
+    shape[dim % z.dim()] = y.shape[0]  # y broadcast along every axis but the features'
+    return (stacked * y.reshape(shape)).sum(-1)
 
 
 class NaiveSelectiveMLP(SelectiveMLP):
-    """Reference point only: the textbook phase-1 layer that stacks every candidate.
-
-    out = sum_k y_k f_k(z) with y from F.gumbel_softmax(hard=True); autograd keeps the
-    (B, n, |P|) stack alive for backward. This is what the custom function in smartmixed.nn
-    avoids.
-    """
+    """Reference point only: ``SelectiveMLP`` with every mixed layer the textbook stack
+    (``stack_all_candidates``), batch-major (B, n)."""
 
     def forward(self, x: Tensor) -> Tensor:
         h = (x - self.offset) * self.scale
         for linear, activation in zip(self.layers[:-1], self.activations, strict=True):
-            z = linear(h)  # (B, n)
-            y = F.gumbel_softmax(activation.logits, tau=self.tau, hard=True)  # (n, K)
-            stacked = torch.stack([act.fn(z) for act in activation.acts], dim=-1)  # (B, n, K)
-            h = (stacked * y).sum(-1)
+            h = stack_all_candidates(activation, linear(h), dim=-1)  # (B, n)
         return self.layers[-1](h)
 
 
-def _build_models(arch: list[int], seed: int) -> dict[str, nn.Module]:
-    torch.manual_seed(seed)
+class NaiveSelectiveConvNet(SelectiveConvNet):
+    """Reference point only: ``SelectiveConvNet`` with every mixed layer the textbook stack,
+    per channel after a conv ((N, C, H, W, K) kept for backward), per neuron after a linear."""
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, C, H, W) raw -> logits (N, classes)
+        h = (x - self.offset) * self.scale
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i in self.activation_at:
+                hidden = self.activation_at[i]
+                h = stack_all_candidates(self.activations[hidden], h, dim=self._feature_dim(hidden))
+        return h
+
+
+def _random_assignment(
+    widths: list[int], pool: list[str], generator: torch.Generator, *, balanced: bool
+) -> list[list[str]]:
+    """A phase-2 assignment per hidden layer: each feature uniformly random over the pool, or
+    (``balanced``) the pool repeated to the layer's width (shares within one feature) in a
+    random feature order, so that every layer of width >= |pool| holds every group."""
+    if not balanced:
+        return [
+            [pool[i] for i in torch.randint(len(pool), (w,), generator=generator).tolist()]
+            for w in widths
+        ]
+    return [
+        [pool[i % len(pool)] for i in torch.randperm(w, generator=generator).tolist()]
+        for w in widths
+    ]
+
+
+def _build_mlps(arch: list[int], generator: torch.Generator) -> dict[str, nn.Module]:
     hidden = arch[1:-1]
     pool = list(DEFAULT_POOL)
-    generator = torch.Generator().manual_seed(seed)
     # Phase 2 gets a uniformly random assignment: every layer holds all six groups, the most
     # fragmented (slowest) case a trained mix can produce.
-    mixed = [
-        [pool[i] for i in torch.randint(len(pool), (w,), generator=generator).tolist()]
-        for w in hidden
-    ]
-    pre = {"offset": 0.0, "scale": 1 / 255}
+    mixed = _random_assignment(hidden, pool, generator, balanced=False)
+    pre = PREPROCESSING
     return {
         "fixed_relu": MixedMLP(arch, ["relu"], [["relu"] * w for w in hidden], preprocessing=pre),
         "phase1": SelectiveMLP(arch, pool, preprocessing=pre),
         "phase2": MixedMLP(arch, pool, mixed, preprocessing=pre),
         "phase1_naive": NaiveSelectiveMLP(arch, pool, preprocessing=pre),
     }
+
+
+def _conv_norms(layers: list[dict[str, Any]], arch: list[int], mixed: list[list[str]]) -> dict:
+    """The candidate norm each model trains with under the default protocol: a fixed baseline
+    none, phase 1 the protocol's, phase 2 what the loop gives its frozen layers."""
+    smartmixed = TrainConfig(arch=arch, layers=layers)
+    fixed = TrainConfig(arch=arch, layers=layers, mode="fixed:relu")
+    phase1 = smartmixed.candidate_norm
+    return {
+        "fixed_relu": fixed.candidate_norm,
+        "phase1": phase1,
+        "phase2": _phase2_candidate_norm(smartmixed, "mixed", mixed),
+        "phase1_naive": phase1,
+    }
+
+
+def _build_conv_nets(
+    layers: list[dict[str, Any]], arch: list[int], generator: torch.Generator
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    hidden = arch[1:-1]  # channels of each hidden conv, features of each hidden linear
+    pool = list(DEFAULT_POOL)
+    mixed = _random_assignment(hidden, pool, generator, balanced=True)
+    norms = _conv_norms(layers, arch, mixed)
+    shape, pre = CONV_INPUT_SHAPE, PREPROCESSING
+    relu = [["relu"] * w for w in hidden]
+    models = {
+        "fixed_relu": MixedConvNet(
+            layers, shape, ["relu"], relu, preprocessing=pre, candidate_norm=norms["fixed_relu"]
+        ),
+        "phase1": SelectiveConvNet(
+            layers, shape, pool, preprocessing=pre, candidate_norm=norms["phase1"]
+        ),
+        "phase2": MixedConvNet(
+            layers, shape, pool, mixed, preprocessing=pre, candidate_norm=norms["phase2"]
+        ),
+        "phase1_naive": NaiveSelectiveConvNet(
+            layers, shape, pool, preprocessing=pre, candidate_norm=norms["phase1_naive"]
+        ),
+    }
+    return models, norms
 
 
 def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -88,6 +179,7 @@ def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 def measure_train_cost(
     *,
     arch: list[int] | None = None,
+    preset: str | None = None,
     batch_size: int = 128,
     rounds: int = 15,
     steps_per_round: int = 20,
@@ -98,13 +190,39 @@ def measure_train_cost(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Time training steps of each model on ``device`` (cpu or cuda; DistributedError when
-    torch sees no such device); returns the train-cost.json record."""
+    torch sees no such device); returns the train-cost.json record.
+
+    ``arch``: MLP widths (default: the paper's); ``preset``: a conv preset of
+    ``contract.CONV_PRESETS`` instead, on (batch_size, 1, 28, 28) raw pixels (BenchError when
+    both are given or the name is unknown).
+    """
+    if arch is not None and preset is not None:
+        raise BenchError("--arch and --preset are exclusive: an MLP's widths or a conv preset")
+    if preset is not None and preset not in CONV_PRESETS:
+        raise BenchError(f"--preset {preset!r}: expected one of {', '.join(CONV_PRESETS)}")
     resolve_device(device)
-    arch = list(arch or PAPER_ARCH)
-    built = {name: model.to(device) for name, model in _build_models(arch, seed).items()}
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (batch_size, arch[0]), generator=generator).float()  # raw pixels
-    y = torch.randint(0, arch[-1], (batch_size,), generator=generator)
+    torch.manual_seed(seed)  # the weights and phase 1's Gumbel draws
+    generator = torch.Generator().manual_seed(seed)  # phase 2's assignment
+    layers = None
+    if preset is None:
+        arch = list(arch or PAPER_ARCH)
+        built = _build_mlps(arch, generator)
+        norms = {name: model.candidate_norm for name, model in built.items()}
+        input_shape = [arch[0]]
+        phase2 = "uniformly random over the default pool (all six groups per layer)"
+    else:
+        layers = resolve_conv_preset(preset)  # the last linear gives 10 classes
+        arch = layered_arch(layers, CONV_INPUT_SHAPE)
+        built, norms = _build_conv_nets(layers, arch, generator)
+        input_shape = list(CONV_INPUT_SHAPE)
+        phase2 = (
+            "random balanced over the default pool (each activation on an equal share of "
+            "every layer's channels or neurons, in random order)"
+        )
+    built = {name: built[name].to(device) for name in models}
+    data = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch_size, *input_shape), generator=data).float()  # raw pixels
+    y = torch.randint(0, arch[-1], (batch_size,), generator=data)
     x, y = x.to(device), y.to(device)
     steps = {name: _step_fn(built[name], x, y) for name in models}
     for step in steps.values():
@@ -122,7 +240,7 @@ def measure_train_cost(
             per_round[name].append(statistics.median(times))
             samples[name].extend(times)
 
-    def summary(name: str) -> dict[str, float]:
+    def summary(name: str) -> dict[str, Any]:
         q = statistics.quantiles(samples[name], n=20)
         return {
             "ms_per_step": statistics.median(samples[name]),
@@ -130,6 +248,7 @@ def measure_train_cost(
             "p95_ms": q[-1],
             "steps": len(samples[name]),
             "samples_per_s": batch_size * 1e3 / statistics.median(samples[name]),
+            "round_ms": per_round[name],  # the median of each round, what the ratios use
         }
 
     def ratio(name: str) -> float:
@@ -141,6 +260,9 @@ def measure_train_cost(
     return {
         "config": {
             "arch": arch,
+            "preset": preset,
+            "layers": layers,
+            "input_shape": input_shape,
             "batch_size": batch_size,
             "rounds": rounds,
             "steps_per_round": steps_per_round,
@@ -149,7 +271,8 @@ def measure_train_cost(
             "torch_threads": torch.get_num_threads(),
             "device": device,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "phase2_assignment": "uniformly random over the default pool (all six groups per layer)",
+            "phase2_assignment": phase2,
+            "candidate_norm": {name: norms[name] for name in models},
         },
         "machine": machine_info(),
         "models": {name: summary(name) for name in models},
@@ -159,12 +282,20 @@ def measure_train_cost(
     }
 
 
+def _network(config: dict[str, Any]) -> str:
+    """'conv preset lenet5 (arch [...])' or 'architecture [...]', for titles."""
+    if config.get("preset"):
+        return f"conv preset {config['preset']} (arch {config['arch']})"
+    return f"architecture {config['arch']}"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     c = result["config"]
+    title = f"# Training-step cost: {c['preset']}" if c.get("preset") else "# Training-step cost"
     lines = [
-        "# Training-step cost",
+        title,
         "",
-        f"Architecture {c['arch']}, batch {c['batch_size']}, "
+        f"{_network(c)[0].upper()}{_network(c)[1:]}, batch {c['batch_size']}, "
         + (f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU")
         + f", {c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
         f"{c['steps_per_round']} steps per model.",
@@ -183,10 +314,14 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{m['samples_per_s']:.0f} | {'1.00' if ratio is None else f'{ratio:.2f}'}x | "
             f"{'' if target is None else f'<= {target}x'} |"
         )
+    norms = c.get("candidate_norm") or {}
     lines += [
         "",
         "phase1 = SmartMixed phase 1 (custom straight-through function); phase2 = frozen mix, "
-        "random assignment; phase1_naive = stack-all-activations reference (not used in training).",
+        f"{c['phase2_assignment']}; phase1_naive = stack-all-activations reference (not used "
+        "in training). Candidate norm: "
+        + ", ".join(f"{name} {norm}" for name, norm in norms.items())
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
@@ -205,7 +340,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.text(i, med[i], f"{r:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("ms per training step (median, p05-p95)")
     ax.set_title(
-        f"training step, batch {result['config']['batch_size']}, {result['config']['arch']}",
+        f"training step, batch {result['config']['batch_size']}, {_network(result['config'])}",
         fontsize=9,
     )
     fig.tight_layout()
