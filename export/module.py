@@ -34,6 +34,21 @@ float32 [N, *example_input.shape[1:]] (dynamic batch), outputs "logits" [N, C] a
   twice, a shared parameter, an unknown module or function between, a model fx cannot trace)
   keeps the scatter form, and the report says which layer and why (``LayerFold.reason``).
 
+  ``permuted`` also runs a frozen layer (in any form) after the max pool that reads its output
+  (an nn.MaxPool2d call, F.max_pool2d or torch.max_pool2d; nothing else reads the layer's
+  output) when every activation the layer uses is monotone non-decreasing (``MONOTONE``: not
+  gelu, silu, mish, afu) and its candidate norm's gain g_k = 1/sd_k is positive. Then for each
+  window W of the pool, max_{i in W} h(z_i) = h(max_{i in W} z_i) with h = g (f - mu): the
+  window lies in one channel (the pool runs over the last two axes, the features along
+  another, or the layer has one activation) and holds at least one real value (the padding is
+  -inf), so pool(layer(z)) = layer(pool(z)), exact up to the last bit of f's implementation.
+  The layer, its Split and its Concat then run on k*k times fewer elements (a k x k pool of
+  stride k), as a fixed network's activation after Conv+pool would. The rewrite is done in the
+  copy's torch.fx graph, call by call (a pool module called elsewhere too keeps those calls),
+  and that copy is exported as the GraphModule. A layer that stays before its pool is reported
+  with the reason (``LayerFold.pool_reason``: an activation that is not monotone, its output
+  read elsewhere too, a pool that returns indices, windows along the feature axis).
+
 The candidate norm's per-group affine map (Sub, Mul after each activation) stays in the graph:
 it is not folded into the consumer.
 
@@ -121,7 +136,17 @@ PER_CHANNEL = (
 )
 # the same pooling as functions (torch.fx records F.max_pool2d(x, 2) as a call of the function)
 POOL_FUNCTIONS = frozenset(
-    {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+    {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+)
+# max pools a frozen layer may move after (F.max_pool2d with return_indices=True is another
+# function under torch.fx, max_pool2d_with_indices: not here)
+MAX_POOL_FUNCTIONS = frozenset({F.max_pool2d, torch.max_pool2d})
+# Pool activations that are monotone non-decreasing on all of R, so that max_i f(x_i) =
+# f(max_i x_i): relu, sigmoid, tanh, leaky_relu and elu (slope and alpha >= 0), selu, softplus,
+# softsign, identity. Not gelu, silu, mish (each dips below 0 before rising), nor afu (a learned
+# sum sum_i w1_i psi(w0_i z + b0_i) whose terms may have either sign).
+MONOTONE = frozenset(
+    {"relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu", "softplus", "softsign", "identity"}
 )
 ANY_AXIS = (nn.Dropout, nn.Dropout2d, nn.Identity)  # identity in eval: any axis, any shape
 PERMUTED_PARAMS = ("weight", "bias", "running_mean", "running_var")  # BatchNorm's, per channel
@@ -135,6 +160,9 @@ class LayerFold:
     ``between`` and ``consumer``), "contiguous" (already sorted by pool index: Split as it is),
     "single group" (one activation: one op), or "scatter" (kept as it is, ``reason`` says why).
     ``block``: the columns per channel the consumer's permutation moves (H*W after a Flatten).
+    ``max_pool``: the max pool that reads the layer's output, if one does (its module path, or
+    the function's name); ``after_pool``: the layer runs after it in ``permuted`` (every form
+    may move), else ``pool_reason`` says why not.
     """
 
     layer: str
@@ -146,16 +174,31 @@ class LayerFold:
     between: list[str] = field(default_factory=list)
     consumer: str | None = None
     block: int = 1
+    max_pool: str | None = None
+    after_pool: bool = False
+    pool_reason: str | None = None
+
+    @property
+    def changes(self) -> bool:
+        """Whether ``permuted``'s copy runs this layer otherwise than the model does."""
+        return self.form == "permuted" or self.after_pool
 
     def describe(self) -> str:
-        """One line: 'features.2: 6 features, 3 groups: permuted (features.0 > ... > head.1)'."""
+        """One line: 'features.2: 6 features, 3 groups: permuted (through features.0 > ... >
+        head.1), after maxpool features.3 (monotone)'."""
         head = f"{self.layer}: {self.features} features, {self.groups} groups"
         if self.form == "permuted":
             path = " > ".join([self.producer, *self.between, self.consumer])
-            return f"{head}: permuted (through {path})"
-        if self.form == "scatter":
-            return f"{head}: kept scatter ({self.reason})"
-        return f"{head}: {self.form}"
+            line = f"{head}: permuted (through {path})"
+        elif self.form == "scatter":
+            line = f"{head}: kept scatter ({self.reason})"
+        else:
+            line = f"{head}: {self.form}"
+        if self.after_pool:
+            return f"{line}, after maxpool {self.max_pool} (monotone)"
+        if self.max_pool is not None:
+            return f"{line}, kept before maxpool {self.max_pool} ({self.pool_reason})"
+        return line
 
 
 class _NoFold(Exception):
@@ -241,34 +284,83 @@ class _Neighbours:
 
     def plan(self, path: str, layer: FrozenMixedActivation) -> LayerFold:
         fold = LayerFold(path, layer.num_features, len(layer.groups.members))
+        nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target == path]
         if fold.groups == 1:
             fold.form = "single group"
-            return fold
-        if layer.groups.contiguous:
+        elif layer.groups.contiguous:
             fold.form = "contiguous"
-            return fold
-        nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target == path]
-        try:
-            if len(nodes) != 1:
-                raise _NoFold(
-                    "torch.fx sees no call of it"
-                    if not nodes
-                    else f"it is called {len(nodes)} times"
-                )
-            node = nodes[0]
-            shape = _shape(node.args[0]) if node.args else None
-            if shape is None:
-                raise _NoFold("torch.fx cannot tell the shape of its input")
-            axis = layer.dim % len(shape)
-            fold.producer, before = self._producer(node, axis)
-            fold.consumer, after, fold.block = self._consumer(node, axis)
-            fold.between = [*before, *after]
-        except _NoFold as e:
-            fold.form, fold.reason = "scatter", str(e)
-            fold.producer, fold.consumer, fold.between = None, None, []
-            return fold
-        fold.form = "permuted"
+        else:
+            try:
+                node = self._called_once(nodes)
+                axis = self._axis(node, layer)
+                fold.producer, before = self._producer(node, axis)
+                fold.consumer, after, fold.block = self._consumer(node, axis)
+                fold.between = [*before, *after]
+                fold.form = "permuted"
+            except _NoFold as e:
+                fold.form, fold.reason = "scatter", str(e)
+                fold.producer, fold.consumer, fold.between = None, None, []
+        pool = next((u for n in nodes for u in n.users if self._is_max_pool(u)), None)
+        if pool is not None:  # a max pool reads its output: may the layer run after it?
+            fold.max_pool = pool.target if pool.op == "call_module" else "max_pool2d()"
+            try:
+                self._check_pool_swap(self._called_once(nodes), layer)
+                fold.after_pool = True
+            except _NoFold as e:
+                fold.pool_reason = str(e)
         return fold
+
+    @staticmethod
+    def _called_once(nodes: list[fx.Node]) -> fx.Node:
+        if len(nodes) != 1:
+            raise _NoFold(
+                "torch.fx sees no call of it" if not nodes else f"it is called {len(nodes)} times"
+            )
+        return nodes[0]
+
+    @staticmethod
+    def _axis(node: fx.Node, layer: FrozenMixedActivation) -> int:
+        """The layer's feature axis, counted from 0, in its input's shape."""
+        shape = _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if shape is None:
+            raise _NoFold("torch.fx cannot tell the shape of its input")
+        return layer.dim % len(shape)
+
+    def _is_max_pool(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.model.get_submodule(node.target), nn.MaxPool2d)
+        return node.op == "call_function" and node.target in MAX_POOL_FUNCTIONS
+
+    def _check_pool_swap(self, node: fx.Node, layer: FrozenMixedActivation) -> None:
+        """_NoFold unless the layer called at ``node`` may run after the max pool that reads
+        its output: max over a window W commutes with an elementwise f that is monotone
+        non-decreasing, max_{i in W} f(x_i) = f(max_{i in W} x_i), when every position of the
+        window has the same f (the window does not span the feature axis, or one group) and
+        holds at least one real value (a max pool pads with -inf, and its windows start inside
+        the input or its left padding); f here is the candidate (g_k (f_k(z) - mu_k) with the
+        candidate norm, g_k > 0: still monotone non-decreasing)."""
+        pool = self._only_user(node, "its output")
+        if pool.args[0] is not node:
+            raise _NoFold(f"it is not the input of {_describe_node(pool)}")
+        if pool.op == "call_module" and self.model.get_submodule(pool.target).return_indices:
+            raise _NoFold(f"{pool.target} returns indices")
+        used = [k for k, _ in layer.groups.members]
+        bad = [layer.pool[k] for k in used if layer.pool[k] not in MONOTONE]
+        if bad:
+            raise _NoFold(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not monotone")
+        for k in used:
+            if not layer.transform.gain[k] > 0:  # 1/sd_k for "standard", 1 for "none"
+                raise _NoFold(
+                    f"its candidate norm's gain for {layer.pool[k]} is {layer.transform.gain[k]:g},"
+                    " not positive"
+                )
+        if len(used) > 1:
+            axis, ndim = self._axis(node, layer), len(_shape(node.args[0]))
+            if axis >= ndim - 2:  # a 2-D max pool's windows run over the last two axes
+                raise _NoFold(
+                    f"the pool's windows run along its feature axis {axis} of {ndim}, across "
+                    "features with different activations"
+                )
 
     def _module(self, node: fx.Node) -> nn.Module:
         """The module a call_module node calls; _NoFold when its parameters or buffers (those
@@ -409,8 +501,9 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def permuted_copy(model: nn.Module, folds: Sequence[LayerFold]) -> nn.Module:
-    """A copy of ``model`` with every "permuted" fold applied: the same function (see the module
-    docstring), each of those layers' groups contiguous."""
+    """A copy of ``model`` with every "permuted" fold applied, each of those layers' groups
+    contiguous, and every layer with ``after_pool`` run after its max pool
+    (``_move_after_pools``): the same function (see the module docstring)."""
     out = copy.deepcopy(model)
     with torch.no_grad():
         for fold in folds:
@@ -440,7 +533,34 @@ def permuted_copy(model: nn.Module, folds: Sequence[LayerFold]) -> nn.Module:
                     afu=layer.afu,
                 ).to(layer.assignment.device),
             )
-    return out
+    return _move_after_pools(out, [f.layer for f in folds if f.after_pool])
+
+
+def _move_after_pools(model: nn.Module, paths: Sequence[str]) -> nn.Module:
+    """``model`` with each frozen layer at ``paths`` run after the max pool that reads its
+    output (checked by ``_Neighbours._check_pool_swap``): in the model's torch.fx graph (the
+    one ``plan_folds`` traced), z -> layer -> pool -> users becomes z -> pool -> layer ->
+    users, so the layer, its Split and Concat run on the pool's output (k*k times fewer
+    elements for a k x k window of stride k). The same function: pool(f(z)) = f(pool(z)) for
+    the monotone non-decreasing f of each window's channel (max_i f(z_i) = f(max_i z_i)),
+    exact up to the last bit of f's implementation. The result is that graph as a
+    GraphModule (named as the model's class): its modules and parameters keep their paths,
+    so the ONNX scopes do; the rewrite is per call, so a pool module called elsewhere too
+    keeps those calls as they are. ``model`` itself when there is nothing to move."""
+    if not paths:
+        return model
+    graph = _Tracer().trace(model)
+    for path in paths:
+        (node,) = [n for n in graph.nodes if n.op == "call_module" and n.target == path]
+        (pool,) = node.users
+        pool.replace_input_with(node, node.args[0])  # the pool reads z
+        with graph.inserting_after(pool):
+            moved = graph.call_module(path, (pool, *node.args[1:]), node.kwargs)
+        for user in [u for u in pool.users if u is not moved]:
+            user.replace_input_with(pool, moved)
+        graph.erase_node(node)
+    graph.lint()
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -767,10 +887,10 @@ def export_network(
     )
     paths = [path for path, _ in frozen_layers(reference)]
     folds = plan_folds(reference, example)
-    permutes = any(f.form == "permuted" for f in folds)
+    changes = any(f.changes for f in folds)
     if lowering == "auto":
         # permuted changes no layer: it is the scatter graph, nothing to choose
-        candidates = MODULE_LOWERINGS if permutes else ("scatter",)
+        candidates = MODULE_LOWERINGS if changes else ("scatter",)
     else:
         candidates = (lowering,)
     models, reports = {}, {}

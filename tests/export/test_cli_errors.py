@@ -285,7 +285,7 @@ def test_a_module_exports_from_the_command_line(
     )
     assert out[1] == "frozen layers in the permuted lowering:"
     assert out[2].startswith("  2: 4 features, ") and out[2].endswith(
-        ": permuted (through 0 > 1 > 3 > 5)"
+        ": permuted (through 0 > 1 > 3 > 5), after maxpool 3 (monotone)"
     )
     assert out[3].startswith("  6: 10 features, ") and out[3].endswith(": permuted (through 5 > 7)")
     assert out[4] == "verified against PyTorch (no test inputs given; random and edge inputs only):"

@@ -125,6 +125,24 @@ def _op_types(model: onnx.ModelProto, path: str) -> set[str]:
     return {n.op_type for n in layer_nodes(model, path)}
 
 
+def _pool_order(model: onnx.ModelProto, path: str, pool: int = 0) -> tuple[str, str]:
+    """(what the ``pool``-th MaxPool of the graph reads: ``path`` for the frozen layer at
+    ``path``, else the op type; "pool first" when that layer reads the pool's output, "layer
+    first" when it runs before the pool). The graph's nodes are in topological order."""
+    nodes = list(model.graph.node)
+    maxpool = [n for n in nodes if n.op_type == "MaxPool"][pool]
+    (source,) = [n for n in nodes if maxpool.input[0] in n.output]
+    layer = {n.name for n in layer_nodes(model, path)}
+    reads = path if source.name in layer else source.op_type
+    at = [i for i, n in enumerate(nodes) if n.name in layer]
+    if min(at) > nodes.index(maxpool):  # every node of the layer after the pool
+        entry = [n for n in nodes if n.name in layer and maxpool.output[0] in n.input]
+        assert [n.op_type for n in entry] in (["Split"], ["Gather"] * len(entry))
+        return reads, "pool first"
+    assert max(at) < nodes.index(maxpool)
+    return reads, "layer first"
+
+
 @pytest.fixture(scope="module")
 def cnn() -> nn.Sequential:
     torch.manual_seed(0)
@@ -171,8 +189,14 @@ def test_a_cnn_exports_verified_in_every_lowering(cnn: nn.Sequential, tmp_path: 
     assert folds["2"] | {"reason": None} == {
         "layer": "2", "features": 4, "groups": folds["2"]["groups"], "form": "permuted",
         "reason": None, "producer": "0", "between": ["1", "3"], "consumer": "5", "block": 16,
+        "max_pool": "3", "after_pool": True, "pool_reason": None,
     }  # fmt: skip
     assert (folds["6"]["producer"], folds["6"]["between"], folds["6"]["consumer"]) == ("5", [], "7")
+    assert (folds["6"]["max_pool"], folds["6"]["after_pool"]) == (None, False)
+    # conv -> BN -> mixed -> MaxPool: scatter keeps that order, permuted runs the pool first, on
+    # the Conv's output (the exporter folds the BN into the Conv), and the layer on the pool's
+    assert _pool_order(graphs["scatter"], "2") == ("2", "layer first")
+    assert _pool_order(graphs["permuted"], "2") == ("Conv", "pool first")
 
     # the entry: config dims of the example, the spec of the module
     config = (tmp_path / "permuted" / "config.pbtxt").read_text()
@@ -297,17 +321,118 @@ def test_reused_pools_pooling_functions_and_torch_flatten_fold(tmp_path: Path) -
     assert _unsorted(model) == ["act1", "act2", "act3"]
     example = torch.randn(2, 1, 8, 8)
     folds = [
-        (f.layer, f.producer, f.between, f.consumer, f.block) for f in plan_folds(model, example)
+        (f.layer, f.producer, f.between, f.consumer, f.block, f.max_pool, f.after_pool)
+        for f in plan_folds(model, example)
     ]
     assert folds == [
-        ("act1", "conv1", ["pool"], "conv2", 1),
-        ("act2", "conv2", ["pool"], "fc1", 4),
-        ("act3", "fc1", [], "fc2", 1),
+        ("act1", "conv1", ["pool"], "conv2", 1, "pool", True),
+        ("act2", "conv2", ["pool"], "fc1", 4, "pool", True),
+        ("act3", "fc1", [], "fc2", 1, None, False),
     ]
     result = export_module(model, example, repository=tmp_path, name="lenet", lowering="permuted")
     path = result.entry / "1" / "model.onnx"
-    assert not [n for n in onnx.load(str(path)).graph.node if n.op_type == "Gather"]
+    graph = onnx.load(str(path))
+    assert not [n for n in graph.graph.node if n.op_type == "Gather"]
+    # the one pool module runs first at each of its two calls, each call before its own layer
+    assert _pool_order(graph, "act1", pool=0) == ("Conv", "pool first")
+    assert _pool_order(graph, "act2", pool=1) == ("Conv", "pool first")
     _ort_matches_torch(path, model, torch.randn(9, 1, 8, 8) * 3)
+
+
+class FunctionalPools(nn.Module):
+    """Max pools written as functions, F.max_pool2d (padded) and torch.max_pool2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(1, 4, 3, padding=1), MixedActivation(4, dim=1, pool=POOL)
+        self.conv2, self.act2 = nn.Conv2d(4, 6, 3, padding=1), MixedActivation(6, dim=1, pool=POOL)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, 7, 7)
+        x = F.max_pool2d(self.act1(self.conv1(x)), 3, stride=2, padding=1)  # (N, 4, 4, 4)
+        x = torch.max_pool2d(self.act2(self.conv2(x)), 2)  # (N, 6, 2, 2)
+        return self.fc(x.flatten(1))
+
+
+def test_a_layer_runs_after_a_max_pool_function(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = _spread_and_freeze(FunctionalPools(), seed=5)
+    assert _unsorted(model) == ["act1", "act2"]
+    example = torch.randn(2, 1, 7, 7)
+    described = [f.describe().split(": ", 1)[1] for f in plan_folds(model, example)]
+    assert described == [
+        "4 features, 3 groups: permuted (through conv1 > conv2), after maxpool max_pool2d() "
+        "(monotone)",
+        "6 features, 4 groups: permuted (through conv2 > fc), after maxpool max_pool2d() "
+        "(monotone)",
+    ]
+    result = export_module(model, example, repository=tmp_path, name="f", lowering="permuted")
+    path = result.entry / "1" / "model.onnx"
+    graph = onnx.load(str(path))
+    assert _pool_order(graph, "act1", pool=0) == ("Conv", "pool first")
+    assert _pool_order(graph, "act2", pool=1) == ("Conv", "pool first")
+    # large values reach every activation's tails, the padded border included
+    _ort_matches_torch(path, model, torch.randn(9, 1, 7, 7) * 6)
+
+
+class PoolCases(nn.Module):
+    """Frozen layers before max pools, each with one reason to stay before its pool but one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        pool = ["relu", "gelu", "tanh", "silu"]
+
+        def frozen(names: list[str], dim: int = 1) -> FrozenMixedActivation:
+            return FrozenMixedActivation(pool, names, dim=dim)
+
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.gelu = frozen(["gelu", "relu", "silu", "relu"])  # two non-monotone activations
+        self.no_gelu = frozen(["tanh", "relu", "tanh", "relu"])  # gelu in the pool, not used
+        self.read_twice = frozen(["relu", "tanh", "relu", "tanh"])
+        self.along_w = frozen(["relu", "tanh"] * 2, dim=-1)  # features along W: windows mix them
+        self.indices = frozen(["tanh", "relu", "tanh", "relu"])
+        self.pool = nn.MaxPool2d(2)
+        self.pool_with_indices = nn.MaxPool2d(2, return_indices=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, 4, 4)
+        h = self.conv(x)  # (N, 4, 4, 4)
+        a = self.pool(self.gelu(h)) + self.pool(self.no_gelu(h))  # (N, 4, 2, 2)
+        r = self.read_twice(h)
+        a = a + self.pool(r) + r.mean((2, 3), keepdim=True) + self.pool(self.along_w(h))
+        a = a + self.pool_with_indices(self.indices(h))[0]
+        return self.fc(a.mean((2, 3)))
+
+
+def test_a_layer_stays_before_its_max_pool_where_the_swap_is_not_exact() -> None:
+    model = PoolCases().eval()
+    folds = plan_folds(model, torch.randn(2, 1, 4, 4))
+    assert {f.layer: (f.max_pool, f.after_pool, f.pool_reason) for f in folds} == {
+        "gelu": ("pool", False, "gelu, silu are not monotone"),
+        "no_gelu": ("pool", True, None),
+        "read_twice": (
+            "pool",
+            False,
+            "its output is used 2 times (pool, the tensor method .mean())",
+        ),
+        "along_w": (
+            "pool",
+            False,
+            "the pool's windows run along its feature axis 3 of 4, across features with "
+            "different activations",
+        ),
+        "indices": ("pool_with_indices", False, "pool_with_indices returns indices"),
+    }
+    assert folds[0].describe() == (
+        "gelu: 4 features, 3 groups: kept scatter (the output of conv is used 5 times "
+        "(gelu, no_gelu, read_twice, along_w, indices)), kept before maxpool pool (gelu, silu "
+        "are not monotone)"
+    )
+    # only no_gelu moves; the copy computes the same function
+    x = torch.randn(16, 1, 4, 4) * 4
+    copied = module_export.permuted_copy(model, folds)
+    with torch.no_grad():
+        np.testing.assert_allclose(copied(x).numpy(), model(x).numpy(), atol=ATOL, rtol=RTOL)
 
 
 def test_failed_verification_writes_nothing(
@@ -318,7 +443,7 @@ def test_failed_verification_writes_nothing(
     def wrong_fold(model, folds):  # a fold that forgot to move one bias
         out = real(model, folds)
         with torch.no_grad():
-            out[0].bias.add_(0.05)
+            out.get_submodule("0").bias.add_(0.05)
         return out
 
     monkeypatch.setattr(module_export, "permuted_copy", wrong_fold)
