@@ -99,7 +99,7 @@ ORDER = (
 )
 # a single-group network lowers to the same graph in every form: an MLP's through
 # export.lower, a conv net's through torch's exporter (one op per frozen layer)
-FIXED_LOWERING = {"mlp": "permuted", "conv": "scatter"}
+FIXED_LOWERING = {"mlp": "permuted"}  # conv: export's auto per fixed network (_lower_conv)
 MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
 # Targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal mix (p50),
 # for an MLP and a conv net alike; the INT8 mixed network (auto's INT8 pick) vs the fp32
@@ -414,26 +414,39 @@ def _lower_conv(
     *,
     threads: Sequence[int],
     seed: int,
-) -> tuple[Graphs, Selections, list[str]]:
+) -> tuple[Graphs, Selections, list[str], dict[str, str]]:
     """A conv net as export lowers a layered run (torch's exporter, export/module.py): every
-    fixed network once, the mixed one scatter and permuted; auto's pick per thread count (as
-    export, no timing when no layer permutes: permuted is then the scatter graph); the fold of
-    each frozen layer, described."""
+    fixed network once, in the lowering export's auto picks for it at the first thread count
+    (permuted where it moves an activation after a max pool and is faster); the mixed one
+    scatter and permuted, with auto's pick per thread count (as export, no timing when
+    permuted changes no layer: it is then the scatter graph); the fold of each frozen layer,
+    described; each fixed network's lowering."""
     # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
     rng = np.random.default_rng(seed)
     example = torch.from_numpy(
         rng.integers(0, 256, (2, *mixed_spec.input_shape)).astype(np.float32)
     )  # (2, C, H, W)
     graphs: Graphs = {}
+    fixed_picks: dict[str, str] = {}
     for a, model in fixed.items():
-        graphs[(a, FIXED)] = to_onnx(model, example, opset=DEFAULT_OPSET).SerializeToString()
+        # as export would write it: permuted moves a monotone activation after a max pool
+        # (smartmixed.export.module), which a fixed network gains from too; auto decides
+        scatter = to_onnx(model, example, opset=DEFAULT_OPSET).SerializeToString()
+        fixed_folds = plan_folds(model, example)
+        fixed_picks[a] = "scatter"
+        if any(f.changes for f in fixed_folds):
+            permuted = to_onnx(permuted_copy(model, fixed_folds), example, opset=DEFAULT_OPSET)
+            candidates = {"scatter": scatter, "permuted": permuted.SerializeToString()}
+            pick = _auto_choice(candidates, mixed_spec.input_shape, threads[0], seed)
+            fixed_picks[a] = pick["chosen"]
+        graphs[(a, FIXED)] = scatter if fixed_picks[a] == "scatter" else candidates["permuted"]
     folds = plan_folds(mixed, example)
     for lowering in MODULE_LOWERINGS:
         network = permuted_copy(mixed, folds) if lowering == "permuted" else mixed
         graphs[(MIXED, lowering)] = to_onnx(
             network, example, opset=DEFAULT_OPSET
         ).SerializeToString()
-    permutes = any(f.form == "permuted" for f in folds)
+    permutes = any(f.changes for f in folds)
     auto = {}
     for t in threads:
         if permutes:
@@ -448,7 +461,7 @@ def _lower_conv(
                 "threads": t,
                 "batches": [],
             }
-    return graphs, auto, [f.describe() for f in folds]
+    return graphs, auto, [f.describe() for f in folds], fixed_picks
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,13 +520,14 @@ def measure_latency(
 
     if conv:
         lowerings = MODULE_LOWERINGS
-        graphs, auto, folds = _lower_conv(
+        graphs, auto, folds, fixed_lowering = _lower_conv(
             mixed_spec, mixed_model, fixed_conv, threads=threads, seed=seed
         )
         auto_int8: Selections | None = None
         shape = list(mixed_spec.input_shape)
     else:
         lowerings, folds = LOWERINGS, None
+        fixed_lowering = FIXED_LOWERING["mlp"]
         graphs, auto, auto_int8 = _lower_mlp(
             mixed_spec, mixed_model, fixed_mlp, threads=threads, seed=seed
         )
@@ -604,7 +618,8 @@ def measure_latency(
             "seed": seed,
             "device": "cpu",
             "opset": DEFAULT_OPSET,
-            "fixed_lowering": FIXED_LOWERING["conv" if conv else "mlp"],
+            # MLP: one name; conv: per fixed network, what export's auto picked
+            "fixed_lowering": fixed_lowering,
             "input": "seeded random raw pixels, integers in [0, 255] as float32",
             "order": ORDER,
         },
@@ -787,6 +802,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"`auto` (`smartmixed-export --threads t`) picks, by the geometric mean over batch "
         f"{', '.join(map(str, any_auto['batches']))} of the median ms: {picks(auto)}"
         + (f"; with `--quantize int8`: {picks(result['auto_int8'])}." if int8 else "."),
+        *(
+            [
+                "Fixed networks, each lowered as export's `auto` picks for it: "
+                + ", ".join(f"{a} {lw}" for a, lw in c["fixed_lowering"].items())
+                + " (permuted moves a monotone activation after its max pool)."
+            ]
+            if isinstance(c.get("fixed_lowering"), dict)
+            else []
+        ),
         "",
         "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). "
         + (
