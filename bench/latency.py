@@ -8,8 +8,9 @@ architecture, or an MLP run) or a conv net (a conv preset such as lenet5, or a l
 An MLP is lowered by ``smartmixed.export.lower`` in every lowering (scatter, permuted, grouped,
 folded, folded_tanh); its int8 graphs (``smartmixed-export --quantize int8``) are timed too. A
 conv net is lowered as export lowers a layered run (``smartmixed.export.module``: torch's ONNX
-exporter, ``scatter`` and ``permuted`` with the permutation folded into the neighbouring
-Conv2d/BatchNorm/Linear); export quantizes no conv net, so it has no int8 rows. A fixed network
+exporter, ``scatter``, ``permuted`` with the permutation folded into the neighbouring
+Conv2d/BatchNorm/Linear, ``folded`` and ``folded_tanh`` with fewer groups by exact algebra in
+those neighbours); export quantizes no conv net, so it has no int8 rows. A fixed network
 lowers to the same graph in every form and is exported once; a conv net's fixed networks hold the
 mixed network's own weights (and candidate norm), its hidden layers one activation each.
 ``--lowering auto``'s choice is reproduced with the export's own ``time_lowerings`` /
@@ -76,7 +77,13 @@ from smartmixed.contract import (
 from smartmixed.contract.runtime import make_session
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
-from smartmixed.export.module import MODULE_LOWERINGS, permuted_copy, plan_folds, to_onnx
+from smartmixed.export.module import (
+    MODULE_LOWERINGS,
+    lowered_network,
+    module_lowerings,
+    plan_folds,
+    to_onnx,
+)
 from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.runtime import percentiles, time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
@@ -417,10 +424,11 @@ def _lower_conv(
 ) -> tuple[Graphs, Selections, list[str], dict[str, str]]:
     """A conv net as export lowers a layered run (torch's exporter, export/module.py): every
     fixed network once, in the lowering export's auto picks for it at the first thread count
-    (permuted where it moves an activation after a max pool and is faster); the mixed one
-    scatter and permuted, with auto's pick per thread count (as export, no timing when
-    permuted changes no layer: it is then the scatter graph); the fold of each frozen layer,
-    described; each fixed network's lowering."""
+    (permuted where it moves an activation after a max pool, folded where it folds a candidate
+    norm, when faster); the mixed one in every module lowering, with auto's pick per thread
+    count among those that change something (as export: ``module_lowerings``; no timing when
+    none does: every lowering is then the scatter graph); the fold and the merges of each
+    frozen layer, described; each fixed network's lowering."""
     # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
     rng = np.random.default_rng(seed)
     example = torch.from_numpy(
@@ -431,31 +439,35 @@ def _lower_conv(
     for a, model in fixed.items():
         # as export would write it: permuted moves a monotone activation after a max pool
         # (smartmixed.export.module), which a fixed network gains from too; auto decides
-        scatter = to_onnx(model, example, opset=DEFAULT_OPSET).SerializeToString()
         fixed_folds = plan_folds(model, example)
+        candidates = {
+            lw: to_onnx(
+                lowered_network(model, fixed_folds, lw), example, opset=DEFAULT_OPSET
+            ).SerializeToString()
+            for lw in module_lowerings(model, fixed_folds)
+        }
         fixed_picks[a] = "scatter"
-        if any(f.changes for f in fixed_folds):
-            permuted = to_onnx(permuted_copy(model, fixed_folds), example, opset=DEFAULT_OPSET)
-            candidates = {"scatter": scatter, "permuted": permuted.SerializeToString()}
+        if len(candidates) > 1:
             pick = _auto_choice(candidates, mixed_spec.input_shape, threads[0], seed)
             fixed_picks[a] = pick["chosen"]
-        graphs[(a, FIXED)] = scatter if fixed_picks[a] == "scatter" else candidates["permuted"]
+        graphs[(a, FIXED)] = candidates[fixed_picks[a]]
     folds = plan_folds(mixed, example)
     for lowering in MODULE_LOWERINGS:
-        network = permuted_copy(mixed, folds) if lowering == "permuted" else mixed
+        network = lowered_network(mixed, folds, lowering)
         graphs[(MIXED, lowering)] = to_onnx(
             network, example, opset=DEFAULT_OPSET
         ).SerializeToString()
-    permutes = any(f.changes for f in folds)
+    timed = module_lowerings(mixed, folds)
     auto = {}
     for t in threads:
-        if permutes:
-            candidates = {lw: graphs[(MIXED, lw)] for lw in MODULE_LOWERINGS}
+        if len(timed) > 1:
+            candidates = {lw: graphs[(MIXED, lw)] for lw in timed}
             auto[t] = _auto_choice(candidates, mixed_spec.input_shape, t, seed)
         else:
             auto[t] = {
                 "chosen": "scatter",
-                "criterion": "no layer permutes: permuted is the scatter graph, nothing to time",
+                "criterion": "no layer permutes or folds: every lowering is the scatter graph, "
+                "nothing to time",
                 "median_ms": {},
                 "score_ms": {},
                 "threads": t,

@@ -7,7 +7,7 @@ The module goes through torch's ONNX exporter (the TorchScript one, ``dynamo=Fal
 torch.export-based one needs onnxscript, and this one traces each FrozenMixedActivation to the
 ops its forward runs), wrapped so that the graph has the contract's tensors: input "input"
 float32 [N, *example_input.shape[1:]] (dynamic batch), outputs "logits" [N, C] and
-"probabilities" = softmax(logits) [N, C]. Two lowerings of every frozen layer:
+"probabilities" = softmax(logits) [N, C]. Four lowerings of every frozen layer:
 
 - ``scatter``: the layer as it is. Per activation group, a Gather of its features along the
   layer's axis, the group's activation, then one Concat and one Gather with the inverse
@@ -49,8 +49,51 @@ float32 [N, *example_input.shape[1:]] (dynamic batch), outputs "logits" [N, C] a
   with the reason (``LayerFold.pool_reason``: an activation that is not monotone, its output
   read elsewhere too, a pool that returns indices, windows along the feature axis).
 
-The candidate norm's per-group affine map (Sub, Mul after each activation) stays in the graph:
-it is not folded into the consumer.
+In ``scatter`` and ``permuted`` the candidate norm's per-group affine map (Sub, Mul after each
+activation) stays in the graph.
+
+- ``folded``: ``permuted`` with fewer groups per frozen layer, by exact algebra in the
+  neighbours, as export/lower.py's ``folded`` does for an MLP (``FoldedMixedActivation``). A
+  feature j whose candidate is h_j(z) = A op(S z) + C, op its group's op, is rewritten as
+      the rows of the module that makes the layer's input (``LayerFold.scales``: the producer's
+      weight and bias; the last BatchNorm between them instead, when there is one: its weight
+      and bias, since w'(z - m)/s + b' = S (w (z - m)/s + b) for w' = S w, b' = S b) times S,
+      the consumer's input column (channel) j times A (the block of H*W columns after a flatten),
+      the consumer's bias plus C times the sum of its original weights of feature j (for a
+      Conv2d consumer summed over the kernel's taps as well),
+  since W (A op(S z) + C) + b = (W A) op(S z) + (b + W C). The per-channel modules between the
+  layer and its consumer have to carry A and C: a max pool (A > 0: max_i (A u_i + C) =
+  A max_i u_i + C), an average pool without padding, or with count_include_pad=False, and
+  without divisor_override (it averages real values only), adaptive pools, dropout and identity,
+  a flatten; a Conv2d consumer must not pad (its zero padding is not shifted by C). Between the
+  producer and the layer every per-channel module is positively homogeneous (pools, dropout) or
+  is the BatchNorm that takes S, so S reaches the layer. S and A are 1 or 2 and rows without a
+  fold keep their weights bit for bit; C is added in float64, rounded once. The merges:
+  * tanh joins sigmoid when the layer has both: tanh(z) = 2 sigmoid(2 z) - 1, S = 2 (exact in
+    float), A = 2, C = -1 (``lower.AFFINE_FOLDS``).
+  * relu, leaky_relu and identity, when at least two of them are in the layer, become one PRelu
+    group (torch's F.prelu with a weight of one slope per feature, 0, LEAKY_RELU_SLOPE or 1):
+    PRelu(z, k) = z for z >= 0 and k z below is each of them, value for value (relu's k z =
+    -0.0 equals 0). S = A = 1, C = 0: no neighbour changes, so this merge needs none, only the
+    feature axis 1 that torch's prelu weight runs along (channels of (N, C, H, W), features
+    of (N, n)). The exporter writes PRelu with the slope as [C, 1, 1] or [n].
+  * the candidate norm h = g_k (f - mu_k), when the layer still has one (``candidate_norm=
+    "standard"``), goes into the same A and C for every feature of the layer: A = g_k A_f,
+    C = g_k (C_f - mu_k), g_k > 0; the layer then runs no Sub or Mul at all. Where the constant
+    cannot reach the consumer exactly, such a layer keeps its norm and every group.
+  Where the constant cannot pass (a padded conv consumer, a BatchNorm after the layer, an
+  average pool that pads, a neighbour ``permuted`` could not fold), tanh stays apart from
+  sigmoid and ``LayerFold.folded_kept`` says why. The merged groups are made contiguous by the
+  permutation fold above where the neighbours allow it, else gathered as in ``scatter``. A
+  layer that runs after its max pool in ``permuted`` does so in ``folded`` too (the merged
+  ops, sigmoid and PRelu with slopes >= 0, are monotone non-decreasing as well).
+- ``folded_tanh``: ``folded`` without the PRelu merge. ONNX Runtime's CPU PRelu with a
+  per-column slope was measured ~25x slower per element than Relu on 2-D inputs (README), so
+  ``auto`` times both.
+
+``auto`` verifies and times scatter and each other lowering that changes something (permuted
+when it permutes or moves a layer, folded when it merges or folds a norm, folded_tanh when it
+differs from both: ``module_lowerings``) and keeps the fastest.
 
 A model is exported only when every mixed layer is frozen (``smartmixed.nn.freeze``), and it
 must hold at least one: a model with no mixed layer has nothing of SmartMixed to record (its
@@ -97,7 +140,16 @@ from smartmixed.contract import (
 )
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.entry import ExportError, check_fits_entry
-from smartmixed.export.lower import DEFAULT_OPSET, IO_AXES, MIN_OPSET, set_metadata
+from smartmixed.export.lower import (
+    AFFINE_FOLDS,
+    DEFAULT_OPSET,
+    IO_AXES,
+    MERGES_PRELU,
+    MIN_OPSET,
+    PRELU,
+    PRELU_SLOPES,
+    set_metadata,
+)
 from smartmixed.export.repository import (
     ExportResult,
     _batch_sizes,
@@ -109,9 +161,10 @@ from smartmixed.export.repository import (
     write_checked_entry,
 )
 from smartmixed.export.verify import input_sets, verify_against_torch
-from smartmixed.nn import FrozenMixedActivation, frozen_layers, mixed_layers
+from smartmixed.nn import AFUnit, FrozenMixedActivation, frozen_layers, mixed_layers
+from smartmixed.nn.pool import get_activation
 
-MODULE_LOWERINGS = ("scatter", "permuted")
+MODULE_LOWERINGS = ("scatter", "permuted", "folded", "folded_tanh")
 # the newest opset torch's TorchScript exporter writes
 MAX_MODULE_OPSET = 20
 WRAPPED = "model"  # the wrapper's attribute holding the model: ONNX node scopes "/model.{path}/"
@@ -163,6 +216,14 @@ class LayerFold:
     ``max_pool``: the max pool that reads the layer's output, if one does (its module path, or
     the function's name); ``after_pool``: the layer runs after it in ``permuted`` (every form
     may move), else ``pool_reason`` says why not.
+
+    For ``folded`` (the producer, between and consumer are filled in for a contiguous or
+    single-group layer too, when its neighbours allow the fold): ``axis`` the layer's feature
+    axis; ``scales`` the module whose rows take an input scale S (the producer, or the last
+    BatchNorm between), else ``scale_reason``; ``affine_reason`` why an output affine
+    A h + C cannot go into the consumer (None: it can); ``folded`` what ``folded`` merges
+    ("tanh into sigmoid, relu + leaky_relu as prelu: 5 -> 3 groups"), ``folded_kept`` what it
+    keeps apart and why.
     """
 
     layer: str
@@ -177,6 +238,12 @@ class LayerFold:
     max_pool: str | None = None
     after_pool: bool = False
     pool_reason: str | None = None
+    axis: int | None = None
+    scales: str | None = None
+    scale_reason: str | None = None
+    affine_reason: str | None = None
+    folded: str | None = None
+    folded_kept: str | None = None
 
     @property
     def changes(self) -> bool:
@@ -200,6 +267,14 @@ class LayerFold:
             return f"{line}, kept before maxpool {self.max_pool} ({self.pool_reason})"
         return line
 
+    def describe_folded(self) -> str:
+        """One line: 'layers.2: folded tanh into sigmoid: 5 -> 4 groups; keeps relu + leaky_relu
+        apart (...)', or 'layers.2: folded merges nothing (...)'."""
+        done = f"folded {self.folded}" if self.folded else "folded merges nothing"
+        if self.folded_kept:
+            done += f"; keeps {self.folded_kept}" if self.folded else f" ({self.folded_kept})"
+        return f"{self.layer}: {done}"
+
 
 class _NoFold(Exception):
     """Why a layer's neighbours do not allow the fold (the message is the report's reason)."""
@@ -213,7 +288,9 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer with the frozen layers as leaves: each is one call_module node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, FrozenMixedActivation) or super().is_leaf_module(m, qualname)
+        return isinstance(m, FrozenMixedActivation | FoldedMixedActivation) or (
+            super().is_leaf_module(m, qualname)
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -285,21 +362,34 @@ class _Neighbours:
     def plan(self, path: str, layer: FrozenMixedActivation) -> LayerFold:
         fold = LayerFold(path, layer.num_features, len(layer.groups.members))
         nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target == path]
+        try:  # the neighbours the permutation (and folded's algebra) go into
+            node = self._called_once(nodes)
+            fold.axis = self._axis(node, layer)
+            producer, before = self._producer(node, fold.axis)
+            consumer, after, block, walked = self._consumer(node, fold.axis)
+            fold.producer, fold.between, fold.consumer, fold.block = (
+                producer,
+                [*before, *after],
+                consumer,
+                block,
+            )
+        except _NoFold as e:
+            fold.reason = fold.scale_reason = fold.affine_reason = str(e)
+        except Exception as e:  # a graph the walk does not foresee: the layer stays as it is
+            why = f"torch.fx cannot follow its neighbours ({_first_line(e)})"
+            fold.reason = fold.scale_reason = fold.affine_reason = why
         if fold.groups == 1:
-            fold.form = "single group"
+            fold.form, fold.reason = "single group", None
         elif layer.groups.contiguous:
-            fold.form = "contiguous"
-        else:
+            fold.form, fold.reason = "contiguous", None
+        elif fold.reason is None:
+            fold.form = "permuted"
+        if fold.consumer is not None:
+            fold.scales, fold.scale_reason = self._scale_target(producer, before)
             try:
-                node = self._called_once(nodes)
-                axis = self._axis(node, layer)
-                fold.producer, before = self._producer(node, axis)
-                fold.consumer, after, fold.block = self._consumer(node, axis)
-                fold.between = [*before, *after]
-                fold.form = "permuted"
+                self._check_constants_pass(walked, consumer)
             except _NoFold as e:
-                fold.form, fold.reason = "scatter", str(e)
-                fold.producer, fold.consumer, fold.between = None, None, []
+                fold.affine_reason = str(e)
         pool = next((u for n in nodes for u in n.users if self._is_max_pool(u)), None)
         if pool is not None:  # a max pool reads its output: may the layer run after it?
             fold.max_pool = pool.target if pool.op == "call_module" else "max_pool2d()"
@@ -308,6 +398,8 @@ class _Neighbours:
                 fold.after_pool = True
             except _NoFold as e:
                 fold.pool_reason = str(e)
+        merge = plan_merge(layer, fold, merge_prelu=True)
+        fold.folded, fold.folded_kept = merge.describe(fold.groups), merge.kept_text
         return fold
 
     @staticmethod
@@ -446,13 +538,16 @@ class _Neighbours:
                 between.insert(0, current.target)
             current, walked = current.args[0], current
 
-    def _consumer(self, node: fx.Node, axis: int) -> tuple[str, list[str], int]:
+    def _consumer(self, node: fx.Node, axis: int) -> tuple[str, list[str], int, list[fx.Node]]:
         """(the Linear/Conv2d whose columns (input channels) read the layer's features, the
-        per-channel modules between, the columns per feature: H*W after a flatten)."""
+        per-channel modules between, the columns per feature: H*W after a flatten, the nodes
+        walked from the layer's first user to the consumer's call, both included)."""
         between: list[str] = []
         block = None  # set by a flatten: the columns each feature becomes
         current = self._only_user(node, "its output")
+        walked: list[fx.Node] = []
         while True:
+            walked.append(current)
             start = _flatten_start(current)
             if current.op == "call_module" and isinstance(
                 flatten := self.model.get_submodule(current.target), nn.Flatten
@@ -473,31 +568,278 @@ class _Neighbours:
                 if kind == "affine":
                     if block is not None and not isinstance(module, nn.Linear):
                         raise _NoFold(f"{current.target} after a flatten is not a Linear")
-                    return current.target, between, block or 1
+                    return current.target, between, block or 1, walked
                 if block is not None and not isinstance(module, ANY_AXIS):
                     raise _NoFold(f"{_describe_node(current)} between a flatten and the consumer")
                 if module is not None:
                     between.append(current.target)
             current = self._only_user(current, f"the output of {_describe_node(current)}")
 
+    def _scale_target(self, producer: str, before: list[str]) -> tuple[str | None, str | None]:
+        """(the module whose rows an input scale S of the layer goes into, or None, and why
+        not): the last BatchNorm between the producer and the layer (S BN(z) = BN'(z) with its
+        weight and bias times S; scaling the producer instead would scale z inside the BN),
+        else the producer (S (W x + b) = (S W) x + S b). Every other module between (pools,
+        dropout, identity) is positively homogeneous: m(S u) = S m(u) for S > 0."""
+        norms = [
+            p
+            for p in before
+            if isinstance(self.model.get_submodule(p), nn.BatchNorm1d | nn.BatchNorm2d)
+        ]
+        if not norms:
+            return producer, None
+        norm = self.model.get_submodule(norms[-1])
+        if norm.weight is None or norm.bias is None:
+            return None, f"{norms[-1]} (BatchNorm) between has no affine weight and bias to scale"
+        return norms[-1], None
+
+    def _check_constants_pass(self, walked: list[fx.Node], consumer: str) -> None:
+        """_NoFold unless an output affine A h + C (A > 0, C per feature) of the layer reaches
+        its consumer exactly (``walked``: the nodes from the layer to the consumer's call):
+        through max pools (max(A u + C) = A max(u) + C, -inf padding included), average pools
+        that average real values only (no padding, or count_include_pad=False, and no
+        divisor_override), adaptive pools, dropout, identity and a flatten; a Conv2d consumer
+        without padding (zeros it pads with would not be shifted by C)."""
+        for current in walked[:-1]:
+            if current.op == "call_module":
+                module = self.model.get_submodule(current.target)
+                if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                    raise _NoFold(
+                        f"{current.target} (BatchNorm) after it would normalise the constant "
+                        "with its running mean"
+                    )
+                if isinstance(module, nn.AvgPool2d):
+                    padded = _pads(module.padding) and module.count_include_pad
+                    override = module.divisor_override
+                    self._check_average(current, padded, override)
+            elif current.op == "call_function" and current.target is F.avg_pool2d:
+                names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                         "count_include_pad", "divisor_override")  # fmt: skip
+                args = dict(zip(names, current.args)) | current.kwargs
+                padded = _pads(args.get("padding", 0)) and args.get("count_include_pad", True)
+                self._check_average(current, padded, args.get("divisor_override"))
+        conv = self.model.get_submodule(consumer)
+        if isinstance(conv, nn.Conv2d) and (
+            conv.padding == "same" or (conv.padding != "valid" and _pads(conv.padding))
+        ):
+            raise _NoFold(
+                f"{consumer} pads its input by {_padding_text(conv.padding)} with zeros, which "
+                "the constant would not shift"
+            )
+
+    @staticmethod
+    def _check_average(node: fx.Node, padded: bool, override: Any) -> None:
+        if padded:
+            raise _NoFold(
+                f"{_describe_node(node)} (average pool) counts its zero padding into the mean"
+            )
+        if override is not None:
+            raise _NoFold(f"{_describe_node(node)} (average pool) divides by {override}")
+
+
+def _pads(padding: Any) -> bool:
+    """Whether a pool's or conv's padding (an int or a tuple) adds anything."""
+    return any(p != 0 for p in (padding if isinstance(padding, tuple | list) else (padding,)))
+
+
+def _padding_text(padding: Any) -> str:
+    if isinstance(padding, tuple | list) and len(set(padding)) == 1:
+        return str(padding[0])
+    return str(padding)
+
 
 def plan_folds(model: nn.Module, example: Tensor) -> list[LayerFold]:
-    """What ``permuted`` does with each frozen layer of ``model`` (in module order)."""
+    """What ``permuted`` and ``folded`` do with each frozen layer of ``model`` (module order)."""
     layers = list(frozen_layers(model))
     try:
         neighbours = _Neighbours(model, _trace(model, example))
     except Exception as e:  # any error of the user's forward under fx: every layer stays
         reason = f"torch.fx cannot trace {type(model).__name__} ({_first_line(e)})"
-        return [
-            LayerFold(path, layer.num_features, len(layer.groups.members), "scatter", reason)
-            for path, layer in layers
-        ]
+        folds = []
+        for path, layer in layers:
+            fold = LayerFold(path, layer.num_features, len(layer.groups.members), "scatter", reason)
+            fold.scale_reason = fold.affine_reason = reason
+            fold.axis = layer.dim if layer.dim >= 0 else None  # no shapes: only a dim >= 0 is sure
+            merge = plan_merge(layer, fold, merge_prelu=True)
+            fold.folded, fold.folded_kept = merge.describe(fold.groups), merge.kept_text
+            folds.append(fold)
+        return folds
     return [neighbours.plan(path, layer) for path, layer in layers]
+
+
+@dataclass(frozen=True)
+class LayerMerge:
+    """What ``folded`` (``merge_prelu``) or ``folded_tanh`` does with one frozen layer.
+
+    ``groups``: (op, the layer's features it runs on) in graph order, op a pool name or PRELU.
+    ``s``, ``a``, ``c`` (n,) float64 in the layer's feature order: feature j's candidate is
+    h_j(z) = a_j op(s_j z) + c_j (see the module docstring). ``merged``: what changed,
+    ``kept``: what stays apart and why; ``prelu``: relu / leaky_relu / identity merged.
+    """
+
+    groups: tuple[tuple[str, Tensor], ...]
+    s: Tensor
+    a: Tensor
+    c: Tensor
+    merged: tuple[str, ...]
+    kept: tuple[str, ...]
+    prelu: bool
+
+    @property
+    def changes(self) -> bool:
+        """Whether the layer runs otherwise than in ``permuted``."""
+        return bool(self.merged)
+
+    @property
+    def kept_text(self) -> str | None:
+        return "; ".join(self.kept) or None
+
+    def describe(self, groups: int) -> str | None:
+        if not self.merged:
+            return None
+        return f"{', '.join(self.merged)}: {groups} -> {len(self.groups)} groups"
+
+
+def plan_merge(layer: FrozenMixedActivation, fold: LayerFold, *, merge_prelu: bool) -> LayerMerge:
+    """The merges of one frozen layer (module docstring, ``folded``), given what its neighbours
+    allow (``fold``): tanh into sigmoid when both are there and the neighbours take S = 2 and
+    A = 2, C = -1; relu, leaky_relu and identity as one PRelu group (``merge_prelu``) when two
+    of them are there and the features lie along axis 1; the candidate norm into A and C for
+    every feature. A layer whose norm cannot go into its consumer merges nothing."""
+    index = layer.assignment.detach().cpu()
+    names = layer.names()
+    present = [a for k, a in enumerate(layer.pool) if bool((index == k).any())]
+    transform = layer.transform
+    takes_affine = fold.consumer is not None and fold.affine_reason is None
+    family = [a for a in present if a in PRELU_SLOPES]
+    prelu = merge_prelu and len(family) > 1
+    tanh = "tanh" in present and "sigmoid" in present
+    norm = transform.affine
+    kept: list[str] = []
+    if norm and not takes_affine:
+        kept.append(f"the candidate norm and every group ({fold.affine_reason})")
+        prelu = tanh = norm = False
+    elif norm and any(not transform.gain[layer.pool.index(a)] > 0 for a in present):
+        kept.append("the candidate norm and every group (a gain is not positive)")
+        prelu = tanh = norm = False
+    if prelu and fold.axis != 1:
+        where = "an unknown axis" if fold.axis is None else f"axis {fold.axis}"
+        kept.append(
+            f"{' + '.join(family)} apart (torch's prelu weight runs along axis 1, the "
+            f"features along {where})"
+        )
+        prelu = False
+    if tanh and not takes_affine:
+        kept.append(f"tanh apart from sigmoid ({fold.affine_reason})")
+        tanh = False
+    elif tanh and fold.scales is None:
+        kept.append(f"tanh apart from sigmoid ({fold.scale_reason})")
+        tanh = False
+
+    def group_of(a: str) -> str:
+        if prelu and a in family:
+            return PRELU
+        return "sigmoid" if tanh and a == "tanh" else a
+
+    members: dict[str, list[str]] = {}
+    for a in present:  # groups in pool order of their first member
+        members.setdefault(group_of(a), []).append(a)
+    groups = tuple(
+        (op, torch.cat([(index == layer.pool.index(a)).nonzero().squeeze(1) for a in acts]))
+        for op, acts in members.items()
+    )
+    # (n, 3): h_j = A op(S z) + C without the norm; tanh in sigmoid: (2, 2, -1)
+    sac = torch.tensor(
+        [AFFINE_FOLDS.get((a, group_of(a)), (1.0, 1.0, 0.0)) for a in names], dtype=torch.float64
+    )
+    s, a, c = sac.unbind(1)
+    if norm:  # g (A op + C - mu) = (g A) op + g (C - mu)
+        gain = torch.tensor([transform.gain[k] for k in index.tolist()], dtype=torch.float64)
+        shift = torch.tensor([transform.shift[k] for k in index.tolist()], dtype=torch.float64)
+        a, c = gain * a, gain * (c - shift)
+    merged = [f"{' + '.join(family)} as prelu"] if prelu else []
+    merged += ["tanh into sigmoid"] if tanh else []
+    merged += [f"candidate norm into {fold.consumer}"] if norm else []
+    return LayerMerge(groups, s, a, c, tuple(merged), tuple(kept), prelu)
+
+
+class FoldedMixedActivation(nn.Module):
+    """A frozen layer as ``folded`` leaves it: groups of features along ``dim``, each one op (a
+    pool activation, or PRELU: F.prelu with one slope per feature, buffer ``slope``), no
+    candidate norm (it went into the consumer). ``groups``: (op, the features it runs on) in
+    graph order. When they are consecutive blocks in that order (the neighbours took the
+    permutation) the layer is Split -> one op per group -> Concat; else each group is gathered
+    and the features put back (Gather ... Concat, Gather), as a frozen layer's scatter form."""
+
+    def __init__(
+        self,
+        groups: Sequence[tuple[str, Tensor]],
+        *,
+        dim: int,
+        slope: Tensor | None = None,
+        afu: AFUnit | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.afu = dim, afu
+        self.ops = [op for op, _ in groups]
+        self.rows = [rows for _, rows in groups]
+        self.sizes = [len(rows) for rows in self.rows]
+        order = torch.cat(self.rows)  # position in the concatenation -> feature
+        self.contiguous = bool((order == torch.arange(len(order), device=order.device)).all())
+        self.register_buffer("inverse", torch.argsort(order), persistent=False)
+        if slope is not None and len(groups) == 1:  # one op on x itself: slopes in feature order
+            slope = slope[self.inverse.to(slope.device)]
+        self.register_buffer("slope", slope)
+        self.acts = [None if op in (PRELU, AFU) else get_activation(op) for op in self.ops]
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(device) moves the group indices with the buffers."""
+        out = super()._apply(fn, *args, **kwargs)
+        self.rows = [rows.to(self.inverse.device) for rows in self.rows]
+        return out
+
+    def extra_repr(self) -> str:
+        groups = ", ".join(f"{op}={n}" for op, n in zip(self.ops, self.sizes, strict=True))
+        return f"{sum(self.sizes)}, dim={self.dim}, {groups}"
+
+    def _run(self, i: int, v: Tensor) -> Tensor:
+        if self.ops[i] == PRELU:  # the slopes run along axis 1 (checked by plan_merge)
+            return F.prelu(v, self.slope)
+        if self.ops[i] == AFU:
+            return self.afu.activation().fn(v)
+        return self.acts[i].fn(v)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (..., n at dim, ...) -> same shape
+        if len(self.ops) == 1:
+            return self._run(0, x)
+        if self.contiguous:
+            blocks = x.split(self.sizes, self.dim)
+        else:
+            blocks = [x.index_select(self.dim, rows) for rows in self.rows]
+        out = torch.cat([self._run(i, b) for i, b in enumerate(blocks)], self.dim)
+        return out if self.contiguous else out.index_select(self.dim, self.inverse)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _permute_neighbours(model: nn.Module, fold: LayerFold, perm: Tensor) -> None:
+    """The permutation P (``perm``: new position -> old feature) of one layer's features folded
+    into its neighbours: rows of the producer and per-channel parameters between, the consumer's
+    columns (blocks of ``fold.block``)."""
+    for path in (fold.producer, *fold.between):  # rows / per-channel parameters
+        module = model.get_submodule(path)
+        for name in PERMUTED_PARAMS:
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, Tensor) and tensor.dim() >= 1:
+                tensor.copy_(tensor[perm.to(tensor.device)])
+    consumer = model.get_submodule(fold.consumer)
+    # columns: channel p_i's block of `block` columns moves to position i
+    columns = (perm[:, None] * fold.block + torch.arange(fold.block)).reshape(-1)
+    weight = consumer.weight
+    weight.copy_(weight[:, columns.to(weight.device)])
 
 
 def permuted_copy(model: nn.Module, folds: Sequence[LayerFold]) -> nn.Module:
@@ -507,33 +849,131 @@ def permuted_copy(model: nn.Module, folds: Sequence[LayerFold]) -> nn.Module:
     out = copy.deepcopy(model)
     with torch.no_grad():
         for fold in folds:
-            if fold.form != "permuted":
-                continue
+            if fold.form == "permuted":
+                _permute_layer(out, fold)
+    return _move_after_pools(out, [f.layer for f in folds if f.after_pool])
+
+
+def _permute_layer(model: nn.Module, fold: LayerFold) -> None:
+    layer = model.get_submodule(fold.layer)
+    perm = torch.argsort(layer.assignment, stable=True)  # new position -> old feature
+    _permute_neighbours(model, fold, perm)
+    _replace(
+        model,
+        fold.layer,
+        FrozenMixedActivation(
+            layer.pool,
+            layer.assignment[perm],
+            dim=layer.dim,
+            candidate_norm=layer.candidate_norm,
+            afu=layer.afu,
+        ).to(layer.assignment.device),
+    )
+
+
+def folded_copy(model: nn.Module, folds: Sequence[LayerFold], *, merge_prelu: bool) -> nn.Module:
+    """A copy of ``model`` as ``folded`` (``merge_prelu``) or ``folded_tanh`` lowers it: every
+    layer that ``plan_merge`` changes becomes a ``FoldedMixedActivation``, its merged groups
+    made contiguous by the permutation fold where the neighbours are known, S into the rows of
+    ``fold.scales``, A and C into the consumer; every other layer as in ``permuted_copy``, and
+    every layer with ``after_pool`` after its max pool. The same function (module docstring)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for fold in folds:
             layer = out.get_submodule(fold.layer)
-            perm = torch.argsort(layer.assignment, stable=True)  # new position -> old feature
-            for path in (fold.producer, *fold.between):  # rows / per-channel parameters
-                module = out.get_submodule(path)
-                for name in PERMUTED_PARAMS:
-                    tensor = getattr(module, name, None)
-                    if isinstance(tensor, Tensor) and tensor.dim() >= 1:
-                        tensor.copy_(tensor[perm.to(tensor.device)])
-            consumer = out.get_submodule(fold.consumer)
-            # columns: channel p_i's block of `block` columns moves to position i
-            columns = (perm[:, None] * fold.block + torch.arange(fold.block)).reshape(-1)
-            weight = consumer.weight
-            weight.copy_(weight[:, columns.to(weight.device)])
+            merge = plan_merge(layer, fold, merge_prelu=merge_prelu)
+            if not merge.changes:
+                if fold.form == "permuted":
+                    _permute_layer(out, fold)
+                continue
+            names = layer.names()
+            groups = [(op, rows.to(layer.assignment.device)) for op, rows in merge.groups]
+            slope = next(
+                (
+                    torch.tensor([PRELU_SLOPES[names[j]] for j in rows.tolist()])  # float32
+                    for op, rows in groups
+                    if op == PRELU
+                ),
+                None,
+            )
+            s, a, c = merge.s, merge.a, merge.c
+            if fold.consumer is not None:  # the neighbours take P: each group one block
+                perm = torch.cat([rows for _, rows in groups])  # new position -> old feature
+                _permute_neighbours(out, fold, perm)
+                s, a, c = s[perm.cpu()], a[perm.cpu()], c[perm.cpu()]
+                starts = np.cumsum([0, *(len(rows) for _, rows in groups)])
+                groups = [
+                    (op, torch.arange(start, start + len(rows), device=rows.device))
+                    for (op, rows), start in zip(groups, starts, strict=False)
+                ]
+            if bool((s != 1).any()):
+                _scale_rows(out.get_submodule(fold.scales), s)
+            if bool((a != 1).any() or (c != 0).any()):
+                _fold_into_consumer(out.get_submodule(fold.consumer), a, c, fold.block)
             _replace(
                 out,
                 fold.layer,
-                FrozenMixedActivation(
-                    layer.pool,
-                    layer.assignment[perm],
-                    dim=layer.dim,
-                    candidate_norm=layer.candidate_norm,
-                    afu=layer.afu,
-                ).to(layer.assignment.device),
+                FoldedMixedActivation(groups, dim=layer.dim, slope=slope, afu=layer.afu).to(
+                    layer.assignment.device
+                ),
             )
     return _move_after_pools(out, [f.layer for f in folds if f.after_pool])
+
+
+def _scale_rows(module: nn.Module, s: Tensor) -> None:
+    """Rows of a Linear / Conv2d (weight (out, ...), bias) or a BatchNorm's weight and bias
+    times s (n,): S = 1 or 2, exact in float32, so its output rows are exactly S times."""
+    for tensor in (module.weight, module.bias):
+        if tensor is not None:
+            tensor.mul_(s.to(tensor).reshape(-1, *[1] * (tensor.dim() - 1)))
+
+
+def _fold_into_consumer(module: nn.Module, a: Tensor, c: Tensor, block: int) -> None:
+    """W (a h + c) + b = (W diag(a)) h + (b + W c) for the consumer (a, c (C,) float64 per
+    input feature): a Conv2d's input channel j (its kernel summed over the taps for the
+    constant), a Linear's block of ``block`` columns per feature. Float64, rounded once."""
+    w = module.weight.detach().double()
+    if isinstance(module, nn.Conv2d):  # (out, C, kh, kw)
+        shift = (w * c.reshape(1, -1, 1, 1)).sum((1, 2, 3))  # (out,)
+        w = w * a.reshape(1, -1, 1, 1)
+    else:  # Linear (out, C * block): channel j's block of columns after a flatten
+        shift = w @ c.repeat_interleave(block)  # (out,)
+        w = w * a.repeat_interleave(block)
+    module.weight.copy_(w.to(module.weight))
+    if bool((shift != 0).any()):
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(shift, dtype=module.weight.dtype))
+        module.bias.copy_((module.bias.detach().double() + shift).to(module.bias))
+
+
+def lowered_network(model: nn.Module, folds: Sequence[LayerFold], lowering: str) -> nn.Module:
+    """The network ``lowering`` exports: the model itself (scatter), ``permuted_copy`` or
+    ``folded_copy`` (folded, folded_tanh)."""
+    if lowering == "scatter":
+        return model
+    if lowering == "permuted":
+        return permuted_copy(model, folds)
+    return folded_copy(model, folds, merge_prelu=MERGES_PRELU[lowering])
+
+
+def module_lowerings(model: nn.Module, folds: Sequence[LayerFold]) -> tuple[str, ...]:
+    """The lowerings of ``model`` that differ from each other, scatter first: permuted when it
+    permutes or moves a layer, folded when it merges or folds a norm somewhere, folded_tanh
+    when it changes a layer and folded merges a PRelu group somewhere (else it is folded's or
+    permuted's graph). ``auto`` times these."""
+    layers = dict(frozen_layers(model))
+    merges = {
+        lw: [plan_merge(layers[f.layer], f, merge_prelu=merge) for f in folds]
+        for lw, merge in MERGES_PRELU.items()
+    }
+    out = ["scatter"]
+    if any(f.changes for f in folds):
+        out.append("permuted")
+    if any(m.changes for m in merges["folded"]):
+        out.append("folded")
+    if any(m.changes for m in merges["folded_tanh"]) and any(m.prelu for m in merges["folded"]):
+        out.append("folded_tanh")
+    return tuple(out)
 
 
 def _move_after_pools(model: nn.Module, paths: Sequence[str]) -> nn.Module:
@@ -627,10 +1067,27 @@ def _scope_name(qualified: str) -> str:
 
 def layer_nodes(model: onnx.ModelProto, path: str) -> list[onnx.NodeProto]:
     """The nodes torch's exporter wrote for the module at ``path`` of the exported model: a
-    node is named "/" + the scope names of the modules from the wrapper down + "/" + its op."""
+    node is named "/" + the scope names of the modules from the wrapper down + "/" + its op,
+    where a container that is never called (nn.ModuleList, nn.ModuleDict: "activations" of
+    "activations.0") writes no scope of its own, so a node's scopes run through a subsequence
+    of the path's, from the wrapper's to the module's."""
     atoms = [WRAPPED, *path.split(".")] if path else [WRAPPED]
     scopes = [_scope_name(".".join(atoms[: i + 1])) for i in range(len(atoms))]
-    return [n for n in model.graph.node if n.name.split("/")[1:-1][: len(scopes)] == scopes]
+
+    def inside(parts: list[str]) -> bool:
+        if not parts or parts[0] != scopes[0]:
+            return False
+        at = 0  # scopes[at] matched parts[i]; the next part matches a later scope
+        for part in parts[1:]:
+            if at == len(scopes) - 1:
+                return True  # the module's own scope is reached: the rest are its children
+            later = [j for j in range(at + 1, len(scopes)) if scopes[j] == part]
+            if not later:
+                return False
+            at = later[0]
+        return at == len(scopes) - 1
+
+    return [n for n in model.graph.node if inside(n.name.split("/")[1:-1])]
 
 
 def layer_structure(model: onnx.ModelProto, paths: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -786,8 +1243,9 @@ def export_module(
     repository entry REPOSITORY/NAME atomically (nothing is written when anything fails).
 
     ``example_input`` (N, ...) float32 fixes the input's shape (the batch is dynamic) and is
-    traced. ``lowering``: scatter, permuted (each layer reported: ``report["folds"]``) or auto
-    (both verified, timed on ``device`` with ``threads`` at ``auto_batches``, the fastest kept).
+    traced. ``lowering``: scatter, permuted, folded, folded_tanh (each layer reported:
+    ``report["folds"]``) or auto (those that change something verified, timed on ``device``
+    with ``threads`` at ``auto_batches``, the fastest kept: ``module_lowerings``).
     ``labels``: one per class (default "0".."C-1"); ``preprocessing``: {"offset", "scale"} the
     module applies itself, recorded only (default: none). ``test_inputs`` (M, *shape): verified
     on as the test set, beside random and edge inputs of the example's shape. The ModelSpec is
@@ -864,7 +1322,7 @@ def export_network(
     example: Tensor | None = None,
 ) -> ExportResult:
     """The common part of a module's and a layered run's export: lower each candidate
-    (``lowering`` or both for auto), verify it against ``reference`` on ``inputs`` (each
+    (``lowering``, or ``module_lowerings`` for auto), verify it against ``reference`` on ``inputs`` (each
     (N, *shape)), time the candidates for auto, write the entry with ``spec`` as its META_SPEC
     (and ``run`` as META_RUN when the network comes from a run folder)."""
     if not MIN_OPSET <= opset <= MAX_MODULE_OPSET:
@@ -887,15 +1345,11 @@ def export_network(
     )
     paths = [path for path, _ in frozen_layers(reference)]
     folds = plan_folds(reference, example)
-    changes = any(f.changes for f in folds)
-    if lowering == "auto":
-        # permuted changes no layer: it is the scatter graph, nothing to choose
-        candidates = MODULE_LOWERINGS if changes else ("scatter",)
-    else:
-        candidates = (lowering,)
+    # auto: only the lowerings that change something (the others repeat a graph of these)
+    candidates = module_lowerings(reference, folds) if lowering == "auto" else (lowering,)
     models, reports = {}, {}
     for candidate in candidates:  # every candidate is verified before it may be chosen
-        network = permuted_copy(reference, folds) if candidate == "permuted" else reference
+        network = lowered_network(reference, folds, candidate)
         models[candidate] = to_onnx(network, example, opset=opset)
         reports[candidate] = verify_against_torch(
             models[candidate], reference, inputs, n_classes=spec.arch[-1]
@@ -924,9 +1378,12 @@ def export_network(
         "selection": selection,
         "versions": _versions(),
         "input_shape": shape,
-        # what permuted does with each frozen layer, whichever lowering is chosen
+        # what permuted and folded do with each frozen layer, whichever lowering is chosen
         "folds": [asdict(f) for f in folds],
-        "affine_fold": "none: each group's candidate-norm Sub/Mul stays in the graph",
+        "affine_fold": (
+            "scatter, permuted: each group's candidate-norm Sub/Mul stays in the graph; folded, "
+            "folded_tanh: moved into the consumer where exact (folds[].folded)"
+        ),
         "structure": {c: layer_structure(m, paths) for c, m in models.items()},
     }
     set_metadata(
@@ -950,14 +1407,20 @@ def export_network(
 
 __all__ = [
     "MODULE_LOWERINGS",
+    "FoldedMixedActivation",
     "LayerFold",
+    "LayerMerge",
     "WithProbabilities",
     "export_module",
     "export_network",
+    "folded_copy",
     "layer_nodes",
     "layer_structure",
+    "lowered_network",
+    "module_lowerings",
     "module_spec",
     "permuted_copy",
     "plan_folds",
+    "plan_merge",
     "to_onnx",
 ]

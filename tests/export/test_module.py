@@ -1,5 +1,6 @@
-"""export_module: a user's own nn.Module with frozen mixed layers, lowered scatter and permuted
-through torch's ONNX exporter, verified against the module, written as a repository entry."""
+"""export_module: a user's own nn.Module with frozen mixed layers, lowered scatter, permuted and
+folded through torch's ONNX exporter, verified against the module, written as a repository
+entry."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from smartmixed.export import export_module, repository
 from smartmixed.export import module as module_export
 from smartmixed.export.entry import ExportError
 from smartmixed.export.lower import get_metadata
-from smartmixed.export.module import layer_nodes, plan_folds
+from smartmixed.export.module import (
+    MODULE_LOWERINGS,
+    layer_nodes,
+    module_lowerings,
+    plan_folds,
+)
 from smartmixed.export.verify import ATOL, RTOL, VerificationError
 from smartmixed.nn import FrozenMixedActivation, MixedActivation, freeze
 
@@ -170,8 +176,9 @@ def test_a_cnn_exports_verified_in_every_lowering(cnn: nn.Sequential, tmp_path: 
         _ort_matches_torch(onnx_path, cnn, x)
         graphs[lowering] = onnx.load(str(onnx_path))
         assert get_metadata(graphs[lowering])[META_LOWERING] == result.lowering
-    assert result.lowering in ("scatter", "permuted")  # auto timed both, kept one
-    assert set(result.report["selection"]["median_ms"]) == {"scatter", "permuted"}
+    # auto timed those that change something (no relu/leaky_relu/identity pair: no folded_tanh)
+    assert result.lowering in ("scatter", "permuted", "folded")
+    assert set(result.report["selection"]["median_ms"]) == {"scatter", "permuted", "folded"}
 
     # scatter: Gather per group and the inverse Gather; permuted: Split, no index op
     for path in ("2", "6"):
@@ -189,7 +196,10 @@ def test_a_cnn_exports_verified_in_every_lowering(cnn: nn.Sequential, tmp_path: 
     assert folds["2"] | {"reason": None} == {
         "layer": "2", "features": 4, "groups": folds["2"]["groups"], "form": "permuted",
         "reason": None, "producer": "0", "between": ["1", "3"], "consumer": "5", "block": 16,
-        "max_pool": "3", "after_pool": True, "pool_reason": None,
+        "max_pool": "3", "after_pool": True, "pool_reason": None, "axis": 1, "scales": "1",
+        "scale_reason": None, "affine_reason": None,
+        "folded": f"candidate norm into 5: {folds['2']['groups']} -> {folds['2']['groups']} groups",
+        "folded_kept": None,
     }  # fmt: skip
     assert (folds["6"]["producer"], folds["6"]["between"], folds["6"]["consumer"]) == ("5", [], "7")
     assert (folds["6"]["max_pool"], folds["6"]["after_pool"]) == (None, False)
@@ -455,6 +465,116 @@ def test_failed_verification_writes_nothing(
     assert not models.exists() or not any(models.iterdir())
 
 
+MERGE_POOL = ["relu", "sigmoid", "tanh", "leaky_relu", "elu"]
+
+
+class MergeNet(nn.Module):
+    """Frozen layers holding relu, leaky_relu, tanh, sigmoid and elu, set explicitly, in no sorted
+    order: conv -> BN -> act1 -> max pool -> conv2 (padding ``pad``) -> act2 -> flatten -> fc1
+    -> act3 (with the candidate norm) -> fc2."""
+
+    def __init__(self, *, pad: int = 0, norm1: str = "none") -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.act1 = FrozenMixedActivation(
+            MERGE_POOL,
+            ["tanh", "relu", "sigmoid", "leaky_relu", "elu", "tanh"],
+            dim=1,
+            candidate_norm=norm1,
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=pad)
+        self.act2 = FrozenMixedActivation(
+            MERGE_POOL,
+            ["sigmoid", "elu", "tanh", "relu", "leaky_relu", "tanh", "relu", "sigmoid"],
+            dim=1,
+            candidate_norm="none",
+        )
+        self.fc1 = nn.Linear(8 * (3 + 2 * pad) ** 2, 10)
+        self.act3 = FrozenMixedActivation(MERGE_POOL, [2, 0, 3, 1, 4, 2, 1, 0, 3, 4])  # standard
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, 10, 10)
+        x = self.pool(self.act1(self.bn(self.conv1(x))))  # (N, 6, 5, 5)
+        x = self.act2(self.conv2(x))  # (N, 8, 3, 3), padded (N, 8, 5, 5)
+        return self.fc2(self.act3(self.fc1(torch.flatten(x, 1))))
+
+
+def _activation_counts(structure: dict[str, int]) -> int:
+    """The activation nodes of one layer's structure (no Split, Concat, candidate norm)."""
+    return sum(n for op, n in structure.items() if op not in ("Split", "Concat", "Sub", "Mul"))
+
+
+def test_folded_merges_groups_through_the_neighbours(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    model = _spread_and_freeze(MergeNet(), seed=6)
+    example = torch.randn(2, 1, 10, 10)
+    folds = plan_folds(model, example)
+    assert [(f.layer, f.folded, f.folded_kept, f.scales) for f in folds] == [
+        ("act1", "relu + leaky_relu as prelu, tanh into sigmoid: 5 -> 3 groups", None, "bn"),
+        ("act2", "relu + leaky_relu as prelu, tanh into sigmoid: 5 -> 3 groups", None, "conv2"),
+        (
+            "act3",
+            "relu + leaky_relu as prelu, tanh into sigmoid, candidate norm into fc2: 5 -> 3 groups",
+            None,
+            "fc1",
+        ),
+    ]
+    assert module_lowerings(model, folds) == MODULE_LOWERINGS  # each one a different graph
+    x = torch.randn(33, 1, 10, 10) * 4
+    structure = {}
+    for lowering in ("permuted", "folded", "folded_tanh"):
+        result = export_module(
+            model, example, repository=tmp_path, name=lowering, lowering=lowering
+        )
+        assert result.report["verification"]["passed"] and result.lowering == lowering
+        path = result.entry / "1" / "model.onnx"
+        _ort_matches_torch(path, model, x)
+        structure[lowering] = result.report["structure"][lowering]
+        if lowering == "folded":  # torch's prelu: the slope per channel [C, 1, 1], per neuron [n]
+            graph = onnx.load(str(path))
+            shapes = {i.name: list(i.dims) for i in graph.graph.initializer}
+            slopes = {
+                layer: [
+                    shapes[n.input[1]] for n in layer_nodes(graph, layer) if n.op_type == "PRelu"
+                ]
+                for layer in ("act1", "act2", "act3")
+            }
+            assert slopes == {"act1": [[2, 1, 1]], "act2": [[3, 1, 1]], "act3": [[4]]}
+    for layer in ("act1", "act2", "act3"):
+        counts = [_activation_counts(structure[lw][layer]) for lw in structure]
+        assert counts == [5, 3, 4]  # permuted, folded, folded_tanh
+        assert "Tanh" not in structure["folded"][layer] | structure["folded_tanh"][layer]
+    assert structure["folded"]["act1"] == {
+        "Concat": 1, "Elu": 1, "PRelu": 1, "Sigmoid": 1, "Split": 1,
+    }  # fmt: skip
+    # the candidate norm went into fc2: no Sub or Mul left in act3
+    assert {"Sub", "Mul"} <= set(structure["permuted"]["act3"])
+    assert not {"Sub", "Mul"} & set(structure["folded"]["act3"])
+
+
+def test_folded_keeps_tanh_apart_where_the_constant_cannot_pass(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    model = _spread_and_freeze(MergeNet(pad=1), seed=7)
+    example = torch.randn(2, 1, 10, 10)
+    first = plan_folds(model, example)[0]
+    assert first.describe_folded() == (
+        "act1: folded relu + leaky_relu as prelu: 5 -> 4 groups; keeps tanh apart from sigmoid "
+        "(conv2 pads its input by 1 with zeros, which the constant would not shift)"
+    )
+    result = export_module(model, example, repository=tmp_path, name="m", lowering="folded")
+    assert result.report["structure"]["folded"]["act1"] == {
+        "Concat": 1, "Elu": 1, "PRelu": 1, "Sigmoid": 1, "Split": 1, "Tanh": 1,
+    }  # fmt: skip
+    _ort_matches_torch(result.entry / "1" / "model.onnx", model, torch.randn(9, 1, 10, 10) * 4)
+    # a layer that still has its candidate norm there merges nothing
+    normed = _spread_and_freeze(MergeNet(pad=1, norm1="standard"), seed=7)
+    assert plan_folds(normed, example)[0].describe_folded() == (
+        "act1: folded merges nothing (the candidate norm and every group (conv2 pads its input "
+        "by 1 with zeros, which the constant would not shift))"
+    )
+
+
 @pytest.mark.parametrize(
     ("build", "example", "options", "message"),
     [
@@ -487,8 +607,9 @@ def test_failed_verification_writes_nothing(
         (
             lambda: freeze(small_cnn()),
             torch.zeros(2, 1, 8, 8),
-            {"lowering": "folded"},
-            "--lowering 'folded': a module is lowered auto, scatter, permuted",
+            {"lowering": "grouped"},
+            "--lowering 'grouped': a module is lowered auto, scatter, permuted, folded, "
+            "folded_tanh",
         ),
         (
             lambda: freeze(small_cnn()),
@@ -554,7 +675,7 @@ def test_a_layered_run_is_exported_as_a_module(tmp_path: Path, monkeypatch) -> N
 
     for options, message in (
         ({"quantize": "int8"}, f"{run}: --quantize int8 applies to MLP runs; this run is a layered (conv) network"),
-        ({"lowering": "grouped"}, f"--lowering grouped: {run} is a layered (conv) network, lowered scatter or permuted (or auto)"),
+        ({"lowering": "grouped"}, f"--lowering grouped: {run} is a layered (conv) network, lowered scatter or permuted or folded or folded_tanh (or auto)"),
     ):  # fmt: skip
         with pytest.raises(ExportError) as refused:
             repository.export_run(run_dir=run, repository=models, name="other", **options)
