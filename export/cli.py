@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", *LOWERINGS],
         help="auto (default) times every verified candidate and keeps the fastest; a module "
-        "or conv run is lowered scatter or permuted",
+        "or conv run is lowered scatter, permuted, folded or folded_tanh",
     )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}")
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
@@ -213,10 +213,12 @@ def _print_result(source: Path | str, result: ExportResult) -> None:
         f"(lowering {result.lowering}, {result.report['precision']})"
     )
     if folds := result.report.get("folds"):  # a module's (or conv run's) frozen layers
-        chosen = "" if result.lowering == "permuted" else " (not chosen)"
-        print(f"frozen layers in the permuted lowering{chosen}:")
-        for fold in folds:
-            print(f"  {LayerFold(**fold).describe()}")
+        layers = [LayerFold(**fold) for fold in folds]
+        print(f"frozen layers ({result.lowering} chosen):")
+        for layer in layers:
+            print(f"  permuted: {layer.describe()}")
+        for layer in layers:
+            print(f"  folded:   {layer.describe_folded()}")
     selection = result.report["selection"]
     if selection:
         batches = " / ".join(next(iter(selection["median_ms"].values())))

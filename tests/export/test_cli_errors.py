@@ -283,12 +283,14 @@ def test_a_module_exports_from_the_command_line(
         out[0]
         == f"exported {source}:build -> {tmp_path / 'net'}/1/model.onnx (lowering permuted, fp32)"
     )
-    assert out[1] == "frozen layers in the permuted lowering:"
-    assert out[2].startswith("  2: 4 features, ") and out[2].endswith(
+    assert out[1] == "frozen layers (permuted chosen):"
+    assert out[2].startswith("  permuted: 2: 4 features, ") and out[2].endswith(
         ": permuted (through 0 > 1 > 3 > 5), after maxpool 3 (monotone)"
     )
-    assert out[3].startswith("  6: 10 features, ") and out[3].endswith(": permuted (through 5 > 7)")
-    assert out[4] == "verified against PyTorch (no test inputs given; random and edge inputs only):"
+    assert out[3].startswith("  permuted: 6: 10 features, ")
+    assert out[3].endswith(": permuted (through 5 > 7)")
+    assert [line.split(":")[0] for line in out[4:6]] == ["  folded", "  folded"]
+    assert out[6] == "verified against PyTorch (no test inputs given; random and edge inputs only):"
     config = (tmp_path / "net" / "config.pbtxt").read_text()
     assert "dims: [ 1, 8, 8 ]" in config
     spec = json.loads(
