@@ -330,6 +330,11 @@ TINY_LAYERS = [
 TINY_ASSIGNMENT = [["gelu", "relu", "gelu", "relu"], ["relu"] * 3 + ["tanh"] * 3]
 
 
+# the whole conv bench (export's auto timed for the mixed net and every fixed one, ~20 s):
+# .ci/run's slow part; the quick suite keeps the conv run, weights and refusals below
+SLOW_CONV_BENCH = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def conv_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("latency-conv")
@@ -369,6 +374,7 @@ def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@SLOW_CONV_BENCH
 def test_conv_json_has_the_conv_records(conv_result: dict[str, Any]) -> None:
     c = conv_result["config"]
     assert (c["network"], c["preset"], c["input_shape"]) == ("conv", "lenet5", [1, 28, 28])
@@ -400,6 +406,7 @@ def test_conv_json_has_the_conv_records(conv_result: dict[str, Any]) -> None:
         )
 
 
+@SLOW_CONV_BENCH
 def test_conv_ideal_mix_weighs_activation_elements(conv_result: dict[str, Any]) -> None:
     assert conv_result["mix"] == pytest.approx(LENET5_ELEMENT_SHARES)
     assert conv_result["mix_features"] == pytest.approx(LENET5_FEATURE_SHARES)
@@ -425,6 +432,7 @@ def test_conv_ideal_mix_weighs_activation_elements(conv_result: dict[str, Any]) 
     }
 
 
+@SLOW_CONV_BENCH
 def test_conv_md_png_written_and_table_printed(conv_bench: tuple[Path, str]) -> None:
     out, stdout = conv_bench
     md = (out / "latency.md").read_text()

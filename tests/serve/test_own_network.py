@@ -47,6 +47,7 @@ def _images(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).reshape(-1, 1, 8, 8)
 
 
+@pytest.mark.slow  # a real server process and three epochs: .ci/run (export_module: test_module)
 def test_a_users_cnn_trains_freezes_exports_and_answers_tritonclient(
     digits: Dataset, tmp_path: Path, server_starter
 ) -> None:
