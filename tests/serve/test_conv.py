@@ -458,6 +458,7 @@ def direct_probabilities(url: str, model: str, shape: list[int], row: list[float
     return outputs_of(answer)["probabilities"][0]
 
 
+@pytest.mark.slow  # chromium and three models: .ci/run (the page's own tests draw in make test)
 def test_the_page_sends_each_model_its_own_shape(browser, page_server) -> None:
     from test_page import ONE, _wait, console_errors, css, draw, open_page, results
 

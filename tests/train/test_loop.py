@@ -87,7 +87,11 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("stop_after", [2, 4, 7])  # inside phase 1, at its end, inside phase 2
+# inside phase 1 in the quick suite; at its end and inside phase 2 in .ci/run's slow part
+@pytest.mark.parametrize(
+    "stop_after",
+    [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(7, marks=pytest.mark.slow)],
+)
 def test_resume_reproduces_an_uninterrupted_run_exactly(
     digits: Dataset, tmp_path: Path, stop_after: int
 ) -> None:
