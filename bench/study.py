@@ -642,20 +642,26 @@ def mean_reciprocal_rank(
 
 def paired_outcomes(
     cells: Sequence[Mapping[str, Any]], *, challengers: Sequence[str], baselines: Sequence[str]
-) -> dict[str, dict[str, dict[str, int]]]:
-    """{challenger: {baseline: {wins, ties, losses}}} by test accuracy over the (archkey, seed)
-    pairs where both models have a cell."""
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{challenger: {baseline: {wins, ties, losses, difference}}} by test accuracy over the
+    (archkey, seed) pairs where both models have a cell. ``difference``: ``summarize`` of the
+    paired differences challenger - baseline (n, mean, std, Student-t 95% interval), None
+    without a pair: same seed means same split and initialisation seed, so the interval of the
+    mean difference is the paired one."""
     accuracy = {(c["archkey"], c["model"], c["seed"]): c["test_accuracy"] for c in cells}
     pairs = sorted({(c["archkey"], c["seed"]) for c in cells})
-    paired: dict[str, dict[str, dict[str, int]]] = {}
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
     for model in challengers:
         paired[model] = {}
         for base in baselines:
-            tally = {"wins": 0, "ties": 0, "losses": 0}
+            tally: dict[str, Any] = {"wins": 0, "ties": 0, "losses": 0}
+            differences = []
             for key, seed in pairs:
                 a, b = accuracy.get((key, model, seed)), accuracy.get((key, base, seed))
                 if a is not None and b is not None:
                     tally["wins" if a > b else "losses" if a < b else "ties"] += 1
+                    differences.append(a - b)
+            tally["difference"] = summarize(differences) if differences else None
             paired[model][base] = tally
     return paired
 
@@ -852,7 +858,32 @@ def render_markdown(study: Mapping[str, Any]) -> str:
             tallies = [per[b] for b in baselines]
             cells = [f"{t['wins']} / {t['ties']} / {t['losses']}" for t in tallies]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Paired difference in test accuracy (model - baseline, points): mean [95% interval] "
+            "over the pairs (n)",
+            "",
+            "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+            "|---|" + "---|" * len(baselines),
+        ]
+        for label, per in study["paired"].items():
+            lines.append(
+                f"| {label} | "
+                + " | ".join(_difference_cell(per[b].get("difference")) for b in baselines)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _difference_cell(difference: Mapping[str, Any] | None) -> str:
+    """'-0.42 [-0.90, +0.06] (5)' in accuracy points; no interval below two pairs."""
+    if difference is None:
+        return ""
+    text = f"{100 * difference['mean']:+.2f}"
+    if difference["ci95"] is not None:
+        low, high = difference["ci95"]
+        text += f" [{100 * low:+.2f}, {100 * high:+.2f}]"
+    return f"{text} ({difference['n']})"
 
 
 def tuning_table(per_model: Mapping[str, Mapping[str, Any]], tuning: Tuning) -> list[str]:

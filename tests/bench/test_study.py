@@ -214,12 +214,24 @@ def test_paired_outcomes_on_hand_made_cells() -> None:
             ("a2", "relu", 1, 0.9),  # no mixed cell on (a2, 1): not a pair
         ]
     ]
-    assert paired_outcomes(cells, challengers=["mixed"], baselines=["relu", "tanh"]) == {
-        "mixed": {
-            "relu": {"wins": 1, "ties": 1, "losses": 1},
-            "tanh": {"wins": 1, "ties": 0, "losses": 1},
-        }
+    paired = paired_outcomes(cells, challengers=["mixed"], baselines=["relu", "tanh"])
+    tallies = {
+        b: {k: v for k, v in t.items() if k != "difference"} for b, t in paired["mixed"].items()
     }
+    assert tallies == {
+        "relu": {"wins": 1, "ties": 1, "losses": 1},
+        "tanh": {"wins": 1, "ties": 0, "losses": 1},
+    }
+    # the paired differences mixed - baseline: relu +0.1, 0.0, -0.1; tanh -0.05, +0.1
+    relu, tanh = paired["mixed"]["relu"]["difference"], paired["mixed"]["tanh"]["difference"]
+    assert relu["n"] == 3 and relu["mean"] == pytest.approx(0.0)
+    assert relu["std"] == pytest.approx(0.1)
+    half = 4.302652729911275 * 0.1 / 3**0.5  # t(0.975, 2) s / sqrt(n)
+    assert relu["ci95"] == pytest.approx([-half, half])
+    assert tanh["n"] == 2 and tanh["mean"] == pytest.approx(0.025)
+    assert paired_outcomes(cells[:3], challengers=["mixed"], baselines=["relu"])["mixed"]["relu"][
+        "difference"
+    ] == {"n": 1, "mean": pytest.approx(0.1), "std": None, "ci95": None}
 
 
 def test_summary_interval_is_student_t() -> None:
@@ -375,7 +387,9 @@ def test_the_rate_is_chosen_by_validation_never_by_test(tmp_path: Path, capsys) 
     assert relu["n"] == 2 and relu["mean"] == pytest.approx(0.55) and relu["lr"] == "1e-3"
     assert result["summary"]["64-8-10"]["smartmixed"]["mean"] == 0.6  # its 0.99s are not chosen
     assert result["ranks"]["64-8-10"] == {"smartmixed": 1, "relu": 2}
-    assert result["paired"] == {"smartmixed": {"relu": {"wins": 1, "ties": 0, "losses": 0}}}
+    versus = result["paired"]["smartmixed"]["relu"]
+    assert {k: versus[k] for k in ("wins", "ties", "losses")} == {"wins": 1, "ties": 0, "losses": 0}
+    assert versus["difference"]["n"] == 1
     assert result["config"]["tune_lr"] == ["1e-3", "3e-3"]
     assert result["config"]["tune_seeds"] is None
     assert "--tune-lr 1e-3,3e-3" in result["config"]["command"]
