@@ -22,9 +22,10 @@ Aggregation (DIR/study.{json,md,png}, rewritten after every finished cell):
   better rank: 1, 2, 2, 4);
 - the paper's Mean Reciprocal Rank, MRR_f = (1/N) sum_i 1 / rank_i(f), over the N
   architectures where every model has at least one cell;
-- wins / ties / losses of every non-fixed model against every fixed one, over the
-  (architecture, seed) pairs where both were trained. Same seed means same data split and same
-  initialisation seed, so the comparison is paired.
+- wins / ties / losses of every non-fixed model against every fixed one, and the mean of the
+  differences in test accuracy with its Student-t 95% interval, over the (architecture, seed)
+  pairs where both were trained. Same seed means same data split and same initialisation seed,
+  so the comparison is paired.
 """
 
 from __future__ import annotations
