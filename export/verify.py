@@ -3,14 +3,23 @@
 Checks, in order: NaN or inf in the initializers; the ONNX checker (full check) and strict shape
 inference; output names; then for ONNX Runtime (CPU) at ORT_ENABLE_BASIC and ORT_ENABLE_ALL, on
 every input set, output shapes and numbers against the PyTorch model in eval mode. An element
-passes when |onnx - torch| <= atol + rtol * |torch| (numpy's allclose rule; atol 1e-5, rtol 1e-4
-on float32 logits and probabilities); the held-out test set must also agree on every argmax. All
-mismatches are collected and raised as one VerificationError that lists the max differences per
-input set.
+passes when
+
+    |onnx - torch| <= atol + rtol * |torch| + 2 |torch - torch64|
+
+(numpy's allclose rule, atol 1e-5, rtol 1e-4 on float32 logits and probabilities, plus twice
+PyTorch's own float32 rounding error: torch64 is the same model run in float64). The last term
+is zero for well-conditioned outputs and matters only where float32 itself cannot hold 1e-4:
+a conv net fed the edge set's inputs of +-1000 sums large terms that cancel, and ONNX Runtime,
+accumulating in another order, may then land as far from the exact value as PyTorch does, on
+the other side. A model that cannot run in float64 is checked by the first two terms alone, and
+the report says so. The held-out test set must also agree on every argmax. All mismatches are
+collected and raised as one VerificationError that lists the max differences per input set.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -85,12 +94,18 @@ def input_sets(
     return {name: x.reshape(len(x), *shape) for name, x in sets.items()}
 
 
-def _compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float, float, bool]:
-    """(max abs diff, max rel diff, tolerance used, passed); rel = |diff| / (|torch| + atol)."""
+def _compare(
+    got: np.ndarray, want: np.ndarray, exact: np.ndarray | None
+) -> tuple[float, float, float, bool]:
+    """(max abs diff, max rel diff, tolerance used, passed); rel = |diff| / (|torch| + atol);
+    the allowance per element is the module docstring's rule (``exact``: torch64, or None)."""
     if not got.size:
         return 0.0, 0.0, 0.0, True
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    used = float((diff / (ATOL + RTOL * np.abs(want))).max())
+    allowed = ATOL + RTOL * np.abs(want)
+    if exact is not None:
+        allowed = allowed + 2 * np.abs(want.astype(np.float64) - exact)
+    used = float((diff / allowed).max())
     max_rel = float((diff / (np.abs(want) + ATOL)).max())
     passed = used <= 1.0 and bool(np.isfinite(got).all())
     return float(diff.max()), max_rel, used, passed
@@ -128,6 +143,24 @@ def torch_outputs(
     return expected
 
 
+def exact_outputs(
+    reference: nn.Module, inputs: dict[str, np.ndarray]
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]] | None, str]:
+    """The same outputs from a float64 copy of the model (torch64), and what was done: None and
+    the reason when the model does not run in float64 (a float32 constant of its own, say)."""
+    try:
+        exact = copy.deepcopy(reference).double().eval()
+        with torch.no_grad():
+            out = {}
+            for name, x in inputs.items():
+                logits = exact(torch.from_numpy(x.astype(np.float64)))
+                out[name] = (logits.numpy(), torch.softmax(logits, 1).numpy())
+    except Exception as e:  # any error of a user's forward in float64: reported, rule without it
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, f"the model does not run in float64 ({type(e).__name__}: {line[:200]})"
+    return out, "float64 copy of the model"
+
+
 def verify_against_torch(
     model: onnx.ModelProto,
     reference: nn.Module,
@@ -138,6 +171,7 @@ def verify_against_torch(
     """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
     problems = check_graph(model)
     expected = torch_outputs(reference, inputs)
+    exact, exact_source = exact_outputs(reference, inputs)
     results: list[SetResult] = []
     data = model.SerializeToString()
     for level in OPTIMIZATION_LEVELS:
@@ -151,8 +185,9 @@ def verify_against_torch(
                     f"expected {(len(x), n_classes)}"
                 )
                 continue
-            abs_l, rel_l, used_l, ok_l = _compare(got_logits, want_logits)
-            abs_p, rel_p, used_p, ok_p = _compare(got_probs, want_probs)
+            exact_logits, exact_probs = exact[name] if exact is not None else (None, None)
+            abs_l, rel_l, used_l, ok_l = _compare(got_logits, want_logits, exact_logits)
+            abs_p, rel_p, used_p, ok_p = _compare(got_probs, want_probs, exact_probs)
             agreement = float((got_logits.argmax(1) == want_logits.argmax(1)).mean())
             passed = ok_l and ok_p and (name != "test" or agreement == 1.0)
             results.append(
@@ -178,7 +213,10 @@ def verify_against_torch(
         "tolerance": {
             "atol": ATOL,
             "rtol": RTOL,
-            "rule": "|onnx - torch| <= atol + rtol * |torch|",
+            "rule": "|onnx - torch| <= atol + rtol * |torch| + 2 |torch - torch64|"
+            if exact is not None
+            else "|onnx - torch| <= atol + rtol * |torch|",
+            "torch64": exact_source,
         },
         "checker": "onnx.checker full_check and strict shape inference passed",
         "results": [asdict(r) for r in results],
