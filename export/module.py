@@ -1352,7 +1352,7 @@ def export_network(
         network = lowered_network(reference, folds, candidate)
         models[candidate] = to_onnx(network, example, opset=opset)
         reports[candidate] = verify_against_torch(
-            models[candidate], reference, inputs, n_classes=spec.arch[-1]
+            models[candidate], reference, inputs, n_classes=spec.arch[-1], lowering=candidate
         )
     chosen, selection = candidates[0], None
     if len(candidates) > 1:

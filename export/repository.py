@@ -264,7 +264,7 @@ def export_run(
     for candidate in candidates:  # every candidate is verified before it may be chosen
         models[candidate] = lower(spec, state, lowering=candidate, opset=opset, name=name)
         reports[candidate] = verify_against_torch(
-            models[candidate], torch_model, inputs, n_classes=spec.arch[-1]
+            models[candidate], torch_model, inputs, n_classes=spec.arch[-1], lowering=candidate
         )
     selection = None
     chosen = lowering

@@ -167,8 +167,10 @@ def verify_against_torch(
     inputs: dict[str, np.ndarray],
     *,
     n_classes: int,
+    lowering: str | None = None,
 ) -> dict[str, Any]:
-    """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise."""
+    """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise (the
+    message names ``lowering``, the candidate being checked, when given)."""
     problems = check_graph(model)
     expected = torch_outputs(reference, inputs)
     exact, exact_source = exact_outputs(reference, inputs)
@@ -222,8 +224,9 @@ def verify_against_torch(
         "results": [asdict(r) for r in results],
     }
     if problems:
+        which = f"the {lowering} lowering: " if lowering else ""
         raise VerificationError(
-            "ONNX Runtime does not match PyTorch: " + "; ".join(problems), report
+            which + "ONNX Runtime does not match PyTorch: " + "; ".join(problems), report
         )
     return report
 
