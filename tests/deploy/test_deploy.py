@@ -98,6 +98,7 @@ def test_every_variable_has_a_default_or_a_message() -> None:
     )
 
 
+@pytest.mark.slow  # three interpreters importing torch for --help: .ci/run
 def test_service_commands_are_real_stage_commands() -> None:
     services = _compose()["services"]
     seen = set()
