@@ -76,7 +76,9 @@ def test_study_trains_every_cell_and_aggregates(study: Path) -> None:
             assert s["rank"] == result["ranks"][key][model]
     assert set(result["mrr"]) == {"relu", "smartmixed"}
     tally = result["paired"]["smartmixed"]["relu"]
+    difference = tally.pop("difference")
     assert sum(tally.values()) == 4  # 2 architectures x 2 seeds, all paired
+    assert difference["n"] == 4 and difference["ci95"][0] <= difference["mean"]
     assert result["config"]["train_args"] == TRAIN[1:]
     report = (study / "study.md").read_text()
     assert "## 64-16-10 [64, 16, 10]" in report and "## Mean reciprocal rank" in report
@@ -140,7 +142,8 @@ def test_collect_aggregates_the_complete_cells_only(study: Path, tmp_path: Path)
     assert len(result["cells"]) == 7
     assert result["summary"]["64-8-10"]["relu"]["n"] == 1
     assert result["summary"]["64-8-10"]["relu"]["ci95"] is None  # no interval from one seed
-    assert sum(result["paired"]["smartmixed"]["relu"].values()) == 3
+    paired = result["paired"]["smartmixed"]["relu"]
+    assert paired["wins"] + paired["ties"] + paired["losses"] == paired["difference"]["n"] == 3
     assert not (out / "runs" / "64-8-10" / "relu" / "seed1").exists()  # nothing trained
 
 
