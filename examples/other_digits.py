@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             predicted.append(answer.as_numpy("probabilities").argmax(1))
         predicted = np.concatenate(predicted)
         accuracy = float((predicted == labels).mean())
-        per_digit = ", ".join(
-            f"{d}: {(predicted[labels == d] == d).mean():.2f}" for d in range(10)
-        )
+        per_digit = ", ".join(f"{d}: {(predicted[labels == d] == d).mean():.2f}" for d in range(10))
         print(f"{model}: {accuracy:.4f} of {len(labels)} digits ({per_digit})")
     return 0
 
