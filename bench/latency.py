@@ -89,6 +89,7 @@ from smartmixed.export.runtime import percentiles, time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedConvNet, MixedMLP, ModelSpec, parse_arch
+from smartmixed.train.report import describe_layers
 
 PAPER_ARCH = list(PRESETS["paper"])
 PRESET_INPUT_SHAPE = [1, 28, 28]  # the conv presets are laid out for 28x28 grey images
@@ -729,27 +730,6 @@ def ideal_p50(result: Mapping[str, Any], batch: int, threads: int) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Reports
-
-
-def describe_layers(layers: Sequence[Mapping[str, Any]]) -> str:
-    """'conv 6 k5 p2 > maxpool 2 > flatten > linear 10': a layered spec in one line."""
-
-    def one(layer: Mapping[str, Any]) -> str:
-        kind = layer["type"]
-        if kind == "conv":
-            text = f"conv {layer['channels']} k{layer['kernel']}"
-            text += f" s{layer['stride']}" if layer.get("stride", 1) != 1 else ""
-            return text + (f" p{layer['padding']}" if layer.get("padding", 0) else "")
-        if kind in ("maxpool", "avgpool"):
-            stride = layer.get("stride", layer["kernel"])
-            return f"{kind} {layer['kernel']}" + (
-                f" s{stride}" if stride != layer["kernel"] else ""
-            )
-        if kind == "linear":
-            return f"linear {layer['features']}"
-        return kind
-
-    return " > ".join(one(layer) for layer in layers)
 
 
 def _lowerings(result: Mapping[str, Any]) -> tuple[str, ...]:

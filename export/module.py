@@ -1278,14 +1278,11 @@ def export_module(
     source = "no test inputs given; random and edge inputs only"
     if test_x is not None:
         source = f"{len(test_x)} test inputs given"
-    low, high = _raw_range(spec, test_x)
-    inputs = input_sets(shape, test_x=test_x, low=low, high=high)
     return export_network(
         reference,
         spec=spec,
-        inputs=inputs,
+        test_x=test_x,
         test_source=source,
-        raw_range=(low, high),
         entry=entry,
         source=Path(f"module {type(model).__name__}"),
         run=None,
@@ -1305,9 +1302,8 @@ def export_network(
     reference: nn.Module,
     *,
     spec: ModelSpec,
-    inputs: dict[str, np.ndarray],
+    test_x: np.ndarray | None,
     test_source: str,
-    raw_range: tuple[float, float],
     entry: Path,
     source: Path,
     run: str | None,
@@ -1322,8 +1318,9 @@ def export_network(
     example: Tensor | None = None,
 ) -> ExportResult:
     """The common part of a module's and a layered run's export: lower each candidate
-    (``lowering``, or ``module_lowerings`` for auto), verify it against ``reference`` on ``inputs`` (each
-    (N, *shape)), time the candidates for auto, write the entry with ``spec`` as its META_SPEC
+    (``lowering``, or ``module_lowerings`` for auto), verify it against ``reference`` on the
+    input sets (``test_x`` (N, *input_shape) when given, random and edge inputs over its range),
+    time the candidates for auto, write the entry with ``spec`` as its META_SPEC
     (and ``run`` as META_RUN when the network comes from a run folder)."""
     if not MIN_OPSET <= opset <= MAX_MODULE_OPSET:
         raise ExportError(
@@ -1331,7 +1328,9 @@ def export_network(
             "for these layers"
         )
     reference = reference.eval()
-    shape = list(next(iter(inputs.values())).shape[1:])
+    shape = list(spec.input_shape)
+    raw_range = _raw_range(spec, test_x)
+    inputs = input_sets(shape, test_x=test_x, low=raw_range[0], high=raw_range[1])
     if example is None:
         example = torch.from_numpy(inputs["random"][:2])
     name = entry.name

@@ -445,15 +445,11 @@ def _export_layered_run(
             f"{' or '.join(MODULE_LOWERINGS)} (or auto)"
         )
     test_x, _, test_source = _test_inputs(spec, run_dir, data_dir)
-    low, high = _raw_range(spec, test_x)
-    shape = list(spec.input_shape)
-    inputs = input_sets(shape, test_x=test_x, low=low, high=high)
     return export_network(
         torch_model,
         spec=spec,
-        inputs=inputs,
+        test_x=test_x,
         test_source=test_source,
-        raw_range=(low, high),
         entry=entry,
         source=run_dir,
         run=str(run_dir),

@@ -124,6 +124,20 @@ def load_afu_state(units: Sequence[AFUnit] | None, config: dict | None, state: d
 # What every phase-1 and every phase-2 network offers the loop and the artifacts
 
 
+def _every_layer(name: str, doc: str) -> property:
+    """An option of every ``MixedActivation`` of the network: read from the first layer, set on
+    each (the loop's schedule sets it per epoch)."""
+
+    def get(self: SelectiveNetwork) -> Any:
+        return getattr(self.activations[0], name)
+
+    def set_(self: SelectiveNetwork, value: Any) -> None:
+        for layer in self.activations:
+            setattr(layer, name, value)
+
+    return property(get, set_, doc=doc)
+
+
 class SelectiveNetwork(nn.Module):
     """Phase 1: a network whose hidden layers are followed by ``MixedActivation`` modules
     (``self.activations``, one per hidden layer, in order). ``tau``, ``relaxed`` and
@@ -141,25 +155,13 @@ class SelectiveNetwork(nn.Module):
     def tau(self, value: float) -> None:
         set_temperature(self, value)
 
-    @property
-    def relaxed(self) -> bool:
-        """Train the soft mixture sum_k s_k h_k(z) instead of the hard sample (--soft-epochs)."""
-        return self.activations[0].relaxed
-
-    @relaxed.setter
-    def relaxed(self, value: bool) -> None:
-        for layer in self.activations:
-            layer.relaxed = value
-
-    @property
-    def eval_noise(self) -> bool:
-        """Gumbel noise in evaluation too (the reference code's protocol)."""
-        return self.activations[0].eval_noise
-
-    @eval_noise.setter
-    def eval_noise(self, value: bool) -> None:
-        for layer in self.activations:
-            layer.eval_noise = value
+    relaxed = _every_layer(
+        "relaxed",
+        "Train the soft mixture sum_k s_k h_k(z) instead of the hard sample (--soft-epochs).",
+    )
+    eval_noise = _every_layer(
+        "eval_noise", "Gumbel noise in evaluation too (the reference code's protocol)."
+    )
 
     @property
     def transform(self) -> CandidateTransform:

@@ -437,8 +437,8 @@ def test_conv_md_png_written_and_table_printed(conv_bench: tuple[Path, str]) -> 
     out, stdout = conv_bench
     md = (out / "latency.md").read_text()
     assert (
-        "Conv net lenet5 (conv 6 k5 p2 > maxpool 2 > conv 16 k5 > maxpool 2 > flatten > "
-        "linear 120 > linear 84 > linear 10, input 1x28x28; arch [784, 6, 16, 120, 84, 10])"
+        "Conv net lenet5 (conv 6 k5 p2 -> maxpool 2 -> conv 16 k5 -> maxpool 2 -> flatten -> "
+        "linear 120 -> linear 84 -> linear 10, input 1x28x28; arch [784, 6, 16, 120, 84, 10])"
     ) in md
     rows = ("| mixed scatter |", "| mixed permuted |", "| mixed folded |", "| mixed folded_tanh |")
     for row in (*rows, "| ideal mix |", "| fixed selu |"):
