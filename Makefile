@@ -14,7 +14,7 @@ MODELS ?= models
 PORT ?= 8000
 
 .PHONY: venv run pipeline train export latency serve test system-deps lint bench clean \
-	demo-screenshot
+	demo-screenshot proto
 
 venv: $(STAMP)
 
@@ -88,6 +88,23 @@ system-deps:
 demo-screenshot: $(STAMP)
 	SMARTMIXED_DEMO_SCREENSHOT=docs/demo.png SMARTMIXED_DEMO_REPOSITORY=$(MODELS) \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/serve/test_page.py -k demo_screenshot -rs
+
+# serve/grpc_service.proto -> serve/grpc_service_pb2.py and serve/grpc_service_pb2_grpc.py
+# (committed; tests/serve/test_grpc.py checks that this target writes the same bytes). Needs the
+# dev extra's grpcio-tools (`make venv`). The proto is compiled as smartmixed/serve/... so that the
+# service module imports the message module from the package; the message module's descriptors
+# go to a pool of their own instead of protobuf's default one, where tritonclient.grpc, MLServer
+# and KServe register the same names (package inference) and a second registration fails.
+PROTO_OUT ?= serve
+proto:
+	rm -rf $(PROTO_OUT)/.protoc && mkdir -p $(PROTO_OUT)/.protoc
+	$(BIN)/python -m grpc_tools.protoc -Ismartmixed/serve=serve --python_out=$(PROTO_OUT)/.protoc \
+		--grpc_python_out=$(PROTO_OUT)/.protoc smartmixed/serve/grpc_service.proto
+	sed -i 's/_descriptor_pool\.Default()\.AddSerializedFile(/_descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+		$(PROTO_OUT)/.protoc/smartmixed/serve/grpc_service_pb2.py
+	mv $(PROTO_OUT)/.protoc/smartmixed/serve/grpc_service_pb2.py \
+		$(PROTO_OUT)/.protoc/smartmixed/serve/grpc_service_pb2_grpc.py $(PROTO_OUT)/
+	rm -rf $(PROTO_OUT)/.protoc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
