@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -49,6 +50,8 @@ from starlette.routing import Route
 from smartmixed.contract import INPUT, package_version
 from smartmixed.serve import codec
 from smartmixed.serve.batching import AdaptiveBatcher, Overloaded
+from smartmixed.serve.grpc_server import start_grpc_server, stop_grpc_server
+from smartmixed.serve.management import ModelManager, load_at_start
 from smartmixed.serve.metrics import CLIENT_CLOSED, Metrics
 from smartmixed.serve.middleware import Guard
 from smartmixed.serve.page import add_page
@@ -57,7 +60,6 @@ from smartmixed.serve.runtime import (
     ModelVersion,
     Repository,
     ServeError,
-    load_repository,
 )
 from smartmixed.serve.server import PAUSE_READING, ConnectionStats
 from smartmixed.serve.settings import ServeSettings
@@ -88,6 +90,16 @@ class Deadline:
 
 
 Handler = Callable[[Request, ModelVersion, Deadline], Awaitable[Response]]
+T = TypeVar("T")
+
+
+@dataclass
+class Admission:
+    """An admitted inference request: its model, its deadline, the body budget it holds."""
+
+    model: ModelVersion
+    deadline: Deadline
+    body_held: int = 0  # bytes of Service.body_bytes, released once it is answered
 
 
 class ClientClosed(Exception):
@@ -137,7 +149,12 @@ class Service:
         self.repo = Repository(root=settings.repository)
         self.batching: dict[tuple[str, str], Batching] = {}
         self.batchers: dict[tuple[str, str], AdaptiveBatcher] = {}
+        # the object each (name, version) of ``batching``/``batchers`` is for: a request
+        # admitted on a version swapped out since is not run on its successor's batcher
+        self.batched: dict[tuple[str, str], ModelVersion] = {}
         self.in_flight = metrics.in_flight  # model name -> admitted inference requests
+        self.stats = metrics.stats  # Triton's statistics extension (statistics.py)
+        self.management = ModelManager(self)  # load / unload / poll (management.py)
         self.body_bytes = 0  # of settings.body_budget, held by bodies being read or answered
         self.executor: ThreadPoolExecutor | None = None
         self.decoder: ThreadPoolExecutor | None = None
@@ -150,34 +167,50 @@ class Service:
         )
         self.decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="smartmixed-decode")
         self.repo = repo
-        for name, versions in repo.models.items():
-            for version, model in versions.items():
-                batching = self.batching[(name, version)] = Batching.of(model, settings)
-                if batching.dynamic:
-                    self.batchers[(name, version)] = AdaptiveBatcher(
-                        model.predict,
-                        max_batch_size=batching.max_batch_size,
-                        max_delay=batching.max_delay_s,
-                        executor=self.executor,
-                        observe=self._observer(name),
-                    )
+        for versions in repo.models.values():
+            for model in versions.values():
+                self.serve_version(model)
+        await self.management.start()
         self.ready = True
         log.info(
-            "serving %s from %s (dynamic batching: %s)",
+            "serving %s from %s (dynamic batching: %s; model control mode %s)",
             ", ".join(repo.models) or "nothing",
             settings.repository,
             ", ".join(f"{n}/{v}" for n, v in self.batchers) or "none",
+            settings.model_control_mode,
         )
 
     async def stop(self) -> None:
         self.ready = False
+        await self.management.stop()
         for batcher in self.batchers.values():
             await batcher.close()
         for pool in (self.executor, self.decoder):
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _observer(self, name: str):
+    def serve_version(self, model: ModelVersion) -> None:
+        """Route NAME/VERSION's requests to ``model`` from now on: its Batching, its batcher
+        when it batches dynamically, its statistics (kept when it replaces the version)."""
+        key = (model.name, model.version)
+        batching = self.batching[key] = Batching.of(model, self.settings)
+        self.batched[key] = model
+        if batching.dynamic:
+            self.batchers[key] = AdaptiveBatcher(
+                model.predict,
+                max_batch_size=batching.max_batch_size,
+                max_delay=batching.max_delay_s,
+                executor=self.executor,
+                observe=self._observer(model),
+            )
+        else:
+            self.batchers.pop(key, None)
+        self.stats.add(*key)
+
+    def _observer(self, model: ModelVersion):
+        """What the batcher of ``model`` reports of each run: metrics and statistics."""
+        name, stats = model.name, self.stats
+
         def observe(rows: int, waits: list[float], inference: float) -> None:
             metrics = self.metrics
             metrics.child(metrics.batch_size, name).observe(rows)
@@ -185,11 +218,20 @@ class Service:
             queue_wait = metrics.child(metrics.queue_wait, name)
             for wait in waits:
                 queue_wait.observe(wait)
+            stats.record_execution(
+                model,
+                rows=rows,
+                infer_ns=int(inference * 1e9),
+                queue_ns=[int(wait * 1e9) for wait in waits],
+            )
 
         return observe
 
     def signature(self, model: ModelVersion) -> codec.Signature:
-        rows = self.batching[(model.name, model.version)].max_request_rows
+        batching = self.batching.get((model.name, model.version))
+        if batching is None or self.batched.get((model.name, model.version)) is not model:
+            batching = Batching.of(model, self.settings)  # swapped out since its admission
+        rows = batching.max_request_rows
         return codec.Signature(
             name=model.name,
             input_name=INPUT,
@@ -209,10 +251,50 @@ class Service:
         version: str | None,
         handler: Handler,
     ) -> Response:
-        """Admit, run ``handler(request, model, deadline)``, count the request by status, time it."""
+        """A REST inference request through ``admitted``: ``handler(request, model, deadline)``,
+        counted by its response's status; a client gone before the answer gets 499 (never
+        delivered)."""
+
+        async def run(admission: Admission) -> Response:
+            request.scope[BODY_HELD] = 0  # read_body reserves; released once answered
+            request.scope[DEADLINE] = admission.deadline
+            try:
+                return await handler(request, admission.model, admission.deadline)
+            finally:
+                admission.body_held += request.scope[BODY_HELD]
+
+        try:
+            return await self.admitted(
+                endpoint, model_name, version, run, status_of=lambda r: str(r.status_code)
+            )
+        except ClientClosed:
+            log.info(
+                "%s %s: the client closed the connection before the answer",
+                request.method,
+                request.url.path,
+            )
+            return Response(status_code=499)  # never delivered: the client is gone
+
+    async def admitted(
+        self,
+        endpoint: str,
+        model_name: str,
+        version: str | None,
+        run: Callable[[Admission], Awaitable[T]],
+        *,
+        status_of: Callable[[T], str] = lambda _: "200",
+        timeout_s: float | None = None,
+    ) -> T:
+        """One inference request, whatever its protocol (REST: ``admit``; gRPC: grpc_server.py):
+        admitted if its model has fewer than ``max_queue`` requests in progress (else
+        Overloaded, at once), ``run(admission)`` within its deadline (``request_timeout_s``, or
+        ``timeout_s`` when that is sooner: a gRPC client's own deadline), then the body budget it
+        held released; counted by status (``status_of(result)`` when answered, the error's
+        status, ``client_closed``) and timed, under ``endpoint``."""
         started = time.perf_counter()
         label, status = "unknown", "500"
         metrics, max_queue = self.metrics, self.settings.max_queue
+        model: ModelVersion | None = None
         try:
             model = self.repo.get(model_name, version)
             label = model.name
@@ -222,45 +304,70 @@ class Service:
                     f"model {label!r} has {max_queue} requests in progress (max_queue); retry later"
                 )
             self.in_flight[label] = self.in_flight.get(label, 0) + 1
-            request.scope[BODY_HELD] = 0  # read_body reserves; released once answered
-            deadline = request.scope[DEADLINE] = Deadline(self.settings.request_timeout_s)
+            timeout = self.settings.request_timeout_s
+            admission = Admission(
+                model, Deadline(timeout if timeout_s is None else min(timeout, timeout_s))
+            )
             try:
-                response = await handler(request, model, deadline)
+                result = await run(admission)
             finally:
                 self.in_flight[label] -= 1
-                self.body_bytes -= request.scope[BODY_HELD]
-            status = str(response.status_code)
-            return response
-        except ClientClosed:
+                self.body_bytes -= admission.body_held
+            status = status_of(result)
+            return result
+        except (ClientClosed, asyncio.CancelledError):  # cancelled: a gRPC client went away
             status = CLIENT_CLOSED
-            log.info(
-                "%s %s: the client closed the connection before the answer",
-                request.method,
-                request.url.path,
-            )
-            return Response(status_code=499)  # never delivered: the client is gone
+            raise
         except (ServeError, codec.CodecError) as e:
             status = str(e.status)
             raise
         finally:
+            elapsed = time.perf_counter() - started
             metrics.child(metrics.requests, label, endpoint, status).inc()
-            metrics.child(metrics.latency, label, endpoint).observe(time.perf_counter() - started)
+            metrics.child(metrics.latency, label, endpoint).observe(elapsed)
+            if model is not None:  # Triton's statistics: refused and failed ones are "fail"
+                self.stats.record_request(
+                    model, success=status.startswith("2"), duration_ns=int(elapsed * 1e9)
+                )
+
+    def hold_body(self, admission: Admission, size: int) -> None:
+        """``size`` bytes of the body budget held by an admitted request whose body arrived
+        whole before it was admitted (a gRPC message, already within ``max_request_bytes``),
+        until it is answered: its decoded rows and its answer live that long. Overloaded when
+        the budget cannot hold them."""
+        budget = self.settings.body_budget
+        if self.body_bytes + size > budget:
+            raise Overloaded(
+                f"request bodies being received or answered would exceed {budget} bytes "
+                "(max_body_bytes_in_flight); retry later"
+            )
+        self.body_bytes += size
+        admission.body_held += size
 
     async def read_body(
-        self, request: Request, *, binary_ok: bool, limit: int | None = None
-    ) -> bytearray:
-        """The body after its content type is checked; 413 over ``limit`` (default
-        ``max_request_bytes``), read or declared; 503 when the body budget cannot hold it.
+        self, request: Request, *, binary_ok: bool = False, limit: int | None = None
+    ) -> bytes | bytearray:
+        """The body, decompressed when its Content-Encoding is gzip or deflate; 413 over
+        ``limit`` (default ``max_request_bytes``), read, declared or decompressed; 503 when the
+        body budget cannot hold it.
+
+        Its Content-Type is not looked at: as in Triton, a body is JSON whatever it declares
+        (``curl -d`` sends application/x-www-form-urlencoded), or, where ``binary_ok`` (the
+        infer routes), a JSON header and binary tensor data as Inference-Header-Content-Length
+        says; on other routes that header is a 400, not ignored. Another Content-Encoding is
+        415 before a byte is read.
 
         The declared size (``limit`` when chunked) is reserved before a byte is read: by an
-        admitted request (``admit``) until it is answered, by any other until its body is read.
-        An admitted request's deadline starts again once its body is in.
+        admitted request (``admit``) until it is answered, by any other until its body is read;
+        an admitted request also holds what decompression adds. An admitted request's deadline
+        starts again once its body is in.
         """
-        codec.check_content_type(
-            request.headers.get("content-type"),
-            binary_ok=binary_ok,
-            has_binary_header=codec.BINARY_HEADER in request.headers,
-        )
+        if not binary_ok and codec.BINARY_HEADER in request.headers:
+            raise codec.CodecError(
+                f"{codec.RESPONSE_BINARY_HEADER} (binary tensor data) is for inference "
+                "requests; this route takes a JSON body"
+            )
+        coding = codec.request_coding(request.headers.get("content-encoding"))
         limit = self.settings.max_request_bytes if limit is None else limit
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit():
@@ -290,9 +397,32 @@ class Service:
         finally:
             if not admitted:
                 self.body_bytes -= size
+        if coding is not None:
+            body = await self._inflate(request, body, coding, limit, reserved=size)
         if admitted:
             request.scope[DEADLINE].start()
         return body
+
+    async def _inflate(
+        self, request: Request, body: bytearray, coding: str, limit: int, *, reserved: int
+    ) -> bytes:
+        """``body`` decompressed (codec.inflate: at most ``limit`` bytes), in the decode pool: a
+        few KB can inflate to the limit, tens of ms of zlib. That pool's one thread also bounds
+        what inflation holds beyond the budget to one body of ``limit`` bytes at a time; an
+        admitted request then reserves what it grew by (503 when the budget cannot hold it)."""
+        loop = asyncio.get_running_loop()
+        inflated = await loop.run_in_executor(self.decoder, codec.inflate, body, coding, limit)
+        grown = len(inflated) - reserved
+        if BODY_HELD in request.scope and grown > 0:
+            budget = self.settings.body_budget
+            if self.body_bytes + grown > budget:
+                raise Overloaded(
+                    f"request bodies being received or answered would exceed {budget} bytes "
+                    "(max_body_bytes_in_flight) once decompressed; retry later"
+                )
+            self.body_bytes += grown
+            request.scope[BODY_HELD] += grown
+        return inflated
 
     async def decode(self, function, raw: bytes, *args, **kwargs):
         """``function(raw, *args, **kwargs)``: here when small, in the decode pool when large."""
@@ -304,15 +434,29 @@ class Service:
     async def run(
         self, model: ModelVersion, x: np.ndarray, outputs: list[str], deadline: Deadline
     ) -> dict[str, np.ndarray]:
-        """The model's outputs within the deadline; past it, queued work is dropped with 503."""
-        batcher = self.batchers.get((model.name, model.version))
+        """The model's outputs within the deadline; past it, queued work is dropped with 503.
+
+        Runs on ``model`` itself: a request admitted before its version was swapped out
+        (management.py) finishes there, in that version's batcher while it is open, else alone.
+        """
+        key = (model.name, model.version)
+        batcher = self.batchers.get(key)
+        if batcher is not None and self.batched[key] is not model:
+            batcher = None
         loop = asyncio.get_running_loop()
         if batcher is not None:
             future = batcher.submit(x)  # a cancelled future is skipped by the batcher
         else:
             future = loop.run_in_executor(
-                self.executor, self._unbatched, model, x, outputs, deadline.at
+                self.executor,
+                self._unbatched,
+                model,
+                x,
+                outputs,
+                deadline.at,
+                time.perf_counter_ns(),
             )
+        model.pending += 1  # the version is not closed while this is queued or running
         expired: list[bool] = []
 
         def expire() -> None:
@@ -332,20 +476,57 @@ class Service:
             self.metrics.child(self.metrics.shed, model.name, "deadline").inc()
         finally:
             timer.cancel()
+            model.pending -= 1
         raise Overloaded(
             f"model {model.name!r} did not answer within {self.settings.request_timeout_s} s "
             "(request_timeout_s); retry later"
         )
 
-    def _unbatched(self, model: ModelVersion, x, outputs: list[str], deadline: float):
+    def _unbatched(
+        self, model: ModelVersion, x, outputs: list[str], deadline: float, queued_ns: int
+    ):
+        """(In an inference thread.) One request's run, unless its deadline has passed while
+        it was queued (since ``queued_ns``, perf_counter_ns)."""
         if time.perf_counter() > deadline:
             raise Overloaded("deadline passed while queued")
-        started = time.perf_counter()
+        started = time.perf_counter_ns()
         result = model.predict(x, outputs)
+        infer_ns = time.perf_counter_ns() - started
         metrics = self.metrics
         metrics.child(metrics.batch_size, model.name).observe(len(x))
-        metrics.child(metrics.inference, model.name).observe(time.perf_counter() - started)
+        metrics.child(metrics.inference, model.name).observe(infer_ns / 1e9)
+        self.stats.record_execution(
+            model, rows=len(x), infer_ns=infer_ns, queue_ns=[started - queued_ns]
+        )
         return result
+
+    # ---- model management and statistics (management.py, statistics.py) ---------------------
+
+    async def load_model(self, name: str) -> None:
+        """Load NAME, or reload it: every version its version_policy selects, verified beside
+        what is served, then swapped in. BadRequest (400) for a version that does not load
+        (what was serving keeps serving), NotFound (404) for a name not in the repository,
+        ServeError 503 unless model_control_mode is explicit (as Triton answers)."""
+        self.management.check_control()
+        await self.management.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop admitting NAME's requests (404 from now on), wait for those admitted, then close
+        its batchers and drop its sessions. NotFound for a name not in the repository; ServeError
+        503 unless model_control_mode is explicit."""
+        self.management.check_control()
+        await self.management.unload(name)
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: {name, version, state READY | UNLOADING} per version, and
+        {name, state UNAVAILABLE, reason} per model folder not loaded (reason "unloaded", or
+        why it failed to load); ``ready_only``: the READY ones."""
+        return self.management.index(ready_only=ready_only)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics, {"model_stats": [...]}: of every version served (no name), of
+        NAME's versions, or of NAME/VERSION; NotFound for a model or version not served."""
+        return self.management.statistics(name, version)
 
 
 def create_app(
@@ -360,17 +541,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        repo = repository or load_repository(
-            settings.repository,
-            device=settings.device,
-            threads=settings.intra_op_threads,
-            skip_bad_models=settings.skip_bad_models,
-            max_model_bytes=settings.max_model_bytes,
-        )
+        repo = repository or load_at_start(settings)
         await service.start(repo)
+        grpc_server = None
         try:
+            if settings.grpc_port:  # 0: no gRPC endpoint
+                grpc_server = await start_grpc_server(service, settings)
             yield
         finally:
+            if grpc_server is not None:  # its requests in progress are answered first
+                await stop_grpc_server(grpc_server, settings)
             await service.stop()
 
     app = FastAPI(

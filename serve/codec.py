@@ -8,40 +8,37 @@ nothing here recurses into client values).
 
 Order of the checks (issue F item 3): the body's structure, then the declared datatype and shape
 against the model and ``max_rows``, the value count (or the binary byte count), outputs and id,
-and only then the values themselves. JSON ``data`` takes numbers only (never booleans, strings or
-null), flat (N*D) or nested exactly as the declared shape ([N][D], or [N][C][H][W] for a model
-reading images); integer datatypes take integers within the type's range; values are converted
-to the declared datatype, then float32, and must be finite there. The decoded array has the
-model's input shape, (N, D) or (N, C, H, W).
+and only then the values themselves. The declared datatype must be the model's, FP32, as Triton
+requires (a request declaring INT32 or FP64 is refused, never converted). JSON ``data`` takes
+numbers only (never booleans, strings or null), flat (N*D) or nested exactly as the declared
+shape ([N][D], or [N][C][H][W] for a model reading images); values are converted to float32 and
+must be finite there. The decoded array has the model's input shape, (N, D) or (N, C, H, W).
 ``null`` for an optional field (``id``, ``parameters``, ``outputs``) means absent, as in
 MLServer's and KServe's request models.
+
+Triton's extensions over the same body: binary tensor data (a JSON header, then raw bytes), its
+raw binary request (``Inference-Header-Content-Length: 0``: the whole body is one row of the
+input, every output answered as binary data), and classification (an output's
+``parameters.classification`` K: the top K classes of each row as "value:index:label" strings).
+The HTTP content codings (gzip, deflate) of request and response bodies are here too: plain
+bytes in, bytes out.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import orjson
 
-# V2 datatypes accepted for the input tensor (converted to float32) and their byte layouts.
-V2_DTYPES = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-}
+# The datatype of every model's input (and of its outputs): requests must declare exactly it.
+DATATYPE = "FP32"
+FP32_BYTES = 4
 BINARY_HEADER = "inference-header-content-length"
 RESPONSE_BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -102,28 +99,21 @@ class InferRequest:
     outputs: list[str]  # requested output names, in order
     binary: dict[str, bool]  # output name -> answer it as binary data
     id: str | None
+    # output name -> K: answer its top K classes per row (Triton's classification extension)
+    classification: dict[str, int] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
 # Decoding
 
 
-def check_content_type(
-    content_type: str | None, *, binary_ok: bool, has_binary_header: bool
-) -> None:
-    """JSON (or any +json type, or none given); octet-stream only for a binary infer request."""
-    kind = (content_type or "").split(";")[0].strip().lower()
-    if not kind or kind == "application/json" or kind.endswith("+json"):
-        return
-    if kind == "application/octet-stream" and binary_ok:
-        if has_binary_header:
-            return
+def check_datatype(datatype: Any, signature: Signature) -> None:
+    """The input's declared datatype is the model's (FP32); else Triton's message."""
+    if type(datatype) is not str or datatype != DATATYPE:
         raise CodecError(
-            f"content type 'application/octet-stream' needs the {RESPONSE_BINARY_HEADER} header "
-            "(binary tensor data); send application/json otherwise",
-            415,
+            f"inference input {signature.input_name!r} data-type is {_show(datatype)}, but model "
+            f"{signature.name!r} expects {DATATYPE!r}"
         )
-    raise CodecError(f"content type {_show(kind)} is not supported; send application/json", 415)
 
 
 def decode_infer(
@@ -132,9 +122,12 @@ def decode_infer(
     """A V2 infer body -> its input rows and output choices.
 
     ``header_length``: the Inference-Header-Content-Length header, when the body is a JSON header
-    followed by binary tensor data (the binary tensor data extension).
+    followed by binary tensor data (the binary tensor data extension); "0" makes it a raw binary
+    request (``decode_raw``).
     """
     header, binary = _split_binary(raw, header_length)
+    if header_length is not None and not header:
+        return decode_raw(binary, signature)
     _check_value_budget(header, signature)
     body = _load_json(header)
     if type(body) is not dict or type(body.get("inputs")) is not list:
@@ -155,7 +148,7 @@ def decode_infer(
             f"{signature.input_name!r}"
         )
     input_parameters = _parameters(tensor, "inputs[0].parameters")
-    dtype, shape = _declared(tensor, signature)
+    shape = _declared(tensor, signature)
 
     x: np.ndarray | None = None
     if "binary_data_size" in input_parameters:
@@ -163,7 +156,7 @@ def decode_infer(
             raise CodecError(
                 "input has both 'data' and parameters.binary_data_size; send one of them"
             )
-        x = _from_binary(input_parameters["binary_data_size"], binary, dtype, shape)
+        x = _from_binary(input_parameters["binary_data_size"], binary, shape)
     elif binary:
         raise CodecError(
             f"the body holds {len(binary)} bytes of binary data after the {len(header)}-byte "
@@ -173,14 +166,101 @@ def decode_infer(
         raise CodecError("input needs 'data' (or binary data with parameters.binary_data_size)")
 
     binary_all = _flag(request_parameters, "binary_data_output", "parameters")
-    outputs, binary_out = _requested_outputs(body, signature, binary_all)
+    outputs, binary_out, classification = _requested_outputs(body, signature, binary_all)
     request_id = body.get("id")
     if request_id is not None and type(request_id) is not str:
         raise CodecError(f"'id' must be a string; got {_type_of(request_id)}")
 
     if x is None:  # values last: every cheaper check has passed
-        x = _from_json(tensor["data"], dtype, shape)
-    return InferRequest(x=x.reshape(shape), outputs=outputs, binary=binary_out, id=request_id)
+        x = _from_json(tensor["data"], shape)
+    return InferRequest(
+        x=x.reshape(shape),
+        outputs=outputs,
+        binary=binary_out,
+        id=request_id,
+        classification=classification,
+    )
+
+
+def decode_raw(raw: bytes | memoryview, signature: Signature) -> InferRequest:
+    """Triton's raw binary request: the whole body is the input tensor's bytes, no JSON header.
+
+    The model's config gives the datatype (FP32) and the dims; a model with a batch dimension
+    takes the body as one row (Triton: "treated as batch-1 request"), so it must hold exactly
+    one row's bytes, and every output is answered as binary data.
+    """
+    shape = (1, *signature.dims)
+    needed = math.prod(shape) * FP32_BYTES
+    if len(raw) != needed:
+        raise CodecError(
+            f"input byte size mismatch for input {signature.input_name!r} for model "
+            f"{signature.name!r}. Expected {needed}, got {len(raw)} (a raw binary request, "
+            f"{RESPONSE_BINARY_HEADER}: 0, is one row of {_shape_text(shape)} FP32)"
+        )
+    x = _from_bytes(raw, shape, "raw input")
+    names = list(signature.outputs)
+    return InferRequest(
+        x=x.reshape(shape), outputs=names, binary=dict.fromkeys(names, True), id=None
+    )
+
+
+def decode_tensors(
+    signature: Signature,
+    *,
+    inputs: list[dict[str, Any]],
+    values: list[bytes | memoryview | Sequence[float]],
+    outputs: list[dict[str, Any]] | None,
+    request_id: str | None,
+    fields: list[str],
+) -> InferRequest:
+    """A V2 request whose input values travel apart from their description (the gRPC protocol:
+    ModelInferRequest's ``raw_input_contents`` or typed ``contents``), checked in
+    ``decode_infer``'s order and with its messages: the inputs, their datatype and shape, the
+    value count, the outputs, then the values.
+
+    ``inputs``: each input as a JSON body's tensor object without ``data`` (name, datatype,
+    shape); ``values``: each input's values, as little-endian FP32 bytes or as the numbers
+    themselves; ``fields``: where each came from, for messages; ``outputs``: as a JSON body's
+    (None: every output, as when a JSON body leaves them out).
+    """
+    if len(inputs) != 1:
+        raise CodecError(
+            f"'inputs' must hold exactly one tensor object ({signature.input_name!r}); got "
+            f"{len(inputs)} item(s)"
+        )
+    tensor, data, field = inputs[0], values[0], fields[0]
+    if tensor.get("name") != signature.input_name:
+        raise CodecError(
+            f"unknown input {_show(tensor.get('name'))} in inputs[0].name; the model's input is "
+            f"{signature.input_name!r}"
+        )
+    shape = _declared(tensor, signature)
+    n, d = shape[0], math.prod(shape[1:])
+    if isinstance(data, bytes | memoryview):
+        if len(data) != n * d * FP32_BYTES:
+            raise CodecError(
+                f"input byte size mismatch for input {signature.input_name!r} for model "
+                f"{signature.name!r}. Expected {n * d * FP32_BYTES}, got {len(data)} ({field}: "
+                f"shape {_shape_text(shape)} of {DATATYPE})"
+            )
+    elif len(data) != n * d:
+        raise CodecError(
+            f"{field} holds {len(data)} values; shape {_shape_text(shape)} needs {n * d}"
+        )
+    body = {} if outputs is None else {"outputs": outputs}
+    names, binary, classification = _requested_outputs(body, signature, None)
+    if isinstance(data, bytes | memoryview):
+        x = _from_bytes(data, shape, field)
+    else:  # values of a float field: float32 already, but NaN and inf are possible
+        x = np.array(data, dtype=np.float32).reshape(n, d)
+        x = _finite_rows(x, field, data.__getitem__, shape=shape, nested=False)
+    return InferRequest(
+        x=x.reshape(shape),
+        outputs=names,
+        binary=binary,
+        id=request_id,
+        classification=classification,
+    )
 
 
 def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:
@@ -224,7 +304,7 @@ def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:
             f"instances have {d} features per row; model {signature.name!r} expects "
             f"{signature.n_features}"
         )
-    return _values_to_rows(instances, np.dtype(np.float32), (len(instances), d), "instances")
+    return _values_to_rows(instances, (len(instances), d), "instances")
 
 
 def _image_instances(instances: list[list], signature: Signature) -> np.ndarray:
@@ -252,7 +332,7 @@ def _image_instances(instances: list[list], signature: Signature) -> np.ndarray:
             )
     n = len(instances)
     shape = (n, *dims) if nested else (n, d)  # every nested list is checked by _leaves
-    return _values_to_rows(instances, np.dtype(np.float32), shape, "instances").reshape(n, *dims)
+    return _values_to_rows(instances, shape, "instances").reshape(n, *dims)
 
 
 def _nesting(value: list, depth: int) -> tuple[int, ...]:
@@ -328,14 +408,11 @@ def _flag(parameters: dict, key: str, field: str) -> bool | None:
     return value
 
 
-def _declared(tensor: dict, signature: Signature) -> tuple[np.dtype, tuple[int, ...]]:
-    """The input's datatype and shape, [N, D] or [N, *dims] (an image model's [N, C, H, W]),
-    checked against the model and the row limit."""
-    datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if type(datatype) is not str or datatype not in V2_DTYPES:
-        raise CodecError(
-            f"input datatype {_show(datatype)} is not supported (use one of {', '.join(V2_DTYPES)})"
-        )
+def _declared(tensor: dict, signature: Signature) -> tuple[int, ...]:
+    """The input's shape, [N, D] or [N, *dims] (an image model's [N, C, H, W]), checked with its
+    datatype against the model and the row limit."""
+    check_datatype(tensor.get("datatype"), signature)
+    shape = tensor.get("shape")
     dims = signature.dims
     if len(dims) > 1:  # a model reading images: the shape is its own, [N, C, H, W]
         if not (
@@ -365,23 +442,24 @@ def _declared(tensor: dict, signature: Signature) -> tuple[np.dtype, tuple[int, 
             f"input shape {_shape_text(shape)}: batch of {n} rows is over the limit of "
             f"{signature.max_rows}"
         )
-    return np.dtype(V2_DTYPES[datatype]), tuple(shape)
+    return tuple(shape)
 
 
 def _requested_outputs(
     body: dict, signature: Signature, binary_all: bool | None
-) -> tuple[list[str], dict[str, bool]]:
-    """The output names asked for, in order, and whether each is answered as binary data."""
+) -> tuple[list[str], dict[str, bool], dict[str, int]]:
+    """The output names asked for, in order, whether each is answered as binary data, and the
+    K of those asked as their top K classes."""
     requested = body.get("outputs")
     if requested is None:
         names = list(signature.outputs)
-        return names, dict.fromkeys(names, bool(binary_all))
+        return names, dict.fromkeys(names, bool(binary_all)), {}
     if type(requested) is not list or not requested:
         raise CodecError(
             "'outputs' must be a non-empty list of objects with a 'name' (leave it out for "
             f"every output); got {_show(requested)}"
         )
-    names, binary = [], {}
+    names, binary, classification = [], {}, {}
     for i, entry in enumerate(requested):
         if type(entry) is not dict:
             raise CodecError(f"outputs[{i}] must be an object with a 'name'; got {_show(entry)}")
@@ -390,27 +468,30 @@ def _requested_outputs(
             raise CodecError(f"outputs[{i}].name must be a string; got {_show(name)}")
         if name in binary:
             raise CodecError(f"output {_show(name)} is requested twice (outputs[{i}])")
-        flag = _flag(
-            _parameters(entry, f"outputs[{i}].parameters"),
-            "binary_data",
-            f"outputs[{i}].parameters",
-        )
+        parameters = _parameters(entry, f"outputs[{i}].parameters")
+        flag = _flag(parameters, "binary_data", f"outputs[{i}].parameters")
         names.append(name)
         binary[name] = bool(binary_all) if flag is None else flag
+        if "classification" in parameters:
+            k = parameters["classification"]
+            if type(k) is not int or k < 1:
+                raise CodecError(
+                    f"'outputs[{i}].parameters.classification' must be a positive integer (the "
+                    f"number of top classes to answer); got {_show(k)}"
+                )
+            classification[name] = k
     unknown = [name for name in names if name not in signature.outputs]
     if unknown:
         raise CodecError(
             f"unknown output(s) {_show(unknown)}; the model has {list(signature.outputs)}"
         )
-    return names, binary
+    return names, binary, classification
 
 
-def _from_binary(
-    size: Any, binary: memoryview | bytes, dtype: np.dtype, shape: tuple[int, ...]
-) -> np.ndarray:
-    """Binary tensor data (little-endian, row-major) -> (N, D) float32."""
+def _from_binary(size: Any, binary: memoryview | bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Binary tensor data (FP32, little-endian, row-major) -> (N, D) float32."""
     n, d = shape[0], math.prod(shape[1:])
-    needed = n * d * dtype.itemsize
+    needed = n * d * FP32_BYTES
     if type(size) is not int or size < 0:
         raise CodecError(
             "'inputs[0].parameters.binary_data_size' must be a non-negative integer; got "
@@ -419,42 +500,42 @@ def _from_binary(
     if size != needed:
         raise CodecError(
             f"binary_data_size {size} does not match the input: shape {_shape_text(shape)} of "
-            f"{_datatype_name(dtype)} needs {needed} bytes"
+            f"{DATATYPE} needs {needed} bytes"
         )
     if len(binary) != size:
         raise CodecError(
             f"binary_data_size {size} does not fit the {len(binary)} bytes of binary data "
             f"after the JSON header ({RESPONSE_BINARY_HEADER})"
         )
-    array = np.frombuffer(binary, dtype=dtype.newbyteorder("<")).reshape(n, d)
-    with np.errstate(over="ignore"):  # FP64 beyond FP32's range becomes inf, refused below
-        x = array.astype(np.float32)
-    values = array.reshape(-1)
-    return _finite_rows(
-        x, "binary input", values.__getitem__, shape=shape, nested=True, dtype=dtype
-    )
+    return _from_bytes(binary, shape, "binary input")
 
 
-def _from_json(data: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _from_bytes(binary: memoryview | bytes, shape: tuple[int, ...], field: str) -> np.ndarray:
+    """Little-endian FP32 bytes of ``shape`` -> (N, D) native float32, writable, finite."""
+    array = np.frombuffer(binary, dtype="<f4").reshape(shape[0], -1)
+    x = array.astype(np.float32)  # a copy: writable, native byte order
+    return _finite_rows(x, field, array.reshape(-1).__getitem__, shape=shape, nested=True)
+
+
+def _from_json(data: Any, shape: tuple[int, ...]) -> np.ndarray:
     if type(data) is not list:
         nested = "[N][D]" if len(shape) == 2 else "as the shape"
         raise CodecError(
             f"input 'data' must be a list of numbers (flat, or nested {nested}); got "
             f"{_type_of(data)}"
         )
-    return _values_to_rows(data, dtype, shape, "input 'data'")
+    return _values_to_rows(data, shape, "input 'data'")
 
 
-def _values_to_rows(data: list, dtype: np.dtype, shape: tuple[int, ...], field: str) -> np.ndarray:
+def _values_to_rows(data: list, shape: tuple[int, ...], field: str) -> np.ndarray:
     """JSON values, flat (N*D) or nested exactly as ``shape`` ([N][D], [N][C][H][W]), ->
     (N, D) float32, every rule checked (D: the product of shape[1:]).
 
     One pass collects the values' types (``set(map(type, ...))``, about 14 us for 784 values):
     numpy alone would take booleans as 0/1 and numeric strings as numbers, and checking its
     result's dtype cannot see booleans. Measured alternatives (isinstance maps, a scan of the
-    raw body for ``true``/``false``) were slower. Integers are read as int64 (exact; numpy raises
-    OverflowError beyond it, in every supported version) and range-checked there; only UINT64
-    values past int64 are compared as Python ints.
+    raw body for ``true``/``false``) were slower. JSON integers are numbers like any other
+    (orjson reads those past 64 bits as floats).
 
     Nested values are walked as their innermost lists (``_leaves``: [N][D] as it came, deeper
     nestings as N*C*H lists of W). Both passes go SLICE_VALUES values at a time (``_slices``):
@@ -474,41 +555,21 @@ def _values_to_rows(data: list, dtype: np.dtype, shape: tuple[int, ...], field: 
     def values():  # every value, row by row
         return chain.from_iterable(data) if nested else iter(data)
 
-    integer = dtype.kind in "iu"
-    allowed = (int,) if integer else (int, float)
+    allowed = (int, float)
     parts = _slices(data, nested, width)
     types: set[type] = set()
     for part in parts:
         types.update(map(type, chain.from_iterable(part) if nested else part))
     if not types.issubset(allowed):
         i, value = next((i, v) for i, v in enumerate(values()) if type(v) not in allowed)
-        wanted = "integers" if integer else "ints or floats"
         raise CodecError(
-            f"{field} must hold numbers only ({wanted} for {_datatype_name(dtype)}): "
+            f"{field} must hold numbers only (ints or floats for {DATATYPE}): "
             f"{field}{_index(i, nested, shape)} is {_described(value)}"
         )
-    if integer:
-        info = np.iinfo(dtype)
-        try:
-            wide = _array(parts, n, d, np.int64)  # exact; OverflowError beyond int64
-            in_range = int(wide.min()) >= info.min and int(wide.max()) <= info.max
-        except OverflowError:  # only UINT64 holds such values: compare as Python ints
-            wide, in_range = None, min(values()) >= info.min and max(values()) <= info.max
-        if not in_range:
-            i, value = next((i, v) for i, v in enumerate(values()) if not info.min <= v <= info.max)
-            raise CodecError(
-                f"{field}{_index(i, nested, shape)} = {value} is outside {_datatype_name(dtype)}'s "
-                f"range [{info.min}, {info.max}]"
-            )
-        if wide is None:
-            wide = np.array(data, dtype=np.uint64)
-        return np.ascontiguousarray(wide.reshape(n, d), dtype=np.float32)
     with np.errstate(over="ignore"):  # overflow becomes inf, refused below
-        # FP16 through its own type: its rounding and range, as its binary form would have
-        array = _array(parts, n, d, np.float16 if dtype == np.float16 else np.float32)
-        x = np.ascontiguousarray(array, dtype=np.float32)
+        x = np.ascontiguousarray(_array(parts, n, d, np.float32))
     value_at = (lambda i: data[i // width][i % width]) if nested else data.__getitem__
-    return _finite_rows(x, field, value_at, shape=shape, nested=nested, dtype=dtype)
+    return _finite_rows(x, field, value_at, shape=shape, nested=nested)
 
 
 def _leaves(data: list, shape: tuple[int, ...], field: str) -> list:
@@ -592,7 +653,6 @@ def _finite_rows(
     *,
     shape: tuple[int, ...],
     nested: bool,
-    dtype: np.dtype,
 ) -> np.ndarray:
     """``x`` (N, D) when every value is finite; else the first culprit, as the request held it
     (``value_at(i)``: value i, row-major, of the request's tensor of ``shape``)."""
@@ -601,8 +661,8 @@ def _finite_rows(
         return x
     i = int(np.flatnonzero(~finite)[0])
     value = float(value_at(i))
-    overflows = "FP16" if dtype == np.float16 else "FP32"  # JSON holds no NaN or inf itself
-    why = f" overflows {overflows}" if math.isfinite(value) else ""
+    # JSON holds no NaN or inf itself: a finite value there overflowed float32
+    why = f" overflows {DATATYPE}" if math.isfinite(value) else ""
     raise CodecError(
         f"input holds NaN or infinite values: {field}{_index(i, nested, shape)} = {value!r}{why}"
     )
@@ -613,25 +673,38 @@ def _finite_rows(
 
 
 def encode_infer(
-    model_name: str, model_version: str, result: dict[str, np.ndarray], request: InferRequest
+    model_name: str,
+    model_version: str,
+    result: dict[str, np.ndarray],
+    request: InferRequest,
+    *,
+    labels: list[str] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The V2 response for ``request``: (body, extra headers).
 
-    Outputs are FP32, in the order asked for, ``id`` echoed. With any output as binary data the
-    body is the JSON header followed by those outputs' little-endian bytes, and the headers hold
+    Outputs are FP32, in the order asked for, ``id`` echoed; an output asked with
+    ``classification`` K is BYTES [N, min(K, C)] instead (``top_classes``, with ``labels``).
+    With any output as binary data the body is the JSON header followed by those outputs'
+    bytes (FP32 little-endian; BYTES as Triton's length-prefixed strings), and the headers hold
     Inference-Header-Content-Length (send it as application/octet-stream); with none, the
     headers are empty and the body is JSON.
     """
     outputs, blobs = [], []
     for name in request.outputs:
         array = np.ascontiguousarray(result[name], dtype=np.float32)
-        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        k = request.classification.get(name)
+        if k is not None:
+            classes = top_classes(array, k, labels)  # (N, min(k, C)), row-major
+            shape = [array.shape[0], min(k, array.shape[1])]
+            entry: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": shape}
+        else:
+            entry = {"name": name, "datatype": DATATYPE, "shape": list(array.shape)}
         if request.binary.get(name, False):
-            data = array.astype("<f4").tobytes()
+            data = bytes_tensor(classes) if k is not None else array.astype("<f4").tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            entry["data"] = array.ravel()
+            entry["data"] = classes if k is not None else array.ravel()
         outputs.append(entry)
     response: dict[str, Any] = {
         "model_name": model_name,
@@ -646,6 +719,26 @@ def encode_infer(
     return header + b"".join(blobs), {RESPONSE_BINARY_HEADER: str(len(header))}
 
 
+def top_classes(scores: np.ndarray, k: int, labels: list[str] | None = None) -> list[str]:
+    """(N, C) scores -> the top min(k, C) classes of each row, best first, row-major, as
+    Triton's classification extension writes them: "<value>:<index>[:<label>]", the value as
+    C's ``%f`` (Triton's ``std::to_string``). Ties go to the lower index."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (N, k)
+    return [
+        f"{float(row[i]):f}:{i}:{labels[i]}" if labels is not None else f"{float(row[i]):f}:{i}"
+        for row, best in zip(scores, order.tolist(), strict=True)
+        for i in best
+    ]
+
+
+def bytes_tensor(strings: list[str]) -> bytes:
+    """A BYTES tensor as binary data: each element a 4-byte little-endian length, then its
+    UTF-8 bytes (the binary tensor data extension)."""
+    encoded = [s.encode() for s in strings]
+    return b"".join(len(e).to_bytes(4, "little") + e for e in encoded)
+
+
 def encode_predict(probabilities: np.ndarray, labels: list[str]) -> bytes:
     """(N, C) probabilities -> ``{"predictions": [{"label": ..., "probabilities": [...]}]}``."""
     probabilities = np.asarray(probabilities, dtype=np.float32)
@@ -654,6 +747,86 @@ def encode_predict(probabilities: np.ndarray, labels: list[str]) -> bytes:
         for k, row in zip(probabilities.argmax(1), probabilities, strict=True)
     ]
     return orjson.dumps({"predictions": predictions}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP content codings of bodies (Content-Encoding, Accept-Encoding), as Triton takes and gives
+# them: gzip and deflate (zlib's format, RFC 9110 section 8.4.1.2).
+
+CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # coding -> zlib wbits
+_DETECT_WBITS = 32 + zlib.MAX_WBITS  # inflate gzip or zlib, whichever came (Triton: 15 | 32)
+COMPRESS_LEVEL = 6  # zlib's default, Triton's (Z_DEFAULT_COMPRESSION)
+
+
+def request_coding(content_encoding: str | None) -> str | None:
+    """A request's Content-Encoding: "gzip" or "deflate", None for none or identity; any other
+    is 415 naming it."""
+    coding = (content_encoding or "").strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in CODINGS:
+        raise CodecError(
+            f"Content-Encoding {_show(coding)} is not supported; send gzip, deflate or identity",
+            415,
+        )
+    return coding
+
+
+def inflate(raw: bytes | bytearray, coding: str, limit: int) -> bytes:
+    """A gzip or deflate body, decompressed; 413 once it passes ``limit`` bytes, without ever
+    holding more than ``limit`` + 1 of them (a small body can inflate a thousandfold: a zip
+    bomb stops at the limit). Concatenated gzip members decompress as one (RFC 1952)."""
+    out = bytearray()
+    data: bytes | bytearray = raw
+    stream = zlib.decompressobj(_DETECT_WBITS)
+    try:
+        while True:
+            # max_length keeps each step's output within the limit (0 would mean unlimited:
+            # it is at least 1 here)
+            out += stream.decompress(data, limit + 1 - len(out))
+            if len(out) > limit:
+                raise CodecError(
+                    f"request body decompresses ({coding}) to more than the limit of {limit} bytes",
+                    413,
+                )
+            if stream.eof:
+                if not stream.unused_data:
+                    return bytes(out)
+                data, stream = stream.unused_data, zlib.decompressobj(_DETECT_WBITS)
+            elif stream.unconsumed_tail:  # (under the cap zlib takes every byte in at once)
+                data = stream.unconsumed_tail
+            else:
+                raise CodecError(f"request body is truncated {coding} data", 400)
+    except zlib.error as e:
+        raise CodecError(f"request body is not valid {coding} data ({e})", 400) from None
+
+
+def response_coding(accept_encoding: str | None) -> str | None:
+    """The coding to answer with for an Accept-Encoding header, as Triton picks it: the
+    highest q among gzip, deflate and identity (the first listed on a tie; q=0 never);
+    None for identity or nothing acceptable."""
+    best, weight = None, 0.0
+    for item in (accept_encoding or "").split(","):
+        name, _, q = item.partition(";")
+        name, q = name.strip().lower(), q.strip().lower()
+        if not q:
+            value = 1.0
+        elif q.startswith("q="):
+            try:
+                value = float(q[2:])
+            except ValueError:  # malformed: skipped, as Triton does
+                continue
+        else:
+            continue
+        if name in ("gzip", "deflate", "identity") and value > weight:
+            best, weight = (None if name == "identity" else name), value
+    return best
+
+
+def compress(body: bytes, coding: str) -> bytes:
+    """``body`` in ``coding`` ("gzip" or "deflate"), at zlib's default level."""
+    packer = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, CODINGS[coding])
+    return packer.compress(body) + packer.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,7 +886,3 @@ def _brackets(dims: tuple[int, ...]) -> str:
 
 def _shape_text(shape) -> str:
     return f"[{', '.join(map(str, shape))}]"
-
-
-def _datatype_name(dtype: np.dtype) -> str:
-    return next(name for name, t in V2_DTYPES.items() if np.dtype(t) == dtype)

@@ -19,6 +19,22 @@ class ServeSettings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port)")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC endpoint (inference.GRPCInferenceService, as Triton's), "
+        "on the same host; 0 turns it off",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="A second HTTP port, on the same host, serving only /v2/health/live, "
+        "/v2/health/ready and /metrics from its own thread (as Triton's --metrics-port, e.g. "
+        "8002): probes answered at once while inference clients fill the main port; "
+        "0 (default): none",
+    )
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",
         description="cpu; cuda (CUDAExecutionProvider must be active, or startup fails); "
@@ -109,6 +125,22 @@ class ServeSettings(BaseSettings):
     max_model_bytes: int = Field(
         1024**3, ge=1024, description="Largest model.onnx the server will read"
     )
+    # ---- model management (serve/management.py), Triton's names ----------------------------
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="none: load every model at start, no changes after (load/unload refused); "
+        "explicit: load the --load-model ones at start, then what POST "
+        "/v2/repository/models/NAME/load|unload asks; poll: load every model at start, then "
+        "follow the repository's changes every repository_poll_secs",
+    )
+    load_model: list[str] = Field(
+        default_factory=list,
+        description="Explicit mode: a model to load at start (repeat the flag for more; '*': "
+        "every model; default none; as a variable, a JSON list)",
+    )
+    repository_poll_secs: float = Field(
+        15.0, gt=0, description="Poll mode: seconds between two scans of the repository"
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -126,6 +158,16 @@ class ServeSettings(BaseSettings):
             raise ValueError(
                 f"max_body_bytes_in_flight ({budget}) is below max_request_bytes "
                 f"({self.max_request_bytes}): a request of the largest size could never be read"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _load_model_is_explicit(self):
+        """--load-model means something only in explicit mode (the others load everything)."""
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                f"load_model ({', '.join(self.load_model)}) needs model_control_mode explicit "
+                f"(it is {self.model_control_mode}, which loads every model)"
             )
         return self
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import torch
 from smartmixed.export.repository import export_run
 from smartmixed.train.data import IDX_FILES, Dataset, load_dataset
 from smartmixed.train.loop import TrainConfig, train_run
+
+# The suite's servers, in process (create_app) and started as processes (which inherit this
+# environment), run without the gRPC endpoint unless a test asks for it (--grpc-port): its
+# default port, 8001, is one for the whole machine, and tests run side by side.
+os.environ.setdefault("SMARTMIXED_GRPC_PORT", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,21 @@ real ``smartmixed-serve`` process driven by tritonclient.grpc and a raw grpc cha
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
+from tritonclient.utils import InferenceServerException
 
 from smartmixed.serve import grpc_service_pb2 as ours_pb2
 
@@ -92,3 +101,256 @@ def test_service_and_messages_are_tritons() -> None:
     assert len(seen) > 30
     # a pool of its own: importing tritonclient.grpc beside it (as here) works
     assert ours_pb2.DESCRIPTOR.pool is not triton_pb2.DESCRIPTOR.pool
+
+
+# --------------------------------------------------------------------------------------------
+# A real server: tritonclient.grpc against the same process's REST answers
+
+KEY = "grpc-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+MAX_REQUEST_BYTES = 64 * 1024
+ROWS = 7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(server_starter, repository: Path) -> Iterator:
+    """One process for the module: an API key, explicit model control (load/unload work), a
+    small message limit (the oversize test), gRPC on a free port."""
+    grpc_port = _free_port()
+    process = server_starter(
+        repository,
+        "--grpc-port",
+        str(grpc_port),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "mixed",
+        "--load-model",
+        "relu",
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
+        "--log-level",
+        "warning",
+        env={"SMARTMIXED_API_KEY": KEY},
+    )
+    process.grpc = f"127.0.0.1:{grpc_port}"
+    try:
+        yield process
+    finally:
+        process.proc.kill()
+        process.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    client = triton.InferenceServerClient(server.grpc)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    """A plain grpc channel (its stub is tritonclient's generated one)."""
+    with grpc.insecure_channel(server.grpc) as channel:
+        yield channel
+
+
+def _rest(server, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(
+        method, f"{server.url}{path}", headers={"Authorization": f"Bearer {KEY}"}, **kwargs
+    )
+
+
+def _infer(client, x: np.ndarray, *, datatype: str = "FP32", model: str = "mixed", **kwargs):
+    tensor = triton.InferInput("input", list(x.shape), datatype)
+    tensor.set_data_from_numpy(x)
+    return client.infer(model, [tensor], headers=AUTH, **kwargs)
+
+
+def _refused(call, code: str, message: str, client) -> None:
+    """``call()`` fails with ``code`` and exactly ``message``; the server is still alive."""
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    assert (caught.value.status(), caught.value.message()) == (f"StatusCode.{code}", message)
+    assert client.is_server_live()
+
+
+def test_health_metadata_and_config(server, client) -> None:
+    assert client.is_server_live() and client.is_server_ready()  # open: no key
+    assert client.is_model_ready("mixed", headers=AUTH)
+    assert client.is_model_ready("relu", "1", headers=AUTH)
+    metadata = client.get_server_metadata(headers=AUTH, as_json=True)
+    rest = _rest(server, "GET", "/v2").json()
+    assert metadata == {
+        "name": "smartmixed",
+        "version": rest["version"],
+        "extensions": rest["extensions"],
+    }
+    for version in ("", "1"):
+        model = client.get_model_metadata("mixed", version, headers=AUTH, as_json=True)
+        assert model == {
+            "name": "mixed",
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}],
+            "outputs": [
+                {"name": name, "datatype": "FP32", "shape": ["-1", "10"]}
+                for name in ("logits", "probabilities")
+            ],
+        }
+    rest = _rest(server, "GET", "/v2/models/relu/config").json()
+    for version in ("", "1"):
+        config = client.get_model_config("relu", version, headers=AUTH).config
+        assert (config.name, config.platform, config.backend) == (
+            "relu",
+            rest["platform"],
+            "onnxruntime",
+        )
+        assert config.max_batch_size == rest["max_batch_size"]
+        assert [(t.name, list(t.dims)) for t in config.input] == [("input", [64])]
+        assert [(t.name, list(t.dims)) for t in config.output] == [
+            (o["name"], o["dims"]) for o in rest["output"]
+        ]
+        assert config.input[0].data_type == model_config_pb2.TYPE_FP32
+        assert (
+            config.dynamic_batching.max_queue_delay_microseconds
+            == (rest["dynamic_batching"]["max_queue_delay_microseconds"])
+        )
+
+
+def test_infer_raw_and_typed_contents_match_rest(server, client, channel, digits) -> None:
+    x = digits.x_test[:ROWS].astype(np.float32)
+    body = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
+    rest = {
+        o["name"]: np.array(o["data"], np.float32).reshape(o["shape"])
+        for o in _rest(server, "POST", "/v2/models/mixed/infer", json=body).json()["outputs"]
+    }
+
+    # raw_input_contents (tritonclient's way), the outputs asked for in an order of our own
+    outputs = [triton.InferRequestedOutput(name) for name in ("probabilities", "logits")]
+    result = _infer(client, x, outputs=outputs, request_id="g1")
+    response = result.get_response()
+    assert (response.model_name, response.model_version, response.id) == ("mixed", "1", "g1")
+    assert [o.name for o in response.outputs] == ["probabilities", "logits"]
+    for name in ("logits", "probabilities"):
+        np.testing.assert_allclose(result.as_numpy(name), rest[name], rtol=1e-6, atol=1e-7)
+
+    # typed contents (fp32_contents), through tritonclient's generated stub on a plain channel
+    request = triton_pb2.ModelInferRequest(model_name="mixed", model_version="1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    request.outputs.add(name="logits")
+    typed = GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=tuple(AUTH.items()))
+    assert [(o.name, o.datatype, list(o.shape)) for o in typed.outputs] == [
+        ("logits", "FP32", [ROWS, 10])
+    ]
+    logits = np.frombuffer(typed.raw_output_contents[0], "<f4").reshape(ROWS, 10)
+    np.testing.assert_allclose(logits, rest["logits"], rtol=1e-6, atol=1e-7)
+
+    # classification: the top 3 classes of each row, as Triton writes them
+    top = _infer(client, x, outputs=[triton.InferRequestedOutput("probabilities", class_count=3)])
+    classes = top.as_numpy("probabilities")
+    assert classes.shape == (ROWS, 3)
+    assert [int(c.split(b":")[1]) for c in classes[:, 0]] == rest["probabilities"].argmax(
+        1
+    ).tolist()
+
+
+def test_statistics_metrics_index_load_and_unload(server, client) -> None:
+    def success(name: str) -> tuple[int, int]:
+        stats = client.get_inference_statistics(name, headers=AUTH).model_stats
+        assert [(s.name, s.version) for s in stats] == [(name, "1")]
+        return stats[0].inference_stats.success.count, stats[0].inference_count
+
+    before = success("relu")
+    _infer(client, np.zeros((3, 64), np.float32), model="relu")
+    assert success("relu") == (before[0] + 1, before[1] + 3)
+    rest = _rest(server, "GET", "/v2/models/relu/stats").json()["model_stats"][0]
+    assert (rest["inference_stats"]["success"]["count"], rest["inference_count"]) == success("relu")
+    metrics = _rest(server, "GET", "/metrics").text
+    assert 'smartmixed_requests_total{endpoint="grpc",model="relu",status="200"}' in metrics
+
+    def index() -> list[tuple[str, str, str]]:
+        models = client.get_model_repository_index(headers=AUTH).models
+        return [(m.name, m.version, m.state) for m in models]
+
+    assert index() == [("mixed", "1", "READY"), ("relu", "1", "READY")]
+    client.unload_model("relu", headers=AUTH)
+    assert index() == [("mixed", "1", "READY"), ("relu", "", "UNAVAILABLE")]
+    _refused(
+        lambda: _infer(client, np.zeros((1, 64), np.float32), model="relu"),
+        "NOT_FOUND",
+        "model 'relu' is not loaded",
+        client,
+    )
+    client.load_model("relu", headers=AUTH)
+    assert client.is_model_ready("relu", headers=AUTH)
+    assert index() == [("mixed", "1", "READY"), ("relu", "1", "READY")]
+
+
+def test_bad_requests_get_their_code_and_message(server, client, channel, digits) -> None:
+    x = digits.x_test[:2].astype(np.float32)
+    for datatype, dtype in (("INT32", np.int32), ("FP64", np.float64)):
+        _refused(
+            lambda d=datatype, t=dtype: _infer(client, x.astype(t), datatype=d),
+            "INVALID_ARGUMENT",
+            f"inference input 'input' data-type is '{datatype}', but model 'mixed' expects 'FP32'",
+            client,
+        )
+    _refused(
+        lambda: _infer(client, x[:, :63]),
+        "INVALID_ARGUMENT",
+        "input shape [2, 63]: the input has 63 features per row; model 'mixed' expects 64",
+        client,
+    )
+    _refused(lambda: _infer(client, x, model="nope"), "NOT_FOUND", "unknown model 'nope'", client)
+    _refused(
+        lambda: client.get_model_metadata("mixed", "7", headers=AUTH),
+        "NOT_FOUND",
+        "model 'mixed' has no version '7' (has 1)",
+        client,
+    )
+    for headers in (None, {"authorization": "Bearer wrong"}):
+        _refused(
+            lambda h=headers: client.get_model_metadata("mixed", headers=h),
+            "UNAUTHENTICATED",
+            "missing or wrong API key (send 'Authorization: Bearer KEY')",
+            client,
+        )
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    def call(message: bytes) -> None:
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(message, metadata=tuple(AUTH.items()))
+        return caught.value.code(), caught.value.details()
+
+    oversize = triton_pb2.ModelInferRequest(model_name="mixed")
+    oversize.inputs.add(name="input", datatype="FP32", shape=[257, 64])
+    oversize.raw_input_contents.append(bytes(257 * 64 * 4))  # 64 KiB and a row
+    message = oversize.SerializeToString()
+    assert call(message) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"SERVER: Received message larger than max ({len(message)} vs. {MAX_REQUEST_BYTES})",
+    )
+    assert client.is_server_live()
+    assert call(b"\xff\xff\xff") == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed request: not a serialized inference.ModelInferRequest message",
+    )
+    assert client.is_server_live()
