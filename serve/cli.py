@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 
-from smartmixed.serve.runtime import LoadError, load_repository
+from smartmixed.serve.management import load_at_start
+from smartmixed.serve.runtime import LoadError
 from smartmixed.serve.settings import ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: stop accepting, let in-flight requests finish
@@ -29,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ServeSettings.model_fields.items():
         flag, kind = "--" + name.replace("_", "-"), field.annotation
         help_text = field.description or ""
-        if "default" not in help_text and field.default is not None:
+        if "default" not in help_text and field.default not in (None, PydanticUndefined):
             help_text += f" (default {field.default})"
         if kind is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif get_origin(kind) is list:  # repeated: --load-model a --load-model b
+            p.add_argument(flag, action="append", metavar=name.upper(), help=help_text)
         elif get_origin(kind) is Literal:
             p.add_argument(flag, choices=list(get_args(kind)), help=help_text)
         elif name == "api_key":
@@ -63,18 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Load before binding a port: a bad repository is one line and exit 2 (issue F), not a
     # traceback from inside the server's lifespan.
     try:
-        repository = load_repository(
-            settings.repository,
-            device=settings.device,
-            threads=settings.intra_op_threads,
-            skip_bad_models=settings.skip_bad_models,
-            max_model_bytes=settings.max_model_bytes,
-        )
+        repository = load_at_start(settings)  # what model_control_mode loads at start
     except LoadError as e:
         print(f"smartmixed-serve: error: {e}", file=sys.stderr)
         return 2
     from smartmixed.serve import server as http
     from smartmixed.serve.app import create_app
+    from smartmixed.serve.grpc_server import check_grpc_port
+
+    try:  # the gRPC server binds in the app's lifespan, where a failure is a traceback
+        check_grpc_port(settings)
+    except OSError as e:
+        print(f"smartmixed-serve: error: {e}", file=sys.stderr)
+        return 2
 
     nofile = http.raise_open_file_limit()
     limits = http.ConnectionLimits(
@@ -103,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
         graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
         log_level=settings.log_level,
+        metrics_port=settings.metrics_port,
     )
     if not started:
         # uvicorn logs a failed lifespan startup and returns; the reason is in the log above

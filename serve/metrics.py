@@ -1,4 +1,9 @@
-"""Prometheus metrics of one app, on a registry of its own (several apps may share a process)."""
+"""Prometheus metrics of one app, on a registry of its own (several apps may share a process).
+
+Beside smartmixed's own families, Triton's ``nv_inference_*`` families with its names, labels
+(model, version) and units (counts; durations as microseconds summed), read from the
+statistics store (statistics.py) when scraped: the numbers of ``/v2/models/stats`` exactly.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from smartmixed.serve.server import ConnectionStats
+from smartmixed.serve.statistics import Statistics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -54,6 +60,8 @@ class Metrics:
         self.registry.register(_InFlightCollector(self.in_flight))
         if connections is not None:
             self.registry.register(_ConnectionCollector(connections))
+        self.stats = Statistics()  # Triton's statistics extension; nv_* below
+        self.registry.register(_TritonCollector(self.stats))
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     def child(self, metric, *labels: str):
@@ -97,3 +105,69 @@ class _ConnectionCollector:
         for reason, count in sorted(self.stats.cut.items()):
             family.add_metric([reason], count)
         yield family
+
+
+# Triton's families: (name, help, what of a VersionStatistics; durations ns -> us)
+TRITON_FAMILIES = (
+    (
+        "nv_inference_request_success",
+        "Number of successful inference requests, all batch sizes",
+        lambda v: v.durations["success"].count,
+    ),
+    (
+        "nv_inference_request_failure",
+        "Number of failed inference requests, all batch sizes",
+        lambda v: v.durations["fail"].count,
+    ),
+    ("nv_inference_count", "Number of inferences performed (rows)", lambda v: v.inference_count),
+    (
+        "nv_inference_exec_count",
+        "Number of model executions performed (a merged batch is one)",
+        lambda v: v.execution_count,
+    ),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative inference request duration in microseconds (successful requests)",
+        lambda v: v.durations["success"].ns // 1000,
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "Cumulative inference queuing duration in microseconds",
+        lambda v: v.durations["queue"].ns // 1000,
+    ),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative compute input duration in microseconds (request decoding)",
+        lambda v: v.durations["compute_input"].ns // 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative compute inference duration in microseconds",
+        lambda v: v.durations["compute_infer"].ns // 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative inference compute output duration in microseconds (answer encoding)",
+        lambda v: v.durations["compute_output"].ns // 1000,
+    ),
+)
+
+
+class _TritonCollector:
+    """Triton's nv_inference_* counters of each model version served.
+
+    Exported untyped: prometheus_client writes a counter family as NAME_total, and dashboards
+    made for Triton query the names without the suffix. The values only grow while a version is
+    served (they go with it when it is unloaded).
+    """
+
+    def __init__(self, stats: Statistics) -> None:
+        self.stats = stats
+
+    def collect(self):
+        versions = sorted(self.stats.versions.items())
+        for name, documentation, value in TRITON_FAMILIES:
+            family = Metric(name, documentation, "unknown")
+            for (model, version), stats in versions:
+                family.add_sample(name, {"model": model, "version": version}, value(stats))
+            yield family

@@ -6,6 +6,7 @@ before routing (middleware.Guard); the two health routes here only document it i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ INFER_SCHEMA = {  # documentation of the V2 infer body; parsing is codec.decode_
                         "description": "[N, *dims] of the model's input (GET /v2/models/{m}): "
                         "[N, D] for rows of features, [N, C, H, W] for a model reading images",
                     },
-                    "datatype": {"type": "string", "enum": list(codec.V2_DTYPES)},
+                    "datatype": {"type": "string", "enum": [codec.DATATYPE]},
                     "parameters": {"type": "object"},
                     "data": {
                         "type": "array",
@@ -113,25 +114,46 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 async def _infer(request: Request, model: ModelVersion, deadline: Deadline) -> Response:
     s = service(request)
     raw = await s.read_body(request, binary_ok=True)
+    started = time.perf_counter_ns()
     decoded = await s.decode(
         codec.decode_infer,
         raw,
         s.signature(model),
         header_length=request.headers.get(codec.BINARY_HEADER),
     )
+    s.stats.record_input(model, started)  # Triton's compute_input: the decode
     result = await s.run(model, decoded.x, decoded.outputs, deadline)
-    body, headers = codec.encode_infer(model.name, model.version, result, decoded)
+    started = time.perf_counter_ns()
+    body, headers = codec.encode_infer(
+        model.name, model.version, result, decoded, labels=model.labels
+    )
+    s.stats.record_output(model, started)  # compute_output: the encode
     media = "application/octet-stream" if headers else "application/json"
-    return Response(body, media_type=media, headers=headers)
+    return await _answer(request, body, media, headers)
 
 
 async def _predict(request: Request, model: ModelVersion, deadline: Deadline) -> Response:
     s = service(request)
-    raw = await s.read_body(request, binary_ok=False)
+    raw = await s.read_body(request)
+    started = time.perf_counter_ns()
     x = await s.decode(codec.decode_predict, raw, s.signature(model))
+    s.stats.record_input(model, started)
     result = await s.run(model, x, [PROBABILITIES], deadline)
+    started = time.perf_counter_ns()
     body = codec.encode_predict(result[PROBABILITIES], model.labels)
-    return Response(body, media_type="application/json")
+    s.stats.record_output(model, started)
+    return await _answer(request, body, "application/json", {})
+
+
+async def _answer(request: Request, body: bytes, media: str, headers: dict[str, str]) -> Response:
+    """An inference answer, compressed when Accept-Encoding asks for gzip or deflate (as Triton
+    answers infer; Inference-Header-Content-Length still counts the uncompressed header)."""
+    coding = codec.response_coding(request.headers.get("accept-encoding"))
+    if coding is not None:
+        # a large answer is compressed off the event loop (zlib releases the GIL)
+        body = await service(request).decode(codec.compress, body, coding)
+        headers["Content-Encoding"] = coding
+    return Response(body, media_type=media, headers=headers)
 
 
 @router.post(
@@ -165,54 +187,125 @@ async def predict(request: Request, model_name: str) -> Response:
 # ---- server metadata ---------------------------------------------------------------------------
 
 
+# Triton's protocol extensions this server speaks (GET /v2 lists them): binary tensor data (and
+# its raw binary request), classification, model repository (index, load, unload), model
+# configuration, statistics.
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+)
+
+
 @get("/v2", summary="Server metadata")
 async def server_metadata(request: Request) -> Response:
     return json_response(
-        {
-            "name": "smartmixed",
-            "version": service(request).version,
-            "extensions": ["binary_tensor_data"],
-        }
+        {"name": "smartmixed", "version": service(request).version, "extensions": EXTENSIONS}
     )
 
 
-@get("/v2/health/live", summary="Liveness (answered by the middleware, before routing)")
+# Health is the status alone (200, or 503 while not ready), with an empty body, as the protocol
+# defines it; the middleware answers it, so these two only document it in the OpenAPI schema.
+
+
+@get("/v2/health/live", summary="Liveness: 200, empty body (answered before routing)")
 async def live() -> Response:
-    return json_response({"live": True})
+    return Response(status_code=200)
 
 
-@get("/v2/health/ready", summary="Readiness: every model loaded (answered before routing)")
+@get("/v2/health/ready", summary="Readiness: 200 when every model is loaded, else 503; empty body")
 async def ready(request: Request) -> Response:
-    is_ready = service(request).ready
-    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+    return Response(status_code=200 if service(request).ready else 503)
 
 
 # ---- models ------------------------------------------------------------------------------------
 
 
-INDEX_BODY_BYTES = 4096  # the index's body is {"ready": true} at most: larger ones get 413
+INDEX_BODY_BYTES = 4096  # a repository route's body is a small JSON object: larger ones get 413
+UNLOAD_PARAMETERS = {"unload_dependents"}  # Triton's; no model here has dependents (no ensembles)
 
 
-@router.post("/v2/repository/index", summary="Every model of the repository and its state")
-async def repository_index(request: Request) -> Response:
-    """Triton's repository index (read-only; no load/unload): one entry per served version,
-    state READY, and one per model that failed to load, state UNAVAILABLE with the reason.
-    Body: none, or {"ready": true} for the ready ones only."""
-    s = service(request)
-    raw = await s.read_body(request, binary_ok=False, limit=INDEX_BODY_BYTES)
+async def _json_object(request: Request, expected: str) -> dict[str, Any]:
+    """The body of a repository route: a JSON object, or none ({})."""
+    raw = await service(request).read_body(request, binary_ok=False, limit=INDEX_BODY_BYTES)
     try:
         body = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as e:
         raise codec.CodecError(f"malformed JSON body: {e}", 400) from None
-    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+    if not isinstance(body, dict):
+        raise codec.CodecError(f"expected a JSON object {expected} or no body", 400)
+    return body
+
+
+def _parameters(body: dict[str, Any], supported: set[str], action: str) -> dict[str, Any]:
+    """The body's "parameters" object; 400 naming those this server does not support."""
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise codec.CodecError(f"'parameters' must be a JSON object, got {parameters!r:.60}", 400)
+    if unsupported := sorted(parameters.keys() - supported):
+        raise codec.CodecError(
+            f"unsupported {action} parameter(s) {', '.join(map(repr, unsupported))}: this server "
+            "loads models from its repository as they are (supported: "
+            f"{', '.join(sorted(supported)) or 'none'})",
+            400,
+        )
+    return parameters
+
+
+@router.post("/v2/repository/index", summary="Every model of the repository and its state")
+async def repository_index(request: Request) -> Response:
+    """Triton's repository index: one entry per served version (READY), per version being
+    drained (UNLOADING), and per model not loaded (UNAVAILABLE, with the reason: why it failed,
+    or "unloaded"). Body: none, or {"ready": true} for the ready ones only."""
+    body = await _json_object(request, '{"ready": true|false}')
+    ready_only = body.get("ready", False)
+    if not isinstance(ready_only, bool):
         raise codec.CodecError('expected a JSON object {"ready": true|false} or no body', 400)
-    repo, index = s.repo, []
-    for name in repo.names():
-        for version in sorted(repo.models.get(name, {}), key=int):
-            index.append({"name": name, "version": version, "state": "READY"})
-        if name in repo.failed and name not in repo.models and not body.get("ready"):
-            index.append({"name": name, "state": "UNAVAILABLE", "reason": repo.failed[name]})
-    return json_response(index)
+    return json_response(service(request).repository_index(ready_only))
+
+
+@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model")
+async def load_model(request: Request, model_name: str) -> Response:
+    """Model control mode explicit: load the model (every version its version_policy selects,
+    verified), or reload it beside what is served and swap. Body: none, or {"parameters": {}}
+    (Triton's config and file overrides are refused). 400 for a version that does not load."""
+    _parameters(await _json_object(request, '{"parameters": {...}}'), set(), "load")
+    await service(request).load_model(model_name)
+    return Response(status_code=200)
+
+
+@router.post("/v2/repository/models/{model_name}/unload", summary="Unload a model")
+async def unload_model(request: Request, model_name: str) -> Response:
+    """Model control mode explicit: refuse the model's new requests, wait for those in progress,
+    then close it. Body: none, or {"parameters": {"unload_dependents": bool}}."""
+    body = await _json_object(request, '{"parameters": {...}}')
+    dependents = _parameters(body, UNLOAD_PARAMETERS, "unload").get("unload_dependents", False)
+    if not isinstance(dependents, bool):
+        raise codec.CodecError(
+            f"parameter 'unload_dependents' must be true or false, got {dependents!r:.60}", 400
+        )
+    await service(request).unload_model(model_name)
+    return Response(status_code=200)
+
+
+# ---- statistics (before /v2/models/{model_name}: "stats" is not a model name here) --------
+
+
+@get("/v2/models/stats", summary="Statistics of every model version served")
+async def statistics_all(request: Request) -> Response:
+    return json_response(service(request).statistics())
+
+
+@get("/v2/models/{model_name}/stats", summary="Statistics of a model's versions")
+async def statistics_model(request: Request, model_name: str) -> Response:
+    return json_response(service(request).statistics(model_name))
+
+
+@get("/v2/models/{model_name}/versions/{version}/stats", summary="Statistics of a model version")
+async def statistics_version(request: Request, model_name: str, version: str) -> Response:
+    return json_response(service(request).statistics(model_name, version))
 
 
 def _metadata(model: ModelVersion, versions: list[str]) -> dict[str, Any]:

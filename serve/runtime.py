@@ -7,10 +7,11 @@ never imports train/ or export/.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import math
 import reprlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ class ModelVersion:
     outputs: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)  # contract.META_* key -> value
     config: ModelConfigInfo = NO_CONFIG  # what NAME/config.pbtxt says (checked at load)
+    sha256: str = ""  # of the model.onnx bytes the session was made from
+    # requests queued or running on this version (Service.run): a version swapped out is
+    # closed once it is 0 (serve/management.py)
+    pending: int = 0
 
     @property
     def providers(self) -> list[str]:
@@ -589,6 +594,7 @@ def load_version(
         outputs=[o.name for o in outputs],
         metadata=metadata,
         config=config,
+        sha256=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -604,15 +610,29 @@ def _is_batch_of(shape: list, *, rank: int | None = None) -> bool:
 
 @dataclass
 class Repository:
+    """The model versions being served, by name and version, and why others are not.
+
+    Changed only from the event loop (serve/management.py swaps a model's versions by
+    replacing its dict in one assignment), so a request sees either the old versions or the new.
+    """
+
     root: Path
     models: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # name -> why it is not ready
+    # what the model control mode left out (serve/management.py): names being drained, and
+    # entries of the repository not loaded (never, or unloaded since)
+    unloading: dict[str, dict[str, ModelVersion]] = field(default_factory=dict)
+    entries: set[str] = field(default_factory=set)  # model folders seen in ``root``
 
     def get(self, name: str, version: str | None = None) -> ModelVersion:
-        if name in self.failed and name not in self.models:
-            raise NotReady(f"model {name!r} is not ready: {self.failed[name]}")
         versions = self.models.get(name)
         if not versions:
+            if name in self.failed:
+                raise NotReady(f"model {name!r} is not ready: {self.failed[name]}")
+            if name in self.unloading:
+                raise NotFound(f"model {name!r} is unloading")
+            if name in self.entries:
+                raise NotFound(f"model {name!r} is not loaded")
             raise NotFound(f"unknown model {name!r}")
         if version is None:
             return versions[max(versions, key=int)]
@@ -621,7 +641,60 @@ class Repository:
         return versions[version]
 
     def names(self) -> list[str]:
-        return sorted({*self.models, *self.failed})
+        return sorted({*self.models, *self.failed, *self.unloading, *self.entries})
+
+
+def model_folders(root: Path) -> list[Path]:
+    """The model entries of a repository: its folders, hidden ones left out; LoadError when
+    ``root`` cannot be listed."""
+    try:
+        return sorted(p for p in Path(root).iterdir() if not p.name.startswith(".") and p.is_dir())
+    except FileNotFoundError:
+        raise LoadError(f"model repository {root} does not exist") from None
+    except NotADirectoryError:
+        raise LoadError(f"model repository {root} is not a directory") from None
+    except OSError as e:
+        raise LoadError(f"model repository {root}: cannot list it ({e.strerror})") from None
+
+
+def version_folders(entry: Path, *, warn: bool = True) -> list[Path]:
+    """NAME's version folders (named by positive integers, in Triton's layout); other folders
+    are ignored, with one warning each when ``warn``. LoadError when NAME cannot be listed or
+    holds no version folder."""
+    try:
+        folders = sorted(p for p in entry.iterdir() if p.is_dir())
+    except OSError as e:
+        raise LoadError(f"{entry.name}: cannot list {entry} ({e.strerror})") from None
+    versions = []
+    for folder in folders:
+        if is_version_name(folder.name):
+            versions.append(folder)
+        elif warn and not folder.name.startswith("."):
+            log.warning(
+                "%s: ignoring folder %r: version folders are named 1, 2, 3, ...",
+                entry.name,
+                folder.name,
+            )
+    if not versions:
+        raise LoadError(f"{entry.name}: no version folder (1, 2, ...) in {entry}")
+    return versions
+
+
+def selected_versions(entry: Path, *, root: Path, warn: bool = True) -> list[Path]:
+    """The version folders of NAME that its version_policy serves (``versions_to_serve``);
+    LoadError when there is none."""
+    versions = version_folders(entry, warn=warn)
+    served = versions_to_serve(entry, versions, root=root)
+    if warn and len(served) < len(versions):
+        log.info(
+            "%s: serving version(s) %s of %s (version_policy)",
+            entry.name,
+            ", ".join(p.name for p in served),
+            ", ".join(sorted((p.name for p in versions), key=int)),
+        )
+    if not served:
+        raise LoadError(f"{entry.name}: version_policy selects none of the versions")
+    return served
 
 
 def load_repository(
@@ -631,26 +704,29 @@ def load_repository(
     threads: int | None,
     skip_bad_models: bool,
     max_model_bytes: int = MAX_MODEL_BYTES,
+    names: Collection[str] | None = None,
 ) -> Repository:
-    """Load every ROOT/NAME/VERSION/model.onnx (Triton's layout).
+    """Load every ROOT/NAME/VERSION/model.onnx (Triton's layout), or only the entries ``names``
+    (model control mode explicit: none at all when empty).
 
     A bad entry (no version folder; a model file that is unreadable, not a regular file, over
     ``max_model_bytes``, outside ``root``, not ONNX, or that its config.pbtxt does not describe)
     stops startup with one LoadError naming model, version and problem; with
     ``skip_bad_models`` it is logged and listed in ``Repository.failed`` instead. Folders not
-    named by a positive integer are ignored with one warning each, as Triton does. A missing or
-    empty repository, or an unusable device, always stops startup.
+    named by a positive integer are ignored with one warning each, as Triton does. A missing
+    repository, one holding no model when every model is asked for, a name in ``names`` that is
+    not one of its entries, or an unusable device always stops startup.
     """
     root = Path(root)
-    try:
-        entries = sorted(root.iterdir())
-    except FileNotFoundError:
-        raise LoadError(f"model repository {root} does not exist") from None
-    except NotADirectoryError:
-        raise LoadError(f"model repository {root} is not a directory") from None
-    except OSError as e:
-        raise LoadError(f"model repository {root}: cannot list it ({e.strerror})") from None
-    repo = Repository(root=root)
+    entries = model_folders(root)
+    repo = Repository(root=root, entries={e.name for e in entries})
+    if names is not None:
+        if missing := sorted(set(names) - repo.entries):
+            raise LoadError(
+                f"model repository {root} has no model {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(sorted(repo.entries)) or 'none'})"
+            )
+        entries = [e for e in entries if e.name in names]
 
     def refuse(name: str, problem: str) -> None:
         if not skip_bad_models:
@@ -659,36 +735,10 @@ def load_repository(
         repo.failed[name] = f"{repo.failed[name]}; {problem}" if name in repo.failed else problem
 
     for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
         try:
-            folders = sorted(p for p in entry.iterdir() if p.is_dir())
-        except OSError as e:
-            refuse(entry.name, f"{entry.name}: cannot list {entry} ({e.strerror})")
-            continue
-        versions = []
-        for folder in folders:
-            if is_version_name(folder.name):
-                versions.append(folder)
-            elif not folder.name.startswith("."):
-                log.warning(
-                    "%s: ignoring folder %r: version folders are named 1, 2, 3, ...",
-                    entry.name,
-                    folder.name,
-                )
-        if not versions:
-            refuse(entry.name, f"{entry.name}: no version folder (1, 2, ...) in {entry}")
-            continue
-        served = versions_to_serve(entry, versions, root=root)
-        if len(served) < len(versions):
-            log.info(
-                "%s: serving version(s) %s of %s (version_policy)",
-                entry.name,
-                ", ".join(p.name for p in served),
-                ", ".join(sorted((p.name for p in versions), key=int)),
-            )
-        if not served:
-            refuse(entry.name, f"{entry.name}: version_policy selects none of the versions")
+            served = selected_versions(entry, root=root)
+        except LoadError as e:
+            refuse(entry.name, str(e))
             continue
         for version_dir in served:
             try:
@@ -706,7 +756,7 @@ def load_repository(
                 refuse(entry.name, str(e))
                 continue
             repo.models.setdefault(entry.name, {})[version_dir.name] = loaded
-    if not repo.models and not repo.failed:
+    if names is None and not repo.models and not repo.failed:
         raise LoadError(
             f"model repository {root} holds no model (expected NAME/VERSION/{MODEL_FILE})"
         )
