@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -371,7 +372,11 @@ def _guarded(
                 log.error("gRPC %s: status %d: %s", name, e.status, e)
                 code = grpc.StatusCode.INTERNAL
             if isinstance(e, Overloaded):
-                context.set_trailing_metadata(retry_after)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:  # the client's deadline, not ours
+                    code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+                else:
+                    context.set_trailing_metadata(retry_after)
         except Exception:
             log.exception("unexpected error in gRPC %s", name)
             code, message = grpc.StatusCode.INTERNAL, INTERNAL
@@ -386,6 +391,24 @@ def _bytes(value: str | bytes) -> bytes:
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_grpc_port(settings: ServeSettings) -> None:
+    """OSError (one line) when ``settings.grpc_port`` cannot be bound on ``settings.host``
+    (in use, say); nothing when it is 0 (off). A socket is bound and closed, as grpc binds
+    (SO_REUSEADDR), so the answer holds unless another process takes the port meanwhile."""
+    if not settings.grpc_port:
+        return
+    address = _address(settings.host, settings.grpc_port)
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            settings.host, settings.grpc_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as e:
+        raise OSError(f"cannot bind the gRPC port {address} (grpc_port): {e.strerror}") from None
 
 
 async def start_grpc_server(service: Service, settings: ServeSettings) -> grpc.aio.Server:

@@ -21,6 +21,7 @@ from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 from tritonclient.utils import InferenceServerException
 
 from smartmixed.serve import grpc_service_pb2 as ours_pb2
+from smartmixed.serve.cli import main as serve_main
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2_grpc.py")
@@ -354,3 +355,18 @@ def test_bad_requests_get_their_code_and_message(server, client, channel, digits
         "malformed request: not a serialized inference.ModelInferRequest message",
     )
     assert client.is_server_live()
+
+
+def test_a_grpc_port_in_use_is_one_line_and_exit_2(repository: Path, capsys) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = serve_main(
+            ["--repository", str(repository), "--port", str(_free_port()), "--grpc-port", str(port)]
+        )
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"smartmixed-serve: error: cannot bind the gRPC port 127.0.0.1:{port} (grpc_port): "
+        "Address already in use"
+    ]
