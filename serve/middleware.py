@@ -38,10 +38,18 @@ async def send_json(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+async def send_status(send, status: int) -> None:
+    """A response that is its status alone: no body (Content-Length 0), as health answers."""
+    headers = [(b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
 class Guard:
     """Health answered first, from the event loop, with no routing and no model work (an
-    orchestrator must never see a healthy server as dead because inference is busy); then the
-    API key; then readiness."""
+    orchestrator must never see a healthy server as dead because inference is busy): the status
+    alone, 200 or 503 while not ready, an empty body (the protocol's health API); then the API
+    key; then readiness."""
 
     def __init__(self, app, *, settings: ServeSettings, service) -> None:
         self.app, self.service = app, service  # service: app.Service (its ``ready`` flag)
@@ -53,7 +61,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
         if path in (LIVE, READY) and method in ("GET", "HEAD"):
-            return await self._health(send, path, head=method == "HEAD")
+            return await send_status(send, 200 if path == LIVE or self.service.ready else 503)
         if path == PAGE or path.startswith(OPEN_PATHS):
             return await self.app(scope, receive, send)
         if self.key is not None and not secrets.compare_digest(self._given_key(scope), self.key):
@@ -63,12 +71,6 @@ class Guard:
         if not self.service.ready:
             return await send_json(send, {"error": "server is not ready"}, 503)
         return await self.app(scope, receive, send)
-
-    async def _health(self, send, path: str, *, head: bool) -> None:
-        if path == LIVE:
-            return await send_json(send, {"live": True}, 200, head=head)
-        ready = self.service.ready
-        await send_json(send, {"ready": ready}, 200 if ready else 503, head=head)
 
     @staticmethod
     def _given_key(scope) -> bytes:

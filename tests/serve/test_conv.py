@@ -200,8 +200,14 @@ def test_infer_answers_as_torch_does(client, conv8) -> None:
         content=header + x.astype("<f4").tobytes(),
         headers={"Content-Type": "application/octet-stream", BINARY_HEADER: str(len(header))},
     )
+    # pixels as JSON integers are FP32 values; declared as another datatype they are refused
+    ints = infer(client, "conv8", [3, 1, 8, 8], x.astype(int).ravel().tolist())
     uint8 = infer(client, "conv8", [3, 1, 8, 8], x.astype(int).ravel().tolist(), datatype="UINT8")
-    for answer in (flat, nested, binary, uint8):
+    assert (uint8.status_code, uint8.json()) == (
+        400,
+        {"error": "inference input 'input' data-type is 'UINT8', but model 'conv8' expects 'FP32'"},
+    )
+    for answer in (flat, nested, binary, ints):
         got = outputs_of(answer)
         for name in ("logits", "probabilities"):
             assert got[name].shape == (3, 10)

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smartmixed.serve.app import create_app
-from smartmixed.serve.codec import V2_DTYPES
 from smartmixed.serve.settings import ServeSettings
 
 json_values = st.recursive(
@@ -30,7 +29,9 @@ tensors = st.fixed_dictionaries(
     {
         "name": st.sampled_from(["input", "x", ""]),
         "shape": shapes,
-        "datatype": st.sampled_from([*V2_DTYPES, "BYTES", "BOOL", ""]),
+        "datatype": st.sampled_from(
+            ["FP32", "FP64", "FP16", "INT32", "UINT8", "BYTES", "BOOL", ""]
+        ),
     },
     optional={
         "data": st.lists(
