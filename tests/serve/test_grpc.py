@@ -3,11 +3,15 @@ real ``smartmixed-serve`` process driven by tritonclient.grpc and a raw grpc cha
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,13 +19,16 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from fastapi.testclient import TestClient
 from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 from tritonclient.utils import InferenceServerException
 
 from smartmixed.serve import grpc_service_pb2 as ours_pb2
+from smartmixed.serve.app import create_app
 from smartmixed.serve.cli import main as serve_main
+from smartmixed.serve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2_grpc.py")
@@ -341,6 +348,42 @@ def test_bad_requests_get_their_code_and_message(server, client, channel, digits
             infer(message, metadata=tuple(AUTH.items()))
         return caught.value.code(), caught.value.details()
 
+    def request(**fields) -> triton_pb2.ModelInferRequest:
+        message = triton_pb2.ModelInferRequest(model_name="mixed")
+        message.inputs.add(name="input", datatype="FP32", shape=[1, 64], **fields)
+        return message
+
+    both = request(contents={"fp32_contents": [0.0] * 64})
+    both.raw_input_contents.append(bytes(64 * 4))
+    nan = request(contents={"fp32_contents": [0.0] * 5 + [float("nan")] + [0.0] * 58})
+    asked = request(contents={"fp32_contents": [0.0] * 64})
+    asked.outputs.add(name="scores")
+    short_raw = request()
+    short_raw.raw_input_contents.append(bytes(63 * 4))
+    for message, expected in (
+        (both, "inputs[0] has contents and raw_input_contents[0]; send one of them"),
+        (
+            request(contents={"fp32_contents": [0.0] * 63}),
+            "inputs[0].contents.fp32_contents holds 63 values; shape [1, 64] needs 64",
+        ),
+        (
+            request(contents={"int_contents": [0] * 64}),
+            "inputs[0].contents.int_contents holds the values of another datatype; FP32 values "
+            "go in contents.fp32_contents",
+        ),
+        (
+            nan,
+            "input holds NaN or infinite values: inputs[0].contents.fp32_contents[5] = nan",
+        ),
+        (
+            short_raw,
+            "input byte size mismatch for input 'input' for model 'mixed'. Expected 256, got "
+            "252 (raw_input_contents[0]: shape [1, 64] of FP32)",
+        ),
+        (asked, "unknown output(s) ['scores']; the model has ['logits', 'probabilities']"),
+    ):
+        assert call(message.SerializeToString()) == (grpc.StatusCode.INVALID_ARGUMENT, expected)
+
     oversize = triton_pb2.ModelInferRequest(model_name="mixed")
     oversize.inputs.add(name="input", datatype="FP32", shape=[257, 64])
     oversize.raw_input_contents.append(bytes(257 * 64 * 4))  # 64 KiB and a row
@@ -370,3 +413,41 @@ def test_a_grpc_port_in_use_is_one_line_and_exit_2(repository: Path, capsys) -> 
         f"smartmixed-serve: error: cannot bind the gRPC port 127.0.0.1:{port} (grpc_port): "
         "Address already in use"
     ]
+
+
+def test_max_queue_is_unavailable_with_retry_after(repository: Path, monkeypatch, digits) -> None:
+    """In process (the gRPC server runs on the app's loop): one request held in ``Service.run``
+    fills max_queue 1; the next is UNAVAILABLE at once, with REST's message."""
+    port = _free_port()
+    app = create_app(ServeSettings(repository=repository, grpc_port=port, max_queue=1))
+    x = digits.x_test[:2].astype(np.float32)
+    with TestClient(app), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        service, release = app.state.service, threading.Event()
+        run = service.run
+
+        async def held(*args):
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            return await run(*args)
+
+        monkeypatch.setattr(service, "run", held)
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(_infer, client, x)
+            deadline = time.monotonic() + 30
+            while service.in_flight.get("mixed") != 1:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.01)
+            request = triton_pb2.ModelInferRequest(model_name="mixed")
+            request.inputs.add(name="input", datatype="FP32", shape=x.shape)
+            request.raw_input_contents.append(x.tobytes())
+            with pytest.raises(grpc.RpcError) as caught:
+                GRPCInferenceServiceStub(channel).ModelInfer(request)
+            assert (caught.value.code(), caught.value.details()) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "model 'mixed' has 1 requests in progress (max_queue); retry later",
+            )
+            assert ("retry-after", "1") in caught.value.trailing_metadata()
+            release.set()
+            assert first.result(timeout=30).as_numpy("logits").shape == (2, 10)
+        client.close()
