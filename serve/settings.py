@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServeSettings(BaseSettings):
@@ -133,10 +134,10 @@ class ServeSettings(BaseSettings):
         "/v2/repository/models/NAME/load|unload asks; poll: load every model at start, then "
         "follow the repository's changes every repository_poll_secs",
     )
-    load_model: list[str] = Field(
+    load_model: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Explicit mode: a model to load at start (repeat the flag for more; '*': "
-        "every model; default none; as a variable, a JSON list)",
+        "every model; default none; as a variable, names separated by commas)",
     )
     repository_poll_secs: float = Field(
         15.0, gt=0, description="Poll mode: seconds between two scans of the repository"
@@ -160,6 +161,16 @@ class ServeSettings(BaseSettings):
                 f"({self.max_request_bytes}): a request of the largest size could never be read"
             )
         return self
+
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _names_from_text(cls, value):
+        """SMARTMIXED_LOAD_MODEL=a,b (or a JSON list, for a name holding a comma)."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [name.strip() for name in value.split(",") if name.strip()]
 
     @model_validator(mode="after")
     def _load_model_is_explicit(self):

@@ -396,3 +396,59 @@ def test_load_model_is_a_repeated_flag_for_explicit_mode(models: Path, capsys) -
     )
     with pytest.raises(ValueError, match="repository_poll_secs"):
         ServeSettings(repository=models, repository_poll_secs=0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "names"),
+    [("relu", ["relu"]), ("relu, mixed", ["relu", "mixed"]), ('["a,b", "c"]', ["a,b", "c"])],
+)
+def test_load_model_from_the_environment(monkeypatch, variable: str, names: list[str]) -> None:
+    monkeypatch.setenv("SMARTMIXED_LOAD_MODEL", variable)
+    assert ServeSettings(model_control_mode="explicit").load_model == names
+
+
+# --------------------------------------------------------------------------------------------
+# a real server process
+
+
+@pytest.mark.slow
+def test_a_swap_under_load_in_a_server_process_fails_no_request(models: Path, server_starter):
+    """Poll mode in a real ``smartmixed-serve``: model.onnx replaced in place (renamed over, as
+    a deploy would) while 8 clients send requests: every one is answered 200, the new network
+    answers within 2 poll periods (and the slack for a load)."""
+    import httpx
+
+    server = server_starter(models, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    try:
+        answers: Counter = Counter()
+        stop = threading.Event()
+        body = _infer_body()
+
+        def loop() -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                while not stop.is_set():
+                    answers[http.post("/v2/models/relu/infer", json=body).status_code] += 1
+
+        threads = [threading.Thread(target=loop) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        _wait_for(lambda: answers[200] >= 50, 20, "answers before the swap")
+        staged = models / "relu" / "1" / ".model.onnx.new"
+        shutil.copy(models / "mixed" / "1" / "model.onnx", staged)
+        staged.replace(models / "relu" / "1" / "model.onnx")
+
+        def swapped() -> bool:
+            meta = httpx.get(f"{server.url}/v2/models/relu", timeout=5).json()
+            return meta["smartmixed"]["architecture"] == [64, 32, 16, 10]
+
+        _wait_for(swapped, 2 * 0.2 + LOAD_SLACK_S + 1, "the new network")
+        before = answers[200]
+        _wait_for(lambda: answers[200] >= before + 50, 20, "answers after the swap")
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        assert set(answers) == {200}, answers
+    finally:
+        server.proc.terminate()
+        output = server.proc.communicate(timeout=30)[0]
+    assert "relu: serving version(s) 1 (" in output and "relu/1 (" in output, output
