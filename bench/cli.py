@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "soak_concurrency": "soak: connections",
         "overload_duration_s": "overload: seconds",
         "overload_concurrency": "overload: connections",
+        "overload_nofile": "overload: the server's open-file limit",
         "client_timeout_s": "soak, overload, sigterm: a request slower than this is a client "
         "timeout",
         "slow_clients": "slow: header-dribbling clients",

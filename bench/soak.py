@@ -54,6 +54,7 @@ from smartmixed.bench.server import (
     PAPER_ARCH,
     build_repository,
     check_url,
+    free_port,
     pick_models,
     prepare_target,
     server_command,
@@ -92,6 +93,7 @@ ALL_TARGETS = {**TARGETS, **WIRE_TARGETS}
 RUNNERS = {**SCENARIO_RUNNERS, **WIRE_RUNNERS}
 GROUPS = {"all": ALL_SCENARIOS, "wire": WIRE_SCENARIOS}
 STOPS_SERVER = ("sigterm", "slow-readers-sigterm")  # no server left to check after these
+METRICS_PORT_ENV = "SMARTMIXED_METRICS_PORT"
 DEFAULT_CAP = "default"  # a wire row at the server's own connection cap
 MIN_CAP = 8  # serve's smallest max_connections
 
@@ -268,6 +270,10 @@ def measure_soak(
             nofile, row_env = None, dict(effective)
             if name == "slow":
                 nofile = options.slow_nofile
+            elif name == "overload":
+                nofile = options.overload_nofile
+                # health probed on the server's metrics port too (one the 1024 do not fill)
+                row_env.setdefault(METRICS_PORT_ENV, str(free_port()))
             elif name in WIRE_SCENARIOS:
                 nofile = options.wire_nofile
                 if cap is not None:
@@ -398,6 +404,7 @@ def _run_scenario(
                 use_wrk=use_wrk,
                 config=entry["config"],
                 connection_cap=cap,
+                metrics_port=_metrics_port(server, env),
                 settings={
                     k: server_setting(k, env) for k in ("max_request_bytes", "body_timeout_s")
                 },
@@ -417,6 +424,21 @@ def _run_scenario(
             entry["server"]["log_tail"] = server.log_tail()
     entry["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return entry
+
+
+def _metrics_port(server: Server, env: Mapping[str, str]) -> int | None:
+    """The started server's metrics port, when it has one and answers on it (a server older
+    than the setting ignores the variable)."""
+    port = int(env.get(METRICS_PORT_ENV) or 0)
+    if server.process is None or not port:
+        return None
+    host = server.host_port[0]
+    try:
+        with httpx.Client(timeout=3.0, trust_env=False) as client:
+            live = client.get(f"http://{host}:{port}/v2/health/live").status_code == 200
+    except httpx.HTTPError:
+        live = False
+    return port if live else None
 
 
 def _summary(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -200,16 +200,16 @@ def run_async(coro: Any) -> Any:
 
 
 # The health/infer prober: its own process (stdlib only, starts in ~50 ms) so the bench's busy
-# event loop never delays a probe. Every INTERVAL s it opens a NEW connection, sends REQUEST
-# (hex), reads one response; stops after DURATION s or when its stdin closes; prints a JSON list
-# of [monotonic start, ms, status | error name].
+# event loop never delays a probe. Every INTERVAL s it opens a NEW connection, sends the next of
+# its REQUESTs (hex, taken in turn), reads one response; stops after DURATION s or when its
+# stdin closes; prints a JSON list of [monotonic start, ms, status | error name, request index].
 PROBE_SCRIPT = r"""
 import json, select, socket, sys, time
-host, port, interval, timeout, duration, request = sys.argv[1:7]
+host, port, interval, timeout, duration = sys.argv[1:6]
 port, interval, timeout, duration = int(port), float(interval), float(timeout), float(duration)
-request = bytes.fromhex(request)
+requests = [bytes.fromhex(r) for r in sys.argv[6:]]
 
-def probe():
+def probe(request):
     t0 = time.monotonic()
     end = t0 + timeout
     with socket.create_connection((host, port), timeout=timeout) as s:
@@ -239,24 +239,36 @@ while tick < start + duration:
         break
     time.sleep(max(tick - time.monotonic(), 0))
     t0 = time.monotonic()
+    which = len(samples) % len(requests)
     try:
-        status = probe()
+        status = probe(requests[which])
     except TimeoutError:
         status = "timeout"
     except (OSError, ValueError, IndexError) as e:
         status = type(e).__name__
-    samples.append([round(t0, 4), round((time.monotonic() - t0) * 1e3, 3), status])
+    samples.append([round(t0, 4), round((time.monotonic() - t0) * 1e3, 3), status, which])
     tick = max(tick + interval, time.monotonic())
 print(json.dumps(samples))
 """
 
 
 class Prober:
-    """A running prober process; ``stop()`` returns its samples."""
+    """A running prober process; ``stop()`` returns its samples. Several requests are sent in
+    turn (one per probe); ``port``: another port of the server's host (its metrics port)."""
 
-    def __init__(self, server: Server, request: bytes, *, interval: float, duration: float):
-        host, port = server.host_port
-        args = [host, str(port), str(interval), str(PROBE_TIMEOUT_S), str(duration), request.hex()]
+    def __init__(
+        self,
+        server: Server,
+        request: bytes | Sequence[bytes],
+        *,
+        interval: float,
+        duration: float,
+        port: int | None = None,
+    ):
+        host, server_port = server.host_port
+        requests = [request] if isinstance(request, bytes) else list(request)
+        args = [host, str(port or server_port), str(interval), str(PROBE_TIMEOUT_S), str(duration)]
+        args += [r.hex() for r in requests]
         self.process = subprocess.Popen(
             [sys.executable, "-c", PROBE_SCRIPT, *args],
             stdin=subprocess.PIPE,
@@ -277,12 +289,13 @@ class Prober:
         return json.loads(out)
 
 
-def health_probe(server: Server) -> bytes:
-    host, port = server.host_port
+def health_probe(server: Server, *, path: str = HEALTH_PATH, port: int | None = None) -> bytes:
+    """The kubelet's HTTP probe of ``path`` (on ``port``, default the server's)."""
+    host, server_port = server.host_port
     return http_request(
         "GET",
-        HEALTH_PATH,
-        f"{host}:{port}",
+        path,
+        f"{host}:{port or server_port}",
         close=True,
         extra=["User-Agent: kube-probe/1.30", "Accept: */*"],
     )

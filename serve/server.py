@@ -76,22 +76,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import gc
 import logging
+import math
 import random
 import resource
 import signal
 import socket
 import struct
+import sys
 import termios
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
 import orjson
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
     HttpToolsProtocol,
@@ -111,6 +117,8 @@ RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, 
 # Linux: bytes in a socket's send queue that the peer has not acknowledged (SIOCOUTQ, the same
 # request number as the terminal's TIOCOUTQ)
 SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
+# ... and bytes received that the server has not read (SIOCINQ, the same number as FIONREAD)
+SIOCINQ = getattr(termios, "FIONREAD", None)
 # glibc malloc: blocks from this size up are mmapped, and unmapped when freed. glibc raises its
 # threshold (128 KiB at first) to the size of any mmapped block freed, up to 32 MiB: after the
 # first multi-MB body or answer is freed, later ones come from the heap, whose free space stays
@@ -121,6 +129,21 @@ SIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
 MMAP_THRESHOLD = 1024 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
+ACCEPT_BATCH = 256  # connections accepted per readiness of a listener (uvloop accepts one)
+DEFER_ACCEPT_S = 1  # TCP_DEFER_ACCEPT (seconds; Linux)
+ACCEPT_RETRY_S = 0.1  # out of descriptors (EMFILE): accepting pauses this long
+METRICS_MAX_CONNECTIONS = 16  # the metrics port's cap (probes and scrapes), within FD_RESERVE
+OVER_CAP = 16  # connections accepted over the cap, each for one health check or one 503
+OVER_CAP_HEADER_TIMEOUT_S = 1.0  # ... whose request line and headers must come this soon
+ROOM_SEARCH_PAUSE_S = 0.1  # at the cap, a search for a connection to drop that failed waits
+PEEK_BYTES = 1024  # at the cap: how much of a new connection's request is looked at
+DRAIN_READS = 16  # ... and how many 64 KiB reads of it are taken before it is closed
+AT_CAP_MESSAGE = "server at its connection limit; retry later"
+HEARTBEAT_S = 0.25  # the serving event loop stamps the time this often
+LOOP_STALL_S = 10.0  # metrics port: unhealthy when the serving loop has not turned for this long
+HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+METRICS_PATH = "/metrics"
+CHECK_PATHS = tuple(p.encode() for p in (*HEALTH_PATHS, METRICS_PATH))
 
 # Connection phases (what a connection is waiting for).
 IDLE, HEADERS, BODY, RESPONSE = "idle", "headers", "body", "response"
@@ -182,9 +205,12 @@ def _raw_response(status: int, message: str, *, retry_after: int | None = None) 
 class _Refused(Exception):
     """Raised from a parser callback: answer ``status`` with ``message`` and close."""
 
-    def __init__(self, reason: str, status: int, message: str) -> None:
+    def __init__(
+        self, reason: str, status: int, message: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.reason, self.status, self.message = reason, status, message
+        self.retry_after = retry_after
 
 
 class _PipelineFull(Exception):
@@ -202,6 +228,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     limits: ConnectionLimits
     stats: ConnectionStats
+    over_cap_open: ClassVar[int] = 0  # connections open over the cap (at most OVER_CAP)
+    room_search_failed_at: ClassVar[float] = -math.inf  # make_room found nothing then
     _sweepers: ClassVar[dict[int, asyncio.Task]] = {}  # one per event loop
     _stalled: ClassVar[set[LimitedHttpProtocol]] = set()  # writes blocked (see pause_writing)
 
@@ -218,15 +246,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.stopped_reading = False  # MAX_PIPELINED reached: nothing more is parsed
         self.dropped = False  # reset or closed by a limit; its descriptor goes next loop turn
         self.draining = False
+        self.over_cap = False  # accepted over the cap: one health check answered, else 503
 
     # ---- connection life ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._ensure_sweeper()
-        if len(self.connections) > self.limits.max_connections and not self._make_room():
-            self.stats.count("connection_limit")
-            self._refuse(503, "server at its connection limit; retry later", retry_after=1)
+        over = len(self.connections) > self.limits.max_connections
+        if not self.over_cap and over and not self.make_room(self.connections, newcomer=self):
+            self.over_cap = True  # accepted under the cap, over it now (others came first)
+        if self.over_cap:
+            # its first request decides: a health check or a scrape is answered, anything else
+            # gets 503 (on_headers_complete); then it closes
+            type(self).over_cap_open += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         active = self.active
@@ -237,14 +270,24 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             active.message_event.set()
         self.pipeline.clear()
         self._stalled.discard(self)
+        if self.over_cap:
+            type(self).over_cap_open -= 1
         super().connection_lost(exc)
 
-    def _make_room(self) -> bool:
+    @classmethod
+    def make_room(cls, connections: set, *, newcomer: object = None) -> bool:
         """At the cap: drop the connection that blocks others for nothing, if any (see the
-        module's docstring for the order)."""
-        chosen, chosen_key = None, None
-        for c in self.connections:
-            if c is self or not isinstance(c, LimitedHttpProtocol) or c.dropped:
+        module's docstring for the order). An idle keep-alive connection whose next request
+        has arrived unread (a client told to retry after a 503 whose reading is paused, or one
+        the loop has not read yet) is not idle: dropping it would lose that request. A search
+        that found nothing is not repeated for ROOM_SEARCH_PAUSE_S (it reads every
+        connection: at the cap under overload, once per newcomer, it took the event loop)."""
+        now = time.monotonic()
+        if now - cls.room_search_failed_at < ROOM_SEARCH_PAUSE_S:
+            return False
+        candidates = []
+        for c in connections:
+            if c is newcomer or not isinstance(c, LimitedHttpProtocol) or c.dropped or c.over_cap:
                 continue
             if c.stalled_since is not None or c.transport.is_closing():
                 key = (0, c.stalled_since or c.phase_since)
@@ -254,13 +297,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 key = (2, c.phase_since)
             else:
                 continue
-            if chosen_key is None or key < chosen_key:
-                chosen, chosen_key = c, key
-        if chosen is None:
-            return False
-        self.stats.count("evicted_at_connection_limit")
-        chosen._drop()
-        return True
+            candidates.append((key, id(c), c))
+        for _, _, c in sorted(candidates, key=lambda k: k[:2]):
+            if c.phase == IDLE and c._unread():
+                continue
+            cls.stats.count("evicted_at_connection_limit")
+            c._drop()
+            return True
+        cls.room_search_failed_at = now
+        return False
+
+    def _unread(self) -> int:
+        """Bytes received on this connection that the server has not read (SIOCINQ)."""
+        sock = self.transport.get_extra_info("socket")
+        if SIOCINQ is None or sock is None:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):  # e.g. closed meanwhile
+            return 0
 
     def _drop(self) -> None:
         """Close, or reset when an answer is still unsent: a flush may never come."""
@@ -348,8 +403,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _refused(self, refusal: _Refused) -> None:
         self.stats.count(refusal.reason)
-        log.info("%s: %s", self._peer(), refusal.message)
-        self._refuse(refusal.status, refusal.message)
+        if refusal.reason != "connection_limit":  # one a request under overload: not logged
+            log.info("%s: %s", self._peer(), refusal.message)
+        self._refuse(refusal.status, refusal.message, retry_after=refusal.retry_after)
 
     def _stop_reading(self) -> None:
         """MAX_PIPELINED requests wait: answer them, then close; parse nothing more."""
@@ -378,10 +434,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             )
         if len(self.pipeline) >= MAX_PIPELINED:
             raise _PipelineFull
+        if self.over_cap and not self._is_check(parser.get_method()):
+            raise _Refused("connection_limit", 503, AT_CAP_MESSAGE, retry_after=1)
         self.phase, self.phase_since = BODY, time.monotonic()
         super().on_headers_complete()
-        if self.draining and self.cycle is not None:
+        if (self.draining or self.over_cap) and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def _is_check(self, method: bytes) -> bool:
+        return is_check(method, self.url)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         self.active = cycle
@@ -482,11 +543,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if closing:
             return
         waited = now - self.phase_since
-        if self.phase == HEADERS and waited > self.limits.header_timeout_s:
-            self._cut("header_timeout", f"headers not complete in {self.limits.header_timeout_s} s")
+        # over the cap a connection holds one of OVER_CAP places: a probe sends at once
+        header_timeout = (
+            OVER_CAP_HEADER_TIMEOUT_S if self.over_cap else self.limits.header_timeout_s
+        )
+        if self.phase == HEADERS and waited > header_timeout:
+            self._cut("header_timeout", f"headers not complete in {header_timeout} s")
         elif self.phase == BODY and waited > self.limits.body_timeout_s:
             self._cut("body_timeout", f"body not complete in {self.limits.body_timeout_s} s")
-        elif self.phase == IDLE and self.cycle is None and waited > self.limits.header_timeout_s:
+        elif self.phase == IDLE and self.cycle is None and waited > header_timeout:
             # a connection that never sent a byte: uvicorn arms no keep-alive timer for it
             self.stats.count("idle_new_connection")
             self.transport.close()
@@ -540,17 +605,274 @@ def protocol_class(limits: ConnectionLimits, stats: ConnectionStats) -> type[Lim
     return type(
         "SmartmixedHttpProtocol",
         (LimitedHttpProtocol,),
-        {"limits": limits, "stats": stats, "_sweepers": {}, "_stalled": set()},
+        {
+            "limits": limits,
+            "stats": stats,
+            "_sweepers": {},
+            "_stalled": set(),
+            "over_cap_open": 0,
+            "room_search_failed_at": -math.inf,
+        },
     )
 
 
+def is_check(method: bytes, target: bytes) -> bool:
+    """A health check or a scrape: GET or HEAD of a health path or /metrics."""
+    return method in (b"GET", b"HEAD") and target.partition(b"?")[0] in CHECK_PATHS
+
+
+class _Listener:
+    """A listening socket whose queue is drained at each readiness, up to ACCEPT_BATCH
+    connections, where uvloop's own server accepts one per loop iteration: with the 64 clients
+    over the connection cap reconnecting as they were refused or evicted, a health probe queued
+    behind them waited 0.7-3 s.
+
+    Under the cap a connection becomes a transport of the protocol. At the cap, one that blocks
+    others for nothing makes room (``make_room``); if none does, the newcomer's request is
+    looked at (MSG_PEEK) here: one that is not a health check or a scrape is answered 503 with
+    Retry-After and closed at once, with no transport (the cheapest refusal: clients that retry
+    at once cost no more than their connects); a health check, or a request not arrived yet,
+    gets one of OVER_CAP places over the cap, as a transport, and closes after its answer.
+    Stands in for the asyncio.Server uvicorn keeps in ``servers`` (close, wait_closed)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        *,
+        protocol: type[LimitedHttpProtocol],
+        connections: set,
+    ) -> None:
+        self.sock, self.factory, self.protocol = sock, factory, protocol
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task] = set()
+        self.over_cap_pending = 0  # handed over over the cap, not yet connected
+        self.closed = False
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        cap = self.protocol.limits.max_connections
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # the client gave up while queued
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # out of descriptors: the queue waits (the reader would fire again at once)
+                log.warning("cannot accept a connection (%s): retrying in %s s", e, ACCEPT_RETRY_S)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(ACCEPT_RETRY_S, self._resume)
+                return
+            conn.setblocking(False)
+            if len(self.connections) + len(self.tasks) < cap or self.protocol.make_room(
+                self.connections
+            ):
+                self._hand_over(conn, over_cap=False)
+            else:
+                self._at_cap(conn)
+
+    def _at_cap(self, conn: socket.socket) -> None:
+        try:
+            head = conn.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            head = b""  # not arrived yet
+        except OSError:
+            conn.close()
+            return
+        line, complete, _ = head.partition(b"\r\n")
+        method, _, rest = line.partition(b" ")
+        check = is_check(method, rest.partition(b" ")[0])
+        over = self.protocol.over_cap_open + self.over_cap_pending
+        if (complete and not check) or over >= OVER_CAP:
+            self._refuse(conn)
+        else:
+            self._hand_over(conn, over_cap=True)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """503 and close, with what arrived of the request read first: closing over unread
+        bytes sends a reset, which can reach the client before it reads the answer."""
+        self.protocol.stats.count("connection_limit")
+        with contextlib.suppress(OSError):  # BlockingIOError: all read; or the client is gone
+            for _ in range(DRAIN_READS):
+                if not conn.recv(65536):
+                    break
+        with contextlib.suppress(OSError):
+            conn.send(_raw_response(503, AT_CAP_MESSAGE, retry_after=1))
+        conn.close()
+
+    def _hand_over(self, conn: socket.socket, *, over_cap: bool) -> None:
+        def protocol() -> asyncio.Protocol:
+            made = self.factory()
+            made.over_cap = over_cap  # type: ignore[attr-defined]
+            return made
+
+        task = self.loop.create_task(self._connect(conn, protocol))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if over_cap:
+            self.over_cap_pending += 1
+            task.add_done_callback(self._connected_over_cap)
+
+    def _connected_over_cap(self, _: asyncio.Task) -> None:
+        self.over_cap_pending -= 1
+
+    def _resume(self) -> None:
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    async def _connect(self, conn: socket.socket, protocol: Callable[[], asyncio.Protocol]) -> None:
+        try:
+            await self.loop.connect_accepted_socket(protocol, conn)
+        except OSError:  # reset before its transport was made
+            conn.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    async def wait_closed(self) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks))
+
+
 class _Server(uvicorn.Server):
-    """SIGTERM: drain, then return (exit 0); uvicorn would re-raise it after draining."""
+    """Accepts with ``_Listener``; SIGTERM: drain, then return (exit 0), where uvicorn would
+    re-raise it after draining. ``heartbeat`` is when the event loop last turned (stamped every
+    HEARTBEAT_S)."""
+
+    heartbeat: float = 0.0
+    listen_sock: socket.socket | None = None  # bound already (the metrics port), else bind
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is not None:  # not used by run_server; uvicorn's own path
+            return await super().startup(sockets)
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        sock = self.listen_sock
+        if sock is None:
+            sock = config.bind_socket()  # logs "Uvicorn running on ...", exits if it cannot bind
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Linux: a connection is accepted once its first bytes have arrived, so that at the
+            # cap its request can be looked at (a health check or not) when it is accepted
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+        sock.listen(config.backlog)
+        self.servers = [  # type: ignore[list-item]
+            _Listener(
+                sock,
+                create_protocol,
+                protocol=config.http_protocol_class,  # type: ignore[arg-type]
+                connections=self.server_state.connections,
+            )
+        ]
+        self._beat()
+        self.started = True
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+        if not self.should_exit:
+            asyncio.get_running_loop().call_later(HEARTBEAT_S, self._beat)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM and sig in self._captured_signals:
             self._captured_signals.remove(sig)
+
+
+def metrics_port_app(app: Any, heartbeat: Callable[[], float]) -> Any:
+    """The metrics port's ASGI app: GET/HEAD of the two health paths and /metrics, answered by
+    ``app`` (from the metrics port's thread: the health answers read a flag, the metrics a
+    registry that Prometheus' own server also reads from a thread); anything else 404. Health
+    is 503 when the serving event loop has not turned for LOOP_STALL_S: this thread answering
+    must not hide a serving loop that is stuck."""
+
+    async def serve(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        status, message = 0, ""
+        if path not in (*HEALTH_PATHS, METRICS_PATH):
+            status = 404
+            message = f"the metrics port serves {', '.join((*HEALTH_PATHS, METRICS_PATH))}"
+        elif method not in ("GET", "HEAD"):
+            status, message = 405, f"{path} takes GET or HEAD, got {method}"
+        elif path in HEALTH_PATHS and time.monotonic() - heartbeat() > LOOP_STALL_S:
+            status = 503
+            message = f"the serving event loop has not turned for over {LOOP_STALL_S:g} s"
+        if not status:
+            return await app(scope, receive, send)
+        body = orjson.dumps({"error": message})
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    return serve
+
+
+def _metrics_server(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    stats: ConnectionStats,
+    heartbeat: Callable[[], float],
+    log_level: str,
+) -> tuple[_Server, threading.Thread]:
+    """The metrics port on its own thread and event loop: a full accept queue or a busy serving
+    loop on the main port never delays a probe or a scrape here. Bound here, in the caller's
+    thread: a port that cannot be bound stops the start (OSError)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1)
+    limits = ConnectionLimits(
+        **{**limits.__dict__, "max_connections": METRICS_MAX_CONNECTIONS},
+    )
+    config = uvicorn.Config(
+        metrics_port_app(app, heartbeat),
+        host=host,
+        port=port,
+        http=protocol_class(limits, stats),
+        ws="none",
+        lifespan="off",
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+    )
+    server = _Server(config)
+    server.listen_sock = sock
+    log.info("health and metrics also on http://%s:%d", host, sock.getsockname()[1])
+
+    def run() -> None:
+        loop = _new_event_loop()
+        try:
+            loop.run_until_complete(server.serve())
+        finally:
+            loop.close()
+
+    return server, threading.Thread(target=run, name="metrics-port", daemon=True)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def run_server(
@@ -563,8 +885,10 @@ def run_server(
     keep_alive_timeout_s: float,
     graceful_shutdown_s: float,
     log_level: str,
+    metrics_port: int = 0,
 ) -> bool:
-    """Serve ``app`` until SIGTERM/SIGINT; False when it did not start (the reason is logged)."""
+    """Serve ``app`` until SIGTERM/SIGINT, with health and metrics on ``metrics_port`` too
+    (0: none); False when it did not start (the reason is logged)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -579,12 +903,35 @@ def run_server(
         server_header=False,
     )
     server = _Server(config)
+    metrics: tuple[_Server, threading.Thread] | None = None
+    if metrics_port:
+        try:
+            metrics = _metrics_server(
+                app,
+                host=host,
+                port=metrics_port,
+                limits=limits,
+                stats=stats,
+                heartbeat=lambda: server.heartbeat,
+                log_level=log_level,
+            )
+        except OSError as e:
+            log.error("cannot listen on the metrics port %s:%d (%s)", host, metrics_port, e)
+            return False
     _fix_mmap_threshold()
     gc.collect()
     gc.freeze()  # the loaded models, the app, the imports: never garbage, never scanned again
     gc.set_threshold(*GC_THRESHOLDS)
-    server.run()
-    return server.started
+    if metrics is not None:
+        server.heartbeat = time.monotonic()  # healthy while the main loop starts
+        metrics[1].start()
+    try:
+        server.run()
+    finally:
+        if metrics is not None:
+            metrics[0].should_exit = True
+            metrics[1].join(timeout=DRAIN_GRACE_S + 1)
+    return server.started and (metrics is None or metrics[0].started)
 
 
 def _fix_mmap_threshold() -> None:
