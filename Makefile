@@ -14,7 +14,7 @@ MODELS ?= models
 PORT ?= 8000
 
 .PHONY: venv run pipeline train export latency serve test system-deps lint bench clean \
-	demo-screenshot proto
+	demo-screenshot proto mlserver
 
 venv: $(STAMP)
 
@@ -105,6 +105,17 @@ proto:
 	mv $(PROTO_OUT)/.protoc/smartmixed/serve/grpc_service_pb2.py \
 		$(PROTO_OUT)/.protoc/smartmixed/serve/grpc_service_pb2_grpc.py $(PROTO_OUT)/
 	rm -rf $(PROTO_OUT)/.protoc
+
+# MLServer 1.7 in an environment of its own (it pins fastapi<0.116, which .venv cannot hold), for
+# `smartmixed-bench http --against-mlserver`; pins in bench/mlserver-requirements.txt. A stamp
+# makes a second run a no-op until that file changes.
+MLSERVER_VENV := .venv-mlserver
+mlserver: $(MLSERVER_VENV)/.installed
+
+$(MLSERVER_VENV)/.installed: bench/mlserver-requirements.txt
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install --quiet -r bench/mlserver-requirements.txt
+	touch $@
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -37,10 +37,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "it; writes DIR/latency.{json,md,png}.",
     ),
     "http": (
-        "HTTP serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load",
+        "serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load, over REST "
+        "and/or gRPC, optionally beside MLServer",
         "Start smartmixed-serve on 127.0.0.1 (or target --url), drive it with wrk "
-        "(one thread; a Python generator when wrk is missing) at several concurrency levels for "
-        "fixed and mixed models, batching on and off; writes DIR/http.{json,md,png}.",
+        "(one thread; a Python generator when wrk is missing) and/or a grpc.aio closed loop (its "
+        "own process, one CPU) at several concurrency levels for fixed and mixed models, "
+        "batching on and off; with --against-mlserver, MLServer 1.7 serves the same model "
+        "beside it (.venv-mlserver: make mlserver) and both are measured in interleaved "
+        "rounds; writes DIR/http.{json,md,png}.",
     ),
     "soak": (
         "reliability of smartmixed-serve: soak, overload, slow clients, a huge header, "
@@ -126,8 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", help="model names (default: mixed,fixed-relu, or all in --repository)"
     )
     web.add_argument("--url", help="http://127.0.0.1:PORT of a running server (none is started)")
-    web.add_argument("--concurrency", default="1,8,64", help="connections (default 1,8,64)")
+    web.add_argument(
+        "--grpc-address", help="with --url: 127.0.0.1:PORT of that server's gRPC endpoint"
+    )
+    web.add_argument(
+        "--protocol",
+        choices=["rest", "grpc", "both"],
+        help="rest (V2 JSON, the default), grpc (ModelInfer, raw tensors) or both side by side",
+    )
+    web.add_argument(
+        "--against-mlserver",
+        action="store_true",
+        default=None,
+        help="also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
+        "measure both, both servers at 1 intra-op thread (defaults then: --models mixed, "
+        "--batching on, --concurrency 1,64, --rounds 3)",
+    )
+    web.add_argument(
+        "--concurrency",
+        help="connections (REST) / calls in flight (gRPC) (default 1,8,64)",
+    )
     web.add_argument("--duration", type=int, default=5, help="seconds per point (default 5)")
+    web.add_argument(
+        "--rounds", type=int, help="interleaved rounds; tables show medians (default 1)"
+    )
+    web.add_argument(
+        "--grpc-channels",
+        type=int,
+        help="HTTP/2 connections the gRPC calls share (default 1)",
+    )
     web.add_argument(
         "--warmup",
         type=int,

@@ -166,8 +166,10 @@ def server_env() -> dict[str, str]:
     }
 
 
-def server_command(repository: Path, port: int, *args: str) -> list[str]:
-    """The smartmixed-serve command line for ``repository`` on 127.0.0.1:``port``."""
+def server_command(repository: Path, port: int, *args: str, grpc_port: int = 0) -> list[str]:
+    """The smartmixed-serve command line for ``repository`` on 127.0.0.1:``port``, its gRPC
+    endpoint on ``grpc_port`` (0: off; the serve default, 8001, is one port for the whole machine
+    and a bench's servers must not take it from a user's, nor from each other)."""
     return [
         sys.executable,
         "-m",
@@ -178,6 +180,8 @@ def server_command(repository: Path, port: int, *args: str) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         *args,
     ]
 
@@ -190,6 +194,7 @@ class ServerProcess:
     process: subprocess.Popen
     command: list[str]
     log_path: Path
+    grpc_address: str | None = None  # 127.0.0.1:PORT when started with grpc=True
 
     @property
     def pid(self) -> int:
@@ -204,18 +209,21 @@ def start_server(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     nofile: int | None = None,
+    grpc: bool = False,
     ready_timeout: float = READY_TIMEOUT_S,
 ) -> Iterator[ServerProcess]:
     """Run smartmixed-serve on a free 127.0.0.1 port until the block ends.
 
-    ``args`` are extra CLI flags, ``env`` is laid over this process's environment (less
+    ``grpc``: its gRPC endpoint on a second free port (``grpc_address``), else off. ``args`` are
+    extra CLI flags, ``env`` is laid over this process's environment (less
     SMARTMIXED_API_KEY: the benches send no key), ``nofile`` sets the child's open-file limit
     (soft and hard) before exec, as ``ulimit -n`` would. The server's output goes to
     ``log_path``. Waits for /v2/health/ready (ServerError, with the log's tail, if the process
     exits first or ``ready_timeout`` passes); stops it with SIGTERM, then kill.
     """
     port = free_port()
-    command = server_command(repository, port, *args)
+    grpc_port = free_port() if grpc else 0
+    command = server_command(repository, port, *args, grpc_port=grpc_port)
     child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}
     child_env |= dict(env or {})
 
@@ -232,7 +240,11 @@ def start_server(
             preexec_fn=set_nofile if nofile else None,
         )
     server = ServerProcess(
-        url=f"http://127.0.0.1:{port}", process=process, command=command, log_path=log_path
+        url=f"http://127.0.0.1:{port}",
+        process=process,
+        command=command,
+        log_path=log_path,
+        grpc_address=f"127.0.0.1:{grpc_port}" if grpc else None,
     )
     try:
         wait_ready(server, timeout=ready_timeout)

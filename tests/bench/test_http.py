@@ -141,15 +141,23 @@ def test_wrk_script_holds_the_body_verbatim(tmp_path: Path) -> None:
 
 def test_targets_are_evaluated_on_the_mixed_model() -> None:
     def rec(model: str, mode: str, batching: str, c: int, rps: float, p50: float, p99: float):
-        return {
+        record = dict.fromkeys(RECORD_KEYS)
+        return record | {
+            "server": "smartmixed",
             "model": model,
             "mode": mode,
             "batching": batching,
+            "protocol": "rest",
             "concurrency": c,
+            "round": 0,
+            "duration_s": 1.0,
+            "requests": int(rps),
             "rps": rps,
             "p50_ms": p50,
             "p99_ms": p99,
+            "max_ms": p99,
             "errors": 0,
+            "error_kinds": {},
         }
 
     records = [
@@ -163,6 +171,9 @@ def test_targets_are_evaluated_on_the_mixed_model() -> None:
         "rps_concurrency_64_batching_on": False,
         "p99_ms_concurrency_64_batching_on": True,
         "errors": True,
+        # REST only: the gRPC and MLServer ratios were not measured
+        "grpc_rps_vs_mlserver_concurrency_64": None,
+        "grpc_p50_vs_rest_concurrency_1": None,
     }
     assert values["rps_concurrency_64_batching_on"] == 1400
 

@@ -1,0 +1,55 @@
+"""The MLServer side of ``smartmixed-bench http --against-mlserver``: a custom MLServer runtime
+that runs a smartmixed ``model.onnx`` with ONNX Runtime, as smartmixed-serve does.
+
+This file runs inside MLServer's own environment (.venv-mlserver, ``make mlserver``), never in
+the project's: bench/mlserver.py copies it next to the model-settings.json it writes and names
+``mlserver_runtime.OnnxRuntimeModel`` as the model's implementation (MLServer puts a model's
+folder on the import path). It imports nothing from smartmixed.
+
+The session is built as smartmixed-serve builds one with ``--intra-op-threads 1``: all graph
+optimisations, 1 intra-op thread, 1 inter-op thread, the CPU provider. ``predict`` decodes the
+first input with MLServer's NumpyCodec (raw_input_contents or typed contents, as MLServer
+itself unpacks them), runs the session and encodes every output with the same codec.
+"""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.errors import InferenceError
+from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.utils import get_model_uri
+
+INTRA_OP_THREADS = 1
+
+
+class OnnxRuntimeModel(MLModel):
+    """model-settings.json's ``parameters.uri`` (a model.onnx) in one ORT session."""
+
+    async def load(self) -> bool:
+        path = await get_model_uri(self._settings)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = INTRA_OP_THREADS
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            path, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._input = self._session.get_inputs()[0].name
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        if len(payload.inputs) != 1:
+            raise InferenceError(f"expected 1 input, got {len(payload.inputs)}")
+        x = NumpyCodec.decode_input(payload.inputs[0])  # (B, D) or (B, C, H, W), float32
+        values = self._session.run(self._outputs, {self._input: x})
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version,
+            outputs=[
+                NumpyCodec.encode_output(name, value)
+                for name, value in zip(self._outputs, values, strict=True)
+            ],
+        )
