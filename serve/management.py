@@ -151,10 +151,11 @@ class ModelManager:
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ---- explicit load / unload -------------------------------------------------------------
 
@@ -178,7 +179,13 @@ class ModelManager:
                 raise BadRequest(self._refusal(name, e)) from None
 
     async def unload(self, name: str) -> None:
-        """Stop admitting requests for NAME, wait for those admitted, close its batchers."""
+        """Stop admitting requests for NAME, wait for those admitted, close its batchers.
+
+        Runs to its end in a task of its own, also when the caller goes away (a gRPC client
+        cancelling): a model half unloaded would keep batchers open that nothing uses."""
+        await asyncio.shield(self._spawn(self._unload_named(name)))
+
+    async def _unload_named(self, name: str) -> None:
         async with self._lock:
             repo = self.service.repo
             if name not in repo.models:
@@ -328,15 +335,16 @@ class ModelManager:
             self._spawn(self._retire(model, batcher))
 
     async def _retire(self, model: ModelVersion, batcher) -> None:
-        """Close a swapped-out version once the requests queued or running on it are done."""
+        """Close a swapped-out version once the requests queued or running on it are done
+        (at once when the server stops)."""
         where = f"{model.name}/{model.version}"
         try:
             await self._drained(lambda: model.pending == 0, where)
+        finally:
             self._forget(model)
+            self.retiring.remove(model)
             if batcher is not None:
                 await batcher.close()
-        finally:
-            self.retiring.remove(model)
         log.info("%s (%s): drained and closed", where, model.sha256[:12])
 
     async def _unload(self, name: str) -> None:
@@ -344,6 +352,11 @@ class ModelManager:
         repo = service.repo
         versions = repo.models.pop(name)  # from now on, NAME's requests are refused (404)
         repo.unloading[name] = versions
+        batchers = [
+            service.batchers[key]
+            for key in ((name, v) for v in versions)
+            if key in service.batchers and service.batched[key] is versions[key[1]]
+        ]
         log.info("%s: unloading (waiting for the requests in progress)", name)
         try:
             await self._drained(
@@ -353,17 +366,12 @@ class ModelManager:
                 ),
                 name,
             )
-            closing = []
+        finally:  # also when the server stops meanwhile
             for model in versions.values():
-                key = (name, model.version)
-                batcher = service.batchers.get(key) if service.batched.get(key) is model else None
                 self._forget(model)
-                self.sources.pop(key, None)
-                if batcher is not None:
-                    closing.append(batcher.close())
-            await asyncio.gather(*closing)
-        finally:
+                self.sources.pop((name, model.version), None)
             del repo.unloading[name]
+            await asyncio.gather(*(batcher.close() for batcher in batchers))
         log.info("%s: unloaded", name)
 
     async def _drained(self, done, what: str) -> None:
