@@ -79,7 +79,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {key} | {_fmt(value)} | {limit} | {verdict} |")
     lines += [
         "",
-        "Health probes open a new connection each (as the kubelet does); a failed probe counts "
+        "Health probes open a new connection each (as the kubelet does; overload: liveness and "
+        "readiness in turn, on the main port and, as metrics_port_health_*, on the server's "
+        "metrics port); a failed probe counts "
         f"as {PROBE_TIMEOUT_S:g} s in the percentiles. RSS is VmRSS in MiB. Targets are reported, "
         "never asserted.",
     ]
@@ -151,6 +153,9 @@ def _plot_classic(axes: Any, scenarios: Mapping[str, Any]) -> None:
     for i, name in enumerate(("overload", "slow", "header")):
         series = scenarios.get(name, {}).get("series", {}).get("health_ms") or []
         _health_points(ax_health, series, f"C{i}", name)
+    metrics = scenarios.get("overload", {}).get("series", {}).get("metrics_port_health_ms")
+    if metrics:
+        _health_points(ax_health, metrics, "C3", "overload, metrics port")
     _health_target(ax_health)
     ax_health.set_title("health probe latency (ms), new connection each", fontsize=9)
     ax_health.set_xlabel("s since the scenario's start")

@@ -19,6 +19,12 @@ deadlines) and returns (measured, series); the driver (bench/soak.py) adds wheth
   errors, and the longest wait of a 200 against the server's request deadline
   (SMARTMIXED_REQUEST_TIMEOUT_S). The client takes CPU from the server on 2 cores; that lowers
   the server's throughput but not the overload (1024 clients against a few thousand requests/s).
+  The server's open-file limit is ``overload_nofile`` (1024: its connection cap, 960, is under
+  the clients, who take every place the server has) and it serves health and metrics on a
+  metrics port too (a free port as SMARTMIXED_METRICS_PORT, unless set). Liveness and
+  readiness are probed in turn on fresh connections on both ports (one prober per port);
+  targets: p99 <= 100 ms and max <= 500 ms on each (``metrics_port_health_*``: the metrics
+  port; not measured when the server has none).
 - **slow**: N = 1000 slowloris clients for 25 s, each sending a request line and then one header
   line every 5 s; one whose connection the server closes opens a new one at its next tick, so
   the pressure lasts the whole run. The server's open-file limit is 1024 (soft and hard, set in

@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
         log_level=settings.log_level,
         metrics_port=settings.metrics_port,
+        ready=lambda: app.state.service.ready,
     )
     if not started:
         # uvicorn logs a failed lifespan startup and returns; the reason is in the log above

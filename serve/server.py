@@ -40,9 +40,17 @@ connection:
   takes the place of one that blocks others for nothing: first one whose writes are stalled or
   one closing, then the one waiting longest with no request in progress (idle keep-alive, a
   slow client still sending headers, or the rest of a body whose request was answered already,
-  e.g. shed with 503), then one with pipelined requests waiting (its client retries them); only
-  when every other connection has one request in progress is the newcomer refused, with 503. A
-  connection dropped with unsent data is reset, never closed with a flush;
+  e.g. shed with 503), then one with pipelined requests waiting (its client retries them). An
+  idle keep-alive connection whose next request has arrived unread is not idle (dropping it
+  lost that request: 1,153-2,302 "no response" per overload run at the cap). When nothing can
+  make room, the newcomer's first request decides: a health check or a scrape is answered (at
+  most OVER_CAP such connections over the cap), anything else gets 503 with Retry-After and the
+  connection closes. A connection dropped with unsent data is reset, never closed with a flush;
+- **accepting**: the listener's queue is drained at each readiness (``_Listener``; uvloop
+  accepts one connection per loop iteration, so a probe queued behind the 64 clients over the
+  cap of a server whose open-file limit is 1024 waited 0.7-3 s), connections are accepted once
+  their first bytes have arrived (TCP_DEFER_ACCEPT), and at the cap an inference request is
+  refused straight from the accepted socket, with no transport or protocol made for it;
 - **parser errors** answered as JSON 400s, like every other client mistake; an error that cannot
   be answered in order (an earlier answer is still being sent) resets the connection;
 - **Retry-After, enforced**: a response whose ASGI scope carries ``PAUSE_READING`` (the app sets
@@ -60,6 +68,12 @@ connection:
 A connection that goes away, however it goes, marks the request being answered as disconnected
 (uvicorn marks only the last request parsed, so a pipelined answer resumed after the loss wrote
 to a closed transport: one traceback per connection).
+
+``metrics_port`` (as Triton's --metrics-port): a second listener serving only the two health
+paths and /metrics, from a thread and event loop of its own, so that neither a full main port
+nor a busy serving loop delays a probe or a scrape there. Its health answers are 503 when the
+serving loop has not turned for LOOP_STALL_S (a heartbeat stamped every HEARTBEAT_S): a live
+thread must not hide a stuck server.
 
 ``run_server`` runs the app with these limits, glibc's mmap threshold fixed (MMAP_THRESHOLD) and
 a garbage collector tuned for serving: what
@@ -131,6 +145,7 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 PAUSE_READING = "smartmixed.pause_reading_s"  # ASGI scope key: stop reading after this response
 ACCEPT_BATCH = 256  # connections accepted per readiness of a listener (uvloop accepts one)
 DEFER_ACCEPT_S = 1  # TCP_DEFER_ACCEPT (seconds; Linux)
+AT_CAP_PAUSE_S = 0.05  # after refusing connections at the cap, accepting pauses this long
 ACCEPT_RETRY_S = 0.1  # out of descriptors (EMFILE): accepting pauses this long
 METRICS_MAX_CONNECTIONS = 16  # the metrics port's cap (probes and scrapes), within FD_RESERVE
 OVER_CAP = 16  # connections accepted over the cap, each for one health check or one 503
@@ -144,6 +159,8 @@ LOOP_STALL_S = 10.0  # metrics port: unhealthy when the serving loop has not tur
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 METRICS_PATH = "/metrics"
 CHECK_PATHS = tuple(p.encode() for p in (*HEALTH_PATHS, METRICS_PATH))
+HEALTH_CHECKS = CHECK_PATHS[:2]  # live, ready
+HEALTH_TAIL = b"content-length: 0\r\nconnection: close\r\n\r\n"  # after the status line
 
 # Connection phases (what a connection is waiting for).
 IDLE, HEADERS, BODY, RESPONSE = "idle", "headers", "body", "response"
@@ -200,6 +217,9 @@ def _raw_response(status: int, message: str, *, retry_after: int | None = None) 
     if retry_after is not None:
         head.append(b"retry-after: " + str(retry_after).encode() + b"\r\n")
     return b"".join([*head, b"\r\n", body])
+
+
+AT_CAP_RESPONSE = _raw_response(503, AT_CAP_MESSAGE, retry_after=1)
 
 
 class _Refused(Exception):
@@ -642,9 +662,10 @@ class _Listener:
         *,
         protocol: type[LimitedHttpProtocol],
         connections: set,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.sock, self.factory, self.protocol = sock, factory, protocol
-        self.connections = connections
+        self.connections, self.ready = connections, ready
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task] = set()
         self.over_cap_pending = 0  # handed over over the cap, not yet connected
@@ -654,11 +675,12 @@ class _Listener:
 
     def _accept(self) -> None:
         cap = self.protocol.limits.max_connections
+        refused = False
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:  # the client gave up while queued
                 continue
             except OSError as e:
@@ -666,8 +688,7 @@ class _Listener:
                     raise
                 # out of descriptors: the queue waits (the reader would fire again at once)
                 log.warning("cannot accept a connection (%s): retrying in %s s", e, ACCEPT_RETRY_S)
-                self.loop.remove_reader(self.sock.fileno())
-                self.loop.call_later(ACCEPT_RETRY_S, self._resume)
+                self._pause(ACCEPT_RETRY_S)
                 return
             conn.setblocking(False)
             if len(self.connections) + len(self.tasks) < cap or self.protocol.make_room(
@@ -675,35 +696,59 @@ class _Listener:
             ):
                 self._hand_over(conn, over_cap=False)
             else:
-                self._at_cap(conn)
+                refused |= self._at_cap(conn)
+        if refused:
+            # Retry-After, enforced for new connections: clients refused at the cap that
+            # reconnect at once wait in the kernel's queue meanwhile, costing nothing, where
+            # refusing them as fast as they came back took the bench's client 0.35 of a core
+            # and the server a third of its answered requests
+            self._pause(AT_CAP_PAUSE_S)
 
-    def _at_cap(self, conn: socket.socket) -> None:
+    def _pause(self, seconds: float) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.call_later(seconds, self._resume)
+
+    def _at_cap(self, conn: socket.socket) -> bool:
+        """True when ``conn`` was refused."""
         try:
             head = conn.recv(PEEK_BYTES, socket.MSG_PEEK)
         except BlockingIOError:
             head = b""  # not arrived yet
         except OSError:
             conn.close()
-            return
+            return False
         line, complete, _ = head.partition(b"\r\n")
         method, _, rest = line.partition(b" ")
-        check = is_check(method, rest.partition(b" ")[0])
+        target = rest.partition(b" ")[0]
+        check = is_check(method, target)
+        path = target.partition(b"?")[0]
+        if check and path in HEALTH_CHECKS and self.ready is not None and b"\r\n\r\n" in head:
+            # answered here, as the app answers it (its status alone): a probe at the cap waits
+            # for no transport, protocol or loop iteration of its own
+            status = 200 if path == HEALTH_CHECKS[0] or self.ready() else 503
+            self._close_with(conn, STATUS_LINE[status] + HEALTH_TAIL)
+            return False
         over = self.protocol.over_cap_open + self.over_cap_pending
         if (complete and not check) or over >= OVER_CAP:
             self._refuse(conn)
-        else:
-            self._hand_over(conn, over_cap=True)
+            return True
+        self._hand_over(conn, over_cap=True)
+        return False
 
     def _refuse(self, conn: socket.socket) -> None:
-        """503 and close, with what arrived of the request read first: closing over unread
-        bytes sends a reset, which can reach the client before it reads the answer."""
         self.protocol.stats.count("connection_limit")
+        self._close_with(conn, AT_CAP_RESPONSE)
+
+    @staticmethod
+    def _close_with(conn: socket.socket, answer: bytes) -> None:
+        """Send ``answer`` and close, with what arrived of the request read first: closing over
+        unread bytes sends a reset, which can reach the client before it reads the answer."""
         with contextlib.suppress(OSError):  # BlockingIOError: all read; or the client is gone
             for _ in range(DRAIN_READS):
                 if not conn.recv(65536):
                     break
         with contextlib.suppress(OSError):
-            conn.send(_raw_response(503, AT_CAP_MESSAGE, retry_after=1))
+            conn.send(answer)
         conn.close()
 
     def _hand_over(self, conn: socket.socket, *, over_cap: bool) -> None:
@@ -750,6 +795,7 @@ class _Server(uvicorn.Server):
 
     heartbeat: float = 0.0
     listen_sock: socket.socket | None = None  # bound already (the metrics port), else bind
+    ready: Callable[[], bool] | None = None  # the app's readiness (health answered at the cap)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if sockets is not None:  # not used by run_server; uvicorn's own path
@@ -778,6 +824,7 @@ class _Server(uvicorn.Server):
                 create_protocol,
                 protocol=config.http_protocol_class,  # type: ignore[arg-type]
                 connections=self.server_state.connections,
+                ready=self.ready,
             )
         ]
         self._beat()
@@ -886,9 +933,12 @@ def run_server(
     graceful_shutdown_s: float,
     log_level: str,
     metrics_port: int = 0,
+    ready: Callable[[], bool] | None = None,
 ) -> bool:
     """Serve ``app`` until SIGTERM/SIGINT, with health and metrics on ``metrics_port`` too
-    (0: none); False when it did not start (the reason is logged)."""
+    (0: none); False when it did not start (the reason is logged). ``ready``: the app's
+    readiness, for health checks answered by the listener at the connection cap (without it
+    they get a place over the cap)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -903,6 +953,7 @@ def run_server(
         server_header=False,
     )
     server = _Server(config)
+    server.ready = ready
     metrics: tuple[_Server, threading.Thread] | None = None
     if metrics_port:
         try:

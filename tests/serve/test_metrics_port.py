@@ -93,8 +93,10 @@ def test_at_the_cap_with_every_connection_busy(server) -> None:
                 )
                 assert headers["retry-after"] == "1" and headers["connection"] == "close"
                 assert sock.recv(1) == b""  # closed after the answer
-            assert _get(server.port, "/v2/health/ready")[0] == 200
+            status, answer = _get(server.port, "/v2/health/ready")
+            assert (status, answer.partition(b"\r\n\r\n")[2]) == (200, b"")  # the status alone
             assert _get(server.port, "/v2/health/live", "HEAD")[0] == 200
+            assert _get(server.port, "/metrics")[0] == 200  # a scrape: one place over the cap
             assert _get(server.metrics_port, "/v2/health/ready")[0] == 200
         metrics = _get(server.metrics_port, "/metrics")[1].decode()
         assert 'smartmixed_connections_cut_total{reason="connection_limit"} 3.0' in metrics
@@ -127,6 +129,7 @@ def test_metrics_port_health_is_503_when_the_serving_loop_is_stuck() -> None:
     }
 
 
+@pytest.mark.slow  # a process of its own (~3 s)
 def test_metrics_port_in_use_is_one_line_and_exit_2(repository: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
