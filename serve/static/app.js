@@ -66,8 +66,10 @@ async function start() {
       }
     }),
   );
+  // UNAVAILABLE with a reason other than "unloaded" is a load failure; "unloaded" (not asked
+  // for, in explicit or poll mode) and UNLOADING (an old version draining) are not problems.
   const failed = index
-    .filter((m) => m.state !== "READY")
+    .filter((m) => m.state === "UNAVAILABLE" && m.reason !== "unloaded" && !names.includes(m.name))
     .map((m) => ({ name: m.name, problem: `This model failed to load and is not served: ${m.reason}` }));
   render(loaded.filter((m) => m.meta), [...loaded.filter((m) => m.problem), ...failed]);
 }
