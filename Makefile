@@ -64,13 +64,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 # Debian tools some tests and benches use: docker-compose (validates docker-compose.yml), nginx
-# (nginx -t and a load-balancing test), wrk (the HTTP bench's load generator), chromium and
+# (nginx -t and a load-balancing test), wrk and nghttp2-client's h2load (the HTTP bench's REST
+# and gRPC load generators), chromium and
 # chromium-driver (the page's browser tests and `make demo-screenshot`); and Debian data:
 # dataset-fashion-mnist (the full Fashion-MNIST that `--data fashion-mnist` reads without
 # --data-dir). Tests that need one skip, saying which, when it is missing; .ci/run installs them
 # first.
 # package, or package=command where the command it installs has another name
-SYSTEM_TOOLS := docker-compose nginx wrk chromium chromium-driver=chromedriver
+SYSTEM_TOOLS := docker-compose nginx wrk nghttp2-client=h2load chromium chromium-driver=chromedriver
 # package=folder it installs
 SYSTEM_DATA := dataset-fashion-mnist=/usr/share/datasets/fashion-mnist
 system-deps:

@@ -40,8 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "serving: requests/s and p50/p95/p99 latency of smartmixed-serve under load, over REST "
         "and/or gRPC, optionally beside MLServer",
         "Start smartmixed-serve on 127.0.0.1 (or target --url), drive it with wrk "
-        "(one thread; a Python generator when wrk is missing) and/or a grpc.aio closed loop (its "
-        "own process, one CPU) at several concurrency levels for fixed and mixed models, "
+        "(one thread; a Python generator when wrk is missing) and/or h2load (or a grpc.aio "
+        "closed loop; one CPU) at several concurrency levels for fixed and mixed models, "
         "batching on and off; with --against-mlserver, MLServer 1.7 serves the same model "
         "beside it (.venv-mlserver: make mlserver) and both are measured in interleaved "
         "rounds; writes DIR/http.{json,md,png}.",
@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpc-channels",
         type=int,
         help="HTTP/2 connections the gRPC calls share (default 1)",
+    )
+    web.add_argument(
+        "--grpc-generator",
+        default="h2load",
+        choices=["h2load", "python"],
+        help="gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
+        "server's metrics) or python (grpc.aio closed loop); default h2load",
     )
     web.add_argument(
         "--warmup",

@@ -1,6 +1,22 @@
-"""The gRPC load generator of ``smartmixed-bench http --protocol grpc``: a grpc.aio closed loop.
+"""The gRPC load generators of ``smartmixed-bench http --protocol grpc``: h2load, and a grpc.aio
+closed loop.
 
-What it does. ``prepare_grpc_target`` reads a model's metadata over gRPC (ModelMetadata), builds
+h2load (``--grpc-generator h2load``, the default). gRPC over HTTP/2 is a POST to
+``/inference.GRPCInferenceService/ModelInfer`` with ``content-type: application/grpc`` and
+``te: trailers`` and a body of one flag byte (0: not compressed), the message's length as 4
+big-endian bytes and the serialised ModelInferRequest. nghttp2's h2load (C, one thread, pinned to
+one CPU) sends exactly that, closed loop: ``-c CHANNELS`` connections with ``-m C/CHANNELS``
+streams each in flight, for D seconds, each answer's latency in ``--log-file``; it is to the
+gRPC side what wrk is to the REST one. h2load cannot read ``grpc-status`` (it arrives in the
+trailers, or a trailers-only answer with HTTP status 200), so a call that failed is counted by
+the server itself: ``run_h2load`` reads the server's gRPC outcomes before and after the run
+(smartmixed-serve: ``smartmixed_requests_total{endpoint="grpc"}`` by status, mapped to gRPC code
+names as serve/grpc_server.py maps them; MLServer: ``grpc_server_handled_total`` by
+``grpc_code`` for ModelInfer on its metrics port) and counts every outcome but OK as an error
+of its code, and every call h2load completed that the server did not count as ``UNCOUNTED``.
+h2load's own failures (connection errors, timeouts, a non-2xx HTTP status) are errors too.
+
+The Python generator (``--grpc-generator python``). ``prepare_grpc_target`` reads a model's metadata over gRPC (ModelMetadata), builds
 one ModelInferRequest (FP32, the model's input shape with its batch axis 1, the same seeded
 raw-pixel values as the REST bench's JSON row, sent as ``raw_input_contents``) and checks that
 one ModelInfer call answers every output with shape [1, classes]. ``run_grpc`` then starts this
@@ -39,12 +55,18 @@ import asyncio
 import ipaddress
 import json
 import os
+import re
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,8 +75,11 @@ from smartmixed.bench.load import REQUEST_TIMEOUT_S, LoadGeneratorError
 from smartmixed.bench.server import LOOPBACK_NAMES, ServerError
 
 DEFAULT_CHANNELS = 1
+GRPC_GENERATORS = ("h2load", "python")
+H2LOAD, PYTHON_GRPC = "h2load", "python-grpc-aio"  # as recorded in the results
 MAX_CALLS_PER_SECOND = 100_000  # the count bound: far above what 2 cores answer
 GRACE_S = 30  # the child's start-up and shutdown on top of its duration
+SERVER_COUNT_S = 0.2  # after h2load exits, before the server's counters are read again
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 RESULT_MARKER = "SMARTMIXED-GRPC-RESULT "
 # gRPC's own limit (4 MiB) would refuse image models' larger answers; requests here are small
@@ -209,6 +234,250 @@ def parse_result(stdout: str) -> dict[str, Any]:
     raise LoadGeneratorError(
         f"the gRPC load generator printed no result line; its output was: {stdout[-1500:]!r}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# h2load
+
+
+def resolve_grpc_generator(choice: str) -> str:
+    """h2load | python -> H2LOAD or PYTHON_GRPC; LoadGeneratorError when h2load is missing (no
+    fallback: the two are not comparable)."""
+    if choice not in GRPC_GENERATORS:
+        raise LoadGeneratorError(
+            f"unknown gRPC load generator {choice!r}; expected one of {', '.join(GRPC_GENERATORS)}"
+        )
+    if choice == "python":
+        return PYTHON_GRPC
+    if shutil.which("h2load") is None:
+        raise LoadGeneratorError(
+            "--grpc-generator h2load: h2load is not installed; install nghttp2-client "
+            "(make system-deps), or use --grpc-generator python"
+        )
+    return H2LOAD
+
+
+def h2load_version() -> str | None:
+    exe = shutil.which("h2load")
+    if exe is None:
+        return None
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() or None
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: flag 0 (not compressed), 4-byte big-endian length."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+# h2load's summary: "requests: 10 total, 11 started, 10 done, 10 succeeded, 0 failed, 0 errored,
+# 0 timeout" and "status codes: 10 2xx, 0 3xx, 0 4xx, 0 5xx"
+_H2LOAD_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout"
+)
+_H2LOAD_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+
+
+def parse_h2load(stdout: str, log_text: str, duration: float) -> dict[str, Any]:
+    """h2load's summary and per-request log (start us, HTTP status, latency us) -> the raw
+    result of bench/load.py's runners. ``error_kinds`` holds h2load's own failures: ``failed``
+    (the stream ended without a whole answer), ``errored``, ``timeout`` and ``http_status`` (an
+    answer that was not 2xx); gRPC status codes are added by ``run_h2load``."""
+    counts, statuses = _H2LOAD_REQUESTS.search(stdout), _H2LOAD_STATUS.search(stdout)
+    if counts is None or statuses is None:
+        raise LoadGeneratorError(
+            f"h2load printed no request summary; its output was: {stdout[-1500:]!r}"
+        )
+    _, started, done, _, failed, errored, timeout = (int(v) for v in counts.groups())
+    non_2xx = sum(int(v) for v in statuses.groups()[1:])
+    latencies = []
+    for line in log_text.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 3 and fields[2].isdigit():
+            latencies.append(int(fields[2]) / 1e3)  # us -> ms
+    ms = np.asarray(latencies, dtype=np.float64)
+    if ms.size:
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99]).tolist()
+        mean, peak = float(ms.mean()), float(ms.max())
+    else:
+        p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
+    return {
+        "requests": done,
+        "cut": started - done,  # in flight when the duration ended: h2load drops them
+        "duration_s": duration,
+        "mean_ms": mean,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "max_ms": peak,
+        "error_kinds": {
+            k: v
+            for k, v in (
+                ("failed", failed),
+                ("errored", errored),
+                ("timeout", timeout),
+                ("http_status", non_2xx),
+            )
+            if v
+        },
+    }
+
+
+def h2load_command(
+    address: str, body: Path, log: Path, *, concurrency: int, duration: int, channels: int
+) -> list[str]:
+    """h2load, one thread: ``channels`` connections, C/channels streams each in flight."""
+    if concurrency % channels:
+        raise LoadGeneratorError(
+            f"h2load keeps the same number of calls in flight on every connection: concurrency "
+            f"{concurrency} is not a multiple of {channels} gRPC channels"
+        )
+    return [
+        "h2load",
+        "-t",
+        "1",
+        "-c",
+        str(channels),
+        "-m",
+        str(concurrency // channels),
+        "-D",
+        str(duration),
+        "-N",
+        f"{REQUEST_TIMEOUT_S}s",  # a connection silent this long is a timeout
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--log-file",
+        str(log),
+        f"http://{address}{MODEL_INFER}",
+    ]
+
+
+def run_h2load(
+    target: GrpcTarget,
+    *,
+    concurrency: int,
+    duration: int,
+    channels: int = DEFAULT_CHANNELS,
+    outcomes: Callable[[], Counter[str]],
+) -> dict[str, Any]:
+    """C ModelInfer calls in flight for ``duration`` s from h2load (one thread, pinned to one
+    CPU); failed calls counted by the server (``outcomes``: its gRPC outcomes so far, by code
+    name, OK included) before and after."""
+    check_address(target.address)
+    with tempfile.TemporaryDirectory(prefix="smartmixed-h2load-") as tmp:
+        body, log = Path(tmp) / "request.bin", Path(tmp) / "requests.log"
+        body.write_bytes(grpc_frame(target.request))
+        command = h2load_command(
+            target.address,
+            body,
+            log,
+            concurrency=concurrency,
+            duration=duration,
+            channels=channels,
+        )
+        before = outcomes()
+        try:
+            out = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=duration + GRACE_S,
+                preexec_fn=pin_to_one_cpu,  # in the child, before exec
+            )
+        except subprocess.TimeoutExpired:
+            raise LoadGeneratorError(
+                f"h2load did not finish within {duration + GRACE_S:g} s"
+            ) from None
+        time.sleep(SERVER_COUNT_S)  # the calls cut at the end: the server counts them too
+        after = outcomes()
+        if out.returncode != 0:
+            raise LoadGeneratorError(
+                f"h2load failed ({out.returncode}): {(out.stderr or out.stdout)[-800:]}"
+            )
+        raw = parse_h2load(out.stdout, log.read_text() if log.exists() else "", duration)
+    counted = after - before
+    kinds = raw["error_kinds"]
+    cut = raw.pop("cut")
+    for code, n in counted.items():
+        if code == "CANCELLED":  # h2load went away from the calls it cut: not failures
+            n -= min(n, cut)
+        if code != "OK" and n:
+            kinds[code] = kinds.get(code, 0) + n
+    # completed by h2load, never counted by the server: refused before it counts (say, a
+    # message it could not parse)
+    uncounted = raw["requests"] - sum(counted.values())
+    if uncounted > 0:
+        kinds["UNCOUNTED"] = uncounted
+    raw["error_kinds"] = dict(sorted(kinds.items()))
+    raw["server_counted"] = dict(sorted(counted.items()))
+    return raw
+
+
+def read_prometheus(url: str) -> list:
+    """The metric families at ``url`` (LoadGeneratorError when it cannot be read: the errors
+    of an h2load run are counted there)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            response = client.get(url)
+        response.raise_for_status()
+        return list(text_string_to_metric_families(response.text))
+    except (httpx.HTTPError, ValueError) as e:
+        raise LoadGeneratorError(
+            f"cannot read the server's metrics at {url} (h2load's failed calls are counted "
+            f"there): {type(e).__name__}: {e}"
+        ) from None
+
+
+def smartmixed_outcomes(metrics_url: str) -> Counter[str]:
+    """smartmixed-serve's gRPC inference calls so far, by gRPC code name: its
+    ``smartmixed_requests_total{endpoint="grpc"}`` by status, mapped as grpc_server.py maps a
+    status (200: OK; client_closed: CANCELLED; any other unknown status: INTERNAL)."""
+    from smartmixed.serve.grpc_server import CODES, ENDPOINT
+    from smartmixed.serve.metrics import CLIENT_CLOSED
+
+    found: Counter[str] = Counter()
+    for family in read_prometheus(metrics_url):
+        if family.name != "smartmixed_requests":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if not sample.name.endswith("_total") or labels.get("endpoint") != ENDPOINT:
+                continue
+            status = labels.get("status", "")
+            if status == "200":
+                code = "OK"
+            elif status == CLIENT_CLOSED:
+                code = "CANCELLED"
+            else:
+                code = (
+                    CODES[int(status)].name
+                    if status.isdigit() and int(status) in CODES
+                    else ("INTERNAL")
+                )
+            found[code] += int(sample.value)
+    return found
+
+
+def mlserver_outcomes(metrics_url: str) -> Counter[str]:
+    """MLServer's ModelInfer calls so far, by gRPC code name (``grpc_server_handled_total``,
+    py-grpc-prometheus's counter on its metrics port)."""
+    found: Counter[str] = Counter()
+    for family in read_prometheus(metrics_url):
+        if family.name != "grpc_server_handled":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_total") and labels.get("grpc_method") == "ModelInfer":
+                found[labels.get("grpc_code", "UNKNOWN")] += int(sample.value)
+    return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,11 +7,16 @@ Protocol (KServe V2) JSON requests (``POST /v2/models/NAME/infer``, FP32 [1, D],
 raw-pixel row every time) back to back for D seconds; a client sends its next request as soon as
 the previous answer arrives (closed loop). gRPC (``protocol`` grpc or both): C ModelInfer calls
 in flight over ``grpc_channels`` HTTP/2 connections, the same values as raw_input_contents, from
-bench/grpc_load.py's grpc.aio generator (its own process, pinned to one CPU). A record holds what
-the load generator saw: completed requests, ``rps`` (successful answers per second of the run),
+h2load (``grpc_generator`` h2load, the default) or bench/grpc_load.py's grpc.aio generator
+(python); either runs in its own process pinned to one CPU. A record holds what the load
+generator saw: completed requests, ``rps`` (successful answers per second of the run),
 ``samples_per_s`` (rps x rows per request), p50/p95/p99 latency over the completed requests
 (send to last byte), and errors (REST: connect, read, write and timeout errors, plus responses
-with status >= 400; gRPC: failed calls by status code name). ``mean_batch_rows`` is read from
+with status >= 400; gRPC: failed calls by status code name). h2load cannot see a gRPC status
+(it travels in the trailers): its failed calls are the ones each server counted under a code
+other than OK in its own Prometheus counters, read before and after every point
+(smartmixed-serve's ``smartmixed_requests_total{endpoint="grpc"}``, MLServer's
+``grpc_server_handled_total``), plus h2load's own transport failures. ``mean_batch_rows`` is read from
 smartmixed-serve's own Prometheus histogram (rows per ONNX Runtime run) before and after the
 point. With ``protocol`` both, each concurrency runs REST then gRPC, and the tables put them
 side by side.
@@ -39,8 +44,12 @@ drives and becomes the bottleneck. ``wrk`` (C, epoll) is used when it is install
 thread (``-t 1``) so it takes at most one core, and a Lua script that sets the POST body and
 prints its summary as one JSON line that is parsed here. The Python generator remains as a
 fallback; which one ran is recorded (``load_generator``), and numbers from the two are not
-comparable. gRPC has no such C tool here; its Python generator sends pre-serialised bytes and
-decodes no answer, and is held to one core.
+comparable. For gRPC, h2load (nghttp2-client, C) is wrk's counterpart: one thread, pinned to
+one core, ``-c CHANNELS -m C/CHANNELS`` streams in flight, the framed request from a file,
+per-call latencies from its ``--log-file``. The grpc.aio generator stays available
+(``grpc_generator`` python: pre-serialised bytes, no answer decoded, one core) but spends more
+CPU per call than the server path it drives; which one ran is recorded (``grpc_generator``)
+and there is no fallback between them (a missing h2load is an error naming nghttp2-client).
 
 Models. By default two networks of the paper architecture with seeded random weights are built
 and exported (permuted lowering): "mixed", every hidden neuron's activation drawn uniformly from
@@ -62,6 +71,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +82,16 @@ from smartmixed.bench import BenchError, common, parse_positive_ints
 from smartmixed.bench.common import machine_info, markdown_table
 from smartmixed.bench.grpc_load import (
     DEFAULT_CHANNELS,
+    H2LOAD,
+    PYTHON_GRPC,
     check_address,
+    h2load_version,
+    mlserver_outcomes,
     prepare_grpc_target,
+    resolve_grpc_generator,
     run_grpc,
+    run_h2load,
+    smartmixed_outcomes,
 )
 from smartmixed.bench.load import (
     REQUEST_TIMEOUT_S,
@@ -190,6 +207,15 @@ TARGETS: dict[str, dict[str, Any]] = {
             {"server": SMARTMIXED, "protocol": "rest"},
         ),
     },
+}
+
+
+# what config.grpc_load_generator says of each
+GRPC_GENERATOR_TEXT = {
+    H2LOAD: "h2load (nghttp2, C), one thread pinned to one CPU, the framed request from a file; "
+    "failed calls counted by the server's own gRPC counters before and after each point",
+    PYTHON_GRPC: "grpc.aio closed loop, its own process pinned to one CPU, pre-serialised "
+    "requests, answers not decoded",
 }
 
 
@@ -486,6 +512,7 @@ def measure_http(
     rounds: int | None = None,
     batching: str | Sequence[str] | None = None,
     load_generator: str = "auto",
+    grpc_generator: str = H2LOAD,
     grpc_channels: int = DEFAULT_CHANNELS,
     seed: int = 0,
     progress: bool = True,
@@ -518,6 +545,7 @@ def measure_http(
         raise HttpBenchError(f"gRPC channels must be a whole number >= 1 (got {grpc_channels!r})")
     protocols = parse_protocol(protocol)
     generator = resolve_load_generator(load_generator) if "rest" in protocols else None
+    grpc_gen = resolve_grpc_generator(grpc_generator) if "grpc" in protocols else None
     if against_mlserver:
         mlserver.mlserver_command()  # MLServerMissing: run make mlserver
     plan = _plan(
@@ -572,6 +600,7 @@ def measure_http(
                             server_url=server_url,
                             grpc_address=address,
                             generator=generator,
+                            grpc_generator=grpc_gen,
                             grpc_channels=grpc_channels,
                             work=work,
                             seed=seed,
@@ -603,11 +632,13 @@ def measure_http(
                                 server_url=ml.url,
                                 grpc_address=ml.grpc_address,
                                 generator=generator,
+                                grpc_generator=grpc_gen,
                                 grpc_channels=grpc_channels,
                                 work=work,
                                 seed=seed,
                                 info=None,
                                 server=MLSERVER,
+                                metrics_url=ml.metrics_url,
                             )
                         if warmup:  # not recorded: arenas, batcher, connection pools
                             for point in points:
@@ -649,10 +680,8 @@ def measure_http(
             "raw_input_contents, the same seeded raw pixels"
             if "grpc" in protocols
             else None,
-            "grpc_load_generator": "grpc.aio closed loop, its own process pinned to one CPU, "
-            "pre-serialised requests, answers not decoded"
-            if "grpc" in protocols
-            else None,
+            "grpc_load_generator": GRPC_GENERATOR_TEXT.get(grpc_gen),
+            "h2load_version": h2load_version() if grpc_gen == H2LOAD else None,
             "grpc_channels": grpc_channels if "grpc" in protocols else None,
             "request_timeout_s": REQUEST_TIMEOUT_S,
             "load_generator_threads": WRK_THREADS if generator == WRK else 1,
@@ -664,6 +693,7 @@ def measure_http(
         },
         "machine": {**machine_info(), "onnxruntime": _ort_version()},
         "load_generator": generator,
+        "grpc_generator": grpc_gen,
         "records": records,
         "points": summarize(records),
         "targets": {k: {"limit": t["limit"], "op": t["op"]} for k, t in TARGETS.items()},
@@ -681,17 +711,21 @@ def _prepare_points(
     server_url: str,
     grpc_address: str | None,
     generator: str | None,
+    grpc_generator: str | None,
     grpc_channels: int,
     work: Path,
     seed: int,
     info: dict[str, dict[str, Any]] | None,
     server: str = SMARTMIXED,
+    metrics_url: str | None = None,
 ) -> list[Measured]:
     """Check ``name`` on one server over each protocol; what to run at each concurrency.
 
     ``mode``: the batching of a smartmixed-serve this bench started (None: read from the
     running server's model config). MLServer runs without adaptive batching ("off"). ``info``
-    (smartmixed-serve only) collects the model's description for the result.
+    (smartmixed-serve only) collects the model's description for the result. ``metrics_url``:
+    MLServer's Prometheus endpoint, where h2load's failed calls are counted (smartmixed-serve's
+    is SERVER_URL/metrics).
     """
     if server == MLSERVER:
         model_mode, batching = None, "off"
@@ -716,11 +750,28 @@ def _prepare_points(
             if grpc_address is None:
                 raise HttpBenchError(f"{server}: no gRPC address to measure")
             grpc_target = prepare_grpc_target(grpc_address, name, seed=seed)
+            if grpc_generator == H2LOAD:
+                if server == MLSERVER:
+                    assert metrics_url is not None, "MLServer's metrics URL counts its errors"
+                    outcomes = partial(mlserver_outcomes, metrics_url)
+                else:
+                    outcomes = partial(smartmixed_outcomes, f"{server_url}/metrics")
+                outcomes()  # a server whose counters cannot be read fails here, not mid-run
 
-            def run(level: int, seconds: int, grpc_target=grpc_target):
-                return run_grpc(
-                    grpc_target, concurrency=level, duration=seconds, channels=grpc_channels
-                )
+                def run(level: int, seconds: int, grpc_target=grpc_target, outcomes=outcomes):
+                    return run_h2load(
+                        grpc_target,
+                        concurrency=level,
+                        duration=seconds,
+                        channels=grpc_channels,
+                        outcomes=outcomes,
+                    )
+            else:
+
+                def run(level: int, seconds: int, grpc_target=grpc_target):
+                    return run_grpc(
+                        grpc_target, concurrency=level, duration=seconds, channels=grpc_channels
+                    )
 
             request_bytes = {"grpc_request_bytes": len(grpc_target.request)}
         if info is not None:
@@ -830,8 +881,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         )
     if "grpc" in protocols:
         how.append(
-            f"gRPC: grpc.aio closed loop in its own process on one CPU, "
-            f"{c['grpc_channels']} channel(s)"
+            (
+                "gRPC: h2load (1 thread, one CPU; failed calls counted by each server's own "
+                "gRPC counters)"
+                if result.get("grpc_generator") == H2LOAD
+                else "gRPC: grpc.aio closed loop in its own process on one CPU"
+            )
+            + f", {c['grpc_channels']} connection(s)"
         )
     rounds = c.get("rounds", 1)
     per_point = f"{c['duration_s']} s per point" + (

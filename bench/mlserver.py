@@ -99,6 +99,11 @@ class MLServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def metrics_url(self) -> str:
+        """Its Prometheus endpoint (metrics_port): gRPC calls by code, grpc_server_handled."""
+        return f"http://127.0.0.1:{self.settings['metrics_port']}/metrics"
+
 
 def write_model_folder(
     folder: Path,

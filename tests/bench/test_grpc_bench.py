@@ -7,22 +7,30 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from smartmixed.bench import mlserver
+from smartmixed.bench import grpc_load, mlserver
 from smartmixed.bench.cli import main
 from smartmixed.bench.grpc_load import (
     RESULT_MARKER,
     GrpcTarget,
     check_address,
+    grpc_frame,
+    h2load_command,
     infer_request,
+    parse_h2load,
     parse_result,
     prepare_grpc_target,
+    resolve_grpc_generator,
     run_grpc,
+    run_h2load,
+    smartmixed_outcomes,
 )
 from smartmixed.bench.http_bench import RECORD_KEYS, evaluate_targets, summarize
 from smartmixed.bench.load import LoadGeneratorError
@@ -66,19 +74,85 @@ def test_closed_loop_against_smartmixed_serve(grpc_server: ServerProcess) -> Non
 
 
 def test_failed_calls_are_counted_by_grpc_code(grpc_server: ServerProcess) -> None:
-    # a model the server does not hold: every call is answered NOT_FOUND, none succeeds
+    raw = run_grpc(nope_target(grpc_server.grpc_address), concurrency=2, duration=0.3)
+    assert set(raw["error_kinds"]) == {"NOT_FOUND"}
+    assert raw["error_kinds"]["NOT_FOUND"] == raw["failed"] == raw["requests"] > 0
+
+
+needs_h2load = pytest.mark.skipif(
+    shutil.which("h2load") is None, reason="h2load is missing: make system-deps (nghttp2-client)"
+)
+
+
+def nope_target(address: str) -> GrpcTarget:
+    """A request for a model the server does not hold: every call is answered NOT_FOUND."""
     request = infer_request("nope", "input", [1, 64], seed=0)
-    target = GrpcTarget(
+    return GrpcTarget(
         name="nope",
-        address=grpc_server.grpc_address,
+        address=address,
         request=request.SerializeToString(),
         input_shape=[1, 64],
         n_classes=10,
         outputs=["logits"],
     )
-    raw = run_grpc(target, concurrency=2, duration=0.3)
+
+
+@needs_h2load
+def test_h2load_against_smartmixed_serve(grpc_server: ServerProcess) -> None:
+    target = prepare_grpc_target(grpc_server.grpc_address, "mixed", seed=0)
+    outcomes = partial(smartmixed_outcomes, f"{grpc_server.url}/metrics")
+    raw = run_h2load(target, concurrency=4, duration=1, outcomes=outcomes)
+    assert raw["error_kinds"] == {}
+    assert raw["requests"] > 25 and raw["duration_s"] == 1
+    # the server counted every call h2load completed, and those it cut at the end
+    assert raw["requests"] <= raw["server_counted"]["OK"] <= raw["requests"] + 4
+    assert 0 < raw["p50_ms"] <= raw["p95_ms"] <= raw["p99_ms"] <= raw["max_ms"]
+
+
+@needs_h2load
+def test_h2load_failed_calls_are_counted_by_the_server(grpc_server: ServerProcess) -> None:
+    # HTTP status 200 every time (grpc-status travels in the trailers): only the server knows
+    outcomes = partial(smartmixed_outcomes, f"{grpc_server.url}/metrics")
+    raw = run_h2load(
+        nope_target(grpc_server.grpc_address), concurrency=2, duration=1, outcomes=outcomes
+    )
     assert set(raw["error_kinds"]) == {"NOT_FOUND"}
-    assert raw["error_kinds"]["NOT_FOUND"] == raw["failed"] == raw["requests"] > 0
+    assert raw["error_kinds"]["NOT_FOUND"] >= raw["requests"] > 0
+    assert set(raw["server_counted"]) == {"NOT_FOUND"}
+
+
+def test_h2load_missing_says_install_nghttp2_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grpc_load.shutil, "which", lambda name: None)
+    with pytest.raises(LoadGeneratorError) as e:
+        resolve_grpc_generator("h2load")
+    assert str(e.value) == (
+        "--grpc-generator h2load: h2load is not installed; install nghttp2-client "
+        "(make system-deps), or use --grpc-generator python"
+    )
+    assert resolve_grpc_generator("python") == "python-grpc-aio"
+
+
+def test_h2load_frame_command_and_output() -> None:
+    assert grpc_frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    command = h2load_command(
+        "127.0.0.1:9", Path("b"), Path("l"), concurrency=64, duration=5, channels=2
+    )
+    assert command[:9] == ["h2load", "-t", "1", "-c", "2", "-m", "32", "-D", "5"]
+    assert command[-1] == "http://127.0.0.1:9/inference.GRPCInferenceService/ModelInfer"
+    assert "content-type: application/grpc" in command and "te: trailers" in command
+    with pytest.raises(LoadGeneratorError, match="concurrency 5 is not a multiple of 2"):
+        h2load_command("127.0.0.1:9", Path("b"), Path("l"), concurrency=5, duration=1, channels=2)
+    stdout = (
+        "finished in 1.00s, 3.00 req/s, 1KB/s\n"
+        "requests: 3 total, 5 started, 3 done, 3 succeeded, 0 failed, 0 errored, 0 timeout\n"
+        "status codes: 3 2xx, 0 3xx, 0 4xx, 1 5xx\n"
+    )
+    log = "1\t200\t1000\n2\t200\t3000\n3\t200\t2000\n"
+    raw = parse_h2load(stdout, log, 1)
+    assert (raw["requests"], raw["cut"], raw["p50_ms"], raw["max_ms"]) == (3, 2, 2.0, 3.0)
+    assert raw["error_kinds"] == {"http_status": 1}
+    with pytest.raises(LoadGeneratorError, match="h2load printed no request summary"):
+        parse_h2load("connect failed", "", 1)
 
 
 def test_prepare_names_a_missing_model(grpc_server: ServerProcess) -> None:
@@ -262,8 +336,13 @@ def test_mlserver_model_folder(tmp_path: Path) -> None:
 # Whole runs (slow)
 
 
+# h2load when installed (the default), else the Python generator (h2load is never a fallback)
+GRPC_GENERATOR = "h2load" if shutil.which("h2load") else "python"
+
+
 def run_bench(out: Path, *extra: str) -> dict[str, Any]:
     args = ["http", "--out", str(out), "--arch", "64,32,10", "--duration", "1", "--quiet"]
+    args += ["--grpc-generator", GRPC_GENERATOR]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main([*args, *extra]) == 0
@@ -280,6 +359,10 @@ def test_both_protocols_side_by_side(tmp_path: Path) -> None:
     assert points == [("rest", 1), ("grpc", 1), ("rest", 4), ("grpc", 4)] * 2
     assert all(r["errors"] == 0 and r["rps"] > 0 for r in result["records"])
     assert result["config"]["grpc_channels"] == 1
+    assert (
+        result["grpc_generator"]
+        == {"h2load": "h2load", "python": "python-grpc-aio"}[GRPC_GENERATOR]
+    )
     assert result["meets_targets"]["grpc_p50_vs_rest_concurrency_1"] is not None
     assert "| 1 | smartmixed | grpc |" in (tmp_path / "http.md").read_text()
 
