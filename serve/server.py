@@ -41,8 +41,9 @@ connection:
   one closing, then the one waiting longest with no request in progress (idle keep-alive, a
   slow client still sending headers, or the rest of a body whose request was answered already,
   e.g. shed with 503), then one with pipelined requests waiting (its client retries them). An
-  idle keep-alive connection whose next request has arrived unread is not idle (dropping it
-  lost that request: 1,153-2,302 "no response" per overload run at the cap). When nothing can
+  idle keep-alive connection whose next request has arrived unread, or idle for less than
+  IDLE_EVICT_AFTER_S, is not idle (dropping it lost that request or the one its client was
+  sending: 939-2,302 "no response" per overload run at the cap). When nothing can
   make room, the newcomer's first request decides: a health check or a scrape is answered (at
   most OVER_CAP such connections over the cap), anything else gets 503 with Retry-After and the
   connection closes. A connection dropped with unsent data is reset, never closed with a flush;
@@ -150,6 +151,7 @@ ACCEPT_RETRY_S = 0.1  # out of descriptors (EMFILE): accepting pauses this long
 METRICS_MAX_CONNECTIONS = 16  # the metrics port's cap (probes and scrapes), within FD_RESERVE
 OVER_CAP = 16  # connections accepted over the cap, each for one health check or one 503
 OVER_CAP_HEADER_TIMEOUT_S = 1.0  # ... whose request line and headers must come this soon
+IDLE_EVICT_AFTER_S = 1.0  # at the cap, a keep-alive connection idle this long may be dropped
 ROOM_SEARCH_PAUSE_S = 0.1  # at the cap, a search for a connection to drop that failed waits
 PEEK_BYTES = 1024  # at the cap: how much of a new connection's request is looked at
 DRAIN_READS = 16  # ... and how many 64 KiB reads of it are taken before it is closed
@@ -299,7 +301,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         """At the cap: drop the connection that blocks others for nothing, if any (see the
         module's docstring for the order). An idle keep-alive connection whose next request
         has arrived unread (a client told to retry after a 503 whose reading is paused, or one
-        the loop has not read yet) is not idle: dropping it would lose that request. A search
+        the loop has not read yet) is not idle: dropping it would lose that request; nor is one
+        idle for less than IDLE_EVICT_AFTER_S (its client is likely sending the next). A search
         that found nothing is not repeated for ROOM_SEARCH_PAUSE_S (it reads every
         connection: at the cap under overload, once per newcomer, it took the event loop)."""
         now = time.monotonic()
@@ -319,7 +322,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 continue
             candidates.append((key, id(c), c))
         for _, _, c in sorted(candidates, key=lambda k: k[:2]):
-            if c.phase == IDLE and c._unread():
+            if c.phase == IDLE and (now - c.phase_since < IDLE_EVICT_AFTER_S or c._unread()):
                 continue
             cls.stats.count("evicted_at_connection_limit")
             c._drop()
