@@ -175,6 +175,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 @needs_nginx
 def test_nginx_config_passes_nginx_t_and_balances_real_servers(
     tmp_path: Path, repository: Path

@@ -185,6 +185,7 @@ def drawn_pixels(browser) -> list[int]:
 # ---- the tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # chromium: about 20 s for the four; .ci/run runs them after make test
 def test_draw_a_one_and_a_zero(browser, server):
     open_page(browser, server.url)
     mnist = ["mnist-mixed", "mnist-relu"]
@@ -216,6 +217,7 @@ def test_draw_a_one_and_a_zero(browser, server):
     assert console_errors(browser) == []
 
 
+@pytest.mark.slow  # chromium: about 20 s for the four; .ci/run runs them after make test
 def test_model_cards(browser, server):
     open_page(browser, server.url)
     _wait(browser, lambda d: len(css(d, "[data-card]")) == 4, "four model cards")
@@ -251,6 +253,7 @@ def test_model_cards(browser, server):
     assert console_errors(browser) == []
 
 
+@pytest.mark.slow  # chromium: about 20 s for the four; .ci/run runs them after make test
 def test_form_for_a_64_feature_model(browser, server):
     open_page(browser, server.url)
     _wait(browser, lambda d: css(d, 'form[data-width="64"] button.example'), "the form")
@@ -280,6 +283,7 @@ def test_form_for_a_64_feature_model(browser, server):
     assert console_errors(browser, 400) == []
 
 
+@pytest.mark.slow  # chromium: about 20 s for the four; .ci/run runs them after make test
 def test_api_key(browser, key_server):
     open_page(browser, key_server.url)
     form = _wait(browser, lambda d: css(d, "#key-form:not([hidden])"), "the key prompt")[0]

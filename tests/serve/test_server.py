@@ -78,6 +78,7 @@ def test_oversized_headers_get_431_at_once(server) -> None:
     assert "8192 bytes" in _json_body(response)["error"]
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_slow_headers_and_short_bodies_get_408_after_the_timeout(server) -> None:
     slow = _connect(server.port)
     slow.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # ... and never the end

@@ -192,6 +192,7 @@ def test_pipelining_slow_readers_leave_room_for_health(server) -> None:
         sock.close()  # with unread answers: a reset
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_connections_that_do_not_read_are_evicted_then_reset(server) -> None:
     """A stalled answer with two pipelined requests behind it, on every connection but one
     (an upload in progress): health takes their places; those left are reset after the send
@@ -232,6 +233,7 @@ def test_a_header_behind_an_answer_in_progress_is_counted(server) -> None:
     sock.close()
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_connections_closed_with_unsent_answers_do_not_pass_the_cap(server) -> None:
     """Connection: close answers nobody reads leave their connections closing with unsent data:
     at the cap they are reset to make room, so the server never holds more than the cap."""
@@ -401,6 +403,7 @@ def test_answers_not_read_are_bounded_server_wide(patient_server) -> None:
     assert all(int(total) >= 2 * (BIG_ID - 64 * 1024) for total in held), held
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_sigterm_with_slow_readers_connected_exits_0_at_once(patient_server) -> None:
     """A stalled answer with pipelined requests behind it, and a send timeout longer than the
     drain: SIGTERM still exits 0 within DRAIN_SEND_TIMEOUT_S (and a sweep), no traceback."""

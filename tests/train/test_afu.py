@@ -299,6 +299,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_resume_with_a_shared_unit_is_exact(tmp_path: Path, digits: Dataset) -> None:
     """The checkpoint holds the network-shared unit (one tensor per layer index in the
     state_dict) and the resumed run ends bit for bit where an uninterrupted one does."""

@@ -70,6 +70,7 @@ def test_list_presets(capsys) -> None:
     assert lines[20].endswith("-> linear 128 -> linear 10 (last: the data's classes)")
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_module_entry_point_help() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "smartmixed.train", "--help"],
@@ -80,6 +81,7 @@ def test_module_entry_point_help() -> None:
     assert result.returncode == 0 and "--p1-epochs" in result.stdout
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_cli_protocol_sets_defaults_and_flags_override(tmp_path: Path) -> None:
     import json
 

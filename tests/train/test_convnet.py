@@ -211,6 +211,7 @@ def test_conv_resume_is_exact(digits: Dataset, tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # over 1.5 s: .ci/run runs it after make test
 def test_cli_trains_lenet5_on_28x28_images(tmp_path: Path, mnist_like, capsys) -> None:
     mnist_like(tmp_path / "mnist", n_train=120, n_test=30)
     out = tmp_path / "lenet"

@@ -47,6 +47,7 @@ def test_fashion_mnist_without_debian_files_says_how_to_get_them(
         assert "make system-deps" in message and "--data-dir DIR" in message
 
 
+@pytest.mark.slow  # over 1.5 s: .ci/run runs it after make test
 def test_fashion_mnist_from_debian_package_folder(monkeypatch) -> None:
     if not all((FASHION_MNIST_DEBIAN_DIR / f"{stem}.gz").is_file() for stem in IDX_FILES.values()):
         pytest.skip(
@@ -64,6 +65,7 @@ def test_fashion_mnist_from_debian_package_folder(monkeypatch) -> None:
     assert seconds < 15, f"loading took {seconds:.1f} s"
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_embedded_mnist_subset() -> None:
     data = load_dataset("mnist")
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 5000

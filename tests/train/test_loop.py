@@ -119,6 +119,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(
     assert strip(artifacts.read_history(out)) == strip(artifacts.read_history(tmp_path / "ref"))
 
 
+@pytest.mark.slow  # over 1.5 s: .ci/run runs it after make test
 def test_resume_refuses_changed_options_and_finished_runs(digits: Dataset, tmp_path: Path) -> None:
     out = tmp_path / "run"
 
@@ -225,6 +226,7 @@ def test_protocols_set_their_values_and_options_override() -> None:
         TrainConfig(arch=ARCH, tau_end=0.0)
 
 
+@pytest.mark.slow  # over 1.5 s: .ci/run runs it after make test
 def test_tau_anneals_exponentially_over_phase1(digits: Dataset, tmp_path: Path) -> None:
     config = _config(tau=1.0, tau_end=0.1, p1_epochs=3, p2_epochs=1)
     assert [round(config.tau_at(e), 6) for e in range(3)] == [1.0, round(0.1**0.5, 6), 0.1]
@@ -285,6 +287,7 @@ def test_logit_lr_moves_the_logits_and_history_has_the_logit_gradients(digits: D
     assert moved[1e-4] < 0.02 < 0.5 < moved[1e-1]
 
 
+@pytest.mark.slow  # over 1.5 s: .ci/run runs it after make test
 def test_reference_code_protocol_runs_with_its_quirks(digits: Dataset, tmp_path: Path) -> None:
     config = TrainConfig.from_protocol(
         "reference-code", arch=ARCH, p1_epochs=2, p2_epochs=2, lr=3e-3

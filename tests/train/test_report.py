@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from smartmixed import contract
 from smartmixed.train import report
 
@@ -15,6 +17,7 @@ def _run_python(code: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # over 2 s: .ci/run runs it after make test
 def test_run_files_load_no_matplotlib() -> None:
     # everything that only reads or writes a run (export, the benches) draws nothing
     _run_python("import sys, smartmixed.train.artifacts\nassert 'matplotlib' not in sys.modules\n")
