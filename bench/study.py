@@ -60,6 +60,8 @@ from smartmixed.contract import (
 )
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
+from smartmixed.train.auto import TIE_TOLERANCE, choose_rate, parse_rates
+from smartmixed.train.loop import TrainError
 
 SMARTMIXED = "smartmixed"
 DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)
@@ -84,10 +86,7 @@ CELL_OPTIONS = (
     "list_presets",
 )
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a folder name on any filesystem
-# a --tune-lr rate: a plain decimal number, written into the folder name lr<rate> as given
-RATE_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 STDERR_TAIL_LINES = 15
-RANK_TIE_TOLERANCE = 1e-12  # means this close are equal (the same accuracies summed in any order)
 
 
 @dataclass(frozen=True)
@@ -274,22 +273,10 @@ def parse_tuning(
         if tune_seeds is not None:
             raise BenchError("--tune-seeds needs --tune-lr (the rates to choose from)")
         return None
-    text = tune_lr if isinstance(tune_lr, str) else ",".join(tune_lr)
-    rates = split_list(tune_lr)
-    for rate in rates:
-        value = float(rate) if RATE_PATTERN.fullmatch(rate) else math.nan
-        if not (0 < value < math.inf):
-            raise BenchError(
-                f"--tune-lr {text!r}: {rate!r} is not a learning rate; expected positive "
-                f"decimal numbers separated by commas, e.g. 1e-4,1e-3,3e-3"
-            )
-    if not rates:
-        raise BenchError(f"--tune-lr {text!r}: no rate; expected e.g. 1e-4,1e-3,3e-3")
-    values = [float(r) for r in rates]
-    for i, rate in enumerate(rates):
-        if values[i] in values[:i]:
-            same = rates[values.index(values[i])]
-            raise BenchError(f"--tune-lr {text!r}: {same} and {rate} are the same rate")
+    try:  # the rule smartmixed-train --mode auto --tune-lr shares
+        rates = parse_rates(tune_lr)
+    except TrainError as e:
+        raise BenchError(str(e)) from None
     if tune_seeds is None:
         return Tuning(tuple(rates), tuple(seeds), ())
     if not 1 <= tune_seeds <= len(seeds):
@@ -623,7 +610,7 @@ def study_command(config: Mapping[str, Any]) -> str:
 def competition_ranks(means: Mapping[str, float]) -> dict[str, int]:
     """Standard competition ranking, highest mean first: rank = 1 + number of strictly better."""
     return {
-        name: 1 + sum(other > mean + RANK_TIE_TOLERANCE for other in means.values())
+        name: 1 + sum(other > mean + TIE_TOLERANCE for other in means.values())
         for name, mean in means.items()
     }
 
@@ -678,13 +665,6 @@ def summarize(accuracies: Sequence[float]) -> dict[str, Any]:
     std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (n - 1))
     half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
-
-
-def choose_rate(means: Mapping[str, float]) -> str:
-    """The rate of the best mean validation accuracy; of rates whose means are equal to it
-    (within RANK_TIE_TOLERANCE), the smallest."""
-    best = max(means.values())
-    return min((r for r, m in means.items() if m >= best - RANK_TIE_TOLERANCE), key=float)
 
 
 def choose_rates(

@@ -21,6 +21,7 @@ from smartmixed.contract import (
 )
 from smartmixed.nn.pool import DEFAULT_POOL, EXTRA_ACTIVATIONS, PoolError
 from smartmixed.train.artifacts import ArtifactError, check_writable_folder
+from smartmixed.train.auto import AUTO, plan_auto, summary_table, train_auto
 from smartmixed.train.data import DataError, Dataset, load_dataset
 from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
@@ -37,6 +38,7 @@ from smartmixed.train.model import (
     CANDIDATE_NORMS,
     LOGIT_GRAD_NORMS,
     PRESETS,
+    ModelSpec,
     SpecError,
     parse_arch,
     resolve_preset,
@@ -54,6 +56,7 @@ examples:
   smartmixed-train --data mnist --preset lenet5 --mode smartmixed --out runs/lenet5
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:relu --epochs 30 --out runs/relu
   smartmixed-train --data digits --arch 64,128,10 --mode fixed:afu --epochs 30 --out runs/afu
+  smartmixed-train --data digits --arch 64,128,10 --mode auto --tune-lr 1e-3,3e-3 --out runs/auto
   smartmixed-train --compare runs/mixed runs/relu
 """
 
@@ -64,7 +67,11 @@ def config_options(d: dict) -> dict[str, dict]:
     takes the --protocol's value (or TrainConfig's own default), so the flags' dests are
     exactly TrainConfig's fields."""
     return {
-        "--mode": {"help": "smartmixed (default) or fixed:ACTIVATION"},
+        "--mode": {
+            "help": "smartmixed (default), fixed:ACTIVATION, or auto: screen the pool's fixed "
+            "activations, then train SmartMixed and the best of them alike and keep the better "
+            "on validation accuracy (the sub-runs in OUT/auto/)"
+        },
         "--pool": {"help": "comma-separated candidate activations (smartmixed)"},
         "--p1-epochs": {"type": int, "help": f"phase-1 epochs (default {d['p1_epochs']})"},
         "--p2-epochs": {"type": int, "help": f"phase-2 epochs (default {d['p2_epochs']})"},
@@ -180,8 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, options in config_options(PROTOCOLS[DEFAULT_PROTOCOL]).items():
         p.add_argument(flag, **options)
+    p.add_argument(
+        "--screen-epochs",
+        type=int,
+        help="--mode auto: epochs of each fixed activation's screening run (default: a quarter "
+        "of --epochs, at least 1)",
+    )
+    p.add_argument(
+        "--tune-lr",
+        metavar="R1,R2,...",
+        help="--mode auto: SmartMixed and the best-screened activation each train at every rate "
+        "and keep the one of the best validation accuracy (ties: the smaller); default: --lr",
+    )
     p.add_argument("--out", type=Path, help="run folder, e.g. runs/NAME")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in --out (--mode auto: the same command continues)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -241,16 +264,50 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("one of --arch or --preset is required")
         if args.arch is not None and args.arch.strip() in (*PRESETS, *CONV_PRESETS):
             parser.error(f"--arch {args.arch}: that is a preset; use --preset {args.arch.strip()}")
+        auto = args.mode == AUTO
+        for flag in ("screen_epochs", "tune_lr"):
+            if not auto and getattr(args, flag) is not None:
+                mode = args.mode or "smartmixed"
+                raise TrainError(f"--{flag.replace('_', '-')} needs --mode auto; got --mode {mode}")
         check_writable_folder(args.out, what="--out")  # before any data is loaded
         options = {name: getattr(args, name) for name in CONFIG_DESTS}
+        if auto:  # the options are checked as SmartMixed's; the plan sets each run's mode
+            options["mode"] = "smartmixed"
+        dataset = None
         if args.preset is not None and is_conv_preset(args.preset):
             config, dataset = _conv_config(args, options)
         else:
             arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
             config = TrainConfig.from_protocol(args.protocol, arch=arch, **options)
+        if auto:  # a conv net's arch comes from its data, so its plan is made after loading it
+            plan = plan_auto(
+                protocol=args.protocol,
+                options={**options, "arch": config.arch, "layers": config.layers},
+                screen_epochs=args.screen_epochs,
+                tune_lr=args.tune_lr,
+            )
+        if dataset is None:
             dataset = load_dataset(
                 args.data, data_dir=args.data_dir, seed=config.seed, label_column=args.label_column
             )
+        if auto:
+            print(f"data: {dataset.summary()}")
+            print(
+                f"model: auto, architecture {config.arch}, pool {','.join(plan.pool)}, screen "
+                f"epochs {plan.screen_epochs}, rates {','.join(plan.rates)}"
+            )
+            if config.layers is not None:
+                print(f"layers: {describe_layers(config.layers)}")
+            spec = train_auto(
+                plan=plan,
+                dataset=dataset,
+                out=args.out,
+                overwrite=args.overwrite,
+                device=args.device,
+                progress=not args.quiet,
+            )
+            print(summary_table(spec.training[AUTO]))
+            return _print_done(spec, args.out)
         main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
         if main_rank:
             print(f"data: {dataset.summary()}")
@@ -284,10 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    return _print_done(spec, args.out)
+
+
+def _print_done(spec: ModelSpec, out: Path) -> int:
     m = spec.metrics
     print(
         f"done: test accuracy {m['test_accuracy']:.4f}, validation {m['val_accuracy']:.4f} "
-        f"(best epoch {m['best_epoch']}); artifacts in {args.out}/"
+        f"(best epoch {m['best_epoch']}); artifacts in {out}/"
     )
     return 0
 

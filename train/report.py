@@ -353,11 +353,38 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
         lines += [
             f"| {i + 1} | {kinds[i]} | {w} | {format_counts(counts)} |" for i, (w, counts) in rows
         ]
+    if "auto" in spec.training:  # --mode auto: the candidates this run was chosen among
+        lines += ["", "## Why this network (--mode auto)", "", *auto_table(spec.training["auto"])]
     lines += ["", "## Plots", ""]
     for key, name in PLOTS.items():
         if (run_dir / name).exists():
             lines.append(f"![{key}]({name})")
     atomic_write_text(run_dir / REPORT, "\n".join(lines) + "\n")
+
+
+def auto_table(record: dict[str, Any]) -> list[str]:
+    """An auto record (model.json's training.auto) as a Markdown table of every sub-run, in
+    training order, with the choices marked, then the winner and why."""
+    lines = [
+        "| stage | model | epochs | lr | validation accuracy | chosen | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in record["screen"]:
+        mark = "best screened" if s["activation"] == record["screened"] else ""
+        lines.append(
+            f"| screen | {s['activation']} | {s['epochs']} | {s['lr']} | "
+            f"{s['val_accuracy']:.4f} | {mark} | {s['run']} |"
+        )
+    for f in record["finalists"]:
+        for rate, val in f["lr"].items():
+            marks = ["lr"] if rate == f["chosen_lr"] and len(f["lr"]) > 1 else []
+            if rate == f["chosen_lr"] and f["model"] == record["winner"]:
+                marks.append("**winner**")
+            lines.append(
+                f"| final | {f['model']} | {f['epochs']} | {rate} | {val:.4f} | "
+                f"{', '.join(marks)} | {f['runs'][rate]} |"
+            )
+    return [*lines, "", f"winner: {record['reason']}"]
 
 
 # the metrics of model.json the comparison prints
