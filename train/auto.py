@@ -187,7 +187,7 @@ def plan_auto(
     value); their ``mode`` is ignored, since the plan sets each sub-run's own.
     """
     options = {k: v for k, v in options.items() if k != "mode"}
-    # every sub-run's options checked once: SmartMixed's, and a fixed run's (e.g. --epochs 0)
+    # the options checked as SmartMixed's here and as a fixed run's below, before any training
     base = TrainConfig.from_protocol(protocol, **options, mode=SMARTMIXED)
     pool = tuple(base.pool)
     if len(pool) < 2:
