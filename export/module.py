@@ -88,7 +88,7 @@ activation) stays in the graph.
   layer that runs after its max pool in ``permuted`` does so in ``folded`` too (the merged
   ops, sigmoid and PRelu with slopes >= 0, are monotone non-decreasing as well).
 - ``folded_tanh``: ``folded`` without the PRelu merge. ONNX Runtime's CPU PRelu with a
-  per-column slope was measured ~25x slower per element than Relu on 2-D inputs (README), so
+  per-column slope was measured ~25x slower per element than Relu on 2-D inputs (docs/design.md), so
   ``auto`` times both.
 
 ``auto`` verifies and times scatter and each other lowering that changes something (permuted

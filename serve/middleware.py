@@ -5,7 +5,7 @@ holds no model data, asks for the key itself when the API answers 401, and says 
 server is not ready.
 
 (Starlette's @app.middleware("http") wraps every request in task groups and memory streams; on
-this hot path that halved the requests/s the service could take. See the README's HTTP results.)
+this hot path that halved the requests/s the service could take. See docs/results.md for the HTTP figures.)
 """
 
 from __future__ import annotations

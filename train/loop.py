@@ -12,7 +12,7 @@ Protocols (``--protocol``) are named sets of defaults; explicit options override
 - ``reference-code``: ``paper`` plus the reference code's quirks: softmax before the
   cross-entropy, Gumbel noise at evaluation, phase-1 candidates clamped to [-10, 10], phase-2
   weights re-initialised.
-- ``smartmixed`` (default): ``paper`` with the selection fixes the study chose (README, "Why
+- ``smartmixed`` (default): ``paper`` with the selection fixes the study chose (docs/method.md, "Why
   the mix was worse than ReLU"): standardised candidates, a separate logit learning rate, the
   argmax at phase 1's last epoch frozen, and phase 2 trained from a fresh initialisation (phase 1
   only chooses; its weights, trained under switching activations, are a worse start).
@@ -98,7 +98,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "eval_noise": True,
         "clamp": REFERENCE_CLAMP,
     },
-    # Chosen by the selection study on validation accuracy (README Results); see the docstring.
+    # Chosen by the selection study on validation accuracy (docs/results.md); see the docstring.
     "smartmixed": {
         **PAPER_PROTOCOL,
         "candidate_norm": None,
