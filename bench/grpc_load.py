@@ -71,7 +71,7 @@ from typing import Any
 
 import numpy as np
 
-from smartmixed.bench.load import REQUEST_TIMEOUT_S, LoadGeneratorError
+from smartmixed.bench.load import REQUEST_TIMEOUT_S, LoadGeneratorError, latency_summary
 from smartmixed.bench.server import LOOPBACK_NAMES, ServerError
 
 DEFAULT_CHANNELS = 1
@@ -296,21 +296,11 @@ def parse_h2load(stdout: str, log_text: str, duration: float) -> dict[str, Any]:
         fields = line.split("\t")
         if len(fields) == 3 and fields[2].isdigit():
             latencies.append(int(fields[2]) / 1e3)  # us -> ms
-    ms = np.asarray(latencies, dtype=np.float64)
-    if ms.size:
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99]).tolist()
-        mean, peak = float(ms.mean()), float(ms.max())
-    else:
-        p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
     return {
         "requests": done,
         "cut": started - done,  # in flight when the duration ended: h2load drops them
         "duration_s": duration,
-        "mean_ms": mean,
-        "p50_ms": p50,
-        "p95_ms": p95,
-        "p99_ms": p99,
-        "max_ms": peak,
+        **latency_summary(latencies),
         "error_kinds": {
             k: v
             for k, v in (
@@ -529,22 +519,12 @@ async def closed_loop(
         for channel in opened:
             await channel.close()
     failed = sum(codes.values())
-    ok = np.frombuffer(latencies, dtype=np.float64) if latencies else np.empty(0)
-    if ok.size:
-        p50, p95, p99 = np.percentile(ok, [50, 95, 99]).tolist()
-        mean, peak = float(ok.mean()), float(ok.max())
-    else:
-        p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
     return {
         # every answered call, like wrk's count (failed ones included; rps counts OK only)
         "requests": len(latencies),
         "failed": failed,
         "duration_s": elapsed,
-        "mean_ms": mean,
-        "p50_ms": p50,
-        "p95_ms": p95,
-        "p99_ms": p99,
-        "max_ms": peak,
+        **latency_summary(np.frombuffer(latencies, dtype=np.float64) if latencies else []),
         "error_kinds": dict(sorted(codes.items())),
     }
 

@@ -199,20 +199,27 @@ async def _python_load(target: Target, concurrency: int, duration: float) -> dic
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    if latencies:
-        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]).tolist()
-        mean, peak = float(np.mean(latencies)), float(np.max(latencies))
-    else:
-        p50 = p95 = p99 = mean = peak = None  # JSON has no NaN
     return {
         "requests": len(latencies),
         "duration_s": elapsed,
-        "mean_ms": mean,
+        **latency_summary(latencies),
+        "error_kinds": kinds,
+    }
+
+
+def latency_summary(latencies_ms) -> dict[str, float | None]:
+    """mean_ms, p50_ms, p95_ms, p99_ms, max_ms of per-request latencies (ms); None for each
+    when there is none (JSON has no NaN). Every Python-side generator reports these keys."""
+    ms = np.asarray(latencies_ms, dtype=np.float64)
+    if not ms.size:
+        return dict.fromkeys(("mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms"))
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99]).tolist()
+    return {
+        "mean_ms": float(ms.mean()),
         "p50_ms": p50,
         "p95_ms": p95,
         "p99_ms": p99,
-        "max_ms": peak,
-        "error_kinds": kinds,
+        "max_ms": float(ms.max()),
     }
 
 

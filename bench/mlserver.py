@@ -25,20 +25,16 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 from smartmixed.bench import BenchError
 from smartmixed.bench.server import (
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
-    ServerError,
     free_port,
-    http_client,
+    wait_ready,
 )
 from smartmixed.contract import INPUT
 
@@ -186,31 +182,16 @@ def start_mlserver(
             log_path=log_path,
         )
         try:
-            wait_model_ready(server, name, timeout=ready_timeout)
+            wait_ready(
+                server,
+                timeout=ready_timeout,
+                path=f"/v2/models/{name}/ready",
+                what=f"mlserver (model {name!r})",
+                interval=0.2,
+            )
             yield server
         finally:
             stop_mlserver(process)
-
-
-def wait_model_ready(server: MLServerProcess, name: str, *, timeout: float) -> None:
-    """Poll GET /v2/models/NAME/ready every 0.2 s until it answers 200."""
-    deadline = time.monotonic() + timeout
-    with http_client(timeout=2.0) as client:
-        while True:
-            if server.process.poll() is not None:
-                raise ServerError(
-                    f"mlserver exited with status {server.process.returncode} before model "
-                    f"{name!r} was ready: {server.log_path.read_text(errors='replace')[-1500:]}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{server.url}/v2/models/{name}/ready").status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise ServerError(
-                    f"mlserver's model {name!r} was not ready within {timeout:.0f} s: "
-                    f"{server.log_path.read_text(errors='replace')[-1500:]}"
-                )
-            time.sleep(0.2)
 
 
 def stop_mlserver(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -253,24 +254,33 @@ def start_server(
         stop_process(process)
 
 
-def wait_ready(server: ServerProcess, *, timeout: float = READY_TIMEOUT_S) -> None:
-    """Poll /v2/health/ready every 0.1 s until it answers 200."""
+def wait_ready(
+    server: ServerProcess | Any,
+    *,
+    timeout: float = READY_TIMEOUT_S,
+    path: str = HEALTH_READY_PATH,
+    what: str = "the server",
+    interval: float = 0.1,
+) -> None:
+    """Poll ``server.url + path`` every ``interval`` s until it answers 200; ServerError with
+    the log's tail when the process exits first or ``timeout`` passes. ``server``: anything with
+    ``url``, ``process`` and ``log_path`` (bench/mlserver.py's MLServerProcess too)."""
     deadline = time.monotonic() + timeout
     with http_client(timeout=2.0) as client:
         while True:
             if server.process.poll() is not None:
                 raise ServerError(
-                    f"the server exited with status {server.process.returncode} before it was "
+                    f"{what} exited with status {server.process.returncode} before it was "
                     f"ready: {_tail(server.log_path)}"
                 )
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(server.url + HEALTH_READY_PATH).status_code == 200:
+                if client.get(server.url + path).status_code == 200:
                     return
             if time.monotonic() > deadline:
                 raise ServerError(
-                    f"the server was not ready within {timeout:.0f} s: {_tail(server.log_path)}"
+                    f"{what} was not ready within {timeout:.0f} s: {_tail(server.log_path)}"
                 )
-            time.sleep(0.1)
+            time.sleep(interval)
 
 
 def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:

@@ -335,14 +335,19 @@ class Service:
         whole before it was admitted (a gRPC message, already within ``max_request_bytes``),
         until it is answered: its decoded rows and its answer live that long. Overloaded when
         the budget cannot hold them."""
+        self._reserve(size)
+        admission.body_held += size
+
+    def _reserve(self, size: int, *, why: str = "") -> None:
+        """``size`` bytes more of the server-wide body budget; Overloaded when it cannot hold
+        them (``why`` says what the bytes are, in the message)."""
         budget = self.settings.body_budget
         if self.body_bytes + size > budget:
             raise Overloaded(
                 f"request bodies being received or answered would exceed {budget} bytes "
-                "(max_body_bytes_in_flight); retry later"
+                f"(max_body_bytes_in_flight){why}; retry later"
             )
         self.body_bytes += size
-        admission.body_held += size
 
     async def read_body(
         self, request: Request, *, binary_ok: bool = False, limit: int | None = None
@@ -376,13 +381,7 @@ class Service:
             size = limit if "transfer-encoding" in request.headers else 0
         if size > limit:
             raise ServeError(f"request body of {declared} bytes is over the limit of {limit}", 413)
-        budget = self.settings.body_budget
-        if self.body_bytes + size > budget:
-            raise Overloaded(
-                f"request bodies being received or answered would exceed {budget} bytes "
-                "(max_body_bytes_in_flight); retry later"
-            )
-        self.body_bytes += size
+        self._reserve(size)
         admitted = BODY_HELD in request.scope
         if admitted:
             request.scope[BODY_HELD] += size
@@ -414,13 +413,7 @@ class Service:
         inflated = await loop.run_in_executor(self.decoder, codec.inflate, body, coding, limit)
         grown = len(inflated) - reserved
         if BODY_HELD in request.scope and grown > 0:
-            budget = self.settings.body_budget
-            if self.body_bytes + grown > budget:
-                raise Overloaded(
-                    f"request bodies being received or answered would exceed {budget} bytes "
-                    "(max_body_bytes_in_flight) once decompressed; retry later"
-                )
-            self.body_bytes += grown
+            self._reserve(grown, why=" once decompressed")
             request.scope[BODY_HELD] += grown
         return inflated
 
