@@ -11,15 +11,16 @@ from pathlib import Path
 
 from smartmixed.bench import BenchError
 from smartmixed.bench.soak_scenarios import SoakOptions
-from smartmixed.bench.study import (
+from smartmixed.contract import CONV_PRESETS, call_with_options
+from smartmixed.train.model import SpecError, parse_arch
+from smartmixed.train.study import (
     DEFAULT_ARCHS,
     DEFAULT_MODELS,
     DEFAULT_SEEDS,
+    StudyError,
     render_markdown,
     run_study,
 )
-from smartmixed.contract import CONV_PRESETS, call_with_options
-from smartmixed.train.model import SpecError, parse_arch
 
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -382,7 +383,7 @@ def _soak(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace, train_args: list[str]) -> int:
     try:
         outcome = call_with_options(run_study, args, train_args=train_args)
-    except BenchError as e:
+    except (BenchError, StudyError) as e:
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -78,8 +78,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, common, parse_positive_ints
-from smartmixed.bench.common import machine_info, markdown_table
+from smartmixed.bench import BenchError, parse_positive_ints
 from smartmixed.bench.grpc_load import (
     DEFAULT_CHANNELS,
     H2LOAD,
@@ -118,7 +117,8 @@ from smartmixed.bench.server import (
     server_env,
     start_server,
 )
-from smartmixed.contract import SpecError, parse_arch, split_list
+from smartmixed.contract import SpecError, outputs, parse_arch, split_list
+from smartmixed.contract.outputs import machine_info, markdown_table
 
 DEFAULT_CONCURRENCY = (1, 8, 64)
 DEFAULT_DURATION_S = 5
@@ -1028,7 +1028,7 @@ def _by_model_and_batching(
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = outputs.pyplot()
 
     points = result.get("points") or summarize(result["records"])
     lines: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -1065,4 +1065,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/http.{json,md,png}, each written atomically."""
-    return common.write_outputs(result, out, "http", render=render_markdown, draw=plot)
+    return outputs.write_outputs(result, out, "http", render=render_markdown, draw=plot)

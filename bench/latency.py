@@ -64,16 +64,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, common, parse_positive_ints
-from smartmixed.bench.common import machine_info
+from smartmixed.bench import BenchError, parse_positive_ints
 from smartmixed.contract import (
     AFU,
     CONV_PRESETS,
     activation_after,
     layer_output_shapes,
     layered_arch,
+    outputs,
     resolve_conv_preset,
 )
+from smartmixed.contract.outputs import machine_info
 from smartmixed.contract.runtime import make_session
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
@@ -862,7 +863,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 def plot(result: Mapping[str, Any], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    plt = common.pyplot()
+    plt = outputs.pyplot()
 
     c, recs = result["config"], result["records"]
     batches, threads = c["batches"], c["threads"]
@@ -916,4 +917,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/latency.json, .md, .png, atomically (train-cost's writer with this bench's report)."""
-    return common.write_outputs(result, out, "latency", render=render_markdown, draw=plot)
+    return outputs.write_outputs(result, out, "latency", render=render_markdown, draw=plot)

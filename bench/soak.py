@@ -48,7 +48,6 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from smartmixed.bench.common import machine_info
 from smartmixed.bench.load import wrk_version
 from smartmixed.bench.server import (
     PAPER_ARCH,
@@ -86,6 +85,7 @@ from smartmixed.bench.soak_wire import (
     row_name,
 )
 from smartmixed.contract import SpecError, parse_arch, parse_positive_ints, split_list
+from smartmixed.contract.outputs import machine_info
 
 GENERATED_MODEL = "mixed"
 ALL_SCENARIOS = (*SCENARIOS, *WIRE_SCENARIOS)

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from smartmixed.bench import common
 from smartmixed.bench.soak_clients import PROBE_TIMEOUT_S
 from smartmixed.bench.soak_scenarios import HEALTH_P99_TARGET_MS, OUTCOME_BIN_S, SCENARIOS
 from smartmixed.bench.soak_wire import WIRE_SCENARIOS, scenario_of
+from smartmixed.contract import outputs
 
 
 def _fmt(value: Any) -> str:
@@ -111,7 +111,7 @@ def _health_target(ax: Any) -> None:
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = outputs.pyplot()
 
     scenarios = result["scenarios"]
     wire = {
@@ -200,4 +200,4 @@ def _plot_wire(axes: Any, rows: Mapping[str, Any]) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/soak.{json,md,png}, each written atomically."""
-    return common.write_outputs(result, out, "soak", render=render_markdown, draw=plot)
+    return outputs.write_outputs(result, out, "soak", render=render_markdown, draw=plot)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, common
-from smartmixed.bench.common import machine_info
-from smartmixed.contract import CONV_PRESETS, layered_arch, resolve_conv_preset
+from smartmixed.bench import BenchError
+from smartmixed.contract import CONV_PRESETS, layered_arch, outputs, resolve_conv_preset
+from smartmixed.contract.outputs import machine_info
 from smartmixed.nn import MixedActivation
 from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.distributed import resolve_device
@@ -327,7 +327,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    plt = common.pyplot()
+    plt = outputs.pyplot()
 
     names = list(result["models"])
     med = [result["models"][n]["ms_per_step"] for n in names]
@@ -350,4 +350,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     """DIR/train-cost.{json,md,png}, each written atomically."""
-    return common.write_outputs(result, out, "train-cost", render=render_markdown, draw=plot)
+    return outputs.write_outputs(result, out, "train-cost", render=render_markdown, draw=plot)

@@ -50,7 +50,7 @@ WINNER_FILES = (artifacts.MODEL_WEIGHTS, artifacts.HISTORY, *report.PLOTS.values
 
 
 # --------------------------------------------------------------------------------------------
-# The rules (pure functions of validation accuracies; bench/study.py shares the rate rule)
+# The rules (pure functions of validation accuracies; train/study.py shares the rate rule)
 
 
 def parse_rates(tune_lr: str | Sequence[str]) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ def test_bench_outputs_are_written_without_torch(tmp_path: Path) -> None:
     # write_outputs writes through contract.files: no torch to write a JSON and a Markdown file
     _run_python(
         "import sys, pathlib\n"
-        "from smartmixed.bench.common import write_outputs\n"
+        "from smartmixed.contract.outputs import write_outputs\n"
         f"out = pathlib.Path({str(tmp_path)!r})\n"
         "write_outputs({'x': 1}, out, 'b', render=lambda r: '# b\\n',\n"
         "              draw=lambda r, p: p.write_bytes(b'png'))\n"

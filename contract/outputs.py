@@ -1,5 +1,5 @@
-"""What every bench shares: the machine a result was measured on, how its files are written, and
-the plotting backend.
+"""What every measurement shares (the benches and the training study): the machine a result was
+measured on, how its files are written, and the plotting backend.
 
 Torch-free, so that the HTTP and soak benches (which drive a server in another process) load no
 torch to describe the machine or write their outputs.

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 from smartmixed.bench.cli import main
-from smartmixed.bench.study import (
+from smartmixed.contract import CONV_PRESETS, ModelSpec, layered_arch, resolve_conv_preset
+from smartmixed.nn.pool import DEFAULT_POOL
+from smartmixed.train.study import (
     choose_rate,
     competition_ranks,
     mean_reciprocal_rank,
     paired_outcomes,
     summarize,
 )
-from smartmixed.contract import CONV_PRESETS, ModelSpec, layered_arch, resolve_conv_preset
-from smartmixed.nn.pool import DEFAULT_POOL
 
 # 2 architectures x 2 models x 2 seeds = 8 cells, each a real (two-epoch) smartmixed-train run
 GRID = [

@@ -46,13 +46,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, common
 from smartmixed.contract import (
     CONV_PRESETS,
     PRESETS,
     TABLE1,
     SpecError,
     is_conv_preset,
+    outputs,
     parse_arch,
     resolve_conv_preset,
     resolve_preset,
@@ -62,6 +62,11 @@ from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
 from smartmixed.train.auto import TIE_TOLERANCE, choose_rate, parse_rates
 from smartmixed.train.loop import TrainError
+
+
+class StudyError(ValueError):
+    """A study request that cannot run (bad --archs, --models, --variant, --seeds or train flags)."""
+
 
 SMARTMIXED = "smartmixed"
 DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)
@@ -157,7 +162,7 @@ def parse_models(
         elif name in ACTIVATIONS:
             parsed.append(StudyModel(name, f"fixed:{name}"))
         else:
-            raise BenchError(
+            raise StudyError(
                 f"--models: unknown model {name!r}; expected {SMARTMIXED} or an activation "
                 f"({', '.join(ACTIVATIONS)}); other settings go in --variant LABEL='FLAGS'"
             )
@@ -165,20 +170,20 @@ def parse_models(
         label, sep, flags_text = text.partition("=")
         label = label.strip()
         if not sep or not label:
-            raise BenchError(f"--variant {text!r}: expected LABEL='FLAGS'")
+            raise StudyError(f"--variant {text!r}: expected LABEL='FLAGS'")
         if not LABEL_PATTERN.fullmatch(label):
-            raise BenchError(
+            raise StudyError(
                 f"--variant {text!r}: label {label!r} must be a folder name: letters, digits and "
                 f"._+- only, starting with a letter or digit"
             )
         try:
             flags = shlex.split(flags_text)
         except ValueError as e:
-            raise BenchError(f"--variant {label}: cannot split its flags ({e})") from None
+            raise StudyError(f"--variant {label}: cannot split its flags ({e})") from None
         given = check_train_flags(flags, f"--variant {label}", reserved=reserved)
         mode = given.get("mode", SMARTMIXED)
         if mode.startswith("fixed:") and mode.removeprefix("fixed:") not in ACTIVATIONS:
-            raise BenchError(
+            raise StudyError(
                 f"--variant {label}: --mode {mode}: unknown activation; expected one of: "
                 f"{', '.join(ACTIVATIONS)}"
             )
@@ -186,9 +191,9 @@ def parse_models(
     labels = [m.label for m in parsed]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise BenchError(f"--models / --variant: label(s) {', '.join(repeated)} given twice")
+        raise StudyError(f"--models / --variant: label(s) {', '.join(repeated)} given twice")
     if not parsed:
-        raise BenchError("--models: no model to train (give --models or --variant)")
+        raise StudyError("--models: no model to train (give --models or --variant)")
     return parsed
 
 
@@ -206,13 +211,13 @@ def check_train_flags(
     try:
         namespace, unknown = parser.parse_known_args(list(flags))
     except (argparse.ArgumentError, SystemExit) as e:
-        raise BenchError(f"{where}: smartmixed-train rejects {shlex.join(flags)!r} ({e})") from None
+        raise StudyError(f"{where}: smartmixed-train rejects {shlex.join(flags)!r} ({e})") from None
     if unknown:
-        raise BenchError(f"{where}: smartmixed-train does not know {shlex.join(unknown)!r}")
+        raise StudyError(f"{where}: smartmixed-train does not know {shlex.join(unknown)!r}")
     given = {k: v for k, v in vars(namespace).items() if v is not unset}
     clash = [f"--{k.replace('_', '-')}" for k in given if k in set(reserved)]
     if clash:
-        raise BenchError(f"{where}: {', '.join(clash)} is set by the study for every cell")
+        raise StudyError(f"{where}: {', '.join(clash)} is set by the study for every cell")
     return given
 
 
@@ -237,13 +242,13 @@ def parse_archs(text: str) -> dict[str, list[int] | None]:
                 names = ", ".join([*PRESETS, *CONV_PRESETS])
                 raise SpecError(f"unknown preset {entry!r}; expected one of: {names}")
         except SpecError as e:
-            raise BenchError(f"--archs entry {entry!r}: {e}") from None
+            raise StudyError(f"--archs entry {entry!r}: {e}") from None
         for key, widths in resolved.items():
             if key in archs:
-                raise BenchError(f"--archs: {key} given twice")
+                raise StudyError(f"--archs: {key} given twice")
             archs[key] = widths
     if not archs:
-        raise BenchError(f"--archs {text!r}: no architecture")
+        raise StudyError(f"--archs {text!r}: no architecture")
     return archs
 
 
@@ -254,13 +259,13 @@ def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
     try:
         values = [int(s) for s in items if str(s).strip()]
     except ValueError:
-        raise BenchError(f"--seeds {seeds!r}: expected N or a comma-separated list") from None
+        raise StudyError(f"--seeds {seeds!r}: expected N or a comma-separated list") from None
     if count_given:
         if not values or values[0] < 1:
-            raise BenchError(f"--seeds {seeds!r}: the number of seeds must be >= 1")
+            raise StudyError(f"--seeds {seeds!r}: the number of seeds must be >= 1")
         return list(range(values[0]))
     if not values or min(values) < 0 or len(set(values)) != len(values):
-        raise BenchError(f"--seeds {seeds!r}: expected distinct integers >= 0")
+        raise StudyError(f"--seeds {seeds!r}: expected distinct integers >= 0")
     return values
 
 
@@ -271,16 +276,16 @@ def parse_tuning(
     rate is kept as written: it names the cells' folders, lr<rate>."""
     if tune_lr is None:
         if tune_seeds is not None:
-            raise BenchError("--tune-seeds needs --tune-lr (the rates to choose from)")
+            raise StudyError("--tune-seeds needs --tune-lr (the rates to choose from)")
         return None
     try:  # the rule smartmixed-train --mode auto --tune-lr shares
         rates = parse_rates(tune_lr)
     except TrainError as e:
-        raise BenchError(str(e)) from None
+        raise StudyError(str(e)) from None
     if tune_seeds is None:
         return Tuning(tuple(rates), tuple(seeds), ())
     if not 1 <= tune_seeds <= len(seeds):
-        raise BenchError(
+        raise StudyError(
             f"--tune-seeds {tune_seeds}: expected 1..{len(seeds)} (the number of --seeds)"
         )
     return Tuning(tuple(rates), tuple(seeds[:tune_seeds]), tuple(seeds[tune_seeds:]))
@@ -386,11 +391,11 @@ def run_study(
     out = Path(out)
     data_dir = None if data_dir is None else Path(data_dir)
     if plan and collect:
-        raise BenchError("--plan and --collect exclude each other")
+        raise StudyError("--plan and --collect exclude each other")
     if jobs < 1:
-        raise BenchError(f"--jobs {jobs}: must be >= 1")
+        raise StudyError(f"--jobs {jobs}: must be >= 1")
     if out.exists() and not out.is_dir():
-        raise BenchError(f"--out {out} exists and is not a folder")
+        raise StudyError(f"--out {out} exists and is not a folder")
     seed_list = parse_seeds(seeds)
     tuning = parse_tuning(tune_lr, tune_seeds, seed_list)
     reserved = CELL_OPTIONS if tuning is None else (*CELL_OPTIONS, "lr")
@@ -463,7 +468,7 @@ def run_study(
         if records:
             ordered = [records[c] for c in cells if c in records]
             outcome["study"] = aggregate(ordered, models=study_models, config=config)
-            outcome["paths"] = common.write_outputs(
+            outcome["paths"] = outputs.write_outputs(
                 outcome["study"], out, "study", render=render_markdown, draw=plot
             )
 
@@ -532,22 +537,22 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
     try:
         spec = load_spec(folder)
     except (ArtifactError, SpecError) as e:
-        raise BenchError(f"cell {folder}: {e}") from None
+        raise StudyError(f"cell {folder}: {e}") from None
     held = f"architecture {spec.arch}" if spec.layers is None else f"a conv net of arch {spec.arch}"
     if cell.arch is None:
         # the preset's layers exactly, its last linear giving the data's classes (arch[-1])
         if spec.layers != resolve_conv_preset(cell.archkey, classes=spec.arch[-1]):
-            raise BenchError(
+            raise StudyError(
                 f"cell {folder} holds a run of {held}, not of the conv preset {cell.archkey}; "
                 f"move it away or use another --out"
             )
     elif spec.layers is not None or tuple(spec.arch) != cell.arch:
-        raise BenchError(
+        raise StudyError(
             f"cell {folder} holds a run of {held}, the study expects {list(cell.arch)}; "
             f"move it away or use another --out"
         )
     if cell.lr is not None and spec.training.get("lr") != float(cell.lr):
-        raise BenchError(
+        raise StudyError(
             f"cell {folder} holds a run at learning rate {spec.training.get('lr')}, the study "
             f"expects {cell.lr}; move it away or use another --out"
         )
@@ -919,7 +924,7 @@ def plot(study: Mapping[str, Any], path: Path) -> None:
     """MRR per model; rank heatmap (architectures x models); activation share by depth."""
     import numpy as np
 
-    plt = common.pyplot()
+    plt = outputs.pyplot()
 
     config = study["config"]
     labels, keys = config["models"], list(study["ranks"])
