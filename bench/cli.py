@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -12,15 +11,8 @@ from pathlib import Path
 from smartmixed.bench import BenchError
 from smartmixed.bench.soak_scenarios import SoakOptions
 from smartmixed.contract import CONV_PRESETS, call_with_options
+from smartmixed.train import study
 from smartmixed.train.model import SpecError, parse_arch
-from smartmixed.train.study import (
-    DEFAULT_ARCHS,
-    DEFAULT_MODELS,
-    DEFAULT_SEEDS,
-    StudyError,
-    render_markdown,
-    run_study,
-)
 
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -268,63 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
 
-    st.add_argument("--data", default="mnist", help="smartmixed-train --data (default mnist)")
-    st.add_argument("--data-dir", type=Path, help="smartmixed-train --data-dir")
-    st.add_argument(
-        "--models",
-        default=",".join(DEFAULT_MODELS),
-        help="activations (fixed baselines) and smartmixed (default: all seven)",
-    )
-    st.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="LABEL='FLAGS'",
-        dest="variants",
-        help="an extra model LABEL whose cells get FLAGS, e.g. "
-        "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
-        "set it; FLAGS win over the same option after --); repeatable",
-    )
-    st.add_argument(
-        "--archs",
-        default=DEFAULT_ARCHS,
-        help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
-        "'paper;table1-5;64,32,10' or conv presets 'lenet5;convnet' (default paper)",
-    )
-    st.add_argument(
-        "--seeds",
-        default=str(DEFAULT_SEEDS),
-        help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)",
-    )
-    st.add_argument(
-        "--tune-lr",
-        metavar="RATES",
-        help="learning rates to try, e.g. 1e-4,1e-3,3e-3: every cell trains at each; per "
-        "architecture and model the rate with the best mean validation accuracy is kept "
-        "(ties: the smaller) and the tables use its cells only",
-    )
-    st.add_argument(
-        "--tune-seeds",
-        type=int,
-        metavar="N",
-        help="with --tune-lr: choose the rate on the first N seeds only; the other seeds "
-        "train at the chosen rate alone",
-    )
-    st.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="cells trained in parallel, CPU threads split between them",
-    )
-    mode = st.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--plan",
-        action="store_true",
-        help="print every cell's command (for a scheduler) and train nothing",
-    )
-    mode.add_argument(
-        "--collect", action="store_true", help="aggregate the complete cells and train nothing"
-    )
+    study.add_arguments(st)
     for bench in (tc, lat, web, so, st):  # last in every --help, as it always was
         bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
     return p
@@ -380,53 +316,6 @@ def _soak(args: argparse.Namespace) -> int:
     return _run(args, soak_report, measure)
 
 
-def _study(args: argparse.Namespace, train_args: list[str]) -> int:
-    try:
-        outcome = call_with_options(run_study, args, train_args=train_args)
-    except (BenchError, StudyError) as e:
-        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\nsmartmixed-bench: interrupted; the same command continues the study (complete "
-            "cells are skipped, killed ones resumed)",
-            file=sys.stderr,
-        )
-        return 130
-    if args.plan:
-        print("\n".join(shlex.join(command) for command in outcome["commands"]))
-        if outcome["waiting"]:
-            print(
-                f"smartmixed-bench: {outcome['waiting']} more cell(s), the seeds after "
-                f"--tune-seeds {args.tune_seeds}, train at their architecture and model's chosen "
-                "rate, which depends on the tuning cells above; --plan lists them once those "
-                "are complete",
-                file=sys.stderr,
-            )
-        return 0
-    if outcome["study"] is not None:
-        print(render_markdown(outcome["study"]))
-        print("wrote " + ", ".join(str(p) for p in outcome["paths"]))
-    print(
-        f"trained {outcome['trained']} cell(s), {outcome['skipped']} already complete, "
-        f"{len(outcome['failed'])} failed"
-    )
-    for failure in outcome["failed"]:
-        print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
-    if outcome["waiting"]:
-        print(
-            f"{outcome['waiting']} cell(s) wait for their architecture and model's rate choice "
-            "(a tuning cell is not complete)",
-            file=sys.stderr,
-        )
-    if outcome["study"] is None:
-        print(
-            f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",
-            file=sys.stderr,
-        )
-    return 1 if outcome["failed"] or outcome["study"] is None else 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `study ... -- TRAIN FLAGS`: everything after the first literal -- goes to every cell
@@ -435,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "study":
-        return _study(args, train_args)
+        return study.run_command(args, train_args)
     if train_args:
         parser.error(f"{args.command} takes no flags after --")
     if args.command == "http":

@@ -75,7 +75,7 @@ from smartmixed.contract import (
     resolve_conv_preset,
 )
 from smartmixed.contract.outputs import machine_info
-from smartmixed.contract.runtime import make_session
+from smartmixed.contract.sessions import make_session
 from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
 from smartmixed.export.module import (
@@ -86,7 +86,7 @@ from smartmixed.export.module import (
     to_onnx,
 )
 from smartmixed.export.quantize import quantize_int8
-from smartmixed.export.runtime import percentiles, time_session
+from smartmixed.export.timing import percentiles, time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedConvNet, MixedMLP, ModelSpec, parse_arch

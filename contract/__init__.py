@@ -9,7 +9,7 @@ stage's cli.py reads its options (comma-separated lists; flags passed to the lib
 keywords of the same name).
 
 Imports only the standard library: serve/ reads it without torch, train/ or export/.
-Its submodule smartmixed.contract.runtime (onnxruntime) is the one ONNX Runtime session
+Its submodule smartmixed.contract.sessions (onnxruntime) is the one ONNX Runtime session
 factory with the one CUDA rule (issue H, item 2).
 """
 

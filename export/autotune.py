@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from smartmixed.contract.runtime import make_session
-from smartmixed.export.runtime import time_session
+from smartmixed.contract.sessions import make_session
+from smartmixed.export.timing import time_session
 
 # a single request, a dynamic batch, a bulk batch: folded's PRelu wins at 1 and loses from ~32
 # on (issue G), so a choice on (1, 256) alone flipped between folded and folded_tanh

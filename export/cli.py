@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from smartmixed.contract import SpecError, call_with_options, split_list
-from smartmixed.contract.runtime import ProviderError
+from smartmixed.contract.sessions import ProviderError
 from smartmixed.export.autotune import AUTO_BATCHES
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
 from smartmixed.export.module import LayerFold, export_module

@@ -49,7 +49,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
-from smartmixed.contract.runtime import OPTIMIZATION_LEVELS, make_session
+from smartmixed.contract.sessions import OPTIMIZATION_LEVELS, make_session
 from smartmixed.export.autotune import pick_lowering, time_lowerings
 from smartmixed.export.lower import is_afu_node
 from smartmixed.export.verify import VerificationError, check_graph, torch_outputs

@@ -69,7 +69,7 @@ from smartmixed.serve.model_config import (
     check_model_config,
     is_version_name,
 )
-from smartmixed.serve.runtime import MAX_CONFIG_BYTES, MAX_MODEL_BYTES
+from smartmixed.serve.models import MAX_CONFIG_BYTES, MAX_MODEL_BYTES
 from smartmixed.train.artifacts import check_writable_folder, load_model
 from smartmixed.train.data import IDX_SOURCES, DataError, load_dataset
 

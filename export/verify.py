@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
-from smartmixed.contract.runtime import OPTIMIZATION_LEVELS, make_session
-from smartmixed.serve.runtime import nonfinite_initializers
+from smartmixed.contract.sessions import OPTIMIZATION_LEVELS, make_session
+from smartmixed.serve.models import nonfinite_initializers
 
 ATOL, RTOL = 1e-5, 1e-4
 MAX_TEST_SAMPLES = 10_000

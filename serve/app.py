@@ -1,7 +1,7 @@
 """The HTTP service: ``create_app`` and the ``Service`` its routes (routes.py) call.
 
 Routes are thin: the V2 codec (codec.py, no FastAPI) turns bytes into numpy and back, the runtime
-(runtime.py, batching.py) runs ONNX Runtime, the middleware (middleware.py) answers health and
+(models.py, batching.py) runs ONNX Runtime, the middleware (middleware.py) answers health and
 checks the API key. ``Service`` adds what sits between them for a service under load:
 
 - **admission**: at most ``max_queue`` inference requests per model are admitted (queued or
@@ -54,13 +54,13 @@ from smartmixed.serve.grpc_server import start_grpc_server, stop_grpc_server
 from smartmixed.serve.management import ModelManager, load_at_start
 from smartmixed.serve.metrics import CLIENT_CLOSED, Metrics
 from smartmixed.serve.middleware import Guard
-from smartmixed.serve.page import add_page
-from smartmixed.serve.routes import json_response, router
-from smartmixed.serve.runtime import (
+from smartmixed.serve.models import (
     ModelVersion,
     Repository,
     ServeError,
 )
+from smartmixed.serve.page import add_page
+from smartmixed.serve.routes import json_response, router
 from smartmixed.serve.server import PAUSE_READING, ConnectionStats
 from smartmixed.serve.settings import ServeSettings
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smartmixed.serve.runtime import ServeError
+from smartmixed.serve.models import ServeError
 
 
 class Overloaded(ServeError):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 
 from smartmixed.serve.management import load_at_start
-from smartmixed.serve.runtime import LoadError
+from smartmixed.serve.models import LoadError
 from smartmixed.serve.settings import ServeSettings
 
 GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: stop accepting, let in-flight requests finish

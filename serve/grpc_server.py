@@ -10,7 +10,7 @@ does, and is counted with it.
   parse is the client's mistake (INVALID_ARGUMENT naming the message), where grpc's own
   deserializer would answer INTERNAL. A message over ``max_request_bytes`` is refused by grpc
   before it is read whole (RESOURCE_EXHAUSTED).
-- **Errors** carry their HTTP status (runtime.ServeError, codec.CodecError) and the same message
+- **Errors** carry their HTTP status (models.ServeError, codec.CodecError) and the same message
   as over REST; ``CODES`` maps the status to a gRPC status code. Anything else is logged and
   answered INTERNAL, "internal server error".
 - **API key**: as middleware.Guard reads it, from the metadata ``authorization: Bearer KEY`` (or
@@ -41,8 +41,8 @@ from smartmixed.serve import codec, model_config
 from smartmixed.serve import grpc_service_pb2 as pb
 from smartmixed.serve.batching import Overloaded
 from smartmixed.serve.middleware import Guard
+from smartmixed.serve.models import ModelVersion, ServeError
 from smartmixed.serve.routes import EXTENSIONS
-from smartmixed.serve.runtime import ModelVersion, ServeError
 from smartmixed.serve.settings import ServeSettings
 
 if TYPE_CHECKING:  # app.py starts this server

@@ -11,7 +11,7 @@
   config.pbtxt, is loaded; a removed one is unloaded. Load and unload requests are refused.
 
 A load verifies every version its config.pbtxt's version_policy selects, as startup does
-(runtime.load_version), beside what is served and in a thread of its own (the event loop keeps
+(models.load_version), beside what is served and in a thread of its own (the event loop keeps
 answering). A version whose files are as they were (size and mtime, else their sha256) keeps its
 session. Then the model's versions are swapped in one assignment: a request admitted before
 keeps the version it was given and finishes on it (Service.run runs it there: in that version's
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smartmixed.contract import CONFIG_FILE, MODEL_FILE
-from smartmixed.serve.runtime import (
+from smartmixed.serve.models import (
     MAX_CONFIG_BYTES,
     BadRequest,
     LoadError,
@@ -66,7 +66,7 @@ def models_at_start(settings: ServeSettings) -> list[str] | None:
 
 
 def load_at_start(settings: ServeSettings) -> Repository:
-    """The repository as the model control mode loads it at start (runtime.load_repository:
+    """The repository as the model control mode loads it at start (models.load_repository:
     a bad entry stops startup unless ``skip_bad_models``)."""
     return load_repository(
         settings.repository,
@@ -254,7 +254,7 @@ class ModelManager:
         self, entry: Path, current: dict[str, ModelVersion], sources: dict[str, Source]
     ) -> tuple[dict[str, ModelVersion], dict[str, Source]]:
         """(In the loader thread.) NAME's versions as its files are now: the served object
-        where they have not changed, else a new one, verified (runtime.load_version)."""
+        where they have not changed, else a new one, verified (models.load_version)."""
         settings, root = self.settings, self.service.repo.root
         versions: dict[str, ModelVersion] = {}
         new_sources: dict[str, Source] = {}

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from smartmixed.contract import INPUT, PLATFORM, PROBABILITIES
 from smartmixed.serve import codec
-from smartmixed.serve.runtime import ModelVersion, ServeError
+from smartmixed.serve.models import ModelVersion, ServeError
 
 if TYPE_CHECKING:  # app.py imports this module
     from smartmixed.serve.app import Deadline

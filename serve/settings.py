@@ -122,7 +122,7 @@ class ServeSettings(BaseSettings):
         "Content-Length, reserved before its body is read, held until it is answered; more "
         "get 503 with Retry-After (default: max_request_bytes)",
     )
-    # ---- repository (serve/runtime.py) -------------------------------------------------------
+    # ---- repository (serve/models.py) -------------------------------------------------------
     max_model_bytes: int = Field(
         1024**3, ge=1024, description="Largest model.onnx the server will read"
     )

@@ -17,7 +17,7 @@ from smartmixed import contract
 from smartmixed.export.lower import lower, set_metadata
 from smartmixed.export.repository import triton_config
 from smartmixed.nn.pool import ACTIVATIONS
-from smartmixed.serve.runtime import load_repository
+from smartmixed.serve.models import load_repository
 from smartmixed.train.model import MixedMLP
 
 HEAVY = ("torch", "sklearn", "safetensors")

@@ -1,4 +1,4 @@
-"""The one ONNX Runtime session factory (smartmixed.contract.runtime, issue H item 2): the CPU
+"""The one ONNX Runtime session factory (smartmixed.contract.sessions, issue H item 2): the CPU
 path, the CUDA rule on a machine without CUDA, the auto fallback and the typed load error.
 
 No test needs a GPU: a CPU-only build is either the real one or one whose provider list is
@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from smartmixed.contract.runtime import (
+from smartmixed.contract.sessions import (
     CPU,
     CUDA,
     ModelLoadError,
@@ -24,7 +24,7 @@ from smartmixed.contract.runtime import (
     ProviderNotInBuild,
     make_session,
 )
-from smartmixed.serve.runtime import DeviceError, load_version
+from smartmixed.serve.models import DeviceError, load_version
 
 REAL_CUDA = CUDA in ort.get_available_providers()
 needs_no_cuda = pytest.mark.skipif(REAL_CUDA, reason="this build has CUDA: it may really work")
@@ -97,7 +97,7 @@ def test_cuda_built_in_but_not_active_is_a_provider_error(unusable_cuda_build: N
 def test_auto_without_cuda_falls_back_to_cpu_with_a_warning(
     cpu_only_build: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="smartmixed.contract.runtime"):
+    with caplog.at_level(logging.WARNING, logger="smartmixed.contract.sessions"):
         session = make_session(_relu_model(), device="auto", name="mixed/1")
     assert session.get_providers() == [CPU]
     assert [r.getMessage() for r in caplog.records] == [
@@ -111,7 +111,7 @@ def test_auto_without_cuda_falls_back_to_cpu_with_a_warning(
 def test_auto_with_unusable_cuda_falls_back_to_cpu_with_a_warning(
     unusable_cuda_build: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="smartmixed.contract.runtime"):
+    with caplog.at_level(logging.WARNING, logger="smartmixed.contract.sessions"):
         session = make_session(_relu_model(), device="auto")
     assert session.get_providers() == [CPU]
     assert [r.getMessage() for r in caplog.records] == [
@@ -121,7 +121,7 @@ def test_auto_with_unusable_cuda_falls_back_to_cpu_with_a_warning(
 
 
 def test_cpu_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="smartmixed.contract.runtime"):
+    with caplog.at_level(logging.DEBUG, logger="smartmixed.contract.sessions"):
         make_session(_relu_model(), device="cpu")
     assert caplog.records == []
 

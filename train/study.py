@@ -51,6 +51,7 @@ from smartmixed.contract import (
     PRESETS,
     TABLE1,
     SpecError,
+    call_with_options,
     is_conv_preset,
     outputs,
     parse_arch,
@@ -980,3 +981,117 @@ def plot(study: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line (smartmixed-bench study)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags (besides --out and --quiet, which every bench command has)."""
+    parser.add_argument("--data", default="mnist", help="smartmixed-train --data (default mnist)")
+    parser.add_argument("--data-dir", type=Path, help="smartmixed-train --data-dir")
+    parser.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help="activations (fixed baselines) and smartmixed (default: all seven)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL='FLAGS'",
+        dest="variants",
+        help="an extra model LABEL whose cells get FLAGS, e.g. "
+        "'smartmixed-fresh=--phase2-init fresh' (--mode smartmixed unless FLAGS "
+        "set it; FLAGS win over the same option after --); repeatable",
+    )
+    parser.add_argument(
+        "--archs",
+        default=DEFAULT_ARCHS,
+        help="table1 (the 18 Table 1 presets) or PRESET;WIDTHS;... e.g. "
+        "'paper;table1-5;64,32,10' or conv presets 'lenet5;convnet' (default paper)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default=str(DEFAULT_SEEDS),
+        help="N (seeds 0..N-1) or a list 1,2,7 ('5,' is seed 5 alone; default 3)",
+    )
+    parser.add_argument(
+        "--tune-lr",
+        metavar="RATES",
+        help="learning rates to try, e.g. 1e-4,1e-3,3e-3: every cell trains at each; per "
+        "architecture and model the rate with the best mean validation accuracy is kept "
+        "(ties: the smaller) and the tables use its cells only",
+    )
+    parser.add_argument(
+        "--tune-seeds",
+        type=int,
+        metavar="N",
+        help="with --tune-lr: choose the rate on the first N seeds only; the other seeds "
+        "train at the chosen rate alone",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained in parallel, CPU threads split between them",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every cell's command (for a scheduler) and train nothing",
+    )
+    mode.add_argument(
+        "--collect", action="store_true", help="aggregate the complete cells and train nothing"
+    )
+
+
+def run_command(args: argparse.Namespace, train_args: list[str]) -> int:
+    """`smartmixed-bench study`: run (or plan, or collect) the study, print its tables; the exit
+    status (0, 1 a cell failed or nothing to aggregate, 2 bad options, 130 interrupted)."""
+    try:
+        outcome = call_with_options(run_study, args, train_args=train_args)
+    except StudyError as e:
+        print(f"smartmixed-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\nsmartmixed-bench: interrupted; the same command continues the study (complete "
+            "cells are skipped, killed ones resumed)",
+            file=sys.stderr,
+        )
+        return 130
+    if args.plan:
+        print("\n".join(shlex.join(command) for command in outcome["commands"]))
+        if outcome["waiting"]:
+            print(
+                f"smartmixed-bench: {outcome['waiting']} more cell(s), the seeds after "
+                f"--tune-seeds {args.tune_seeds}, train at their architecture and model's chosen "
+                "rate, which depends on the tuning cells above; --plan lists them once those "
+                "are complete",
+                file=sys.stderr,
+            )
+        return 0
+    if outcome["study"] is not None:
+        print(render_markdown(outcome["study"]))
+        print("wrote " + ", ".join(str(p) for p in outcome["paths"]))
+    print(
+        f"trained {outcome['trained']} cell(s), {outcome['skipped']} already complete, "
+        f"{len(outcome['failed'])} failed"
+    )
+    for failure in outcome["failed"]:
+        print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
+    if outcome["waiting"]:
+        print(
+            f"{outcome['waiting']} cell(s) wait for their architecture and model's rate choice "
+            "(a tuning cell is not complete)",
+            file=sys.stderr,
+        )
+    if outcome["study"] is None:
+        print(
+            f"smartmixed-bench: no complete cell in {args.out}/runs: nothing to aggregate",
+            file=sys.stderr,
+        )
+    return 1 if outcome["failed"] or outcome["study"] is None else 0

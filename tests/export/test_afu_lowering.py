@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from smartmixed.contract import ModelSpec
-from smartmixed.contract.runtime import make_session
+from smartmixed.contract.sessions import make_session
 from smartmixed.export.lower import LOWERINGS, is_afu_node, lower, lowering_summary
 from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.verify import input_sets, verify_against_torch

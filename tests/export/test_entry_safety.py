@@ -26,7 +26,7 @@ from smartmixed.contract import ModelSpec
 from smartmixed.export import entry as entry_module
 from smartmixed.export import repository
 from smartmixed.export.cli import main
-from smartmixed.serve.runtime import load_repository
+from smartmixed.serve.models import load_repository
 from smartmixed.train.artifacts import save_model
 from smartmixed.train.model import MixedMLP
 

@@ -23,7 +23,7 @@ from smartmixed.contract import (
     PROBABILITIES,
     ModelSpec,
 )
-from smartmixed.contract.runtime import make_session
+from smartmixed.contract.sessions import make_session
 from smartmixed.export import export_module, repository, verify
 from smartmixed.export import module as module_export
 from smartmixed.export.entry import ExportError

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from smartmixed.contract import QUANTIZATION_FIGURES
-from smartmixed.contract.runtime import make_session
+from smartmixed.contract.sessions import make_session
 from smartmixed.export.cli import main
 from smartmixed.export.lower import LOWERINGS, get_metadata
 from smartmixed.export.quantize import quantize_int8

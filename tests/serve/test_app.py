@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from smartmixed.serve import codec
 from smartmixed.serve.app import create_app
-from smartmixed.serve.runtime import LoadError
+from smartmixed.serve.models import LoadError
 from smartmixed.serve.settings import ServeSettings
 
 

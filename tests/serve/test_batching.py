@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from smartmixed.serve.batching import AdaptiveBatcher
-from smartmixed.serve.runtime import load_repository
+from smartmixed.serve.models import load_repository
 
 
 def test_batched_results_equal_unbatched_row_for_row(repository: Path) -> None:

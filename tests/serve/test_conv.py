@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from smartmixed.serve.app import create_app
 from smartmixed.serve.batching import AdaptiveBatcher
 from smartmixed.serve.codec import BINARY_HEADER
-from smartmixed.serve.runtime import LoadError, load_repository
+from smartmixed.serve.models import LoadError, load_repository
 from smartmixed.serve.settings import ServeSettings
 
 ATOL = 1e-5  # ONNX Runtime against torch, float32, on values of order 1

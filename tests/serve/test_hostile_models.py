@@ -30,7 +30,7 @@ from smartmixed.contract import (
 )
 from smartmixed.serve.app import create_app
 from smartmixed.serve.cli import main
-from smartmixed.serve.runtime import LoadError, load_repository
+from smartmixed.serve.models import LoadError, load_repository
 from smartmixed.serve.settings import ServeSettings
 
 N_FEATURES, N_CLASSES = 4, 3

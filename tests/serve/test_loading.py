@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2
 from smartmixed.serve import model_config
 from smartmixed.serve.cli import main
 from smartmixed.serve.model_config import ConfigError, check_model_config
-from smartmixed.serve.runtime import LoadError, NotReady, load_repository
+from smartmixed.serve.models import LoadError, NotReady, load_repository
 
 
 @pytest.fixture

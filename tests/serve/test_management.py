@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from smartmixed.serve.app import create_app
 from smartmixed.serve.cli import build_parser, main
-from smartmixed.serve.runtime import NotFound
+from smartmixed.serve.models import NotFound
 from smartmixed.serve.settings import ServeSettings
 
 POLL_S = 0.2  # repository_poll_secs in these tests

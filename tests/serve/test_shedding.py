@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from smartmixed.serve.app import create_app
-from smartmixed.serve.runtime import load_repository
+from smartmixed.serve.models import load_repository
 from smartmixed.serve.settings import ServeSettings
 
 SLOW_S = 0.3  # one model run

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions over a model repository, and dynamic batching. No FastAPI here.
+"""The models of a repository as ONNX Runtime sessions (loading, checks, inference). No FastAPI here.
 
 serve/ needs only onnxruntime and what export wrote into each model.onnx (metadata_props); it
 never imports train/ or export/.
@@ -44,7 +44,7 @@ from smartmixed.contract import (
     parse_json,
 )
 from smartmixed.contract.files import UnreadableFile, read_regular_file
-from smartmixed.contract.runtime import (
+from smartmixed.contract.sessions import (
     ModelLoadError,
     ProviderError,
     ProviderNotInBuild,

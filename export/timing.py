@@ -1,6 +1,6 @@
 """Timing ONNX Runtime sessions, shared by lowering selection and the latency bench.
 
-Sessions themselves come from smartmixed.contract.runtime.make_session, the one factory.
+Sessions themselves come from smartmixed.contract.sessions.make_session, the one factory.
 """
 
 from __future__ import annotations
