@@ -1,4 +1,4 @@
-"""smartmixed.contract: what the stages must agree on, written once (issue H, item 1).
+"""smartmixed.contract: what the stages must agree on, written once.
 
 Tensor names, artifact file names, the ONNX metadata keys export writes and serve reads, the
 model spec (model.json) with its validation, the architecture presets (MLP widths, and conv nets
@@ -10,7 +10,7 @@ keywords of the same name).
 
 Imports only the standard library: serve/ reads it without torch, train/ or export/.
 Its submodule smartmixed.contract.sessions (onnxruntime) is the one ONNX Runtime session
-factory with the one CUDA rule (issue H, item 2).
+factory with the one CUDA rule.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ QUANTIZATION_FIGURES = (
 )
 
 PRECISIONS = ("fp32", "int8")
-DEFAULT_PRECISION = "fp32"  # entries exported before int8 (issue G) carry no META_PRECISION
+DEFAULT_PRECISION = "fp32"  # entries exported before int8 existed carry no META_PRECISION
 
 # --------------------------------------------------------------------------------------------
 # The activation pool: one name per activation, used everywhere (CLI, JSON, ONNX metadata)
@@ -104,7 +104,7 @@ class SpecError(ValueError):
     """A model spec, architecture or checkpoint that does not fit together."""
 
 
-# The learned activation unit (issue I; "Learning Neural Activations"): elementwise
+# The learned activation unit ("Learning Neural Activations"): elementwise
 #   G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1,  i = 1..units,
 # psi one of AFU_BASES, shared by the neurons of one hidden layer or of the whole network.
 # Stored for every hidden layer l (0-based) as afu.{l}.w0|b0|w1 ([units]) and afu.{l}.b1 ([1]),
@@ -397,6 +397,40 @@ def layered_weight_shapes(
 def _walk_layers(layers: Any, input_shape: Any) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """(the layers with their defaults filled in, the shape after each): every layer checked
     for its JSON form and its fit with the shape it receives."""
+    _check_layers_form(layers, input_shape)
+    checked = [_check_layer(i, layer) for i, layer in enumerate(layers)]
+    shape, shapes = list(input_shape), []
+    for i, layer in enumerate(checked):
+        follows = checked[i - 1]["type"] if i else None
+        shape = _layer_output_shape(i, layer, follows, shape)
+        if math.prod(shape) > MAX_TENSOR_VALUES:
+            raise SpecError(
+                f"spec field 'layers[{i}]': its output {shape} holds more than "
+                f"{MAX_TENSOR_VALUES} values per sample"
+            )
+        shapes.append(shape)
+    last = len(checked) - 1
+    if checked[last]["type"] != "linear":
+        raise SpecError(
+            f"spec field 'layers[{last}]': the last layer must be linear (the logits), got "
+            f"{checked[last]['type']}"
+        )
+    if checked[last]["features"] < 2:
+        raise SpecError(
+            f"spec field 'layers[{last}].features': the last layer gives the classes, expected "
+            f">= 2, got {checked[last]['features']}"
+        )
+    if not hidden_layer_indices(checked):
+        raise SpecError(
+            "spec field 'layers': expected at least one conv or linear layer before the last "
+            "linear layer (a hidden layer for the mixed activations)"
+        )
+    return checked, shapes
+
+
+def _check_layers_form(layers: Any, input_shape: Any) -> None:
+    """SpecError unless ``layers`` is a non-empty list of at most MAX_LAYERS entries and
+    ``input_shape`` a list of positive integers holding at most MAX_TENSOR_VALUES values."""
     if not isinstance(layers, list | tuple):
         raise SpecError(
             f"spec field 'layers': expected a list of layers, got {json_type_name(layers)}"
@@ -419,68 +453,52 @@ def _walk_layers(layers: Any, input_shape: Any) -> tuple[list[dict[str, Any]], l
         raise SpecError(
             "spec field 'layers': expected a list of layers ending in a linear layer, got []"
         )
-    checked = [_check_layer(i, layer) for i, layer in enumerate(layers)]
-    shape, shapes = list(input_shape), []
-    for i, layer in enumerate(checked):
-        kind, where = layer["type"], f"spec field 'layers[{i}]'"
-        if kind == "batchnorm":
-            follows = checked[i - 1]["type"] if i else None
-            if follows not in HIDDEN_LAYER_TYPES:
-                after = f"follows a {follows} layer" if follows else "is the first layer"
-                raise SpecError(
-                    f"{where}: a batchnorm layer must directly follow a conv or linear layer, "
-                    f"this one {after}"
-                )
-        elif kind == "flatten":
-            shape = [math.prod(shape)]
-        elif kind == "linear":
-            if len(shape) != 1:
-                raise SpecError(
-                    f"{where}: a linear layer needs a flat input, got shape {shape} (put a "
-                    f"flatten layer before it)"
-                )
-            _check_weight(where, layer["features"], shape[0])
-            shape = [layer["features"]]
-        else:  # conv, maxpool, avgpool: (C, H, W) -> (C', H', W')
-            if len(shape) != 3:
-                raise SpecError(
-                    f"{where}: a {kind} layer needs an image input (C, H, W), got shape {shape}"
-                )
-            k, stride = layer["kernel"], layer["stride"]
-            pad = layer.get("padding", 0)
-            height, width = shape[1] + 2 * pad, shape[2] + 2 * pad
-            if k > min(height, width):
-                padded = f" padded by {pad}" if pad else ""
-                raise SpecError(
-                    f"spec field 'layers[{i}].kernel': {k} is larger than its input "
-                    f"{shape[1]}x{shape[2]}{padded}"
-                )
-            # out = floor((size + 2 * padding - kernel) / stride) + 1 (torch's, ceil_mode off)
-            channels = layer["channels"] if kind == "conv" else shape[0]
-            if kind == "conv":
-                _check_weight(where, channels, shape[0] * k * k)
-            shape = [channels, (height - k) // stride + 1, (width - k) // stride + 1]
-        if math.prod(shape) > MAX_TENSOR_VALUES:
+
+
+def _layer_output_shape(
+    i: int, layer: dict[str, Any], follows: str | None, shape: list[int]
+) -> list[int]:
+    """The shape one sample has after checked layer ``i`` (``follows``: the type of the layer
+    before it, None for the first), given the ``shape`` it receives; SpecError when they do not
+    fit."""
+    kind, where = layer["type"], f"spec field 'layers[{i}]'"
+    if kind == "batchnorm":
+        if follows not in HIDDEN_LAYER_TYPES:
+            after = f"follows a {follows} layer" if follows else "is the first layer"
             raise SpecError(
-                f"{where}: its output {shape} holds more than {MAX_TENSOR_VALUES} values per sample"
+                f"{where}: a batchnorm layer must directly follow a conv or linear layer, "
+                f"this one {after}"
             )
-        shapes.append(shape)
-    if checked[-1]["type"] != "linear":
+        return shape
+    if kind == "flatten":
+        return [math.prod(shape)]
+    if kind == "linear":
+        if len(shape) != 1:
+            raise SpecError(
+                f"{where}: a linear layer needs a flat input, got shape {shape} (put a "
+                f"flatten layer before it)"
+            )
+        _check_weight(where, layer["features"], shape[0])
+        return [layer["features"]]
+    # conv, maxpool, avgpool: (C, H, W) -> (C', H', W')
+    if len(shape) != 3:
         raise SpecError(
-            f"spec field 'layers[{len(checked) - 1}]': the last layer must be linear (the "
-            f"logits), got {checked[-1]['type']}"
+            f"{where}: a {kind} layer needs an image input (C, H, W), got shape {shape}"
         )
-    if checked[-1]["features"] < 2:
+    k, stride = layer["kernel"], layer["stride"]
+    pad = layer.get("padding", 0)
+    height, width = shape[1] + 2 * pad, shape[2] + 2 * pad
+    if k > min(height, width):
+        padded = f" padded by {pad}" if pad else ""
         raise SpecError(
-            f"spec field 'layers[{len(checked) - 1}].features': the last layer gives the "
-            f"classes, expected >= 2, got {checked[-1]['features']}"
+            f"spec field 'layers[{i}].kernel': {k} is larger than its input "
+            f"{shape[1]}x{shape[2]}{padded}"
         )
-    if not hidden_layer_indices(checked):
-        raise SpecError(
-            "spec field 'layers': expected at least one conv or linear layer before the last "
-            "linear layer (a hidden layer for the mixed activations)"
-        )
-    return checked, shapes
+    # out = floor((size + 2 * padding - kernel) / stride) + 1 (torch's, ceil_mode off)
+    channels = layer["channels"] if kind == "conv" else shape[0]
+    if kind == "conv":
+        _check_weight(where, channels, shape[0] * k * k)
+    return [channels, (height - k) // stride + 1, (width - k) // stride + 1]
 
 
 def _check_layer(i: int, layer: Any) -> dict[str, Any]:
@@ -587,20 +605,51 @@ class ModelSpec:
             raise SpecError(
                 f"spec field 'format': expected {SPEC_FORMAT!r}, got {_short(self.format)}"
             )
+        # arch first (with the layers it derives from): the checks after it go by arch
+        self._validate_arch()
+        self._validate_pool_and_mode()
+        self._validate_assignment()
+        # the unit's settings, defaults filled in, when the pool holds it; None otherwise
+        self.afu = check_afu_config(self.afu) if AFU in self.pool else None
+        _check_list("labels", self.labels, "strings", _is_str)
+        if len(self.labels) != self.arch[-1]:
+            raise SpecError(
+                f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
+            )
+        self._validate_preprocessing()
+        if not (
+            isinstance(self.input_shape, list | tuple) and all(map(_is_count, self.input_shape))
+        ) or (math.prod(self.input_shape) != self.arch[0]):
+            raise SpecError(
+                f"spec field 'input_shape': expected a list of positive integers whose product "
+                f"is the input width {self.arch[0]}, got {_short(self.input_shape)}"
+            )
+        for name in ("training", "metrics", "versions"):
+            if not isinstance(getattr(self, name), dict):
+                raise SpecError(
+                    f"spec field '{name}': expected an object, got "
+                    f"{json_type_name(getattr(self, name))}"
+                )
+        check_data_request(self.training.get("data_request"))
+
+    def _validate_arch(self) -> None:
+        """arch parsed; for a layered spec, the layers with their defaults filled in and arch
+        checked against the one they give."""
         try:
             self.arch = parse_arch(self.arch)
         except SpecError as e:
             raise SpecError(f"spec field 'arch': {e}") from None
-        if self.layers is not None:
-            # the layers, their defaults filled in, and the arch they give (checked first: the
-            # assignment, labels and preprocessing checks below go by arch)
-            self.layers, shapes = _walk_layers(self.layers, self.input_shape)
-            derived = _arch_of(self.layers, shapes, self.input_shape)
-            if derived != self.arch:
-                raise SpecError(
-                    f"spec field 'arch': expected {_short(derived)} (from layers and "
-                    f"input_shape), got {_short(self.arch)}"
-                )
+        if self.layers is None:
+            return
+        self.layers, shapes = _walk_layers(self.layers, self.input_shape)
+        derived = _arch_of(self.layers, shapes, self.input_shape)
+        if derived != self.arch:
+            raise SpecError(
+                f"spec field 'arch': expected {_short(derived)} (from layers and "
+                f"input_shape), got {_short(self.arch)}"
+            )
+
+    def _validate_pool_and_mode(self) -> None:
         if not isinstance(self.pool, str):  # a comma-separated pool is accepted too
             _check_list("pool", self.pool, "activation names", _is_str)
         try:
@@ -613,6 +662,9 @@ class ModelSpec:
                 f"spec field 'mode': expected 'smartmixed' or 'fixed:' and an activation of the "
                 f"pool, got {_short(self.mode)}"
             )
+
+    def _validate_assignment(self) -> None:
+        """One list of pool names per hidden layer, one name per neuron."""
         hidden = self.hidden_widths
         if not isinstance(self.assignment, list):
             raise SpecError(
@@ -636,13 +688,9 @@ class ModelSpec:
                     f"spec field 'assignment[{layer}]': activation(s) "
                     f"{_short(', '.join(unknown))[1:-1]} not in the pool {self.pool}"
                 )
-        # the unit's settings, defaults filled in, when the pool holds it; None otherwise
-        self.afu = check_afu_config(self.afu) if AFU in self.pool else None
-        _check_list("labels", self.labels, "strings", _is_str)
-        if len(self.labels) != self.arch[-1]:
-            raise SpecError(
-                f"spec field 'labels': expected {self.arch[-1]} class labels, got {len(self.labels)}"
-            )
+
+    def _validate_preprocessing(self) -> None:
+        """offset and scale: each a number or one number per input feature."""
         if not isinstance(self.preprocessing, dict):
             raise SpecError(
                 f"spec field 'preprocessing': expected an object with offset and scale, got "
@@ -661,20 +709,6 @@ class ModelSpec:
                     f"{self.arch[0]} numbers, got {got}"
                 )
             _check_list(f"preprocessing.{key}", value, "numbers", _is_number)
-        if not (
-            isinstance(self.input_shape, list | tuple) and all(map(_is_count, self.input_shape))
-        ) or (math.prod(self.input_shape) != self.arch[0]):
-            raise SpecError(
-                f"spec field 'input_shape': expected a list of positive integers whose product "
-                f"is the input width {self.arch[0]}, got {_short(self.input_shape)}"
-            )
-        for name in ("training", "metrics", "versions"):
-            if not isinstance(getattr(self, name), dict):
-                raise SpecError(
-                    f"spec field '{name}': expected an object, got "
-                    f"{json_type_name(getattr(self, name))}"
-                )
-        check_data_request(self.training.get("data_request"))
 
     @classmethod
     def untrained(

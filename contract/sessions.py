@@ -1,5 +1,5 @@
 """The one ONNX Runtime session factory: export (verification, `--lowering auto`), serve and the
-latency bench all create their sessions here (issue H, item 2).
+latency bench all create their sessions here.
 
 One CUDA rule for every stage:
 - ``cpu``: CPUExecutionProvider only.
