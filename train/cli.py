@@ -30,6 +30,7 @@ from smartmixed.train.loop import (
     PHASE2_NORMS,
     PROTOCOLS,
     SELECT_RULES,
+    SELECTIONS,
     TrainConfig,
     TrainError,
     train_run,
@@ -152,6 +153,24 @@ def config_options(d: dict) -> dict[str, dict]:
         "--logit-init-std": {
             "type": float,
             "help": "std of the initial activation logits (default 0: all equal)",
+        },
+        "--selection": {
+            "choices": SELECTIONS,
+            "help": "joint: the logits step on the training batches, as the weights do; "
+            "bilevel: on a held-out slice of the training split the weights never see "
+            f"(--selection-holdout), one logit step after each weight step (default "
+            f"{d['selection']})",
+        },
+        "--selection-holdout": {
+            "type": float,
+            "metavar": "FRACTION",
+            "help": "bilevel: the share of the training split held out for the logit steps "
+            f"in phase 1 (phase 2 trains on all of it; default {d['selection_holdout']})",
+        },
+        "--logit-prior": {
+            "metavar": "ACTIVATION=GAP",
+            "help": "every phase-1 logit of ACTIVATION starts GAP above the others, a prior "
+            "toward it that the mix must overcome, e.g. relu=2 (default: none)",
         },
     }
 

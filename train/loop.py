@@ -66,6 +66,10 @@ EVAL_BATCH = 4096
 PHASE2_INITS = ("continue", "fresh")
 PHASE2_NORMS = ("keep", "fold")
 SELECT_RULES = ("val-loss", "val-accuracy", "last")
+# joint: logits and weights step on the same training batches (the paper); bilevel: the logits
+# step on batches of a slice of the training split that the weights never see (first-order
+# DARTS), so a choice must pay off on data the weights did not fit
+SELECTIONS = ("joint", "bilevel")
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
 PAPER_PROTOCOL: dict[str, Any] = {
@@ -88,6 +92,9 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "double_softmax": False,
     "eval_noise": False,
     "clamp": None,
+    "selection": "joint",
+    "selection_holdout": 0.2,
+    "logit_prior": None,
 }
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PROTOCOL,
@@ -149,6 +156,12 @@ class TrainConfig:
     # fold: phase 2 trains the plain network (the candidate norm folded into the weights)
     phase2_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_norm"]
     logit_init_std: float = 0.0
+    selection: str = PROTOCOLS[DEFAULT_PROTOCOL]["selection"]
+    # bilevel: the fraction of the training split held out of phase 1's weight steps
+    selection_holdout: float = PROTOCOLS[DEFAULT_PROTOCOL]["selection_holdout"]
+    # "ACTIVATION=GAP": every phase-1 logit of ACTIVATION starts GAP above the others, a prior
+    # toward one activation that the mix must overcome (None: every candidate alike)
+    logit_prior: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["logit_prior"]
     double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
     eval_noise: bool = PROTOCOLS[DEFAULT_PROTOCOL]["eval_noise"]
     clamp: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["clamp"]
@@ -188,6 +201,7 @@ class TrainConfig:
             "phase2_init": PHASE2_INITS,
             "phase2_norm": PHASE2_NORMS,
             "select": SELECT_RULES,
+            "selection": SELECTIONS,
             "candidate_norm": CANDIDATE_NORMS,
             "logit_grad_norm": LOGIT_GRAD_NORMS,
             "protocol": tuple(PROTOCOLS),
@@ -211,6 +225,12 @@ class TrainConfig:
             raise TrainError(
                 f"--logit-warmup is a fraction of phase 1 in [0, 1), got {self.logit_warmup}"
             )
+        if not 0 < self.selection_holdout < 1:
+            raise TrainError(
+                "--selection-holdout is a fraction of the training split in (0, 1), got "
+                f"{self.selection_holdout}"
+            )
+        self.prior()  # refuses a malformed --logit-prior now, not at phase 1
         if all(n == 0 for _, n in self.phases()):
             raise TrainError("the run has no epochs to train")
         positive = {
@@ -233,6 +253,27 @@ class TrainConfig:
         if contract.AFU not in self.pool:
             return None
         return {"units": self.afu_units, "base": self.afu_base, "share": self.afu_share}
+
+    def prior(self) -> tuple[str, float] | None:
+        """--logit-prior as (activation, gap): the activation must be in the pool, the gap > 0."""
+        if self.logit_prior is None:
+            return None
+        name, sep, gap = str(self.logit_prior).partition("=")
+        try:
+            value = float(gap)
+        except ValueError:
+            value = math.nan
+        if not sep or not value > 0 or math.isinf(value):
+            raise TrainError(
+                f"--logit-prior {self.logit_prior!r}: expected ACTIVATION=GAP with a gap > 0, "
+                "e.g. relu=2"
+            )
+        if self.mode == "smartmixed" and name not in self.pool:
+            raise TrainError(
+                f"--logit-prior {self.logit_prior!r}: {name!r} is not in the pool "
+                f"({', '.join(self.pool)})"
+            )
+        return name, value
 
     def phases(self) -> list[tuple[str, int]]:
         if self.mode == "smartmixed":
@@ -281,8 +322,14 @@ def train_epoch(
     double_softmax: bool = False,
     ranks: Ranks | None = None,
     freeze_logits: bool = False,
+    select: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
     """One pass over shuffled mini-batches.
+
+    ``select`` (bilevel selection, phase 1): held-out rows (x, y). Each weight step then leaves
+    the logits alone, and is followed by a logit step on the next batch of the held-out rows
+    (reshuffled at each pass over them) that leaves the weights alone: the logits follow the
+    straight-through gradient of the held-out loss, the weights that of the training loss.
 
     ``freeze_logits`` (the --logit-warmup epochs): the selection logits' gradient is measured,
     then dropped before the step, so Adam leaves them and their moments untouched. (Dropped,
@@ -312,6 +359,7 @@ def train_epoch(
     # loss sum, correct, rows: kept where the data lives (no device sync per step; nccl reduces
     # only GPU tensors)
     totals = torch.zeros(3, dtype=torch.float64, device=y.device)
+    held_out = _HeldOutBatches(select, batch_size, generator, least, ranks) if select else None
     steps = 0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
@@ -324,12 +372,23 @@ def train_epoch(
         loss.backward()
         grads = [p.grad.detach() for p in logit_params if p.grad is not None]
         if logit_grad is not None and grads:
-            logit_grad += torch.cat(grads).mean(0)  # (K,): the mean over every hidden neuron
-            if freeze_logits:
+            if held_out is None:  # bilevel: the instrument reads the held-out steps instead
+                logit_grad += torch.cat(grads).mean(0)  # (K,): the mean over every hidden neuron
+            if freeze_logits or held_out is not None:
                 for p in logit_params:
                     p.grad = None
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if held_out is not None and not freeze_logits:
+            grads = _logit_step(
+                model,
+                optimizer,
+                held_out.next(),
+                logit_params,
+                grad_clip,
+                double_softmax=double_softmax,
+            )
+            logit_grad += torch.cat(grads).mean(0)
         check_ranks_agree(model, ranks)
         steps += 1
         totals[0] += loss.detach().double() * len(idx)
@@ -345,6 +404,69 @@ def train_epoch(
             zip(inner.pool, (logit_grad / max(steps, 1)).cpu().tolist(), strict=True)
         )
     return result
+
+
+class _HeldOutBatches:
+    """Batches of bilevel selection's held-out rows, endlessly: a fresh permutation (from the
+    run's generator, so a resumed run draws the same) at each pass; a short tail is skipped."""
+
+    def __init__(
+        self,
+        rows: tuple[Tensor, Tensor],
+        batch_size: int,
+        generator: torch.Generator,
+        least: int,
+        ranks: Ranks,
+    ) -> None:
+        self.x, self.y = rows
+        if len(self.y) < least:
+            raise TrainError(
+                f"bilevel selection holds out {len(self.y)} row(s), fewer than a batch needs "
+                f"({least}); raise --selection-holdout or use more data"
+            )
+        self.batch_size, self.generator, self.least, self.ranks = (
+            batch_size,
+            generator,
+            least,
+            ranks,
+        )
+        self.order: Tensor = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if self.pos + self.least > len(self.order):
+            self.order = torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
+            self.pos = 0
+        idx = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        idx = idx[self.ranks.rank :: self.ranks.world]
+        return self.x[idx], self.y[idx]
+
+
+def _logit_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Tensor, Tensor],
+    logit_params: list[nn.Parameter],
+    grad_clip: float,
+    *,
+    double_softmax: bool,
+) -> list[Tensor]:
+    """One step of the selection logits alone on a held-out batch: every other gradient is
+    dropped before the step, so Adam leaves the weights and their moments untouched. Returns the
+    logits' gradients (before clipping)."""
+    x, y = batch
+    loss = loss_fn(model(x), y, double_softmax=double_softmax)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    logit_ids = {id(p) for p in logit_params}
+    for p in model.parameters():
+        if id(p) not in logit_ids:
+            p.grad = None
+    grads = [p.grad.detach().clone() for p in logit_params]
+    nn.utils.clip_grad_norm_(logit_params, grad_clip)
+    optimizer.step()
+    return grads
 
 
 @torch.no_grad()
@@ -486,6 +608,8 @@ def _start_phase(
             model = _build(config, name, dataset, run.assignment)
     else:
         model = _build(config, name, dataset, run.assignment)
+        if name == "selective":
+            _apply_prior(config, model)
     model = model.to(dev)
     return _Phase(
         name,
@@ -495,6 +619,19 @@ def _start_phase(
         _clone_state(model),
         _keep_rule(config, name),
     )
+
+
+def _apply_prior(config: TrainConfig, model: nn.Module) -> None:
+    """--logit-prior ACTIVATION=GAP: that candidate's logit raised by GAP in every mixed layer,
+    so it starts with probability e^GAP / (e^GAP + K - 1) per feature."""
+    prior = config.prior()
+    if prior is None:
+        return
+    name, gap = prior
+    column = config.pool.index(name)
+    with torch.no_grad():
+        for logits in selection_logits(model):
+            logits[:, column] += gap
 
 
 def _keep_rule(config: TrainConfig, phase: str) -> str:
@@ -734,6 +871,7 @@ def _train_phase(
         dynamic_ncols=True,
     )
     model = phase.model
+    x_train, y_train, held_out = _phase_rows(config, phase.name, data)
     net = model
     if ranks.distributed:
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -746,8 +884,8 @@ def _train_phase(
             result = train_epoch(
                 net,
                 phase.optimizer,
-                data["x_train"],
-                data["y_train"],
+                x_train,
+                y_train,
                 batch_size=config.batch_size,
                 grad_clip=config.grad_clip,
                 generator=data_gen,
@@ -755,6 +893,7 @@ def _train_phase(
                 ranks=ranks,
                 freeze_logits=phase.name == "selective"
                 and config.logits_frozen_at(run.phase_epoch),
+                select=held_out,
             )
             val_loss, val_acc = evaluate(
                 model, data["x_val"], data["y_val"], double_softmax=config.double_softmax
@@ -795,6 +934,26 @@ def _train_phase(
             bar.update(1)
             if after_epoch is not None:
                 after_epoch(record)
+
+
+def _phase_rows(
+    config: TrainConfig, phase: str, data: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """The training rows of a phase's weight steps, and bilevel selection's held-out rows: a
+    fixed random ``selection_holdout`` share of the training split (from the seed alone, so a
+    resumed run holds out the same rows), in phase 1 only. Phase 2 trains on the whole split."""
+    x, y = data["x_train"], data["y_train"]
+    if phase != "selective" or config.selection != "bilevel":
+        return x, y, None
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed + 2))
+    held = round(config.selection_holdout * len(y))
+    if held < 1 or held >= len(y):
+        raise TrainError(
+            f"--selection-holdout {config.selection_holdout} of {len(y)} training rows leaves "
+            "no rows on one side"
+        )
+    kept, out = order[held:].to(y.device), order[:held].to(y.device)
+    return x[kept], y[kept], (x[out], y[out])
 
 
 def _restore(
