@@ -10,7 +10,7 @@ protobuf/model_config.proto), so the serving install needs neither tritonclient 
 an unknown field is refused as Triton refuses it. Settings smartmixed-serve cannot honour
 (sequence batching, ensembles, batch inputs and outputs, custom operations, repository agents,
 custom metrics) are left out of the declaration and refused by name. tests/serve/
-test_repository.py checks every declared field against tritonclient's generated module.
+test_loading.py checks every declared field against tritonclient's generated module.
 
 serve/ never imports train/ or export/; export/ imports this module to check what it writes.
 """
@@ -436,7 +436,7 @@ def _tensor_problems(kind: str, listed, model: dict[str, _Tensor], batch: int) -
             e == -1 or d == e for d, e in zip(dims, expected, strict=True)
         )
         if not matches:
-            without = f", without the batch dimension (max_batch_size {batch})" if batch else ""
+            without = f", without the batch dimension (max_batch_size {batch})" if batch > 0 else ""
             problems.append(
                 f"{where}: dims {dims} do not match the ONNX model's {expected}{without}"
             )
