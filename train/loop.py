@@ -408,7 +408,8 @@ def train_epoch(
 
 class _HeldOutBatches:
     """Batches of bilevel selection's held-out rows, endlessly: a fresh permutation (from the
-    run's generator, so a resumed run draws the same) at each pass; a short tail is skipped."""
+    run's generator, so a resumed run draws the same) at each pass; a tail shorter than a batch
+    is skipped (all the rows make one batch when they are fewer than a batch)."""
 
     def __init__(
         self,
@@ -434,7 +435,7 @@ class _HeldOutBatches:
         self.pos = 0
 
     def next(self) -> tuple[Tensor, Tensor]:
-        if self.pos + self.least > len(self.order):
+        if self.pos + min(self.batch_size, len(self.y)) > len(self.order):
             self.order = torch.randperm(len(self.y), generator=self.generator).to(self.y.device)
             self.pos = 0
         idx = self.order[self.pos : self.pos + self.batch_size]

@@ -1,0 +1,163 @@
+"""Bilevel selection and the logit prior (train/loop.py): what each step may change, in float64."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smartmixed.nn.layers import GUMBEL_EPS, gumbel_softmax_sample
+from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
+from smartmixed.train import loop
+from smartmixed.train.data import load_dataset
+from smartmixed.train.loop import TrainConfig, TrainError, _phase_rows, train_epoch, train_run
+from smartmixed.train.model import SelectiveMLP
+
+POOL = list(DEFAULT_POOL)
+TAU = 0.3
+
+
+def _network(seed: int = 0) -> SelectiveMLP:
+    torch.manual_seed(seed)
+    net = SelectiveMLP([5, 7, 3], POOL, tau=TAU, logit_init_std=1.0).double()
+    return net
+
+
+def _textbook_logit_grad(net: SelectiveMLP, x, y, gumbel) -> torch.Tensor:
+    """dL/da of the held-out loss by the straight-through rule written out by hand:
+    h = sum_k y_k f_k(z), y = onehot(argmax s) - sg(s) + s, s = softmax((a + g) / tau)."""
+    first, last = net.layers
+    logits = net.activations[0].logits.detach().clone().requires_grad_(True)
+    z = x @ first.weight.detach().t() + first.bias.detach()  # (B, n)
+    soft = F.softmax((logits + gumbel) / TAU, dim=-1)  # (n, K)
+    hard = F.one_hot(soft.argmax(-1), len(POOL)).to(soft) - soft.detach() + soft
+    h = (torch.stack([ACTIVATIONS[p].fn(z) for p in POOL], -1) * hard).sum(-1)
+    out = h @ last.weight.detach().t() + last.bias.detach()
+    (grad,) = torch.autograd.grad(F.cross_entropy(out, y), logits)
+    return grad
+
+
+def test_a_logit_step_follows_the_held_out_gradient_and_leaves_the_weights() -> None:
+    net = _network()
+    optimizer = loop._optimizer(TrainConfig(arch=[5, 7, 3], logit_lr=1e-2), net)
+    x = torch.randn(11, 5, dtype=torch.float64) * 2
+    y = torch.randint(0, 3, (11,))
+    weights = {k: v.detach().clone() for k, v in net.layers.state_dict().items()}
+    before = net.activations[0].logits.detach().clone()
+
+    torch.manual_seed(123)  # the layer's Gumbel draw, reproduced here
+    gumbel = torch.rand_like(before).add_(GUMBEL_EPS).log_().neg_().add_(GUMBEL_EPS).log_().neg_()
+    expected = _textbook_logit_grad(net, x, y, gumbel)
+    torch.manual_seed(123)
+    net.train()
+    (grad,) = loop._logit_step(
+        net, optimizer, (x, y), loop.selection_logits(net), 1e9, double_softmax=False
+    )
+
+    torch.testing.assert_close(grad, expected)
+    assert grad.abs().sum() > 0
+    # Adam's first step moves each logit by lr * g / (|g| + eps); nothing else moves
+    step = 1e-2 * expected / (expected.abs() + 1e-8)
+    torch.testing.assert_close(net.activations[0].logits.detach(), before - step)
+    for name, value in net.layers.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert all(not optimizer.state[p] for p in net.layers.parameters())
+
+
+def test_bilevel_weight_steps_leave_the_logits_to_the_held_out_steps(monkeypatch) -> None:
+    net = _network(seed=1)
+    optimizer = loop._optimizer(TrainConfig(arch=[5, 7, 3]), net)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    held = (torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    seen: list[torch.Tensor] = []
+
+    def no_step(model, optimizer, batch, logit_params, grad_clip, *, double_softmax):
+        seen.append(batch[1])
+        return [torch.zeros_like(p) for p in logit_params]
+
+    monkeypatch.setattr(loop, "_logit_step", no_step)
+    logits = net.activations[0].logits.detach().clone()
+    first = net.layers[0].weight.detach().clone()
+    train_epoch(
+        net, optimizer, x, y, batch_size=16, grad_clip=1.0,
+        generator=torch.Generator().manual_seed(0), select=held,
+    )  # fmt: skip
+    assert torch.equal(net.activations[0].logits.detach(), logits)  # the weight steps left them
+    assert not torch.equal(net.layers[0].weight.detach(), first)  # and did train the weights
+    assert len(seen) == 4  # one held-out step after each of the 4 weight steps
+    # batches of 16 from the 20 held-out rows: a pass, then a fresh permutation
+    assert all(len(b) == 16 for b in seen)
+
+
+def test_held_out_rows_are_a_fixed_share_disjoint_from_the_weight_rows() -> None:
+    x = torch.arange(50, dtype=torch.float32).reshape(50, 1)
+    data = {"x_train": x, "y_train": torch.arange(50)}
+    config = TrainConfig(arch=[1, 4, 2], selection="bilevel", selection_holdout=0.2, seed=3)
+    kept_x, kept_y, (_, held_y) = _phase_rows(config, "selective", data)
+    assert len(held_y) == 10 and len(kept_y) == 40
+    assert sorted(kept_y.tolist() + held_y.tolist()) == list(range(50))
+    assert torch.equal(_phase_rows(config, "selective", data)[2][1], held_y)  # same on resume
+    assert torch.equal(kept_x[:, 0].long(), kept_y)
+    whole = _phase_rows(config, "mixed", data)  # phase 2 trains on every row
+    assert whole[2] is None and torch.equal(whole[1], data["y_train"])
+    joint = TrainConfig(arch=[1, 4, 2])
+    assert _phase_rows(joint, "selective", data)[2] is None
+
+
+def test_the_prior_starts_the_named_candidate_ahead_by_its_gap() -> None:
+    config = TrainConfig(arch=[5, 7, 3], logit_prior="relu=2")
+    net = SelectiveMLP([5, 7, 3], POOL, tau=TAU)
+    loop._apply_prior(config, net)
+    logits = net.activations[0].logits.detach()
+    assert torch.equal(logits[:, POOL.index("relu")], torch.full((7,), 2.0))
+    others = [k for k, name in enumerate(POOL) if name != "relu"]
+    assert torch.equal(logits[:, others], torch.zeros(7, len(others)))
+    draws = torch.stack([gumbel_softmax_sample(logits, TAU)[1] for _ in range(400)])
+    share = (draws == POOL.index("relu")).double().mean().item()
+    assert abs(share - math.exp(2) / (math.exp(2) + 5)) < 0.03  # 0.596
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"logit_prior": "relu"}, "--logit-prior 'relu': expected ACTIVATION=GAP with a gap > 0"),
+        ({"logit_prior": "relu=-1"}, "expected ACTIVATION=GAP with a gap > 0, e.g. relu=2"),
+        ({"logit_prior": "gelu=1"}, "--logit-prior 'gelu=1': 'gelu' is not in the pool"),
+        ({"selection": "darts"}, "--selection 'darts': expected one of joint, bilevel"),
+        ({"selection_holdout": 1.0}, "--selection-holdout is a fraction of the training split"),
+    ],
+)
+def test_bad_selection_options_are_refused(options, message) -> None:
+    with pytest.raises(TrainError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(arch=[5, 7, 3], **options)
+
+
+def test_a_bilevel_run_resumes_to_the_same_model(tmp_path: Path) -> None:
+    data = load_dataset("digits")
+    options = {"arch": [64, 8, 10], "p1_epochs": 2, "p2_epochs": 1, "lr": 3e-3, "seed": 5}
+    config = TrainConfig(**options, selection="bilevel", logit_prior="relu=1")
+    whole = train_run(config=config, dataset=data, out=tmp_path / "a", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record["epoch"] == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_run(
+            config=config, dataset=data, out=tmp_path / "b", progress=False,
+            after_epoch=stop_after_first,
+        )  # fmt: skip
+    resumed = train_run(
+        config=config, dataset=data, out=tmp_path / "b", resume=True, progress=False
+    )
+    assert resumed.assignment == whole.assignment
+    assert resumed.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
+    first = json.loads((tmp_path / "a" / "history.jsonl").read_text().splitlines()[0])
+    assert set(first["logit_grad"]) == set(POOL)  # the instrument reads the held-out steps
