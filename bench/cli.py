@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smartmixed.bench import BenchError
-from smartmixed.bench.soak_scenarios import SoakOptions
+from smartmixed.bench.soak import SoakOptions
 from smartmixed.contract import CONV_PRESETS, call_with_options
 from smartmixed.train import study
 from smartmixed.train.model import SpecError, parse_arch
@@ -307,13 +307,13 @@ def _http(args: argparse.Namespace) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
-    from smartmixed.bench import soak, soak_report
+    from smartmixed.bench import soak
 
     def measure():  # failed scenarios are in the result; only bad options raise
         options = call_with_options(SoakOptions, args)
         return call_with_options(soak.measure_soak, args, options=options)
 
-    return _run(args, soak_report, measure)
+    return _run(args, soak, measure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,101 +1,242 @@
-"""Reliability of ``smartmixed-serve`` against hostile clients and careless operators (issue F):
-the suite's driver.
+"""Reliability of ``smartmixed-serve`` against hostile clients and careless operators: the
+options, the scenarios and their targets, the driver, and soak.md / soak.png.
 
-``measure_soak`` checks the options, builds the model (or takes a repository or a URL), and runs
-each chosen scenario against a real server on 127.0.0.1: a fresh ``smartmixed-serve``
-subprocess per scenario, started on a free port over a repository of one seeded random-weight
-model, unless ``url`` targets a running server. Every number comes from the client side or from
-``/proc/PID``; each scenario records what it measured, its targets and whether they were met
-(reported, never asserted). A scenario that fails (the server does not start, dies, a tool
-breaks) is recorded with its reason and the suite goes on.
-
-The scenarios, their options and targets are in ``soak_scenarios`` (soak, overload, slow,
-header, sigterm) and ``soak_wire`` (the wire attacks: slow-readers, slow-readers-sigterm,
-pipelined-header, unsent-close, slow-bodies; each once per cap of ``wire_caps``, a row per
-cap); the clients and the health prober in ``soak_clients``; the server under attack in
-``soak_server``; soak.md and soak.png in ``soak_report``. ``--scenarios`` takes names, ``all``
-(the default) or ``wire`` (the wire attacks).
-
-A full default run takes about 4 to 5 minutes: 2 for the first five (60 + 20 + 25 + 5 s of
-load, one server start per scenario, the model build), 2 to 3 for the wire attacks (10 rows of
-about 10 s each, a server start each); a server that hangs stretches it (up to 10 s of
-in-flight overload requests, the 30 s header limit, the 40 s drain limit, twice for the SIGTERM
-with slow readers).
-
-soak.json (stable keys): ``config`` {source, model, arch, repository, url, pid, scenarios,
-wire_caps, options, seed, server_env, server_settings, probe, wrk_version}, ``server_command``,
-``server_command_shell``, ``machine``, ``scenarios`` {ROW: {status, error, config, server,
-measured, targets, meets_target, series, elapsed_s}}, ``summary`` {ROW: {status, met, missed,
-of}}, ``elapsed_s``. ROW is a scenario's name, or SCENARIO@capN for a wire attack at a cap of
-N set with SMARTMIXED_MAX_CONNECTIONS; ``targets`` {KEY: {op, limit}} name keys of
-``measured``; ``server`` {pid, nofile, command_shell, connection_cap, connection_cap_source
-(server log | computed), log {lines, tracebacks}, and on failure exit_code, log_tail}; a wire
-row's ``config`` holds its connection_cap and server_nofile.
+``measure_soak`` runs each chosen scenario against a real server on 127.0.0.1: a fresh
+``smartmixed-serve`` per scenario (bench/server.py's ``start_server``, over a repository of one
+seeded random-weight model, or ``repository``), unless ``url`` targets a running one. Every
+number comes from the client side or from /proc (bench/soak_clients.py holds the instruments);
+each scenario records what it measured, its targets and whether they were met (reported, never
+asserted). A scenario that fails (the server does not start, dies, a tool breaks) is recorded
+with its reason and the suite goes on. docs/bench.md describes each scenario, its targets and
+the keys of soak.json.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import math
 import os
+import re
+import resource
+import shlex
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 from tqdm.auto import tqdm
 
-from smartmixed.bench.load import wrk_version
+from smartmixed.bench.load import (
+    WRK_MARKER,
+    WRK_SUMMARY,
+    lua_long_string,
+    parse_wrk_output,
+    wrk_version,
+)
 from smartmixed.bench.server import (
     PAPER_ARCH,
+    ServerProcess,
+    Target,
     build_repository,
     check_url,
     free_port,
     pick_models,
     prepare_target,
     server_command,
+    start_server,
 )
-from smartmixed.bench.soak_clients import PROBE_TIMEOUT_S
-from smartmixed.bench.soak_scenarios import (
-    NOT_STARTED_HERE,
-    SCENARIO_RUNNERS,
-    SCENARIOS,
-    TARGETS,
-    Run,
-    SoakOptions,
-    evaluate,
-)
-from smartmixed.bench.soak_server import (
+from smartmixed.bench.server import server_env as inherited_env
+from smartmixed.bench.soak_clients import (
+    BODY_CHUNK,
     HEALTH_PATH,
-    Server,
+    LIVE_PATH,
+    PROBE_TIMEOUT_S,
+    SERVER_OPEN_STATES,
+    Attempt,
+    Prober,
     SoakError,
-    connection_cap,
+    Upload,
+    big_header,
+    closed_loop,
+    health_probe,
+    http_request,
+    open_slow_readers,
+    percentile_values,
+    pipelined_header,
+    probe_series,
+    raised_nofile,
+    read_fd_count,
     read_nofile,
     read_rss_mib,
-    shell_command,
-    started_server,
+    rounded,
+    rss_sampler,
+    run_async,
+    server_sampler,
+    slow_connections,
+    slow_uploads,
+    summarize_probes,
+    tcp_state,
+    unsent_close,
 )
-from smartmixed.bench.soak_wire import (
-    WIRE_RUNNERS,
-    WIRE_SCENARIOS,
-    WIRE_TARGETS,
-    row_name,
-)
-from smartmixed.contract import SpecError, parse_arch, parse_positive_ints, split_list
-from smartmixed.contract.outputs import machine_info
+from smartmixed.contract import SpecError, outputs, parse_arch, parse_positive_ints, split_list
 
-GENERATED_MODEL = "mixed"
+SCENARIOS = ("soak", "overload", "slow", "header", "sigterm")
+WIRE_SCENARIOS = (
+    "slow-readers",
+    "slow-readers-sigterm",
+    "pipelined-header",
+    "unsent-close",
+    "slow-bodies",
+)
 ALL_SCENARIOS = (*SCENARIOS, *WIRE_SCENARIOS)
-ALL_TARGETS = {**TARGETS, **WIRE_TARGETS}
-RUNNERS = {**SCENARIO_RUNNERS, **WIRE_RUNNERS}
 GROUPS = {"all": ALL_SCENARIOS, "wire": WIRE_SCENARIOS}
 STOPS_SERVER = ("sigterm", "slow-readers-sigterm")  # no server left to check after these
+GENERATED_MODEL = "mixed"
 METRICS_PORT_ENV = "SMARTMIXED_METRICS_PORT"
 DEFAULT_CAP = "default"  # a wire row at the server's own connection cap
 MIN_CAP = 8  # serve's smallest max_connections
+# the server settings the scenarios read, as a started server sees them (env, else the default)
+SETTINGS = ("request_timeout_s", "header_timeout_s", "max_request_bytes", "body_timeout_s")
+TRACEBACK = "Traceback (most recent"
+# serve/cli.py logs the cap when the open-file limit lowers it below max_connections
+CAP_LOG = re.compile(r"connection cap (\d+) \(max_connections")
+ALIVE_TIMEOUT_S = 5.0
+INFER_PROBE_EVERY = 4  # slow clients: one infer request per 4 health-probe intervals
+FREED_GRACE_S = 2.0  # a slow connection is freed when closed by header timeout + this
+RSS_SOAK_INTERVAL_S = 1.0
+RSS_HEADER_INTERVAL_S = 0.05
+SETTLE_AFTER_HEADER_S = 1.0
+OUTCOME_BIN_S = 0.1  # sigterm timeline bins
+STATUS_MARKER = "SMARTMIXED-WRK-STATUS "
+OPENAPI_PATH = "/openapi.json"
+INDEX_PATH = "/v2/repository/index"
+WIRE_SAMPLE_S = 0.1  # wire attacks: the server's RSS, descriptors and connections
+SETTLE_S = 1.0  # after closing the attackers: what the server logs, what it frees
+MIB = 2**20
+
+# Targets: measured key -> (op, limit), op one of "<", "<=", "==", ">="; a value not measured
+# evaluates to None. ZERO: a count that must stay 0; ALIVE: the server still answers.
+HEALTH_P99_TARGET_MS = 100.0  # the health probes' p99 (the plot's line)
+HEALTH_MAX_TARGET_MS = 500.0  # overload: the slowest health probe, on each port
+RSS_GROWTH_TARGET_MIB = 100.0  # wire attacks
+PAD_TARGET_MIB = 1.0  # header taken per connection: the 16 KiB limit plus a few socket reads
+FD_SLACK = 8  # descriptors over the cap: the prober's connection, newcomers being refused
+ZERO, ALIVE = ("<=", 0), ("==", True)
+HEALTH = {"health_p99_ms": ("<=", HEALTH_P99_TARGET_MS), "health_failures": ZERO}
+WIRE = {**HEALTH, "rss_growth_mib": ("<", RSS_GROWTH_TARGET_MIB)}
+LIVE = {"tracebacks": ZERO, "server_alive": ALIVE}
+TARGETS: dict[str, dict[str, tuple[str, Any]]] = {
+    "soak": {"errors": ZERO, "rss_growth_pct": ("<", 5.0), "server_alive": ALIVE},
+    "overload": {
+        "health_p99_ms": ("<=", HEALTH_P99_TARGET_MS),
+        "health_max_ms": ("<=", HEALTH_MAX_TARGET_MS),
+        "metrics_port_health_p99_ms": ("<=", HEALTH_P99_TARGET_MS),
+        "metrics_port_health_max_ms": ("<=", HEALTH_MAX_TARGET_MS),
+        "ok_over_deadline": ZERO,
+        "client_timeouts": ZERO,
+        "other_failures": ZERO,
+        "shed_without_retry_after": ZERO,
+        "server_alive": ALIVE,
+    },
+    "slow": {**HEALTH, "infer_failures": ZERO, "freed_share": (">=", 1.0), "server_alive": ALIVE},
+    "header": {
+        "refused": ("==", True),
+        "answer_s": ("<=", 1.0),
+        "rss_growth_mib": ("<", 20.0),
+        "server_alive": ALIVE,
+    },
+    "sigterm": {"failed_requests": ZERO, "exit_code": ("==", 0)},
+    "slow-readers": {**WIRE, "tracebacks_on_close": ZERO, **LIVE},
+    "slow-readers-sigterm": {
+        "exit_code": ("==", 0),
+        "exited_within_drain": ("==", True),
+        "tracebacks": ZERO,
+    },
+    "pipelined-header": {**WIRE, "pad_accepted_mib_max": ("<=", PAD_TARGET_MIB), **LIVE},
+    "unsent-close": {**WIRE, "fd_over_cap": ("<=", FD_SLACK), **LIVE},
+    "slow-bodies": {**WIRE, "server_errors": ZERO, **LIVE},
+}
+NOT_STARTED_HERE = "needs a server the bench starts (it would signal a process it did not start)"
+WIRE_NEEDS_STARTED = (
+    "needs a server the bench starts (its open-file limit and connection cap are set per row)"
+)
+
+
+@dataclass(frozen=True)
+class SoakOptions:
+    """Durations and counts of the scenarios (defaults: the full suite's; small values for
+    tests)."""
+
+    soak_duration_s: int = 60
+    soak_concurrency: int = 64
+    overload_duration_s: int = 20
+    overload_concurrency: int = 1024
+    overload_nofile: int = 1024  # the server's open-file limit: its cap (960) is below the clients
+    client_timeout_s: float = 10.0
+    slow_clients: int = 1000
+    slow_duration_s: float = 25.0
+    slow_interval_s: float = 5.0
+    slow_nofile: int = 1024
+    header_mb: float = 100.0
+    header_limit_s: float = 30.0
+    sigterm_concurrency: int = 32
+    sigterm_after_s: float = 5.0
+    drain_limit_s: float = 40.0
+    probe_interval_ms: float = 50.0
+    # the wire attacks
+    wire_nofile: int = 320  # the server's open-file limit: its default cap is this minus 64
+    wire_overcommit: float = 2.0
+    wire_duration_s: float = 10.0
+    readers_requests: int = 450
+    readers_rcvbuf: int = 4096
+    sigterm_readers: int = 16
+    pipelined_connections: int = 4
+    pipelined_requests: int = 12
+    pipelined_rows: int = 1024
+    unsent_id_mb: float = 5.0
+    bodies_clients: int = 16
+    bodies_mib: float = 16.0
+    bodies_send_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        bad = [f.name for f in fields(self) if not getattr(self, f.name) > 0]
+        if bad:
+            raise SoakError(f"{', '.join(bad)} must be > 0")
+        for name in ("slow_nofile", "overload_nofile"):
+            if getattr(self, name) < 64:
+                raise SoakError(f"{name} must be >= 64 (the server needs a few files to start)")
+        if self.wire_nofile < 80:
+            raise SoakError(
+                "wire_nofile must be >= 80 (the server keeps 64 descriptors free under its "
+                "open-file limit; a cap of 16 needs 16 more)"
+            )
+
+
+def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
+    ops: dict[str, Callable[[Any, Any], bool]] = {
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        "==": lambda a, b: a == b,
+        ">=": lambda a, b: a >= b,
+    }
+    return {
+        key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
+        for key, (op, limit) in targets.items()
+    }
+
+
+# ---- options
 
 
 def parse_scenarios(text: str | Sequence[str]) -> list[str]:
@@ -207,6 +348,119 @@ def _source(
     return Source("url", model, url=base, pid=pid)
 
 
+# ---- the server under attack
+
+
+@dataclass
+class Run:
+    """What a scenario needs: the server under attack (``started``: the smartmixed-serve the
+    bench started for it; None: a running one at ``url``), the model's request, the options and
+    the server's settings (``SETTINGS``)."""
+
+    url: str
+    pid: int | None
+    nofile: int | None  # the server's open-file limit
+    started: ServerProcess | None
+    target: Target
+    options: SoakOptions
+    settings: dict[str, float]
+    work: Path
+    use_wrk: bool
+    config: dict[str, Any] = field(default_factory=dict)  # what the scenario ran with
+    connection_cap: int | None = None  # the server's, when the bench started it
+    metrics_port: int | None = None  # the started server's metrics port, when it has one
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The server's process, for the scenarios that signal it: only one the bench started."""
+        if self.started is None:
+            raise SoakError(NOT_STARTED_HERE)
+        return self.started.process
+
+    def rss_mib(self) -> float | None:
+        return read_rss_mib(self.pid)
+
+    def alive(self) -> bool:
+        """Still running and answering /v2/health/live within a few seconds."""
+        if self.started is not None and self.started.process.poll() is not None:
+            return False
+        try:
+            with httpx.Client(timeout=ALIVE_TIMEOUT_S, trust_env=False) as client:
+                return client.get(self.url + LIVE_PATH).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def tracebacks(self) -> int | None:
+        """Tracebacks the server has logged so far (None: its log is not the bench's)."""
+        text = server_log(self.started)
+        return None if text is None else text.count(TRACEBACK)
+
+    def prober(self, requests: Sequence[bytes], *, duration: float, every: int = 1) -> Prober:
+        """``requests`` in turn, a new connection every ``every`` probe intervals."""
+        host, port = self.host_port
+        interval = self.options.probe_interval_ms / 1e3 * every
+        return Prober(host, port, requests, interval=interval, duration=duration)
+
+    def health_prober(self, *, duration: float) -> Prober:
+        return self.prober([health_probe(*self.host_port)], duration=duration)
+
+    def infer_request(self, *, close: bool = False) -> bytes:
+        host, port = self.host_port
+        path = urlsplit(self.target.url).path
+        return http_request("POST", path, f"{host}:{port}", self.target.body, close=close)
+
+
+def server_log(started: ServerProcess | None) -> str | None:
+    """What a started server has logged so far (None: not started here)."""
+    if started is None or not started.log_path.exists():
+        return None
+    return started.log_path.read_text(errors="replace")
+
+
+def connection_cap(
+    log: str | None, *, nofile: int | None, max_connections: int
+) -> tuple[int | None, str]:
+    """The connection cap of a started server and where it comes from: its log (the open-file
+    limit lowered it), else ``max_connections`` lowered as serve/server.py's connection_cap
+    does, from the open-file limit the bench set."""
+    found = CAP_LOG.search(log or "")
+    if found:
+        return int(found.group(1)), "server log"
+    from smartmixed.serve.server import FD_RESERVE
+
+    if nofile is None:
+        return None, "unknown"
+    return max(1, min(max_connections, nofile - FD_RESERVE)), "computed"
+
+
+def shell_command(command: Sequence[str], env: Mapping[str, str], nofile: int | None) -> str:
+    """The server command as one shell line an operator can paste (env, ulimit, argv)."""
+    text = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+    text = f"{text} {shlex.join(command)}".strip()
+    return f"ulimit -n {nofile} && {text}" if nofile else text
+
+
+# ---- the driver
+
+
+@dataclass
+class Suite:
+    """What every scenario of one run shares."""
+
+    source: Source
+    repository: Path | None  # the one started servers serve (None: --url)
+    env: dict[str, str]  # what a started server sees: SMARTMIXED_* of the bench, --server-env
+    options: SoakOptions
+    work: Path
+    use_wrk: bool
+    seed: int
+
+
 def measure_soak(
     *,
     scenarios: str | Sequence[str] = "all",
@@ -234,64 +488,29 @@ def measure_soak(
     source = _source(
         url=url, pid=pid, repository=repository, model=model, arch=arch, server_env=env
     )
-    # what a started server sees: the bench's SMARTMIXED_* variables, then --server-env
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith("SMARTMIXED_") and k != "SMARTMIXED_API_KEY"
-    }
-    effective = inherited | env if source.kind != "url" else {}
-    deadline_s = server_setting("request_timeout_s", effective)
-    header_timeout_s = server_setting("header_timeout_s", effective)
+    effective = inherited_env() | env if source.kind != "url" else {}
+    settings = {k: server_setting(k, effective) for k in SETTINGS[:2]}
     # one row per scenario; a wire attack once per cap (its server's env sets the cap)
-    rows = [
-        (row_name(name, cap), name, cap)
-        for name in names
-        for cap in (caps if name in WIRE_SCENARIOS else [None])
-    ]
-    use_wrk = _has_wrk()
-    results: dict[str, dict[str, Any]] = {}
+    rows = [(name, cap) for name in names for cap in (caps if name in WIRE_SCENARIOS else [None])]
+    use_wrk = shutil.which("wrk") is not None
     command: list[str] | None = None
     load_avg = [os.getloadavg()]
     with (
         tempfile.TemporaryDirectory(prefix="smartmixed-bench-soak-") as tmp,
         tqdm(rows, desc="soak scenarios", disable=not progress) as bar,
     ):
-        work = Path(tmp)
-        repo_dir = source.repository
+        suite = Suite(source, source.repository, effective, options, Path(tmp), use_wrk, seed)
         if source.kind == "generated":
-            repo_dir = work / "models"
-            build_repository(repo_dir, arch=source.arch, seed=seed, models=[GENERATED_MODEL])
-        if repo_dir is not None:
-            command = server_command(repo_dir, 0)  # the port differs per scenario: PORT below
+            suite.repository = suite.work / "models"
+            build_repository(suite.repository, arch=source.arch, seed=seed, models=[source.model])
+        if suite.repository is not None:
+            command = server_command(suite.repository, 0)  # the port differs per scenario: PORT
             command[command.index("--port") + 1] = "PORT"
-        for row, name, cap in bar:
+        results = {}
+        for name, cap in bar:
+            row = name if cap is None else f"{name}@cap{cap}"
             bar.set_postfix_str(row)
-            nofile, row_env = None, dict(effective)
-            if name == "slow":
-                nofile = options.slow_nofile
-            elif name == "overload":
-                nofile = options.overload_nofile
-                # health probed on the server's metrics port too (one the 1024 do not fill)
-                row_env.setdefault(METRICS_PORT_ENV, str(free_port()))
-            elif name in WIRE_SCENARIOS:
-                nofile = options.wire_nofile
-                if cap is not None:
-                    row_env["SMARTMIXED_MAX_CONNECTIONS"] = str(cap)
-            results[row] = _run_scenario(
-                row,
-                name,
-                source=source,
-                repository=repo_dir,
-                env=row_env,
-                nofile=nofile,
-                options=options,
-                deadline_s=deadline_s,
-                header_timeout_s=header_timeout_s,
-                work=work,
-                use_wrk=use_wrk,
-                seed=seed,
-            )
+            results[row] = _run_scenario(suite, row, name, cap)
     load_avg.append(os.getloadavg())
     return {
         "config": {
@@ -306,11 +525,7 @@ def measure_soak(
             "options": asdict(options),
             "seed": seed,
             "server_env": effective if source.kind != "url" else None,
-            "server_settings": {
-                "request_timeout_s": deadline_s,
-                "header_timeout_s": header_timeout_s,
-                "assumed_defaults": source.kind == "url",
-            },
+            "server_settings": {**settings, "assumed_defaults": source.kind == "url"},
             "probe": {
                 "path": HEALTH_PATH,
                 "interval_ms": options.probe_interval_ms,
@@ -328,114 +543,113 @@ def measure_soak(
     }
 
 
-def _run_scenario(
-    row: str,
-    name: str,
-    *,
-    source: Source,
-    repository: Path | None,
-    env: Mapping[str, str],
-    nofile: int | None,
-    options: SoakOptions,
-    deadline_s: float,
-    header_timeout_s: float,
-    work: Path,
-    use_wrk: bool,
-    seed: int,
-) -> dict[str, Any]:
+def _server_env(suite: Suite, name: str, cap: int | None) -> tuple[dict[str, str], int | None]:
+    """The environment and open-file limit of the server a scenario starts."""
+    env = dict(suite.env)
+    if name == "slow":
+        return env, suite.options.slow_nofile
+    if name == "overload":
+        # health probed on the server's metrics port too (one the 1024 do not fill)
+        env.setdefault(METRICS_PORT_ENV, str(free_port()))
+        return env, suite.options.overload_nofile
+    if name in WIRE_SCENARIOS:
+        if cap is not None:
+            env["SMARTMIXED_MAX_CONNECTIONS"] = str(cap)
+        return env, suite.options.wire_nofile
+    return env, None
+
+
+def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[str, Any]:
     """One scenario (``row``: with its cap) on its own server; every failure is recorded,
     never raised."""
-    goals = ALL_TARGETS[name]
-    targets = {key: {"op": op, "limit": limit} for key, (op, limit) in goals.items()}
+    goals = TARGETS[name]
     entry: dict[str, Any] = {
         "status": "ok",
         "error": None,
         "config": {},
         "server": {},
         "measured": {},
-        "targets": targets,
+        "targets": {key: {"op": op, "limit": limit} for key, (op, limit) in goals.items()},
         "meets_target": dict.fromkeys(goals),
         "series": {},
     }
+    source = suite.source
+    if source.kind == "url" and (name == "sigterm" or name in WIRE_SCENARIOS):
+        entry.update(
+            status="skipped", error=NOT_STARTED_HERE if name == "sigterm" else WIRE_NEEDS_STARTED
+        )
+        return entry
     t0 = time.perf_counter()
-    server: Server | None = None
-    if name == "sigterm" and source.kind == "url":
-        entry.update(
-            status="skipped",
-            error=NOT_STARTED_HERE,
-        )
-        return entry
-    if name in WIRE_SCENARIOS and source.kind == "url":
-        entry.update(
-            status="skipped",
-            error="needs a server the bench starts (its open-file limit and connection cap "
-            "are set per row)",
-        )
-        return entry
+    env, nofile = _server_env(suite, name, cap)
+    started: ServerProcess | None = None
     try:
         with contextlib.ExitStack() as stack:
             if source.kind == "url":
-                server = Server(
-                    url=source.url,
-                    pid=source.pid,
-                    nofile=read_nofile(source.pid) if source.pid else None,
-                )
+                assert source.url is not None
+                base, pid = source.url, source.pid
+                nofile = read_nofile(pid) if pid else None
             else:
-                assert repository is not None
-                log_path = work / f"server-{row}.log"
-                server = stack.enter_context(
-                    started_server(repository, env=env, nofile=nofile, log_path=log_path)
+                assert suite.repository is not None
+                started = stack.enter_context(
+                    start_server(
+                        suite.repository,
+                        log_path=suite.work / f"server-{row}.log",
+                        env=env,
+                        nofile=nofile,
+                    )
                 )
-                entry["server"]["command_shell"] = shell_command(server.process.args, env, nofile)
-            entry["server"].update(pid=server.pid, nofile=server.nofile)
-            target = prepare_target(server.url, source.model, seed=seed, batching=None)
-            cap, cap_source = None, None
-            if server.process is not None:
-                max_connections = int(server_setting("max_connections", env))
-                cap, cap_source = connection_cap(server, max_connections=max_connections)
-                entry["server"].update(connection_cap=cap, connection_cap_source=cap_source)
+                base, pid = started.url, started.pid
+                entry["server"]["command_shell"] = shell_command(started.command, env, nofile)
+                nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            entry["server"].update(pid=pid, nofile=nofile)
+            target = prepare_target(base, source.model, seed=suite.seed)
             run = Run(
-                server=server,
-                target=target,
-                options=options,
-                deadline_s=deadline_s,
-                header_timeout_s=header_timeout_s,
-                work=work,
-                use_wrk=use_wrk,
-                config=entry["config"],
-                connection_cap=cap,
-                metrics_port=_metrics_port(server, env),
-                settings={
-                    k: server_setting(k, env) for k in ("max_request_bytes", "body_timeout_s")
-                },
-            )
+                base, pid, nofile, started, target, suite.options,
+                {k: server_setting(k, env) for k in SETTINGS}, suite.work, suite.use_wrk,
+                entry["config"],
+            )  # fmt: skip
+            if started is not None:
+                max_connections = int(server_setting("max_connections", env))
+                run.connection_cap, cap_source = connection_cap(
+                    server_log(started), nofile=nofile, max_connections=max_connections
+                )
+                entry["server"].update(
+                    connection_cap=run.connection_cap, connection_cap_source=cap_source
+                )
+                run.metrics_port = _metrics_port(base, env)
             measured, series = RUNNERS[name](run)
             if name not in STOPS_SERVER:
-                measured["server_alive"] = server.alive()
-            entry["measured"], entry["series"] = measured, series
-            entry["meets_target"] = evaluate(measured, goals)
-            entry["server"]["log"] = server.log_counts()
+                measured["server_alive"] = run.alive()
+            entry.update(measured=measured, series=series, meets_target=evaluate(measured, goals))
+            entry["server"]["log"] = _log_counts(started)
     except Exception as e:  # recorded, not raised: a scenario that breaks the server is a finding
         entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-        if server is not None:
-            if server.process is not None and server.process.poll() is not None:
-                entry["server"]["exit_code"] = server.process.returncode
-            entry["server"]["log"] = server.log_counts()
-            entry["server"]["log_tail"] = server.log_tail()
+        if source.kind == "url" or started is not None:
+            if started is not None and started.process.poll() is not None:
+                entry["server"]["exit_code"] = started.process.returncode
+            entry["server"]["log"] = _log_counts(started)
+            entry["server"]["log_tail"] = (server_log(started) or "").strip()[-1200:]
     entry["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return entry
 
 
-def _metrics_port(server: Server, env: Mapping[str, str]) -> int | None:
+def _log_counts(started: ServerProcess | None) -> dict[str, int] | None:
+    text = server_log(started)
+    if text is None:
+        return None
+    return {"lines": text.count("\n"), "tracebacks": text.count(TRACEBACK)}
+
+
+def _metrics_port(base: str, env: Mapping[str, str]) -> int | None:
     """The started server's metrics port, when it has one and answers on it (a server older
     than the setting ignores the variable)."""
     port = int(env.get(METRICS_PORT_ENV) or 0)
-    if server.process is None or not port:
+    if not port:
         return None
-    host = server.host_port[0]
+    host = urlsplit(base).hostname
     try:
         with httpx.Client(timeout=3.0, trust_env=False) as client:
-            live = client.get(f"http://{host}:{port}/v2/health/live").status_code == 200
+            live = client.get(f"http://{host}:{port}{LIVE_PATH}").status_code == 200
     except httpx.HTTPError:
         live = False
     return port if live else None
@@ -451,10 +665,6 @@ def _summary(entry: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _has_wrk() -> bool:
-    return shutil.which("wrk") is not None
-
-
 def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
     import platform
 
@@ -462,9 +672,1016 @@ def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
     import uvicorn
 
     return {
-        **machine_info(),
+        **outputs.machine_info(),
         "onnxruntime": onnxruntime.__version__,
         "uvicorn": uvicorn.__version__,
         "kernel": platform.release(),
         "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg],
     }
+
+
+# ---- soak: keep-alive load from wrk (or Python without it), RSS sampled every second
+
+SOAK_WRK_SCRIPT = (
+    """\
+-- written by smartmixed-bench soak: POST one V2 JSON body; count statuses and responses per
+-- second (os.time) per thread; done() prints the summary and the counts as JSON lines
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+statuses = {{}}
+seconds = {{}}
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  local s = os.time()
+  seconds[s] = (seconds[s] or 0) + 1
+end
+
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+
+local function json_counts(t)
+  local parts = {{}}
+  for k, v in pairs(t) do table.insert(parts, string.format('"%d":%d', k, v)) end
+  return "{{" .. table.concat(parts, ",") .. "}}"
+end
+
+function done(summary, latency, requests)
+"""
+    + WRK_SUMMARY
+    + """\
+  for _, t in ipairs(threads) do
+    io.write('{status_marker}{{"statuses":' .. json_counts(t:get("statuses")) ..
+             ',"seconds":' .. json_counts(t:get("seconds")) .. '}}\\n')
+  end
+end
+"""
+)
+
+
+def _wrk_soak(run: Run) -> dict[str, Any]:
+    o = run.options
+    script = run.work / "soak.lua"
+    script.write_text(
+        SOAK_WRK_SCRIPT.format(
+            body=lua_long_string(run.target.body.decode()),
+            marker=WRK_MARKER,
+            status_marker=STATUS_MARKER,
+        )
+    )
+    command = ["wrk", "-t", "1", "-c", str(o.soak_concurrency), "-d", f"{o.soak_duration_s}s"]
+    command += ["--latency", "--timeout", f"{o.client_timeout_s:g}s", "-s", str(script)]
+    command.append(run.target.url)
+    run.config["load_command"] = command
+    wall0 = time.time()
+    try:
+        out = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=o.soak_duration_s + o.client_timeout_s + 30,
+        )
+    except subprocess.TimeoutExpired:
+        raise SoakError("wrk did not finish in time") from None
+    if out.returncode != 0:
+        raise SoakError(f"wrk failed ({out.returncode}): {(out.stderr or out.stdout)[-800:]}")
+    raw = parse_wrk_output(out.stdout)
+    statuses: Counter[str] = Counter()
+    per_second: Counter[int] = Counter()
+    for line in out.stdout.splitlines():
+        if line.startswith(STATUS_MARKER):
+            data = json.loads(line[len(STATUS_MARKER) :])
+            statuses.update({k: int(v) for k, v in data["statuses"].items()})
+            per_second.update({int(k): int(v) for k, v in data["seconds"].items()})
+    kinds = raw["error_kinds"]
+    return {
+        "requests": raw["requests"],
+        "duration_s": round(raw["duration_s"], 3),
+        "statuses": dict(sorted(statuses.items())),
+        "errors": sum(kinds.values()),
+        "error_kinds": kinds,
+        "p50_ms": rounded(raw["p50_ms"]),
+        "p99_ms": rounded(raw["p99_ms"]),
+        "max_ms": rounded(raw["max_ms"]),
+        # wrk's buckets are whole wall-clock seconds: plotted at their middle
+        "rps_series": [[round(s + 0.5 - wall0, 1), n] for s, n in sorted(per_second.items())],
+    }
+
+
+def _python_soak(run: Run) -> dict[str, Any]:
+    o = run.options
+    t0 = time.monotonic()
+    attempts = _infer_load(run, concurrency=o.soak_concurrency, seconds=o.soak_duration_s)
+    replies = [a for a in attempts if a.outcome == "reply"]
+    kinds = Counter(
+        "status" if a.outcome == "reply" else a.outcome
+        for a in attempts
+        if a.outcome != "reply" or not 200 <= a.status < 300
+    )
+    p50, p99 = percentile_values([a.seconds * 1e3 for a in replies], [50, 99])
+    per_second = Counter(int(a.start + a.seconds - t0) for a in replies)
+    return {
+        "requests": len(replies),
+        "duration_s": round(time.monotonic() - t0, 3),
+        "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
+        "errors": sum(kinds.values()),
+        "error_kinds": dict(kinds),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "max_ms": rounded(max((a.seconds * 1e3 for a in replies), default=None)),
+        "rps_series": [[s + 0.5, n] for s, n in sorted(per_second.items())],
+    }
+
+
+def rss_halves(samples: Sequence[tuple[float, float]], duration: float) -> dict[str, Any]:
+    """Mean RSS over the window (a twelfth of the run, >= 1 s) ending at the first half vs the
+    one ending the run, growth %: start-up growth (arenas, first batches) is left out."""
+    window = max(duration / 12, 1.0)
+
+    def mean_until(t_end: float) -> float | None:
+        values = [mb for t, mb in samples if t_end - window <= t <= t_end]
+        return rounded(float(np.mean(values)), 2) if values else None
+
+    first, second = mean_until(duration / 2), mean_until(duration)
+    growth = None if first is None or second is None else rounded((second - first) / first * 100)
+    return {
+        "rss_window_s": rounded(window),
+        "rss_first_half_mib": first,
+        "rss_second_half_mib": second,
+        "rss_growth_pct": growth,
+    }
+
+
+def scenario_soak(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    run.config.update(
+        concurrency=o.soak_concurrency,
+        duration_s=o.soak_duration_s,
+        load_generator="wrk" if run.use_wrk else "python-asyncio",
+    )
+    rss_start = run.rss_mib()
+    with rss_sampler(run.pid, RSS_SOAK_INTERVAL_S) as rss:
+        load = _wrk_soak(run) if run.use_wrk else _python_soak(run)
+    series = {"rss_mib": [list(s) for s in rss.samples], "rps": load.pop("rps_series")}
+    ok = sum(n for s, n in load["statuses"].items() if s.startswith("2"))
+    measured = {
+        **load,
+        "rps_ok": rounded(ok / load["duration_s"], 1) if load["duration_s"] else None,
+        "rss_start_mib": rounded(rss_start, 2),
+        **rss_halves(rss.samples, o.soak_duration_s),
+        "rss_max_mib": rss.peak(),
+    }
+    return measured, series
+
+
+# ---- overload: 1024 keep-alive clients in closed loop (a 503 retried at once), health on both
+# ports
+
+
+def _infer_load(run: Run, *, concurrency: int, seconds: float) -> list[Attempt]:
+    """``concurrency`` closed-loop keep-alive clients sending the model's infer request for
+    ``seconds`` (soak without wrk, overload)."""
+    host, port = run.host_port
+    end = time.monotonic() + seconds
+    return run_async(
+        closed_loop(
+            host,
+            port,
+            run.infer_request(),
+            concurrency=concurrency,
+            stop=lambda: time.monotonic() >= end,
+            timeout=run.options.client_timeout_s,
+        )
+    )
+
+
+def _overload_probers(run: Run) -> list[Prober]:
+    """Liveness and readiness probes in turn on the server's port, and on its metrics port
+    when it has one."""
+    host, port = run.host_port
+    interval = run.options.probe_interval_ms / 1e3
+    return [
+        Prober(
+            host,
+            p,
+            [health_probe(host, p, path) for path in (LIVE_PATH, HEALTH_PATH)],
+            interval=interval,
+            duration=run.options.overload_duration_s,
+        )
+        for p in (port, run.metrics_port)
+        if p
+    ]
+
+
+def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    deadline_ms = run.settings["request_timeout_s"] * 1e3
+    run.config.update(
+        concurrency=o.overload_concurrency,
+        duration_s=o.overload_duration_s,
+        client_timeout_s=o.client_timeout_s,
+        load_generator="python-asyncio",
+        retry_after_honoured=False,
+        server_nofile=run.nofile,
+        connection_cap=run.connection_cap,
+        probes=f"{LIVE_PATH} and {HEALTH_PATH} in turn, a new connection each",
+        metrics_port=run.metrics_port,
+    )
+    probers = _overload_probers(run)
+    t0 = time.monotonic()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with raised_nofile() as (before, now):
+            run.config["client_nofile"] = {"before": before, "raised_to": now}
+            attempts = _infer_load(
+                run, concurrency=o.overload_concurrency, seconds=o.overload_duration_s
+            )
+    finally:
+        samples = [p.stop() for p in probers]
+    elapsed = time.monotonic() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    client_cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    replies = [a for a in attempts if a.outcome == "reply"]
+    ok = [a.seconds * 1e3 for a in replies if a.status == 200]
+    shed = [a for a in replies if a.status == 503]
+    outcomes = Counter(a.outcome for a in attempts if a.outcome != "reply")
+    timeouts = outcomes.pop("timeout", 0)
+    p50, p99 = percentile_values(ok, [50, 99])
+    measured = {
+        "requests": len(attempts),
+        "replies": len(replies),
+        "duration_s": rounded(elapsed),
+        "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
+        "share_503": rounded(len(shed) / len(replies), 4) if replies else None,
+        "shed_without_retry_after": sum(not a.retry_after for a in shed),
+        "client_timeouts": timeouts,
+        "socket_errors": dict(outcomes),
+        "other_failures": sum(a.status not in (200, 503) for a in replies) + outcomes.total(),
+        "rps_ok": rounded(len(ok) / elapsed, 1),
+        "ok_p50_ms": p50,
+        "ok_p99_ms": p99,
+        "ok_max_ms": rounded(max(ok, default=None)),
+        "deadline_ms": deadline_ms,
+        "ok_over_deadline": sum(v > deadline_ms for v in ok),
+        "client_cpu_cores": rounded(client_cpu / elapsed, 2),  # CPU the bench's client took
+        **summarize_probes(samples[0], "health"),
+    }
+    series = {"health_ms": probe_series(samples[0], t0)}
+    if len(samples) > 1:
+        measured.update(summarize_probes(samples[1], "metrics_port_health"))
+        series["metrics_port_health_ms"] = probe_series(samples[1], t0)
+    return measured, series
+
+
+# ---- slow: slowloris clients against the server's header timeout, health and infer meanwhile
+
+
+def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A connection counts as freed when the server closes it (EOF, reset or an answer) within
+    the header timeout + FREED_GRACE_S of its connect; only connections opened at least that
+    long before the end are judged."""
+    o = run.options
+    host, port = run.host_port
+    freed_by = run.settings["header_timeout_s"] + FREED_GRACE_S
+    run.config.update(
+        clients=o.slow_clients,
+        duration_s=o.slow_duration_s,
+        interval_s=o.slow_interval_s,
+        server_nofile=run.nofile,
+        freed_by_s=freed_by,
+    )
+    t0 = time.monotonic()
+    with raised_nofile() as (before, now):
+        run.config["client_nofile"] = {"before": before, "raised_to": now}
+        probers = []
+        try:
+            probers.append(run.health_prober(duration=o.slow_duration_s))
+            infer = run.infer_request(close=True)
+            probers.append(run.prober([infer], duration=o.slow_duration_s, every=INFER_PROBE_EVERY))
+            records = run_async(
+                slow_connections(
+                    host,
+                    port,
+                    slots=o.slow_clients,
+                    duration=o.slow_duration_s,
+                    interval=o.slow_interval_s,
+                )
+            )
+        finally:
+            samples = [p.stop() for p in probers]
+    health, infer_probes = samples if len(samples) == 2 else ([], [])
+    connected = [r for r in records if r["t_connect_s"] is not None]
+    closed = [r["closed_after_s"] for r in connected if "closed_after_s" in r]
+    # a connection opened less than freed_by before the end cannot show whether it was freed
+    judged = [r for r in connected if r["t_connect_s"] + freed_by <= o.slow_duration_s]
+    freed = sum(r.get("closed_after_s", math.inf) <= freed_by for r in judged)
+    p50, p_max = percentile_values(closed, [50, 100])
+    measured = {
+        "connections": len(records),
+        "connected": len(connected),
+        "connect_errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "closed_by_server": len(closed),
+        "closed_after_s_p50": p50,
+        "closed_after_s_max": p_max,
+        "answers": dict(Counter(r["answer"] for r in connected if "answer" in r)),
+        "judged": len(judged),
+        "freed_by_deadline": freed,
+        "freed_share": rounded(freed / len(judged), 4) if judged else None,
+        "open_at_end": len(connected) - len(closed),
+        **summarize_probes(health, "health"),
+        **summarize_probes(infer_probes, "infer"),
+    }
+    return measured, {"health_ms": probe_series(health, t0)}
+
+
+# ---- header: one 100 MB header line
+
+
+def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    size = int(o.header_mb * 1e6)
+    run.config.update(
+        header_bytes=size, chunk_bytes=BODY_CHUNK, limit_s=o.header_limit_s, path=LIVE_PATH
+    )
+    host, port = run.host_port
+    before = run.rss_mib()
+    prober = run.health_prober(duration=o.header_limit_s)
+    t0 = time.monotonic()
+    try:
+        with rss_sampler(run.pid, RSS_HEADER_INTERVAL_S) as rss:
+            outcome = run_async(big_header(host, port, size=size, limit=o.header_limit_s))
+            time.sleep(SETTLE_AFTER_HEADER_S)
+    finally:
+        probes = prober.stop()
+    after = run.rss_mib()
+    peak = max(v for v in (rss.peak(), before, after) if v is not None) if before else None
+    measured = {
+        **outcome,
+        "rss_before_mib": rounded(before, 2),
+        "rss_peak_mib": rounded(peak, 2),
+        "rss_after_mib": rounded(after, 2),
+        "rss_growth_mib": rounded(peak - before, 2) if before and peak else None,
+        **summarize_probes(probes, "health"),
+    }
+    return measured, {
+        "health_ms": probe_series(probes, t0),
+        "rss_mib": [list(s) for s in rss.samples],
+    }
+
+
+# ---- sigterm: SIGTERM under closed-loop load
+
+
+def classify_sigterm(attempts: Sequence[Attempt], t_signal: float | None) -> Counter[str]:
+    """Outcome classes of the SIGTERM scenario. A request fails when it got a 5xx other than a
+    503 sent after the signal, any 4xx, a client timeout, a response cut off partway, or no
+    response at all, except a keep-alive connection the server closed with no response byte
+    after the signal (the idle-connection race RFC 9112 9.3.1 lets a client retry; the infer
+    request is a pure function). A connect refused once the listener closed is not a failure
+    either: the request never reached the server."""
+    classes: Counter[str] = Counter()
+    for a in attempts:
+        after = t_signal is not None and a.start + a.seconds >= t_signal
+        if a.outcome == "reply" and 200 <= a.status < 300:
+            classes["ok"] += 1
+        elif a.outcome == "reply" and a.status == 503 and after:
+            classes["shed_503_draining"] += 1
+        elif a.outcome == "refused" and after:
+            classes["refused_listener_closed"] += 1
+        elif a.outcome == "no_response" and a.reused and after:
+            classes["closed_idle_keepalive"] += 1
+        elif a.outcome == "reply":
+            classes[f"failed_status_{a.status}"] += 1
+        else:
+            classes[f"failed_{a.outcome}"] += 1
+    return classes
+
+
+def _exit_measures(process: subprocess.Popen, drain_s: float | None) -> dict[str, Any]:
+    """The exit of a server signalled with SIGTERM (``drain_s`` None: killed at the limit)."""
+    code = process.returncode
+    return {
+        "exit_code": code,  # -9 when killed after the drain limit
+        "exit_signal": signal.Signals(-code).name if code is not None and code < 0 else None,
+        "killed_after_drain_limit": drain_s is None,
+        "drain_s": drain_s,
+    }
+
+
+def _kill_if_running(process: subprocess.Popen) -> bool:
+    """Kill a server still running at the drain limit; whether it had to be."""
+    if process.poll() is not None:
+        return False
+    process.kill()
+    process.wait()
+    return True
+
+
+def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    process = run.process
+    run.config.update(
+        concurrency=o.sigterm_concurrency,
+        signal_after_s=o.sigterm_after_s,
+        drain_limit_s=o.drain_limit_s,
+        load_generator="python-asyncio",
+    )
+    host, port = run.host_port
+    request = run.infer_request()
+    marks: dict[str, float] = {}
+
+    async def drive() -> list[Attempt]:
+        load = asyncio.ensure_future(
+            closed_loop(
+                host,
+                port,
+                request,
+                concurrency=o.sigterm_concurrency,
+                stop=lambda: "exit" in marks or "give_up" in marks,
+                timeout=o.client_timeout_s,
+            )
+        )
+        marks["start"] = time.monotonic()
+        await asyncio.sleep(o.sigterm_after_s)
+        marks["signal"] = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        while process.poll() is None and time.monotonic() - marks["signal"] < o.drain_limit_s:
+            await asyncio.sleep(0.01)
+        marks["exit" if process.poll() is not None else "give_up"] = time.monotonic()
+        return await load
+
+    attempts = run_async(drive())
+    killed = _kill_if_running(process)
+    t_signal = marks["signal"]
+    classes = classify_sigterm(attempts, t_signal)
+    ok_at = [a.start + a.seconds for a in attempts if a.outcome == "reply" and a.status == 200]
+    refused_at = [a.start for a in attempts if a.outcome == "refused" and a.start >= t_signal]
+    measured = {
+        "requests": len(attempts),
+        "ok_before_signal": sum(t < t_signal for t in ok_at),
+        "ok_after_signal": sum(t >= t_signal for t in ok_at),
+        "outcomes": dict(sorted(classes.items())),
+        "failed_requests": sum(v for k, v in classes.items() if k.startswith("failed_")),
+        **_exit_measures(process, None if killed else rounded(marks["exit"] - t_signal)),
+        "listener_closed_after_s": rounded(min(refused_at) - t_signal) if refused_at else None,
+    }
+    return measured, {"timeline": sigterm_timeline(attempts, marks["start"], t_signal)}
+
+
+def sigterm_timeline(attempts: Sequence[Attempt], t0: float, t_signal: float) -> dict[str, Any]:
+    """Outcomes per OUTCOME_BIN_S bin (by completion time) for the plot."""
+    bins: dict[str, Counter[int]] = {}
+    for a in attempts:
+        cls = next(iter(classify_sigterm([a], t_signal)))
+        kind = "failed" if cls.startswith("failed_") else cls
+        bins.setdefault(kind, Counter())[int((a.start + a.seconds - t0) / OUTCOME_BIN_S)] += 1
+    last = max((max(c) for c in bins.values() if c), default=0)
+    return {
+        "bin_s": OUTCOME_BIN_S,
+        "signal_s": rounded(t_signal - t0),
+        **{k: [c.get(i, 0) for i in range(last + 1)] for k, c in sorted(bins.items())},
+    }
+
+
+# ---- the wire attacks: each on a server whose open-file limit is wire_nofile, once per cap
+
+
+def attack_connections(cap: int | None, overcommit: float) -> int:
+    """Connections per cap: ``overcommit`` x the server's connection cap, rounded up."""
+    if cap is None:
+        raise SoakError("the server's connection cap is unknown (its open-file limit is not set)")
+    return math.ceil(cap * overcommit)
+
+
+class Watch:
+    """The health prober and the server sampler around an attack; ``measures()`` after it.
+    Growths compare the peak with the sample taken just before the attack."""
+
+    def __init__(self, run: Run, *, duration: float) -> None:
+        self.run = run
+        self.rss_before = run.rss_mib()
+        self.fd_before = read_fd_count(run.pid)
+        self.tracebacks_before = run.tracebacks()
+        self.t0 = time.monotonic()
+        self.sampler = server_sampler(run.pid, run.host_port[1], WIRE_SAMPLE_S)
+        self.prober = run.health_prober(duration=duration)
+        self.probes: list[list[Any]] | None = None
+
+    def stop_probes(self) -> None:
+        if self.probes is None:
+            self.probes = self.prober.stop()
+
+    def measures(self) -> dict[str, Any]:
+        """Health, RSS, descriptors and connections during the attack, tracebacks since."""
+        peak = max(
+            (v for v in (self.sampler.peak(1), self.rss_before) if v is not None), default=None
+        )
+        growth = None
+        if peak is not None and self.rss_before is not None:
+            growth = rounded(peak - self.rss_before, 2)
+        return {
+            **summarize_probes(self.probes or [], "health"),
+            "rss_before_mib": rounded(self.rss_before, 2),
+            "rss_peak_mib": rounded(peak, 2),
+            "rss_growth_mib": growth,
+            "fd_before": self.fd_before,
+            "fd_peak": self.sampler.peak(2),
+            "connections_peak": self.sampler.peak(3),
+            "tracebacks": _since(self.run.tracebacks(), self.tracebacks_before),
+        }
+
+    def series(self) -> dict[str, Any]:
+        return {
+            "health_ms": probe_series(self.probes or [], self.t0),
+            "server": [list(s) for s in self.sampler.samples],  # [s, rss MiB, fds, connections]
+        }
+
+
+@contextlib.contextmanager
+def watched(run: Run, *, duration: float) -> Iterator[Watch]:
+    """Probes and samples while the block runs (the prober is stopped at its end at the latest)."""
+    watch = Watch(run, duration=duration)
+    try:
+        with raised_nofile(), watch.sampler:
+            yield watch
+    finally:
+        watch.stop_probes()
+
+
+def _since(now: int | None, before: int | None) -> int | None:
+    return None if now is None or before is None else now - before
+
+
+def _wire_config(run: Run, **values: Any) -> None:
+    run.config.update(
+        connection_cap=run.connection_cap,
+        server_nofile=run.nofile,
+        duration_s=run.options.wire_duration_s,
+        **values,
+    )
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(t - time.monotonic(), 0))
+
+
+def _open_readers(run: Run, n: int) -> tuple[list, Counter[str]]:
+    """``n`` slow readers: a 4 KB receive buffer set before connect, pipelined GET
+    /openapi.json (no key needed), never read."""
+    host, port = run.host_port
+    request = http_request("GET", OPENAPI_PATH, f"{host}:{port}")
+    payload = request * run.options.readers_requests
+    return asyncio.run(
+        open_slow_readers(
+            host, port, connections=n, payload=payload, rcvbuf=run.options.readers_rcvbuf
+        )
+    )
+
+
+def _states(socks: list) -> dict[str, int]:
+    """Held connections: still open on the server's side, or closed by it."""
+    states = Counter(tcp_state(s) for s in socks)
+    still = sum(v for k, v in states.items() if k in SERVER_OPEN_STATES)
+    return {"still_open": still, "closed_by_server": states.total() - still}
+
+
+def _close(socks: Sequence[Any]) -> None:
+    """Close every socket (one holding unread answer bytes is reset by the kernel)."""
+    for sock in socks:
+        sock.close()
+
+
+def scenario_slow_readers(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    n = attack_connections(run.connection_cap, o.wire_overcommit)
+    _wire_config(
+        run,
+        connections=n,
+        requests_per_connection=o.readers_requests,
+        path=OPENAPI_PATH,
+        rcvbuf=o.readers_rcvbuf,
+    )
+    socks: list = []
+    with watched(run, duration=o.wire_duration_s) as watch:
+        try:
+            socks, errors = _open_readers(run, n)
+            _sleep_until(watch.t0 + o.wire_duration_s)
+            watch.stop_probes()
+            states = _states(socks)
+            before_close = run.tracebacks()
+        finally:
+            _close(socks)
+        time.sleep(SETTLE_S)
+    measured = {
+        "connections": n,
+        "connected": len(socks),
+        "connect_errors": dict(errors),
+        **states,
+        **watch.measures(),
+        "tracebacks_on_close": _since(run.tracebacks(), before_close),
+    }
+    return measured, watch.series()
+
+
+def scenario_slow_readers_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """sigterm_readers slow readers fit under every cap, and the server has filled every one
+    well before the signal (about 350 answers fill what the kernel buffers of an unread
+    connection); the drain is judged against serve's GRACEFUL_SHUTDOWN_S."""
+    from smartmixed.serve.cli import GRACEFUL_SHUTDOWN_S
+
+    o = run.options
+    process = run.process
+    n = o.sigterm_readers
+    _wire_config(
+        run,
+        connections=n,
+        requests_per_connection=o.readers_requests,
+        signal_after_s=o.sigterm_after_s,
+        drain_limit_s=o.drain_limit_s,
+        graceful_shutdown_s=GRACEFUL_SHUTDOWN_S,
+    )
+    tracebacks_before = run.tracebacks()
+    socks: list = []
+    with raised_nofile():
+        try:
+            t0 = time.monotonic()
+            socks, errors = _open_readers(run, n)
+            _sleep_until(t0 + o.sigterm_after_s)
+            t_signal = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            while process.poll() is None and time.monotonic() - t_signal < o.drain_limit_s:
+                time.sleep(0.01)
+            t_exit = time.monotonic()
+            killed = _kill_if_running(process)
+        finally:
+            _close(socks)
+    drain = None if killed else rounded(t_exit - t_signal)
+    measured = {
+        "connections": n,
+        "connected": len(socks),
+        "connect_errors": dict(errors),
+        **_exit_measures(process, drain),
+        "graceful_shutdown_s": GRACEFUL_SHUTDOWN_S,
+        "exited_within_drain": drain is not None and drain < GRACEFUL_SHUTDOWN_S,
+        "tracebacks": _since(run.tracebacks(), tracebacks_before),
+    }
+    return measured, {}
+
+
+def _rows_body(run: Run, rows: int, **extra: Any) -> bytes:
+    """The model's V2 JSON request with ``rows`` copies of its row (and ``extra`` fields)."""
+    body = json.loads(run.target.body)
+    tensor = body["inputs"][0]
+    tensor["shape"] = [rows, run.target.n_features]
+    tensor["data"] = tensor["data"] * rows
+    return json.dumps({**extra, **body}, separators=(",", ":")).encode()
+
+
+def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The last pipelined request carries an id of unsent_id_mb that its answer echoes: larger
+    than the socket buffers, so that answer stays in progress while the header streams."""
+    o = run.options
+    host, port = run.host_port
+    path = urlsplit(run.target.url).path
+    hostname = f"{host}:{port}"
+    request = http_request("POST", path, hostname, _rows_body(run, o.pipelined_rows))
+    id_bytes = int(o.unsent_id_mb * 1e6)
+    last = http_request(
+        "POST", path, hostname, _rows_body(run, o.pipelined_rows, id="x" * id_bytes)
+    )
+    _wire_config(
+        run,
+        connections=o.pipelined_connections,
+        pipelined_requests=o.pipelined_requests,
+        rows=o.pipelined_rows,
+        request_bytes=len(request),
+        last_id_bytes=id_bytes,
+    )
+    with watched(run, duration=o.wire_duration_s) as watch:
+        records = asyncio.run(
+            pipelined_header(
+                host,
+                port,
+                connections=o.pipelined_connections,
+                requests=request * (o.pipelined_requests - 1) + last,
+                read_answers=o.pipelined_requests - 1,
+                header_start=f"GET {LIVE_PATH} HTTP/1.1\r\nHost: {hostname}\r\nX-Pad: ".encode(),
+                duration=o.wire_duration_s,
+            )
+        )
+        watch.stop_probes()
+        time.sleep(SETTLE_S)
+    connected = [r for r in records if r["error"] is None]
+    answers: Counter[str] = Counter()
+    for r in connected:
+        answers.update({str(k): v for k, v in r["answers"].items()})
+    accepted = [rounded(r["pad_accepted"] / MIB, 3) for r in connected]
+    measured = {
+        "connections": len(records),
+        "connect_errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "answers": dict(sorted(answers.items())),
+        "closed_by_server": sum(r["closed_by_server"] for r in connected),
+        "pad_s_max": rounded(max((r["pad_s"] for r in connected), default=None)),
+        "pad_sent_mib_max": rounded(max((r["pad_sent"] for r in connected), default=0) / MIB, 3),
+        "pad_accepted_mib": accepted,
+        "pad_accepted_mib_max": max(accepted, default=None),
+        **watch.measures(),
+    }
+    return measured, watch.series()
+
+
+def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each request's id of unsent_id_mb is more than the kernel's buffers take of an unread
+    answer; fd_over_cap: descriptors at the peak over those before the attack, less the cap."""
+    o = run.options
+    host, port = run.host_port
+    n = attack_connections(run.connection_cap, o.wire_overcommit)
+    path = urlsplit(run.target.url).path
+    id_bytes = int(o.unsent_id_mb * 1e6)
+    request = http_request("POST", path, f"{host}:{port}", _rows_body(run, 1, id="x" * id_bytes))
+    ramp = o.wire_duration_s / 2
+    _wire_config(run, connections=n, id_bytes=id_bytes, rcvbuf=o.readers_rcvbuf, ramp_s=ramp)
+    socks: list = []
+    with watched(run, duration=o.wire_duration_s) as watch:
+        try:
+            socks, records = asyncio.run(
+                unsent_close(
+                    host, port, connections=n, request=request, rcvbuf=o.readers_rcvbuf, ramp=ramp
+                )
+            )
+            _sleep_until(watch.t0 + o.wire_duration_s)
+            watch.stop_probes()
+            states = _states(socks)
+        finally:
+            _close(socks)
+        time.sleep(SETTLE_S)
+    fd_after = read_fd_count(run.pid)
+    measures = watch.measures()
+    fd_over = None
+    if None not in (measures["fd_peak"], measures["fd_before"], run.connection_cap):
+        fd_over = measures["fd_peak"] - measures["fd_before"] - run.connection_cap
+    measured = {
+        "connections": n,
+        "connected": len(socks),
+        "errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "sent": sum(r["sent"] for r in records),
+        "answered": sum(r["answered"] for r in records),
+        **states,
+        **measures,
+        "connection_cap": run.connection_cap,
+        "fd_over_cap": fd_over,
+        "fd_after_close": fd_after,
+    }
+    return measured, watch.series()
+
+
+def uploads(run: Run, *, size: int) -> list[Upload]:
+    """One upload per route that reads a body: a valid request padded with spaces to ``size``."""
+    host, port = run.host_port
+    row = json.loads(run.target.body)["inputs"][0]["data"]
+    bodies = {
+        INDEX_PATH: b"{}",
+        urlsplit(run.target.url).path: run.target.body,
+        f"/v1/models/{run.target.name}:predict": json.dumps({"instances": [row]}).encode(),
+    }
+    out = []
+    for path, body in bodies.items():
+        padded = body + b" " * max(size - len(body), 0)
+        head = http_request("POST", path, f"{host}:{port}", padded)[: -len(padded)]
+        out.append(Upload(route=path, head=head, body=padded))
+    return out
+
+
+def scenario_slow_bodies(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    o = run.options
+    host, port = run.host_port
+    size = min(int(o.bodies_mib * MIB), int(run.settings["max_request_bytes"]))
+    routes = uploads(run, size=size)
+    _wire_config(
+        run,
+        clients_per_route=o.bodies_clients,
+        routes=[u.route for u in routes],
+        body_bytes=size,
+        send_s=o.bodies_send_s,
+        body_timeout_s=run.settings["body_timeout_s"],
+    )
+    with watched(run, duration=o.bodies_send_s + 30) as watch:
+        records = asyncio.run(
+            slow_uploads(host, port, uploads=routes * o.bodies_clients, seconds=o.bodies_send_s)
+        )
+        watch.stop_probes()
+        time.sleep(SETTLE_S)
+    by_route: dict[str, Counter[str]] = {}
+    for r in records:
+        by_route.setdefault(r["route"], Counter())[str(r["status"])] += 1
+    statuses = [r["status"] for r in records]
+    measured = {
+        "uploads": len(records),
+        "statuses": {k: dict(sorted(v.items())) for k, v in by_route.items()},
+        "answered_200": statuses.count(200),
+        "shed_503": statuses.count(503),
+        "server_errors": sum(isinstance(s, int) and s >= 500 and s != 503 for s in statuses),
+        "not_answered": sum(not isinstance(s, int) for s in statuses),
+        "sent_mib": rounded(sum(r["sent"] for r in records) / MIB, 1),
+        **watch.measures(),
+    }
+    return measured, watch.series()
+
+
+RUNNERS: dict[str, Callable[[Run], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "soak": scenario_soak,
+    "overload": scenario_overload,
+    "slow": scenario_slow,
+    "header": scenario_header,
+    "sigterm": scenario_sigterm,
+    "slow-readers": scenario_slow_readers,
+    "slow-readers-sigterm": scenario_slow_readers_sigterm,
+    "pipelined-header": scenario_pipelined_header,
+    "unsent-close": scenario_unsent_close,
+    "slow-bodies": scenario_slow_bodies,
+}
+
+
+# ---- soak.md and soak.png
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, dict):  # {'a': 1} -> "a: 1"; nested: "route (200: 16)"
+        return (
+            ", ".join(
+                f"{k} ({_fmt(v)})" if isinstance(v, dict) else f"{k}: {_fmt(v)}"
+                for k, v in value.items()
+            )
+            or "-"
+        )
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    m, c = result["machine"], result["config"]
+    s = c["server_settings"]
+    lines = [
+        "# Reliability: soak, overload, slow clients, a huge header, SIGTERM, wire attacks",
+        "",
+        f"Server: `{result['server_command_shell'] or c['url']}` (a fresh one per scenario; "
+        f"PORT is a free port). Model {c['model']!r}, deadline {s['request_timeout_s']:g} s, "
+        f"header timeout {s['header_timeout_s']:g} s.",
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}, uvicorn {m['uvicorn']}; load average at start / end "
+        f"{m['load_avg_start_end'][0][0]} / {m['load_avg_start_end'][1][0]}. "
+        f"Suite took {result['elapsed_s']} s.",
+        "",
+        *outputs.markdown_table(
+            ("scenario", "status", "targets met", "missed"),
+            (
+                (name, r["status"], f"{r['met']} of {r['of']}", r["missed"])
+                for name, r in result["summary"].items()
+            ),
+        ),
+    ]
+    for name, entry in result["scenarios"].items():
+        config = ", ".join(
+            f"{k} {_fmt(v)}" for k, v in entry["config"].items() if k != "load_command"
+        )
+        lines += ["", f"## {name}", ""]
+        if config:
+            lines += [f"Ran with: {config}.", ""]
+        if entry["status"] != "ok":
+            lines += [f"**{entry['status']}**: {entry['error']}", ""]
+            tail = entry["server"].get("log_tail")
+            if tail:
+                lines += ["```", tail[-600:], "```", ""]
+            continue
+        lines += ["| measured | value | target | met |", "|---|---|---|---|"]
+        for key, value in entry["measured"].items():
+            t = entry["targets"].get(key)
+            met = entry["meets_target"].get(key)
+            limit = f"{t['op']} {_fmt(t['limit'])}" if t else ""
+            verdict = "" if t is None else "-" if met is None else "yes" if met else "NO"
+            lines.append(f"| {key} | {_fmt(value)} | {limit} | {verdict} |")
+    lines += [
+        "",
+        "Health probes open a new connection each (as the kubelet does; overload: liveness and "
+        "readiness in turn, on the main port and, as metrics_port_health_*, on the server's "
+        "metrics port); a failed probe counts "
+        f"as {PROBE_TIMEOUT_S:g} s in the percentiles. RSS is VmRSS in MiB. Targets are reported, "
+        "never asserted.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _health_points(ax: Any, series: list, color: str, label: str) -> None:
+    """Health probes of one scenario: dots when answered 200, crosses (at the probe timeout)
+    when failed."""
+    ok = [(t, ms) for t, ms, status in series if status == 200]
+    bad = [(t, PROBE_TIMEOUT_S * 1e3) for t, _, status in series if status != 200]
+    if ok:
+        ax.plot(*zip(*ok), ".", ms=3, color=color, label=label)
+    if bad:
+        ax.plot(*zip(*bad), "x", color=color, label=f"{label}: failed")
+
+
+def _health_target(ax: Any) -> None:
+    label = f"target {HEALTH_P99_TARGET_MS:g} ms"
+    ax.axhline(HEALTH_P99_TARGET_MS, color="k", lw=0.8, ls="--", label=label)
+    ax.set_yscale("log")
+
+
+def plot(result: Mapping[str, Any], path: Path) -> None:
+    plt = outputs.pyplot()
+    scenarios = result["scenarios"]
+    wire = {
+        row: entry
+        for row, entry in scenarios.items()
+        if row.split("@", 1)[0] in WIRE_SCENARIOS and entry.get("series", {}).get("server")
+    }
+    classic = any(name in scenarios for name in SCENARIOS) or not wire
+    n_rows = classic + bool(wire)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
+    if wire:
+        _plot_wire(axes[-1], wire)
+    if classic:
+        _plot_classic(axes[0], scenarios)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_classic(axes: Any, scenarios: Mapping[str, Any]) -> None:
+    """Soak RSS and responses/s, health during overload, slow and header, the SIGTERM
+    timeline."""
+    ax_rss, ax_health, ax_term = axes
+    soak = scenarios.get("soak", {}).get("series", {})
+    if soak.get("rss_mib"):
+        t, mb = zip(*soak["rss_mib"])
+        ax_rss.plot(t, mb, color="C0")
+        ax_rps = ax_rss.twinx()
+        if soak.get("rps"):
+            ts, n = zip(*soak["rps"])
+            ax_rps.plot(ts, n, color="C1", alpha=0.5, lw=0.8)
+        ax_rps.set_ylabel("responses/s", color="C1")
+    ax_rss.set_ylabel("RSS (MiB)", color="C0")
+    ax_rss.set_title("soak: server RSS (MiB) and responses/s", fontsize=9)
+    ax_rss.set_xlabel("s")
+    for i, name in enumerate(("overload", "slow", "header")):
+        series = scenarios.get(name, {}).get("series", {}).get("health_ms") or []
+        _health_points(ax_health, series, f"C{i}", name)
+    metrics = scenarios.get("overload", {}).get("series", {}).get("metrics_port_health_ms")
+    if metrics:
+        _health_points(ax_health, metrics, "C3", "overload, metrics port")
+    _health_target(ax_health)
+    ax_health.set_title("health probe latency (ms), new connection each", fontsize=9)
+    ax_health.set_xlabel("s since the scenario's start")
+    ax_health.legend(fontsize=7)
+    timeline = scenarios.get("sigterm", {}).get("series", {}).get("timeline")
+    if timeline:
+        width = timeline["bin_s"]
+        for kind, counts in timeline.items():
+            if isinstance(counts, list):
+                ax_term.plot([i * width for i in range(len(counts))], counts, label=kind)
+        ax_term.axvline(timeline["signal_s"], color="k", lw=0.8, ls="--", label="SIGTERM")
+        ax_term.legend(fontsize=7)
+    ax_term.set_title(f"SIGTERM under load: outcomes per {OUTCOME_BIN_S:g} s", fontsize=9)
+    ax_term.set_xlabel("s")
+
+
+def _plot_wire(axes: Any, rows: Mapping[str, Any]) -> None:
+    """The wire attacks: health probes, the server's RSS, its open descriptors (dotted: the
+    row's connection cap over the descriptors open before the attack)."""
+    ax_health, ax_rss, ax_fd = axes
+    for i, (row, entry) in enumerate(rows.items()):
+        color = f"C{i % 10}"
+        _health_points(ax_health, entry["series"].get("health_ms") or [], color, row)
+        samples = entry["series"]["server"]  # [s, rss MiB, fds, connections]
+        rss = [(s[0], s[1]) for s in samples if s[1] is not None]
+        fds = [(s[0], s[2]) for s in samples if s[2] is not None]
+        if rss:
+            ax_rss.plot(*zip(*rss), color=color, lw=1, label=row)
+        if fds:
+            ax_fd.plot(*zip(*fds), color=color, lw=1, label=row)
+            cap, before = entry["config"].get("connection_cap"), entry["measured"].get("fd_before")
+            if cap is not None and before is not None:
+                ax_fd.axhline(cap + before, color=color, lw=0.8, ls=":")
+    _health_target(ax_health)
+    ax_health.set_title("wire attacks: health probe latency (ms)", fontsize=9)
+    ax_rss.set_title("wire attacks: server RSS (MiB)", fontsize=9)
+    ax_fd.set_title("wire attacks: open descriptors (dotted: cap + those before)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("s since the attack's start")
+        ax.legend(fontsize=6)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """DIR/soak.{json,md,png}, each written atomically."""
+    return outputs.write_outputs(result, out, "soak", render=render_markdown, draw=plot)

@@ -1,17 +1,19 @@
-"""The soak suite's clients: how a hostile or a probing client behaves on the wire.
+"""The soak suite's instruments (bench/soak.py runs the scenarios with them): its clients on the
+wire and what it reads of the server in /proc.
 
-- Raw HTTP/1.1 over asyncio streams (``http_request``, ``read_reply``): the status, Retry-After
-  and Connection of every answer, or how it failed (``NoResponse``, ``CutResponse``).
-- ``closed_loop``: keep-alive connections that each send their next request when the last
-  answer arrives, one ``Attempt`` per request; ``run_async`` runs them on uvloop when installed.
+- Raw HTTP/1.1 over asyncio streams: ``http_request``, ``read_reply`` (status, Retry-After and
+  Connection of an answer, or how it failed: ``NoResponse``, ``CutResponse``); ``closed_loop``
+  keep-alive clients (one ``Attempt`` per request); ``slow_connections`` (slowloris) and
+  ``big_header``.
 - ``Prober``: health or infer probes from a separate process (stdlib only, so the bench's busy
   event loop never delays one), a NEW connection per probe as the kubelet opens;
   ``summarize_probes`` turns its samples into percentiles and failures.
-- The wire attacks, on raw non-blocking sockets: ``open_slow_readers`` (pipelined requests
-  behind a tiny receive buffer, never read), ``pipelined_header`` (an endless header behind
-  pipelined answers, with what the server took of it), ``unsent_close`` (a large answer never
-  read, then a half-close), ``slow_uploads`` (bodies paced over seconds); ``tcp_state`` tells
-  whether the server has closed a connection.
+- The wire attackers, on raw non-blocking sockets whose buffers, reads and closes the bench
+  controls: ``open_slow_readers``, ``pipelined_header``, ``unsent_close``, ``slow_uploads``;
+  ``tcp_state`` tells whether the server has closed a connection.
+- /proc: a process's RSS, open-file limit and descriptors, the sockets and queues of
+  /proc/net/tcp; ``Sampler`` reads them in a thread; ``raised_nofile`` lifts the bench's own
+  open-file limit for 1000+ client sockets.
 """
 
 from __future__ import annotations
@@ -20,35 +22,78 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
+import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from smartmixed.bench.soak_server import HEALTH_PATH, Server, SoakError
+from smartmixed.bench import BenchError
+from smartmixed.bench.server import HEALTH_READY_PATH
 
+HEALTH_PATH = HEALTH_READY_PATH
+LIVE_PATH = "/v2/health/live"
 PROBE_TIMEOUT_S = 5.0  # a health probe slower than this is a failure (counted at this value)
 KUBELET_TIMEOUT_S = 1.0  # the kubelet's default probe timeoutSeconds
 CONNECT_TIMEOUT_S = 5.0
 REFUSED_PAUSE_S = 0.05  # a worker whose connect was refused waits this long (no spinning)
+SEND_TIMEOUT_S = 5.0  # a request the server does not take within this is a send timeout
+ANSWER_TIMEOUT_S = 10.0
+BODY_CHUNK = 64 * 1024  # header and body streams are sent in chunks of this
+QUEUE_SAMPLE_S = 0.2  # pipelined header: how often the socket queues are read
+TCP_LISTEN = 0x0A  # /proc/net/tcp state of a listening socket
+# TCP states (include/net/tcp_states.h); the server has not closed its side in SERVER_OPEN_STATES
+_TCP_STATES = dict(
+    enumerate(
+        [
+            "established",
+            "syn_sent",
+            "syn_recv",
+            "fin_wait1",
+            "fin_wait2",
+            "time_wait",
+            "close",
+            "close_wait",
+            "last_ack",
+            "listen",
+            "closing",
+        ],
+        start=1,
+    )
+)
+SERVER_OPEN_STATES = ("established", "syn_sent", "fin_wait1", "fin_wait2")
+
+
+class SoakError(BenchError):
+    """Options the soak suite cannot run with, or a scenario that could not be measured."""
+
+
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def percentile_values(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
+    if not values:
+        return [None] * len(qs)
+    return [round(float(v), 3) for v in np.percentile(values, qs)]
+
+
+# ---- raw HTTP/1.1 over asyncio streams
 
 
 def http_request(
-    method: str,
-    path: str,
-    host: str,
-    body: bytes = b"",
-    *,
-    close: bool = False,
-    extra: Sequence[str] = (),
+    method: str, path: str, host: str, body: bytes = b"", *, close: bool = False
 ) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *extra]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     if body:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     if close:
@@ -138,6 +183,7 @@ async def closed_loop(
     """``concurrency`` keep-alive connections, each sending its next request when the last
     answer arrives, until ``stop()``; a connection is reopened after a close or an error."""
     attempts: list[Attempt] = []
+    failures = {TimeoutError: "timeout", NoResponse: "no_response", CutResponse: "cut"}
 
     async def worker() -> None:
         writer: asyncio.StreamWriter | None = None
@@ -159,23 +205,14 @@ async def closed_loop(
                 writer.write(request)
                 reply = await asyncio.wait_for(read_reply(reader), timeout)
             except (TimeoutError, NoResponse, CutResponse, OSError) as e:
-                kind = {TimeoutError: "timeout", NoResponse: "no_response", CutResponse: "cut"}.get(
-                    type(e), "no_response"
-                )
+                kind = failures.get(type(e), "no_response")
                 attempts.append(Attempt(t0, time.monotonic() - t0, kind, reused=reused))
                 writer.close()
                 writer = None
                 continue
+            seconds = time.monotonic() - t0
             attempts.append(
-                Attempt(
-                    t0,
-                    time.monotonic() - t0,
-                    "reply",
-                    reply.status,
-                    reply.retry_after,
-                    reply.close,
-                    reused,
-                )
+                Attempt(t0, seconds, "reply", reply.status, reply.retry_after, reply.close, reused)
             )
             if reply.close:
                 writer.close()
@@ -199,10 +236,123 @@ def run_async(coro: Any) -> Any:
         return runner.run(coro)
 
 
-# The health/infer prober: its own process (stdlib only, starts in ~50 ms) so the bench's busy
-# event loop never delays a probe. Every INTERVAL s it opens a NEW connection, sends the next of
-# its REQUESTs (hex, taken in turn), reads one response; stops after DURATION s or when its
-# stdin closes; prints a JSON list of [monotonic start, ms, status | error name, request index].
+async def slow_connections(
+    host: str, port: int, *, slots: int, duration: float, interval: float
+) -> list[dict[str, Any]]:
+    """``slots`` slowloris clients for ``duration`` s. Each opens a connection, sends a request
+    line, then one header line per interval until the server closes the connection; at its next
+    tick it opens a new one (a slowloris tool keeps its connection count up). One record per
+    connection: t_connect_s (since the start) or error, closed_after_s and answer if the server
+    closed it."""
+    t0 = time.monotonic()
+    end = t0 + duration
+    start_line = f"GET {LIVE_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+    records: list[dict[str, Any]] = []
+
+    async def dribble(
+        record: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(start_line)
+        closed = asyncio.ensure_future(reader.read(65536))  # the server's answer, or EOF
+        connected_at = time.monotonic()
+        while True:
+            wait = min(interval, end - time.monotonic())
+            if wait > 0:
+                await asyncio.wait({closed}, timeout=wait)
+            if closed.done():
+                record["closed_after_s"] = round(time.monotonic() - connected_at, 3)
+                try:
+                    data = closed.result()
+                    record["answer"] = data.split(b" ", 2)[1].decode() if data else "eof"
+                except (OSError, IndexError, UnicodeDecodeError):
+                    record["answer"] = "reset"
+                break
+            if time.monotonic() >= end:
+                closed.cancel()
+                break
+            record["header_lines"] += 1
+            with contextlib.suppress(OSError):
+                writer.write(f"X-Slow-{record['header_lines']}: 1\r\n".encode())
+        writer.close()
+
+    async def slot() -> None:
+        while time.monotonic() < end:
+            record: dict[str, Any] = {"t_connect_s": None, "error": None, "header_lines": 0}
+            records.append(record)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), CONNECT_TIMEOUT_S
+                )
+            except (OSError, TimeoutError) as e:
+                record["error"] = "client_fds" if getattr(e, "errno", 0) == 24 else type(e).__name__
+            else:
+                record["t_connect_s"] = round(time.monotonic() - t0, 3)
+                await dribble(record, reader, writer)
+            await asyncio.sleep(min(interval, max(end - time.monotonic(), 0)))
+
+    await asyncio.gather(*(slot() for _ in range(slots)))
+    return records
+
+
+async def big_header(host: str, port: int, *, size: int, limit: float) -> dict[str, Any]:
+    """Stream one header line of ``size`` bytes; stop at the server's answer or close."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    answer = asyncio.ensure_future(reader.read(4096))
+    chunk = b"a" * BODY_CHUNK
+    t0 = time.monotonic()
+    sent, complete, broken = 0, False, False
+    try:
+        writer.write(f"GET {LIVE_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-Big: ".encode())
+        while sent < size and not answer.done() and time.monotonic() - t0 < limit:
+            part = chunk[: size - sent]
+            writer.write(part)
+            drain = asyncio.ensure_future(writer.drain())
+            await asyncio.wait(
+                {drain, answer},
+                timeout=limit - (time.monotonic() - t0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not drain.done():
+                drain.cancel()
+                continue
+            drain.result()
+            sent += len(part)
+        if sent >= size and not answer.done():
+            writer.write(b"\r\n\r\n")
+            complete = True
+    except OSError:
+        broken = True  # the server closed or reset the connection while we were sending
+    remaining = limit - (time.monotonic() - t0)
+    if not answer.done() and remaining > 0:
+        await asyncio.wait({answer}, timeout=remaining)
+    elapsed = time.monotonic() - t0
+    status: str | int | None = None
+    if answer.done():
+        try:
+            data = answer.result()
+            status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else "closed"
+        except (OSError, ValueError, IndexError):
+            status = "reset"
+    else:
+        answer.cancel()
+    writer.close()
+    closed_early = status in ("closed", "reset") or broken
+    return {
+        "status": status,
+        "bytes_sent": sent,
+        "header_complete": complete,
+        "answer_s": rounded(elapsed, 4),
+        "timed_out": status is None and not broken,
+        "refused": bool(
+            (isinstance(status, int) and 400 <= status < 500) or (closed_early and not complete)
+        ),
+    }
+
+
+# ---- the health/infer prober: its own process (stdlib only, starts in ~50 ms) so the bench's
+# busy event loop never delays a probe. Every INTERVAL s it opens a NEW connection, sends the
+# next of its REQUESTs (hex, taken in turn), reads one response; stops after DURATION s or when
+# its stdin closes; prints a JSON list of [monotonic start, ms, status | error name, request index].
 PROBE_SCRIPT = r"""
 import json, select, socket, sys, time
 host, port, interval, timeout, duration = sys.argv[1:6]
@@ -253,24 +403,15 @@ print(json.dumps(samples))
 
 
 class Prober:
-    """A running prober process; ``stop()`` returns its samples. Several requests are sent in
-    turn (one per probe); ``port``: another port of the server's host (its metrics port)."""
+    """A running prober process on host:port; ``stop()`` returns its samples. Several requests
+    are sent in turn (one per probe)."""
 
     def __init__(
-        self,
-        server: Server,
-        request: bytes | Sequence[bytes],
-        *,
-        interval: float,
-        duration: float,
-        port: int | None = None,
+        self, host: str, port: int, requests: Sequence[bytes], *, interval: float, duration: float
     ):
-        host, server_port = server.host_port
-        requests = [request] if isinstance(request, bytes) else list(request)
-        args = [host, str(port or server_port), str(interval), str(PROBE_TIMEOUT_S), str(duration)]
-        args += [r.hex() for r in requests]
+        args = [host, str(port), str(interval), str(PROBE_TIMEOUT_S), str(duration)]
         self.process = subprocess.Popen(
-            [sys.executable, "-c", PROBE_SCRIPT, *args],
+            [sys.executable, "-c", PROBE_SCRIPT, *args, *(r.hex() for r in requests)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -289,16 +430,12 @@ class Prober:
         return json.loads(out)
 
 
-def health_probe(server: Server, *, path: str = HEALTH_PATH, port: int | None = None) -> bytes:
-    """The kubelet's HTTP probe of ``path`` (on ``port``, default the server's)."""
-    host, server_port = server.host_port
-    return http_request(
-        "GET",
-        path,
-        f"{host}:{port or server_port}",
-        close=True,
-        extra=["User-Agent: kube-probe/1.30", "Accept: */*"],
-    )
+def health_probe(host: str, port: int, path: str = HEALTH_PATH) -> bytes:
+    """The kubelet's HTTP probe of ``path``."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.30\r\n"
+        "Accept: */*\r\nConnection: close\r\n\r\n"
+    ).encode()
 
 
 def summarize_probes(samples: Sequence[Sequence[Any]], prefix: str) -> dict[str, Any]:
@@ -322,39 +459,8 @@ def probe_series(samples: Sequence[Sequence[Any]], t0: float) -> list[list[Any]]
     return [[round(s[0] - t0, 3), s[1], s[2]] for s in samples]
 
 
-def percentile_values(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
-    if not values:
-        return [None] * len(qs)
-    return [round(float(v), 3) for v in np.percentile(values, qs)]
-
-
-def rounded(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(float(value), digits)
-
-
-# ---- wire attacks: raw non-blocking sockets whose buffers, reads and closes the bench controls.
-# They run on asyncio's selector loop (``asyncio.run``), which lets one socket wait for reading
-# in one task and for writing in another.
-
-SEND_TIMEOUT_S = 5.0  # a request the server does not take within this is a send timeout
-ANSWER_TIMEOUT_S = 10.0
-BODY_CHUNK = 64 * 1024
-QUEUE_SAMPLE_S = 0.2  # pipelined header: how often the socket queues are read
-# TCP states (include/net/tcp_states.h) in which the server has not closed its side yet
-_TCP_STATES = {
-    1: "established",
-    2: "syn_sent",
-    3: "syn_recv",
-    4: "fin_wait1",
-    5: "fin_wait2",
-    6: "time_wait",
-    7: "close",
-    8: "close_wait",
-    9: "last_ack",
-    10: "listen",
-    11: "closing",
-}
-SERVER_OPEN_STATES = ("established", "syn_sent", "fin_wait1", "fin_wait2")
+# ---- the wire attackers: raw non-blocking sockets on asyncio's selector loop (``asyncio.run``),
+# which lets one socket wait for reading in one task and for writing in another.
 
 
 def tcp_state(sock: socket.socket) -> str:
@@ -434,21 +540,16 @@ class Replies:
         self.statuses: Counter[int] = Counter()
         self.ended: str | None = None
         self._read_until = read_until
-        self._parsed = asyncio.Event()
         self._stream = asyncio.StreamReader(limit=2**24)
         self._tasks = [
             asyncio.ensure_future(self._receive(sock)),
             asyncio.ensure_future(self._parse()),
         ]
 
-    @property
-    def answered(self) -> int:
-        return sum(self.statuses.values())
-
     async def _receive(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._read_until is None or self.answered < self._read_until:
+            while self._read_until is None or self.statuses.total() < self._read_until:
                 data = await loop.sock_recv(sock, 65536)
                 if not data:
                     self.ended = "eof"
@@ -508,12 +609,6 @@ async def open_slow_readers(
     return [s for s in socks if s is not None], errors
 
 
-def close_sockets(socks: Sequence[socket.socket]) -> None:
-    """Close every socket (one holding unread answer bytes is reset by the kernel)."""
-    for sock in socks:
-        sock.close()
-
-
 async def pipelined_header(
     host: str,
     port: int,
@@ -531,8 +626,6 @@ async def pipelined_header(
     estimated from the socket queues every QUEUE_SAMPLE_S s: written to the kernel, minus what
     the client's socket still holds, minus what the server has not read yet (/proc/net/tcp),
     minus the requests. One record per connection (pad_sent, pad_accepted in bytes)."""
-    from smartmixed.bench.soak_server import read_tcp_sockets
-
     chunk = b"a" * BODY_CHUNK
     end = time.monotonic() + duration
     records: list[dict[str, Any]] = []
@@ -671,3 +764,152 @@ async def slow_uploads(
         return record
 
     return list(await asyncio.gather(*(one(u) for u in uploads)))
+
+
+# ---- /proc
+
+
+def read_rss_mib(pid: int | None) -> float | None:
+    """VmRSS of /proc/PID/status in MiB; None once the process is gone (or without a PID)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_nofile(pid: int) -> int | None:
+    """The soft open-file limit of a running process (/proc/PID/limits)."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_fd_count(pid: int | None) -> int | None:
+    """Open descriptors of a process (entries of /proc/PID/fd); None once it is gone."""
+    if not pid:
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """One IPv4 TCP socket of /proc/net/tcp: its state and queues (bytes)."""
+
+    state: int  # 1 established, 8 close-wait, 10 listen, ... (include/net/tcp_states.h)
+    tx_queue: int  # written by its owner, not yet acknowledged by the peer
+    rx_queue: int  # received, not yet read by its owner
+    inode: int  # 0: no process holds it any more (time-wait, orphaned)
+
+
+def parse_proc_net_tcp(text: str) -> dict[tuple[int, int], TcpSocket]:
+    """/proc/net/tcp -> {(local port, remote port): socket} for sockets on 127.0.0.1."""
+    sockets = {}
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10:
+            continue
+        local_ip, local_port = f[1].split(":")
+        if local_ip != "0100007F":
+            continue
+        tx, rx = f[4].split(":")
+        key = (int(local_port, 16), int(f[2].split(":")[1], 16))
+        sockets[key] = TcpSocket(int(f[3], 16), int(tx, 16), int(rx, 16), int(f[9]))
+    return sockets
+
+
+def read_tcp_sockets() -> dict[tuple[int, int], TcpSocket]:
+    try:
+        return parse_proc_net_tcp(Path("/proc/net/tcp").read_text())
+    except OSError:
+        return {}
+
+
+def server_sockets(sockets: Mapping[tuple[int, int], TcpSocket], port: int) -> int:
+    """Connections on the server's port that a process still holds (the listener left out)."""
+    return sum(
+        1
+        for (local, _), s in sockets.items()
+        if local == port and s.state != TCP_LISTEN and s.inode != 0
+    )
+
+
+class Sampler:
+    """Calls ``read`` every ``interval`` s in a thread while the block runs; ``samples``:
+    [(s since start, *row)] for each row it returned (None: nothing to record)."""
+
+    def __init__(self, read: Callable[[], tuple | None], interval: float) -> None:
+        self.read, self.interval = read, interval
+        self.samples: list[tuple] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while True:
+            row = self.read()
+            if row is not None:
+                self.samples.append((round(time.monotonic() - start, 3), *row))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, column: int = 1) -> float | None:
+        """The largest value of a column (1: the first of ``read``'s row)."""
+        return max((s[column] for s in self.samples if s[column] is not None), default=None)
+
+
+def rss_sampler(pid: int | None, interval: float) -> Sampler:
+    """[(s, RSS MiB)] of a process while it runs."""
+
+    def read() -> tuple[float] | None:
+        rss = read_rss_mib(pid)
+        return None if rss is None else (round(rss, 2),)
+
+    return Sampler(read, interval)
+
+
+def server_sampler(pid: int | None, port: int, interval: float) -> Sampler:
+    """[(s, RSS MiB, open descriptors, connections on ``port`` a process holds)]."""
+
+    def read() -> tuple[float | None, int | None, int]:
+        return (
+            rounded(read_rss_mib(pid), 2),
+            read_fd_count(pid),
+            server_sockets(read_tcp_sockets(), port),
+        )
+
+    return Sampler(read, interval)
+
+
+@contextlib.contextmanager
+def raised_nofile() -> Iterator[tuple[int, int]]:
+    """This process's soft open-file limit raised to its hard limit (1000+ client sockets),
+    restored afterwards; yields (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    try:
+        yield soft, target
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
