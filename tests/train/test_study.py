@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from smartmixed.bench.cli import main
 from smartmixed.contract import CONV_PRESETS, ModelSpec, layered_arch, resolve_conv_preset
 from smartmixed.nn.pool import DEFAULT_POOL
+from smartmixed.train import loop
+from smartmixed.train.cli import main as train_main
 from smartmixed.train.study import (
     choose_rate,
     competition_ranks,
@@ -562,3 +565,48 @@ def test_collect_reads_a_conv_preset_cell_and_refuses_another_net(tmp_path: Path
             f"smartmixed-bench: error: cell {folder} holds a run of {held}, not of the conv "
             "preset lenet5; move it away or use another --out\n"
         )
+
+
+def test_a_tiny_tuned_study_chooses_and_ranks_as_its_cells_say(
+    tmp_path: Path, capsys, monkeypatch, request
+) -> None:
+    """2 architectures x 2 models x 2 seeds x 2 rates: 16 real runs, trained in this process from
+    the study's --plan (a cell is the same smartmixed-train command either way), then the study
+    resumes them with nothing to train, and its choice and MRR equal a recomputation from the
+    cells' own model.json files. (The runs' plots, which the study never reads, are skipped.)"""
+    monkeypatch.setattr(loop.report, "write_plots_and_report", lambda *a, **k: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a study cell's own setting (--jobs splits the cores)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    args = ["study", "--out", str(tmp_path), *GRID, "--tune-lr", "1e-3,3e-3", "--quiet"]
+    flags = ["--", "--p1-epochs", "1", "--p2-epochs", "1", "--epochs", "2"]
+    assert main([*args, "--plan", *flags]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 16
+    for command in commands:
+        assert command[1:3] == ["-m", "smartmixed.train"]
+        assert train_main(command[3:]) == 0
+    capsys.readouterr()
+    assert main([*args, *flags]) == 0
+    assert "trained 0 cell(s), 16 already complete, 0 failed" in capsys.readouterr().out
+    result = json.loads((tmp_path / "study.json").read_text())
+
+    val: dict[tuple[str, str, str], list[float]] = {}
+    test: dict[tuple[str, str, str], list[float]] = {}
+    for spec_path in tmp_path.glob("runs/*/*/lr*/seed*/model.json"):
+        arch, model, rate = spec_path.parts[-5:-2]
+        metrics = json.loads(spec_path.read_text())["metrics"]
+        val.setdefault((arch, model, rate[2:]), []).append(metrics["val_accuracy"])
+        test.setdefault((arch, model, rate[2:]), []).append(metrics["test_accuracy"])
+    reciprocal: dict[str, list[float]] = {"relu": [], "smartmixed": []}
+    for arch in ("64-16-10", "64-8-10"):
+        means = {}
+        for model in ("relu", "smartmixed"):
+            by_rate = {r: sum(val[arch, model, r]) / 2 for r in ("1e-3", "3e-3")}
+            chosen = "1e-3" if by_rate["1e-3"] >= by_rate["3e-3"] - 1e-12 else "3e-3"
+            assert result["tuning"][arch][model]["chosen"] == chosen
+            means[model] = sum(test[arch, model, chosen]) / 2
+            assert result["summary"][arch][model]["mean"] == pytest.approx(means[model])
+        for model, mean in means.items():  # competition ranks: 1 + how many are better
+            reciprocal[model].append(1 / (1 + sum(other > mean for other in means.values())))
+    assert result["mrr"] == pytest.approx({m: sum(r) / 2 for m, r in reciprocal.items()})
