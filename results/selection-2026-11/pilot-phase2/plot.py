@@ -1,4 +1,4 @@
-"""pilot-session3.png: the two findings of issue E's third pilot, from s1-s5.json (validation
+"""pilot-phase2.png: the two findings of the selection pilot of 2026-11-26, from s1-s5.json (validation
 accuracy minus fixed ReLU's, mean over seeds 101-104, paired). Usage: python plot.py"""
 
 import json
@@ -77,5 +77,5 @@ right.set_ylabel("validation accuracy - fixed ReLU (x 1e-3)")
 right.set_title("four architectures, seeds 101-104")
 right.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(here / "pilot-session3.png", dpi=120)
-print("wrote", here / "pilot-session3.png")
+fig.savefig(here / "pilot-phase2.png", dpi=120)
+print("wrote", here / "pilot-phase2.png")

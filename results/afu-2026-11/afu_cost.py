@@ -1,4 +1,4 @@
-"""Issue I: how the learned unit's extra ONNX Runtime cost compares with N elementwise passes.
+"""How the learned activation unit's extra ONNX Runtime cost compares with N elementwise passes.
 
 Reads a `smartmixed-bench latency` result (run with `--mix relu=0.75,afu=0.25 --threads 1`),
 then times, in interleaved rounds with 1 intra-op thread, chains of 1 and 9 elementwise Add
@@ -7,7 +7,7 @@ One elementwise pass over the hidden neurons costs (p50(9 Adds) - p50(1 Add)) / 
 overhead cancels). The unit's extra cost is p50(fixed afu) - p50(fixed relu) from the bench;
 divided by one pass it gives the unit's cost in passes, to set against N.
 
-    .venv/bin/python results/issue-i/afu_cost.py BENCH_DIR/latency.json > results/issue-i/afu-cost.md
+    .venv/bin/python results/afu-2026-11/afu_cost.py BENCH_DIR/latency.json > results/afu-2026-11/afu-cost.md
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from smartmixed.contract.runtime import make_session
-from smartmixed.export.runtime import time_session
+from smartmixed.contract.sessions import make_session
+from smartmixed.export.timing import time_session
 
 ROUNDS, REPEATS = 30, 30
 

@@ -1,6 +1,6 @@
-"""Issue I: the accuracy table and the learned curves' distance from relu, from run folders.
+"""The learned activation unit's accuracy table and the learned curves' distance from relu, from run folders.
 
-    .venv/bin/python results/issue-i/collect.py /work/issue-i-runs
+    .venv/bin/python results/afu-2026-11/collect.py afu-runs
 (runs named relu-sK, afu-sK, sm-afu-sK, afu-lr1e-3-sK, afu-lr1e-2-sK, sm-afu-lr1e-2-sK; prints
 Markdown; models with no run are left out)
 """
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from smartmixed.contract import AFU_PARAMS, afu_tensor_name
-from smartmixed.train.pool import afu_apply
+from smartmixed.nn.pool import afu_apply
 
 MODELS = {
     "relu": "fixed:relu (80 epochs)",

@@ -1,13 +1,13 @@
-"""What a standard-ONNX lowering of a mixed layer costs at batch 1, by families per layer (issue G).
+"""What a standard-ONNX lowering of a mixed layer costs at batch 1, by families per layer.
 
 The paper architecture with random weights; every hidden layer's neurons are cut into k equal
-blocks, block i applying the i-th of relu, sigmoid, elu, leaky_relu, selu (after issue G's
+blocks, block i applying the i-th of relu, sigmoid, elu, leaky_relu, selu (after export's
 folds a trained layer keeps up to five such families: relu, leaky_relu, sigmoid + tanh, elu,
 selu). Each form below writes that per-column choice with standard ONNX ops; every form is
 checked against numpy before timing, and the one-family network (Gemm + Relu, which ONNX
-Runtime fuses into one node) is the baseline. Issue G asks for 1.10x at batch 1.
+Runtime fuses into one node) is the baseline. The latency target is 1.10x at batch 1.
 
-    python results/issue-g/floor.py --out results/issue-g/floor   # ~3 min, 1 intra-op thread
+    python results/latency-2026-11/floor.py --out results/latency-2026-11/floor   # ~3 min, 1 intra-op thread
 
 Forms (per hidden layer; z = the layer's Gemm output; /k = k families):
   relu only       Gemm -> Relu (the baseline)
@@ -252,7 +252,7 @@ def main() -> None:
     lines = [
         f"# Mixed layers in standard ONNX ops, batch {args.batch}, 1 intra-op thread",
         "",
-        f"`python results/issue-g/floor.py --out {args.out}`; architecture {ARCH}, random "
+        f"`python results/latency-2026-11/floor.py --out {args.out}`; architecture {ARCH}, random "
         f"weights; onnxruntime {ort.__version__}; {meta['machine']}; {args.rounds} interleaved "
         f"rounds x {args.repeats} runs, median of the round means. Every form is checked "
         "against numpy (|d| <= 1e-5 + 1e-4 |ref|) before timing. /k: k activation families "

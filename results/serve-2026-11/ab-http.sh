@@ -1,9 +1,9 @@
 #!/bin/bash
-# Issue F's HTTP A/B: the service at commit OLD (default d4ad91f, before issue F) against the
-# working tree, both up at once on one repository, `wrk -t1` alternating between them in 8 pairs
-# of 3 s runs, so both see the same noise on a shared machine. Prints one line per run:
-# "old|new requests/s". Usage, from the repository root after `make venv`:
-#   C=1 results/issue-f/ab-http.sh            (C: concurrency; OLD=<commit>; N=pairs)
+# HTTP A/B: the service at commit OLD (default d4ad91f, before the service's HTTP limits and load
+# shedding of 2026-11-25) against the working tree, both up at once on one repository, `wrk -t1`
+# alternating between them in 8 pairs of 3 s runs, so both see the same noise on a shared machine.
+# Prints one line per run: "old|new requests/s". Usage, from the repository root after `make venv`:
+#   C=1 results/serve-2026-11/ab-http.sh            (C: concurrency; OLD=<commit>; N=pairs)
 set -euo pipefail
 C=${C:-1}; OLD=${OLD:-d4ad91f}; N=${N:-8}
 PY=$PWD/.venv/bin/python
@@ -11,7 +11,7 @@ WORK=$(mktemp -d)
 trap 'kill -TERM ${pids:-} 2>/dev/null || true; wait 2>/dev/null; git worktree remove --force "$WORK/old" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
 git worktree add --detach "$WORK/old" "$OLD" >/dev/null 2>&1
 mkdir -p "$WORK/pkg/smartmixed" && ln -s "$WORK/old/serve" "$WORK/pkg/smartmixed/serve"
-# serve imports the contract stage (a package of its own since issue H): the old one, if it has one
+# serve imports the contract stage (a package of its own since c0a16b0): the old one, if it has one
 [ -d "$WORK/old/contract" ] && ln -s "$WORK/old/contract" "$WORK/pkg/smartmixed/contract"
 cat > "$WORK/old_serve.py" <<PYEOF
 import sys
