@@ -13,14 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from smartmixed.serve.model_config import (
-    NO_CONFIG,
-    ConfigError,
-    ModelConfigInfo,
-    check_model_config,
-    is_version_name,
-    one_line,
-)
+from smartmixed.serve import model_config
+from smartmixed.serve.model_config import ConfigError, ModelConfigInfo, check_model_config
 from smartmixed.serve.models import MAX_CONFIG_BYTES, LoadError, _read_config
 
 SOURCE = Path("tiny/config.pbtxt")
@@ -100,8 +94,9 @@ def test_the_exported_form_is_read() -> None:
 
 
 def test_no_config_states_nothing_and_a_partial_one_is_completed() -> None:
-    assert check(None) is NO_CONFIG
-    assert (NO_CONFIG.max_batch_size, NO_CONFIG.dynamic_batching) == (0, False)
+    nothing = model_config.NO_CONFIG  # the server's own settings apply
+    assert check(None) is nothing
+    assert (nothing.source, nothing.max_batch_size, nothing.dynamic_batching) == (None, 0, False)
     assert check("") == ModelConfigInfo(SOURCE, 0, False, None)
     # Triton fills in what is left out: inputs and outputs from the model
     assert check("max_batch_size: 16 dynamic_batching { }") == ModelConfigInfo(
@@ -320,8 +315,8 @@ def test_every_model_input_must_be_configured_once_one_is() -> None:
 
 
 def test_one_line_escapes_control_and_non_ascii_characters() -> None:
-    assert one_line("a\nb\tc\x7fé") == "a\\nb\\tc\\x7f\\xe9"
-    assert one_line("plain text: [1, 2]") == "plain text: [1, 2]"
+    assert model_config.one_line("a\nb\tc\x7fé") == "a\\nb\\tc\\x7f\\xe9"
+    assert model_config.one_line("plain text: [1, 2]") == "plain text: [1, 2]"
 
 
 @pytest.mark.parametrize(
@@ -329,7 +324,7 @@ def test_one_line_escapes_control_and_non_ascii_characters() -> None:
     [("1", True), ("42", True), ("0", False), ("01", False), ("²", False), ("1a", False)],
 )
 def test_version_folders_are_positive_ascii_integers(name: str, is_version: bool) -> None:
-    assert is_version_name(name) is is_version
+    assert model_config.is_version_name(name) is is_version
 
 
 def _entry(tmp_path: Path, config: bytes) -> Path:
