@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 
-from smartmixed.bench import BenchError
+from smartmixed.bench import BenchError, add_options
+from smartmixed.bench.http_bench import HttpOptions
 from smartmixed.bench.soak import SoakOptions
-from smartmixed.contract import CONV_PRESETS, call_with_options
+from smartmixed.bench.train_cost import TrainCostOptions
+from smartmixed.contract import SpecError, call_with_options, outputs
 from smartmixed.train import study
-from smartmixed.train.model import SpecError, parse_arch
 
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,6 +66,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# soak: the help of each SoakOptions field's flag (--soak-duration for soak_duration_s)
+SOAK_HELP = {
+    "soak_duration_s": "soak: seconds",
+    "soak_concurrency": "soak: connections",
+    "overload_duration_s": "overload: seconds",
+    "overload_concurrency": "overload: connections",
+    "overload_nofile": "overload: the server's open-file limit",
+    "client_timeout_s": "soak, overload, sigterm: a request slower than this is a client timeout",
+    "slow_clients": "slow: header-dribbling clients",
+    "slow_duration_s": "slow: seconds",
+    "slow_interval_s": "slow: seconds between header lines",
+    "slow_nofile": "slow: the server's open-file limit",
+    "header_mb": "header: size of the header line (MB)",
+    "header_limit_s": "header: give up after this many seconds",
+    "sigterm_concurrency": "sigterm: connections",
+    "sigterm_after_s": "sigterm, slow-readers-sigterm: seconds of load before SIGTERM",
+    "drain_limit_s": "sigterm, slow-readers-sigterm: kill the server after this many s",
+    "probe_interval_ms": "health probe period (a new connection each)",
+    "wire_nofile": "wire attacks: the server's open-file limit (its own cap is this - 64)",
+    "wire_overcommit": "slow-readers, unsent-close: connections per slot of the cap",
+    "wire_duration_s": "wire attacks: seconds each attack lasts",
+    "readers_requests": "slow-readers: pipelined GET /openapi.json per connection",
+    "readers_rcvbuf": "slow-readers, unsent-close: the clients' receive buffer (bytes)",
+    "sigterm_readers": "slow-readers-sigterm: slow readers connected at the signal",
+    "pipelined_connections": "pipelined-header: connections",
+    "pipelined_requests": "pipelined-header: infer requests pipelined before the header",
+    "pipelined_rows": "pipelined-header: rows per infer request",
+    "unsent_id_mb": "unsent-close, pipelined-header: size of the request id an answer echoes (MB)",
+    "bodies_clients": "slow-bodies: clients per route",
+    "bodies_mib": "slow-bodies: body size (MiB; at most the server's max_request_bytes)",
+    "bodies_send_s": "slow-bodies: seconds each body takes to send",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smartmixed-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,20 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--out", type=Path, required=True, help=folder)
     tc, lat, web, so, st = parsers.values()
     st.usage = "%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]"
-    network = tc.add_mutually_exclusive_group()
-    network.add_argument("--arch", help="MLP layer widths (default: the paper's)")
-    network.add_argument(
-        "--preset",
-        choices=list(CONV_PRESETS),
-        help="a conv net instead, on 28x28 one-channel images (10 classes)",
-    )
-    tc.add_argument("--batch-size", type=int, default=128)
-    tc.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    tc.add_argument("--steps", type=int, default=20, help="timed steps per model per round")
-    tc.add_argument("--warmup", type=int, default=10, help="untimed steps per model first")
-    tc.add_argument("--threads", type=int, help="torch intra-op threads")
-    tc.add_argument("--device", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
+    add_options(tc, TrainCostOptions)
+    _latency_arguments(lat)
+    add_options(web, HttpOptions)
+    _soak_arguments(so)
+    study.add_arguments(st)
+    for bench in parsers.values():  # last in every --help, as it always was
+        bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
+    return p
 
+
+def _latency_arguments(lat: argparse.ArgumentParser) -> None:
     lat.add_argument("--arch", help="layer widths of an MLP (default: the paper's)")
     lat.add_argument(
         "--preset",
@@ -115,65 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
 
-    web.add_argument("--arch", help="layer widths of the built models (default: the paper's)")
-    web.add_argument(
-        "--repository", type=Path, help="bench these exported models instead of building two"
-    )
-    web.add_argument(
-        "--models", help="model names (default: mixed,fixed-relu, or all in --repository)"
-    )
-    web.add_argument("--url", help="http://127.0.0.1:PORT of a running server (none is started)")
-    web.add_argument(
-        "--grpc-address", help="with --url: 127.0.0.1:PORT of that server's gRPC endpoint"
-    )
-    web.add_argument(
-        "--protocol",
-        choices=["rest", "grpc", "both"],
-        help="rest (V2 JSON, the default), grpc (ModelInfer, raw tensors) or both side by side",
-    )
-    web.add_argument(
-        "--against-mlserver",
-        action="store_true",
-        default=None,
-        help="also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
-        "measure both, both servers at 1 intra-op thread (defaults then: --models mixed, "
-        "--batching on, --concurrency 1,64, --rounds 3)",
-    )
-    web.add_argument(
-        "--concurrency",
-        help="connections (REST) / calls in flight (gRPC) (default 1,8,64)",
-    )
-    web.add_argument("--duration", type=int, default=5, help="seconds per point (default 5)")
-    web.add_argument(
-        "--rounds", type=int, help="interleaved rounds; tables show medians (default 1)"
-    )
-    web.add_argument(
-        "--grpc-channels",
-        type=int,
-        help="HTTP/2 connections the gRPC calls share (default 1)",
-    )
-    web.add_argument(
-        "--grpc-generator",
-        default="h2load",
-        choices=["h2load", "python"],
-        help="gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
-        "server's metrics) or python (grpc.aio closed loop); default h2load",
-    )
-    web.add_argument(
-        "--warmup",
-        type=int,
-        default=1,
-        help="unrecorded seconds per server and model first (default 1)",
-    )
-    web.add_argument("--batching", help="on,off (default both; not with --url)")
-    web.add_argument(
-        "--load-generator",
-        default="auto",
-        choices=["auto", "wrk", "python"],
-        help="auto: wrk when installed, else Python (asyncio + httpx)",
-    )
-    web.add_argument("--seed", type=int, default=0, help="assignment, weights and request row")
 
+def _soak_arguments(so: argparse.ArgumentParser) -> None:
     so.add_argument(
         "--scenarios",
         default="all",
@@ -211,69 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="environment of the started servers, e.g. SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable",
     )
-    # one flag per SoakOptions field (--soak-duration for soak_duration_s, --probe-interval-ms
-    # for probe_interval_ms): names, types and defaults are declared once, in the dataclass
-    texts = {
-        "soak_duration_s": "soak: seconds",
-        "soak_concurrency": "soak: connections",
-        "overload_duration_s": "overload: seconds",
-        "overload_concurrency": "overload: connections",
-        "overload_nofile": "overload: the server's open-file limit",
-        "client_timeout_s": "soak, overload, sigterm: a request slower than this is a client "
-        "timeout",
-        "slow_clients": "slow: header-dribbling clients",
-        "slow_duration_s": "slow: seconds",
-        "slow_interval_s": "slow: seconds between header lines",
-        "slow_nofile": "slow: the server's open-file limit",
-        "header_mb": "header: size of the header line (MB)",
-        "header_limit_s": "header: give up after this many seconds",
-        "sigterm_concurrency": "sigterm: connections",
-        "sigterm_after_s": "sigterm, slow-readers-sigterm: seconds of load before SIGTERM",
-        "drain_limit_s": "sigterm, slow-readers-sigterm: kill the server after this many s",
-        "probe_interval_ms": "health probe period (a new connection each)",
-        "wire_nofile": "wire attacks: the server's open-file limit (its own cap is this - 64)",
-        "wire_overcommit": "slow-readers, unsent-close: connections per slot of the cap",
-        "wire_duration_s": "wire attacks: seconds each attack lasts",
-        "readers_requests": "slow-readers: pipelined GET /openapi.json per connection",
-        "readers_rcvbuf": "slow-readers, unsent-close: the clients' receive buffer (bytes)",
-        "sigterm_readers": "slow-readers-sigterm: slow readers connected at the signal",
-        "pipelined_connections": "pipelined-header: connections",
-        "pipelined_requests": "pipelined-header: infer requests pipelined before the header",
-        "pipelined_rows": "pipelined-header: rows per infer request",
-        "unsent_id_mb": "unsent-close, pipelined-header: size of the request id an answer "
-        "echoes (MB)",
-        "bodies_clients": "slow-bodies: clients per route",
-        "bodies_mib": "slow-bodies: body size (MiB; at most the server's max_request_bytes)",
-        "bodies_send_s": "slow-bodies: seconds each body takes to send",
-    }
-    defaults = SoakOptions()
-    for option in fields(SoakOptions):
-        flag = "--" + option.name.removesuffix("_s").replace("_", "-")
-        default = getattr(defaults, option.name)
-        so.add_argument(
-            flag,
-            dest=option.name,
-            type=type(default),
-            default=default,
-            metavar=flag.rsplit("-", 1)[-1].upper(),
-            help=f"{texts[option.name]} (default {default:g})",
-        )
+    add_options(so, SoakOptions, helps=SOAK_HELP)
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
-
-    study.add_arguments(st)
-    for bench in (tc, lat, web, so, st):  # last in every --help, as it always was
-        bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
-    return p
 
 
 def _run(
     args: argparse.Namespace, module, measure, errors: tuple[type[Exception], ...] = ()
 ) -> int:
-    """``measure()`` -> the bench's result, then DIR/NAME.json/.md/.png and the table printed.
-
-    ``module``: the bench's ``render_markdown`` and ``write_outputs``. Bad options (BenchError
-    and ``errors``) are one line and exit 2, no traceback, nothing written.
-    """
+    """``measure()`` -> the bench's result, then DIR/COMMAND.json/.md/.png (``module``'s
+    ``render_markdown`` and ``plot``) and the table printed. Bad options (BenchError and
+    ``errors``) are one line and exit 2, no traceback, nothing written."""
     try:
         if args.out.exists() and not args.out.is_dir():
             raise BenchError(f"--out {args.out} exists and is not a folder")
@@ -281,10 +202,22 @@ def _run(
     except (BenchError, *errors) as e:
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
-    paths = module.write_outputs(result, args.out)
-    print(module.render_markdown(result))
+    render = module.render_markdown
+    paths = outputs.write_outputs(result, args.out, args.command, render=render, draw=module.plot)
+    print(render(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _train_cost(args: argparse.Namespace) -> int:
+    from smartmixed.bench import train_cost
+    from smartmixed.train.distributed import DistributedError
+
+    def measure():  # no such GPU: DistributedError; a bad --arch: SpecError
+        options = call_with_options(TrainCostOptions, args)
+        return train_cost.measure_train_cost(options, progress=args.progress)
+
+    return _run(args, train_cost, measure, errors=(SpecError, DistributedError))
 
 
 def _latency(args: argparse.Namespace) -> int:
@@ -302,8 +235,11 @@ def _latency(args: argparse.Namespace) -> int:
 def _http(args: argparse.Namespace) -> int:
     from smartmixed.bench import http_bench
 
-    # bad options, or a server / wrk that failed: BenchError
-    return _run(args, http_bench, lambda: call_with_options(http_bench.measure_http, args))
+    def measure():  # bad options, or a server / load generator that failed: BenchError
+        options = call_with_options(HttpOptions, args)
+        return http_bench.measure_http(options, progress=args.progress)
+
+    return _run(args, http_bench, measure)
 
 
 def _soak(args: argparse.Namespace) -> int:
@@ -314,6 +250,9 @@ def _soak(args: argparse.Namespace) -> int:
         return call_with_options(soak.measure_soak, args, options=options)
 
     return _run(args, soak, measure)
+
+
+RUNNERS = {"train-cost": _train_cost, "latency": _latency, "http": _http, "soak": _soak}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,46 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return study.run_command(args, train_args)
     if train_args:
         parser.error(f"{args.command} takes no flags after --")
-    if args.command == "http":
-        return _http(args)
-    if args.command == "soak":
-        return _soak(args)
-    if args.command == "latency":
-        return _latency(args)
-    if args.command == "train-cost":
-        import torch
-
-        from smartmixed.bench.train_cost import measure_train_cost, render_markdown, write_outputs
-        from smartmixed.train.distributed import DistributedError
-
-        try:
-            arch = parse_arch(args.arch) if args.arch else None
-        except SpecError as e:
-            print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-            return 2
-        if min(args.batch_size, args.rounds, args.steps) < 1 or args.warmup < 0:
-            print(
-                "smartmixed-bench: error: --batch-size, --rounds, --steps must be >= 1",
-                file=sys.stderr,
-            )
-            return 2
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        try:
-            result = call_with_options(
-                measure_train_cost,
-                args,
-                arch=arch,
-                steps_per_round=args.steps,
-                warmup_steps=args.warmup,
-            )
-        except (DistributedError, BenchError) as e:  # no such GPU; options that clash
-            print(f"smartmixed-bench: error: {e}", file=sys.stderr)
-            return 2
-        paths = write_outputs(result, args.out)
-        print(render_markdown(result))
-        print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return RUNNERS[args.command](args)
 
 
 if __name__ == "__main__":

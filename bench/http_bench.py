@@ -1,76 +1,35 @@
 """HTTP and gRPC serving throughput and latency of ``smartmixed-serve`` under a bounded load,
-optionally side by side with MLServer 1.7 on the same model.
+optionally side by side with MLServer 1.7 on the same model (docs/bench.md says what is
+measured and the keys of http.json).
 
-What is measured. A point is one (server, model, batching, protocol, concurrency). REST: C
-clients, each with one keep-alive connection to 127.0.0.1, send single-sample Open Inference
-Protocol (KServe V2) JSON requests (``POST /v2/models/NAME/infer``, FP32 [1, D], the same seeded
-raw-pixel row every time) back to back for D seconds; a client sends its next request as soon as
-the previous answer arrives (closed loop). gRPC (``protocol`` grpc or both): C ModelInfer calls
-in flight over ``grpc_channels`` HTTP/2 connections, the same values as raw_input_contents, from
-h2load (``grpc_generator`` h2load, the default) or bench/grpc_load.py's grpc.aio generator
-(python); either runs in its own process pinned to one CPU. A record holds what the load
-generator saw: completed requests, ``rps`` (successful answers per second of the run),
-``samples_per_s`` (rps x rows per request), p50/p95/p99 latency over the completed requests
-(send to last byte), and errors (REST: connect, read, write and timeout errors, plus responses
-with status >= 400; gRPC: failed calls by status code name). h2load cannot see a gRPC status
-(it travels in the trailers): its failed calls are the ones each server counted under a code
-other than OK in its own Prometheus counters, read before and after every point
-(smartmixed-serve's ``smartmixed_requests_total{endpoint="grpc"}``, MLServer's
-``grpc_server_handled_total``), plus h2load's own transport failures. ``mean_batch_rows`` is read from
-smartmixed-serve's own Prometheus histogram (rows per ONNX Runtime run) before and after the
-point. With ``protocol`` both, each concurrency runs REST then gRPC, and the tables put them
-side by side.
+A point is one (server, model, batching, protocol, concurrency): C closed-loop clients send
+single-sample requests for D seconds (REST: V2 JSON from wrk, or the Python fallback; gRPC:
+ModelInfer from h2load or grpc.aio; all in bench/load.py). Its record holds
+what the load generator saw (successful answers per second, latency percentiles, errors by kind)
+and smartmixed-serve's mean rows per ONNX Runtime run over the point. Unless ``url`` targets a
+running server, one smartmixed-serve is started per batching mode (bench/server.py); every model
+is checked with one request per protocol and warmed up at the highest concurrency, unrecorded.
 
-Servers. Unless ``url`` targets a running server, one ``smartmixed-serve`` subprocess is started
-per batching mode (batching off: ``--max-batch-size 0``) on free 127.0.0.1 ports (HTTP, and gRPC
-when measured), waited for through /v2/health/ready and stopped with SIGTERM (kill after a
-timeout). Every model is first checked with one request per protocol (it must answer outputs of
-shape [1, classes], so a broken body fails loudly instead of as 100% errors) and warmed up for
-``warmup`` seconds at the highest concurrency (ORT arenas, batcher, connection pools), which is
-not recorded.
+With ``against_mlserver``, MLServer (bench/mlserver.py) serves each model beside it, both at 1
+intra-op thread, and the defaults become the mixed model, batching on, concurrency 1 and 64 and
+three interleaved rounds (every round measures every server and protocol at every concurrency,
+so a slow minute of the shared machine hits both); a table row is the median over rounds.
 
-Against MLServer. ``against_mlserver`` also serves each model's model.onnx with MLServer 1.7
-(bench/mlserver.py: a custom runtime on the same onnxruntime, 1 intra-op thread; MLServer's own
-environment .venv-mlserver, ``make mlserver``), started beside smartmixed-serve, which then runs
-with ``--intra-op-threads 1`` too. The defaults change to what the comparison needs: the mixed
-model, batching on, concurrency 1 and 64, three interleaved rounds (every round measures every
-server and protocol at every concurrency, so a slow minute of the shared machine hits both); a
-point's table row is the median over its rounds. The ratio of smartmixed's gRPC rps to
-MLServer's, per concurrency, is reported beside the tables.
-
-Why wrk. On a 2-core machine a load generator competes with the server for the CPU it measures;
-a Python generator (asyncio + httpx) spends far more CPU per request than the server path it
-drives and becomes the bottleneck. ``wrk`` (C, epoll) is used when it is installed, with ONE
-thread (``-t 1``) so it takes at most one core, and a Lua script that sets the POST body and
-prints its summary as one JSON line that is parsed here. The Python generator remains as a
-fallback; which one ran is recorded (``load_generator``), and numbers from the two are not
-comparable. For gRPC, h2load (nghttp2-client, C) is wrk's counterpart: one thread, pinned to
-one core, ``-c CHANNELS -m C/CHANNELS`` streams in flight, the framed request from a file,
-per-call latencies from its ``--log-file``. The grpc.aio generator stays available
-(``grpc_generator`` python: pre-serialised bytes, no answer decoded, one core) but spends more
-CPU per call than the server path it drives; which one ran is recorded (``grpc_generator``)
-and there is no fallback between them (a missing h2load is an error naming nghttp2-client).
-
-Models. By default two networks of the paper architecture with seeded random weights are built
-and exported (permuted lowering): "mixed", every hidden neuron's activation drawn uniformly from
-the six default activations, and "fixed-relu". ``repository`` + ``models`` bench exported models
-instead. The targets are evaluated on the records of SmartMixed-mode models and reported, never
-asserted.
-
-Modules: the load generators are in bench/load.py (REST) and bench/grpc_load.py (gRPC), the
-server (its models, process, check request and metrics) in bench/server.py, MLServer in
-bench/mlserver.py; this one holds the options, the measurement loop, the targets and the outputs.
+Why wrk and h2load: on 2 cores a Python generator spends more CPU per request than the server
+path it drives; the C generators run one thread pinned to one core. Which generator ran is
+recorded: numbers from different generators are not comparable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,39 +38,39 @@ import httpx
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError, parse_positive_ints
-from smartmixed.bench.grpc_load import (
-    DEFAULT_CHANNELS,
-    H2LOAD,
-    PYTHON_GRPC,
-    check_address,
-    h2load_version,
-    mlserver_outcomes,
-    prepare_grpc_target,
-    resolve_grpc_generator,
-    run_grpc,
-    run_h2load,
-    smartmixed_outcomes,
-)
 from smartmixed.bench.load import (
+    DEFAULT_CHANNELS,
+    GRPC_GENERATORS,
+    H2LOAD,
+    LOAD_GENERATORS,
+    PYTHON_GRPC,
     REQUEST_TIMEOUT_S,
     WRK,
     WRK_THREADS,
+    check_address,
+    mlserver_outcomes,
+    prepare_grpc_target,
+    resolve_grpc_generator,
     resolve_load_generator,
+    run_grpc,
+    run_h2load,
     run_python,
     run_wrk,
+    smartmixed_outcomes,
+    tool_version,
     write_wrk_script,
-    wrk_version,
 )
 from smartmixed.bench.server import (
     GENERATED_MODELS,
     HEALTH_READY_PATH,
     PAPER_ARCH,
-    ServerError,
-    ServerProcess,
     batch_rows,
     build_repository,
     check_url,
+    config_batching,
     http_client,
+    model_info,
+    model_versions,
     pick_models,
     prepare_target,
     server_env,
@@ -121,8 +80,7 @@ from smartmixed.contract import SpecError, outputs, parse_arch, split_list
 from smartmixed.contract.outputs import machine_info, markdown_table
 
 DEFAULT_CONCURRENCY = (1, 8, 64)
-DEFAULT_DURATION_S = 5
-DEFAULT_WARMUP_S = 1
+DEFAULT_ROUNDS = 1
 BATCHING_MODES = ("on", "off")
 PROTOCOLS = ("rest", "grpc", "both")
 SMARTMIXED, MLSERVER = "smartmixed", "mlserver"
@@ -134,82 +92,48 @@ MLSERVER_BATCHING = ("on",)
 COMPARED_THREADS = 1  # intra-op threads of both servers in the comparison
 SETTLE_S = 0.25  # pause before each point: the server drains what the last run left queued
 RECORD_KEYS = (
-    "server",
-    "model",
-    "mode",
-    "batching",
-    "protocol",
-    "concurrency",
-    "round",
-    "duration_s",
-    "requests",
-    "rps",
-    "samples_per_s",
-    "mean_ms",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "max_ms",
-    "errors",
-    "error_kinds",
-    "mean_batch_rows",
+    *("server", "model", "mode", "batching", "protocol", "concurrency", "round", "duration_s"),
+    *("requests", "rps", "samples_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "max_ms"),
+    *("errors", "error_kinds", "mean_batch_rows"),
 )
 # A point: the records of one (server, model, batching, protocol, concurrency), one per round
 POINT_KEY = ("server", "model", "batching", "protocol", "concurrency")
 # Targets on the SmartMixed model's records (2 cores, single-sample requests). A plain target
 # takes the worst of its metric over the points it selects (server smartmixed unless it says);
 # a ratio target divides that metric between two selections of the same model and concurrency.
+REST_ON = {"protocol": "rest", "batching": "on"}
 TARGETS: dict[str, dict[str, Any]] = {
-    "p50_ms_concurrency_1": {
-        "limit": 1.5,
-        "op": "<=",
-        "concurrency": 1,
-        "batching": "on",
-        "protocol": "rest",
-        "metric": "p50_ms",
-    },
-    "rps_concurrency_64_batching_on": {
-        "limit": 1500.0,
-        "op": ">=",
-        "concurrency": 64,
-        "batching": "on",
-        "protocol": "rest",
-        "metric": "rps",
-    },
-    "p99_ms_concurrency_64_batching_on": {
-        "limit": 100.0,
-        "op": "<=",
-        "concurrency": 64,
-        "batching": "on",
-        "protocol": "rest",
-        "metric": "p99_ms",
-    },
+    "p50_ms_concurrency_1": dict(limit=1.5, op="<=", metric="p50_ms", concurrency=1, **REST_ON),
+    "rps_concurrency_64_batching_on": dict(
+        limit=1500.0, op=">=", metric="rps", concurrency=64, **REST_ON
+    ),
+    "p99_ms_concurrency_64_batching_on": dict(
+        limit=100.0, op="<=", metric="p99_ms", concurrency=64, **REST_ON
+    ),
     "errors": {"limit": 0, "op": "<=", "metric": "errors"},
     # smartmixed's gRPC rps / MLServer's gRPC rps, same model, c=64
-    "grpc_rps_vs_mlserver_concurrency_64": {
-        "limit": 3.0,
-        "op": ">=",
-        "concurrency": 64,
-        "metric": "rps",
-        "ratio": (
+    "grpc_rps_vs_mlserver_concurrency_64": dict(
+        limit=3.0,
+        op=">=",
+        concurrency=64,
+        metric="rps",
+        ratio=(
             {"server": SMARTMIXED, "protocol": "grpc"},
             {"server": MLSERVER, "protocol": "grpc"},
         ),
-    },
+    ),
     # smartmixed's gRPC p50 / its REST p50, same model and batching, c=1
-    "grpc_p50_vs_rest_concurrency_1": {
-        "limit": 1.0,
-        "op": "<=",
-        "concurrency": 1,
-        "metric": "p50_ms",
-        "ratio": (
+    "grpc_p50_vs_rest_concurrency_1": dict(
+        limit=1.0,
+        op="<=",
+        concurrency=1,
+        metric="p50_ms",
+        ratio=(
             {"server": SMARTMIXED, "protocol": "grpc"},
             {"server": SMARTMIXED, "protocol": "rest"},
         ),
-    },
+    ),
 }
-
-
 # what config.grpc_load_generator says of each
 GRPC_GENERATOR_TEXT = {
     H2LOAD: "h2load (nghttp2, C), one thread pinned to one CPU, the framed request from a file; "
@@ -229,43 +153,206 @@ class HttpBenchError(BenchError):
 # Options
 
 
+def _listed(values: Sequence[Any]) -> str:
+    return ",".join(map(str, values))
+
+
+@dataclass
+class HttpOptions:
+    """What ``smartmixed-bench http`` measures (a flag per field: bench.add_options). Checked
+    when made, before any server starts; the defaults ``against_mlserver`` changes filled in."""
+
+    arch: str | list[int] | None = field(
+        default=None, metadata={"help": "layer widths of the built models (default: the paper's)"}
+    )
+    repository: Path | None = field(
+        default=None, metadata={"help": "bench these exported models instead of building two"}
+    )
+    models: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "model names (default: mixed,fixed-relu, or all in --repository)"},
+    )
+    url: str | None = field(
+        default=None,
+        metadata={"help": "http://127.0.0.1:PORT of a running server (none is started)"},
+    )
+    grpc_address: str | None = field(
+        default=None, metadata={"help": "with --url: 127.0.0.1:PORT of that server's gRPC endpoint"}
+    )
+    protocol: str = field(
+        default="rest",
+        metadata={
+            "help": "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side",
+            "choices": list(PROTOCOLS),
+        },
+    )
+    against_mlserver: bool = field(
+        default=False,
+        metadata={
+            "help": "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
+            f"measure both, both servers at {COMPARED_THREADS} intra-op thread (defaults then: "
+            f"--models {_listed(MLSERVER_MODELS)}, --batching {_listed(MLSERVER_BATCHING)}, "
+            f"--concurrency {_listed(MLSERVER_CONCURRENCY)}, --rounds {MLSERVER_ROUNDS})"
+        },
+    )
+    concurrency: str | list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "connections (REST) / calls in flight (gRPC) "
+            f"(default {_listed(DEFAULT_CONCURRENCY)})"
+        },
+    )
+    duration: int = field(default=5, metadata={"help": "seconds per point"})
+    rounds: int | None = field(
+        default=None,
+        metadata={"help": f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})"},
+    )
+    grpc_channels: int = field(
+        default=DEFAULT_CHANNELS, metadata={"help": "HTTP/2 connections the gRPC calls share"}
+    )
+    grpc_generator: str = field(
+        default=H2LOAD,
+        metadata={
+            "help": "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted "
+            "by the server's metrics) or python (grpc.aio closed loop)",
+            "choices": list(GRPC_GENERATORS),
+        },
+    )
+    warmup: int = field(
+        default=1, metadata={"help": "unrecorded seconds per server and model first"}
+    )
+    batching: str | list[str] | None = field(
+        default=None, metadata={"help": "on,off (default both; not with --url)"}
+    )
+    load_generator: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: wrk when installed, else Python (asyncio + httpx)",
+            "choices": list(LOAD_GENERATORS),
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "assignment, weights and request row"})
+
+    def __post_init__(self) -> None:
+        mlserver = self.against_mlserver
+        self.concurrency = parse_positive_ints(
+            self.concurrency
+            if self.concurrency is not None
+            else (MLSERVER_CONCURRENCY if mlserver else DEFAULT_CONCURRENCY),
+            "concurrency",
+        )
+        if self.rounds is None:
+            self.rounds = MLSERVER_ROUNDS if mlserver else DEFAULT_ROUNDS
+        for what, value, least in (
+            ("duration must be a whole number of seconds", self.duration, 1),
+            ("warm-up must be a whole number of seconds", self.warmup, 0),
+            ("rounds must be a whole number", self.rounds, 1),
+            ("gRPC channels must be a whole number", self.grpc_channels, 1),
+        ):
+            if type(value) is not int or value < least:
+                raise HttpBenchError(f"{what} >= {least} (got {value!r})")
+        if self.protocol not in PROTOCOLS:
+            raise HttpBenchError(
+                f"--protocol must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})"
+            )
+
+    @property
+    def protocols(self) -> list[str]:
+        """The protocols measured, REST first."""
+        return ["rest", "grpc"] if self.protocol == "both" else [self.protocol]
+
+
 def parse_batching(text: str | Sequence[str]) -> list[str]:
     """'on,off' -> ['on', 'off'] (order kept, duplicates dropped)."""
     items = [v.lower() for v in split_list(text)]
-    bad = [v for v in items if v not in BATCHING_MODES]
-    if not items or bad:
+    if not items or any(v not in BATCHING_MODES for v in items):
         raise HttpBenchError(f"batching must be a list of on / off (got {text!r})")
     return list(dict.fromkeys(items))
 
 
-def parse_models(text: str | Sequence[str] | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = split_list(text)
-    if not items:
-        raise HttpBenchError("--models is empty; expected names such as mixed,fixed-relu")
-    return list(dict.fromkeys(items))
+@dataclass
+class Plan:
+    """Where the models come from and which servers to start, from validated options."""
+
+    source: str  # generated | repository | url
+    models: list[str]
+    modes: list[str | None]  # batching per server to start; [None]: the running server at url
+    arch: list[int] | None = None  # generated models only
+    repository: Path | None = None  # --repository only
+    url: str | None = None  # --url only
+    grpc_address: str | None = None  # --url with gRPC only
 
 
-def parse_protocol(text: str) -> list[str]:
-    """rest | grpc | both -> the protocols measured, REST first."""
-    if text not in PROTOCOLS:
-        raise HttpBenchError(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {text!r})")
-    return ["rest", "grpc"] if text == "both" else [text]
+def _plan(o: HttpOptions) -> Plan:
+    names = None
+    if o.models is not None:
+        names = list(dict.fromkeys(split_list(o.models)))
+        if not names:
+            raise HttpBenchError("--models is empty; expected names such as mixed,fixed-relu")
+    try:
+        arch = parse_arch(o.arch) if o.arch is not None else None
+    except SpecError as e:
+        raise HttpBenchError(f"--arch: {e}") from None
+    if o.grpc_address is not None and o.url is None:
+        raise HttpBenchError("--grpc-address goes with --url (a started server's port is known)")
+    if o.url is not None:
+        return _url_plan(o, names)
+    modes: list[str | None] = list(
+        parse_batching(
+            o.batching
+            if o.batching is not None
+            else (MLSERVER_BATCHING if o.against_mlserver else BATCHING_MODES)
+        )
+    )
+    if o.repository is not None:
+        if arch is not None:
+            raise HttpBenchError("--arch builds models; it cannot go with --repository")
+        repository, names = pick_models(o.repository, names, HttpBenchError)
+        return Plan(source="repository", models=names, modes=modes, repository=repository)
+    names = names or list(MLSERVER_MODELS if o.against_mlserver else GENERATED_MODELS)
+    unknown = [n for n in names if n not in GENERATED_MODELS]
+    if unknown:
+        raise HttpBenchError(
+            f"--models {', '.join(unknown)}: without --repository the bench builds "
+            f"{' and '.join(GENERATED_MODELS)}; pass --repository DIR for others"
+        )
+    return Plan(source="generated", models=names, modes=modes, arch=arch or list(PAPER_ARCH))
 
 
-@contextlib.contextmanager
-def running_server(
-    repository: Path, *, batching: bool, log_dir: Path, grpc: bool, threads: int | None
-) -> Iterator[ServerProcess]:
-    """smartmixed-serve over ``repository``, batching on or off (``--max-batch-size 0``), its
-    gRPC endpoint on a free port when ``grpc``, ``threads`` intra-op threads (None: ORT's)."""
-    args = ["--log-level", "warning"] + ([] if batching else ["--max-batch-size", "0"])
-    if threads is not None:
-        args += ["--intra-op-threads", str(threads)]
-    log_path = log_dir / f"server-{'on' if batching else 'off'}.log"
-    with start_server(repository, args=args, log_path=log_path, grpc=grpc) as server:
-        yield server
+def _url_plan(o: HttpOptions, names: list[str] | None) -> Plan:
+    """The running server at ``o.url``, checked: loopback, ready, and the options it allows."""
+    if o.repository is not None or o.arch is not None:
+        raise HttpBenchError(
+            "--url targets a running server: --repository and --arch "
+            "belong to the server, not the bench"
+        )
+    if o.against_mlserver:
+        raise HttpBenchError(
+            "--against-mlserver starts both servers on the same model files; it cannot go "
+            "with --url"
+        )
+    if o.batching is not None:
+        raise HttpBenchError(
+            "--url: batching is the running server's setting; leave "
+            "--batching out (it is read from the model config)"
+        )
+    if "grpc" in o.protocols and o.grpc_address is None:
+        raise HttpBenchError(
+            "--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT"
+        )
+    base = check_url(o.url)
+    if o.grpc_address is not None:
+        check_address(o.grpc_address)
+    if names is None:
+        raise HttpBenchError("--url needs --models NAME[,NAME] (the server's model names)")
+    try:
+        with http_client(timeout=3.0) as client:
+            ready = client.get(base + HEALTH_READY_PATH).status_code
+    except httpx.HTTPError as e:
+        raise HttpBenchError(f"--url {o.url}: not reachable ({type(e).__name__}: {e})") from None
+    if ready != 200:
+        raise HttpBenchError(f"--url {o.url}: /v2/health/ready answered {ready}")
+    return Plan(source="url", models=names, modes=[None], url=base, grpc_address=o.grpc_address)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +368,169 @@ class Measured:
     model: str
     mode: str | None  # the model's smartmixed mode (from smartmixed-serve's metadata)
     batching: str
-    run: Callable[[int, int], dict[str, Any]]  # (concurrency, seconds) -> the raw result
+    run: Callable[..., dict[str, Any]]  # (concurrency=, duration=) -> the raw result
     metrics_url: str | None  # smartmixed-serve's base URL, for rows per run
+
+
+@dataclass
+class HttpRun:
+    """One measure_http call: its options and generators, its work folder, what it collects."""
+
+    o: HttpOptions
+    plan: Plan
+    generator: str | None  # REST: WRK or PYTHON_HTTPX
+    grpc_generator: str | None  # H2LOAD or PYTHON_GRPC
+    work: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    server_commands: list[list[str]] = field(default_factory=list)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # config.models
+    mlserver: dict[str, Any] | None = None  # config.mlserver
+
+    @contextlib.contextmanager
+    def smartmixed(
+        self, repository: Path | None, mode: str | None
+    ) -> Iterator[tuple[str, str | None]]:
+        """(base URL, gRPC address) of smartmixed-serve with batching ``mode`` (on: default,
+        off: ``--max-batch-size 0``), started over ``repository``; mode None: the one at url."""
+        if mode is None:
+            yield self.plan.url, self.plan.grpc_address
+            return
+        args = ["--log-level", "warning"] + ([] if mode == "on" else ["--max-batch-size", "0"])
+        if self.o.against_mlserver:
+            args += ["--intra-op-threads", str(COMPARED_THREADS)]
+        log_path = self.work / f"server-{mode}.log"
+        grpc = "grpc" in self.o.protocols
+        with start_server(repository, args=args, log_path=log_path, grpc=grpc) as server:
+            self.server_commands.append(server.command)
+            yield server.url, server.grpc_address
+
+    def points(self, name: str, url: str, address: str | None, mode: str | None) -> list[Measured]:
+        """``name`` on smartmixed-serve at ``url``, checked over each protocol."""
+        info = self.models.setdefault(name, {})
+        info.update(model_info(url, name))
+        batching = mode or config_batching(url, name)
+        points = []
+        for protocol in self.o.protocols:
+            run, sizes = self._runner(protocol, name, url, address, SMARTMIXED, f"{url}/metrics")
+            info.update(sizes)
+            points.append(Measured(SMARTMIXED, protocol, name, info["mode"], batching, run, url))
+        return points
+
+    @contextlib.contextmanager
+    def mlserver_points(self, repository: Path, name: str) -> Iterator[list[Measured]]:
+        """MLServer over the newest version of ``name`` (what smartmixed-serve serves) until
+        the block ends: its points (no adaptive batching: "off"), checked over each protocol."""
+        from smartmixed.bench import mlserver
+
+        folder, info = repository / name, self.models[name]
+        with mlserver.start_mlserver(
+            folder / str(model_versions(folder)[-1]) / "model.onnx",
+            name=name,
+            log_path=self.work / f"mlserver-{name}.log",
+            input_shape=info["input_shape"],
+            outputs=info["outputs"],
+            n_classes=info["n_classes"],
+        ) as server:
+            self.mlserver = {
+                "version": mlserver.mlserver_version(),
+                "command": server.command,
+                "settings": server.settings,
+                "runtime": mlserver.RUNTIME_CLASS,
+                "intra_op_threads": COMPARED_THREADS,
+            }
+            address, metrics = server.grpc_address, server.metrics_url
+            yield [
+                Measured(MLSERVER, protocol, name, None, "off", run, None)
+                for protocol in self.o.protocols
+                for run, _ in [self._runner(protocol, name, server.url, address, MLSERVER, metrics)]
+            ]
+
+    def _runner(
+        self, protocol: str, name: str, url: str, address: str | None, server: str, metrics: str
+    ) -> tuple[Callable[..., dict[str, Any]], dict[str, int]]:
+        """The load of one protocol at ``name`` (checked by one request), and the request's
+        sizes. ``metrics``: the server's Prometheus endpoint, where h2load's failed calls are
+        counted."""
+        if protocol == "rest":
+            target = prepare_target(url, name, seed=self.o.seed)
+            if self.generator == WRK:
+                run = partial(run_wrk, target, script=write_wrk_script(self.work, target.body))
+            else:
+                run = partial(run_python, target)
+            return run, {"request_bytes": len(target.body), "n_features": target.n_features}
+        if address is None:
+            raise HttpBenchError(f"{server}: no gRPC address to measure")
+        grpc_target = prepare_grpc_target(address, name, seed=self.o.seed)
+        channels = self.o.grpc_channels
+        if self.grpc_generator == H2LOAD:
+            counter = mlserver_outcomes if server == MLSERVER else smartmixed_outcomes
+            outcomes = partial(counter, metrics)
+            outcomes()  # a server whose counters cannot be read fails here, not mid-run
+            run = partial(run_h2load, grpc_target, channels=channels, outcomes=outcomes)
+        else:
+            run = partial(run_grpc, grpc_target, channels=channels)
+        return run, {"grpc_request_bytes": len(grpc_target.request)}
+
+    def measure(self, points: list[Measured], bar: tqdm) -> None:
+        """Warm every point up (unrecorded: arenas, batcher, connection pools), then every
+        round, concurrency and point in turn."""
+        levels = self.o.concurrency
+        if self.o.warmup:
+            for point in points:
+                point.run(concurrency=max(levels), duration=self.o.warmup)
+        for round_, level, point in itertools.product(range(self.o.rounds), levels, points):
+            bar.set_postfix_str(
+                f"{point.server} {point.model} {point.protocol} batching {point.batching} c={level}"
+            )
+            # requests the previous run left in flight must not count here
+            time.sleep(SETTLE_S)
+            rows = point.metrics_url and batch_rows(point.metrics_url, point.model)
+            raw = point.run(concurrency=level, duration=self.o.duration)
+            after = point.metrics_url and batch_rows(point.metrics_url, point.model)
+            per_run = None
+            if rows and after and after[1] > rows[1]:
+                per_run = (after[0] - rows[0]) / (after[1] - rows[1])
+            self.records.append(_record(point, level, raw, per_run, round_))
+            bar.update()
+
+
+def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Drive the server(s) at every model x batching x concurrency (x protocol, x server with
+    ``against_mlserver``, x round); returns the http.json record.
+
+    Options are checked before any server starts: HttpBenchError for bad ones, ServerError or
+    LoadGeneratorError for a server or load generator that fails (failed requests are counted
+    as errors), MLServerMissing when ``against_mlserver`` finds no .venv-mlserver.
+    """
+    from smartmixed.bench import mlserver
+
+    started = time.perf_counter()
+    o = options or HttpOptions()
+    generator = resolve_load_generator(o.load_generator) if "rest" in o.protocols else None
+    grpc_gen = resolve_grpc_generator(o.grpc_generator) if "grpc" in o.protocols else None
+    if o.against_mlserver:
+        mlserver.mlserver_command()  # MLServerMissing: run make mlserver
+    plan = _plan(o)
+    points = len(plan.modes) * len(plan.models) * len(o.concurrency) * len(o.protocols)
+    total = points * (2 if o.against_mlserver else 1) * o.rounds
+    with (
+        tempfile.TemporaryDirectory(prefix="smartmixed-bench-http-") as tmp,
+        tqdm(total=total, desc="http points", disable=not progress) as bar,
+    ):
+        run = HttpRun(o, plan, generator, grpc_gen, Path(tmp))
+        repository = plan.repository
+        if plan.source == "generated":
+            repository = run.work / "models"
+            build_repository(repository, arch=plan.arch, seed=o.seed, models=plan.models)
+        for mode in plan.modes:
+            with run.smartmixed(repository, mode) as (url, address):
+                for name in plan.models:
+                    with contextlib.ExitStack() as stack:
+                        points = run.points(name, url, address, mode)
+                        if o.against_mlserver:
+                            points += stack.enter_context(run.mlserver_points(repository, name))
+                        run.measure(points, bar)
+    return _result(run, elapsed_s=round(time.perf_counter() - started, 1))
 
 
 def _record(
@@ -294,7 +542,7 @@ def _record(
         errors, failed = sum(raw["error_kinds"].values()), raw["error_kinds"]["status"]
     ok = max(raw["requests"] - failed, 0)
     rps = ok / raw["duration_s"] if raw["duration_s"] > 0 else 0.0
-    record = {
+    record = raw | {
         "server": point.server,
         "model": point.model,
         "mode": point.mode,
@@ -303,16 +551,9 @@ def _record(
         "concurrency": concurrency,
         "round": round_,
         "duration_s": round(raw["duration_s"], 3),
-        "requests": raw["requests"],
         "rps": rps,
         "samples_per_s": rps * 1,  # 1 row per request
-        "mean_ms": raw["mean_ms"],
-        "p50_ms": raw["p50_ms"],
-        "p95_ms": raw["p95_ms"],
-        "p99_ms": raw["p99_ms"],
-        "max_ms": raw["max_ms"],
         "errors": errors,
-        "error_kinds": raw["error_kinds"],
         "mean_batch_rows": rows,
     }
     return {k: record[k] for k in RECORD_KEYS}
@@ -356,6 +597,37 @@ def _selects(r: Mapping[str, Any], selection: Mapping[str, Any]) -> bool:
     return all(r[k] == v for k, v in selection.items())
 
 
+def _target_values(t: Mapping[str, Any], points: list[dict], mixed: set[str]) -> list[float]:
+    """The values target ``t`` is judged on (see TARGETS)."""
+    metric = t["metric"]
+    if "ratio" not in t:
+        selection = {"server": SMARTMIXED} | {
+            k: t[k] for k in ("concurrency", "batching", "protocol") if k in t
+        }
+        return [
+            r[metric]
+            for r in points
+            if r["model"] in mixed and _selects(r, selection) and r[metric] is not None
+        ]
+    top, bottom = t["ratio"]
+    values = []
+    for r in points:
+        if r["model"] not in mixed or r["concurrency"] != t["concurrency"]:
+            continue
+        if not _selects(r, top) or r[metric] is None:
+            continue
+        values += [
+            r[metric] / d[metric]
+            for d in points
+            if d["model"] == r["model"]
+            and d["concurrency"] == r["concurrency"]
+            and _selects(d, bottom)
+            and (bottom["server"] != r["server"] or d["batching"] == r["batching"])
+            and d[metric]
+        ]
+    return values
+
+
 def evaluate_targets(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     """(measured value, met) per target, on the SmartMixed-mode models' points (medians over
     rounds; see TARGETS). A target whose points were not measured (no such concurrency,
@@ -365,38 +637,10 @@ def evaluate_targets(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     measured: dict[str, Any] = {}
     met: dict[str, bool | None] = {}
     for key, t in TARGETS.items():
-        values: list[float] = []
-        if "ratio" in t:
-            top, bottom = t["ratio"]
-            for r in points:
-                if r["model"] not in mixed or r["concurrency"] != t["concurrency"]:
-                    continue
-                if not _selects(r, top):
-                    continue
-                under = [
-                    d
-                    for d in points
-                    if d["model"] == r["model"]
-                    and d["concurrency"] == r["concurrency"]
-                    and _selects(d, bottom)
-                    and (bottom["server"] != r["server"] or d["batching"] == r["batching"])
-                ]
-                values += [
-                    r[t["metric"]] / d[t["metric"]]
-                    for d in under
-                    if r[t["metric"]] is not None and d[t["metric"]]
-                ]
-        elif key == "errors":  # every model, every smartmixed point
+        if key == "errors":  # every model, every smartmixed point
             values = [r["errors"] for r in points if r["server"] == SMARTMIXED]
         else:
-            selection = {"server": SMARTMIXED} | {
-                k: t[k] for k in ("concurrency", "batching", "protocol") if k in t
-            }
-            values = [
-                r[t["metric"]]
-                for r in points
-                if r["model"] in mixed and _selects(r, selection) and r[t["metric"]] is not None
-            ]
+            values = _target_values(t, points, mixed)
         if not values:
             measured[key], met[key] = None, None
             continue
@@ -406,441 +650,61 @@ def evaluate_targets(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     return measured, met
 
 
-@dataclass
-class Plan:
-    """Where the models come from and which servers to start, from validated options."""
+def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
+    """The http.json record of a finished run."""
+    import onnxruntime
 
-    source: str  # generated | repository | url
-    models: list[str]
-    modes: list[str | None]  # batching per server to start; [None]: the running server at url
-    arch: list[int] | None = None  # generated models only
-    repository: Path | None = None  # --repository only
-    url: str | None = None  # --url only
-    grpc_address: str | None = None  # --url with gRPC only
-
-
-def _plan(
-    *,
-    arch: str | Sequence[int] | None,
-    repository: Path | str | None,
-    models: str | Sequence[str] | None,
-    url: str | None,
-    grpc_address: str | None,
-    batching: str | Sequence[str] | None,
-    protocols: list[str],
-    against_mlserver: bool,
-) -> Plan:
-    names = parse_models(models)
-    try:
-        arch_list = parse_arch(arch) if arch is not None else None
-    except SpecError as e:
-        raise HttpBenchError(f"--arch: {e}") from None
-    if grpc_address is not None and url is None:
-        raise HttpBenchError("--grpc-address goes with --url (a started server's port is known)")
-    if url is not None:
-        if repository is not None or arch is not None:
-            raise HttpBenchError(
-                "--url targets a running server: --repository and --arch "
-                "belong to the server, not the bench"
-            )
-        if against_mlserver:
-            raise HttpBenchError(
-                "--against-mlserver starts both servers on the same model files; it cannot go "
-                "with --url"
-            )
-        if batching is not None:
-            raise HttpBenchError(
-                "--url: batching is the running server's setting; leave "
-                "--batching out (it is read from the model config)"
-            )
-        if "grpc" in protocols and grpc_address is None:
-            raise HttpBenchError(
-                "--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT"
-            )
-        base = check_url(url)
-        if grpc_address is not None:
-            check_address(grpc_address)
-        if names is None:
-            raise HttpBenchError("--url needs --models NAME[,NAME] (the server's model names)")
-        try:
-            with http_client(timeout=3.0) as client:
-                ready = client.get(base + HEALTH_READY_PATH).status_code
-        except httpx.HTTPError as e:
-            raise HttpBenchError(f"--url {url}: not reachable ({type(e).__name__}: {e})") from None
-        if ready != 200:
-            raise HttpBenchError(f"--url {url}: /v2/health/ready answered {ready}")
-        return Plan(source="url", models=names, modes=[None], url=base, grpc_address=grpc_address)
-    default_modes = MLSERVER_BATCHING if against_mlserver else BATCHING_MODES
-    modes: list[str | None] = list(
-        parse_batching(batching if batching is not None else default_modes)
-    )
-    if repository is not None:
-        if arch is not None:
-            raise HttpBenchError("--arch builds models; it cannot go with --repository")
-        repository, names = pick_models(repository, names, HttpBenchError)
-        return Plan(source="repository", models=names, modes=modes, repository=repository)
-    names = names or list(MLSERVER_MODELS if against_mlserver else GENERATED_MODELS)
-    unknown = [n for n in names if n not in GENERATED_MODELS]
-    if unknown:
-        raise HttpBenchError(
-            f"--models {', '.join(unknown)}: without --repository the bench builds "
-            f"{' and '.join(GENERATED_MODELS)}; pass --repository DIR for others"
-        )
-    return Plan(source="generated", models=names, modes=modes, arch=arch_list or list(PAPER_ARCH))
-
-
-def _model_file(repository: Path, name: str) -> Path:
-    """NAME/VERSION/model.onnx of the newest version (what smartmixed-serve serves)."""
-    versions = sorted(
-        int(v.name) for v in (repository / name).iterdir() if v.is_dir() and v.name.isdigit()
-    )
-    return repository / name / str(versions[-1]) / "model.onnx"
-
-
-def measure_http(
-    *,
-    arch: str | Sequence[int] | None = None,
-    repository: Path | str | None = None,
-    models: str | Sequence[str] | None = None,
-    url: str | None = None,
-    grpc_address: str | None = None,
-    protocol: str = "rest",
-    against_mlserver: bool = False,
-    concurrency: str | Sequence[int] | None = None,
-    duration: int = DEFAULT_DURATION_S,
-    warmup: int = DEFAULT_WARMUP_S,
-    rounds: int | None = None,
-    batching: str | Sequence[str] | None = None,
-    load_generator: str = "auto",
-    grpc_generator: str = H2LOAD,
-    grpc_channels: int = DEFAULT_CHANNELS,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Drive the server(s) at every model x batching x concurrency (x protocol, x server with
-    ``against_mlserver``, x round); returns the http.json record.
-
-    ``concurrency`` defaults to 1,8,64 (1,64 with ``against_mlserver``), ``rounds`` to 1 (3).
-    Options are validated before any server starts; HttpBenchError for bad options, and for a
-    server or load generator that fails (not for failed requests: those are counted as errors);
-    MLServerMissing when ``against_mlserver`` finds no .venv-mlserver.
-    """
-    from smartmixed.bench import mlserver
-
-    started = time.perf_counter()
-    levels = parse_positive_ints(
-        concurrency
-        if concurrency is not None
-        else (MLSERVER_CONCURRENCY if against_mlserver else DEFAULT_CONCURRENCY),
-        "concurrency",
-    )
-    if type(duration) is not int or duration < 1:
-        raise HttpBenchError(f"duration must be a whole number of seconds >= 1 (got {duration!r})")
-    if type(warmup) is not int or warmup < 0:
-        raise HttpBenchError(f"warm-up must be a whole number of seconds >= 0 (got {warmup!r})")
-    rounds = rounds if rounds is not None else (MLSERVER_ROUNDS if against_mlserver else 1)
-    if type(rounds) is not int or rounds < 1:
-        raise HttpBenchError(f"rounds must be a whole number >= 1 (got {rounds!r})")
-    if type(grpc_channels) is not int or grpc_channels < 1:
-        raise HttpBenchError(f"gRPC channels must be a whole number >= 1 (got {grpc_channels!r})")
-    protocols = parse_protocol(protocol)
-    generator = resolve_load_generator(load_generator) if "rest" in protocols else None
-    grpc_gen = resolve_grpc_generator(grpc_generator) if "grpc" in protocols else None
-    if against_mlserver:
-        mlserver.mlserver_command()  # MLServerMissing: run make mlserver
-    plan = _plan(
-        arch=arch,
-        repository=repository,
-        models=models,
-        url=url,
-        grpc_address=grpc_address,
-        batching=batching,
-        protocols=protocols,
-        against_mlserver=against_mlserver,
-    )
-    names, modes = plan.models, plan.modes
-    threads = COMPARED_THREADS if against_mlserver else None
-    records: list[dict[str, Any]] = []
-    server_commands: list[list[str]] = []
-    mlserver_info: dict[str, Any] | None = None
-    targets_info: dict[str, dict[str, Any]] = {}
-    servers = 2 if against_mlserver else 1
-    total = len(modes) * len(names) * len(levels) * len(protocols) * servers * rounds
-    with (
-        tempfile.TemporaryDirectory(prefix="smartmixed-bench-http-") as tmp,
-        tqdm(total=total, desc="http points", disable=not progress) as bar,
-    ):
-        work = Path(tmp)
-        repo_dir = plan.repository
-        if plan.source == "generated":
-            repo_dir = work / "models"
-            build_repository(repo_dir, arch=plan.arch, seed=seed, models=names)
-        for mode in modes:
-            if mode is None:  # the running server at --url
-                server = contextlib.nullcontext(None)
-            else:
-                server = running_server(
-                    repo_dir,
-                    batching=mode == "on",
-                    log_dir=work,
-                    grpc="grpc" in protocols,
-                    threads=threads,
-                )
-            with server as process:
-                server_url = plan.url if process is None else process.url
-                address = plan.grpc_address if process is None else process.grpc_address
-                if process is not None:
-                    server_commands.append(process.command)
-                for name in names:
-                    with contextlib.ExitStack() as stack:
-                        points = _prepare_points(
-                            name,
-                            mode=mode,
-                            protocols=protocols,
-                            server_url=server_url,
-                            grpc_address=address,
-                            generator=generator,
-                            grpc_generator=grpc_gen,
-                            grpc_channels=grpc_channels,
-                            work=work,
-                            seed=seed,
-                            info=targets_info,
-                        )
-                        if against_mlserver:
-                            info = targets_info[name]
-                            ml = stack.enter_context(
-                                mlserver.start_mlserver(
-                                    _model_file(repo_dir, name),
-                                    name=name,
-                                    input_shape=info["input_shape"],
-                                    outputs=info["outputs"],
-                                    n_classes=info["n_classes"],
-                                    log_path=work / f"mlserver-{name}.log",
-                                )
-                            )
-                            mlserver_info = {
-                                "version": mlserver.mlserver_version(),
-                                "command": ml.command,
-                                "settings": ml.settings,
-                                "runtime": mlserver.RUNTIME_CLASS,
-                                "intra_op_threads": COMPARED_THREADS,
-                            }
-                            points += _prepare_points(
-                                name,
-                                mode=None,
-                                protocols=protocols,
-                                server_url=ml.url,
-                                grpc_address=ml.grpc_address,
-                                generator=generator,
-                                grpc_generator=grpc_gen,
-                                grpc_channels=grpc_channels,
-                                work=work,
-                                seed=seed,
-                                info=None,
-                                server=MLSERVER,
-                                metrics_url=ml.metrics_url,
-                            )
-                        if warmup:  # not recorded: arenas, batcher, connection pools
-                            for point in points:
-                                point.run(max(levels), warmup)
-                        for round_ in range(rounds):
-                            for level in levels:
-                                for point in points:
-                                    bar.set_postfix_str(
-                                        f"{point.server} {name} {point.protocol} "
-                                        f"batching {point.batching} c={level}"
-                                    )
-                                    records.append(_measure_point(point, level, duration, round_))
-                                    bar.update()
-
-    measured, met = evaluate_targets(records)
+    o, plan, protocols = run.o, run.plan, run.o.protocols
+    generated, rest, grpc = plan.source == "generated", "rest" in protocols, "grpc" in protocols
+    measured, met = evaluate_targets(run.records)
+    config = {
+        "source": plan.source,
+        "arch": plan.arch,
+        "repository": str(plan.repository) if plan.repository else None,
+        "url": plan.url,
+        "grpc_address": plan.grpc_address,
+        "models": run.models,
+        "mixed_assignment": "uniformly random over the six default activations per neuron"
+        if generated
+        else None,
+        "lowering": "permuted" if generated else None,
+        "protocols": protocols,
+        "concurrency": o.concurrency,
+        "duration_s": o.duration,
+        "warmup_s": o.warmup,
+        "rounds": o.rounds,
+        "batching": [m for m in plan.modes if m is not None] or None,
+        "rows_per_request": 1,
+        "request": "POST /v2/models/NAME/infer, V2 JSON, FP32 [1, D], seeded raw pixels"
+        if rest
+        else None,
+        "grpc_request": "ModelInfer, FP32 [1, D] (or the model's [1, C, H, W]) as "
+        "raw_input_contents, the same seeded raw pixels"
+        if grpc
+        else None,
+        "grpc_load_generator": GRPC_GENERATOR_TEXT.get(run.grpc_generator),
+        "h2load_version": tool_version(H2LOAD) if run.grpc_generator == H2LOAD else None,
+        "grpc_channels": o.grpc_channels if grpc else None,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "load_generator_threads": WRK_THREADS if run.generator == WRK else 1,
+        "wrk_version": tool_version(WRK) if run.generator == WRK else None,
+        "server_commands": run.server_commands,
+        "server_env": server_env() if plan.source != "url" else None,
+        "mlserver": run.mlserver,
+        "seed": o.seed,
+    }
     return {
-        "config": {
-            "source": plan.source,
-            "arch": plan.arch,
-            "repository": str(plan.repository) if plan.repository else None,
-            "url": plan.url,
-            "grpc_address": plan.grpc_address,
-            "models": targets_info,
-            "mixed_assignment": "uniformly random over the six default activations per neuron"
-            if plan.source == "generated"
-            else None,
-            "lowering": "permuted" if plan.source == "generated" else None,
-            "protocols": protocols,
-            "concurrency": levels,
-            "duration_s": duration,
-            "warmup_s": warmup,
-            "rounds": rounds,
-            "batching": [m for m in modes if m is not None] or None,
-            "rows_per_request": 1,
-            "request": "POST /v2/models/NAME/infer, V2 JSON, FP32 [1, D], seeded raw pixels"
-            if "rest" in protocols
-            else None,
-            "grpc_request": "ModelInfer, FP32 [1, D] (or the model's [1, C, H, W]) as "
-            "raw_input_contents, the same seeded raw pixels"
-            if "grpc" in protocols
-            else None,
-            "grpc_load_generator": GRPC_GENERATOR_TEXT.get(grpc_gen),
-            "h2load_version": h2load_version() if grpc_gen == H2LOAD else None,
-            "grpc_channels": grpc_channels if "grpc" in protocols else None,
-            "request_timeout_s": REQUEST_TIMEOUT_S,
-            "load_generator_threads": WRK_THREADS if generator == WRK else 1,
-            "wrk_version": wrk_version() if generator == WRK else None,
-            "server_commands": server_commands,
-            "server_env": server_env() if plan.source != "url" else None,
-            "mlserver": mlserver_info,
-            "seed": seed,
-        },
-        "machine": {**machine_info(), "onnxruntime": _ort_version()},
-        "load_generator": generator,
-        "grpc_generator": grpc_gen,
-        "records": records,
-        "points": summarize(records),
+        "config": config,
+        "machine": {**machine_info(), "onnxruntime": onnxruntime.__version__},
+        "load_generator": run.generator,
+        "grpc_generator": run.grpc_generator,
+        "records": run.records,
+        "points": summarize(run.records),
         "targets": {k: {"limit": t["limit"], "op": t["op"]} for k, t in TARGETS.items()},
         "target_values": measured,
         "meets_targets": met,
-        "elapsed_s": round(time.perf_counter() - started, 1),
+        "elapsed_s": elapsed_s,
     }
-
-
-def _prepare_points(
-    name: str,
-    *,
-    mode: str | None,
-    protocols: Sequence[str],
-    server_url: str,
-    grpc_address: str | None,
-    generator: str | None,
-    grpc_generator: str | None,
-    grpc_channels: int,
-    work: Path,
-    seed: int,
-    info: dict[str, dict[str, Any]] | None,
-    server: str = SMARTMIXED,
-    metrics_url: str | None = None,
-) -> list[Measured]:
-    """Check ``name`` on one server over each protocol; what to run at each concurrency.
-
-    ``mode``: the batching of a smartmixed-serve this bench started (None: read from the
-    running server's model config). MLServer runs without adaptive batching ("off"). ``info``
-    (smartmixed-serve only) collects the model's description for the result. ``metrics_url``:
-    MLServer's Prometheus endpoint, where h2load's failed calls are counted (smartmixed-serve's
-    is SERVER_URL/metrics).
-    """
-    if server == MLSERVER:
-        model_mode, batching = None, "off"
-    else:
-        meta = _metadata(server_url, name)
-        model_mode = meta["mode"]
-        batching = mode or _config_batching(server_url, name)
-        if info is not None:
-            info.setdefault(name, {}).update(meta)
-    points: list[Measured] = []
-    for protocol in protocols:
-        if protocol == "rest":
-            target = prepare_target(server_url, name, seed=seed, batching=batching)
-            script = write_wrk_script(work, target.body) if generator == WRK else None
-            runner = run_wrk if generator == WRK else run_python
-
-            def run(level: int, seconds: int, target=target, script=script, runner=runner):
-                return runner(target, concurrency=level, duration=seconds, script=script)
-
-            request_bytes = {"request_bytes": len(target.body), "n_features": target.n_features}
-        else:
-            if grpc_address is None:
-                raise HttpBenchError(f"{server}: no gRPC address to measure")
-            grpc_target = prepare_grpc_target(grpc_address, name, seed=seed)
-            if grpc_generator == H2LOAD:
-                if server == MLSERVER:
-                    assert metrics_url is not None, "MLServer's metrics URL counts its errors"
-                    outcomes = partial(mlserver_outcomes, metrics_url)
-                else:
-                    outcomes = partial(smartmixed_outcomes, f"{server_url}/metrics")
-                outcomes()  # a server whose counters cannot be read fails here, not mid-run
-
-                def run(level: int, seconds: int, grpc_target=grpc_target, outcomes=outcomes):
-                    return run_h2load(
-                        grpc_target,
-                        concurrency=level,
-                        duration=seconds,
-                        channels=grpc_channels,
-                        outcomes=outcomes,
-                    )
-            else:
-
-                def run(level: int, seconds: int, grpc_target=grpc_target):
-                    return run_grpc(
-                        grpc_target, concurrency=level, duration=seconds, channels=grpc_channels
-                    )
-
-            request_bytes = {"grpc_request_bytes": len(grpc_target.request)}
-        if info is not None:
-            info[name].update(request_bytes)
-        points.append(
-            Measured(
-                server=server,
-                protocol=protocol,
-                model=name,
-                mode=model_mode,
-                batching=batching,
-                run=run,
-                metrics_url=server_url if server == SMARTMIXED else None,
-            )
-        )
-    return points
-
-
-def _metadata(base: str, name: str) -> dict[str, Any]:
-    """smartmixed-serve's description of ``name``: mode, architecture, input shape (batch
-    axis 1), outputs and classes (what MLServer's model settings need)."""
-    try:
-        with http_client() as client:
-            response = client.get(f"{base}/v2/models/{name}")
-    except httpx.HTTPError as e:
-        raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
-    if response.status_code != 200:
-        raise ServerError(
-            f"model {name!r}: GET /v2/models/{name} answered {response.status_code}: "
-            f"{response.text[:300]}"
-        )
-    try:
-        info = response.json()
-        smartmixed = info.get("smartmixed") or {}
-        return {
-            "mode": smartmixed.get("mode"),
-            "architecture": smartmixed.get("architecture"),
-            "input_shape": [1, *(int(d) for d in info["inputs"][0]["shape"][1:])],
-            "outputs": [o["name"] for o in info["outputs"]],
-            "n_classes": int(info["outputs"][0]["shape"][-1]),
-        }
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise ServerError(f"model {name!r}: unexpected metadata {response.text[:300]!r}") from None
-
-
-def _config_batching(base: str, name: str) -> str:
-    with http_client() as client:
-        config = client.get(f"{base}/v2/models/{name}/config")
-    if config.status_code != 200:
-        return "unknown"
-    return "on" if "dynamic_batching" in config.json() else "off"
-
-
-def _measure_point(point: Measured, level: int, duration: int, round_: int) -> dict[str, Any]:
-    # requests the previous run left in flight must not count here
-    time.sleep(SETTLE_S)
-    before = batch_rows(point.metrics_url, point.model) if point.metrics_url else None
-    raw = point.run(level, duration)
-    after = batch_rows(point.metrics_url, point.model) if point.metrics_url else None
-    rows = None
-    if before and after and after[1] > before[1]:
-        rows = (after[0] - before[0]) / (after[1] - before[1])
-    return _record(point, level, raw, rows, round_)
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,16 +712,12 @@ def _ort_version() -> str:
 
 
 POINT_COLUMNS = (
-    "concurrency",
-    "server",
-    "protocol",
-    "requests/s",
-    "samples/s",
-    "p50 ms",
-    "p95 ms",
-    "p99 ms",
-    "errors",
-    "rows/run",
+    *("concurrency", "server", "protocol", "requests/s", "samples/s"),
+    *("p50 ms", "p95 ms", "p99 ms", "errors", "rows/run"),
+)
+MLSERVER_COLUMNS = (
+    *("model", "concurrency", "smartmixed rps", "MLServer rps", "ratio"),
+    *("smartmixed p50 ms", "MLServer p50 ms"),
 )
 
 
@@ -867,15 +727,15 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def render_markdown(result: Mapping[str, Any]) -> str:
+def _how(result: Mapping[str, Any]) -> list[str]:
+    """The lines that say how the load was made, on what machine."""
     c, m = result["config"], result["machine"]
-    generator = result["load_generator"]
     protocols = c.get("protocols", ["rest"])
     how = []
     if "rest" in protocols:
         how.append(
             f"REST: wrk ({c['load_generator_threads']} thread, keep-alive connections)"
-            if generator == WRK
+            if result["load_generator"] == WRK
             else "REST: Python asyncio + httpx (in the bench process; shares the CPU with the "
             "server)"
         )
@@ -894,22 +754,24 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f", {rounds} interleaved rounds (medians shown)" if rounds > 1 else ""
     )
     lines = [
-        "# Serving: requests/s and latency",
-        "",
         f"Load generators: {'; '.join(how)}. {per_point} after a {c['warmup_s']} s warm-up; "
         "one sample per request (FP32 [1, D]); servers on 127.0.0.1.",
         f"Machine: {m['processor']}, {m['cpu_count']} cores, Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}. Run took {result['elapsed_s']} s.",
     ]
-    if c.get("mlserver"):
-        ml = c["mlserver"]
+    if ml := c.get("mlserver"):
         lines.append(
             f"MLServer {ml['version']}: custom runtime {ml['runtime']} (onnxruntime, "
             f"{ml['intra_op_threads']} intra-op thread), parallel_workers "
             f"{ml['settings']['parallel_workers']}, no adaptive batching; smartmixed-serve with "
             f"--intra-op-threads {ml['intra_op_threads']}."
         )
-    lines.append("")
+    return lines
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    c = result["config"]
+    lines = ["# Serving: requests/s and latency", "", *_how(result), ""]
     points = result.get("points") or summarize(result["records"])
     for (model, batching), rows in _by_model_and_batching(points).items():
         info = c["models"].get(model, {})
@@ -921,33 +783,17 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             *markdown_table(POINT_COLUMNS, [_point_cells(r) for r in rows]),
             "",
         ]
-    comparison = _mlserver_rows(points)
-    if comparison:
+    if comparison := _mlserver_rows(points):
         lines += [
             "## smartmixed-serve against MLServer (gRPC, medians)",
             "",
-            *markdown_table(
-                (
-                    "model",
-                    "concurrency",
-                    "smartmixed rps",
-                    "MLServer rps",
-                    "ratio",
-                    "smartmixed p50 ms",
-                    "MLServer p50 ms",
-                ),
-                comparison,
-            ),
+            *markdown_table(MLSERVER_COLUMNS, comparison),
             "",
         ]
     targets = [
-        (
-            key,
-            f"{t['op']} {t['limit']}",
-            _fmt(result["target_values"].get(key)),
-            _verdict(result["meets_targets"].get(key)),
-        )
+        (key, f"{t['op']} {t['limit']}", _fmt(result["target_values"].get(key)), _verdict(ok))
         for key, t in result["targets"].items()
+        for ok in [result["meets_targets"].get(key)]
     ]
     lines += [
         "## Targets (SmartMixed model)",
@@ -979,30 +825,23 @@ def _point_cells(r: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def _mlserver_rows(points: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
     """(model, concurrency, rps both, ratio, p50 both) for each gRPC point both servers ran."""
-    rows = []
-    for r in points:
-        if r.get("server") != SMARTMIXED or r.get("protocol") != "grpc":
-            continue
-        for other in points:
-            if (
-                other.get("server") == MLSERVER
-                and other.get("protocol") == "grpc"
-                and other["model"] == r["model"]
-                and other["concurrency"] == r["concurrency"]
-            ):
-                ratio = r["rps"] / other["rps"] if other["rps"] else None
-                rows.append(
-                    (
-                        r["model"],
-                        r["concurrency"],
-                        _fmt(r["rps"], 0),
-                        _fmt(other["rps"], 0),
-                        _fmt(ratio, 2),
-                        _fmt(r["p50_ms"]),
-                        _fmt(other["p50_ms"]),
-                    )
-                )
-    return rows
+    grpc = [r for r in points if r.get("protocol") == "grpc"]
+    return [
+        (
+            r["model"],
+            r["concurrency"],
+            _fmt(r["rps"], 0),
+            _fmt(other["rps"], 0),
+            _fmt(r["rps"] / other["rps"] if other["rps"] else None, 2),
+            _fmt(r["p50_ms"]),
+            _fmt(other["p50_ms"]),
+        )
+        for r in grpc
+        if r.get("server") == SMARTMIXED
+        for other in grpc
+        if other.get("server") == MLSERVER
+        and (other["model"], other["concurrency"]) == (r["model"], r["concurrency"])
+    ]
 
 
 def _verdict(ok: bool | None) -> str:
@@ -1029,7 +868,6 @@ def _by_model_and_batching(
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
     plt = outputs.pyplot()
-
     points = result.get("points") or summarize(result["records"])
     lines: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in points:
@@ -1058,11 +896,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     ax_rps.legend(fontsize=7)
     protocols = "/".join(result["config"].get("protocols", ["rest"]))
     fig.suptitle(f"single-sample requests over {protocols}, servers on 127.0.0.1", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
-    """DIR/http.{json,md,png}, each written atomically."""
-    return outputs.write_outputs(result, out, "http", render=render_markdown, draw=plot)
+    outputs.save_figure(fig, path)

@@ -1,14 +1,12 @@
 """The server under a bench: its models, its process, and what it answers.
 
-- Models: ``build_repository`` writes seeded random-weight networks of an architecture
-  (permuted lowering), ``repository_models`` lists the models of an exported repository,
-  ``pick_models`` checks a choice of them.
-- Process: ``start_server`` runs ``smartmixed-serve`` (``python -m smartmixed.serve``) on a free
-  127.0.0.1 port, waits for /v2/health/ready and stops it with SIGTERM (kill after a timeout);
-  tests can use it as well as benches.
-- Answers: ``prepare_target`` reads a model's metadata and checks that one V2 JSON request
-  works; ``batch_rows`` reads the rows-per-run histogram from /metrics with prometheus-client's
-  parser.
+- Models: ``build_repository`` writes seeded random-weight networks (permuted lowering),
+  ``pick_models`` checks a choice of an exported repository's models.
+- Process: ``run_server`` runs a server command (smartmixed-serve, or MLServer) until a block
+  ends, once it answers ready, and stops it with SIGTERM (kill after a timeout);
+  ``start_server`` runs smartmixed-serve on free 127.0.0.1 ports through it.
+- Answers: ``model_info`` reads a model's metadata and config, ``prepare_target`` checks that
+  one V2 JSON request works, ``batch_rows`` reads the rows-per-run histogram from /metrics.
 """
 
 from __future__ import annotations
@@ -34,12 +32,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from smartmixed.bench import BenchError
-from smartmixed.contract import (
-    DEFAULT_POOL,
-    INPUT,
-    PRESETS,
-    ModelSpec,
-)
+from smartmixed.contract import DEFAULT_POOL, INPUT, PRESETS, ModelSpec
 
 PAPER_ARCH = list(PRESETS["paper"])
 GENERATED_MODELS = ("mixed", "fixed-relu")
@@ -55,17 +48,19 @@ class ServerError(BenchError):
     target."""
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_url(url: str) -> str:
     """A base URL http://127.0.0.1:PORT (loopback only: this bench floods what it targets)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ServerError(f"--url {url!r}: expected http://127.0.0.1:PORT")
-    host = parts.hostname
-    try:
-        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(host := parts.hostname):
         raise ServerError(f"--url {url!r}: only a server on this machine (127.0.0.1) is benched")
     try:
         port = parts.port
@@ -113,15 +108,9 @@ def build_repository(
             export_run(run_dir=run, repository=root, name=name, lowering="permuted", overwrite=True)
 
 
-def repository_models(root: Path) -> list[str]:
-    """Model folders of an exported repository (NAME/VERSION/model.onnx)."""
-    return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.name.startswith(".")
-        and any(v.is_dir() and v.name.isdigit() for v in p.iterdir())
-    )
+def model_versions(folder: Path) -> list[int]:
+    """The version folders (1, 2, ...) of one model of an exported repository."""
+    return sorted(int(v.name) for v in folder.iterdir() if v.is_dir() and v.name.isdigit())
 
 
 def pick_models(
@@ -132,7 +121,11 @@ def pick_models(
     repository = Path(repository)
     if not repository.is_dir():
         raise error(f"--repository {repository} is not a folder")
-    present = repository_models(repository)
+    present = sorted(
+        p.name
+        for p in repository.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and model_versions(p)
+    )
     names = list(names or present)
     missing = [n for n in names if n not in present]
     if missing or not names:
@@ -171,31 +164,21 @@ def server_command(repository: Path, port: int, *args: str, grpc_port: int = 0) 
     """The smartmixed-serve command line for ``repository`` on 127.0.0.1:``port``, its gRPC
     endpoint on ``grpc_port`` (0: off; the serve default, 8001, is one port for the whole machine
     and a bench's servers must not take it from a user's, nor from each other)."""
-    return [
-        sys.executable,
-        "-m",
-        "smartmixed.serve",
-        "--repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--grpc-port",
-        str(grpc_port),
-        *args,
-    ]
+    flags = ["--repository", str(repository), "--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", "smartmixed.serve", *flags, "--grpc-port", str(grpc_port), *args]
 
 
 @dataclass
 class ServerProcess:
-    """A smartmixed-serve subprocess that answered /v2/health/ready."""
+    """A server subprocess that answered ready: smartmixed-serve, or MLServer."""
 
     url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen
     command: list[str]
     log_path: Path
-    grpc_address: str | None = None  # 127.0.0.1:PORT when started with grpc=True
+    grpc_address: str | None = None  # 127.0.0.1:PORT, when its gRPC endpoint is on
+    metrics_url: str | None = None  # its Prometheus endpoint
+    settings: dict[str, Any] | None = None  # MLServer's settings.json
 
     @property
     def pid(self) -> int:
@@ -203,30 +186,24 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def start_server(
-    repository: Path,
+def run_server(
+    command: list[str],
     *,
+    url: str,
     log_path: Path,
-    args: Sequence[str] = (),
+    ready_path: str = HEALTH_READY_PATH,
+    what: str = "the server",
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
     nofile: int | None = None,
-    grpc: bool = False,
     ready_timeout: float = READY_TIMEOUT_S,
+    **fields: Any,
 ) -> Iterator[ServerProcess]:
-    """Run smartmixed-serve on a free 127.0.0.1 port until the block ends.
-
-    ``grpc``: its gRPC endpoint on a second free port (``grpc_address``), else off. ``args`` are
-    extra CLI flags, ``env`` is laid over this process's environment (less
-    SMARTMIXED_API_KEY: the benches send no key), ``nofile`` sets the child's open-file limit
-    (soft and hard) before exec, as ``ulimit -n`` would. The server's output goes to
-    ``log_path``. Waits for /v2/health/ready (ServerError, with the log's tail, if the process
-    exits first or ``ready_timeout`` passes); stops it with SIGTERM, then kill.
-    """
-    port = free_port()
-    grpc_port = free_port() if grpc else 0
-    command = server_command(repository, port, *args, grpc_port=grpc_port)
-    child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}
-    child_env |= dict(env or {})
+    """Run ``command`` (output to ``log_path``, in a process group of its own) until the block
+    ends: wait until ``url + ready_path`` answers 200 (ServerError with the log's tail when the
+    process exits first or ``ready_timeout`` passes), then SIGTERM; after STOP_TIMEOUT_S, kill
+    the group (the server and its workers, nothing else). ``nofile`` sets the child's open-file
+    limit (soft and hard) before exec, as ``ulimit -n`` would; ``fields`` go to ServerProcess."""
 
     def set_nofile() -> None:  # runs in the child between fork and exec
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -236,35 +213,65 @@ def start_server(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env,
+            env=env,
+            cwd=cwd,
             start_new_session=True,
             preexec_fn=set_nofile if nofile else None,
         )
-    server = ServerProcess(
-        url=f"http://127.0.0.1:{port}",
-        process=process,
-        command=command,
-        log_path=log_path,
-        grpc_address=f"127.0.0.1:{grpc_port}" if grpc else None,
-    )
+    server = ServerProcess(url=url, process=process, command=command, log_path=log_path, **fields)
     try:
-        wait_ready(server, timeout=ready_timeout)
+        wait_ready(server, timeout=ready_timeout, path=ready_path, what=what)
         yield server
     finally:
-        stop_process(process)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(STOP_TIMEOUT_S)
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def start_server(
+    repository: Path,
+    *,
+    log_path: Path,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    nofile: int | None = None,
+    grpc: bool = False,
+    ready_timeout: float = READY_TIMEOUT_S,
+) -> contextlib.AbstractContextManager[ServerProcess]:
+    """smartmixed-serve on a free 127.0.0.1 port until the block ends (``run_server``).
+
+    ``grpc``: its gRPC endpoint on a second free port, else off. ``args`` are extra CLI flags,
+    ``env`` is laid over this process's environment less SMARTMIXED_API_KEY (the benches send
+    no key)."""
+    port = free_port()
+    grpc_port = free_port() if grpc else 0
+    child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}
+    return run_server(
+        server_command(repository, port, *args, grpc_port=grpc_port),
+        url=f"http://127.0.0.1:{port}",
+        log_path=log_path,
+        env=child_env | dict(env or {}),
+        nofile=nofile,
+        ready_timeout=ready_timeout,
+        grpc_address=f"127.0.0.1:{grpc_port}" if grpc else None,
+        metrics_url=f"http://127.0.0.1:{port}/metrics",
+    )
 
 
 def wait_ready(
-    server: ServerProcess | Any,
+    server: ServerProcess,
     *,
-    timeout: float = READY_TIMEOUT_S,
+    timeout: float,
     path: str = HEALTH_READY_PATH,
     what: str = "the server",
-    interval: float = 0.1,
 ) -> None:
-    """Poll ``server.url + path`` every ``interval`` s until it answers 200; ServerError with
-    the log's tail when the process exits first or ``timeout`` passes. ``server``: anything with
-    ``url``, ``process`` and ``log_path`` (bench/mlserver.py's MLServerProcess too)."""
+    """Poll ``server.url + path`` until it answers 200; ServerError with the log's tail when
+    the process exits first or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     with http_client(timeout=2.0) as client:
         while True:
@@ -280,18 +287,7 @@ def wait_ready(
                 raise ServerError(
                     f"{what} was not ready within {timeout:.0f} s: {_tail(server.log_path)}"
                 )
-            time.sleep(interval)
-
-
-def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+            time.sleep(0.1)
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -299,19 +295,18 @@ def _tail(path: Path, chars: int = 1500) -> str:
     return text[-chars:] or "(no output)"
 
 
+# --------------------------------------------------------------------------------------------
+# Answers
+
+
 @dataclass
 class Target:
-    """One model on one server: what a request looks like and what it must answer."""
+    """One model on one server: the V2 JSON request the load generators send."""
 
     name: str
     url: str  # .../v2/models/NAME/infer
     body: bytes
     n_features: int
-    n_classes: int
-    outputs: list[str]
-    mode: str | None
-    architecture: list[int] | None
-    batching: str
 
 
 def request_body(n_features: int, seed: int) -> bytes:
@@ -321,65 +316,76 @@ def request_body(n_features: int, seed: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def prepare_target(base: str, name: str, *, seed: int, batching: str | None) -> Target:
-    """Read the model's metadata, build its request body and check that one request works."""
+def _get(client: httpx.Client, base: str, name: str, path: str = "") -> httpx.Response:
     try:
-        with http_client() as client:
-            return _prepare(client, base, name, seed=seed, batching=batching)
+        return client.get(f"{base}/v2/models/{name}{path}")
     except httpx.HTTPError as e:
         raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
-    except ValueError as e:  # a body that is not JSON, or JSON of another shape
-        if isinstance(e, ServerError):
-            raise
-        raise ServerError(f"model {name!r}: unexpected answer from {base} ({e})") from None
 
 
-def _prepare(
-    client: httpx.Client, base: str, name: str, *, seed: int, batching: str | None
-) -> Target:
-    meta = client.get(f"{base}/v2/models/{name}")
+def model_info(base: str, name: str) -> dict[str, Any]:
+    """smartmixed-serve's description of ``name``: mode, architecture, input_shape (batch axis
+    1), outputs and n_classes (what MLServer's model settings need)."""
+    with http_client() as client:
+        meta = _get(client, base, name)
     if meta.status_code != 200:
         raise ServerError(
             f"model {name!r}: GET /v2/models/{name} answered {meta.status_code}: {meta.text[:300]}"
         )
-    info = meta.json()
     try:
-        n_features = int(info["inputs"][0]["shape"][-1])
-        outputs = [o["name"] for o in info["outputs"]]
-        n_classes = int(info["outputs"][0]["shape"][-1])
-    except (KeyError, IndexError, TypeError):
-        raise ServerError(f"model {name!r}: unexpected metadata {info!r:.300}") from None
-    smartmixed = info.get("smartmixed") or {}
-    if batching is None:  # a server we did not start: its model config says
-        config = client.get(f"{base}/v2/models/{name}/config")
-        batching = "unknown"
-        if config.status_code == 200:
-            batching = "on" if "dynamic_batching" in config.json() else "off"
-    body = request_body(n_features, seed)
-    url = f"{base}/v2/models/{name}/infer"
-    response = client.post(url, content=body, headers={"Content-Type": "application/json"})
-    if response.status_code != 200:
-        raise ServerError(
-            f"model {name!r}: the check request answered {response.status_code}: "
-            f"{response.text[:300]}"
-        )
-    got = {o.get("name"): o.get("shape") for o in response.json().get("outputs", [])}
+        info = meta.json()
+        smartmixed = info.get("smartmixed") or {}
+        return {
+            "mode": smartmixed.get("mode"),
+            "architecture": smartmixed.get("architecture"),
+            "input_shape": [1, *(int(d) for d in info["inputs"][0]["shape"][1:])],
+            "outputs": [o["name"] for o in info["outputs"]],
+            "n_classes": int(info["outputs"][0]["shape"][-1]),
+        }
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise ServerError(f"model {name!r}: unexpected metadata {meta.text[:300]!r}") from None
+
+
+def config_batching(base: str, name: str) -> str:
+    """on or off, as the model config of a server this bench did not start says; unknown when
+    it cannot be read."""
+    with http_client() as client:
+        config = _get(client, base, name, "/config")
+    if config.status_code != 200:
+        return "unknown"
+    try:
+        return "on" if "dynamic_batching" in config.json() else "off"
+    except (ValueError, TypeError):
+        return "unknown"
+
+
+def check_shapes(name: str, got: dict, n_classes: int, outputs: Sequence[str], what: str) -> None:
+    """ServerError unless the check call ``what`` answered every output as [1, classes]."""
     want = {key: [1, n_classes] for key in outputs}
     if got != want:
+        raise ServerError(f"model {name!r}: the {what} returned shapes {got}, expected {want}")
+
+
+def prepare_target(base: str, name: str, *, seed: int) -> Target:
+    """Read the model's metadata, build its request body and check that one request works."""
+    info = model_info(base, name)
+    n_features = info["input_shape"][-1]
+    body, url = request_body(n_features, seed), f"{base}/v2/models/{name}/infer"
+    try:
+        with http_client() as client:
+            answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
+    except httpx.HTTPError as e:
+        raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
+    if answer.status_code != 200:
         raise ServerError(
-            f"model {name!r}: the check request returned shapes {got}, expected {want}"
+            f"model {name!r}: the check request answered {answer.status_code}: {answer.text[:300]}"
         )
-    return Target(
-        name=name,
-        url=url,
-        body=body,
-        n_features=n_features,
-        n_classes=n_classes,
-        outputs=outputs,
-        mode=smartmixed.get("mode"),
-        architecture=smartmixed.get("architecture"),
-        batching=batching,
-    )
+    try:
+        got = {o.get("name"): o.get("shape") for o in answer.json().get("outputs", [])}
+    except (ValueError, AttributeError) as e:  # not JSON, or JSON of another shape
+        raise ServerError(f"model {name!r}: unexpected answer from {base} ({e})") from None
+    check_shapes(name, got, info["n_classes"], info["outputs"], "check request")
+    return Target(name=name, url=url, body=body, n_features=n_features)
 
 
 def batch_rows(base: str, model: str) -> tuple[float, float] | None:

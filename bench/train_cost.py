@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartmixed.bench import BenchError
-from smartmixed.contract import CONV_PRESETS, layered_arch, outputs, resolve_conv_preset
-from smartmixed.contract.outputs import machine_info
+from smartmixed.contract import (
+    CONV_PRESETS,
+    layered_arch,
+    outputs,
+    parse_arch,
+    resolve_conv_preset,
+)
+from smartmixed.contract.outputs import machine_info, markdown_table, percentiles
 from smartmixed.nn import MixedActivation
 from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.distributed import resolve_device
@@ -176,103 +183,100 @@ def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
     return step
 
 
+@dataclass
+class TrainCostOptions:
+    """What ``smartmixed-bench train-cost`` times (a flag per field: bench.add_options)."""
+
+    arch: str | list[int] | None = field(
+        default=None, metadata={"help": "MLP layer widths (default: the paper's)", "group": "net"}
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a conv net instead, on 28x28 one-channel images (10 classes)",
+            "choices": list(CONV_PRESETS),
+            "group": "net",
+        },
+    )
+    batch_size: int = field(default=128, metadata={"help": "samples per training step"})
+    rounds: int = field(default=15, metadata={"help": "interleaved rounds"})
+    steps: int = field(default=20, metadata={"help": "timed steps per model per round"})
+    warmup: int = field(default=10, metadata={"help": "untimed steps per model first"})
+    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads"})
+    device: str = field(
+        default="cpu", metadata={"help": "where the steps run", "choices": ["cpu", "cuda"]}
+    )
+
+    def __post_init__(self) -> None:
+        """Checked before anything is built; an MLP's ``arch`` parsed (SpecError)."""
+        if self.arch is not None and self.preset is not None:
+            raise BenchError("--arch and --preset are exclusive: an MLP's widths or a conv preset")
+        if self.preset is not None and self.preset not in CONV_PRESETS:
+            raise BenchError(f"--preset {self.preset!r}: expected one of {', '.join(CONV_PRESETS)}")
+        if min(self.batch_size, self.rounds, self.steps) < 1 or self.warmup < 0:
+            raise BenchError("--batch-size, --rounds, --steps must be >= 1, --warmup >= 0")
+        if self.arch is not None:
+            self.arch = parse_arch(self.arch)
+
+
 def measure_train_cost(
+    options: TrainCostOptions | None = None,
     *,
-    arch: list[int] | None = None,
-    preset: str | None = None,
-    batch_size: int = 128,
-    rounds: int = 15,
-    steps_per_round: int = 20,
-    warmup_steps: int = 10,
     seed: int = 0,
     models: tuple[str, ...] = MODELS,
-    device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Time training steps of each model on ``device`` (cpu or cuda; DistributedError when
-    torch sees no such device); returns the train-cost.json record.
-
-    ``arch``: MLP widths (default: the paper's); ``preset``: a conv preset of
-    ``contract.CONV_PRESETS`` instead, on (batch_size, 1, 28, 28) raw pixels (BenchError when
-    both are given or the name is unknown).
-    """
-    if arch is not None and preset is not None:
-        raise BenchError("--arch and --preset are exclusive: an MLP's widths or a conv preset")
-    if preset is not None and preset not in CONV_PRESETS:
-        raise BenchError(f"--preset {preset!r}: expected one of {', '.join(CONV_PRESETS)}")
-    resolve_device(device)
+    """Time training steps of each model on ``options.device`` (DistributedError when torch
+    sees no such device); returns the train-cost.json record. The network: an MLP of
+    ``options.arch`` (default: the paper's) or the conv preset ``options.preset`` on
+    (batch_size, 1, 28, 28) raw pixels."""
+    o = options or TrainCostOptions()
+    resolve_device(o.device)
+    if o.threads:
+        torch.set_num_threads(o.threads)
     torch.manual_seed(seed)  # the weights and phase 1's Gumbel draws
-    generator = torch.Generator().manual_seed(seed)  # phase 2's assignment
-    layers = None
-    if preset is None:
-        arch = list(arch or PAPER_ARCH)
-        built = _build_mlps(arch, generator)
-        norms = {name: model.candidate_norm for name, model in built.items()}
-        input_shape = [arch[0]]
-        phase2 = "uniformly random over the default pool (all six groups per layer)"
-    else:
-        layers = resolve_conv_preset(preset)  # the last linear gives 10 classes
-        arch = layered_arch(layers, CONV_INPUT_SHAPE)
-        built, norms = _build_conv_nets(layers, arch, generator)
-        input_shape = list(CONV_INPUT_SHAPE)
-        phase2 = (
-            "random balanced over the default pool (each activation on an equal share of "
-            "every layer's channels or neurons, in random order)"
-        )
-    built = {name: built[name].to(device) for name in models}
+    net = _networks(o, torch.Generator().manual_seed(seed))  # the generator: phase 2's mix
     data = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (batch_size, *input_shape), generator=data).float()  # raw pixels
-    y = torch.randint(0, arch[-1], (batch_size,), generator=data)
-    x, y = x.to(device), y.to(device)
-    steps = {name: _step_fn(built[name], x, y) for name in models}
-    for step in steps.values():
-        for _ in range(warmup_steps):
-            step()
-    per_round: dict[str, list[float]] = {name: [] for name in models}  # median ms per round
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for _ in tqdm(range(rounds), desc="train-cost rounds", disable=not progress):
-        for name, step in steps.items():
-            times = []
-            for _ in range(steps_per_round):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            per_round[name].append(statistics.median(times))
-            samples[name].extend(times)
+    x = torch.randint(0, 256, (o.batch_size, *net["input_shape"]), generator=data).float()
+    y = torch.randint(0, net["arch"][-1], (o.batch_size,), generator=data)
+    x, y = x.to(o.device), y.to(o.device)
+    steps = {name: _step_fn(net["models"][name].to(o.device), x, y) for name in models}
+    per_round, samples = _time_steps(steps, o, progress=progress)
 
     def summary(name: str) -> dict[str, Any]:
-        q = statistics.quantiles(samples[name], n=20)
+        median = statistics.median(samples[name])
+        p05, p95 = percentiles(samples[name], (5, 95))
         return {
-            "ms_per_step": statistics.median(samples[name]),
-            "p05_ms": q[0],
-            "p95_ms": q[-1],
+            "ms_per_step": median,
+            "p05_ms": p05,
+            "p95_ms": p95,
             "steps": len(samples[name]),
-            "samples_per_s": batch_size * 1e3 / statistics.median(samples[name]),
+            "samples_per_s": o.batch_size * 1e3 / median,
             "round_ms": per_round[name],  # the median of each round, what the ratios use
         }
 
-    def ratio(name: str) -> float:
-        return statistics.median(
-            a / b for a, b in zip(per_round[name], per_round["fixed_relu"], strict=True)
-        )
-
-    ratios = {f"{name}_vs_fixed": ratio(name) for name in models if name != "fixed_relu"}
+    fixed = per_round["fixed_relu"]
+    ratios = {
+        f"{name}_vs_fixed": statistics.median(a / b for a, b in zip(per_round[name], fixed))
+        for name in models
+        if name != "fixed_relu"
+    }
     return {
         "config": {
-            "arch": arch,
-            "preset": preset,
-            "layers": layers,
-            "input_shape": input_shape,
-            "batch_size": batch_size,
-            "rounds": rounds,
-            "steps_per_round": steps_per_round,
-            "warmup_steps": warmup_steps,
+            "arch": net["arch"],
+            "preset": o.preset,
+            "layers": net["layers"],
+            "input_shape": net["input_shape"],
+            "batch_size": o.batch_size,
+            "rounds": o.rounds,
+            "steps_per_round": o.steps,
+            "warmup_steps": o.warmup,
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
-            "device": device,
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "phase2_assignment": phase2,
-            "candidate_norm": {name: norms[name] for name in models},
+            "device": o.device,
+            "gpu": torch.cuda.get_device_name() if o.device == "cuda" else None,
+            "phase2_assignment": net["phase2"],
+            "candidate_norm": {name: net["norms"][name] for name in models},
         },
         "machine": machine_info(),
         "models": {name: summary(name) for name in models},
@@ -280,6 +284,56 @@ def measure_train_cost(
         "targets": TARGETS,
         "meets_targets": {k: ratios[k] <= v for k, v in TARGETS.items() if k in ratios},
     }
+
+
+def _networks(o: TrainCostOptions, generator: torch.Generator) -> dict[str, Any]:
+    """The models of ``o``'s network, with its arch, layers, input shape, candidate norms and
+    how phase 2's assignment was drawn."""
+    if o.preset is None:
+        arch = list(o.arch or PAPER_ARCH)
+        models = _build_mlps(arch, generator)
+        return {
+            "models": models,
+            "arch": arch,
+            "layers": None,
+            "input_shape": [arch[0]],
+            "norms": {name: model.candidate_norm for name, model in models.items()},
+            "phase2": "uniformly random over the default pool (all six groups per layer)",
+        }
+    layers = resolve_conv_preset(o.preset)  # the last linear gives 10 classes
+    arch = layered_arch(layers, CONV_INPUT_SHAPE)
+    models, norms = _build_conv_nets(layers, arch, generator)
+    return {
+        "models": models,
+        "arch": arch,
+        "layers": layers,
+        "input_shape": list(CONV_INPUT_SHAPE),
+        "norms": norms,
+        "phase2": "random balanced over the default pool (each activation on an equal share of "
+        "every layer's channels or neurons, in random order)",
+    }
+
+
+def _time_steps(
+    steps: dict[str, Callable[[], None]], o: TrainCostOptions, *, progress: bool
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm every model up, then time ``o.rounds`` interleaved rounds of ``o.steps`` steps
+    each: (the median ms of each round, every step's ms) per model."""
+    for step in steps.values():
+        for _ in range(o.warmup):
+            step()
+    per_round: dict[str, list[float]] = {name: [] for name in steps}
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in tqdm(range(o.rounds), desc="train-cost rounds", disable=not progress):
+        for name, step in steps.items():
+            times = []
+            for _ in range(o.steps):
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+            per_round[name].append(statistics.median(times))
+            samples[name].extend(times)
+    return per_round, samples
 
 
 def _network(config: dict[str, Any]) -> str:
@@ -290,40 +344,47 @@ def _network(config: dict[str, Any]) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    c = result["config"]
+    c, m = result["config"], result["machine"]
     title = f"# Training-step cost: {c['preset']}" if c.get("preset") else "# Training-step cost"
-    lines = [
-        title,
-        "",
-        f"{_network(c)[0].upper()}{_network(c)[1:]}, batch {c['batch_size']}, "
-        + (f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU")
-        + f", {c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
-        f"{c['steps_per_round']} steps per model.",
-        f"Machine: {result['machine']['processor']}, {result['machine']['cpu_count']} cores, "
-        f"torch {result['machine']['torch']}.",
-        "",
-        "| model | ms/step (median) | p05 | p95 | samples/s | vs fixed-ReLU | target |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in result["models"].items():
-        key = f"{name}_vs_fixed"
-        ratio = result["ratios"].get(key)
-        target = result["targets"].get(key)
-        lines.append(
-            f"| {name} | {m['ms_per_step']:.2f} | {m['p05_ms']:.2f} | {m['p95_ms']:.2f} | "
-            f"{m['samples_per_s']:.0f} | {'1.00' if ratio is None else f'{ratio:.2f}'}x | "
-            f"{'' if target is None else f'<= {target}x'} |"
+    rows = []
+    for name, model in result["models"].items():
+        ratio = result["ratios"].get(f"{name}_vs_fixed")
+        target = result["targets"].get(f"{name}_vs_fixed")
+        rows.append(
+            (
+                name,
+                f"{model['ms_per_step']:.2f}",
+                f"{model['p05_ms']:.2f}",
+                f"{model['p95_ms']:.2f}",
+                f"{model['samples_per_s']:.0f}",
+                f"{'1.00' if ratio is None else f'{ratio:.2f}'}x",
+                "" if target is None else f"<= {target}x",
+            )
         )
     norms = c.get("candidate_norm") or {}
-    lines += [
-        "",
-        "phase1 = SmartMixed phase 1 (custom straight-through function); phase2 = frozen mix, "
-        f"{c['phase2_assignment']}; phase1_naive = stack-all-activations reference (not used "
-        "in training). Candidate norm: "
-        + ", ".join(f"{name} {norm}" for name, norm in norms.items())
-        + ".",
-    ]
-    return "\n".join(lines) + "\n"
+    header = ("model", "ms/step (median)", "p05", "p95", "samples/s", "vs fixed-ReLU", "target")
+    return (
+        "\n".join(
+            [
+                title,
+                "",
+                f"{_network(c)[0].upper()}{_network(c)[1:]}, batch {c['batch_size']}, "
+                + (f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU")
+                + f", {c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
+                f"{c['steps_per_round']} steps per model.",
+                f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}.",
+                "",
+                *markdown_table(header, rows),
+                "",
+                "phase1 = SmartMixed phase 1 (custom straight-through function); phase2 = frozen mix, "
+                f"{c['phase2_assignment']}; phase1_naive = stack-all-activations reference (not used "
+                "in training). Candidate norm: "
+                + ", ".join(f"{name} {norm}" for name, norm in norms.items())
+                + ".",
+            ]
+        )
+        + "\n"
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -343,11 +404,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
         f"training step, batch {result['config']['batch_size']}, {_network(result['config'])}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
-    """DIR/train-cost.{json,md,png}, each written atomically."""
-    return outputs.write_outputs(result, out, "train-cost", render=render_markdown, draw=plot)
+    outputs.save_figure(fig, path)

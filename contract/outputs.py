@@ -1,5 +1,5 @@
 """What every measurement shares (the benches and the training study): the machine a result was
-measured on, how its files are written, and the plotting backend.
+measured on, percentiles, how its files are written, and the plotting backend.
 
 Torch-free, so that the HTTP and soak benches (which drive a server in another process) load no
 torch to describe the machine or write their outputs.
@@ -8,6 +8,7 @@ torch to describe the machine or write their outputs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Callable, Iterable, Sequence
@@ -28,6 +29,23 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": package_version("torch"),
     }
+
+
+def percentiles(values: Iterable[float], qs: Sequence[float]) -> list[float]:
+    """The ``qs`` percentiles (0 to 100) of ``values``, interpolated linearly between the closest
+    ranks: numpy's default method, and statistics.quantiles' "inclusive" one. ValueError when
+    ``values`` is empty."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("percentiles of no values")
+    last = len(data) - 1
+    result = []
+    for q in qs:
+        position = last * q / 100
+        low = math.floor(position)
+        high = min(low + 1, last)
+        result.append(data[low] + (data[high] - data[low]) * (position - low))
+    return result
 
 
 def write_outputs(
@@ -65,3 +83,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` as PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

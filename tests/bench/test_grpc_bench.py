@@ -15,25 +15,25 @@ from typing import Any
 
 import pytest
 
-from smartmixed.bench import grpc_load, mlserver
+from smartmixed.bench import load, mlserver
 from smartmixed.bench.cli import main
-from smartmixed.bench.grpc_load import (
+from smartmixed.bench.http_bench import RECORD_KEYS, evaluate_targets, summarize
+from smartmixed.bench.load import (
     RESULT_MARKER,
     GrpcTarget,
+    LoadGeneratorError,
     check_address,
     grpc_frame,
     h2load_command,
     infer_request,
+    marked_result,
     parse_h2load,
-    parse_result,
     prepare_grpc_target,
     resolve_grpc_generator,
     run_grpc,
     run_h2load,
     smartmixed_outcomes,
 )
-from smartmixed.bench.http_bench import RECORD_KEYS, evaluate_targets, summarize
-from smartmixed.bench.load import LoadGeneratorError
 from smartmixed.bench.server import (
     ServerError,
     ServerProcess,
@@ -122,7 +122,7 @@ def test_h2load_failed_calls_are_counted_by_the_server(grpc_server: ServerProces
 
 
 def test_h2load_missing_says_install_nghttp2_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grpc_load.shutil, "which", lambda name: None)
+    monkeypatch.setattr(load.shutil, "which", lambda name: None)
     with pytest.raises(LoadGeneratorError) as e:
         resolve_grpc_generator("h2load")
     assert str(e.value) == (
@@ -174,20 +174,20 @@ def test_only_loopback_addresses_are_loaded(address: str) -> None:
 
 
 def test_the_generator_refuses_another_host_itself(capsys: pytest.CaptureFixture[str]) -> None:
-    from smartmixed.bench import grpc_load
-
-    with pytest.raises(SystemExit) as e:
-        grpc_load.main(["--address", "192.0.2.1:8001", "--concurrency", "1", "--duration", "1"])
-    assert e.value.code == 2
-    assert "gRPC address '192.0.2.1:8001': expected 127.0.0.1:PORT" in capsys.readouterr().err
+    assert load.main(["192.0.2.1:8001", "1", "1", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "python -m smartmixed.bench.load: gRPC address '192.0.2.1:8001': expected 127.0.0.1:PORT\n"
+    )
 
 
-def test_parse_result() -> None:
-    assert parse_result(f"noise\n{RESULT_MARKER}" + '{"requests": 3}\n') == {"requests": 3}
-    with pytest.raises(LoadGeneratorError, match="printed no result line"):
-        parse_result("Traceback ...")
-    with pytest.raises(LoadGeneratorError, match="unreadable result"):
-        parse_result(RESULT_MARKER + "{")
+def test_marked_result() -> None:
+    stdout = f"noise\n{RESULT_MARKER}" + '{"requests": 3}\n'
+    assert marked_result(stdout, RESULT_MARKER, "it") == {"requests": 3}
+    with pytest.raises(LoadGeneratorError) as e:
+        marked_result("Traceback ...", RESULT_MARKER, "it")
+    assert str(e.value) == "it printed no result line; its output was: 'Traceback ...'"
+    with pytest.raises(LoadGeneratorError, match=r"^it printed an unreadable result"):
+        marked_result(RESULT_MARKER + "{", RESULT_MARKER, "it")
 
 
 def rec(server: str, protocol: str, c: int, rps: float, p50: float, **extra: Any) -> dict:
@@ -369,7 +369,7 @@ def test_both_protocols_side_by_side(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_against_mlserver(tmp_path: Path) -> None:
-    if not mlserver.mlserver_path().is_file():
+    if not (mlserver.MLSERVER_VENV / "bin" / "mlserver").is_file():
         pytest.skip(".venv-mlserver is missing: make mlserver")
     result = run_bench(
         tmp_path, "--protocol", "grpc", "--against-mlserver", "--rounds", "2", "--warmup", "0"

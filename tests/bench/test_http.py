@@ -127,7 +127,7 @@ def test_parse_wrk_output() -> None:
     assert raw["p50_ms"] == pytest.approx(0.65)
     assert raw["p99_ms"] == pytest.approx(1.5005)
     assert raw["error_kinds"] == {"connect": 0, "read": 1, "write": 0, "status": 2, "timeout": 0}
-    with pytest.raises(LoadGeneratorError, match="no summary"):
+    with pytest.raises(LoadGeneratorError, match="wrk printed no result line"):
         parse_wrk_output("Running 1s test\nunable to connect\n")
 
 

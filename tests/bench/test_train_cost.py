@@ -9,7 +9,7 @@ import torch
 
 from smartmixed.bench import BenchError
 from smartmixed.bench.cli import main
-from smartmixed.bench.train_cost import measure_train_cost
+from smartmixed.bench.train_cost import TrainCostOptions
 from smartmixed.contract import CONV_PRESETS
 
 
@@ -86,7 +86,7 @@ def test_arch_with_preset_is_one_clear_error(tmp_path: Path, capsys) -> None:
     )
     assert "Traceback" not in err and not list(tmp_path.iterdir())
     with pytest.raises(BenchError) as error:  # the library refuses the pair too
-        measure_train_cost(arch=[64, 32, 10], preset="lenet5", progress=False)
+        TrainCostOptions(arch=[64, 32, 10], preset="lenet5")
     assert str(error.value) == "--arch and --preset are exclusive: an MLP's widths or a conv preset"
 
 
@@ -98,7 +98,7 @@ def test_unknown_preset_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert "train-cost: error: argument --preset: invalid choice: 'paper' (choose from " in err
     assert "lenet5" in err.splitlines()[-1] and "convnet" in err.splitlines()[-1]
     with pytest.raises(BenchError) as error:
-        measure_train_cost(preset="vgg", progress=False)
+        TrainCostOptions(preset="vgg")
     assert str(error.value) == "--preset 'vgg': expected one of lenet5, convnet"
 
 
