@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import json
 import math
+import operator
 import os
 import re
 import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -34,7 +36,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 from tqdm.auto import tqdm
 
 from smartmixed.bench.load import (
@@ -175,8 +176,7 @@ WIRE_NEEDS_STARTED = (
 
 @dataclass(frozen=True)
 class SoakOptions:
-    """Durations and counts of the scenarios (defaults: the full suite's; small values for
-    tests)."""
+    """Durations and counts of the scenarios (defaults: the full suite's)."""
 
     soak_duration_s: int = 60
     soak_concurrency: int = 64
@@ -224,12 +224,7 @@ class SoakOptions:
 
 
 def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
-    ops: dict[str, Callable[[Any, Any], bool]] = {
-        "<": lambda a, b: a < b,
-        "<=": lambda a, b: a <= b,
-        "==": lambda a, b: a == b,
-        ">=": lambda a, b: a >= b,
-    }
+    ops = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge}
     return {
         key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
         for key, (op, limit) in targets.items()
@@ -400,11 +395,14 @@ class Run:
         text = server_log(self.started)
         return None if text is None else text.count(TRACEBACK)
 
-    def prober(self, requests: Sequence[bytes], *, duration: float, every: int = 1) -> Prober:
-        """``requests`` in turn, a new connection every ``every`` probe intervals."""
-        host, port = self.host_port
+    def prober(
+        self, requests: Sequence[bytes], *, duration: float, every: int = 1, port: int | None = None
+    ) -> Prober:
+        """``requests`` in turn, a new connection every ``every`` probe intervals, on ``port``
+        (default: the server's)."""
+        host, server_port = self.host_port
         interval = self.options.probe_interval_ms / 1e3 * every
-        return Prober(host, port, requests, interval=interval, duration=duration)
+        return Prober(host, port or server_port, requests, interval=interval, duration=duration)
 
     def health_prober(self, *, duration: float) -> Prober:
         return self.prober([health_probe(*self.host_port)], duration=duration)
@@ -573,50 +571,24 @@ def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[st
         "meets_target": dict.fromkeys(goals),
         "series": {},
     }
-    source = suite.source
-    if source.kind == "url" and (name == "sigterm" or name in WIRE_SCENARIOS):
-        entry.update(
-            status="skipped", error=NOT_STARTED_HERE if name == "sigterm" else WIRE_NEEDS_STARTED
-        )
+    at_url = suite.source.kind == "url"
+    if at_url and (name == "sigterm" or name in WIRE_SCENARIOS):
+        error = NOT_STARTED_HERE if name == "sigterm" else WIRE_NEEDS_STARTED
+        entry.update(status="skipped", error=error)
         return entry
     t0 = time.perf_counter()
     env, nofile = _server_env(suite, name, cap)
     started: ServerProcess | None = None
     try:
         with contextlib.ExitStack() as stack:
-            if source.kind == "url":
-                assert source.url is not None
-                base, pid = source.url, source.pid
-                nofile = read_nofile(pid) if pid else None
-            else:
+            if not at_url:
                 assert suite.repository is not None
+                log_path = suite.work / f"server-{row}.log"
                 started = stack.enter_context(
-                    start_server(
-                        suite.repository,
-                        log_path=suite.work / f"server-{row}.log",
-                        env=env,
-                        nofile=nofile,
-                    )
+                    start_server(suite.repository, log_path=log_path, env=env, nofile=nofile)
                 )
-                base, pid = started.url, started.pid
                 entry["server"]["command_shell"] = shell_command(started.command, env, nofile)
-                nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            entry["server"].update(pid=pid, nofile=nofile)
-            target = prepare_target(base, source.model, seed=suite.seed)
-            run = Run(
-                base, pid, nofile, started, target, suite.options,
-                {k: server_setting(k, env) for k in SETTINGS}, suite.work, suite.use_wrk,
-                entry["config"],
-            )  # fmt: skip
-            if started is not None:
-                max_connections = int(server_setting("max_connections", env))
-                run.connection_cap, cap_source = connection_cap(
-                    server_log(started), nofile=nofile, max_connections=max_connections
-                )
-                entry["server"].update(
-                    connection_cap=run.connection_cap, connection_cap_source=cap_source
-                )
-                run.metrics_port = _metrics_port(base, env)
+            run = _run_for(suite, started, env, nofile, entry)
             measured, series = RUNNERS[name](run)
             if name not in STOPS_SERVER:
                 measured["server_alive"] = run.alive()
@@ -624,13 +596,51 @@ def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[st
             entry["server"]["log"] = _log_counts(started)
     except Exception as e:  # recorded, not raised: a scenario that breaks the server is a finding
         entry.update(status="failed", error=f"{type(e).__name__}: {e}")
-        if source.kind == "url" or started is not None:
+        if at_url or started is not None:
             if started is not None and started.process.poll() is not None:
                 entry["server"]["exit_code"] = started.process.returncode
             entry["server"]["log"] = _log_counts(started)
             entry["server"]["log_tail"] = (server_log(started) or "").strip()[-1200:]
     entry["elapsed_s"] = round(time.perf_counter() - t0, 1)
     return entry
+
+
+def _run_for(
+    suite: Suite,
+    started: ServerProcess | None,
+    env: Mapping[str, str],
+    nofile: int | None,
+    entry: dict[str, Any],
+) -> Run:
+    """A scenario's Run on the server it started (or the one at --url), recorded in entry."""
+    if started is None:
+        url, pid = suite.source.url or "", suite.source.pid
+        nofile = read_nofile(pid) if pid else None
+    else:
+        url, pid = started.url, started.pid
+        nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    entry["server"].update(pid=pid, nofile=nofile)
+    run = Run(
+        url=url,
+        pid=pid,
+        nofile=nofile,
+        started=started,
+        target=prepare_target(url, suite.source.model, seed=suite.seed),
+        options=suite.options,
+        settings={k: server_setting(k, env) for k in SETTINGS},
+        work=suite.work,
+        use_wrk=suite.use_wrk,
+        config=entry["config"],
+    )
+    if started is not None:
+        max_connections = int(server_setting("max_connections", env))
+        log = server_log(started)
+        run.connection_cap, cap_from = connection_cap(
+            log, nofile=nofile, max_connections=max_connections
+        )
+        entry["server"].update(connection_cap=run.connection_cap, connection_cap_source=cap_from)
+        run.metrics_port = _metrics_port(url, env)
+    return run
 
 
 def _log_counts(started: ServerProcess | None) -> dict[str, int] | None:
@@ -801,7 +811,7 @@ def rss_halves(samples: Sequence[tuple[float, float]], duration: float) -> dict[
 
     def mean_until(t_end: float) -> float | None:
         values = [mb for t, mb in samples if t_end - window <= t <= t_end]
-        return rounded(float(np.mean(values)), 2) if values else None
+        return rounded(statistics.fmean(values), 2) if values else None
 
     first, second = mean_until(duration / 2), mean_until(duration)
     growth = None if first is None or second is None else rounded((second - first) / first * 100)
@@ -856,24 +866,6 @@ def _infer_load(run: Run, *, concurrency: int, seconds: float) -> list[Attempt]:
     )
 
 
-def _overload_probers(run: Run) -> list[Prober]:
-    """Liveness and readiness probes in turn on the server's port, and on its metrics port
-    when it has one."""
-    host, port = run.host_port
-    interval = run.options.probe_interval_ms / 1e3
-    return [
-        Prober(
-            host,
-            p,
-            [health_probe(host, p, path) for path in (LIVE_PATH, HEALTH_PATH)],
-            interval=interval,
-            duration=run.options.overload_duration_s,
-        )
-        for p in (port, run.metrics_port)
-        if p
-    ]
-
-
 def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     deadline_ms = run.settings["request_timeout_s"] * 1e3
@@ -888,7 +880,17 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         probes=f"{LIVE_PATH} and {HEALTH_PATH} in turn, a new connection each",
         metrics_port=run.metrics_port,
     )
-    probers = _overload_probers(run)
+    # liveness and readiness in turn, on the server's port and on its metrics port
+    host = run.host_port[0]
+    probers = [
+        run.prober(
+            [health_probe(host, port, path) for path in (LIVE_PATH, HEALTH_PATH)],
+            duration=o.overload_duration_s,
+            port=port,
+        )
+        for port in (run.host_port[1], run.metrics_port)
+        if port
+    ]
     t0 = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:

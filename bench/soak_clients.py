@@ -1,19 +1,9 @@
-"""The soak suite's instruments (bench/soak.py runs the scenarios with them): its clients on the
-wire and what it reads of the server in /proc.
-
-- Raw HTTP/1.1 over asyncio streams: ``http_request``, ``read_reply`` (status, Retry-After and
-  Connection of an answer, or how it failed: ``NoResponse``, ``CutResponse``); ``closed_loop``
-  keep-alive clients (one ``Attempt`` per request); ``slow_connections`` (slowloris) and
-  ``big_header``.
-- ``Prober``: health or infer probes from a separate process (stdlib only, so the bench's busy
-  event loop never delays one), a NEW connection per probe as the kubelet opens;
-  ``summarize_probes`` turns its samples into percentiles and failures.
-- The wire attackers, on raw non-blocking sockets whose buffers, reads and closes the bench
-  controls: ``open_slow_readers``, ``pipelined_header``, ``unsent_close``, ``slow_uploads``;
-  ``tcp_state`` tells whether the server has closed a connection.
-- /proc: a process's RSS, open-file limit and descriptors, the sockets and queues of
-  /proc/net/tcp; ``Sampler`` reads them in a thread; ``raised_nofile`` lifts the bench's own
-  open-file limit for 1000+ client sockets.
+"""The soak suite's instruments (bench/soak.py runs the scenarios with them): raw HTTP/1.1
+clients over asyncio streams (closed-loop keep-alive load, slowloris, one huge header), the
+health prober (its own stdlib-only process, a new connection per probe as the kubelet opens),
+the wire attackers on raw non-blocking sockets whose buffers, reads and closes the bench
+controls, and what the bench reads of the server in /proc (RSS, open-file limit, descriptors,
+the sockets and queues of /proc/net/tcp).
 """
 
 from __future__ import annotations
@@ -35,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from smartmixed.bench import BenchError
 from smartmixed.bench.server import HEALTH_READY_PATH
+from smartmixed.contract import outputs
 
 HEALTH_PATH = HEALTH_READY_PATH
 LIVE_PATH = "/v2/health/live"
@@ -51,24 +40,11 @@ ANSWER_TIMEOUT_S = 10.0
 BODY_CHUNK = 64 * 1024  # header and body streams are sent in chunks of this
 QUEUE_SAMPLE_S = 0.2  # pipelined header: how often the socket queues are read
 TCP_LISTEN = 0x0A  # /proc/net/tcp state of a listening socket
-# TCP states (include/net/tcp_states.h); the server has not closed its side in SERVER_OPEN_STATES
-_TCP_STATES = dict(
-    enumerate(
-        [
-            "established",
-            "syn_sent",
-            "syn_recv",
-            "fin_wait1",
-            "fin_wait2",
-            "time_wait",
-            "close",
-            "close_wait",
-            "last_ack",
-            "listen",
-            "closing",
-        ],
-        start=1,
-    )
+# TCP states 1, 2, ... (include/net/tcp_states.h); the server has not closed its side in
+# SERVER_OPEN_STATES
+TCP_STATES = (
+    "established syn_sent syn_recv fin_wait1 fin_wait2 time_wait close close_wait last_ack listen "
+    "closing"
 )
 SERVER_OPEN_STATES = ("established", "syn_sent", "fin_wait1", "fin_wait2")
 
@@ -82,9 +58,10 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
 
 
 def percentile_values(values: Sequence[float], qs: Sequence[float]) -> list[float | None]:
+    """The ``qs`` percentiles of ``values`` to 3 digits; None for each when there is none."""
     if not values:
         return [None] * len(qs)
-    return [round(float(v), 3) for v in np.percentile(values, qs)]
+    return [round(float(v), 3) for v in outputs.percentiles(values, qs)]
 
 
 # ---- raw HTTP/1.1 over asyncio streams
@@ -471,7 +448,8 @@ def tcp_state(sock: socket.socket) -> str:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     except OSError:
         return "close"
-    return _TCP_STATES.get(info[0], str(info[0]))
+    names = TCP_STATES.split()
+    return names[info[0] - 1] if 0 < info[0] <= len(names) else str(info[0])
 
 
 def error_kind(e: BaseException) -> str:
