@@ -1,23 +1,13 @@
 """HTTP and gRPC serving throughput and latency of ``smartmixed-serve`` under a bounded load,
-optionally side by side with MLServer 1.7 on the same model (docs/bench.md says what is
-measured and the keys of http.json).
+optionally beside MLServer 1.7 on the same model (docs/bench.md: what is measured, http.json).
 
 A point is one (server, model, batching, protocol, concurrency): C closed-loop clients send
-single-sample requests for D seconds (REST: V2 JSON from wrk, or the Python fallback; gRPC:
-ModelInfer from h2load or grpc.aio; all in bench/load.py). Its record holds
-what the load generator saw (successful answers per second, latency percentiles, errors by kind)
-and smartmixed-serve's mean rows per ONNX Runtime run over the point. Unless ``url`` targets a
-running server, one smartmixed-serve is started per batching mode (bench/server.py); every model
-is checked with one request per protocol and warmed up at the highest concurrency, unrecorded.
-
-With ``against_mlserver``, MLServer (bench/mlserver.py) serves each model beside it, both at 1
-intra-op thread, and the defaults become the mixed model, batching on, concurrency 1 and 64 and
-three interleaved rounds (every round measures every server and protocol at every concurrency,
-so a slow minute of the shared machine hits both); a table row is the median over rounds.
-
-Why wrk and h2load: on 2 cores a Python generator spends more CPU per request than the server
-path it drives; the C generators run one thread pinned to one core. Which generator ran is
-recorded: numbers from different generators are not comparable.
+single-sample requests for D seconds from bench/load.py's generators; its record holds what the
+generator saw and smartmixed-serve's mean rows per ONNX Runtime run. Unless ``url`` targets a
+running server, one smartmixed-serve is started per batching mode (bench/server.py); each model
+is checked with one request per protocol and warmed up, unrecorded. With ``against_mlserver``,
+MLServer (bench/mlserver.py) serves each model beside it, both at 1 intra-op thread, in
+interleaved rounds (a slow minute of the shared machine hits both); tables show medians.
 """
 
 from __future__ import annotations
@@ -28,6 +18,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -98,55 +89,37 @@ RECORD_KEYS = (
 )
 # A point: the records of one (server, model, batching, protocol, concurrency), one per round
 POINT_KEY = ("server", "model", "batching", "protocol", "concurrency")
-# Targets on the SmartMixed model's records (2 cores, single-sample requests). A plain target
-# takes the worst of its metric over the points it selects (server smartmixed unless it says);
-# a ratio target divides that metric between two selections of the same model and concurrency.
+# Targets on the SmartMixed model's records (2 cores, single-sample requests): name -> (op,
+# limit, metric, concurrency, selection). A plain target takes the worst of its metric over the
+# points it selects (server smartmixed unless it says); a ratio target's selection is a pair, the
+# metric divided between them for the same model and concurrency.
+SM_REST, SM_GRPC, ML_GRPC = (
+    {"server": server, "protocol": protocol}
+    for server, protocol in ((SMARTMIXED, "rest"), (SMARTMIXED, "grpc"), (MLSERVER, "grpc"))
+)
 REST_ON = {"protocol": "rest", "batching": "on"}
-TARGETS: dict[str, dict[str, Any]] = {
-    "p50_ms_concurrency_1": dict(limit=1.5, op="<=", metric="p50_ms", concurrency=1, **REST_ON),
-    "rps_concurrency_64_batching_on": dict(
-        limit=1500.0, op=">=", metric="rps", concurrency=64, **REST_ON
-    ),
-    "p99_ms_concurrency_64_batching_on": dict(
-        limit=100.0, op="<=", metric="p99_ms", concurrency=64, **REST_ON
-    ),
-    "errors": {"limit": 0, "op": "<=", "metric": "errors"},
-    # smartmixed's gRPC rps / MLServer's gRPC rps, same model, c=64
-    "grpc_rps_vs_mlserver_concurrency_64": dict(
-        limit=3.0,
-        op=">=",
-        concurrency=64,
-        metric="rps",
-        ratio=(
-            {"server": SMARTMIXED, "protocol": "grpc"},
-            {"server": MLSERVER, "protocol": "grpc"},
-        ),
-    ),
-    # smartmixed's gRPC p50 / its REST p50, same model and batching, c=1
-    "grpc_p50_vs_rest_concurrency_1": dict(
-        limit=1.0,
-        op="<=",
-        concurrency=1,
-        metric="p50_ms",
-        ratio=(
-            {"server": SMARTMIXED, "protocol": "grpc"},
-            {"server": SMARTMIXED, "protocol": "rest"},
-        ),
-    ),
+TARGETS: dict[str, tuple[str, float, str, int | None, Any]] = {
+    "p50_ms_concurrency_1": ("<=", 1.5, "p50_ms", 1, REST_ON),
+    "rps_concurrency_64_batching_on": (">=", 1500.0, "rps", 64, REST_ON),
+    "p99_ms_concurrency_64_batching_on": ("<=", 100.0, "p99_ms", 64, REST_ON),
+    "errors": ("<=", 0, "errors", None, {}),  # every model's smartmixed points
+    "grpc_rps_vs_mlserver_concurrency_64": (">=", 3.0, "rps", 64, (SM_GRPC, ML_GRPC)),
+    # its gRPC p50 / its REST p50, same model and batching
+    "grpc_p50_vs_rest_concurrency_1": ("<=", 1.0, "p50_ms", 1, (SM_GRPC, SM_REST)),
 }
-# what config.grpc_load_generator says of each
+# what config says of the generated models and of each protocol's and generator's requests
+MIXED_ASSIGNMENT = "uniformly random over the six default activations per neuron"
+REQUESTS = {
+    "rest": "POST /v2/models/NAME/infer, V2 JSON, FP32 [1, D], seeded raw pixels",
+    "grpc": "ModelInfer, FP32 [1, D] (or the model's [1, C, H, W]) as raw_input_contents, the "
+    "same seeded raw pixels",
+}
 GRPC_GENERATOR_TEXT = {
     H2LOAD: "h2load (nghttp2, C), one thread pinned to one CPU, the framed request from a file; "
     "failed calls counted by the server's own gRPC counters before and after each point",
     PYTHON_GRPC: "grpc.aio closed loop, its own process pinned to one CPU, pre-serialised "
     "requests, answers not decoded",
 }
-
-
-class HttpBenchError(BenchError):
-    """Options the HTTP bench cannot run with (a server that fails raises ServerError, a load
-    generator LoadGeneratorError, a missing MLServer environment MLServerMissing; all are
-    BenchErrors, which the CLI reports)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +223,9 @@ class HttpOptions:
             ("gRPC channels must be a whole number", self.grpc_channels, 1),
         ):
             if type(value) is not int or value < least:
-                raise HttpBenchError(f"{what} >= {least} (got {value!r})")
+                raise BenchError(f"{what} >= {least} (got {value!r})")
         if self.protocol not in PROTOCOLS:
-            raise HttpBenchError(
+            raise BenchError(
                 f"--protocol must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})"
             )
 
@@ -260,14 +233,6 @@ class HttpOptions:
     def protocols(self) -> list[str]:
         """The protocols measured, REST first."""
         return ["rest", "grpc"] if self.protocol == "both" else [self.protocol]
-
-
-def parse_batching(text: str | Sequence[str]) -> list[str]:
-    """'on,off' -> ['on', 'off'] (order kept, duplicates dropped)."""
-    items = [v.lower() for v in split_list(text)]
-    if not items or any(v not in BATCHING_MODES for v in items):
-        raise HttpBenchError(f"batching must be a list of on / off (got {text!r})")
-    return list(dict.fromkeys(items))
 
 
 @dataclass
@@ -288,31 +253,29 @@ def _plan(o: HttpOptions) -> Plan:
     if o.models is not None:
         names = list(dict.fromkeys(split_list(o.models)))
         if not names:
-            raise HttpBenchError("--models is empty; expected names such as mixed,fixed-relu")
+            raise BenchError("--models is empty; expected names such as mixed,fixed-relu")
     try:
         arch = parse_arch(o.arch) if o.arch is not None else None
     except SpecError as e:
-        raise HttpBenchError(f"--arch: {e}") from None
+        raise BenchError(f"--arch: {e}") from None
     if o.grpc_address is not None and o.url is None:
-        raise HttpBenchError("--grpc-address goes with --url (a started server's port is known)")
+        raise BenchError("--grpc-address goes with --url (a started server's port is known)")
     if o.url is not None:
         return _url_plan(o, names)
-    modes: list[str | None] = list(
-        parse_batching(
-            o.batching
-            if o.batching is not None
-            else (MLSERVER_BATCHING if o.against_mlserver else BATCHING_MODES)
-        )
-    )
+    default_modes = MLSERVER_BATCHING if o.against_mlserver else BATCHING_MODES
+    batching = o.batching if o.batching is not None else default_modes
+    modes: list[str | None] = list(dict.fromkeys(v.lower() for v in split_list(batching)))
+    if not modes or any(v not in BATCHING_MODES for v in modes):
+        raise BenchError(f"batching must be a list of on / off (got {batching!r})")
     if o.repository is not None:
         if arch is not None:
-            raise HttpBenchError("--arch builds models; it cannot go with --repository")
-        repository, names = pick_models(o.repository, names, HttpBenchError)
+            raise BenchError("--arch builds models; it cannot go with --repository")
+        repository, names = pick_models(o.repository, names, BenchError)
         return Plan(source="repository", models=names, modes=modes, repository=repository)
     names = names or list(MLSERVER_MODELS if o.against_mlserver else GENERATED_MODELS)
     unknown = [n for n in names if n not in GENERATED_MODELS]
     if unknown:
-        raise HttpBenchError(
+        raise BenchError(
             f"--models {', '.join(unknown)}: without --repository the bench builds "
             f"{' and '.join(GENERATED_MODELS)}; pass --repository DIR for others"
         )
@@ -322,36 +285,34 @@ def _plan(o: HttpOptions) -> Plan:
 def _url_plan(o: HttpOptions, names: list[str] | None) -> Plan:
     """The running server at ``o.url``, checked: loopback, ready, and the options it allows."""
     if o.repository is not None or o.arch is not None:
-        raise HttpBenchError(
+        raise BenchError(
             "--url targets a running server: --repository and --arch "
             "belong to the server, not the bench"
         )
     if o.against_mlserver:
-        raise HttpBenchError(
+        raise BenchError(
             "--against-mlserver starts both servers on the same model files; it cannot go "
             "with --url"
         )
     if o.batching is not None:
-        raise HttpBenchError(
+        raise BenchError(
             "--url: batching is the running server's setting; leave "
             "--batching out (it is read from the model config)"
         )
     if "grpc" in o.protocols and o.grpc_address is None:
-        raise HttpBenchError(
-            "--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT"
-        )
+        raise BenchError("--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT")
     base = check_url(o.url)
     if o.grpc_address is not None:
         check_address(o.grpc_address)
     if names is None:
-        raise HttpBenchError("--url needs --models NAME[,NAME] (the server's model names)")
+        raise BenchError("--url needs --models NAME[,NAME] (the server's model names)")
     try:
         with http_client(timeout=3.0) as client:
             ready = client.get(base + HEALTH_READY_PATH).status_code
     except httpx.HTTPError as e:
-        raise HttpBenchError(f"--url {o.url}: not reachable ({type(e).__name__}: {e})") from None
+        raise BenchError(f"--url {o.url}: not reachable ({type(e).__name__}: {e})") from None
     if ready != 200:
-        raise HttpBenchError(f"--url {o.url}: /v2/health/ready answered {ready}")
+        raise BenchError(f"--url {o.url}: /v2/health/ready answered {ready}")
     return Plan(source="url", models=names, modes=[None], url=base, grpc_address=o.grpc_address)
 
 
@@ -409,12 +370,12 @@ class HttpRun:
         info = self.models.setdefault(name, {})
         info.update(model_info(url, name))
         batching = mode or config_batching(url, name)
-        points = []
-        for protocol in self.o.protocols:
-            run, sizes = self._runner(protocol, name, url, address, SMARTMIXED, f"{url}/metrics")
-            info.update(sizes)
-            points.append(Measured(SMARTMIXED, protocol, name, info["mode"], batching, run, url))
-        return points
+        outcomes = partial(smartmixed_outcomes, f"{url}/metrics")
+        return [
+            Measured(SMARTMIXED, protocol, name, info["mode"], batching, run, url)
+            for protocol in self.o.protocols
+            for run in [self._runner(protocol, name, url, address, outcomes, info)]
+        ]
 
     @contextlib.contextmanager
     def mlserver_points(self, repository: Path, name: str) -> Iterator[list[Measured]]:
@@ -438,38 +399,30 @@ class HttpRun:
                 "runtime": mlserver.RUNTIME_CLASS,
                 "intra_op_threads": COMPARED_THREADS,
             }
-            address, metrics = server.grpc_address, server.metrics_url
+            address, outcomes = server.grpc_address, partial(mlserver_outcomes, server.metrics_url)
             yield [
                 Measured(MLSERVER, protocol, name, None, "off", run, None)
                 for protocol in self.o.protocols
-                for run, _ in [self._runner(protocol, name, server.url, address, MLSERVER, metrics)]
+                for run in [self._runner(protocol, name, server.url, address, outcomes, {})]
             ]
 
     def _runner(
-        self, protocol: str, name: str, url: str, address: str | None, server: str, metrics: str
-    ) -> tuple[Callable[..., dict[str, Any]], dict[str, int]]:
-        """The load of one protocol at ``name`` (checked by one request), and the request's
-        sizes. ``metrics``: the server's Prometheus endpoint, where h2load's failed calls are
-        counted."""
+        self, protocol: str, name: str, url: str, address: str | None, outcomes, info: dict
+    ) -> Callable[..., dict[str, Any]]:
+        """The load of one protocol at ``name``, checked by one request (its sizes into
+        ``info``). ``outcomes``: the server's gRPC outcomes, where h2load's failures count."""
         if protocol == "rest":
             target = prepare_target(url, name, seed=self.o.seed)
-            if self.generator == WRK:
-                run = partial(run_wrk, target, script=write_wrk_script(self.work, target.body))
-            else:
-                run = partial(run_python, target)
-            return run, {"request_bytes": len(target.body), "n_features": target.n_features}
-        if address is None:
-            raise HttpBenchError(f"{server}: no gRPC address to measure")
+            info.update(request_bytes=len(target.body), n_features=target.n_features)
+            if self.generator != WRK:
+                return partial(run_python, target)
+            return partial(run_wrk, target, script=write_wrk_script(self.work, target.body))
         grpc_target = prepare_grpc_target(address, name, seed=self.o.seed)
-        channels = self.o.grpc_channels
-        if self.grpc_generator == H2LOAD:
-            counter = mlserver_outcomes if server == MLSERVER else smartmixed_outcomes
-            outcomes = partial(counter, metrics)
-            outcomes()  # a server whose counters cannot be read fails here, not mid-run
-            run = partial(run_h2load, grpc_target, channels=channels, outcomes=outcomes)
-        else:
-            run = partial(run_grpc, grpc_target, channels=channels)
-        return run, {"grpc_request_bytes": len(grpc_target.request)}
+        info.update(grpc_request_bytes=len(grpc_target.request))
+        if self.grpc_generator != H2LOAD:
+            return partial(run_grpc, grpc_target, channels=self.o.grpc_channels)
+        outcomes()  # a server whose counters cannot be read fails here, not mid-run
+        return partial(run_h2load, grpc_target, channels=self.o.grpc_channels, outcomes=outcomes)
 
     def measure(self, points: list[Measured], bar: tqdm) -> None:
         """Warm every point up (unrecorded: arenas, batcher, connection pools), then every
@@ -498,9 +451,9 @@ def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -
     """Drive the server(s) at every model x batching x concurrency (x protocol, x server with
     ``against_mlserver``, x round); returns the http.json record.
 
-    Options are checked before any server starts: HttpBenchError for bad ones, ServerError or
-    LoadGeneratorError for a server or load generator that fails (failed requests are counted
-    as errors), MLServerMissing when ``against_mlserver`` finds no .venv-mlserver.
+    Options are checked before any server starts. BenchError for bad ones, for a missing
+    .venv-mlserver, a server or a load generator that fails (ServerError, LoadGeneratorError);
+    failed requests are counted as errors.
     """
     from smartmixed.bench import mlserver
 
@@ -509,7 +462,7 @@ def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -
     generator = resolve_load_generator(o.load_generator) if "rest" in o.protocols else None
     grpc_gen = resolve_grpc_generator(o.grpc_generator) if "grpc" in o.protocols else None
     if o.against_mlserver:
-        mlserver.mlserver_command()  # MLServerMissing: run make mlserver
+        mlserver.mlserver_command()  # BenchError: run make mlserver
     plan = _plan(o)
     points = len(plan.modes) * len(plan.models) * len(o.concurrency) * len(o.protocols)
     total = points * (2 if o.against_mlserver else 1) * o.rounds
@@ -572,10 +525,9 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
     summary = []
     for rows in groups.values():
-        kinds: dict[str, int] = {}
+        kinds: Counter[str] = Counter()
         for r in rows:
-            for kind, n in r["error_kinds"].items():
-                kinds[kind] = kinds.get(kind, 0) + n
+            kinds.update(r["error_kinds"])  # update keeps the zero counts
         row = dict(rows[0])
         row |= {
             "round": None if len(rows) > 1 else rows[0]["round"],
@@ -583,7 +535,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "duration_s": round(sum(r["duration_s"] for r in rows), 3),
             "requests": sum(r["requests"] for r in rows),
             "errors": sum(r["errors"] for r in rows),
-            "error_kinds": kinds,
+            "error_kinds": dict(kinds),
             "max_ms": max((r["max_ms"] for r in rows if r["max_ms"] is not None), default=None),
         }
         for key in ("rps", "samples_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms"):
@@ -597,24 +549,24 @@ def _selects(r: Mapping[str, Any], selection: Mapping[str, Any]) -> bool:
     return all(r[k] == v for k, v in selection.items())
 
 
-def _target_values(t: Mapping[str, Any], points: list[dict], mixed: set[str]) -> list[float]:
-    """The values target ``t`` is judged on (see TARGETS)."""
-    metric = t["metric"]
-    if "ratio" not in t:
-        selection = {"server": SMARTMIXED} | {
-            k: t[k] for k in ("concurrency", "batching", "protocol") if k in t
-        }
+def _target_values(target: tuple, points: list[dict], mixed: set[str]) -> list[float]:
+    """The values ``target`` (see TARGETS) is judged on."""
+    _, _, metric, concurrency, selection = target
+    if isinstance(selection, dict):
+        selection = {"server": SMARTMIXED, "concurrency": concurrency} | selection
+        if concurrency is None:  # errors: every model
+            return [r[metric] for r in points if r["server"] == SMARTMIXED]
         return [
             r[metric]
             for r in points
             if r["model"] in mixed and _selects(r, selection) and r[metric] is not None
         ]
-    top, bottom = t["ratio"]
+    top, bottom = selection
     values = []
     for r in points:
-        if r["model"] not in mixed or r["concurrency"] != t["concurrency"]:
+        if r["model"] not in mixed or r["concurrency"] != concurrency or r[metric] is None:
             continue
-        if not _selects(r, top) or r[metric] is None:
+        if not _selects(r, top):
             continue
         values += [
             r[metric] / d[metric]
@@ -636,17 +588,12 @@ def evaluate_targets(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     mixed = {r["model"] for r in points if r["mode"] == "smartmixed"}
     measured: dict[str, Any] = {}
     met: dict[str, bool | None] = {}
-    for key, t in TARGETS.items():
-        if key == "errors":  # every model, every smartmixed point
-            values = [r["errors"] for r in points if r["server"] == SMARTMIXED]
-        else:
-            values = _target_values(t, points, mixed)
-        if not values:
-            measured[key], met[key] = None, None
-            continue
-        worst = max(values) if t["op"] == "<=" else min(values)
+    for key, target in TARGETS.items():
+        op, limit = target[:2]
+        values = _target_values(target, points, mixed)
+        worst = (max(values) if op == "<=" else min(values)) if values else None
         measured[key] = worst
-        met[key] = bool(worst <= t["limit"] if t["op"] == "<=" else worst >= t["limit"])
+        met[key] = None if worst is None else bool(worst <= limit if op == "<=" else worst >= limit)
     return measured, met
 
 
@@ -664,9 +611,7 @@ def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
         "url": plan.url,
         "grpc_address": plan.grpc_address,
         "models": run.models,
-        "mixed_assignment": "uniformly random over the six default activations per neuron"
-        if generated
-        else None,
+        "mixed_assignment": MIXED_ASSIGNMENT if generated else None,
         "lowering": "permuted" if generated else None,
         "protocols": protocols,
         "concurrency": o.concurrency,
@@ -675,13 +620,8 @@ def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
         "rounds": o.rounds,
         "batching": [m for m in plan.modes if m is not None] or None,
         "rows_per_request": 1,
-        "request": "POST /v2/models/NAME/infer, V2 JSON, FP32 [1, D], seeded raw pixels"
-        if rest
-        else None,
-        "grpc_request": "ModelInfer, FP32 [1, D] (or the model's [1, C, H, W]) as "
-        "raw_input_contents, the same seeded raw pixels"
-        if grpc
-        else None,
+        "request": REQUESTS["rest"] if rest else None,
+        "grpc_request": REQUESTS["grpc"] if grpc else None,
         "grpc_load_generator": GRPC_GENERATOR_TEXT.get(run.grpc_generator),
         "h2load_version": tool_version(H2LOAD) if run.grpc_generator == H2LOAD else None,
         "grpc_channels": o.grpc_channels if grpc else None,
@@ -700,7 +640,7 @@ def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
         "grpc_generator": run.grpc_generator,
         "records": run.records,
         "points": summarize(run.records),
-        "targets": {k: {"limit": t["limit"], "op": t["op"]} for k, t in TARGETS.items()},
+        "targets": {k: {"limit": limit, "op": op} for k, (op, limit, *_) in TARGETS.items()},
         "target_values": measured,
         "meets_targets": met,
         "elapsed_s": elapsed_s,
@@ -730,7 +670,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _how(result: Mapping[str, Any]) -> list[str]:
     """The lines that say how the load was made, on what machine."""
     c, m = result["config"], result["machine"]
-    protocols = c.get("protocols", ["rest"])
+    protocols = c["protocols"]
     how = []
     if "rest" in protocols:
         how.append(
@@ -744,12 +684,12 @@ def _how(result: Mapping[str, Any]) -> list[str]:
             (
                 "gRPC: h2load (1 thread, one CPU; failed calls counted by each server's own "
                 "gRPC counters)"
-                if result.get("grpc_generator") == H2LOAD
+                if result["grpc_generator"] == H2LOAD
                 else "gRPC: grpc.aio closed loop in its own process on one CPU"
             )
             + f", {c['grpc_channels']} connection(s)"
         )
-    rounds = c.get("rounds", 1)
+    rounds = c["rounds"]
     per_point = f"{c['duration_s']} s per point" + (
         f", {rounds} interleaved rounds (medians shown)" if rounds > 1 else ""
     )
@@ -772,7 +712,7 @@ def _how(result: Mapping[str, Any]) -> list[str]:
 def render_markdown(result: Mapping[str, Any]) -> str:
     c = result["config"]
     lines = ["# Serving: requests/s and latency", "", *_how(result), ""]
-    points = result.get("points") or summarize(result["records"])
+    points = result["points"]
     for (model, batching), rows in _by_model_and_batching(points).items():
         info = c["models"].get(model, {})
         arch = info.get("architecture")
@@ -809,23 +749,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
 def _point_cells(r: Mapping[str, Any]) -> tuple[Any, ...]:
     """One point as its table row, in POINT_COLUMNS order."""
-    return (
-        r["concurrency"],
-        r.get("server", SMARTMIXED),
-        r.get("protocol", "rest"),
-        _fmt(r["rps"], 0),
-        _fmt(r["samples_per_s"], 0),
-        _fmt(r["p50_ms"]),
-        _fmt(r["p95_ms"]),
-        _fmt(r["p99_ms"]),
-        r["errors"],
-        _fmt(r["mean_batch_rows"], 1),
-    )
+    rates = (_fmt(r["rps"], 0), _fmt(r["samples_per_s"], 0))
+    latencies = (_fmt(r["p50_ms"]), _fmt(r["p95_ms"]), _fmt(r["p99_ms"]))
+    rows = _fmt(r["mean_batch_rows"], 1)
+    return (r["concurrency"], r["server"], r["protocol"], *rates, *latencies, r["errors"], rows)
 
 
 def _mlserver_rows(points: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
     """(model, concurrency, rps both, ratio, p50 both) for each gRPC point both servers ran."""
-    grpc = [r for r in points if r.get("protocol") == "grpc"]
+    grpc = [r for r in points if r["protocol"] == "grpc"]
     return [
         (
             r["model"],
@@ -837,9 +769,9 @@ def _mlserver_rows(points: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]
             _fmt(other["p50_ms"]),
         )
         for r in grpc
-        if r.get("server") == SMARTMIXED
+        if r["server"] == SMARTMIXED
         for other in grpc
-        if other.get("server") == MLSERVER
+        if other["server"] == MLSERVER
         and (other["model"], other["concurrency"]) == (r["model"], r["concurrency"])
     ]
 
@@ -855,10 +787,10 @@ def _by_model_and_batching(
     protocol in run order: one table each. MLServer's points go in every table of their model."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in points:
-        if r.get("server", SMARTMIXED) == SMARTMIXED:
+        if r["server"] == SMARTMIXED:
             groups.setdefault((r["model"], r["batching"]), []).append(r)
     for (model, _), rows in groups.items():
-        rows += [r for r in points if r.get("server") == MLSERVER and r["model"] == model]
+        rows += [r for r in points if r["server"] == MLSERVER and r["model"] == model]
     order = {id(r): i for i, r in enumerate(points)}
     return {
         key: sorted(rows, key=lambda r: (r["concurrency"], order[id(r)]))
@@ -868,11 +800,10 @@ def _by_model_and_batching(
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
     plt = outputs.pyplot()
-    points = result.get("points") or summarize(result["records"])
+    points = result["points"]
     lines: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in points:
-        key = (r.get("server", SMARTMIXED), r["model"], r["batching"], r.get("protocol", "rest"))
-        lines.setdefault(key, []).append(r)
+        lines.setdefault((r["server"], r["model"], r["batching"], r["protocol"]), []).append(r)
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(10, 4))
     for (server, model, batching, protocol), rows in lines.items():
         rows = sorted(rows, key=lambda r: r["concurrency"])
@@ -894,6 +825,6 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     ax_p99.set_ylabel("p99 latency (ms)")
     ax_p99.set_yscale("log")
     ax_rps.legend(fontsize=7)
-    protocols = "/".join(result["config"].get("protocols", ["rest"]))
+    protocols = "/".join(result["config"]["protocols"])
     fig.suptitle(f"single-sample requests over {protocols}, servers on 127.0.0.1", fontsize=10)
     outputs.save_figure(fig, path)

@@ -1,25 +1,15 @@
-"""The load generators of the HTTP bench (and the soak's wrk load), REST and gRPC.
-
-Each keeps C requests in flight in a closed loop (a client sends its next request as soon as the
-previous answer arrives) at one target for D seconds and returns the same raw result:
+"""The load generators of the benches, REST and gRPC, each in closed loop (a client sends its
+next request when the previous answer arrives) at one target for D seconds, each returning
 {requests, duration_s, mean/p50/p95/p99/max latency (ms), error_kinds}.
 
-- REST (a ``Target``: a V2 JSON infer URL and body): ``wrk`` (C, epoll, one thread), its summary
-  printed by a Lua ``done()`` hook as one JSON line after ``WRK_MARKER``; or the Python fallback
-  (asyncio + httpx, in this process), only when wrk is missing: on 2 cores it spends more CPU per
-  request than the server path it drives.
-- gRPC (a ``GrpcTarget``: one serialised ModelInferRequest, checked by one call): ``h2load``
-  (nghttp2, C, one thread pinned to one CPU) POSTs the gRPC frame over ``-c CHANNELS``
-  connections with ``-m C/CHANNELS`` streams each. It cannot read ``grpc-status`` (it travels in
-  the trailers), so the server counts failed calls: ``run_h2load`` reads its gRPC outcomes from
-  Prometheus before and after the run, counts every outcome but OK as an error of its code, and
-  calls h2load completed that the server never counted as ``UNCOUNTED``. Or ``run_grpc``: this
-  module as its own process (``python -m smartmixed.bench.load``), pinned to one CPU before it
-  creates its channels (gRPC core's threads stay there too), C grpc.aio coroutines sharing
-  ``channels`` HTTP/2 connections round-robin, answers not decoded.
-
-Bounds: 127.0.0.1 only; a request's deadline is REQUEST_TIMEOUT_S; a Python gRPC run stops after
-MAX_CALLS_PER_SECOND x duration calls; a generator GRACE_S past its duration is killed.
+REST (``Target``): wrk (C, one thread), its summary printed by a Lua ``done()`` hook after
+``WRK_MARKER``; the Python generator (asyncio + httpx) only when wrk is missing: on 2 cores it
+spends more CPU per request than the server path it drives. gRPC (``GrpcTarget``): h2load (C, one
+thread pinned to one CPU) POSTs the framed request; it cannot read ``grpc-status`` (a trailer),
+so ``run_h2load`` counts failed calls in the server's own Prometheus counters before and after
+the run. Or ``run_grpc``: this module as a child process pinned to one CPU, C grpc.aio
+coroutines over ``channels`` HTTP/2 connections, answers not decoded. Targets are on 127.0.0.1
+only; a request times out after REQUEST_TIMEOUT_S; a generator is killed GRACE_S after its end.
 """
 
 from __future__ import annotations
@@ -45,7 +35,13 @@ import httpx
 import numpy as np
 
 from smartmixed.bench import BenchError
-from smartmixed.bench.server import ServerError, Target, check_shapes, is_loopback
+from smartmixed.bench.server import (
+    ServerError,
+    Target,
+    check_shapes,
+    is_loopback,
+    read_prometheus,
+)
 from smartmixed.contract.outputs import percentiles
 
 LOAD_GENERATORS = ("auto", "wrk", "python")
@@ -396,9 +392,8 @@ _H2LOAD_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d
 
 def parse_h2load(stdout: str, log_text: str, duration: float) -> dict[str, Any]:
     """h2load's summary and per-request log (start us, HTTP status, latency us) -> the raw
-    result of bench/load.py's runners. ``error_kinds`` holds h2load's own failures: ``failed``
-    (the stream ended without a whole answer), ``errored``, ``timeout`` and ``http_status`` (an
-    answer that was not 2xx); gRPC status codes are added by ``run_h2load``."""
+    result, ``error_kinds`` h2load's own failures (``failed``: a stream ended without a whole
+    answer; ``http_status``: not 2xx); ``run_h2load`` adds the gRPC codes."""
     counts, statuses = _H2LOAD_REQUESTS.search(stdout), _H2LOAD_STATUS.search(stdout)
     if counts is None or statuses is None:
         raise LoadGeneratorError(
@@ -411,21 +406,13 @@ def parse_h2load(stdout: str, log_text: str, duration: float) -> dict[str, Any]:
         fields = line.split("\t")
         if len(fields) == 3 and fields[2].isdigit():
             latencies.append(int(fields[2]) / 1e3)  # us -> ms
+    kinds = {"failed": failed, "errored": errored, "timeout": timeout, "http_status": non_2xx}
     return {
         "requests": done,
         "cut": started - done,  # in flight when the duration ended: h2load drops them
         "duration_s": duration,
         **latency_summary(latencies),
-        "error_kinds": {
-            k: v
-            for k, v in (
-                ("failed", failed),
-                ("errored", errored),
-                ("timeout", timeout),
-                ("http_status", non_2xx),
-            )
-            if v
-        },
+        "error_kinds": {kind: n for kind, n in kinds.items() if n},
     }
 
 
@@ -486,24 +473,6 @@ def run_h2load(
     raw["error_kinds"] = dict(sorted(kinds.items()))
     raw["server_counted"] = dict(sorted(counted.items()))
     return raw
-
-
-def read_prometheus(url: str) -> list:
-    """The metric families at ``url`` (LoadGeneratorError when it cannot be read: the errors
-    of an h2load run are counted there)."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            response = client.get(url)
-        response.raise_for_status()
-        return list(text_string_to_metric_families(response.text))
-    except (httpx.HTTPError, ValueError) as e:
-        raise LoadGeneratorError(
-            f"cannot read the server's metrics at {url} (h2load's failed calls are counted "
-            f"there): {type(e).__name__}: {e}"
-        ) from None
 
 
 def grpc_outcomes(

@@ -1,17 +1,11 @@
 """MLServer 1.7 beside smartmixed-serve, for ``smartmixed-bench http --against-mlserver``.
 
-``start_mlserver`` serves one exported model (NAME/VERSION/model.onnx) with MLServer from its
-own environment (.venv-mlserver, ``make mlserver``: MLServer 1.7 pins fastapi<0.116, which the
-project's .venv cannot hold): a temporary folder holds settings.json (127.0.0.1, free HTTP, gRPC
-and metrics ports) and NAME/model-settings.json naming the custom runtime of
-bench/mlserver_runtime.py, copied beside it. The process is bench/server.py's ``run_server``.
-
-``MLSERVER_SETTINGS`` (recorded in every result): ``parallel_workers`` 0, inference on the
-server's own event loop; MLServer's default (1 worker process fed through multiprocessing
-queues) and its adaptive batching (64 rows, 1 ms) both answered fewer requests per second at
-concurrency 1 and 64 on the 2-core machine (docs/results.md), so the comparison gives MLServer
-the settings it does best with. ``debug`` false: no per-request access log, as
-smartmixed-serve's ``--log-level warning``.
+``start_mlserver`` serves one exported model.onnx with MLServer from its own environment
+(.venv-mlserver, ``make mlserver``: MLServer 1.7 pins fastapi<0.116, which .venv cannot hold),
+through the custom runtime of bench/mlserver_runtime.py, on free 127.0.0.1 ports.
+``MLSERVER_SETTINGS``: inference on the server's own event loop (``parallel_workers`` 0; a worker
+process, or adaptive batching, answered fewer requests per second here: docs/results.md) and no
+access log (``debug`` false), as smartmixed-serve's ``--log-level warning``.
 """
 
 from __future__ import annotations
@@ -37,15 +31,11 @@ RUNTIME_CLASS = "mlserver_runtime.OnnxRuntimeModel"
 MLSERVER_SETTINGS = {"parallel_workers": 0, "debug": False}
 
 
-class MLServerMissing(BenchError):
-    """.venv-mlserver (or its mlserver command) is not there."""
-
-
 def mlserver_command() -> Path:
-    """The mlserver command of .venv-mlserver, or MLServerMissing saying how to make it."""
+    """The mlserver command of .venv-mlserver, or BenchError saying how to make it."""
     exe = MLSERVER_VENV / "bin" / "mlserver"
     if not exe.is_file():
-        raise MLServerMissing(
+        raise BenchError(
             f"--against-mlserver: {exe} is missing (run make mlserver to create "
             f"{MLSERVER_VENV.name})"
         )

@@ -1,15 +1,9 @@
-"""The MLServer side of ``smartmixed-bench http --against-mlserver``: a custom MLServer runtime
-that runs a smartmixed ``model.onnx`` with ONNX Runtime, as smartmixed-serve does.
-
-This file runs inside MLServer's own environment (.venv-mlserver, ``make mlserver``), never in
-the project's: bench/mlserver.py copies it next to the model-settings.json it writes and names
-``mlserver_runtime.OnnxRuntimeModel`` as the model's implementation (MLServer puts a model's
-folder on the import path). It imports nothing from smartmixed.
-
-The session is built as smartmixed-serve builds one with ``--intra-op-threads 1``: all graph
-optimisations, 1 intra-op thread, 1 inter-op thread, the CPU provider. ``predict`` decodes the
-first input with MLServer's NumpyCodec (raw_input_contents or typed contents, as MLServer
-itself unpacks them), runs the session and encodes every output with the same codec.
+"""A custom MLServer runtime that runs a smartmixed ``model.onnx`` with ONNX Runtime, as
+smartmixed-serve does with ``--intra-op-threads 1`` (all graph optimisations, 1 intra-op and 1
+inter-op thread, the CPU provider). It runs inside MLServer's own environment (.venv-mlserver),
+never the project's, and imports nothing from smartmixed: bench/mlserver.py copies it beside the
+model-settings.json it writes (MLServer puts a model's folder on the import path). Inputs and
+outputs go through MLServer's NumpyCodec, as MLServer itself unpacks them.
 """
 
 from __future__ import annotations

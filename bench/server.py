@@ -1,12 +1,7 @@
-"""The server under a bench: its models, its process, and what it answers.
-
-- Models: ``build_repository`` writes seeded random-weight networks (permuted lowering),
-  ``pick_models`` checks a choice of an exported repository's models.
-- Process: ``run_server`` runs a server command (smartmixed-serve, or MLServer) until a block
-  ends, once it answers ready, and stops it with SIGTERM (kill after a timeout);
-  ``start_server`` runs smartmixed-serve on free 127.0.0.1 ports through it.
-- Answers: ``model_info`` reads a model's metadata and config, ``prepare_target`` checks that
-  one V2 JSON request works, ``batch_rows`` reads the rows-per-run histogram from /metrics.
+"""The server under a bench: its models (``build_repository``, ``pick_models``), its process
+(``run_server``: smartmixed-serve or MLServer, ready before the block, stopped after it;
+``start_server``: smartmixed-serve on free ports) and what it answers (``model_info``,
+``prepare_target``'s check request, ``batch_rows`` from /metrics).
 """
 
 from __future__ import annotations
@@ -196,13 +191,11 @@ def run_server(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     nofile: int | None = None,
-    ready_timeout: float = READY_TIMEOUT_S,
     **fields: Any,
 ) -> Iterator[ServerProcess]:
     """Run ``command`` (output to ``log_path``, in a process group of its own) until the block
-    ends: wait until ``url + ready_path`` answers 200 (ServerError with the log's tail when the
-    process exits first or ``ready_timeout`` passes), then SIGTERM; after STOP_TIMEOUT_S, kill
-    the group (the server and its workers, nothing else). ``nofile`` sets the child's open-file
+    ends, once ``url + ready_path`` answers 200; then SIGTERM, and after STOP_TIMEOUT_S kill the
+    group (the server and its workers, nothing else). ``nofile`` sets the child's open-file
     limit (soft and hard) before exec, as ``ulimit -n`` would; ``fields`` go to ServerProcess."""
 
     def set_nofile() -> None:  # runs in the child between fork and exec
@@ -218,10 +211,9 @@ def run_server(
             start_new_session=True,
             preexec_fn=set_nofile if nofile else None,
         )
-    server = ServerProcess(url=url, process=process, command=command, log_path=log_path, **fields)
     try:
-        wait_ready(server, timeout=ready_timeout, path=ready_path, what=what)
-        yield server
+        _wait_ready(process, url + ready_path, log_path, what)
+        yield ServerProcess(url=url, process=process, command=command, log_path=log_path, **fields)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -233,6 +225,24 @@ def run_server(
             process.wait()
 
 
+def _wait_ready(process: subprocess.Popen, url: str, log_path: Path, what: str) -> None:
+    """Poll ``url`` until it answers 200; ServerError with the log's tail when the process
+    exits first or READY_TIMEOUT_S passes."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with http_client(timeout=2.0) as client:
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return
+            time.sleep(0.1)
+    tail = log_path.read_text(errors="replace").strip()[-1500:] or "(no output)"
+    if process.poll() is not None:
+        raise ServerError(
+            f"{what} exited with status {process.returncode} before it was ready: {tail}"
+        )
+    raise ServerError(f"{what} was not ready within {READY_TIMEOUT_S:.0f} s: {tail}")
+
+
 def start_server(
     repository: Path,
     *,
@@ -241,13 +251,10 @@ def start_server(
     env: Mapping[str, str] | None = None,
     nofile: int | None = None,
     grpc: bool = False,
-    ready_timeout: float = READY_TIMEOUT_S,
 ) -> contextlib.AbstractContextManager[ServerProcess]:
-    """smartmixed-serve on a free 127.0.0.1 port until the block ends (``run_server``).
-
-    ``grpc``: its gRPC endpoint on a second free port, else off. ``args`` are extra CLI flags,
-    ``env`` is laid over this process's environment less SMARTMIXED_API_KEY (the benches send
-    no key)."""
+    """smartmixed-serve on a free 127.0.0.1 port until the block ends (``run_server``), its
+    gRPC endpoint on a second one when ``grpc``; ``args``: more of its flags; ``env`` laid over
+    this process's environment less SMARTMIXED_API_KEY (the benches send no key)."""
     port = free_port()
     grpc_port = free_port() if grpc else 0
     child_env = {k: v for k, v in os.environ.items() if k != "SMARTMIXED_API_KEY"}
@@ -257,42 +264,9 @@ def start_server(
         log_path=log_path,
         env=child_env | dict(env or {}),
         nofile=nofile,
-        ready_timeout=ready_timeout,
         grpc_address=f"127.0.0.1:{grpc_port}" if grpc else None,
         metrics_url=f"http://127.0.0.1:{port}/metrics",
     )
-
-
-def wait_ready(
-    server: ServerProcess,
-    *,
-    timeout: float,
-    path: str = HEALTH_READY_PATH,
-    what: str = "the server",
-) -> None:
-    """Poll ``server.url + path`` until it answers 200; ServerError with the log's tail when
-    the process exits first or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    with http_client(timeout=2.0) as client:
-        while True:
-            if server.process.poll() is not None:
-                raise ServerError(
-                    f"{what} exited with status {server.process.returncode} before it was "
-                    f"ready: {_tail(server.log_path)}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(server.url + path).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise ServerError(
-                    f"{what} was not ready within {timeout:.0f} s: {_tail(server.log_path)}"
-                )
-            time.sleep(0.1)
-
-
-def _tail(path: Path, chars: int = 1500) -> str:
-    text = path.read_text(errors="replace").strip()
-    return text[-chars:] or "(no output)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,24 +290,32 @@ def request_body(n_features: int, seed: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _get(client: httpx.Client, base: str, name: str, path: str = "") -> httpx.Response:
+def _ask(base: str, name: str, path: str = "", *, what: str = "", **post: Any) -> Any:
+    """The JSON answer to GET (with ``post``: POST) BASE/v2/models/NAME/PATH; ServerError
+    naming the model (and ``what``, the request) for no answer, a status other than 200 or a
+    body that is not JSON."""
+    url = f"{base}/v2/models/{name}{path}"
+    what = what or f"GET /v2/models/{name}{path}"
     try:
-        return client.get(f"{base}/v2/models/{name}{path}")
+        with http_client() as client:
+            answer = client.post(url, **post) if post else client.get(url)
     except httpx.HTTPError as e:
         raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
+    if answer.status_code != 200:
+        raise ServerError(
+            f"model {name!r}: {what} answered {answer.status_code}: {answer.text[:300]}"
+        )
+    try:
+        return answer.json()
+    except ValueError:
+        raise ServerError(f"model {name!r}: {what} answered {answer.text[:300]!r}") from None
 
 
 def model_info(base: str, name: str) -> dict[str, Any]:
     """smartmixed-serve's description of ``name``: mode, architecture, input_shape (batch axis
     1), outputs and n_classes (what MLServer's model settings need)."""
-    with http_client() as client:
-        meta = _get(client, base, name)
-    if meta.status_code != 200:
-        raise ServerError(
-            f"model {name!r}: GET /v2/models/{name} answered {meta.status_code}: {meta.text[:300]}"
-        )
+    info = _ask(base, name)
     try:
-        info = meta.json()
         smartmixed = info.get("smartmixed") or {}
         return {
             "mode": smartmixed.get("mode"),
@@ -343,19 +325,15 @@ def model_info(base: str, name: str) -> dict[str, Any]:
             "n_classes": int(info["outputs"][0]["shape"][-1]),
         }
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise ServerError(f"model {name!r}: unexpected metadata {meta.text[:300]!r}") from None
+        raise ServerError(f"model {name!r}: unexpected metadata {info!r:.300}") from None
 
 
 def config_batching(base: str, name: str) -> str:
     """on or off, as the model config of a server this bench did not start says; unknown when
     it cannot be read."""
-    with http_client() as client:
-        config = _get(client, base, name, "/config")
-    if config.status_code != 200:
-        return "unknown"
     try:
-        return "on" if "dynamic_batching" in config.json() else "off"
-    except (ValueError, TypeError):
+        return "on" if "dynamic_batching" in _ask(base, name, "/config") else "off"
+    except (ServerError, TypeError):
         return "unknown"
 
 
@@ -370,41 +348,46 @@ def prepare_target(base: str, name: str, *, seed: int) -> Target:
     """Read the model's metadata, build its request body and check that one request works."""
     info = model_info(base, name)
     n_features = info["input_shape"][-1]
-    body, url = request_body(n_features, seed), f"{base}/v2/models/{name}/infer"
+    body = request_body(n_features, seed)
+    headers = {"Content-Type": "application/json"}
+    answer = _ask(base, name, "/infer", what="the check request", content=body, headers=headers)
     try:
-        with http_client() as client:
-            answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
-    except httpx.HTTPError as e:
-        raise ServerError(f"model {name!r}: {base} failed ({type(e).__name__}: {e})") from None
-    if answer.status_code != 200:
+        got = {o.get("name"): o.get("shape") for o in answer.get("outputs", [])}
+    except AttributeError:  # JSON of another shape
         raise ServerError(
-            f"model {name!r}: the check request answered {answer.status_code}: {answer.text[:300]}"
-        )
-    try:
-        got = {o.get("name"): o.get("shape") for o in answer.json().get("outputs", [])}
-    except (ValueError, AttributeError) as e:  # not JSON, or JSON of another shape
-        raise ServerError(f"model {name!r}: unexpected answer from {base} ({e})") from None
+            f"model {name!r}: unexpected answer from {base}: {answer!r:.300}"
+        ) from None
     check_shapes(name, got, info["n_classes"], info["outputs"], "check request")
-    return Target(name=name, url=url, body=body, n_features=n_features)
+    return Target(name=name, url=f"{base}/v2/models/{name}/infer", body=body, n_features=n_features)
+
+
+def read_prometheus(url: str) -> list:
+    """The metric families at ``url``; ServerError when they cannot be read."""
+    try:
+        with http_client(timeout=5.0) as client:
+            response = client.get(url)
+        response.raise_for_status()
+        return list(text_string_to_metric_families(response.text))
+    except (httpx.HTTPError, ValueError) as e:
+        raise ServerError(
+            f"cannot read the server's metrics at {url}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def batch_rows(base: str, model: str) -> tuple[float, float] | None:
-    """(rows, runs) so far from the server's Prometheus histogram; None when unavailable."""
+    """(rows, runs) so far from the server's histogram of rows per ONNX Runtime run; None when
+    unavailable."""
     try:
-        with http_client(timeout=5.0) as client:
-            text = client.get(f"{base}/metrics").text
-    except httpx.HTTPError:
+        families = read_prometheus(f"{base}/metrics")
+    except ServerError:
         return None
-    found: dict[str, float] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            if family.name != BATCH_ROWS_METRIC:
-                continue
-            for sample in family.samples:  # _bucket, _sum, _count (and _created) per label set
-                if sample.labels == {"model": model}:
-                    found[sample.name.removeprefix(BATCH_ROWS_METRIC)] = sample.value
-    except ValueError:  # not Prometheus text
-        return None
+    found = {
+        sample.name.removeprefix(BATCH_ROWS_METRIC): sample.value
+        for family in families
+        if family.name == BATCH_ROWS_METRIC
+        for sample in family.samples  # _bucket, _sum, _count (and _created) per label set
+        if sample.labels == {"model": model}
+    }
     if "_sum" not in found or "_count" not in found:
         return None
     return found["_sum"], found["_count"]

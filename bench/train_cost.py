@@ -1,12 +1,10 @@
-"""Training-step cost of SmartMixed against a fixed-ReLU network of the same architecture.
+"""Training-step cost of SmartMixed against a fixed-ReLU network of the same architecture (an
+MLP of ``arch`` widths or a conv preset on raw 28x28 one-channel images).
 
-One training step is exactly what ``smartmixed.train.loop.train_epoch`` does per mini-batch:
-forward, cross-entropy, backward, gradient-norm clip, Adam step. Models are timed in interleaved
-rounds (every round times each model in turn) so that drift of this shared machine hits all of
-them alike; ratios are the median over rounds of the per-round ratio of medians.
-
-The network is an MLP of widths ``arch`` (default: the paper's) or a conv preset
-(``contract.CONV_PRESETS``) on raw 28x28 one-channel images.
+A step is what ``smartmixed.train.loop.train_epoch`` does per mini-batch: forward,
+cross-entropy, backward, gradient-norm clip, Adam step. Models are timed in interleaved rounds
+so that drift of this shared machine hits all alike; a ratio is the median over rounds of the
+per-round ratio of medians.
 """
 
 from __future__ import annotations
@@ -109,61 +107,6 @@ def _random_assignment(
         [pool[i % len(pool)] for i in torch.randperm(w, generator=generator).tolist()]
         for w in widths
     ]
-
-
-def _build_mlps(arch: list[int], generator: torch.Generator) -> dict[str, nn.Module]:
-    hidden = arch[1:-1]
-    pool = list(DEFAULT_POOL)
-    # Phase 2 gets a uniformly random assignment: every layer holds all six groups, the most
-    # fragmented (slowest) case a trained mix can produce.
-    mixed = _random_assignment(hidden, pool, generator, balanced=False)
-    pre = PREPROCESSING
-    return {
-        "fixed_relu": MixedMLP(arch, ["relu"], [["relu"] * w for w in hidden], preprocessing=pre),
-        "phase1": SelectiveMLP(arch, pool, preprocessing=pre),
-        "phase2": MixedMLP(arch, pool, mixed, preprocessing=pre),
-        "phase1_naive": NaiveSelectiveMLP(arch, pool, preprocessing=pre),
-    }
-
-
-def _conv_norms(layers: list[dict[str, Any]], arch: list[int], mixed: list[list[str]]) -> dict:
-    """The candidate norm each model trains with under the default protocol: a fixed baseline
-    none, phase 1 the protocol's, phase 2 what the loop gives its frozen layers."""
-    smartmixed = TrainConfig(arch=arch, layers=layers)
-    fixed = TrainConfig(arch=arch, layers=layers, mode="fixed:relu")
-    phase1 = smartmixed.candidate_norm
-    return {
-        "fixed_relu": fixed.candidate_norm,
-        "phase1": phase1,
-        "phase2": _phase2_candidate_norm(smartmixed, "mixed", mixed),
-        "phase1_naive": phase1,
-    }
-
-
-def _build_conv_nets(
-    layers: list[dict[str, Any]], arch: list[int], generator: torch.Generator
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    hidden = arch[1:-1]  # channels of each hidden conv, features of each hidden linear
-    pool = list(DEFAULT_POOL)
-    mixed = _random_assignment(hidden, pool, generator, balanced=True)
-    norms = _conv_norms(layers, arch, mixed)
-    shape, pre = CONV_INPUT_SHAPE, PREPROCESSING
-    relu = [["relu"] * w for w in hidden]
-    models = {
-        "fixed_relu": MixedConvNet(
-            layers, shape, ["relu"], relu, preprocessing=pre, candidate_norm=norms["fixed_relu"]
-        ),
-        "phase1": SelectiveConvNet(
-            layers, shape, pool, preprocessing=pre, candidate_norm=norms["phase1"]
-        ),
-        "phase2": MixedConvNet(
-            layers, shape, pool, mixed, preprocessing=pre, candidate_norm=norms["phase2"]
-        ),
-        "phase1_naive": NaiveSelectiveConvNet(
-            layers, shape, pool, preprocessing=pre, candidate_norm=norms["phase1_naive"]
-        ),
-    }
-    return models, norms
 
 
 def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -287,30 +230,53 @@ def measure_train_cost(
 
 
 def _networks(o: TrainCostOptions, generator: torch.Generator) -> dict[str, Any]:
-    """The models of ``o``'s network, with its arch, layers, input shape, candidate norms and
-    how phase 2's assignment was drawn."""
+    """The models (MODELS) of ``o``'s network, with its arch, layers, input shape, each model's
+    candidate norm and how phase 2's assignment was drawn (``generator``)."""
+    pool = list(DEFAULT_POOL)
     if o.preset is None:
         arch = list(o.arch or PAPER_ARCH)
-        models = _build_mlps(arch, generator)
-        return {
-            "models": models,
-            "arch": arch,
-            "layers": None,
-            "input_shape": [arch[0]],
-            "norms": {name: model.candidate_norm for name, model in models.items()},
-            "phase2": "uniformly random over the default pool (all six groups per layer)",
+        layers, shape, lead = None, [arch[0]], (arch,)
+        mixed_net, selective, naive = MixedMLP, SelectiveMLP, NaiveSelectiveMLP
+        # uniformly random per neuron: every layer holds all six groups, the most fragmented
+        # (slowest) case a trained mix can produce
+        mixed = _random_assignment(arch[1:-1], pool, generator, balanced=False)
+        norms = dict.fromkeys(MODELS, "none")
+        phase2 = "uniformly random over the default pool (all six groups per layer)"
+    else:
+        layers = resolve_conv_preset(o.preset)  # the last linear gives 10 classes
+        shape = list(CONV_INPUT_SHAPE)
+        arch, lead = layered_arch(layers, shape), (layers, shape)
+        mixed_net, selective, naive = MixedConvNet, SelectiveConvNet, NaiveSelectiveConvNet
+        # channels of each hidden conv, neurons of each hidden linear
+        mixed = _random_assignment(arch[1:-1], pool, generator, balanced=True)
+        # under the default protocol: a fixed baseline none, phase 1 the protocol's, phase 2
+        # what the loop gives its frozen layers
+        protocol = TrainConfig(arch=arch, layers=layers)
+        norms = {
+            "fixed_relu": TrainConfig(arch=arch, layers=layers, mode="fixed:relu").candidate_norm,
+            "phase1": protocol.candidate_norm,
+            "phase2": _phase2_candidate_norm(protocol, "mixed", mixed),
+            "phase1_naive": protocol.candidate_norm,
         }
-    layers = resolve_conv_preset(o.preset)  # the last linear gives 10 classes
-    arch = layered_arch(layers, CONV_INPUT_SHAPE)
-    models, norms = _build_conv_nets(layers, arch, generator)
+        phase2 = (
+            "random balanced over the default pool (each activation on an equal share of "
+            "every layer's channels or neurons, in random order)"
+        )
+    relu = [["relu"] * w for w in arch[1:-1]]
+    kw = {"preprocessing": PREPROCESSING}
+    models = {
+        "fixed_relu": mixed_net(*lead, ["relu"], relu, **kw, candidate_norm=norms["fixed_relu"]),
+        "phase1": selective(*lead, pool, **kw, candidate_norm=norms["phase1"]),
+        "phase2": mixed_net(*lead, pool, mixed, **kw, candidate_norm=norms["phase2"]),
+        "phase1_naive": naive(*lead, pool, **kw, candidate_norm=norms["phase1_naive"]),
+    }
     return {
         "models": models,
         "arch": arch,
         "layers": layers,
-        "input_shape": list(CONV_INPUT_SHAPE),
+        "input_shape": shape,
         "norms": norms,
-        "phase2": "random balanced over the default pool (each activation on an equal share of "
-        "every layer's channels or neurons, in random order)",
+        "phase2": phase2,
     }
 
 
