@@ -138,14 +138,96 @@ def _every_layer(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-class SelectiveNetwork(nn.Module):
-    """Phase 1: a network whose hidden layers are followed by ``MixedActivation`` modules
-    (``self.activations``, one per hidden layer, in order). ``tau``, ``relaxed`` and
-    ``eval_noise`` read the first layer's and set every layer's (the loop's schedule)."""
+class _Network(nn.Module):
+    """What every network here holds: its pool, preprocessing (``offset``/``scale`` buffers),
+    candidate norm and learned-unit config, and ``activations``, one mixed layer per hidden
+    layer, in order."""
 
     activations: nn.ModuleList
-    pool: list[str]
-    afu_config: dict[str, Any] | None
+
+    def __init__(
+        self,
+        pool: Sequence[str],
+        *,
+        preprocessing: dict[str, Any] | None,
+        candidate_norm: str,
+        afu: dict[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        self.pool = list(pool)
+        self.preprocessing = preprocessing or {"offset": 0.0, "scale": 1.0}
+        self.candidate_norm = candidate_norm
+        # the learned unit's {units, base, share} when the pool holds it (trained in both phases)
+        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
+
+    def _register_preprocessing(self, image_shape: Sequence[int] | None = None) -> None:
+        """offset and scale as (non-persistent) buffers: a scalar, or one value per input
+        feature; per feature of an image (C, H, W) reshaped to broadcast over (N, C, H, W)."""
+        for name in ("offset", "scale"):
+            value = torch.tensor(self.preprocessing[name], dtype=torch.float32)
+            if image_shape is not None and value.dim():
+                value = value.reshape(*image_shape)  # C*H*W values, in the flattened order
+            self.register_buffer(name, value, persistent=False)
+
+    def network_options(self, **changes: Any) -> dict[str, Any]:
+        """preprocessing, candidate_norm and afu as this network holds them, ``changes`` on top:
+        the keywords of a network on the same data with the same units."""
+        options = {
+            "preprocessing": self.preprocessing,
+            "candidate_norm": self.candidate_norm,
+            "afu": self.afu_config,
+        }
+        return options | changes
+
+    @property
+    def transform(self) -> CandidateTransform:
+        return self.activations[0].transform
+
+    @property
+    def afus(self) -> list[AFUnit] | None:
+        """Each hidden layer's learned unit (the same object at every layer when shared)."""
+        return None if self.afu_config is None else [a.afu for a in self.activations]
+
+
+class SelectiveNetwork(_Network):
+    """Phase 1: a network whose hidden layers are followed by ``MixedActivation`` modules.
+    ``tau``, ``relaxed`` and ``eval_noise`` read the first layer's and set every layer's (the
+    loop's schedule)."""
+
+    def __init__(
+        self,
+        pool: Sequence[str],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        afu: dict[str, Any] | None = None,
+        tau: float = 0.3,
+        logit_init_std: float = 0.0,
+        candidate_norm: str = "none",
+        clamp: float | None = None,
+        eval_noise: bool = False,
+        logit_grad_norm: str = "none",
+    ) -> None:
+        """The options from ``tau`` on are every ``MixedActivation``'s (smartmixed.nn documents
+        them); a subclass builds its layers, then the mixed ones with ``_mixed_layers``."""
+        super().__init__(pool, preprocessing=preprocessing, candidate_norm=candidate_norm, afu=afu)
+        self._layer_options = {
+            "tau": tau,
+            "candidate_norm": candidate_norm,
+            "logit_init_std": logit_init_std,
+            "clamp": clamp,
+            "eval_noise": eval_noise,
+            "logit_grad_norm": logit_grad_norm,
+        }
+
+    def _mixed_layers(
+        self, widths: Sequence[int], dims: Sequence[int], units: Sequence[AFUnit | None]
+    ) -> nn.ModuleList:
+        """One ``MixedActivation`` per hidden layer: its width, the axis of its features and
+        its learned unit (None without one), with the network's options."""
+        return nn.ModuleList(
+            MixedActivation(width, pool=self.pool, dim=dim, afu=unit, **self._layer_options)
+            for width, dim, unit in zip(widths, dims, units, strict=True)
+        )
 
     @property
     def tau(self) -> float:
@@ -163,15 +245,6 @@ class SelectiveNetwork(nn.Module):
         "eval_noise", "Gumbel noise in evaluation too (the reference code's protocol)."
     )
 
-    @property
-    def transform(self) -> CandidateTransform:
-        return self.activations[0].transform
-
-    @property
-    def afus(self) -> list[AFUnit] | None:
-        """Each hidden layer's learned unit (the same object at every layer when shared)."""
-        return None if self.afu_config is None else [a.afu for a in self.activations]
-
     def choices(self) -> list[Tensor]:
         """argmax of the logits per hidden layer, (n_l,) int64 each."""
         return [layer.choice() for layer in self.activations]
@@ -183,23 +256,22 @@ class SelectiveNetwork(nn.Module):
         return [layer.activation_counts() for layer in self.activations]
 
 
-class MixedNetwork(nn.Module):
+class MixedNetwork(_Network):
     """Phase 2 (and fixed baselines): hidden layers followed by ``FrozenMixedActivation``
-    modules (``self.activations``); ``assignment`` holds the activation name of every neuron
-    (or channel), in neuron order, per hidden layer."""
+    modules; ``assignment`` holds the activation name of every neuron (or channel), in neuron
+    order, per hidden layer."""
 
-    activations: nn.ModuleList
-    pool: list[str]
-    assignment: list[list[str]]
-    afu_config: dict[str, Any] | None
-
-    @property
-    def transform(self) -> CandidateTransform:
-        return self.activations[0].transform
-
-    @property
-    def afus(self) -> list[AFUnit] | None:
-        return None if self.afu_config is None else [a.afu for a in self.activations]
+    def __init__(
+        self,
+        pool: Sequence[str],
+        assignment: Sequence[Sequence[str]],
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        candidate_norm: str = "none",
+        afu: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(pool, preprocessing=preprocessing, candidate_norm=candidate_norm, afu=afu)
+        self.assignment = [list(layer) for layer in assignment]
 
     def activation_counts(self) -> list[dict[str, int]]:
         return [{n: layer.count(n) for n in self.pool} for layer in self.assignment]
@@ -220,57 +292,27 @@ def linear_t(linear: nn.Linear, h_t: Tensor) -> Tensor:
     return torch.addmm(linear.bias.unsqueeze(1), linear.weight, h_t)
 
 
-def _preprocessing_tensor(value: float | list[float]) -> Tensor:
-    return torch.tensor(value, dtype=torch.float32)
-
-
 class SelectiveMLP(SelectiveNetwork):
     """Phase 1: Linear layers, each hidden one followed by a ``MixedActivation`` over its
     neurons (per-neuron logits, straight-through hard Gumbel-Softmax selection).
 
-    The options beyond arch and pool pass straight through to every ``MixedActivation``
-    (smartmixed.nn documents them); ``afu``: the learned unit's {units, base, share}.
+    ``options``: preprocessing, afu (the learned unit's {units, base, share}) and what passes
+    straight through to every ``MixedActivation`` (``SelectiveNetwork``).
     """
 
     def __init__(
         self,
         arch: Sequence[int],
         pool: Sequence[str],
-        *,
-        preprocessing: dict[str, Any] | None = None,
-        tau: float = 0.3,
-        logit_init_std: float = 0.0,
-        candidate_norm: str = "none",
-        clamp: float | None = None,
-        eval_noise: bool = False,
-        logit_grad_norm: str = "none",
-        afu: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.arch, self.pool = list(arch), list(pool)
-        self.candidate_norm = candidate_norm
-        # the learned unit's {units, base, share} when the pool holds it
-        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
-        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
-        self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
-        self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
+        super().__init__(pool, **options)
+        self.arch = list(arch)
+        self._register_preprocessing()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
         widths = self.arch[1:-1]
-        self.activations = nn.ModuleList(
-            MixedActivation(
-                width,
-                pool=self.pool,
-                dim=0,  # neuron-major (see above)
-                tau=tau,
-                candidate_norm=candidate_norm,
-                logit_init_std=logit_init_std,
-                clamp=clamp,
-                eval_noise=eval_noise,
-                logit_grad_norm=logit_grad_norm,
-                afu=unit,
-            )
-            for width, unit in zip(widths, afu_units(self.afu_config, len(widths)), strict=True)
-        )
+        units = afu_units(self.afu_config, len(widths))
+        self.activations = self._mixed_layers(widths, [0] * len(widths), units)  # neuron-major
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, D) raw features -> logits (B, C)
         h = ((x - self.offset) * self.scale).t()  # (D, B) neuron-major
@@ -303,22 +345,12 @@ class MixedMLP(MixedNetwork):
         arch: Sequence[int],
         pool: Sequence[str],
         assignment: Sequence[Sequence[str]],
-        *,
-        preprocessing: dict[str, Any] | None = None,
-        candidate_norm: str = "none",
-        afu: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.arch, self.pool = list(arch), list(pool)
-        self.assignment = [list(layer) for layer in assignment]
-        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
-        self.preprocessing = pre
-        self.candidate_norm = candidate_norm
-        # the learned unit's {units, base, share} when the pool holds it; its parameters keep
-        # training in phase 2
-        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
-        self.register_buffer("offset", _preprocessing_tensor(pre["offset"]), persistent=False)
-        self.register_buffer("scale", _preprocessing_tensor(pre["scale"]), persistent=False)
+        """``options``: preprocessing, candidate_norm, afu (``MixedNetwork``)."""
+        super().__init__(pool, assignment, **options)
+        self.arch = list(arch)
+        self._register_preprocessing()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(arch))
         self.perms: list[Tensor] = []  # per hidden layer: internal position -> neuron index
         units = afu_units(self.afu_config, len(self.assignment))
@@ -329,7 +361,7 @@ class MixedMLP(MixedNetwork):
             self.perms.append(perm)
             activations.append(
                 FrozenMixedActivation(
-                    self.pool, index[perm], dim=0, candidate_norm=candidate_norm, afu=unit
+                    self.pool, index[perm], dim=0, candidate_norm=self.candidate_norm, afu=unit
                 )
             )
         self.activations = nn.ModuleList(activations)
@@ -347,14 +379,8 @@ class MixedMLP(MixedNetwork):
     @classmethod
     def from_selective(cls, selective: SelectiveMLP, *, preprocessing: dict[str, Any]) -> MixedMLP:
         """Freeze c_lj = argmax_k a_ljk and carry the phase-1 weights (and candidate norm) over."""
-        mixed = cls(
-            selective.arch,
-            selective.pool,
-            selective.assignment(),
-            preprocessing=preprocessing,
-            candidate_norm=selective.candidate_norm,
-            afu=selective.afu_config,
-        )
+        options = selective.network_options(preprocessing=preprocessing)
+        mixed = cls(selective.arch, selective.pool, selective.assignment(), **options)
         mixed.load_canonical_state_dict(selective.canonical_state_dict())
         return mixed.to(selective.offset.device)
 
@@ -381,13 +407,8 @@ class MixedMLP(MixedNetwork):
                 b = state[f"layers.{layer + 1}.bias"].double() - w @ shift
                 state[f"layers.{layer + 1}.weight"] = w.float()
                 state[f"layers.{layer + 1}.bias"] = b.float()
-        plain = MixedMLP(
-            self.arch,
-            self.pool,
-            self.assignment,
-            preprocessing=self.preprocessing,
-            afu=self.afu_config,
-        )
+        options = self.network_options(candidate_norm="none")
+        plain = MixedMLP(self.arch, self.pool, self.assignment, **options)
         plain.load_canonical_state_dict(state)
         return plain.to(self.offset.device)
 
@@ -487,13 +508,6 @@ def build_layers(layers: Sequence[dict[str, Any]], input_shape: Sequence[int]) -
     return nn.ModuleList(modules)
 
 
-def _image_preprocessing(value: float | list[float], shape: Sequence[int]) -> Tensor:
-    """offset or scale as a tensor broadcasting over (N, C, H, W): a scalar, or one value per
-    input feature (C*H*W, in the flattened order) reshaped to (C, H, W)."""
-    tensor = _preprocessing_tensor(value)
-    return tensor if tensor.dim() == 0 else tensor.reshape(*shape)
-
-
 class _Layered:
     """What phase 1 and phase 2 of a layered network share: the spec's layers, the hidden layers'
     kinds and widths, where each mixed layer applies, the preprocessing and the forward."""
@@ -502,31 +516,19 @@ class _Layered:
     activations: nn.ModuleList
 
     def _init_layered(
-        self,
-        layers: Sequence[dict[str, Any]],
-        input_shape: Sequence[int],
-        pool: Sequence[str],
-        preprocessing: dict[str, Any] | None,
-        afu: dict[str, Any] | None,
+        self, layers: Sequence[dict[str, Any]], input_shape: Sequence[int]
     ) -> list[AFUnit | None]:
+        """The spec's layers as modules, the preprocessing buffers, and the hidden layers'
+        learned units (returned; None without one)."""
         self.spec_layers = copy.deepcopy(list(layers))
         self.input_shape = list(input_shape)
         self.arch = layered_arch(self.spec_layers, self.input_shape)  # SpecError if misfit
-        self.pool = list(pool)
-        pre = preprocessing or {"offset": 0.0, "scale": 1.0}
-        self.preprocessing = pre
-        self.register_buffer(
-            "offset", _image_preprocessing(pre["offset"], input_shape), persistent=False
-        )
-        self.register_buffer(
-            "scale", _image_preprocessing(pre["scale"], input_shape), persistent=False
-        )
+        self._register_preprocessing(self.input_shape)
         self.layers = build_layers(self.spec_layers, self.input_shape)
         hidden = hidden_layer_indices(self.spec_layers)
         self.hidden_kinds = [self.spec_layers[i]["type"] for i in hidden]  # conv | linear
         # spec index after which each hidden layer's mixed layer applies -> hidden layer index
         self.activation_at = {i: h for h, i in enumerate(activation_after(self.spec_layers))}
-        self.afu_config = check_afu_config(afu) if AFU in self.pool else None
         units = afu_units(self.afu_config, len(hidden))
         self.afu = None if self.afu_config is None else nn.ModuleList(units)
         return units
@@ -547,41 +549,19 @@ class _Layered:
 class SelectiveConvNet(_Layered, SelectiveNetwork):
     """Phase 1 of a layered spec: ``MixedActivation(channels, dim=1)`` after every hidden conv,
     ``MixedActivation(features)`` after every hidden linear (after their batchnorm, if any).
-    The options pass straight through to every ``MixedActivation``, as for ``SelectiveMLP``."""
+    ``options`` pass straight through to every ``MixedActivation``, as for ``SelectiveMLP``."""
 
     def __init__(
         self,
         layers: Sequence[dict[str, Any]],
         input_shape: Sequence[int],
         pool: Sequence[str],
-        *,
-        preprocessing: dict[str, Any] | None = None,
-        tau: float = 0.3,
-        logit_init_std: float = 0.0,
-        candidate_norm: str = "none",
-        clamp: float | None = None,
-        eval_noise: bool = False,
-        logit_grad_norm: str = "none",
-        afu: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.candidate_norm = candidate_norm
-        units = self._init_layered(layers, input_shape, pool, preprocessing, afu)
-        self.activations = nn.ModuleList(
-            MixedActivation(
-                width,
-                pool=self.pool,
-                dim=self._feature_dim(hidden),
-                tau=tau,
-                candidate_norm=candidate_norm,
-                logit_init_std=logit_init_std,
-                clamp=clamp,
-                eval_noise=eval_noise,
-                logit_grad_norm=logit_grad_norm,
-                afu=unit,
-            )
-            for hidden, (width, unit) in enumerate(zip(self.arch[1:-1], units, strict=True))
-        )
+        super().__init__(pool, **options)
+        units = self._init_layered(layers, input_shape)
+        dims = [self._feature_dim(hidden) for hidden in range(len(units))]
+        self.activations = self._mixed_layers(self.arch[1:-1], dims, units)
 
     def canonical_state_dict(self) -> dict[str, Tensor]:
         """The weights as artifacts name them: layers.{i}.* (no batchnorm step counters) and
@@ -601,15 +581,11 @@ class MixedConvNet(_Layered, MixedNetwork):
         input_shape: Sequence[int],
         pool: Sequence[str],
         assignment: Sequence[Sequence[str]],
-        *,
-        preprocessing: dict[str, Any] | None = None,
-        candidate_norm: str = "none",
-        afu: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
-        self.candidate_norm = candidate_norm
-        self.assignment = [list(layer) for layer in assignment]
-        units = self._init_layered(layers, input_shape, pool, preprocessing, afu)
+        """``options``: preprocessing, candidate_norm, afu (``MixedNetwork``)."""
+        super().__init__(pool, assignment, **options)
+        units = self._init_layered(layers, input_shape)
         if len(self.assignment) != len(units):
             raise SpecError(
                 f"assignment: expected {len(units)} hidden layers, got {len(self.assignment)}"
@@ -619,7 +595,7 @@ class MixedConvNet(_Layered, MixedNetwork):
                 self.pool,
                 names,
                 dim=self._feature_dim(hidden),
-                candidate_norm=candidate_norm,
+                candidate_norm=self.candidate_norm,
                 afu=unit,
             )
             for hidden, (names, unit) in enumerate(zip(self.assignment, units, strict=True))
@@ -643,15 +619,9 @@ class MixedConvNet(_Layered, MixedNetwork):
     ) -> MixedConvNet:
         """Freeze every feature's argmax and carry the phase-1 weights, batchnorm statistics,
         units and candidate norm over."""
-        mixed = cls(
-            selective.spec_layers,
-            selective.input_shape,
-            selective.pool,
-            selective.assignment(),
-            preprocessing=preprocessing,
-            candidate_norm=selective.candidate_norm,
-            afu=selective.afu_config,
-        )
+        options = selective.network_options(preprocessing=preprocessing)
+        layers, shape = selective.spec_layers, selective.input_shape
+        mixed = cls(layers, shape, selective.pool, selective.assignment(), **options)
         mixed.layers.load_state_dict(selective.layers.state_dict())  # step counters too
         load_afu_state(mixed.afus, mixed.afu_config, afu_state_dict(selective.afus))
         return mixed.to(selective.offset.device)
@@ -719,14 +689,9 @@ class MixedConvNet(_Layered, MixedNetwork):
                     shifted = w @ shift.repeat_interleave(block)
                 state[f"layers.{c}.weight"] = w.float()
                 state[f"layers.{c}.bias"] = (state[f"layers.{c}.bias"].double() - shifted).float()
+        options = self.network_options(candidate_norm=norm)
         plain = MixedConvNet(
-            self.spec_layers,
-            self.input_shape,
-            self.pool,
-            self.assignment,
-            preprocessing=self.preprocessing,
-            candidate_norm=norm,
-            afu=self.afu_config,
+            self.spec_layers, self.input_shape, self.pool, self.assignment, **options
         )
         plain.load_canonical_state_dict(state)
         plain.train(self.training)
