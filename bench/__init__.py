@@ -2,7 +2,7 @@
 and how the service holds up (soak).
 
 A bench's options are a dataclass whose fields carry the help of their flags
-(``field(default=..., metadata={"help": ...})``): ``add_options`` writes one flag per field into
+(``field(default=..., metadata=flag("..."))``): ``add_options`` writes one flag per field into
 the bench's subcommand, so every default is written once.
 """
 
@@ -29,34 +29,37 @@ def parse_positive_ints(text: str | Iterable[int], what: str) -> list[int]:
         raise BenchError(str(e)) from None
 
 
+def flag(help: str, choices: Iterable[str] | None = None, group: str | None = None) -> dict:
+    """An options field's metadata for add_options: the help of its flag, its choices, and the
+    mutually exclusive group it belongs to."""
+    return {"help": help, "choices": list(choices) if choices else None, "group": group}
+
+
 def add_options(
     parser: argparse.ArgumentParser, options: type, *, helps: Mapping[str, str] | None = None
 ) -> None:
     """One flag per field of the dataclass ``options``, in field order: --NAME (the field's name
     less a trailing ``_s``, dashed; its last word the metavar), the field's type (a bool: a
-    switch) and default, and the field's metadata: ``help`` (else ``helps[name]``; the default is
-    appended), optionally ``flag`` (another name), ``choices``, ``group`` (a mutually exclusive
-    group of that name). The parsed values go to ``options`` through call_with_options."""
+    switch) and default, its ``flag`` metadata (or help from ``helps``), the default appended
+    to the help. The parsed values go to ``options`` through contract.call_with_options."""
     hints = typing.get_type_hints(options)
     groups: dict[str, Any] = {}
     for f in fields(options):
-        meta = dict(f.metadata)
-        text = meta.pop("help", None) or (helps or {})[f.name]
-        flag = meta.pop("flag", "--" + f.name.removesuffix("_s").replace("_", "-"))
-        group = meta.pop("group", None)
-        if group is not None and group not in groups:
+        meta = f.metadata or flag((helps or {})[f.name])
+        name, text = "--" + f.name.removesuffix("_s").replace("_", "-"), meta["help"]
+        if (group := meta["group"]) is not None and group not in groups:
             groups[group] = parser.add_mutually_exclusive_group()
-        parser_or_group = parser if group is None else groups[group]
-        # X | None: X
-        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), None)
-        kind = kind or hints[f.name]
+        target = parser if group is None else groups[group]
+        hint = hints[f.name]  # X | None: X
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         if kind is bool:
-            parser_or_group.add_argument(flag, dest=f.name, action="store_true", help=text)
+            target.add_argument(name, dest=f.name, action="store_true", help=text)
             continue
         if f.default is not None:
             text += f" (default {format(f.default, 'g') if kind is float else f.default})"
-        if "choices" not in meta:
-            meta["metavar"] = flag.rsplit("-", 1)[-1].upper()
-        parser_or_group.add_argument(
-            flag, dest=f.name, type=kind, default=f.default, help=text, **meta
+        more = (
+            {"choices": meta["choices"]}
+            if meta["choices"]
+            else {"metavar": name.split("-")[-1].upper()}
         )
+        target.add_argument(name, dest=f.name, type=kind, default=f.default, help=text, **more)

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, parse_positive_ints
+from smartmixed.bench import BenchError, flag, parse_positive_ints
 from smartmixed.bench.load import (
     DEFAULT_CHANNELS,
     GRPC_GENERATORS,
@@ -136,75 +136,67 @@ class HttpOptions:
     when made, before any server starts; the defaults ``against_mlserver`` changes filled in."""
 
     arch: str | list[int] | None = field(
-        default=None, metadata={"help": "layer widths of the built models (default: the paper's)"}
+        default=None, metadata=flag("layer widths of the built models (default: the paper's)")
     )
     repository: Path | None = field(
-        default=None, metadata={"help": "bench these exported models instead of building two"}
+        default=None, metadata=flag("bench these exported models instead of building two")
     )
     models: str | list[str] | None = field(
         default=None,
-        metadata={"help": "model names (default: mixed,fixed-relu, or all in --repository)"},
+        metadata=flag("model names (default: mixed,fixed-relu, or all in --repository)"),
     )
     url: str | None = field(
-        default=None,
-        metadata={"help": "http://127.0.0.1:PORT of a running server (none is started)"},
+        default=None, metadata=flag("http://127.0.0.1:PORT of a running server (none is started)")
     )
     grpc_address: str | None = field(
-        default=None, metadata={"help": "with --url: 127.0.0.1:PORT of that server's gRPC endpoint"}
+        default=None, metadata=flag("with --url: 127.0.0.1:PORT of that server's gRPC endpoint")
     )
     protocol: str = field(
         default="rest",
-        metadata={
-            "help": "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side",
-            "choices": list(PROTOCOLS),
-        },
+        metadata=flag(
+            "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side", PROTOCOLS
+        ),
     )
     against_mlserver: bool = field(
         default=False,
-        metadata={
-            "help": "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
+        metadata=flag(
+            "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
             f"measure both, both servers at {COMPARED_THREADS} intra-op thread (defaults then: "
             f"--models {_listed(MLSERVER_MODELS)}, --batching {_listed(MLSERVER_BATCHING)}, "
             f"--concurrency {_listed(MLSERVER_CONCURRENCY)}, --rounds {MLSERVER_ROUNDS})"
-        },
+        ),
     )
     concurrency: str | list[int] | None = field(
         default=None,
-        metadata={
-            "help": "connections (REST) / calls in flight (gRPC) "
-            f"(default {_listed(DEFAULT_CONCURRENCY)})"
-        },
+        metadata=flag(
+            f"connections (REST) / calls in flight (gRPC) (default {_listed(DEFAULT_CONCURRENCY)})"
+        ),
     )
-    duration: int = field(default=5, metadata={"help": "seconds per point"})
+    duration: int = field(default=5, metadata=flag("seconds per point"))
     rounds: int | None = field(
         default=None,
-        metadata={"help": f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})"},
+        metadata=flag(f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})"),
     )
     grpc_channels: int = field(
-        default=DEFAULT_CHANNELS, metadata={"help": "HTTP/2 connections the gRPC calls share"}
+        default=DEFAULT_CHANNELS, metadata=flag("HTTP/2 connections the gRPC calls share")
     )
     grpc_generator: str = field(
         default=H2LOAD,
-        metadata={
-            "help": "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted "
-            "by the server's metrics) or python (grpc.aio closed loop)",
-            "choices": list(GRPC_GENERATORS),
-        },
+        metadata=flag(
+            "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
+            "server's metrics) or python (grpc.aio closed loop)",
+            GRPC_GENERATORS,
+        ),
     )
-    warmup: int = field(
-        default=1, metadata={"help": "unrecorded seconds per server and model first"}
-    )
+    warmup: int = field(default=1, metadata=flag("unrecorded seconds per server and model first"))
     batching: str | list[str] | None = field(
-        default=None, metadata={"help": "on,off (default both; not with --url)"}
+        default=None, metadata=flag("on,off (default both; not with --url)")
     )
     load_generator: str = field(
         default="auto",
-        metadata={
-            "help": "auto: wrk when installed, else Python (asyncio + httpx)",
-            "choices": list(LOAD_GENERATORS),
-        },
+        metadata=flag("auto: wrk when installed, else Python (asyncio + httpx)", LOAD_GENERATORS),
     )
-    seed: int = field(default=0, metadata={"help": "assignment, weights and request row"})
+    seed: int = field(default=0, metadata=flag("assignment, weights and request row"))
 
     def __post_init__(self) -> None:
         mlserver = self.against_mlserver

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError
+from smartmixed.bench import BenchError, flag
 from smartmixed.contract import (
     CONV_PRESETS,
     layered_arch,
@@ -131,24 +131,20 @@ class TrainCostOptions:
     """What ``smartmixed-bench train-cost`` times (a flag per field: bench.add_options)."""
 
     arch: str | list[int] | None = field(
-        default=None, metadata={"help": "MLP layer widths (default: the paper's)", "group": "net"}
+        default=None, metadata=flag("MLP layer widths (default: the paper's)", group="net")
     )
     preset: str | None = field(
         default=None,
-        metadata={
-            "help": "a conv net instead, on 28x28 one-channel images (10 classes)",
-            "choices": list(CONV_PRESETS),
-            "group": "net",
-        },
+        metadata=flag(
+            "a conv net instead, on 28x28 one-channel images (10 classes)", CONV_PRESETS, "net"
+        ),
     )
-    batch_size: int = field(default=128, metadata={"help": "samples per training step"})
-    rounds: int = field(default=15, metadata={"help": "interleaved rounds"})
-    steps: int = field(default=20, metadata={"help": "timed steps per model per round"})
-    warmup: int = field(default=10, metadata={"help": "untimed steps per model first"})
-    threads: int | None = field(default=None, metadata={"help": "torch intra-op threads"})
-    device: str = field(
-        default="cpu", metadata={"help": "where the steps run", "choices": ["cpu", "cuda"]}
-    )
+    batch_size: int = field(default=128, metadata=flag("samples per training step"))
+    rounds: int = field(default=15, metadata=flag("interleaved rounds"))
+    steps: int = field(default=20, metadata=flag("timed steps per model per round"))
+    warmup: int = field(default=10, metadata=flag("untimed steps per model first"))
+    threads: int | None = field(default=None, metadata=flag("torch intra-op threads"))
+    device: str = field(default="cpu", metadata=flag("where the steps run", ("cpu", "cuda")))
 
     def __post_init__(self) -> None:
         """Checked before anything is built; an MLP's ``arch`` parsed (SpecError)."""

@@ -102,9 +102,19 @@ def test_unknown_preset_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert str(error.value) == "--preset 'vgg': expected one of lenet5, convnet"
 
 
-def test_bad_arch_is_a_clear_error(tmp_path: Path, capsys) -> None:
-    assert main(["train-cost", "--out", str(tmp_path), "--arch", "1,2"]) == 2
-    assert "smartmixed-bench: error:" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--arch", "1,2"], "architecture [1, 2] needs an input width"),
+        (["--steps", "0"], "--batch-size, --rounds, --steps must be >= 1, --warmup >= 0"),
+        (["--warmup", "-1"], "--batch-size, --rounds, --steps must be >= 1, --warmup >= 0"),
+    ],
+)
+def test_bad_options_are_one_line(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
+    assert main(["train-cost", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"smartmixed-bench: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
