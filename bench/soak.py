@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
+from smartmixed.bench import soak_clients as clients
 from smartmixed.bench.load import (
     WRK_MARKER,
     WRK_SUMMARY,
@@ -59,36 +60,19 @@ from smartmixed.bench.server import (
 )
 from smartmixed.bench.server import server_env as inherited_env
 from smartmixed.bench.soak_clients import (
-    BODY_CHUNK,
     HEALTH_PATH,
     LIVE_PATH,
     PROBE_TIMEOUT_S,
-    SERVER_OPEN_STATES,
     Attempt,
     Prober,
     SoakError,
-    Upload,
-    big_header,
-    closed_loop,
-    health_probe,
     http_request,
-    open_slow_readers,
     percentile_values,
-    pipelined_header,
     probe_series,
     raised_nofile,
-    read_fd_count,
-    read_nofile,
-    read_rss_mib,
     rounded,
-    rss_sampler,
     run_async,
-    server_sampler,
-    slow_connections,
-    slow_uploads,
     summarize_probes,
-    tcp_state,
-    unsent_close,
 )
 from smartmixed.contract import SpecError, outputs, parse_arch, parse_positive_ints, split_list
 
@@ -331,7 +315,7 @@ def _source(
     if model is None:
         raise SoakError("--url needs --model NAME (the model to send requests to)")
     base = check_url(url)
-    if pid is not None and read_rss_mib(pid) is None:
+    if pid is not None and clients.read_rss_mib(pid) is None:
         raise SoakError(f"--pid {pid}: no such process (or /proc/{pid}/status is unreadable)")
     try:
         with httpx.Client(timeout=3.0, trust_env=False) as client:
@@ -378,7 +362,7 @@ class Run:
         return self.started.process
 
     def rss_mib(self) -> float | None:
-        return read_rss_mib(self.pid)
+        return clients.read_rss_mib(self.pid)
 
     def alive(self) -> bool:
         """Still running and answering /v2/health/live within a few seconds."""
@@ -405,7 +389,7 @@ class Run:
         return Prober(host, port or server_port, requests, interval=interval, duration=duration)
 
     def health_prober(self, *, duration: float) -> Prober:
-        return self.prober([health_probe(*self.host_port)], duration=duration)
+        return self.prober([clients.health_probe(*self.host_port)], duration=duration)
 
     def infer_request(self, *, close: bool = False) -> bytes:
         host, port = self.host_port
@@ -615,7 +599,7 @@ def _run_for(
     """A scenario's Run on the server it started (or the one at --url), recorded in entry."""
     if started is None:
         url, pid = suite.source.url or "", suite.source.pid
-        nofile = read_nofile(pid) if pid else None
+        nofile = clients.read_nofile(pid) if pid else None
     else:
         url, pid = started.url, started.pid
         nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -831,7 +815,7 @@ def scenario_soak(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         load_generator="wrk" if run.use_wrk else "python-asyncio",
     )
     rss_start = run.rss_mib()
-    with rss_sampler(run.pid, RSS_SOAK_INTERVAL_S) as rss:
+    with clients.rss_sampler(run.pid, RSS_SOAK_INTERVAL_S) as rss:
         load = _wrk_soak(run) if run.use_wrk else _python_soak(run)
     series = {"rss_mib": [list(s) for s in rss.samples], "rps": load.pop("rps_series")}
     ok = sum(n for s, n in load["statuses"].items() if s.startswith("2"))
@@ -855,7 +839,7 @@ def _infer_load(run: Run, *, concurrency: int, seconds: float) -> list[Attempt]:
     host, port = run.host_port
     end = time.monotonic() + seconds
     return run_async(
-        closed_loop(
+        clients.closed_loop(
             host,
             port,
             run.infer_request(),
@@ -884,7 +868,7 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     host = run.host_port[0]
     probers = [
         run.prober(
-            [health_probe(host, port, path) for path in (LIVE_PATH, HEALTH_PATH)],
+            [clients.health_probe(host, port, path) for path in (LIVE_PATH, HEALTH_PATH)],
             duration=o.overload_duration_s,
             port=port,
         )
@@ -962,7 +946,7 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
             infer = run.infer_request(close=True)
             probers.append(run.prober([infer], duration=o.slow_duration_s, every=INFER_PROBE_EVERY))
             records = run_async(
-                slow_connections(
+                clients.slow_connections(
                     host,
                     port,
                     slots=o.slow_clients,
@@ -1004,15 +988,15 @@ def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     size = int(o.header_mb * 1e6)
     run.config.update(
-        header_bytes=size, chunk_bytes=BODY_CHUNK, limit_s=o.header_limit_s, path=LIVE_PATH
+        header_bytes=size, chunk_bytes=clients.BODY_CHUNK, limit_s=o.header_limit_s, path=LIVE_PATH
     )
     host, port = run.host_port
     before = run.rss_mib()
     prober = run.health_prober(duration=o.header_limit_s)
     t0 = time.monotonic()
     try:
-        with rss_sampler(run.pid, RSS_HEADER_INTERVAL_S) as rss:
-            outcome = run_async(big_header(host, port, size=size, limit=o.header_limit_s))
+        with clients.rss_sampler(run.pid, RSS_HEADER_INTERVAL_S) as rss:
+            outcome = run_async(clients.big_header(host, port, size=size, limit=o.header_limit_s))
             time.sleep(SETTLE_AFTER_HEADER_S)
     finally:
         probes = prober.stop()
@@ -1095,7 +1079,7 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
 
     async def drive() -> list[Attempt]:
         load = asyncio.ensure_future(
-            closed_loop(
+            clients.closed_loop(
                 host,
                 port,
                 request,
@@ -1157,18 +1141,32 @@ def attack_connections(cap: int | None, overcommit: float) -> int:
 
 
 class Watch:
-    """The health prober and the server sampler around an attack; ``measures()`` after it.
-    Growths compare the peak with the sample taken just before the attack."""
+    """The health prober and the server sampler around an attack (the ``with`` block, with the
+    bench's open-file limit raised); leaving it stops the probes and, unless it raised, gives
+    the server SETTLE_S to log and free what the attack left. ``measures()`` after it: growths
+    compare the peak with the sample taken just before the attack."""
 
     def __init__(self, run: Run, *, duration: float) -> None:
         self.run = run
         self.rss_before = run.rss_mib()
-        self.fd_before = read_fd_count(run.pid)
+        self.fd_before = clients.read_fd_count(run.pid)
         self.tracebacks_before = run.tracebacks()
         self.t0 = time.monotonic()
-        self.sampler = server_sampler(run.pid, run.host_port[1], WIRE_SAMPLE_S)
+        self.sampler = clients.server_sampler(run.pid, run.host_port[1], WIRE_SAMPLE_S)
         self.prober = run.health_prober(duration=duration)
         self.probes: list[list[Any]] | None = None
+
+    def __enter__(self) -> Watch:
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(raised_nofile())
+        self._stack.enter_context(self.sampler)
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
+        with self._stack:
+            self.stop_probes()
+            if error is None:
+                time.sleep(SETTLE_S)
 
     def stop_probes(self) -> None:
         if self.probes is None:
@@ -1200,17 +1198,6 @@ class Watch:
         }
 
 
-@contextlib.contextmanager
-def watched(run: Run, *, duration: float) -> Iterator[Watch]:
-    """Probes and samples while the block runs (the prober is stopped at its end at the latest)."""
-    watch = Watch(run, duration=duration)
-    try:
-        with raised_nofile(), watch.sampler:
-            yield watch
-    finally:
-        watch.stop_probes()
-
-
 def _since(now: int | None, before: int | None) -> int | None:
     return None if now is None or before is None else now - before
 
@@ -1235,7 +1222,7 @@ def _open_readers(run: Run, n: int) -> tuple[list, Counter[str]]:
     request = http_request("GET", OPENAPI_PATH, f"{host}:{port}")
     payload = request * run.options.readers_requests
     return asyncio.run(
-        open_slow_readers(
+        clients.open_slow_readers(
             host, port, connections=n, payload=payload, rcvbuf=run.options.readers_rcvbuf
         )
     )
@@ -1243,8 +1230,8 @@ def _open_readers(run: Run, n: int) -> tuple[list, Counter[str]]:
 
 def _states(socks: list) -> dict[str, int]:
     """Held connections: still open on the server's side, or closed by it."""
-    states = Counter(tcp_state(s) for s in socks)
-    still = sum(v for k, v in states.items() if k in SERVER_OPEN_STATES)
+    states = Counter(clients.tcp_state(s) for s in socks)
+    still = sum(v for k, v in states.items() if k in clients.SERVER_OPEN_STATES)
     return {"still_open": still, "closed_by_server": states.total() - still}
 
 
@@ -1265,7 +1252,7 @@ def scenario_slow_readers(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         rcvbuf=o.readers_rcvbuf,
     )
     socks: list = []
-    with watched(run, duration=o.wire_duration_s) as watch:
+    with Watch(run, duration=o.wire_duration_s) as watch:
         try:
             socks, errors = _open_readers(run, n)
             _sleep_until(watch.t0 + o.wire_duration_s)
@@ -1274,7 +1261,6 @@ def scenario_slow_readers(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
             before_close = run.tracebacks()
         finally:
             _close(socks)
-        time.sleep(SETTLE_S)
     measured = {
         "connections": n,
         "connected": len(socks),
@@ -1360,9 +1346,9 @@ def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]
         request_bytes=len(request),
         last_id_bytes=id_bytes,
     )
-    with watched(run, duration=o.wire_duration_s) as watch:
+    with Watch(run, duration=o.wire_duration_s) as watch:
         records = asyncio.run(
-            pipelined_header(
+            clients.pipelined_header(
                 host,
                 port,
                 connections=o.pipelined_connections,
@@ -1372,8 +1358,6 @@ def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]
                 duration=o.wire_duration_s,
             )
         )
-        watch.stop_probes()
-        time.sleep(SETTLE_S)
     connected = [r for r in records if r["error"] is None]
     answers: Counter[str] = Counter()
     for r in connected:
@@ -1405,10 +1389,10 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     ramp = o.wire_duration_s / 2
     _wire_config(run, connections=n, id_bytes=id_bytes, rcvbuf=o.readers_rcvbuf, ramp_s=ramp)
     socks: list = []
-    with watched(run, duration=o.wire_duration_s) as watch:
+    with Watch(run, duration=o.wire_duration_s) as watch:
         try:
             socks, records = asyncio.run(
-                unsent_close(
+                clients.unsent_close(
                     host, port, connections=n, request=request, rcvbuf=o.readers_rcvbuf, ramp=ramp
                 )
             )
@@ -1417,8 +1401,7 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
             states = _states(socks)
         finally:
             _close(socks)
-        time.sleep(SETTLE_S)
-    fd_after = read_fd_count(run.pid)
+    fd_after = clients.read_fd_count(run.pid)
     measures = watch.measures()
     fd_over = None
     if None not in (measures["fd_peak"], measures["fd_before"], run.connection_cap):
@@ -1438,7 +1421,7 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     return measured, watch.series()
 
 
-def uploads(run: Run, *, size: int) -> list[Upload]:
+def uploads(run: Run, *, size: int) -> list[clients.Upload]:
     """One upload per route that reads a body: a valid request padded with spaces to ``size``."""
     host, port = run.host_port
     row = json.loads(run.target.body)["inputs"][0]["data"]
@@ -1451,7 +1434,7 @@ def uploads(run: Run, *, size: int) -> list[Upload]:
     for path, body in bodies.items():
         padded = body + b" " * max(size - len(body), 0)
         head = http_request("POST", path, f"{host}:{port}", padded)[: -len(padded)]
-        out.append(Upload(route=path, head=head, body=padded))
+        out.append(clients.Upload(route=path, head=head, body=padded))
     return out
 
 
@@ -1468,12 +1451,12 @@ def scenario_slow_bodies(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         send_s=o.bodies_send_s,
         body_timeout_s=run.settings["body_timeout_s"],
     )
-    with watched(run, duration=o.bodies_send_s + 30) as watch:
+    with Watch(run, duration=o.bodies_send_s + 30) as watch:
         records = asyncio.run(
-            slow_uploads(host, port, uploads=routes * o.bodies_clients, seconds=o.bodies_send_s)
+            clients.slow_uploads(
+                host, port, uploads=routes * o.bodies_clients, seconds=o.bodies_send_s
+            )
         )
-        watch.stop_probes()
-        time.sleep(SETTLE_S)
     by_route: dict[str, Counter[str]] = {}
     for r in records:
         by_route.setdefault(r["route"], Counter())[str(r["status"])] += 1

@@ -144,7 +144,6 @@ class Attempt:
     outcome: str
     status: int | None = None
     retry_after: bool = False
-    close: bool = False
     reused: bool = False  # sent on a keep-alive connection that had already answered
 
 
@@ -188,9 +187,7 @@ async def closed_loop(
                 writer = None
                 continue
             seconds = time.monotonic() - t0
-            attempts.append(
-                Attempt(t0, seconds, "reply", reply.status, reply.retry_after, reply.close, reused)
-            )
+            attempts.append(Attempt(t0, seconds, "reply", reply.status, reply.retry_after, reused))
             if reply.close:
                 writer.close()
                 writer = None
