@@ -278,18 +278,18 @@ def _url_plan(o: HttpOptions, names: list[str] | None) -> Plan:
     """The running server at ``o.url``, checked: loopback, ready, and the options it allows."""
     if o.repository is not None or o.arch is not None:
         raise BenchError(
-            "--url targets a running server: --repository and --arch "
-            "belong to the server, not the bench"
+            "--url targets a running server: --repository and --arch belong to the server, not "
+            "the bench"
         )
     if o.against_mlserver:
         raise BenchError(
-            "--against-mlserver starts both servers on the same model files; it cannot go "
-            "with --url"
+            "--against-mlserver starts both servers on the same model files; it cannot go with "
+            "--url"
         )
     if o.batching is not None:
         raise BenchError(
-            "--url: batching is the running server's setting; leave "
-            "--batching out (it is read from the model config)"
+            "--url: batching is the running server's setting; leave --batching out (it is read "
+            "from the model config)"
         )
     if "grpc" in o.protocols and o.grpc_address is None:
         raise BenchError("--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT")

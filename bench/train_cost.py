@@ -47,6 +47,7 @@ CONV_INPUT_SHAPE = [1, 28, 28]  # (C, H, W): the presets are written for MNIST-s
 TARGETS = {"phase1_vs_fixed": 1.3, "phase2_vs_fixed": 1.1}
 MODELS = ("fixed_relu", "phase1", "phase2", "phase1_naive")
 PREPROCESSING = {"offset": 0.0, "scale": 1 / 255}  # raw pixels in [0, 255] -> [0, 1]
+COLUMNS = ("model", "ms/step (median)", "p05", "p95", "samples/s", "vs fixed-ReLU", "target")
 
 
 def stack_all_candidates(activation: MixedActivation, z: Tensor, *, dim: int) -> Tensor:
@@ -307,46 +308,29 @@ def _network(config: dict[str, Any]) -> str:
 
 def render_markdown(result: dict[str, Any]) -> str:
     c, m = result["config"], result["machine"]
-    title = f"# Training-step cost: {c['preset']}" if c.get("preset") else "# Training-step cost"
     rows = []
     for name, model in result["models"].items():
-        ratio = result["ratios"].get(f"{name}_vs_fixed")
-        target = result["targets"].get(f"{name}_vs_fixed")
-        rows.append(
-            (
-                name,
-                f"{model['ms_per_step']:.2f}",
-                f"{model['p05_ms']:.2f}",
-                f"{model['p95_ms']:.2f}",
-                f"{model['samples_per_s']:.0f}",
-                f"{'1.00' if ratio is None else f'{ratio:.2f}'}x",
-                "" if target is None else f"<= {target}x",
-            )
-        )
-    norms = c.get("candidate_norm") or {}
-    header = ("model", "ms/step (median)", "p05", "p95", "samples/s", "vs fixed-ReLU", "target")
-    return (
-        "\n".join(
-            [
-                title,
-                "",
-                f"{_network(c)[0].upper()}{_network(c)[1:]}, batch {c['batch_size']}, "
-                + (f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU")
-                + f", {c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
-                f"{c['steps_per_round']} steps per model.",
-                f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}.",
-                "",
-                *markdown_table(header, rows),
-                "",
-                "phase1 = SmartMixed phase 1 (custom straight-through function); phase2 = frozen mix, "
-                f"{c['phase2_assignment']}; phase1_naive = stack-all-activations reference (not used "
-                "in training). Candidate norm: "
-                + ", ".join(f"{name} {norm}" for name, norm in norms.items())
-                + ".",
-            ]
-        )
-        + "\n"
-    )
+        ratio, target = (result[key].get(f"{name}_vs_fixed") for key in ("ratios", "targets"))
+        times = (f"{model[key]:.2f}" for key in ("ms_per_step", "p05_ms", "p95_ms"))
+        vs_fixed = f"{1.0 if ratio is None else ratio:.2f}x", f"<= {target}x" if target else ""
+        rows.append((name, *times, f"{model['samples_per_s']:.0f}", *vs_fixed))
+    norms = ", ".join(f"{name} {norm}" for name, norm in (c.get("candidate_norm") or {}).items())
+    network, device = _network(c), f"GPU {c['gpu']}" if c.get("device") == "cuda" else "CPU"
+    lines = [
+        f"# Training-step cost: {c['preset']}" if c.get("preset") else "# Training-step cost",
+        "",
+        f"{network[0].upper()}{network[1:]}, batch {c['batch_size']}, {device}, "
+        f"{c['torch_threads']} torch threads; {c['rounds']} interleaved rounds x "
+        f"{c['steps_per_round']} steps per model.",
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}.",
+        "",
+        *markdown_table(COLUMNS, rows),
+        "",
+        "phase1 = SmartMixed phase 1 (custom straight-through function); phase2 = frozen mix, "
+        f"{c['phase2_assignment']}; phase1_naive = stack-all-activations reference (not used "
+        f"in training). Candidate norm: {norms}.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
