@@ -497,7 +497,8 @@ def save_checkpoint(run_dir: Path, tensors: dict[str, Tensor], state: dict[str, 
 def read_checkpoint(run_dir: Path) -> tuple[TensorFile, dict[str, Any]]:
     """The checkpoint's header (its tensors' names, dtypes and shapes; no data read) and its
     JSON state, an object of the objects ``config``, ``optimizer`` and ``run``; ArtifactError
-    otherwise. What each field must hold is the training loop's to check (``loop._restore``)."""
+    otherwise. What each field must hold is the training loop's to check
+    (``loop._Run._restore``)."""
     path = run_dir / CHECKPOINT
     if not (path.exists() or path.is_symlink()):
         raise ArtifactError(f"{path}: no checkpoint to resume from")

@@ -33,7 +33,7 @@ from smartmixed.contract import split_list
 from smartmixed.contract.files import atomic_write_bytes, atomic_write_text
 from smartmixed.train import artifacts, report
 from smartmixed.train.data import Dataset
-from smartmixed.train.loop import TrainConfig, TrainError, train_run
+from smartmixed.train.loop import TrainConfig, TrainError, recorded_options, train_run
 from smartmixed.train.model import ModelSpec
 
 AUTO = "auto"  # OUT/auto/ holds the sub-runs; model.json's training.auto the record
@@ -367,9 +367,11 @@ def _train_or_read(
 
 def _check_same_run(spec: ModelSpec, sub: SubRun, dataset: Dataset, folder: Path) -> None:
     """A complete sub-run counts only when it was trained with this plan's options on this
-    data (a rerun with another --lr, --epochs, ... must not pick up the old runs)."""
+    data (a rerun with another --lr, --epochs, ... must not pick up the old runs); a former
+    protocol name counts as today's."""
     expected = json.loads(json.dumps({**asdict(sub.config), "data_request": dataset.request}))
-    changed = [k for k, v in expected.items() if spec.training.get(k) != v]
+    recorded = recorded_options(spec.training)
+    changed = [k for k, v in expected.items() if recorded.get(k) != v]
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if changed[8:] else "")
         raise TrainError(

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from collections.abc import Sequence
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from smartmixed.contract import (
-    AFU_BASES,
-    AFU_SHARES,
     CONV_PRESETS,
     image_shape,
     is_conv_preset,
@@ -25,19 +26,14 @@ from smartmixed.train.auto import AUTO, plan_auto, summary_table, train_auto
 from smartmixed.train.data import DataError, Dataset, load_dataset
 from smartmixed.train.distributed import DistributedError
 from smartmixed.train.loop import (
+    CHOICES,
     DEFAULT_PROTOCOL,
-    PHASE2_INITS,
-    PHASE2_NORMS,
     PROTOCOLS,
-    SELECT_RULES,
-    SELECTIONS,
     TrainConfig,
     TrainError,
     train_run,
 )
 from smartmixed.train.model import (
-    CANDIDATE_NORMS,
-    LOGIT_GRAD_NORMS,
     PRESETS,
     ModelSpec,
     SpecError,
@@ -62,121 +58,43 @@ examples:
 """
 
 
-def config_options(d: dict) -> dict[str, dict]:
-    """TrainConfig's options on the command line: flag -> argparse keywords, given the default
-    protocol's settings ``d`` for the help texts. Every default is None: an option left out
+def config_options() -> dict[str, dict[str, Any]]:
+    """TrainConfig's options on the command line: flag -> argparse keywords, one flag per field
+    declared with ``loop.flag`` (its help from the field's metadata and default, its type from
+    the field's, its choices from ``loop.CHOICES``). Every default is None: an option left out
     takes the --protocol's value (or TrainConfig's own default), so the flags' dests are
-    exactly TrainConfig's fields."""
-    return {
-        "--mode": {
-            "help": "smartmixed (default), fixed:ACTIVATION, or auto: screen the pool's fixed "
-            "activations, then train SmartMixed and the best of them alike and keep the better "
-            "on validation accuracy (the sub-runs in OUT/auto/)"
-        },
-        "--pool": {"help": "comma-separated candidate activations (smartmixed)"},
-        "--p1-epochs": {"type": int, "help": f"phase-1 epochs (default {d['p1_epochs']})"},
-        "--p2-epochs": {"type": int, "help": f"phase-2 epochs (default {d['p2_epochs']})"},
-        "--epochs": {"type": int, "help": f"epochs of a fixed run (default {d['epochs']})"},
-        "--lr": {"type": float, "help": f"Adam learning rate (default {d['lr']})"},
-        "--logit-lr": {
-            "type": float,
-            "help": f"learning rate of the activation logits (default {d['logit_lr']}; "
-            "paper: the same as --lr)",
-        },
-        "--batch-size": {"type": int, "help": f"default {d['batch_size']}"},
-        "--tau": {"type": float, "help": f"Gumbel-Softmax temperature (default {d['tau']})"},
-        "--tau-end": {
-            "type": float,
-            "help": "phase-1 temperature at the last epoch, annealed exponentially from "
-            "--tau (default: constant)",
-        },
-        "--select": {
-            "choices": SELECT_RULES,
-            "help": "which phase-1 epoch's argmax is frozen: best validation loss, best "
-            f"validation accuracy, or the last (default {d['select']})",
-        },
-        "--candidate-norm": {
-            "choices": CANDIDATE_NORMS,
-            "help": "standard: each candidate scaled to zero mean, unit variance under "
-            "N(0, 1) inputs, so candidates compete on shape, not scale (default for "
-            "smartmixed; none for fixed baselines and the paper protocols)",
-        },
-        "--logit-grad-norm": {
-            "choices": LOGIT_GRAD_NORMS,
-            "help": "candidate: each candidate's logit gradient rescaled, layer by layer, to "
-            f"the same RMS over neurons (default {d['logit_grad_norm']})",
-        },
-        "--soft-epochs": {
-            "type": int,
-            "help": "the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) "
-            "(every candidate, soft Gumbel-Softmax weights) before the hard one "
-            f"(default {d['soft_epochs']})",
-        },
-        "--logit-warmup": {
-            "type": float,
-            "metavar": "FRACTION",
-            "help": "this fraction of phase 1 first keeps the selection logits frozen (uniform "
-            "draws: the weights learn under every candidate before the logits learn), e.g. 0.5: "
-            f"the first half (default {d['logit_warmup']})",
-        },
-        "--afu-units": {
-            "type": int,
-            "help": "hidden units N of the learned activation unit afu, "
-            "G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1 (default 8)",
-        },
-        "--afu-base": {
-            "choices": AFU_BASES,
-            "help": "the AFU's base activation psi (default relu)",
-        },
-        "--afu-share": {
-            "choices": AFU_SHARES,
-            "help": "one AFU per hidden layer (layer, default) or one for the whole network",
-        },
-        "--afu-lr": {
-            "type": float,
-            "help": "learning rate of the AFU parameters, their own Adam group (default: --lr)",
-        },
-        "--seed": {"type": int, "help": "data split and initialisation (default 42)"},
-        "--grad-clip": {"type": float, "help": f"gradient-norm clip (default {d['grad_clip']})"},
-        "--phase2-init": {
-            "choices": PHASE2_INITS,
-            "help": "phase 2 keeps the phase-1 weights (continue) or re-initialises them "
-            f"(fresh, as the reference code does) (default {d['phase2_init']})",
-        },
-        "--phase2-norm": {
-            "choices": PHASE2_NORMS,
-            "help": "keep: phase 2 trains the candidates as phase 1 did (default); fold: the "
-            "candidate norm is folded into the weights when phase 2 starts, so phase 2 trains "
-            "the plain mixed network (the same function, the fixed baselines' parameterisation; "
-            "with a fresh phase 2, plain candidates from the start)",
-        },
-        "--logit-init-std": {
-            "type": float,
-            "help": "std of the initial activation logits (default 0: all equal)",
-        },
-        "--selection": {
-            "choices": SELECTIONS,
-            "help": "joint: the logits step on the training batches, as the weights do; "
-            "bilevel: on a held-out slice of the training split the weights never see "
-            f"(--selection-holdout), one logit step after each weight step (default "
-            f"{d['selection']})",
-        },
-        "--selection-holdout": {
-            "type": float,
-            "metavar": "FRACTION",
-            "help": "bilevel: the share of the training split held out for the logit steps "
-            f"in phase 1 (phase 2 trains on all of it; default {d['selection_holdout']})",
-        },
-        "--logit-prior": {
-            "metavar": "ACTIVATION=GAP",
-            "help": "every phase-1 logit of ACTIVATION starts GAP above the others, a prior "
-            "toward it that the mix must overcome, e.g. relu=2 (default: none)",
-        },
-    }
+    exactly TrainConfig's fields; the help names the default protocol's value."""
+    hints = typing.get_type_hints(TrainConfig)
+    options: dict[str, dict[str, Any]] = {}
+    for field in fields(TrainConfig):
+        if "help" not in field.metadata:
+            continue
+        keywords: dict[str, Any] = {"help": field.metadata["help"] + _default_note(field)}
+        hint = hints[field.name]  # int, float | None, str, ...: a number's type converts it
+        kind = next((k for k in (hint, *typing.get_args(hint)) if k in (int, float)), None)
+        if kind is not None:
+            keywords["type"] = kind
+        if field.name in CHOICES:
+            keywords["choices"] = CHOICES[field.name]
+        if field.metadata["metavar"] is not None:
+            keywords["metavar"] = field.metadata["metavar"]
+        options[f"--{field.name.replace('_', '-')}"] = keywords
+    return options
+
+
+def _default_note(field: Field) -> str:
+    """' (default X)' from a field's default, ' (default: UNSET)' where the default is None
+    (the field's ``unset`` says what None means); nothing for a computed default (the pool's:
+    the epilog names it)."""
+    if field.default is MISSING:
+        return ""
+    if field.default is None:
+        return f" (default: {field.metadata['unset']})"
+    return f" (default {field.default})"
 
 
 # TrainConfig's fields that the command line sets (argparse's dests of config_options' flags)
-CONFIG_DESTS = tuple(f[2:].replace("-", "_") for f in config_options(PROTOCOLS[DEFAULT_PROTOCOL]))
+CONFIG_DESTS = tuple(f[2:].replace("-", "_") for f in config_options())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         choices=list(PROTOCOLS),
         default=DEFAULT_PROTOCOL,
-        help="a named set of defaults that the options below override: smartmixed "
-        "(default; the study's choice), paper (exactly the paper's protocol), "
+        help=f"a named set of defaults that the options below override: {DEFAULT_PROTOCOL} "
+        "(the default; the study's choice), paper (exactly the paper's protocol), "
         "reference-code (paper plus the reference code's quirks)",
     )
-    for flag, options in config_options(PROTOCOLS[DEFAULT_PROTOCOL]).items():
+    for flag, options in config_options().items():
         p.add_argument(flag, **options)
     p.add_argument(
         "--screen-epochs",
@@ -242,10 +160,7 @@ def _conv_config(args: argparse.Namespace, options: dict) -> tuple[TrainConfig, 
     """A conv preset's config and its data: the data first, since the network's last width is
     its class count and its shapes follow from its images; TrainError when the data holds no
     images (a CSV's rows), SpecError when the preset's layers do not fit them."""
-    seed = args.seed if args.seed is not None else TrainConfig.seed
-    dataset = load_dataset(
-        args.data, data_dir=args.data_dir, seed=seed, label_column=args.label_column
-    )
+    dataset = _load_data(args, seed=args.seed if args.seed is not None else TrainConfig.seed)
     try:
         shape = image_shape(dataset.input_shape)
     except SpecError:
@@ -268,83 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.list_presets:
-            for name, widths in PRESETS.items():
-                print(f"{name:<10} {list(widths)}")
-            for name, layers in CONV_PRESETS.items():
-                print(f"{name:<10} {describe_layers(layers)} (last: the data's classes)")
+            print(_presets_text())
             return 0
         if args.compare:
             print(compare_runs(args.compare))
             return 0
-        for flag in ("data", "out"):
-            if getattr(args, flag) is None:
-                parser.error(f"--{flag} is required")
-        if args.arch is None and args.preset is None:
-            parser.error("one of --arch or --preset is required")
-        if args.arch is not None and args.arch.strip() in (*PRESETS, *CONV_PRESETS):
-            parser.error(f"--arch {args.arch}: that is a preset; use --preset {args.arch.strip()}")
-        auto = args.mode == AUTO
-        for flag in ("screen_epochs", "tune_lr"):
-            if not auto and getattr(args, flag) is not None:
-                mode = args.mode or "smartmixed"
-                raise TrainError(f"--{flag.replace('_', '-')} needs --mode auto; got --mode {mode}")
+        _check_request(parser, args)
         check_writable_folder(args.out, what="--out")  # before any data is loaded
-        options = {name: getattr(args, name) for name in CONFIG_DESTS}
-        if auto:  # the options are checked as SmartMixed's; the plan sets each run's mode
-            options["mode"] = "smartmixed"
-        dataset = None
-        if args.preset is not None and is_conv_preset(args.preset):
-            config, dataset = _conv_config(args, options)
-        else:
-            arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
-            config = TrainConfig.from_protocol(args.protocol, arch=arch, **options)
-        if auto:  # a conv net's arch comes from its data, so its plan is made after loading it
-            plan = plan_auto(
-                protocol=args.protocol,
-                options={**options, "arch": config.arch, "layers": config.layers},
-                screen_epochs=args.screen_epochs,
-                tune_lr=args.tune_lr,
-            )
-        if dataset is None:
-            dataset = load_dataset(
-                args.data, data_dir=args.data_dir, seed=config.seed, label_column=args.label_column
-            )
-        if auto:
-            print(f"data: {dataset.summary()}")
-            print(
-                f"model: auto, architecture {config.arch}, pool {','.join(plan.pool)}, screen "
-                f"epochs {plan.screen_epochs}, rates {','.join(plan.rates)}"
-            )
-            if config.layers is not None:
-                print(f"layers: {describe_layers(config.layers)}")
-            spec = train_auto(
-                plan=plan,
-                dataset=dataset,
-                out=args.out,
-                overwrite=args.overwrite,
-                device=args.device,
-                progress=not args.quiet,
-            )
-            print(summary_table(spec.training[AUTO]))
-            return _print_done(spec, args.out)
-        main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
-        if main_rank:
-            print(f"data: {dataset.summary()}")
-            print(f"model: {config.mode}, architecture {config.arch}, pool {','.join(config.pool)}")
-            if config.layers is not None:
-                print(f"layers: {describe_layers(config.layers)}")
-        spec = train_run(
-            config=config,
-            dataset=dataset,
-            out=args.out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if not main_rank:
+        spec = _train(args)
+        if spec is None:  # a torchrun rank other than 0: rank 0 reports
             return 0
     except (DataError, SpecError, PoolError, TrainError, ArtifactError, DistributedError) as e:
         print(f"smartmixed-train: error: {e}", file=sys.stderr)
@@ -361,6 +208,105 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     return _print_done(spec, args.out)
+
+
+def _presets_text() -> str:
+    lines = [f"{name:<10} {list(widths)}" for name, widths in PRESETS.items()]
+    lines += [
+        f"{name:<10} {describe_layers(layers)} (last: the data's classes)"
+        for name, layers in CONV_PRESETS.items()
+    ]
+    return "\n".join(lines)
+
+
+def _check_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2 with the usage line) and flags that need --mode auto."""
+    for flag in ("data", "out"):
+        if getattr(args, flag) is None:
+            parser.error(f"--{flag} is required")
+    if args.arch is None and args.preset is None:
+        parser.error("one of --arch or --preset is required")
+    if args.arch is not None and args.arch.strip() in (*PRESETS, *CONV_PRESETS):
+        parser.error(f"--arch {args.arch}: that is a preset; use --preset {args.arch.strip()}")
+    for flag in ("screen_epochs", "tune_lr"):
+        if args.mode != AUTO and getattr(args, flag) is not None:
+            mode = args.mode or TrainConfig.mode
+            raise TrainError(f"--{flag.replace('_', '-')} needs --mode auto; got --mode {mode}")
+
+
+def _train(args: argparse.Namespace) -> ModelSpec | None:
+    """The run (or --mode auto's runs) the flags ask for; None on a torchrun rank but 0."""
+    options = {name: getattr(args, name) for name in CONFIG_DESTS}
+    if args.mode == AUTO:  # the options are checked as SmartMixed's; the plan sets each run's mode
+        options["mode"] = TrainConfig.mode
+    dataset = None
+    if args.preset is not None and is_conv_preset(args.preset):
+        config, dataset = _conv_config(args, options)
+    else:
+        arch = parse_arch(args.arch) if args.arch else resolve_preset(args.preset)
+        config = TrainConfig.from_protocol(args.protocol, arch=arch, **options)
+    if args.mode == AUTO:
+        return _train_auto(args, options, config, dataset)
+    dataset = dataset or _load_data(args, seed=config.seed)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
+    if main_rank:
+        pool = ",".join(config.pool)
+        _print_setup(dataset, config, f"{config.mode}, architecture {config.arch}, pool {pool}")
+    spec = train_run(
+        config=config,
+        dataset=dataset,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return spec if main_rank else None
+
+
+def _train_auto(
+    args: argparse.Namespace, options: dict[str, Any], config: TrainConfig, dataset: Dataset | None
+) -> ModelSpec:
+    """--mode auto: its plan checked (before an MLP's data is loaded; a conv net's arch comes
+    from its data, so its plan is made after loading it), then its runs."""
+    plan = plan_auto(
+        protocol=args.protocol,
+        options={**options, "arch": config.arch, "layers": config.layers},
+        screen_epochs=args.screen_epochs,
+        tune_lr=args.tune_lr,
+    )
+    dataset = dataset or _load_data(args, seed=config.seed)
+    _print_setup(
+        dataset,
+        config,
+        f"auto, architecture {config.arch}, pool {','.join(plan.pool)}, screen epochs "
+        f"{plan.screen_epochs}, rates {','.join(plan.rates)}",
+    )
+    spec = train_auto(
+        plan=plan,
+        dataset=dataset,
+        out=args.out,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(summary_table(spec.training[AUTO]))
+    return spec
+
+
+def _load_data(args: argparse.Namespace, *, seed: int) -> Dataset:
+    return load_dataset(
+        args.data, data_dir=args.data_dir, seed=seed, label_column=args.label_column
+    )
+
+
+def _print_setup(dataset: Dataset, config: TrainConfig, model: str) -> None:
+    print(f"data: {dataset.summary()}")
+    print(f"model: {model}")
+    if config.layers is not None:
+        print(f"layers: {describe_layers(config.layers)}")
 
 
 def _print_done(spec: ModelSpec, out: Path) -> int:

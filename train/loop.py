@@ -1,30 +1,36 @@
 """The training protocol: phase 1 (selective) -> phase 2 (mixed), or one fixed-activation phase.
 
-A run is a list of phases, each started explicitly (``_start_phase``: model, optimizer groups,
-temperature schedule) and ended explicitly (``_end_phase``: which epoch's state is kept). A
-checkpoint (model, optimizer, kept state, RNG states, history) is written after every epoch, so
-``resume=True`` continues a killed run from its last completed epoch with identical results.
+A run (``_Run``) is its phases in order, each started explicitly (``_start_phase``: model,
+optimizer groups, temperature schedule), trained epoch by epoch and ended explicitly (which
+epoch's state is kept). A checkpoint (model, optimizer, kept state, RNG states, history) is
+written after every epoch, so ``resume=True`` continues a killed run from its last completed
+epoch with identical results.
 
-Protocols (``--protocol``) are named sets of defaults; explicit options override them:
+Protocols (``--protocol``) are named sets of defaults, one table (``PROTOCOLS``): TrainConfig's
+defaults are the default protocol's, and smartmixed-train's help shows them; explicit options
+override them:
 - ``paper``: exactly the paper's protocol (PAPER.md): Adam lr 1e-4 for weights and logits,
   batch 128, 50 + 350 epochs (400 fixed), tau 0.3 fixed, clip 1.0, plain candidates, the
   argmax at phase 1's best-validation-loss epoch is frozen.
 - ``reference-code``: ``paper`` plus the reference code's quirks: softmax before the
   cross-entropy, Gumbel noise at evaluation, phase-1 candidates clamped to [-10, 10], phase-2
   weights re-initialised.
-- ``smartmixed`` (default): ``paper`` with the selection fixes the study chose (docs/method.md, "Why
-  the mix was worse than ReLU"): standardised candidates, a separate logit learning rate, the
-  argmax at phase 1's last epoch frozen, and phase 2 trained from a fresh initialisation (phase 1
-  only chooses; its weights, trained under switching activations, are a worse start).
+- ``default``: ``paper`` with the selection fixes the study chose (docs/method.md, "Why the mix
+  was worse than ReLU"): standardised candidates, a separate logit learning rate, the argmax at
+  phase 1's last epoch frozen, and phase 2 trained from a fresh initialisation (phase 1 only
+  chooses; its weights, trained under switching activations, are a worse start).
+Runs written while the default protocol was called ``smartmixed`` record that name; reading
+them (resume, --mode auto's complete sub-runs) takes it for ``default`` (``recorded_options``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,8 @@ SELECT_RULES = ("val-loss", "val-accuracy", "last")
 SELECTIONS = ("joint", "bilevel")
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
+# The protocols: every TrainConfig field a protocol sets, with the paper's value; the others
+# say what they change. TrainConfig's defaults are DEFAULT_PROTOCOL's (``_protocol_defaults``).
 PAPER_PROTOCOL: dict[str, Any] = {
     "p1_epochs": 50,
     "p2_epochs": 350,
@@ -106,7 +114,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "clamp": REFERENCE_CLAMP,
     },
     # Chosen by the selection study on validation accuracy (docs/results.md); see the docstring.
-    "smartmixed": {
+    "default": {
         **PAPER_PROTOCOL,
         "candidate_norm": None,
         "logit_lr": 1e-2,
@@ -114,68 +122,179 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "phase2_init": "fresh",
     },
 }
-DEFAULT_PROTOCOL = "smartmixed"
+DEFAULT_PROTOCOL = "default"
+# former name -> name: runs written under a former name record it (model.json, checkpoints)
+FORMER_PROTOCOL_NAMES = {"smartmixed": DEFAULT_PROTOCOL}
+# the values a field may take (its flag's choices)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "phase2_init": PHASE2_INITS,
+    "phase2_norm": PHASE2_NORMS,
+    "select": SELECT_RULES,
+    "selection": SELECTIONS,
+    "candidate_norm": CANDIDATE_NORMS,
+    "logit_grad_norm": LOGIT_GRAD_NORMS,
+    "protocol": tuple(PROTOCOLS),
+    "afu_base": contract.AFU_BASES,
+    "afu_share": contract.AFU_SHARES,
+}
 
 
 class TrainError(ValueError):
     """A training request that cannot run (bad options, clobbering a run, device missing)."""
 
 
+def recorded_options(training: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's recorded options (model.json's ``training``, a checkpoint's ``config``) in this
+    version's names: a former protocol name becomes the protocol's name."""
+    protocol = training.get("protocol")
+    if isinstance(protocol, str) and protocol in FORMER_PROTOCOL_NAMES:
+        return {**training, "protocol": FORMER_PROTOCOL_NAMES[protocol]}
+    return dict(training)
+
+
+def flag(text: str, *, metavar: str | None = None, unset: str | None = None, **kw: Any) -> Any:
+    """A TrainConfig field that smartmixed-train sets with the flag of its name (--p1-epochs
+    for p1_epochs). ``text`` is the flag's help less its default: the command line adds
+    "(default X)" from the field's default, or "(default: UNSET)" where that is None (``unset``
+    says what None means). ``kw``: dataclasses.field's (a default; a field a protocol sets has
+    none here, ``_protocol_defaults`` gives it)."""
+    return field(metadata={"help": text, "metavar": metavar, "unset": unset}, **kw)
+
+
+def _protocol_defaults(cls: type) -> type:
+    """Give every field a protocol sets the default protocol's value as its default, before
+    @dataclass reads the defaults: each value is written once, in PROTOCOLS."""
+    missing = dataclasses.MISSING
+    for name, value in PROTOCOLS[DEFAULT_PROTOCOL].items():
+        declared = cls.__dict__.get(name, missing)
+        if declared is missing and name in cls.__annotations__:
+            setattr(cls, name, value)
+        elif isinstance(declared, dataclasses.Field) and (
+            declared.default is missing and declared.default_factory is missing
+        ):
+            declared.default = value
+        else:
+            raise TypeError(f"{cls.__name__}.{name}: set by PROTOCOLS, declared with a default")
+    return cls
+
+
 @dataclass
+@_protocol_defaults
 class TrainConfig:
     """Hyper-parameters of one run; stored in model.json under 'training'.
 
-    Defaults are the ``smartmixed`` protocol's; ``TrainConfig.from_protocol`` starts from another.
+    Defaults are the default protocol's (the fields PROTOCOLS sets have theirs from it);
+    ``TrainConfig.from_protocol`` starts from another. A field with a ``flag`` is an option of
+    smartmixed-train, its metadata the flag's help.
     """
 
     arch: list[int]
-    mode: str = "smartmixed"  # "smartmixed" or "fixed:<activation>"
+    mode: str = flag(
+        "smartmixed, fixed:ACTIVATION, or auto: screen the pool's fixed activations, then train "
+        "SmartMixed and the best of them alike and keep the better on validation accuracy, its "
+        "sub-runs in OUT/auto/",
+        default="smartmixed",
+    )
     # a layered spec's layers (a conv net; contract.CONV_PRESETS): the network is built from
     # them, and arch must be the one they give for the data's image shape (layered_arch)
     layers: list[dict[str, Any]] | None = None
-    pool: list[str] = field(default_factory=lambda: list(parse_pool(None)))
+    pool: list[str] = flag(  # noqa: RUF009 (flag returns a dataclasses.field)
+        "comma-separated candidate activations (smartmixed)",
+        default_factory=lambda: list(parse_pool(None)),
+    )
     protocol: str = DEFAULT_PROTOCOL
-    p1_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["p1_epochs"]
-    p2_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["p2_epochs"]
-    epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["epochs"]  # fixed mode
-    lr: float = PROTOCOLS[DEFAULT_PROTOCOL]["lr"]
-    logit_lr: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["logit_lr"]  # None: same as lr
-    batch_size: int = PROTOCOLS[DEFAULT_PROTOCOL]["batch_size"]
-    tau: float = PROTOCOLS[DEFAULT_PROTOCOL]["tau"]
-    tau_end: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["tau_end"]  # None: constant tau
-    seed: int = 42
-    grad_clip: float = PROTOCOLS[DEFAULT_PROTOCOL]["grad_clip"]
-    select: str = PROTOCOLS[DEFAULT_PROTOCOL]["select"]
-    # None: "standard" for smartmixed, "none" for a fixed baseline
-    candidate_norm: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["candidate_norm"]
-    logit_grad_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["logit_grad_norm"]
-    soft_epochs: int = PROTOCOLS[DEFAULT_PROTOCOL]["soft_epochs"]  # relaxed phase-1 epochs first
-    # this fraction of the phase-1 epochs first keeps the logits frozen (uniform draws)
-    logit_warmup: float = PROTOCOLS[DEFAULT_PROTOCOL]["logit_warmup"]
-    phase2_init: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_init"]
-    # fold: phase 2 trains the plain network (the candidate norm folded into the weights)
-    phase2_norm: str = PROTOCOLS[DEFAULT_PROTOCOL]["phase2_norm"]
-    logit_init_std: float = 0.0
-    selection: str = PROTOCOLS[DEFAULT_PROTOCOL]["selection"]
-    # bilevel: the fraction of the training split held out of phase 1's weight steps
-    selection_holdout: float = PROTOCOLS[DEFAULT_PROTOCOL]["selection_holdout"]
-    # "ACTIVATION=GAP": every phase-1 logit of ACTIVATION starts GAP above the others, a prior
-    # toward one activation that the mix must overcome (None: every candidate alike)
-    logit_prior: str | None = PROTOCOLS[DEFAULT_PROTOCOL]["logit_prior"]
-    double_softmax: bool = PROTOCOLS[DEFAULT_PROTOCOL]["double_softmax"]
-    eval_noise: bool = PROTOCOLS[DEFAULT_PROTOCOL]["eval_noise"]
-    clamp: float | None = PROTOCOLS[DEFAULT_PROTOCOL]["clamp"]
-    # the learned activation unit (pool name afu; issue I): hidden units N, base psi, sharing
-    afu_units: int = contract.AFU_DEFAULTS["units"]
-    afu_base: str = contract.AFU_DEFAULTS["base"]
-    afu_share: str = contract.AFU_DEFAULTS["share"]
-    afu_lr: float | None = None  # the units' own learning rate (None: lr)
+    p1_epochs: int = flag("phase-1 epochs")
+    p2_epochs: int = flag("phase-2 epochs")
+    epochs: int = flag("epochs of a fixed run")
+    lr: float = flag("Adam learning rate")
+    logit_lr: float | None = flag(
+        "learning rate of the activation logits, --lr's under the paper protocols", unset="--lr"
+    )
+    batch_size: int = flag("rows per mini-batch")
+    tau: float = flag("Gumbel-Softmax temperature")
+    tau_end: float | None = flag(
+        "phase-1 temperature at the last epoch, annealed exponentially from --tau",
+        unset="constant",
+    )
+    seed: int = flag("data split and initialisation", default=42)
+    grad_clip: float = flag("gradient-norm clip")
+    select: str = flag(
+        "which phase-1 epoch's argmax is frozen: best validation loss, best validation "
+        "accuracy, or the last"
+    )
+    candidate_norm: str | None = flag(
+        "standard: each candidate scaled to zero mean, unit variance under N(0, 1) inputs, so "
+        "candidates compete on shape, not scale; none under the paper protocols",
+        unset="standard for smartmixed, none for fixed baselines",
+    )
+    logit_grad_norm: str = flag(
+        "candidate: each candidate's logit gradient rescaled, layer by layer, to the same RMS "
+        "over neurons"
+    )
+    soft_epochs: int = flag(
+        "the first N phase-1 epochs train the relaxed network sum_k s_k h_k(z) (every "
+        "candidate, soft Gumbel-Softmax weights) before the hard one"
+    )
+    logit_warmup: float = flag(
+        "this fraction of phase 1 first keeps the selection logits frozen (uniform draws: the "
+        "weights learn under every candidate before the logits learn), e.g. 0.5: the first half",
+        metavar="FRACTION",
+    )
+    phase2_init: str = flag(
+        "continue: phase 2 starts from the phase-1 weights; fresh: from new ones, as the "
+        "reference code does"
+    )
+    phase2_norm: str = flag(
+        "keep: phase 2 trains the candidates as phase 1 did; fold: the candidate norm is folded "
+        "into the weights when phase 2 starts, so phase 2 trains the plain mixed network: the "
+        "same function, the fixed baselines' parameterisation; with a fresh phase 2, plain "
+        "candidates from the start"
+    )
+    logit_init_std: float = flag("std of the initial activation logits, 0: all equal", default=0.0)
+    selection: str = flag(
+        "joint: the logits step on the training batches, as the weights do; bilevel: on a "
+        "held-out slice of the training split the weights never see (--selection-holdout), one "
+        "logit step after each weight step"
+    )
+    selection_holdout: float = flag(
+        "bilevel: the share of the training split held out for the logit steps in phase 1; "
+        "phase 2 trains on all of it",
+        metavar="FRACTION",
+    )
+    logit_prior: str | None = flag(
+        "every phase-1 logit of ACTIVATION starts GAP above the others, a prior toward it that "
+        "the mix must overcome, e.g. relu=2",
+        metavar="ACTIVATION=GAP",
+        unset="none",
+    )
+    # set by --protocol alone (the reference code's quirks)
+    double_softmax: bool
+    eval_noise: bool
+    clamp: float | None
+    # the learned activation unit (pool name afu): hidden units N, base psi, sharing
+    afu_units: int = flag(
+        "hidden units N of the learned activation unit afu, "
+        "G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1",
+        default=contract.AFU_DEFAULTS["units"],
+    )
+    afu_base: str = flag("the AFU's base activation psi", default=contract.AFU_DEFAULTS["base"])
+    afu_share: str = flag(
+        "layer: one AFU per hidden layer; network: one for the whole network",
+        default=contract.AFU_DEFAULTS["share"],
+    )
+    afu_lr: float | None = flag(
+        "learning rate of the AFU parameters, their own Adam group", unset="--lr", default=None
+    )
 
     @classmethod
     def from_protocol(cls, protocol: str, **options: Any) -> TrainConfig:
         """The protocol's settings, then ``options`` (those not None) on top."""
         if protocol not in PROTOCOLS:
-            raise TrainError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+            renamed = FORMER_PROTOCOL_NAMES.get(protocol)
+            hint = f" ({protocol!r} is now called {renamed!r})" if renamed else ""
+            raise TrainError(
+                f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}{hint}"
+            )
         given = {k: v for k, v in options.items() if v is not None}
         return cls(**{**PROTOCOLS[protocol], "protocol": protocol, **given})
 
@@ -197,18 +316,7 @@ class TrainConfig:
                 self.candidate_norm = "standard"
         else:
             raise TrainError(f"--mode {self.mode!r}: expected smartmixed or fixed:ACTIVATION")
-        choices = {
-            "phase2_init": PHASE2_INITS,
-            "phase2_norm": PHASE2_NORMS,
-            "select": SELECT_RULES,
-            "selection": SELECTIONS,
-            "candidate_norm": CANDIDATE_NORMS,
-            "logit_grad_norm": LOGIT_GRAD_NORMS,
-            "protocol": tuple(PROTOCOLS),
-            "afu_base": contract.AFU_BASES,
-            "afu_share": contract.AFU_SHARES,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(
                     f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of "
@@ -332,13 +440,12 @@ def train_epoch(
     straight-through gradient of the held-out loss, the weights that of the training loss.
 
     ``freeze_logits`` (the --logit-warmup epochs): the selection logits' gradient is measured,
-    then dropped before the step, so Adam leaves them and their moments untouched. (Dropped,
-    not switched off with requires_grad: under DDP every parameter's gradient is reduced.)
+    then dropped before the step (``_weight_step``).
 
     Returns the training forwards' mean loss and accuracy and, for a selective network,
     ``logit_grad``: the mean over steps and neurons of dL/da_k per candidate k, before clipping
-    (negative: gradient descent raises that candidate's logits). It is the instrument behind the
-    issue-E finding that plain candidates favour selu.
+    (negative: gradient descent raises that candidate's logits); the instrument that showed
+    plain candidates favour selu (docs/method.md).
 
     Under torchrun every rank draws the same permutation (same seed) and takes its strided shard
     of each global batch of ``batch_size`` rows; DDP averages the gradients, so every rank makes
@@ -352,9 +459,7 @@ def train_epoch(
     logit_params = selection_logits(inner)  # one (n_l, K) parameter per hidden layer
     # accumulated where the logits live: one device-to-host copy per epoch, not per step
     logit_grad = torch.zeros_like(logit_params[0][0]).detach() if logit_params else None
-    # a BatchNorm in training needs two rows per feature: a tail of one row per rank is skipped
-    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in inner.modules())
-    least = ranks.world * (2 if batchnorm else 1)
+    least = _least_rows(inner, ranks)
     order = torch.randperm(len(y), generator=generator).to(y.device)
     # loss sum, correct, rows: kept where the data lives (no device sync per step; nccl reduces
     # only GPU tensors)
@@ -368,27 +473,16 @@ def train_epoch(
         idx = idx[ranks.rank :: ranks.world]
         logits = model(x[idx])  # (B, C)
         loss = loss_fn(logits, y[idx], double_softmax=double_softmax)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad.detach() for p in logit_params if p.grad is not None]
-        if logit_grad is not None and grads:
-            if held_out is None:  # bilevel: the instrument reads the held-out steps instead
-                logit_grad += torch.cat(grads).mean(0)  # (K,): the mean over every hidden neuron
-            if freeze_logits or held_out is not None:
-                for p in logit_params:
-                    p.grad = None
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if held_out is not None and not freeze_logits:
+        keep_logits = freeze_logits or held_out is not None
+        grad = _weight_step(model, optimizer, loss, logit_params, grad_clip, keep_logits)
+        if held_out is not None and not freeze_logits:  # bilevel: the instrument reads these
+            batch = held_out.next()
             grads = _logit_step(
-                model,
-                optimizer,
-                held_out.next(),
-                logit_params,
-                grad_clip,
-                double_softmax=double_softmax,
+                model, optimizer, batch, logit_params, grad_clip, double_softmax=double_softmax
             )
             logit_grad += torch.cat(grads).mean(0)
+        elif held_out is None and grad is not None:
+            logit_grad += grad
         check_ranks_agree(model, ranks)
         steps += 1
         totals[0] += loss.detach().double() * len(idx)
@@ -404,6 +498,38 @@ def train_epoch(
             zip(inner.pool, (logit_grad / max(steps, 1)).cpu().tolist(), strict=True)
         )
     return result
+
+
+def _least_rows(model: nn.Module, ranks: Ranks) -> int:
+    """The fewest rows a batch must hold to train: one per rank, two with a BatchNorm in
+    training (it needs two rows per feature); a shorter tail of an epoch is skipped."""
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return ranks.world * (2 if batchnorm else 1)
+
+
+def _weight_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    logit_params: list[nn.Parameter],
+    grad_clip: float,
+    keep_logits: bool,
+) -> Tensor | None:
+    """One step on ``loss``: the weights, and the selection logits unless ``keep_logits`` (their
+    gradient is dropped before the step, so Adam leaves them and their moments untouched;
+    dropped, not switched off with requires_grad: under DDP every parameter's gradient is
+    reduced). Returns the logits' gradient before clipping, averaged over every hidden neuron: (K,), or
+    None for a network without logits."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad.detach() for p in logit_params if p.grad is not None]
+    mean = torch.cat(grads).mean(0) if grads else None  # (K,), before clipping scales them
+    if grads and keep_logits:
+        for p in logit_params:
+            p.grad = None
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return mean
 
 
 class _HeldOutBatches:
@@ -493,7 +619,7 @@ def evaluate(
 
 @dataclass
 class _RunState:
-    """Everything a checkpoint must restore besides the tensors."""
+    """Everything a checkpoint must restore besides the tensors (its "run" object)."""
 
     phase_index: int = 0
     phase_epoch: int = 0  # completed epochs of the current phase
@@ -582,46 +708,6 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
-def _start_phase(
-    config: TrainConfig,
-    index: int,
-    dataset: Dataset,
-    run: _RunState,
-    previous: nn.Module | None,
-    dev: torch.device,
-) -> _Phase:
-    """A phase's model, optimizer and selection rule. Entering phase 2 freezes the assignment
-    of the state phase 1 kept (``previous``) and carries its weights over unless ``fresh`` (with
-    phase-2 epochs to train it)."""
-    name, epochs = config.phases()[index]
-    if name == "fixed":
-        run.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
-    if name == "mixed" and previous is not None:
-        assert isinstance(previous, SelectiveNetwork)
-        run.assignment = previous.assignment()
-        # no phase-2 epochs: nothing would train a fresh network, so phase 1's ships
-        if config.phase2_init == "continue" or epochs == 0:
-            model = mixed_from_selective(previous, preprocessing=dataset.preprocessing)
-            if config.phase2_norm == "fold":  # the same function, trained as a plain network
-                model = model.folded()
-        else:  # "fresh": re-initialise the weights, as the reference code does
-            torch.manual_seed(config.seed + 1)
-            model = _build(config, name, dataset, run.assignment)
-    else:
-        model = _build(config, name, dataset, run.assignment)
-        if name == "selective":
-            _apply_prior(config, model)
-    model = model.to(dev)
-    return _Phase(
-        name,
-        epochs,
-        model,
-        _optimizer(config, model),
-        _clone_state(model),
-        _keep_rule(config, name),
-    )
-
-
 def _apply_prior(config: TrainConfig, model: nn.Module) -> None:
     """--logit-prior ACTIVATION=GAP: that candidate's logit raised by GAP in every mixed layer,
     so it starts with probability e^GAP / (e^GAP + K - 1) per feature."""
@@ -640,34 +726,13 @@ def _keep_rule(config: TrainConfig, phase: str) -> str:
     return config.select if phase == "selective" else "val-loss"
 
 
-def _keeps(rule: str, record: dict[str, Any], run: _RunState) -> bool:
+def _keeps(rule: str, record: dict[str, Any], state: _RunState) -> bool:
     """Whether this epoch's state replaces the kept one (ties keep the earlier epoch)."""
     if rule == "last":
         return True
     if rule == "val-accuracy":
-        return record["val_accuracy"] > run.best_val_accuracy
-    return record["val_loss"] < run.best_val_loss
-
-
-def _end_selective(
-    config: TrainConfig, phase: _Phase, dataset: Dataset, run: _RunState, data: dict[str, Tensor]
-) -> SelectiveNetwork:
-    """Phase 1's kept state (its rule's epoch) as a network; its metrics go to run.phase1."""
-    selective = _build(config, "selective", dataset, None).to(data["x_val"].device)
-    selective.load_state_dict(phase.kept)
-    selective.eval_noise = False  # the frozen mix is the logits' argmax, whatever the protocol
-    val_loss, val_acc = evaluate(selective, data["x_val"], data["y_val"])
-    test_loss, test_acc = evaluate(selective, data["x_test"], data["y_test"])
-    run.phase1 = {
-        "best_epoch": run.best_epoch,
-        "select": phase.rule,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
-        "activation_counts": selective.activation_counts(),
-    }
-    return selective
+        return record["val_accuracy"] > state.best_val_accuracy
+    return record["val_loss"] < state.best_val_loss
 
 
 def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> None:
@@ -691,127 +756,6 @@ def _check_out_dir(out: Path, *, resume: bool, overwrite: bool, clear: bool) -> 
             *report.PLOTS.values(),
         ):
             (out / name).unlink(missing_ok=True)
-
-
-def train_run(
-    *,
-    config: TrainConfig,
-    dataset: Dataset,
-    out: Path | str,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: str = "cpu",
-    progress: bool = True,
-    after_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> ModelSpec:
-    """Train per ``config`` on ``dataset`` and write the run's artifacts to ``out``.
-
-    ``after_epoch`` is called with each epoch's history record once its checkpoint is on disk.
-    """
-    out = Path(out)
-    shape = _check_fits_data(config, dataset)
-    ranks, dev = init_distributed(device)
-    _check_out_dir(out, resume=resume, overwrite=overwrite, clear=ranks.main)
-    if ranks.main:  # only rank 0 writes; the others read its checkpoint when resuming
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(ranks)
-
-    data = {
-        f"{a}_{split}": torch.from_numpy(getattr(dataset, f"{a}_{split}")).to(dev)
-        for split in ("train", "val", "test")
-        for a in ("x", "y")
-    }
-    for split in (
-        "train",
-        "val",
-        "test",
-    ):  # (N, D) rows -> (N, *shape): (N, C, H, W) for a conv net
-        data[f"x_{split}"] = data[f"x_{split}"].reshape(-1, *shape)
-    record_config = {
-        **asdict(config),
-        "data": dataset.name,
-        "data_summary": dataset.summary(),
-        "data_request": dataset.request,
-        "world_size": ranks.world,
-    }
-
-    torch.manual_seed(config.seed)
-    data_gen = torch.Generator().manual_seed(config.seed)
-    phases = config.phases()
-    run = _RunState()
-    if resume:
-        phase = _restore(out, config, dataset, record_config, data_gen, dev, run)
-        if ranks.main:
-            print(f"resuming {out} at phase {phase.name}, epoch {run.phase_epoch}")
-    else:
-        phase = _start_phase(config, 0, dataset, run, None, dev)
-
-    while True:
-        _train_phase(
-            config,
-            phase,
-            run,
-            data,
-            out=out,
-            data_gen=data_gen,
-            dev=dev,
-            ranks=ranks,
-            record_config=record_config,
-            progress=progress,
-            after_epoch=after_epoch,
-        )
-        if run.phase_index + 1 == len(phases):
-            break
-        selective = _end_selective(config, phase, dataset, run, data)
-        run.phase_index += 1
-        run.phase_epoch, run.best_val_loss, run.best_val_accuracy = 0, float("inf"), -1.0
-        run.best_epoch = -1
-        phase = _start_phase(config, run.phase_index, dataset, run, selective, dev)
-
-    # Final model: the last phase's kept state; its candidate norm folded into the weights, so
-    # the artifact is an ordinary mixed network (export and serve know nothing of the norm).
-    # (With --p2-epochs 0 the mixed phase trains nothing and keeps its start: phase 1's choice.)
-    model = phase.model
-    model.load_state_dict(phase.kept)
-    model = model.folded()
-    val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"])
-    test_loss, test_acc = evaluate(model, data["x_test"], data["y_test"])
-    metrics: dict[str, Any] = {
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
-        "val_accuracy": val_acc,
-        "val_loss": val_loss,
-        "best_epoch": run.best_epoch,
-        "epochs": len(run.history),
-        "train_seconds": run.train_seconds,
-    }
-    if run.phase1 is not None:
-        metrics["phase1"] = run.phase1
-    if model.afus is not None:
-        metrics["afu"] = afu_summary(model)
-    training = record_config
-    if config.layers is not None:  # the norm the stored frozen layers still apply, if any
-        training = {**record_config, artifacts.FROZEN_CANDIDATE_NORM: model.candidate_norm}
-    spec = ModelSpec(
-        arch=config.arch,
-        pool=config.pool,
-        mode=config.mode,
-        assignment=model.assignment,
-        preprocessing=dataset.preprocessing,
-        input_shape=list(shape) if config.layers is not None else dataset.input_shape,
-        labels=dataset.labels,
-        training=training,
-        metrics=metrics,
-        versions=package_versions(),
-        afu=config.afu,
-        layers=config.layers,
-    )
-    if ranks.main:
-        artifacts.save_model(out, spec, model.canonical_state_dict())
-        report.write_plots_and_report(out, spec, run.history)
-        artifacts.remove_checkpoint(out)
-    barrier(ranks)
-    return spec
 
 
 def _check_fits_data(config: TrainConfig, dataset: Dataset) -> tuple[int, ...]:
@@ -845,98 +789,6 @@ def _check_fits_data(config: TrainConfig, dataset: Dataset) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _train_phase(
-    config: TrainConfig,
-    phase: _Phase,
-    run: _RunState,
-    data: dict[str, Tensor],
-    *,
-    out: Path,
-    data_gen: torch.Generator,
-    dev: torch.device,
-    ranks: Ranks,
-    record_config: dict[str, Any],
-    progress: bool,
-    after_epoch: Callable[[dict[str, Any]], None] | None,
-) -> None:
-    """Epochs of the current phase until it is complete; a checkpoint after each."""
-    if run.phase_epoch >= phase.epochs:
-        return
-    bar = tqdm(
-        total=phase.epochs,
-        initial=run.phase_epoch,
-        desc=f"{phase.name:>9}",
-        unit="epoch",
-        disable=not progress or not ranks.main,
-        leave=True,
-        dynamic_ncols=True,
-    )
-    model = phase.model
-    x_train, y_train, held_out = _phase_rows(config, phase.name, data)
-    net = model
-    if ranks.distributed:
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    with bar:
-        while run.phase_epoch < phase.epochs:
-            started = time.perf_counter()
-            if isinstance(model, SelectiveNetwork):  # tau and relaxed of every mixed layer
-                model.tau = config.tau_at(run.phase_epoch)
-                model.relaxed = run.phase_epoch < config.soft_epochs
-            result = train_epoch(
-                net,
-                phase.optimizer,
-                x_train,
-                y_train,
-                batch_size=config.batch_size,
-                grad_clip=config.grad_clip,
-                generator=data_gen,
-                double_softmax=config.double_softmax,
-                ranks=ranks,
-                freeze_logits=phase.name == "selective"
-                and config.logits_frozen_at(run.phase_epoch),
-                select=held_out,
-            )
-            val_loss, val_acc = evaluate(
-                model, data["x_val"], data["y_val"], double_softmax=config.double_softmax
-            )
-            seconds = time.perf_counter() - started
-            run.train_seconds += seconds
-            counts = model.activation_counts()
-            record = {
-                "epoch": len(run.history),
-                "phase": phase.name,
-                "phase_epoch": run.phase_epoch,
-                **result,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "seconds": seconds,
-                "activation_counts": counts,
-            }
-            if isinstance(model, SelectiveNetwork):
-                record["tau"] = model.tau
-                record["relaxed"] = model.relaxed
-                record["logits_frozen"] = config.logits_frozen_at(run.phase_epoch)
-            if ranks.distributed:
-                record["ranks"] = ranks.world  # a divergence would have stopped the run
-            if _keeps(phase.rule, record, run):
-                run.best_val_loss, run.best_val_accuracy = val_loss, val_acc
-                run.best_epoch = record["epoch"]
-                phase.kept = _clone_state(model)
-            run.history.append(record)
-            run.phase_epoch += 1
-            if ranks.main:
-                _save_checkpoint(out, phase, data_gen, dev, run, record_config)
-                artifacts.write_history(out, run.history)
-            bar.set_postfix(
-                loss=f"{result['train_loss']:.4f}",
-                val_loss=f"{val_loss:.4f}",
-                val_acc=f"{val_acc:.4f}",
-            )
-            bar.update(1)
-            if after_epoch is not None:
-                after_epoch(record)
-
-
 def _phase_rows(
     config: TrainConfig, phase: str, data: dict[str, Tensor]
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
@@ -957,38 +809,355 @@ def _phase_rows(
     return x[kept], y[kept], (x[out], y[out])
 
 
-def _restore(
-    out: Path,
+def train_run(
+    *,
     config: TrainConfig,
     dataset: Dataset,
-    record_config: dict[str, Any],
+    out: Path | str,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> ModelSpec:
+    """Train per ``config`` on ``dataset`` and write the run's artifacts to ``out``.
+
+    ``after_epoch`` is called with each epoch's history record once its checkpoint is on disk.
+    """
+    run = _Run(
+        config=config,
+        dataset=dataset,
+        out=Path(out),
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        progress=progress,
+        after_epoch=after_epoch,
+    )
+    run.train()
+    return run.finish()
+
+
+class _Run:
+    """One training run: what its phases share (config, data on the device, output folder,
+    ranks, device, the data generator, the options model.json and checkpoints record), the
+    bookkeeping a checkpoint restores (``state``) and the current phase's live objects
+    (``phase``). Made fresh, the run stands at the start of its first phase; with ``resume``,
+    where its checkpoint left it."""
+
+    def __init__(
+        self,
+        *,
+        config: TrainConfig,
+        dataset: Dataset,
+        out: Path,
+        resume: bool = False,
+        overwrite: bool = False,
+        device: str = "cpu",
+        progress: bool = True,
+        after_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config, self.dataset, self.out = config, dataset, out
+        self.progress, self.after_epoch = progress, after_epoch
+        self.shape = _check_fits_data(config, dataset)
+        self.ranks, self.dev = init_distributed(device)
+        _check_out_dir(out, resume=resume, overwrite=overwrite, clear=self.ranks.main)
+        if self.ranks.main:  # only rank 0 writes; the others read its checkpoint when resuming
+            out.mkdir(parents=True, exist_ok=True)
+        barrier(self.ranks)
+        self.data = {  # (N, D) rows -> (N, *shape): (N, C, H, W) for a conv net
+            f"{a}_{split}": torch.from_numpy(getattr(dataset, f"{a}_{split}")).to(self.dev)
+            for split in ("train", "val", "test")
+            for a in ("x", "y")
+        }
+        for split in ("train", "val", "test"):
+            self.data[f"x_{split}"] = self.data[f"x_{split}"].reshape(-1, *self.shape)
+        self.record_config = {
+            **asdict(config),
+            "data": dataset.name,
+            "data_summary": dataset.summary(),
+            "data_request": dataset.request,
+            "world_size": self.ranks.world,
+        }
+        torch.manual_seed(config.seed)
+        self.data_gen = torch.Generator().manual_seed(config.seed)
+        self.state = _RunState()
+        if resume:
+            self.phase = self._restore()
+            if self.ranks.main:
+                print(f"resuming {out} at phase {self.phase.name}, epoch {self.state.phase_epoch}")
+        else:
+            self.phase = self._start_phase(0, previous=None)
+
+    def train(self) -> None:
+        """Every phase from the current one on, each to its end; leaving phase 1 freezes the
+        argmax of the state its rule kept into phase 2's assignment."""
+        for index in range(self.state.phase_index, len(self.config.phases())):
+            if index > self.state.phase_index:
+                self.phase = self._start_phase(index, previous=self._end_selective())
+            self._train_phase()
+
+    def _start_phase(self, index: int, *, previous: SelectiveNetwork | None) -> _Phase:
+        """Phase ``index``'s model, optimizer and selection rule, its bookkeeping reset.
+        Entering phase 2 freezes the assignment of the state phase 1 kept (``previous``)."""
+        config, state = self.config, self.state
+        name, epochs = config.phases()[index]
+        state.phase_index, state.phase_epoch, state.best_epoch = index, 0, -1
+        state.best_val_loss, state.best_val_accuracy = float("inf"), -1.0
+        if name == "fixed":
+            state.assignment = [[config.pool[0]] * width for width in config.arch[1:-1]]
+        if name == "mixed" and previous is not None:
+            model = self._phase2_model(previous, epochs)
+        else:
+            model = _build(config, name, self.dataset, state.assignment)
+            if name == "selective":
+                _apply_prior(config, model)
+        model = model.to(self.dev)
+        optimizer = _optimizer(config, model)
+        return _Phase(name, epochs, model, optimizer, _clone_state(model), _keep_rule(config, name))
+
+    def _phase2_model(self, selective: SelectiveNetwork, epochs: int) -> nn.Module:
+        """Phase 2's network: ``selective``'s argmax frozen, its weights carried over unless
+        ``fresh`` (with phase-2 epochs to train it)."""
+        config = self.config
+        self.state.assignment = selective.assignment()
+        # no phase-2 epochs: nothing would train a fresh network, so phase 1's ships
+        if config.phase2_init == "continue" or epochs == 0:
+            model = mixed_from_selective(selective, preprocessing=self.dataset.preprocessing)
+            # fold: the same function, trained as a plain network
+            return model.folded() if config.phase2_norm == "fold" else model
+        torch.manual_seed(config.seed + 1)  # "fresh": re-initialised, as the reference code does
+        return _build(config, "mixed", self.dataset, self.state.assignment)
+
+    def _end_selective(self) -> SelectiveNetwork:
+        """Phase 1's kept state (its rule's epoch) as a network; its metrics go to
+        state.phase1."""
+        data, state = self.data, self.state
+        selective = _build(self.config, "selective", self.dataset, None).to(self.dev)
+        selective.load_state_dict(self.phase.kept)
+        selective.eval_noise = False  # the frozen mix is the logits' argmax, whatever the protocol
+        val_loss, val_acc = evaluate(selective, data["x_val"], data["y_val"])
+        test_loss, test_acc = evaluate(selective, data["x_test"], data["y_test"])
+        state.phase1 = {
+            "best_epoch": state.best_epoch,
+            "select": self.phase.rule,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "activation_counts": selective.activation_counts(),
+        }
+        return selective
+
+    def _train_phase(self) -> None:
+        """Epochs of the current phase until it is complete; a checkpoint after each."""
+        phase, state = self.phase, self.state
+        if state.phase_epoch >= phase.epochs:
+            return
+        rows = _phase_rows(self.config, phase.name, self.data)
+        net = phase.model
+        if self.ranks.distributed:
+            devices = [self.dev.index] if self.dev.type == "cuda" else None
+            net = DistributedDataParallel(phase.model, device_ids=devices)
+        with tqdm(
+            total=phase.epochs,
+            initial=state.phase_epoch,
+            desc=f"{phase.name:>9}",
+            unit="epoch",
+            disable=not self.progress or not self.ranks.main,
+            leave=True,
+            dynamic_ncols=True,
+        ) as bar:
+            while state.phase_epoch < phase.epochs:
+                record = self._epoch(net, *rows)
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.4f}",
+                    val_loss=f"{record['val_loss']:.4f}",
+                    val_acc=f"{record['val_accuracy']:.4f}",
+                )
+                bar.update(1)
+                if self.after_epoch is not None:
+                    self.after_epoch(record)
+
+    def _epoch(
+        self, net: nn.Module, x: Tensor, y: Tensor, held_out: tuple[Tensor, Tensor] | None
+    ) -> dict[str, Any]:
+        """One epoch of the current phase on rows (x, y): trained, evaluated, its state kept if
+        the phase's rule says so, the checkpoint and history written; returns its record."""
+        config, phase, state, model = self.config, self.phase, self.state, self.phase.model
+        started = time.perf_counter()
+        selective = isinstance(model, SelectiveNetwork)
+        if selective:  # tau and relaxed of every mixed layer
+            model.tau = config.tau_at(state.phase_epoch)
+            model.relaxed = state.phase_epoch < config.soft_epochs
+        frozen = selective and config.logits_frozen_at(state.phase_epoch)
+        result = train_epoch(
+            net,
+            phase.optimizer,
+            x,
+            y,
+            batch_size=config.batch_size,
+            grad_clip=config.grad_clip,
+            generator=self.data_gen,
+            double_softmax=config.double_softmax,
+            ranks=self.ranks,
+            freeze_logits=frozen,
+            select=held_out,
+        )
+        x_val, y_val = self.data["x_val"], self.data["y_val"]
+        val_loss, val_acc = evaluate(model, x_val, y_val, double_softmax=config.double_softmax)
+        seconds = time.perf_counter() - started
+        state.train_seconds += seconds
+        record = {
+            "epoch": len(state.history),
+            "phase": phase.name,
+            "phase_epoch": state.phase_epoch,
+            **result,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "seconds": seconds,
+            "activation_counts": model.activation_counts(),
+        }
+        if selective:
+            record |= {"tau": model.tau, "relaxed": model.relaxed, "logits_frozen": frozen}
+        if self.ranks.distributed:
+            record["ranks"] = self.ranks.world  # a divergence would have stopped the run
+        if _keeps(phase.rule, record, state):
+            state.best_val_loss, state.best_val_accuracy = val_loss, val_acc
+            state.best_epoch = record["epoch"]
+            phase.kept = _clone_state(model)
+        state.history.append(record)
+        state.phase_epoch += 1
+        if self.ranks.main:
+            self._save_checkpoint()
+            artifacts.write_history(self.out, state.history)
+        return record
+
+    def _save_checkpoint(self) -> None:
+        phase = self.phase
+        optim_tensors, optim_meta = artifacts.optimizer_to_tensors(phase.optimizer)
+        tensors = {
+            **{f"model.{k}": v for k, v in phase.model.state_dict().items()},
+            **{f"best.{k}": v for k, v in phase.kept.items()},
+            **optim_tensors,
+            "rng.torch": torch.get_rng_state(),
+            "rng.data": self.data_gen.get_state(),
+        }
+        if self.dev.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        state = {"config": self.record_config, "optimizer": optim_meta, "run": asdict(self.state)}
+        artifacts.save_checkpoint(self.out, tensors, state)
+
+    def _restore(self) -> _Phase:
+        """The phase the checkpoint was written in, with its model, optimizer, kept state and
+        RNGs; the run's state the checkpoint's.
+
+        The checkpoint is checked field by field before any of it is used (it may have been
+        edited, truncated or written by other code): its options against this run's (a former
+        protocol name taken for today's); its run state against what this run can hold
+        (phase, epoch counts, history, assignment); its tensors' names, dtypes and shapes, from
+        the header, against the network and optimizer these options build, before any tensor
+        data is read; then NaN or inf in any tensor, by name, and the generator states.
+        ArtifactError (or TrainError for other options) names the problem.
+        """
+        config, dev = self.config, self.dev
+        file, saved = artifacts.read_checkpoint(self.out)
+        path = file.path
+        recorded = recorded_options(saved["config"])
+        if recorded != self.record_config:
+            keys = sorted(set(self.record_config) | set(recorded))
+            changed = [k for k in keys if recorded.get(k) != self.record_config.get(k)]
+            raise TrainError(
+                f"--resume: options differ from the checkpoint in {_listed(changed)}; "
+                f"rerun with the original options"
+            )
+        restored = _checked_run_state(saved["run"], config, path)
+        name, epochs = config.phases()[restored.phase_index]
+        model = _build(config, name, self.dataset, restored.assignment).to(dev)
+        optimizer = _optimizer(config, model)
+        _check_optimizer_record(saved["optimizer"], optimizer, path)
+        tensors = _checked_tensors(file, model, optimizer, self.data_gen, dev)
+        model.load_state_dict(_prefixed(tensors, "model."))
+        groups = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": {}}
+        optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, groups))
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_gen.set_state(tensors["rng.data"])
+        if dev.type == "cuda":
+            try:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+            except RuntimeError as e:
+                raise artifacts.ArtifactError(
+                    f"{path}: tensor rng.cuda is not a CUDA generator's state ({e})"
+                ) from None
+        self.state = restored
+        kept = _prefixed(tensors, "best.")
+        return _Phase(name, epochs, model, optimizer, kept, _keep_rule(config, name))
+
+    def finish(self) -> ModelSpec:
+        """The last phase's kept state as the run's model, written with its spec, plots and
+        report; the checkpoint removed. Its candidate norm is folded into the weights, so the
+        artifact is an ordinary mixed network (export and serve know nothing of the norm).
+        (With --p2-epochs 0 the mixed phase trains nothing and keeps its start: phase 1's
+        choice.)"""
+        model = self.phase.model
+        model.load_state_dict(self.phase.kept)
+        model = model.folded()
+        config, dataset = self.config, self.dataset
+        training = self.record_config
+        if config.layers is not None:  # the norm the stored frozen layers still apply, if any
+            training = {**training, artifacts.FROZEN_CANDIDATE_NORM: model.candidate_norm}
+        spec = ModelSpec(
+            arch=config.arch,
+            pool=config.pool,
+            mode=config.mode,
+            assignment=model.assignment,
+            preprocessing=dataset.preprocessing,
+            input_shape=list(self.shape) if config.layers is not None else dataset.input_shape,
+            labels=dataset.labels,
+            training=training,
+            metrics=self._metrics(model),
+            versions=package_versions(),
+            afu=config.afu,
+            layers=config.layers,
+        )
+        if self.ranks.main:
+            artifacts.save_model(self.out, spec, model.canonical_state_dict())
+            report.write_plots_and_report(self.out, spec, self.state.history)
+            artifacts.remove_checkpoint(self.out)
+        barrier(self.ranks)
+        return spec
+
+    def _metrics(self, model: MixedNetwork) -> dict[str, Any]:
+        """model.json's metrics of the final model."""
+        data, state = self.data, self.state
+        val_loss, val_acc = evaluate(model, data["x_val"], data["y_val"])
+        test_loss, test_acc = evaluate(model, data["x_test"], data["y_test"])
+        metrics: dict[str, Any] = {
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "best_epoch": state.best_epoch,
+            "epochs": len(state.history),
+            "train_seconds": state.train_seconds,
+        }
+        if state.phase1 is not None:
+            metrics["phase1"] = state.phase1
+        if model.afus is not None:
+            metrics["afu"] = afu_summary(model)
+        return metrics
+
+
+def _checked_tensors(
+    file: artifacts.TensorFile,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     data_gen: torch.Generator,
     dev: torch.device,
-    run: _RunState,
-) -> _Phase:
-    """The phase a checkpoint was written in, with its model, optimizer, kept state and RNGs.
-
-    The checkpoint is checked field by field before any of it is used (it may have been
-    edited, truncated or written by other code): its options against this run's; its run
-    state against what this run can hold (phase, epoch counts, history, assignment); its
-    tensors' names, dtypes and shapes, from the header, against the network and optimizer these
-    options build, before any tensor data is read; then NaN or inf in any tensor, by name, and
-    the generator states. ArtifactError (or TrainError for other options) names the problem.
-    """
-    file, saved = artifacts.read_checkpoint(out)
-    path = file.path
-    if saved["config"] != record_config:
-        keys = sorted(set(record_config) | set(saved["config"]))
-        changed = [k for k in keys if saved["config"].get(k) != record_config.get(k)]
-        raise TrainError(
-            f"--resume: options differ from the checkpoint in {_listed(changed)}; "
-            f"rerun with the original options"
-        )
-    restored = _checked_run_state(saved["run"], config, path)
-    name, epochs = config.phases()[restored.phase_index]
-    model = _build(config, name, dataset, restored.assignment).to(dev)
-    optimizer = _optimizer(config, model)
-    _check_optimizer_record(saved["optimizer"], optimizer, path)
+) -> dict[str, Tensor]:
+    """A checkpoint's tensors, once their names, dtypes and shapes (from the header) fit the
+    network and optimizer these options build, every value is finite and the generator states
+    are states: ArtifactError names the first that is not."""
     required, optional = _checkpoint_layout(file, model, optimizer, data_gen, dev)
     try:
         artifacts.check_tensor_layout(
@@ -998,34 +1167,18 @@ def _restore(
             mismatch="tensors do not match the run these options train",
         )
     except contract.SpecError as e:
-        raise artifacts.ArtifactError(f"{path}: {e}") from None
+        raise artifacts.ArtifactError(f"{file.path}: {e}") from None
     tensors, _ = artifacts.read_tensor_data(file)
     if problems := artifacts.nonfinite_tensors(tensors):
-        raise artifacts.ArtifactError(f"{path}: {_listed(problems, sep='; ', most=4)}")
+        raise artifacts.ArtifactError(f"{file.path}: {_listed(problems, sep='; ', most=4)}")
     for key in ("rng.torch", "rng.data"):
         try:  # a scratch generator: nothing is set until every state is known to be valid
             torch.Generator().set_state(tensors[key])
         except RuntimeError as e:
             raise artifacts.ArtifactError(
-                f"{path}: tensor {key} is not a random generator's state ({e})"
+                f"{file.path}: tensor {key} is not a random generator's state ({e})"
             ) from None
-    model.load_state_dict(_prefixed(tensors, "model."))
-    groups = {"param_groups": optimizer.state_dict()["param_groups"], "scalars": {}}
-    optimizer.load_state_dict(artifacts.optimizer_from_tensors(tensors, groups))
-    torch.set_rng_state(tensors["rng.torch"])
-    data_gen.set_state(tensors["rng.data"])
-    if dev.type == "cuda":
-        try:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
-        except RuntimeError as e:
-            raise artifacts.ArtifactError(
-                f"{path}: tensor rng.cuda is not a CUDA generator's state ({e})"
-            ) from None
-    for key, value in asdict(restored).items():
-        setattr(run, key, value)
-    return _Phase(
-        name, epochs, model, optimizer, _prefixed(tensors, "best."), _keep_rule(config, name)
-    )
+    return tensors
 
 
 def _checked_run_state(saved: dict[str, Any], config: TrainConfig, path: Path) -> _RunState:
@@ -1268,25 +1421,3 @@ def _clone_state(model: nn.Module) -> dict[str, Tensor]:
 
 def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _save_checkpoint(
-    out: Path,
-    phase: _Phase,
-    data_gen: torch.Generator,
-    dev: torch.device,
-    run: _RunState,
-    record_config: dict[str, Any],
-) -> None:
-    optim_tensors, optim_meta = artifacts.optimizer_to_tensors(phase.optimizer)
-    tensors = {
-        **{f"model.{k}": v for k, v in phase.model.state_dict().items()},
-        **{f"best.{k}": v for k, v in phase.kept.items()},
-        **optim_tensors,
-        "rng.torch": torch.get_rng_state(),
-        "rng.data": data_gen.get_state(),
-    }
-    if dev.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    state = {"config": record_config, "optimizer": optim_meta, "run": asdict(run)}
-    artifacts.save_checkpoint(out, tensors, state)

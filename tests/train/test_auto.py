@@ -202,6 +202,31 @@ def test_rerun_trains_nothing(auto_out: Path, monkeypatch, capsys) -> None:
     assert "| screen | relu | 1 | 0.003 |" in printed and "| screen | tanh | 1 | 0.003 |" in printed
 
 
+def test_sub_runs_recorded_under_the_former_protocol_name_are_read(
+    auto_out: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Sub-runs written while the default protocol was called smartmixed count as complete."""
+    out = tmp_path / "out"
+    shutil.copytree(auto_out, out)
+    specs = sorted((out / "auto").rglob(MODEL_SPEC))
+    assert len(specs) == 4
+    for path in specs:
+        spec = read_json(path)
+        assert spec["training"]["protocol"] == "default"
+        spec["training"]["protocol"] = "smartmixed"
+        path.write_text(json.dumps(spec))
+
+    def no_training(**_: object) -> None:
+        raise AssertionError("a complete sub-run was trained again")
+
+    monkeypatch.setattr(auto, "train_run", no_training)
+    assert main([*ARGV, "--mode", "auto", "--out", str(out)]) == 0
+    assert (
+        read_json(out / MODEL_SPEC)["training"]["auto"]
+        == (read_json(auto_out / MODEL_SPEC)["training"]["auto"])
+    )
+
+
 @pytest.mark.slow  # a sub-run trained again in two halves: 2.5 s
 def test_a_killed_sub_run_resumes(auto_out: Path, digits: Dataset, tmp_path: Path) -> None:
     """The SmartMixed finalist killed after its first epoch (a checkpoint, no model.json) is
@@ -211,7 +236,7 @@ def test_a_killed_sub_run_resumes(auto_out: Path, digits: Dataset, tmp_path: Pat
     killed = out / "auto" / "smartmixed" / "lr0.003"
     shutil.rmtree(killed)
     plan = auto.plan_auto(
-        protocol="smartmixed",
+        protocol="default",
         options={
             "arch": [64, 16, 10],
             "pool": list(POOL),

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from smartmixed.train.cli import main
+from smartmixed.train.cli import CONFIG_DESTS, build_parser, main
+from smartmixed.train.loop import TrainConfig
 
 
 def test_cli_trains_and_compares(tmp_path: Path, capsys) -> None:
@@ -130,8 +133,32 @@ def test_cli_protocol_sets_defaults_and_flags_override(tmp_path: Path) -> None:
         == 0
     )
     training = json.loads((tmp_path / "d" / "model.json").read_text())["training"]
-    assert training["protocol"] == "smartmixed" and training["candidate_norm"] == "standard"
+    assert training["protocol"] == "default" and training["candidate_norm"] == "standard"
     assert (training["logit_lr"], training["select"]) == (0.05, "last")
+
+
+def test_every_config_flag_defaults_to_its_protocol_and_shows_the_default(capsys) -> None:
+    """A flag left out takes the --protocol's value, so argparse's default is None; its help
+    ends with the default protocol's value, as TrainConfig() holds it."""
+    parser = build_parser()
+    config = dataclasses.asdict(TrainConfig(arch=[4, 3, 2]))
+    config["candidate_norm"] = None  # TrainConfig resolves the default protocol's None
+    flags = {a.dest: a for a in parser._actions if a.dest in CONFIG_DESTS}
+    assert set(flags) == set(CONFIG_DESTS) and "mode" in flags and "afu_lr" in flags
+    for dest, action in flags.items():
+        assert action.default is None, dest
+        value = config[dest]
+        if isinstance(value, list):  # the pool: the epilog names the default
+            assert "(default" not in action.help
+        elif value is None:
+            assert re.search(r"\(default: [^()]+\)$", action.help), dest
+        else:
+            assert action.help.endswith(f"(default {value})"), dest
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "digits", "--arch", "64,8,10", "--protocol", "smartmixed"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # the former name is refused; the message names today's
+    assert "invalid choice: 'smartmixed'" in err and "'default'" in err
 
 
 def test_cli_refuses_bad_selection_values(tmp_path: Path, capsys) -> None:

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from smartmixed.nn import selection_logits
-from smartmixed.train import artifacts
+from smartmixed.train import artifacts, loop
 from smartmixed.train.data import Dataset
 from smartmixed.train.distributed import DistributedError
-from smartmixed.train.loop import PHASE2_INITS, TrainConfig, TrainError, train_run
-from smartmixed.train.model import MixedMLP
+from smartmixed.train.loop import PHASE2_INITS, PROTOCOLS, TrainConfig, TrainError, train_run
+from smartmixed.train.model import MixedMLP, SelectiveNetwork
 
 ARCH = [64, 48, 32, 10]
 
@@ -55,16 +55,45 @@ def test_short_digits_run_reaches_90_percent(digits: Dataset, tmp_path: Path) ->
     assert spec.activation_counts() == spec.metrics["phase1"]["activation_counts"]
 
 
-def test_fixed_baseline_and_fresh_phase2(digits: Dataset, tmp_path: Path) -> None:
+def test_fixed_baseline(digits: Dataset, tmp_path: Path) -> None:
     fixed = train_run(
-        config=_config(mode="fixed:tanh"), dataset=digits, out=tmp_path / "f", progress=False
+        config=_config(mode="fixed:tanh", epochs=2), dataset=digits, out=tmp_path, progress=False
     )
     assert fixed.pool == ["tanh"] and fixed.activation_counts() == [{"tanh": 48}, {"tanh": 32}]
     assert "phase1" not in fixed.metrics
-    fresh = train_run(
-        config=_config(phase2_init="fresh"), dataset=digits, out=tmp_path / "m", progress=False
-    )
-    assert fresh.training["phase2_init"] == "fresh"
+    assert [r["phase"] for r in artifacts.read_history(tmp_path)] == ["fixed", "fixed"]
+
+
+@pytest.mark.parametrize("phase2_init", PHASE2_INITS)
+def test_phase2_starts_from_fresh_or_carried_weights(
+    digits: Dataset, tmp_path: Path, monkeypatch, phase2_init: str
+) -> None:
+    """The weights each phase's first epoch starts from, seen by the loop's own train_epoch:
+    phase 2's are phase 1's kept ones (continue), or a new network's drawn with seed + 1."""
+    starts, ends = {}, {}
+    real = loop.train_epoch
+
+    def spy(model, *args, **options):
+        net = getattr(model, "module", model)
+        phase = "selective" if isinstance(net, SelectiveNetwork) else "mixed"
+        starts.setdefault(phase, net.canonical_state_dict())
+        result = real(model, *args, **options)
+        ends[phase] = net.canonical_state_dict()
+        return result
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    config = _config(p1_epochs=2, p2_epochs=1, phase2_init=phase2_init, select="last")
+    spec = train_run(config=config, dataset=digits, out=tmp_path, progress=False)
+    kept = ends["selective"]  # --select last keeps phase 1's last epoch
+    torch.manual_seed(config.seed + 1)
+    new = MixedMLP(ARCH, config.pool, spec.assignment).canonical_state_dict()
+    assert starts["mixed"].keys() == kept.keys() == new.keys()
+    same_as_kept = [torch.equal(starts["mixed"][k], kept[k]) for k in kept]
+    same_as_new = [torch.equal(starts["mixed"][k], new[k]) for k in new]
+    if phase2_init == "continue":
+        assert all(same_as_kept) and not any(same_as_new)
+    else:
+        assert all(same_as_new) and not any(same_as_kept)
 
 
 def test_save_load_round_trip_is_bit_exact(digits: Dataset, tmp_path: Path) -> None:
@@ -109,6 +138,11 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(
     assert len(artifacts.read_history(out)) == stop_after
     with pytest.raises(TrainError, match="unfinished run"):
         train_run(config=config, dataset=digits, out=out, progress=False)
+    # as a run written while the default protocol was called smartmixed records it
+    file, state = artifacts.read_checkpoint(out)
+    assert state["config"]["protocol"] == "default"
+    state["config"]["protocol"] = "smartmixed"
+    artifacts.save_checkpoint(out, artifacts.read_tensor_data(file)[0], state)
     resumed = train_run(config=config, dataset=digits, out=out, resume=True, progress=False)
     assert resumed.assignment == reference.assignment
     assert resumed.metrics["test_accuracy"] == reference.metrics["test_accuracy"]
@@ -194,7 +228,7 @@ def test_bad_requests(digits: Dataset, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Selection controls and protocols (issue E)
+# Selection controls and protocols
 
 
 def test_protocols_set_their_values_and_options_override() -> None:
@@ -210,8 +244,12 @@ def test_protocols_set_their_values_and_options_override() -> None:
     ref = TrainConfig.from_protocol("reference-code", arch=ARCH, p1_epochs=3)
     assert ref.p1_epochs == 3 and ref.phase2_init == "fresh" and ref.clamp == 10.0
     assert ref.double_softmax and ref.eval_noise
-    default = TrainConfig.from_protocol("smartmixed", arch=ARCH, logit_lr=None)
+    default = TrainConfig.from_protocol("default", arch=ARCH, logit_lr=None)
     assert default == TrainConfig(arch=ARCH)  # the dataclass defaults are the default protocol
+    assert {k: getattr(default, k) for k in PROTOCOLS["default"]} == {
+        **PROTOCOLS["default"],
+        "candidate_norm": "standard",  # None: standard for smartmixed
+    }
     assert default.candidate_norm == "standard" and default.logit_lr == 1e-2
     assert TrainConfig(arch=ARCH, mode="fixed:relu").candidate_norm == "none"
     assert (
@@ -220,6 +258,12 @@ def test_protocols_set_their_values_and_options_override() -> None:
     )
     with pytest.raises(TrainError, match="--protocol 'nope'"):
         TrainConfig.from_protocol("nope", arch=ARCH)
+    with pytest.raises(TrainError, match="'smartmixed' is now called 'default'"):
+        TrainConfig.from_protocol("smartmixed", arch=ARCH)
+    assert loop.recorded_options({"protocol": "smartmixed", "lr": 1.0}) == {
+        "protocol": "default",
+        "lr": 1.0,
+    }
     with pytest.raises(TrainError, match="--select 'best': expected one of val-loss"):
         TrainConfig(arch=ARCH, select="best")
     with pytest.raises(TrainError, match="--tau-end must be > 0"):
@@ -352,9 +396,8 @@ def test_soft_epochs_relax_the_first_phase1_epochs_and_are_recorded(
 
 @pytest.mark.parametrize("norm", ["keep", "fold"])
 def test_phase2_norm_fold_trains_the_same_function_as_a_plain_network(
-    digits: Dataset, norm: str
+    digits: Dataset, tmp_path: Path, norm: str
 ) -> None:
-    from smartmixed.train.loop import _RunState, _start_phase
     from smartmixed.train.model import SelectiveMLP
 
     config = _config(phase2_norm=norm, phase2_init="continue")  # fold maps the kept weights
@@ -364,7 +407,8 @@ def test_phase2_norm_fold_trains_the_same_function_as_a_plain_network(
     )
     for logits in selection_logits(selective):
         torch.nn.init.normal_(logits)
-    phase = _start_phase(config, 1, digits, _RunState(), selective.eval(), torch.device("cpu"))
+    run = loop._Run(config=config, dataset=digits, out=tmp_path, progress=False)
+    phase = run._start_phase(1, previous=selective.eval())
     assert phase.name == "mixed"
     assert phase.model.candidate_norm == {"keep": "standard", "fold": "none"}[norm]
     x = torch.from_numpy(digits.x_val)
