@@ -50,10 +50,10 @@ definitions agree. The feature shares are recorded beside (``mix_features``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +74,20 @@ from smartmixed.contract import (
     outputs,
     resolve_conv_preset,
 )
-from smartmixed.contract.outputs import machine_info
+from smartmixed.contract.outputs import machine_info, percentiles
 from smartmixed.contract.sessions import make_session
-from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
-from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, lower
-from smartmixed.export.module import (
+from smartmixed.export.autotune import AUTO, Choice, Timing, choose_lowering
+from smartmixed.export.folds import (
     MODULE_LOWERINGS,
+    LayerFold,
     lowered_network,
     module_lowerings,
     plan_folds,
-    to_onnx,
 )
+from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, distinct_lowerings, lower
+from smartmixed.export.module import to_onnx
 from smartmixed.export.quantize import quantize_int8
-from smartmixed.export.timing import percentiles, time_session
+from smartmixed.export.timing import time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
 from smartmixed.train.model import PRESETS, MixedConvNet, MixedMLP, ModelSpec, parse_arch
@@ -94,8 +95,8 @@ from smartmixed.train.report import describe_layers
 
 PAPER_ARCH = list(PRESETS["paper"])
 PRESET_INPUT_SHAPE = [1, 28, 28]  # the conv presets are laid out for 28x28 grey images
-DEFAULT_BATCHES = (1, 32, 256)
-DEFAULT_THREADS = (1, 2)
+DEFAULT_BATCHES = "1,32,256"
+DEFAULT_THREADS = "1,2"
 # 40 x 30 = 1200 timed runs per cell: enough for a stable p99, and about 2-3 minutes for the
 # paper architecture on a 2-core machine. Many short rounds interleave more finely than few long.
 DEFAULT_ROUNDS = 40
@@ -106,9 +107,6 @@ ORDER = (
     "interleaved rounds; in each round, per (batch, threads), every cell in turn, the order "
     "rotated by one cell per round"
 )
-# a single-group network lowers to the same graph in every form: an MLP's through
-# export.lower, a conv net's through torch's exporter (one op per frozen layer)
-FIXED_LOWERING = {"mlp": "permuted"}  # conv: export's auto per fixed network (_lower_conv)
 MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
 # Targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal mix (p50),
 # for an MLP and a conv net alike; the INT8 mixed network (auto's INT8 pick) vs the fp32
@@ -130,6 +128,7 @@ IDEAL_WEIGHTS = (
     "per element; the convolutions and matrix products are the same in every network)"
 )
 INT8 = "+int8"  # lowering suffix of a dynamically quantized graph (export.quantize.quantize_int8)
+PERCENTILES = ("p50_ms", "p95_ms", "p99_ms")  # of a cell's timed runs
 RECORD_KEYS = (
     "model",
     "runtime",
@@ -144,7 +143,7 @@ RECORD_KEYS = (
     "ratio_vs_ideal",
 )
 ORT, TORCH = "onnxruntime", "torch"
-FIXED, EAGER, AUTO, MIXED = "fixed", "eager", "auto", "mixed"
+FIXED, EAGER, MIXED = "fixed", "eager", "mixed"
 FIXED_RELU = "relu"
 
 
@@ -257,7 +256,7 @@ def _spec(
     if template is None:
         return spec
     # fixed networks of a trained run share its preprocessing, input shape and labels
-    return dataclasses.replace(
+    return replace(
         spec,
         preprocessing=template.preprocessing,
         input_shape=template.input_shape,
@@ -369,113 +368,227 @@ def _time_torch(
 
 
 # --------------------------------------------------------------------------------------------
+# What is timed
+
+
+@dataclass
+class LatencyOptions:
+    """What ``smartmixed-bench latency`` times (a flag per field: bench.add_options); checked
+    (LatencyError) before anything is built."""
+
+    arch: str | Sequence[int] | None = field(
+        default=None, metadata={"help": "layer widths of an MLP (default: the paper's)"}
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a conv net instead: lenet5 or convnet (input 1x28x28), random weights and "
+            "assignment"
+        },
+    )
+    run: Path | str | None = field(
+        default=None,
+        metadata={
+            "help": "runs/NAME: time that trained network, MLP or conv (its layers, assignment "
+            "and weights)",
+            "group": "source",
+        },
+    )
+    mix: str | Mapping[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "random assignment with these activation shares, e.g. "
+            "relu=0.4,selu=0.3,elu=0.3 (default: uniform over the six default activations)",
+            "group": "source",
+        },
+    )
+    batches: str | Sequence[int] = field(default=DEFAULT_BATCHES, metadata={"help": "batch sizes"})
+    threads: str | Sequence[int] = field(
+        default=DEFAULT_THREADS, metadata={"help": "ORT intra-op / torch threads"}
+    )
+    rounds: int = field(default=DEFAULT_ROUNDS, metadata={"help": "interleaved rounds"})
+    repeats: int = field(
+        default=DEFAULT_REPEATS, metadata={"help": "timed runs per model per round"}
+    )
+    seed: int = field(default=0, metadata={"help": "assignment, weights and inputs"})
+
+    def __post_init__(self) -> None:
+        self.batches = parse_positive_ints(self.batches, "batch sizes")
+        self.threads = parse_positive_ints(self.threads, "thread counts")
+        if self.rounds < 1 or self.repeats < 1 or self.rounds * self.repeats < 2:
+            raise LatencyError(
+                f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
+                f"percentiles (got {self.rounds} x {self.repeats})"
+            )
+
+
+@dataclass
+class Networks:
+    """The torch networks one run times: the mixed one (of ``spec``; ``run_spec`` when it
+    comes from a trained run, ``requested`` its mix when random) and a fixed network per
+    activation (``fixed``, the six and any other the mix uses; an MLP's spec in ``fixed_specs``).
+    ``shares``: the activation elements' shares, the ideal mix's weights."""
+
+    run_spec: ModelSpec | None
+    spec: ModelSpec
+    mixed: MixedMLP | MixedConvNet
+    requested: dict[str, float] | None
+    fixed: dict[str, MixedMLP | MixedConvNet]
+    fixed_specs: dict[str, ModelSpec]
+    shares: dict[str, float]
+
+    @property
+    def conv(self) -> bool:
+        return self.spec.layers is not None
+
+    @property
+    def shape(self) -> list[int]:
+        """One sample's input shape: [D] for an MLP, (C, H, W) for a conv net."""
+        return list(self.spec.input_shape) if self.conv else [self.spec.arch[0]]
+
+
+def _networks(o: LatencyOptions) -> Networks:
+    """The networks of ``o``, with seeded random weights (the caller's torch RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)
+        run_spec, spec, mixed, requested = _mixed_network(o.arch, o.preset, o.run, o.mix, o.seed)
+        shares = activation_shares(spec.assignment, elements=feature_elements(spec))
+        # The ideal mix needs a fixed network for every activation the mixed one uses.
+        fixed_acts = list(DEFAULT_POOL) + [n for n in shares if n not in DEFAULT_POOL]
+        arch, fixed, fixed_specs = list(spec.arch), {}, {}
+        for a in fixed_acts:
+            if spec.layers is not None:
+                fixed[a] = fixed_conv_network(spec, mixed, a)
+            else:
+                fixed_specs[a] = _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]])
+                fixed[a] = MixedMLP.from_spec(fixed_specs[a]).eval()
+    return Networks(run_spec, spec, mixed, requested, fixed, fixed_specs, shares)
+
+
+# --------------------------------------------------------------------------------------------
 # Lowering
 
 Graphs = dict[tuple[str, str], bytes]  # (model, lowering) -> ONNX bytes
 Selections = dict[int, dict[str, Any]]  # threads -> auto's choice as export records it
+AUTO_KEYS = ("chosen", "criterion", "median_ms", "score_ms", "threads", "batches")
 
 
-def _auto_choice(graphs: Mapping[str, bytes], shape: Sequence[int], t: int, seed: int) -> dict:
-    """What `smartmixed-export --lowering auto --threads t` picks among ``graphs``: the export's
-    own timing and rule."""
-    timings = time_lowerings(dict(graphs), shape, threads=t, seed=seed)
-    return {**pick_lowering(timings)[1], "threads": t, "batches": list(AUTO_BATCHES)}
+@dataclass
+class Lowered:
+    """The ONNX graphs a run times, ``auto``'s pick per thread count (fp32, and int8 for an
+    MLP), the mixed network's lowerings, what permuted does with each frozen layer of a conv
+    net (``folds``), and each fixed network's lowering (one name for an MLP's)."""
+
+    graphs: Graphs
+    auto: Selections
+    auto_int8: Selections | None
+    lowerings: tuple[str, ...]
+    folds: list[str] | None
+    fixed_lowering: str | dict[str, str]
 
 
-def _lower_mlp(
-    mixed_spec: ModelSpec,
-    mixed: MixedMLP,
-    fixed: Mapping[str, tuple[ModelSpec, MixedMLP]],
-    *,
-    threads: Sequence[int],
-    seed: int,
-) -> tuple[Graphs, Selections, Selections]:
-    """An MLP through export.lower: every fixed network once, the mixed one in every lowering,
-    the int8 graphs of those and of fixed ReLU; auto's fp32 and int8 picks per thread count."""
+def _auto_records(choice: Choice, threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``choice``'s selection as latency.json records auto (fp32, int8): AUTO_KEYS, or when
+    one distinct lowering was chosen untimed, that one with no timings."""
+    if choice.selection is None:
+        untimed = {
+            "chosen": choice.lowering,
+            "criterion": "one distinct lowering: every lowering writes its graph, nothing to time",
+            "median_ms": {},
+            "score_ms": {},
+            "threads": threads,
+            "batches": [],
+        }
+        return untimed, untimed
+    selection = choice.selection
+    fp32 = selection.get("fp32", selection)
+    return {k: fp32[k] for k in AUTO_KEYS}, {k: selection[k] for k in AUTO_KEYS}
+
+
+def _lower_mlp(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
+    """An MLP through export.lower: every fixed network as export's auto lowers it, the mixed
+    one in every lowering, the int8 graphs of those and of fixed ReLU (as `--quantize int8`
+    writes them); auto's fp32 and int8 picks per thread count (export's choose_lowering)."""
     graphs: Graphs = {}
-    for a, (spec, model) in fixed.items():
-        proto = lower(spec, _numpy_state(model), lowering=FIXED_LOWERING["mlp"])
-        graphs[(a, FIXED)] = proto.SerializeToString()
-    mixed_state = _numpy_state(mixed)
-    for lowering in LOWERINGS:
-        proto = lower(mixed_spec, mixed_state, lowering=lowering)
-        graphs[(MIXED, lowering)] = proto.SerializeToString()
-    # INT8 (ORT dynamic quantization, as `--quantize int8` writes it) of every mixed lowering and
-    # of fixed ReLU.
-    for lowering in LOWERINGS:
-        quantized = quantize_int8(onnx.load_from_string(graphs[(MIXED, lowering)]))
-        graphs[(MIXED, lowering + INT8)] = quantized.SerializeToString()
+    picks = {}
+    for a, model in net.fixed.items():
+        spec = net.fixed_specs[a]
+        state = _numpy_state(model)
+        choice = choose_lowering(
+            AUTO,
+            distinct_lowerings(spec),
+            lambda lw, spec=spec, state=state: lower(spec, state, lowering=lw),
+            shape=net.shape,
+        )  # one distinct lowering: nothing timed
+        picks[a] = choice.lowering
+        graphs[(a, FIXED)] = choice.model.SerializeToString()
+    state = _numpy_state(net.mixed)
+    fp32 = {lw: lower(net.spec, state, lowering=lw) for lw in LOWERINGS}
+    int8 = {lw: quantize_int8(model) for lw, model in fp32.items()}
+    for lw in LOWERINGS:
+        graphs[(MIXED, lw)] = fp32[lw].SerializeToString()
+        graphs[(MIXED, lw + INT8)] = int8[lw].SerializeToString()
     relu_int8 = quantize_int8(onnx.load_from_string(graphs[(FIXED_RELU, FIXED)]))
     graphs[(FIXED_RELU, FIXED + INT8)] = relu_int8.SerializeToString()
-    # auto over the fp32 (or the int8) graphs, per thread count
     auto, auto_int8 = {}, {}
     for t in threads:
-        for picks, suffix in ((auto, ""), (auto_int8, INT8)):
-            candidates = {lw: graphs[(MIXED, lw + suffix)] for lw in LOWERINGS}
-            picks[t] = _auto_choice(candidates, [mixed_spec.arch[0]], t, seed)
-    return graphs, auto, auto_int8
+        choice = choose_lowering(
+            AUTO,
+            distinct_lowerings(net.spec),
+            fp32.__getitem__,
+            shape=net.shape,
+            timing=Timing(threads=t, seed=seed),
+            int8=int8.__getitem__,
+        )
+        auto[t], auto_int8[t] = _auto_records(choice, t)
+    # an MLP's fixed networks all write one graph (a layer with one group): one name
+    (fixed_lowering,) = set(picks.values())
+    return Lowered(graphs, auto, auto_int8, LOWERINGS, None, fixed_lowering)
 
 
-def _lower_conv(
-    mixed_spec: ModelSpec,
-    mixed: MixedConvNet,
-    fixed: Mapping[str, MixedConvNet],
-    *,
-    threads: Sequence[int],
-    seed: int,
-) -> tuple[Graphs, Selections, list[str], dict[str, str]]:
+def _lower_conv(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
     """A conv net as export lowers a layered run (torch's exporter, export/module.py): every
     fixed network once, in the lowering export's auto picks for it at the first thread count
     (permuted where it moves an activation after a max pool, folded where it folds a candidate
     norm, when faster); the mixed one in every module lowering, with auto's pick per thread
-    count among those that change something (as export: ``module_lowerings``; no timing when
-    none does: every lowering is then the scatter graph); the fold and the merges of each
-    frozen layer, described; each fixed network's lowering."""
+    count (export's choose_lowering over ``module_lowerings``: untimed when no lowering changes
+    anything); the fold and the merges of each frozen layer, described."""
     # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
     rng = np.random.default_rng(seed)
-    example = torch.from_numpy(
-        rng.integers(0, 256, (2, *mixed_spec.input_shape)).astype(np.float32)
-    )  # (2, C, H, W)
+    example = torch.from_numpy(rng.integers(0, 256, (2, *net.shape)).astype(np.float32))
+
+    def exported(model: nn.Module, folds: Sequence[LayerFold]) -> Callable[[str], onnx.ModelProto]:
+        return lambda lw: to_onnx(lowered_network(model, folds, lw), example, opset=DEFAULT_OPSET)
+
     graphs: Graphs = {}
     fixed_picks: dict[str, str] = {}
-    for a, model in fixed.items():
+    for a, model in net.fixed.items():
         # as export would write it: permuted moves a monotone activation after a max pool
-        # (smartmixed.export.module), which a fixed network gains from too; auto decides
-        fixed_folds = plan_folds(model, example)
-        candidates = {
-            lw: to_onnx(
-                lowered_network(model, fixed_folds, lw), example, opset=DEFAULT_OPSET
-            ).SerializeToString()
-            for lw in module_lowerings(model, fixed_folds)
-        }
-        fixed_picks[a] = "scatter"
-        if len(candidates) > 1:
-            pick = _auto_choice(candidates, mixed_spec.input_shape, threads[0], seed)
-            fixed_picks[a] = pick["chosen"]
-        graphs[(a, FIXED)] = candidates[fixed_picks[a]]
-    folds = plan_folds(mixed, example)
-    for lowering in MODULE_LOWERINGS:
-        network = lowered_network(mixed, folds, lowering)
-        graphs[(MIXED, lowering)] = to_onnx(
-            network, example, opset=DEFAULT_OPSET
-        ).SerializeToString()
-    timed = module_lowerings(mixed, folds)
+        # (export/folds.py), which a fixed network gains from too; auto decides
+        folds = plan_folds(model, example)
+        choice = choose_lowering(
+            AUTO,
+            module_lowerings(model, folds),
+            exported(model, folds),
+            shape=net.shape,
+            timing=Timing(threads=threads[0], seed=seed),
+        )
+        fixed_picks[a], graphs[(a, FIXED)] = choice.lowering, choice.model.SerializeToString()
+    folds = plan_folds(net.mixed, example)
+    mixed = {lw: exported(net.mixed, folds)(lw) for lw in MODULE_LOWERINGS}
+    graphs |= {(MIXED, lw): model.SerializeToString() for lw, model in mixed.items()}
     auto = {}
     for t in threads:
-        if len(timed) > 1:
-            candidates = {lw: graphs[(MIXED, lw)] for lw in timed}
-            auto[t] = _auto_choice(candidates, mixed_spec.input_shape, t, seed)
-        else:
-            auto[t] = {
-                "chosen": "scatter",
-                "criterion": "no layer permutes or folds: every lowering is the scatter graph, "
-                "nothing to time",
-                "median_ms": {},
-                "score_ms": {},
-                "threads": t,
-                "batches": [],
-            }
-    return graphs, auto, [f.describe() for f in folds], fixed_picks
+        choice = choose_lowering(
+            AUTO,
+            module_lowerings(net.mixed, folds),
+            mixed.__getitem__,
+            shape=net.shape,
+            timing=Timing(threads=t, seed=seed),
+        )
+        auto[t] = _auto_records(choice, t)[0]
+    described = [f.describe() for f in folds]
+    return Lowered(graphs, auto, None, MODULE_LOWERINGS, described, fixed_picks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,67 +615,57 @@ def measure_latency(
     The mixed network: ``run`` (a trained run folder, MLP or layered), else a random assignment
     with the ``mix`` shares (default uniform over the six) on the MLP ``arch`` (default the
     paper's) or the conv ``preset`` (lenet5, convnet; input 1x28x28), seeded random weights.
-    Options are validated before anything is timed: LatencyError (bad mix, batches, threads,
-    rounds, repeats, preset, or a combination that contradicts itself or the run), SpecError
-    (bad arch) or ArtifactError (missing or broken run folder).
+    The options are LatencyOptions' fields, validated before anything is timed: LatencyError
+    (bad mix, batches, threads, rounds, repeats, preset, or a combination that contradicts
+    itself or the run), SpecError (bad arch) or ArtifactError (missing or broken run folder).
     """
-    batches = parse_positive_ints(batches, "batch sizes")
-    threads = parse_positive_ints(threads, "thread counts")
-    if rounds < 1 or repeats < 1 or rounds * repeats < 2:
-        raise LatencyError(
-            f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
-            f"percentiles (got {rounds} x {repeats})"
-        )
-    # Seeded random weights, without touching the caller's torch RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        run_spec, mixed_spec, mixed_model, requested = _mixed_network(arch, preset, run, mix, seed)
-        arch = list(mixed_spec.arch)
-        conv = mixed_spec.layers is not None
-        shares = activation_shares(mixed_spec.assignment, elements=feature_elements(mixed_spec))
-        # The ideal mix needs a fixed network for every activation the mixed one uses.
-        fixed_acts = list(DEFAULT_POOL) + [n for n in shares if n not in DEFAULT_POOL]
-        if conv:
-            fixed_conv = {a: fixed_conv_network(mixed_spec, mixed_model, a) for a in fixed_acts}
-            fixed_models: dict[str, nn.Module] = dict(fixed_conv)
-        else:
-            fixed_specs = {
-                a: _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]]) for a in fixed_acts
-            }
-            fixed_mlp = {a: (s, MixedMLP.from_spec(s).eval()) for a, s in fixed_specs.items()}
-            fixed_models = {a: model for a, (_, model) in fixed_mlp.items()}
-
-    if conv:
-        lowerings = MODULE_LOWERINGS
-        graphs, auto, folds, fixed_lowering = _lower_conv(
-            mixed_spec, mixed_model, fixed_conv, threads=threads, seed=seed
-        )
-        auto_int8: Selections | None = None
-        shape = list(mixed_spec.input_shape)
-    else:
-        lowerings, folds = LOWERINGS, None
-        fixed_lowering = FIXED_LOWERING["mlp"]
-        graphs, auto, auto_int8 = _lower_mlp(
-            mixed_spec, mixed_model, fixed_mlp, threads=threads, seed=seed
-        )
-        shape = [arch[0]]
-
-    rng = np.random.default_rng(seed)
-    inputs = {b: rng.integers(0, 256, (b, *shape)).astype(np.float32) for b in batches}
-    torch_inputs = {b: torch.from_numpy(x) for b, x in inputs.items()}
-    torch_models = {FIXED_RELU: fixed_models[FIXED_RELU], MIXED: mixed_model}
-    sessions = {
-        (model, lowering, t): make_session(data, threads=t)
-        for (model, lowering), data in graphs.items()
-        for t in threads
+    o = LatencyOptions(arch, preset, run, mix, batches, threads, rounds, repeats, seed)
+    net = _networks(o)
+    lowered = (_lower_conv if net.conv else _lower_mlp)(net, threads=o.threads, seed=o.seed)
+    stats = _time_cells(net, lowered, o, progress=progress)
+    chosen = {t: lowered.auto[t]["chosen"] for t in o.threads}
+    chosen_int8 = None
+    if lowered.auto_int8 is not None:
+        chosen_int8 = {t: lowered.auto_int8[t]["chosen"] for t in o.threads}
+    fixed_acts = list(net.fixed)
+    records = _records(
+        stats, o.batches, o.threads, fixed_acts, net.shares, lowered.lowerings, chosen, chosen_int8
+    )
+    measured = _target_ratios(records, o, int8=chosen_int8 is not None)
+    targets = dict(CONV_TARGETS if net.conv else TARGETS)
+    return {
+        "config": _config(o, net, lowered),
+        "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        "mix": net.shares,
+        "mix_features": activation_shares(net.spec.assignment),
+        "auto": {str(t): info for t, info in lowered.auto.items()},
+        "auto_int8": {str(t): info for t, info in (lowered.auto_int8 or {}).items()},
+        "records": records,
+        "targets": targets,
+        "target_ratios": measured,
+        "meets_targets": {k: v <= targets[k] for k, v in measured.items()},
     }
 
+
+def _time_cells(
+    net: Networks, lowered: Lowered, o: LatencyOptions, *, progress: bool
+) -> dict[Cell, dict[str, float]]:
+    """p50 / p95 / p99 (ms) of every cell: ``o.rounds`` interleaved rounds (module docstring)."""
+    rng = np.random.default_rng(o.seed)
+    inputs = {b: rng.integers(0, 256, (b, *net.shape)).astype(np.float32) for b in o.batches}
+    torch_inputs = {b: torch.from_numpy(x) for b, x in inputs.items()}
+    torch_models = {FIXED_RELU: net.fixed[FIXED_RELU], MIXED: net.mixed}
+    sessions = {
+        (model, lowering, t): make_session(data, threads=t)
+        for (model, lowering), data in lowered.graphs.items()
+        for t in o.threads
+    }
     # Cells grouped by (batch, threads): a group's cells are timed within seconds of each other.
     groups: list[list[Cell]] = [
-        [(ORT, model, lowering, b, t) for model, lowering in graphs]
+        [(ORT, model, lowering, b, t) for model, lowering in lowered.graphs]
         + [(TORCH, model, EAGER, b, t) for model in (FIXED_RELU, MIXED)]
-        for b in batches
-        for t in threads
+        for b in o.batches
+        for t in o.threads
     ]
 
     def time_cell(cell: Cell, n: int, warmup: int) -> list[float]:
@@ -576,76 +679,72 @@ def measure_latency(
     samples: dict[Cell, list[float]] = {cell: [] for group in groups for cell in group}
     for cell in samples:
         time_cell(cell, 0, WARMUP_FIRST)
-    with tqdm(
-        total=rounds * len(samples), desc="latency", unit="cell", disable=not progress
-    ) as bar:
-        for r in range(rounds):
+    total = o.rounds * len(samples)
+    with tqdm(total=total, desc="latency", unit="cell", disable=not progress) as bar:
+        for r in range(o.rounds):
             for group in groups:
                 # rotate the order so that no model is always timed right after the same other one
                 k = r % len(group)
                 for cell in group[k:] + group[:k]:
-                    samples[cell] += time_cell(cell, repeats, WARMUP_PER_ROUND)
+                    samples[cell] += time_cell(cell, o.repeats, WARMUP_PER_ROUND)
                     bar.update()
+    return {cell: _percentiles(times) for cell, times in samples.items()}
 
-    stats = {cell: percentiles(times) for cell, times in samples.items()}
-    chosen = {t: auto[t]["chosen"] for t in threads}
-    chosen_int8 = None if auto_int8 is None else {t: auto_int8[t]["chosen"] for t in threads}
-    records = _records(stats, batches, threads, fixed_acts, shares, lowerings, chosen, chosen_int8)
-    measured = {
-        key: _find(records, MIXED, ORT, AUTO, b, t)["ratio_vs_ideal"]
-        for key, (b, t, _) in TARGET_CELLS.items()
-        if b in batches and t in threads
-    }
-    if chosen_int8 is not None:
-        measured |= {
-            key: _find(records, MIXED, ORT, AUTO + INT8, b, t)["ratio_vs_relu"]
-            for key, (b, t, _) in INT8_TARGET_CELLS.items()
-            if b in batches and t in threads
-        }
-    targets = dict(CONV_TARGETS if conv else TARGETS)
+
+def _percentiles(times_ms: Sequence[float]) -> dict[str, float]:
+    """p50_ms, p95_ms, p99_ms of one cell's timed runs."""
+    return dict(zip(PERCENTILES, percentiles(times_ms, (50, 95, 99)), strict=True))
+
+
+def _target_ratios(
+    records: Sequence[dict[str, Any]], o: LatencyOptions, *, int8: bool
+) -> dict[str, float]:
+    """The targets' ratios, for the cells that were timed."""
+    cells = [(AUTO, "ratio_vs_ideal", TARGET_CELLS)]
+    if int8:
+        cells.append((AUTO + INT8, "ratio_vs_relu", INT8_TARGET_CELLS))
     return {
-        "config": {
-            "network": "conv" if conv else "mlp",
-            "arch": arch,
-            "layers": mixed_spec.layers,
-            "input_shape": shape,
-            "preset": preset,
-            "mixed": "trained run" if run is not None else "random assignment",
-            "run": None if run is None else str(run),
-            "mix_requested": requested,
-            "pool": mixed_spec.pool,
-            "fixed_models": fixed_acts,
-            "lowerings": list(lowerings),
-            "int8": not conv,
-            "exporter": "torch.onnx (TorchScript), as export lowers a layered run"
-            if conv
-            else "smartmixed.export.lower",
-            "folds": folds,
-            "ideal_weights": IDEAL_WEIGHTS,
-            "batches": batches,
-            "threads": threads,
-            "rounds": rounds,
-            "repeats": repeats,
-            "warmup_first": WARMUP_FIRST,
-            "warmup_per_round": WARMUP_PER_ROUND,
-            "timed_runs_per_cell": rounds * repeats,
-            "seed": seed,
-            "device": "cpu",
-            "opset": DEFAULT_OPSET,
-            # MLP: one name; conv: per fixed network, what export's auto picked
-            "fixed_lowering": fixed_lowering,
-            "input": "seeded random raw pixels, integers in [0, 255] as float32",
-            "order": ORDER,
-        },
-        "machine": {**machine_info(), "onnxruntime": ort.__version__, "onnx": onnx.__version__},
-        "mix": shares,
-        "mix_features": activation_shares(mixed_spec.assignment),
-        "auto": {str(t): info for t, info in auto.items()},
-        "auto_int8": {} if auto_int8 is None else {str(t): info for t, info in auto_int8.items()},
-        "records": records,
-        "targets": targets,
-        "target_ratios": measured,
-        "meets_targets": {k: v <= targets[k] for k, v in measured.items()},
+        key: _find(records, MIXED, ORT, lowering, b, t)[ratio]
+        for lowering, ratio, targets in cells
+        for key, (b, t, _) in targets.items()
+        if b in o.batches and t in o.threads
+    }
+
+
+def _config(o: LatencyOptions, net: Networks, lowered: Lowered) -> dict[str, Any]:
+    """latency.json's ``config``: what was timed, and how."""
+    return {
+        "network": "conv" if net.conv else "mlp",
+        "arch": list(net.spec.arch),
+        "layers": net.spec.layers,
+        "input_shape": net.shape,
+        "preset": o.preset,
+        "mixed": "trained run" if o.run is not None else "random assignment",
+        "run": None if o.run is None else str(o.run),
+        "mix_requested": net.requested,
+        "pool": net.spec.pool,
+        "fixed_models": list(net.fixed),
+        "lowerings": list(lowered.lowerings),
+        "int8": not net.conv,
+        "exporter": "torch.onnx (TorchScript), as export lowers a layered run"
+        if net.conv
+        else "smartmixed.export.lower",
+        "folds": lowered.folds,
+        "ideal_weights": IDEAL_WEIGHTS,
+        "batches": o.batches,
+        "threads": o.threads,
+        "rounds": o.rounds,
+        "repeats": o.repeats,
+        "warmup_first": WARMUP_FIRST,
+        "warmup_per_round": WARMUP_PER_ROUND,
+        "timed_runs_per_cell": o.rounds * o.repeats,
+        "seed": o.seed,
+        "device": "cpu",
+        "opset": DEFAULT_OPSET,
+        # MLP: one name; conv: per fixed network, what export's auto picked
+        "fixed_lowering": lowered.fixed_lowering,
+        "input": "seeded random raw pixels, integers in [0, 255] as float32",
+        "order": ORDER,
     }
 
 
@@ -739,25 +838,39 @@ def _lowerings(result: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(result["config"].get("lowerings", LOWERINGS))
 
 
-def render_markdown(result: Mapping[str, Any]) -> str:
+def _cell(records: Sequence[dict[str, Any]], key: tuple[str, str, str, int, int]) -> str:
+    """'p50 (x relu[, x ideal])' of one record."""
+    r = _find(records, *key)
+    text = f"{r['p50_ms']:.3f} ({r['ratio_vs_relu']:.2f}x"
+    return text + (")" if r["ratio_vs_ideal"] is None else f", {r['ratio_vs_ideal']:.2f}x)")
+
+
+def _row(label: str, cells: Iterable[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _shares(mix: Mapping[str, float]) -> str:
+    return ", ".join(f"{a} {s:.1%}" for a, s in mix.items())
+
+
+def _picks(autos: Mapping[str, Any]) -> str:
+    """auto's pick per thread count, with every candidate's score."""
+    return "; ".join(
+        f"{t} thread{'s' if t != '1' else ''}: **{a['chosen']}** ("
+        + (", ".join(f"{lw} {v:.3f}" for lw, v in a["score_ms"].items()) or a["criterion"])
+        + ")"
+        for t, a in autos.items()
+    )
+
+
+def _picked(autos: Mapping[str, Any]) -> str:
+    return "/".join(dict.fromkeys(a["chosen"] for a in autos.values()))
+
+
+def _header(result: Mapping[str, Any]) -> list[str]:
+    """The title and what was timed: network, mix, method, auto's picks."""
     c, m, auto = result["config"], result["machine"], result["auto"]
-    lowerings, int8 = _lowerings(result), bool(result.get("auto_int8"))
-    cols = [(b, t) for b in c["batches"] for t in c["threads"]]
-    recs = result["records"]
-
-    def cell(model: str, runtime: str, lowering: str, b: int, t: int) -> str:
-        r = _find(recs, model, runtime, lowering, b, t)
-        text = f"{r['p50_ms']:.3f} ({r['ratio_vs_relu']:.2f}x"
-        return text + (")" if r["ratio_vs_ideal"] is None else f", {r['ratio_vs_ideal']:.2f}x)")
-
-    def row(label: str, cells: Iterable[str]) -> str:
-        return f"| {label} | " + " | ".join(cells) + " |"
-
     source = f"run {c['run']}" if c["run"] else f"random assignment (seed {c['seed']})"
-
-    def shares(mix: Mapping[str, float]) -> str:
-        return ", ".join(f"{a} {s:.1%}" for a, s in mix.items())
-
     if c.get("layers") is not None:
         name = f"{c['preset']} " if c["preset"] else ""
         network = (
@@ -766,25 +879,17 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         )
         mix = (
             f"shares of activation elements (H x W per channel, 1 per neuron; the ideal mix's "
-            f"weights): {shares(result['mix'])}; per hidden channel/neuron: "
-            f"{shares(result['mix_features'])}"
+            f"weights): {_shares(result['mix'])}; per hidden channel/neuron: "
+            f"{_shares(result['mix_features'])}"
         )
     else:
         network = f"Architecture {c['arch']}"
-        mix = f"hidden-neuron shares: {shares(result['mix'])}"
-
-    def picks(autos: Mapping[str, Any]) -> str:
-        return "; ".join(
-            f"{t} thread{'s' if t != '1' else ''}: **{a['chosen']}** ("
-            + (", ".join(f"{lw} {v:.3f}" for lw, v in a["score_ms"].items()) or a["criterion"])
-            + ")"
-            for t, a in autos.items()
-        )
-
-    def picked(autos: Mapping[str, Any]) -> str:
-        return "/".join(dict.fromkeys(a["chosen"] for a in autos.values()))
-
-    any_auto = next(iter(auto.values()))
+        mix = f"hidden-neuron shares: {_shares(result['mix'])}"
+    int8 = (
+        f"; with `--quantize int8`: {_picks(result['auto_int8'])}"
+        if result.get("auto_int8")
+        else ""
+    )
     lines = [
         "# Inference latency: mixed vs fixed activations (ONNX Runtime, CPU)",
         "",
@@ -793,17 +898,61 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         f"excluded); onnxruntime {m['onnxruntime']}, torch {m['torch']}; {m['processor']}, "
         f"{m['cpu_count']} cores.",
         f"`auto` (`smartmixed-export --threads t`) picks, by the geometric mean over batch "
-        f"{', '.join(map(str, any_auto['batches']))} of the median ms: {picks(auto)}"
-        + (f"; with `--quantize int8`: {picks(result['auto_int8'])}." if int8 else "."),
-        *(
-            [
-                "Fixed networks, each lowered as export's `auto` picks for it: "
-                + ", ".join(f"{a} {lw}" for a, lw in c["fixed_lowering"].items())
-                + " (permuted moves a monotone activation after its max pool)."
-            ]
-            if isinstance(c.get("fixed_lowering"), dict)
-            else []
-        ),
+        f"{', '.join(map(str, next(iter(auto.values()))['batches']))} of the median ms: "
+        f"{_picks(auto)}{int8}.",
+    ]
+    if isinstance(c.get("fixed_lowering"), dict):
+        lines.append(
+            "Fixed networks, each lowered as export's `auto` picks for it: "
+            + ", ".join(f"{a} {lw}" for a, lw in c["fixed_lowering"].items())
+            + " (permuted moves a monotone activation after its max pool)."
+        )
+    return lines
+
+
+def _table(result: Mapping[str, Any]) -> list[str]:
+    """One row per mixed lowering, the ideal mix, each fixed network, the int8 graphs, torch
+    eager, and the fastest lowering; one column per (batch, threads)."""
+    c, recs, auto = result["config"], result["records"], result["auto"]
+    lowerings, int8 = _lowerings(result), bool(result.get("auto_int8"))
+    cols = [(b, t) for b in c["batches"] for t in c["threads"]]
+
+    def cells(model: str, runtime: str, lowering: str) -> Iterable[str]:
+        return (_cell(recs, (model, runtime, lowering, b, t)) for b, t in cols)
+
+    def ideal(b: int, t: int) -> str:
+        relu = _find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"]
+        return f"{ideal_p50(result, b, t):.3f} ({ideal_p50(result, b, t) / relu:.2f}x)"
+
+    lines = [
+        _row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for lw in (*lowerings, AUTO):
+        label = f"mixed {lw}" + (f" (= {_picked(auto)})" if lw == AUTO else "")
+        lines.append(_row(label, cells(MIXED, ORT, lw)))
+    lines.append(_row("ideal mix", (ideal(b, t) for b, t in cols)))
+    lines += [_row(f"fixed {act}", cells(act, ORT, FIXED)) for act in c["fixed_models"]]
+    if int8:
+        for lw in (*lowerings, AUTO):
+            picked = f" (= {_picked(result['auto_int8'])})" if lw == AUTO else ""
+            lines.append(_row(f"mixed {lw} int8{picked}", cells(MIXED, ORT, lw + INT8)))
+        lines.append(_row("fixed relu int8", cells("relu", ORT, FIXED + INT8)))
+    for model in (MIXED, FIXED_RELU):
+        label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
+        lines.append(_row(label, cells(model, TORCH, EAGER)))
+
+    def fastest(b: int, t: int) -> str:
+        return min(lowerings, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
+
+    lines.append(_row("fastest lowering", (fastest(b, t) for b, t in cols)))
+    return lines
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    int8 = bool(result.get("auto_int8"))
+    lines = [
+        *_header(result),
         "",
         "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). "
         + (
@@ -814,40 +963,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         )
         + "Ideal mix = fixed networks' p50 weighted by the shares above.",
         "",
-        row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
-        "|---" * (len(cols) + 1) + "|",
+        *_table(result),
     ]
-    for lw in (*lowerings, AUTO):
-        label = f"mixed {lw}" + (f" (= {picked(auto)})" if lw == AUTO else "")
-        lines.append(row(label, (cell(MIXED, ORT, lw, b, t) for b, t in cols)))
-    lines.append(
-        row(
-            "ideal mix",
-            (
-                f"{ideal_p50(result, b, t):.3f} "
-                f"({ideal_p50(result, b, t) / _find(recs, FIXED_RELU, ORT, FIXED, b, t)['p50_ms']:.2f}x)"
-                for b, t in cols
-            ),
-        )
-    )
-    for act in c["fixed_models"]:
-        lines.append(row(f"fixed {act}", (cell(act, ORT, FIXED, b, t) for b, t in cols)))
-    if int8:
-        for lw in (*lowerings, AUTO):
-            picked_int8 = f" (= {picked(result['auto_int8'])})" if lw == AUTO else ""
-            label = f"mixed {lw} int8" + picked_int8
-            lines.append(row(label, (cell(MIXED, ORT, lw + INT8, b, t) for b, t in cols)))
-        lines.append(
-            row("fixed relu int8", (cell("relu", ORT, FIXED + INT8, b, t) for b, t in cols))
-        )
-    for model in (MIXED, FIXED_RELU):
-        label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
-        lines.append(row(label, (cell(model, TORCH, EAGER, b, t) for b, t in cols)))
-
-    def fastest(b: int, t: int) -> str:
-        return min(lowerings, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
-
-    lines.append(row("fastest lowering", (fastest(b, t) for b, t in cols)))
     kinds = "auto vs ideal mix; auto int8 vs fp32 fixed ReLU" if int8 else "auto vs ideal mix"
     lines += ["", f"Targets ({kinds}; p50; reported, not enforced):"]
     for key, limit in result["targets"].items():

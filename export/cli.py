@@ -16,9 +16,10 @@ from torch import nn
 
 from smartmixed.contract import SpecError, call_with_options, split_list
 from smartmixed.contract.sessions import ProviderError
-from smartmixed.export.autotune import AUTO_BATCHES
+from smartmixed.export.autotune import AUTO, AUTO_BATCHES
+from smartmixed.export.folds import LayerFold
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, LoweringError
-from smartmixed.export.module import LayerFold, export_module
+from smartmixed.export.module import export_module
 from smartmixed.export.quantize import (
     DEFAULT_MAX_ACCURACY_DROP,
     DEFAULT_MIN_AGREEMENT,
@@ -41,6 +42,110 @@ RUN_OPTIONS = (
 )
 
 
+# the options beside the run folder, --repository and --name, in --help's groups: flag -> its
+# argparse keywords (the dest is the keyword of export_run / export_module it fills)
+OPTION_GROUPS: dict[str, dict[str, dict[str, Any]]] = {
+    "your own module instead of a run": {
+        "--module": dict(
+            metavar="FILE.py:FACTORY",
+            help="export your own network instead of a run: FILE.py is imported and FACTORY() "
+            "called to build the model (this runs the code in FILE.py: the one place export "
+            "executes code from a file, and only the file you name), then --weights fill its "
+            "frozen mixed layers and tensors (smartmixed.nn.load_frozen)",
+        ),
+        "--weights": dict(
+            type=Path,
+            metavar="FILE.safetensors",
+            help="with --module: the weights smartmixed.nn.save_frozen wrote (FILE.json beside it)",
+        ),
+        "--input-shape": dict(
+            metavar="C,H,W",
+            help="with --module: one sample's shape without the batch, e.g. 1,28,28 (the batch "
+            "is dynamic)",
+        ),
+        "--labels": dict(
+            metavar="A,B,...", help="with --module: one label per class (default 0..C-1)"
+        ),
+    },
+    "lowering": {
+        "--lowering": dict(
+            default=AUTO,
+            choices=[AUTO, *LOWERINGS],
+            help="auto (default) times every verified candidate and keeps the fastest; a "
+            "module or conv run is lowered scatter, permuted, folded or folded_tanh",
+        ),
+        "--opset": dict(type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}"),
+        "--device": dict(
+            default="cpu",
+            choices=["cpu", "cuda"],
+            help="execution provider that auto times the candidates on",
+        ),
+        "--threads": dict(
+            type=int,
+            help="intra-op threads auto times the candidates with: those the model will be "
+            "served with (default: ONNX Runtime's, all cores)",
+        ),
+        "--auto-batches": dict(
+            metavar="SIZES",
+            help="batch sizes auto times the candidates at: those the model will be served "
+            "at; the smallest geometric mean over them wins (default "
+            f"{','.join(map(str, AUTO_BATCHES))})",
+        ),
+    },
+    "the entry": {
+        "--version": dict(type=int, default=1, help="version folder (default 1)"),
+        "--overwrite": dict(action="store_true", help="replace an existing version"),
+        "--private": dict(
+            action="store_true",
+            help="folders 0700 and files 0600 (default 0755 and 0644: readable by a server "
+            "running as another user)",
+        ),
+        "--max-queue-delay-us": dict(
+            type=int,
+            metavar="US",
+            help="the dynamic batching delay config.pbtxt states, in microseconds (default: "
+            "none, so the server's own max_batch_delay_ms applies)",
+        ),
+    },
+    "int8": {
+        "--quantize": dict(
+            choices=["int8"],
+            help="write ONNX Runtime's dynamic INT8 quantization of the chosen lowering "
+            "instead, as NAME-int8 unless --name is given",
+        ),
+        "--min-agreement": dict(
+            type=float,
+            metavar="FRACTION",
+            help="int8: least argmax agreement with the fp32 PyTorch model on the test set "
+            f"(default {DEFAULT_MIN_AGREEMENT}; --verify-only: the recorded one)",
+        ),
+        "--max-accuracy-drop": dict(
+            type=float,
+            metavar="POINTS",
+            help="int8: largest test accuracy drop in points (default "
+            f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)",
+        ),
+    },
+    "verification": {
+        "--data-dir": dict(
+            type=Path,
+            metavar="DIR",
+            help="the folder of the run's data files on this machine, for the verification on "
+            "its test set (default: where training read them; a run trained on another "
+            "machine)",
+        ),
+        "--verify-only": dict(
+            type=Path, metavar="ENTRY", help="re-verify an existing entry (models/NAME) and exit"
+        ),
+        "--against": dict(
+            type=Path,
+            metavar="RUN",
+            help="with --verify-only: the run to verify against (default: the recorded one)",
+        ),
+    },
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smartmixed-export",
@@ -53,106 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name", help="entry name (default: the run folder's name; with --module, FILE's stem)"
     )
-    p.add_argument(
-        "--module",
-        metavar="FILE.py:FACTORY",
-        help="export your own network instead of a run: FILE.py is imported and FACTORY() "
-        "called to build the model (this runs the code in FILE.py: the one place export "
-        "executes code from a file, and only the file you name), then --weights fill its "
-        "frozen mixed layers and tensors (smartmixed.nn.load_frozen)",
-    )
-    p.add_argument(
-        "--weights",
-        type=Path,
-        metavar="FILE.safetensors",
-        help="with --module: the weights smartmixed.nn.save_frozen wrote (FILE.json beside it)",
-    )
-    p.add_argument(
-        "--input-shape",
-        metavar="C,H,W",
-        help="with --module: one sample's shape without the batch, e.g. 1,28,28 (the batch "
-        "is dynamic)",
-    )
-    p.add_argument(
-        "--labels",
-        metavar="A,B,...",
-        help="with --module: one label per class (default 0..C-1)",
-    )
-    p.add_argument(
-        "--lowering",
-        default="auto",
-        choices=["auto", *LOWERINGS],
-        help="auto (default) times every verified candidate and keeps the fastest; a module "
-        "or conv run is lowered scatter, permuted, folded or folded_tanh",
-    )
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}")
-    p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=["cpu", "cuda"],
-        help="execution provider that auto times the candidates on",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="intra-op threads auto times the candidates with: those the model will "
-        "be served with (default: ONNX Runtime's, all cores)",
-    )
-    p.add_argument(
-        "--auto-batches",
-        metavar="SIZES",
-        help="batch sizes auto times the candidates at: those the model will be served at; "
-        "the smallest geometric mean over them wins (default "
-        f"{','.join(map(str, AUTO_BATCHES))})",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing version")
-    p.add_argument(
-        "--private",
-        action="store_true",
-        help="folders 0700 and files 0600 (default 0755 and 0644: readable by a "
-        "server running as another user)",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=["int8"],
-        help="write ONNX Runtime's dynamic INT8 quantization of the chosen lowering "
-        "instead, as NAME-int8 unless --name is given",
-    )
-    p.add_argument(
-        "--min-agreement",
-        type=float,
-        metavar="FRACTION",
-        help="int8: least argmax agreement with the fp32 PyTorch model on the test "
-        f"set (default {DEFAULT_MIN_AGREEMENT}; --verify-only: the recorded one)",
-    )
-    p.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        metavar="POINTS",
-        help="int8: largest test accuracy drop in points (default "
-        f"{DEFAULT_MAX_ACCURACY_DROP}; --verify-only: the recorded one)",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        help="the folder of the run's data files on this machine, for the verification on its "
-        "test set (default: where training read them; a run trained on another machine)",
-    )
-    p.add_argument(
-        "--verify-only",
-        type=Path,
-        metavar="ENTRY",
-        help="re-verify an existing entry (models/NAME) and exit",
-    )
-    p.add_argument(
-        "--against",
-        type=Path,
-        metavar="RUN",
-        help="with --verify-only: the run to verify against (default: the recorded one)",
-    )
+    for title, options in OPTION_GROUPS.items():
+        group = p.add_argument_group(title)
+        for flag, keywords in options.items():
+            group.add_argument(flag, **keywords)
     return p
 
 

@@ -78,7 +78,7 @@ def write_entry(
     leaves the old entry or the new one, complete. Under the entry's lock, after removing what
     killed exports left and checking again what ``export_run`` checked before its minutes of
     work. Modes are set explicitly, whatever the umask: a server running as another user must
-    read the entry (issue F)."""
+    read the entry."""
     folder_mode, file_mode = PRIVATE_MODES if private else PUBLIC_MODES
     entry.parent.mkdir(parents=True, exist_ok=True)
     with entry_lock(entry, file_mode=file_mode):

@@ -20,7 +20,7 @@ Five lowerings of the same function, all pure functions of (spec, weights):
   rewritten as: row j of W_l and b_l times s (so the Gemm gives s z_j), column j of W_{l+1}
   times a, and b_{l+1} += c W_{l+1}[:, j] (the original column), since
       W_{l+1} f(z) + b_{l+1} = (W_{l+1} diag(a)) op(s z) + (b_{l+1} + W_{l+1} c).
-  The folds (issue G):
+  The folds:
   * relu, leaky_relu and identity: one PRelu group with a per-row slope 0, LEAKY_RELU_SLOPE, 1
     (s = a = 1, c = 0). PRelu(z, k) = z for z >= 0 and k z below is each of them, z = 0
     included; k is the float32 slope LeakyRelu and torch use, so every value is the same float
@@ -45,16 +45,21 @@ Five lowerings of the same function, all pure functions of (spec, weights):
   per element than Relu or LeakyRelu (1.32), so the merge saves a node but costs more than that
   from batch ~32 on; ``auto`` times both.
 
-The learned activation unit (``afu``, issue I) is a group like any other in every lowering and
+The learned activation unit (``afu``) is a group like any other in every lowering and
 folds with nothing: on its rows x (B, n), Reshape (1, B n) -> Gemm w0 (N, 1), b0 -> psi -> Gemm w1 (1, N), b1 ->
 Reshape (B, n), with that layer's parameters ``afu.{l}.*`` (``_afu``).
 
 Layers with a single group (every layer of a fixed model) lower to Gemm + activation in every
 form. The input is raw features; the preprocessing (x - offset) * scale is part of the graph.
+
+Each lowering is data (``FORMS``): the weights it reads (as trained, permuted into group order,
+or folded) and the emitter of one hidden layer; ``lower`` writes the preprocessing, every hidden
+layer through its lowering's emitter, the output Gemm and the softmax.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -80,7 +85,6 @@ from smartmixed.contract import (
     afu_tensor_name,
 )
 
-LOWERINGS = ("scatter", "permuted", "grouped", "folded", "folded_tanh")
 DEFAULT_OPSET = 17
 # Names and dynamic axes, declared once: every tensor's dim 0 is the batch.
 IO_AXES: dict[str, dict[int, str]] = {
@@ -202,20 +206,6 @@ def afu_parameters(
         {p: np.asarray(state[afu_tensor_name(layer, p)], np.float32) for p in AFU_PARAMS}
         for layer in range(len(spec.arch) - 2)
     ]
-
-
-def _activation_op(
-    g: _Graph,
-    act: str,
-    x: str,
-    name: str,
-    afu: dict[str, np.ndarray] | None,
-    spec: ModelSpec,
-) -> str:
-    """ACTIVATION_OPS[act], or the layer's learned unit for afu."""
-    if act == AFU:
-        return _afu(g, x, name, afu, spec.afu["base"])
-    return ACTIVATION_OPS[act](g, x, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,19 +336,6 @@ def folded_weights(
     )
 
 
-def _group_op(
-    g: _Graph,
-    group: ActivationGroup,
-    x: str,
-    name: str,
-    afu: dict[str, np.ndarray] | None,
-    spec: ModelSpec,
-) -> str:
-    if group.name == PRELU:  # slope (rows,) broadcasts over (B, rows)
-        return g.op("PRelu", [x, g.const(f"{name}/slope", group.slopes)], name)
-    return _activation_op(g, group.name, x, name, afu, spec)
-
-
 def lowering_summary(model: onnx.ModelProto, spec: ModelSpec, *, lowering: str) -> dict[str, Any]:
     """What ``lowering`` made of ``spec``: per hidden layer its groups (name, rows, activations
     in it) and the number of ONNX nodes the layer takes (read from ``model``), and the total."""
@@ -378,19 +355,132 @@ def lowering_summary(model: onnx.ModelProto, spec: ModelSpec, *, lowering: str) 
 
 
 # --------------------------------------------------------------------------------------------
-# The lowering
+# The lowering: per lowering, the weights it reads and a per-layer emitter
 
 
-def lower(
-    spec: ModelSpec,
-    state: dict[str, np.ndarray],
-    *,
-    lowering: str,
-    opset: int = DEFAULT_OPSET,
-    name: str = "smartmixed",
-) -> onnx.ModelProto:
-    """ONNX model: input "input" float32 [batch, D] raw features -> "logits", "probabilities"."""
-    if lowering not in LOWERINGS:
+@dataclass(frozen=True)
+class Layer:
+    """One hidden layer as an emitter writes it: its nodes and initializers are named under
+    ``prefix``; ``weight`` (n_l, n_{l-1}) and ``bias`` (n_l,) hold its rows in the order of
+    ``groups`` (or in neuron order, for scatter), each group lowered as one op."""
+
+    prefix: str
+    weight: np.ndarray
+    bias: np.ndarray
+    groups: list[ActivationGroup]
+    afu: dict[str, np.ndarray] | None  # the layer's learned unit, when the pool has afu
+    afu_base: str | None
+
+
+Weights = tuple[list[np.ndarray], list[np.ndarray], list[list[ActivationGroup]]]
+Emitter = Callable[[_Graph, str, Layer], str]  # (graph, the layer's input) -> its output
+
+
+def _gemm(g: _Graph, x: str, w: np.ndarray, b: np.ndarray, prefix: str, out: str = "") -> str:
+    """x W^T + b: one Gemm (transB) reading the initializers PREFIX/W and PREFIX/b."""
+    w_name, b_name = g.const(f"{prefix}/W", w), g.const(f"{prefix}/b", b)
+    return g.op("Gemm", [x, w_name, b_name], out or f"{prefix}/gemm", transB=1)
+
+
+def _activate(g: _Graph, group: ActivationGroup, x: str, layer: Layer) -> str:
+    """The group's op on x: its pool activation, one PRelu with a slope per row, or the
+    layer's learned unit; named PREFIX/GROUP."""
+    name = f"{layer.prefix}/{group.name}"
+    if group.name == PRELU:  # slope (rows,) broadcasts over (B, rows)
+        return g.op("PRelu", [x, g.const(f"{name}/slope", group.slopes)], name)
+    if group.name == AFU:
+        return _afu(g, x, name, layer.afu, layer.afu_base)
+    return ACTIVATION_OPS[group.name](g, x, name)
+
+
+def _one_group_layer(g: _Graph, x: str, layer: Layer) -> str:
+    """Gemm -> the group's op: a layer with one activation, in every lowering."""
+    z = _gemm(g, x, layer.weight, layer.bias, layer.prefix)
+    return _activate(g, layer.groups[0], z, layer)
+
+
+def _scatter_layer(g: _Graph, x: str, layer: Layer) -> str:
+    """Gemm; per group a Gather(axis=1) of its neurons and its op; Concat; one Gather with the
+    inverse permutation back to neuron order."""
+    p, z = layer.prefix, _gemm(g, x, layer.weight, layer.bias, layer.prefix)
+    parts = []
+    for group in layer.groups:
+        indices = g.const(f"{p}/{group.name}/indices", group.neurons.astype(np.int64))
+        picked = g.op("Gather", [z, indices], f"{p}/{group.name}/gather", axis=1)
+        parts.append(_activate(g, group, picked, layer))
+    grouped = g.op("Concat", parts, f"{p}/concat", axis=1)
+    inverse = np.argsort(np.concatenate([group.neurons for group in layer.groups]))
+    inverse_name = g.const(f"{p}/inverse", inverse.astype(np.int64))
+    return g.op("Gather", [grouped, inverse_name], f"{p}/unpermute", axis=1)
+
+
+def _split_layer(g: _Graph, x: str, layer: Layer) -> str:
+    """Gemm -> Split into the groups' contiguous rows -> one op per group -> Concat."""
+    p, z = layer.prefix, _gemm(g, x, layer.weight, layer.bias, layer.prefix)
+    sizes = g.const(f"{p}/sizes", np.array([len(gr.neurons) for gr in layer.groups], np.int64))
+    chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(layer.groups), axis=1)
+    parts = [_activate(g, gr, c, layer) for gr, c in zip(layer.groups, chunks, strict=True)]
+    return g.op("Concat", parts, f"{p}/concat", axis=1)
+
+
+def _grouped_layer(g: _Graph, x: str, layer: Layer) -> str:
+    """One Gemm per group over its contiguous rows, then its op; Concat."""
+    parts, start = [], 0
+    for group in layer.groups:
+        rows = slice(start, start + len(group.neurons))
+        start = rows.stop
+        prefix = f"{layer.prefix}/{group.name}"
+        z = _gemm(g, x, layer.weight[rows], layer.bias[rows], prefix)
+        parts.append(_activate(g, group, z, layer))
+    return g.op("Concat", parts, f"{layer.prefix}/concat", axis=1)
+
+
+def _neuron_order(spec: ModelSpec, state: dict[str, np.ndarray]) -> Weights:
+    """The weights as trained, the groups over neuron indices (scatter)."""
+    n_layers = len(spec.arch) - 1
+    weights = [state[f"layers.{i}.weight"] for i in range(n_layers)]
+    biases = [state[f"layers.{i}.bias"] for i in range(n_layers)]
+    return weights, biases, lowering_groups(spec, lowering="scatter")
+
+
+def _group_order(spec: ModelSpec, state: dict[str, np.ndarray]) -> Weights:
+    """Each hidden layer's rows permuted into group order (permuted, grouped)."""
+    return (*permuted_weights(spec, state), lowering_groups(spec, lowering="permuted"))
+
+
+@dataclass(frozen=True)
+class Form:
+    """How one lowering writes a network: the weights (and groups) it reads, and the emitter
+    of a hidden layer with more than one group (a layer with one is ``_one_group_layer`` in
+    every form)."""
+
+    weights: Callable[[ModelSpec, dict[str, np.ndarray]], Weights]
+    emit: Emitter
+
+
+# lowering -> its form; the order is LOWERINGS'
+FORMS: dict[str, Form] = {
+    "scatter": Form(_neuron_order, _scatter_layer),
+    "permuted": Form(_group_order, _split_layer),
+    "grouped": Form(_group_order, _grouped_layer),
+    **{
+        folded: Form(functools.partial(folded_weights, merge_prelu=merge), _split_layer)
+        for folded, merge in MERGES_PRELU.items()
+    },
+}
+LOWERINGS = tuple(FORMS)
+
+
+def distinct_lowerings(spec: ModelSpec) -> tuple[str, ...]:
+    """The lowerings that write different graphs for ``spec``: every one, or only permuted when
+    every hidden layer has one activation (then each writes Gemm -> op per layer)."""
+    if all(len(set(layer)) == 1 for layer in spec.assignment):
+        return ("permuted",)
+    return LOWERINGS
+
+
+def _check_request(lowering: str, opset: int) -> Form:
+    if lowering not in FORMS:
         raise LoweringError(
             f"unknown lowering {lowering!r}; expected one of {', '.join(LOWERINGS)}"
         )
@@ -404,102 +494,48 @@ def lower(
             f"opset {opset} is newer than this onnx package knows "
             f"({onnx.defs.onnx_opset_version()})"
         )
+    return FORMS[lowering]
+
+
+def _preprocess(g: _Graph, preprocessing: dict[str, Any]) -> str:
+    """(x - offset) * scale on the raw input, each step only where it changes something."""
+    h = INPUT
+    offset, scale = preprocessing["offset"], preprocessing["scale"]
+    if np.any(np.asarray(offset) != 0):
+        h = g.op("Sub", [h, g.const("preprocess/offset", np.float32(offset))], "preprocess/sub")
+    if np.any(np.asarray(scale) != 1):
+        h = g.op("Mul", [h, g.const("preprocess/scale", np.float32(scale))], "preprocess/mul")
+    return h
+
+
+def lower(
+    spec: ModelSpec,
+    state: dict[str, np.ndarray],
+    *,
+    lowering: str,
+    opset: int = DEFAULT_OPSET,
+    name: str = "smartmixed",
+) -> onnx.ModelProto:
+    """ONNX model: input "input" float32 [batch, D] raw features -> "logits", "probabilities"."""
+    form = _check_request(lowering, opset)
     state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
     g = _Graph(opset)
-    h = INPUT
-    pre = spec.preprocessing
-    if np.any(np.asarray(pre["offset"]) != 0):
-        h = g.op(
-            "Sub", [h, g.const("preprocess/offset", np.float32(pre["offset"]))], "preprocess/sub"
-        )
-    if np.any(np.asarray(pre["scale"]) != 1):
-        h = g.op(
-            "Mul", [h, g.const("preprocess/scale", np.float32(pre["scale"]))], "preprocess/mul"
-        )
-
-    if lowering == "scatter":
-        n_layers = len(spec.arch) - 1
-        weights = [state[f"layers.{i}.weight"] for i in range(n_layers)]
-        biases = [state[f"layers.{i}.bias"] for i in range(n_layers)]
-    elif lowering in MERGES_PRELU:
-        weights, biases, plans = folded_weights(spec, state, merge_prelu=MERGES_PRELU[lowering])
-    else:
-        weights, biases = permuted_weights(spec, state)
-
+    h = _preprocess(g, spec.preprocessing)
+    weights, biases, groups = form.weights(spec, state)
     afus = afu_parameters(spec, state)
-    for i, groups in enumerate(layer_groups(spec)):
-        p = f"layer{i}"
-        w, b = weights[i], biases[i]
+    base = None if spec.afu is None else spec.afu["base"]
+    for i, layer_groups_i in enumerate(groups):
         afu = None if afus is None else afus[i]
-
-        def act_op(act: str, x: str, name: str, afu=afu) -> str:
-            return _activation_op(g, act, x, name, afu, spec)
-
-        if lowering in MERGES_PRELU:  # as permuted, over the folded groups
-            folded = plans[i]
-            z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
-            if len(folded) == 1:
-                h = _group_op(g, folded[0], z, f"{p}/{folded[0].name}", afu, spec)
-                continue
-            sizes = g.const(f"{p}/sizes", np.array([len(f.neurons) for f in folded], np.int64))
-            chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(folded), axis=1)
-            parts = [
-                _group_op(g, f, c, f"{p}/{f.name}", afu, spec)
-                for f, c in zip(folded, chunks, strict=True)
-            ]
-            h = g.op("Concat", parts, f"{p}/concat", axis=1)
-            continue
-        if len(groups) == 1:  # one activation for the whole layer
-            z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
-            h = act_op(groups[0][0], z, f"{p}/{groups[0][0]}")
-            continue
-        if lowering == "scatter":
-            z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
-            parts = []
-            for act, idx in groups:
-                picked = g.op(
-                    "Gather",
-                    [z, g.const(f"{p}/{act}/indices", idx.astype(np.int64))],
-                    f"{p}/{act}/gather",
-                    axis=1,
-                )
-                parts.append(act_op(act, picked, f"{p}/{act}"))
-            grouped = g.op("Concat", parts, f"{p}/concat", axis=1)
-            inverse = np.argsort(np.concatenate([idx for _, idx in groups])).astype(np.int64)
-            h = g.op(
-                "Gather", [grouped, g.const(f"{p}/inverse", inverse)], f"{p}/unpermute", axis=1
-            )
-        elif lowering == "permuted":
-            z = g.op("Gemm", [h, g.const(f"{p}/W", w), g.const(f"{p}/b", b)], f"{p}/gemm", transB=1)
-            sizes = g.const(f"{p}/sizes", np.array([len(idx) for _, idx in groups], np.int64))
-            chunks = g.op("Split", [z, sizes], f"{p}/split", n_out=len(groups), axis=1)
-            parts = [
-                act_op(act, c, f"{p}/{act}") for (act, _), c in zip(groups, chunks, strict=True)
-            ]
-            h = g.op("Concat", parts, f"{p}/concat", axis=1)
-        else:  # grouped
-            parts, start = [], 0
-            for act, idx in groups:
-                rows = slice(start, start + len(idx))
-                start += len(idx)
-                zk = g.op(
-                    "Gemm",
-                    [h, g.const(f"{p}/{act}/W", w[rows]), g.const(f"{p}/{act}/b", b[rows])],
-                    f"{p}/{act}/gemm",
-                    transB=1,
-                )
-                parts.append(act_op(act, zk, f"{p}/{act}"))
-            h = g.op("Concat", parts, f"{p}/concat", axis=1)
-
-    last = len(spec.arch) - 2
-    g.op(
-        "Gemm",
-        [h, g.const("output/W", weights[last]), g.const("output/b", biases[last])],
-        LOGITS,
-        transB=1,
-    )
+        layer = Layer(f"layer{i}", weights[i], biases[i], layer_groups_i, afu, base)
+        h = (_one_group_layer if len(layer.groups) == 1 else form.emit)(g, h, layer)
+    _gemm(g, h, weights[-1], biases[-1], "output", out=LOGITS)
     g.op("Softmax", [LOGITS], PROBABILITIES, axis=1)
+    return _model(g, spec, lowering=lowering, name=name)
 
+
+def _model(g: _Graph, spec: ModelSpec, *, lowering: str, name: str) -> onnx.ModelProto:
+    """The graph's nodes and initializers as a model with the contract's input and outputs
+    (IO_AXES) at ``g.opset``."""
     graph = helper.make_graph(
         g.nodes,
         name,
@@ -515,14 +551,13 @@ def lower(
         initializer=g.initializers,
         doc_string=f"smartmixed {spec.mode} {spec.arch}, lowering {lowering}",
     )
-    opset_ids = [helper.make_opsetid("", opset)]
-    model = helper.make_model(
+    opset_ids = [helper.make_opsetid("", g.opset)]
+    return helper.make_model(
         graph,
         opset_imports=opset_ids,
         producer_name="smartmixed",
         ir_version=helper.find_min_ir_version_for(opset_ids),
     )
-    return model
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict[str, Any]) -> None:

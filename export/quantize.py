@@ -50,14 +50,14 @@ from torch import nn
 
 from smartmixed.contract import INPUT, LOGITS, PROBABILITIES
 from smartmixed.contract.sessions import OPTIMIZATION_LEVELS, make_session
-from smartmixed.export.autotune import pick_lowering, time_lowerings
+from smartmixed.export.autotune import Timing, fastest
 from smartmixed.export.lower import is_afu_node
 from smartmixed.export.verify import VerificationError, check_graph, torch_outputs
 
 WEIGHT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 WEIGHT_TYPE = "qint8"  # U8S8: see the module docstring
-DEFAULT_MIN_AGREEMENT = 0.99  # argmax agreement with the fp32 PyTorch model (issue G)
-DEFAULT_MAX_ACCURACY_DROP = 0.5  # test accuracy points (issue G)
+DEFAULT_MIN_AGREEMENT = 0.99  # argmax agreement with the fp32 PyTorch model
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # test accuracy points
 GRANULARITIES = {"per_tensor": False, "per_channel": True}  # name -> quantize_dynamic per_channel
 TIMING_BATCHES = (1, 256)
 TIMING_THREADS = 1
@@ -80,7 +80,7 @@ def quantize_int8(
         fp32, pre, int8 = (Path(tmp) / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         fp32.write_bytes(model.SerializeToString())
         quant_pre_process(fp32, pre)
-        # the learned units (issue I) stay float32: they are activations, their (N, 1) and
+        # the learned units stay float32: they are activations, their (N, 1) and
         # (1, N) products are too small to gain from int8, and 8-bit w0, w1 would bend G
         afu_nodes = [node.name for node in onnx.load(str(pre)).graph.node if is_afu_node(node.name)]
         quantize_dynamic(
@@ -128,36 +128,37 @@ class Int8Rule:
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
 
 
-def verify_quantized(model: onnx.ModelProto, rule: Int8Rule) -> dict[str, Any]:
-    """Judge an int8 ``model`` by ``rule``; return the report or raise one VerificationError
-    carrying it."""
-    inputs, test_labels, n_classes = rule.inputs, rule.test_labels, rule.n_classes
-    min_agreement, max_accuracy_drop = rule.min_agreement, rule.max_accuracy_drop
-    problems = check_graph(model)
-    expected = torch_outputs(rule.reference, inputs)
-    fp32_correct = int((expected["test"][0].argmax(1) == test_labels).sum())
-    n_test = len(test_labels)
-
+def _int8_rows(
+    model: onnx.ModelProto,
+    rule: Int8Rule,
+    expected: dict[str, tuple[np.ndarray, np.ndarray]],
+    problems: list[str],
+) -> list[dict[str, Any]]:
+    """One row per ORT optimization level, input set and batching: the int8 ``model``'s
+    outputs against the fp32 PyTorch ones (``expected``); wrong shapes and non-finite outputs
+    are added to ``problems``."""
     rows = []
     data = model.SerializeToString()
     for level in OPTIMIZATION_LEVELS:
         session = make_session(data, device="cpu", optimization=level)
-        for name, x in inputs.items():
+        for name, x in rule.inputs.items():
             # DynamicQuantizeLinear takes its scale from the whole batch, so a row's output
             # depends on its neighbours: the test set also runs row by row, as a REST client
             # sending one sample sees it
             for batch in (len(x), 1) if name == "test" else (len(x),):
+                where = f"{name} ({level}, batch {batch})"
                 logits, probs = _run_in_batches(session, x, batch=batch)
-                if logits.shape != (len(x), n_classes) or probs.shape != logits.shape:
+                if logits.shape != (len(x), rule.n_classes) or probs.shape != logits.shape:
                     problems.append(
-                        f"{name} ({level}, batch {batch}): output shapes {logits.shape} and "
-                        f"{probs.shape}, expected {(len(x), n_classes)}"
+                        f"{where}: output shapes {logits.shape} and {probs.shape}, expected "
+                        f"{(len(x), rule.n_classes)}"
                     )
                     continue
                 if not (np.isfinite(logits).all() and np.isfinite(probs).all()):
-                    problems.append(f"{name} ({level}, batch {batch}): non-finite outputs")
+                    problems.append(f"{where}: non-finite outputs")
                 want_logits, want_probs = expected[name]
                 predicted = logits.argmax(1)
+                accuracy = float((predicted == rule.test_labels).mean()) if name == "test" else None
                 rows.append(
                     {
                         "input_set": name,
@@ -167,11 +168,23 @@ def verify_quantized(model: onnx.ModelProto, rule: Int8Rule) -> dict[str, Any]:
                         "max_probability_difference": float(np.abs(probs - want_probs).max()),
                         "max_logit_difference": float(np.abs(logits - want_logits).max()),
                         "argmax_agreement": float((predicted == want_logits.argmax(1)).mean()),
-                        "accuracy": float((predicted == test_labels).mean())
-                        if name == "test"
-                        else None,
+                        "accuracy": accuracy,
                     }
                 )
+    return rows
+
+
+def verify_quantized(model: onnx.ModelProto, rule: Int8Rule) -> dict[str, Any]:
+    """Judge an int8 ``model`` by ``rule``; return the report or raise one VerificationError
+    carrying it."""
+    inputs, test_labels = rule.inputs, rule.test_labels
+    min_agreement, max_accuracy_drop = rule.min_agreement, rule.max_accuracy_drop
+    check_graph(model)
+    problems: list[str] = []
+    expected = torch_outputs(rule.reference, inputs)
+    fp32_correct = int((expected["test"][0].argmax(1) == test_labels).sum())
+    n_test = len(test_labels)
+    rows = _int8_rows(model, rule, expected, problems)
     test_rows = [r for r in rows if r["input_set"] == "test"]
     agreement = min((r["argmax_agreement"] for r in test_rows), default=0.0)
     int8_correct = min((round(r["accuracy"] * n_test) for r in test_rows), default=0)
@@ -238,14 +251,11 @@ def quantize_verified(
         raise VerificationError("int8 model: " + "; ".join(failures), reports)
 
     serialized = {name: m.SerializeToString() for name, m in candidates.items()}
-    timings = time_lowerings(
+    _, selection = fastest(  # the scores of every model timed, fp32 included
         {"fp32": model.SerializeToString(), **serialized},
         rule.inputs["test"].shape[1],
-        device="cpu",
-        threads=TIMING_THREADS,
-        batches=TIMING_BATCHES,
+        Timing(threads=TIMING_THREADS, batches=TIMING_BATCHES),
     )
-    _, selection = pick_lowering(timings)  # the scores of every model timed, fp32 included
     passing = [name for name in candidates if reports[name]["passed"]]
     chosen = min(passing, key=lambda name: selection["score_ms"][name])
     selection.update(chosen=chosen, device="cpu", threads=TIMING_THREADS)

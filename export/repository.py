@@ -12,11 +12,12 @@ Writing the entry (export/entry.py) is safe against a concurrent export and a ki
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -45,11 +46,12 @@ from smartmixed.contract import (
     parse_positive_ints,
 )
 from smartmixed.contract.files import UnreadableFile, read_regular_file
-from smartmixed.export.autotune import AUTO_BATCHES, pick_lowering, time_lowerings
+from smartmixed.export.autotune import AUTO, AUTO_BATCHES, Choice, Timing, choose_lowering
 from smartmixed.export.entry import ExportError, check_fits_entry, write_entry
 from smartmixed.export.lower import (
     DEFAULT_OPSET,
     LOWERINGS,
+    distinct_lowerings,
     get_metadata,
     lower,
     lowering_summary,
@@ -87,6 +89,51 @@ class ExportResult:
     report: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class EntryRequest:
+    """What an export carries from its options to its entry, whatever it exports (a run, a
+    module): where it writes (``entry``, ``version``, ``overwrite``, ``private``), how it
+    lowers (``lowering`` as requested, auto or one; ``opset``; ``timing`` for auto), and the
+    batching delay its config.pbtxt states (None: none, the server's own applies)."""
+
+    entry: Path
+    version: int
+    lowering: str
+    opset: int
+    timing: Timing
+    overwrite: bool
+    private: bool
+    max_queue_delay_us: int | None = None
+
+    def __post_init__(self) -> None:
+        delay = self.max_queue_delay_us
+        if delay is not None and (
+            isinstance(delay, bool) or not isinstance(delay, int) or delay < 1
+        ):
+            raise ExportError(
+                f"--max-queue-delay-us {delay}: expected a positive number of microseconds "
+                "(without it, the server's own batching delay applies)"
+            )
+
+    def config(
+        self,
+        spec: ModelSpec,
+        *,
+        lowering: str | None = None,
+        precision: str = "fp32",
+        dims: Sequence[int] | None = None,
+    ) -> str:
+        """The entry's config.pbtxt for a version lowered ``lowering`` (default: as asked)."""
+        return triton_config(
+            self.entry.name,
+            spec,
+            lowering=lowering or self.lowering,
+            precision=precision,
+            dims=dims,
+            max_queue_delay_us=self.max_queue_delay_us,
+        )
+
+
 def triton_config(
     name: str,
     spec: ModelSpec,
@@ -94,14 +141,19 @@ def triton_config(
     lowering: str,
     precision: str = "fp32",
     dims: Sequence[int] | None = None,
+    max_queue_delay_us: int | None = None,
 ) -> str:
     """config.pbtxt (protobuf text format of Triton's ModelConfig); dims exclude the batch:
     ``dims`` when given (a module's example shape), else the graph input's of the spec
-    (``graph_input_shape``)."""
+    (``graph_input_shape``). Dynamic batching is on; its delay is stated only when given, so a
+    server's own setting applies otherwise."""
     dims = graph_input_shape(spec) if dims is None else list(dims)
     outputs = ",\n".join(
         f'  {{\n    name: "{out}"\n    data_type: TYPE_FP32\n    dims: [ {spec.arch[-1]} ]\n  }}'
         for out in (LOGITS, PROBABILITIES)
+    )
+    delay = (
+        "" if max_queue_delay_us is None else f"max_queue_delay_microseconds: {max_queue_delay_us} "
     )
     return (
         f'name: "{name}"\n'
@@ -112,7 +164,7 @@ def triton_config(
         f"output [\n{outputs}\n]\n"
         "version_policy: { latest: { num_versions: 1 } }\n"
         "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
-        "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
+        f"dynamic_batching {{ {delay}}}\n"
         f'parameters {{ key: "smartmixed_lowering" value: {{ string_value: "{lowering}" }} }}\n'
         f'parameters {{ key: "smartmixed_mode" value: {{ string_value: "{spec.mode}" }} }}\n'
         f'parameters {{ key: "smartmixed_precision" value: {{ string_value: "{precision}" }} }}\n'
@@ -167,7 +219,7 @@ def _test_inputs(
     return dataset.x_test, dataset.y_test, dataset.summary()
 
 
-def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float]:
+def raw_input_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float]:
     if test_x is not None:
         return float(test_x.min()), float(test_x.max())
     # no data: the range that preprocessing maps onto [-1, 1] (or [0, 1] for images)
@@ -176,12 +228,16 @@ def _raw_range(spec: ModelSpec, test_x: np.ndarray | None) -> tuple[float, float
     return float((offset - 1 / scale).min()), float((offset + 1 / scale).max())
 
 
-def _batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
-    """--auto-batches '1,32' (or integers) -> (1, 32): sorted, unique, each >= 1."""
+def auto_timing(device: str, threads: int | None, auto_batches: str | Sequence[int]) -> Timing:
+    """--device, --threads and --auto-batches ('1,32' or integers: sorted, unique, each >= 1)
+    as auto's Timing; ExportError naming a bad one."""
+    if threads is not None and threads < 1:
+        raise ExportError(f"--threads {threads}: expected a positive number of threads")
     try:
-        return tuple(parse_positive_ints(text, "--auto-batches"))
+        batches = tuple(parse_positive_ints(auto_batches, "--auto-batches"))
     except ValueError as e:
         raise ExportError(str(e)) from None
+    return Timing(device=device, threads=threads, batches=batches)
 
 
 def export_run(
@@ -189,7 +245,7 @@ def export_run(
     run_dir: Path | str,
     repository: Path | str,
     name: str | None = None,
-    lowering: str = "auto",
+    lowering: str = AUTO,
     opset: int = DEFAULT_OPSET,
     version: int = 1,
     device: str = "cpu",
@@ -201,6 +257,7 @@ def export_run(
     quantize: str | None = None,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    max_queue_delay_us: int | None = None,
 ) -> ExportResult:
     """Lower, verify (every candidate), choose, and write one repository entry atomically.
 
@@ -210,144 +267,133 @@ def export_run(
     and 0600 when ``private``). ``threads``: the intra-op threads ``auto`` times the candidates
     with (the ones the model will be served with; None: ONNX Runtime's default), at the batch
     sizes ``auto_batches`` (those it will be served at; the geometric mean over them decides).
+    ``max_queue_delay_us``: the dynamic batching delay config.pbtxt states (None: none, and a
+    server uses its own).
     """
-    check_threads(threads)
-    batches = _batch_sizes(auto_batches)
+    timing = auto_timing(device, threads, auto_batches)
     run_dir = Path(run_dir)
-    requested = lowering
     if quantize not in (None, "int8"):
         raise ExportError(f"--quantize {quantize!r}: expected int8")
-    precision = quantize or "fp32"
     name = name or (f"{run_dir.name}-{quantize}" if quantize else run_dir.name)
-    if lowering not in (*LOWERINGS, "auto"):
+    if lowering not in (*LOWERINGS, AUTO):
         raise ExportError(f"--lowering {lowering!r}: expected auto, {', '.join(LOWERINGS)}")
     entry = check_destination(repository, name, version=version, overwrite=overwrite)
-
+    request = EntryRequest(
+        entry, version, lowering, opset, timing, overwrite, private, max_queue_delay_us
+    )
     spec, torch_model = load_model(run_dir)
     if spec.layers is not None:  # a conv net: torch's exporter, as a user's module
-        return _export_layered_run(
-            spec,
-            torch_model,
-            run_dir=run_dir,
-            entry=entry,
-            lowering=lowering,
-            quantize=quantize,
-            data_dir=data_dir,
-            opset=opset,
-            version=version,
-            device=device,
-            threads=threads,
-            batches=batches,
-            overwrite=overwrite,
-            private=private,
-        )
+        return _export_layered_run(spec, torch_model, run_dir, request, quantize, data_dir)
+    int8 = Int8Thresholds(min_agreement, max_accuracy_drop) if quantize else None
+    return _export_mlp_run(spec, torch_model, run_dir, request, int8, data_dir)
+
+
+def _export_mlp_run(
+    spec: ModelSpec,
+    torch_model: nn.Module,
+    run_dir: Path,
+    request: EntryRequest,
+    int8: Int8Thresholds | None,
+    data_dir: Path | str | None,
+) -> ExportResult:
+    """An MLP run through export/lower.py: every candidate verified, the chosen one written
+    (with ``int8``, its verified int8 quantization)."""
     # the entry's other versions, checked again under the lock before anything is written
-    check_fits_entry(
-        entry, triton_config(name, spec, lowering=requested), version=version, run_dir=run_dir
-    )
+    check_fits_entry(request.entry, request.config(spec), version=request.version, run_dir=run_dir)
     state = {k: v.numpy() for k, v in torch_model.canonical_state_dict().items()}
     test_x, test_y, test_source = _test_inputs(spec, run_dir, data_dir)
-    if quantize and test_x is None:
+    if int8 and test_x is None:
         raise ExportError(
-            f"{run_dir}: --quantize {quantize} is verified on the run's test set, "
+            f"{run_dir}: --quantize int8 is verified on the run's test set, "
             "and the run records no data request"
         )
-    low, high = _raw_range(spec, test_x)
+    low, high = raw_input_range(spec, test_x)
     inputs = input_sets(spec.arch[0], test_x=test_x, low=low, high=high)
 
-    single_group = all(len(set(layer)) == 1 for layer in spec.assignment)
-    if lowering == "auto" and single_group:
-        # every layer has one activation: all lowerings give the same Gemm + activation graph
-        lowering = "permuted"
-    candidates = LOWERINGS if lowering == "auto" else (lowering,)
-    models, reports = {}, {}
-    for candidate in candidates:  # every candidate is verified before it may be chosen
-        models[candidate] = lower(spec, state, lowering=candidate, opset=opset, name=name)
-        reports[candidate] = verify_against_torch(
-            models[candidate], torch_model, inputs, n_classes=spec.arch[-1], lowering=candidate
-        )
-    selection = None
-    chosen = lowering
-    if lowering == "auto":
-        timings = time_lowerings(
-            {c: m.SerializeToString() for c, m in models.items()},
-            spec.arch[0],
-            device=device,
-            threads=threads,
-            batches=batches,
-        )
-        chosen, selection = pick_lowering(timings)
-        selection |= {"device": device, "threads": threads, "batches": list(batches)}
+    @functools.cache
+    def lowered(lowering: str) -> onnx.ModelProto:
+        return lower(spec, state, lowering=lowering, opset=request.opset, name=request.entry.name)
 
-    if quantize and lowering == "auto":
-        # what is deployed is the int8 graph: pick the lowering whose int8 graph is fastest
-        # (folded's fewer nodes pay off more once the Gemms are cheap; issue G)
-        timings = time_lowerings(
-            {c: quantize_int8(m).SerializeToString() for c, m in models.items()},
-            spec.arch[0],
-            device=device,
-            threads=threads,
-            batches=batches,
-        )
-        chosen, selection_int8 = pick_lowering(timings)
-        selection = {
-            **selection_int8,
-            "device": device,
-            "threads": threads,
-            "batches": list(batches),
-            "precision": "int8",
-            "fp32": selection,
-        }
-    model, quantization = models[chosen], None
-    if quantize:  # the int8 graph derives from the fp32 lowering verified above
-        rule = _int8_rule(spec, torch_model, inputs, test_y, min_agreement, max_accuracy_drop)
-        model, quantization = quantize_verified(model, rule)
-    report = {
-        "run": str(run_dir),
-        "lowering": chosen,
-        "opset": opset,
-        "requested_lowering": requested,
+    choice = choose_lowering(
+        request.lowering,
+        distinct_lowerings(spec),
+        lowered,
+        shape=spec.arch[0],
+        verify=functools.partial(
+            verify_against_torch, reference=torch_model, inputs=inputs, n_classes=spec.arch[-1]
+        ),
+        timing=request.timing,
+        int8=(lambda lowering: quantize_int8(lowered(lowering))) if int8 else None,
+    )
+    model, precision, extra = choice.model, "fp32", {}
+    if int8:  # the int8 graph derives from the fp32 lowering verified above
+        rule = _int8_rule(spec, torch_model, inputs, test_y, *int8)
+        model, extra["quantization"] = quantize_verified(model, rule)
+        precision = "int8"
+    report = entry_report(
+        {"run": str(run_dir)}, choice, request, precision, test_source, (low, high)
+    )
+    # groups and ONNX nodes per layer of every candidate, chosen or not
+    report["structure"] = {
+        c: lowering_summary(m, spec, lowering=c) for c, m in choice.models.items()
+    }
+    return write_result(request, spec, model, report | extra, source=run_dir)
+
+
+def entry_report(
+    origin: dict[str, str],
+    choice: Choice,
+    request: EntryRequest,
+    precision: str,
+    test_data: str,
+    raw_range: tuple[float, float],
+) -> dict[str, Any]:
+    """export.json's common part: ``origin`` ({"run": folder} or {"module": class}), what was
+    chosen and how it verified, the data it was verified on, the package versions."""
+    return {
+        **origin,
+        "lowering": choice.lowering,
+        "opset": request.opset,
+        "requested_lowering": request.lowering,
         "precision": precision,
-        "verification": reports[chosen],
-        "test_data": test_source,
-        "raw_input_range": [low, high],
-        "selection": selection,
+        "verification": choice.reports[choice.lowering],
+        "test_data": test_data,
+        "raw_input_range": list(raw_range),
+        "selection": choice.selection,
         "versions": _versions(),
     }
-    # groups and ONNX nodes per layer of every candidate, chosen or not (issue G)
-    report["structure"] = {c: lowering_summary(m, spec, lowering=c) for c, m in models.items()}
-    if quantization:
-        report["quantization"] = quantization
+
+
+def write_result(
+    request: EntryRequest,
+    spec: ModelSpec,
+    model: onnx.ModelProto,
+    report: dict[str, Any],
+    *,
+    source: Path,
+    dims: Sequence[int] | None = None,
+) -> ExportResult:
+    """Put ``spec`` and ``report`` (``entry_report``'s, and what the export adds) into the
+    model's metadata, then write the entry with its config.pbtxt (``dims``: see
+    ``triton_config``)."""
     set_metadata(
         model,
         {
             META_SPEC: spec.to_dict(),
-            META_LOWERING: chosen,
-            META_PRECISION: precision,
-            META_VERIFICATION: reports[chosen],
-            META_SELECTION: selection,
-            META_RUN: str(run_dir),
+            META_LOWERING: report["lowering"],
+            META_PRECISION: report["precision"],
+            META_VERIFICATION: report["verification"],
+            META_SELECTION: report["selection"],
+            **({META_RUN: report["run"]} if "run" in report else {}),
             META_VERSIONS: report["versions"],
-            **({META_QUANTIZATION: quantization} if quantization else {}),
+            **({META_QUANTIZATION: report["quantization"]} if "quantization" in report else {}),
         },
     )
-    config = triton_config(name, spec, lowering=chosen, precision=precision)
-    write_checked_entry(
-        entry,
-        version,
-        model,
-        report,
-        config,
-        source=run_dir,
-        overwrite=overwrite,
-        private=private,
+    config = request.config(
+        spec, lowering=report["lowering"], precision=report["precision"], dims=dims
     )
-    return ExportResult(entry=entry, version=version, lowering=chosen, report=report)
-
-
-def check_threads(threads: int | None) -> None:
-    if threads is not None and threads < 1:
-        raise ExportError(f"--threads {threads}: expected a positive number of threads")
+    write_checked_entry(request, model, report, config, source=source)
+    return ExportResult(request.entry, request.version, report["lowering"], report)
 
 
 def check_destination(
@@ -379,19 +425,17 @@ def check_destination(
 
 
 def write_checked_entry(
-    entry: Path,
-    version: int,
+    request: EntryRequest,
     model: onnx.ModelProto,
     report: dict[str, Any],
     config: str,
     *,
     source: Path,
-    overwrite: bool,
-    private: bool,
 ) -> None:
     """Check ``config`` against ``model`` as serve and --verify-only will, then write the entry
     (export/entry.py: staged, swapped into place under the entry's lock). ``source``: the run
     folder, or what the model came from, named in messages."""
+    entry = request.entry
     try:
         check_model_config(config, model, name=entry.name, source=Path(CONFIG_FILE))
     except ConfigError as e:
@@ -399,13 +443,13 @@ def write_checked_entry(
     try:
         write_entry(
             entry,
-            version,
+            request.version,
             model,
             report,
             config,
             run_dir=source,
-            overwrite=overwrite,
-            private=private,
+            overwrite=request.overwrite,
+            private=request.private,
         )
     except OSError as e:
         raise ExportError(f"cannot write {e.filename or entry}: {e.strerror or e}") from None
@@ -414,19 +458,10 @@ def write_checked_entry(
 def _export_layered_run(
     spec: ModelSpec,
     torch_model: nn.Module,
-    *,
     run_dir: Path,
-    entry: Path,
-    lowering: str,
+    request: EntryRequest,
     quantize: str | None,
     data_dir: Path | str | None,
-    opset: int,
-    version: int,
-    device: str,
-    threads: int | None,
-    batches: tuple[int, ...],
-    overwrite: bool,
-    private: bool,
 ) -> ExportResult:
     """A run whose spec has ``layers`` (a conv net): its network goes through torch's ONNX
     exporter as a user's module does (export/module.py), with the run's spec as the metadata,
@@ -439,9 +474,9 @@ def _export_layered_run(
             f"{run_dir}: --quantize {quantize} applies to MLP runs; this run is a layered "
             "(conv) network"
         )
-    if lowering not in (*MODULE_LOWERINGS, "auto"):
+    if request.lowering not in (*MODULE_LOWERINGS, AUTO):
         raise ExportError(
-            f"--lowering {lowering}: {run_dir} is a layered (conv) network, lowered "
+            f"--lowering {request.lowering}: {run_dir} is a layered (conv) network, lowered "
             f"{' or '.join(MODULE_LOWERINGS)} (or auto)"
         )
     test_x, _, test_source = _test_inputs(spec, run_dir, data_dir)
@@ -450,17 +485,9 @@ def _export_layered_run(
         spec=spec,
         test_x=test_x,
         test_source=test_source,
-        entry=entry,
         source=run_dir,
         run=str(run_dir),
-        lowering=lowering,
-        opset=opset,
-        version=version,
-        device=device,
-        threads=threads,
-        batches=batches,
-        overwrite=overwrite,
-        private=private,
+        request=request,
     )
 
 
@@ -515,9 +542,11 @@ def verify_entry(
     if spec.to_dict()["assignment"] != recorded_spec.get("assignment"):
         raise ExportError(f"{path}: the model's activation assignment differs from {run_dir}")
     test_x, test_y, _ = _test_inputs(spec, run_dir, data_dir)
-    low, high = _raw_range(spec, test_x)
+    low, high = raw_input_range(spec, test_x)
     inputs = input_sets(graph_input_shape(spec), test_x=test_x, low=low, high=high)
-    precision = meta.get(META_PRECISION, DEFAULT_PRECISION)  # entries before issue G: fp32
+    precision = meta.get(
+        META_PRECISION, DEFAULT_PRECISION
+    )  # entries written before int8 existed: fp32
     if precision == "fp32":
         if min_agreement is not None or max_accuracy_drop is not None:
             raise ExportError(
@@ -555,6 +584,13 @@ def _metadata_object(meta: dict[str, str], key: str, path: Path) -> dict[str, An
     if not isinstance(value, dict):
         raise ExportError(f"{path}: metadata {key}: expected a JSON object")
     return value
+
+
+class Int8Thresholds(NamedTuple):
+    """--min-agreement and --max-accuracy-drop (points)."""
+
+    min_agreement: float
+    max_accuracy_drop: float
 
 
 def _int8_rule(

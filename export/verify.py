@@ -23,7 +23,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import onnx
@@ -94,40 +94,76 @@ def input_sets(
     return {name: x.reshape(len(x), *shape) for name, x in sets.items()}
 
 
-def _compare(
-    got: np.ndarray, want: np.ndarray, exact: np.ndarray | None
-) -> tuple[float, float, float, bool]:
-    """(max abs diff, max rel diff, tolerance used, passed); rel = |diff| / (|torch| + atol);
-    the allowance per element is the module docstring's rule (``exact``: torch64, or None)."""
+class Difference(NamedTuple):
+    """One output of one input set against PyTorch: max |onnx - torch|, max relative
+    difference |onnx - torch| / (|torch| + atol), the largest share of the allowance used
+    (passes when <= 1), and whether it passes (finite outputs included)."""
+
+    max_abs: float
+    max_rel: float
+    used: float
+    passed: bool
+
+
+def _compare(got: np.ndarray, want: np.ndarray, exact: np.ndarray | None) -> Difference:
+    """``got`` against ``want`` by the module docstring's rule (``exact``: torch64, or None)."""
     if not got.size:
-        return 0.0, 0.0, 0.0, True
+        return Difference(0.0, 0.0, 0.0, True)
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     allowed = ATOL + RTOL * np.abs(want)
     if exact is not None:
         allowed = allowed + 2 * np.abs(want.astype(np.float64) - exact)
     used = float((diff / allowed).max())
     max_rel = float((diff / (np.abs(want) + ATOL)).max())
-    passed = used <= 1.0 and bool(np.isfinite(got).all())
-    return float(diff.max()), max_rel, used, passed
+    return Difference(
+        float(diff.max()), max_rel, used, used <= 1.0 and bool(np.isfinite(got).all())
+    )
 
 
-def check_graph(model: onnx.ModelProto) -> list[str]:
-    """Raise on non-finite initializers, the ONNX checker (full check) or strict shape
-    inference; return the problems with the outputs' names (collected with the numbers)."""
-    if nonfinite := nonfinite_initializers(model):  # named as such, not as a mismatch (issue F)
-        message = "ONNX model: " + "; ".join(nonfinite)
-        raise VerificationError(message, {"passed": False, "checker": message})
+def _check_set(
+    name: str,
+    level: str,
+    got: tuple[np.ndarray, np.ndarray],
+    want: tuple[np.ndarray, np.ndarray],
+    exact: tuple[np.ndarray | None, np.ndarray | None],
+) -> tuple[SetResult, list[str]]:
+    """One input set at one optimization level: its SetResult, and what fails in it, each
+    output named with its differences (the test set's argmax must agree as well)."""
+    compared = {
+        out: _compare(g, w, e)
+        for out, g, w, e in zip((LOGITS, PROBABILITIES), got, want, exact, strict=True)
+    }
+    failing = [
+        f"{out} max abs diff {d.max_abs:.3g}, max rel diff {d.max_rel:.3g}, {d.used:.3g}x the "
+        "tolerance"
+        for out, d in compared.items()
+        if not d.passed
+    ]
+    agreement = float((got[0].argmax(1) == want[0].argmax(1)).mean())
+    if name == "test" and agreement < 1.0:
+        failing.append(f"argmax agreement {agreement:.4f}")
+    worst = [max(getattr(d, f) for d in compared.values()) for f in ("max_abs", "max_rel", "used")]
+    result = SetResult(name, level, len(got[0]), *worst, agreement, not failing)
+    return result, failing
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """Raise on non-finite initializers, the ONNX checker (full check), strict shape inference,
+    or outputs other than the contract's (nothing could be compared)."""
+    if nonfinite := nonfinite_initializers(model):  # named as such, not as a mismatch
+        _refuse("ONNX model: " + "; ".join(nonfinite))
     try:
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise VerificationError(
-            f"ONNX checker: {e}", {"passed": False, "checker": str(e)}
-        ) from None
+        _refuse(f"ONNX checker: {e}")
     outputs = [o.name for o in model.graph.output]
     if outputs != [LOGITS, PROBABILITIES]:
-        return [f"outputs are {outputs}, expected {[LOGITS, PROBABILITIES]}"]
-    return []
+        _refuse(f"ONNX model: outputs are {outputs}, expected {[LOGITS, PROBABILITIES]}")
+
+
+def _refuse(message: str) -> NoReturn:
+    raise VerificationError(message, {"passed": False, "checker": message})
 
 
 def torch_outputs(
@@ -171,7 +207,8 @@ def verify_against_torch(
 ) -> dict[str, Any]:
     """Verify ``model`` against ``reference`` on ``inputs``; return the report or raise (the
     message names ``lowering``, the candidate being checked, when given)."""
-    problems = check_graph(model)
+    check_graph(model)
+    problems: list[str] = []
     expected = torch_outputs(reference, inputs)
     exact, exact_source = exact_outputs(reference, inputs)
     results: list[SetResult] = []
@@ -180,36 +217,19 @@ def verify_against_torch(
         session = make_session(data, device="cpu", optimization=level)
         for name, x in inputs.items():
             got_logits, got_probs = session.run([LOGITS, PROBABILITIES], {INPUT: x})
-            want_logits, want_probs = expected[name]
             if got_logits.shape != (len(x), n_classes) or got_probs.shape != got_logits.shape:
                 problems.append(
                     f"{name} ({level}): output shapes {got_logits.shape} and {got_probs.shape}, "
                     f"expected {(len(x), n_classes)}"
                 )
                 continue
-            exact_logits, exact_probs = exact[name] if exact is not None else (None, None)
-            abs_l, rel_l, used_l, ok_l = _compare(got_logits, want_logits, exact_logits)
-            abs_p, rel_p, used_p, ok_p = _compare(got_probs, want_probs, exact_probs)
-            agreement = float((got_logits.argmax(1) == want_logits.argmax(1)).mean())
-            passed = ok_l and ok_p and (name != "test" or agreement == 1.0)
-            results.append(
-                SetResult(
-                    name,
-                    level,
-                    len(x),
-                    max(abs_l, abs_p),
-                    max(rel_l, rel_p),
-                    max(used_l, used_p),
-                    agreement,
-                    passed,
-                )
+            exact_pair = exact[name] if exact is not None else (None, None)
+            result, failing = _check_set(
+                name, level, (got_logits, got_probs), expected[name], exact_pair
             )
-            if not passed:
-                problems.append(
-                    f"{name} ({level}, {len(x)} samples): max abs diff {max(abs_l, abs_p):.3g}, "
-                    f"max rel diff {max(rel_l, rel_p):.3g}, {max(used_l, used_p):.3g}x the "
-                    f"tolerance, argmax agreement {agreement:.4f}"
-                )
+            results.append(result)
+            if failing:
+                problems.append(f"{name} ({level}, {len(x)} samples): {'; '.join(failing)}")
     report = {
         "passed": not problems,
         "tolerance": {

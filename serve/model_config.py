@@ -317,13 +317,15 @@ class ModelConfigInfo:
 
     ``source`` is None when the entry has no config.pbtxt (Triton then derives the
     configuration from the model): nothing is stated, so the server's own settings apply
-    (max_batch_size 0, no dynamic batching).
+    (max_batch_size 0, no dynamic batching). ``max_queue_delay_s`` is None when the config
+    states no delay (proto3 cannot tell a 0 from an absent field: both leave the server's own
+    ``max_batch_delay_ms``).
     """
 
     source: Path | None
     max_batch_size: int  # rows per request and per merged batch; 0: the model does not batch
     dynamic_batching: bool
-    max_queue_delay_s: float | None  # dynamic_batching's max_queue_delay_microseconds / 1e6
+    max_queue_delay_s: float | None  # max_queue_delay_microseconds / 1e6 when stated (> 0)
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
@@ -526,12 +528,11 @@ def check_model_config(
     if problems:
         raise ConfigError(f"{source}: {one_line('; '.join(problems))}")
     batching = config.HasField("dynamic_batching")
+    delay_us = config.dynamic_batching.max_queue_delay_microseconds  # 0: not stated
     return ModelConfigInfo(
         source=source,
         max_batch_size=config.max_batch_size,
         dynamic_batching=batching,
-        max_queue_delay_s=(
-            config.dynamic_batching.max_queue_delay_microseconds / 1e6 if batching else None
-        ),
+        max_queue_delay_s=delay_us / 1e6 if delay_us else None,
         preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size),
     )

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from smartmixed.bench.cli import main
 from smartmixed.bench.latency import (
     RECORD_KEYS,
     LatencyError,
+    LatencyOptions,
     feature_elements,
     fixed_conv_network,
     layer_counts,
@@ -22,10 +25,27 @@ from smartmixed.bench.latency import (
     random_assignment,
 )
 from smartmixed.contract import layered_arch, resolve_conv_preset
+from smartmixed.export import autotune
+from smartmixed.export.autotune import AUTO_BATCHES
 from smartmixed.export.lower import LOWERINGS
 from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.artifacts import load_model, save_model
 from smartmixed.train.model import MixedConvNet, MixedMLP, ModelSpec
+
+
+# auto's timer in the quick tests (the conv bench, slow, times for real): grouped is the fastest
+# fp32 graph, permuted the fastest int8 one, so the bench's picks are known
+def fixed_timer(candidates, shape, *, batches=AUTO_BATCHES, **_):
+    int8 = all(b"DynamicQuantizeLinear" in graph for graph in candidates.values())
+    fastest = "permuted" if int8 else "grouped"
+    return {n: {b: b * (1.0 if n == fastest else 2.0) for b in batches} for n in candidates}
+
+
+@pytest.fixture(autouse=True)
+def _fixed_auto_timer(request: pytest.FixtureRequest, monkeypatch) -> None:
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setattr(autotune, "time_lowerings", fixed_timer)
+
 
 ARCH = "64,48,32,10"
 # exact on both hidden layers (48 -> 24/12/12, 32 -> 16/8/8), so the shares are known by hand
@@ -57,7 +77,8 @@ def bench_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     ]
     # capsys is per test; the bench runs once per module and its stdout is captured here
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autotune, "time_lowerings", fixed_timer)
         assert main(args) == 0
     return out, stdout.getvalue()
 
@@ -146,6 +167,16 @@ def test_ideal_mix_is_the_share_weighted_fixed_latency(result: dict[str, Any]) -
             assert r["ratio_vs_ideal"] == pytest.approx(r["p50_ms"] / ideal)
 
 
+def test_auto_is_exports_choice_on_the_same_timings(result: dict[str, Any]) -> None:
+    """The bench asks export's choose_lowering, which decides on fixed_timer's timings."""
+    (t,) = THREADS
+    auto, auto_int8 = result["auto"][str(t)], result["auto_int8"][str(t)]
+    assert (auto["chosen"], auto_int8["chosen"]) == ("grouped", "permuted")
+    assert auto["median_ms"]["scatter"] == {"1": 2.0, "32": 64.0, "256": 512.0}
+    assert tuple(auto) == ("chosen", "criterion", "median_ms", "score_ms", "threads", "batches")
+    assert (auto["threads"], auto["batches"]) == (t, list(AUTO_BATCHES))
+
+
 def test_auto_records_copy_the_chosen_lowering(result: dict[str, Any]) -> None:
     (t,) = THREADS
     chosen, chosen_int8 = result["auto"][str(t)]["chosen"], result["auto_int8"][str(t)]["chosen"]
@@ -190,6 +221,17 @@ def test_md_png_written_and_table_printed(bench_out: tuple[Path, str]) -> None:
     assert "| model / lowering | b=1 t=1 | b=8 t=1 |" in md
     assert md in stdout
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latency_options_are_measure_latencys_keywords() -> None:
+    """One set of options, one set of defaults: the flags generated from LatencyOptions reach
+    measure_latency as they are."""
+    parameters = inspect.signature(measure_latency).parameters
+    assert [f.name for f in fields(LatencyOptions)] == [p for p in parameters if p != "progress"]
+    assert all(parameters[f.name].default == f.default for f in fields(LatencyOptions))
+    assert all(f.metadata["help"] for f in fields(LatencyOptions))
+    with pytest.raises(LatencyError, match=r"rounds x repeats >= 2 for percentiles \(got 1 x 1\)"):
+        LatencyOptions(rounds=1, repeats=1)
 
 
 def test_random_assignment_holds_the_rounded_shares() -> None:

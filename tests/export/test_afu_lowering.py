@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_checks import assert_verified
 
 from smartmixed.contract import ModelSpec
 from smartmixed.contract.sessions import make_session
@@ -70,7 +71,7 @@ def test_every_lowering_verifies_an_afu_group(lowering: str, opset: int, afu: di
     onnx_model = lower(spec, state, lowering=lowering, opset=opset)
     inputs = input_sets(8, test_x=None, low=-3.0, high=3.0, seed=opset)
     report = verify_against_torch(onnx_model, model, inputs, n_classes=3)
-    assert report["passed"]
+    assert_verified(report, onnx_model, model, inputs)
     ops = {n.op_type for n in onnx_model.graph.node}
     assert {"Reshape", "Gemm", "Shape"} <= ops
     groups = lowering_summary(onnx_model, spec, lowering=lowering)["layers"]
@@ -88,7 +89,8 @@ def test_fixed_afu_lowers_to_gemm_and_the_unit() -> None:
     layer0 = [n.op_type for n in onnx_model.graph.node if n.name.startswith("layer0/")]
     assert layer0 == ["Gemm", "Reshape", "Gemm", "Relu", "Gemm", "Shape", "Reshape"]
     inputs = input_sets(8, test_x=None, low=-3.0, high=3.0, seed=1)
-    assert verify_against_torch(onnx_model, model, inputs, n_classes=3)["passed"]
+    report = verify_against_torch(onnx_model, model, inputs, n_classes=3)
+    assert_verified(report, onnx_model, model, inputs)
 
 
 def test_int8_keeps_the_unit_in_float32() -> None:
@@ -132,4 +134,4 @@ def test_exported_entry_carries_the_unit(tmp_path, digits) -> None:
     report = json.loads((result.entry / "1" / REPORT_FILE).read_text())
     groups = report["structure"]["grouped"]["layers"][0]["groups"]
     assert sum(g["rows"] for g in groups) == 12
-    assert report["verification"]["passed"]
+    assert max(r["tolerance_used"] for r in report["verification"]["results"]) <= 1

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_checks import assert_verified, mlp_spec
 
 from smartmixed.export.lower import (
     LOWERINGS,
@@ -53,16 +54,7 @@ SINGLE_OP = {
 
 
 def spec_of(assignment: list[list[str]], pool: list[str], n_in: int = 8) -> ModelSpec:
-    arch = [n_in, *(len(layer) for layer in assignment), 3]
-    return ModelSpec(
-        arch=arch,
-        pool=pool,
-        mode="smartmixed",
-        assignment=assignment,
-        preprocessing={"offset": 0.5, "scale": 2.0},
-        input_shape=[n_in],
-        labels=["a", "b", "c"],
-    )
+    return mlp_spec([n_in, *(len(layer) for layer in assignment), 3], pool, assignment)
 
 
 def verified(spec: ModelSpec, lowering: str, seed: int, span: float = 3.0) -> onnx.ModelProto:
@@ -73,7 +65,7 @@ def verified(spec: ModelSpec, lowering: str, seed: int, span: float = 3.0) -> on
     onnx_model = lower(spec, state, lowering=lowering)
     inputs = input_sets(spec.arch[0], test_x=None, low=-span, high=span, seed=seed)
     report = verify_against_torch(onnx_model, model, inputs, n_classes=spec.arch[-1])
-    assert report["passed"] and {r["optimization"] for r in report["results"]} == {"basic", "all"}
+    assert_verified(report, onnx_model, model, inputs)
     return onnx_model
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_checks import assert_verified, mlp_spec
 
 from smartmixed.export.lower import LOWERINGS, LoweringError, get_metadata, lower, set_metadata
 from smartmixed.export.verify import VerificationError, input_sets, verify_against_torch
@@ -22,16 +23,7 @@ def make_spec(arch: list[int], pool: list[str], seed: int, **extra) -> ModelSpec
         assignment.append(layer)
     if arch[1] > 2:
         assignment[0][0] = pool[-1]  # often a single-neuron group
-    return ModelSpec(
-        arch=arch,
-        pool=pool,
-        mode="smartmixed",
-        assignment=assignment,
-        preprocessing={"offset": 0.5, "scale": 2.0},
-        input_shape=[arch[0]],
-        labels=[str(i) for i in range(arch[-1])],
-        **extra,
-    )
+    return mlp_spec(arch, pool, assignment, **extra)
 
 
 def build(spec: ModelSpec, seed: int) -> tuple[MixedMLP, dict[str, np.ndarray]]:
@@ -53,8 +45,7 @@ def test_every_lowering_verifies(lowering: str, arch: list[int], pool: list[str]
     onnx_model = lower(spec, state, lowering=lowering)
     inputs = input_sets(arch[0], test_x=None, low=-3.0, high=3.0, seed=seed)
     report = verify_against_torch(onnx_model, model, inputs, n_classes=arch[-1])
-    assert report["passed"]
-    assert {r["optimization"] for r in report["results"]} == {"basic", "all"}
+    assert_verified(report, onnx_model, model, inputs)
 
 
 def _op_types(model: onnx.ModelProto) -> set[str]:
@@ -139,7 +130,9 @@ def test_a_wrong_graph_fails_verification_with_the_differences() -> None:
         high=1.0,
     )
     with pytest.raises(
-        VerificationError, match=r"test \(basic, 50 samples\): max abs diff"
+        VerificationError,
+        match=r"test \(basic, 50 samples\): logits max abs diff [0-9.e-]+, max "
+        r"rel diff [0-9.e-]+, [0-9.e+]+x the tolerance",
     ) as info:
         verify_against_torch(lower(spec, bad, lowering="permuted"), model, inputs, n_classes=3)
     assert info.value.report["passed"] is False
@@ -162,4 +155,5 @@ def test_every_activation_at_every_supported_opset(opset: int) -> None:
         onnx_model = lower(spec, state, lowering=lowering, opset=opset)
         assert onnx_model.opset_import[0].version == opset
         inputs = input_sets(8, test_x=None, low=-30.0, high=30.0, seed=opset)
-        assert verify_against_torch(onnx_model, model, inputs, n_classes=3)["passed"]
+        report = verify_against_torch(onnx_model, model, inputs, n_classes=3)
+        assert_verified(report, onnx_model, model, inputs)

@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
+from export_checks import mlp_spec
 from onnx import helper, numpy_helper
 
 from smartmixed.contract import AFU_PARAMS, ModelSpec, afu_tensor_name
@@ -18,19 +19,6 @@ from smartmixed.export.lower import LOWERINGS, lower
 
 ALL = ["relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "mish",
        "softsign", "identity"]  # fmt: skip
-
-
-def _spec(arch: list[int], pool: list[str], assignment: list[list[str]], **extra) -> ModelSpec:
-    return ModelSpec(
-        arch=arch,
-        pool=pool,
-        mode="smartmixed",
-        assignment=assignment,
-        preprocessing={"offset": 0.5, "scale": 2.0},
-        input_shape=[arch[0]],
-        labels=[str(i) for i in range(arch[-1])],
-        **extra,
-    )
 
 
 def _shuffled(names: list[str], seed: int) -> list[str]:
@@ -41,7 +29,7 @@ def _shuffled(names: list[str], seed: int) -> list[str]:
 # tanh-into-sigmoid, extras at both gelu forms, the learned unit, a fixed model, no offset)
 CASES: dict[str, tuple[ModelSpec, int]] = {
     "default-pool": (
-        _spec(
+        mlp_spec(
             [12, 18, 8, 3],
             ["relu", "sigmoid", "tanh", "leaky_relu", "elu", "selu"],
             [
@@ -51,10 +39,10 @@ CASES: dict[str, tuple[ModelSpec, int]] = {
         ),
         17,
     ),
-    "extras-opset17": (_spec([6, 24, 3], ALL, [_shuffled(ALL * 2, 2)]), 17),
-    "extras-opset20": (_spec([6, 24, 3], ALL, [_shuffled(ALL * 2, 3)]), 20),
+    "extras-opset17": (mlp_spec([6, 24, 3], ALL, [_shuffled(ALL * 2, 2)]), 17),
+    "extras-opset20": (mlp_spec([6, 24, 3], ALL, [_shuffled(ALL * 2, 3)]), 20),
     "afu": (
-        _spec(
+        mlp_spec(
             [8, 7, 5, 3],
             ["relu", "sigmoid", "tanh", "identity", "afu"],
             [
@@ -66,14 +54,9 @@ CASES: dict[str, tuple[ModelSpec, int]] = {
         13,
     ),
     "fixed": (
-        ModelSpec(
-            arch=[10, 8, 6, 3],
-            pool=["tanh"],
-            mode="fixed:tanh",
-            assignment=[["tanh"] * 8, ["tanh"] * 6],
-            preprocessing={"offset": 0.0, "scale": 1 / 255},
-            input_shape=[10],
-            labels=["a", "b", "c"],
+        # fixed:tanh, pixels scaled by 1/255 (no offset)
+        ModelSpec.untrained(
+            arch=[10, 8, 6, 3], pool=["tanh"], assignment=[["tanh"] * 8, ["tanh"] * 6]
         ),
         17,
     ),

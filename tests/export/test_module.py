@@ -25,6 +25,7 @@ from smartmixed.contract import (
 )
 from smartmixed.contract.sessions import make_session
 from smartmixed.export import export_module, repository, verify
+from smartmixed.export import folds as module_folds
 from smartmixed.export import module as module_export
 from smartmixed.export.entry import ExportError
 from smartmixed.export.lower import get_metadata
@@ -385,83 +386,23 @@ def test_a_layer_runs_after_a_max_pool_function(tmp_path: Path) -> None:
     _ort_matches_torch(path, model, torch.randn(9, 1, 7, 7) * 6)
 
 
-class PoolCases(nn.Module):
-    """Frozen layers before max pools, each with one reason to stay before its pool but one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        pool = ["relu", "gelu", "tanh", "silu"]
-
-        def frozen(names: list[str], dim: int = 1) -> FrozenMixedActivation:
-            return FrozenMixedActivation(pool, names, dim=dim)
-
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.gelu = frozen(["gelu", "relu", "silu", "relu"])  # two non-monotone activations
-        self.no_gelu = frozen(["tanh", "relu", "tanh", "relu"])  # gelu in the pool, not used
-        self.read_twice = frozen(["relu", "tanh", "relu", "tanh"])
-        self.along_w = frozen(["relu", "tanh"] * 2, dim=-1)  # features along W: windows mix them
-        self.indices = frozen(["tanh", "relu", "tanh", "relu"])
-        self.pool = nn.MaxPool2d(2)
-        self.pool_with_indices = nn.MaxPool2d(2, return_indices=True)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, 4, 4)
-        h = self.conv(x)  # (N, 4, 4, 4)
-        a = self.pool(self.gelu(h)) + self.pool(self.no_gelu(h))  # (N, 4, 2, 2)
-        r = self.read_twice(h)
-        a = a + self.pool(r) + r.mean((2, 3), keepdim=True) + self.pool(self.along_w(h))
-        a = a + self.pool_with_indices(self.indices(h))[0]
-        return self.fc(a.mean((2, 3)))
-
-
-def test_a_layer_stays_before_its_max_pool_where_the_swap_is_not_exact() -> None:
-    model = PoolCases().eval()
-    folds = plan_folds(model, torch.randn(2, 1, 4, 4))
-    assert {f.layer: (f.max_pool, f.after_pool, f.pool_reason) for f in folds} == {
-        "gelu": ("pool", False, "gelu, silu are not monotone"),
-        "no_gelu": ("pool", True, None),
-        "read_twice": (
-            "pool",
-            False,
-            "its output is used 2 times (pool, the tensor method .mean())",
-        ),
-        "along_w": (
-            "pool",
-            False,
-            "the pool's windows run along its feature axis 3 of 4, across features with "
-            "different activations",
-        ),
-        "indices": ("pool_with_indices", False, "pool_with_indices returns indices"),
-    }
-    assert folds[0].describe() == (
-        "gelu: 4 features, 3 groups: kept scatter (the output of conv is used 5 times "
-        "(gelu, no_gelu, read_twice, along_w, indices)), kept before maxpool pool (gelu, silu "
-        "are not monotone)"
-    )
-    # only no_gelu moves; the copy computes the same function
-    x = torch.randn(16, 1, 4, 4) * 4
-    copied = module_export.permuted_copy(model, folds)
-    with torch.no_grad():
-        np.testing.assert_allclose(copied(x).numpy(), model(x).numpy(), atol=ATOL, rtol=RTOL)
-
-
 def test_failed_verification_writes_nothing(
     cnn: nn.Sequential, tmp_path: Path, monkeypatch
 ) -> None:
-    real = module_export.permuted_copy
+    real = module_folds.permuted_copy
 
-    def wrong_fold(model, folds):  # a fold that forgot to move one bias
-        out = real(model, folds)
+    def wrong_fold(model, plans):  # a fold that forgot to move one bias
+        out = real(model, plans)
         with torch.no_grad():
             out.get_submodule("0").bias.add_(0.05)
         return out
 
-    monkeypatch.setattr(module_export, "permuted_copy", wrong_fold)
+    monkeypatch.setattr(module_folds, "permuted_copy", wrong_fold)
     models = tmp_path / "models"
     with pytest.raises(
         VerificationError,
         match=r"^the \w+ lowering: ONNX Runtime does not match PyTorch: .*random \(basic, 512 "
-        r"samples\): max abs diff",
+        r"samples\): logits max abs diff",
     ):
         export_module(
             cnn, torch.randn(2, 1, 8, 8), repository=models, name="cnn", lowering="permuted"

@@ -19,20 +19,11 @@ from smartmixed.export.quantize import quantize_int8
 from smartmixed.serve.app import create_app
 from smartmixed.serve.settings import ServeSettings
 from smartmixed.train.data import Dataset
-from smartmixed.train.loop import TrainConfig, train_run
 
 # A 3 + 4 epoch model judged on 360 test digits, where one sample is 0.28 points: the entry
 # test loosens the thresholds (0.99, 0.5) so that another CPU's int8 rounding cannot
 # flip it; the defaults are checked where they are recorded.
 LOOSE = ["--min-agreement", "0.95", "--max-accuracy-drop", "3"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "digits-mixed"
-    config = TrainConfig(arch=[64, 40, 24, 10], p1_epochs=3, p2_epochs=4, lr=3e-3)
-    train_run(config=config, dataset=digits, out=out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def triton_config(name: str, dims: list[int], *, max_batch_size: int = 8) -> str
         f'name: "{name}"\nplatform: "{PLATFORM}"\nmax_batch_size: {max_batch_size}\n'
         f'input [\n  {{ name: "{INPUT}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}\n]\n'
         f"output [\n{outputs}\n]\n"
-        "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
+        "dynamic_batching { }\n"
     )
 
 

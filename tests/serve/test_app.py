@@ -457,10 +457,13 @@ def test_config_pbtxt_batching_values_are_honoured(
     shutil.copytree(repository, models)
     config = models / "mixed" / "config.pbtxt"
     text = config.read_text()
-    assert "max_batch_size: 1024" in text and "max_queue_delay_microseconds: 500" in text
+    assert "max_batch_size: 1024" in text and "dynamic_batching { }" in text  # no delay stated
+    with _client(models, max_batch_delay_ms=3) as client:  # so the server's own applies
+        delay = client.get("/v2/models/mixed/config").json()["dynamic_batching"]
+        assert delay["max_queue_delay_microseconds"] == 3000
     config.write_text(
         text.replace("max_batch_size: 1024", "max_batch_size: 4").replace(
-            "max_queue_delay_microseconds: 500", "max_queue_delay_microseconds: 250"
+            "dynamic_batching { }", "dynamic_batching { max_queue_delay_microseconds: 250 }"
         )
     )
     (models / "relu" / "config.pbtxt").write_text(

@@ -241,7 +241,7 @@ def test_export_config_is_read_and_exposed(models: Path) -> None:
         source=models / "mixed" / "config.pbtxt",
         max_batch_size=1024,
         dynamic_batching=True,
-        max_queue_delay_s=0.0005,
+        max_queue_delay_s=None,  # export states no delay: the server's own applies
         preferred_batch_sizes=(),
     )
     (models / "relu" / "config.pbtxt").unlink()  # none: derived from the model (Triton's auto)
@@ -262,7 +262,7 @@ CONFIG_PROBLEMS = {
         ":{LINE}:1: sequence_batching: a Triton setting smartmixed does not support",
     ),
     "negative delay": (
-        lambda t: t.replace("delay_microseconds: 500", "delay_microseconds: -5"),
+        lambda t: t.replace("batching { }", "batching { max_queue_delay_microseconds: -5 }"),
         "out of range",
     ),
     "two version policies": (
@@ -307,12 +307,12 @@ CONFIG_PROBLEMS = {
         ": dynamic_batching needs max_batch_size > 0",
     ),
     "preferred batch too large": (
-        lambda t: t.replace("{ max_queue", "{ preferred_batch_size: [ 8, 2048 ] max_queue"),
+        lambda t: t.replace("batching { }", "batching { preferred_batch_size: [ 8, 2048 ] }"),
         ": dynamic_batching: preferred_batch_size 2048 is not in [1, max_batch_size 1024]",
     ),
     "bad priority": (
         lambda t: t.replace(
-            "{ max_queue", "{ priority_levels: 2 default_priority_level: 3 max_queue"
+            "batching { }", "batching { priority_levels: 2 default_priority_level: 3 }"
         ),
         ": dynamic_batching: default_priority_level 3 is not in [1, 2]",
     ),
@@ -350,6 +350,6 @@ def test_config_checks_collect_every_problem_and_accept_a_partial_config(models:
     )
     partial = 'backend: "onnxruntime" max_batch_size: 8 dynamic_batching { }'  # Triton completes
     info = check_model_config(partial, model, name="mixed", source=Path("c.pbtxt"))
-    assert (info.max_batch_size, info.dynamic_batching, info.max_queue_delay_s) == (8, True, 0.0)
+    assert (info.max_batch_size, info.dynamic_batching, info.max_queue_delay_s) == (8, True, None)
     info = check_model_config("", model, name="mixed", source=Path("c.pbtxt"))
     assert (info.max_batch_size, info.dynamic_batching, info.max_queue_delay_s) == (0, False, None)
