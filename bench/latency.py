@@ -8,14 +8,13 @@ architecture, or an MLP run) or a conv net (a conv preset such as lenet5, or a l
 An MLP is lowered by ``smartmixed.export.lower`` in every lowering (scatter, permuted, grouped,
 folded, folded_tanh); its int8 graphs (``smartmixed-export --quantize int8``) are timed too. A
 conv net is lowered as export lowers a layered run (``smartmixed.export.module``: torch's ONNX
-exporter, ``scatter``, ``permuted`` with the permutation folded into the neighbouring
-Conv2d/BatchNorm/Linear, ``folded`` and ``folded_tanh`` with fewer groups by exact algebra in
-those neighbours); export quantizes no conv net, so it has no int8 rows. A fixed network
-lowers to the same graph in every form and is exported once; a conv net's fixed networks hold the
-mixed network's own weights (and candidate norm), its hidden layers one activation each.
-``--lowering auto``'s choice is reproduced with the export's own ``time_lowerings`` /
-``pick_lowering`` and recorded; records with lowering "auto" repeat the numbers of the lowering
-it picked. PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX
+exporter, ``scatter``, and from ``smartmixed.export.folds`` ``permuted`` with the permutation
+folded into the neighbouring Conv2d/BatchNorm/Linear, ``folded`` and ``folded_tanh`` with fewer
+groups by exact algebra in those neighbours); export quantizes no conv net, so it has no int8
+rows. Each fixed network is lowered as export's auto lowers it, once; a conv net's fixed networks
+hold the mixed network's own weights (and candidate norm), its hidden layers one activation each.
+``auto`` is export's own decision (``smartmixed.export.autotune.choose_lowering``, per thread
+count) and recorded; records with lowering "auto" repeat the numbers of the lowering it picked. PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX
 Runtime.
 
 Method. A cell is one (runtime, model, lowering, batch, threads); every ONNX Runtime cell has its
