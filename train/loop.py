@@ -17,8 +17,10 @@ override them:
   weights re-initialised.
 - ``default``: ``paper`` with the selection fixes the study chose (docs/method.md, "Why the mix
   was worse than ReLU"): standardised candidates, a separate logit learning rate, the argmax at
-  phase 1's last epoch frozen, and phase 2 trained from a fresh initialisation (phase 1 only
-  chooses; its weights, trained under switching activations, are a worse start).
+  phase 1's last epoch frozen, phase 2 trained from a fresh initialisation (phase 1 only
+  chooses; its weights, trained under switching activations, are a worse start), and bilevel
+  selection (the logits step on a held-out fifth of the training split, the weights on the
+  rest).
 Runs written while the default protocol was called ``smartmixed`` record that name; reading
 them (resume, --mode auto's complete sub-runs) takes it for ``default`` (``recorded_options``).
 """
@@ -120,6 +122,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "logit_lr": 1e-2,
         "select": "last",
         "phase2_init": "fresh",
+        "selection": "bilevel",
     },
 }
 DEFAULT_PROTOCOL = "default"

@@ -365,7 +365,8 @@ def test_no_phase2_epochs_ships_the_phase1_choice(
 def test_logit_warmup_freezes_the_logits_for_the_first_phase1_epochs(
     digits: Dataset, tmp_path: Path
 ) -> None:
-    config = _config(p1_epochs=3, p2_epochs=1, logit_warmup=0.7)  # floor(0.7 * 3) = 2 epochs
+    # floor(0.7 * 3) = 2 epochs; joint: the instrument reads the (frozen) logits' gradient
+    config = _config(p1_epochs=3, p2_epochs=1, logit_warmup=0.7, selection="joint")
     spec = train_run(config=config, dataset=digits, out=tmp_path / "run", progress=False)
     history = artifacts.read_history(tmp_path / "run")
     assert [r.get("logits_frozen") for r in history] == [True, True, False, None]

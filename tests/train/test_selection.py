@@ -104,7 +104,7 @@ def test_held_out_rows_are_a_fixed_share_disjoint_from_the_weight_rows() -> None
     assert torch.equal(kept_x[:, 0].long(), kept_y)
     whole = _phase_rows(config, "mixed", data)  # phase 2 trains on every row
     assert whole[2] is None and torch.equal(whole[1], data["y_train"])
-    joint = TrainConfig(arch=[1, 4, 2])
+    joint = TrainConfig(arch=[1, 4, 2], selection="joint")
     assert _phase_rows(joint, "selective", data)[2] is None
 
 
