@@ -408,7 +408,6 @@ def run_study(
         cells = plan_cells(arch_map, study_models, seed_list)
     else:
         cells = plan_cells(arch_map, study_models, tuning.seeds, rates=tuning.rates)
-    tuning_cells = list(cells)
     config: dict[str, Any] = {
         "data": data,
         "data_dir": None if data_dir is None else str(data_dir),
@@ -425,87 +424,128 @@ def run_study(
         config |= {"tune_lr": list(tuning.rates), "tune_seeds": tune_seeds}
     config |= {"jobs": jobs, "train_args": train_args, "out": str(out)}
     config["command"] = study_command(config)
-    outcome: dict[str, Any] = {
-        "commands": [],
-        "trained": 0,
-        "skipped": 0,
-        "failed": [],
-        "waiting": 0,
-        "study": None,
-        "paths": [],
-    }
-    records: dict[Cell, dict[str, Any]] = {}  # the complete cells' study.json records
+    study = _Study(cells, models=study_models, tuning=tuning, config=config, progress=progress)
+    return study.plan() if plan else study.run(collect=collect)
 
-    def command(cell: Cell) -> list[str]:
-        return cell_command(cell, out=out, data=data, data_dir=data_dir, train_args=train_args)
 
-    def read_complete(new_cells: Iterable[Cell]) -> None:
-        for cell in new_cells:
-            if (cell.folder(out) / MODEL_SPEC).exists():
-                records[cell] = read_cell(cell, out)
+class _Study:
+    """A study under way: its cells (the tuning cells, then, with --tune-seeds, the other
+    seeds' once their rate is final), the study.json records of the complete ones, and what
+    ``run_study`` returns, filled in as it goes (``outcome``)."""
 
-    def add_rest() -> list[Cell]:
+    def __init__(
+        self,
+        cells: list[Cell],
+        *,
+        models: Sequence[StudyModel],
+        tuning: Tuning | None,
+        config: dict[str, Any],
+        progress: bool,
+    ) -> None:
+        self.cells, self.tuning_cells = cells, list(cells)
+        self.models, self.tuning, self.config, self.progress = models, tuning, config, progress
+        self.out = Path(config["out"])
+        self.records: dict[Cell, dict[str, Any]] = {}
+        self.outcome: dict[str, Any] = {
+            "commands": [],
+            "trained": 0,
+            "skipped": 0,
+            "failed": [],
+            "waiting": 0,
+            "study": None,
+            "paths": [],
+        }
+
+    def plan(self) -> dict[str, Any]:
+        """Every cell's command; the rest's once their rate is final (it needs the records)."""
+        if self.tuning is not None and self.tuning.rest:
+            self.read_complete(self.cells)
+            self.add_rest()
+        self.outcome["commands"] = [self.command(c) for c in self.cells]
+        return self.outcome
+
+    def run(self, *, collect: bool) -> dict[str, Any]:
+        """Train the cells not complete (unless ``collect``), then aggregate."""
+        self.read_complete(self.cells)
+        self.add_rest()
+        self.outcome["skipped"] = len(self.records)
+        if not collect:
+            self.train([c for c in self.cells if c not in self.records], "study")
+            # --tune-seeds: the other seeds, at the rates the finished tuning cells chose
+            rest = [c for c in self.add_rest() if c not in self.records]
+            if rest:
+                self.train(rest, "study (chosen rate)")
+        if not self.outcome["paths"]:
+            self.write()
+        return self.outcome
+
+    def command(self, cell: Cell) -> list[str]:
+        config = self.config
+        data_dir = None if config["data_dir"] is None else Path(config["data_dir"])
+        return cell_command(
+            cell,
+            out=self.out,
+            data=config["data"],
+            data_dir=data_dir,
+            train_args=config["train_args"],
+        )
+
+    def read_complete(self, cells: Iterable[Cell]) -> None:
+        for cell in cells:
+            if (cell.folder(self.out) / MODEL_SPEC).exists():
+                self.records[cell] = read_cell(cell, self.out)
+
+    def add_rest(self) -> list[Cell]:
         """The cells of the seeds after --tune-seeds whose rate has just become final."""
-        if tuning is None or not tuning.rest:
+        if self.tuning is None or not self.tuning.rest:
             return []
-        rest, outcome["waiting"] = rest_cells(tuning_cells, records, tuning)
-        known = set(cells)
+        rest, self.outcome["waiting"] = rest_cells(self.tuning_cells, self.records, self.tuning)
+        known = set(self.cells)
         new = [c for c in rest if c not in known]
-        cells.extend(new)
-        read_complete(new)
+        self.cells.extend(new)
+        self.read_complete(new)
         return new
 
-    if plan:
-        if tuning is not None and tuning.rest:  # the rest's commands need the final choices
-            read_complete(cells)
-            add_rest()
-        outcome["commands"] = [command(c) for c in cells]
-        return outcome
-    read_complete(cells)
-    add_rest()
-    outcome["skipped"] = len(records)
-
-    def write() -> None:
-        if records:
-            ordered = [records[c] for c in cells if c in records]
-            outcome["study"] = aggregate(ordered, models=study_models, config=config)
-            outcome["paths"] = outputs.write_outputs(
-                outcome["study"], out, "study", render=render_markdown, draw=plot
+    def write(self) -> None:
+        """study.json, .md and .png from the complete cells (nothing while there are none)."""
+        if self.records:
+            ordered = [self.records[c] for c in self.cells if c in self.records]
+            study = aggregate(ordered, models=self.models, config=self.config)
+            self.outcome["study"] = study
+            self.outcome["paths"] = outputs.write_outputs(
+                study, self.out, "study", render=render_markdown, draw=plot
             )
 
-    def train(pending: Sequence[Cell], desc: str) -> None:
-        commands = {c: command(c) for c in pending}
-        with tqdm(total=len(pending), unit="cell", desc=desc, disable=not progress) as bar:
+    def train(self, pending: Sequence[Cell], desc: str) -> None:
+        """Train ``pending`` (``jobs`` at a time), aggregating after each finished cell."""
+        commands = {c: self.command(c) for c in pending}
+        jobs = self.config["jobs"]
+        with tqdm(total=len(pending), unit="cell", desc=desc, disable=not self.progress) as bar:
             for cell, done in run_cells(commands, jobs=jobs):
                 bar.update(1)
                 if done.returncode == 0:
-                    records[cell] = read_cell(cell, out)
-                    outcome["trained"] += 1
-                    write()
-                    continue
-                failure = {
-                    "run": str(cell.folder(out)),
-                    "command": shlex.join(commands[cell]),
-                    "returncode": done.returncode,
-                    "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
-                }
-                outcome["failed"].append(failure)
-                tqdm.write(
-                    f"smartmixed-bench study: cell {failure['run']} failed "
-                    f"(exit {done.returncode})\n  command: {failure['command']}\n  stderr:\n    "
-                    + failure["stderr_tail"].replace("\n", "\n    "),
-                    file=sys.stderr,
-                )
+                    self.records[cell] = read_cell(cell, self.out)
+                    self.outcome["trained"] += 1
+                    self.write()
+                else:
+                    self.failed(cell, commands[cell], done)
 
-    if not collect:
-        train([c for c in cells if c not in records], "study")
-        # --tune-seeds: the other seeds, at the rates the finished tuning cells chose
-        rest = [c for c in add_rest() if c not in records]
-        if rest:
-            train(rest, "study (chosen rate)")
-    if not outcome["paths"]:
-        write()
-    return outcome
+    def failed(
+        self, cell: Cell, command: list[str], done: subprocess.CompletedProcess[str]
+    ) -> None:
+        failure = {
+            "run": str(cell.folder(self.out)),
+            "command": shlex.join(command),
+            "returncode": done.returncode,
+            "stderr_tail": "\n".join(done.stderr.strip().splitlines()[-STDERR_TAIL_LINES:]),
+        }
+        self.outcome["failed"].append(failure)
+        tqdm.write(
+            f"smartmixed-bench study: cell {failure['run']} failed "
+            f"(exit {done.returncode})\n  command: {failure['command']}\n  stderr:\n    "
+            + failure["stderr_tail"].replace("\n", "\n    "),
+            file=sys.stderr,
+        )
 
 
 def run_cells(
@@ -753,8 +793,20 @@ def aggregate(
 
 
 def render_markdown(study: Mapping[str, Any]) -> str:
+    """study.md: the grid and its command, then per architecture the models' table (and the
+    rate choice), the mean reciprocal rank and the paired comparison with the baselines."""
     config = study["config"]
     tuning = parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"])
+    lines = _header_lines(study, tuning)
+    for key, per_model in study["summary"].items():
+        lines += _architecture_lines(study, key, per_model, tuning)
+    lines += _mrr_lines(study)
+    lines += _paired_lines(study, tuning)
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(study: Mapping[str, Any], tuning: Tuning | None) -> list[str]:
+    config = study["config"]
     if tuning is None:
         per_group = len(config["seeds"])
     else:  # every rate on the tuning seeds, the chosen one on the rest
@@ -790,76 +842,89 @@ def render_markdown(study: Mapping[str, Any]) -> str:
             "chosen (ties: the smaller rate). Test accuracy takes no part in the choice; the "
             "tables, ranks, MRR and paired comparison use the chosen rate's cells only.",
         ]
-    for key, per_model in study["summary"].items():
-        arch = config["archs"][key]
-        if arch and isinstance(arch[0], dict):  # a conv preset: its arch follows from the data
-            arch = next(c["arch"] for c in study["cells"] if c["archkey"] == key)
-            lines += ["", f"## {key} (conv preset, arch {arch})", ""]
-        else:
-            lines += ["", f"## {key} {arch}", ""]
-        lr = "" if tuning is None else "lr | "
-        lines += [
-            f"| rank | model | {lr}seeds | test accuracy (mean ± std) | 95% interval |",
-            "|---|---|" + ("" if tuning is None else "---|") + "---|---|---|",
-        ]
-        for label, s in sorted(per_model.items(), key=lambda item: item[1]["rank"]):
-            std = "" if s["std"] is None else f" ± {s['std']:.4f}"
-            ci = "" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
-            rate = "" if tuning is None else f"{s['lr']} | "
-            lines.append(
-                f"| {s['rank']} | {label} | {rate}{s['n']} | {s['mean']:.4f}{std} | {ci} |"
-            )
-        if tuning is not None:
-            lines += tuning_table(study["tuning"].get(key, {}), tuning)
-    lines += ["", "## Mean reciprocal rank", ""]
-    if study["mrr"]:
-        complete = [k for k, r in study["ranks"].items() if all(m in r for m in study["mrr"])]
-        lines += [
-            f"Over the {len(complete)} architecture(s) where every model has a cell; "
-            "1 = best everywhere.",
-            "",
-            "| model | MRR |",
-            "|---|---|",
-        ]
-        for label, value in sorted(study["mrr"].items(), key=lambda item: -item[1]):
-            lines.append(f"| {label} | {value:.3f} |")
+    return lines
+
+
+def _architecture_lines(
+    study: Mapping[str, Any], key: str, per_model: Mapping[str, Any], tuning: Tuning | None
+) -> list[str]:
+    """One architecture's table of models by rank (and its rate choice, with --tune-lr)."""
+    arch = study["config"]["archs"][key]
+    if arch and isinstance(arch[0], dict):  # a conv preset: its arch follows from the data
+        arch = next(c["arch"] for c in study["cells"] if c["archkey"] == key)
+        lines = ["", f"## {key} (conv preset, arch {arch})", ""]
     else:
-        lines.append("No architecture has a cell of every model yet.")
+        lines = ["", f"## {key} {arch}", ""]
+    lr = "" if tuning is None else "lr | "
+    lines += [
+        f"| rank | model | {lr}seeds | test accuracy (mean ± std) | 95% interval |",
+        "|---|---|" + ("" if tuning is None else "---|") + "---|---|---|",
+    ]
+    for label, s in sorted(per_model.items(), key=lambda item: item[1]["rank"]):
+        std = "" if s["std"] is None else f" ± {s['std']:.4f}"
+        ci = "" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
+        rate = "" if tuning is None else f"{s['lr']} | "
+        lines.append(f"| {s['rank']} | {label} | {rate}{s['n']} | {s['mean']:.4f}{std} | {ci} |")
+    if tuning is not None:
+        lines += tuning_table(study["tuning"].get(key, {}), tuning)
+    return lines
+
+
+def _mrr_lines(study: Mapping[str, Any]) -> list[str]:
+    lines = ["", "## Mean reciprocal rank", ""]
+    if not study["mrr"]:
+        return [*lines, "No architecture has a cell of every model yet."]
+    complete = [k for k, r in study["ranks"].items() if all(m in r for m in study["mrr"])]
+    lines += [
+        f"Over the {len(complete)} architecture(s) where every model has a cell; "
+        "1 = best everywhere.",
+        "",
+        "| model | MRR |",
+        "|---|---|",
+    ]
+    for label, value in sorted(study["mrr"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {label} | {value:.3f} |")
+    return lines
+
+
+def _paired_lines(study: Mapping[str, Any], tuning: Tuning | None) -> list[str]:
+    """Wins / ties / losses of every non-fixed model against every fixed one, then the mean
+    paired differences (nothing without both kinds of model)."""
     baselines = sorted(
-        {b for per in study["paired"].values() for b in per}, key=config["models"].index
+        {b for per in study["paired"].values() for b in per}, key=study["config"]["models"].index
     )
-    if study["paired"] and baselines:
-        lines += [
-            "",
-            "## Paired comparison (wins / ties / losses)",
-            "",
-            "Test accuracy of each non-fixed model against each fixed baseline on the same "
-            "architecture and seed"
-            + ("" if tuning is None else ", each at its chosen learning rate")
-            + ".",
-            "",
-            "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
-            "|---|" + "---|" * len(baselines),
-        ]
-        for label, per in study["paired"].items():
-            tallies = [per[b] for b in baselines]
-            cells = [f"{t['wins']} / {t['ties']} / {t['losses']}" for t in tallies]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "Paired difference in test accuracy (model - baseline, points): mean [95% interval] "
-            "over the pairs (n)",
-            "",
-            "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
-            "|---|" + "---|" * len(baselines),
-        ]
-        for label, per in study["paired"].items():
-            lines.append(
-                f"| {label} | "
-                + " | ".join(_difference_cell(per[b].get("difference")) for b in baselines)
-                + " |"
-            )
-    return "\n".join(lines) + "\n"
+    if not (study["paired"] and baselines):
+        return []
+    header = [
+        "| model | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+        "|---|" + "---|" * len(baselines),
+    ]
+    lines = [
+        "",
+        "## Paired comparison (wins / ties / losses)",
+        "",
+        "Test accuracy of each non-fixed model against each fixed baseline on the same "
+        "architecture and seed"
+        + ("" if tuning is None else ", each at its chosen learning rate")
+        + ".",
+        "",
+        *header,
+    ]
+    for label, per in study["paired"].items():
+        tallies = [per[b] for b in baselines]
+        cells = [f"{t['wins']} / {t['ties']} / {t['losses']}" for t in tallies]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired difference in test accuracy (model - baseline, points): mean [95% interval] "
+        "over the pairs (n)",
+        "",
+        *header,
+    ]
+    for label, per in study["paired"].items():
+        differences = [_difference_cell(per[b].get("difference")) for b in baselines]
+        lines.append(f"| {label} | " + " | ".join(differences) + " |")
+    return lines
 
 
 def _difference_cell(difference: Mapping[str, Any] | None) -> str:
