@@ -370,20 +370,21 @@ def _time_torch(
 # What is timed
 
 
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A LatencyOptions field: its default and what its flag says (bench.add_options)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class LatencyOptions:
     """What ``smartmixed-bench latency`` times (a flag per field: bench.add_options); checked
     (LatencyError) before anything is built."""
 
-    arch: str | Sequence[int] | None = field(
-        default=None, metadata={"help": "layer widths of an MLP (default: the paper's)"}
+    arch: str | Sequence[int] | None = _option(
+        None, "layer widths of an MLP (default: the paper's)"
     )
-    preset: str | None = field(
-        default=None,
-        metadata={
-            "help": "a conv net instead: lenet5 or convnet (input 1x28x28), random weights and "
-            "assignment"
-        },
+    preset: str | None = _option(
+        None, "a conv net instead: lenet5 or convnet (input 1x28x28), random weights and assignment"
     )
     run: Path | str | None = field(
         default=None,
@@ -393,23 +394,17 @@ class LatencyOptions:
             "group": "source",
         },
     )
-    mix: str | Mapping[str, float] | None = field(
-        default=None,
-        metadata={
-            "help": "random assignment with these activation shares, e.g. "
-            "relu=0.4,selu=0.3,elu=0.3 (default: uniform over the six default activations)",
-            "group": "source",
-        },
+    mix: str | Mapping[str, float] | None = _option(
+        None,
+        "random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
+        "(default: uniform over the six default activations)",
+        group="source",
     )
-    batches: str | Sequence[int] = field(default=DEFAULT_BATCHES, metadata={"help": "batch sizes"})
-    threads: str | Sequence[int] = field(
-        default=DEFAULT_THREADS, metadata={"help": "ORT intra-op / torch threads"}
-    )
-    rounds: int = field(default=DEFAULT_ROUNDS, metadata={"help": "interleaved rounds"})
-    repeats: int = field(
-        default=DEFAULT_REPEATS, metadata={"help": "timed runs per model per round"}
-    )
-    seed: int = field(default=0, metadata={"help": "assignment, weights and inputs"})
+    batches: str | Sequence[int] = _option(DEFAULT_BATCHES, "batch sizes")
+    threads: str | Sequence[int] = _option(DEFAULT_THREADS, "ORT intra-op / torch threads")
+    rounds: int = _option(DEFAULT_ROUNDS, "interleaved rounds")
+    repeats: int = _option(DEFAULT_REPEATS, "timed runs per model per round")
+    seed: int = _option(0, "assignment, weights and inputs")
 
     def __post_init__(self) -> None:
         self.batches = parse_positive_ints(self.batches, "batch sizes")
@@ -423,12 +418,11 @@ class LatencyOptions:
 
 @dataclass
 class Networks:
-    """The torch networks one run times: the mixed one (of ``spec``; ``run_spec`` when it
-    comes from a trained run, ``requested`` its mix when random) and a fixed network per
-    activation (``fixed``, the six and any other the mix uses; an MLP's spec in ``fixed_specs``).
-    ``shares``: the activation elements' shares, the ideal mix's weights."""
+    """The torch networks one run times: the mixed one (of ``spec``; ``requested``: its mix when
+    random) and a fixed network per activation (``fixed``, the six and any other the mix uses;
+    an MLP's spec in ``fixed_specs``). ``shares``: the activation elements' shares, the ideal
+    mix's weights."""
 
-    run_spec: ModelSpec | None
     spec: ModelSpec
     mixed: MixedMLP | MixedConvNet
     requested: dict[str, float] | None
@@ -461,7 +455,7 @@ def _networks(o: LatencyOptions) -> Networks:
             else:
                 fixed_specs[a] = _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]])
                 fixed[a] = MixedMLP.from_spec(fixed_specs[a]).eval()
-    return Networks(run_spec, spec, mixed, requested, fixed, fixed_specs, shares)
+    return Networks(spec, mixed, requested, fixed, fixed_specs, shares)
 
 
 # --------------------------------------------------------------------------------------------

@@ -325,11 +325,11 @@ def _export_mlp_run(
         timing=request.timing,
         int8=(lambda lowering: quantize_int8(lowered(lowering))) if int8 else None,
     )
-    model, precision, extra = choice.model, "fp32", {}
+    model, quantization = choice.model, None
     if int8:  # the int8 graph derives from the fp32 lowering verified above
         rule = _int8_rule(spec, torch_model, inputs, test_y, *int8)
-        model, extra["quantization"] = quantize_verified(model, rule)
-        precision = "int8"
+        model, quantization = quantize_verified(model, rule)
+    precision = "int8" if int8 else "fp32"
     report = entry_report(
         {"run": str(run_dir)}, choice, request, precision, test_source, (low, high)
     )
@@ -337,7 +337,9 @@ def _export_mlp_run(
     report["structure"] = {
         c: lowering_summary(m, spec, lowering=c) for c, m in choice.models.items()
     }
-    return write_result(request, spec, model, report | extra, source=run_dir)
+    if quantization:
+        report["quantization"] = quantization
+    return write_result(request, spec, model, report, source=run_dir)
 
 
 def entry_report(
