@@ -252,15 +252,7 @@ def _train(args: argparse.Namespace) -> ModelSpec | None:
     if main_rank:
         pool = ",".join(config.pool)
         _print_setup(dataset, config, f"{config.mode}, architecture {config.arch}, pool {pool}")
-    spec = train_run(
-        config=config,
-        dataset=dataset,
-        out=args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    spec = train_run(config=config, resume=args.resume, **_run_options(args, dataset))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return spec if main_rank else None
@@ -284,16 +276,20 @@ def _train_auto(
         f"auto, architecture {config.arch}, pool {','.join(plan.pool)}, screen epochs "
         f"{plan.screen_epochs}, rates {','.join(plan.rates)}",
     )
-    spec = train_auto(
-        plan=plan,
-        dataset=dataset,
-        out=args.out,
-        overwrite=args.overwrite,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    spec = train_auto(plan=plan, **_run_options(args, dataset))
     print(summary_table(spec.training[AUTO]))
     return spec
+
+
+def _run_options(args: argparse.Namespace, dataset: Dataset) -> dict[str, Any]:
+    """The keywords train_run and train_auto share."""
+    return {
+        "dataset": dataset,
+        "out": args.out,
+        "overwrite": args.overwrite,
+        "device": args.device,
+        "progress": not args.quiet,
+    }
 
 
 def _load_data(args: argparse.Namespace, *, seed: int) -> Dataset:

@@ -827,17 +827,8 @@ def train_run(
 
     ``after_epoch`` is called with each epoch's history record once its checkpoint is on disk.
     """
-    run = _Run(
-        config=config,
-        dataset=dataset,
-        out=Path(out),
-        resume=resume,
-        overwrite=overwrite,
-        device=device,
-        progress=progress,
-        after_epoch=after_epoch,
-    )
-    run.train()
+    run = _Run(config, dataset, Path(out), resume=resume, overwrite=overwrite, device=device)
+    run.train(progress=progress, after_epoch=after_epoch)
     return run.finish()
 
 
@@ -845,23 +836,20 @@ class _Run:
     """One training run: what its phases share (config, data on the device, output folder,
     ranks, device, the data generator, the options model.json and checkpoints record), the
     bookkeeping a checkpoint restores (``state``) and the current phase's live objects
-    (``phase``). Made fresh, the run stands at the start of its first phase; with ``resume``,
-    where its checkpoint left it."""
+    (``phase``). Made, the run stands at the start of its first phase (with ``resume``: where
+    its checkpoint left it); ``train`` trains the phases, ``finish`` writes the artifacts."""
 
     def __init__(
         self,
-        *,
         config: TrainConfig,
         dataset: Dataset,
         out: Path,
-        resume: bool = False,
-        overwrite: bool = False,
-        device: str = "cpu",
-        progress: bool = True,
-        after_epoch: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        resume: bool,
+        overwrite: bool,
+        device: str,
     ) -> None:
         self.config, self.dataset, self.out = config, dataset, out
-        self.progress, self.after_epoch = progress, after_epoch
         self.shape = _check_fits_data(config, dataset)
         self.ranks, self.dev = init_distributed(device)
         _check_out_dir(out, resume=resume, overwrite=overwrite, clear=self.ranks.main)
@@ -892,13 +880,16 @@ class _Run:
         else:
             self.phase = self._start_phase(0, previous=None)
 
-    def train(self) -> None:
+    def train(
+        self, *, progress: bool, after_epoch: Callable[[dict[str, Any]], None] | None
+    ) -> None:
         """Every phase from the current one on, each to its end; leaving phase 1 freezes the
-        argmax of the state its rule kept into phase 2's assignment."""
+        argmax of the state its rule kept into phase 2's assignment. ``after_epoch`` gets each
+        epoch's history record once its checkpoint is on disk."""
         for index in range(self.state.phase_index, len(self.config.phases())):
             if index > self.state.phase_index:
                 self.phase = self._start_phase(index, previous=self._end_selective())
-            self._train_phase()
+            self._train_phase(progress=progress, after_epoch=after_epoch)
 
     def _start_phase(self, index: int, *, previous: SelectiveNetwork | None) -> _Phase:
         """Phase ``index``'s model, optimizer and selection rule, its bookkeeping reset.
@@ -952,7 +943,9 @@ class _Run:
         }
         return selective
 
-    def _train_phase(self) -> None:
+    def _train_phase(
+        self, *, progress: bool, after_epoch: Callable[[dict[str, Any]], None] | None
+    ) -> None:
         """Epochs of the current phase until it is complete; a checkpoint after each."""
         phase, state = self.phase, self.state
         if state.phase_epoch >= phase.epochs:
@@ -967,7 +960,7 @@ class _Run:
             initial=state.phase_epoch,
             desc=f"{phase.name:>9}",
             unit="epoch",
-            disable=not self.progress or not self.ranks.main,
+            disable=not progress or not self.ranks.main,
             leave=True,
             dynamic_ncols=True,
         ) as bar:
@@ -979,8 +972,8 @@ class _Run:
                     val_acc=f"{record['val_accuracy']:.4f}",
                 )
                 bar.update(1)
-                if self.after_epoch is not None:
-                    self.after_epoch(record)
+                if after_epoch is not None:
+                    after_epoch(record)
 
     def _epoch(
         self, net: nn.Module, x: Tensor, y: Tensor, held_out: tuple[Tensor, Tensor] | None

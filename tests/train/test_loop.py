@@ -408,7 +408,7 @@ def test_phase2_norm_fold_trains_the_same_function_as_a_plain_network(
     )
     for logits in selection_logits(selective):
         torch.nn.init.normal_(logits)
-    run = loop._Run(config=config, dataset=digits, out=tmp_path, progress=False)
+    run = loop._Run(config, digits, tmp_path, resume=False, overwrite=False, device="cpu")
     phase = run._start_phase(1, previous=selective.eval())
     assert phase.name == "mixed"
     assert phase.model.candidate_norm == {"keep": "standard", "fold": "none"}[norm]
