@@ -107,7 +107,7 @@ class ArtifactError(ValueError):
 def check_writable_folder(path: Path | str, *, what: str) -> None:
     """Refuse, in one line, a folder that cannot be written or created: a file in the way, or no
     write permission (or a read-only file system) where it is or would be created. Called before
-    any work, so that nothing is half-written (issue F)."""
+    any work, so that nothing is half-written."""
     path = Path(path)
     existing = path
     try:
@@ -132,7 +132,7 @@ def save_tensors(
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
         # safetensors refuses tensors sharing memory: a network-shared AFU appears once per
-        # layer in a state_dict (issue I), so later copies are cloned
+        # layer in a state_dict, so later copies are cloned
         if v.numel() and v.untyped_storage().data_ptr() in seen:
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
@@ -377,8 +377,8 @@ def load_model(run_dir: Path | str) -> tuple[ModelSpec, MixedNetwork]:
     ``frozen_candidate_norm`` (absent: none). Both compute logits (N, classes), preprocessing
     included.
 
-    In order: the spec (validated); NaN or inf in its preprocessing, by name (issue F: it used
-    to surface as a PyTorch/ONNX mismatch); the weights' header against the spec (every
+    In order: the spec (validated); NaN or inf in its preprocessing, by name (it would
+    surface as a PyTorch/ONNX mismatch); the weights' header against the spec (every
     tensor float32, of the architecture's names and shapes) before any byte of data is read or
     any network allocated; NaN or inf in the weights, by name; then the network. Last, the
     weights' sha256, computed on the bytes the network was loaded from, against the one

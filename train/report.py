@@ -199,8 +199,8 @@ def plot_selection(
 def plot_logit_gradients(
     history: Sequence[dict[str, Any]], pool: Sequence[str], path: Path
 ) -> bool:
-    """Per phase-1 epoch, each candidate's mean logit push -dL/da_k (issue E's instrument):
-    a candidate with a larger push gains logit mass whatever its merit."""
+    """Per phase-1 epoch, each candidate's mean logit push -dL/da_k (the selection study's
+    instrument): a candidate with a larger push gains logit mass whatever its merit."""
     rows = [r for r in history if r["phase"] == "selective" and "logit_grad" in r]
     if not rows:
         return False

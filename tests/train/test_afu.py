@@ -1,4 +1,4 @@
-"""The learned activation unit (issue I): formula, init, gradients in both phases, artifacts."""
+"""The learned activation unit: formula, init, gradients in both phases, artifacts."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def test_csv_and_npz(tmp_path: Path) -> None:
 
 
 def _bad_cases(tmp: Path, write_mnist_like) -> list[tuple[str, list[str], str]]:
-    """(name, CLI data args, expected message) for every bad-data case of issue A."""
+    """(name, CLI data args, expected message) for every bad-data case."""
     write_mnist_like(tmp / "corrupt")
     (tmp / "corrupt" / IDX_FILES["train_images"]).write_bytes(b"\x00\x00\x42\x03garbage")
     write_mnist_like(tmp / "short")
