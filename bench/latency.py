@@ -484,14 +484,8 @@ def _auto_records(choice: Choice, threads: int) -> tuple[dict[str, Any], dict[st
     """``choice``'s selection as latency.json records auto (fp32, int8): AUTO_KEYS, or when
     one distinct lowering was chosen untimed, that one with no timings."""
     if choice.selection is None:
-        untimed = {
-            "chosen": choice.lowering,
-            "criterion": "one distinct lowering: every lowering writes its graph, nothing to time",
-            "median_ms": {},
-            "score_ms": {},
-            "threads": threads,
-            "batches": [],
-        }
+        criterion = "one distinct lowering: every lowering writes its graph, nothing to time"
+        untimed = dict(zip(AUTO_KEYS, (choice.lowering, criterion, {}, {}, threads, [])))
         return untimed, untimed
     selection = choice.selection
     fp32 = selection.get("fp32", selection)
@@ -741,24 +735,12 @@ def _config(o: LatencyOptions, net: Networks, lowered: Lowered) -> dict[str, Any
     }
 
 
-def _find(
-    records: Sequence[dict[str, Any]],
-    model: str,
-    runtime: str,
-    lowering: str,
-    batch: int,
-    threads: int,
-) -> dict[str, Any]:
-    for r in records:
-        if (r["model"], r["runtime"], r["lowering"], r["batch"], r["threads"]) == (
-            model,
-            runtime,
-            lowering,
-            batch,
-            threads,
-        ):
-            return r
-    raise KeyError((model, runtime, lowering, batch, threads))
+def _find(records: Sequence[dict[str, Any]], *key: Any) -> dict[str, Any]:
+    """The record of ``key``: (model, runtime, lowering, batch, threads)."""
+    found = [r for r in records if tuple(r[k] for k in RECORD_KEYS[:5]) == key]
+    if not found:
+        raise KeyError(key)
+    return found[0]
 
 
 def _records(
