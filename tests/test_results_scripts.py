@@ -251,3 +251,38 @@ def test_recorded_study_commands_still_parse(
     commands = capsys.readouterr().out.splitlines()
     assert commands and all(" -m smartmixed.train " in c for c in commands)
     assert not (tmp_path / "study").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# verdict-2026-12/verdict.py: SmartMixed against the best fixed activation, per architecture
+
+
+def test_verdict_pairs_the_mix_with_each_architectures_best_fixed_activation() -> None:
+    verdict = load_script(RESULTS / "verdict-2026-12" / "verdict.py")
+    tests = {  # (arch, model): test accuracy per seed
+        ("a", "relu"): [0.90, 0.92, 0.94],
+        ("a", "tanh"): [0.95, 0.95, 0.95],  # a's best fixed: the mix loses to it every seed
+        ("a", "smartmixed"): [0.91, 0.92, 0.93],
+        ("b", "relu"): [0.80, 0.80, 0.80],
+        ("b", "smartmixed"): [0.81, 0.79, 0.80],  # level with b's only fixed one
+    }
+    cells = [
+        {"archkey": a, "model": m, "seed": s, "test_accuracy": acc, "chosen": True}
+        for (a, m), accs in tests.items()
+        for s, acc in enumerate(accs)
+    ]
+    cells.append(
+        {"archkey": "a", "model": "tanh", "seed": 0, "test_accuracy": 0.1, "chosen": False}
+    )
+    summary = {a: {} for a, _ in tests}
+    for (a, m), accs in tests.items():
+        summary[a][m] = {"mean": sum(accs) / 3}
+    rows = verdict.verdicts({"cells": cells, "summary": summary})
+    assert [(r["arch"], r["best"], r["n"], r["verdict"]) for r in rows] == [
+        ("a", "tanh", 3, "loss"),
+        ("b", "relu", 3, "tie"),
+    ]
+    assert rows[0]["difference"][0] == pytest.approx(-0.03)
+    assert rows[1]["difference"][0] == pytest.approx(0.0)
+    table = verdict.render(rows)
+    assert "| a | 0.9200 | tanh 0.9500 | -3.00 [" in table and "| loss |" in table
