@@ -82,7 +82,7 @@ def test_phase2_starts_from_fresh_or_carried_weights(
         return result
 
     monkeypatch.setattr(loop, "train_epoch", spy)
-    config = _config(p1_epochs=2, p2_epochs=1, phase2_init=phase2_init, select="last")
+    config = _config(p1_epochs=1, p2_epochs=1, phase2_init=phase2_init, select="last")
     spec = train_run(config=config, dataset=digits, out=tmp_path, progress=False)
     kept = ends["selective"]  # --select last keeps phase 1's last epoch
     torch.manual_seed(config.seed + 1)
