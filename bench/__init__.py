@@ -2,7 +2,7 @@
 and how the service holds up (soak).
 
 A bench's options are a dataclass whose fields carry the help of their flags
-(``field(default=..., metadata=flag("..."))``): ``add_options`` writes one flag per field into
+(``flag("...", default=...)``): ``add_options`` writes one flag per field into
 the bench's subcommand, so every default is written once.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from collections.abc import Iterable
+from dataclasses import field, fields
 from typing import Any
 
 from smartmixed import contract
@@ -29,25 +29,25 @@ def parse_positive_ints(text: str | Iterable[int], what: str) -> list[int]:
         raise BenchError(str(e)) from None
 
 
-def flag(help: str, choices: Iterable[str] | None = None, group: str | None = None) -> dict:
-    """An options field's metadata for add_options: the help of its flag, its choices, and the
-    mutually exclusive group it belongs to."""
-    return {"help": help, "choices": list(choices) if choices else None, "group": group}
+def flag(
+    help: str, choices: Iterable[str] | None = None, group: str | None = None, **kw: Any
+) -> Any:
+    """An options field (``kw``: dataclasses.field's, its default) whose flag add_options
+    writes: its help, its choices, the mutually exclusive group it belongs to."""
+    metadata = {"help": help, "choices": list(choices) if choices else None, "group": group}
+    return field(metadata=metadata, **kw)
 
 
-def add_options(
-    parser: argparse.ArgumentParser, options: type, *, helps: Mapping[str, str] | None = None
-) -> None:
+def add_options(parser: argparse.ArgumentParser, options: type) -> None:
     """One flag per field of the dataclass ``options``, in field order: --NAME (the field's name
     less a trailing ``_s``, dashed; its last word the metavar), the field's type (a bool: a
-    switch) and default, its ``flag`` metadata (or help from ``helps``), the default appended
-    to the help. The parsed values go to ``options`` through contract.call_with_options."""
+    switch) and default, its metadata's help (the default appended), choices and group. The
+    parsed values go to ``options`` through contract.call_with_options."""
     hints = typing.get_type_hints(options)
     groups: dict[str, Any] = {}
     for f in fields(options):
-        meta = f.metadata or flag((helps or {})[f.name])
-        name, text = "--" + f.name.removesuffix("_s").replace("_", "-"), meta["help"]
-        if (group := meta["group"]) is not None and group not in groups:
+        name, text = "--" + f.name.removesuffix("_s").replace("_", "-"), f.metadata["help"]
+        if (group := f.metadata.get("group")) is not None and group not in groups:
             groups[group] = parser.add_mutually_exclusive_group()
         target = parser if group is None else groups[group]
         hint = hints[f.name]  # X | None: X
@@ -58,8 +58,8 @@ def add_options(
         if f.default is not None:
             text += f" (default {format(f.default, 'g') if kind is float else f.default})"
         more = (
-            {"choices": meta["choices"]}
-            if meta["choices"]
+            {"choices": choices}
+            if (choices := f.metadata.get("choices"))
             else {"metavar": name.split("-")[-1].upper()}
         )
         target.add_argument(name, dest=f.name, type=kind, default=f.default, help=text, **more)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from smartmixed.bench import BenchError, add_options
 from smartmixed.bench.http_bench import HttpOptions
-from smartmixed.bench.soak import SoakOptions
+from smartmixed.bench.soak import SoakOptions, SoakPlan
 from smartmixed.bench.train_cost import TrainCostOptions
 from smartmixed.contract import SpecError, call_with_options, outputs
 from smartmixed.train import study
@@ -66,40 +66,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# soak: the help of each SoakOptions field's flag (--soak-duration for soak_duration_s)
-SOAK_HELP = {
-    "soak_duration_s": "soak: seconds",
-    "soak_concurrency": "soak: connections",
-    "overload_duration_s": "overload: seconds",
-    "overload_concurrency": "overload: connections",
-    "overload_nofile": "overload: the server's open-file limit",
-    "client_timeout_s": "soak, overload, sigterm: a request slower than this is a client timeout",
-    "slow_clients": "slow: header-dribbling clients",
-    "slow_duration_s": "slow: seconds",
-    "slow_interval_s": "slow: seconds between header lines",
-    "slow_nofile": "slow: the server's open-file limit",
-    "header_mb": "header: size of the header line (MB)",
-    "header_limit_s": "header: give up after this many seconds",
-    "sigterm_concurrency": "sigterm: connections",
-    "sigterm_after_s": "sigterm, slow-readers-sigterm: seconds of load before SIGTERM",
-    "drain_limit_s": "sigterm, slow-readers-sigterm: kill the server after this many s",
-    "probe_interval_ms": "health probe period (a new connection each)",
-    "wire_nofile": "wire attacks: the server's open-file limit (its own cap is this - 64)",
-    "wire_overcommit": "slow-readers, unsent-close: connections per slot of the cap",
-    "wire_duration_s": "wire attacks: seconds each attack lasts",
-    "readers_requests": "slow-readers: pipelined GET /openapi.json per connection",
-    "readers_rcvbuf": "slow-readers, unsent-close: the clients' receive buffer (bytes)",
-    "sigterm_readers": "slow-readers-sigterm: slow readers connected at the signal",
-    "pipelined_connections": "pipelined-header: connections",
-    "pipelined_requests": "pipelined-header: infer requests pipelined before the header",
-    "pipelined_rows": "pipelined-header: rows per infer request",
-    "unsent_id_mb": "unsent-close, pipelined-header: size of the request id an answer echoes (MB)",
-    "bodies_clients": "slow-bodies: clients per route",
-    "bodies_mib": "slow-bodies: body size (MiB; at most the server's max_request_bytes)",
-    "bodies_send_s": "slow-bodies: seconds each body takes to send",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smartmixed-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,36 +114,7 @@ def _latency_arguments(lat: argparse.ArgumentParser) -> None:
 
 
 def _soak_arguments(so: argparse.ArgumentParser) -> None:
-    so.add_argument(
-        "--scenarios",
-        default="all",
-        help="which to run: all (the default), wire (the wire attacks) or some of soak,overload,"
-        "slow,header,sigterm,slow-readers,slow-readers-sigterm,pipelined-header,unsent-close,"
-        "slow-bodies",
-    )
-    so.add_argument(
-        "--wire-caps",
-        default="default,16",
-        help="connection caps the wire attacks run at, a row each: default (the server's own, "
-        "from max_connections and --wire-nofile) and/or numbers set as "
-        "SMARTMIXED_MAX_CONNECTIONS (default: default,16)",
-    )
-    so.add_argument("--arch", help="layer widths of the built model (default: the paper's)")
-    so.add_argument(
-        "--repository", type=Path, help="serve this exported repository instead of building a model"
-    )
-    so.add_argument(
-        "--model",
-        help="model to send requests to (default: mixed, or the first in "
-        "--repository; required with --url)",
-    )
-    so.add_argument(
-        "--url",
-        help="http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)",
-    )
-    so.add_argument(
-        "--pid", type=int, help="with --url: the server's PID, for its RSS and open-file limit"
-    )
+    add_options(so, SoakPlan)
     so.add_argument(
         "--server-env",
         action="append",
@@ -185,7 +122,7 @@ def _soak_arguments(so: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="environment of the started servers, e.g. SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable",
     )
-    add_options(so, SoakOptions, helps=SOAK_HELP)
+    add_options(so, SoakOptions)
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
 
 
@@ -246,8 +183,9 @@ def _soak(args: argparse.Namespace) -> int:
     from smartmixed.bench import soak
 
     def measure():  # failed scenarios are in the result; only bad options raise
+        plan = call_with_options(SoakPlan, args)
         options = call_with_options(SoakOptions, args)
-        return call_with_options(soak.measure_soak, args, options=options)
+        return call_with_options(soak.measure_soak, args, plan=plan, options=options)
 
     return _run(args, soak, measure)
 

@@ -25,41 +25,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, flag, parse_positive_ints
-from smartmixed.bench.load import (
-    DEFAULT_CHANNELS,
-    GRPC_GENERATORS,
-    H2LOAD,
-    LOAD_GENERATORS,
-    PYTHON_GRPC,
-    REQUEST_TIMEOUT_S,
-    WRK,
-    WRK_THREADS,
-    check_address,
-    mlserver_outcomes,
-    prepare_grpc_target,
-    resolve_grpc_generator,
-    resolve_load_generator,
-    run_grpc,
-    run_h2load,
-    run_python,
-    run_wrk,
-    smartmixed_outcomes,
-    tool_version,
-    write_wrk_script,
-)
+from smartmixed.bench import BenchError, flag, load, parse_positive_ints
 from smartmixed.bench.server import (
     GENERATED_MODELS,
-    HEALTH_READY_PATH,
     PAPER_ARCH,
     batch_rows,
     build_repository,
+    check_ready,
     check_url,
     config_batching,
-    http_client,
     model_info,
     model_versions,
     pick_models,
@@ -115,9 +91,9 @@ REQUESTS = {
     "same seeded raw pixels",
 }
 GRPC_GENERATOR_TEXT = {
-    H2LOAD: "h2load (nghttp2, C), one thread pinned to one CPU, the framed request from a file; "
+    load.H2LOAD: "h2load (nghttp2, C), one thread pinned to one CPU, the framed request from a file; "
     "failed calls counted by the server's own gRPC counters before and after each point",
-    PYTHON_GRPC: "grpc.aio closed loop, its own process pinned to one CPU, pre-serialised "
+    load.PYTHON_GRPC: "grpc.aio closed loop, its own process pinned to one CPU, pre-serialised "
     "requests, answers not decoded",
 }
 
@@ -135,68 +111,60 @@ class HttpOptions:
     """What ``smartmixed-bench http`` measures (a flag per field: bench.add_options). Checked
     when made, before any server starts; the defaults ``against_mlserver`` changes filled in."""
 
-    arch: str | list[int] | None = field(
-        default=None, metadata=flag("layer widths of the built models (default: the paper's)")
+    arch: str | Sequence[int] | None = flag(
+        "layer widths of the built models (default: the paper's)", default=None
     )
-    repository: Path | None = field(
-        default=None, metadata=flag("bench these exported models instead of building two")
+    repository: Path | None = flag(  # noqa: RUF009 (flag returns a dataclasses.field)
+        "bench these exported models instead of building two", default=None
     )
-    models: str | list[str] | None = field(
-        default=None,
-        metadata=flag("model names (default: mixed,fixed-relu, or all in --repository)"),
+    models: str | Sequence[str] | None = flag(
+        "model names (default: mixed,fixed-relu, or all in --repository)", default=None
     )
-    url: str | None = field(
-        default=None, metadata=flag("http://127.0.0.1:PORT of a running server (none is started)")
+    url: str | None = flag(
+        "http://127.0.0.1:PORT of a running server (none is started)", default=None
     )
-    grpc_address: str | None = field(
-        default=None, metadata=flag("with --url: 127.0.0.1:PORT of that server's gRPC endpoint")
+    grpc_address: str | None = flag(
+        "with --url: 127.0.0.1:PORT of that server's gRPC endpoint", default=None
     )
-    protocol: str = field(
+    protocol: str = flag(
+        "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side",
+        PROTOCOLS,
         default="rest",
-        metadata=flag(
-            "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side", PROTOCOLS
-        ),
     )
-    against_mlserver: bool = field(
+    against_mlserver: bool = flag(
+        "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
+        f"measure both, both servers at {COMPARED_THREADS} intra-op thread (defaults then: "
+        f"--models {_listed(MLSERVER_MODELS)}, --batching {_listed(MLSERVER_BATCHING)}, "
+        f"--concurrency {_listed(MLSERVER_CONCURRENCY)}, --rounds {MLSERVER_ROUNDS})",
         default=False,
-        metadata=flag(
-            "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
-            f"measure both, both servers at {COMPARED_THREADS} intra-op thread (defaults then: "
-            f"--models {_listed(MLSERVER_MODELS)}, --batching {_listed(MLSERVER_BATCHING)}, "
-            f"--concurrency {_listed(MLSERVER_CONCURRENCY)}, --rounds {MLSERVER_ROUNDS})"
-        ),
     )
-    concurrency: str | list[int] | None = field(
+    concurrency: str | Sequence[int] | None = flag(
+        f"connections (REST) / calls in flight (gRPC) (default {_listed(DEFAULT_CONCURRENCY)})",
         default=None,
-        metadata=flag(
-            f"connections (REST) / calls in flight (gRPC) (default {_listed(DEFAULT_CONCURRENCY)})"
-        ),
     )
-    duration: int = field(default=5, metadata=flag("seconds per point"))
-    rounds: int | None = field(
-        default=None,
-        metadata=flag(f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})"),
+    duration: int = flag("seconds per point", default=5)
+    rounds: int | None = flag(
+        f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})", default=None
     )
-    grpc_channels: int = field(
-        default=DEFAULT_CHANNELS, metadata=flag("HTTP/2 connections the gRPC calls share")
+    grpc_channels: int = flag(
+        "HTTP/2 connections the gRPC calls share", default=load.DEFAULT_CHANNELS
     )
-    grpc_generator: str = field(
-        default=H2LOAD,
-        metadata=flag(
-            "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
-            "server's metrics) or python (grpc.aio closed loop)",
-            GRPC_GENERATORS,
-        ),
+    grpc_generator: str = flag(
+        "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
+        "server's metrics) or python (grpc.aio closed loop)",
+        load.GRPC_GENERATORS,
+        default=load.H2LOAD,
     )
-    warmup: int = field(default=1, metadata=flag("unrecorded seconds per server and model first"))
-    batching: str | list[str] | None = field(
-        default=None, metadata=flag("on,off (default both; not with --url)")
+    warmup: int = flag("unrecorded seconds per server and model first", default=1)
+    batching: str | Sequence[str] | None = flag(
+        "on,off (default both; not with --url)", default=None
     )
-    load_generator: str = field(
+    load_generator: str = flag(
+        "auto: wrk when installed, else Python (asyncio + httpx)",
+        load.LOAD_GENERATORS,
         default="auto",
-        metadata=flag("auto: wrk when installed, else Python (asyncio + httpx)", LOAD_GENERATORS),
     )
-    seed: int = field(default=0, metadata=flag("assignment, weights and request row"))
+    seed: int = flag("assignment, weights and request row", default=0)
 
     def __post_init__(self) -> None:
         mlserver = self.against_mlserver
@@ -293,18 +261,12 @@ def _url_plan(o: HttpOptions, names: list[str] | None) -> Plan:
         )
     if "grpc" in o.protocols and o.grpc_address is None:
         raise BenchError("--url with --protocol grpc or both needs --grpc-address 127.0.0.1:PORT")
-    base = check_url(o.url)
+    check_url(o.url)
     if o.grpc_address is not None:
-        check_address(o.grpc_address)
+        load.check_address(o.grpc_address)
     if names is None:
         raise BenchError("--url needs --models NAME[,NAME] (the server's model names)")
-    try:
-        with http_client(timeout=3.0) as client:
-            ready = client.get(base + HEALTH_READY_PATH).status_code
-    except httpx.HTTPError as e:
-        raise BenchError(f"--url {o.url}: not reachable ({type(e).__name__}: {e})") from None
-    if ready != 200:
-        raise BenchError(f"--url {o.url}: /v2/health/ready answered {ready}")
+    base = check_ready(o.url, BenchError)
     return Plan(source="url", models=names, modes=[None], url=base, grpc_address=o.grpc_address)
 
 
@@ -331,8 +293,8 @@ class HttpRun:
 
     o: HttpOptions
     plan: Plan
-    generator: str | None  # REST: WRK or PYTHON_HTTPX
-    grpc_generator: str | None  # H2LOAD or PYTHON_GRPC
+    generator: str | None  # REST: load.WRK or load.PYTHON_HTTPX
+    grpc_generator: str | None  # load.H2LOAD or load.PYTHON_GRPC
     work: Path
     records: list[dict[str, Any]] = field(default_factory=list)
     server_commands: list[list[str]] = field(default_factory=list)
@@ -362,7 +324,7 @@ class HttpRun:
         info = self.models.setdefault(name, {})
         info.update(model_info(url, name))
         batching = mode or config_batching(url, name)
-        outcomes = partial(smartmixed_outcomes, f"{url}/metrics")
+        outcomes = partial(load.smartmixed_outcomes, f"{url}/metrics")
         return [
             Measured(SMARTMIXED, protocol, name, info["mode"], batching, run, url)
             for protocol in self.o.protocols
@@ -391,7 +353,10 @@ class HttpRun:
                 "runtime": mlserver.RUNTIME_CLASS,
                 "intra_op_threads": COMPARED_THREADS,
             }
-            address, outcomes = server.grpc_address, partial(mlserver_outcomes, server.metrics_url)
+            address, outcomes = (
+                server.grpc_address,
+                partial(load.mlserver_outcomes, server.metrics_url),
+            )
             yield [
                 Measured(MLSERVER, protocol, name, None, "off", run, None)
                 for protocol in self.o.protocols
@@ -406,15 +371,21 @@ class HttpRun:
         if protocol == "rest":
             target = prepare_target(url, name, seed=self.o.seed)
             info.update(request_bytes=len(target.body), n_features=target.n_features)
-            if self.generator != WRK:
-                return partial(run_python, target)
-            return partial(run_wrk, target, script=write_wrk_script(self.work, target.body))
-        grpc_target = prepare_grpc_target(address, name, seed=self.o.seed)
+            if self.generator != load.WRK:
+                return partial(load.run_python, target)
+            return partial(
+                load.run_wrk,
+                target,
+                script=load.write_wrk_script(self.work / "post.lua", target.body),
+            )
+        grpc_target = load.prepare_grpc_target(address, name, seed=self.o.seed)
         info.update(grpc_request_bytes=len(grpc_target.request))
-        if self.grpc_generator != H2LOAD:
-            return partial(run_grpc, grpc_target, channels=self.o.grpc_channels)
+        if self.grpc_generator != load.H2LOAD:
+            return partial(load.run_grpc, grpc_target, channels=self.o.grpc_channels)
         outcomes()  # a server whose counters cannot be read fails here, not mid-run
-        return partial(run_h2load, grpc_target, channels=self.o.grpc_channels, outcomes=outcomes)
+        return partial(
+            load.run_h2load, grpc_target, channels=self.o.grpc_channels, outcomes=outcomes
+        )
 
     def measure(self, points: list[Measured], bar: tqdm) -> None:
         """Warm every point up (unrecorded: arenas, batcher, connection pools), then every
@@ -451,8 +422,10 @@ def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -
 
     started = time.perf_counter()
     o = options or HttpOptions()
-    generator = resolve_load_generator(o.load_generator) if "rest" in o.protocols else None
-    grpc_gen = resolve_grpc_generator(o.grpc_generator) if "grpc" in o.protocols else None
+    generator = load.resolve_generator(o.load_generator) if "rest" in o.protocols else None
+    grpc_gen = (
+        load.resolve_generator(o.grpc_generator, grpc=True) if "grpc" in o.protocols else None
+    )
     if o.against_mlserver:
         mlserver.mlserver_command()  # BenchError: run make mlserver
     plan = _plan(o)
@@ -487,11 +460,8 @@ def _record(
         errors, failed = sum(raw["error_kinds"].values()), raw["error_kinds"]["status"]
     ok = max(raw["requests"] - failed, 0)
     rps = ok / raw["duration_s"] if raw["duration_s"] > 0 else 0.0
-    record = raw | {
-        "server": point.server,
-        "model": point.model,
-        "mode": point.mode,
-        "batching": point.batching,
+    record = raw | {k: getattr(point, k) for k in ("server", "model", "mode", "batching")}
+    record |= {
         "protocol": point.protocol,
         "concurrency": concurrency,
         "round": round_,
@@ -615,11 +585,13 @@ def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
         "request": REQUESTS["rest"] if rest else None,
         "grpc_request": REQUESTS["grpc"] if grpc else None,
         "grpc_load_generator": GRPC_GENERATOR_TEXT.get(run.grpc_generator),
-        "h2load_version": tool_version(H2LOAD) if run.grpc_generator == H2LOAD else None,
+        "h2load_version": load.tool_version(load.H2LOAD)
+        if run.grpc_generator == load.H2LOAD
+        else None,
         "grpc_channels": o.grpc_channels if grpc else None,
-        "request_timeout_s": REQUEST_TIMEOUT_S,
-        "load_generator_threads": WRK_THREADS if run.generator == WRK else 1,
-        "wrk_version": tool_version(WRK) if run.generator == WRK else None,
+        "request_timeout_s": load.REQUEST_TIMEOUT_S,
+        "load_generator_threads": load.WRK_THREADS if run.generator == load.WRK else 1,
+        "wrk_version": load.tool_version(load.WRK) if run.generator == load.WRK else None,
         "server_commands": run.server_commands,
         "server_env": server_env() if plan.source != "url" else None,
         "mlserver": run.mlserver,
@@ -643,6 +615,16 @@ def _result(run: HttpRun, *, elapsed_s: float) -> dict[str, Any]:
 # Outputs
 
 
+# how each load generator is described, REST then gRPC
+HOW = {
+    load.WRK: "REST: wrk ({threads} thread, keep-alive connections)",
+    load.PYTHON_HTTPX: "REST: Python asyncio + httpx (in the bench process; shares the CPU with "
+    "the server)",
+    load.H2LOAD: "gRPC: h2load (1 thread, one CPU; failed calls counted by each server's own "
+    "gRPC counters), {channels} connection(s)",
+    load.PYTHON_GRPC: "gRPC: grpc.aio closed loop in its own process on one CPU, {channels} "
+    "connection(s)",
+}
 POINT_COLUMNS = (
     *("concurrency", "server", "protocol", "requests/s", "samples/s"),
     *("p50 ms", "p95 ms", "p99 ms", "errors", "rows/run"),
@@ -662,25 +644,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _how(result: Mapping[str, Any]) -> list[str]:
     """The lines that say how the load was made, on what machine."""
     c, m = result["config"], result["machine"]
-    protocols = c["protocols"]
-    how = []
-    if "rest" in protocols:
-        how.append(
-            f"REST: wrk ({c['load_generator_threads']} thread, keep-alive connections)"
-            if result["load_generator"] == WRK
-            else "REST: Python asyncio + httpx (in the bench process; shares the CPU with the "
-            "server)"
-        )
-    if "grpc" in protocols:
-        how.append(
-            (
-                "gRPC: h2load (1 thread, one CPU; failed calls counted by each server's own "
-                "gRPC counters)"
-                if result["grpc_generator"] == H2LOAD
-                else "gRPC: grpc.aio closed loop in its own process on one CPU"
-            )
-            + f", {c['grpc_channels']} connection(s)"
-        )
+    how = [
+        HOW[g].format(threads=c["load_generator_threads"], channels=c["grpc_channels"])
+        for g in (result["load_generator"], result["grpc_generator"])
+        if g
+    ]
     rounds = c["rounds"]
     per_point = f"{c['duration_s']} s per point" + (
         f", {rounds} interleaved rounds (medians shown)" if rounds > 1 else ""

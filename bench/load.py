@@ -48,6 +48,10 @@ LOAD_GENERATORS = ("auto", "wrk", "python")
 GRPC_GENERATORS = ("h2load", "python")
 WRK, PYTHON_HTTPX = "wrk", "python-httpx"  # as recorded in the results
 H2LOAD, PYTHON_GRPC = "h2load", "python-grpc-aio"
+INSTALL = {
+    WRK: "install wrk (apt-get install wrk)",
+    H2LOAD: "install nghttp2-client (make system-deps)",
+}
 WRK_THREADS = 1  # one wrk thread: the generator takes at most one of the two cores
 DEFAULT_CHANNELS = 1  # HTTP/2 connections of the gRPC calls (docs/results.md: more gave nothing)
 REQUEST_TIMEOUT_S = 5  # a request slower than this counts as a timeout error
@@ -69,34 +73,23 @@ class LoadGeneratorError(BenchError):
     """A load generator that is missing, failed, or printed no readable result."""
 
 
-def resolve_load_generator(choice: str) -> str:
-    """auto -> wrk when it is on PATH, else the Python generator."""
-    if choice not in LOAD_GENERATORS:
+def resolve_generator(choice: str, *, grpc: bool = False) -> str:
+    """The generator a --load-generator (auto: wrk when it is on PATH, else Python) or
+    --grpc-generator choice names, as recorded in the results; LoadGeneratorError for a tool
+    that is missing (h2load has no fallback: the two are not comparable)."""
+    flag, choices = (
+        ("--grpc-generator", GRPC_GENERATORS) if grpc else ("--load-generator", LOAD_GENERATORS)
+    )
+    if choice not in choices:
+        raise LoadGeneratorError(f"{flag} {choice!r}: expected one of {', '.join(choices)}")
+    tool = H2LOAD if grpc else WRK
+    if choice == "auto":
+        choice = tool if shutil.which(tool) else "python"
+    if choice == tool and shutil.which(tool) is None:
         raise LoadGeneratorError(
-            f"unknown load generator {choice!r}; expected one of {', '.join(LOAD_GENERATORS)}"
+            f"{flag} {tool}: {tool} is not installed; {INSTALL[tool]}, or use {flag} python"
         )
-    has_wrk = shutil.which("wrk") is not None
-    if choice == "wrk" and not has_wrk:
-        raise LoadGeneratorError(
-            "--load-generator wrk: wrk is not installed (apt-get install wrk), "
-            "or use --load-generator python"
-        )
-    return PYTHON_HTTPX if choice == "python" or not has_wrk else WRK
-
-
-def resolve_grpc_generator(choice: str) -> str:
-    """h2load | python -> H2LOAD or PYTHON_GRPC; LoadGeneratorError when h2load is missing (no
-    fallback: the two are not comparable)."""
-    if choice not in GRPC_GENERATORS:
-        raise LoadGeneratorError(
-            f"unknown gRPC load generator {choice!r}; expected one of {', '.join(GRPC_GENERATORS)}"
-        )
-    if choice == "h2load" and shutil.which("h2load") is None:
-        raise LoadGeneratorError(
-            "--grpc-generator h2load: h2load is not installed; install nghttp2-client "
-            "(make system-deps), or use --grpc-generator python"
-        )
-    return H2LOAD if choice == "h2load" else PYTHON_GRPC
+    return tool if choice == tool else PYTHON_GRPC if grpc else PYTHON_HTTPX
 
 
 def tool_version(tool: str) -> str | None:
@@ -108,10 +101,6 @@ def tool_version(tool: str) -> str | None:
     out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=10)
     first = (out.stdout or out.stderr).strip().splitlines()
     return first[0].split(" Copyright")[0].strip() if first else None
-
-
-def wrk_version() -> str | None:
-    return tool_version(WRK)
 
 
 def run_tool(command: list[str], what: str, timeout: float, **kwargs: Any) -> str:
@@ -195,13 +184,23 @@ def lua_long_string(text: str) -> str:
     return f"[{eq}[{text}]{eq}]"
 
 
-def write_wrk_script(directory: Path, body: bytes) -> Path:
-    path = directory / "post.lua"
+def write_wrk_script(path: Path, body: bytes, template: str = WRK_SCRIPT, **fields: str) -> Path:
+    """``template`` (a str.format template) with {body} the Lua literal of ``body``, {marker}
+    WRK_MARKER and ``fields``, written to ``path``."""
     text = body.decode()
     if "\n" in text[:1]:  # Lua drops a newline right after the opening bracket
         text = "\n" + text
-    path.write_text(WRK_SCRIPT.format(body=lua_long_string(text), marker=WRK_MARKER))
+    path.write_text(template.format(body=lua_long_string(text), marker=WRK_MARKER, **fields))
     return path
+
+
+def wrk_command(
+    url: str, script: Path, *, concurrency: int, duration: int, timeout: float = REQUEST_TIMEOUT_S
+) -> list[str]:
+    """wrk (WRK_THREADS thread) running ``script`` at ``url``: ``concurrency`` keep-alive
+    connections for ``duration`` s, a request slower than ``timeout`` s a timeout."""
+    command = ["wrk", "-t", str(WRK_THREADS), "-c", str(concurrency), "-d", f"{duration}s"]
+    return [*command, "--latency", "--timeout", f"{timeout:g}s", "-s", str(script), url]
 
 
 def parse_wrk_output(stdout: str) -> dict[str, Any]:
@@ -226,8 +225,7 @@ def run_wrk(
     target: Target, *, concurrency: int, duration: int, script: Path | None = None
 ) -> dict[str, Any]:
     assert script is not None, "write_wrk_script first"
-    command = ["wrk", "-t", str(WRK_THREADS), "-c", str(concurrency), "-d", f"{duration}s"]
-    command += ["--latency", "--timeout", f"{REQUEST_TIMEOUT_S}s", "-s", str(script), target.url]
+    command = wrk_command(target.url, script, concurrency=concurrency, duration=duration)
     return parse_wrk_output(run_tool(command, "wrk", duration + GRACE_S))
 
 

@@ -67,6 +67,19 @@ def check_url(url: str) -> str:
     return f"http://{netloc}:{port or 80}"
 
 
+def check_ready(url: str, error: type[BenchError]) -> str:
+    """check_url's base URL of a running server that answers ready; ``error`` otherwise."""
+    base = check_url(url)
+    try:
+        with http_client(timeout=3.0) as client:
+            ready = client.get(base + HEALTH_READY_PATH).status_code
+    except httpx.HTTPError as e:
+        raise error(f"--url {url}: not reachable ({type(e).__name__}: {e})") from None
+    if ready != 200:
+        raise error(f"--url {url}: {HEALTH_READY_PATH} answered {ready}")
+    return base
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 

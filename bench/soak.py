@@ -3,7 +3,7 @@ options, the scenarios and their targets, the driver, and soak.md / soak.png.
 
 ``measure_soak`` runs each chosen scenario against a real server on 127.0.0.1: a fresh
 ``smartmixed-serve`` per scenario (bench/server.py's ``start_server``, over a repository of one
-seeded random-weight model, or ``repository``), unless ``url`` targets a running one. Every
+seeded random-weight model, or ``--repository``), unless ``--url`` targets a running one. Every
 number comes from the client side or from /proc (bench/soak_clients.py holds the instruments);
 each scenario records what it measured, its targets and whether they were met (reported, never
 asserted). A scenario that fails (the server does not start, dies, a tool breaks) is recorded
@@ -19,6 +19,7 @@ import json
 import math
 import operator
 import os
+import platform
 import re
 import resource
 import shlex
@@ -30,7 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,42 +39,9 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
+from smartmixed.bench import flag, load, server
 from smartmixed.bench import soak_clients as clients
-from smartmixed.bench.load import (
-    WRK_MARKER,
-    WRK_SUMMARY,
-    lua_long_string,
-    parse_wrk_output,
-    wrk_version,
-)
-from smartmixed.bench.server import (
-    PAPER_ARCH,
-    ServerProcess,
-    Target,
-    build_repository,
-    check_url,
-    free_port,
-    pick_models,
-    prepare_target,
-    server_command,
-    start_server,
-)
-from smartmixed.bench.server import server_env as inherited_env
-from smartmixed.bench.soak_clients import (
-    HEALTH_PATH,
-    LIVE_PATH,
-    PROBE_TIMEOUT_S,
-    Attempt,
-    Prober,
-    SoakError,
-    http_request,
-    percentile_values,
-    probe_series,
-    raised_nofile,
-    rounded,
-    run_async,
-    summarize_probes,
-)
+from smartmixed.bench.soak_clients import Attempt, SoakError, rounded
 from smartmixed.contract import SpecError, outputs, parse_arch, parse_positive_ints, split_list
 
 SCENARIOS = ("soak", "overload", "slow", "header", "sigterm")
@@ -87,6 +55,10 @@ WIRE_SCENARIOS = (
 ALL_SCENARIOS = (*SCENARIOS, *WIRE_SCENARIOS)
 GROUPS = {"all": ALL_SCENARIOS, "wire": WIRE_SCENARIOS}
 STOPS_SERVER = ("sigterm", "slow-readers-sigterm")  # no server left to check after these
+# the SoakOptions field that sets the open-file limit of a scenario's server
+NOFILE = {"slow": "slow_nofile", "overload": "overload_nofile"} | dict.fromkeys(
+    WIRE_SCENARIOS, "wire_nofile"
+)
 GENERATED_MODEL = "mixed"
 METRICS_PORT_ENV = "SMARTMIXED_METRICS_PORT"
 DEFAULT_CAP = "default"  # a wire row at the server's own connection cap
@@ -158,40 +130,74 @@ WIRE_NEEDS_STARTED = (
 )
 
 
+def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
+    ops = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge}
+    return {
+        key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
+        for key, (op, limit) in targets.items()
+    }
+
+
+# ---- options
+
+
 @dataclass(frozen=True)
 class SoakOptions:
-    """Durations and counts of the scenarios (defaults: the full suite's)."""
+    """Durations and counts of the scenarios (a flag per field: bench.add_options; the
+    defaults: the full suite's)."""
 
-    soak_duration_s: int = 60
-    soak_concurrency: int = 64
-    overload_duration_s: int = 20
-    overload_concurrency: int = 1024
-    overload_nofile: int = 1024  # the server's open-file limit: its cap (960) is below the clients
-    client_timeout_s: float = 10.0
-    slow_clients: int = 1000
-    slow_duration_s: float = 25.0
-    slow_interval_s: float = 5.0
-    slow_nofile: int = 1024
-    header_mb: float = 100.0
-    header_limit_s: float = 30.0
-    sigterm_concurrency: int = 32
-    sigterm_after_s: float = 5.0
-    drain_limit_s: float = 40.0
-    probe_interval_ms: float = 50.0
-    # the wire attacks
-    wire_nofile: int = 320  # the server's open-file limit: its default cap is this minus 64
-    wire_overcommit: float = 2.0
-    wire_duration_s: float = 10.0
-    readers_requests: int = 450
-    readers_rcvbuf: int = 4096
-    sigterm_readers: int = 16
-    pipelined_connections: int = 4
-    pipelined_requests: int = 12
-    pipelined_rows: int = 1024
-    unsent_id_mb: float = 5.0
-    bodies_clients: int = 16
-    bodies_mib: float = 16.0
-    bodies_send_s: float = 8.0
+    soak_duration_s: int = flag("soak: seconds", default=60)
+    soak_concurrency: int = flag("soak: connections", default=64)
+    overload_duration_s: int = flag("overload: seconds", default=20)
+    overload_concurrency: int = flag("overload: connections", default=1024)
+    # its connection cap (960) is below the clients
+    overload_nofile: int = flag("overload: the server's open-file limit", default=1024)
+    client_timeout_s: float = flag(
+        "soak, overload, sigterm: a request slower than this is a client timeout", default=10.0
+    )
+    slow_clients: int = flag("slow: header-dribbling clients", default=1000)
+    slow_duration_s: float = flag("slow: seconds", default=25.0)
+    slow_interval_s: float = flag("slow: seconds between header lines", default=5.0)
+    slow_nofile: int = flag("slow: the server's open-file limit", default=1024)
+    header_mb: float = flag("header: size of the header line (MB)", default=100.0)
+    header_limit_s: float = flag("header: give up after this many seconds", default=30.0)
+    sigterm_concurrency: int = flag("sigterm: connections", default=32)
+    sigterm_after_s: float = flag(
+        "sigterm, slow-readers-sigterm: seconds of load before SIGTERM", default=5.0
+    )
+    drain_limit_s: float = flag(
+        "sigterm, slow-readers-sigterm: kill the server after this many s", default=40.0
+    )
+    probe_interval_ms: float = flag("health probe period (a new connection each)", default=50.0)
+    wire_nofile: int = flag(
+        "wire attacks: the server's open-file limit (its own cap is this - 64)", default=320
+    )
+    wire_overcommit: float = flag(
+        "slow-readers, unsent-close: connections per slot of the cap", default=2.0
+    )
+    wire_duration_s: float = flag("wire attacks: seconds each attack lasts", default=10.0)
+    readers_requests: int = flag(
+        "slow-readers: pipelined GET /openapi.json per connection", default=450
+    )
+    readers_rcvbuf: int = flag(
+        "slow-readers, unsent-close: the clients' receive buffer (bytes)", default=4096
+    )
+    sigterm_readers: int = flag(
+        "slow-readers-sigterm: slow readers connected at the signal", default=16
+    )
+    pipelined_connections: int = flag("pipelined-header: connections", default=4)
+    pipelined_requests: int = flag(
+        "pipelined-header: infer requests pipelined before the header", default=12
+    )
+    pipelined_rows: int = flag("pipelined-header: rows per infer request", default=1024)
+    unsent_id_mb: float = flag(
+        "unsent-close, pipelined-header: size of the request id an answer echoes (MB)", default=5.0
+    )
+    bodies_clients: int = flag("slow-bodies: clients per route", default=16)
+    bodies_mib: float = flag(
+        "slow-bodies: body size (MiB; at most the server's max_request_bytes)", default=16.0
+    )
+    bodies_send_s: float = flag("slow-bodies: seconds each body takes to send", default=8.0)
 
     def __post_init__(self) -> None:
         bad = [f.name for f in fields(self) if not getattr(self, f.name) > 0]
@@ -205,17 +211,6 @@ class SoakOptions:
                 "wire_nofile must be >= 80 (the server keeps 64 descriptors free under its "
                 "open-file limit; a cap of 16 needs 16 more)"
             )
-
-
-def evaluate(measured: Mapping[str, Any], targets: Mapping[str, tuple[str, Any]]) -> dict:
-    ops = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">=": operator.ge}
-    return {
-        key: None if measured.get(key) is None else bool(ops[op](measured[key], limit))
-        for key, (op, limit) in targets.items()
-    }
-
-
-# ---- options
 
 
 def parse_scenarios(text: str | Sequence[str]) -> list[str]:
@@ -270,61 +265,86 @@ def server_setting(name: str, env: Mapping[str, str]) -> float:
 
 
 @dataclass
-class Source:
-    """Where the server comes from: generated | repository (started per scenario) | url."""
+class SoakPlan:
+    """The scenarios and the server they attack (a flag per field: bench.add_options); the
+    scenarios and caps parsed when made, the server checked by ``check_server``."""
 
-    kind: str
-    model: str
-    repository: Path | None = None
-    arch: list[int] | None = None
-    url: str | None = None
-    pid: int | None = None
+    scenarios: str | Sequence[str] = flag(
+        f"which to run: all, wire (the wire attacks) or some of {','.join(ALL_SCENARIOS)}",
+        default="all",
+    )
+    wire_caps: str | Sequence[str | int | None] = flag(
+        "connection caps the wire attacks run at, a row each: default (the server's own, from "
+        "max_connections and --wire-nofile) and/or numbers set as SMARTMIXED_MAX_CONNECTIONS",
+        default=f"{DEFAULT_CAP},16",
+    )
+    arch: str | Sequence[int] | None = flag(
+        "layer widths of the built model (default: the paper's)", default=None
+    )
+    repository: Path | None = flag(  # noqa: RUF009 (flag returns a dataclasses.field)
+        "serve this exported repository instead of building a model", default=None
+    )
+    model: str | None = flag(
+        "model to send requests to (default: mixed, or the first in --repository; required "
+        "with --url)",
+        default=None,
+    )
+    url: str | None = flag(
+        "http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)",
+        default=None,
+    )
+    pid: int | None = flag(
+        "with --url: the server's PID, for its RSS and open-file limit", default=None
+    )
 
+    def __post_init__(self) -> None:
+        self.scenarios = parse_scenarios(self.scenarios)
+        self.wire_caps = parse_caps(self.wire_caps)
 
-def _source(
-    *,
-    url: str | None,
-    pid: int | None,
-    repository: Path | str | None,
-    model: str | None,
-    arch: str | Sequence[int] | None,
-    server_env: Mapping[str, str],
-) -> Source:
-    if url is None:
-        if pid is not None:
+    @property
+    def source(self) -> str:
+        """Where the server comes from: generated | repository (started per scenario) | url."""
+        return "url" if self.url else "repository" if self.repository else "generated"
+
+    def check_server(self, env: Mapping[str, str]) -> None:
+        """SoakError for flags that do not go together, or a server at ``url`` that is not
+        ready; fills in the model (and the built model's arch)."""
+        if self.url is not None:
+            self._check_url(env)
+            return
+        if self.pid is not None:
             raise SoakError("--pid goes with --url (a started server's PID is known)")
         try:
-            arch_list = parse_arch(arch) if arch is not None else None
+            arch = parse_arch(self.arch) if self.arch is not None else None
         except SpecError as e:
             raise SoakError(f"--arch: {e}") from None
-        if repository is None:
-            if model not in (None, GENERATED_MODEL):
-                raise SoakError(
-                    f"--model {model}: without --repository the bench builds {GENERATED_MODEL!r}"
-                )
-            return Source("generated", GENERATED_MODEL, arch=arch_list or list(PAPER_ARCH))
-        if arch is not None:
-            raise SoakError("--arch builds a model; it cannot go with --repository")
-        repository, names = pick_models(repository, model and [model], SoakError)
-        return Source("repository", names[0], repository=repository)
-    if repository is not None or arch is not None or server_env:
-        raise SoakError(
-            "--url targets a running server: --repository, --arch and --server-env "
-            "belong to the server, not the bench"
-        )
-    if model is None:
-        raise SoakError("--url needs --model NAME (the model to send requests to)")
-    base = check_url(url)
-    if pid is not None and clients.read_rss_mib(pid) is None:
-        raise SoakError(f"--pid {pid}: no such process (or /proc/{pid}/status is unreadable)")
-    try:
-        with httpx.Client(timeout=3.0, trust_env=False) as client:
-            ready = client.get(base + HEALTH_PATH).status_code
-    except httpx.HTTPError as e:
-        raise SoakError(f"--url {url}: not reachable ({type(e).__name__}: {e})") from None
-    if ready != 200:
-        raise SoakError(f"--url {url}: {HEALTH_PATH} answered {ready}")
-    return Source("url", model, url=base, pid=pid)
+        if self.repository is not None:
+            if arch is not None:
+                raise SoakError("--arch builds a model; it cannot go with --repository")
+            self.repository, names = server.pick_models(
+                self.repository, self.model and [self.model], SoakError
+            )
+            self.model = names[0]
+        elif self.model not in (None, GENERATED_MODEL):
+            raise SoakError(
+                f"--model {self.model}: without --repository the bench builds {GENERATED_MODEL!r}"
+            )
+        else:
+            self.model, self.arch = GENERATED_MODEL, arch or list(server.PAPER_ARCH)
+
+    def _check_url(self, env: Mapping[str, str]) -> None:
+        if self.repository is not None or self.arch is not None or env:
+            raise SoakError(
+                "--url targets a running server: --repository, --arch and --server-env "
+                "belong to the server, not the bench"
+            )
+        if self.model is None:
+            raise SoakError("--url needs --model NAME (the model to send requests to)")
+        self.url = server.check_ready(self.url, SoakError)
+        if self.pid is not None and clients.read_rss_mib(self.pid) is None:
+            raise SoakError(
+                f"--pid {self.pid}: no such process (or /proc/{self.pid}/status is unreadable)"
+            )
 
 
 # ---- the server under attack
@@ -332,22 +352,24 @@ def _source(
 
 @dataclass
 class Run:
-    """What a scenario needs: the server under attack (``started``: the smartmixed-serve the
-    bench started for it; None: a running one at ``url``), the model's request, the options and
-    the server's settings (``SETTINGS``)."""
+    """What a scenario needs: its suite, the server under attack (``started``: the
+    smartmixed-serve the bench started for it; None: a running one at ``url``), the model's
+    request and the server's settings (``SETTINGS``)."""
 
+    suite: Suite
     url: str
     pid: int | None
     nofile: int | None  # the server's open-file limit
-    started: ServerProcess | None
-    target: Target
-    options: SoakOptions
+    started: server.ServerProcess | None
+    target: server.Target
     settings: dict[str, float]
-    work: Path
-    use_wrk: bool
-    config: dict[str, Any] = field(default_factory=dict)  # what the scenario ran with
+    config: dict[str, Any]  # what the scenario ran with
     connection_cap: int | None = None  # the server's, when the bench started it
     metrics_port: int | None = None  # the started server's metrics port, when it has one
+
+    @property
+    def options(self) -> SoakOptions:
+        return self.suite.options
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -368,11 +390,7 @@ class Run:
         """Still running and answering /v2/health/live within a few seconds."""
         if self.started is not None and self.started.process.poll() is not None:
             return False
-        try:
-            with httpx.Client(timeout=ALIVE_TIMEOUT_S, trust_env=False) as client:
-                return client.get(self.url + LIVE_PATH).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers(self.url + clients.LIVE_PATH, ALIVE_TIMEOUT_S)
 
     def tracebacks(self) -> int | None:
         """Tracebacks the server has logged so far (None: its log is not the bench's)."""
@@ -381,23 +399,40 @@ class Run:
 
     def prober(
         self, requests: Sequence[bytes], *, duration: float, every: int = 1, port: int | None = None
-    ) -> Prober:
+    ) -> clients.Prober:
         """``requests`` in turn, a new connection every ``every`` probe intervals, on ``port``
         (default: the server's)."""
         host, server_port = self.host_port
         interval = self.options.probe_interval_ms / 1e3 * every
-        return Prober(host, port or server_port, requests, interval=interval, duration=duration)
+        return clients.Prober(
+            host, port or server_port, requests, interval=interval, duration=duration
+        )
 
-    def health_prober(self, *, duration: float) -> Prober:
+    def health_prober(self, *, duration: float) -> clients.Prober:
         return self.prober([clients.health_probe(*self.host_port)], duration=duration)
 
-    def infer_request(self, *, close: bool = False) -> bytes:
+    def request(
+        self, body: bytes | None = None, *, path: str | None = None, close: bool = False
+    ) -> bytes:
+        """A raw HTTP/1.1 POST of ``body`` (default: the model's infer request) to ``path``
+        (default: the model's infer route)."""
         host, port = self.host_port
-        path = urlsplit(self.target.url).path
-        return http_request("POST", path, f"{host}:{port}", self.target.body, close=close)
+        path = path or urlsplit(self.target.url).path
+        return clients.http_request(
+            "POST", path, f"{host}:{port}", body or self.target.body, close=close
+        )
 
 
-def server_log(started: ServerProcess | None) -> str | None:
+def answers(url: str, timeout: float) -> bool:
+    """Whether GET ``url`` answers 200 within ``timeout`` s."""
+    try:
+        with server.http_client(timeout=timeout) as client:
+            return client.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def server_log(started: server.ServerProcess | None) -> str | None:
     """What a started server has logged so far (None: not started here)."""
     if started is None or not started.log_path.exists():
         return None
@@ -434,7 +469,7 @@ def shell_command(command: Sequence[str], env: Mapping[str, str], nofile: int | 
 class Suite:
     """What every scenario of one run shares."""
 
-    source: Source
+    plan: SoakPlan
     repository: Path | None  # the one started servers serve (None: --url)
     env: dict[str, str]  # what a started server sees: SMARTMIXED_* of the bench, --server-env
     options: SoakOptions
@@ -444,36 +479,30 @@ class Suite:
 
 
 def measure_soak(
-    *,
-    scenarios: str | Sequence[str] = "all",
-    wire_caps: str | Sequence[str | int] = "default,16",
-    url: str | None = None,
-    pid: int | None = None,
-    repository: Path | str | None = None,
-    model: str | None = None,
-    arch: str | Sequence[int] | None = None,
-    server_env: Sequence[str] | Mapping[str, str] = (),
+    plan: SoakPlan | None = None,
     options: SoakOptions | None = None,
+    *,
+    server_env: Sequence[str] | Mapping[str, str] = (),
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the chosen scenarios; returns the soak.json record.
+    """Run the plan's scenarios; returns the soak.json record.
 
     Options are checked before anything starts (SoakError); a scenario that fails is recorded
     in its entry (status "failed", error) and the others still run.
     """
     started = time.perf_counter()
-    names = parse_scenarios(scenarios)
-    caps = parse_caps(wire_caps)
-    options = options or SoakOptions()
+    plan, options = plan or SoakPlan(), options or SoakOptions()
     env = dict(server_env) if isinstance(server_env, Mapping) else parse_server_env(server_env)
-    source = _source(
-        url=url, pid=pid, repository=repository, model=model, arch=arch, server_env=env
-    )
-    effective = inherited_env() | env if source.kind != "url" else {}
+    plan.check_server(env)
+    effective = server.server_env() | env if plan.source != "url" else {}
     settings = {k: server_setting(k, effective) for k in SETTINGS[:2]}
     # one row per scenario; a wire attack once per cap (its server's env sets the cap)
-    rows = [(name, cap) for name in names for cap in (caps if name in WIRE_SCENARIOS else [None])]
+    rows = [
+        (name, cap)
+        for name in plan.scenarios
+        for cap in (plan.wire_caps if name in WIRE_SCENARIOS else [None])
+    ]
     use_wrk = shutil.which("wrk") is not None
     command: list[str] | None = None
     load_avg = [os.getloadavg()]
@@ -481,12 +510,14 @@ def measure_soak(
         tempfile.TemporaryDirectory(prefix="smartmixed-bench-soak-") as tmp,
         tqdm(rows, desc="soak scenarios", disable=not progress) as bar,
     ):
-        suite = Suite(source, source.repository, effective, options, Path(tmp), use_wrk, seed)
-        if source.kind == "generated":
+        suite = Suite(plan, plan.repository, effective, options, Path(tmp), use_wrk, seed)
+        if plan.source == "generated":
             suite.repository = suite.work / "models"
-            build_repository(suite.repository, arch=source.arch, seed=seed, models=[source.model])
-        if suite.repository is not None:
-            command = server_command(suite.repository, 0)  # the port differs per scenario: PORT
+            server.build_repository(
+                suite.repository, arch=plan.arch, seed=seed, models=[plan.model]
+            )
+        if suite.repository is not None:  # the port differs per scenario: PORT
+            command = server.server_command(suite.repository, 0)
             command[command.index("--port") + 1] = "PORT"
         results = {}
         for name, cap in bar:
@@ -495,27 +526,7 @@ def measure_soak(
             results[row] = _run_scenario(suite, row, name, cap)
     load_avg.append(os.getloadavg())
     return {
-        "config": {
-            "source": source.kind,
-            "model": source.model,
-            "arch": source.arch,
-            "repository": str(source.repository) if source.repository else None,
-            "url": source.url,
-            "pid": source.pid,
-            "scenarios": names,
-            "wire_caps": [DEFAULT_CAP if c is None else c for c in caps],
-            "options": asdict(options),
-            "seed": seed,
-            "server_env": effective if source.kind != "url" else None,
-            "server_settings": {**settings, "assumed_defaults": source.kind == "url"},
-            "probe": {
-                "path": HEALTH_PATH,
-                "interval_ms": options.probe_interval_ms,
-                "timeout_s": PROBE_TIMEOUT_S,
-                "new_connection_per_probe": True,
-            },
-            "wrk_version": wrk_version() if use_wrk else None,
-        },
+        "config": _config(suite, settings),
         "server_command": command,
         "server_command_shell": shell_command(command, effective, None) if command else None,
         "machine": _machine(load_avg),
@@ -525,20 +536,53 @@ def measure_soak(
     }
 
 
-def _server_env(suite: Suite, name: str, cap: int | None) -> tuple[dict[str, str], int | None]:
-    """The environment and open-file limit of the server a scenario starts."""
-    env = dict(suite.env)
-    if name == "slow":
-        return env, suite.options.slow_nofile
-    if name == "overload":
-        # health probed on the server's metrics port too (one the 1024 do not fill)
-        env.setdefault(METRICS_PORT_ENV, str(free_port()))
-        return env, suite.options.overload_nofile
-    if name in WIRE_SCENARIOS:
-        if cap is not None:
-            env["SMARTMIXED_MAX_CONNECTIONS"] = str(cap)
-        return env, suite.options.wire_nofile
-    return env, None
+def _config(suite: Suite, settings: dict[str, float]) -> dict[str, Any]:
+    """soak.json's config: where the server came from, the options and the probe."""
+    plan, at_url = suite.plan, suite.plan.source == "url"
+    return {
+        "source": plan.source,
+        "model": plan.model,
+        "arch": plan.arch,
+        "repository": str(plan.repository) if plan.repository else None,
+        "url": plan.url,
+        "pid": plan.pid,
+        "scenarios": plan.scenarios,
+        "wire_caps": [DEFAULT_CAP if c is None else c for c in plan.wire_caps],
+        "options": asdict(suite.options),
+        "seed": suite.seed,
+        "server_env": None if at_url else suite.env,
+        "server_settings": {**settings, "assumed_defaults": at_url},
+        "probe": {
+            "path": clients.HEALTH_PATH,
+            "interval_ms": suite.options.probe_interval_ms,
+            "timeout_s": clients.PROBE_TIMEOUT_S,
+            "new_connection_per_probe": True,
+        },
+        "wrk_version": load.tool_version(load.WRK) if suite.use_wrk else None,
+    }
+
+
+def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
+    import onnxruntime
+    import uvicorn
+
+    return {
+        **outputs.machine_info(),
+        "onnxruntime": onnxruntime.__version__,
+        "uvicorn": uvicorn.__version__,
+        "kernel": platform.release(),
+        "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg],
+    }
+
+
+def _summary(entry: Mapping[str, Any]) -> dict[str, Any]:
+    met = entry["meets_target"].values()
+    return {
+        "status": entry["status"],
+        "met": sum(v is True for v in met),
+        "missed": sum(v is False for v in met),
+        "of": len(entry["meets_target"]),
+    }
 
 
 def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[str, Any]:
@@ -555,21 +599,26 @@ def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[st
         "meets_target": dict.fromkeys(goals),
         "series": {},
     }
-    at_url = suite.source.kind == "url"
+    at_url = suite.plan.source == "url"
     if at_url and (name == "sigterm" or name in WIRE_SCENARIOS):
         error = NOT_STARTED_HERE if name == "sigterm" else WIRE_NEEDS_STARTED
         entry.update(status="skipped", error=error)
         return entry
     t0 = time.perf_counter()
-    env, nofile = _server_env(suite, name, cap)
-    started: ServerProcess | None = None
+    env = dict(suite.env)
+    if name == "overload":  # health probed on its metrics port too (one the 1024 do not fill)
+        env.setdefault(METRICS_PORT_ENV, str(server.free_port()))
+    if cap is not None:
+        env["SMARTMIXED_MAX_CONNECTIONS"] = str(cap)
+    nofile = getattr(suite.options, NOFILE[name]) if name in NOFILE else None
+    started: server.ServerProcess | None = None
     try:
         with contextlib.ExitStack() as stack:
             if not at_url:
                 assert suite.repository is not None
                 log_path = suite.work / f"server-{row}.log"
                 started = stack.enter_context(
-                    start_server(suite.repository, log_path=log_path, env=env, nofile=nofile)
+                    server.start_server(suite.repository, log_path=log_path, env=env, nofile=nofile)
                 )
                 entry["server"]["command_shell"] = shell_command(started.command, env, nofile)
             run = _run_for(suite, started, env, nofile, entry)
@@ -591,87 +640,40 @@ def _run_scenario(suite: Suite, row: str, name: str, cap: int | None) -> dict[st
 
 def _run_for(
     suite: Suite,
-    started: ServerProcess | None,
+    started: server.ServerProcess | None,
     env: Mapping[str, str],
     nofile: int | None,
     entry: dict[str, Any],
 ) -> Run:
     """A scenario's Run on the server it started (or the one at --url), recorded in entry."""
     if started is None:
-        url, pid = suite.source.url or "", suite.source.pid
+        url, pid = suite.plan.url or "", suite.plan.pid
         nofile = clients.read_nofile(pid) if pid else None
     else:
         url, pid = started.url, started.pid
         nofile = nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     entry["server"].update(pid=pid, nofile=nofile)
-    run = Run(
-        url=url,
-        pid=pid,
-        nofile=nofile,
-        started=started,
-        target=prepare_target(url, suite.source.model, seed=suite.seed),
-        options=suite.options,
-        settings={k: server_setting(k, env) for k in SETTINGS},
-        work=suite.work,
-        use_wrk=suite.use_wrk,
-        config=entry["config"],
-    )
+    target = server.prepare_target(url, suite.plan.model or "", seed=suite.seed)
+    settings = {k: server_setting(k, env) for k in SETTINGS}
+    run = Run(suite, url, pid, nofile, started, target, settings, entry["config"])
     if started is not None:
         max_connections = int(server_setting("max_connections", env))
-        log = server_log(started)
         run.connection_cap, cap_from = connection_cap(
-            log, nofile=nofile, max_connections=max_connections
+            server_log(started), nofile=nofile, max_connections=max_connections
         )
         entry["server"].update(connection_cap=run.connection_cap, connection_cap_source=cap_from)
-        run.metrics_port = _metrics_port(url, env)
+        # the metrics port, when the server answers on it (an older one ignores the variable)
+        port = int(env.get(METRICS_PORT_ENV) or 0)
+        if port and answers(f"http://{urlsplit(url).hostname}:{port}{clients.LIVE_PATH}", 3.0):
+            run.metrics_port = port
     return run
 
 
-def _log_counts(started: ServerProcess | None) -> dict[str, int] | None:
+def _log_counts(started: server.ServerProcess | None) -> dict[str, int] | None:
     text = server_log(started)
     if text is None:
         return None
     return {"lines": text.count("\n"), "tracebacks": text.count(TRACEBACK)}
-
-
-def _metrics_port(base: str, env: Mapping[str, str]) -> int | None:
-    """The started server's metrics port, when it has one and answers on it (a server older
-    than the setting ignores the variable)."""
-    port = int(env.get(METRICS_PORT_ENV) or 0)
-    if not port:
-        return None
-    host = urlsplit(base).hostname
-    try:
-        with httpx.Client(timeout=3.0, trust_env=False) as client:
-            live = client.get(f"http://{host}:{port}{LIVE_PATH}").status_code == 200
-    except httpx.HTTPError:
-        live = False
-    return port if live else None
-
-
-def _summary(entry: Mapping[str, Any]) -> dict[str, Any]:
-    met = entry["meets_target"].values()
-    return {
-        "status": entry["status"],
-        "met": sum(v is True for v in met),
-        "missed": sum(v is False for v in met),
-        "of": len(entry["meets_target"]),
-    }
-
-
-def _machine(load_avg: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
-    import platform
-
-    import onnxruntime
-    import uvicorn
-
-    return {
-        **outputs.machine_info(),
-        "onnxruntime": onnxruntime.__version__,
-        "uvicorn": uvicorn.__version__,
-        "kernel": platform.release(),
-        "load_avg_start_end": [[round(v, 2) for v in la] for la in load_avg],
-    }
 
 
 # ---- soak: keep-alive load from wrk (or Python without it), RSS sampled every second
@@ -703,7 +705,7 @@ end
 
 function done(summary, latency, requests)
 """
-    + WRK_SUMMARY
+    + load.WRK_SUMMARY
     + """\
   for _, t in ipairs(threads) do
     io.write('{status_marker}{{"statuses":' .. json_counts(t:get("statuses")) ..
@@ -716,50 +718,34 @@ end
 
 def _wrk_soak(run: Run) -> dict[str, Any]:
     o = run.options
-    script = run.work / "soak.lua"
-    script.write_text(
-        SOAK_WRK_SCRIPT.format(
-            body=lua_long_string(run.target.body.decode()),
-            marker=WRK_MARKER,
-            status_marker=STATUS_MARKER,
-        )
+    script = load.write_wrk_script(
+        run.suite.work / "soak.lua", run.target.body, SOAK_WRK_SCRIPT, status_marker=STATUS_MARKER
     )
-    command = ["wrk", "-t", "1", "-c", str(o.soak_concurrency), "-d", f"{o.soak_duration_s}s"]
-    command += ["--latency", "--timeout", f"{o.client_timeout_s:g}s", "-s", str(script)]
-    command.append(run.target.url)
+    command = load.wrk_command(
+        run.target.url,
+        script,
+        concurrency=o.soak_concurrency,
+        duration=o.soak_duration_s,
+        timeout=o.client_timeout_s,
+    )
     run.config["load_command"] = command
     wall0 = time.time()
-    try:
-        out = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=o.soak_duration_s + o.client_timeout_s + 30,
-        )
-    except subprocess.TimeoutExpired:
-        raise SoakError("wrk did not finish in time") from None
-    if out.returncode != 0:
-        raise SoakError(f"wrk failed ({out.returncode}): {(out.stderr or out.stdout)[-800:]}")
-    raw = parse_wrk_output(out.stdout)
-    statuses: Counter[str] = Counter()
-    per_second: Counter[int] = Counter()
-    for line in out.stdout.splitlines():
-        if line.startswith(STATUS_MARKER):
-            data = json.loads(line[len(STATUS_MARKER) :])
-            statuses.update({k: int(v) for k, v in data["statuses"].items()})
-            per_second.update({int(k): int(v) for k, v in data["seconds"].items()})
+    stdout = load.run_tool(command, "wrk", o.soak_duration_s + o.client_timeout_s + 30)
+    raw = load.parse_wrk_output(stdout)
+    counts = load.marked_result(stdout, STATUS_MARKER, "wrk")  # one line: wrk runs one thread
+    per_second = sorted((int(k), int(v)) for k, v in counts["seconds"].items())
     kinds = raw["error_kinds"]
     return {
         "requests": raw["requests"],
         "duration_s": round(raw["duration_s"], 3),
-        "statuses": dict(sorted(statuses.items())),
+        "statuses": {k: int(v) for k, v in sorted(counts["statuses"].items())},
         "errors": sum(kinds.values()),
         "error_kinds": kinds,
         "p50_ms": rounded(raw["p50_ms"]),
         "p99_ms": rounded(raw["p99_ms"]),
         "max_ms": rounded(raw["max_ms"]),
         # wrk's buckets are whole wall-clock seconds: plotted at their middle
-        "rps_series": [[round(s + 0.5 - wall0, 1), n] for s, n in sorted(per_second.items())],
+        "rps_series": [[round(s + 0.5 - wall0, 1), n] for s, n in per_second],
     }
 
 
@@ -773,12 +759,12 @@ def _python_soak(run: Run) -> dict[str, Any]:
         for a in attempts
         if a.outcome != "reply" or not 200 <= a.status < 300
     )
-    p50, p99 = percentile_values([a.seconds * 1e3 for a in replies], [50, 99])
+    p50, p99 = clients.percentile_values([a.seconds * 1e3 for a in replies], [50, 99])
     per_second = Counter(int(a.start + a.seconds - t0) for a in replies)
     return {
         "requests": len(replies),
         "duration_s": round(time.monotonic() - t0, 3),
-        "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
+        "statuses": _statuses(replies),
         "errors": sum(kinds.values()),
         "error_kinds": dict(kinds),
         "p50_ms": p50,
@@ -786,6 +772,10 @@ def _python_soak(run: Run) -> dict[str, Any]:
         "max_ms": rounded(max((a.seconds * 1e3 for a in replies), default=None)),
         "rps_series": [[s + 0.5, n] for s, n in sorted(per_second.items())],
     }
+
+
+def _statuses(replies: Sequence[Attempt]) -> dict[str, int]:
+    return dict(sorted(Counter(str(a.status) for a in replies).items()))
 
 
 def rss_halves(samples: Sequence[tuple[float, float]], duration: float) -> dict[str, Any]:
@@ -812,16 +802,16 @@ def scenario_soak(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     run.config.update(
         concurrency=o.soak_concurrency,
         duration_s=o.soak_duration_s,
-        load_generator="wrk" if run.use_wrk else "python-asyncio",
+        load_generator="wrk" if run.suite.use_wrk else "python-asyncio",
     )
     rss_start = run.rss_mib()
-    with clients.rss_sampler(run.pid, RSS_SOAK_INTERVAL_S) as rss:
-        load = _wrk_soak(run) if run.use_wrk else _python_soak(run)
-    series = {"rss_mib": [list(s) for s in rss.samples], "rps": load.pop("rps_series")}
-    ok = sum(n for s, n in load["statuses"].items() if s.startswith("2"))
+    with clients.server_sampler(run.pid, RSS_SOAK_INTERVAL_S) as rss:
+        got = _wrk_soak(run) if run.suite.use_wrk else _python_soak(run)
+    series = {"rss_mib": [list(s) for s in rss.samples], "rps": got.pop("rps_series")}
+    ok = sum(n for s, n in got["statuses"].items() if s.startswith("2"))
     measured = {
-        **load,
-        "rps_ok": rounded(ok / load["duration_s"], 1) if load["duration_s"] else None,
+        **got,
+        "rps_ok": rounded(ok / got["duration_s"], 1) if got["duration_s"] else None,
         "rss_start_mib": rounded(rss_start, 2),
         **rss_halves(rss.samples, o.soak_duration_s),
         "rss_max_mib": rss.peak(),
@@ -836,13 +826,11 @@ def scenario_soak(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
 def _infer_load(run: Run, *, concurrency: int, seconds: float) -> list[Attempt]:
     """``concurrency`` closed-loop keep-alive clients sending the model's infer request for
     ``seconds`` (soak without wrk, overload)."""
-    host, port = run.host_port
     end = time.monotonic() + seconds
-    return run_async(
+    return clients.run_async(
         clients.closed_loop(
-            host,
-            port,
-            run.infer_request(),
+            *run.host_port,
+            run.request(),
             concurrency=concurrency,
             stop=lambda: time.monotonic() >= end,
             timeout=run.options.client_timeout_s,
@@ -861,14 +849,17 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         retry_after_honoured=False,
         server_nofile=run.nofile,
         connection_cap=run.connection_cap,
-        probes=f"{LIVE_PATH} and {HEALTH_PATH} in turn, a new connection each",
+        probes=f"{clients.LIVE_PATH} and {clients.HEALTH_PATH} in turn, a new connection each",
         metrics_port=run.metrics_port,
     )
     # liveness and readiness in turn, on the server's port and on its metrics port
     host = run.host_port[0]
     probers = [
         run.prober(
-            [clients.health_probe(host, port, path) for path in (LIVE_PATH, HEALTH_PATH)],
+            [
+                clients.health_probe(host, port, path)
+                for path in (clients.LIVE_PATH, clients.HEALTH_PATH)
+            ],
             duration=o.overload_duration_s,
             port=port,
         )
@@ -878,7 +869,7 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     t0 = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
-        with raised_nofile() as (before, now):
+        with clients.raised_nofile() as (before, now):
             run.config["client_nofile"] = {"before": before, "raised_to": now}
             attempts = _infer_load(
                 run, concurrency=o.overload_concurrency, seconds=o.overload_duration_s
@@ -893,12 +884,12 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     shed = [a for a in replies if a.status == 503]
     outcomes = Counter(a.outcome for a in attempts if a.outcome != "reply")
     timeouts = outcomes.pop("timeout", 0)
-    p50, p99 = percentile_values(ok, [50, 99])
+    p50, p99 = clients.percentile_values(ok, [50, 99])
     measured = {
         "requests": len(attempts),
         "replies": len(replies),
         "duration_s": rounded(elapsed),
-        "statuses": dict(sorted(Counter(str(a.status) for a in replies).items())),
+        "statuses": _statuses(replies),
         "share_503": rounded(len(shed) / len(replies), 4) if replies else None,
         "shed_without_retry_after": sum(not a.retry_after for a in shed),
         "client_timeouts": timeouts,
@@ -911,12 +902,12 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "deadline_ms": deadline_ms,
         "ok_over_deadline": sum(v > deadline_ms for v in ok),
         "client_cpu_cores": rounded(client_cpu / elapsed, 2),  # CPU the bench's client took
-        **summarize_probes(samples[0], "health"),
+        **clients.summarize_probes(samples[0], "health"),
     }
-    series = {"health_ms": probe_series(samples[0], t0)}
+    series = {"health_ms": clients.probe_series(samples[0], t0)}
     if len(samples) > 1:
-        measured.update(summarize_probes(samples[1], "metrics_port_health"))
-        series["metrics_port_health_ms"] = probe_series(samples[1], t0)
+        measured.update(clients.summarize_probes(samples[1], "metrics_port_health"))
+        series["metrics_port_health_ms"] = clients.probe_series(samples[1], t0)
     return measured, series
 
 
@@ -928,7 +919,6 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     the header timeout + FREED_GRACE_S of its connect; only connections opened at least that
     long before the end are judged."""
     o = run.options
-    host, port = run.host_port
     freed_by = run.settings["header_timeout_s"] + FREED_GRACE_S
     run.config.update(
         clients=o.slow_clients,
@@ -938,17 +928,16 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         freed_by_s=freed_by,
     )
     t0 = time.monotonic()
-    with raised_nofile() as (before, now):
+    with clients.raised_nofile() as (before, now):
         run.config["client_nofile"] = {"before": before, "raised_to": now}
         probers = []
         try:
             probers.append(run.health_prober(duration=o.slow_duration_s))
-            infer = run.infer_request(close=True)
+            infer = run.request(close=True)
             probers.append(run.prober([infer], duration=o.slow_duration_s, every=INFER_PROBE_EVERY))
-            records = run_async(
+            records = clients.run_async(
                 clients.slow_connections(
-                    host,
-                    port,
+                    *run.host_port,
                     slots=o.slow_clients,
                     duration=o.slow_duration_s,
                     interval=o.slow_interval_s,
@@ -962,11 +951,11 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     # a connection opened less than freed_by before the end cannot show whether it was freed
     judged = [r for r in connected if r["t_connect_s"] + freed_by <= o.slow_duration_s]
     freed = sum(r.get("closed_after_s", math.inf) <= freed_by for r in judged)
-    p50, p_max = percentile_values(closed, [50, 100])
+    p50, p_max = clients.percentile_values(closed, [50, 100])
     measured = {
         "connections": len(records),
         "connected": len(connected),
-        "connect_errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "connect_errors": _errors(records),
         "closed_by_server": len(closed),
         "closed_after_s_p50": p50,
         "closed_after_s_max": p_max,
@@ -975,10 +964,15 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "freed_by_deadline": freed,
         "freed_share": rounded(freed / len(judged), 4) if judged else None,
         "open_at_end": len(connected) - len(closed),
-        **summarize_probes(health, "health"),
-        **summarize_probes(infer_probes, "infer"),
+        **clients.summarize_probes(health, "health"),
+        **clients.summarize_probes(infer_probes, "infer"),
     }
-    return measured, {"health_ms": probe_series(health, t0)}
+    return measured, {"health_ms": clients.probe_series(health, t0)}
+
+
+def _errors(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many records ended in each error."""
+    return dict(Counter(r["error"] for r in records if r["error"]))
 
 
 # ---- header: one 100 MB header line
@@ -988,15 +982,19 @@ def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
     size = int(o.header_mb * 1e6)
     run.config.update(
-        header_bytes=size, chunk_bytes=clients.BODY_CHUNK, limit_s=o.header_limit_s, path=LIVE_PATH
+        header_bytes=size,
+        chunk_bytes=clients.BODY_CHUNK,
+        limit_s=o.header_limit_s,
+        path=clients.LIVE_PATH,
     )
-    host, port = run.host_port
     before = run.rss_mib()
     prober = run.health_prober(duration=o.header_limit_s)
     t0 = time.monotonic()
     try:
-        with clients.rss_sampler(run.pid, RSS_HEADER_INTERVAL_S) as rss:
-            outcome = run_async(clients.big_header(host, port, size=size, limit=o.header_limit_s))
+        with clients.server_sampler(run.pid, RSS_HEADER_INTERVAL_S) as rss:
+            outcome = clients.run_async(
+                clients.big_header(*run.host_port, size=size, limit=o.header_limit_s)
+            )
             time.sleep(SETTLE_AFTER_HEADER_S)
     finally:
         probes = prober.stop()
@@ -1008,10 +1006,10 @@ def scenario_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "rss_peak_mib": rounded(peak, 2),
         "rss_after_mib": rounded(after, 2),
         "rss_growth_mib": rounded(peak - before, 2) if before and peak else None,
-        **summarize_probes(probes, "health"),
+        **clients.summarize_probes(probes, "health"),
     }
     return measured, {
-        "health_ms": probe_series(probes, t0),
+        "health_ms": clients.probe_series(probes, t0),
         "rss_mib": [list(s) for s in rss.samples],
     }
 
@@ -1044,24 +1042,29 @@ def classify_sigterm(attempts: Sequence[Attempt], t_signal: float | None) -> Cou
     return classes
 
 
-def _exit_measures(process: subprocess.Popen, drain_s: float | None) -> dict[str, Any]:
-    """The exit of a server signalled with SIGTERM (``drain_s`` None: killed at the limit)."""
+def _sigterm(process: subprocess.Popen, limit: float) -> tuple[float, float]:
+    """Send SIGTERM and wait up to ``limit`` s for the process to exit: (when it was sent,
+    when the wait ended)."""
+    t_signal = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    while process.poll() is None and time.monotonic() - t_signal < limit:
+        time.sleep(0.01)
+    return t_signal, time.monotonic()
+
+
+def _exit_measures(process: subprocess.Popen, t_signal: float, t_end: float) -> dict[str, Any]:
+    """The exit of a server ``_sigterm`` signalled; one still running is killed (-9)."""
+    killed = process.poll() is None
+    if killed:
+        process.kill()
+        process.wait()
     code = process.returncode
     return {
         "exit_code": code,  # -9 when killed after the drain limit
         "exit_signal": signal.Signals(-code).name if code is not None and code < 0 else None,
-        "killed_after_drain_limit": drain_s is None,
-        "drain_s": drain_s,
+        "killed_after_drain_limit": killed,
+        "drain_s": None if killed else rounded(t_end - t_signal),
     }
-
-
-def _kill_if_running(process: subprocess.Popen) -> bool:
-    """Kill a server still running at the drain limit; whether it had to be."""
-    if process.poll() is not None:
-        return False
-    process.kill()
-    process.wait()
-    return True
 
 
 def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1073,32 +1076,26 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         drain_limit_s=o.drain_limit_s,
         load_generator="python-asyncio",
     )
-    host, port = run.host_port
-    request = run.infer_request()
     marks: dict[str, float] = {}
 
     async def drive() -> list[Attempt]:
-        load = asyncio.ensure_future(
+        task = asyncio.ensure_future(
             clients.closed_loop(
-                host,
-                port,
-                request,
+                *run.host_port,
+                run.request(),
                 concurrency=o.sigterm_concurrency,
-                stop=lambda: "exit" in marks or "give_up" in marks,
+                stop=lambda: "end" in marks,
                 timeout=o.client_timeout_s,
             )
         )
         marks["start"] = time.monotonic()
         await asyncio.sleep(o.sigterm_after_s)
-        marks["signal"] = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        while process.poll() is None and time.monotonic() - marks["signal"] < o.drain_limit_s:
-            await asyncio.sleep(0.01)
-        marks["exit" if process.poll() is not None else "give_up"] = time.monotonic()
-        return await load
+        # the wait in a thread: the clients keep running meanwhile
+        marks["signal"], marks["end"] = await asyncio.to_thread(_sigterm, process, o.drain_limit_s)
+        return await task
 
-    attempts = run_async(drive())
-    killed = _kill_if_running(process)
+    attempts = clients.run_async(drive())
+    exit_measures = _exit_measures(process, marks["signal"], marks["end"])
     t_signal = marks["signal"]
     classes = classify_sigterm(attempts, t_signal)
     ok_at = [a.start + a.seconds for a in attempts if a.outcome == "reply" and a.status == 200]
@@ -1109,7 +1106,7 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "ok_after_signal": sum(t >= t_signal for t in ok_at),
         "outcomes": dict(sorted(classes.items())),
         "failed_requests": sum(v for k, v in classes.items() if k.startswith("failed_")),
-        **_exit_measures(process, None if killed else rounded(marks["exit"] - t_signal)),
+        **exit_measures,
         "listener_closed_after_s": rounded(min(refused_at) - t_signal) if refused_at else None,
     }
     return measured, {"timeline": sigterm_timeline(attempts, marks["start"], t_signal)}
@@ -1142,35 +1139,49 @@ def attack_connections(cap: int | None, overcommit: float) -> int:
 
 class Watch:
     """The health prober and the server sampler around an attack (the ``with`` block, with the
-    bench's open-file limit raised); leaving it stops the probes and, unless it raised, gives
-    the server SETTLE_S to log and free what the attack left. ``measures()`` after it: growths
-    compare the peak with the sample taken just before the attack."""
+    bench's open-file limit raised); leaving it closes the sockets ``hold`` kept, stops the
+    probes and, unless it raised, gives the server SETTLE_S to log and free what the attack
+    left. ``measures()`` after it: growths compare the peak with the sample taken just before
+    the attack."""
 
     def __init__(self, run: Run, *, duration: float) -> None:
-        self.run = run
+        self.run, self.duration = run, duration
         self.rss_before = run.rss_mib()
         self.fd_before = clients.read_fd_count(run.pid)
         self.tracebacks_before = run.tracebacks()
         self.t0 = time.monotonic()
-        self.sampler = clients.server_sampler(run.pid, run.host_port[1], WIRE_SAMPLE_S)
+        self.sampler = clients.server_sampler(run.pid, WIRE_SAMPLE_S, run.host_port[1])
         self.prober = run.health_prober(duration=duration)
         self.probes: list[list[Any]] | None = None
+        self.socks: list = []
 
     def __enter__(self) -> Watch:
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(raised_nofile())
+        self._stack.enter_context(clients.raised_nofile())
         self._stack.enter_context(self.sampler)
         return self
 
     def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
         with self._stack:
-            self.stop_probes()
+            for sock in self.socks:  # one holding unread answer bytes is reset by the kernel
+                sock.close()
+            self._stop_probes()
             if error is None:
                 time.sleep(SETTLE_S)
 
-    def stop_probes(self) -> None:
+    def _stop_probes(self) -> None:
         if self.probes is None:
             self.probes = self.prober.stop()
+
+    def hold(self, socks: list) -> dict[str, int]:
+        """Keep ``socks`` open until the attack's end, then stop the probes; how many the
+        server still holds open, and how many it closed."""
+        self.socks += socks
+        time.sleep(max(self.t0 + self.duration - time.monotonic(), 0))
+        self._stop_probes()
+        states = Counter(clients.tcp_state(s) for s in socks)
+        still = sum(v for k, v in states.items() if k in clients.SERVER_OPEN_STATES)
+        return {"still_open": still, "closed_by_server": states.total() - still}
 
     def measures(self) -> dict[str, Any]:
         """Health, RSS, descriptors and connections during the attack, tracebacks since."""
@@ -1181,7 +1192,7 @@ class Watch:
         if peak is not None and self.rss_before is not None:
             growth = rounded(peak - self.rss_before, 2)
         return {
-            **summarize_probes(self.probes or [], "health"),
+            **clients.summarize_probes(self.probes or [], "health"),
             "rss_before_mib": rounded(self.rss_before, 2),
             "rss_peak_mib": rounded(peak, 2),
             "rss_growth_mib": growth,
@@ -1193,7 +1204,7 @@ class Watch:
 
     def series(self) -> dict[str, Any]:
         return {
-            "health_ms": probe_series(self.probes or [], self.t0),
+            "health_ms": clients.probe_series(self.probes or [], self.t0),
             "server": [list(s) for s in self.sampler.samples],  # [s, rss MiB, fds, connections]
         }
 
@@ -1211,34 +1222,18 @@ def _wire_config(run: Run, **values: Any) -> None:
     )
 
 
-def _sleep_until(t: float) -> None:
-    time.sleep(max(t - time.monotonic(), 0))
-
-
 def _open_readers(run: Run, n: int) -> tuple[list, Counter[str]]:
     """``n`` slow readers: a 4 KB receive buffer set before connect, pipelined GET
     /openapi.json (no key needed), never read."""
     host, port = run.host_port
-    request = http_request("GET", OPENAPI_PATH, f"{host}:{port}")
-    payload = request * run.options.readers_requests
+    payload = (
+        clients.http_request("GET", OPENAPI_PATH, f"{host}:{port}") * run.options.readers_requests
+    )
     return asyncio.run(
         clients.open_slow_readers(
             host, port, connections=n, payload=payload, rcvbuf=run.options.readers_rcvbuf
         )
     )
-
-
-def _states(socks: list) -> dict[str, int]:
-    """Held connections: still open on the server's side, or closed by it."""
-    states = Counter(clients.tcp_state(s) for s in socks)
-    still = sum(v for k, v in states.items() if k in clients.SERVER_OPEN_STATES)
-    return {"still_open": still, "closed_by_server": states.total() - still}
-
-
-def _close(socks: Sequence[Any]) -> None:
-    """Close every socket (one holding unread answer bytes is reset by the kernel)."""
-    for sock in socks:
-        sock.close()
 
 
 def scenario_slow_readers(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1251,16 +1246,10 @@ def scenario_slow_readers(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         path=OPENAPI_PATH,
         rcvbuf=o.readers_rcvbuf,
     )
-    socks: list = []
     with Watch(run, duration=o.wire_duration_s) as watch:
-        try:
-            socks, errors = _open_readers(run, n)
-            _sleep_until(watch.t0 + o.wire_duration_s)
-            watch.stop_probes()
-            states = _states(socks)
-            before_close = run.tracebacks()
-        finally:
-            _close(socks)
+        socks, errors = _open_readers(run, n)
+        states = watch.hold(socks)
+        before_close = run.tracebacks()
     measured = {
         "connections": n,
         "connected": len(socks),
@@ -1291,25 +1280,21 @@ def scenario_slow_readers_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, A
     )
     tracebacks_before = run.tracebacks()
     socks: list = []
-    with raised_nofile():
+    with clients.raised_nofile():
         try:
             t0 = time.monotonic()
             socks, errors = _open_readers(run, n)
-            _sleep_until(t0 + o.sigterm_after_s)
-            t_signal = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            while process.poll() is None and time.monotonic() - t_signal < o.drain_limit_s:
-                time.sleep(0.01)
-            t_exit = time.monotonic()
-            killed = _kill_if_running(process)
+            time.sleep(max(t0 + o.sigterm_after_s - time.monotonic(), 0))
+            exit_measures = _exit_measures(process, *_sigterm(process, o.drain_limit_s))
         finally:
-            _close(socks)
-    drain = None if killed else rounded(t_exit - t_signal)
+            for sock in socks:
+                sock.close()
+    drain = exit_measures["drain_s"]
     measured = {
         "connections": n,
         "connected": len(socks),
         "connect_errors": dict(errors),
-        **_exit_measures(process, drain),
+        **exit_measures,
         "graceful_shutdown_s": GRACEFUL_SHUTDOWN_S,
         "exited_within_drain": drain is not None and drain < GRACEFUL_SHUTDOWN_S,
         "tracebacks": _since(run.tracebacks(), tracebacks_before),
@@ -1331,13 +1316,9 @@ def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]
     than the socket buffers, so that answer stays in progress while the header streams."""
     o = run.options
     host, port = run.host_port
-    path = urlsplit(run.target.url).path
-    hostname = f"{host}:{port}"
-    request = http_request("POST", path, hostname, _rows_body(run, o.pipelined_rows))
+    request = run.request(_rows_body(run, o.pipelined_rows))
     id_bytes = int(o.unsent_id_mb * 1e6)
-    last = http_request(
-        "POST", path, hostname, _rows_body(run, o.pipelined_rows, id="x" * id_bytes)
-    )
+    last = run.request(_rows_body(run, o.pipelined_rows, id="x" * id_bytes))
     _wire_config(
         run,
         connections=o.pipelined_connections,
@@ -1354,7 +1335,7 @@ def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]
                 connections=o.pipelined_connections,
                 requests=request * (o.pipelined_requests - 1) + last,
                 read_answers=o.pipelined_requests - 1,
-                header_start=f"GET {LIVE_PATH} HTTP/1.1\r\nHost: {hostname}\r\nX-Pad: ".encode(),
+                header_start=f"GET {clients.LIVE_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-Pad: ".encode(),
                 duration=o.wire_duration_s,
             )
         )
@@ -1365,7 +1346,7 @@ def scenario_pipelined_header(run: Run) -> tuple[dict[str, Any], dict[str, Any]]
     accepted = [rounded(r["pad_accepted"] / MIB, 3) for r in connected]
     measured = {
         "connections": len(records),
-        "connect_errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "connect_errors": _errors(records),
         "answers": dict(sorted(answers.items())),
         "closed_by_server": sum(r["closed_by_server"] for r in connected),
         "pad_s_max": rounded(max((r["pad_s"] for r in connected), default=None)),
@@ -1381,26 +1362,18 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each request's id of unsent_id_mb is more than the kernel's buffers take of an unread
     answer; fd_over_cap: descriptors at the peak over those before the attack, less the cap."""
     o = run.options
-    host, port = run.host_port
     n = attack_connections(run.connection_cap, o.wire_overcommit)
-    path = urlsplit(run.target.url).path
     id_bytes = int(o.unsent_id_mb * 1e6)
-    request = http_request("POST", path, f"{host}:{port}", _rows_body(run, 1, id="x" * id_bytes))
+    request = run.request(_rows_body(run, 1, id="x" * id_bytes))
     ramp = o.wire_duration_s / 2
     _wire_config(run, connections=n, id_bytes=id_bytes, rcvbuf=o.readers_rcvbuf, ramp_s=ramp)
-    socks: list = []
     with Watch(run, duration=o.wire_duration_s) as watch:
-        try:
-            socks, records = asyncio.run(
-                clients.unsent_close(
-                    host, port, connections=n, request=request, rcvbuf=o.readers_rcvbuf, ramp=ramp
-                )
+        socks, records = asyncio.run(
+            clients.unsent_close(
+                *run.host_port, connections=n, request=request, rcvbuf=o.readers_rcvbuf, ramp=ramp
             )
-            _sleep_until(watch.t0 + o.wire_duration_s)
-            watch.stop_probes()
-            states = _states(socks)
-        finally:
-            _close(socks)
+        )
+        states = watch.hold(socks)
     fd_after = clients.read_fd_count(run.pid)
     measures = watch.measures()
     fd_over = None
@@ -1409,7 +1382,7 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     measured = {
         "connections": n,
         "connected": len(socks),
-        "errors": dict(Counter(r["error"] for r in records if r["error"])),
+        "errors": _errors(records),
         "sent": sum(r["sent"] for r in records),
         "answered": sum(r["answered"] for r in records),
         **states,
@@ -1423,7 +1396,6 @@ def scenario_unsent_close(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def uploads(run: Run, *, size: int) -> list[clients.Upload]:
     """One upload per route that reads a body: a valid request padded with spaces to ``size``."""
-    host, port = run.host_port
     row = json.loads(run.target.body)["inputs"][0]["data"]
     bodies = {
         INDEX_PATH: b"{}",
@@ -1433,14 +1405,13 @@ def uploads(run: Run, *, size: int) -> list[clients.Upload]:
     out = []
     for path, body in bodies.items():
         padded = body + b" " * max(size - len(body), 0)
-        head = http_request("POST", path, f"{host}:{port}", padded)[: -len(padded)]
+        head = run.request(padded, path=path)[: -len(padded)]
         out.append(clients.Upload(route=path, head=head, body=padded))
     return out
 
 
 def scenario_slow_bodies(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     o = run.options
-    host, port = run.host_port
     size = min(int(o.bodies_mib * MIB), int(run.settings["max_request_bytes"]))
     routes = uploads(run, size=size)
     _wire_config(
@@ -1454,7 +1425,7 @@ def scenario_slow_bodies(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     with Watch(run, duration=o.bodies_send_s + 30) as watch:
         records = asyncio.run(
             clients.slow_uploads(
-                host, port, uploads=routes * o.bodies_clients, seconds=o.bodies_send_s
+                *run.host_port, uploads=routes * o.bodies_clients, seconds=o.bodies_send_s
             )
         )
     by_route: dict[str, Counter[str]] = {}
@@ -1534,41 +1505,40 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         ),
     ]
     for name, entry in result["scenarios"].items():
-        config = ", ".join(
-            f"{k} {_fmt(v)}" for k, v in entry["config"].items() if k != "load_command"
-        )
-        lines += ["", f"## {name}", ""]
-        if config:
-            lines += [f"Ran with: {config}.", ""]
-        if entry["status"] != "ok":
-            lines += [f"**{entry['status']}**: {entry['error']}", ""]
-            tail = entry["server"].get("log_tail")
-            if tail:
-                lines += ["```", tail[-600:], "```", ""]
-            continue
-        lines += ["| measured | value | target | met |", "|---|---|---|---|"]
-        for key, value in entry["measured"].items():
-            t = entry["targets"].get(key)
-            met = entry["meets_target"].get(key)
-            limit = f"{t['op']} {_fmt(t['limit'])}" if t else ""
-            verdict = "" if t is None else "-" if met is None else "yes" if met else "NO"
-            lines.append(f"| {key} | {_fmt(value)} | {limit} | {verdict} |")
+        lines += ["", f"## {name}", "", *_scenario_lines(entry)]
     lines += [
         "",
         "Health probes open a new connection each (as the kubelet does; overload: liveness and "
         "readiness in turn, on the main port and, as metrics_port_health_*, on the server's "
         "metrics port); a failed probe counts "
-        f"as {PROBE_TIMEOUT_S:g} s in the percentiles. RSS is VmRSS in MiB. Targets are reported, "
+        f"as {clients.PROBE_TIMEOUT_S:g} s in the percentiles. RSS is VmRSS in MiB. Targets are reported, "
         "never asserted.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _scenario_lines(entry: Mapping[str, Any]) -> list[str]:
+    """What a scenario ran with, then its table of measures and targets (or why it has none)."""
+    config = ", ".join(f"{k} {_fmt(v)}" for k, v in entry["config"].items() if k != "load_command")
+    lines = [f"Ran with: {config}.", ""] if config else []
+    if entry["status"] != "ok":
+        lines += [f"**{entry['status']}**: {entry['error']}", ""]
+        tail = entry["server"].get("log_tail")
+        return lines + (["```", tail[-600:], "```", ""] if tail else [])
+    rows = []
+    for key, value in entry["measured"].items():
+        t, met = entry["targets"].get(key), entry["meets_target"].get(key)
+        limit = f"{t['op']} {_fmt(t['limit'])}" if t else ""
+        verdict = "" if t is None else "-" if met is None else "yes" if met else "NO"
+        rows.append((key, _fmt(value), limit, verdict))
+    return lines + outputs.markdown_table(("measured", "value", "target", "met"), rows)
 
 
 def _health_points(ax: Any, series: list, color: str, label: str) -> None:
     """Health probes of one scenario: dots when answered 200, crosses (at the probe timeout)
     when failed."""
     ok = [(t, ms) for t, ms, status in series if status == 200]
-    bad = [(t, PROBE_TIMEOUT_S * 1e3) for t, _, status in series if status != 200]
+    bad = [(t, clients.PROBE_TIMEOUT_S * 1e3) for t, _, status in series if status != 200]
     if ok:
         ax.plot(*zip(*ok), ".", ms=3, color=color, label=label)
     if bad:
@@ -1582,7 +1552,6 @@ def _health_target(ax: Any) -> None:
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
-    plt = outputs.pyplot()
     scenarios = result["scenarios"]
     wire = {
         row: entry
@@ -1591,46 +1560,42 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     }
     classic = any(name in scenarios for name in SCENARIOS) or not wire
     n_rows = classic + bool(wire)
-    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
+    fig, axes = outputs.pyplot().subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
     if wire:
         _plot_wire(axes[-1], wire)
     if classic:
         _plot_classic(axes[0], scenarios)
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    outputs.save_figure(fig, path, dpi=100)
+
+
+def _series(scenarios: Mapping[str, Any], name: str, key: str) -> Any:
+    return scenarios.get(name, {}).get("series", {}).get(key)
 
 
 def _plot_classic(axes: Any, scenarios: Mapping[str, Any]) -> None:
     """Soak RSS and responses/s, health during overload, slow and header, the SIGTERM
     timeline."""
     ax_rss, ax_health, ax_term = axes
-    soak = scenarios.get("soak", {}).get("series", {})
-    if soak.get("rss_mib"):
-        t, mb = zip(*soak["rss_mib"])
-        ax_rss.plot(t, mb, color="C0")
+    if rss := _series(scenarios, "soak", "rss_mib"):
+        ax_rss.plot(*zip(*rss), color="C0")
         ax_rps = ax_rss.twinx()
-        if soak.get("rps"):
-            ts, n = zip(*soak["rps"])
-            ax_rps.plot(ts, n, color="C1", alpha=0.5, lw=0.8)
+        if rps := _series(scenarios, "soak", "rps"):
+            ax_rps.plot(*zip(*rps), color="C1", alpha=0.5, lw=0.8)
         ax_rps.set_ylabel("responses/s", color="C1")
     ax_rss.set_ylabel("RSS (MiB)", color="C0")
     ax_rss.set_title("soak: server RSS (MiB) and responses/s", fontsize=9)
     ax_rss.set_xlabel("s")
     for i, name in enumerate(("overload", "slow", "header")):
-        series = scenarios.get(name, {}).get("series", {}).get("health_ms") or []
-        _health_points(ax_health, series, f"C{i}", name)
-    metrics = scenarios.get("overload", {}).get("series", {}).get("metrics_port_health_ms")
-    if metrics:
+        _health_points(ax_health, _series(scenarios, name, "health_ms") or [], f"C{i}", name)
+    if metrics := _series(scenarios, "overload", "metrics_port_health_ms"):
         _health_points(ax_health, metrics, "C3", "overload, metrics port")
     _health_target(ax_health)
     ax_health.set_title("health probe latency (ms), new connection each", fontsize=9)
     ax_health.set_xlabel("s since the scenario's start")
     ax_health.legend(fontsize=7)
-    timeline = scenarios.get("sigterm", {}).get("series", {}).get("timeline")
-    if timeline:
+    if timeline := _series(scenarios, "sigterm", "timeline"):
         width = timeline["bin_s"]
         for kind, counts in timeline.items():
             if isinstance(counts, list):
@@ -1665,8 +1630,3 @@ def _plot_wire(axes: Any, rows: Mapping[str, Any]) -> None:
     for ax in axes:
         ax.set_xlabel("s since the attack's start")
         ax.legend(fontsize=6)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
-    """DIR/soak.{json,md,png}, each written atomically."""
-    return outputs.write_outputs(result, out, "soak", render=render_markdown, draw=plot)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from asyncio import IncompleteReadError, LimitOverrunError
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,11 +101,11 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
     the bytes are not HTTP."""
     try:
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    except asyncio.IncompleteReadError as e:
+    except IncompleteReadError as e:
         raise CutResponse() if e.partial else NoResponse() from None
     except OSError:
         raise NoResponse() from None
-    except asyncio.LimitOverrunError:
+    except LimitOverrunError:
         raise CutResponse() from None  # no end of headers within the reader's limit
     try:
         status = int(head[0].split(" ", 2)[1])
@@ -123,13 +124,7 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
             while await reader.read(65536):  # no length: the body ends with the connection
                 pass
             close = True
-    except (
-        OSError,
-        ValueError,
-        IndexError,
-        asyncio.IncompleteReadError,
-        asyncio.LimitOverrunError,
-    ):
+    except (OSError, ValueError, IndexError, IncompleteReadError, LimitOverrunError):
         raise CutResponse() from None  # cut partway, or not an HTTP response
     return Reply(status=status, retry_after="retry-after" in headers, close=close)
 
@@ -744,30 +739,26 @@ async def slow_uploads(
 # ---- /proc
 
 
+def _proc_fields(path: str, prefix: str) -> list[str] | None:
+    """The fields of the first line of ``path`` that starts with ``prefix`` (None: unreadable,
+    or no such line)."""
+    try:
+        with open(path) as f:
+            return next((line.split() for line in f if line.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
 def read_rss_mib(pid: int | None) -> float | None:
     """VmRSS of /proc/PID/status in MiB; None once the process is gone (or without a PID)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    found = _proc_fields(f"/proc/{pid}/status", "VmRSS:") if pid else None
+    return int(found[1]) / 1024 if found else None
 
 
 def read_nofile(pid: int) -> int | None:
-    """The soft open-file limit of a running process (/proc/PID/limits)."""
-    try:
-        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-            if line.startswith("Max open files"):
-                soft = line.split()[3]
-                return None if soft == "unlimited" else int(soft)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    """The soft open-file limit of a running process (/proc/PID/limits; None: unlimited)."""
+    found = _proc_fields(f"/proc/{pid}/limits", "Max open files")
+    return int(found[3]) if found and found[3] != "unlimited" else None
 
 
 def read_fd_count(pid: int | None) -> int | None:
@@ -854,25 +845,15 @@ class Sampler:
         return max((s[column] for s in self.samples if s[column] is not None), default=None)
 
 
-def rss_sampler(pid: int | None, interval: float) -> Sampler:
-    """[(s, RSS MiB)] of a process while it runs."""
+def server_sampler(pid: int | None, interval: float, port: int | None = None) -> Sampler:
+    """[(s, RSS MiB)] of a process while it runs; with ``port``: [(s, RSS MiB, open
+    descriptors, connections on ``port`` a process holds)]."""
 
-    def read() -> tuple[float] | None:
-        rss = read_rss_mib(pid)
-        return None if rss is None else (round(rss, 2),)
-
-    return Sampler(read, interval)
-
-
-def server_sampler(pid: int | None, port: int, interval: float) -> Sampler:
-    """[(s, RSS MiB, open descriptors, connections on ``port`` a process holds)]."""
-
-    def read() -> tuple[float | None, int | None, int]:
-        return (
-            rounded(read_rss_mib(pid), 2),
-            read_fd_count(pid),
-            server_sockets(read_tcp_sockets(), port),
-        )
+    def read() -> tuple | None:
+        rss = rounded(read_rss_mib(pid), 2)
+        if port is None:
+            return None if rss is None else (rss,)
+        return rss, read_fd_count(pid), server_sockets(read_tcp_sockets(), port)
 
     return Sampler(read, interval)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,21 +131,21 @@ def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 class TrainCostOptions:
     """What ``smartmixed-bench train-cost`` times (a flag per field: bench.add_options)."""
 
-    arch: str | list[int] | None = field(
-        default=None, metadata=flag("MLP layer widths (default: the paper's)", group="net")
+    arch: str | Sequence[int] | None = flag(
+        "MLP layer widths (default: the paper's)", group="net", default=None
     )
-    preset: str | None = field(
+    preset: str | None = flag(
+        "a conv net instead, on 28x28 one-channel images (10 classes)",
+        CONV_PRESETS,
+        "net",
         default=None,
-        metadata=flag(
-            "a conv net instead, on 28x28 one-channel images (10 classes)", CONV_PRESETS, "net"
-        ),
     )
-    batch_size: int = field(default=128, metadata=flag("samples per training step"))
-    rounds: int = field(default=15, metadata=flag("interleaved rounds"))
-    steps: int = field(default=20, metadata=flag("timed steps per model per round"))
-    warmup: int = field(default=10, metadata=flag("untimed steps per model first"))
-    threads: int | None = field(default=None, metadata=flag("torch intra-op threads"))
-    device: str = field(default="cpu", metadata=flag("where the steps run", ("cpu", "cuda")))
+    batch_size: int = flag("samples per training step", default=128)
+    rounds: int = flag("interleaved rounds", default=15)
+    steps: int = flag("timed steps per model per round", default=20)
+    warmup: int = flag("untimed steps per model first", default=10)
+    threads: int | None = flag("torch intra-op threads", default=None)
+    device: str = flag("where the steps run", ("cpu", "cuda"), default="cpu")
 
     def __post_init__(self) -> None:
         """Checked before anything is built; an MLP's ``arch`` parsed (SpecError)."""

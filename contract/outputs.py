@@ -85,8 +85,8 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Lay ``fig`` out, write it to ``path`` as PNG and free it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     pyplot().close(fig)

@@ -16,17 +16,13 @@ from smartmixed.contract import call_with_options
 
 @dataclass
 class Toy:
-    span_s: int = field(default=3, metadata=flag("seconds"))
-    rate: float = field(default=0.5, metadata=flag("a rate"))
-    mode: str = field(default="a", metadata=flag("which", ("a", "b")))
-    left: str | None = field(default=None, metadata=flag("one side", group="side"))
-    right: Path | None = field(default=None, metadata=flag("the other side", group="side"))
-    loud: bool = field(default=False, metadata=flag("say more"))
-
-
-@dataclass
-class Bare:
-    size_mb: float = 2.0
+    span_s: int = flag("seconds", default=3)
+    rate: float = flag("a rate", default=0.5)
+    mode: str = flag("which", ("a", "b"), default="a")
+    left: str | None = flag("one side", group="side", default=None)
+    right: Path | None = flag("the other side", group="side", default=None)  # noqa: RUF009
+    plain: int = field(default=1, metadata={"help": "help alone"})  # no choices, no group
+    loud: bool = flag("say more", default=False)
 
 
 def toy_parser() -> argparse.ArgumentParser:
@@ -49,6 +45,7 @@ def test_one_flag_per_field_with_its_default_in_the_help() -> None:
         "left": (["--left"], "LEFT", str, None, None, "one side"),
         "right": (["--right"], "RIGHT", Path, None, None, "the other side"),
         "loud": (["--loud"], None, None, False, None, "say more"),
+        "plain": (["--plain"], "PLAIN", int, 1, None, "help alone (default 1)"),
     }
 
 
@@ -72,17 +69,6 @@ def test_bad_flags_are_argparse_errors(
     with pytest.raises(SystemExit) as e:
         toy_parser().parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_a_field_without_metadata_takes_its_help_from_the_table() -> None:
-    parser = argparse.ArgumentParser()
-    add_options(parser, Bare, helps={"size_mb": "size (MB)"})
-    (action,) = [a for a in parser._actions if a.dest == "size_mb"]
-    assert (action.option_strings, action.metavar, action.help) == (
-        ["--size-mb"],
-        "MB",
-        "size (MB) (default 2)",
-    )
 
 
 @pytest.mark.parametrize("command", ["train-cost", "http", "latency", "soak"])

@@ -29,7 +29,7 @@ from smartmixed.bench.load import (
     marked_result,
     parse_h2load,
     prepare_grpc_target,
-    resolve_grpc_generator,
+    resolve_generator,
     run_grpc,
     run_h2load,
     smartmixed_outcomes,
@@ -124,12 +124,12 @@ def test_h2load_failed_calls_are_counted_by_the_server(grpc_server: ServerProces
 def test_h2load_missing_says_install_nghttp2_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(load.shutil, "which", lambda name: None)
     with pytest.raises(LoadGeneratorError) as e:
-        resolve_grpc_generator("h2load")
+        resolve_generator("h2load", grpc=True)
     assert str(e.value) == (
         "--grpc-generator h2load: h2load is not installed; install nghttp2-client "
         "(make system-deps), or use --grpc-generator python"
     )
-    assert resolve_grpc_generator("python") == "python-grpc-aio"
+    assert resolve_generator("python", grpc=True) == "python-grpc-aio"
 
 
 def test_h2load_frame_command_and_output() -> None:

@@ -133,7 +133,7 @@ def test_parse_wrk_output() -> None:
 
 def test_wrk_script_holds_the_body_verbatim(tmp_path: Path) -> None:
     body = b'{"inputs":[{"name":"input","data":[[1]],"odd":"]]"}]}'
-    script = write_wrk_script(tmp_path, body).read_text()
+    script = write_wrk_script(tmp_path / "post.lua", body).read_text()
     assert 'wrk.method = "POST"' in script and "function done(summary, latency, requests)" in script
     assert f"wrk.body = {lua_long_string(body.decode())}" in script
     assert lua_long_string("a]]b]=]c") == "[==[a]]b]=]c]==]"
