@@ -7,12 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smartmixed.bench import BenchError, add_options
-from smartmixed.bench.http_bench import HttpOptions
-from smartmixed.bench.soak import SoakOptions, SoakPlan
-from smartmixed.bench.train_cost import TrainCostOptions
+from smartmixed.bench import BenchError, add_options, http_bench, latency, soak, train_cost
 from smartmixed.contract import SpecError, call_with_options, outputs
 from smartmixed.train import study
+from smartmixed.train.artifacts import ArtifactError
+from smartmixed.train.distributed import DistributedError
 
 # command -> (help, description): what `smartmixed-bench --help` and `COMMAND --help` say
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -76,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--out", type=Path, required=True, help=folder)
     tc, lat, web, so, st = parsers.values()
     st.usage = "%(prog)s --out DIR [options] [-- TRAIN FLAGS ...]"
-    add_options(tc, TrainCostOptions)
-    _latency_arguments(lat)
-    add_options(web, HttpOptions)
+    add_options(tc, train_cost.TrainCostOptions)
+    add_options(lat, latency.LatencyOptions)
+    add_options(web, http_bench.HttpOptions)
     _soak_arguments(so)
     study.add_arguments(st)
     for bench in parsers.values():  # last in every --help, as it always was
@@ -86,35 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _latency_arguments(lat: argparse.ArgumentParser) -> None:
-    lat.add_argument("--arch", help="layer widths of an MLP (default: the paper's)")
-    lat.add_argument(
-        "--preset",
-        help="a conv net instead: lenet5 or convnet (input 1x28x28), random weights and assignment",
-    )
-    source = lat.add_mutually_exclusive_group()
-    source.add_argument(
-        "--run",
-        type=Path,
-        help="runs/NAME: time that trained network, MLP or conv (its layers, assignment and "
-        "weights)",
-    )
-    source.add_argument(
-        "--mix",
-        help="random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
-        "(default: uniform over the six default activations)",
-    )
-    lat.add_argument("--batches", default="1,32,256", help="batch sizes (default 1,32,256)")
-    lat.add_argument("--threads", default="1,2", help="ORT intra-op / torch threads (default 1,2)")
-    lat.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
-    lat.add_argument(
-        "--repeats", type=int, default=30, help="timed runs per model per round (default 30)"
-    )
-    lat.add_argument("--seed", type=int, default=0, help="assignment, weights and inputs")
-
-
 def _soak_arguments(so: argparse.ArgumentParser) -> None:
-    add_options(so, SoakPlan)
+    add_options(so, soak.SoakPlan)
     so.add_argument(
         "--server-env",
         action="append",
@@ -122,21 +94,37 @@ def _soak_arguments(so: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="environment of the started servers, e.g. SMARTMIXED_HEADER_TIMEOUT_S=1; repeatable",
     )
-    add_options(so, SoakOptions)
+    add_options(so, soak.SoakOptions)
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
 
 
-def _run(
-    args: argparse.Namespace, module, measure, errors: tuple[type[Exception], ...] = ()
-) -> int:
-    """``measure()`` -> the bench's result, then DIR/COMMAND.json/.md/.png (``module``'s
-    ``render_markdown`` and ``plot``) and the table printed. Bad options (BenchError and
-    ``errors``) are one line and exit 2, no traceback, nothing written."""
+# command -> its module, its measure function and the options dataclasses made from the flags
+# for it (keyword -> class); the function's other keywords come from the flags of their name
+BENCHES = {
+    "train-cost": (
+        train_cost,
+        train_cost.measure_train_cost,
+        {"options": train_cost.TrainCostOptions},
+    ),
+    "latency": (latency, latency.measure_latency, {}),
+    "http": (http_bench, http_bench.measure_http, {"options": http_bench.HttpOptions}),
+    "soak": (soak, soak.measure_soak, {"plan": soak.SoakPlan, "options": soak.SoakOptions}),
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The bench's result, then DIR/COMMAND.json/.md/.png (its module's ``render_markdown``
+    and ``plot``) and the table printed. Bad options are one line and exit 2, no traceback,
+    nothing written: BenchError (a server or load generator that failed too; a soak's failed
+    scenarios are in its result), a bad --arch (SpecError) or run (ArtifactError), no such GPU
+    (DistributedError)."""
+    module, measure, options = BENCHES[args.command]
     try:
         if args.out.exists() and not args.out.is_dir():
             raise BenchError(f"--out {args.out} exists and is not a folder")
-        result = measure()
-    except (BenchError, *errors) as e:
+        made = {name: call_with_options(cls, args) for name, cls in options.items()}
+        result = call_with_options(measure, args, **made)
+    except (BenchError, SpecError, ArtifactError, DistributedError) as e:
         print(f"smartmixed-bench: error: {e}", file=sys.stderr)
         return 2
     render = module.render_markdown
@@ -144,53 +132,6 @@ def _run(
     print(render(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _train_cost(args: argparse.Namespace) -> int:
-    from smartmixed.bench import train_cost
-    from smartmixed.train.distributed import DistributedError
-
-    def measure():  # no such GPU: DistributedError; a bad --arch: SpecError
-        options = call_with_options(TrainCostOptions, args)
-        return train_cost.measure_train_cost(options, progress=args.progress)
-
-    return _run(args, train_cost, measure, errors=(SpecError, DistributedError))
-
-
-def _latency(args: argparse.Namespace) -> int:
-    from smartmixed.bench import latency
-    from smartmixed.train.artifacts import ArtifactError
-
-    return _run(
-        args,
-        latency,
-        lambda: call_with_options(latency.measure_latency, args),
-        errors=(SpecError, ArtifactError),
-    )
-
-
-def _http(args: argparse.Namespace) -> int:
-    from smartmixed.bench import http_bench
-
-    def measure():  # bad options, or a server / load generator that failed: BenchError
-        options = call_with_options(HttpOptions, args)
-        return http_bench.measure_http(options, progress=args.progress)
-
-    return _run(args, http_bench, measure)
-
-
-def _soak(args: argparse.Namespace) -> int:
-    from smartmixed.bench import soak
-
-    def measure():  # failed scenarios are in the result; only bad options raise
-        plan = call_with_options(SoakPlan, args)
-        options = call_with_options(SoakOptions, args)
-        return call_with_options(soak.measure_soak, args, plan=plan, options=options)
-
-    return _run(args, soak, measure)
-
-
-RUNNERS = {"train-cost": _train_cost, "latency": _latency, "http": _http, "soak": _soak}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return study.run_command(args, train_args)
     if train_args:
         parser.error(f"{args.command} takes no flags after --")
-    return RUNNERS[args.command](args)
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -290,14 +290,11 @@ def check_address(address: str) -> str:
 
 @dataclass
 class GrpcTarget:
-    """One model on one gRPC endpoint: the serialised ModelInferRequest and what it answers."""
+    """One model on one gRPC endpoint and the serialised ModelInferRequest the generators send."""
 
     name: str
     address: str  # 127.0.0.1:PORT
-    request: bytes  # a serialised inference.ModelInferRequest
-    input_shape: list[int]  # the request's shape, batch axis 1
-    n_classes: int
-    outputs: list[str]
+    request: bytes
 
 
 def infer_request(name: str, input_name: str, shape: list[int], *, seed: int):
@@ -321,16 +318,19 @@ def prepare_grpc_target(address: str, name: str, *, seed: int) -> GrpcTarget:
     from smartmixed.serve import grpc_service_pb2 as pb
     from smartmixed.serve import grpc_service_pb2_grpc as pb_grpc
 
+    def call(method, request, what: str):
+        try:
+            return method(request, timeout=10)
+        except grpc.RpcError as e:
+            raise ServerError(
+                f"model {name!r}: {what} failed ({e.code().name}: {e.details()})"
+            ) from None
+
     check_address(address)
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=10)
-        except grpc.RpcError as e:
-            raise ServerError(
-                f"model {name!r}: gRPC ModelMetadata at {address} failed "
-                f"({e.code().name}: {e.details()})"
-            ) from None
+        request = pb.ModelMetadataRequest(name=name)
+        meta = call(stub.ModelMetadata, request, f"gRPC ModelMetadata at {address}")
         if not meta.inputs or not meta.outputs:
             raise ServerError(f"model {name!r}: gRPC metadata lists no inputs or no outputs")
         first = meta.inputs[0]
@@ -341,25 +341,12 @@ def prepare_grpc_target(address: str, name: str, *, seed: int) -> GrpcTarget:
                 f"model {name!r}: input {first.name} is {first.datatype} {list(first.shape)}; "
                 "the bench sends FP32 with one dynamic batch axis"
             )
-        outputs = [o.name for o in meta.outputs]
-        n_classes = int(meta.outputs[0].shape[-1])
         request = infer_request(name, first.name, shape, seed=seed)
-        try:
-            answer = stub.ModelInfer(request, timeout=10)
-        except grpc.RpcError as e:
-            raise ServerError(
-                f"model {name!r}: the gRPC check call failed ({e.code().name}: {e.details()})"
-            ) from None
+        answer = call(stub.ModelInfer, request, "the gRPC check call")
     got = {o.name: list(o.shape) for o in answer.outputs}
+    outputs, n_classes = [o.name for o in meta.outputs], int(meta.outputs[0].shape[-1])
     check_shapes(name, got, n_classes, outputs, "gRPC check call")
-    return GrpcTarget(
-        name=name,
-        address=address,
-        request=request.SerializeToString(),
-        input_shape=shape,
-        n_classes=n_classes,
-        outputs=outputs,
-    )
+    return GrpcTarget(name, address, request.SerializeToString())
 
 
 def run_grpc(
