@@ -69,6 +69,7 @@ TRACEBACK = "Traceback (most recent"
 # serve/cli.py logs the cap when the open-file limit lowers it below max_connections
 CAP_LOG = re.compile(r"connection cap (\d+) \(max_connections")
 ALIVE_TIMEOUT_S = 5.0
+HEALTH_PATHS = (clients.HEALTH_PATH,)  # what a health prober asks, in turn
 INFER_PROBE_EVERY = 4  # slow clients: one infer request per 4 health-probe intervals
 FREED_GRACE_S = 2.0  # a slow connection is freed when closed by header timeout + this
 RSS_SOAK_INTERVAL_S = 1.0
@@ -142,15 +143,15 @@ class SoakOptions:
     """Durations and counts of the scenarios (a flag per field: bench.add_options; the
     defaults: the full suite's)."""
 
+    # one option a line: a table
+    # fmt: off
     soak_duration_s: int = flag("soak: seconds", default=60)
     soak_concurrency: int = flag("soak: connections", default=64)
     overload_duration_s: int = flag("overload: seconds", default=20)
     overload_concurrency: int = flag("overload: connections", default=1024)
-    # its connection cap (960) is below the clients
+    # overload: the server's open-file limit puts its cap (960) below the clients
     overload_nofile: int = flag("overload: the server's open-file limit", default=1024)
-    client_timeout_s: float = flag(
-        "soak, overload, sigterm: a request slower than this is a client timeout", default=10.0
-    )
+    client_timeout_s: float = flag("soak, overload, sigterm: a request slower than this is a client timeout", default=10.0)
     slow_clients: int = flag("slow: header-dribbling clients", default=1000)
     slow_duration_s: float = flag("slow: seconds", default=25.0)
     slow_interval_s: float = flag("slow: seconds between header lines", default=5.0)
@@ -158,42 +159,24 @@ class SoakOptions:
     header_mb: float = flag("header: size of the header line (MB)", default=100.0)
     header_limit_s: float = flag("header: give up after this many seconds", default=30.0)
     sigterm_concurrency: int = flag("sigterm: connections", default=32)
-    sigterm_after_s: float = flag(
-        "sigterm, slow-readers-sigterm: seconds of load before SIGTERM", default=5.0
-    )
-    drain_limit_s: float = flag(
-        "sigterm, slow-readers-sigterm: kill the server after this many s", default=40.0
-    )
+    sigterm_after_s: float = flag("sigterm, slow-readers-sigterm: seconds of load before SIGTERM", default=5.0)
+    drain_limit_s: float = flag("sigterm, slow-readers-sigterm: kill the server after this many s", default=40.0)
     probe_interval_ms: float = flag("health probe period (a new connection each)", default=50.0)
-    wire_nofile: int = flag(
-        "wire attacks: the server's open-file limit (its own cap is this - 64)", default=320
-    )
-    wire_overcommit: float = flag(
-        "slow-readers, unsent-close: connections per slot of the cap", default=2.0
-    )
+    # the wire attacks
+    wire_nofile: int = flag("wire attacks: the server's open-file limit (its own cap is this - 64)", default=320)
+    wire_overcommit: float = flag("slow-readers, unsent-close: connections per slot of the cap", default=2.0)
     wire_duration_s: float = flag("wire attacks: seconds each attack lasts", default=10.0)
-    readers_requests: int = flag(
-        "slow-readers: pipelined GET /openapi.json per connection", default=450
-    )
-    readers_rcvbuf: int = flag(
-        "slow-readers, unsent-close: the clients' receive buffer (bytes)", default=4096
-    )
-    sigterm_readers: int = flag(
-        "slow-readers-sigterm: slow readers connected at the signal", default=16
-    )
+    readers_requests: int = flag("slow-readers: pipelined GET /openapi.json per connection", default=450)
+    readers_rcvbuf: int = flag("slow-readers, unsent-close: the clients' receive buffer (bytes)", default=4096)
+    sigterm_readers: int = flag("slow-readers-sigterm: slow readers connected at the signal", default=16)
     pipelined_connections: int = flag("pipelined-header: connections", default=4)
-    pipelined_requests: int = flag(
-        "pipelined-header: infer requests pipelined before the header", default=12
-    )
+    pipelined_requests: int = flag("pipelined-header: infer requests pipelined before the header", default=12)
     pipelined_rows: int = flag("pipelined-header: rows per infer request", default=1024)
-    unsent_id_mb: float = flag(
-        "unsent-close, pipelined-header: size of the request id an answer echoes (MB)", default=5.0
-    )
+    unsent_id_mb: float = flag("unsent-close, pipelined-header: size of the request id an answer echoes (MB)", default=5.0)
     bodies_clients: int = flag("slow-bodies: clients per route", default=16)
-    bodies_mib: float = flag(
-        "slow-bodies: body size (MiB; at most the server's max_request_bytes)", default=16.0
-    )
+    bodies_mib: float = flag("slow-bodies: body size (MiB; at most the server's max_request_bytes)", default=16.0)
     bodies_send_s: float = flag("slow-bodies: seconds each body takes to send", default=8.0)
+    # fmt: on
 
     def __post_init__(self) -> None:
         bad = [f.name for f in fields(self) if not getattr(self, f.name) > 0]
@@ -404,8 +387,13 @@ class Run:
             host, port or server_port, requests, interval=interval, duration=duration
         )
 
-    def health_prober(self, *, duration: float) -> clients.Prober:
-        return self.prober([clients.health_probe(*self.host_port)], duration=duration)
+    def health_prober(
+        self, *, duration: float, port: int | None = None, paths: Sequence[str] = HEALTH_PATHS
+    ) -> clients.Prober:
+        """The kubelet's probes of ``paths`` in turn, on ``port`` (default: the server's)."""
+        host, port = self.host_port[0], port or self.host_port[1]
+        requests = [clients.health_probe(host, port, path) for path in paths]
+        return self.prober(requests, duration=duration, port=port)
 
     def request(
         self, body: bytes | None = None, *, path: str | None = None, close: bool = False
@@ -849,21 +837,10 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics_port=run.metrics_port,
     )
     # liveness and readiness in turn, on the server's port and on its metrics port
-    host = run.host_port[0]
-    probers = [
-        run.prober(
-            [
-                clients.health_probe(host, port, path)
-                for path in (clients.LIVE_PATH, clients.HEALTH_PATH)
-            ],
-            duration=o.overload_duration_s,
-            port=port,
-        )
-        for port in (run.host_port[1], run.metrics_port)
-        if port
-    ]
-    t0 = time.monotonic()
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    paths, duration = (clients.LIVE_PATH, clients.HEALTH_PATH), o.overload_duration_s
+    ports = [p for p in (run.host_port[1], run.metrics_port) if p]
+    probers = [run.health_prober(duration=duration, port=p, paths=paths) for p in ports]
+    t0, cpu0 = time.monotonic(), time.process_time()
     try:
         with clients.raised_nofile() as (before, now):
             run.config["client_nofile"] = {"before": before, "raised_to": now}
@@ -872,9 +849,7 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
             )
     finally:
         samples = [p.stop() for p in probers]
-    elapsed = time.monotonic() - t0
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    client_cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    elapsed, client_cpu = time.monotonic() - t0, time.process_time() - cpu0
     replies = [a for a in attempts if a.outcome == "reply"]
     ok = [a.seconds * 1e3 for a in replies if a.status == 200]
     shed = [a for a in replies if a.status == 503]
@@ -941,7 +916,7 @@ def scenario_slow(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
             )
         finally:
             samples = [p.stop() for p in probers]
-    health, infer_probes = samples if len(samples) == 2 else ([], [])
+    health, infer_probes = samples
     connected = [r for r in records if r["t_connect_s"] is not None]
     closed = [r["closed_after_s"] for r in connected if "closed_after_s" in r]
     # a connection opened less than freed_by before the end cannot show whether it was freed
@@ -1038,7 +1013,7 @@ def classify_sigterm(attempts: Sequence[Attempt], t_signal: float | None) -> Cou
     return classes
 
 
-def _sigterm(process: subprocess.Popen, limit: float) -> tuple[float, float]:
+def send_sigterm(process: subprocess.Popen, limit: float) -> tuple[float, float]:
     """Send SIGTERM and wait up to ``limit`` s for the process to exit: (when it was sent,
     when the wait ended)."""
     t_signal = time.monotonic()
@@ -1048,8 +1023,8 @@ def _sigterm(process: subprocess.Popen, limit: float) -> tuple[float, float]:
     return t_signal, time.monotonic()
 
 
-def _exit_measures(process: subprocess.Popen, t_signal: float, t_end: float) -> dict[str, Any]:
-    """The exit of a server ``_sigterm`` signalled; one still running is killed (-9)."""
+def exit_measures(process: subprocess.Popen, t_signal: float, t_end: float) -> dict[str, Any]:
+    """The exit of a server ``send_sigterm`` signalled; one still running is killed (-9)."""
     killed = process.poll() is None
     if killed:
         process.kill()
@@ -1087,11 +1062,13 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         marks["start"] = time.monotonic()
         await asyncio.sleep(o.sigterm_after_s)
         # the wait in a thread: the clients keep running meanwhile
-        marks["signal"], marks["end"] = await asyncio.to_thread(_sigterm, process, o.drain_limit_s)
+        marks["signal"], marks["end"] = await asyncio.to_thread(
+            send_sigterm, process, o.drain_limit_s
+        )
         return await task
 
     attempts = clients.run_async(drive())
-    exit_measures = _exit_measures(process, marks["signal"], marks["end"])
+    exited = exit_measures(process, marks["signal"], marks["end"])
     t_signal = marks["signal"]
     classes = classify_sigterm(attempts, t_signal)
     ok_at = [a.start + a.seconds for a in attempts if a.outcome == "reply" and a.status == 200]
@@ -1102,7 +1079,7 @@ def scenario_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
         "ok_after_signal": sum(t >= t_signal for t in ok_at),
         "outcomes": dict(sorted(classes.items())),
         "failed_requests": sum(v for k, v in classes.items() if k.startswith("failed_")),
-        **exit_measures,
+        **exited,
         "listener_closed_after_s": rounded(min(refused_at) - t_signal) if refused_at else None,
     }
     return measured, {"timeline": sigterm_timeline(attempts, marks["start"], t_signal)}
@@ -1281,16 +1258,16 @@ def scenario_slow_readers_sigterm(run: Run) -> tuple[dict[str, Any], dict[str, A
             t0 = time.monotonic()
             socks, errors = _open_readers(run, n)
             time.sleep(max(t0 + o.sigterm_after_s - time.monotonic(), 0))
-            exit_measures = _exit_measures(process, *_sigterm(process, o.drain_limit_s))
+            exited = exit_measures(process, *send_sigterm(process, o.drain_limit_s))
         finally:
             for sock in socks:
                 sock.close()
-    drain = exit_measures["drain_s"]
+    drain = exited["drain_s"]
     measured = {
         "connections": n,
         "connected": len(socks),
         "connect_errors": dict(errors),
-        **exit_measures,
+        **exited,
         "graceful_shutdown_s": GRACEFUL_SHUTDOWN_S,
         "exited_within_drain": drain is not None and drain < GRACEFUL_SHUTDOWN_S,
         "tracebacks": _since(run.tracebacks(), tracebacks_before),

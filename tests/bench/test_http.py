@@ -214,3 +214,10 @@ def test_wrk_requested_but_missing_exits_2(
     monkeypatch.setattr(load.shutil, "which", lambda name: None)
     assert main(["http", "--out", str(tmp_path), "--load-generator", "wrk", "--quiet"]) == 2
     assert "wrk is not installed" in capsys.readouterr().err
+
+
+def test_auto_load_generator_is_python_without_wrk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(load.shutil, "which", lambda name: None)
+    assert load.resolve_generator("auto") == "python-httpx"
+    with pytest.raises(LoadGeneratorError, match="'nope': expected one of auto, wrk, python"):
+        load.resolve_generator("nope")

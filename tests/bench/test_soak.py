@@ -14,6 +14,8 @@ import io
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +35,14 @@ from smartmixed.bench.soak import (
     classify_sigterm,
     connection_cap,
     evaluate,
+    exit_measures,
     parse_caps,
     parse_scenarios,
     parse_server_env,
     plot,
     render_markdown,
     rss_halves,
+    send_sigterm,
 )
 from smartmixed.bench.soak_clients import (
     BODY_CHUNK,
@@ -357,6 +361,29 @@ def test_classify_sigterm() -> None:
         "failed_timeout": 1,
         "failed_status_500": 1,
     }
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("import time; time.sleep(30)", {"exit_code": -15, "exit_signal": "SIGTERM"}),
+        # a process that ignores SIGTERM is killed at the drain limit
+        (
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print(flush=True); time.sleep(30)",
+            {"exit_code": -9, "exit_signal": "SIGKILL", "killed_after_drain_limit": True},
+        ),
+    ],
+)
+def test_sigterm_and_the_drain(code: str, expected: dict[str, Any]) -> None:
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    if "SIG_IGN" in code:
+        process.stdout.readline()  # its handler is set
+    t_signal, t_end = send_sigterm(process, 0.5)
+    measures = exit_measures(process, t_signal, t_end)
+    assert measures | expected == measures
+    assert (measures["drain_s"] is None) == measures["killed_after_drain_limit"]
+    assert measures["killed_after_drain_limit"] or 0 <= measures["drain_s"] < 0.5
 
 
 @pytest.mark.parametrize(
