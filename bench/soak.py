@@ -852,10 +852,10 @@ def scenario_overload(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     elapsed, client_cpu = time.monotonic() - t0, time.process_time() - cpu0
     replies = [a for a in attempts if a.outcome == "reply"]
     ok = [a.seconds * 1e3 for a in replies if a.status == 200]
+    p50, p99 = clients.percentile_values(ok, [50, 99])
     shed = [a for a in replies if a.status == 503]
     outcomes = Counter(a.outcome for a in attempts if a.outcome != "reply")
     timeouts = outcomes.pop("timeout", 0)
-    p50, p99 = clients.percentile_values(ok, [50, 99])
     measured = {
         "requests": len(attempts),
         "replies": len(replies),
