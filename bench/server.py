@@ -84,12 +84,17 @@ def check_ready(url: str, error: type[BenchError]) -> str:
 # Models
 
 
+BENCH_QUEUE_DELAY_US = 500
+
+
 def build_repository(
     root: Path, *, arch: Sequence[int], seed: int, models: Sequence[str] = GENERATED_MODELS
 ) -> None:
     """ROOT/{mixed,fixed-relu}: seeded random weights, written by export's own writer
     (``export_run``, permuted lowering: verified against PyTorch, with its config.pbtxt), so
-    the bench serves what an exported repository serves."""
+    the bench serves what an exported repository serves. Each config.pbtxt states a batching
+    delay of BENCH_QUEUE_DELAY_US, the delay of the benches' published figures (export writes
+    none unless asked, and serve's own default is 1 ms)."""
     import tempfile
 
     import torch
@@ -113,7 +118,14 @@ def build_repository(
             run = Path(runs) / name
             run.mkdir()
             save_model(run, spec, MixedMLP.from_spec(spec).canonical_state_dict())
-            export_run(run_dir=run, repository=root, name=name, lowering="permuted", overwrite=True)
+            export_run(
+                run_dir=run,
+                repository=root,
+                name=name,
+                lowering="permuted",
+                overwrite=True,
+                max_queue_delay_us=BENCH_QUEUE_DELAY_US,
+            )
 
 
 def model_versions(folder: Path) -> list[int]:

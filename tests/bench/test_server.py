@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 from smartmixed.bench import BenchError
-from smartmixed.bench.server import ServerError, check_url, free_port, pick_models, run_server
+from smartmixed.bench.server import (
+    ServerError,
+    build_repository,
+    check_url,
+    free_port,
+    pick_models,
+    run_server,
+)
 
 
 def test_loopback_urls_are_normalised() -> None:
@@ -66,3 +73,10 @@ def test_a_server_is_ready_inside_the_block_and_stopped_after_it(tmp_path: Path)
         assert httpx.get(url + "/", trust_env=False).status_code == 200
         assert (s.url, s.pid, s.command) == (url, s.process.pid, command)
     assert s.process.returncode == -signal.SIGTERM
+
+
+def test_the_bench_repository_states_the_published_batching_delay(tmp_path: Path) -> None:
+    # export writes no delay unless asked; the benches' figures were measured at 500 us
+    build_repository(tmp_path / "models", arch=[64, 8, 10], seed=0, models=["mixed"])
+    config = (tmp_path / "models" / "mixed" / "config.pbtxt").read_text()
+    assert "max_queue_delay_microseconds: 500" in config
