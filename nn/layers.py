@@ -59,7 +59,7 @@ class CandidateTransform:
     """What each candidate's output passes through: clamp to [-clamp, clamp], then affine.
 
     h = (clamp(f_k(z)) - shift_k) * gain_k. ``standard`` sets shift_k, gain_k = mu_k, 1/sd_k of
-    f_k(g), g ~ N(0, 1) (pool.standard_moments; why: the issue-E bias note there); ``none`` is
+    f_k(g), g ~ N(0, 1) (pool.standard_moments; why: the bias note there); ``none`` is
     the identity. The clamp reproduces the reference code's phase 1 (``--protocol
     reference-code``) and is None otherwise.
     """

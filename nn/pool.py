@@ -3,9 +3,9 @@
 Each entry pairs the activation f(z) with its vector-Jacobian product g * f'(z), written with the
 fused backward kernels that autograd itself uses. They let the phase-1 layer (model.py) run its
 backward pass from the saved pre-activation z alone, without keeping a (batch x neurons x |pool|)
-tensor alive (issue A).
+tensor alive.
 
-``afu`` (issue I) is the one learned entry: G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, whose
+``afu`` is the one learned entry: G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, whose
 parameters the networks hold (model.AFUnit); here are its formula, derivative and documented
 initialisation, and its registry entry is the unit at that initialisation.
 """
@@ -61,7 +61,7 @@ def _softsign_vjp(g: Tensor, z: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The learned activation unit (issue I): G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, elementwise
+# The learned activation unit: G(z) = sum_i w1_i psi(w0_i z + b0_i) + b1, elementwise
 #
 # Its parameters belong to the network (model.AFUnit holds them per hidden layer); these are the
 # pure functions of (z, parameters) that the networks, the plots and the tests share.
@@ -218,7 +218,7 @@ def batch_sum_basis(pool: Sequence[str]) -> tuple[tuple[Activation, ...], Tensor
 
 
 # --------------------------------------------------------------------------------------------
-# Candidate standardisation (issue E)
+# Candidate standardisation (docs/method.md, "Why the mix was worse than ReLU")
 #
 # The straight-through logit gradient of candidate k is sum_b g_b f_k(z_b): it rewards the
 # candidate whose output has the largest component along the loss gradient, and that grows with

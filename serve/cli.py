@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Load before binding a port: a bad repository is one line and exit 2 (issue F), not a
+    # Load before binding a port: a bad repository is one line and exit 2, not a
     # traceback from inside the server's lifespan.
     try:
         repository = load_at_start(settings)  # what model_control_mode loads at start

@@ -6,7 +6,7 @@ status and a message naming the field, what was expected and what came; no other
 leaves ``decode_*`` for any input bytes (orjson refuses nesting deeper than 1024 levels, and
 nothing here recurses into client values).
 
-Order of the checks (issue F item 3): the body's structure, then the declared datatype and shape
+Order of the checks: the body's structure, then the declared datatype and shape
 against the model and ``max_rows``, the value count (or the binary byte count), outputs and id,
 and only then the values themselves. The declared datatype must be the model's, FP32, as Triton
 requires (a request declaring INT32 or FP64 is refused, never converted). JSON ``data`` takes
@@ -367,7 +367,7 @@ def _check_value_budget(raw: bytes, signature: Signature) -> None:
     """Refuse, before parsing, a JSON body holding more values than any valid request could.
 
     The shape is only known after parsing, and parsing 8 million values costs seconds and
-    hundreds of MB of Python objects (issue F: a 16 MiB body of "0," for shape [1, 784]). n
+    hundreds of MB of Python objects (measured: a 16 MiB body of "0," for shape [1, 784]). n
     values need n - 1 commas, flat or nested, so a body with more commas than
     max_rows x n_features plus the few the other fields need cannot be valid. Counting commas is
     a C scan (a few ms for 16 MiB). The budget is _VALUE_BUDGET_FACTOR times that, so a body

@@ -195,7 +195,7 @@ class ModelVersion:
             },
             "test_metrics": {k: v for k, v in metrics.items() if k.startswith("test")},
             "execution_providers": self.providers,
-            "latency": self.export_latency(),  # the page's model cards show it (issue J)
+            "latency": self.export_latency(),  # the page's model cards show it
         }
 
 

@@ -3,7 +3,7 @@
 uvicorn's httptools protocol (the fast one) has no header size limit, no read or write timeout
 and no connection cap: one client streaming an endless header line grew the server by 430 MB,
 1,000 slow clients held every file descriptor, an upload whose Content-Length exceeded its body
-held a request (and SIGTERM) forever (issue F), and clients that never read their answers held
+held a request (and SIGTERM) forever, and clients that never read their answers held
 their connections, their answers and SIGTERM forever. ``LimitedHttpProtocol`` adds, per
 connection:
 
@@ -58,7 +58,7 @@ connection:
   it on a load-shedding 503) stops reading that connection for that many seconds (up to 50% more,
   at random, so that shed clients do not return as one wave). Clients that
   retry a 503 at once would otherwise turn the event loop into a 503 machine: at c=1024 that
-  held health checks for 1.8 s (issue F's overload measurement). New connections (health probes)
+  held health checks for 1.8 s (the soak bench's overload measurement). New connections (health probes)
   and admitted requests are not slowed;
 - **draining**: on shutdown an idle keep-alive connection is not closed under a client that may
   be writing its next request at that moment (the client would see a reset): its next request
@@ -81,7 +81,7 @@ a garbage collector tuned for serving: what
 exists once the models are loaded is frozen out of the collector's scans (``gc.freeze``) and
 young collections run every GC_THRESHOLDS[0] allocations instead of 700. At c=1024 the default
 collector's full scans stalled the event loop for ~100 ms at a time (health p99 104 ms; with
-this, 36 ms, and 30% more answered requests: issue F's overload measurement); SIGTERM drains and
+this, 36 ms, and 30% more answered requests: the soak bench's overload measurement); SIGTERM drains and
 exits 0 (uvicorn re-raises the signal after draining, which makes a clean stop look like a crash
 to supervisors).
 """

@@ -1,4 +1,4 @@
-"""The one ONNX Runtime session factory (smartmixed.contract.sessions, issue H item 2): the CPU
+"""The one ONNX Runtime session factory (smartmixed.contract.sessions): the CPU
 path, the CUDA rule on a machine without CUDA, the auto fallback and the typed load error.
 
 No test needs a GPU: a CPU-only build is either the real one or one whose provider list is

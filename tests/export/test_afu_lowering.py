@@ -1,4 +1,4 @@
-"""Issue I: every lowering lowers a learned activation unit (afu) group with standard ops,
+"""Every lowering lowers a learned activation unit (afu) group with standard ops,
 verified against PyTorch like every other activation; int8 keeps the unit in float32."""
 
 from __future__ import annotations

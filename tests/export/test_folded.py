@@ -1,4 +1,4 @@
-"""The folded lowerings (issue G): exact folds, checked against PyTorch, and their structure."""
+"""The folded lowerings: exact folds, checked against PyTorch, and their structure."""
 
 from __future__ import annotations
 

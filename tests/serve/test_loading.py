@@ -1,4 +1,4 @@
-"""Loading a model repository: bad entries, version folders, config.pbtxt (issue F, items 5-6)."""
+"""Loading a model repository: bad entries, version folders, config.pbtxt."""
 
 from __future__ import annotations
 
