@@ -173,13 +173,7 @@ def decode_infer(
 
     if x is None:  # values last: every cheaper check has passed
         x = _from_json(tensor["data"], shape)
-    return InferRequest(
-        x=x.reshape(shape),
-        outputs=outputs,
-        binary=binary_out,
-        id=request_id,
-        classification=classification,
-    )
+    return InferRequest(x.reshape(shape), outputs, binary_out, request_id, classification)
 
 
 def decode_raw(raw: bytes | memoryview, signature: Signature) -> InferRequest:
@@ -254,13 +248,7 @@ def decode_tensors(
     else:  # values of a float field: float32 already, but NaN and inf are possible
         x = np.array(data, dtype=np.float32).reshape(n, d)
         x = _finite_rows(x, field, data.__getitem__, shape=shape, nested=False)
-    return InferRequest(
-        x=x.reshape(shape),
-        outputs=names,
-        binary=binary,
-        id=request_id,
-        classification=classification,
-    )
+    return InferRequest(x.reshape(shape), names, binary, request_id, classification)
 
 
 def decode_predict(raw: bytes, signature: Signature) -> np.ndarray:

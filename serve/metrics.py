@@ -125,30 +125,31 @@ TRITON_FAMILIES = (
         "Number of model executions performed (a merged batch is one)",
         lambda v: v.execution_count,
     ),
-    (
-        "nv_inference_request_duration_us",
-        "Cumulative inference request duration in microseconds (successful requests)",
-        lambda v: v.durations["success"].ns // 1000,
-    ),
-    (
-        "nv_inference_queue_duration_us",
-        "Cumulative inference queuing duration in microseconds",
-        lambda v: v.durations["queue"].ns // 1000,
-    ),
-    (
-        "nv_inference_compute_input_duration_us",
-        "Cumulative compute input duration in microseconds (request decoding)",
-        lambda v: v.durations["compute_input"].ns // 1000,
-    ),
-    (
-        "nv_inference_compute_infer_duration_us",
-        "Cumulative compute inference duration in microseconds",
-        lambda v: v.durations["compute_infer"].ns // 1000,
-    ),
-    (
-        "nv_inference_compute_output_duration_us",
-        "Cumulative inference compute output duration in microseconds (answer encoding)",
-        lambda v: v.durations["compute_output"].ns // 1000,
+    *(
+        (f"nv_inference_{name}_duration_us", text, lambda v, key=key: v.durations[key].ns // 1000)
+        for name, key, text in (
+            (
+                "request",
+                "success",
+                "Cumulative inference request duration in microseconds (successful requests)",
+            ),
+            ("queue", "queue", "Cumulative inference queuing duration in microseconds"),
+            (
+                "compute_input",
+                "compute_input",
+                "Cumulative compute input duration in microseconds (request decoding)",
+            ),
+            (
+                "compute_infer",
+                "compute_infer",
+                "Cumulative compute inference duration in microseconds",
+            ),
+            (
+                "compute_output",
+                "compute_output",
+                "Cumulative inference compute output duration in microseconds (answer encoding)",
+            ),
+        )
     ),
 )
 
