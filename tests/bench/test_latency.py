@@ -1,21 +1,19 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import json
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from smartmixed.bench import BenchError
 from smartmixed.bench.cli import main
 from smartmixed.bench.latency import (
     RECORD_KEYS,
-    LatencyError,
     LatencyOptions,
     feature_elements,
     fixed_conv_network,
@@ -223,15 +221,18 @@ def test_md_png_written_and_table_printed(bench_out: tuple[Path, str]) -> None:
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_latency_options_are_measure_latencys_keywords() -> None:
-    """One set of options, one set of defaults: the flags generated from LatencyOptions reach
-    measure_latency as they are."""
-    parameters = inspect.signature(measure_latency).parameters
-    assert [f.name for f in fields(LatencyOptions)] == [p for p in parameters if p != "progress"]
-    assert all(parameters[f.name].default == f.default for f in fields(LatencyOptions))
-    assert all(f.metadata["help"] for f in fields(LatencyOptions))
-    with pytest.raises(LatencyError, match=r"rounds x repeats >= 2 for percentiles \(got 1 x 1\)"):
+def test_latency_options_are_checked_when_made() -> None:
+    with pytest.raises(BenchError, match=r"rounds x repeats >= 2 for percentiles \(got 1 x 1\)"):
         LatencyOptions(rounds=1, repeats=1)
+    with pytest.raises(BenchError, match="give either a trained run or a mix, not both"):
+        LatencyOptions(run="runs/x", mix="relu=1")
+    options = LatencyOptions(
+        mix="relu=0.75,tanh=0.25,elu=0", batches="32,1,32", rounds=1, repeats=2
+    )
+    assert (options.mix, options.batches) == ({"relu": 0.75, "tanh": 0.25}, [1, 32])
+    assert options.requested == options.mix
+    assert LatencyOptions().requested == {a: 1 / 6 for a in DEFAULT_POOL}
+    assert LatencyOptions(run="runs/x").requested is None
 
 
 def test_random_assignment_holds_the_rounded_shares() -> None:
@@ -261,7 +262,7 @@ def test_random_assignment_holds_the_rounded_shares() -> None:
     ],
 )
 def test_bad_mix_is_rejected(text: str, message: str) -> None:
-    with pytest.raises(LatencyError, match=message):
+    with pytest.raises(BenchError, match=message):
         parse_mix(text)
 
 
@@ -314,9 +315,8 @@ def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> Non
     assert [len(layer) for layer in assignment] == hidden
     save_model(tmp_path / "run", spec, MixedMLP.from_spec(spec).canonical_state_dict())
     state = torch.random.get_rng_state()
-    result = measure_latency(
-        run=tmp_path / "run", batches=(2,), threads=(1,), rounds=1, repeats=2, progress=False
-    )
+    options = LatencyOptions(run=tmp_path / "run", batches=(2,), threads=(1,), rounds=1, repeats=2)
+    result = measure_latency(options, progress=False)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is left alone
     assert result["config"]["arch"] == arch
     assert result["mix"] == pytest.approx({"relu": 0.5, "tanh": 1 / 3, "gelu": 1 / 6})
@@ -327,16 +327,16 @@ def test_trained_run_supplies_arch_assignment_and_weights(tmp_path: Path) -> Non
 
 
 def test_afu_in_the_mix_times_fixed_afu() -> None:
-    """Issue I: afu is a mix entry like any other; its fixed network joins the fixed six."""
-    result = measure_latency(
+    """afu is a mix entry like any other; its fixed network joins the fixed six."""
+    options = LatencyOptions(
         arch=[16, 8, 4, 3],
         mix="relu=0.75,afu=0.25",
         batches=(2,),
         threads=(1,),
         rounds=1,
         repeats=2,
-        progress=False,
     )
+    result = measure_latency(options, progress=False)
     assert result["mix"] == pytest.approx({"relu": 0.75, "afu": 0.25})
     assert result["config"]["fixed_models"] == [*DEFAULT_POOL, "afu"]
     assert result["config"]["pool"][-1] == "afu"
@@ -505,9 +505,8 @@ def test_feature_elements_count_h_times_w_per_channel() -> None:
 
 
 def test_conv_run_supplies_layers_assignment_and_weights(conv_run: Path) -> None:
-    result = measure_latency(
-        run=conv_run, batches=(2,), threads=(1,), rounds=1, repeats=2, progress=False
-    )
+    options = LatencyOptions(run=conv_run, batches=(2,), threads=(1,), rounds=1, repeats=2)
+    result = measure_latency(options, progress=False)
     c = result["config"]
     assert (c["network"], c["run"], c["preset"]) == ("conv", str(conv_run), None)
     assert (c["layers"], c["input_shape"], c["arch"]) == (TINY_LAYERS, [1, 8, 8], [64, 4, 6, 3])
@@ -520,8 +519,8 @@ def test_conv_run_supplies_layers_assignment_and_weights(conv_run: Path) -> None
 
 
 def test_fixed_conv_networks_hold_the_mixed_weights(conv_run: Path) -> None:
-    spec, mixed = load_model(conv_run)
-    fixed = fixed_conv_network(spec, mixed, "tanh")
+    _, mixed = load_model(conv_run)
+    fixed = fixed_conv_network(mixed, "tanh")
     assert [layer.names() for layer in fixed.activations] == [["tanh"] * 4, ["tanh"] * 6]
     state, own = mixed.canonical_state_dict(), fixed.canonical_state_dict()
     assert own.keys() == state.keys()
