@@ -106,7 +106,7 @@ BENCHES = {
         train_cost.measure_train_cost,
         {"options": train_cost.TrainCostOptions},
     ),
-    "latency": (latency, latency.measure_latency, {}),
+    "latency": (latency, latency.measure_latency, {"options": latency.LatencyOptions}),
     "http": (http_bench, http_bench.measure_http, {"options": http_bench.HttpOptions}),
     "soak": (soak, soak.measure_soak, {"plan": soak.SoakPlan, "options": soak.SoakOptions}),
 }

@@ -14,45 +14,40 @@ groups by exact algebra in those neighbours); export quantizes no conv net, so i
 rows. Each fixed network is lowered as export's auto lowers it, once; a conv net's fixed networks
 hold the mixed network's own weights (and candidate norm), its hidden layers one activation each.
 ``auto`` is export's own decision (``smartmixed.export.autotune.choose_lowering``, per thread
-count) and recorded; records with lowering "auto" repeat the numbers of the lowering it picked. PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX
-Runtime.
+count) and recorded; records with lowering "auto" repeat the numbers of the lowering it picked.
+PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX Runtime.
 
-Method. A cell is one (runtime, model, lowering, batch, threads); every ONNX Runtime cell has its
-own session with that many intra-op threads. All cells first run a few untimed warm-ups (arena
-allocation, first-run caches). Then, in each of ``rounds`` rounds, every cell is timed in turn
-for ``repeats`` runs after 2 untimed runs (switching cells leaves the previous cell's pool
-threads spinning and its weights in cache for a run or two). The rounds interleave the cells, and
-the order inside a round rotates, so that drift and neighbours on a shared machine hit every
-model alike instead of whichever happened to be timed during a noisy spell. Percentiles are taken
-over all timed runs of a cell (rounds x repeats); the input is the same seeded batch of random
-raw pixels (integers in [0, 255], float32; [B, D] for an MLP, [B, C, H, W] for a conv net) for
-every model.
+Method (docs/bench.md). A cell is one (runtime, model, lowering, batch, threads); every ONNX
+Runtime cell has its own session with that many intra-op threads. All cells first run a few
+untimed warm-ups (arena allocation, first-run caches). Then, in each of ``rounds`` rounds, every
+cell is timed in turn for ``repeats`` runs after 2 untimed runs (switching cells leaves the
+previous cell's pool threads spinning and its weights in cache for a run or two). The rounds
+interleave the cells, and the order inside a round rotates, so that drift and neighbours on a
+shared machine hit every model alike. Percentiles are over all timed runs of a cell (rounds x
+repeats); every model gets the same seeded batch of random raw pixels (integers in [0, 255],
+float32; [B, D] for an MLP, [B, C, H, W] for a conv net).
 
 Ratios. ``ratio_vs_relu`` = p50 / p50 of the fixed-ReLU network at the same batch, threads and
-runtime. The ideal mix is what a perfect lowering of the mixed network would cost: the p50
-latencies of the fixed networks weighted by the mixed network's share of each activation,
-ideal = sum_a share_a * p50(fixed_a). ``ratio_vs_ideal`` = p50 / ideal, for the mixed network on
-ONNX Runtime (fp32) only; it isolates the cost of the grouping itself (splits, gathers, concats,
+runtime. The ideal mix is what a perfect lowering of the mixed network would cost,
+ideal = sum_a share_a * p50(fixed_a); ``ratio_vs_ideal`` = p50 / ideal, for the mixed network on
+ONNX Runtime (fp32) only, isolates the cost of the grouping itself (splits, gathers, concats,
 smaller GEMMs) from the cost of the activations the mix contains.
 
-The shares are over activation elements: a hidden feature counts once per value its activation
-computes for one sample, H*W for a conv channel (the (C, H, W) map after the conv and its
-batchnorm, before any pool) and 1 for a neuron. Why: all networks run the same convolutions and
-matrix products, and the activations cost per element, so p50(fixed_a) = common + c_a * E (E the
-activation elements of the network, c_a the cost of one element of a) and a perfect lowering of
-the mix costs common + sum_a c_a * E_a; the element shares w_a = E_a / E give exactly that,
-sum_a w_a * p50(fixed_a). Shares over features (a channel weighing like a neuron) would not: in
-lenet5 the 204 linear neurons are 90% of the 226 hidden features but 3% of the 6,508
-activation elements, the 6 channels of the first conv (6 x 28 x 28) 72%. For an MLP both
-definitions agree. The feature shares are recorded beside (``mix_features``).
+The shares are over activation elements: H*W for a conv channel (its map after the conv and its
+batchnorm, before any pool), 1 for a neuron. All networks run the same convolutions and matrix
+products and the activations cost per element, so p50(fixed_a) = common + c_a * E (E the
+network's activation elements) and a perfect lowering of the mix costs common + sum_a c_a * E_a,
+exactly sum_a w_a * p50(fixed_a) for w_a = E_a / E. Shares over features would not give it: in
+lenet5 the 204 linear neurons are 90% of the 226 hidden features but 3% of the 6,508 activation
+elements. For an MLP both agree; the feature shares are recorded beside (``mix_features``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, parse_positive_ints
+from smartmixed.bench import BenchError, flag, parse_positive_ints
 from smartmixed.contract import (
     AFU,
     CONV_PRESETS,
@@ -72,17 +67,12 @@ from smartmixed.contract import (
     layered_arch,
     outputs,
     resolve_conv_preset,
+    split_list,
 )
-from smartmixed.contract.outputs import machine_info, percentiles
+from smartmixed.contract.outputs import machine_info, markdown_table, percentiles
 from smartmixed.contract.sessions import make_session
 from smartmixed.export.autotune import AUTO, Choice, Timing, choose_lowering
-from smartmixed.export.folds import (
-    MODULE_LOWERINGS,
-    LayerFold,
-    lowered_network,
-    module_lowerings,
-    plan_folds,
-)
+from smartmixed.export.folds import MODULE_LOWERINGS, lowered_network, module_lowerings, plan_folds
 from smartmixed.export.lower import DEFAULT_OPSET, LOWERINGS, distinct_lowerings, lower
 from smartmixed.export.module import to_onnx
 from smartmixed.export.quantize import quantize_int8
@@ -110,16 +100,11 @@ MIX_TOLERANCE = 0.01  # shares such as 0.333,0.333,0.333 must pass
 # Targets, 1 intra-op thread: key -> (batch, threads, max ratio). auto vs the ideal mix (p50),
 # for an MLP and a conv net alike; the INT8 mixed network (auto's INT8 pick) vs the fp32
 # fixed-ReLU network, for an MLP (export quantizes no conv net).
-TARGET_CELLS: dict[str, tuple[int, int, float]] = {
-    "auto_vs_ideal_batch1_threads1": (1, 1, 1.10),
-    "auto_vs_ideal_batch32_threads1": (32, 1, 1.05),
-    "auto_vs_ideal_batch256_threads1": (256, 1, 1.05),
+TARGET_CELLS = {
+    f"auto_vs_ideal_batch{b}_threads1": (b, 1, limit)
+    for b, limit in ((1, 1.10), (32, 1.05), (256, 1.05))
 }
-INT8_TARGET_CELLS: dict[str, tuple[int, int, float]] = {
-    "int8_mixed_vs_relu_batch1_threads1": (1, 1, 0.70),
-    "int8_mixed_vs_relu_batch32_threads1": (32, 1, 0.70),
-    "int8_mixed_vs_relu_batch256_threads1": (256, 1, 0.70),
-}
+INT8_TARGET_CELLS = {f"int8_mixed_vs_relu_batch{b}_threads1": (b, 1, 0.70) for b in (1, 32, 256)}
 TARGETS = {key: limit for key, (_, _, limit) in {**TARGET_CELLS, **INT8_TARGET_CELLS}.items()}
 CONV_TARGETS = {key: limit for key, (_, _, limit) in TARGET_CELLS.items()}
 IDEAL_WEIGHTS = (
@@ -129,26 +114,12 @@ IDEAL_WEIGHTS = (
 INT8 = "+int8"  # lowering suffix of a dynamically quantized graph (export.quantize.quantize_int8)
 PERCENTILES = ("p50_ms", "p95_ms", "p99_ms")  # of a cell's timed runs
 RECORD_KEYS = (
-    "model",
-    "runtime",
-    "lowering",
-    "batch",
-    "threads",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "samples_per_s",
-    "ratio_vs_relu",
-    "ratio_vs_ideal",
+    *("model", "runtime", "lowering", "batch", "threads", *PERCENTILES),
+    *("samples_per_s", "ratio_vs_relu", "ratio_vs_ideal"),
 )
 ORT, TORCH = "onnxruntime", "torch"
 FIXED, EAGER, MIXED = "fixed", "eager", "mixed"
 FIXED_RELU = "relu"
-
-
-class LatencyError(BenchError):
-    """Options the latency bench cannot run with (bad mix, batches, thread counts, arch, preset,
-    or a combination of them)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,37 +130,33 @@ def parse_mix(mix: str | Mapping[str, float]) -> dict[str, float]:
     """'relu=0.4,selu=0.3,elu=0.3' (or a mapping) -> shares normalised to sum to exactly 1."""
     if isinstance(mix, str):
         shares: dict[str, float] = {}
-        for part in (p.strip() for p in mix.split(",")):
-            if not part:
-                continue
+        for part in split_list(mix):
             name, sep, value = part.partition("=")
             name = name.strip()
             if not sep:
-                raise LatencyError(f"mix entry {part!r} is not NAME=SHARE (e.g. relu=0.5)")
+                raise BenchError(f"mix entry {part!r} is not NAME=SHARE (e.g. relu=0.5)")
             if name in shares:
-                raise LatencyError(f"mix lists {name!r} more than once")
+                raise BenchError(f"mix lists {name!r} more than once")
             try:
                 shares[name] = float(value)
             except ValueError:
-                raise LatencyError(
-                    f"mix entry {part!r}: {value.strip()!r} is not a number"
-                ) from None
+                raise BenchError(f"mix entry {part!r}: {value.strip()!r} is not a number") from None
     else:
         shares = {str(k): float(v) for k, v in mix.items()}
     if not shares:
-        raise LatencyError("the mix is empty; expected e.g. relu=0.4,selu=0.3,elu=0.3")
+        raise BenchError("the mix is empty; expected e.g. relu=0.4,selu=0.3,elu=0.3")
     unknown = [n for n in shares if n not in ACTIVATIONS]
     if unknown:
-        raise LatencyError(
+        raise BenchError(
             f"mix: unknown activation(s) {', '.join(map(repr, unknown))}; expected names from: "
             f"{', '.join(ACTIVATIONS)}"
         )
     bad = [f"{n}={v}" for n, v in shares.items() if not math.isfinite(v) or v < 0]
     if bad:
-        raise LatencyError(f"mix: shares must be finite and >= 0 (got {', '.join(bad)})")
+        raise BenchError(f"mix: shares must be finite and >= 0 (got {', '.join(bad)})")
     total = sum(shares.values())
     if abs(total - 1) > MIX_TOLERANCE:
-        raise LatencyError(f"mix: shares sum to {total:.4g}, expected 1 (within {MIX_TOLERANCE})")
+        raise BenchError(f"mix: shares sum to {total:.4g}, expected 1 (within {MIX_TOLERANCE})")
     return {n: v / total for n, v in shares.items() if v > 0}
 
 
@@ -244,97 +211,114 @@ def feature_elements(spec: ModelSpec) -> list[int]:
     return [math.prod(shapes[i][1:]) for i in activation_after(spec.layers)]
 
 
+@dataclass
+class LatencyOptions:
+    """What ``smartmixed-bench latency`` times (a flag per field: bench.add_options); checked
+    (BenchError: bad mix, batches, threads, rounds, repeats, preset, or a combination of them)
+    before anything is built, the mix parsed."""
+
+    # one option a line: a table
+    # fmt: off
+    arch: str | Sequence[int] | None = flag("layer widths of an MLP (default: the paper's)", default=None)
+    preset: str | None = flag("a conv net instead: lenet5 or convnet (input 1x28x28), random weights and assignment", default=None)
+    run: Path | str | None = flag("runs/NAME: time that trained network, MLP or conv (its layers, assignment and weights)", group="source", default=None)  # noqa: RUF009 (flag returns a dataclasses.field)
+    mix: str | Mapping[str, float] | None = flag("random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 (default: uniform over the six default activations)", group="source", default=None)
+    batches: str | Sequence[int] = flag("batch sizes", default=DEFAULT_BATCHES)
+    threads: str | Sequence[int] = flag("ORT intra-op / torch threads", default=DEFAULT_THREADS)
+    rounds: int = flag("interleaved rounds", default=DEFAULT_ROUNDS)
+    repeats: int = flag("timed runs per model per round", default=DEFAULT_REPEATS)
+    seed: int = flag("assignment, weights and inputs", default=0)
+    # fmt: on
+
+    def __post_init__(self) -> None:
+        self.batches = parse_positive_ints(self.batches, "batch sizes")
+        self.threads = parse_positive_ints(self.threads, "thread counts")
+        if self.rounds < 1 or self.repeats < 1 or self.rounds * self.repeats < 2:
+            raise BenchError(
+                f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
+                f"percentiles (got {self.rounds} x {self.repeats})"
+            )
+        if self.preset is not None and self.preset not in CONV_PRESETS:
+            raise BenchError(
+                f"preset {self.preset!r}: expected a conv preset, one of {', '.join(CONV_PRESETS)} "
+                "(an MLP's layer widths go in the architecture)"
+            )
+        if self.run is not None and self.mix is not None:
+            raise BenchError("give either a trained run or a mix, not both")
+        if self.run is None and self.arch is not None and self.preset is not None:
+            raise BenchError("give either an architecture (an MLP) or a conv preset, not both")
+        if self.mix is not None:
+            self.mix = parse_mix(self.mix)
+
+    @property
+    def requested(self) -> dict[str, float] | None:
+        """A random assignment's shares (default uniform over the six); None for a run."""
+        if self.run is not None:
+            return None
+        return self.mix or {n: 1 / len(DEFAULT_POOL) for n in DEFAULT_POOL}
+
+
 # --------------------------------------------------------------------------------------------
 # Models
 
 
-def _spec(
-    template: ModelSpec | None, arch: list[int], pool: list[str], assignment: list[list[str]]
-) -> ModelSpec:
-    spec = ModelSpec.untrained(arch=arch, pool=pool, assignment=assignment)
-    if template is None:
-        return spec
-    # fixed networks of a trained run share its preprocessing, input shape and labels
-    return replace(
-        spec,
-        preprocessing=template.preprocessing,
-        input_shape=template.input_shape,
-        labels=template.labels,
-    )
-
-
-def _mixed_network(
-    arch: str | Sequence[int] | None,
-    preset: str | None,
-    run: Path | str | None,
-    mix: str | Mapping[str, float] | None,
-    seed: int,
-) -> tuple[ModelSpec | None, ModelSpec, MixedMLP | MixedConvNet, dict[str, float] | None]:
-    """(run spec or None, mixed spec, torch model, requested mix or None); validates options."""
-    if preset is not None and preset not in CONV_PRESETS:
-        raise LatencyError(
-            f"preset {preset!r}: expected a conv preset, one of {', '.join(CONV_PRESETS)} "
-            "(an MLP's layer widths go in the architecture)"
-        )
-    if run is not None:
-        if mix is not None:
-            raise LatencyError("give either a trained run or a mix, not both")
-        spec, model = load_model(run)  # ArtifactError for a missing or broken run folder
-        if spec.layers is not None:  # a conv net
-            if arch is not None:
-                raise LatencyError(
-                    f"{run} is a layered (conv) network; an architecture (layer widths) "
-                    "describes an MLP: leave it out"
-                )
-            if preset is not None and resolve_conv_preset(preset, classes=spec.arch[-1]) != (
-                spec.layers
-            ):
-                raise LatencyError(
-                    f"preset {preset!r} does not match the layers of {run}; leave the preset "
-                    "out to use the run's"
-                )
-        elif preset is not None:
-            raise LatencyError(f"preset {preset!r} is a conv net; {run} is an MLP")
-        elif arch is not None and parse_arch(arch) != spec.arch:
-            raise LatencyError(
-                f"architecture {parse_arch(arch)} does not match the run's {spec.arch}; "
-                "leave the architecture out to use the run's"
+def _mixed_network(o: LatencyOptions) -> tuple[ModelSpec, MixedMLP | MixedConvNet]:
+    """The mixed network of ``o``: the run's (checked against ``o``'s architecture or preset),
+    or a random assignment of ``o.requested`` on the preset or the architecture."""
+    if o.run is None:
+        requested = o.requested
+        pool = [
+            *DEFAULT_POOL,
+            *(n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL),
+        ]
+        if o.preset is not None:
+            network = {"layers": resolve_conv_preset(o.preset), "input_shape": PRESET_INPUT_SHAPE}
+            hidden = layered_arch(**network)[1:-1]  # channels / neurons
+        else:
+            network = {"arch": parse_arch(o.arch) if o.arch is not None else list(PAPER_ARCH)}
+            hidden = network["arch"][1:-1]
+        assignment = random_assignment(hidden, requested, seed=o.seed)
+        spec = ModelSpec.untrained(**network, pool=pool, assignment=assignment)
+        return spec, (MixedMLP if spec.layers is None else MixedConvNet).from_spec(spec).eval()
+    spec, model = load_model(o.run)  # ArtifactError for a missing or broken run folder
+    if spec.layers is not None:  # a conv net
+        if o.arch is not None:
+            raise BenchError(
+                f"{o.run} is a layered (conv) network; an architecture (layer widths) describes "
+                "an MLP: leave it out"
             )
-        return spec, spec, model, None
-    if arch is not None and preset is not None:
-        raise LatencyError("give either an architecture (an MLP) or a conv preset, not both")
-    requested = (
-        parse_mix(mix) if mix is not None else {n: 1 / len(DEFAULT_POOL) for n in DEFAULT_POOL}
-    )
-    pool = list(DEFAULT_POOL) + [n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL]
-    if preset is not None:
-        layers = resolve_conv_preset(preset)
-        hidden = layered_arch(layers, PRESET_INPUT_SHAPE)[1:-1]  # channels / neurons
-        spec = ModelSpec.untrained(
-            layers=layers,
-            input_shape=list(PRESET_INPUT_SHAPE),
-            pool=pool,
-            assignment=random_assignment(hidden, requested, seed=seed),
+        if o.preset is not None and resolve_conv_preset(o.preset, classes=spec.arch[-1]) != (
+            spec.layers
+        ):
+            raise BenchError(
+                f"preset {o.preset!r} does not match the layers of {o.run}; leave the preset out "
+                "to use the run's"
+            )
+    elif o.preset is not None:
+        raise BenchError(f"preset {o.preset!r} is a conv net; {o.run} is an MLP")
+    elif o.arch is not None and parse_arch(o.arch) != spec.arch:
+        raise BenchError(
+            f"architecture {parse_arch(o.arch)} does not match the run's {spec.arch}; leave the "
+            "architecture out to use the run's"
         )
-        return None, spec, MixedConvNet.from_spec(spec).eval(), requested
-    arch = parse_arch(arch) if arch is not None else list(PAPER_ARCH)
-    spec = _spec(None, arch, pool, random_assignment(arch[1:-1], requested, seed=seed))
-    return None, spec, MixedMLP.from_spec(spec).eval(), requested
+    return spec, model
 
 
-def fixed_conv_network(spec: ModelSpec, mixed: MixedConvNet, act: str) -> MixedConvNet:
-    """The conv net of ``spec`` with every hidden feature ``act``: the mixed network's layers,
-    weights and candidate norm (a trained run's frozen norm), so that it differs from the mixed
-    network in its activations alone."""
-    fixed = MixedConvNet(
-        spec.layers,
-        spec.input_shape,
-        [act],
-        [[act] * width for width in spec.arch[1:-1]],
-        preprocessing=spec.preprocessing,
-        candidate_norm=mixed.candidate_norm,
-        afu=spec.afu,
-    )
+def fixed_mlp_spec(spec: ModelSpec, act: str) -> ModelSpec:
+    """The MLP of ``spec``'s architecture with every hidden neuron ``act``, reading the same
+    inputs (a trained run's preprocessing, input shape and labels)."""
+    arch = list(spec.arch)
+    fixed = ModelSpec.untrained(arch=arch, pool=[act], assignment=[[act] * w for w in arch[1:-1]])
+    inputs = {"preprocessing": spec.preprocessing, "input_shape": spec.input_shape}
+    return replace(fixed, **inputs, labels=spec.labels)
+
+
+def fixed_conv_network(mixed: MixedConvNet, act: str) -> MixedConvNet:
+    """The conv net ``mixed`` with every hidden feature ``act``: its layers, weights and
+    candidate norm (a trained run's frozen norm), so that it differs in its activations alone."""
+    assignment = [[act] * len(names) for names in mixed.assignment]
+    options = mixed.network_options()
+    fixed = MixedConvNet(mixed.spec_layers, mixed.input_shape, [act], assignment, **options)
     state = mixed.canonical_state_dict()  # layers.{i}.* and, with afu in the mix, afu.{l}.*
     fixed.load_canonical_state_dict(
         {k: v for k, v in state.items() if k.startswith("layers.") or act == AFU}
@@ -342,8 +326,41 @@ def fixed_conv_network(spec: ModelSpec, mixed: MixedConvNet, act: str) -> MixedC
     return fixed.eval()
 
 
-def _numpy_state(model: MixedMLP) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in model.canonical_state_dict().items()}
+@dataclass
+class Networks:
+    """The torch networks one run times: the mixed one (of ``spec``) and a fixed network per
+    activation (``fixed``, the six and any other the mix uses). ``shares``: the activation
+    elements' shares, the ideal mix's weights."""
+
+    spec: ModelSpec
+    mixed: MixedMLP | MixedConvNet
+    fixed: dict[str, MixedMLP | MixedConvNet]
+    shares: dict[str, float]
+
+    @property
+    def conv(self) -> bool:
+        return self.spec.layers is not None
+
+    @property
+    def shape(self) -> list[int]:
+        """One sample's input shape: [D] for an MLP, (C, H, W) for a conv net."""
+        return list(self.spec.input_shape) if self.conv else [self.spec.arch[0]]
+
+
+def _networks(o: LatencyOptions) -> Networks:
+    """The networks of ``o``, with seeded random weights (the caller's torch RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)
+        spec, mixed = _mixed_network(o)
+        shares = activation_shares(spec.assignment, elements=feature_elements(spec))
+        # The ideal mix needs a fixed network for every activation the mixed one uses.
+        fixed = {
+            a: fixed_conv_network(mixed, a)
+            if spec.layers is not None
+            else MixedMLP.from_spec(fixed_mlp_spec(spec, a)).eval()
+            for a in [*DEFAULT_POOL, *(n for n in shares if n not in DEFAULT_POOL)]
+        }
+    return Networks(spec, mixed, fixed, shares)
 
 
 def _time_torch(
@@ -364,98 +381,6 @@ def _time_torch(
     finally:
         torch.set_num_threads(previous)
     return times
-
-
-# --------------------------------------------------------------------------------------------
-# What is timed
-
-
-def _option(default: Any, help: str, **metadata: Any) -> Any:
-    """A LatencyOptions field: its default and what its flag says (bench.add_options)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class LatencyOptions:
-    """What ``smartmixed-bench latency`` times (a flag per field: bench.add_options); checked
-    (LatencyError) before anything is built."""
-
-    arch: str | Sequence[int] | None = _option(
-        None, "layer widths of an MLP (default: the paper's)"
-    )
-    preset: str | None = _option(
-        None, "a conv net instead: lenet5 or convnet (input 1x28x28), random weights and assignment"
-    )
-    run: Path | str | None = field(
-        default=None,
-        metadata={
-            "help": "runs/NAME: time that trained network, MLP or conv (its layers, assignment "
-            "and weights)",
-            "group": "source",
-        },
-    )
-    mix: str | Mapping[str, float] | None = _option(
-        None,
-        "random assignment with these activation shares, e.g. relu=0.4,selu=0.3,elu=0.3 "
-        "(default: uniform over the six default activations)",
-        group="source",
-    )
-    batches: str | Sequence[int] = _option(DEFAULT_BATCHES, "batch sizes")
-    threads: str | Sequence[int] = _option(DEFAULT_THREADS, "ORT intra-op / torch threads")
-    rounds: int = _option(DEFAULT_ROUNDS, "interleaved rounds")
-    repeats: int = _option(DEFAULT_REPEATS, "timed runs per model per round")
-    seed: int = _option(0, "assignment, weights and inputs")
-
-    def __post_init__(self) -> None:
-        self.batches = parse_positive_ints(self.batches, "batch sizes")
-        self.threads = parse_positive_ints(self.threads, "thread counts")
-        if self.rounds < 1 or self.repeats < 1 or self.rounds * self.repeats < 2:
-            raise LatencyError(
-                f"need rounds >= 1, repeats >= 1 and rounds x repeats >= 2 for "
-                f"percentiles (got {self.rounds} x {self.repeats})"
-            )
-
-
-@dataclass
-class Networks:
-    """The torch networks one run times: the mixed one (of ``spec``; ``requested``: its mix when
-    random) and a fixed network per activation (``fixed``, the six and any other the mix uses;
-    an MLP's spec in ``fixed_specs``). ``shares``: the activation elements' shares, the ideal
-    mix's weights."""
-
-    spec: ModelSpec
-    mixed: MixedMLP | MixedConvNet
-    requested: dict[str, float] | None
-    fixed: dict[str, MixedMLP | MixedConvNet]
-    fixed_specs: dict[str, ModelSpec]
-    shares: dict[str, float]
-
-    @property
-    def conv(self) -> bool:
-        return self.spec.layers is not None
-
-    @property
-    def shape(self) -> list[int]:
-        """One sample's input shape: [D] for an MLP, (C, H, W) for a conv net."""
-        return list(self.spec.input_shape) if self.conv else [self.spec.arch[0]]
-
-
-def _networks(o: LatencyOptions) -> Networks:
-    """The networks of ``o``, with seeded random weights (the caller's torch RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(o.seed)
-        run_spec, spec, mixed, requested = _mixed_network(o.arch, o.preset, o.run, o.mix, o.seed)
-        shares = activation_shares(spec.assignment, elements=feature_elements(spec))
-        # The ideal mix needs a fixed network for every activation the mixed one uses.
-        fixed_acts = list(DEFAULT_POOL) + [n for n in shares if n not in DEFAULT_POOL]
-        arch, fixed, fixed_specs = list(spec.arch), {}, {}
-        for a in fixed_acts:
-            if spec.layers is not None:
-                fixed[a] = fixed_conv_network(spec, mixed, a)
-            else:
-                fixed_specs[a] = _spec(run_spec, arch, [a], [[a] * w for w in arch[1:-1]])
-                fixed[a] = MixedMLP.from_spec(fixed_specs[a]).eval()
-    return Networks(spec, mixed, requested, fixed, fixed_specs, shares)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,90 +417,69 @@ def _auto_records(choice: Choice, threads: int) -> tuple[dict[str, Any], dict[st
     return {k: fp32[k] for k in AUTO_KEYS}, {k: selection[k] for k in AUTO_KEYS}
 
 
-def _lower_mlp(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
-    """An MLP through export.lower: every fixed network as export's auto lowers it, the mixed
-    one in every lowering, the int8 graphs of those and of fixed ReLU (as `--quantize int8`
-    writes them); auto's fp32 and int8 picks per thread count (export's choose_lowering)."""
+def _candidates(
+    net: Networks, name: str, seed: int
+) -> tuple[tuple[str, ...], Callable[[str], onnx.ModelProto], list[str] | None]:
+    """How export lowers network ``name`` (MIXED or a fixed one's activation): the lowerings
+    that write different graphs for it, its graph in a lowering, and for a conv net what
+    permuted does with each frozen layer. An MLP through export.lower; a conv net as export
+    lowers a layered run (torch's exporter, export/module.py, the folds of export/folds.py)."""
+    model = net.mixed if name == MIXED else net.fixed[name]
+    if not net.conv:
+        spec = net.spec if name == MIXED else fixed_mlp_spec(net.spec, name)
+        state = {k: v.numpy() for k, v in model.canonical_state_dict().items()}
+        return distinct_lowerings(spec), lambda lw: lower(spec, state, lowering=lw), None
+    # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
+    rng = np.random.default_rng(seed)
+    example = torch.from_numpy(rng.integers(0, 256, (2, *net.shape)).astype(np.float32))
+    folds = plan_folds(model, example)
+
+    def exported(lw: str) -> onnx.ModelProto:
+        return to_onnx(lowered_network(model, folds, lw), example, opset=DEFAULT_OPSET)
+
+    return module_lowerings(model, folds), exported, [f.describe() for f in folds]
+
+
+def _lower(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
+    """Every fixed network as export's auto lowers it (an MLP's: its one distinct lowering,
+    untimed; a conv net's: timed at the first thread count, permuted where it moves an
+    activation after a max pool, folded where it folds a candidate norm, when faster); the
+    mixed one in every lowering, with an MLP's int8 graphs and fixed ReLU's (as `--quantize
+    int8` writes them); auto's picks per thread count (export's choose_lowering)."""
     graphs: Graphs = {}
-    picks = {}
-    for a, model in net.fixed.items():
-        spec = net.fixed_specs[a]
-        state = _numpy_state(model)
-        choice = choose_lowering(
-            AUTO,
-            distinct_lowerings(spec),
-            lambda lw, spec=spec, state=state: lower(spec, state, lowering=lw),
-            shape=net.shape,
-        )  # one distinct lowering: nothing timed
-        picks[a] = choice.lowering
-        graphs[(a, FIXED)] = choice.model.SerializeToString()
-    state = _numpy_state(net.mixed)
-    fp32 = {lw: lower(net.spec, state, lowering=lw) for lw in LOWERINGS}
-    int8 = {lw: quantize_int8(model) for lw, model in fp32.items()}
-    for lw in LOWERINGS:
-        graphs[(MIXED, lw)] = fp32[lw].SerializeToString()
-        graphs[(MIXED, lw + INT8)] = int8[lw].SerializeToString()
-    relu_int8 = quantize_int8(onnx.load_from_string(graphs[(FIXED_RELU, FIXED)]))
-    graphs[(FIXED_RELU, FIXED + INT8)] = relu_int8.SerializeToString()
+    picks: dict[str, str] = {}
+    for a in net.fixed:
+        distinct, lowered, _ = _candidates(net, a, seed)
+        timing = Timing(threads=threads[0], seed=seed)
+        choice = choose_lowering(AUTO, distinct, lowered, shape=net.shape, timing=timing)
+        picks[a], graphs[(a, FIXED)] = choice.lowering, choice.model.SerializeToString()
+    distinct, lowered, folds = _candidates(net, MIXED, seed)
+    lowerings = MODULE_LOWERINGS if net.conv else LOWERINGS
+    fp32 = {lw: lowered(lw) for lw in lowerings}
+    int8 = None if net.conv else {lw: quantize_int8(model) for lw, model in fp32.items()}
+    for lw, model in fp32.items():
+        graphs[(MIXED, lw)] = model.SerializeToString()
+        if int8 is not None:
+            graphs[(MIXED, lw + INT8)] = int8[lw].SerializeToString()
+    if int8 is not None:
+        relu_int8 = quantize_int8(onnx.load_from_string(graphs[(FIXED_RELU, FIXED)]))
+        graphs[(FIXED_RELU, FIXED + INT8)] = relu_int8.SerializeToString()
     auto, auto_int8 = {}, {}
     for t in threads:
         choice = choose_lowering(
             AUTO,
-            distinct_lowerings(net.spec),
+            distinct,
             fp32.__getitem__,
             shape=net.shape,
             timing=Timing(threads=t, seed=seed),
-            int8=int8.__getitem__,
+            int8=None if int8 is None else int8.__getitem__,
         )
         auto[t], auto_int8[t] = _auto_records(choice, t)
+    if net.conv:
+        return Lowered(graphs, auto, None, lowerings, folds, picks)
     # an MLP's fixed networks all write one graph (a layer with one group): one name
     (fixed_lowering,) = set(picks.values())
-    return Lowered(graphs, auto, auto_int8, LOWERINGS, None, fixed_lowering)
-
-
-def _lower_conv(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
-    """A conv net as export lowers a layered run (torch's exporter, export/module.py): every
-    fixed network once, in the lowering export's auto picks for it at the first thread count
-    (permuted where it moves an activation after a max pool, folded where it folds a candidate
-    norm, when faster); the mixed one in every module lowering, with auto's pick per thread
-    count (export's choose_lowering over ``module_lowerings``: untimed when no lowering changes
-    anything); the fold and the merges of each frozen layer, described."""
-    # the exporter traces a batch of 2 (the batch axis stays dynamic); the values do not matter
-    rng = np.random.default_rng(seed)
-    example = torch.from_numpy(rng.integers(0, 256, (2, *net.shape)).astype(np.float32))
-
-    def exported(model: nn.Module, folds: Sequence[LayerFold]) -> Callable[[str], onnx.ModelProto]:
-        return lambda lw: to_onnx(lowered_network(model, folds, lw), example, opset=DEFAULT_OPSET)
-
-    graphs: Graphs = {}
-    fixed_picks: dict[str, str] = {}
-    for a, model in net.fixed.items():
-        # as export would write it: permuted moves a monotone activation after a max pool
-        # (export/folds.py), which a fixed network gains from too; auto decides
-        folds = plan_folds(model, example)
-        choice = choose_lowering(
-            AUTO,
-            module_lowerings(model, folds),
-            exported(model, folds),
-            shape=net.shape,
-            timing=Timing(threads=threads[0], seed=seed),
-        )
-        fixed_picks[a], graphs[(a, FIXED)] = choice.lowering, choice.model.SerializeToString()
-    folds = plan_folds(net.mixed, example)
-    mixed = {lw: exported(net.mixed, folds)(lw) for lw in MODULE_LOWERINGS}
-    graphs |= {(MIXED, lw): model.SerializeToString() for lw, model in mixed.items()}
-    auto = {}
-    for t in threads:
-        choice = choose_lowering(
-            AUTO,
-            module_lowerings(net.mixed, folds),
-            mixed.__getitem__,
-            shape=net.shape,
-            timing=Timing(threads=t, seed=seed),
-        )
-        auto[t] = _auto_records(choice, t)[0]
-    described = [f.describe() for f in folds]
-    return Lowered(graphs, auto, None, MODULE_LOWERINGS, described, fixed_picks)
+    return Lowered(graphs, auto, auto_int8, lowerings, None, fixed_lowering)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,41 +488,20 @@ def _lower_conv(net: Networks, *, threads: Sequence[int], seed: int) -> Lowered:
 Cell = tuple[str, str, str, int, int]  # runtime, model, lowering, batch, threads
 
 
-def measure_latency(
-    *,
-    arch: str | Sequence[int] | None = None,
-    preset: str | None = None,
-    run: Path | str | None = None,
-    mix: str | Mapping[str, float] | None = None,
-    batches: str | Sequence[int] = DEFAULT_BATCHES,
-    threads: str | Sequence[int] = DEFAULT_THREADS,
-    rounds: int = DEFAULT_ROUNDS,
-    repeats: int = DEFAULT_REPEATS,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+def measure_latency(options: LatencyOptions | None = None, *, progress: bool = True) -> dict:
     """Time every model x lowering x batch x threads; returns the latency.json record.
 
-    The mixed network: ``run`` (a trained run folder, MLP or layered), else a random assignment
-    with the ``mix`` shares (default uniform over the six) on the MLP ``arch`` (default the
-    paper's) or the conv ``preset`` (lenet5, convnet; input 1x28x28), seeded random weights.
-    The options are LatencyOptions' fields, validated before anything is timed: LatencyError
-    (bad mix, batches, threads, rounds, repeats, preset, or a combination that contradicts
-    itself or the run), SpecError (bad arch) or ArtifactError (missing or broken run folder).
+    The mixed network: ``options.run`` (a trained run folder, MLP or layered), else a random
+    assignment with the ``mix`` shares (default uniform over the six) on the MLP ``arch``
+    (default the paper's) or the conv ``preset`` (lenet5, convnet; input 1x28x28), seeded
+    random weights. Checked before anything is timed: BenchError (options that contradict
+    each other or the run), SpecError (bad arch) or ArtifactError (missing or broken run folder).
     """
-    o = LatencyOptions(arch, preset, run, mix, batches, threads, rounds, repeats, seed)
+    o = options or LatencyOptions()
     net = _networks(o)
-    lowered = (_lower_conv if net.conv else _lower_mlp)(net, threads=o.threads, seed=o.seed)
-    stats = _time_cells(net, lowered, o, progress=progress)
-    chosen = {t: lowered.auto[t]["chosen"] for t in o.threads}
-    chosen_int8 = None
-    if lowered.auto_int8 is not None:
-        chosen_int8 = {t: lowered.auto_int8[t]["chosen"] for t in o.threads}
-    fixed_acts = list(net.fixed)
-    records = _records(
-        stats, o.batches, o.threads, fixed_acts, net.shares, lowered.lowerings, chosen, chosen_int8
-    )
-    measured = _target_ratios(records, o, int8=chosen_int8 is not None)
+    lowered = _lower(net, threads=o.threads, seed=o.seed)
+    records = _records(_time_cells(net, lowered, o, progress=progress), o, net, lowered)
+    measured = _target_ratios(records, o, int8=lowered.auto_int8 is not None)
     targets = dict(CONV_TARGETS if net.conv else TARGETS)
     return {
         "config": _config(o, net, lowered),
@@ -708,7 +591,7 @@ def _config(o: LatencyOptions, net: Networks, lowered: Lowered) -> dict[str, Any
         "preset": o.preset,
         "mixed": "trained run" if o.run is not None else "random assignment",
         "run": None if o.run is None else str(o.run),
-        "mix_requested": net.requested,
+        "mix_requested": o.requested,
         "pool": net.spec.pool,
         "fixed_models": list(net.fixed),
         "lowerings": list(lowered.lowerings),
@@ -744,54 +627,35 @@ def _find(records: Sequence[dict[str, Any]], *key: Any) -> dict[str, Any]:
 
 
 def _records(
-    stats: Mapping[Cell, dict[str, float]],
-    batches: Sequence[int],
-    threads: Sequence[int],
-    fixed_acts: Sequence[str],
-    shares: Mapping[str, float],
-    lowerings: Sequence[str],
-    chosen: Mapping[int, str],
-    chosen_int8: Mapping[int, str] | None,
+    stats: Mapping[Cell, dict[str, float]], o: LatencyOptions, net: Networks, lowered: Lowered
 ) -> list[dict[str, Any]]:
-    """One record per model x lowering x batch x threads; int8 rows when ``chosen_int8``."""
+    """One record (RECORD_KEYS) per model x lowering x batch x threads: the fixed networks,
+    the mixed one in every lowering and auto (its pick's numbers), an MLP's int8 rows, then
+    torch eager; ratio_vs_relu against fp32 fixed ReLU of the same runtime."""
+    # (model, runtime, lowering recorded, lowering timed) at thread count t
+    picks = [("", lowered.auto)] + [(INT8, lowered.auto_int8)] * (lowered.auto_int8 is not None)
+
+    def rows(t: int) -> list[tuple[str, str, str, str]]:
+        out = [(a, ORT, FIXED, FIXED) for a in net.fixed]
+        for suffix, auto in picks:
+            out += [(MIXED, ORT, lw + suffix, lw + suffix) for lw in lowered.lowerings]
+            out.append((MIXED, ORT, AUTO + suffix, auto[t]["chosen"] + suffix))
+        if lowered.auto_int8 is not None:
+            out.append((FIXED_RELU, ORT, FIXED + INT8, FIXED + INT8))
+        return out + [(m, TORCH, EAGER, EAGER) for m in (FIXED_RELU, MIXED)]
+
     records = []
-    for b in batches:
-        for t in threads:
-            ort_relu = stats[(ORT, FIXED_RELU, FIXED, b, t)]["p50_ms"]
-            torch_relu = stats[(TORCH, FIXED_RELU, EAGER, b, t)]["p50_ms"]
-            ideal = sum(s * stats[(ORT, a, FIXED, b, t)]["p50_ms"] for a, s in shares.items())
-            rows = [(a, ORT, FIXED, stats[(ORT, a, FIXED, b, t)]) for a in fixed_acts]
-            rows += [(MIXED, ORT, lw, stats[(ORT, MIXED, lw, b, t)]) for lw in lowerings]
-            rows.append((MIXED, ORT, AUTO, stats[(ORT, MIXED, chosen[t], b, t)]))
-            if chosen_int8 is not None:
-                rows += [
-                    (MIXED, ORT, lw + INT8, stats[(ORT, MIXED, lw + INT8, b, t)])
-                    for lw in lowerings
-                ]
-                rows.append(
-                    (MIXED, ORT, AUTO + INT8, stats[(ORT, MIXED, chosen_int8[t] + INT8, b, t)])
-                )
-                rows.append(("relu", ORT, FIXED + INT8, stats[(ORT, "relu", FIXED + INT8, b, t)]))
-            rows += [(m, TORCH, EAGER, stats[(TORCH, m, EAGER, b, t)]) for m in (FIXED_RELU, MIXED)]
-            for model, runtime, lowering, s in rows:
-                relu = ort_relu if runtime == ORT else torch_relu
-                records.append(
-                    {
-                        "model": model,
-                        "runtime": runtime,
-                        "lowering": lowering,
-                        "batch": b,
-                        "threads": t,
-                        "p50_ms": s["p50_ms"],
-                        "p95_ms": s["p95_ms"],
-                        "p99_ms": s["p99_ms"],
-                        "samples_per_s": b * 1e3 / s["p50_ms"],
-                        "ratio_vs_relu": s["p50_ms"] / relu,
-                        "ratio_vs_ideal": s["p50_ms"] / ideal
-                        if model == MIXED and runtime == ORT and not lowering.endswith(INT8)
-                        else None,
-                    }
-                )
+    for b in o.batches:
+        for t in o.threads:
+            ideal = sum(s * stats[(ORT, a, FIXED, b, t)]["p50_ms"] for a, s in net.shares.items())
+            for model, runtime, lowering, timed in rows(t):
+                s = stats[(runtime, model, timed, b, t)]
+                relu = stats[(runtime, FIXED_RELU, FIXED if runtime == ORT else EAGER, b, t)]
+                fp32_mixed = model == MIXED and runtime == ORT and not lowering.endswith(INT8)
+                values = (model, runtime, lowering, b, t, *(s[p] for p in PERCENTILES))
+                values += (b * 1e3 / s["p50_ms"], s["p50_ms"] / relu["p50_ms"])
+                values += (s["p50_ms"] / ideal if fp32_mixed else None,)
+                records.append(dict(zip(RECORD_KEYS, values, strict=True)))
     return records
 
 
@@ -818,10 +682,6 @@ def _cell(records: Sequence[dict[str, Any]], key: tuple[str, str, str, int, int]
     r = _find(records, *key)
     text = f"{r['p50_ms']:.3f} ({r['ratio_vs_relu']:.2f}x"
     return text + (")" if r["ratio_vs_ideal"] is None else f", {r['ratio_vs_ideal']:.2f}x)")
-
-
-def _row(label: str, cells: Iterable[str]) -> str:
-    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _shares(mix: Mapping[str, float]) -> str:
@@ -888,54 +748,45 @@ def _header(result: Mapping[str, Any]) -> list[str]:
 def _table(result: Mapping[str, Any]) -> list[str]:
     """One row per mixed lowering, the ideal mix, each fixed network, the int8 graphs, torch
     eager, and the fastest lowering; one column per (batch, threads)."""
-    c, recs, auto = result["config"], result["records"], result["auto"]
-    lowerings, int8 = _lowerings(result), bool(result.get("auto_int8"))
+    c, recs, lowerings = result["config"], result["records"], _lowerings(result)
     cols = [(b, t) for b in c["batches"] for t in c["threads"]]
 
-    def cells(model: str, runtime: str, lowering: str) -> Iterable[str]:
-        return (_cell(recs, (model, runtime, lowering, b, t)) for b, t in cols)
+    def row(label: str, model: str, runtime: str, lowering: str) -> list[str]:
+        return [label, *(_cell(recs, (model, runtime, lowering, b, t)) for b, t in cols)]
 
     def ideal(b: int, t: int) -> str:
         relu = _find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"]
         return f"{ideal_p50(result, b, t):.3f} ({ideal_p50(result, b, t) / relu:.2f}x)"
 
-    lines = [
-        _row("model / lowering", (f"b={b} t={t}" for b, t in cols)),
-        "|---" * (len(cols) + 1) + "|",
-    ]
-    for lw in (*lowerings, AUTO):
-        label = f"mixed {lw}" + (f" (= {_picked(auto)})" if lw == AUTO else "")
-        lines.append(_row(label, cells(MIXED, ORT, lw)))
-    lines.append(_row("ideal mix", (ideal(b, t) for b, t in cols)))
-    lines += [_row(f"fixed {act}", cells(act, ORT, FIXED)) for act in c["fixed_models"]]
-    if int8:
-        for lw in (*lowerings, AUTO):
-            picked = f" (= {_picked(result['auto_int8'])})" if lw == AUTO else ""
-            lines.append(_row(f"mixed {lw} int8{picked}", cells(MIXED, ORT, lw + INT8)))
-        lines.append(_row("fixed relu int8", cells("relu", ORT, FIXED + INT8)))
-    for model in (MIXED, FIXED_RELU):
-        label = "torch eager " + ("mixed" if model == MIXED else "fixed relu")
-        lines.append(_row(label, cells(model, TORCH, EAGER)))
-
     def fastest(b: int, t: int) -> str:
         return min(lowerings, key=lambda lw: _find(recs, MIXED, ORT, lw, b, t)["p50_ms"])
 
-    lines.append(_row("fastest lowering", (fastest(b, t) for b, t in cols)))
-    return lines
+    rows = [row(f"mixed {lw}", MIXED, ORT, lw) for lw in lowerings]
+    rows.append(row(f"mixed auto (= {_picked(result['auto'])})", MIXED, ORT, AUTO))
+    rows.append(["ideal mix", *(ideal(b, t) for b, t in cols)])
+    rows += [row(f"fixed {act}", act, ORT, FIXED) for act in c["fixed_models"]]
+    if result.get("auto_int8"):
+        rows += [row(f"mixed {lw} int8", MIXED, ORT, lw + INT8) for lw in lowerings]
+        picked = _picked(result["auto_int8"])
+        rows.append(row(f"mixed auto int8 (= {picked})", MIXED, ORT, AUTO + INT8))
+        rows.append(row("fixed relu int8", FIXED_RELU, ORT, FIXED + INT8))
+    rows.append(row("torch eager mixed", MIXED, TORCH, EAGER))
+    rows.append(row("torch eager fixed relu", FIXED_RELU, TORCH, EAGER))
+    rows.append(["fastest lowering", *(fastest(b, t) for b, t in cols)])
+    return markdown_table(["model / lowering", *(f"b={b} t={t}" for b, t in cols)], rows)
 
 
 def render_markdown(result: Mapping[str, Any]) -> str:
     int8 = bool(result.get("auto_int8"))
+    quantized = (
+        "int8 rows: ONNX Runtime's dynamic quantization of that graph, as "
+        "`smartmixed-export --quantize int8` writes it. "
+    )
     lines = [
         *_header(result),
         "",
         "Cells: p50 ms (x fp32 fixed-ReLU of the same runtime, x ideal mix). "
-        + (
-            "int8 rows: ONNX Runtime's dynamic quantization of that graph, as "
-            "`smartmixed-export --quantize int8` writes it. "
-            if int8
-            else ""
-        )
+        + (quantized if int8 else "")
         + "Ideal mix = fixed networks' p50 weighted by the shares above.",
         "",
         *_table(result),
@@ -955,38 +806,23 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 def plot(result: Mapping[str, Any], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    plt = outputs.pyplot()
-
     c, recs = result["config"], result["records"]
     batches, threads = c["batches"], c["threads"]
-    fig, axes = plt.subplots(
+    fig, axes = outputs.pyplot().subplots(
         1, len(threads), figsize=(5 * len(threads), 4), squeeze=False, sharey=True
     )
     for ax, t in zip(axes[0], threads, strict=True):
-        lines: list[tuple[str, list[float], dict[str, Any]]] = [
-            (
-                lw + (" (auto)" if lw == result["auto"][str(t)]["chosen"] else ""),
-                [_find(recs, MIXED, ORT, lw, b, t)["p50_ms"] for b in batches],
-                {"color": f"C{i}"},
-            )
-            for i, lw in enumerate(_lowerings(result))
-        ]
-        lines.append(
-            (
-                "fixed relu",
-                [_find(recs, FIXED_RELU, ORT, FIXED, b, t)["p50_ms"] for b in batches],
-                {"color": "grey", "linestyle": "--"},
-            )
-        )
-        lines.append(
-            (
-                "ideal mix",
-                [ideal_p50(result, b, t) for b in batches],
-                {"color": "black", "linestyle": ":"},
-            )
-        )
-        for label, values, style in lines:
-            ax.plot(batches, values, marker="o", label=label, **style)
+
+        def line(label: str, model: str, lowering: str, **style: Any) -> None:
+            values = [_find(recs, model, ORT, lowering, b, t)["p50_ms"] for b in batches]  # noqa: B023
+            ax.plot(batches, values, marker="o", label=label, **style)  # noqa: B023
+
+        for i, lw in enumerate(_lowerings(result)):
+            auto = " (auto)" if lw == result["auto"][str(t)]["chosen"] else ""
+            line(lw + auto, MIXED, lw, color=f"C{i}")
+        line("fixed relu", FIXED_RELU, FIXED, color="grey", linestyle="--")
+        ideal = [ideal_p50(result, b, t) for b in batches]
+        ax.plot(batches, ideal, marker="o", label="ideal mix", color="black", linestyle=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         # plain numbers: ticks at the measured batch sizes, 1-2-5 steps for the latency
@@ -1002,11 +838,4 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     network = c.get("preset") or ("conv net" if c.get("layers") is not None else "")
     fig.suptitle(f"mixed vs fixed inference latency, {network} {c['arch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
-    """DIR/latency.json, .md, .png, atomically (train-cost's writer with this bench's report)."""
-    return outputs.write_outputs(result, out, "latency", render=render_markdown, draw=plot)
+    outputs.save_figure(fig, path)
