@@ -16,6 +16,9 @@ from typing import Any
 
 from smartmixed import contract
 
+PAPER_ARCH = tuple(contract.PRESETS["paper"])  # the default network of every bench
+PRESET_INPUT_SHAPE = (1, 28, 28)  # (C, H, W): the conv presets are laid out for 28x28 grey images
+
 
 class BenchError(ValueError):
     """A bench option that cannot be used; the CLI prints it and exits with status 2."""

@@ -27,10 +27,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, flag, load, parse_positive_ints
+from smartmixed.bench import PAPER_ARCH, BenchError, flag, load, parse_positive_ints
 from smartmixed.bench.server import (
     GENERATED_MODELS,
-    PAPER_ARCH,
     batch_rows,
     build_repository,
     check_ready,
@@ -111,26 +110,14 @@ class HttpOptions:
     """What ``smartmixed-bench http`` measures (a flag per field: bench.add_options). Checked
     when made, before any server starts; the defaults ``against_mlserver`` changes filled in."""
 
-    arch: str | Sequence[int] | None = flag(
-        "layer widths of the built models (default: the paper's)", default=None
-    )
-    repository: Path | None = flag(  # noqa: RUF009 (flag returns a dataclasses.field)
-        "bench these exported models instead of building two", default=None
-    )
-    models: str | Sequence[str] | None = flag(
-        "model names (default: mixed,fixed-relu, or all in --repository)", default=None
-    )
-    url: str | None = flag(
-        "http://127.0.0.1:PORT of a running server (none is started)", default=None
-    )
-    grpc_address: str | None = flag(
-        "with --url: 127.0.0.1:PORT of that server's gRPC endpoint", default=None
-    )
-    protocol: str = flag(
-        "rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side",
-        PROTOCOLS,
-        default="rest",
-    )
+    # one option a line: a table
+    # fmt: off
+    arch: str | Sequence[int] | None = flag("layer widths of the built models (default: the paper's)", default=None)
+    repository: Path | None = flag("bench these exported models instead of building two", default=None)  # noqa: RUF009 (flag returns a dataclasses.field)
+    models: str | Sequence[str] | None = flag("model names (default: mixed,fixed-relu, or all in --repository)", default=None)
+    url: str | None = flag("http://127.0.0.1:PORT of a running server (none is started)", default=None)
+    grpc_address: str | None = flag("with --url: 127.0.0.1:PORT of that server's gRPC endpoint", default=None)
+    protocol: str = flag("rest (V2 JSON), grpc (ModelInfer, raw tensors) or both side by side", PROTOCOLS, default="rest")
     against_mlserver: bool = flag(
         "also serve each model with MLServer 1.7 (.venv-mlserver, make mlserver) and "
         f"measure both, both servers at {COMPARED_THREADS} intra-op thread (defaults then: "
@@ -138,17 +125,10 @@ class HttpOptions:
         f"--concurrency {_listed(MLSERVER_CONCURRENCY)}, --rounds {MLSERVER_ROUNDS})",
         default=False,
     )
-    concurrency: str | Sequence[int] | None = flag(
-        f"connections (REST) / calls in flight (gRPC) (default {_listed(DEFAULT_CONCURRENCY)})",
-        default=None,
-    )
+    concurrency: str | Sequence[int] | None = flag(f"connections (REST) / calls in flight (gRPC) (default {_listed(DEFAULT_CONCURRENCY)})", default=None)
     duration: int = flag("seconds per point", default=5)
-    rounds: int | None = flag(
-        f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})", default=None
-    )
-    grpc_channels: int = flag(
-        "HTTP/2 connections the gRPC calls share", default=load.DEFAULT_CHANNELS
-    )
+    rounds: int | None = flag(f"interleaved rounds; tables show medians (default {DEFAULT_ROUNDS})", default=None)
+    grpc_channels: int = flag("HTTP/2 connections the gRPC calls share", default=load.DEFAULT_CHANNELS)
     grpc_generator: str = flag(
         "gRPC load: h2load (nghttp2-client, make system-deps; failed calls counted by the "
         "server's metrics) or python (grpc.aio closed loop)",
@@ -156,15 +136,10 @@ class HttpOptions:
         default=load.H2LOAD,
     )
     warmup: int = flag("unrecorded seconds per server and model first", default=1)
-    batching: str | Sequence[str] | None = flag(
-        "on,off (default both; not with --url)", default=None
-    )
-    load_generator: str = flag(
-        "auto: wrk when installed, else Python (asyncio + httpx)",
-        load.LOAD_GENERATORS,
-        default="auto",
-    )
+    batching: str | Sequence[str] | None = flag("on,off (default both; not with --url)", default=None)
+    load_generator: str = flag("auto: wrk when installed, else Python (asyncio + httpx)", load.LOAD_GENERATORS, default="auto")
     seed: int = flag("assignment, weights and request row", default=0)
+    # fmt: on
 
     def __post_init__(self) -> None:
         mlserver = self.against_mlserver

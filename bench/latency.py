@@ -1,45 +1,38 @@
-"""ONNX Runtime CPU inference latency of a mixed network against fixed-activation networks.
+"""ONNX Runtime CPU inference latency of a mixed network against fixed-activation networks
+(docs/bench.md: what is measured, latency.json).
 
-One run builds, for one network, the fixed-activation networks (the six default activations,
-plus any other activation the mixed model uses) and one mixed network: a trained run's assignment
-and weights, or a random assignment with given activation shares. The network is an MLP (an
-architecture, or an MLP run) or a conv net (a conv preset such as lenet5, or a layered run).
+One run times one mixed network (a trained run's assignment and weights, or a random assignment
+with given activation shares; an MLP or a conv net) and a fixed-activation network per activation
+(the six defaults and any other the mix uses). An MLP is lowered by ``smartmixed.export.lower``
+in every lowering (scatter, permuted, grouped, folded, folded_tanh), its int8 graphs
+(``smartmixed-export --quantize int8``) timed too; a conv net as export lowers a layered run
+(torch's exporter, the folds of ``smartmixed.export.folds``), without int8 rows (export
+quantizes no conv net). Each fixed network is lowered once, as export's auto lowers it; a conv
+net's fixed networks hold the mixed network's own weights and candidate norm. ``auto`` is
+export's own decision (``smartmixed.export.autotune.choose_lowering``, per thread count); its
+records repeat the numbers of the lowering it picked. PyTorch eager latency of the mixed and the
+fixed-ReLU network is timed beside.
 
-An MLP is lowered by ``smartmixed.export.lower`` in every lowering (scatter, permuted, grouped,
-folded, folded_tanh); its int8 graphs (``smartmixed-export --quantize int8``) are timed too. A
-conv net is lowered as export lowers a layered run (``smartmixed.export.module``: torch's ONNX
-exporter, ``scatter``, and from ``smartmixed.export.folds`` ``permuted`` with the permutation
-folded into the neighbouring Conv2d/BatchNorm/Linear, ``folded`` and ``folded_tanh`` with fewer
-groups by exact algebra in those neighbours); export quantizes no conv net, so it has no int8
-rows. Each fixed network is lowered as export's auto lowers it, once; a conv net's fixed networks
-hold the mixed network's own weights (and candidate norm), its hidden layers one activation each.
-``auto`` is export's own decision (``smartmixed.export.autotune.choose_lowering``, per thread
-count) and recorded; records with lowering "auto" repeat the numbers of the lowering it picked.
-PyTorch eager latency of the mixed and the fixed-ReLU network is timed beside ONNX Runtime.
-
-Method (docs/bench.md). A cell is one (runtime, model, lowering, batch, threads); every ONNX
-Runtime cell has its own session with that many intra-op threads. All cells first run a few
-untimed warm-ups (arena allocation, first-run caches). Then, in each of ``rounds`` rounds, every
-cell is timed in turn for ``repeats`` runs after 2 untimed runs (switching cells leaves the
-previous cell's pool threads spinning and its weights in cache for a run or two). The rounds
-interleave the cells, and the order inside a round rotates, so that drift and neighbours on a
-shared machine hit every model alike. Percentiles are over all timed runs of a cell (rounds x
-repeats); every model gets the same seeded batch of random raw pixels (integers in [0, 255],
+Method. A cell is one (runtime, model, lowering, batch, threads); an ONNX Runtime cell has its own
+session with that many intra-op threads. Every cell first runs a few untimed warm-ups (arena
+allocation, first-run caches); then, in each of ``rounds`` rounds, every cell is timed in turn
+for ``repeats`` runs after 2 untimed ones (switching cells leaves the previous cell's pool
+threads spinning and its weights in cache for a run or two), the order rotating each round, so
+that drift and neighbours on a shared machine hit every model alike. Percentiles are over all
+timed runs of a cell; every model gets the same seeded raw pixels (integers in [0, 255] as
 float32; [B, D] for an MLP, [B, C, H, W] for a conv net).
 
-Ratios. ``ratio_vs_relu`` = p50 / p50 of the fixed-ReLU network at the same batch, threads and
-runtime. The ideal mix is what a perfect lowering of the mixed network would cost,
-ideal = sum_a share_a * p50(fixed_a); ``ratio_vs_ideal`` = p50 / ideal, for the mixed network on
-ONNX Runtime (fp32) only, isolates the cost of the grouping itself (splits, gathers, concats,
-smaller GEMMs) from the cost of the activations the mix contains.
-
-The shares are over activation elements: H*W for a conv channel (its map after the conv and its
-batchnorm, before any pool), 1 for a neuron. All networks run the same convolutions and matrix
-products and the activations cost per element, so p50(fixed_a) = common + c_a * E (E the
-network's activation elements) and a perfect lowering of the mix costs common + sum_a c_a * E_a,
-exactly sum_a w_a * p50(fixed_a) for w_a = E_a / E. Shares over features would not give it: in
-lenet5 the 204 linear neurons are 90% of the 226 hidden features but 3% of the 6,508 activation
-elements. For an MLP both agree; the feature shares are recorded beside (``mix_features``).
+Ratios. ``ratio_vs_relu`` = p50 / p50 of fixed ReLU (same batch, threads and runtime).
+``ratio_vs_ideal`` = p50 / ideal, for the fp32 mixed network on ONNX Runtime, with
+ideal = sum_a share_a * p50(fixed_a), what a perfect lowering would cost: it isolates the cost
+of the grouping (splits, gathers, concats, smaller GEMMs) from that of the activations. The
+shares are over activation elements (H*W for a conv channel, after its conv and batchnorm and
+before any pool; 1 for a neuron): every network runs the same convolutions and matrix products
+and the activations cost per element, so p50(fixed_a) = common + c_a * E (E the activation
+elements) and a perfect lowering costs common + sum_a c_a * E_a = sum_a (E_a / E) p50(fixed_a).
+Shares over features would not give it (in lenet5 the 204 linear neurons are 90% of the 226
+hidden features but 3% of the 6,508 activation elements); they are recorded beside
+(``mix_features``). For an MLP both agree.
 """
 
 from __future__ import annotations
@@ -58,7 +51,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, flag, parse_positive_ints
+from smartmixed.bench import PAPER_ARCH, PRESET_INPUT_SHAPE, BenchError, flag, parse_positive_ints
 from smartmixed.contract import (
     AFU,
     CONV_PRESETS,
@@ -79,11 +72,9 @@ from smartmixed.export.quantize import quantize_int8
 from smartmixed.export.timing import time_session
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train.artifacts import load_model
-from smartmixed.train.model import PRESETS, MixedConvNet, MixedMLP, ModelSpec, parse_arch
+from smartmixed.train.model import MixedConvNet, MixedMLP, ModelSpec, parse_arch
 from smartmixed.train.report import describe_layers
 
-PAPER_ARCH = list(PRESETS["paper"])
-PRESET_INPUT_SHAPE = [1, 28, 28]  # the conv presets are laid out for 28x28 grey images
 DEFAULT_BATCHES = "1,32,256"
 DEFAULT_THREADS = "1,2"
 # 40 x 30 = 1200 timed runs per cell: enough for a stable p99, and about 2-3 minutes for the
@@ -272,7 +263,10 @@ def _mixed_network(o: LatencyOptions) -> tuple[ModelSpec, MixedMLP | MixedConvNe
             *(n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL),
         ]
         if o.preset is not None:
-            network = {"layers": resolve_conv_preset(o.preset), "input_shape": PRESET_INPUT_SHAPE}
+            network = {
+                "layers": resolve_conv_preset(o.preset),
+                "input_shape": list(PRESET_INPUT_SHAPE),
+            }
             hidden = layered_arch(**network)[1:-1]  # channels / neurons
         else:
             network = {"arch": parse_arch(o.arch) if o.arch is not None else list(PAPER_ARCH)}

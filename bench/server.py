@@ -27,9 +27,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from smartmixed.bench import BenchError
-from smartmixed.contract import DEFAULT_POOL, INPUT, PRESETS, ModelSpec
+from smartmixed.contract import DEFAULT_POOL, INPUT, ModelSpec
 
-PAPER_ARCH = list(PRESETS["paper"])
 GENERATED_MODELS = ("mixed", "fixed-relu")
 READY_TIMEOUT_S = 60.0  # startup of a server: imports + loading every model
 STOP_TIMEOUT_S = 15.0  # SIGTERM, then kill

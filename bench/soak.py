@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
-from smartmixed.bench import flag, load, server
+from smartmixed.bench import PAPER_ARCH, flag, load, server
 from smartmixed.bench import soak_clients as clients
 from smartmixed.bench.soak_clients import Attempt, SoakError, rounded
 from smartmixed.contract import SpecError, outputs, parse_arch, parse_positive_ints, split_list
@@ -248,33 +248,20 @@ class SoakPlan:
     """The scenarios and the server they attack (a flag per field: bench.add_options); the
     scenarios and caps parsed when made, the server checked by ``check_server``."""
 
-    scenarios: str | Sequence[str] = flag(
-        f"which to run: all, wire (the wire attacks) or some of {','.join(ALL_SCENARIOS)}",
-        default="all",
-    )
+    # one option a line: a table
+    # fmt: off
+    scenarios: str | Sequence[str] = flag(f"which to run: all, wire (the wire attacks) or some of {','.join(ALL_SCENARIOS)}", default="all")
     wire_caps: str | Sequence[str | int | None] = flag(
         "connection caps the wire attacks run at, a row each: default (the server's own, from "
         "max_connections and --wire-nofile) and/or numbers set as SMARTMIXED_MAX_CONNECTIONS",
         default=f"{DEFAULT_CAP},16",
     )
-    arch: str | Sequence[int] | None = flag(
-        "layer widths of the built model (default: the paper's)", default=None
-    )
-    repository: Path | None = flag(  # noqa: RUF009 (flag returns a dataclasses.field)
-        "serve this exported repository instead of building a model", default=None
-    )
-    model: str | None = flag(
-        "model to send requests to (default: mixed, or the first in --repository; required "
-        "with --url)",
-        default=None,
-    )
-    url: str | None = flag(
-        "http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)",
-        default=None,
-    )
-    pid: int | None = flag(
-        "with --url: the server's PID, for its RSS and open-file limit", default=None
-    )
+    arch: str | Sequence[int] | None = flag("layer widths of the built model (default: the paper's)", default=None)
+    repository: Path | None = flag("serve this exported repository instead of building a model", default=None)  # noqa: RUF009 (flag returns a dataclasses.field)
+    model: str | None = flag("model to send requests to (default: mixed, or the first in --repository; required with --url)", default=None)
+    url: str | None = flag("http://127.0.0.1:PORT of a running server (none is started; sigterm is skipped)", default=None)
+    pid: int | None = flag("with --url: the server's PID, for its RSS and open-file limit", default=None)
+    # fmt: on
 
     def __post_init__(self) -> None:
         self.scenarios = parse_scenarios(self.scenarios)
@@ -309,7 +296,7 @@ class SoakPlan:
                 f"--model {self.model}: without --repository the bench builds {GENERATED_MODEL!r}"
             )
         else:
-            self.model, self.arch = GENERATED_MODEL, arch or list(server.PAPER_ARCH)
+            self.model, self.arch = GENERATED_MODEL, arch or list(PAPER_ARCH)
 
     def _check_url(self, env: Mapping[str, str]) -> None:
         if self.repository is not None or self.arch is not None or env:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartmixed.bench import BenchError, flag
+from smartmixed.bench import PAPER_ARCH, PRESET_INPUT_SHAPE, BenchError, flag
 from smartmixed.contract import (
     CONV_PRESETS,
     layered_arch,
@@ -35,15 +35,12 @@ from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train.distributed import resolve_device
 from smartmixed.train.loop import TrainConfig, _phase2_candidate_norm
 from smartmixed.train.model import (
-    PRESETS,
     MixedConvNet,
     MixedMLP,
     SelectiveConvNet,
     SelectiveMLP,
 )
 
-PAPER_ARCH = list(PRESETS["paper"])
-CONV_INPUT_SHAPE = [1, 28, 28]  # (C, H, W): the presets are written for MNIST-sized images
 TARGETS = {"phase1_vs_fixed": 1.3, "phase2_vs_fixed": 1.1}
 MODELS = ("fixed_relu", "phase1", "phase2", "phase1_naive")
 PREPROCESSING = {"offset": 0.0, "scale": 1 / 255}  # raw pixels in [0, 255] -> [0, 1]
@@ -131,21 +128,17 @@ def _step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
 class TrainCostOptions:
     """What ``smartmixed-bench train-cost`` times (a flag per field: bench.add_options)."""
 
-    arch: str | Sequence[int] | None = flag(
-        "MLP layer widths (default: the paper's)", group="net", default=None
-    )
-    preset: str | None = flag(
-        "a conv net instead, on 28x28 one-channel images (10 classes)",
-        CONV_PRESETS,
-        "net",
-        default=None,
-    )
+    # one option a line: a table
+    # fmt: off
+    arch: str | Sequence[int] | None = flag("MLP layer widths (default: the paper's)", group="net", default=None)
+    preset: str | None = flag("a conv net instead, on 28x28 one-channel images (10 classes)", CONV_PRESETS, "net", default=None)
     batch_size: int = flag("samples per training step", default=128)
     rounds: int = flag("interleaved rounds", default=15)
     steps: int = flag("timed steps per model per round", default=20)
     warmup: int = flag("untimed steps per model first", default=10)
     threads: int | None = flag("torch intra-op threads", default=None)
     device: str = flag("where the steps run", ("cpu", "cuda"), default="cpu")
+    # fmt: on
 
     def __post_init__(self) -> None:
         """Checked before anything is built; an MLP's ``arch`` parsed (SpecError)."""
@@ -241,7 +234,7 @@ def _networks(o: TrainCostOptions, generator: torch.Generator) -> dict[str, Any]
         phase2 = "uniformly random over the default pool (all six groups per layer)"
     else:
         layers = resolve_conv_preset(o.preset)  # the last linear gives 10 classes
-        shape = list(CONV_INPUT_SHAPE)
+        shape = list(PRESET_INPUT_SHAPE)
         arch, lead = layered_arch(layers, shape), (layers, shape)
         mixed_net, selective, naive = MixedConvNet, SelectiveConvNet, NaiveSelectiveConvNet
         # channels of each hidden conv, neurons of each hidden linear
