@@ -78,14 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(tc, train_cost.TrainCostOptions)
     add_options(lat, latency.LatencyOptions)
     add_options(web, http_bench.HttpOptions)
-    _soak_arguments(so)
-    study.add_arguments(st)
-    for bench in parsers.values():  # last in every --help, as it always was
-        bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
-    return p
-
-
-def _soak_arguments(so: argparse.ArgumentParser) -> None:
     add_options(so, soak.SoakPlan)
     so.add_argument(
         "--server-env",
@@ -96,6 +88,10 @@ def _soak_arguments(so: argparse.ArgumentParser) -> None:
     )
     add_options(so, soak.SoakOptions)
     so.add_argument("--seed", type=int, default=0, help="weights and request row")
+    study.add_arguments(st)
+    for bench in parsers.values():  # last in every --help, as it always was
+        bench.add_argument("--quiet", action="store_false", dest="progress", help="no progress bar")
+    return p
 
 
 # command -> its module, its measure function and the options dataclasses made from the flags

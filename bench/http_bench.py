@@ -6,7 +6,7 @@ single-sample requests for D seconds from bench/load.py's generators; its record
 generator saw and smartmixed-serve's mean rows per ONNX Runtime run. Unless ``url`` targets a
 running server, one smartmixed-serve is started per batching mode (bench/server.py); each model
 is checked with one request per protocol and warmed up, unrecorded. With ``against_mlserver``,
-MLServer (bench/mlserver.py) serves each model beside it, both at 1 intra-op thread, in
+MLServer (bench/server.py's ``start_mlserver``) serves each model beside it, both at 1 intra-op thread, in
 interleaved rounds (a slow minute of the shared machine hits both); tables show medians.
 """
 
@@ -30,16 +30,20 @@ from tqdm.auto import tqdm
 from smartmixed.bench import PAPER_ARCH, BenchError, flag, load, parse_positive_ints
 from smartmixed.bench.server import (
     GENERATED_MODELS,
+    RUNTIME_CLASS,
     batch_rows,
     build_repository,
     check_ready,
     check_url,
     config_batching,
+    mlserver_command,
+    mlserver_version,
     model_info,
     model_versions,
     pick_models,
     prepare_target,
     server_env,
+    start_mlserver,
     start_server,
 )
 from smartmixed.contract import SpecError, outputs, parse_arch, split_list
@@ -310,10 +314,8 @@ class HttpRun:
     def mlserver_points(self, repository: Path, name: str) -> Iterator[list[Measured]]:
         """MLServer over the newest version of ``name`` (what smartmixed-serve serves) until
         the block ends: its points (no adaptive batching: "off"), checked over each protocol."""
-        from smartmixed.bench import mlserver
-
         folder, info = repository / name, self.models[name]
-        with mlserver.start_mlserver(
+        with start_mlserver(
             folder / str(model_versions(folder)[-1]) / "model.onnx",
             name=name,
             log_path=self.work / f"mlserver-{name}.log",
@@ -322,10 +324,10 @@ class HttpRun:
             n_classes=info["n_classes"],
         ) as server:
             self.mlserver = {
-                "version": mlserver.mlserver_version(),
+                "version": mlserver_version(),
                 "command": server.command,
                 "settings": server.settings,
-                "runtime": mlserver.RUNTIME_CLASS,
+                "runtime": RUNTIME_CLASS,
                 "intra_op_threads": COMPARED_THREADS,
             }
             address, outcomes = (
@@ -393,8 +395,6 @@ def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -
     .venv-mlserver, a server or a load generator that fails (ServerError, LoadGeneratorError);
     failed requests are counted as errors.
     """
-    from smartmixed.bench import mlserver
-
     started = time.perf_counter()
     o = options or HttpOptions()
     generator = load.resolve_generator(o.load_generator) if "rest" in o.protocols else None
@@ -402,7 +402,7 @@ def measure_http(options: HttpOptions | None = None, *, progress: bool = True) -
         load.resolve_generator(o.grpc_generator, grpc=True) if "grpc" in o.protocols else None
     )
     if o.against_mlserver:
-        mlserver.mlserver_command()  # BenchError: run make mlserver
+        mlserver_command()  # BenchError: run make mlserver
     plan = _plan(o)
     points = len(plan.modes) * len(plan.models) * len(o.concurrency) * len(o.protocols)
     total = points * (2 if o.against_mlserver else 1) * o.rounds
@@ -666,9 +666,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             "",
         ]
     targets = [
-        (key, f"{t['op']} {t['limit']}", _fmt(result["target_values"].get(key)), _verdict(ok))
+        (key, f"{t['op']} {t['limit']}", _fmt(result["target_values"].get(key)), verdict)
         for key, t in result["targets"].items()
         for ok in [result["meets_targets"].get(key)]
+        for verdict in ["-" if ok is None else "yes" if ok else "NO"]
     ]
     lines += [
         "## Targets (SmartMixed model)",
@@ -709,10 +710,6 @@ def _mlserver_rows(points: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]
         if other["server"] == MLSERVER
         and (other["model"], other["concurrency"]) == (r["model"], r["concurrency"])
     ]
-
-
-def _verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("yes" if ok else "NO")
 
 
 def _by_model_and_batching(

@@ -257,16 +257,11 @@ def _mixed_network(o: LatencyOptions) -> tuple[ModelSpec, MixedMLP | MixedConvNe
     """The mixed network of ``o``: the run's (checked against ``o``'s architecture or preset),
     or a random assignment of ``o.requested`` on the preset or the architecture."""
     if o.run is None:
-        requested = o.requested
-        pool = [
-            *DEFAULT_POOL,
-            *(n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL),
-        ]
+        requested, shape = o.requested, list(PRESET_INPUT_SHAPE)
+        more = [n for n in ACTIVATIONS if n in requested and n not in DEFAULT_POOL]
+        pool = [*DEFAULT_POOL, *more]  # any activation the mix adds, in registry order
         if o.preset is not None:
-            network = {
-                "layers": resolve_conv_preset(o.preset),
-                "input_shape": list(PRESET_INPUT_SHAPE),
-            }
+            network = {"layers": resolve_conv_preset(o.preset), "input_shape": shape}
             hidden = layered_arch(**network)[1:-1]  # channels / neurons
         else:
             network = {"arch": parse_arch(o.arch) if o.arch is not None else list(PAPER_ARCH)}
@@ -552,12 +547,10 @@ def _time_cells(
                 for cell in group[k:] + group[:k]:
                     samples[cell] += time_cell(cell, o.repeats, WARMUP_PER_ROUND)
                     bar.update()
-    return {cell: _percentiles(times) for cell, times in samples.items()}
-
-
-def _percentiles(times_ms: Sequence[float]) -> dict[str, float]:
-    """p50_ms, p95_ms, p99_ms of one cell's timed runs."""
-    return dict(zip(PERCENTILES, percentiles(times_ms, (50, 95, 99)), strict=True))
+    return {
+        cell: dict(zip(PERCENTILES, percentiles(times, (50, 95, 99)), strict=True))
+        for cell, times in samples.items()
+    }
 
 
 def _target_ratios(

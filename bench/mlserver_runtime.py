@@ -1,7 +1,7 @@
 """A custom MLServer runtime that runs a smartmixed ``model.onnx`` with ONNX Runtime, as
 smartmixed-serve does with ``--intra-op-threads 1`` (all graph optimisations, 1 intra-op and 1
 inter-op thread, the CPU provider). It runs inside MLServer's own environment (.venv-mlserver),
-never the project's, and imports nothing from smartmixed: bench/mlserver.py copies it beside the
+never the project's, and imports nothing from smartmixed: bench/server.py's start_mlserver copies it beside the
 model-settings.json it writes (MLServer puts a model's folder on the import path). Inputs and
 outputs go through MLServer's NumpyCodec, as MLServer itself unpacks them.
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from smartmixed.bench import load, mlserver
+from smartmixed.bench import load, server
 from smartmixed.bench.cli import main
 from smartmixed.bench.http_bench import RECORD_KEYS, evaluate_targets, summarize
 from smartmixed.bench.load import (
@@ -284,7 +284,7 @@ def test_bad_options_exit_2(
 def test_against_mlserver_without_its_venv_says_make_mlserver(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mlserver, "MLSERVER_VENV", tmp_path / ".venv-mlserver")
+    monkeypatch.setattr(server, "MLSERVER_VENV", tmp_path / ".venv-mlserver")
     args = ["http", "--out", str(tmp_path / "out"), "--protocol", "grpc", "--against-mlserver"]
     assert main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -298,7 +298,7 @@ def test_against_mlserver_without_its_venv_says_make_mlserver(
 def test_mlserver_model_folder(tmp_path: Path) -> None:
     model = tmp_path / "models" / "mixed" / "3" / "model.onnx"
     (tmp_path / "srv").mkdir()
-    settings = mlserver.write_model_folder(
+    settings = server.write_model_folder(
         tmp_path / "srv",
         model_path=model,
         name="mixed",
@@ -322,7 +322,7 @@ def test_mlserver_model_folder(tmp_path: Path) -> None:
         ],
     }
     runtime = tmp_path / "srv" / "mixed" / "mlserver_runtime.py"
-    assert runtime.read_text() == mlserver.RUNTIME_FILE.read_text()
+    assert runtime.read_text() == server.RUNTIME_FILE.read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def test_both_protocols_side_by_side(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_against_mlserver(tmp_path: Path) -> None:
-    if not (mlserver.MLSERVER_VENV / "bin" / "mlserver").is_file():
+    if not (server.MLSERVER_VENV / "bin" / "mlserver").is_file():
         pytest.skip(".venv-mlserver is missing: make mlserver")
     result = run_bench(
         tmp_path, "--protocol", "grpc", "--against-mlserver", "--rounds", "2", "--warmup", "0"
