@@ -799,15 +799,15 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         1, len(threads), figsize=(5 * len(threads), 4), squeeze=False, sharey=True
     )
     for ax, t in zip(axes[0], threads, strict=True):
-
-        def line(label: str, model: str, lowering: str, **style: Any) -> None:
-            values = [_find(recs, model, ORT, lowering, b, t)["p50_ms"] for b in batches]  # noqa: B023
-            ax.plot(batches, values, marker="o", label=label, **style)  # noqa: B023
-
-        for i, lw in enumerate(_lowerings(result)):
-            auto = " (auto)" if lw == result["auto"][str(t)]["chosen"] else ""
-            line(lw + auto, MIXED, lw, color=f"C{i}")
-        line("fixed relu", FIXED_RELU, FIXED, color="grey", linestyle="--")
+        chosen = result["auto"][str(t)]["chosen"]
+        lines = [
+            (lw + (" (auto)" if lw == chosen else ""), MIXED, lw, {"color": f"C{i}"})
+            for i, lw in enumerate(_lowerings(result))
+        ]
+        lines.append(("fixed relu", FIXED_RELU, FIXED, {"color": "grey", "linestyle": "--"}))
+        for label, model, lowering, style in lines:
+            values = [_find(recs, model, ORT, lowering, b, t)["p50_ms"] for b in batches]
+            ax.plot(batches, values, marker="o", label=label, **style)
         ideal = [ideal_p50(result, b, t) for b in batches]
         ax.plot(batches, ideal, marker="o", label="ideal mix", color="black", linestyle=":")
         ax.set_xscale("log")
