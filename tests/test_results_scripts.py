@@ -197,15 +197,20 @@ def test_lowering_search_rewrites_the_folded_graph_per_group(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from smartmixed.export.cli import main as export
+    from smartmixed.train.cli import main as train
 
     folder = RESULTS / "convnets-2026-12"
-    run = folder / "runs" / "lenet5-mixed"
-    argv = [str(run), "--repository", str(tmp_path), "--lowering", "folded_tanh", "--name", "ft"]
-    assert export(argv) == 0
+    run = tmp_path / "lenet5-mixed"  # a mixed LeNet-5 run, as the search's own (runs/ is not kept)
+    flags = ["--data", "mnist", "--preset", "lenet5", "--p1-epochs", "1", "--p2-epochs", "1"]
+    assert train([*flags, "--out", str(run), "--quiet"]) == 0
+    argv = [str(run), "--repository", str(tmp_path / "models"), "--lowering", "folded_tanh"]
+    assert export([*argv, "--name", "ft"]) == 0
     search = load_script(folder / "lowering-search.py")
     search.ROUNDS, search.REPEATS = 1, {1: 1, 32: 1}
     capsys.readouterr()
-    search.main(str(tmp_path / "ft" / "1" / "model.onnx"))  # asserts every variant's outputs
+    search.main(
+        str(tmp_path / "models" / "ft" / "1" / "model.onnx")
+    )  # asserts every variant's outputs
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         "batch 1",
