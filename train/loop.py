@@ -554,12 +554,7 @@ class _HeldOutBatches:
                 f"bilevel selection holds out {len(self.y)} row(s), fewer than a batch needs "
                 f"({least}); raise --selection-holdout or use more data"
             )
-        self.batch_size, self.generator, self.least, self.ranks = (
-            batch_size,
-            generator,
-            least,
-            ranks,
-        )
+        self.batch_size, self.generator, self.ranks = batch_size, generator, ranks
         self.order: Tensor = torch.empty(0, dtype=torch.long)
         self.pos = 0
 

@@ -23,8 +23,7 @@ TAU = 0.3
 
 def _network(seed: int = 0) -> SelectiveMLP:
     torch.manual_seed(seed)
-    net = SelectiveMLP([5, 7, 3], POOL, tau=TAU, logit_init_std=1.0).double()
-    return net
+    return SelectiveMLP([5, 7, 3], POOL, tau=TAU, logit_init_std=1.0).double()
 
 
 def _textbook_logit_grad(net: SelectiveMLP, x, y, gumbel) -> torch.Tensor:
