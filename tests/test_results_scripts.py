@@ -291,3 +291,13 @@ def test_verdict_pairs_the_mix_with_each_architectures_best_fixed_activation() -
     assert rows[1]["difference"][0] == pytest.approx(0.0)
     table = verdict.render(rows)
     assert "| a | 0.9200 | tanh 0.9500 | -3.00 [" in table and "| loss |" in table
+
+
+@pytest.mark.slow  # four tiny training runs: over 2 s
+def test_phase1_cost_times_both_rules_on_the_same_seeds() -> None:
+    cost = load_script(RESULTS / "verdict-2026-12" / "phase1-cost.py")
+    seconds = cost.measure("digits", [64, 8, 10], rounds=1, epochs=1)
+    assert set(seconds) == {"joint", "bilevel"} and all(
+        len(t) == 1 and t[0] > 0 for t in seconds.values()
+    )
+    assert cost.ratio({"joint": [1.0, 2.0, 3.0], "bilevel": [3.0, 3.0, 9.0]}) == 1.5
