@@ -7,5 +7,5 @@
 # SmartMixed 5 + 15 epochs, fixed 20. Resumable: run it again and finished cells are skipped.
 exec .venv/bin/smartmixed-bench study --out results/verdict-2026-12/fashion-tuned \
   --data fashion-mnist --models relu,tanh,leaky_relu,smartmixed \
-  --archs 'paper;784,256,128,64,10' --seeds 5 --tune-lr 1e-3,3e-3 --tune-seeds 1 \
+  --archs 'paper;784,256,128,64,10;784,512,10' --seeds 5 --tune-lr 1e-3,3e-3 --tune-seeds 1 \
   --jobs 2 --quiet -- --p1-epochs 5 --p2-epochs 15 --epochs 20

@@ -5,5 +5,5 @@
 # {1e-4, 1e-3, 3e-3}, then seeds 1-4 at the chosen rate. Short protocol: SmartMixed 20 + 60
 # epochs, fixed 80. Resumable: run it again and finished cells are skipped.
 exec .venv/bin/smartmixed-bench study --out results/verdict-2026-12/mnist-tuned \
-  --data mnist --variant 'sm-joint=--selection joint' --archs 'paper;784,256,128,64,10' --seeds 5 --tune-lr 1e-4,1e-3,3e-3 --tune-seeds 1 \
+  --data mnist --variant 'sm-joint=--selection joint' --archs 'paper;784,256,128,64,10;784,512,10' --seeds 5 --tune-lr 1e-4,1e-3,3e-3 --tune-seeds 1 \
   --jobs 2 --quiet -- --p1-epochs 20 --p2-epochs 60 --epochs 80
