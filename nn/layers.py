@@ -52,6 +52,9 @@ GUMBEL_EPS = 1e-10
 
 CANDIDATE_NORMS = ("none", "standard")
 LOGIT_GRAD_NORMS = ("none", "candidate")
+# feature: every feature keeps its own logits and draw (the method); layer: one logit vector and
+# one draw per forward for the whole layer, so the layer freezes to a single activation
+GRANULARITIES = ("feature", "layer")
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,10 @@ class MixedActivation(nn.Module):
     ``logit_init_std`` (N(0, std) logits at reset; 0: uniform start), ``clamp`` (clamp every
     candidate to [-clamp, clamp], the reference code's phase 1), ``eval_noise`` (draw noise in
     evaluation too, the reference code's protocol), ``logit_grad_norm="candidate"`` (rescale each
-    candidate's logit gradient to the layer's mean RMS), ``afu`` (the learned unit's settings, or
-    an ``AFUnit`` to share with other layers). ``tau`` and ``relaxed`` (the soft mixture
+    candidate's logit gradient to the layer's mean RMS), ``granularity="layer"`` (one logit row
+    (1, |pool|) and one draw per forward for the whole layer: a per-layer choice, every feature's
+    logit gradient summed into it), ``afu`` (the learned unit's settings, or an ``AFUnit`` to
+    share with other layers). ``tau`` and ``relaxed`` (the soft mixture
     sum_k s_k h_k(z) instead of the hard sample) may be changed between steps.
     """
 
@@ -273,6 +278,7 @@ class MixedActivation(nn.Module):
         eval_noise: bool = False,
         logit_grad_norm: str = "none",
         afu: AFUnit | dict[str, Any] | None = None,
+        granularity: str = "feature",
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -281,6 +287,9 @@ class MixedActivation(nn.Module):
             raise SpecError(
                 f"logit grad norm {logit_grad_norm!r}: expected one of {LOGIT_GRAD_NORMS}"
             )
+        if granularity not in GRANULARITIES:
+            raise SpecError(f"granularity {granularity!r}: expected one of {GRANULARITIES}")
+        self.granularity = granularity
         self.num_features, self.dim, self.tau = num_features, dim, tau
         self.pool = list(parse_pool(pool))
         self.candidate_norm, self.logit_init_std = candidate_norm, logit_init_std
@@ -292,7 +301,8 @@ class MixedActivation(nn.Module):
         )
         self.acts = tuple(get_activation(n) for n in self.pool)
         self.basis = batch_sum_basis(self.pool)
-        self.logits = nn.Parameter(torch.empty(num_features, len(self.pool)))
+        rows = num_features if granularity == "feature" else 1
+        self.logits = nn.Parameter(torch.empty(rows, len(self.pool)))
         self.reset_parameters()
 
     @property
@@ -311,7 +321,8 @@ class MixedActivation(nn.Module):
         norm = (
             "" if self.candidate_norm == "standard" else f", candidate_norm={self.candidate_norm!r}"
         )
-        return f"{self.num_features}, pool={self.pool}, dim={self.dim}, tau={self.tau}{norm}"
+        layer = ", granularity='layer'" if self.granularity == "layer" else ""
+        return f"{self.num_features}, pool={self.pool}, dim={self.dim}, tau={self.tau}{norm}{layer}"
 
     def candidates(self) -> tuple[tuple[Activation, ...], tuple[tuple[Activation, ...], Tensor]]:
         """The pool's activations and batch-sum basis with ``afu`` bound to this layer's unit."""
@@ -331,6 +342,8 @@ class MixedActivation(nn.Module):
             soft, choice = gumbel_softmax_sample(logits, self.tau)  # (K, n), (n,)
             if self.logit_grad_norm == "candidate" and soft.requires_grad:
                 soft.register_hook(_normalise_candidates)
+            if self.granularity == "layer":  # the layer's one draw, for every feature
+                soft, choice = soft.expand(-1, self.num_features), choice.expand(self.num_features)
         else:  # evaluation: argmax of the logits, no noise, computed as the frozen layer does
             groups = _groups(self.choice(), len(self.pool))
             return _apply_groups(x, self.dim, groups, self.candidates()[0], self.transform)
@@ -380,7 +393,7 @@ class MixedActivation(nn.Module):
 
     def choice(self) -> Tensor:
         """argmax of the logits, (n,) int64: the activation index each feature would freeze to."""
-        return self.logits.detach().argmax(dim=-1)
+        return self.logits.detach().argmax(dim=-1).expand(self.num_features)
 
     def activation_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.choice(), minlength=len(self.pool)).tolist()

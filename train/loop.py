@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from smartmixed import contract
-from smartmixed.nn import AFUnit, selection_logits
+from smartmixed.nn import AFUnit, MixedActivation, mixed_layers, selection_logits
 from smartmixed.nn.pool import afu_apply, afu_init, get_activation, parse_pool
 from smartmixed.train import artifacts, report
 from smartmixed.train.data import Dataset
@@ -57,6 +57,7 @@ from smartmixed.train.distributed import (
 )
 from smartmixed.train.model import (
     CANDIDATE_NORMS,
+    GRANULARITIES,
     LOGIT_GRAD_NORMS,
     MixedConvNet,
     MixedMLP,
@@ -78,6 +79,10 @@ SELECT_RULES = ("val-loss", "val-accuracy", "last")
 # step on batches of a slice of the training split that the weights never see (first-order
 # DARTS), so a choice must pay off on data the weights did not fit
 SELECTIONS = ("joint", "bilevel")
+# argmax: every feature freezes to its logits' argmax; removal: first, activations are removed
+# from layers while a removal lowers the held-out loss (selection by removal, Wang et al. 2021)
+FREEZE_RULES = ("argmax", "removal")
+REMOVED_GAP = 1e4  # a removed activation's logits: this far below the layer's lowest
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
 # The protocols: every TrainConfig field a protocol sets, with the paper's value; the others
@@ -134,6 +139,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "phase2_norm": PHASE2_NORMS,
     "select": SELECT_RULES,
     "selection": SELECTIONS,
+    "freeze_rule": FREEZE_RULES,
+    "granularity": GRANULARITIES,
     "candidate_norm": CANDIDATE_NORMS,
     "logit_grad_norm": LOGIT_GRAD_NORMS,
     "protocol": tuple(PROTOCOLS),
@@ -254,6 +261,12 @@ class TrainConfig:
         "candidates from the start"
     )
     logit_init_std: float = flag("std of the initial activation logits, 0: all equal", default=0.0)
+    granularity: str = flag(
+        "feature: every hidden neuron (conv channel) chooses its own activation; layer: one "
+        "choice per hidden layer (one logit vector, one draw per forward), the per-layer search "
+        "the per-neuron mix is measured against",
+        default="feature",
+    )
     selection: str = flag(
         "joint: the logits step on the training batches, as the weights do; bilevel: on a "
         "held-out slice of the training split the weights never see (--selection-holdout), one "
@@ -263,6 +276,13 @@ class TrainConfig:
         "bilevel: the share of the training split held out for the logit steps in phase 1; "
         "phase 2 trains on all of it",
         metavar="FRACTION",
+    )
+    freeze_rule: str = flag(
+        "argmax: each neuron freezes to its logits' argmax; removal (with --selection bilevel): "
+        "first, one (layer, activation) at a time, the removal that lowers the loss on the "
+        "held-out slice the most, until none lowers it; the neurons of a removed activation fall "
+        "back to their next-best (selection by removal, Wang et al. 2021)",
+        default="argmax",
     )
     logit_prior: str | None = flag(
         "every phase-1 logit of ACTIVATION starts GAP above the others, a prior toward it that "
@@ -342,6 +362,11 @@ class TrainConfig:
                 f"{self.selection_holdout}"
             )
         self.prior()  # refuses a malformed --logit-prior now, not at phase 1
+        if self.freeze_rule == "removal" and self.selection != "bilevel":
+            raise TrainError(
+                "--freeze-rule removal measures removals on bilevel selection's held-out rows: "
+                f"it needs --selection bilevel, got --selection {self.selection}"
+            )
         if all(n == 0 for _, n in self.phases()):
             raise TrainError("the run has no epochs to train")
         positive = {
@@ -649,7 +674,14 @@ def _build(
     layered = config.layers is not None
     if phase == "selective":
         # the selective network's options are TrainConfig fields of the same names
-        names = ("logit_init_std", "candidate_norm", "clamp", "eval_noise", "logit_grad_norm")
+        names = (
+            "logit_init_std",
+            "candidate_norm",
+            "clamp",
+            "eval_noise",
+            "logit_grad_norm",
+            "granularity",
+        )
         options = {name: getattr(config, name) for name in names}
         options |= {"preprocessing": pre, "tau": config.tau_at(0), "afu": config.afu}
         if layered:
@@ -785,6 +817,41 @@ def _check_fits_data(config: TrainConfig, dataset: Dataset) -> tuple[int, ...]:
             f"{shape} images, and the data has {classes} classes"
         )
     return tuple(shape)
+
+
+@torch.no_grad()
+def remove_activations(model: SelectiveNetwork, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
+    """Selection by removal (after Wang et al., ICLR 2021), per (layer, activation): greedily,
+    remove the activation whose removal from its layer lowers the loss of ``model``'s argmax
+    network on (x, y) the most, while one does; the features that had chosen it fall back to
+    their next-best logit. Only activations some feature chose are tried, and every layer keeps
+    one. A removal sets that column of the layer's logits below every other. Returns the
+    removals in order: layer, activation and the loss after it."""
+    layers = [layer for _, layer in mixed_layers(model)]
+    best, _ = evaluate(model, x, y)
+    removed: list[dict[str, Any]] = []
+    gone = [set() for _ in layers]
+
+    def without(layer: MixedActivation, k: int) -> Tensor:
+        column = layer.logits[:, k].clone()
+        layer.logits[:, k] = layer.logits.min() - REMOVED_GAP
+        return column
+
+    while True:
+        trials = []
+        for index, layer in enumerate(layers):
+            if len(gone[index]) + 1 >= len(layer.pool):
+                continue
+            for k in sorted(set(layer.choice().tolist())):
+                column = without(layer, k)
+                trials.append((evaluate(model, x, y)[0], index, k))
+                layer.logits[:, k] = column
+        if not trials or min(trials)[0] >= best:
+            return removed
+        best, index, k = min(trials)
+        without(layers[index], k)
+        gone[index].add(k)
+        removed.append({"layer": index, "activation": layers[index].pool[k], "loss": best})
 
 
 def _phase_rows(
@@ -925,6 +992,11 @@ class _Run:
         selective = _build(self.config, "selective", self.dataset, None).to(self.dev)
         selective.load_state_dict(self.phase.kept)
         selective.eval_noise = False  # the frozen mix is the logits' argmax, whatever the protocol
+        removed = None
+        if self.config.freeze_rule == "removal":
+            held_out = _phase_rows(self.config, "selective", data)[2]
+            assert held_out is not None, "TrainConfig refuses removal without bilevel selection"
+            removed = remove_activations(selective, *held_out)
         val_loss, val_acc = evaluate(selective, data["x_val"], data["y_val"])
         test_loss, test_acc = evaluate(selective, data["x_test"], data["y_test"])
         state.phase1 = {
@@ -936,6 +1008,8 @@ class _Run:
             "test_accuracy": test_acc,
             "activation_counts": selective.activation_counts(),
         }
+        if removed is not None:
+            state.phase1["removed"] = removed
         return selective
 
     def _train_phase(

@@ -59,6 +59,7 @@ from smartmixed.contract import (  # noqa: F401
 from smartmixed.nn import FrozenMixedActivation, MixedActivation, set_temperature
 from smartmixed.nn.layers import (  # noqa: F401  (the option names, re-exported for the CLI)
     CANDIDATE_NORMS,
+    GRANULARITIES,
     LOGIT_GRAD_NORMS,
     AFUnit,
     CandidateTransform,
@@ -206,6 +207,7 @@ class SelectiveNetwork(_Network):
         clamp: float | None = None,
         eval_noise: bool = False,
         logit_grad_norm: str = "none",
+        granularity: str = "feature",
     ) -> None:
         """The options from ``tau`` on are every ``MixedActivation``'s (smartmixed.nn documents
         them); a subclass builds its layers, then the mixed ones with ``_mixed_layers``."""
@@ -217,6 +219,7 @@ class SelectiveNetwork(_Network):
             "clamp": clamp,
             "eval_noise": eval_noise,
             "logit_grad_norm": logit_grad_norm,
+            "granularity": granularity,
         }
 
     def _mixed_layers(

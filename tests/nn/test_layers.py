@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smartmixed.contract import SpecError
 from smartmixed.nn import (
     FrozenFileError,
     FrozenMixedActivation,
@@ -160,11 +161,16 @@ def _candidate(layer: MixedActivation, k: int, z: torch.Tensor) -> torch.Tensor:
     ids=["neuron", "channel", "token"],
 )
 @pytest.mark.parametrize("norm", ["standard", "none"])
-def test_module_gradients_equal_textbook_straight_through(shape, dim, norm) -> None:
+@pytest.mark.parametrize("granularity", ["feature", "layer"])
+def test_module_gradients_equal_textbook_straight_through(shape, dim, norm, granularity) -> None:
     """Through the module, in float64: out, dL/dx and dL/dlogits equal autograd of
-    sum_k y_k h_k(x) with y = onehot(argmax s) - sg(s) + s, one y per feature along ``dim``."""
+    sum_k y_k h_k(x) with y = onehot(argmax s) - sg(s) + s, one y per feature along ``dim``
+    (granularity feature), or one y for the whole layer, every feature's term summed into its
+    one logit row (layer)."""
     n = shape[dim]
-    layer = MixedActivation(n, dim=dim, candidate_norm=norm, logit_init_std=1.0).double()
+    layer = MixedActivation(
+        n, dim=dim, candidate_norm=norm, logit_init_std=1.0, granularity=granularity
+    ).double()
     x = (torch.randn(shape, dtype=torch.float64) * 2).requires_grad_(True)
     target = torch.randn(shape, dtype=torch.float64)
     torch.manual_seed(3)
@@ -176,7 +182,9 @@ def test_module_gradients_equal_textbook_straight_through(shape, dim, norm) -> N
     y = F.one_hot(soft.argmax(-1), len(layer.pool)).to(soft) - soft.detach() + soft
     view = [1] * len(shape)
     view[dim] = n
-    reference = sum(y[:, k].reshape(view) * _candidate(layer, k, x) for k in range(len(layer.pool)))
+    reference = sum(
+        y[:, k].expand(n).reshape(view) * _candidate(layer, k, x) for k in range(len(layer.pool))
+    )
     ref_dx, ref_da = torch.autograd.grad((reference * target).sum(), (x, logits))
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(dx, ref_dx)
@@ -196,6 +204,27 @@ def test_training_forward_uses_one_candidate_per_channel_at_every_position() -> 
         torch.testing.assert_close(
             out[:, c], layer.acts[choice[c]].fn(x[:, c]), rtol=2e-7, atol=1e-7
         )
+
+
+def test_a_per_layer_choice_draws_one_activation_and_freezes_to_it() -> None:
+    layer = MixedActivation(32, granularity="layer", candidate_norm="none")
+    assert layer.logits.shape == (1, len(POOL))
+    x = torch.randn(8, 32) * 3
+    drawn = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = layer(x)
+        torch.manual_seed(seed)
+        _, (c,) = gumbel_softmax_sample(layer.logits, layer.tau)
+        torch.testing.assert_close(out, layer.acts[c].fn(x), rtol=2e-7, atol=1e-7)
+        drawn.add(int(c))
+    assert len(drawn) > 1  # uniform logits: the layer's draw changes between forwards
+    with torch.no_grad():
+        layer.logits[0, POOL.index("elu")] = 1.0
+    net = freeze(nn.Sequential(nn.Linear(4, 32), layer))
+    assert assignment(net) == {"1": ["elu"] * 32}
+    with pytest.raises(SpecError, match="granularity 'neuron'"):
+        MixedActivation(4, granularity="neuron")
 
 
 def test_eval_forward_is_the_deterministic_argmax() -> None:

@@ -1,4 +1,5 @@
-"""Bilevel selection and the logit prior (train/loop.py): what each step may change, in float64."""
+"""Bilevel selection, the logit prior, selection by removal and the per-layer choice
+(train/loop.py): what each step may change, in float64."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from smartmixed.nn.layers import GUMBEL_EPS, gumbel_softmax_sample
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
 from smartmixed.train import loop
 from smartmixed.train.data import load_dataset
-from smartmixed.train.loop import TrainConfig, TrainError, _phase_rows, train_epoch, train_run
+from smartmixed.train.loop import (
+    TrainConfig,
+    TrainError,
+    _phase_rows,
+    evaluate,
+    remove_activations,
+    train_epoch,
+    train_run,
+)
 from smartmixed.train.model import SelectiveMLP
 
 POOL = list(DEFAULT_POOL)
@@ -128,6 +137,11 @@ def test_the_prior_starts_the_named_candidate_ahead_by_its_gap() -> None:
         ({"logit_prior": "gelu=1"}, "--logit-prior 'gelu=1': 'gelu' is not in the pool"),
         ({"selection": "darts"}, "--selection 'darts': expected one of joint, bilevel"),
         ({"selection_holdout": 1.0}, "--selection-holdout is a fraction of the training split"),
+        (
+            {"freeze_rule": "removal", "selection": "joint"},
+            "--freeze-rule removal measures removals on bilevel selection's held-out rows",
+        ),
+        ({"granularity": "neuron"}, "--granularity 'neuron': expected one of feature, layer"),
     ],
 )
 def test_bad_selection_options_are_refused(options, message) -> None:
@@ -160,3 +174,53 @@ def test_a_bilevel_run_resumes_to_the_same_model(tmp_path: Path) -> None:
     assert resumed.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
     first = json.loads((tmp_path / "a" / "history.jsonl").read_text().splitlines()[0])
     assert set(first["logit_grad"]) == set(POOL)  # the instrument reads the held-out steps
+
+
+def test_removal_stops_where_no_removal_lowers_the_held_out_loss() -> None:
+    torch.manual_seed(4)
+    net = SelectiveMLP([6, 24, 16, 3], POOL, tau=TAU, logit_init_std=1.0).double()
+    x = torch.randn(64, 6, dtype=torch.float64) * 2
+    y = torch.randint(0, 3, (64,))
+    start = evaluate(net, x, y)[0]
+    removed = remove_activations(net, x, y)
+
+    losses = [start] + [r["loss"] for r in removed]
+    assert len(removed) >= 2 and all(b < a for a, b in zip(losses, losses[1:], strict=False))
+    assert evaluate(net, x, y)[0] == pytest.approx(losses[-1], abs=1e-12)
+    for r in removed:  # a removed activation is chosen by no feature of its layer
+        assert net.activations[r["layer"]].activation_counts()[r["activation"]] == 0
+    for layer in net.activations:  # the greedy stop: no further removal would lower the loss
+        for k in set(layer.choice().tolist()):
+            column = layer.logits[:, k].detach().clone()
+            with torch.no_grad():
+                layer.logits[:, k] = -1e9
+            assert evaluate(net, x, y)[0] >= losses[-1]
+            with torch.no_grad():
+                layer.logits[:, k] = column
+
+
+def test_a_run_records_its_removals_and_a_per_layer_run_freezes_one_activation_a_layer(
+    tmp_path: Path,
+) -> None:
+    data = load_dataset("digits")
+    options = {"arch": [64, 16, 8, 10], "p1_epochs": 2, "p2_epochs": 1, "lr": 3e-3, "seed": 1}
+    run = train_run(
+        config=TrainConfig(**options, freeze_rule="removal", logit_init_std=1.0),
+        dataset=data,
+        out=tmp_path / "removal",
+        progress=False,
+    )
+    phase1 = run.metrics["phase1"]
+    assert isinstance(phase1["removed"], list)
+    for r in phase1["removed"]:
+        assert phase1["activation_counts"][r["layer"]][r["activation"]] == 0
+        assert r["activation"] not in run.assignment[r["layer"]]
+    layered = train_run(
+        config=TrainConfig(**options, granularity="layer", logit_init_std=1.0),
+        dataset=data,
+        out=tmp_path / "layer",
+        progress=False,
+    )
+    assert [len(set(names)) for names in layered.assignment] == [1, 1]
+    spec = json.loads((tmp_path / "layer" / "model.json").read_text())
+    assert spec["training"]["granularity"] == "layer"
