@@ -82,7 +82,7 @@ SELECTIONS = ("joint", "bilevel")
 # argmax: every feature freezes to its logits' argmax; removal: first, activations are removed
 # from layers while a removal lowers the held-out loss (selection by removal, Wang et al. 2021)
 FREEZE_RULES = ("argmax", "removal")
-REMOVED_GAP = 1e4  # a removed activation's logits: this far below the layer's lowest
+REMOVED = -1e4  # a removed candidate's logits (removal, shrinking): no draw picks it
 REFERENCE_CLAMP = 10.0  # the reference code clamps phase-1 candidates to [-10, 10]
 
 # The protocols: every TrainConfig field a protocol sets, with the paper's value; the others
@@ -284,6 +284,12 @@ class TrainConfig:
         "back to their next-best (selection by removal, Wang et al. 2021)",
         default="argmax",
     )
+    shrink_to: int = flag(
+        "progressive shrinking: phase 1 removes from each hidden layer, at evenly spaced epochs, "
+        "the candidate of lowest mean probability over its features, until N are left; 0: off",
+        metavar="N",
+        default=0,
+    )
     logit_prior: str | None = flag(
         "every phase-1 logit of ACTIVATION starts GAP above the others, a prior toward it that "
         "the mix must overcome, e.g. relu=2",
@@ -362,6 +368,11 @@ class TrainConfig:
                 f"{self.selection_holdout}"
             )
         self.prior()  # refuses a malformed --logit-prior now, not at phase 1
+        if self.shrink_to and not 1 <= self.shrink_to <= len(self.pool):
+            raise TrainError(
+                f"--shrink-to {self.shrink_to}: expected 0 (off) or 1 to {len(self.pool)} (the "
+                "pool's size)"
+            )
         if self.freeze_rule == "removal" and self.selection != "bilevel":
             raise TrainError(
                 "--freeze-rule removal measures removals on bilevel selection's held-out rows: "
@@ -415,6 +426,17 @@ class TrainConfig:
         if self.mode == "smartmixed":
             return [("selective", self.p1_epochs), ("mixed", self.p2_epochs)]
         return [("fixed", self.epochs)]
+
+    def shrinks_after(self, epoch: int) -> int:
+        """How many candidates --shrink-to removes from every layer after phase-1 epoch
+        ``epoch`` (0-based): removal i of r = |pool| - N comes after epoch
+        round(i * p1_epochs / (r + 1)) - 1 (at least 0), so the last stretch trains the shrunk
+        pool."""
+        if not self.shrink_to:
+            return 0
+        r = len(self.pool) - self.shrink_to
+        after = (max(round(i * self.p1_epochs / (r + 1)) - 1, 0) for i in range(1, r + 1))
+        return sum(e == epoch for e in after)
 
     def logits_frozen_at(self, epoch: int) -> bool:
         """Whether phase-1 epoch ``epoch`` (0-based) is one of the first
@@ -825,16 +847,16 @@ def remove_activations(model: SelectiveNetwork, x: Tensor, y: Tensor) -> list[di
     remove the activation whose removal from its layer lowers the loss of ``model``'s argmax
     network on (x, y) the most, while one does; the features that had chosen it fall back to
     their next-best logit. Only activations some feature chose are tried, and every layer keeps
-    one. A removal sets that column of the layer's logits below every other. Returns the
+    one. A removal sets that column of the layer's logits to REMOVED. Returns the
     removals in order: layer, activation and the loss after it."""
     layers = [layer for _, layer in mixed_layers(model)]
     best, _ = evaluate(model, x, y)
     removed: list[dict[str, Any]] = []
-    gone = [set() for _ in layers]
+    gone = [_removed(layer) for layer in layers]
 
     def without(layer: MixedActivation, k: int) -> Tensor:
         column = layer.logits[:, k].clone()
-        layer.logits[:, k] = layer.logits.min() - REMOVED_GAP
+        layer.logits[:, k] = REMOVED
         return column
 
     while True:
@@ -852,6 +874,27 @@ def remove_activations(model: SelectiveNetwork, x: Tensor, y: Tensor) -> list[di
         without(layers[index], k)
         gone[index].add(k)
         removed.append({"layer": index, "activation": layers[index].pool[k], "loss": best})
+
+
+@torch.no_grad()
+def shrink(model: SelectiveNetwork, count: int) -> list[list[str]]:
+    """Progressive shrinking: remove from every layer of ``model`` the ``count`` remaining
+    candidates of lowest mean probability softmax(logits) over its features (their logits set
+    to REMOVED, so no draw picks them again). Returns the names removed, per layer."""
+    out = []
+    for _, layer in mixed_layers(model):
+        gone = _removed(layer)
+        share = torch.softmax(layer.logits, dim=-1).mean(0).tolist()
+        left = sorted((p, k) for k, p in enumerate(share) if k not in gone)
+        drop = [k for _, k in left[: min(count, len(left) - 1)]]
+        layer.logits[:, drop] = REMOVED
+        out.append([layer.pool[k] for k in drop])
+    return out
+
+
+def _removed(layer: MixedActivation) -> set[int]:
+    """The candidates removed from ``layer`` (their logits at REMOVED)."""
+    return set((layer.logits.detach().max(0).values <= REMOVED / 2).nonzero().flatten().tolist())
 
 
 def _phase_rows(
@@ -1069,6 +1112,8 @@ class _Run:
             freeze_logits=frozen,
             select=held_out,
         )
+        if selective and config.shrinks_after(state.phase_epoch):
+            result["shrunk"] = shrink(model, config.shrinks_after(state.phase_epoch))
         x_val, y_val = self.data["x_val"], self.data["y_val"]
         val_loss, val_acc = evaluate(model, x_val, y_val, double_softmax=config.double_softmax)
         seconds = time.perf_counter() - started

@@ -142,6 +142,7 @@ def test_the_prior_starts_the_named_candidate_ahead_by_its_gap() -> None:
             "--freeze-rule removal measures removals on bilevel selection's held-out rows",
         ),
         ({"granularity": "neuron"}, "--granularity 'neuron': expected one of feature, layer"),
+        ({"shrink_to": 7}, "--shrink-to 7: expected 0 (off) or 1 to 6 (the pool's size)"),
     ],
 )
 def test_bad_selection_options_are_refused(options, message) -> None:
@@ -224,3 +225,29 @@ def test_a_run_records_its_removals_and_a_per_layer_run_freezes_one_activation_a
     assert [len(set(names)) for names in layered.assignment] == [1, 1]
     spec = json.loads((tmp_path / "layer" / "model.json").read_text())
     assert spec["training"]["granularity"] == "layer"
+
+
+def test_shrinking_removes_the_least_likely_candidates_on_schedule(tmp_path: Path) -> None:
+    config = TrainConfig(arch=[64, 16, 8, 10], p1_epochs=10, shrink_to=2)
+    assert [config.shrinks_after(e) for e in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 0, 0]
+    short = TrainConfig(arch=[64, 16, 8, 10], p1_epochs=1, shrink_to=2)
+    assert short.shrinks_after(0) == 4  # every removal, however short phase 1 is
+    net = SelectiveMLP([5, 7, 3], POOL, tau=TAU, logit_init_std=1.0)
+    share = torch.softmax(net.activations[0].logits.detach(), -1).mean(0)
+    lowest = [POOL[k] for k in share.argsort()[:2].tolist()]
+    assert loop.shrink(net, 2)[0] == lowest
+
+    run = train_run(
+        config=TrainConfig(
+            arch=[64, 16, 8, 10], p1_epochs=5, p2_epochs=1, lr=3e-3, shrink_to=2, seed=2
+        ),
+        dataset=load_dataset("digits"),
+        out=tmp_path / "shrink",
+        progress=False,
+    )
+    history = [json.loads(line) for line in (tmp_path / "shrink" / "history.jsonl").open()]
+    shrunk = [r["shrunk"] for r in history if "shrunk" in r]
+    assert [r["phase_epoch"] for r in history if "shrunk" in r] == [0, 1, 2, 3]
+    for layer, names in enumerate(run.assignment):  # two candidates left, the rest removed
+        gone = {name for removal in shrunk for name in removal[layer]}
+        assert len(gone) == 4 and not gone & set(names)
