@@ -327,8 +327,21 @@ def write_report(run_dir: Path, spec: ModelSpec, history: Sequence[dict[str, Any
         lines.append(
             f"- selection: protocol `{t.get('protocol')}`, candidates "
             f"`{t.get('candidate_norm')}`, logit lr {t.get('logit_lr') or t.get('lr')}, "
-            f"tau {t.get('tau')} -> {t.get('tau_end') or t.get('tau')}"
+            f"tau {t.get('tau')} -> {t.get('tau_end') or t.get('tau')}, selection "
+            f"{t.get('selection', 'joint')}, choice per {t.get('granularity', 'feature')}"
         )
+        for r in p1.get("removed", []):
+            lines.append(
+                f"  - removed {r['activation']} from hidden layer {r['layer'] + 1} (held-out "
+                f"loss {r['loss']:.4f})"
+            )
+        shrunk = [r for r in history if r.get("shrunk")]
+        if shrunk:
+            steps = "; ".join(
+                f"epoch {r['epoch']}: " + ", ".join("/".join(names) for names in r["shrunk"])
+                for r in shrunk
+            )
+            lines.append(f"  - pools shrunk (per hidden layer): {steps}")
     if spec.afu is not None:
         a = spec.afu
         lines.append(
