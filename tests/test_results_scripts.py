@@ -293,6 +293,32 @@ def test_verdict_pairs_the_mix_with_each_architectures_best_fixed_activation() -
     assert "| a | 0.9200 | tanh 0.9500 | -3.00 [" in table and "| loss |" in table
 
 
+def test_search_pairs_each_variant_with_the_baselines_on_validation_only() -> None:
+    search = load_script(RESULTS / "verdict-2026-12" / "search.py")
+
+    def cell(arch, model, seed, val, chosen=True):
+        return {"archkey": arch, "model": model, "seed": seed, "val_accuracy": val,
+                "test_accuracy": 0.0, "chosen": chosen}  # fmt: skip
+
+    cells = [
+        cell("a", "relu", 0, 0.90), cell("a", "relu", 1, 0.92),
+        cell("a", "leaky_relu", 0, 0.91), cell("a", "leaky_relu", 1, 0.91),
+        cell("a", "sm-x", 0, 0.93), cell("a", "sm-x", 1, 0.91), cell("a", "sm-x", 2, 0.99),
+        cell("a", "sm-y", 0, 0.80), cell("a", "sm-y", 1, 0.99, chosen=False),
+        cell("b", "relu", 0, 0.50), cell("b", "sm-x", 0, 0.56),
+    ]  # fmt: skip
+    rows = search.search_rows({"cells": cells})
+    assert [r["model"] for r in rows] == ["sm-x", "sm-y", "relu", "leaky_relu"]
+    x = rows[0]
+    assert x["paired"]["relu"][0] == pytest.approx((0.03 - 0.01 + 0.06) / 3)
+    assert x["paired"]["relu"][1] == 3  # seed 2 has no relu cell to pair with
+    assert x["paired"]["leaky_relu"] == (pytest.approx(0.01), 2)
+    assert x["mean"] == {"a": pytest.approx(0.9433333), "b": pytest.approx(0.56)}
+    assert rows[1]["paired"]["relu"] == (pytest.approx(-0.10), 1)  # the unchosen cell is out
+    table = search.render(rows)
+    assert "| sm-x | 0.9433 | 0.5600 | +2.67 (3) | +1.00 (2) |" in table
+
+
 @pytest.mark.slow  # four tiny training runs: over 2 s
 def test_phase1_cost_times_both_rules_on_the_same_seeds() -> None:
     cost = load_script(RESULTS / "verdict-2026-12" / "phase1-cost.py")
