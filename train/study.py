@@ -1,19 +1,28 @@
 """A seeded grid of training runs (architectures x models x seeds) and what it says.
 
-Each cell is an ordinary run folder, DIR/runs/<archkey>/<model>/seed<k> (with --tune-lr,
-DIR/runs/<archkey>/<model>/lr<rate>/seed<k>), trained by its own ``python -m smartmixed.train``
+Each cell is an ordinary run folder, DIR/runs/<archkey>/<model>/seed<k> (tuned:
+DIR/runs/<archkey>/<model>/<setting>/seed<k>), trained by its own ``python -m smartmixed.train``
 process. So a study resumes cell by cell (a folder holding model.json is done; one holding
 checkpoint.safetensors, a killed run, continues with --resume), runs on a cluster (``--plan``
 prints every cell's command) and is aggregated from the run folders alone (``--collect``).
 An architecture is a list of widths (an MLP) or a preset: an MLP preset, or a conv preset
 (contract.CONV_PRESETS, trained with ``--preset NAME``).
 
-Learning-rate tuning (``--tune-lr R1,R2,...``): every (architecture, model, seed) trains at each
-rate; per (architecture, model) the rate with the best mean validation accuracy of the final
-model over the seeds finished at that rate is chosen (ties: the smaller rate), and everything
-below uses the chosen rate's cells only. Test accuracy never takes part in the choice.
-``--tune-seeds N`` tunes on the first N seeds only; the other seeds train at the chosen rate
-alone, once every tuning cell of their (architecture, model) is complete.
+Tuning: ``--tune-lr R1,R2,...`` and ``--tune NAME=V1,V2,...`` (repeatable; NAME any
+smartmixed-train option the study does not set itself, e.g. tau or logit-lr) make a grid of
+settings, the product of the tuned options' values (--tune-lr's lr first, then the --tune options
+in the order given). Every (architecture, model, seed) trains at each setting, in the folder
+<setting> that spells it: each option's name then its value, joined by '_' (lr1e-3,
+lr1e-3_tau0.5; '_' is in no option name and no value, which are letters, digits and ._+- only).
+Per (architecture, model) the setting with the best mean validation accuracy of the final model
+over the seeds finished at that setting is chosen; ties (within TIE_TOLERANCE) go to the smaller
+value of the first option, then of the next, and so on, where a value that is not a number counts
+by its place in its --tune list (so --tune-lr alone keeps the smaller rate). Everything below
+uses the chosen setting's cells only; test accuracy never takes part in the choice.
+``--tune-seeds N`` tunes on the first N seeds only; the other seeds train at the chosen setting
+alone, once every tuning cell of their (architecture, model) is complete. With --tune-lr alone
+study.json keeps its learning-rate form (a cell's ``lr``, the tuning record's ``rates``); with
+--tune a cell records its ``setting``, {option: value as written}.
 
 Aggregation (DIR/study.{json,md,png}, rewritten after every finished cell):
 - per architecture and model: mean test accuracy over the seeds, sample std (ddof 1) and the
@@ -32,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import itertools
 import math
 import os
 import re
@@ -59,14 +70,18 @@ from smartmixed.contract import (
     resolve_preset,
     split_list,
 )
-from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL
+from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL, PoolError
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
-from smartmixed.train.auto import TIE_TOLERANCE, choose_rate, parse_rates
-from smartmixed.train.loop import TrainError
+
+# choose_rate, re-exported: the --tune-lr rule (--mode auto's too) that choose_setting generalises
+from smartmixed.train.auto import TIE_TOLERANCE, parse_rates
+from smartmixed.train.auto import choose_rate as choose_rate
+from smartmixed.train.loop import TrainConfig, TrainError
 
 
 class StudyError(ValueError):
-    """A study request that cannot run (bad --archs, --models, --variant, --seeds or train flags)."""
+    """A study request that cannot run (bad --archs, --models, --variant, --seeds, --tune or train
+    flags)."""
 
 
 SMARTMIXED = "smartmixed"
@@ -74,10 +89,10 @@ DEFAULT_MODELS: tuple[str, ...] = (*DEFAULT_POOL, SMARTMIXED)
 DEFAULT_ARCHS = "paper"
 DEFAULT_SEEDS = 3
 TABLE1_ARCHS = "table1"  # --archs shorthand for the 18 presets table1-1 .. table1-18
-RUNS = "runs"  # DIR/runs/<archkey>/<model>[/lr<rate>]/seed<k>
+RUNS = "runs"  # DIR/runs/<archkey>/<model>[/<setting>]/seed<k>
 # smartmixed-train options the study sets for every cell; variant and pass-through flags may not
-# (argparse dests). --mode is the model's: a variant may set it, the pass-through may not;
-# --lr is the study's with --tune-lr.
+# (argparse dests), nor may --tune. --mode is the model's: a variant may set it, the pass-through
+# and --tune may not; a tuned option is the study's too (--lr with --tune-lr).
 CELL_OPTIONS = (
     "data",
     "data_dir",
@@ -92,7 +107,11 @@ CELL_OPTIONS = (
     "list_presets",
 )
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a folder name on any filesystem
+VALUE_PATTERN = re.compile(r"[A-Za-z0-9._+-]+")  # a tuned value, part of a folder name
 STDERR_TAIL_LINES = 15
+# a cell's tuned options and their values as written, in the tuning's order: (("lr", "1e-3"),
+# ("tau", "0.5")) is the folder lr1e-3_tau0.5 and the flags --lr 1e-3 --tau 0.5
+Setting = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -115,32 +134,144 @@ class StudyModel:
         return self.mode.startswith("fixed:")
 
 
+def setting_folder(setting: Setting) -> str:
+    """lr1e-3_tau0.5: each option's name then its value, joined by '_' (in no name or value)."""
+    return "_".join(f"{name}{value}" for name, value in setting)
+
+
+def setting_flags(setting: Setting) -> list[str]:
+    """--lr 1e-3 --tau 0.5: the smartmixed-train flags of a setting."""
+    return [text for name, value in setting for text in (f"--{name}", value)]
+
+
+def describe_setting(setting: Setting) -> str:
+    """'lr 1e-3, tau 0.5', as study.md shows a setting."""
+    return ", ".join(f"{name} {value}" for name, value in setting)
+
+
 @dataclass(frozen=True)
 class Cell:
     archkey: str
     arch: tuple[int, ...] | None  # an MLP's widths; None: the conv preset named archkey
     model: StudyModel
     seed: int
-    lr: str | None = None  # a --tune-lr rate as given; None: the rate the flags give
+    setting: Setting = ()  # the tuned options' values; (): untuned, the flags give them
 
     @property
     def group(self) -> tuple[str, str]:
-        """(archkey, model label): the cells a learning rate is chosen for."""
+        """(archkey, model label): the cells a setting is chosen for."""
         return self.archkey, self.model.label
 
     def folder(self, out: Path) -> Path:
         folder = out / RUNS / self.archkey / self.model.label
-        return (folder if self.lr is None else folder / f"lr{self.lr}") / f"seed{self.seed}"
+        if self.setting:
+            folder /= setting_folder(self.setting)
+        return folder / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class TunedOption:
+    """One tuned smartmixed-train option: its flag without the dashes (lr, logit-lr), its values
+    as written (they name the cells' folders), each value's tie key (a number's value, the
+    smaller winning a tie; otherwise its place in the list) and the study flag that tunes it."""
+
+    name: str
+    values: tuple[str, ...]
+    ties: tuple[float, ...]
+    numeric: bool  # every value a number: the smaller wins a tie
+    flag: str  # --tune-lr or --tune
+    text: str  # its argument: '1e-3,3e-3' or 'tau=0.5,1.0'
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def given(self) -> str:
+        """ "--tune 'tau=0.5,1.0'": the study flag, for messages."""
+        return f"{self.flag} {self.text!r}"
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """--tune-lr / --tune-seeds: the rates tried, the seeds the choice is made on, and the seeds
-    trained afterwards at the chosen rate alone (empty without --tune-seeds)."""
+    """--tune-lr / --tune / --tune-seeds: the options tuned (--tune-lr's lr first, then --tune's
+    in the order given), the seeds the choice is made on, and the seeds trained afterwards at
+    the chosen setting alone (empty without --tune-seeds)."""
 
-    rates: tuple[str, ...]
+    options: tuple[TunedOption, ...]
     seeds: tuple[int, ...]
     rest: tuple[int, ...]
+
+    @property
+    def rates_only(self) -> bool:
+        """--tune-lr alone: study.json keeps its learning-rate form (a cell's "lr": rate)."""
+        return len(self.options) == 1 and self.options[0].flag == "--tune-lr"
+
+    @property
+    def key(self) -> str:
+        """The key of a setting in a cell's record and a summary entry: "lr" or "setting"."""
+        return "lr" if self.rates_only else "setting"
+
+    def flags_record(self) -> dict[str, Any]:
+        """The flags in study.json's config, each when given: "tune_lr" (--tune-lr's rates) and
+        "tune" ({option: values}, in --tune's order)."""
+        record: dict[str, Any] = {}
+        for option in self.options:
+            if option.flag == "--tune-lr":
+                record["tune_lr"] = list(option.values)
+            else:
+                record.setdefault("tune", {})[option.name] = list(option.values)
+        return record
+
+    def settings(self) -> list[Setting]:
+        """The grid: the product of the options' values, the first option's changing slowest."""
+        names = [o.name for o in self.options]
+        return [
+            tuple(zip(names, values, strict=True))
+            for values in itertools.product(*(o.values for o in self.options))
+        ]
+
+    def tie_rule(self) -> str:
+        """'the smaller lr, then the select listed first', as study.md states the rule."""
+        return ", then ".join(
+            f"the smaller {o.name}" if o.numeric else f"the {o.name} listed first"
+            for o in self.options
+        )
+
+    def tie_key(self, setting: Setting) -> tuple[float, ...]:
+        """The order among settings of equal validation accuracy, the first chosen."""
+        return tuple(o.ties[o.values.index(v)] for o, (_, v) in zip(self.options, setting))
+
+    def to_json(self, setting: Setting) -> str | dict[str, str]:
+        """A setting in study.json: the rate with --tune-lr alone, else {option: value}."""
+        return setting[0][1] if self.rates_only else dict(setting)
+
+    def from_json(self, value: str | Mapping[str, str]) -> Setting:
+        """to_json's setting read back."""
+        return (("lr", value),) if isinstance(value, str) else tuple(value.items())
+
+    def setting_of(self, record: Mapping[str, Any]) -> Setting:
+        """The setting of a cell's (or a summary entry's) study.json record."""
+        return self.from_json(record[self.key])
+
+    def choice_json(self, choice: Mapping[str, Any]) -> dict[str, Any]:
+        """choose_settings' record of one group as study.json holds it: {"rates": {rate:
+        stats}, "chosen": rate, "complete"} with --tune-lr alone, else {"settings": [{"setting":
+        {option: value}, "mean_val_accuracy", "n"}], "chosen": {option: value}, "complete"}."""
+        stats = choice["settings"]
+        if self.rates_only:
+            tried: Any = {s[0][1]: v for s, v in stats.items()}
+        else:
+            tried = [{"setting": dict(s), **v} for s, v in stats.items()]
+        key = "rates" if self.rates_only else "settings"
+        chosen = self.to_json(choice["chosen"])
+        return {key: tried, "chosen": chosen, "complete": choice["complete"]}
+
+    def choice_from_json(self, choice: Mapping[str, Any]) -> dict[Setting, Mapping[str, Any]]:
+        """choice_json's stats per setting, read back."""
+        if self.rates_only:
+            return {(("lr", r),): v for r, v in choice["rates"].items()}
+        return {tuple(v["setting"].items()): v for v in choice["settings"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +283,10 @@ def parse_models(
     variants: Sequence[str] = (),
     *,
     reserved: Iterable[str] = CELL_OPTIONS,
+    tuned: Mapping[str, str] | None = None,
 ) -> list[StudyModel]:
     """--models names (activations: fixed baselines; smartmixed) then the --variant LABEL=FLAGS
-    (which may not set the ``reserved`` options)."""
+    (which may set neither the ``reserved`` options nor the ``tuned`` ones)."""
     names = split_list(models)
     parsed = []
     for name in names:
@@ -181,7 +313,7 @@ def parse_models(
             flags = shlex.split(flags_text)
         except ValueError as e:
             raise StudyError(f"--variant {label}: cannot split its flags ({e})") from None
-        given = check_train_flags(flags, f"--variant {label}", reserved=reserved)
+        given = check_train_flags(flags, f"--variant {label}", reserved=reserved, tuned=tuned)
         mode = given.get("mode", SMARTMIXED)
         if mode.startswith("fixed:") and mode.removeprefix("fixed:") not in ACTIVATIONS:
             raise StudyError(
@@ -199,10 +331,15 @@ def parse_models(
 
 
 def check_train_flags(
-    flags: Sequence[str], where: str, *, reserved: Iterable[str]
+    flags: Sequence[str],
+    where: str,
+    *,
+    reserved: Iterable[str],
+    tuned: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Parse ``flags`` with smartmixed-train's own parser: unknown flags, bad values and options
-    the study sets itself stop here, before any cell runs. Returns {dest: value} of those given."""
+    the study sets itself (``reserved``, and the ``tuned`` ones: dest -> the study flag tuning
+    it) stop here, before any cell runs. Returns {dest: value} of those given."""
     from smartmixed.train.cli import build_parser
 
     parser = build_parser()
@@ -216,9 +353,13 @@ def check_train_flags(
     if unknown:
         raise StudyError(f"{where}: smartmixed-train does not know {shlex.join(unknown)!r}")
     given = {k: v for k, v in vars(namespace).items() if v is not unset}
-    clash = [f"--{k.replace('_', '-')}" for k in given if k in set(reserved)]
+    tuned = tuned or {}
+    clash = [k for k in given if k in set(reserved) or k in tuned]
     if clash:
-        raise StudyError(f"{where}: {', '.join(clash)} is set by the study for every cell")
+        flags_text = ", ".join(f"--{k.replace('_', '-')}" for k in clash)
+        by = [tuned[k] for k in clash if k in tuned]
+        note = f" (tuned by {', '.join(by)})" if by else ""
+        raise StudyError(f"{where}: {flags_text} is set by the study for every cell{note}")
     return given
 
 
@@ -271,25 +412,149 @@ def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
 
 
 def parse_tuning(
-    tune_lr: str | Sequence[str] | None, tune_seeds: int | None, seeds: Sequence[int]
+    tune_lr: str | Sequence[str] | None,
+    tune_seeds: int | None,
+    seeds: Sequence[int],
+    *,
+    tune: Sequence[str] = (),
 ) -> Tuning | None:
-    """--tune-lr '1e-4,1e-3,3e-3' and --tune-seeds N -> Tuning (None without --tune-lr). Each
-    rate is kept as written: it names the cells' folders, lr<rate>."""
-    if tune_lr is None:
+    """--tune-lr '1e-4,1e-3,3e-3', --tune 'tau=0.5,1.0' (each) and --tune-seeds N -> Tuning
+    (None with neither --tune-lr nor --tune). Each value is kept as written: it names the cells'
+    folders (lr1e-3_tau0.5)."""
+    options: list[TunedOption] = []
+    if tune_lr is not None:
+        try:  # the rule smartmixed-train --mode auto --tune-lr shares
+            rates = parse_rates(tune_lr)
+        except TrainError as e:
+            raise StudyError(str(e)) from None
+        text = tune_lr if isinstance(tune_lr, str) else ",".join(tune_lr)
+        ties = tuple(float(r) for r in rates)
+        options.append(TunedOption("lr", rates, ties, True, "--tune-lr", text))
+    for text in tune:
+        option = parse_tuned_option(text)
+        earlier = next((o for o in options if o.name == option.name), None)
+        if earlier is not None:
+            raise StudyError(
+                f"{option.given}: {option.name} is tuned twice; expected each option once, "
+                f"got it also in {earlier.given}"
+            )
+        options.append(option)
+    if not options:
         if tune_seeds is not None:
-            raise StudyError("--tune-seeds needs --tune-lr (the rates to choose from)")
+            raise StudyError(
+                "--tune-seeds needs --tune-lr (the rates to choose from) or --tune (the "
+                "settings to choose from)"
+            )
         return None
-    try:  # the rule smartmixed-train --mode auto --tune-lr shares
-        rates = parse_rates(tune_lr)
-    except TrainError as e:
-        raise StudyError(str(e)) from None
     if tune_seeds is None:
-        return Tuning(tuple(rates), tuple(seeds), ())
+        return Tuning(tuple(options), tuple(seeds), ())
     if not 1 <= tune_seeds <= len(seeds):
         raise StudyError(
             f"--tune-seeds {tune_seeds}: expected 1..{len(seeds)} (the number of --seeds)"
         )
-    return Tuning(tuple(rates), tuple(seeds[:tune_seeds]), tuple(seeds[tune_seeds:]))
+    return Tuning(tuple(options), tuple(seeds[:tune_seeds]), tuple(seeds[tune_seeds:]))
+
+
+def parse_tuned_option(text: str) -> TunedOption:
+    """--tune 'tau=0.5,1.0' -> TunedOption('tau', ('0.5', '1.0'), ...): an option of
+    smartmixed-train that the study does not set itself, each value one its parser accepts,
+    folder-safe, finite if a number, and no two values the same (0.5 and .5 are)."""
+    from smartmixed.train.cli import build_parser
+
+    given = f"--tune {text!r}"
+    name, sep, values_text = (part.strip() for part in text.partition("="))
+    values = split_list(values_text)
+    if not (sep and name and values):
+        raise StudyError(
+            f"{given}: expected NAME=V1,V2,... (NAME a smartmixed-train option), e.g. tau=0.5,1.0"
+        )
+    actions = {
+        flag[2:]: action
+        for action in build_parser()._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and action.dest != "help"
+    }
+    if name not in actions:
+        close = difflib.get_close_matches(name, actions, n=1)
+        hint = f"; did you mean {close[0]}?" if close else " (smartmixed-train --help lists them)"
+        raise StudyError(
+            f"{given}: {name!r} is not an option of smartmixed-train; expected one of its "
+            f"flags without the dashes, e.g. tau or logit-lr{hint}"
+        )
+    dest = actions[name].dest
+    if dest == "tune_lr":
+        raise StudyError(
+            f"{given}: --tune-lr is --mode auto's own search; the study tunes the learning "
+            "rate with --tune-lr R1,R2 or --tune lr=R1,R2"
+        )
+    if dest in (*CELL_OPTIONS, "mode"):
+        raise StudyError(
+            f"{given}: --{name} is set by the study for every cell, so it cannot be tuned; "
+            "expected an option the study leaves to smartmixed-train's flags"
+        )
+    parsed = []
+    for value in values:
+        if not VALUE_PATTERN.fullmatch(value):
+            raise StudyError(
+                f"{given}: {value!r} cannot be part of a cell's folder name; expected values of "
+                "letters, digits and ._+- only"
+            )
+        number = check_train_flags([f"--{name}", value], given, reserved=())[dest]
+        if isinstance(number, float) and not math.isfinite(number):
+            raise StudyError(f"{given}: expected finite numbers, got {value!r}")
+        parsed.append(number)
+    for i, value in enumerate(parsed):
+        if value in parsed[:i]:
+            same = values[parsed.index(value)]
+            what = (
+                f"{same} is given twice"
+                if same == values[i]
+                else f"{same} and {values[i]} are the same value"
+            )
+            raise StudyError(f"{given}: {what}; expected distinct values")
+    numeric = all(isinstance(v, int | float) for v in parsed)
+    ties = tuple(float(v) for v in parsed) if numeric else tuple(map(float, range(len(parsed))))
+    return TunedOption(name, tuple(values), ties, numeric, "--tune", text)
+
+
+def check_settings(tuning: Tuning, models: Sequence[StudyModel], train_args: Sequence[str]) -> None:
+    """Every setting through TrainConfig's own checks as each model's cells get it (a small MLP
+    standing in for the architecture): a value smartmixed-train would refuse (--tau 0;
+    --freeze-rule removal without --selection bilevel) stops the study before any cell runs.
+    The error names the value when it fails alone too, else the setting; a model whose flags
+    fail without any setting is left to its cells' own errors."""
+    from smartmixed.train.cli import CONFIG_DESTS, build_parser
+
+    parser = build_parser()
+
+    def refusal(flags: list[str]) -> str | None:
+        args, _ = parser.parse_known_args(flags)  # check_train_flags has parsed each part
+        options = {dest: getattr(args, dest) for dest in CONFIG_DESTS}
+        try:
+            TrainConfig.from_protocol(args.protocol, **{**options, "arch": [4, 4, 2]})
+        except (TrainError, PoolError, SpecError) as e:
+            return str(e)
+        return None
+
+    for model in models:
+        base = [*model.mode_flags, *train_args, *model.flags]
+        if refusal(base) is not None:
+            continue
+        for setting in tuning.settings():
+            error = refusal([*base, *setting_flags(setting)])
+            if error is None:
+                continue
+            for option, (name, value) in zip(tuning.options, setting, strict=True):
+                alone = refusal([*base, f"--{name}", value])
+                if alone is not None:
+                    raise StudyError(
+                        f"{option.given}: smartmixed-train refuses --{name} {value} for model "
+                        f"{model.label} ({alone})"
+                    )
+            raise StudyError(
+                f"--tune: smartmixed-train refuses the setting "
+                f"{shlex.join(setting_flags(setting))!r} for model {model.label} ({error})"
+            )
 
 
 def plan_cells(
@@ -297,14 +562,14 @@ def plan_cells(
     models: Sequence[StudyModel],
     seeds: Sequence[int],
     *,
-    rates: Sequence[str | None] = (None,),
+    settings: Sequence[Setting] = ((),),
 ) -> list[Cell]:
-    """Every cell, architecture-major, then model, then rate, then seed (the order of --plan)."""
+    """Every cell, architecture-major, then model, then setting, then seed (the order of --plan)."""
     return [
-        Cell(key, None if arch is None else tuple(arch), model, seed, rate)
+        Cell(key, None if arch is None else tuple(arch), model, seed, setting)
         for key, arch in archs.items()
         for model in models
-        for rate in rates
+        for setting in settings
         for seed in seeds
     ]
 
@@ -312,13 +577,13 @@ def plan_cells(
 def rest_cells(
     cells: Sequence[Cell], records: Mapping[Cell, Mapping[str, Any]], tuning: Tuning
 ) -> tuple[list[Cell], int]:
-    """(the cells of the seeds after --tune-seeds, at their (architecture, model)'s chosen rate,
-    for every group whose tuning cells are all complete; the number of cells still waiting for
-    a choice)."""
+    """(the cells of the seeds after --tune-seeds, at their (architecture, model)'s chosen
+    setting, for every group whose tuning cells are all complete; the number of cells still
+    waiting for a choice)."""
     groups: dict[tuple[str, str], Cell] = {}
     for cell in cells:
         groups.setdefault(cell.group, cell)
-    choices = choose_rates([records[c] for c in cells if c in records], tuning)
+    choices = choose_settings([records[c] for c in cells if c in records], tuning)
     rest, waiting = [], 0
     for group, first in groups.items():
         choice = choices.get(group)
@@ -349,7 +614,7 @@ def cell_command(
         command += ["--arch", ",".join(map(str, cell.arch))]
     command += cell.model.mode_flags
     command += ["--seed", str(cell.seed), "--out", str(folder), "--quiet"]
-    command += [] if cell.lr is None else ["--lr", cell.lr]
+    command += setting_flags(cell.setting)
     command += [*train_args, *cell.model.flags]
     if (folder / CHECKPOINT).exists() and not (folder / MODEL_SPEC).exists():
         command.append("--resume")
@@ -370,6 +635,7 @@ def run_study(
     archs: str = DEFAULT_ARCHS,
     seeds: int | str | Sequence[int] = DEFAULT_SEEDS,
     tune_lr: str | Sequence[str] | None = None,
+    tune: Sequence[str] = (),
     tune_seeds: int | None = None,
     jobs: int = 1,
     train_args: Sequence[str] = (),
@@ -380,13 +646,14 @@ def run_study(
     """Train the cells not yet complete (``jobs`` at a time), aggregating after each one.
 
     ``plan``: train nothing, return every cell's command. ``collect``: train nothing, aggregate
-    the complete cells. ``tune_lr`` (rates as text, e.g. "1e-4,1e-3"): every cell at each rate,
-    the best mean validation accuracy's rate per (architecture, model) kept; ``tune_seeds``: the
-    choice on the first N seeds, the others trained at the chosen rate once it is final (so
+    the complete cells. ``tune_lr`` (rates as text, e.g. "1e-4,1e-3") and ``tune`` (each
+    "NAME=V1,V2", e.g. "tau=0.5,1.0"): every cell at each setting of the grid they make, the best
+    mean validation accuracy's setting per (architecture, model) kept; ``tune_seeds``: the
+    choice on the first N seeds, the others trained at the chosen setting once it is final (so
     ``plan`` lists them only for the groups whose tuning cells are all complete). Returns
     {"commands", "trained", "skipped", "failed", "waiting", "study", "paths"}; ``failed`` lists
     {"run", "command", "returncode", "stderr_tail"} per failing cell, ``waiting`` counts the
-    cells whose rate is not chosen yet, and ``study`` is what study.json holds (None when no
+    cells whose setting is not chosen yet, and ``study`` is what study.json holds (None when no
     cell is complete).
     """
     out = Path(out)
@@ -398,16 +665,19 @@ def run_study(
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} exists and is not a folder")
     seed_list = parse_seeds(seeds)
-    tuning = parse_tuning(tune_lr, tune_seeds, seed_list)
-    reserved = CELL_OPTIONS if tuning is None else (*CELL_OPTIONS, "lr")
-    study_models = parse_models(models, variants, reserved=reserved)
+    tuning = parse_tuning(tune_lr, tune_seeds, seed_list, tune=tune)
+    tuned = {} if tuning is None else {o.dest: o.given for o in tuning.options}
+    study_models = parse_models(models, variants, tuned=tuned)
     arch_map = parse_archs(archs)
     train_args = list(train_args)
-    check_train_flags(train_args, "-- (pass-through flags)", reserved=(*reserved, "mode"))
+    check_train_flags(
+        train_args, "-- (pass-through flags)", reserved=(*CELL_OPTIONS, "mode"), tuned=tuned
+    )
     if tuning is None:
         cells = plan_cells(arch_map, study_models, seed_list)
     else:
-        cells = plan_cells(arch_map, study_models, tuning.seeds, rates=tuning.rates)
+        check_settings(tuning, study_models, train_args)
+        cells = plan_cells(arch_map, study_models, tuning.seeds, settings=tuning.settings())
     config: dict[str, Any] = {
         "data": data,
         "data_dir": None if data_dir is None else str(data_dir),
@@ -421,7 +691,7 @@ def run_study(
         "seeds": seed_list,
     }
     if tuning is not None:
-        config |= {"tune_lr": list(tuning.rates), "tune_seeds": tune_seeds}
+        config |= tuning.flags_record() | {"tune_seeds": tune_seeds}
     config |= {"jobs": jobs, "train_args": train_args, "out": str(out)}
     config["command"] = study_command(config)
     study = _Study(cells, models=study_models, tuning=tuning, config=config, progress=progress)
@@ -430,7 +700,7 @@ def run_study(
 
 class _Study:
     """A study under way: its cells (the tuning cells, then, with --tune-seeds, the other
-    seeds' once their rate is final), the study.json records of the complete ones, and what
+    seeds' once their setting is final), the study.json records of the complete ones, and what
     ``run_study`` returns, filled in as it goes (``outcome``)."""
 
     def __init__(
@@ -457,7 +727,7 @@ class _Study:
         }
 
     def plan(self) -> dict[str, Any]:
-        """Every cell's command; the rest's once their rate is final (it needs the records)."""
+        """Every cell's command; the rest's once their setting is final (it needs the records)."""
         if self.tuning is not None and self.tuning.rest:
             self.read_complete(self.cells)
             self.add_rest()
@@ -471,10 +741,10 @@ class _Study:
         self.outcome["skipped"] = len(self.records)
         if not collect:
             self.train([c for c in self.cells if c not in self.records], "study")
-            # --tune-seeds: the other seeds, at the rates the finished tuning cells chose
+            # --tune-seeds: the other seeds, at the settings the finished tuning cells chose
             rest = [c for c in self.add_rest() if c not in self.records]
             if rest:
-                self.train(rest, "study (chosen rate)")
+                self.train(rest, "study (chosen setting)")
         if not self.outcome["paths"]:
             self.write()
         return self.outcome
@@ -493,10 +763,10 @@ class _Study:
     def read_complete(self, cells: Iterable[Cell]) -> None:
         for cell in cells:
             if (cell.folder(self.out) / MODEL_SPEC).exists():
-                self.records[cell] = read_cell(cell, self.out)
+                self.records[cell] = read_cell(cell, self.out, self.tuning)
 
     def add_rest(self) -> list[Cell]:
-        """The cells of the seeds after --tune-seeds whose rate has just become final."""
+        """The cells of the seeds after --tune-seeds whose setting has just become final."""
         if self.tuning is None or not self.tuning.rest:
             return []
         rest, self.outcome["waiting"] = rest_cells(self.tuning_cells, self.records, self.tuning)
@@ -524,7 +794,7 @@ class _Study:
             for cell, done in run_cells(commands, jobs=jobs):
                 bar.update(1)
                 if done.returncode == 0:
-                    self.records[cell] = read_cell(cell, self.out)
+                    self.records[cell] = read_cell(cell, self.out, self.tuning)
                     self.outcome["trained"] += 1
                     self.write()
                 else:
@@ -572,8 +842,9 @@ def run_cells(
                 future.cancel()
 
 
-def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
-    """One complete cell's record for study.json, from its model.json."""
+def read_cell(cell: Cell, out: Path, tuning: Tuning | None = None) -> dict[str, Any]:
+    """One complete cell's record for study.json, from its model.json (which must hold a run at
+    the cell's setting)."""
     folder = cell.folder(out)
     try:
         spec = load_spec(folder)
@@ -592,10 +863,13 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
             f"cell {folder} holds a run of {held}, the study expects {list(cell.arch)}; "
             f"move it away or use another --out"
         )
-    if cell.lr is not None and spec.training.get("lr") != float(cell.lr):
+    differs = setting_differs(spec.training, cell.setting)
+    if differs is not None:
+        name, recorded, value = differs
+        what = "learning rate" if name == "lr" else f"--{name}"
         raise StudyError(
-            f"cell {folder} holds a run at learning rate {spec.training.get('lr')}, the study "
-            f"expects {cell.lr}; move it away or use another --out"
+            f"cell {folder} holds a run at {what} {recorded}, the study expects {value}; move "
+            "it away or use another --out"
         )
     m = spec.metrics
     record = {
@@ -603,7 +877,7 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
         "archkey": cell.archkey,
         "model": cell.model.label,
         "seed": cell.seed,
-        **({} if cell.lr is None else {"lr": cell.lr}),
+        **({} if tuning is None else {tuning.key: tuning.to_json(cell.setting)}),
         "test_accuracy": m["test_accuracy"],
         "val_accuracy": m["val_accuracy"],
         "run": str(folder),
@@ -615,6 +889,30 @@ def read_cell(cell: Cell, out: Path) -> dict[str, Any]:
             for counts in spec.activation_counts()
         ]
     return record
+
+
+def setting_differs(training: Mapping[str, Any], setting: Setting) -> tuple[str, Any, str] | None:
+    """(option, recorded value, the setting's value) of the first tuned option that model.json's
+    ``training`` records otherwise; None when all agree. Options model.json does not record
+    (--device, --label-column) and those it records as lists (--pool: a fixed run keeps its one
+    activation) are not compared."""
+    from smartmixed.train.cli import CONFIG_DESTS
+
+    for name, value in setting:
+        dest = name.replace("-", "_")
+        recorded = training.get(dest)
+        if dest not in CONFIG_DESTS or isinstance(recorded, list | dict):
+            continue
+        if isinstance(recorded, int | float) and not isinstance(recorded, bool):
+            try:
+                same = float(value) == recorded
+            except ValueError:
+                same = False
+        else:
+            same = recorded == value
+        if not same:
+            return name, recorded, value
+    return None
 
 
 def study_command(config: Mapping[str, Any]) -> str:
@@ -640,8 +938,10 @@ def study_command(config: Mapping[str, Any]) -> str:
         command += ["--seeds", ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")]
     if "tune_lr" in config:
         command += ["--tune-lr", ",".join(config["tune_lr"])]
-        if config["tune_seeds"] is not None:
-            command += ["--tune-seeds", str(config["tune_seeds"])]
+    for name, values in config.get("tune", {}).items():
+        command += ["--tune", f"{name}={','.join(values)}"]
+    if config.get("tune_seeds") is not None:
+        command += ["--tune-seeds", str(config["tune_seeds"])]
     if config["jobs"] != 1:
         command += ["--jobs", str(config["jobs"])]
     if config["train_args"]:
@@ -713,44 +1013,63 @@ def summarize(accuracies: Sequence[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
-def choose_rates(
+def choose_setting(means: Mapping[Setting, float], tuning: Tuning) -> Setting:
+    """The setting of the best (mean) validation accuracy; of the settings whose accuracies are
+    equal to it (within TIE_TOLERANCE), the first by ``tuning.tie_key``: the smaller value of the
+    first option, then of the next, a value that is not a number counting by its place in its
+    list. With --tune-lr alone this is choose_rate's rule, the smaller rate."""
+    best = max(means.values())
+    return min((s for s, m in means.items() if m >= best - TIE_TOLERANCE), key=tuning.tie_key)
+
+
+def choose_settings(
     cells: Sequence[Mapping[str, Any]], tuning: Tuning
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(archkey, model): {"rates": {rate: {"mean_val_accuracy", "n"}}, "chosen", "complete"}}
-    for each group with a complete tuning cell (seed in tuning.seeds): per rate the mean
-    validation accuracy of the final models over its n finished seeds (None when n is 0), the
-    chosen rate, and whether every rate has every tuning seed (the choice is final)."""
-    val: dict[tuple[str, str], dict[str, list[float]]] = {}
+    """{(archkey, model): {"settings": {setting: {"mean_val_accuracy", "n"}}, "chosen",
+    "complete"}} for each group with a complete tuning cell (seed in tuning.seeds): per setting
+    the mean validation accuracy of the final models over its n finished seeds (None when n is
+    0), the chosen setting, and whether every setting has every tuning seed (the choice is
+    final). ``tuning.choice_json`` writes a record as study.json holds it."""
+    grid = tuning.settings()
+    val: dict[tuple[str, str], dict[Setting, list[float]]] = {}
     for c in cells:
         if c["seed"] in tuning.seeds:
-            per_rate = val.setdefault((c["archkey"], c["model"]), {r: [] for r in tuning.rates})
-            per_rate[c["lr"]].append(c["val_accuracy"])
+            per_setting = val.setdefault((c["archkey"], c["model"]), {s: [] for s in grid})
+            per_setting[tuning.setting_of(c)].append(c["val_accuracy"])
     choices = {}
-    for group, per_rate in val.items():
-        means = {r: sum(v) / len(v) for r, v in per_rate.items() if v}
+    for group, per_setting in val.items():
+        means = {s: sum(v) / len(v) for s, v in per_setting.items() if v}
         choices[group] = {
-            "rates": {
-                r: {"mean_val_accuracy": means.get(r), "n": len(v)} for r, v in per_rate.items()
+            "settings": {
+                s: {"mean_val_accuracy": means.get(s), "n": len(v)} for s, v in per_setting.items()
             },
-            "chosen": choose_rate(means),
-            "complete": all(len(v) == len(tuning.seeds) for v in per_rate.values()),
+            "chosen": choose_setting(means, tuning),
+            "complete": all(len(v) == len(tuning.seeds) for v in per_setting.values()),
         }
     return choices
+
+
+def config_tuning(config: Mapping[str, Any]) -> Tuning | None:
+    """The Tuning that study.json's config records (tune_lr, tune, tune_seeds)."""
+    tune = [f"{name}={','.join(values)}" for name, values in config.get("tune", {}).items()]
+    return parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"], tune=tune)
 
 
 def aggregate(
     cells: Sequence[dict[str, Any]], *, models: Sequence[StudyModel], config: dict[str, Any]
 ) -> dict[str, Any]:
-    """What study.json holds: cells, summary, ranks, mrr, paired, config. With --tune-lr also
-    tuning ({archkey: {model: choose_rates' record}}); every cell is listed, "chosen" marking
-    those at their group's chosen rate, and summary, ranks, mrr and paired use those alone."""
+    """What study.json holds: cells, summary, ranks, mrr, paired, config. Tuned, also tuning
+    ({archkey: {model: choose_settings' record, as Tuning.choice_json writes it}}); every cell
+    is listed, "chosen" marking those at their group's chosen setting, and summary, ranks, mrr
+    and paired use those alone."""
     labels = [m.label for m in models]
-    tuning = parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"])
+    tuning = config_tuning(config)
     choices: dict[tuple[str, str], dict[str, Any]] = {}
     if tuning is not None:
-        choices = choose_rates(cells, tuning)
+        choices = choose_settings(cells, tuning)
+        chosen = {group: choice["chosen"] for group, choice in choices.items()}
         cells = [
-            {**c, "chosen": c["lr"] == choices[c["archkey"], c["model"]]["chosen"]} for c in cells
+            {**c, "chosen": tuning.setting_of(c) == chosen[c["archkey"], c["model"]]} for c in cells
         ]
     used = [c for c in cells if c.get("chosen", True)]
     summary: dict[str, dict[str, Any]] = {}
@@ -767,11 +1086,15 @@ def aggregate(
         summary[key] = {label: {**s, "rank": ranks[key][label]} for label, s in stats.items()}
         if tuning is not None:
             for label, s in summary[key].items():
-                s["lr"] = choices[key, label]["chosen"]
+                s[tuning.key] = tuning.to_json(choices[key, label]["chosen"])
     result: dict[str, Any] = {"cells": list(cells)}
     if tuning is not None:
         result["tuning"] = {
-            key: {label: choices[key, label] for label in labels if (key, label) in choices}
+            key: {
+                label: tuning.choice_json(choices[key, label])
+                for label in labels
+                if (key, label) in choices
+            }
             for key in config["archs"]
             if any(k == key for k, _ in choices)
         }
@@ -794,9 +1117,8 @@ def aggregate(
 
 def render_markdown(study: Mapping[str, Any]) -> str:
     """study.md: the grid and its command, then per architecture the models' table (and the
-    rate choice), the mean reciprocal rank and the paired comparison with the baselines."""
-    config = study["config"]
-    tuning = parse_tuning(config.get("tune_lr"), config.get("tune_seeds"), config["seeds"])
+    choice of setting), the mean reciprocal rank and the paired comparison with the baselines."""
+    tuning = config_tuning(study["config"])
     lines = _header_lines(study, tuning)
     for key, per_model in study["summary"].items():
         lines += _architecture_lines(study, key, per_model, tuning)
@@ -809,15 +1131,18 @@ def _header_lines(study: Mapping[str, Any], tuning: Tuning | None) -> list[str]:
     config = study["config"]
     if tuning is None:
         per_group = len(config["seeds"])
-    else:  # every rate on the tuning seeds, the chosen one on the rest
-        per_group = len(tuning.rates) * len(tuning.seeds) + len(tuning.rest)
+    else:  # every setting on the tuning seeds, the chosen one on the rest
+        per_group = len(tuning.settings()) * len(tuning.seeds) + len(tuning.rest)
     n_cells = len(config["archs"]) * len(config["models"]) * per_group
     grid = f"{len(config['archs'])} architectures x {len(config['models'])} models x "
     if tuning is None:
         grid += f"{len(config['seeds'])} seeds {config['seeds']}"
     else:
-        grid += f"{len(tuning.rates)} learning rates x seeds {list(tuning.seeds)}"
-        grid += f", then the chosen rate x seeds {list(tuning.rest)}" if tuning.rest else ""
+        settings, chosen = (
+            ("learning rates", "rate") if tuning.rates_only else ("settings", "setting")
+        )
+        grid += f"{len(tuning.settings())} {settings} x seeds {list(tuning.seeds)}"
+        grid += f", then the chosen {chosen} x seeds {list(tuning.rest)}" if tuning.rest else ""
     lines = [
         f"# Study: {config['data']}",
         "",
@@ -828,43 +1153,57 @@ def _header_lines(study: Mapping[str, Any], tuning: Tuning | None) -> list[str]:
         config["command"],
         "```",
     ]
-    if tuning is not None:
-        on = f"seeds {list(tuning.seeds)}"
-        if tuning.rest:
-            on += (
-                f" (the first {len(tuning.seeds)} of {len(config['seeds'])}; seeds "
-                f"{list(tuning.rest)} trained at the chosen rate only)"
-            )
-        lines += [
-            "",
-            f"Learning rate tuned: {', '.join(tuning.rates)} tried; per architecture and model "
-            f"the rate with the best mean validation accuracy of the final model on {on} is "
-            "chosen (ties: the smaller rate). Test accuracy takes no part in the choice; the "
-            "tables, ranks, MRR and paired comparison use the chosen rate's cells only.",
-        ]
-    return lines
+    return lines if tuning is None else [*lines, "", _tuning_text(tuning, len(config["seeds"]))]
+
+
+def _tuning_text(tuning: Tuning, n_seeds: int) -> str:
+    """The paragraph that says what was tuned, on which seeds, and the rule of the choice."""
+    chosen = "rate" if tuning.rates_only else "setting"
+    on = f"seeds {list(tuning.seeds)}"
+    if tuning.rest:
+        on += (
+            f" (the first {len(tuning.seeds)} of {n_seeds}; seeds {list(tuning.rest)} trained "
+            f"at the chosen {chosen} only)"
+        )
+    if tuning.rates_only:
+        tried = f"Learning rate tuned: {', '.join(tuning.options[0].values)} tried"
+        ties = "the smaller rate"
+    else:
+        grid = " x ".join(f"{o.name} {', '.join(o.values)}" for o in tuning.options)
+        tried = f"Tuned: {grid} ({len(tuning.settings())} settings) tried"
+        ties = tuning.tie_rule()
+    return (
+        f"{tried}; per architecture and model the {chosen} with the best mean validation "
+        f"accuracy of the final model on {on} is chosen (ties: {ties}). Test accuracy takes no "
+        f"part in the choice; the tables, ranks, MRR and paired comparison use the chosen "
+        f"{chosen}'s cells only."
+    )
 
 
 def _architecture_lines(
     study: Mapping[str, Any], key: str, per_model: Mapping[str, Any], tuning: Tuning | None
 ) -> list[str]:
-    """One architecture's table of models by rank (and its rate choice, with --tune-lr)."""
+    """One architecture's table of models by rank (tuned: each model's chosen setting, one
+    column per option, then the table of the choice)."""
     arch = study["config"]["archs"][key]
     if arch and isinstance(arch[0], dict):  # a conv preset: its arch follows from the data
         arch = next(c["arch"] for c in study["cells"] if c["archkey"] == key)
         lines = ["", f"## {key} (conv preset, arch {arch})", ""]
     else:
         lines = ["", f"## {key} {arch}", ""]
-    lr = "" if tuning is None else "lr | "
+    names = [] if tuning is None else [o.name for o in tuning.options]
     lines += [
-        f"| rank | model | {lr}seeds | test accuracy (mean ± std) | 95% interval |",
-        "|---|---|" + ("" if tuning is None else "---|") + "---|---|---|",
+        "| rank | model | "
+        + "".join(f"{name} | " for name in names)
+        + "seeds | test accuracy (mean ± std) | 95% interval |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for label, s in sorted(per_model.items(), key=lambda item: item[1]["rank"]):
         std = "" if s["std"] is None else f" ± {s['std']:.4f}"
         ci = "" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
-        rate = "" if tuning is None else f"{s['lr']} | "
-        lines.append(f"| {s['rank']} | {label} | {rate}{s['n']} | {s['mean']:.4f}{std} | {ci} |")
+        setting = () if tuning is None else tuning.setting_of(s)
+        values = "".join(f"{value} | " for _, value in setting)
+        lines.append(f"| {s['rank']} | {label} | {values}{s['n']} | {s['mean']:.4f}{std} | {ci} |")
     if tuning is not None:
         lines += tuning_table(study["tuning"].get(key, {}), tuning)
     return lines
@@ -905,7 +1244,7 @@ def _paired_lines(study: Mapping[str, Any], tuning: Tuning | None) -> list[str]:
         "",
         "Test accuracy of each non-fixed model against each fixed baseline on the same "
         "architecture and seed"
-        + ("" if tuning is None else ", each at its chosen learning rate")
+        + ("" if tuning is None else f", each at its chosen {_tuned_noun(tuning)}")
         + ".",
         "",
         *header,
@@ -938,24 +1277,33 @@ def _difference_cell(difference: Mapping[str, Any] | None) -> str:
     return f"{text} ({difference['n']})"
 
 
+def _tuned_noun(tuning: Tuning) -> str:
+    return "learning rate" if tuning.rates_only else "setting"
+
+
 def tuning_table(per_model: Mapping[str, Mapping[str, Any]], tuning: Tuning) -> list[str]:
-    """One architecture's rate choice: per model each rate's mean validation accuracy (seeds
-    finished) and the chosen rate, marked provisional while a tuning cell is missing."""
+    """One architecture's choice: per model each setting's mean validation accuracy (seeds
+    finished) and the chosen setting, marked provisional while a tuning cell is missing."""
+    grid = tuning.settings()
     lines = [
         "",
-        "Learning rate choice: mean validation accuracy of the final models (seeds finished, "
-        f"of {len(tuning.seeds)})",
+        f"{_tuned_noun(tuning).capitalize()} choice: mean validation accuracy of the final "
+        f"models (seeds finished, of {len(tuning.seeds)})",
         "",
-        "| model | " + " | ".join(f"lr {r}" for r in tuning.rates) + " | chosen |",
-        "|---|" + "---|" * (len(tuning.rates) + 1),
+        "| model | " + " | ".join(describe_setting(s) for s in grid) + " | chosen |",
+        "|---|" + "---|" * (len(grid) + 1),
     ]
     for label, choice in per_model.items():
-        values = [choice["rates"][r] for r in tuning.rates]
+        stats = tuning.choice_from_json(choice)
         shown = [
-            "-" if v["mean_val_accuracy"] is None else f"{v['mean_val_accuracy']:.4f} ({v['n']})"
-            for v in values
+            "-"
+            if stats[s]["mean_val_accuracy"] is None
+            else f"{stats[s]['mean_val_accuracy']:.4f} ({stats[s]['n']})"
+            for s in grid
         ]
-        chosen = choice["chosen"] + ("" if choice["complete"] else " (provisional)")
+        setting = tuning.from_json(choice["chosen"])
+        chosen = setting[0][1] if tuning.rates_only else describe_setting(setting)
+        chosen += "" if choice["complete"] else " (provisional)"
         lines.append(f"| {label} | " + " | ".join(shown) + f" | {chosen} |")
     return lines
 
@@ -1020,7 +1368,7 @@ def plot(study: Mapping[str, Any], path: Path) -> None:
     styles = ["-", "--", ":", "-."]
     mixed = [m for m in labels if not config["modes"][m].startswith("fixed:")]
     drawn = False
-    chosen = [c for c in study["cells"] if c.get("chosen", True)]  # --tune-lr: chosen rates
+    chosen = [c for c in study["cells"] if c.get("chosen", True)]  # tuned: chosen settings
     for i, model in enumerate(mixed):
         for name, (depths, shares) in shares_by_depth(chosen, model).items():
             label = name if len(mixed) == 1 else f"{model}: {name}"
@@ -1090,11 +1438,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(ties: the smaller) and the tables use its cells only",
     )
     parser.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="a smartmixed-train option to tune (its flag without the dashes), e.g. "
+        "tau=0.3,1.0 or logit-lr=1e-2,3e-2; repeatable, alone or with --tune-lr (lr first): "
+        "every cell trains at each setting of the product of the values, in a folder named "
+        "after it (lr1e-3_tau0.3), and per architecture and model the setting with the best "
+        "mean validation accuracy is kept (ties: the smaller value of the first option, then "
+        "of the next; values that are not numbers by their place in the list)",
+    )
+    parser.add_argument(
         "--tune-seeds",
         type=int,
         metavar="N",
-        help="with --tune-lr: choose the rate on the first N seeds only; the other seeds "
-        "train at the chosen rate alone",
+        help="with --tune-lr or --tune: choose on the first N seeds only; the other seeds "
+        "train at the chosen rate or setting alone",
     )
     parser.add_argument(
         "--jobs",
@@ -1128,14 +1488,15 @@ def run_command(args: argparse.Namespace, train_args: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
+    chosen = "setting" if args.tune else "rate"
     if args.plan:
         print("\n".join(shlex.join(command) for command in outcome["commands"]))
         if outcome["waiting"]:
             print(
                 f"smartmixed-bench: {outcome['waiting']} more cell(s), the seeds after "
                 f"--tune-seeds {args.tune_seeds}, train at their architecture and model's chosen "
-                "rate, which depends on the tuning cells above; --plan lists them once those "
-                "are complete",
+                f"{chosen}, which depends on the tuning cells above; --plan lists them once "
+                "those are complete",
                 file=sys.stderr,
             )
         return 0
@@ -1150,8 +1511,8 @@ def run_command(args: argparse.Namespace, train_args: list[str]) -> int:
         print(f"failed: {failure['run']} (exit {failure['returncode']})", file=sys.stderr)
     if outcome["waiting"]:
         print(
-            f"{outcome['waiting']} cell(s) wait for their architecture and model's rate choice "
-            "(a tuning cell is not complete)",
+            f"{outcome['waiting']} cell(s) wait for their architecture and model's {chosen} "
+            "choice (a tuning cell is not complete)",
             file=sys.stderr,
         )
     if outcome["study"] is None:

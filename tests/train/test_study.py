@@ -15,6 +15,7 @@ from smartmixed.bench.cli import main
 from smartmixed.contract import CONV_PRESETS, ModelSpec, layered_arch, resolve_conv_preset
 from smartmixed.nn.pool import DEFAULT_POOL
 from smartmixed.train import loop
+from smartmixed.train import study as study_module
 from smartmixed.train.cli import main as train_main
 from smartmixed.train.study import (
     choose_rate,
@@ -330,8 +331,10 @@ def write_run(
     mode: str = "fixed:relu",
     arch: list[int] | None = None,
     layers: list[dict] | None = None,
+    training: dict | None = None,
 ) -> None:
-    """A finished run's model.json: an MLP (arch, default 64-8-10) or a layered net on 1x28x28."""
+    """A finished run's model.json: an MLP (arch, default 64-8-10) or a layered net on 1x28x28;
+    ``training``: options recorded besides lr."""
     pool = [mode.removeprefix("fixed:")] if mode.startswith("fixed:") else list(DEFAULT_POOL)
     input_shape = None if layers is None else [1, 28, 28]
     widths = (arch or [64, 8, 10]) if layers is None else layered_arch(layers, input_shape)
@@ -339,7 +342,7 @@ def write_run(
     spec = ModelSpec.untrained(
         arch=widths, pool=pool, assignment=assignment, layers=layers, input_shape=input_shape
     )
-    spec.training = {"lr": lr}
+    spec.training = {"lr": lr, **(training or {})}
     spec.metrics = {"test_accuracy": test, "val_accuracy": val, "train_seconds": 1.0}
     folder.mkdir(parents=True)
     (folder / "model.json").write_text(spec.to_json())
@@ -610,3 +613,328 @@ def test_a_tiny_tuned_study_chooses_and_ranks_as_its_cells_say(
         for model, mean in means.items():  # competition ranks: 1 + how many are better
             reciprocal[model].append(1 / (1 + sum(other > mean for other in means.values())))
     assert result["mrr"] == pytest.approx({m: sum(r) / 2 for m, r in reciprocal.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# --tune: any smartmixed-train option, alone or with --tune-lr; the grid is the product of the
+# tuned options' values, each setting a folder (lr1e-3_tau0.5) and a choice per group.
+
+TUNED_GRID = ["--data", "digits", "--archs", "64,8,10", "--models", "relu,smartmixed"]
+TUNED_GRID += ["--seeds", "2", "--tune-lr", "1e-3,3e-3", "--tune", "tau=0.5,2", "--tune-seeds", "1"]
+ONE_EPOCH = ["--", "--p1-epochs", "1", "--p2-epochs", "0", "--epochs", "1"]
+SETTINGS = [(lr, tau) for lr in ("1e-3", "3e-3") for tau in ("0.5", "2")]
+
+
+def train_planned(argv: list[str], capsys, *, skip: int = 0) -> list[list[str]]:
+    """Every command ``--plan`` lists, each trained in this process but the first ``skip``."""
+    assert main([*argv, "--plan", *ONE_EPOCH]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    for command in commands[skip:]:
+        assert command[1:3] == ["-m", "smartmixed.train"]
+        assert train_main(command[3:]) == 0
+    capsys.readouterr()
+    return commands
+
+
+def test_a_tiny_study_tuning_two_options_chooses_as_its_cells_say(
+    tmp_path: Path, capsys, monkeypatch, request
+) -> None:
+    """1 architecture x 2 models x (2 rates x 2 temperatures) on seed 0, then seed 1 at each
+    model's chosen setting: 10 real one-epoch runs trained in this process from --plan, then the
+    study resumes them with nothing to train, and its choice equals a recomputation from the
+    cells' own model.json files. relu ignores tau, so its two temperatures tie at each rate: the
+    smaller tau is chosen. (The runs' plots and study.png, which nothing here reads, are
+    skipped.)"""
+    monkeypatch.setattr(loop.report, "write_plots_and_report", lambda *a, **k: None)
+    monkeypatch.setattr(study_module, "plot", lambda study, path: path.write_bytes(b""))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    args = ["study", "--out", str(tmp_path), *TUNED_GRID, "--quiet"]
+    commands = train_planned(args, capsys)
+    runs = tmp_path / "runs" / "64-8-10"
+    assert [c[c.index("--out") + 1] for c in commands] == [
+        str(runs / model / f"lr{lr}_tau{tau}" / "seed0")
+        for model in ("relu", "smartmixed")
+        for lr, tau in SETTINGS
+    ]
+    assert [c[c.index("--lr") + 1 : c.index("--lr") + 4] for c in commands[:4]] == [
+        [lr, "--tau", tau] for lr, tau in SETTINGS
+    ]
+    rest = train_planned(args, capsys, skip=8)[8:]  # the choice is final: seed 1 at it
+    assert main([*args, *ONE_EPOCH]) == 0
+    assert "trained 0 cell(s), 10 already complete, 0 failed" in capsys.readouterr().out
+    result = json.loads((tmp_path / "study.json").read_text())
+
+    def metrics(model: str, setting: str, seed: int) -> dict:
+        return json.loads((runs / model / setting / f"seed{seed}" / "model.json").read_text())[
+            "metrics"
+        ]
+
+    means = {}
+    for model in ("relu", "smartmixed"):
+        val = {s: metrics(model, f"lr{s[0]}_tau{s[1]}", 0)["val_accuracy"] for s in SETTINGS}
+        best = max(val.values())
+        lr, tau = min(
+            (s for s in SETTINGS if val[s] >= best - 1e-12), key=lambda s: tuple(map(float, s))
+        )
+        chosen = {"lr": lr, "tau": tau}
+        assert result["tuning"]["64-8-10"][model] == {
+            "settings": [
+                {"setting": {"lr": s[0], "tau": s[1]}, "mean_val_accuracy": val[s], "n": 1}
+                for s in SETTINGS
+            ],
+            "chosen": chosen,
+            "complete": True,
+        }
+        assert str(runs / model / f"lr{lr}_tau{tau}" / "seed1") in [
+            c[c.index("--out") + 1] for c in rest
+        ]
+        tests = [metrics(model, f"lr{lr}_tau{tau}", seed)["test_accuracy"] for seed in (0, 1)]
+        means[model] = sum(tests) / 2
+        summary = result["summary"]["64-8-10"][model]
+        assert summary["setting"] == chosen and summary["n"] == 2
+        assert summary["mean"] == pytest.approx(means[model])
+    relu = result["tuning"]["64-8-10"]["relu"]
+    assert relu["settings"][0]["mean_val_accuracy"] == relu["settings"][1]["mean_val_accuracy"]
+    assert relu["chosen"]["tau"] == "0.5"  # the tie at its rate: the smaller tau
+    ranks = competition_ranks(means)
+    assert result["ranks"]["64-8-10"] == ranks
+    assert result["mrr"] == pytest.approx({m: 1 / r for m, r in ranks.items()})
+    cells = result["cells"]
+    assert len(cells) == 10 and all(
+        "lr" not in c and set(c["setting"]) == {"lr", "tau"} for c in cells
+    )
+    assert sum(c["chosen"] for c in cells) == 4
+    config = result["config"]
+    assert (config["tune_lr"], config["tune"], config["tune_seeds"]) == (
+        ["1e-3", "3e-3"],
+        {"tau": ["0.5", "2"]},
+        1,
+    )
+    assert "--seeds 2 --tune-lr 1e-3,3e-3 --tune tau=0.5,2 --tune-seeds 1 --" in config["command"]
+    report = (tmp_path / "study.md").read_text()
+    assert (
+        "10 of 10 cells complete (1 architectures x 2 models x 4 settings x seeds [0], then the "
+        "chosen setting x seeds [1]); " in report
+    )
+    assert (
+        "Tuned: lr 1e-3, 3e-3 x tau 0.5, 2 (4 settings) tried; per architecture and model the "
+        "setting with the best mean validation accuracy of the final model on seeds [0] (the "
+        "first 1 of 2; seeds [1] trained at the chosen setting only) is chosen (ties: the "
+        "smaller lr, then the smaller tau)." in report
+    )
+    assert "| rank | model | lr | tau | seeds | test accuracy (mean ± std) |" in report
+    assert f"| relu | {relu['chosen']['lr']} | 0.5 | 2 | " in report
+    assert (
+        "| model | lr 1e-3, tau 0.5 | lr 1e-3, tau 2 | lr 3e-3, tau 0.5 | lr 3e-3, tau 2 | chosen |"
+        in report
+    )
+
+
+def test_a_tuned_setting_is_chosen_by_validation_with_the_stated_tie_rule(tmp_path: Path) -> None:
+    """--tune alone, on hand-written runs: three settings tie on validation, the fourth is
+    better on test only. The tie goes to the select listed first (last), then the smaller tau
+    (0.5, though 2 is listed first)."""
+    runs = tmp_path / "runs" / "64-8-10" / "relu"
+    val_test = {
+        ("last", "2"): (0.9, 0.5),
+        ("last", "0.5"): (0.9, 0.6),
+        ("val-loss", "2"): (0.7, 0.99),
+        ("val-loss", "0.5"): (0.9, 0.7),
+    }
+    for (select, tau), (val, test) in val_test.items():
+        training = {"select": select, "tau": float(tau)}
+        write_run(
+            runs / f"select{select}_tau{tau}" / "seed0", val=val, test=test, training=training
+        )
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "1")
+    args += ["--tune", "select=last,val-loss", "--tune", "tau=2,0.5"]
+    assert main([*args, "--collect", "--quiet"]) == 0
+    result = json.loads((tmp_path / "study.json").read_text())
+    assert result["tuning"]["64-8-10"]["relu"] == {
+        "settings": [
+            {"setting": {"select": select, "tau": tau}, "mean_val_accuracy": val, "n": 1}
+            for (select, tau), (val, _) in val_test.items()
+        ],
+        "chosen": {"select": "last", "tau": "0.5"},
+        "complete": True,
+    }
+    (chosen,) = [c for c in result["cells"] if c["chosen"]]
+    assert chosen["setting"] == {"select": "last", "tau": "0.5"} and chosen["test_accuracy"] == 0.6
+    assert result["summary"]["64-8-10"]["relu"]["setting"] == {"select": "last", "tau": "0.5"}
+    assert result["config"]["tune"] == {"select": ["last", "val-loss"], "tau": ["2", "0.5"]}
+    assert "tune_lr" not in result["config"]
+    assert "--tune select=last,val-loss --tune tau=2,0.5" in result["config"]["command"]
+    report = (tmp_path / "study.md").read_text()
+    assert "(ties: the select listed first, then the smaller tau)" in report
+    assert "| 1 | relu | last | 0.5 | 1 | 0.6000 |" in report
+    assert (
+        "| relu | 0.9000 (1) | 0.9000 (1) | 0.7000 (1) | 0.9000 (1) | select last, tau 0.5 |"
+        in report
+    )
+
+
+def test_tune_lr_is_tuning_lr_and_reads_the_same_cells(tmp_path: Path) -> None:
+    """--tune lr=R1,R2 is --tune-lr R1,R2: the same folders, so either reads the other's cells
+    (its study.json in --tune's form)."""
+    runs = tmp_path / "runs" / "64-8-10" / "relu"
+    write_run(runs / "lr1e-3" / "seed0", val=0.8, test=0.7, lr=1e-3)
+    write_run(runs / "lr3e-3" / "seed0", val=0.9, test=0.6, lr=3e-3)
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "1", "--collect", "--quiet")
+    assert main([*args, "--tune-lr", "1e-3,3e-3"]) == 0
+    legacy = json.loads((tmp_path / "study.json").read_text())
+    assert main([*args, "--tune", "lr=1e-3,3e-3"]) == 0
+    tuned = json.loads((tmp_path / "study.json").read_text())
+    assert legacy["tuning"]["64-8-10"]["relu"]["chosen"] == "3e-3"
+    assert tuned["tuning"]["64-8-10"]["relu"]["chosen"] == {"lr": "3e-3"}
+    assert [c["run"] for c in legacy["cells"]] == [c["run"] for c in tuned["cells"]]
+    assert [c["setting"] for c in tuned["cells"]] == [{"lr": "1e-3"}, {"lr": "3e-3"}]
+
+
+def test_plan_lists_the_tuned_grid_in_the_order_given(tmp_path: Path, capsys) -> None:
+    """Options in --tune's order (lr first with --tune-lr); a value valid only with another
+    tuned option's (removal needs bilevel) is fine when every setting has it."""
+    args = tuned_args(tmp_path, "--models", "smartmixed", "--seeds", "1", "--plan")
+    args += ["--tune", "tau=0.5", "--tune", "logit-lr=1e-2,3e-2", "--tune-lr", "1e-3"]
+    args += ["--tune", "selection=bilevel", "--tune", "freeze-rule=removal"]
+    assert main(args) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    runs = tmp_path / "runs" / "64-8-10" / "smartmixed"
+    assert [c[c.index("--out") + 1] for c in commands] == [
+        str(runs / f"lr1e-3_tau0.5_logit-lr{r}_selectionbilevel_freeze-ruleremoval" / "seed0")
+        for r in ("1e-2", "3e-2")
+    ]
+    first = commands[0]
+    assert first[first.index("--lr") :][:10] == [
+        "--lr",
+        "1e-3",
+        "--tau",
+        "0.5",
+        "--logit-lr",
+        "1e-2",
+        "--selection",
+        "bilevel",
+        "--freeze-rule",
+        "removal",
+    ]
+    assert not tmp_path.joinpath("runs").exists()
+
+
+def test_a_cell_at_another_tuned_value_is_refused(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "runs" / "64-8-10" / "relu" / "tau0.5" / "seed0"
+    write_run(folder, val=0.5, test=0.5, training={"tau": 1.0})
+    args = tuned_args(tmp_path, "--models", "relu", "--seeds", "1", "--tune", "tau=0.5")
+    assert main([*args, "--collect"]) == 2
+    assert capsys.readouterr().err == (
+        f"smartmixed-bench: error: cell {folder} holds a run at --tau 1.0, the study expects "
+        "0.5; move it away or use another --out\n"
+    )
+    assert not (tmp_path / "study.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--tune", "temperature=1,2"],
+            "--tune 'temperature=1,2': 'temperature' is not an option of smartmixed-train; "
+            "expected one of its flags without the dashes, e.g. tau or logit-lr "
+            "(smartmixed-train --help lists them)",
+        ),
+        (
+            ["--tune", "logit_lr=1e-2"],
+            "--tune 'logit_lr=1e-2': 'logit_lr' is not an option of smartmixed-train; expected "
+            "one of its flags without the dashes, e.g. tau or logit-lr; did you mean logit-lr?",
+        ),
+        (
+            ["--tune", "tau"],
+            "--tune 'tau': expected NAME=V1,V2,... (NAME a smartmixed-train option), e.g. "
+            "tau=0.5,1.0",
+        ),
+        (
+            ["--tune", "tau=,"],
+            "--tune 'tau=,': expected NAME=V1,V2,... (NAME a smartmixed-train option), e.g. "
+            "tau=0.5,1.0",
+        ),
+        (
+            ["--tune", "tau=0.5,hot"],
+            "--tune 'tau=0.5,hot': smartmixed-train rejects '--tau hot' (argument --tau: "
+            "invalid float value: 'hot')",
+        ),
+        (
+            ["--tune", "select=last,best"],
+            "--tune 'select=last,best': smartmixed-train rejects '--select best' (argument "
+            "--select: invalid choice: 'best' (choose from 'val-loss', 'val-accuracy', 'last'))",
+        ),
+        (
+            ["--tune", "tau=0,1"],
+            "--tune 'tau=0,1': smartmixed-train refuses --tau 0 for model relu (--tau must be > "
+            "0, got 0.0)",
+        ),
+        (
+            ["--tune", "selection=joint,bilevel", "--tune", "freeze-rule=argmax,removal"],
+            "--tune: smartmixed-train refuses the setting '--selection joint --freeze-rule "
+            "removal' for model relu (--freeze-rule removal measures removals on bilevel "
+            "selection's held-out rows: it needs --selection bilevel, got --selection joint)",
+        ),
+        (["--tune", "tau=1,inf"], "--tune 'tau=1,inf': expected finite numbers, got 'inf'"),
+        (
+            ["--tune", "logit-prior=relu=2"],
+            "--tune 'logit-prior=relu=2': 'relu=2' cannot be part of a cell's folder name; "
+            "expected values of letters, digits and ._+- only",
+        ),
+        (
+            ["--tune", "tau=0.5,.5"],
+            "--tune 'tau=0.5,.5': 0.5 and .5 are the same value; expected distinct values",
+        ),
+        (
+            ["--tune", "batch-size=32,32"],
+            "--tune 'batch-size=32,32': 32 is given twice; expected distinct values",
+        ),
+        (
+            ["--tune", "tau=1,2", "--tune", "tau=3"],
+            "--tune 'tau=3': tau is tuned twice; expected each option once, got it also in "
+            "--tune 'tau=1,2'",
+        ),
+        (
+            ["--tune-lr", "1e-3", "--tune", "lr=3e-3"],
+            "--tune 'lr=3e-3': lr is tuned twice; expected each option once, got it also in "
+            "--tune-lr '1e-3'",
+        ),
+        (
+            ["--tune", "tau=1,2", "--", "--tau", "3"],
+            "-- (pass-through flags): --tau is set by the study for every cell (tuned by "
+            "--tune 'tau=1,2')",
+        ),
+        (
+            ["--tune", "logit-lr=1e-2", "--variant", "v=--logit-lr 0.1"],
+            "--variant v: --logit-lr is set by the study for every cell (tuned by --tune "
+            "'logit-lr=1e-2')",
+        ),
+        *[
+            (
+                ["--tune", f"{name}=a,b"],
+                f"--tune '{name}=a,b': --{name} is set by the study for every cell, so it "
+                "cannot be tuned; expected an option the study leaves to smartmixed-train's "
+                "flags",
+            )
+            for name in ("seed", "out", "data", "arch", "preset", "mode")
+        ],
+        (
+            ["--tune", "tune-lr=1e-3"],
+            "--tune 'tune-lr=1e-3': --tune-lr is --mode auto's own search; the study tunes the "
+            "learning rate with --tune-lr R1,R2 or --tune lr=R1,R2",
+        ),
+        (
+            ["--tune", "tau=1,2", "--tune-seeds", "4"],
+            "--tune-seeds 4: expected 1..3 (the number of --seeds)",
+        ),
+    ],
+)
+def test_bad_tune_options_exit_2_with_a_message(tmp_path: Path, capsys, args, message) -> None:
+    out = tmp_path / "study"
+    argv = ["study", "--out", str(out), "--data", "digits", "--models", "relu", *args]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"smartmixed-bench: error: {message}\n"
+    assert not out.exists()
