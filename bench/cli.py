@@ -55,7 +55,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": (
         "seeded grid of training runs (architectures x models x seeds), ranks and MRR",
         "Train every cell (architecture, model, seed) as its own smartmixed-train "
-        "run in DIR/runs/ARCH/MODEL/seedK (with --tune-lr: DIR/runs/ARCH/MODEL/lrRATE/seedK; "
+        "run in DIR/runs/ARCH/MODEL/seedK (with --tune-lr / --tune: DIR/runs/ARCH/MODEL/SETTING/"
+        "seedK, e.g. lr1e-3_tau0.5; "
         "complete cells are skipped, killed ones resumed) and "
         "aggregate them: mean, std and 95% interval of the test accuracy, ranks per "
         "architecture, the paper's Mean Reciprocal Rank, paired wins/ties/losses against each "
