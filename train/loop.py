@@ -18,9 +18,9 @@ override them:
 - ``default``: ``paper`` with the selection fixes the study chose (docs/method.md, "Why the mix
   was worse than ReLU"): standardised candidates, a separate logit learning rate, the argmax at
   phase 1's last epoch frozen, phase 2 trained from a fresh initialisation (phase 1 only
-  chooses; its weights, trained under switching activations, are a worse start), and bilevel
+  chooses; its weights, trained under switching activations, are a worse start), bilevel
   selection (the logits step on a held-out fifth of the training split, the weights on the
-  rest).
+  rest) and progressive shrinking of every layer's pool to two candidates over phase 1.
 Runs written while the default protocol was called ``smartmixed`` record that name; reading
 them (resume, --mode auto's complete sub-runs) takes it for ``default`` (``recorded_options``).
 """
@@ -110,6 +110,7 @@ PAPER_PROTOCOL: dict[str, Any] = {
     "selection": "joint",
     "selection_holdout": 0.2,
     "logit_prior": None,
+    "shrink_to": 0,
 }
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "paper": PAPER_PROTOCOL,
@@ -128,6 +129,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "select": "last",
         "phase2_init": "fresh",
         "selection": "bilevel",
+        "shrink_to": 2,
     },
 }
 DEFAULT_PROTOCOL = "default"
@@ -153,13 +155,27 @@ class TrainError(ValueError):
     """A training request that cannot run (bad options, clobbering a run, device missing)."""
 
 
+# options added since runs were first recorded, with the value that does what runs recorded
+# before them did
+LATER_OPTIONS: dict[str, Any] = {
+    "selection": "joint",
+    "selection_holdout": 0.2,
+    "logit_prior": None,
+    "granularity": "feature",
+    "freeze_rule": "argmax",
+    "shrink_to": 0,
+}
+
+
 def recorded_options(training: Mapping[str, Any]) -> dict[str, Any]:
     """A run's recorded options (model.json's ``training``, a checkpoint's ``config``) in this
-    version's names: a former protocol name becomes the protocol's name."""
+    version's names: a former protocol name becomes the protocol's name, and an option added
+    since the run was recorded takes the value that reproduces it (``LATER_OPTIONS``)."""
+    recorded = {**LATER_OPTIONS, **training}
     protocol = training.get("protocol")
     if isinstance(protocol, str) and protocol in FORMER_PROTOCOL_NAMES:
-        return {**training, "protocol": FORMER_PROTOCOL_NAMES[protocol]}
-    return dict(training)
+        recorded["protocol"] = FORMER_PROTOCOL_NAMES[protocol]
+    return recorded
 
 
 def flag(text: str, *, metavar: str | None = None, unset: str | None = None, **kw: Any) -> Any:
@@ -286,9 +302,9 @@ class TrainConfig:
     )
     shrink_to: int = flag(
         "progressive shrinking: phase 1 removes from each hidden layer, at evenly spaced epochs, "
-        "the candidate of lowest mean probability over its features, until N are left; 0: off",
+        "the candidate of lowest mean probability over its features, until at most N are left; "
+        "0: off",
         metavar="N",
-        default=0,
     )
     logit_prior: str | None = flag(
         "every phase-1 logit of ACTIVATION starts GAP above the others, a prior toward it that "
@@ -368,11 +384,10 @@ class TrainConfig:
                 f"{self.selection_holdout}"
             )
         self.prior()  # refuses a malformed --logit-prior now, not at phase 1
-        if self.shrink_to and not 1 <= self.shrink_to <= len(self.pool):
-            raise TrainError(
-                f"--shrink-to {self.shrink_to}: expected 0 (off) or 1 to {len(self.pool)} (the "
-                "pool's size)"
-            )
+        if isinstance(self.shrink_to, bool) or not isinstance(self.shrink_to, int):
+            raise TrainError(f"--shrink-to must be an integer, got {self.shrink_to!r}")
+        if self.shrink_to < 0:
+            raise TrainError(f"--shrink-to {self.shrink_to}: expected 0 (off) or N >= 1")
         if self.freeze_rule == "removal" and self.selection != "bilevel":
             raise TrainError(
                 "--freeze-rule removal measures removals on bilevel selection's held-out rows: "
@@ -429,13 +444,15 @@ class TrainConfig:
 
     def shrinks_after(self, epoch: int) -> int:
         """How many candidates --shrink-to removes from every layer after phase-1 epoch
-        ``epoch`` (0-based): removal i of r = |pool| - N comes after epoch
-        round(i * p1_epochs / (r + 1)) - 1 (at least 0), so the last stretch trains the shrunk
-        pool."""
+        ``epoch`` (0-based). Over the E epochs whose logits learn (after the --logit-warmup
+        ones, W), removal i of r = |pool| - N comes after epoch W + round(i * E / (r + 1)) - 1
+        (at least W), so the last stretch trains the shrunk pool."""
         if not self.shrink_to:
             return 0
-        r = len(self.pool) - self.shrink_to
-        after = (max(round(i * self.p1_epochs / (r + 1)) - 1, 0) for i in range(1, r + 1))
+        r = max(len(self.pool) - self.shrink_to, 0)  # a pool of N or fewer: nothing to remove
+        warm = int(self.logit_warmup * self.p1_epochs)
+        learn = self.p1_epochs - warm
+        after = (warm + max(round(i * learn / (r + 1)) - 1, 0) for i in range(1, r + 1))
         return sum(e == epoch for e in after)
 
     def logits_frozen_at(self, epoch: int) -> bool:
@@ -885,8 +902,9 @@ def shrink(model: SelectiveNetwork, count: int) -> list[list[str]]:
     for _, layer in mixed_layers(model):
         gone = _removed(layer)
         share = torch.softmax(layer.logits, dim=-1).mean(0).tolist()
-        left = sorted((p, k) for k, p in enumerate(share) if k not in gone)
-        drop = [k for _, k in left[: min(count, len(left) - 1)]]
+        # lowest share first; on a tie the later candidate of the pool goes first
+        left = sorted((p, -k) for k, p in enumerate(share) if k not in gone)
+        drop = [-k for _, k in left[: min(count, len(left) - 1)]]
         layer.logits[:, drop] = REMOVED
         out.append([layer.pool[k] for k in drop])
     return out

@@ -261,9 +261,11 @@ def test_protocols_set_their_values_and_options_override() -> None:
     with pytest.raises(TrainError, match="'smartmixed' is now called 'default'"):
         TrainConfig.from_protocol("smartmixed", arch=ARCH)
     assert loop.recorded_options({"protocol": "smartmixed", "lr": 1.0}) == {
+        **loop.LATER_OPTIONS,  # a run recorded before them: joint selection, no shrinking
         "protocol": "default",
         "lr": 1.0,
     }
+    assert loop.recorded_options({"shrink_to": 2, "selection": "bilevel"})["shrink_to"] == 2
     with pytest.raises(TrainError, match="--select 'best': expected one of val-loss"):
         TrainConfig(arch=ARCH, select="best")
     with pytest.raises(TrainError, match="--tau-end must be > 0"):

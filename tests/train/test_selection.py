@@ -142,7 +142,7 @@ def test_the_prior_starts_the_named_candidate_ahead_by_its_gap() -> None:
             "--freeze-rule removal measures removals on bilevel selection's held-out rows",
         ),
         ({"granularity": "neuron"}, "--granularity 'neuron': expected one of feature, layer"),
-        ({"shrink_to": 7}, "--shrink-to 7: expected 0 (off) or 1 to 6 (the pool's size)"),
+        ({"shrink_to": -1}, "--shrink-to -1: expected 0 (off) or N >= 1"),
     ],
 )
 def test_bad_selection_options_are_refused(options, message) -> None:
@@ -232,6 +232,11 @@ def test_shrinking_removes_the_least_likely_candidates_on_schedule(tmp_path: Pat
     assert [config.shrinks_after(e) for e in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 0, 0]
     short = TrainConfig(arch=[64, 16, 8, 10], p1_epochs=1, shrink_to=2)
     assert short.shrinks_after(0) == 4  # every removal, however short phase 1 is
+    warm = TrainConfig(arch=[64, 16, 8, 10], p1_epochs=10, shrink_to=4, logit_warmup=0.5)
+    assert [warm.shrinks_after(e) for e in range(10)] == [0] * 6 + [1, 1, 0, 0]
+    assert TrainConfig(arch=[64, 8, 10], mode="fixed:relu").shrinks_after(0) == 0
+    tied = SelectiveMLP([5, 7, 3], POOL, tau=TAU)  # uniform logits: the pool's last go first
+    assert loop.shrink(tied, 2)[0] == ["selu", "elu"]
     net = SelectiveMLP([5, 7, 3], POOL, tau=TAU, logit_init_std=1.0)
     share = torch.softmax(net.activations[0].logits.detach(), -1).mean(0)
     lowest = [POOL[k] for k in share.argsort()[:2].tolist()]
