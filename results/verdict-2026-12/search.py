@@ -29,7 +29,9 @@ def search_rows(study: dict, baselines: tuple[str, ...] = BASELINES) -> list[dic
             row["mean"][arch] = sum(own) / len(own) if own else None
         for base in baselines:
             diffs = [
-                v - val[a, base, s] for (a, m, s), v in val.items() if m == model and (a, base, s) in val
+                v - val[a, base, s]
+                for (a, m, s), v in val.items()
+                if m == model and (a, base, s) in val
             ]
             row["paired"][base] = (sum(diffs) / len(diffs), len(diffs)) if diffs else None
         rows.append(row)

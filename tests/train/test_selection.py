@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_removal_stops_where_no_removal_lowers_the_held_out_loss() -> None:
     removed = remove_activations(net, x, y)
 
     losses = [start] + [r["loss"] for r in removed]
-    assert len(removed) >= 2 and all(b < a for a, b in zip(losses, losses[1:], strict=False))
+    assert len(removed) >= 2 and all(b < a for a, b in itertools.pairwise(losses))
     assert evaluate(net, x, y)[0] == pytest.approx(losses[-1], abs=1e-12)
     for r in removed:  # a removed activation is chosen by no feature of its layer
         assert net.activations[r["layer"]].activation_counts()[r["activation"]] == 0
