@@ -1,6 +1,7 @@
 """Per architecture: SmartMixed against the best fixed activation, paired, from a study.json.
 
     python results/verdict-2026-12/verdict.py results/verdict-2026-12/mnist-tuned/study.json
+    python results/verdict-2026-12/verdict.py --mix sm-bilevel STUDY.json   # a variant instead
 
 The best fixed activation of an architecture is the one with the highest mean test accuracy over
 its chosen cells (the study's ranks); the paired difference SmartMixed - best over the seeds both
@@ -19,23 +20,23 @@ from smartmixed.train.study import summarize
 MIX = "smartmixed"
 
 
-def verdicts(study: dict) -> list[dict]:
+def verdicts(study: dict, mix: str = MIX) -> list[dict]:
     cells = [c for c in study["cells"] if c.get("chosen", True)]
     rows = []
     for arch, per_model in study["summary"].items():
         fixed = {m: s for m, s in per_model.items() if m in ACTIVATIONS}
-        if MIX not in per_model or not fixed:
+        if mix not in per_model or not fixed:
             continue
         best = max(fixed, key=lambda m: fixed[m]["mean"])
         test = {(c["model"], c["seed"]): c["test_accuracy"] for c in cells if c["archkey"] == arch}
-        diffs = [test[MIX, s] - test[best, s] for (m, s) in test if m == MIX and (best, s) in test]
+        diffs = [test[mix, s] - test[best, s] for (m, s) in test if m == mix and (best, s) in test]
         paired = summarize(diffs)
         mean = paired["mean"]
         low, high = paired["ci95"] or (float("-inf"), float("inf"))
         rows.append(
             {
                 "arch": arch,
-                "mix": per_model[MIX]["mean"],
+                "mix": per_model[mix]["mean"],
                 "best": best,
                 "best_mean": fixed[best]["mean"],
                 "n": len(diffs),
@@ -61,5 +62,9 @@ def render(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(f"{path}\n\n{render(verdicts(json.loads(Path(path).read_text())))}\n")
+    args = sys.argv[1:]
+    mix = MIX
+    if args[:1] == ["--mix"]:
+        mix, args = args[1], args[2:]
+    for path in args:
+        print(f"{path}\n\n{render(verdicts(json.loads(Path(path).read_text()), mix))}\n")
