@@ -201,6 +201,7 @@ def test_removal_stops_where_no_removal_lowers_the_held_out_loss() -> None:
                 layer.logits[:, k] = column
 
 
+@pytest.mark.slow  # two training runs: over 1 s
 def test_a_run_records_its_removals_and_a_per_layer_run_freezes_one_activation_a_layer(
     tmp_path: Path,
 ) -> None:
