@@ -869,27 +869,20 @@ def remove_activations(model: SelectiveNetwork, x: Tensor, y: Tensor) -> list[di
     layers = [layer for _, layer in mixed_layers(model)]
     best, _ = evaluate(model, x, y)
     removed: list[dict[str, Any]] = []
-    gone = [_removed(layer) for layer in layers]
-
-    def without(layer: MixedActivation, k: int) -> Tensor:
-        column = layer.logits[:, k].clone()
-        layer.logits[:, k] = REMOVED
-        return column
-
     while True:
         trials = []
         for index, layer in enumerate(layers):
-            if len(gone[index]) + 1 >= len(layer.pool):
+            if len(_removed(layer)) + 1 >= len(layer.pool):
                 continue
             for k in sorted(set(layer.choice().tolist())):
-                column = without(layer, k)
+                column = layer.logits[:, k].clone()
+                _remove(layer, [k])
                 trials.append((evaluate(model, x, y)[0], index, k))
                 layer.logits[:, k] = column
         if not trials or min(trials)[0] >= best:
             return removed
         best, index, k = min(trials)
-        without(layers[index], k)
-        gone[index].add(k)
+        _remove(layers[index], [k])
         removed.append({"layer": index, "activation": layers[index].pool[k], "loss": best})
 
 
@@ -905,9 +898,15 @@ def shrink(model: SelectiveNetwork, count: int) -> list[list[str]]:
         # lowest share first; on a tie the later candidate of the pool goes first
         left = sorted((p, -k) for k, p in enumerate(share) if k not in gone)
         drop = [-k for _, k in left[: min(count, len(left) - 1)]]
-        layer.logits[:, drop] = REMOVED
+        _remove(layer, drop)
         out.append([layer.pool[k] for k in drop])
     return out
+
+
+def _remove(layer: MixedActivation, candidates: list[int]) -> None:
+    """Take ``candidates`` out of ``layer``: their logits at REMOVED, so no draw or argmax picks
+    them (removal and shrinking alike)."""
+    layer.logits[:, candidates] = REMOVED
 
 
 def _removed(layer: MixedActivation) -> set[int]:
@@ -1130,8 +1129,9 @@ class _Run:
             freeze_logits=frozen,
             select=held_out,
         )
-        if selective and config.shrinks_after(state.phase_epoch):
-            result["shrunk"] = shrink(model, config.shrinks_after(state.phase_epoch))
+        removals = config.shrinks_after(state.phase_epoch) if selective else 0
+        if removals:
+            result["shrunk"] = shrink(model, removals)
         x_val, y_val = self.data["x_val"], self.data["y_val"]
         val_loss, val_acc = evaluate(model, x_val, y_val, double_softmax=config.double_softmax)
         seconds = time.perf_counter() - started

@@ -72,10 +72,7 @@ from smartmixed.contract import (
 )
 from smartmixed.nn.pool import ACTIVATIONS, DEFAULT_POOL, PoolError
 from smartmixed.train.artifacts import CHECKPOINT, MODEL_SPEC, ArtifactError, load_spec
-
-# choose_rate, re-exported: the --tune-lr rule (--mode auto's too) that choose_setting generalises
 from smartmixed.train.auto import TIE_TOLERANCE, parse_rates
-from smartmixed.train.auto import choose_rate as choose_rate
 from smartmixed.train.loop import TrainConfig, TrainError
 
 

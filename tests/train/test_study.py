@@ -18,7 +18,7 @@ from smartmixed.train import loop
 from smartmixed.train import study as study_module
 from smartmixed.train.cli import main as train_main
 from smartmixed.train.study import (
-    choose_rate,
+    choose_setting,
     competition_ranks,
     mean_reciprocal_rank,
     paired_outcomes,
@@ -428,8 +428,11 @@ def test_equal_validation_means_choose_the_smaller_rate(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "study.json").read_text())
     assert result["tuning"]["64-8-10"]["relu"]["chosen"] == "1e-3"
     assert result["summary"]["64-8-10"]["relu"]["mean"] == pytest.approx(0.1)
-    assert choose_rate({"1e-2": 0.5, "1e-4": 0.5, "1e-3": 0.4}) == "1e-4"
-    assert choose_rate({"1e-2": 0.5, "1e-4": 0.5 - 1e-9}) == "1e-2"  # beyond the tolerance
+    rates = study_module.parse_tuning("1e-2,1e-4,1e-3", None, [0])
+    lr = {r: (("lr", r),) for r in ("1e-2", "1e-4", "1e-3")}
+    assert choose_setting({lr["1e-2"]: 0.5, lr["1e-4"]: 0.5, lr["1e-3"]: 0.4}, rates) == lr["1e-4"]
+    # beyond the tolerance
+    assert choose_setting({lr["1e-2"]: 0.5, lr["1e-4"]: 0.5 - 1e-9}, rates) == lr["1e-2"]
 
 
 def test_a_cell_at_another_rate_or_architecture_is_refused(tmp_path: Path, capsys) -> None:
